@@ -1,0 +1,1 @@
+"""Cumulative register readings to exact 30-minute energy, and the store that keeps both."""

@@ -1,0 +1,223 @@
+"""The SQLite store: readings (the durable truth), slots (derived), changes, quarantine.
+
+A narrow interface of small synchronous operations over one connection. Every transaction
+runs on the store's own thread (`Store.call`), so a batch of readings, its slots and its
+change log are committed together, and the event loop never waits on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from aggregator.slots import Point
+
+T = TypeVar("T")
+SCHEMA_VERSION = 1
+REGISTERS = ("fwd", "rev")  # column names; `imp`/`exp` on the slot side
+
+# WITHOUT ROWID: slots keyed (slot, unit) ingest time-ordered batches about 5x faster than (unit, slot)
+# and read one day for all units in one range scan; readings are looked up per unit, so (unit, at).
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS readings (
+    unit TEXT NOT NULL, at BIGINT NOT NULL, meter TEXT NOT NULL,
+    fwd BIGINT, rev BIGINT, e1 INTEGER NOT NULL, coef INTEGER NOT NULL, digits INTEGER NOT NULL,
+    flags INTEGER NOT NULL DEFAULT 0, seq BIGINT NOT NULL, sent BIGINT NOT NULL, received BIGINT NOT NULL,
+    PRIMARY KEY (unit, at)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS slots (
+    slot BIGINT NOT NULL, unit TEXT NOT NULL,
+    imp BIGINT, imp_q TEXT, imp_flags INTEGER NOT NULL DEFAULT 0,
+    exp BIGINT, exp_q TEXT, exp_flags INTEGER NOT NULL DEFAULT 0,
+    meter TEXT, e1 INTEGER, coef INTEGER,
+    PRIMARY KEY (slot, unit)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS changes (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, customer TEXT NOT NULL, day TEXT NOT NULL, at BIGINT NOT NULL);
+CREATE TABLE IF NOT EXISTS quarantine (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, received BIGINT NOT NULL, topic TEXT NOT NULL, unit TEXT,
+    reason TEXT NOT NULL, detail TEXT NOT NULL, payload BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS quarantine_reason ON quarantine (reason, id);
+"""
+
+_READING_COLUMNS = "unit, at, meter, fwd, rev, e1, coef, digits, flags, seq, sent, received"
+_SLOT_SET = {
+    "imp": "imp = excluded.imp, imp_q = excluded.imp_q, imp_flags = excluded.imp_flags",
+    "exp": "exp = excluded.exp, exp_q = excluded.exp_q, exp_flags = excluded.exp_flags",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class SlotRow:
+    """A stored slot of one unit, both registers."""
+
+    slot: int
+    unit: str
+    imp: int | None
+    imp_q: str | None
+    imp_flags: int
+    exp: int | None
+    exp_q: str | None
+    exp_flags: int
+    meter: str | None
+    e1: int | None
+    coef: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class QuarantineRow:
+    """A refused telegram or reading, kept with its reason."""
+
+    id: int
+    received: int
+    topic: str
+    unit: str | None
+    reason: str
+    detail: str
+    payload: bytes
+
+
+def sqlite_path(url: str) -> Path:
+    """The file of a `sqlite:///path` URL (relative paths allowed: `sqlite:///data/smame.db`)."""
+    prefix = "sqlite:///"
+    if not url.startswith(prefix) or len(url) == len(prefix):
+        raise ValueError(f"not a sqlite:/// URL: {url!r}")
+    return Path(url[len(prefix) :])
+
+
+class Store:
+    """SQLite storage; synchronous methods, each meant to run on the store thread."""
+
+    def __init__(self, path: Path, synchronous: str = "FULL") -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        # FULL: a committed batch survives power loss too, and acks are sent only after it.
+        self.db.execute(f"PRAGMA synchronous={synchronous}")
+        self.db.execute("PRAGMA busy_timeout=10000")
+        self.db.executescript(_SCHEMA)
+        self.db.execute(
+            "INSERT INTO meta(key, value) VALUES ('schema', ?) ON CONFLICT(key) DO NOTHING", (str(SCHEMA_VERSION),)
+        )
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(*args)` on the store thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def close(self) -> None:
+        """Close the connection (after the thread's last call)."""
+        self._pool.submit(self.db.close).result()
+        self._pool.shutdown()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One atomic unit of work: committed on success, rolled back on any error."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    # --- readings -------------------------------------------------------------------------------
+
+    def insert_readings(self, rows: Iterable[tuple[Any, ...]]) -> None:
+        """Insert new readings (tuples in `_READING_COLUMNS` order); the caller knows they are new."""
+        self.db.executemany(f"INSERT INTO readings ({_READING_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+
+    def reading(self, unit: str, at: int) -> tuple[Any, ...] | None:
+        """The stored reading at `(unit, at)` as (meter, fwd, rev, e1, coef, digits, flags)."""
+        row: tuple[Any, ...] | None = self.db.execute(
+            "SELECT meter, fwd, rev, e1, coef, digits, flags FROM readings WHERE unit = ? AND at = ?", (unit, at)
+        ).fetchone()
+        return row
+
+    def last_at(self, unit: str) -> int | None:
+        """Time of the unit's newest reading."""
+        row = self.db.execute("SELECT max(at) FROM readings WHERE unit = ?", (unit,)).fetchone()
+        return None if row[0] is None else int(row[0])
+
+    def add_reading_flags(self, unit: str, at: int, flags: int) -> None:
+        """Set flags on a stored reading (e.g. a conflicting copy arrived)."""
+        self.db.execute("UPDATE readings SET flags = flags | ? WHERE unit = ? AND at = ?", (flags, unit, at))
+
+    def neighbour(self, unit: str, at: int, register: str, before: bool) -> Point | None:
+        """The nearest point of one register strictly before (or after) `at`."""
+        assert register in REGISTERS
+        op, order = ("<", "DESC") if before else (">", "ASC")
+        row = self.db.execute(
+            f"SELECT at, {register}, meter, digits, e1, coef, flags FROM readings "
+            f"WHERE unit = ? AND at {op} ? AND {register} IS NOT NULL ORDER BY at {order} LIMIT 1",
+            (unit, at),
+        ).fetchone()
+        return None if row is None else Point(*row)
+
+    def reading_count(self) -> int:
+        """Number of stored readings."""
+        return int(self.db.execute("SELECT count(*) FROM readings").fetchone()[0])
+
+    # --- slots ----------------------------------------------------------------------------------
+
+    def upsert_slots(self, registers: tuple[str, ...], rows: list[tuple[Any, ...]]) -> None:
+        """Write slots of the given registers (`imp`, `exp` or both); rows hold (slot, unit, values..., meter, e1, coef)."""
+        cols = ["slot", "unit"]
+        for r in registers:
+            cols += [r, f"{r}_q", f"{r}_flags"]
+        cols += ["meter", "e1", "coef"]
+        sets = ", ".join(_SLOT_SET[r] for r in registers)
+        self.db.executemany(
+            f"INSERT INTO slots ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) "
+            f"ON CONFLICT (slot, unit) DO UPDATE SET {sets}, "
+            "meter = excluded.meter, e1 = excluded.e1, coef = excluded.coef",
+            rows,
+        )
+
+    def slots(self, unit: str, after: int, until: int) -> list[SlotRow]:
+        """Stored slots of a unit with `after < slot <= until`."""
+        rows = self.db.execute(
+            "SELECT slot, unit, imp, imp_q, imp_flags, exp, exp_q, exp_flags, meter, e1, coef FROM slots "
+            "WHERE slot > ? AND slot <= ? AND unit = ? ORDER BY slot",
+            (after, until, unit),
+        ).fetchall()
+        return [SlotRow(*r) for r in rows]
+
+    # --- changes and quarantine ----------------------------------------------------------------
+
+    def add_changes(self, pairs: Iterable[tuple[str, str]], at: int) -> None:
+        """Record that these (customer, local day) pairs changed."""
+        self.db.executemany("INSERT INTO changes (customer, day, at) VALUES (?, ?, ?)", [(c, d, at) for c, d in pairs])
+
+    def changes_since(self, after_id: int) -> tuple[int, set[tuple[str, str]]]:
+        """The (customer, day) pairs changed after a change id, and the newest id."""
+        rows = self.db.execute("SELECT id, customer, day FROM changes WHERE id > ? ORDER BY id", (after_id,)).fetchall()
+        last = rows[-1][0] if rows else after_id
+        return last, {(c, d) for _, c, d in rows}
+
+    def add_quarantine(self, rows: Iterable[tuple[int, str, str | None, str, str, bytes]]) -> None:
+        """Keep refused input: (received, topic, unit, reason, detail, payload)."""
+        self.db.executemany(
+            "INSERT INTO quarantine (received, topic, unit, reason, detail, payload) VALUES (?, ?, ?, ?, ?, ?)", rows
+        )
+
+    def quarantine(self, reason: str | None = None, limit: int = 100) -> list[QuarantineRow]:
+        """Newest quarantined items first, optionally of one reason."""
+        sql = "SELECT id, received, topic, unit, reason, detail, payload FROM quarantine"
+        args: tuple[Any, ...] = ()
+        if reason:
+            sql += " WHERE reason = ?"
+            args = (reason,)
+        rows = self.db.execute(sql + " ORDER BY id DESC LIMIT ?", (*args, limit)).fetchall()
+        return [QuarantineRow(*r) for r in rows]
+
+    def quarantine_counts(self) -> dict[str, int]:
+        """Number of quarantined items per reason."""
+        rows = self.db.execute("SELECT reason, count(*) FROM quarantine GROUP BY reason").fetchall()
+        return {r: int(n) for r, n in rows}

@@ -1,0 +1,1 @@
+"""Telegrams from the MQTT broker into the store, acknowledged only after commit."""

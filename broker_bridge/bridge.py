@@ -1,0 +1,214 @@
+"""The ingest service: telegrams from the broker, committed in batches, acknowledged after commit.
+
+Messages are decoded as they arrive and gathered into a batch; a batch is committed when it
+is full or its first message has waited `batch_delay_ms`. Only then are its PUBACKs sent, in
+arrival order, on the connection the messages came in on. A crash at any point leaves them
+unacknowledged, so the broker delivers them again and the idempotent store ignores the copies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import ssl
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Container
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from broker_bridge.mqtt import Message, MqttError, Subscriber
+from broker_bridge.telegram import Incoming, Refused, decode
+
+log = logging.getLogger("smame.bridge")
+
+Commit = Callable[[list[Incoming], list[Refused]], Awaitable[object]]
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerTarget:
+    """Where and how to connect (built from the broker settings)."""
+
+    host: str
+    port: int
+    tls: ssl.SSLContext | None
+    client_id: str
+    username: str | None
+    password: str | None
+    topic: str
+    session_expiry: int
+    keepalive: int
+    batch_size: int
+    batch_delay: float
+    reconnect_min: float
+    reconnect_max: float
+
+
+@dataclass
+class BridgeStats:
+    """Counters the monitoring part reads."""
+
+    received: int = 0
+    acked: int = 0
+    batches: int = 0
+    connects: int = 0
+    sessions_lost: int = 0
+    connected: bool = False
+    last_commit_s: float = 0.0
+    last_batch: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+
+
+def tls_context(ca_file: str | None, cert_file: str | None, key_file: str | None) -> ssl.SSLContext:
+    """A client TLS context (TLS 1.2 or newer) that verifies the broker."""
+    ctx = ssl.create_default_context(cafile=ca_file)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert_file:
+        ctx.load_cert_chain(cert_file, key_file)
+    return ctx
+
+
+def target_from_url(url: str, **kwargs: object) -> tuple[str, int, bool]:
+    """Host, port and whether TLS is on, from `mqtt://` or `mqtts://` URLs."""
+    parts = urlsplit(url)
+    tls = parts.scheme == "mqtts"
+    return parts.hostname or "127.0.0.1", parts.port or (8883 if tls else 1883), tls
+
+
+class Bridge:
+    """Subscribes, batches, commits, acknowledges; reconnects for ever."""
+
+    def __init__(
+        self,
+        target: BrokerTarget,
+        commit: Commit,
+        known_units: Callable[[], Container[str]],
+        tolerance: int,
+        on_boundary: Callable[[int], bool],
+        on_session_lost: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.target = target
+        self.commit = commit
+        self.known_units = known_units
+        self.tolerance = tolerance
+        self.on_boundary = on_boundary
+        self.on_session_lost = on_session_lost
+        self.stats = BridgeStats()
+        self._batch: list[Message] = []
+        self._client: Subscriber | None = None
+        self._wake = asyncio.Event()
+
+    async def run(self) -> None:
+        """Connect and ingest until cancelled; on cancel, commit and acknowledge what was received."""
+        flusher = asyncio.create_task(self._flush_forever(), name="bridge-flush")
+        try:
+            await self._connect_forever(flusher)
+        finally:
+            await self._shutdown(flusher)
+
+    async def _connect_forever(self, flusher: asyncio.Task[None]) -> None:
+        t = self.target
+        delay = t.reconnect_min
+        while True:
+            client = Subscriber(self._on_message)
+            try:
+                present = await client.connect(
+                    t.host, t.port, t.client_id, username=t.username, password=t.password, tls=t.tls,
+                    session_expiry=t.session_expiry, keepalive=t.keepalive,
+                )
+                await client.subscribe(t.topic, qos=1)
+            except (OSError, MqttError, asyncio.TimeoutError) as exc:
+                client.close()
+                self.stats.connected = False
+                log.warning("broker %s:%s unreachable: %s; retrying in %.1f s", t.host, t.port, exc, delay)
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, t.reconnect_max)
+                continue
+            self._client = client
+            self.stats.connects += 1
+            self.stats.connected = True
+            delay = t.reconnect_min
+            log.info("connected to %s:%s as %s, subscribed to %s, session present: %s",
+                     t.host, t.port, t.client_id, t.topic, present)
+            if not present and self.stats.connects > 1:
+                self.stats.sessions_lost += 1
+                log.error("the broker had no session for %s: messages queued while we were away may be lost",
+                          t.client_id)
+                self.on_session_lost()
+            done, _ = await asyncio.wait({client.closed, flusher}, return_when=asyncio.FIRST_COMPLETED)
+            if flusher in done:
+                flusher.result()  # a failing commit stops the service: raise it
+            self.stats.connected = False
+            log.warning("lost the broker: %s", client.closed.exception())
+
+    def _on_message(self, message: Message) -> None:
+        self._batch.append(message)
+        self.stats.received += 1
+        if len(self._batch) == 1 or len(self._batch) >= self.target.batch_size:
+            self._wake.set()
+
+    async def _flush_forever(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if not self._batch:
+                continue
+            if len(self._batch) < self.target.batch_size:
+                wait = self.target.batch_delay - (time.time() - self._batch[0].received)
+                if wait > 0:
+                    try:
+                        await asyncio.wait_for(self._wake.wait(), wait)
+                    except asyncio.TimeoutError:
+                        pass
+                    self._wake.clear()
+            await self._flush()
+            if self._batch:
+                self._wake.set()
+
+    async def _flush(self) -> None:
+        batch = self._batch[: self.target.batch_size]
+        del self._batch[: len(batch)]
+        if not batch:
+            return
+        client = self._client
+        incoming, refused = self.decode(batch)
+        started = time.perf_counter()
+        await self.commit(incoming, refused)
+        self.stats.last_commit_s = time.perf_counter() - started
+        self.stats.batches += 1
+        self.stats.last_batch = len(batch)
+        for r in refused:
+            self.stats.rejected[r.reason] += 1
+        ids = [m.packet_id for m in batch if m.packet_id is not None]
+        if client is not None and client.ack(ids):
+            self.stats.acked += len(ids)
+
+    def decode(self, batch: list[Message]) -> tuple[list[Incoming], list[Refused]]:
+        """Validate a batch of messages (pure; no I/O)."""
+        known = self.known_units()
+        incoming: list[Incoming] = []
+        refused: list[Refused] = []
+        for m in batch:
+            received = int(m.received)
+            d = decode(m.topic, m.payload, received, known, self.tolerance, self.on_boundary)
+            incoming.extend(Incoming(r, received, m.topic, m.payload) for r in d.readings)
+            refused.extend(Refused(received, m.topic, d.unit, j.reason, j.detail, m.payload) for j in d.rejects)
+        return incoming, refused
+
+    async def _shutdown(self, flusher: asyncio.Task[None]) -> None:
+        flusher.cancel()
+        try:
+            await flusher
+        except (asyncio.CancelledError, Exception):  # a commit cut short is rolled back, never acked
+            pass
+        client = self._client
+        if client is not None:
+            client.pause()
+            try:
+                while self._batch and client.connected:
+                    await self._flush()
+            finally:
+                await client.disconnect()
+        self.stats.connected = False
+        log.info("ingest stopped: %d received, %d acknowledged", self.stats.received, self.stats.acked)

@@ -1,0 +1,317 @@
+"""A lean MQTT 5 subscriber on asyncio: just what durable ingest needs.
+
+Why not a general client: the PUBACK of each QoS 1 message must wait until its batch is
+committed, and the broker must let tens of thousands of messages be in flight meanwhile
+(Receive Maximum). paho-mqtt's `manual_ack` does the first at about half the rate this
+protocol reaches (see docs/performance.md); aiomqtt acknowledges on receipt.
+Only the subscriber side is here: CONNECT, SUBSCRIBE, PUBLISH in, PUBACK out, PING, DISCONNECT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import cast
+
+CONNECT, CONNACK, PUBLISH, PUBACK, SUBSCRIBE, SUBACK = 0x10, 0x20, 0x30, 0x40, 0x82, 0x90
+PINGREQ, PINGRESP, DISCONNECT = b"\xc0\x00", 0xD0, 0xE0
+RECEIVE_MAXIMUM = 65535
+
+# Property id -> wire kind; MQTT 5.0 section 2.2.2.2.
+_BYTE, _U16, _U32, _VARINT, _STR, _BIN, _PAIR = range(7)
+_PROPS = {
+    0x01: _BYTE, 0x02: _U32, 0x03: _STR, 0x08: _STR, 0x09: _BIN, 0x0B: _VARINT, 0x11: _U32, 0x12: _STR,
+    0x13: _U16, 0x15: _STR, 0x16: _BIN, 0x17: _BYTE, 0x18: _U32, 0x19: _BYTE, 0x1A: _STR, 0x1C: _STR,
+    0x1F: _STR, 0x21: _U16, 0x22: _U16, 0x23: _U16, 0x24: _BYTE, 0x25: _BYTE, 0x26: _PAIR, 0x27: _U32,
+    0x28: _BYTE, 0x29: _BYTE, 0x2A: _BYTE,
+}
+SERVER_KEEP_ALIVE, REASON_STRING = 0x13, 0x1F
+
+
+class MqttError(Exception):
+    """The broker refused us, broke the protocol, or the connection was lost."""
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One PUBLISH received; `packet_id` is None at QoS 0."""
+
+    topic: str
+    payload: bytes
+    packet_id: int | None
+    received: float
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        n, digit = n >> 7, n & 0x7F
+        out.append(digit | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _read_varint(buf: bytes | bytearray, pos: int) -> tuple[int, int] | None:
+    value, shift = 0, 0
+    for i in range(pos, min(pos + 4, len(buf))):
+        value |= (buf[i] & 0x7F) << shift
+        if not buf[i] & 0x80:
+            return value, i + 1
+        shift += 7
+    if len(buf) >= pos + 4:
+        raise MqttError("malformed remaining length")
+    return None
+
+
+def _str(s: str) -> bytes:
+    b = s.encode()
+    return struct.pack("!H", len(b)) + b
+
+
+def _packet(kind: int, body: bytes) -> bytes:
+    return bytes([kind]) + _varint(len(body)) + body
+
+
+def parse_properties(buf: bytes, pos: int) -> tuple[dict[int, object], int]:
+    """Decode a property block starting at `pos`; return the properties and the position after it."""
+    parsed = _read_varint(buf, pos)
+    if parsed is None:
+        raise MqttError("truncated properties")
+    length, pos = parsed
+    end, props = pos + length, {}
+    while pos < end:
+        pid = buf[pos]
+        kind = _PROPS.get(pid)
+        pos += 1
+        value: object
+        if kind == _BYTE:
+            value, pos = buf[pos], pos + 1
+        elif kind == _U16:
+            value, pos = struct.unpack_from("!H", buf, pos)[0], pos + 2
+        elif kind == _U32:
+            value, pos = struct.unpack_from("!I", buf, pos)[0], pos + 4
+        elif kind == _VARINT:
+            got = _read_varint(buf, pos)
+            if got is None:
+                raise MqttError("truncated property")
+            value, pos = got
+        elif kind in (_STR, _BIN):
+            n = struct.unpack_from("!H", buf, pos)[0]
+            value, pos = bytes(buf[pos + 2 : pos + 2 + n]), pos + 2 + n
+        elif kind == _PAIR:
+            n = struct.unpack_from("!H", buf, pos)[0]
+            m = struct.unpack_from("!H", buf, pos + 2 + n)[0]
+            value, pos = None, pos + 4 + n + m
+        else:
+            raise MqttError(f"unknown property {pid:#x}")
+        props[pid] = value
+    return props, end
+
+
+class _Protocol(asyncio.Protocol):
+    def __init__(self, client: Subscriber) -> None:
+        self.client = client
+        self.buf = bytearray()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.client._transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        pos, size = 0, len(buf)
+        on_publish = self.client._on_publish
+        try:
+            while size - pos >= 2:
+                kind = buf[pos]
+                if buf[pos + 1] < 0x80:  # one-byte remaining length: the common case
+                    length, start = buf[pos + 1], pos + 2
+                else:
+                    got = _read_varint(buf, pos + 1)
+                    if got is None:
+                        break
+                    length, start = got
+                end = start + length
+                if end > size:
+                    break
+                if kind & 0xF0 == PUBLISH:
+                    qos = (kind >> 1) & 3
+                    tlen = (buf[start] << 8) | buf[start + 1]
+                    p = start + 2 + tlen
+                    topic = buf[start + 2 : p].decode()
+                    packet_id = None
+                    if qos:
+                        packet_id = (buf[p] << 8) | buf[p + 1]
+                        p += 2
+                    if buf[p] < 0x80:  # property length fits one byte
+                        p += 1 + buf[p]
+                    else:
+                        p = parse_properties(buf, p)[1]
+                    on_publish(Message(topic, bytes(buf[p:end]), packet_id, time.time()))
+                else:
+                    self.client._on_control(kind, bytes(buf[start:end]))
+                pos = end
+        except (MqttError, IndexError, struct.error, UnicodeDecodeError) as exc:
+            self.client._fail(MqttError(f"protocol error from broker: {exc!r}"))
+        del buf[:pos]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.client._fail(MqttError(f"connection lost: {exc}" if exc else "connection closed by broker"))
+
+
+class Subscriber:
+    """One MQTT 5 connection that receives messages and acknowledges them when told to."""
+
+    def __init__(self, on_message: Callable[[Message], None]) -> None:
+        self._on_publish = on_message
+        self._transport: asyncio.Transport | None = None
+        self._waiters: dict[int, asyncio.Future[bytes]] = {}
+        self._closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pinger: asyncio.Task[None] | None = None
+        self._last_pong = time.monotonic()
+        self.session_present = False
+
+    @property
+    def closed(self) -> asyncio.Future[None]:
+        """Completes (with MqttError) when the connection ends."""
+        return self._closed
+
+    @property
+    def connected(self) -> bool:
+        """True while the connection is open."""
+        return not self._closed.done()
+
+    async def connect(
+        self,
+        host: str,
+        port: int,
+        client_id: str,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        tls: ssl.SSLContext | None = None,
+        clean_start: bool = False,
+        session_expiry: int = 0,
+        keepalive: int = 60,
+        timeout: float = 10.0,
+    ) -> bool:
+        """Open the connection; return whether the broker still had our session."""
+        loop = asyncio.get_running_loop()
+        await asyncio.wait_for(
+            loop.create_connection(lambda: _Protocol(self), host, port, ssl=tls, server_hostname=host if tls else None),
+            timeout,
+        )
+        flags = (0x02 if clean_start else 0) | (0x80 if username is not None else 0) | (0x40 if password is not None else 0)
+        props = b"\x11" + struct.pack("!I", session_expiry) + b"\x21" + struct.pack("!H", RECEIVE_MAXIMUM)
+        body = _str("MQTT") + bytes([5, flags]) + struct.pack("!H", keepalive) + _varint(len(props)) + props
+        body += _str(client_id)
+        if username is not None:
+            body += _str(username)
+        if password is not None:
+            body += _str(password)
+        reply = await self._request(CONNACK, _packet(CONNECT, body), timeout)
+        session_present, code = bool(reply[0] & 1), reply[1]
+        props_in, _ = parse_properties(reply, 2)
+        if code >= 0x80:
+            self.close()
+            raise MqttError(f"broker refused the connection: {_reason(code, props_in)}")
+        keepalive = int(props_in.get(SERVER_KEEP_ALIVE, keepalive))  # type: ignore[call-overload]
+        if keepalive:
+            self._pinger = asyncio.create_task(self._ping(keepalive), name="mqtt-ping")
+        self.session_present = session_present
+        return session_present
+
+    async def subscribe(self, topic: str, qos: int = 1, timeout: float = 10.0) -> None:
+        """Subscribe one filter; raise MqttError when the broker refuses it."""
+        body = struct.pack("!H", 1) + b"\x00" + _str(topic) + bytes([qos])
+        reply = await self._request(SUBACK, _packet(SUBSCRIBE, body), timeout)
+        _, pos = parse_properties(reply, 2)
+        code = reply[pos]
+        if code >= 0x80:
+            raise MqttError(f"broker refused the subscription to {topic!r}: {_reason(code, {})}")
+
+    def ack(self, packet_ids: list[int]) -> bool:
+        """Send PUBACKs in this order; False when the connection is gone (the broker will redeliver)."""
+        if not self.connected or self._transport is None:
+            return False
+        self._transport.write(b"".join(b"\x40\x02" + struct.pack("!H", i) for i in packet_ids))
+        return True
+
+    def pause(self) -> None:
+        """Stop reading from the socket (shutting down: take no more work)."""
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    async def disconnect(self) -> None:
+        """Say goodbye normally (the broker keeps the session) and close."""
+        if self.connected and self._transport is not None:
+            self._transport.write(b"\xe0\x00")
+        self.close()
+
+    def close(self) -> None:
+        """Close the socket now."""
+        if self._transport is not None:
+            self._transport.close()
+        self._fail(MqttError("closed by us"))
+
+    async def _request(self, reply_kind: int, packet: bytes, timeout: float) -> bytes:
+        assert self._transport is not None
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters[reply_kind] = waiter
+        self._transport.write(packet)
+        done, _ = await asyncio.wait({waiter, self._closed}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if waiter in done:
+            return waiter.result()
+        self.close()
+        if self._closed.done() and self._closed.exception():
+            raise self._closed.exception()  # type: ignore[misc]
+        raise MqttError(f"no reply from the broker within {timeout} s")
+
+    def _on_control(self, kind: int, body: bytes) -> None:
+        if kind == PINGRESP:
+            self._last_pong = time.monotonic()
+            return
+        if kind == DISCONNECT:
+            code = body[0] if body else 0
+            props = parse_properties(body, 1)[0] if len(body) > 1 else {}
+            self._fail(MqttError(f"broker disconnected us: {_reason(code, props)}"))
+            if self._transport is not None:
+                self._transport.close()
+            return
+        waiter = self._waiters.pop(kind & 0xF0, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(body)
+
+    async def _ping(self, keepalive: int) -> None:
+        while self.connected and self._transport is not None:
+            await asyncio.sleep(keepalive / 2)
+            if time.monotonic() - self._last_pong > keepalive * 1.5:
+                self._fail(MqttError(f"no PINGRESP for {keepalive * 1.5:.0f} s"))
+                self._transport.close()
+                return
+            self._transport.write(PINGREQ)
+
+    def _fail(self, exc: MqttError) -> None:
+        if not self._closed.done():
+            self._closed.set_exception(exc)
+            self._closed.exception()  # retrieved: nobody has to await it
+        if self._pinger is not None and self._pinger is not asyncio.current_task():
+            self._pinger.cancel()
+
+
+_REASONS = {
+    0x80: "unspecified error", 0x81: "malformed packet", 0x82: "protocol error", 0x84: "unsupported protocol version",
+    0x85: "client identifier not valid", 0x86: "bad user name or password", 0x87: "not authorized",
+    0x88: "server unavailable", 0x89: "server busy", 0x8A: "banned", 0x8B: "server shutting down",
+    0x8E: "session taken over", 0x8F: "topic filter invalid", 0x97: "quota exceeded", 0x9E: "shared subscriptions not supported",
+}
+
+
+def _reason(code: int, props: dict[int, object]) -> str:
+    text = _REASONS.get(code, "reason")
+    extra = props.get(REASON_STRING)
+    return f"{text} ({code:#04x})" + (f": {extra.decode(errors='replace')}" if isinstance(extra, bytes) else "")

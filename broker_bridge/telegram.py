@@ -1,0 +1,277 @@
+"""Telegram v1: the wire contract between a unit and the backend (pure: no clock, no I/O).
+
+`decode` turns one MQTT message into the readings it carries and the reasons it was (partly)
+refused; `encode` is the one way to write a telegram, used by the simulator and the tests.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Container
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import msgspec
+
+from aggregator.slots import E1_UNITS, Flag
+
+VERSION = 1
+MAX_PAYLOAD = 16 * 1024
+NO_DATA = 0xFFFFFFFE  # ECHONET Lite: the register has no value at that time
+UNIT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+SEQ_LIMIT = 2**32
+
+
+class Reason:
+    """Why a telegram or one of its readings was quarantined (stable strings: metrics and reports use them)."""
+
+    TOO_LARGE = "too_large"
+    NOT_JSON = "not_json"
+    NOT_OBJECT = "not_object"
+    UNKNOWN_VERSION = "unknown_version"
+    BAD_FIELD = "bad_field"
+    BAD_TOPIC = "bad_topic"
+    UNIT_MISMATCH = "unit_mismatch"
+    UNKNOWN_UNIT = "unknown_unit"
+    BAD_TIME = "bad_time"
+    OUT_OF_RANGE = "out_of_range"
+    FUTURE = "future"
+    CONFLICT = "conflict"  # decided by the store: same (unit, at), other values
+
+
+class WireReading(msgspec.Struct, forbid_unknown_fields=False):
+    at: datetime
+    fwd: int
+    rev: int | None = None
+
+
+class WireTelegram(msgspec.Struct, forbid_unknown_fields=False):
+    v: int
+    unit: str
+    meter: str
+    seq: int
+    sent: datetime
+    e1: int
+    digits: int
+    readings: list[WireReading]
+    coef: int = 1
+
+
+class _Envelope(msgspec.Struct, forbid_unknown_fields=False):
+    v: int | None = None
+
+
+class _RawTelegram(msgspec.Struct, forbid_unknown_fields=False):
+    # Same fields, readings left undecoded: the slow path that saves the good readings of a telegram.
+    v: int
+    unit: str
+    meter: str
+    seq: int
+    sent: datetime
+    e1: int
+    digits: int
+    readings: list[msgspec.Raw]
+    coef: int = 1
+
+
+_decode_fast = msgspec.json.Decoder(WireTelegram).decode
+_decode_raw = msgspec.json.Decoder(_RawTelegram).decode
+_decode_reading = msgspec.json.Decoder(WireReading).decode
+_decode_envelope = msgspec.json.Decoder(_Envelope).decode
+_encode = msgspec.json.Encoder().encode
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """One validated fixed-time reading; None in a register means the meter had no value."""
+
+    unit: str
+    at: int
+    meter: str
+    fwd: int | None
+    rev: int | None
+    e1: int
+    coef: int
+    digits: int
+    seq: int
+    sent: int
+    flags: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """Something refused: the whole telegram (index None) or one of its readings."""
+
+    reason: str
+    detail: str
+    index: int | None = None
+
+
+@dataclass(slots=True)
+class Decoded:
+    """What one MQTT message yields."""
+
+    unit: str | None
+    readings: list[Reading] = field(default_factory=list)
+    rejects: list[Reject] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """A valid reading with the message it came in."""
+
+    reading: Reading
+    received: int
+    topic: str
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """Input to keep in quarantine, with its reason."""
+
+    received: int
+    topic: str
+    unit: str | None
+    reason: str
+    detail: str
+    payload: bytes
+
+
+def unit_of_topic(topic: str) -> str | None:
+    """The unit id of `.../{unit_id}/reading`, or None when the topic has no valid one."""
+    parts = topic.split("/")
+    if len(parts) < 2 or parts[-1] != "reading" or not UNIT_ID.fullmatch(parts[-2]):
+        return None
+    return parts[-2]
+
+
+def decode(
+    topic: str,
+    payload: bytes,
+    received: int,
+    known_units: Container[str],
+    tolerance: int,
+    on_boundary: Callable[[int], bool],
+) -> Decoded:
+    """Validate one telegram against the contract; never raises on bad input."""
+    topic_unit = unit_of_topic(topic)
+    if topic_unit is None:
+        return _refused(None, Reason.BAD_TOPIC, f"topic {topic!r} is not smame/v1/<unit_id>/reading")
+    if len(payload) > MAX_PAYLOAD:
+        return _refused(topic_unit, Reason.TOO_LARGE, f"{len(payload)} bytes, limit {MAX_PAYLOAD}")
+    try:
+        t = _decode_fast(payload)
+        good: list[tuple[int, WireReading]] = list(enumerate(t.readings))
+        rejects: list[Reject] = []
+    except msgspec.DecodeError as exc:
+        return _slow_path(topic_unit, payload, str(exc), received, known_units, tolerance, on_boundary)
+
+    head = _check_head(t, topic_unit, known_units)
+    if head is not None:
+        return Decoded(topic_unit, [], [head])
+    return _readings(t, good, rejects, received, tolerance, on_boundary)
+
+
+def _slow_path(
+    topic_unit: str,
+    payload: bytes,
+    error: str,
+    received: int,
+    known_units: Container[str],
+    tolerance: int,
+    on_boundary: Callable[[int], bool],
+) -> Decoded:
+    # The fast decoder failed: find out why, and keep the readings that are good.
+    try:
+        envelope = _decode_envelope(payload)
+    except msgspec.ValidationError:
+        return _refused(topic_unit, Reason.NOT_OBJECT, "payload is JSON but not an object")
+    except msgspec.DecodeError as exc:
+        return _refused(topic_unit, Reason.NOT_JSON, str(exc))
+    if envelope.v != VERSION:
+        return _refused(topic_unit, Reason.UNKNOWN_VERSION, f"v={envelope.v!r}, expected {VERSION}")
+    try:
+        raw = _decode_raw(payload)
+    except msgspec.DecodeError as exc:
+        return _refused(topic_unit, Reason.BAD_FIELD, str(exc))
+    head = _check_head(raw, topic_unit, known_units)
+    if head is not None:
+        return Decoded(topic_unit, [], [head])
+    good: list[tuple[int, WireReading]] = []
+    rejects: list[Reject] = []
+    for i, item in enumerate(raw.readings):
+        try:
+            good.append((i, _decode_reading(item)))
+        except msgspec.DecodeError as exc:
+            rejects.append(Reject(Reason.BAD_FIELD, f"readings[{i}]: {exc}", i))
+    return _readings(raw, good, rejects, received, tolerance, on_boundary)
+
+
+def _check_head(t: WireTelegram | _RawTelegram, topic_unit: str, known_units: Container[str]) -> Reject | None:
+    if t.v != VERSION:
+        return Reject(Reason.UNKNOWN_VERSION, f"v={t.v!r}, expected {VERSION}")
+    if t.unit != topic_unit:
+        return Reject(Reason.UNIT_MISMATCH, f"unit {t.unit!r} published on the topic of {topic_unit!r}")
+    if t.unit not in known_units:
+        return Reject(Reason.UNKNOWN_UNIT, f"unit {t.unit!r} is not in the registry")
+    if t.e1 not in E1_UNITS:
+        return Reject(Reason.BAD_FIELD, f"e1={t.e1:#04x} is not an ECHONET unit code")
+    if not 1 <= t.coef <= 999_999:
+        return Reject(Reason.BAD_FIELD, f"coef={t.coef} outside 1..999999")
+    if not 1 <= t.digits <= 8:
+        return Reject(Reason.BAD_FIELD, f"digits={t.digits} outside 1..8")
+    if not 0 <= t.seq < SEQ_LIMIT:
+        return Reject(Reason.BAD_FIELD, f"seq={t.seq} outside 0..2^32-1")
+    if t.sent.tzinfo is None:
+        return Reject(Reason.BAD_TIME, "sent has no UTC offset")
+    if not t.meter or len(t.meter) > 64:
+        return Reject(Reason.BAD_FIELD, "meter must be 1..64 characters")
+    if not 1 <= len(t.readings) <= 96:
+        return Reject(Reason.BAD_FIELD, f"{len(t.readings)} readings, expected 1..96")
+    return None
+
+
+def _readings(
+    t: WireTelegram | _RawTelegram,
+    good: list[tuple[int, WireReading]],
+    rejects: list[Reject],
+    received: int,
+    tolerance: int,
+    on_boundary: Callable[[int], bool],
+) -> Decoded:
+    limit = 10**t.digits
+    sent = int(t.sent.timestamp())
+    # A unit clock running fast shows; a slow one cannot be told from time spent queued in the broker.
+    unit_fast = sent > received + tolerance
+    out: list[Reading] = []
+    for i, r in good:
+        if r.at.tzinfo is None:
+            rejects.append(Reject(Reason.BAD_TIME, f"readings[{i}].at has no UTC offset", i))
+            continue
+        at = r.at.timestamp()
+        if at != int(at) or not on_boundary(int(at)):
+            rejects.append(Reject(Reason.BAD_TIME, f"readings[{i}].at {r.at.isoformat()} is not on a half hour", i))
+            continue
+        if at > received + tolerance:
+            rejects.append(Reject(Reason.FUTURE, f"readings[{i}].at {r.at.isoformat()} is in the future", i))
+            continue
+        fwd = None if r.fwd == NO_DATA else r.fwd
+        rev = None if r.rev == NO_DATA else r.rev
+        bad = [name for name, v in (("fwd", fwd), ("rev", rev)) if v is not None and not 0 <= v < limit]
+        if bad:
+            rejects.append(Reject(Reason.OUT_OF_RANGE, f"readings[{i}].{bad[0]} outside 0..10^{t.digits}-1", i))
+            continue
+        skew = unit_fast or at > sent + tolerance
+        flags = Flag.CLOCK_SKEW if skew else 0
+        out.append(Reading(t.unit, int(at), t.meter, fwd, rev, t.e1, t.coef, t.digits, t.seq, sent, flags))
+    return Decoded(t.unit, out, rejects)
+
+
+def _refused(unit: str | None, reason: str, detail: str) -> Decoded:
+    return Decoded(unit, [], [Reject(reason, detail)])
+
+
+def encode(telegram: WireTelegram) -> bytes:
+    """Serialise a telegram as compact JSON (the simulator's and tests' only writer)."""
+    return _encode(telegram)

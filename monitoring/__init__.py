@@ -1,0 +1,1 @@
+"""Metrics, detection of missing data, reports and alerts (not built yet: issue 6)."""

@@ -1,0 +1,144 @@
+"""The composition root: builds the settings' parts and supervises the services in one TaskGroup."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from aggregator.ingest import Ingestor, Outcome
+from aggregator.store import Store, sqlite_path
+from aggregator.timegrid import Grid
+from broker_bridge.bridge import Bridge, BrokerTarget, target_from_url, tls_context
+from broker_bridge.telegram import Incoming, Refused
+from smame.registry import Registry, RegistryError, load_registry
+from smame.settings import Settings
+
+log = logging.getLogger("smame")
+STOP_TIMEOUT = 8.0  # docker's grace is 10 s
+
+
+class RegistryHolder:
+    """The registry in force; replaced whole on reload, so readers always see one consistent version."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.current = self._load()
+
+    def _load(self) -> Registry:
+        s = self.settings
+        return load_registry(s.registry.units, s.registry.customers, s.contract_kw, s.ingest.gap_cap_slots)
+
+    def reload(self) -> None:
+        """Read the files again; keep the old registry if the new one is wrong."""
+        try:
+            new = self._load()
+        except RegistryError as exc:
+            log.error("registry reload refused, keeping %d units: %s", len(self.current.units), exc)
+            return
+        self.current = new
+        log.info("registry reloaded: %d units, %d customers", len(new.units), len(new.customers))
+
+    # UnitDirectory, for the aggregator
+    def customer_of(self, unit: str) -> str:
+        return self.current.customer_of(unit)
+
+    def limits_of(self, unit: str):  # type: ignore[no-untyped-def]
+        return self.current.limits_of(unit)
+
+
+def open_store(settings: Settings) -> Store:
+    """The store named by the settings."""
+    return Store(sqlite_path(settings.storage_url), settings.storage.synchronous)
+
+
+def broker_target(settings: Settings) -> BrokerTarget:
+    """Connection parameters from the broker settings."""
+    b = settings.broker
+    host, port, tls = target_from_url(b.url)
+    return BrokerTarget(
+        host=host, port=port,
+        tls=tls_context(str(b.ca_file) if b.ca_file else None, str(b.cert_file) if b.cert_file else None,
+                        str(b.key_file) if b.key_file else None) if tls else None,
+        client_id=b.client_id, username=b.username,
+        password=b.password.get_secret_value() if b.password else None,
+        topic=b.topic, session_expiry=b.session_expiry, keepalive=b.keepalive,
+        batch_size=b.batch_size, batch_delay=b.batch_delay_ms / 1000,
+        reconnect_min=b.reconnect_min_s, reconnect_max=b.reconnect_max_s,
+    )
+
+
+@dataclass
+class App:
+    """Everything `smame run` runs."""
+
+    settings: Settings
+    registry: RegistryHolder
+    store: Store
+    ingestor: Ingestor
+    bridge: Bridge
+
+    @classmethod
+    def build(cls, settings: Settings) -> App:
+        """Wire the parts; raises RegistryError or OSError with a clear message on bad input."""
+        registry = RegistryHolder(settings)
+        grid = Grid(settings.timezone)
+        store = open_store(settings)
+        ingestor = Ingestor(store, registry, grid)
+
+        async def commit(incoming: list[Incoming], refused: list[Refused]) -> Outcome:
+            return await store.call(ingestor.commit, incoming, refused, int(time.time()))
+
+        bridge = Bridge(broker_target(settings), commit, lambda: registry.current, settings.ingest.clock_tolerance_s,
+                        grid.on_boundary)
+        return cls(settings, registry, store, ingestor, bridge)
+
+    def services(self) -> dict[str, Callable[[], Awaitable[None]]]:
+        """The long-running services, by name."""
+        return {"ingest": self.bridge.run}
+
+    async def run(self) -> None:
+        """Run every service until SIGTERM/SIGINT; a crashed service stops them all and raises."""
+        loop = asyncio.get_running_loop()
+        main = asyncio.current_task()
+        assert main is not None
+        stopping = False
+
+        def stop(signame: str) -> None:
+            nonlocal stopping
+            if not stopping:
+                stopping = True
+                log.info("%s received: stopping", signame)
+                main.cancel()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop, sig.name)
+        loop.add_signal_handler(signal.SIGHUP, self.registry.reload)
+        log.info("smame started: %d units, %d customers, store %s, time zone %s",
+                 len(self.registry.current.units), len(self.registry.current.customers), self.store.path,
+                 self.settings.timezone)
+        try:
+            async with asyncio.TaskGroup() as group:
+                for name, service in self.services().items():
+                    group.create_task(_supervised(name, service), name=name)
+        except asyncio.CancelledError:
+            if not stopping:
+                raise
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            self.store.close()
+        log.info("smame stopped")
+
+
+async def _supervised(name: str, service: Callable[[], Awaitable[None]]) -> None:
+    try:
+        await service()
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("service %s crashed; stopping smame", name)
+        raise

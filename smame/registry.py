@@ -1,0 +1,154 @@
+"""Who owns which unit: `units.csv` and `customers.toml`, validated as a whole.
+
+The tenant of a reading comes from here, never from the telegram or its topic.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+import tomllib
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from aggregator.slots import Limits
+
+UNIT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+CUSTOMER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+UNIT_COLUMNS = ("unit_id", "customer_id", "meter_id", "contract_kw", "label")
+
+
+class RegistryError(ValueError):
+    """The registry files are wrong; the message names the file, line and field."""
+
+
+class FtpUser(BaseModel):
+    """One login of a customer (FTP, FTPS, SFTP)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    password_hash: str | None = None
+    ssh_keys: list[str] = []
+
+
+class Customer(BaseModel):
+    """A customer and how it wants its CSV files."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    name: str = ""
+    layout: Literal["long", "wide"] = "long"
+    encoding: Literal["utf-8", "cp932"] = "utf-8"
+    newline: Literal["\n", "\r\n"] = "\n"
+    include_export: bool = True
+    emission_factor: float | None = Field(default=None, ge=0)
+    users: list[FtpUser] = []
+
+
+@dataclass(frozen=True, slots=True)
+class Unit:
+    """One communication unit and its place in the fleet."""
+
+    id: str
+    customer: str
+    meter: str = ""
+    contract_kw: Fraction | None = None
+    label: str = ""
+
+
+@dataclass(frozen=True)
+class Registry:
+    """The units and customers in force."""
+
+    units: dict[str, Unit]
+    customers: dict[str, Customer]
+    default_contract_kw: Fraction = Fraction(50)
+    gap_cap: int = 48
+    _limits: dict[str, Limits] = field(default_factory=dict, repr=False, compare=False)
+
+    def __contains__(self, unit: object) -> bool:
+        return unit in self.units
+
+    def customer_of(self, unit: str) -> str:
+        """The customer id owning a unit."""
+        return self.units[unit].customer
+
+    def limits_of(self, unit: str) -> Limits:
+        """Plausibility limits of a unit: its contract kW for half an hour."""
+        limits = self._limits.get(unit)
+        if limits is None:
+            kw = self.units[unit].contract_kw or self.default_contract_kw
+            limits = self._limits[unit] = Limits(kw / 2, self.gap_cap)
+        return limits
+
+    def units_of(self, customer: str) -> list[Unit]:
+        """A customer's units, sorted by id."""
+        return sorted((u for u in self.units.values() if u.customer == customer), key=lambda u: u.id)
+
+
+def load_registry(units_path: Path, customers_path: Path, default_contract_kw: Fraction = Fraction(50),
+                  gap_cap: int = 48) -> Registry:
+    """Read and check both files; raise RegistryError naming the first problem."""
+    customers = _load_customers(customers_path)
+    units = _load_units(units_path, customers)
+    return Registry(units, customers, default_contract_kw, gap_cap)
+
+
+def _load_customers(path: Path) -> dict[str, Customer]:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RegistryError(f"{path}: customers file not found (setting registry.customers)") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise RegistryError(f"{path}: not valid TOML: {exc}") from None
+    table = data.get("customers", {})
+    if not isinstance(table, dict):
+        raise RegistryError(f"{path}: [customers] must be a table of customer ids")
+    out: dict[str, Customer] = {}
+    for cid, body in table.items():
+        try:
+            out[cid] = Customer.model_validate({"id": cid, **body})
+        except (ValidationError, TypeError) as exc:
+            raise RegistryError(f"{path}: customers.{cid}: {_first_error(exc)}") from None
+    return out
+
+
+def _load_units(path: Path, customers: dict[str, Customer]) -> dict[str, Unit]:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise RegistryError(f"{path}: units file not found (setting registry.units)") from None
+    reader = csv.DictReader(text.splitlines())
+    header = reader.fieldnames or []
+    if header[:2] != ["unit_id", "customer_id"] or not set(header) <= set(UNIT_COLUMNS):
+        raise RegistryError(f"{path}: header must be {','.join(UNIT_COLUMNS)} (the last three optional), got {header}")
+    units: dict[str, Unit] = {}
+    for line, row in enumerate(reader, start=2):
+        uid, cid = (row.get("unit_id") or "").strip(), (row.get("customer_id") or "").strip()
+        where = f"{path}:{line}"
+        if not UNIT_ID.fullmatch(uid):
+            raise RegistryError(f"{where}: unit_id {uid!r} must match [A-Za-z0-9_-]{{1,64}}")
+        if uid in units:
+            raise RegistryError(f"{where}: unit_id {uid} appears twice")
+        if cid not in customers:
+            raise RegistryError(f"{where}: customer_id {cid!r} is not in the customers file")
+        kw_text = (row.get("contract_kw") or "").strip()
+        try:
+            kw = Fraction(kw_text) if kw_text else None
+        except (ValueError, ZeroDivisionError):
+            raise RegistryError(f"{where}: contract_kw {kw_text!r} is not a number") from None
+        if kw is not None and kw <= 0:
+            raise RegistryError(f"{where}: contract_kw must be positive")
+        units[uid] = Unit(uid, cid, (row.get("meter_id") or "").strip(), kw, (row.get("label") or "").strip())
+    return units
+
+
+def _first_error(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        err = exc.errors()[0]
+        return f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
+    return str(exc)

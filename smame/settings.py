@@ -1,0 +1,191 @@
+"""The one typed settings object: defaults, then a TOML file, then `SMAME_SECTION__KEY` variables.
+
+Each service receives only its own section. A wrong value fails at start with a message that
+names the key (as it is written in TOML and as an environment variable).
+"""
+
+from __future__ import annotations
+
+import os
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+ENV_PREFIX = "SMAME_"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BrokerSettings(Section):
+    """MQTT broker the units publish to."""
+
+    url: str = "mqtt://127.0.0.1:1883"
+    client_id: str = Field(default="smame-ingest", min_length=1, max_length=128)
+    username: str | None = None
+    password: SecretStr | None = None
+    topic: str = "smame/v1/+/reading"
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    session_expiry: int = Field(default=7 * 24 * 3600, ge=60, le=2**32 - 1)
+    keepalive: int = Field(default=60, ge=5, le=65535)
+    batch_size: int = Field(default=2000, ge=1, le=30000)
+    batch_delay_ms: int = Field(default=100, ge=1, le=10000)
+    reconnect_min_s: float = Field(default=0.5, gt=0)
+    reconnect_max_s: float = Field(default=30.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise ValueError("must look like mqtt://host:port or mqtts://host:port")
+        parts.port  # raises on a bad port
+        return v
+
+    @field_validator("topic")
+    @classmethod
+    def _topic(cls, v: str) -> str:
+        if not v or "#" in v[:-1] or not v.endswith("/reading"):
+            raise ValueError("must be a filter ending in /reading, e.g. smame/v1/+/reading or $share/g/smame/v1/+/reading")
+        return v
+
+
+class StorageSettings(Section):
+    """Where readings and slots are kept."""
+
+    url: str | None = None  # default: sqlite:///<data_dir>/smame.db
+    synchronous: Literal["FULL", "NORMAL"] = "FULL"
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and not (v.startswith("sqlite:///") and len(v) > 10):
+            raise ValueError("only sqlite:///path is supported in this version")
+        return v
+
+
+class RegistrySettings(Section):
+    """The files that say which unit belongs to which customer."""
+
+    units: Path = Path("units.csv")
+    customers: Path = Path("customers.toml")
+
+
+class IngestSettings(Section):
+    """Validation of incoming telegrams and the slot arithmetic."""
+
+    clock_tolerance_s: int = Field(default=300, ge=0)
+    default_contract_kw: float = Field(default=50.0, gt=0)
+    gap_cap_slots: int = Field(default=48, ge=1, le=48 * 31)
+
+
+class LogSettings(Section):
+    """Logging."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["auto", "json", "text"] = "auto"
+
+
+class Settings(BaseSettings):
+    """All of smame's settings."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", frozen=True, case_sensitive=False
+    )
+
+    timezone: str = "Asia/Tokyo"
+    data_dir: Path = Path("data")
+    broker: BrokerSettings = BrokerSettings()
+    storage: StorageSettings = StorageSettings()
+    registry: RegistrySettings = RegistrySettings()
+    ingest: IngestSettings = IngestSettings()
+    log: LogSettings = LogSettings()
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, v: str) -> str:
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{v!r} is not an IANA time zone (e.g. Asia/Tokyo)") from None
+        return v
+
+    @model_validator(mode="after")
+    def _default_storage(self) -> Settings:
+        if self.storage.url is None:
+            url = f"sqlite:///{self.data_dir / 'smame.db'}"
+            object.__setattr__(self, "storage", self.storage.model_copy(update={"url": url}))
+        return self
+
+    @property
+    def storage_url(self) -> str:
+        """The effective storage URL."""
+        assert self.storage.url is not None
+        return self.storage.url
+
+    @property
+    def contract_kw(self) -> Fraction:
+        """The default contract kW as an exact fraction."""
+        return Fraction(str(self.ingest.default_contract_kw))
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml = settings_cls.model_config.get("toml_file")
+        sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings, env_settings)
+        if toml:
+            sources += (TomlConfigSettingsSource(settings_cls, toml_file=toml),)
+        return sources
+
+
+class SettingsError(ValueError):
+    """Settings that cannot be used; the message names every wrong key."""
+
+
+def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings from defaults, the TOML file at `path` and the environment."""
+    if path is not None and not path.is_file():
+        raise SettingsError(f"config file {path} not found")
+
+    class _FromFile(Settings):
+        model_config = SettingsConfigDict(toml_file=path)
+
+    try:
+        return Settings.model_validate(_FromFile(**overrides).model_dump())
+    except ValidationError as exc:
+        raise SettingsError(_explain(exc, path)) from None
+    except ValueError as exc:  # TOML syntax errors and the like
+        raise SettingsError(f"{path}: {exc}") from None
+
+
+def _explain(exc: ValidationError, path: Path | None) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"] if not str(p).startswith("function-")]
+        key = ".".join(loc)
+        env = ENV_PREFIX + "__".join(loc).upper()
+        given = err.get("input")
+        shown = "" if isinstance(given, dict) or err["type"] == "missing" else f" (got {given!r})"
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        lines.append(f"invalid setting {key} / {env}: {msg}{shown}")
+    where = f" in {path} or the environment" if path else " in the environment"
+    return f"bad configuration{where}:\n  " + "\n  ".join(lines)
+
+
+def environment_keys() -> list[str]:
+    """SMAME_ variables present in the environment (for the start-up log)."""
+    return sorted(k for k in os.environ if k.upper().startswith(ENV_PREFIX))

@@ -1,0 +1,149 @@
+"""Real parts for tests: a Mosquitto on a free port, a paho publisher, registries, telegrams, smame itself."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import paho.mqtt.client as paho
+
+from broker_bridge.telegram import WireReading, WireTelegram, encode
+
+JST = timezone(timedelta(hours=9))
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    """Block until something accepts connections on the port."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {port}")
+
+
+class Mosquitto:
+    """A private mosquitto broker on a free port (the Debian binary, as in production)."""
+
+    def __init__(self, workdir: Path, extra: str = "") -> None:
+        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        self.port = free_port()
+        self.dir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        conf = workdir / "mosquitto.conf"
+        conf.write_text(
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+            "max_queued_messages 1000000\nmax_inflight_messages 0\nset_tcp_nodelay true\n" + extra
+        )
+        self.log = open(workdir / "mosquitto.log", "wb")
+        self.proc = subprocess.Popen([binary, "-c", str(conf)], stdout=self.log, stderr=subprocess.STDOUT)
+        wait_port(self.port)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        self.log.close()
+
+
+def publish(port: int, messages: Iterable[tuple[str, bytes]], client_id: str = "") -> int:
+    """Publish at QoS 1 and wait until the broker has acknowledged every message."""
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv311)
+    client.max_inflight_messages_set(1000)
+    client.max_queued_messages_set(0)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    infos = [client.publish(topic, payload, qos=1) for topic, payload in messages]
+    for info in infos:
+        info.wait_for_publish(60)
+        assert info.is_published()
+    client.loop_stop()
+    client.disconnect()
+    return len(infos)
+
+
+def at(day: str, hhmm: str) -> datetime:
+    """A JST time on a day: at('2026-11-23', '10:30')."""
+    return datetime.fromisoformat(f"{day}T{hhmm}:00+09:00")
+
+
+def telegram(unit: str, readings: list[tuple[datetime, int] | tuple[datetime, int, int | None]], *, meter: str = "SM-1",
+             seq: int = 1, digits: int = 6, e1: int = 1, coef: int = 1, sent: datetime | None = None) -> bytes:
+    """A v1 telegram as a unit would publish it."""
+    wire = [WireReading(r[0], r[1], r[2] if len(r) > 2 else 0) for r in readings]  # type: ignore[misc]
+    return encode(WireTelegram(1, unit, meter, seq, sent or readings[-1][0] + timedelta(seconds=7), e1, digits, wire, coef))
+
+
+def write_registry(directory: Path, units: dict[str, str], contract_kw: dict[str, float] | None = None) -> tuple[Path, Path]:
+    """units.csv and customers.toml for {unit: customer}."""
+    directory.mkdir(parents=True, exist_ok=True)
+    lines = ["unit_id,customer_id,meter_id,contract_kw,label"]
+    for u, c in sorted(units.items()):
+        kw = (contract_kw or {}).get(u, "")
+        lines.append(f"{u},{c},,{kw},")
+    (directory / "units.csv").write_text("\n".join(lines) + "\n")
+    customers = sorted(set(units.values()))
+    (directory / "customers.toml").write_text("".join(f'[customers.{c}]\nname = "Customer {c}"\n' for c in customers))
+    return directory / "units.csv", directory / "customers.toml"
+
+
+def smame_env(workdir: Path, port: int, **extra: str) -> dict[str, str]:
+    """Environment for a smame process using a test broker and a private data directory."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SMAME_")}
+    env.update(
+        SMAME_DATA_DIR=str(workdir / "data"),
+        SMAME_BROKER__URL=f"mqtt://127.0.0.1:{port}",
+        SMAME_BROKER__CLIENT_ID=f"smame-test-{workdir.name}",
+        SMAME_REGISTRY__UNITS=str(workdir / "units.csv"),
+        SMAME_REGISTRY__CUSTOMERS=str(workdir / "customers.toml"),
+        SMAME_LOG__FORMAT="text",
+        **extra,
+    )
+    return env
+
+
+def smame(args: list[str], env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run a smame command to completion."""
+    proc = subprocess.run([sys.executable, "-m", "smame.cli", *args], env=env, capture_output=True, text=True, timeout=120)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"smame {args} exited {proc.returncode}: {proc.stderr}")
+    return proc
+
+
+def start_smame(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """Start `smame run` in the background."""
+    out = open(log, "ab")
+    return subprocess.Popen([sys.executable, "-m", "smame.cli", "run"], env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def wait_log(log: Path, text: str, timeout: float = 15.0) -> None:
+    """Block until a log file contains the text."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if log.exists() and text in log.read_text(errors="replace"):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"{text!r} not in {log}:\n{log.read_text(errors='replace') if log.exists() else ''}")
+
+
+def stop(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> int:
+    """SIGTERM and wait; return the exit code."""
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(timeout)
