@@ -53,14 +53,22 @@ class Mosquitto:
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
             "max_queued_messages 1000000\nmax_inflight_messages 0\nset_tcp_nodelay true\n" + extra
         )
-        self.log = open(workdir / "mosquitto.log", "wb")
-        self.proc = subprocess.Popen([binary, "-c", str(conf)], stdout=self.log, stderr=subprocess.STDOUT)
+        self.command = [binary, "-c", str(conf)]
+        self.start()
+
+    def start(self) -> None:
+        with open(self.dir / "mosquitto.log", "ab") as log:
+            self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT)
         wait_port(self.port)
 
     def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
-        self.log.close()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
 
 
 def publish(port: int, messages: Iterable[tuple[str, bytes]], client_id: str = "") -> int:

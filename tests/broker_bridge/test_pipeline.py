@@ -1,0 +1,177 @@
+"""End to end: a real Mosquitto, `smame run` as a process, a real MQTT publisher, the CLI to check."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+from tests.helpers import (
+    Mosquitto, at, publish, smame, smame_env, start_smame, stop, telegram, wait_log, write_registry,
+)
+
+DAY = "2026-11-20"
+
+
+def readings_in(db: Path) -> int:
+    with sqlite3.connect(db) as c:
+        return int(c.execute("SELECT count(*) FROM readings").fetchone()[0])
+
+
+def wait_readings(db: Path, n: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if db.exists() and readings_in(db) >= n:
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"{readings_in(db)} readings stored, expected {n}")
+
+
+def test_telegrams_become_slots_and_bad_ones_are_quarantined(broker: Mosquitto, workdir: Path) -> None:
+    write_registry(workdir, {"U1": "C1", "U2": "C1", "U3": "C2"})
+    env = smame_env(workdir, broker.port)
+    log = workdir / "smame.log"
+    proc = start_smame(env, log)
+    wait_log(log, "subscribed to")
+    t = "smame/v1/{}/reading"
+    good = [
+        (t.format("U1"), telegram("U1", [(at(DAY, "10:00"), 523101), (at(DAY, "10:30"), 523118)])),
+        (t.format("U1"), telegram("U1", [(at(DAY, "12:00"), 523148)])),  # 3 slots missed: estimated
+        (t.format("U2"), telegram("U2", [(at(DAY, "23:30"), 999_990, 5), (at(f"{DAY[:-2]}21", "00:00"), 12, 9)])),
+        (t.format("U1"), telegram("U1", [(at(DAY, "10:30"), 523118)])),  # duplicate
+    ]
+    bad = [
+        (t.format("U1"), b"{not json"),
+        (t.format("U1"), b'"a string"'),
+        (t.format("U1"), b"{" + b" " * 17000 + b"}"),
+        (t.format("U1"), telegram("U1", [(at(DAY, "13:00"), 1)]).replace(b'"v":1', b'"v":3')),
+        (t.format("U1"), telegram("U1", [(at(DAY, "13:00"), 1)]).replace(b'"seq":1', b'"seq":"1"')),
+        (t.format("U2"), telegram("U1", [(at(DAY, "13:00"), 1)])),
+        (t.format("U9"), telegram("U9", [(at(DAY, "13:00"), 1)])),
+        (t.format("U3"), telegram("U3", [(at(DAY, "13:10"), 1)])),
+        (t.format("U3"), telegram("U3", [(at(DAY, "13:00"), 10**6)])),
+        (t.format("U3"), telegram("U3", [(at("2099-01-01", "13:00"), 1)], sent=at(DAY, "13:00"))),
+        (t.format("U1"), telegram("U1", [(at(DAY, "10:30"), 523000)])),  # conflict with the stored value
+    ]
+    publish(broker.port, good + bad)
+    wait_log(log, "", 1)
+    deadline = time.monotonic() + 15
+    while "11 quarantined" not in smame(["quarantine"], env).stdout and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert stop(proc) == 0
+
+    out = smame(["slots", "--unit", "U1", "--date", DAY], env).stdout.splitlines()
+    rows = {line.split()[0]: line.split() for line in out[2:]}
+    assert rows["21"][1:4] == ["10:00-10:30", "1.7", "A"]
+    assert [rows[s][2:4] for s in ("22", "23", "24")] == [["1.0", "E"], ["1.0", "E"], ["1.0", "E"]]
+    assert rows["21"][-1] == "conflict"
+    assert rows["25"][2] == "M"
+
+    u2 = smame(["slots", "--unit", "U2", "--date", DAY], env).stdout.splitlines()
+    last = u2[-1].split()
+    assert last[:4] == ["48", "23:30-24:00", "2.2", "A"] and last[-1] == "rollover"
+    assert last[4:6] == ["0.4", "A"]
+
+    report = smame(["quarantine", "--limit", "100"], env).stdout
+    for reason in ("not_json", "not_object", "too_large", "unknown_version", "bad_field", "unit_mismatch",
+                   "unknown_unit", "bad_time", "out_of_range", "future", "conflict"):
+        assert f" {reason}: " in report, reason
+    assert "11 quarantined" in report
+
+
+def test_sigterm_commits_and_acknowledges_then_exits_cleanly(broker: Mosquitto, workdir: Path) -> None:
+    write_registry(workdir, {f"S{i}": "C1" for i in range(50)})
+    env = smame_env(workdir, broker.port, SMAME_BROKER__BATCH_DELAY_MS="5000", SMAME_BROKER__BATCH_SIZE="30000")
+    log = workdir / "smame.log"
+    proc = start_smame(env, log)
+    wait_log(log, "subscribed to")
+    msgs = [(f"smame/v1/S{i}/reading", telegram(f"S{i}", [(at(DAY, f"{h:02d}:00"), h)])) for i in range(50) for h in range(10)]
+    publish(broker.port, msgs)
+    started = time.monotonic()
+    assert stop(proc) == 0
+    assert time.monotonic() - started < 10
+    assert readings_in(workdir / "data" / "smame.db") == 500  # held in a 5 s batch, committed on the way out
+    assert "500 received, 500 acknowledged" in log.read_text()
+
+
+def test_messages_sent_while_smame_is_down_arrive_after_restart(broker: Mosquitto, workdir: Path) -> None:
+    write_registry(workdir, {"P1": "C1"})
+    env = smame_env(workdir, broker.port)
+    log = workdir / "smame.log"
+    proc = start_smame(env, log)
+    wait_log(log, "subscribed to")
+    assert stop(proc) == 0
+    publish(broker.port, [("smame/v1/P1/reading", telegram("P1", [(at(DAY, f"{h:02d}:00"), h * 10)])) for h in range(5)])
+    proc = start_smame(env, log)
+    wait_readings(workdir / "data" / "smame.db", 5)
+    assert stop(proc) == 0
+    assert "session present: True" in log.read_text()
+
+
+def test_lost_broker_session_is_reported(workdir: Path) -> None:
+    mq = Mosquitto(workdir / "mq")  # persistence off: a restarted broker has forgotten every session
+    write_registry(workdir, {"L1": "C1"})
+    env = smame_env(workdir, mq.port, SMAME_BROKER__RECONNECT_MIN_S="0.1", SMAME_BROKER__RECONNECT_MAX_S="0.2")
+    log = workdir / "smame.log"
+    proc = start_smame(env, log)
+    try:
+        wait_log(log, "session present: False")
+        mq.restart()
+        wait_log(log, "lost the broker")
+        wait_log(log, "had no session", 20)
+        publish(mq.port, [("smame/v1/L1/reading", telegram("L1", [(at(DAY, "10:00"), 1)]))])
+        wait_readings(workdir / "data" / "smame.db", 1)
+    finally:
+        assert stop(proc) == 0
+        mq.stop()
+
+
+def test_broker_down_at_start_is_retried(workdir: Path) -> None:
+    mq = Mosquitto(workdir / "mq")
+    mq.stop()
+    write_registry(workdir, {"B1": "C1"})
+    env = smame_env(workdir, mq.port, SMAME_BROKER__RECONNECT_MIN_S="0.1", SMAME_BROKER__RECONNECT_MAX_S="0.3")
+    log = workdir / "smame.log"
+    proc = start_smame(env, log)
+    try:
+        wait_log(log, "unreachable")
+        mq.start()
+        wait_log(log, "subscribed to", 20)
+    finally:
+        assert stop(proc) == 0
+        mq.stop()
+
+
+def test_a_crashing_service_stops_the_process_non_zero(broker: Mosquitto, workdir: Path) -> None:
+    write_registry(workdir, {"X1": "C1"})
+    (workdir / "data").mkdir()
+    with sqlite3.connect(workdir / "data" / "smame.db") as c:  # a store some other program left behind
+        c.execute("CREATE TABLE readings (something_else TEXT)")
+    env = smame_env(workdir, broker.port)
+    log = workdir / "smame.log"
+    proc = start_smame(env, log)
+    wait_log(log, "subscribed to")
+    publish(broker.port, [("smame/v1/X1/reading", telegram("X1", [(at(DAY, "10:00"), 1)]))])
+    assert proc.wait(15) == 1
+    assert "service ingest crashed" in log.read_text()
+
+
+def test_bad_configuration_fails_at_start_naming_the_key(workdir: Path) -> None:
+    write_registry(workdir, {"X1": "C1"})
+    env = smame_env(workdir, 1883, SMAME_BROKER__BATCH_SIZE="lots")
+    proc = smame(["run"], env, check=False)
+    assert proc.returncode == 2
+    assert "broker.batch_size / SMAME_BROKER__BATCH_SIZE" in proc.stderr
+    (workdir / "smame.toml").write_text('timezone = "Mars/Olympus"\n')
+    proc = smame(["run", "-c", str(workdir / "smame.toml")], smame_env(workdir, 1883), check=False)
+    assert proc.returncode == 2 and "invalid setting timezone" in proc.stderr
+
+
+def test_missing_or_wrong_registry_fails_at_start(workdir: Path) -> None:
+    env = smame_env(workdir, 1883)
+    proc = smame(["run"], env, check=False)
+    assert proc.returncode == 2 and "customers file not found (setting registry.customers)" in proc.stderr
+    write_registry(workdir, {"X1": "C1"})
+    (workdir / "units.csv").write_text("unit_id,customer_id\nX1,C1\nX2,NOPE\n")
+    proc = smame(["run"], env, check=False)
+    assert proc.returncode == 2 and "units.csv:3: customer_id 'NOPE'" in proc.stderr

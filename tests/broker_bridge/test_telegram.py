@@ -1,0 +1,108 @@
+"""Every kind of wrong input in telegram-v1.md is refused with its reason; good readings are kept."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+
+import pytest
+
+from aggregator.slots import Flag
+from aggregator.timegrid import Grid
+from broker_bridge.telegram import NO_DATA, Decoded, Reason, decode
+
+GRID = Grid("Asia/Tokyo")
+NOW = int(datetime.fromisoformat("2026-11-23T10:30:09+09:00").timestamp())
+TOPIC = "smame/v1/U000123/reading"
+
+
+def body(**changes: object) -> dict[str, object]:
+    t: dict[str, object] = {
+        "v": 1, "unit": "U000123", "meter": "SM-4711-0001", "seq": 18231, "sent": "2026-11-23T10:30:07+09:00",
+        "e1": 1, "coef": 1, "digits": 6,
+        "readings": [{"at": "2026-11-23T10:00:00+09:00", "fwd": 523101, "rev": 0},
+                     {"at": "2026-11-23T10:30:00+09:00", "fwd": 523118, "rev": 0}],
+    }
+    t.update(changes)
+    return t
+
+
+def run(payload: object, topic: str = TOPIC) -> Decoded:
+    raw = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    return decode(topic, raw, NOW, {"U000123", "U2"}, 300, GRID.on_boundary)
+
+
+def test_the_contract_example_decodes() -> None:
+    d = run(body())
+    assert d.rejects == []
+    assert [(r.at, r.fwd, r.rev, r.meter) for r in d.readings] == [
+        (NOW - 9 - 1800, 523101, 0, "SM-4711-0001"), (NOW - 9, 523118, 0, "SM-4711-0001")]
+    assert d.readings[0].coef == 1 and d.readings[0].digits == 6 and d.readings[0].flags == 0
+
+
+def test_coef_defaults_to_one_and_rev_is_optional() -> None:
+    t = body(readings=[{"at": "2026-11-23T10:30:00+09:00", "fwd": 5}])
+    del t["coef"]
+    [r] = run(t).readings
+    assert (r.coef, r.rev) == (1, None)
+
+
+def test_no_data_value_is_kept_as_no_value_and_not_range_checked() -> None:
+    [r] = run(body(readings=[{"at": "2026-11-23T10:30:00+09:00", "fwd": NO_DATA, "rev": NO_DATA}])).readings
+    assert (r.fwd, r.rev) == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("payload", "topic", "reason"),
+    [
+        (b"\x00not json", TOPIC, Reason.NOT_JSON),
+        (b"[1, 2]", TOPIC, Reason.NOT_OBJECT),
+        (b'{"v": 1, "pad": "' + b"x" * 17000 + b'"}', TOPIC, Reason.TOO_LARGE),
+        (body(v=2), TOPIC, Reason.UNKNOWN_VERSION),
+        ({k: v for k, v in body().items() if k != "meter"}, TOPIC, Reason.BAD_FIELD),
+        (body(seq="18231"), TOPIC, Reason.BAD_FIELD),
+        (body(e1=7), TOPIC, Reason.BAD_FIELD),
+        (body(digits=9), TOPIC, Reason.BAD_FIELD),
+        (body(coef=0), TOPIC, Reason.BAD_FIELD),
+        (body(readings=[]), TOPIC, Reason.BAD_FIELD),
+        (body(sent="2026-11-23T10:30:07"), TOPIC, Reason.BAD_TIME),
+        (body(), "smame/v1/U2/reading", Reason.UNIT_MISMATCH),
+        (body(unit="U9"), "smame/v1/U9/reading", Reason.UNKNOWN_UNIT),
+        (body(), "smame/v1/bad+id/reading", Reason.BAD_TOPIC),
+    ],
+)
+def test_whole_telegram_refused(payload: object, topic: str, reason: str) -> None:
+    d = run(payload, topic)
+    assert d.readings == []
+    assert [r.reason for r in d.rejects] == [reason]
+    assert d.rejects[0].detail
+
+
+@pytest.mark.parametrize(
+    ("bad", "reason"),
+    [
+        ({"at": "2026-11-23T10:15:00+09:00", "fwd": 1}, Reason.BAD_TIME),
+        ({"at": "2026-11-23T10:00:00", "fwd": 1}, Reason.BAD_TIME),
+        ({"at": "2026-11-23T10:00:00+09:00", "fwd": 1_000_000}, Reason.OUT_OF_RANGE),
+        ({"at": "2026-11-23T10:00:00+09:00", "fwd": -1}, Reason.OUT_OF_RANGE),
+        ({"at": "2026-11-23T10:00:00+09:00", "fwd": 1, "rev": 10**6}, Reason.OUT_OF_RANGE),
+        ({"at": "2026-11-23T11:00:00+09:00", "fwd": 1}, Reason.FUTURE),
+        ({"at": "2026-11-23T10:00:00+09:00", "fwd": "12"}, Reason.BAD_FIELD),
+        ({"fwd": 12}, Reason.BAD_FIELD),
+    ],
+)
+def test_a_bad_reading_is_refused_and_the_good_ones_kept(bad: dict[str, object], reason: str) -> None:
+    good = {"at": "2026-11-23T10:30:00+09:00", "fwd": 523118, "rev": 0}
+    d = run(body(readings=[bad, good]))
+    assert [(r.reason, r.index) for r in d.rejects] == [(reason, 0)]
+    assert [r.fwd for r in d.readings] == [523118]
+
+
+def test_future_within_tolerance_is_accepted() -> None:
+    d = run(body(readings=[{"at": "2026-11-23T10:30:00+09:00", "fwd": 1}], sent="2026-11-23T10:33:00+09:00"))
+    assert d.rejects == [] and d.readings[0].flags == 0
+
+
+def test_unit_clock_running_fast_flags_clock_skew() -> None:
+    d = run(body(sent="2026-11-23T10:50:00+09:00"))
+    assert {r.flags for r in d.readings} == {Flag.CLOCK_SKEW}
