@@ -1,14 +1,14 @@
 """One batch of readings -> one transaction of readings, slots, change log and quarantine.
 
-Runs on the store thread. The hot path (each unit's next reading in time) needs no read:
-the last point of each register of each unit is cached. Late, duplicate and conflicting
-readings look their neighbours up in the store, inside the same transaction.
+Runs on the store thread. The live case (each unit's next reading, once per half hour)
+needs no read: the last point of each register of each unit is cached, and the batch is
+written with one statement per table. Late, duplicate and conflicting readings look their
+neighbours up in the store, inside the same transaction.
 """
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -39,11 +39,13 @@ class Outcome:
 
 @dataclass(slots=True)
 class _UnitState:
-    last_at: int | None
-    last: dict[str, Point | None]
+    last_at: int | None  # newest reading of any register
+    last: dict[str, Point | None]  # newest point of each register
 
 
-_SLOT_REGISTER = {"fwd": "imp", "rev": "exp"}
+# (slot end, unit) -> [import SlotValue, export SlotValue, meter, e1, coef]
+_SlotRows = dict[tuple[int, str], list[Any]]
+_COLUMN = {"fwd": 0, "rev": 1}
 
 
 class Ingestor:
@@ -59,15 +61,25 @@ class Ingestor:
     def commit(self, readings: list[Incoming], refused: list[Refused], now: int) -> Outcome:
         """Store a batch atomically: valid readings, and input refused before the store saw it."""
         outcome = Outcome()
-        by_unit: dict[str, list[Incoming]] = defaultdict(list)
+        by_unit: dict[str, list[Incoming]] = {}
         for item in readings:
-            by_unit[item.reading.unit].append(item)
+            by_unit.setdefault(item.reading.unit, []).append(item)
         refused = list(refused)
+        rows: list[tuple[Any, ...]] = []
+        slot_rows: _SlotRows = {}
         try:
             with self.store.transaction():
-                slot_rows: dict[tuple[int, str], dict[str, Any]] = {}
                 for unit, items in by_unit.items():
-                    self._unit(unit, items, refused, outcome, slot_rows)
+                    state = self._cache.get(unit) or self._load(unit)
+                    first = items[0].reading
+                    if len(items) == 1 and (state.last_at is None or first.at > state.last_at):
+                        rows.append(_row(first, items[0].received))
+                        self._chain(unit, state, [first], None, slot_rows)
+                    else:
+                        self._unit(unit, state, items, refused, outcome, slot_rows)
+                if rows:
+                    self.store.insert_readings(rows)
+                    outcome.stored += len(rows)
                 self._write_slots(slot_rows, outcome)
                 if outcome.changed:
                     self.store.add_changes(sorted(outcome.changed), now)
@@ -84,28 +96,36 @@ class Ingestor:
             self._cache.clear()
         return outcome
 
-    def _state(self, unit: str) -> _UnitState:
-        state = self._cache.get(unit)
-        if state is None:
-            last_at = self.store.last_at(unit)
-            last = {
-                reg: (None if last_at is None else self.store.neighbour(unit, last_at + 1, reg, before=True))
-                for reg in REGISTERS
-            }
-            state = self._cache[unit] = _UnitState(last_at, last)
+    def _load(self, unit: str) -> _UnitState:
+        last_at = self.store.last_at(unit)
+        last = {reg: None if last_at is None else self.store.neighbour(unit, last_at + 1, reg, before=True)
+                for reg in REGISTERS}
+        state = self._cache[unit] = _UnitState(last_at, last)
         return state
 
-    def _unit(
-        self,
-        unit: str,
-        items: list[Incoming],
-        refused: list[Refused],
-        outcome: Outcome,
-        slot_rows: dict[tuple[int, str], dict[str, Any]],
-    ) -> None:
-        state = self._state(unit)
+    def _chain(self, unit: str, state: _UnitState, fresh: list[Reading], start: dict[str, Point | None] | None,
+               slot_rows: _SlotRows) -> None:
+        """Slots closed by readings newer than anything stored, each paired with the one before."""
+        limits = self.units.limits_of(unit)
+        for reg in REGISTERS:
+            prev = state.last[reg] if start is None else start[reg]
+            column = _COLUMN[reg]
+            for r in fresh:
+                value = r.fwd if column == 0 else r.rev
+                if value is None:
+                    continue
+                point = Point(r.at, value, r.meter, r.digits, r.e1, r.coef, r.flags)
+                if prev is not None:
+                    _merge(slot_rows, unit, column, pair_slots(prev, point, limits), point)
+                prev = point
+            state.last[reg] = prev
+        state.last_at = fresh[-1].at
+
+    def _unit(self, unit: str, state: _UnitState, items: list[Incoming], refused: list[Refused], outcome: Outcome,
+              slot_rows: _SlotRows) -> None:
+        """The general case: several readings, duplicates, conflicts, late readings."""
         items.sort(key=lambda item: item.reading.at)
-        fresh: list[Reading] = []  # newer than anything stored: the hot path
+        fresh: list[Reading] = []  # newer than anything stored
         late: list[int] = []  # times whose neighbours must be looked up (late inserts, conflicts)
         seen: dict[int, Reading] = {}
         conflicts: list[int] = []
@@ -123,50 +143,41 @@ class Ingestor:
                     conflicts.append(r.at)
                 continue
             seen[r.at] = r
-            rows.append((unit, r.at, r.meter, r.fwd, r.rev, r.e1, r.coef, r.digits, r.flags, r.seq, r.sent, item.received))
+            rows.append(_row(r, item.received))
             if state.last_at is not None and r.at < state.last_at:
                 late.append(r.at)
             else:
                 fresh.append(r)
-        if rows:
+        if rows:  # now, so that the neighbour look-ups below see them
             self.store.insert_readings(rows)
             outcome.stored += len(rows)
         for at in conflicts:  # the first value stays; its slot carries the conflict flag
             self.store.add_reading_flags(unit, at, Flag.CONFLICT)
         late.extend(conflicts)
+        if fresh:
+            # A late point inserted in this batch may now precede the first fresh one.
+            start = {reg: self.store.neighbour(unit, fresh[0].at, reg, before=True) for reg in REGISTERS} if late else None
+            self._chain(unit, state, fresh, start, slot_rows)
+        if late:
+            self._around(unit, late, slot_rows)
 
+    def _around(self, unit: str, times: list[int], slot_rows: _SlotRows) -> None:
+        """Recompute the slots on both sides of stored readings."""
         limits = self.units.limits_of(unit)
         for reg in REGISTERS:
             pairs: dict[tuple[int, int], tuple[Point, Point]] = {}
-            prev = state.last[reg]
-            if late and fresh:  # a late point may now precede the first fresh one
-                prev = self.store.neighbour(unit, fresh[0].at, reg, before=True)
-            for r in fresh:
-                value = r.fwd if reg == "fwd" else r.rev
-                if value is None:
-                    continue
-                point = Point(r.at, value, r.meter, r.digits, r.e1, r.coef, r.flags)
-                if prev is not None:
-                    pairs[(prev.at, point.at)] = (prev, point)
-                prev = point
-            if fresh:
-                state.last[reg] = prev
-            for at in late:
+            for at in times:
                 here = self.store.neighbour(unit, at - 1, reg, before=False)
                 if here is None or here.at != at:
                     continue  # this register has no value at that time
                 before = self.store.neighbour(unit, at, reg, before=True)
                 after = self.store.neighbour(unit, at, reg, before=False)
                 if before is not None:
-                    pairs[(before.at, here.at)] = (before, here)
+                    pairs[(before.at, at)] = (before, here)
                 if after is not None:
-                    pairs[(here.at, after.at)] = (here, after)
-            column = _SLOT_REGISTER[reg]
+                    pairs[(at, after.at)] = (here, after)
             for a, b in pairs.values():
-                for s in pair_slots(a, b, limits):
-                    _merge(slot_rows, unit, column, s, b)
-        if fresh:
-            state.last_at = fresh[-1].at
+                _merge(slot_rows, unit, _COLUMN[reg], pair_slots(a, b, limits), b)
 
     def _stored(self, unit: str, at: int) -> Reading | None:
         row = self.store.reading(unit, at)
@@ -175,30 +186,40 @@ class Ingestor:
         meter, fwd, rev, e1, coef, digits, flags = row
         return Reading(unit, at, meter, fwd, rev, e1, coef, digits, 0, 0, flags)
 
-    def _write_slots(self, slot_rows: dict[tuple[int, str], dict[str, Any]], outcome: Outcome) -> None:
-        groups: dict[tuple[str, ...], list[tuple[Any, ...]]] = defaultdict(list)
+    def _write_slots(self, slot_rows: _SlotRows, outcome: Outcome) -> None:
+        both, imp_only, exp_only = [], [], []
         days: dict[int, str] = {}
-        for (end, unit), row in slot_rows.items():
-            registers = tuple(r for r in ("imp", "exp") if r in row)
-            values: list[Any] = [end, unit]
-            for r in registers:
-                s: SlotValue = row[r]
-                values += [s.value, s.quality, s.flags]
-            values += [row["meter"], row["e1"], row["coef"]]
-            groups[registers].append(tuple(values))
+        customer_of = self.units.customer_of
+        changed = outcome.changed
+        for (end, unit), (imp, exp, meter, e1, coef) in slot_rows.items():
+            if imp is not None and exp is not None:
+                both.append((end, unit, imp.value, imp.quality, imp.flags, exp.value, exp.quality, exp.flags, meter, e1, coef))
+            elif imp is not None:
+                imp_only.append((end, unit, imp.value, imp.quality, imp.flags, meter, e1, coef))
+            else:
+                exp_only.append((end, unit, exp.value, exp.quality, exp.flags, meter, e1, coef))
             day = days.get(end)
             if day is None:
                 day = days[end] = self.grid.day_of(end).isoformat()
-            outcome.changed.add((self.units.customer_of(unit), day))
-        for registers, rows in groups.items():
-            self.store.upsert_slots(registers, rows)
-            outcome.slots += len(rows)
+            changed.add((customer_of(unit), day))
+        for registers, rows in ((("imp", "exp"), both), (("imp",), imp_only), (("exp",), exp_only)):
+            if rows:
+                self.store.upsert_slots(registers, rows)
+                outcome.slots += len(rows)
 
 
-def _merge(slot_rows: dict[tuple[int, str], dict[str, Any]], unit: str, column: str, s: SlotValue, closer: Point) -> None:
-    row = slot_rows.setdefault((s.end, unit), {})
-    row[column] = s
-    row["meter"], row["e1"], row["coef"] = closer.meter, closer.e1, closer.coef
+def _row(r: Reading, received: int) -> tuple[Any, ...]:
+    return (r.unit, r.at, r.meter, r.fwd, r.rev, r.e1, r.coef, r.digits, r.flags, r.seq, r.sent, received)
+
+
+def _merge(slot_rows: _SlotRows, unit: str, column: int, slots: list[SlotValue], closer: Point) -> None:
+    for s in slots:
+        row = slot_rows.get((s.end, unit))
+        if row is None:
+            row = slot_rows[(s.end, unit)] = [None, None, closer.meter, closer.e1, closer.coef]
+        else:
+            row[2:] = closer.meter, closer.e1, closer.coef
+        row[column] = s
 
 
 def _values(r: Reading) -> tuple[Any, ...]:

@@ -32,11 +32,19 @@ class Grid:
     def __init__(self, zone: str) -> None:
         self.zone = ZoneInfo(zone)
         self.name = zone
+        self._offsets: dict[int, int] = {}
 
     def on_boundary(self, epoch: int) -> bool:
         """True when the instant is a local :00 or :30 with zero seconds."""
-        local = datetime.fromtimestamp(epoch, self.zone)
-        return local.second == 0 and local.minute in (0, 30)
+        # Offsets change on whole half hours at most, so one look-up per half hour serves every reading in it.
+        key = epoch // SLOT
+        offset = self._offsets.get(key)
+        if offset is None:
+            if len(self._offsets) > 100_000:
+                self._offsets.clear()
+            delta = datetime.fromtimestamp(key * SLOT, self.zone).utcoffset()
+            offset = self._offsets[key] = int(delta.total_seconds()) if delta is not None else 0
+        return (epoch + offset) % SLOT == 0
 
     def day_start(self, day: date) -> int:
         """Epoch of the first instant of a local day (the gap's end if midnight does not exist)."""

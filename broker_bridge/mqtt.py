@@ -14,8 +14,9 @@ import ssl
 import struct
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import cast
+
+import msgspec
 
 CONNECT, CONNACK, PUBLISH, PUBACK, SUBSCRIBE, SUBACK = 0x10, 0x20, 0x30, 0x40, 0x82, 0x90
 PINGREQ, PINGRESP, DISCONNECT = b"\xc0\x00", 0xD0, 0xE0
@@ -36,8 +37,7 @@ class MqttError(Exception):
     """The broker refused us, broke the protocol, or the connection was lost."""
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
+class Message(msgspec.Struct, frozen=True, gc=False):
     """One PUBLISH received; `packet_id` is None at QoS 0."""
 
     topic: str
@@ -125,6 +125,7 @@ class _Protocol(asyncio.Protocol):
         buf += data
         pos, size = 0, len(buf)
         on_publish = self.client._on_publish
+        now = time.time()  # one clock read per socket read: messages of one read arrived together
         try:
             while size - pos >= 2:
                 kind = buf[pos]
@@ -151,7 +152,7 @@ class _Protocol(asyncio.Protocol):
                         p += 1 + buf[p]
                     else:
                         p = parse_properties(buf, p)[1]
-                    on_publish(Message(topic, bytes(buf[p:end]), packet_id, time.time()))
+                    on_publish(Message(topic, bytes(buf[p:end]), packet_id, now))
                 else:
                     self.client._on_control(kind, bytes(buf[start:end]))
                 pos = end

@@ -81,8 +81,7 @@ _decode_envelope = msgspec.json.Decoder(_Envelope).decode
 _encode = msgspec.json.Encoder().encode
 
 
-@dataclass(frozen=True, slots=True)
-class Reading:
+class Reading(msgspec.Struct, frozen=True, gc=False):
     """One validated fixed-time reading; None in a register means the meter had no value."""
 
     unit: str
@@ -116,8 +115,7 @@ class Decoded:
     rejects: list[Reject] = field(default_factory=list)
 
 
-@dataclass(frozen=True, slots=True)
-class Incoming:
+class Incoming(msgspec.Struct, frozen=True, gc=False):
     """A valid reading with the message it came in."""
 
     reading: Reading
@@ -242,30 +240,37 @@ def _readings(
 ) -> Decoded:
     limit = 10**t.digits
     sent = int(t.sent.timestamp())
+    horizon = received + tolerance
     # A unit clock running fast shows; a slow one cannot be told from time spent queued in the broker.
-    unit_fast = sent > received + tolerance
+    skew_after = -1 if sent > horizon else sent + tolerance
+    unit, meter, e1, coef, digits, seq = t.unit, t.meter, t.e1, t.coef, t.digits, t.seq
     out: list[Reading] = []
     for i, r in good:
-        if r.at.tzinfo is None:
+        when = r.at
+        if when.tzinfo is None:
             rejects.append(Reject(Reason.BAD_TIME, f"readings[{i}].at has no UTC offset", i))
             continue
-        at = r.at.timestamp()
-        if at != int(at) or not on_boundary(int(at)):
-            rejects.append(Reject(Reason.BAD_TIME, f"readings[{i}].at {r.at.isoformat()} is not on a half hour", i))
+        at = int(when.timestamp())
+        if when.microsecond or not on_boundary(at):
+            rejects.append(Reject(Reason.BAD_TIME, f"readings[{i}].at {when.isoformat()} is not on a half hour", i))
             continue
-        if at > received + tolerance:
-            rejects.append(Reject(Reason.FUTURE, f"readings[{i}].at {r.at.isoformat()} is in the future", i))
+        if at > horizon:
+            rejects.append(Reject(Reason.FUTURE, f"readings[{i}].at {when.isoformat()} is in the future", i))
             continue
-        fwd = None if r.fwd == NO_DATA else r.fwd
-        rev = None if r.rev == NO_DATA else r.rev
-        bad = [name for name, v in (("fwd", fwd), ("rev", rev)) if v is not None and not 0 <= v < limit]
-        if bad:
-            rejects.append(Reject(Reason.OUT_OF_RANGE, f"readings[{i}].{bad[0]} outside 0..10^{t.digits}-1", i))
+        fwd, rev = r.fwd, r.rev
+        if fwd == NO_DATA:
+            fwd = None
+        elif not 0 <= fwd < limit:
+            rejects.append(Reject(Reason.OUT_OF_RANGE, f"readings[{i}].fwd outside 0..10^{digits}-1", i))
             continue
-        skew = unit_fast or at > sent + tolerance
-        flags = Flag.CLOCK_SKEW if skew else 0
-        out.append(Reading(t.unit, int(at), t.meter, fwd, rev, t.e1, t.coef, t.digits, t.seq, sent, flags))
-    return Decoded(t.unit, out, rejects)
+        if rev == NO_DATA:
+            rev = None
+        elif rev is not None and not 0 <= rev < limit:
+            rejects.append(Reject(Reason.OUT_OF_RANGE, f"readings[{i}].rev outside 0..10^{digits}-1", i))
+            continue
+        flags = Flag.CLOCK_SKEW if at > skew_after else 0
+        out.append(Reading(unit, at, meter, fwd, rev, e1, coef, digits, seq, sent, flags))
+    return Decoded(unit, out, rejects)
 
 
 def _refused(unit: str | None, reason: str, detail: str) -> Decoded:

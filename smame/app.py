@@ -92,7 +92,7 @@ class App:
         async def commit(incoming: list[Incoming], refused: list[Refused]) -> Outcome:
             return await store.call(ingestor.commit, incoming, refused, int(time.time()))
 
-        bridge = Bridge(broker_target(settings), commit, lambda: registry.current, settings.ingest.clock_tolerance_s,
+        bridge = Bridge(broker_target(settings), commit, lambda: registry.current.units, settings.ingest.clock_tolerance_s,
                         grid.on_boundary)
         return cls(settings, registry, store, ingestor, bridge)
 

@@ -74,17 +74,19 @@ class Mosquitto:
 def publish(port: int, messages: Iterable[tuple[str, bytes]], client_id: str = "") -> int:
     """Publish at QoS 1 and wait until the broker has acknowledged every message."""
     client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv311)
-    client.max_inflight_messages_set(1000)
+    client.max_inflight_messages_set(2000)
     client.max_queued_messages_set(0)
     client.connect("127.0.0.1", port)
     client.loop_start()
-    infos = [client.publish(topic, payload, qos=1) for topic, payload in messages]
-    for info in infos:
-        info.wait_for_publish(60)
-        assert info.is_published()
+    messages = list(messages)
+    for start in range(0, len(messages), 20_000):  # paho has 65,535 packet ids for everything in its queue
+        infos = [client.publish(topic, payload, qos=1) for topic, payload in messages[start : start + 20_000]]
+        for info in infos:
+            info.wait_for_publish(120)
+            assert info.is_published()
     client.loop_stop()
     client.disconnect()
-    return len(infos)
+    return len(messages)
 
 
 def at(day: str, hhmm: str) -> datetime:
@@ -122,8 +124,8 @@ def smame_env(workdir: Path, port: int, **extra: str) -> dict[str, str]:
         SMAME_REGISTRY__UNITS=str(workdir / "units.csv"),
         SMAME_REGISTRY__CUSTOMERS=str(workdir / "customers.toml"),
         SMAME_LOG__FORMAT="text",
-        **extra,
     )
+    env.update(extra)
     return env
 
 
