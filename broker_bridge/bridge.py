@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Container
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from broker_bridge.mqtt import Message, MqttError, Subscriber
+from broker_bridge.mqtt import Message, MqttClient, MqttError
 from broker_bridge.telegram import Incoming, Refused, decode
 
 log = logging.getLogger("smame.bridge")
@@ -87,6 +87,7 @@ class Bridge:
         tolerance: int,
         on_boundary: Callable[[int], bool],
         on_session_lost: Callable[[], None] = lambda: None,
+        stop_timeout: float = 6.0,
     ) -> None:
         self.target = target
         self.commit = commit
@@ -94,9 +95,10 @@ class Bridge:
         self.tolerance = tolerance
         self.on_boundary = on_boundary
         self.on_session_lost = on_session_lost
+        self.stop_timeout = stop_timeout
         self.stats = BridgeStats()
         self._batch: list[Message] = []
-        self._client: Subscriber | None = None
+        self._client: MqttClient | None = None
         self._wake = asyncio.Event()
 
     async def run(self) -> None:
@@ -111,7 +113,7 @@ class Bridge:
         t = self.target
         delay = t.reconnect_min
         while True:
-            client = Subscriber(self._on_message)
+            client = MqttClient(self._on_message)
             try:
                 present = await client.connect(
                     t.host, t.port, t.client_id, username=t.username, password=t.password, tls=t.tls,
@@ -206,8 +208,11 @@ class Bridge:
         if client is not None:
             client.pause()
             try:
-                while self._batch and client.connected:
-                    await self._flush()
+                async with asyncio.timeout(self.stop_timeout):  # what is not committed in time is redelivered
+                    while self._batch and client.connected:
+                        await self._flush()
+            except TimeoutError:
+                log.warning("stopping: %d received messages left unacknowledged for redelivery", len(self._batch))
             finally:
                 await client.disconnect()
         self.stats.connected = False

@@ -1,10 +1,12 @@
-"""A lean MQTT 5 subscriber on asyncio: just what durable ingest needs.
+"""A lean MQTT 5 client on asyncio: just what durable ingest (and the simulated fleet) needs.
 
 Why not a general client: the PUBACK of each QoS 1 message must wait until its batch is
 committed, and the broker must let tens of thousands of messages be in flight meanwhile
 (Receive Maximum). paho-mqtt's `manual_ack` does the first at about half the rate this
 protocol reaches (see docs/performance.md); aiomqtt acknowledges on receipt.
-Only the subscriber side is here: CONNECT, SUBSCRIBE, PUBLISH in, PUBACK out, PING, DISCONNECT.
+The same connection publishes at QoS 1 with a bounded in-flight window, which is what a simulated
+unit needs; 10,000 of these connections fit in one process (see docs/performance.md).
+Packets: CONNECT, SUBSCRIBE, PUBLISH both ways, PUBACK both ways, PING, DISCONNECT.
 """
 
 from __future__ import annotations
@@ -113,7 +115,7 @@ def parse_properties(buf: bytes, pos: int) -> tuple[dict[int, object], int]:
 
 
 class _Protocol(asyncio.Protocol):
-    def __init__(self, client: Subscriber) -> None:
+    def __init__(self, client: MqttClient) -> None:
         self.client = client
         self.buf = bytearray()
 
@@ -164,13 +166,16 @@ class _Protocol(asyncio.Protocol):
         self.client._fail(MqttError(f"connection lost: {exc}" if exc else "connection closed by broker"))
 
 
-class Subscriber:
-    """One MQTT 5 connection that receives messages and acknowledges them when told to."""
+class MqttClient:
+    """One MQTT 5 connection: receives messages and acknowledges them when told to; publishes at QoS 1."""
 
-    def __init__(self, on_message: Callable[[Message], None]) -> None:
+    def __init__(self, on_message: Callable[[Message], None] = lambda m: None, window: int = 100) -> None:
         self._on_publish = on_message
         self._transport: asyncio.Transport | None = None
         self._waiters: dict[int, asyncio.Future[bytes]] = {}
+        self._inflight: dict[int, asyncio.Future[int]] = {}
+        self._window = asyncio.Semaphore(window)
+        self._next_id = 0
         self._closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pinger: asyncio.Task[None] | None = None
         self._last_pong = time.monotonic()
@@ -199,6 +204,7 @@ class Subscriber:
         session_expiry: int = 0,
         keepalive: int = 60,
         timeout: float = 10.0,
+        will: tuple[str, bytes, bool] | None = None,
     ) -> bool:
         """Open the connection; return whether the broker still had our session."""
         loop = asyncio.get_running_loop()
@@ -207,9 +213,13 @@ class Subscriber:
             timeout,
         )
         flags = (0x02 if clean_start else 0) | (0x80 if username is not None else 0) | (0x40 if password is not None else 0)
+        if will is not None:
+            flags |= 0x04 | (0x20 if will[2] else 0) | (1 << 3)  # will at QoS 1
         props = b"\x11" + struct.pack("!I", session_expiry) + b"\x21" + struct.pack("!H", RECEIVE_MAXIMUM)
         body = _str("MQTT") + bytes([5, flags]) + struct.pack("!H", keepalive) + _varint(len(props)) + props
         body += _str(client_id)
+        if will is not None:
+            body += b"\x00" + _str(will[0]) + struct.pack("!H", len(will[1])) + will[1]
         if username is not None:
             body += _str(username)
         if password is not None:
@@ -234,6 +244,30 @@ class Subscriber:
         code = reply[pos]
         if code >= 0x80:
             raise MqttError(f"broker refused the subscription to {topic!r}: {_reason(code, {})}")
+
+    async def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        """Publish at QoS 1 and wait for the broker's PUBACK; raise MqttError if refused or disconnected."""
+        async with self._window:
+            if not self.connected or self._transport is None:
+                raise MqttError("not connected")
+            self._next_id = self._next_id % 65535 + 1
+            while self._next_id in self._inflight:
+                self._next_id = self._next_id % 65535 + 1
+            pid = self._next_id
+            done = asyncio.get_running_loop().create_future()
+            self._inflight[pid] = done
+            header = 0x32 | (1 if retain else 0)
+            body = _str(topic) + struct.pack("!H", pid) + b"\x00" + payload
+            self._transport.write(bytes([header]) + _varint(len(body)) + body)
+            try:
+                finished, _ = await asyncio.wait({done, self._closed}, return_when=asyncio.FIRST_COMPLETED)
+                if done not in finished:
+                    raise MqttError("connection lost before PUBACK")
+                code = done.result()
+                if code >= 0x80:
+                    raise MqttError(f"broker refused the message on {topic}: {_reason(code, {})}")
+            finally:
+                self._inflight.pop(pid, None)
 
     def ack(self, packet_ids: list[int]) -> bool:
         """Send PUBACKs in this order; False when the connection is gone (the broker will redeliver)."""
@@ -275,6 +309,12 @@ class Subscriber:
     def _on_control(self, kind: int, body: bytes) -> None:
         if kind == PINGRESP:
             self._last_pong = time.monotonic()
+            return
+        if kind & 0xF0 == PUBACK:
+            pid = (body[0] << 8) | body[1]
+            waiter = self._inflight.get(pid)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(body[2] if len(body) > 2 else 0)
             return
         if kind == DISCONNECT:
             code = body[0] if body else 0

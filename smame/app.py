@@ -18,7 +18,6 @@ from smame.registry import Registry, RegistryError, load_registry
 from smame.settings import Settings
 
 log = logging.getLogger("smame")
-STOP_TIMEOUT = 8.0  # docker's grace is 10 s
 
 
 class RegistryHolder:

@@ -165,7 +165,7 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
         model_config = SettingsConfigDict(toml_file=path)
 
     try:
-        return Settings.model_validate(_FromFile(**overrides).model_dump())
+        return _FromFile(**overrides)
     except ValidationError as exc:
         raise SettingsError(_explain(exc, path)) from None
     except ValueError as exc:  # TOML syntax errors and the like

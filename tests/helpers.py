@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -58,7 +59,7 @@ class Mosquitto:
 
     def start(self) -> None:
         with open(self.dir / "mosquitto.log", "ab") as log:
-            self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_many_files)
         wait_port(self.port)
 
     def stop(self) -> None:
@@ -69,6 +70,12 @@ class Mosquitto:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+
+def _many_files() -> None:
+    # A broker for thousands of unit connections needs as many file descriptors.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def publish(port: int, messages: Iterable[tuple[str, bytes]], client_id: str = "") -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sqlite3
 import time
 from pathlib import Path
@@ -175,3 +176,27 @@ def test_missing_or_wrong_registry_fails_at_start(workdir: Path) -> None:
     (workdir / "units.csv").write_text("unit_id,customer_id\nX1,C1\nX2,NOPE\n")
     proc = smame(["run"], env, check=False)
     assert proc.returncode == 2 and "units.csv:3: customer_id 'NOPE'" in proc.stderr
+
+
+def test_registry_is_reloaded_on_sighup(broker: Mosquitto, workdir: Path) -> None:
+    write_registry(workdir, {"H1": "C1"})
+    env = smame_env(workdir, broker.port)
+    log = workdir / "smame.log"
+    proc = start_smame(env, log)
+    wait_log(log, "subscribed to")
+    message = [("smame/v1/H2/reading", telegram("H2", [(at(DAY, "10:00"), 1)]))]
+    publish(broker.port, message)
+    wait_log(log, "", 0.1)
+    deadline = time.monotonic() + 10
+    while "unknown_unit 1" not in smame(["quarantine"], env).stdout and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+    (workdir / "units.csv").write_text("unit_id,customer_id\nH1,C1\nH2,NOPE\n")
+    proc.send_signal(signal.SIGHUP)
+    wait_log(log, "registry reload refused, keeping 1 units")
+    write_registry(workdir, {"H1": "C1", "H2": "C1"})
+    proc.send_signal(signal.SIGHUP)
+    wait_log(log, "registry reloaded: 2 units")
+    publish(broker.port, message)
+    wait_readings(workdir / "data" / "smame.db", 1)
+    assert stop(proc) == 0

@@ -1,0 +1,170 @@
+"""Publishing a fleet's telegrams: over a few shared connections, or one connection per unit as in the field.
+
+QoS 1 with a bounded in-flight window per connection. A message is never dropped: when a connection
+breaks, it is re-established with backoff and the unacknowledged message is published again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import resource
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from broker_bridge.mqtt import MqttClient, MqttError
+from simulators.scenario import Send
+
+log = logging.getLogger("smame.simulate")
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where the units publish."""
+
+    host: str
+    port: int
+    tls: ssl.SSLContext | None = None
+    password_of: Callable[[str], str | None] = lambda unit: None
+
+
+class Link:
+    """One MQTT connection that publishes in order and survives broker outages."""
+
+    def __init__(self, endpoint: Endpoint, client_id: str, username: str | None, window: int) -> None:
+        self.endpoint = endpoint
+        self.client_id = client_id
+        self.username = username
+        self.window = window
+        self.client: MqttClient | None = None
+        self.queue: asyncio.Queue[Send | None] = asyncio.Queue()
+        self.sent = 0
+        self.retries = 0
+        self._reconnecting = asyncio.Lock()  # one reconnect for all the messages in flight
+
+    async def connect(self) -> MqttClient:
+        delay = 0.2
+        while True:
+            client = MqttClient(window=self.window)
+            try:
+                await client.connect(self.endpoint.host, self.endpoint.port, self.client_id, username=self.username,
+                                     password=self.endpoint.password_of(self.client_id) if self.username else None,
+                                     tls=self.endpoint.tls, clean_start=True, keepalive=120)
+                self.client = client
+                return client
+            except (OSError, MqttError, asyncio.TimeoutError) as exc:
+                client.close()
+                log.warning("unit link %s: broker unreachable (%s), retrying in %.1f s", self.client_id, exc, delay)
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, 10.0)
+
+    async def run(self) -> None:
+        """Publish what is queued, in order, until a None arrives; wait for every PUBACK."""
+        if self.client is None:
+            await self.connect()
+        pending: set[asyncio.Task[None]] = set()
+        while True:
+            send = await self.queue.get()
+            if send is None:
+                break
+            await self._window_free(pending)
+            task = asyncio.create_task(self._publish(send))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+        if pending:
+            await asyncio.gather(*pending)
+        if self.client is not None:
+            await self.client.disconnect()
+
+    async def _window_free(self, pending: set[asyncio.Task[None]]) -> None:
+        while len(pending) >= self.window:
+            await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+
+    async def _publish(self, send: Send) -> None:
+        while True:
+            client = self.client
+            if client is None or not client.connected:
+                client = await self._reconnect(client)
+            try:
+                await client.publish(send.topic, send.payload)
+                self.sent += 1
+                return
+            except MqttError as exc:
+                if client.connected:  # refused by the broker (e.g. not authorised): nothing to retry
+                    log.error("unit link %s: %s", self.client_id, exc)
+                    return
+                self.retries += 1
+
+    async def _reconnect(self, broken: MqttClient | None) -> MqttClient:
+        async with self._reconnecting:
+            if self.client is broken or self.client is None or not self.client.connected:
+                await self.connect()
+            assert self.client is not None
+            return self.client
+
+
+class FleetPublisher:
+    """Routes each unit's telegrams to its link: `connections` shared links, or one per unit."""
+
+    def __init__(self, endpoint: Endpoint, connections: int | None, window: int, units: list[str]) -> None:
+        self.endpoint = endpoint
+        self.per_unit = connections is None
+        self.window = window
+        if self.per_unit:
+            _raise_file_limit(len(units) + 100)
+            self.links = {u: Link(endpoint, u, u, window) for u in units}
+            self.shared = [Link(endpoint, "smame-sim-stray", None, window)]
+        else:
+            n = max(1, connections or 1)
+            self.shared = [Link(endpoint, f"smame-sim-{i}", None, window) for i in range(n)]
+            self.links = {}
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def all_links(self) -> list[Link]:
+        return [*self.links.values(), *self.shared]
+
+    async def start(self, concurrency: int = 200) -> float:
+        """Open every connection (at most `concurrency` handshakes at once); return the seconds it took."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        gate = asyncio.Semaphore(concurrency)
+
+        async def open_one(link: Link) -> None:
+            async with gate:
+                await link.connect()
+
+        await asyncio.gather(*(open_one(link) for link in self.all_links()))
+        self.tasks = [asyncio.create_task(link.run()) for link in self.all_links()]
+        return loop.time() - started
+
+    def put(self, send: Send) -> None:
+        """Queue a telegram on its unit's link (a unit always uses the same link, so its order holds)."""
+        link = self.links.get(send.unit)
+        if link is None:
+            link = self.shared[hash(send.unit) % len(self.shared)]
+        link.queue.put_nowait(send)
+
+    def backlog(self) -> int:
+        """Telegrams queued and not yet handed to a connection."""
+        return sum(link.queue.qsize() for link in self.all_links())
+
+    @property
+    def sent(self) -> int:
+        return sum(link.sent for link in self.all_links())
+
+    async def close(self) -> None:
+        """Wait until every queued telegram is acknowledged, then disconnect."""
+        for link in self.all_links():
+            link.queue.put_nowait(None)
+        await asyncio.gather(*self.tasks)
+
+
+def _raise_file_limit(need: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < need:
+        target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        if target < need:
+            raise OSError(f"{need} connections need {need} open files; this process may open {hard}")

@@ -1,0 +1,100 @@
+"""A simulated fleet with every fault through a real Mosquitto and the real backend: the truth holds."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import Mosquitto, smame, smame_env, start_smame, stop, wait_log
+
+END = "2026-11-23T09:00:00+09:00"
+EVERY_FAULT = ["--dropout-rate", "0.5", "--replacement-rate", "0.05", "--reset-rate", "0.05", "--death-rate", "0.02",
+               "--spike-rate", "0.1", "--no-data-rate", "0.01", "--malformed-rate", "0.01", "--future-rate", "0.01",
+               "--clock-skew-rate", "0.01", "--out-of-order-rate", "0.02", "--duplicate-rate", "0.02",
+               "--unknown-rate", "0.002"]
+
+
+def readings(workdir: Path) -> int:
+    with sqlite3.connect(workdir / "data" / "smame.db") as c:
+        return int(c.execute("SELECT count(*) FROM readings").fetchone()[0])
+
+
+@pytest.mark.slow
+def test_200_units_3_days_every_fault_verify_finds_no_mismatch(broker: Mosquitto, workdir: Path) -> None:
+    env = smame_env(workdir, broker.port)
+    fleet = ["--units", "200", "--customers", "5"]
+    smame(["simulate", *fleet, "--write-registry", str(workdir)], env)
+    log = workdir / "smame.log"
+    proc = start_smame(env, log)
+    wait_log(log, "subscribed to")
+    truth = workdir / "truth.jsonl"
+    run = smame(["simulate", *fleet, "--backfill", "3", "--end", END, "--truth", str(truth), *EVERY_FAULT], env)
+    assert "telegrams from 200 units acknowledged" in run.stdout
+    for kind in ("dropout", "duplicate", "out_of_order", "clock_skew", "future", "no_data", "malformed",
+                 "replacement", "reset", "spike", "death", "unknown"):
+        assert f"{kind} " in run.stdout, kind
+    time.sleep(1.5)  # the last batch
+    assert stop(proc) == 0
+
+    verify = smame(["verify", "--truth", str(truth)], env, check=False)
+    assert verify.returncode == 0, verify.stdout
+    assert "OK: 0 mismatches in 28,800 slots of 200 units" in verify.stdout
+    for kind in ("clean", "dropout", "replacement", "reset", "spike", "rollover", "no_data", "death"):
+        assert f"\n{kind} " in verify.stdout, kind
+
+    with sqlite3.connect(workdir / "data" / "smame.db") as c:  # a wrong slot must not pass unnoticed
+        c.execute("UPDATE slots SET imp = imp + 1 "
+                  "WHERE (slot, unit) = (SELECT slot, unit FROM slots WHERE imp_q = 'A' LIMIT 1)")
+    tampered = smame(["verify", "--truth", str(truth)], env, check=False)
+    assert tampered.returncode == 1
+    assert "MISMATCH: 1 mismatches" in tampered.stdout
+
+
+@pytest.mark.slow
+def test_2000_units_on_their_own_connections(broker: Mosquitto, workdir: Path) -> None:
+    env = smame_env(workdir, broker.port)
+    fleet = ["--units", "2000", "--customers", "10"]
+    smame(["simulate", *fleet, "--write-registry", str(workdir)], env)
+    log = workdir / "smame.log"
+    proc = start_smame(env, log)
+    wait_log(log, "subscribed to")
+    run = smame(["simulate", *fleet, "--connections", "per-unit", "--backfill", "0.0625", "--clean", "--end", END], env)
+    assert "8,000 telegrams from 2,000 units acknowledged" in run.stdout  # 1.5 hours: 4 readings each
+    assert "over 2,001 connections" in run.stdout
+    deadline = time.monotonic() + 30
+    while readings(workdir) < 8000 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert stop(proc) == 0
+    assert readings(workdir) == 8000
+
+
+def test_broker_down_is_retried_and_nothing_is_dropped(workdir: Path) -> None:
+    mq = Mosquitto(workdir / "mq")
+    mq.stop()
+    env = smame_env(workdir, mq.port)
+    log = workdir / "sim.log"
+    with open(log, "wb") as out:
+        sim = subprocess.Popen([sys.executable, "-m", "smame.cli", "simulate", "--units", "30", "--backfill", "0.25",
+                                "--clean", "--end", END], env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_log(log, "broker unreachable")
+        mq.start()
+        assert sim.wait(60) == 0
+    finally:
+        mq.stop()
+    assert "390 telegrams from 30 units acknowledged" in log.read_text()  # 13 readings per unit
+
+
+def test_bad_arguments_get_a_clear_error(workdir: Path) -> None:
+    env = smame_env(workdir, 1883)
+    for args, message in ((["--units", "many"], "'many' is not a whole number"),
+                          (["--speed", "-1"], "must not be negative"),
+                          (["--connections", "lots"], "'lots' is not a whole number"),
+                          (["--end", "2026-11-23T09:00"], "needs a UTC offset")):
+        proc = smame(["simulate", *args], env, check=False)
+        assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)

@@ -1,0 +1,64 @@
+"""The simulated fleet: deterministic, realistic, and with the faults it claims."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from zoneinfo import ZoneInfo
+
+from simulators.fleet import make_fleet
+from simulators.scenario import SLOT, Faults, Scenario, floor_slot
+
+ZONE = "Asia/Tokyo"
+END = floor_slot(1_795_400_000, ZoneInfo(ZONE))
+
+
+def run(seed: int, faults: Faults, units: int = 50, days: int = 2) -> tuple[Scenario, list[tuple[float, str, bytes]]]:
+    sc = Scenario(make_fleet(units, 4, seed), seed, faults, ZONE)
+    start = END - days * 86400
+    sends = sc.start(start)
+    for t in range(start + SLOT, END + 1, SLOT):
+        sends += sc.step(t)
+    return sc, [(s.at, s.topic, s.payload) for s in sends]
+
+
+def test_same_seed_same_telegrams_byte_for_byte() -> None:
+    assert run(7, Faults.typical())[1] == run(7, Faults.typical())[1]
+    assert run(7, Faults.typical())[1] != run(8, Faults.typical())[1]
+
+
+def test_clean_fleet_sends_one_valid_telegram_per_unit_and_half_hour() -> None:
+    sc, sends = run(3, Faults.clean(), units=20, days=1)
+    assert sc.injected == []
+    assert len(sends) == 20 * 49
+    for _, topic, payload in sends:
+        t = json.loads(payload)
+        assert topic == f"smame/v1/{t['unit']}/reading" and t["v"] == 1 and len(t["readings"]) == 1
+        assert 0 <= t["readings"][0]["fwd"] < 10 ** t["digits"]
+
+
+def test_every_fault_kind_is_injected_at_its_rate() -> None:
+    every = Faults(**{name: 0.2 for name in Faults.names()})
+    sc, _ = run(5, every, units=100, days=3)
+    kinds = Counter(f.kind for f in sc.injected)
+    assert set(kinds) == set(Faults.names()), kinds
+
+
+def test_fleet_is_varied_and_some_registers_wrap() -> None:
+    fleet = make_fleet(2000, 20, 1)
+    assert {u.profile for u in fleet} == {"residential", "shop", "office", "factory"}
+    assert sum(1 for u in fleet if u.solar_kwp) > 100
+    assert {u.e1 for u in fleet} >= {0x01, 0x02} and {u.digits for u in fleet} == {6, 8}
+    assert len({u.customer for u in fleet}) == 20
+    sc, _ = run(1, Faults.clean(), units=400, days=1)
+    wrapped = [s for s in sc.sims if any(b.fwd < a.fwd for a, b in zip(s.readings, s.readings[1:]))]
+    assert wrapped, "some registers must roll over during a run"
+
+
+def test_load_follows_the_day() -> None:
+    sc, _ = run(2, Faults.clean(), units=300, days=1)
+    night = sum(sim.energy[t][0] for sim in sc.sims if sim.u.profile == "office" for t in sim.energy
+                if 2 <= (t // 3600 + 9) % 24 < 5)
+    day = sum(sim.energy[t][0] for sim in sc.sims if sim.u.profile == "office" for t in sim.energy
+              if 10 <= (t // 3600 + 9) % 24 < 13)
+    assert day > 3 * night

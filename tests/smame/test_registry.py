@@ -1,0 +1,49 @@
+"""The registry files: checked as a whole, errors name file, line and field."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+
+from smame.registry import RegistryError, load_registry
+
+
+def files(tmp_path: Path, units: str, customers: str = '[customers.C1]\nname = "One"\n[customers.C2]\n') -> tuple[Path, Path]:
+    (tmp_path / "units.csv").write_text(units)
+    (tmp_path / "customers.toml").write_text(customers)
+    return tmp_path / "units.csv", tmp_path / "customers.toml"
+
+
+def test_units_and_customers_load(tmp_path: Path) -> None:
+    reg = load_registry(*files(tmp_path, "unit_id,customer_id,meter_id,contract_kw,label\nU1,C1,SM-1,6,House\nU2,C2,,,\n"))
+    assert reg.customer_of("U1") == "C1" and "U2" in reg and "U3" not in reg
+    assert reg.limits_of("U1").max_slot_kwh == Fraction(3)
+    assert reg.limits_of("U2").max_slot_kwh == Fraction(25)  # the default 50 kW
+    assert [u.id for u in reg.units_of("C1")] == ["U1"]
+    assert reg.customers["C1"].name == "One" and reg.customers["C2"].layout == "long"
+
+
+def test_header_only_file_is_an_empty_fleet(tmp_path: Path) -> None:
+    assert load_registry(*files(tmp_path, "unit_id,customer_id\n")).units == {}
+
+
+@pytest.mark.parametrize(
+    ("units", "customers", "message"),
+    [
+        ("unit,customer\nU1,C1\n", None, "header must be"),
+        ("unit_id,customer_id\nU 1,C1\n", None, "units.csv:2: unit_id 'U 1'"),
+        ("unit_id,customer_id\nU1,C1\nU1,C1\n", None, "units.csv:3: unit_id U1 appears twice"),
+        ("unit_id,customer_id\nU1,C9\n", None, "units.csv:2: customer_id 'C9'"),
+        ("unit_id,customer_id,meter_id,contract_kw\nU1,C1,,lots\n", None, "contract_kw 'lots'"),
+        ("unit_id,customer_id,meter_id,contract_kw\nU1,C1,,-3\n", None, "contract_kw must be positive"),
+        ("unit_id,customer_id\n", '[customers.C1]\nlayout = "tall"\n', "customers.C1: layout"),
+        ("unit_id,customer_id\n", "[customers.C1]\ncolour = 1\n", "customers.C1: colour"),
+        ("unit_id,customer_id\n", "[customers.C1\n", "not valid TOML"),
+    ],
+)
+def test_errors_name_the_place(tmp_path: Path, units: str, customers: str | None, message: str) -> None:
+    paths = files(tmp_path, units) if customers is None else files(tmp_path, units, customers)
+    with pytest.raises(RegistryError, match=message.replace("(", r"\(")):
+        load_registry(*paths)

@@ -1,0 +1,87 @@
+"""Settings: the order of sources, errors that name the key, and docs that list every key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel
+
+from smame.settings import Settings, SettingsError, load_settings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def keys(model: type[BaseModel] = Settings, prefix: str = "") -> list[str]:
+    out = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out += keys(ann, f"{prefix}{name}.")
+        else:
+            out.append(prefix + name)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for k in list(os.environ):
+        if k.startswith("SMAME_"):
+            monkeypatch.delenv(k)
+
+
+def test_defaults_match_the_contract() -> None:
+    s = load_settings()
+    assert (s.timezone, s.broker.url, s.broker.client_id, s.broker.topic) == (
+        "Asia/Tokyo", "mqtt://127.0.0.1:1883", "smame-ingest", "smame/v1/+/reading")
+    assert s.storage_url == "sqlite:///data/smame.db"
+    assert (s.registry.units, s.registry.customers) == (Path("units.csv"), Path("customers.toml"))
+
+
+def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    f = tmp_path / "smame.toml"
+    f.write_text('timezone = "Europe/Berlin"\ndata_dir = "/srv/x"\n[broker]\nurl = "mqtts://a:8883"\nbatch_size = 10\n')
+    monkeypatch.setenv("SMAME_BROKER__URL", "mqtt://b:1884")
+    s = load_settings(f)
+    assert (s.timezone, s.broker.url, s.broker.batch_size) == ("Europe/Berlin", "mqtt://b:1884", 10)
+    assert s.storage_url == "sqlite:////srv/x/smame.db"
+
+
+@pytest.mark.parametrize(
+    ("toml", "env", "named"),
+    [
+        ('[broker]\nurl = "http://x"\n', {}, "broker.url / SMAME_BROKER__URL"),
+        ("[broker]\nbogus = 1\n", {}, "broker.bogus / SMAME_BROKER__BOGUS: unknown key"),
+        ('timezone = "Asia/Nowhere"\n', {}, "timezone / SMAME_TIMEZONE"),
+        ("", {"SMAME_BROKER__BATCH_SIZE": "0"}, "broker.batch_size / SMAME_BROKER__BATCH_SIZE"),
+        ("", {"SMAME_STORAGE__URL": "postgresql://x/y"}, "storage.url / SMAME_STORAGE__URL"),
+        ('[log]\nlevel = "LOUD"\n', {}, "log.level / SMAME_LOG__LEVEL"),
+    ],
+)
+def test_a_wrong_value_names_its_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, toml: str,
+                                     env: dict[str, str], named: str) -> None:
+    f = tmp_path / "smame.toml"
+    f.write_text(toml)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(SettingsError) as err:
+        load_settings(f)
+    assert named in str(err.value)
+
+
+def test_broken_toml_and_missing_file_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="not found"):
+        load_settings(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[broker\nurl=1")
+    with pytest.raises(SettingsError, match="bad.toml"):
+        load_settings(bad)
+
+
+def test_every_key_is_documented() -> None:
+    doc = (ROOT / "docs" / "configuration.md").read_text()
+    for key in keys():
+        env = "SMAME_" + key.replace(".", "__").upper()
+        assert f"`{key}`" in doc and f"`{env}`" in doc, key
