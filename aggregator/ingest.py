@@ -159,9 +159,9 @@ class Ingestor:
             start = {reg: self.store.neighbour(unit, fresh[0].at, reg, before=True) for reg in REGISTERS} if late else None
             self._chain(unit, state, fresh, start, slot_rows)
         if late:
-            self._around(unit, late, slot_rows)
+            self._around(unit, state, late, slot_rows)
 
-    def _around(self, unit: str, times: list[int], slot_rows: _SlotRows) -> None:
+    def _around(self, unit: str, state: _UnitState, times: list[int], slot_rows: _SlotRows) -> None:
         """Recompute the slots on both sides of stored readings."""
         limits = self.units.limits_of(unit)
         for reg in REGISTERS:
@@ -170,6 +170,9 @@ class Ingestor:
                 here = self.store.neighbour(unit, at - 1, reg, before=False)
                 if here is None or here.at != at:
                     continue  # this register has no value at that time
+                newest = state.last[reg]
+                if newest is None or here.at >= newest.at:  # newer readings had no value for this register
+                    state.last[reg] = here
                 before = self.store.neighbour(unit, at, reg, before=True)
                 after = self.store.neighbour(unit, at, reg, before=False)
                 if before is not None:

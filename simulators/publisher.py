@@ -33,8 +33,10 @@ class Endpoint:
 class Link:
     """One MQTT connection that publishes in order and survives broker outages."""
 
-    def __init__(self, endpoint: Endpoint, client_id: str, username: str | None, window: int) -> None:
+    def __init__(self, endpoint: Endpoint, client_id: str, username: str | None, window: int,
+                 finished: Callable[[], None] = lambda: None) -> None:
         self.endpoint = endpoint
+        self.finished = finished  # called once per message, acknowledged or refused
         self.client_id = client_id
         self.username = username
         self.window = window
@@ -90,10 +92,12 @@ class Link:
             try:
                 await client.publish(send.topic, send.payload)
                 self.sent += 1
+                self.finished()
                 return
             except MqttError as exc:
                 if client.connected:  # refused by the broker (e.g. not authorised): nothing to retry
                     log.error("unit link %s: %s", self.client_id, exc)
+                    self.finished()
                     return
                 self.retries += 1
 
@@ -112,13 +116,14 @@ class FleetPublisher:
         self.endpoint = endpoint
         self.per_unit = connections is None
         self.window = window
+        self.pending = 0  # queued or in flight
         if self.per_unit:
             _raise_file_limit(len(units) + 100)
-            self.links = {u: Link(endpoint, u, u, window) for u in units}
-            self.shared = [Link(endpoint, "smame-sim-stray", None, window)]
+            self.links = {u: Link(endpoint, u, u, window, self._finished) for u in units}
+            self.shared = [Link(endpoint, "smame-sim-stray", None, window, self._finished)]
         else:
             n = max(1, connections or 1)
-            self.shared = [Link(endpoint, f"smame-sim-{i}", None, window) for i in range(n)]
+            self.shared = [Link(endpoint, f"smame-sim-{i}", None, window, self._finished) for i in range(n)]
             self.links = {}
         self.tasks: list[asyncio.Task[None]] = []
 
@@ -144,11 +149,15 @@ class FleetPublisher:
         link = self.links.get(send.unit)
         if link is None:
             link = self.shared[hash(send.unit) % len(self.shared)]
+        self.pending += 1
         link.queue.put_nowait(send)
 
+    def _finished(self) -> None:
+        self.pending -= 1
+
     def backlog(self) -> int:
-        """Telegrams queued and not yet handed to a connection."""
-        return sum(link.queue.qsize() for link in self.all_links())
+        """Telegrams queued or in flight (kept as a count: summing 10,000 queues per message is quadratic)."""
+        return self.pending
 
     @property
     def sent(self) -> int:

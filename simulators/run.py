@@ -94,10 +94,10 @@ async def simulate(opts: RunOptions, endpoint: Endpoint, out: TextIO = sys.stder
     progress = asyncio.create_task(_progress(publisher, clock, summary, out))
     stop = stop or asyncio.Event()
 
-    async def release(before: float) -> None:
+    async def release(before: float, pace: bool = True) -> None:
         while heap and heap[0][0] < before:
             at, _, send = heapq.heappop(heap)
-            if opts.speed > 0 or at > end:
+            if pace and (opts.speed > 0 or at > end):
                 await clock.until(at)
             publisher.put(send)
             while publisher.backlog() > 20_000:  # hold the generator back while the broker catches up
@@ -117,7 +117,7 @@ async def simulate(opts: RunOptions, endpoint: Endpoint, out: TextIO = sys.stder
                 heapq.heappush(heap, (send.at, next(order), send))
             summary.last = t
             await release(t + SLOT)
-        await release(float("inf"))
+        await release(float("inf"), pace=False)  # the run is over: what was held back goes now
         await publisher.close()
     finally:
         progress.cancel()
