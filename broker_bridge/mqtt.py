@@ -39,6 +39,14 @@ class MqttError(Exception):
     """The broker refused us, broke the protocol, or the connection was lost."""
 
 
+class ConnectionRefused(MqttError):
+    """The broker answered CONNECT with an error (bad credentials, not authorised, banned...)."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 class Message(msgspec.Struct, frozen=True, gc=False):
     """One PUBLISH received; `packet_id` is None at QoS 0."""
 
@@ -229,7 +237,7 @@ class MqttClient:
         props_in, _ = parse_properties(reply, 2)
         if code >= 0x80:
             self.close()
-            raise MqttError(f"broker refused the connection: {_reason(code, props_in)}")
+            raise ConnectionRefused(f"broker refused the connection: {_reason(code, props_in)}", code)
         keepalive = int(props_in.get(SERVER_KEEP_ALIVE, keepalive))  # type: ignore[call-overload]
         if keepalive:
             self._pinger = asyncio.create_task(self._ping(keepalive), name="mqtt-ping")

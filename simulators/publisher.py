@@ -14,7 +14,7 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from broker_bridge.mqtt import MqttClient, MqttError
+from broker_bridge.mqtt import ConnectionRefused, MqttClient, MqttError
 from simulators.scenario import Send
 
 log = logging.getLogger("smame.simulate")
@@ -43,6 +43,7 @@ class Link:
         self.client: MqttClient | None = None
         self.queue: asyncio.Queue[Send | None] = asyncio.Queue()
         self.sent = 0
+        self.refused = 0
         self.retries = 0
         self._reconnecting = asyncio.Lock()  # one reconnect for all the messages in flight
 
@@ -56,6 +57,9 @@ class Link:
                                      tls=self.endpoint.tls, clean_start=True, keepalive=120)
                 self.client = client
                 return client
+            except ConnectionRefused:
+                client.close()
+                raise  # credentials or authorisation: waiting will not help
             except (OSError, MqttError, asyncio.TimeoutError) as exc:
                 client.close()
                 log.warning("unit link %s: broker unreachable (%s), retrying in %.1f s", self.client_id, exc, delay)
@@ -64,8 +68,6 @@ class Link:
 
     async def run(self) -> None:
         """Publish what is queued, in order, until a None arrives; wait for every PUBACK."""
-        if self.client is None:
-            await self.connect()
         pending: set[asyncio.Task[None]] = set()
         while True:
             send = await self.queue.get()
@@ -77,8 +79,6 @@ class Link:
             task.add_done_callback(pending.discard)
         if pending:
             await asyncio.gather(*pending)
-        if self.client is not None:
-            await self.client.disconnect()
 
     async def _window_free(self, pending: set[asyncio.Task[None]]) -> None:
         while len(pending) >= self.window:
@@ -88,7 +88,13 @@ class Link:
         while True:
             client = self.client
             if client is None or not client.connected:
-                client = await self._reconnect(client)
+                try:
+                    client = await self._reconnect(client)
+                except ConnectionRefused as exc:  # e.g. a unit the broker does not know: said, counted, dropped
+                    log.error("unit link %s: %s; telegram dropped", self.client_id, exc)
+                    self.refused += 1
+                    self.finished()
+                    return
             try:
                 await client.publish(send.topic, send.payload)
                 self.sent += 1
@@ -97,6 +103,7 @@ class Link:
             except MqttError as exc:
                 if client.connected:  # refused by the broker (e.g. not authorised): nothing to retry
                     log.error("unit link %s: %s", self.client_id, exc)
+                    self.refused += 1
                     self.finished()
                     return
                 self.retries += 1
@@ -120,7 +127,7 @@ class FleetPublisher:
         if self.per_unit:
             _raise_file_limit(len(units) + 100)
             self.links = {u: Link(endpoint, u, u, window, self._finished) for u in units}
-            self.shared = [Link(endpoint, "smame-sim-stray", None, window, self._finished)]
+            self.shared = []
         else:
             n = max(1, connections or 1)
             self.shared = [Link(endpoint, f"smame-sim-{i}", None, window, self._finished) for i in range(n)]
@@ -140,14 +147,23 @@ class FleetPublisher:
             async with gate:
                 await link.connect()
 
-        await asyncio.gather(*(open_one(link) for link in self.all_links()))
+        try:
+            await asyncio.gather(*(open_one(link) for link in self.all_links()))
+        except ConnectionRefused as exc:
+            for link in self.all_links():
+                if link.client is not None:
+                    link.client.close()
+            raise ConnectionRefused(f"{exc} (check the units' credentials)", exc.code) from None
         self.tasks = [asyncio.create_task(link.run()) for link in self.all_links()]
         return loop.time() - started
 
     def put(self, send: Send) -> None:
         """Queue a telegram on its unit's link (a unit always uses the same link, so its order holds)."""
         link = self.links.get(send.unit)
-        if link is None:
+        if link is None and self.per_unit:  # a unit outside the fleet (unknown to the registry) speaks for itself
+            link = self.links[send.unit] = Link(self.endpoint, send.unit, send.unit, self.window, self._finished)
+            self.tasks.append(asyncio.create_task(link.run()))
+        elif link is None:
             link = self.shared[hash(send.unit) % len(self.shared)]
         self.pending += 1
         link.queue.put_nowait(send)
@@ -163,11 +179,18 @@ class FleetPublisher:
     def sent(self) -> int:
         return sum(link.sent for link in self.all_links())
 
+    @property
+    def refused(self) -> int:
+        return sum(link.refused for link in self.all_links())
+
     async def close(self) -> None:
         """Wait until every queued telegram is acknowledged, then disconnect."""
         for link in self.all_links():
             link.queue.put_nowait(None)
         await asyncio.gather(*self.tasks)
+        for link in self.all_links():
+            if link.client is not None:
+                await link.client.disconnect()
 
 
 def _raise_file_limit(need: int) -> None:

@@ -44,6 +44,7 @@ class Summary:
     """What a run did."""
 
     sent: int = 0
+    refused: int = 0
     seconds: float = 0.0
     connect_seconds: float = 0.0
     connections: int = 0
@@ -122,6 +123,7 @@ async def simulate(opts: RunOptions, endpoint: Endpoint, out: TextIO = sys.stder
     finally:
         progress.cancel()
     summary.sent = publisher.sent
+    summary.refused = publisher.refused
     summary.seconds = time.monotonic() - started
     summary.faults = Counter(f.kind for f in scenario.injected)
     if opts.truth is not None:
@@ -159,6 +161,8 @@ def describe(summary: Summary, opts: RunOptions) -> str:
         f"simulated {_local(summary.first, opts.timezone)} to {_local(summary.last, opts.timezone)} ({opts.timezone})",
         "faults injected: " + (", ".join(f"{k} {v}" for k, v in sorted(summary.faults.items())) or "none"),
     ]
+    if summary.refused:
+        lines.append(f"{summary.refused:,} telegrams refused by the broker (see the log above)")
     if opts.truth is not None:
         lines.append(f"truth: {summary.truth_slots:,} slots written to {opts.truth}")
     return "\n".join(lines)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import csv
 import dataclasses
 import signal
 import sys
@@ -17,6 +18,7 @@ from smame.logs import setup_logging
 from smame.registry import RegistryError
 from smame.settings import Settings, SettingsError, load_settings
 from broker_bridge.bridge import target_from_url, tls_context
+from broker_bridge.mqtt import ConnectionRefused
 from simulators.fleet import make_fleet
 from simulators.fleet import write_registry as write_fleet_registry
 from simulators.publisher import Endpoint
@@ -86,6 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument("--write-registry", type=Path, metavar="DIR",
                           help="write units.csv and customers.toml of the fleet to DIR, and exit")
     simulate.add_argument("--broker", help="broker URL (default: broker.url of the settings)")
+    simulate.add_argument("--credentials", type=Path, metavar="FILE",
+                          help="CSV unit_id,password: each unit logs in as itself (with --connections per-unit)")
     simulate.set_defaults(func=_simulate)
 
     verify = sub.add_parser("verify", parents=[common], help="compare the stored slots with a simulator's truth file")
@@ -191,6 +195,7 @@ def _simulate(settings: Settings, args: argparse.Namespace) -> int:
     faults = Faults.clean() if args.clean else Faults.typical()
     rates = {n: getattr(args, f"rate_{n}") for n in Faults.names() if getattr(args, f"rate_{n}") is not None}
     faults = dataclasses.replace(faults, **rates)
+    passwords = _credentials(args.credentials) if args.credentials else {}
     host, port, tls = target_from_url(args.broker or settings.broker.url)
     b = settings.broker
     context = tls_context(str(b.ca_file) if b.ca_file else None, None, None) if tls else None
@@ -204,11 +209,23 @@ def _simulate(settings: Settings, args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        return await simulate(opts, Endpoint(host, port, context), sys.stderr, stop)
+        return await simulate(opts, Endpoint(host, port, context, passwords.get), sys.stderr, stop)
 
-    summary = asyncio.run(main())
+    try:
+        summary = asyncio.run(main())
+    except ConnectionRefused as exc:
+        print(f"smame simulate: {exc}", file=sys.stderr)
+        return 1
     print(("\n" if sys.stderr.isatty() else "") + describe(summary, opts))
     return 0
+
+
+def _credentials(path: Path) -> dict[str, str]:
+    with path.open(encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    if rows and not {"unit_id", "password"} <= set(rows[0]):
+        raise OSError(f"{path}: header must be unit_id,password")
+    return {r["unit_id"]: r["password"] for r in rows}
 
 
 def _verify(settings: Settings, args: argparse.Namespace) -> int:

@@ -44,14 +44,14 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
 class Mosquitto:
     """A private mosquitto broker on a free port (the Debian binary, as in production)."""
 
-    def __init__(self, workdir: Path, extra: str = "") -> None:
+    def __init__(self, workdir: Path, extra: str = "", anonymous: bool = True) -> None:
         binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         self.port = free_port()
         self.dir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         conf = workdir / "mosquitto.conf"
         conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+            f"listener {self.port} 127.0.0.1\nallow_anonymous {str(anonymous).lower()}\npersistence false\n"
             "max_queued_messages 1000000\nmax_inflight_messages 0\nset_tcp_nodelay true\n" + extra
         )
         self.command = [binary, "-c", str(conf)]
@@ -72,15 +72,46 @@ class Mosquitto:
         self.start()
 
 
+def secure_broker(workdir: Path, users: dict[str, str]) -> tuple[Mosquitto, Path]:
+    """A Mosquitto with only a TLS 1.2+ listener and a password file; returns it and the CA to trust."""
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=workdir, check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+            "-subj", "/CN=smame test CA")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+            "-subj", "/CN=localhost")
+    (workdir / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", "server.pem", "-days", "2", "-extfile", "san.ext")
+    passwd = workdir / "passwd"
+    passwd.write_text("")
+    for user, password in users.items():
+        subprocess.run(["mosquitto_passwd", "-b", str(passwd), user, password], check=True, capture_output=True)
+    extra = (f"cafile {workdir / 'ca.pem'}\ncertfile {workdir / 'server.pem'}\nkeyfile {workdir / 'server.key'}\n"
+             f"tls_version tlsv1.2\npassword_file {passwd}\n"
+             # Started as root, mosquitto drops to its own user, who may not read a test's private files.
+             "user root\n")
+    mq = Mosquitto(workdir, extra, anonymous=False)
+    return mq, workdir / "ca.pem"
+
+
 def _many_files() -> None:
     # A broker for thousands of unit connections needs as many file descriptors.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def publish(port: int, messages: Iterable[tuple[str, bytes]], client_id: str = "") -> int:
+def publish(port: int, messages: Iterable[tuple[str, bytes]], client_id: str = "",
+            auth: tuple[str, str] | None = None, ca: Path | None = None) -> int:
     """Publish at QoS 1 and wait until the broker has acknowledged every message."""
     client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv311)
+    if auth:
+        client.username_pw_set(*auth)
+    if ca:
+        client.tls_set(ca_certs=str(ca))
     client.max_inflight_messages_set(2000)
     client.max_queued_messages_set(0)
     client.connect("127.0.0.1", port)
