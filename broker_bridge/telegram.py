@@ -10,6 +10,7 @@ import re
 from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any, Generic, TypeVar
 
 import msgspec
 
@@ -45,7 +46,12 @@ class WireReading(msgspec.Struct, forbid_unknown_fields=False):
     rev: int | None = None
 
 
-class WireTelegram(msgspec.Struct, forbid_unknown_fields=False):
+R = TypeVar("R")
+
+
+class WireTelegram(msgspec.Struct, Generic[R], forbid_unknown_fields=False):
+    """The telegram; `WireTelegram[msgspec.Raw]` leaves the readings undecoded (the slow path)."""
+
     v: int
     unit: str
     meter: str
@@ -53,7 +59,7 @@ class WireTelegram(msgspec.Struct, forbid_unknown_fields=False):
     sent: datetime
     e1: int
     digits: int
-    readings: list[WireReading]
+    readings: list[R]
     coef: int = 1
 
 
@@ -61,20 +67,8 @@ class _Envelope(msgspec.Struct, forbid_unknown_fields=False):
     v: int | None = None
 
 
-class _RawTelegram(msgspec.Struct, forbid_unknown_fields=False):
-    # Same fields, readings left undecoded: the slow path that saves the good readings of a telegram.
-    v: int
-    unit: str
-    meter: str
-    seq: int
-    sent: datetime
-    e1: int
-    digits: int
-    readings: list[msgspec.Raw]
-    coef: int = 1
-
-
-_decode_fast = msgspec.json.Decoder(WireTelegram).decode
+_RawTelegram = WireTelegram[msgspec.Raw]
+_decode_fast = msgspec.json.Decoder(WireTelegram[WireReading]).decode
 _decode_raw = msgspec.json.Decoder(_RawTelegram).decode
 _decode_reading = msgspec.json.Decoder(WireReading).decode
 _decode_envelope = msgspec.json.Decoder(_Envelope).decode
@@ -206,7 +200,7 @@ def _slow_path(
     return _readings(raw, good, rejects, received, tolerance, on_boundary)
 
 
-def _check_head(t: WireTelegram | _RawTelegram, topic_unit: str, known_units: Container[str]) -> Reject | None:
+def _check_head(t: WireTelegram[Any], topic_unit: str, known_units: Container[str]) -> Reject | None:
     if t.v != VERSION:
         return Reject(Reason.UNKNOWN_VERSION, f"v={t.v!r}, expected {VERSION}")
     if t.unit != topic_unit:
@@ -231,7 +225,7 @@ def _check_head(t: WireTelegram | _RawTelegram, topic_unit: str, known_units: Co
 
 
 def _readings(
-    t: WireTelegram | _RawTelegram,
+    t: WireTelegram[Any],
     good: list[tuple[int, WireReading]],
     rejects: list[Reject],
     received: int,

@@ -104,22 +104,21 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
+    return int(_number(text, int, 1))
 
 
 def _non_negative(text: str) -> float:
+    return float(_number(text, float, 0))
+
+
+def _number(text: str, kind: type[int] | type[float], least: int) -> int | float:
     try:
-        value = float(text)
+        value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} must not be negative")
+        what = "a whole number" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"{text} must be at least {least}" if least else f"{text} must not be negative")
     return value
 
 
