@@ -193,11 +193,42 @@ class Store:
         ).fetchall()
         return [SlotRow(*r) for r in rows]
 
+    def all_slots(self, after: int, until: int) -> list[tuple[Any, ...]]:
+        """Every unit's slots with `after < slot <= until`, as (slot, unit, imp, imp_q, exp, exp_q, meter, e1, coef)."""
+        return self.db.execute(
+            "SELECT slot, unit, imp, imp_q, exp, exp_q, meter, e1, coef FROM slots WHERE slot > ? AND slot <= ?",
+            (after, until),
+        ).fetchall()
+
+    def prune(self, before: int) -> tuple[int, int]:
+        """Delete readings and slots older than `before` (epoch); return how many of each."""
+        with self.transaction():
+            readings = self.db.execute("DELETE FROM readings WHERE at < ?", (before,)).rowcount
+            slots = self.db.execute("DELETE FROM slots WHERE slot < ?", (before,)).rowcount
+            self.db.execute("DELETE FROM changes WHERE at < ?", (before,))
+        return readings, slots
+
+    # --- meta -----------------------------------------------------------------------------------
+
+    def get_meta(self, key: str, default: str = "") -> str:
+        """A value the services keep across restarts (e.g. the exporter's cursor)."""
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return default if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        """Store such a value."""
+        self.db.execute("INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                        (key, value))
+
     # --- changes and quarantine ----------------------------------------------------------------
 
     def add_changes(self, pairs: Iterable[tuple[str, str]], at: int) -> None:
         """Record that these (customer, local day) pairs changed."""
         self.db.executemany("INSERT INTO changes (customer, day, at) VALUES (?, ?, ?)", [(c, d, at) for c, d in pairs])
+
+    def last_change(self) -> int:
+        """The newest change id (0 when none)."""
+        return int(self.db.execute("SELECT coalesce(max(id), 0) FROM changes").fetchone()[0])
 
     def changes_since(self, after_id: int) -> tuple[int, set[tuple[str, str]]]:
         """The (customer, day) pairs changed after a change id, and the newest id."""

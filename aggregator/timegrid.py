@@ -36,6 +36,14 @@ class Grid:
 
     def on_boundary(self, epoch: int) -> bool:
         """True when the instant is a local :00 or :30 with zero seconds."""
+        return (epoch + self._offset(epoch)) % SLOT == 0
+
+    def floor(self, epoch: float) -> int:
+        """The latest slot end at or before `epoch`."""
+        t = int(epoch)
+        return t - (t + self._offset(t)) % SLOT
+
+    def _offset(self, epoch: int) -> int:
         # Offsets change on whole half hours at most, so one look-up per half hour serves every reading in it.
         key = epoch // SLOT
         offset = self._offsets.get(key)
@@ -44,7 +52,7 @@ class Grid:
                 self._offsets.clear()
             delta = datetime.fromtimestamp(key * SLOT, self.zone).utcoffset()
             offset = self._offsets[key] = int(delta.total_seconds()) if delta is not None else 0
-        return (epoch + offset) % SLOT == 0
+        return offset
 
     def day_start(self, day: date) -> int:
         """Epoch of the first instant of a local day (the gap's end if midnight does not exist)."""

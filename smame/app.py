@@ -14,6 +14,7 @@ from aggregator.store import Store, sqlite_path
 from aggregator.timegrid import Grid
 from broker_bridge.bridge import Bridge, BrokerTarget, target_from_url, tls_context
 from broker_bridge.telegram import Incoming, Refused
+from csv_export.exporter import Exporter
 from smame.registry import Registry, RegistryError, load_registry
 from smame.settings import Settings
 
@@ -54,6 +55,14 @@ def open_store(settings: Settings) -> Store:
     return Store(sqlite_path(settings.storage_url), settings.storage.synchronous)
 
 
+def build_exporter(settings: Settings, registry: RegistryHolder, grid: Grid) -> Exporter:
+    """The exporter on a store connection of its own, so rendering never waits on ingest or holds it up."""
+    assert settings.export.dir is not None
+    e = settings.export
+    return Exporter(open_store(settings), lambda: registry.current, grid, e.dir, e.retention_days, e.grace_s,
+                    settings.storage.retention_days)
+
+
 def broker_target(settings: Settings) -> BrokerTarget:
     """Connection parameters from the broker settings."""
     b = settings.broker
@@ -79,6 +88,7 @@ class App:
     store: Store
     ingestor: Ingestor
     bridge: Bridge
+    exporter: Exporter | None
 
     @classmethod
     def build(cls, settings: Settings) -> App:
@@ -93,11 +103,15 @@ class App:
 
         bridge = Bridge(broker_target(settings), commit, lambda: registry.current.units, settings.ingest.clock_tolerance_s,
                         grid.on_boundary)
-        return cls(settings, registry, store, ingestor, bridge)
+        exporter = build_exporter(settings, registry, grid) if settings.export.enabled else None
+        return cls(settings, registry, store, ingestor, bridge, exporter)
 
     def services(self) -> dict[str, Callable[[], Awaitable[None]]]:
         """The long-running services, by name."""
-        return {"ingest": self.bridge.run}
+        out: dict[str, Callable[[], Awaitable[None]]] = {"ingest": self.bridge.run}
+        if self.exporter is not None:
+            out["export"] = self.exporter.run
+        return out
 
     async def run(self) -> None:
         """Run every service until SIGTERM/SIGINT; a crashed service stops them all and raises."""
@@ -130,6 +144,8 @@ class App:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             self.store.close()
+            if self.exporter is not None:
+                self.exporter.store.close()
         log.info("smame stopped")
 
 

@@ -8,12 +8,15 @@ import csv
 import dataclasses
 import signal
 import sys
-from datetime import date, datetime
+import time
+from collections.abc import Callable
+from datetime import date, datetime, timedelta
 from pathlib import Path
 
 from aggregator.slots import flag_names, format_kwh
 from aggregator.timegrid import Grid
-from smame.app import App, open_store
+from csv_export.files import check_writable
+from smame.app import App, RegistryHolder, build_exporter, open_store
 from smame.logs import setup_logging
 from smame.registry import RegistryError
 from smame.settings import Settings, SettingsError, load_settings
@@ -91,6 +94,18 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument("--credentials", type=Path, metavar="FILE",
                           help="CSV unit_id,password: each unit logs in as itself (with --connections per-unit)")
     simulate.set_defaults(func=_simulate)
+
+    export = sub.add_parser(
+        "export", parents=[common], help="write customers' CSV files now",
+        description="Without dates: what the scheduled run does (days changed since the last run, today's files, "
+                    "retention). With dates: re-render those days (written only where the bytes change).")
+    export.add_argument("--customer", action="append", metavar="C", help="only this customer (repeatable)")
+    when = export.add_mutually_exclusive_group()
+    when.add_argument("--date", type=_date, metavar="D", help="one local day, YYYY-MM-DD")
+    when.add_argument("--from", dest="first", type=_date, metavar="D1", help="first day (with --to)")
+    when.add_argument("--all", action="store_true", help="every day of the retention window")
+    export.add_argument("--to", dest="last", type=_date, metavar="D2", help="last day (with --from)")
+    export.set_defaults(func=_export)
 
     verify = sub.add_parser("verify", parents=[common], help="compare the stored slots with a simulator's truth file")
     verify.add_argument("--truth", type=Path, required=True, metavar="FILE")
@@ -225,6 +240,57 @@ def _credentials(path: Path) -> dict[str, str]:
     if rows and not {"unit_id", "password"} <= set(rows[0]):
         raise OSError(f"{path}: header must be unit_id,password")
     return {r["unit_id"]: r["password"] for r in rows}
+
+
+def _export(settings: Settings, args: argparse.Namespace) -> int:
+    grid = Grid(settings.timezone)
+    holder = RegistryHolder(settings)
+    exporter = build_exporter(settings, holder, grid)
+    registry = holder.current
+    now = time.time()
+    today = grid.day_of(grid.floor(now - settings.export.grace_s))
+    if (args.first is None) != (args.last is None):
+        print("smame export: --from and --to go together", file=sys.stderr)
+        return 2
+    customers = args.customer or sorted(registry.customers)
+    unknown = [c for c in customers if c not in registry.customers]
+    if unknown:
+        print(f"smame export: unknown customer {', '.join(unknown)} (not in {settings.registry.customers})", file=sys.stderr)
+        return 2
+    try:
+        check_writable(exporter.root)
+        if args.date or args.first or args.all:
+            first, last = (args.date, args.date) if args.date else (args.first, args.last) if args.first else \
+                (today - timedelta(days=settings.export.retention_days), today)
+            if first > last:
+                print("smame export: --from is after --to", file=sys.stderr)
+                return 2
+            days = [first + timedelta(days=i) for i in range((last - first).days + 1)]
+            pairs = [(c, d) for d in days for c in customers]
+            result = exporter.export(pairs, now, _progress_bar() if sys.stderr.isatty() else lambda d, t: None)
+        else:
+            result = exporter.scheduled(now)
+    except OSError as exc:
+        print(f"smame export: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        exporter.store.close()
+    print(f"{len(result.written)} files written, {result.unchanged} unchanged, {len(result.deleted)} deleted by "
+          f"retention ({result.days} days) in {exporter.root}")
+    for path in result.written:
+        print(f"  {path}")
+    return 0
+
+
+def _progress_bar() -> Callable[[int, int], None]:
+    def show(done: int, total: int) -> None:
+        width = 30
+        filled = width * done // max(total, 1)
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} days")
+        if done == total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+    return show
 
 
 def _verify(settings: Settings, args: argparse.Namespace) -> int:

@@ -69,6 +69,7 @@ class Registry:
     default_contract_kw: Fraction = Fraction(50)
     gap_cap: int = 48
     _limits: dict[str, Limits] = field(default_factory=dict, repr=False, compare=False)
+    _by_customer: dict[str, list[Unit]] = field(default_factory=dict, repr=False, compare=False)
 
     def __contains__(self, unit: object) -> bool:
         return unit in self.units
@@ -87,7 +88,10 @@ class Registry:
 
     def units_of(self, customer: str) -> list[Unit]:
         """A customer's units, sorted by id."""
-        return sorted((u for u in self.units.values() if u.customer == customer), key=lambda u: u.id)
+        if not self._by_customer and self.units:
+            for u in sorted(self.units.values(), key=lambda u: u.id):
+                self._by_customer.setdefault(u.customer, []).append(u)
+        return self._by_customer.get(customer, [])
 
 
 def load_registry(units_path: Path, customers_path: Path, default_contract_kw: Fraction = Fraction(50),

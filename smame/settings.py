@@ -63,6 +63,7 @@ class StorageSettings(Section):
 
     url: str | None = None  # default: sqlite:///<data_dir>/smame.db
     synchronous: Literal["FULL", "NORMAL"] = "FULL"
+    retention_days: int = Field(default=400, ge=0)  # 0: keep everything
 
     @field_validator("url")
     @classmethod
@@ -87,6 +88,15 @@ class IngestSettings(Section):
     gap_cap_slots: int = Field(default=48, ge=1, le=48 * 31)
 
 
+class ExportSettings(Section):
+    """Per-customer CSV files."""
+
+    enabled: bool = True
+    dir: Path | None = None  # default: <data_dir>/export
+    retention_days: int = Field(default=45, ge=1, le=3660)
+    grace_s: int = Field(default=120, ge=0, le=1800)
+
+
 class LogSettings(Section):
     """Logging."""
 
@@ -107,6 +117,7 @@ class Settings(BaseSettings):
     storage: StorageSettings = StorageSettings()
     registry: RegistrySettings = RegistrySettings()
     ingest: IngestSettings = IngestSettings()
+    export: ExportSettings = ExportSettings()
     log: LogSettings = LogSettings()
 
     @field_validator("timezone")
@@ -119,10 +130,12 @@ class Settings(BaseSettings):
         return v
 
     @model_validator(mode="after")
-    def _default_storage(self) -> Settings:
+    def _defaults_under_data_dir(self) -> Settings:
         if self.storage.url is None:
             url = f"sqlite:///{self.data_dir / 'smame.db'}"
             object.__setattr__(self, "storage", self.storage.model_copy(update={"url": url}))
+        if self.export.dir is None:
+            object.__setattr__(self, "export", self.export.model_copy(update={"dir": self.data_dir / "export"}))
         return self
 
     @property

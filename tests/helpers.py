@@ -7,6 +7,7 @@ import resource
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -189,6 +190,22 @@ def wait_log(log: Path, text: str, timeout: float = 15.0) -> None:
             return
         time.sleep(0.05)
     raise TimeoutError(f"{text!r} not in {log}:\n{log.read_text(errors='replace') if log.exists() else ''}")
+
+
+def readings_in(db: Path) -> int:
+    """Readings stored in a smame database."""
+    with sqlite3.connect(db, timeout=10) as c:
+        return int(c.execute("SELECT count(*) FROM readings").fetchone()[0])
+
+
+def wait_readings(db: Path, n: int, timeout: float = 30.0) -> None:
+    """Block until the database holds at least n readings."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if db.exists() and readings_in(db) >= n:
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"{readings_in(db)} readings stored, expected {n}")
 
 
 def stop(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> int:

@@ -1,0 +1,161 @@
+"""The export service: after each half hour (plus a grace period), rewrite the files whose data changed.
+
+It asks the store which (customer, day) pairs changed since its cursor, renders each affected day
+with one scan of the store, writes only files whose bytes differ, deletes files past retention and
+then advances the cursor. A failure (disk full, directory gone) leaves the cursor where it was, so
+the next run retries; ingest is never held up. It runs on its own SQLite connection and thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+from pathlib import Path
+
+from aggregator.store import Store
+from aggregator.timegrid import SLOT, Grid
+from csv_export.files import check_writable, expired, path_of, write_if_changed
+from csv_export.render import Layout, render
+from smame.registry import Customer, Registry
+
+log = logging.getLogger("smame.export")
+CURSOR = "export_cursor"
+
+
+@dataclass
+class ExportStats:
+    """Counters the monitoring part reads."""
+
+    runs: int = 0
+    failures: int = 0
+    files_written: int = 0
+    files_unchanged: int = 0
+    files_deleted: int = 0
+    last_success: float = 0.0
+    last_error: str = ""
+
+
+@dataclass
+class RunResult:
+    """What one export run did."""
+
+    written: list[Path] = field(default_factory=list)
+    unchanged: int = 0
+    deleted: list[Path] = field(default_factory=list)
+    days: int = 0
+
+
+def layout_of(customer: Customer) -> Layout:
+    """A customer's CSV options."""
+    return Layout(customer.layout == "wide", customer.encoding, customer.newline, customer.include_export)
+
+
+class Exporter:
+    """Renders and writes customer files; `run` is the scheduled service."""
+
+    def __init__(self, store: Store, registry: Callable[[], Registry], grid: Grid, root: Path, retention_days: int,
+                 grace_s: int, db_retention_days: int = 0, on_failure: Callable[[str], None] = lambda msg: None) -> None:
+        self.store = store
+        self.registry = registry
+        self.grid = grid
+        self.root = root
+        self.retention_days = retention_days
+        self.grace_s = grace_s
+        self.db_retention_days = db_retention_days
+        self.on_failure = on_failure
+        self.stats = ExportStats()
+        self._pruned: date | None = None
+
+    # --- the pure-ish core, run on the store thread ------------------------------------------------
+
+    def export(self, pairs: Iterable[tuple[str, date]], now: float,
+               progress: Callable[[int, int], None] = lambda done, total: None) -> RunResult:
+        """Render and write the given (customer, day) files as of `now` (today's file up to the last closed slot)."""
+        upto = self.grid.floor(now - self.grace_s)
+        registry = self.registry()
+        by_day: dict[date, set[str]] = {}
+        for customer, day in pairs:
+            if customer in registry.customers and day <= self.grid.day_of(upto):
+                by_day.setdefault(day, set()).add(customer)
+        result = RunResult()
+        for done, day in enumerate(sorted(by_day)):
+            ends = [e for e in self.grid.day_slots(day) if e <= upto]
+            labels = [(e, self.grid.label(e)) for e in ends]
+            start = self.grid.day_start(day)
+            rows = self.store.all_slots(start, ends[-1]) if ends else []
+            for customer in sorted(by_day[day]):
+                units = [(u.id, u.meter) for u in registry.units_of(customer)]
+                data = render(day, labels, units, rows, layout_of(registry.customers[customer]))
+                path = path_of(self.root, customer, day)
+                if write_if_changed(path, data):
+                    result.written.append(path)
+                else:
+                    result.unchanged += 1
+            result.days += 1
+            progress(done + 1, len(by_day))
+        return result
+
+    def scheduled(self, now: float) -> RunResult:
+        """One scheduled run: changed days, today's files of every customer, retention, then the cursor."""
+        check_writable(self.root)
+        cursor = int(self.store.get_meta(CURSOR, "0"))
+        newest, changed = self.store.changes_since(cursor)
+        today = self.grid.day_of(self.grid.floor(now - self.grace_s))
+        first_kept = datetime.fromtimestamp(now, self.grid.zone).date() - timedelta(days=self.retention_days)
+        pairs = {(c, date.fromisoformat(d)) for c, d in changed}
+        pairs = {(c, d) for c, d in pairs if d >= first_kept}
+        pairs |= {(c, today) for c in self.registry().customers}
+        result = self.export(pairs, now)
+        for old in expired(self.root, datetime.fromtimestamp(now, self.grid.zone).date(), self.retention_days):
+            old.unlink(missing_ok=True)
+            result.deleted.append(old)
+        self.store.set_meta(CURSOR, str(newest))
+        self._prune(now)
+        return result
+
+    def _prune(self, now: float) -> None:
+        day = datetime.fromtimestamp(now, self.grid.zone).date()
+        if not self.db_retention_days or self._pruned == day:
+            return
+        self._pruned = day
+        readings, slots = self.store.prune(int(now) - self.db_retention_days * 86400)
+        if readings or slots:
+            log.info("database retention: deleted %d readings and %d slots older than %d days",
+                     readings, slots, self.db_retention_days)
+
+    # --- the service ----------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Run after every half hour plus the grace period, for ever; failures are logged, alerted and retried."""
+        while True:
+            await self.run_once()
+            await asyncio.sleep(self.delay(time.time()))
+
+    async def run_once(self) -> RunResult | None:
+        """One scheduled run on the store thread, with its outcome counted."""
+        self.stats.runs += 1
+        try:
+            result = await self.store.call(self.scheduled, time.time())
+        except OSError as exc:
+            self.stats.failures += 1
+            self.stats.last_error = str(exc)
+            log.error("export failed, will retry at the next run: %s", exc)
+            self.on_failure(str(exc))
+            return None
+        self.stats.files_written += len(result.written)
+        self.stats.files_unchanged += result.unchanged
+        self.stats.files_deleted += len(result.deleted)
+        self.stats.last_success = time.time()
+        if result.written or result.deleted:
+            log.info("export: %d files written, %d unchanged, %d deleted by retention",
+                     len(result.written), result.unchanged, len(result.deleted))
+        return result
+
+    def delay(self, now: float) -> float:
+        """Seconds until the next slot end plus the grace period."""
+        nxt = self.grid.floor(now - self.grace_s) + SLOT + self.grace_s
+        return max(1.0, nxt - now)

@@ -1,0 +1,195 @@
+"""The export service and `smame export` on a real store and real files."""
+
+from __future__ import annotations
+
+import resource
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from datetime import date, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from aggregator.ingest import Ingestor
+from aggregator.store import Store
+from aggregator.timegrid import SLOT, Grid
+from broker_bridge.telegram import Incoming, Reading
+from csv_export.exporter import Exporter
+from csv_export.files import path_of, write_if_changed
+from smame.registry import load_registry
+from tests.helpers import (
+    Mosquitto, at, publish, smame, smame_env, start_smame, stop, telegram, wait_log, wait_readings, write_registry,
+)
+
+GRID = Grid("Asia/Tokyo")
+NOW = datetime.fromisoformat("2026-11-23T12:05:00+09:00").timestamp()
+TODAY = date(2026, 11, 23)
+
+
+def reading(unit: str, at: int, fwd: int) -> Incoming:
+    return Incoming(Reading(unit, at, f"SM-{unit}", fwd, 0, 1, 1, 6, 1, at + 5), at + 7, f"smame/v1/{unit}/reading", b"{}")
+
+
+def history(units: list[str], days: int, skip: set[tuple[str, int]] = frozenset()) -> list[Incoming]:
+    """Readings every half hour for `days` days before NOW; `skip` leaves some out."""
+    end = GRID.floor(NOW)
+    out = []
+    for unit in units:
+        for k, at in enumerate(range(end - days * 86400, end + 1, SLOT)):
+            if (unit, at) not in skip:
+                out.append(reading(unit, at, 1000 + 7 * k))
+    return out
+
+
+@pytest.fixture
+def setup(workdir: Path) -> Iterator[tuple[Exporter, Ingestor, Path]]:
+    write_registry(workdir, {"U1": "C1", "U2": "C2"})
+    (workdir / "customers.toml").write_text('[customers.C1]\n[customers.C2]\nlayout = "wide"\n[customers.C3]\n')
+    registry = load_registry(workdir / "units.csv", workdir / "customers.toml")
+    db = workdir / "smame.db"
+    ingest = Ingestor(Store(db), registry, GRID)
+    root = workdir / "export"
+    exporter = Exporter(Store(db), lambda: registry, GRID, root, 45, 120)
+    yield exporter, ingest, root
+    ingest.store.close()
+    exporter.store.close()
+
+
+def snapshot(root: Path) -> dict[Path, tuple[bytes, int]]:
+    return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_late_reading_ten_days_back_rewrites_that_file_and_no_other(setup: tuple[Exporter, Ingestor, Path]) -> None:
+    exporter, ingest, root = setup
+    late_at = GRID.day_start(TODAY - timedelta(days=10)) + 20 * SLOT
+    ingest.commit(history(["U1", "U2"], 12, skip={("U1", late_at)}), [], int(NOW))
+    first = exporter.scheduled(NOW)
+    assert len(first.written) == 2 * 13 + 1  # C1 and C2 for 13 days, C3 today (no units: header only)
+    assert path_of(root, "C3", TODAY).read_text() == "unit_id,meter_id,date,slot,start,end,import_kwh,export_kwh,quality\n"
+    before = snapshot(root)
+    target = path_of(root, "C1", TODAY - timedelta(days=10))
+    assert ",E\n" in target.read_text()
+
+    assert exporter.scheduled(NOW).written == []  # nothing changed: nothing written
+    ingest.commit([reading("U1", late_at, 1000 + 7 * (late_at - (GRID.floor(NOW) - 12 * 86400)) // SLOT)], [], int(NOW))
+    again = exporter.scheduled(NOW)
+    assert again.written == [target]
+    after = snapshot(root)
+    changed = {p for p in after if after[p] != before[p]}
+    assert changed == {target, target.with_name(target.name + ".sha256")}
+    assert ",E\n" not in target.read_text()
+    assert subprocess.run(["sha256sum", "-c", target.name + ".sha256"], cwd=target.parent,
+                          capture_output=True).returncode == 0
+
+
+def test_todays_file_holds_the_slots_closed_so_far(setup: tuple[Exporter, Ingestor, Path]) -> None:
+    exporter, ingest, root = setup
+    ingest.commit(history(["U1"], 1), [], int(NOW))
+    exporter.scheduled(NOW)  # 12:05 JST with 120 s grace: slots up to 12:00 are closed
+    lines = path_of(root, "C1", TODAY).read_text().splitlines()
+    assert len(lines) == 1 + 24 and lines[-1].startswith("U1,SM-U1,2026-11-23,24,11:30,12:00,0.7,")
+
+
+def test_retention_keeps_45_days_and_deletes_the_46th(setup: tuple[Exporter, Ingestor, Path]) -> None:
+    exporter, _, root = setup
+    for back in (44, 45, 46, 47):
+        write_if_changed(path_of(root, "C1", TODAY - timedelta(days=back)), b"x\n")
+    other = root / "C1" / "notes.txt"
+    other.write_text("not ours")
+    result = exporter.scheduled(NOW)
+    kept = {p.name for p in (root / "C1").iterdir()}
+    assert "C1_20261009.csv" in kept and "C1_20261010.csv" in kept  # 45 and 44 days back
+    assert "C1_20261008.csv" not in kept and "C1_20261007.csv" not in kept  # 46 and 47 days back
+    assert "C1_20261008.csv.sha256" not in kept and "notes.txt" in kept
+    assert len(result.deleted) == 4
+
+
+def test_a_reader_never_sees_a_partial_file(tmp_path: Path) -> None:
+    path = tmp_path / "C1" / "C1_20261123.csv"
+    versions = [("a" * 200_000 + "\n").encode(), ("b" * 300_000 + "\n").encode()]
+    write_if_changed(path, versions[0])
+    seen: list[bytes] = []
+    done = threading.Event()
+
+    def reader() -> None:
+        while not done.is_set():
+            seen.append(path.read_bytes())
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    for i in range(200):
+        write_if_changed(path, versions[i % 2])
+    done.set()
+    thread.join()
+    assert len(seen) > 10 and all(s in versions for s in seen)
+
+
+def test_export_command_dates_and_customers(workdir: Path, setup: tuple[Exporter, Ingestor, Path]) -> None:
+    _, ingest, root = setup
+    ingest.commit(history(["U1", "U2"], 3), [], int(NOW))
+    env = smame_env(workdir, 1883, SMAME_STORAGE__URL=f"sqlite:///{workdir / 'smame.db'}",
+                    SMAME_EXPORT__DIR=str(root))
+    out = smame(["export", "--date", "2026-11-21", "--customer", "C2"], env).stdout
+    assert "1 files written" in out and "C2_20261121.csv" in out
+    assert smame(["export", "--date", "2026-11-21", "--customer", "C2"], env).stdout.startswith("0 files written, 1 unchanged")
+    out = smame(["export", "--from", "2026-11-20", "--to", "2026-11-22"], env).stdout
+    assert out.startswith("8 files written, 1 unchanged")  # 3 customers x 3 days, one already there
+    out = smame(["export", "--all"], env).stdout
+    assert "(46 days)" in out
+    bad = smame(["export", "--customer", "C9"], env, check=False)
+    assert bad.returncode == 2 and "unknown customer C9" in bad.stderr
+    bad = smame(["export", "--from", "2026-11-20"], env, check=False)
+    assert bad.returncode == 2 and "--from and --to go together" in bad.stderr
+
+
+def test_a_failed_write_keeps_the_previous_file_and_the_next_run_retries(workdir: Path,
+                                                                        setup: tuple[Exporter, Ingestor, Path]) -> None:
+    # The process may write no file over 1 KB: writes fail as on a full disk, with a real OSError.
+    _, ingest, root = setup
+    ingest.commit(history(["U1"], 2, skip={("U1", GRID.day_start(TODAY - timedelta(days=1)) + 10 * SLOT)}), [], int(NOW))
+    env = smame_env(workdir, 1883, SMAME_STORAGE__URL=f"sqlite:///{workdir / 'smame.db'}", SMAME_EXPORT__DIR=str(root))
+    smame(["export", "--date", "2026-11-22", "--customer", "C1"], env)
+    target = path_of(root, "C1", date(2026, 11, 22))
+    old = target.read_bytes()
+    ingest.commit([reading("U1", GRID.day_start(TODAY - timedelta(days=1)) + 10 * SLOT, 999_999)], [], int(NOW))
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1024, resource.RLIM_INFINITY))
+
+    failed = subprocess.run([*_smame_cmd(), "export", "--date", "2026-11-22", "--customer", "C1"], env=env,
+                            capture_output=True, text=True, preexec_fn=small_files)
+    assert failed.returncode == 1 and "File too large" in failed.stderr
+    assert target.read_bytes() == old
+    assert sorted(p.name for p in target.parent.iterdir()) == [target.name, target.name + ".sha256"]
+    smame(["export", "--date", "2026-11-22", "--customer", "C1"], env)
+    assert target.read_bytes() != old
+
+
+def _smame_cmd() -> list[str]:
+    return [sys.executable, "-m", "smame.cli"]
+
+
+def test_unusable_export_directory_is_reported_and_ingest_goes_on(workdir: Path, broker: Mosquitto) -> None:
+    write_registry(workdir, {"E1": "C1"})
+    blocker = workdir / "not-a-directory"
+    blocker.write_text("")
+    env = smame_env(workdir, broker.port, SMAME_EXPORT__DIR=str(blocker / "export"))
+    bad = smame(["export"], env, check=False)
+    assert bad.returncode == 1 and "is not usable (setting export.dir)" in bad.stderr
+    log = workdir / "smame.log"
+    proc = start_smame(env, log)
+    wait_log(log, "export failed, will retry at the next run")
+    wait_log(log, "subscribed to")
+    publish(broker.port, [("smame/v1/E1/reading", telegram("E1", [(at("2026-11-20", "10:00"), 1)]))])
+    wait_readings(workdir / "data" / "smame.db", 1)
+    assert stop(proc) == 0
+
+
+def test_runs_are_scheduled_after_each_half_hour_plus_grace(setup: tuple[Exporter, Ingestor, Path]) -> None:
+    exporter, _, _ = setup
+    at_1205 = datetime.fromisoformat("2026-11-23T12:05:00+09:00").timestamp()
+    assert exporter.delay(at_1205) == 25 * 60 + 120  # next: 12:30 plus 2 minutes
+    at_1201 = datetime.fromisoformat("2026-11-23T12:01:00+09:00").timestamp()
+    assert exporter.delay(at_1201) == 60  # 12:00's run is still due at 12:02

@@ -1,0 +1,75 @@
+"""Rendering a customer's day: golden files for both layouts and encodings, and the rules behind them."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import pytest
+
+from csv_export.render import Layout, cell, quality, render
+from tests.csv_export.sample import DAY, LABELS, UNITS, slots
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+@pytest.mark.parametrize(
+    ("name", "layout"),
+    [
+        ("long_utf-8", Layout()),
+        ("long_cp932", Layout(encoding="cp932", newline="\r\n")),
+        ("wide_utf-8", Layout(wide=True)),
+        ("wide_cp932", Layout(wide=True, encoding="cp932", newline="\r\n")),
+        ("long_import_only", Layout(include_export=False)),
+    ],
+)
+def test_golden_files(name: str, layout: Layout) -> None:
+    assert render(DAY, LABELS, UNITS, slots(), layout) == (GOLDEN / f"{name}.csv").read_bytes()
+
+
+def test_long_file_reads_back_as_the_slots() -> None:
+    text = render(DAY, LABELS, UNITS, slots(), Layout()).decode()
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert len(rows) == 3 * 48
+    by_key = {(r["unit_id"], int(r["slot"])): r for r in rows}
+    assert by_key[("U000001", 5)] == {**by_key[("U000001", 5)], "import_kwh": "", "export_kwh": "", "quality": "M"}
+    assert by_key[("U000002", 25)]["export_kwh"] == "4.0" and by_key[("U000002", 25)]["import_kwh"] == "2.5"
+    assert by_key[("U000002", 30)]["meter_id"] == "メーター-0002"
+    assert by_key[("U000001", 48)]["end"] == "24:00"
+
+
+def test_cp932_is_what_japanese_systems_read() -> None:
+    data = render(DAY, LABELS, UNITS, slots(), Layout(encoding="cp932", newline="\r\n"))
+    assert "メーター-0002".encode("cp932") in data and b"\r\n" in data and b"\n" not in data.replace(b"\r\n", b"")
+
+
+def test_wide_has_a_column_per_slot_and_a_quality_letter_per_slot() -> None:
+    rows = list(csv.reader(io.StringIO(render(DAY, LABELS, UNITS, slots(), Layout(wide=True)).decode())))
+    header = rows[0]
+    assert header[4] == "00:30" and header[51] == "24:00" and header[-1] == "quality" and len(header) == 53
+    u1_import = rows[1]
+    assert u1_import[3] == "import" and u1_import[8] == "" and len(u1_import[-1]) == 48
+    assert u1_import[-1][4] == "M" and u1_import[-1][9:12] == "EEE"
+
+
+def test_today_so_far_and_a_customer_without_units() -> None:
+    partial = render(DAY, LABELS[:21], UNITS[:1], slots(), Layout()).decode().splitlines()
+    assert len(partial) == 22 and partial[-1].startswith("U000001,SM-0001,2026-11-23,21,10:00,10:30,")
+    assert render(DAY, LABELS, [], slots(), Layout()) == b"unit_id,meter_id,date,slot,start,end,import_kwh,export_kwh,quality\n"
+
+
+def test_same_slots_same_bytes_in_any_order() -> None:
+    rows = slots()
+    assert render(DAY, LABELS, UNITS, rows, Layout()) == render(DAY, LABELS, UNITS, rows[::-1], Layout())
+
+
+@pytest.mark.parametrize(("text", "out"), [("SM-1", "SM-1"), ("a,b", '"a,b"'), ('say "hi"', '"say ""hi"""'), ("x\ny", '"x\ny"')])
+def test_cells_are_quoted_only_when_needed(text: str, out: str) -> None:
+    assert cell(text) == out
+
+
+def test_row_quality_is_the_lower_of_the_registers_reported() -> None:
+    assert quality("A", "E", True) == "E" and quality("E", "A", True) == "E"
+    assert quality("A", None, True) == "A"  # a meter without an export register
+    assert quality("A", "M", False) == "A" and quality(None, None, True) == "M"
