@@ -200,10 +200,20 @@ class Store:
             (after, until),
         ).fetchall()
 
-    def prune(self, before: int) -> tuple[int, int]:
-        """Delete readings and slots older than `before` (epoch); return how many of each."""
+    def prune(self, before: int, chunk: int = 500) -> tuple[int, int]:
+        """Delete readings and slots older than `before` (epoch); return how many of each.
+
+        Readings are keyed (unit, at), so they are deleted unit by unit, a few hundred units per
+        transaction: ingest never waits long for the write lock. The units to visit are those with
+        expiring slots, a cheap range of the (slot, unit) key.
+        """
+        units = [u for (u,) in self.db.execute("SELECT DISTINCT unit FROM slots WHERE slot < ?", (before,))]
+        readings = 0
+        for i in range(0, len(units), chunk):
+            with self.transaction():
+                for unit in units[i : i + chunk]:
+                    readings += self.db.execute("DELETE FROM readings WHERE unit = ? AND at < ?", (unit, before)).rowcount
         with self.transaction():
-            readings = self.db.execute("DELETE FROM readings WHERE at < ?", (before,)).rowcount
             slots = self.db.execute("DELETE FROM slots WHERE slot < ?", (before,)).rowcount
             self.db.execute("DELETE FROM changes WHERE at < ?", (before,))
         return readings, slots

@@ -19,7 +19,7 @@ from pathlib import Path
 from aggregator.store import Store
 from aggregator.timegrid import SLOT, Grid
 from csv_export.files import check_writable, expired, path_of, write_if_changed
-from csv_export.render import Layout, render
+from csv_export.render import Layout, by_unit, render
 from smame.registry import Customer, Registry
 
 log = logging.getLogger("smame.export")
@@ -86,7 +86,7 @@ class Exporter:
             ends = [e for e in self.grid.day_slots(day) if e <= upto]
             labels = [(e, self.grid.label(e)) for e in ends]
             start = self.grid.day_start(day)
-            rows = self.store.all_slots(start, ends[-1]) if ends else []
+            rows = by_unit(self.store.all_slots(start, ends[-1])) if ends else {}
             for customer in sorted(by_day[day]):
                 units = [(u.id, u.meter) for u in registry.units_of(customer)]
                 data = render(day, labels, units, rows, layout_of(registry.customers[customer]))

@@ -57,8 +57,9 @@ class Summary:
 class _Clock:
     """Simulated time: runs `speed` times faster than real time from `start`, never ahead of the real clock."""
 
-    def __init__(self, start: int, speed: float, zone: str) -> None:
+    def __init__(self, start: int, speed: float, zone: str, stop: asyncio.Event) -> None:
         self.start, self.speed, self.t0, self.zone = start, speed, time.time(), zone
+        self.stop = stop
 
     def now(self) -> float:
         real = time.time()
@@ -67,14 +68,17 @@ class _Clock:
         return min(self.start + (real - self.t0) * self.speed, real)
 
     async def until(self, at: float) -> None:
-        """Sleep until simulated time reaches `at` (with speed 0, until real time does)."""
-        while True:
+        """Sleep until simulated time reaches `at` (with speed 0, until real time does), or the run is stopped."""
+        while not self.stop.is_set():
             real = time.time()
             accelerated = (at - self.start) / self.speed - (real - self.t0) if self.speed > 0 else 0.0
             wait = max(accelerated, at - real)
             if wait <= 0:
                 return
-            await asyncio.sleep(min(wait, 1.0))
+            try:
+                await asyncio.wait_for(self.stop.wait(), min(wait, 1.0))
+            except asyncio.TimeoutError:
+                pass
 
 
 async def simulate(opts: RunOptions, endpoint: Endpoint, out: TextIO = sys.stderr,
@@ -88,17 +92,17 @@ async def simulate(opts: RunOptions, endpoint: Endpoint, out: TextIO = sys.stder
     publisher = FleetPublisher(endpoint, opts.connections, opts.window, [u.id for u in fleet])
     summary = Summary(first=start, connections=len(publisher.all_links()))
     summary.connect_seconds = await publisher.start()
-    clock = _Clock(start, opts.speed, opts.timezone)
+    stop = stop or asyncio.Event()
+    clock = _Clock(start, opts.speed, opts.timezone, stop)
     heap: list[tuple[float, int, Send]] = []
     order = itertools.count()
     started = time.monotonic()
     progress = asyncio.create_task(_progress(publisher, clock, summary, out))
-    stop = stop or asyncio.Event()
 
     async def release(before: float, pace: bool = True) -> None:
         while heap and heap[0][0] < before:
             at, _, send = heapq.heappop(heap)
-            if pace and (opts.speed > 0 or at > end):
+            if pace and not stop.is_set() and (opts.speed > 0 or at > end):
                 await clock.until(at)
             publisher.put(send)
             while publisher.backlog() > 20_000:  # hold the generator back while the broker catches up
@@ -118,7 +122,7 @@ async def simulate(opts: RunOptions, endpoint: Endpoint, out: TextIO = sys.stder
                 heapq.heappush(heap, (send.at, next(order), send))
             summary.last = t
             await release(t + SLOT)
-        await release(float("inf"), pace=False)  # the run is over: what was held back goes now
+        await release(float("inf"), pace=False)  # the run is over (or stopped): what was held back goes now
         await publisher.close()
     finally:
         progress.cancel()

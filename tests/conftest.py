@@ -5,7 +5,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import Mosquitto
+from tests.helpers import STARTED, Mosquitto
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_left_behind() -> Iterator[None]:
+    """A failing test must not leave a smame process running after the session."""
+    yield
+    for proc in STARTED:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
 
 
 @pytest.fixture(scope="session")

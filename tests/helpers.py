@@ -176,10 +176,15 @@ def smame(args: list[str], env: dict[str, str], check: bool = True) -> subproces
     return proc
 
 
+STARTED: list[subprocess.Popen[bytes]] = []  # killed at the end of the test session if still running
+
+
 def start_smame(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     """Start `smame run` in the background."""
-    out = open(log, "ab")
-    return subprocess.Popen([sys.executable, "-m", "smame.cli", "run"], env=env, stdout=out, stderr=subprocess.STDOUT)
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "smame.cli", "run"], env=env, stdout=out, stderr=subprocess.STDOUT)
+    STARTED.append(proc)
+    return proc
 
 
 def wait_log(log: Path, text: str, timeout: float = 15.0) -> None:

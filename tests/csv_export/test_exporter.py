@@ -193,3 +193,18 @@ def test_runs_are_scheduled_after_each_half_hour_plus_grace(setup: tuple[Exporte
     assert exporter.delay(at_1205) == 25 * 60 + 120  # next: 12:30 plus 2 minutes
     at_1201 = datetime.fromisoformat("2026-11-23T12:01:00+09:00").timestamp()
     assert exporter.delay(at_1201) == 60  # 12:00's run is still due at 12:02
+
+
+def test_database_retention_deletes_only_what_is_older(workdir: Path, setup: tuple[Exporter, Ingestor, Path]) -> None:
+    exporter, ingest, _ = setup
+    ingest.commit(history(["U1", "U2"], 8), [], int(NOW))
+    store = exporter.store
+    keep = Exporter(store, exporter.registry, GRID, exporter.root, 45, 120, db_retention_days=5)
+    before = int(NOW) - 5 * 86400
+    old_readings = store.db.execute("SELECT count(*) FROM readings WHERE at < ?", (before,)).fetchone()[0]
+    total = store.reading_count()
+    assert old_readings > 0
+    keep.scheduled(NOW)
+    assert store.reading_count() == total - old_readings
+    assert store.db.execute("SELECT count(*) FROM slots WHERE slot < ?", (before,)).fetchone()[0] == 0
+    assert store.db.execute("SELECT count(*) FROM slots WHERE slot >= ?", (before,)).fetchone()[0] > 0

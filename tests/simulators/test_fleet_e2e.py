@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -98,3 +99,15 @@ def test_bad_arguments_get_a_clear_error(workdir: Path) -> None:
                           (["--end", "2026-11-23T09:00"], "needs a UTC offset")):
         proc = smame(["simulate", *args], env, check=False)
         assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
+
+
+def test_sigterm_stops_a_paced_run_at_once_and_keeps_the_truth_whole(broker: Mosquitto, workdir: Path) -> None:
+    env = smame_env(workdir, broker.port)
+    log, truth = workdir / "sim.log", workdir / "truth.jsonl"
+    with open(log, "wb") as out:  # a real-time run of a day would take a day
+        sim = subprocess.Popen([sys.executable, "-m", "smame.cli", "simulate", "--units", "20", "--days", "1",
+                                "--speed", "1", "--truth", str(truth)], env=env, stdout=out, stderr=subprocess.STDOUT)
+    time.sleep(2)
+    sim.send_signal(signal.SIGTERM)
+    assert sim.wait(10) == 0
+    assert "telegrams from 20 units acknowledged" in log.read_text() and truth.exists()

@@ -1,0 +1,85 @@
+"""CSV export: one day of 10,000 units (480,000 rows, long layout) and a 45-day re-export.
+
+Baseline in the same run: fetching the same rows from SQLite and nothing else, which no export can beat.
+
+    .venv/bin/python -m bench.export --units 10000 --days 45
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import tempfile
+import time
+from datetime import date, timedelta
+from pathlib import Path
+
+from aggregator.store import Store
+from aggregator.timegrid import Grid
+from csv_export.exporter import Exporter
+from smame.registry import Customer, Registry, Unit
+
+
+def fill(store: Store, grid: Grid, units: int, first: date, days: int) -> int:
+    rnd = random.Random(1)
+    ids = [f"U{u:06d}" for u in range(units)]
+    n = 0
+    for d in range(days):
+        rows = []
+        for end in grid.day_slots(first + timedelta(days=d)):
+            for unit in ids:
+                q = "A" if rnd.random() > 0.01 else "E"
+                rows.append((end, unit, rnd.randrange(40), q, 0, rnd.randrange(5), q, 0, f"SM-{unit}", 1, 1))
+        store.db.execute("BEGIN")
+        store.db.executemany("INSERT INTO slots VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
+        store.db.execute("COMMIT")
+        n += len(rows)
+    return n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--units", type=int, default=10_000)
+    ap.add_argument("--customers", type=int, default=20)
+    ap.add_argument("--days", type=int, default=45)
+    args = ap.parse_args()
+    grid = Grid("Asia/Tokyo")
+    today = date(2026, 11, 23)
+    now = grid.day_start(today + timedelta(days=1)) + 300.0  # every slot of "today" closed
+    first = today - timedelta(days=args.days - 1)
+    units = {f"U{u:06d}": Unit(f"U{u:06d}", f"C{u % args.customers:03d}", f"SM-U{u:06d}") for u in range(args.units)}
+    registry = Registry(units, {c: Customer(id=c) for c in {u.customer for u in units.values()}})
+    with tempfile.TemporaryDirectory(prefix="smame-export-") as tmp:
+        store = Store(Path(tmp) / "smame.db", "NORMAL")
+        started = time.perf_counter()
+        rows = fill(store, grid, args.units, first, args.days)
+        print(f"store: {rows:,} slots ({args.units:,} units x {args.days} days) filled in {time.perf_counter() - started:.0f} s")
+        exporter = Exporter(store, lambda: registry, grid, Path(tmp) / "export", 45, 120)
+        customers = sorted(registry.customers)
+
+        t = time.perf_counter()
+        day_rows = store.all_slots(grid.day_start(today), grid.day_slots(today)[-1])
+        fetch = time.perf_counter() - t
+        t = time.perf_counter()
+        result = exporter.export([(c, today) for c in customers], now)
+        one_day = time.perf_counter() - t
+        size = sum(p.stat().st_size for p in result.written)
+        t = time.perf_counter()
+        again = exporter.export([(c, today) for c in customers], now)
+        unchanged = time.perf_counter() - t
+        t = time.perf_counter()
+        window = [(c, first + timedelta(days=d)) for d in range(args.days) for c in customers]
+        full = exporter.export(window, now)
+        everything = time.perf_counter() - t
+        store.close()
+    n_day = len(day_rows)
+    print(f"baseline, fetch one day's {n_day:,} rows from SQLite: {fetch:6.2f} s")
+    print(f"export one day ({len(result.written)} files, {n_day:,} rows, {size / 1e6:.1f} MB): {one_day:6.2f} s "
+          f"({n_day / one_day:,.0f} rows/s, x{one_day / fetch:.2f} the fetch)")
+    print(f"same day again, nothing changed ({again.unchanged} files compared):  {unchanged:6.2f} s")
+    print(f"re-export {args.days} days ({len(full.written) + full.unchanged} files, {rows:,} rows): {everything:6.2f} s "
+          f"({rows / everything:,.0f} rows/s)")
+
+
+if __name__ == "__main__":
+    main()
