@@ -15,6 +15,10 @@ from aggregator.timegrid import Grid
 from broker_bridge.bridge import Bridge, BrokerTarget, target_from_url, tls_context
 from broker_bridge.telegram import Incoming, Refused
 from csv_export.exporter import Exporter
+from ftp_gateway.accounts import Accounts, Bans
+from ftp_gateway.certs import ensure_certificate
+from ftp_gateway.ftp import FtpOptions
+from ftp_gateway.service import FileGateway
 from smame.registry import Registry, RegistryError, load_registry
 from smame.settings import Settings
 
@@ -63,6 +67,26 @@ def build_exporter(settings: Settings, registry: RegistryHolder, grid: Grid) -> 
                     settings.storage.retention_days)
 
 
+def build_gateway(settings: Settings, registry: RegistryHolder) -> FileGateway | None:
+    """FTP/FTPS and SFTP over the export directory, as the settings enable them."""
+    f, s = settings.ftp, settings.sftp
+    if not (f.enabled or s.enabled):
+        return None
+    assert settings.export.dir is not None
+    accounts = Accounts(lambda: registry.current, settings.export.dir)
+    bans = Bans(f.ban_after, f.ban_window_s, f.ban_s)
+    ftp = None
+    if f.enabled:
+        cert = f.certfile or settings.data_dir / "ftps-cert.pem"
+        key = f.keyfile or settings.data_dir / "ftps-key.pem"
+        if f.certfile is None:
+            ensure_certificate(cert, key, ["localhost", "127.0.0.1"])
+        ftp = FtpOptions(f.host, f.port, (cert, key), f.tls_required, f.passive_range, f.masquerade_address,
+                         f.max_connections, f.max_connections_per_ip, f.fail_delay_s)
+    sftp = (s.host, s.port, s.host_key or settings.data_dir / "ssh_host_ed25519_key") if s.enabled else None
+    return FileGateway(accounts, bans, ftp, sftp)
+
+
 def broker_target(settings: Settings) -> BrokerTarget:
     """Connection parameters from the broker settings."""
     b = settings.broker
@@ -89,6 +113,7 @@ class App:
     ingestor: Ingestor
     bridge: Bridge
     exporter: Exporter | None
+    gateway: FileGateway | None
 
     @classmethod
     def build(cls, settings: Settings) -> App:
@@ -104,13 +129,15 @@ class App:
         bridge = Bridge(broker_target(settings), commit, lambda: registry.current.units, settings.ingest.clock_tolerance_s,
                         grid.on_boundary)
         exporter = build_exporter(settings, registry, grid) if settings.export.enabled else None
-        return cls(settings, registry, store, ingestor, bridge, exporter)
+        return cls(settings, registry, store, ingestor, bridge, exporter, build_gateway(settings, registry))
 
     def services(self) -> dict[str, Callable[[], Awaitable[None]]]:
         """The long-running services, by name."""
         out: dict[str, Callable[[], Awaitable[None]]] = {"ingest": self.bridge.run}
         if self.exporter is not None:
             out["export"] = self.exporter.run
+        if self.gateway is not None:
+            out["files"] = self.gateway.run
         return out
 
     async def run(self) -> None:

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import csv
 import dataclasses
+import getpass
 import signal
 import sys
 import time
@@ -16,7 +17,8 @@ from pathlib import Path
 from aggregator.slots import flag_names, format_kwh
 from aggregator.timegrid import Grid
 from csv_export.files import check_writable
-from smame.app import App, RegistryHolder, build_exporter, open_store
+from smame.app import App, RegistryHolder, build_exporter, build_gateway, open_store
+from smame.users import UsersError, add_user, list_users, remove_user
 from smame.logs import setup_logging
 from smame.registry import RegistryError
 from smame.settings import Settings, SettingsError, load_settings
@@ -106,6 +108,24 @@ def _parser() -> argparse.ArgumentParser:
     when.add_argument("--all", action="store_true", help="every day of the retention window")
     export.add_argument("--to", dest="last", type=_date, metavar="D2", help="last day (with --from)")
     export.set_defaults(func=_export)
+
+    serve = sub.add_parser("serve-files", parents=[common], help="run only the FTP/FTPS/SFTP gateway")
+    serve.set_defaults(func=_serve_files)
+
+    users = sub.add_parser("users", parents=[common], help="customers' FTP/SFTP logins (in the customers file)")
+    users_sub = users.add_subparsers(dest="users_command", metavar="ACTION", required=True)
+    add = users_sub.add_parser("add", parents=[common], help="add a login (asks for its password)")
+    add.add_argument("customer")
+    add.add_argument("user")
+    add.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    add.add_argument("--ssh-key", type=Path, action="append", default=[], metavar="FILE",
+                     help="an SSH public key file (repeatable); with no password, key login only")
+    add.set_defaults(func=_users_add)
+    remove = users_sub.add_parser("remove", parents=[common], help="remove a login")
+    remove.add_argument("user")
+    remove.set_defaults(func=_users_remove)
+    listing = users_sub.add_parser("list", parents=[common], help="list logins")
+    listing.set_defaults(func=_users_list)
 
     verify = sub.add_parser("verify", parents=[common], help="compare the stored slots with a simulator's truth file")
     verify.add_argument("--truth", type=Path, required=True, metavar="FILE")
@@ -291,6 +311,70 @@ def _progress_bar() -> Callable[[int, int], None]:
             sys.stderr.write("\n")
         sys.stderr.flush()
     return show
+
+
+def _serve_files(settings: Settings, args: argparse.Namespace) -> int:
+    holder = RegistryHolder(settings)
+    gateway = build_gateway(settings, holder)
+    if gateway is None:
+        print("smame serve-files: both ftp.enabled and sftp.enabled are false", file=sys.stderr)
+        return 2
+
+    async def main() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)
+        loop.add_signal_handler(signal.SIGHUP, holder.reload)
+        try:
+            await gateway.run()
+        except asyncio.CancelledError:
+            pass
+
+    asyncio.run(main())
+    return 0
+
+
+_RELOAD_HINT = "a running smame sees it after `kill -HUP <pid>` (or a restart)"
+
+
+def _users_add(settings: Settings, args: argparse.Namespace) -> int:
+    password = None
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    elif not args.ssh_key:
+        password = getpass.getpass(f"password for {args.user}: ")
+        if password != getpass.getpass("again: "):
+            print("smame users add: the passwords differ", file=sys.stderr)
+            return 2
+    if password is not None and len(password) < 12:
+        print("smame users add: a password needs at least 12 characters", file=sys.stderr)
+        return 2
+    keys = [k.read_text(encoding="utf-8").strip() for k in args.ssh_key]
+    try:
+        add_user(settings.registry.customers, args.customer, args.user, password, keys)
+    except UsersError as exc:
+        print(f"smame users add: {exc}", file=sys.stderr)
+        return 2
+    print(f"added {args.user} to {args.customer} in {settings.registry.customers}; {_RELOAD_HINT}")
+    return 0
+
+
+def _users_remove(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        customer = remove_user(settings.registry.customers, args.user)
+    except UsersError as exc:
+        print(f"smame users remove: {exc}", file=sys.stderr)
+        return 2
+    print(f"removed {args.user} of {customer}; {_RELOAD_HINT}")
+    return 0
+
+
+def _users_list(settings: Settings, args: argparse.Namespace) -> int:
+    for customer, user, how in list_users(settings.registry.customers):
+        print(f"{customer:<12} {user:<24} {how}")
+    return 0
 
 
 def _verify(settings: Settings, args: argparse.Namespace) -> int:

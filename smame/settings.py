@@ -97,6 +97,48 @@ class ExportSettings(Section):
     grace_s: int = Field(default=120, ge=0, le=1800)
 
 
+class FtpSettings(Section):
+    """FTP and FTPS for customers (bans apply to SFTP too)."""
+
+    enabled: bool = True
+    host: str = "0.0.0.0"
+    port: int = Field(default=2121, ge=0, le=65535)
+    tls_required: bool = True
+    certfile: Path | None = None  # default: a self-signed one in <data_dir>/ftps-cert.pem
+    keyfile: Path | None = None
+    passive_ports: str = "60000-60099"
+    masquerade_address: str | None = None
+    max_connections: int = Field(default=256, ge=1)
+    max_connections_per_ip: int = Field(default=16, ge=1)
+    fail_delay_s: float = Field(default=3.0, ge=0)
+    ban_after: int = Field(default=5, ge=1)
+    ban_window_s: int = Field(default=600, ge=1)
+    ban_s: int = Field(default=3600, ge=1)
+
+    @field_validator("passive_ports")
+    @classmethod
+    def _ports(cls, v: str) -> str:
+        low, sep, high = v.partition("-")
+        if not (sep and low.isdigit() and high.isdigit() and 1024 <= int(low) <= int(high) <= 65535):
+            raise ValueError("must be a range like 60000-60099 (ports 1024 to 65535)")
+        return v
+
+    @property
+    def passive_range(self) -> range:
+        """The passive ports as a range."""
+        low, _, high = self.passive_ports.partition("-")
+        return range(int(low), int(high) + 1)
+
+
+class SftpSettings(Section):
+    """SFTP for customers."""
+
+    enabled: bool = True
+    host: str = "0.0.0.0"
+    port: int = Field(default=2222, ge=0, le=65535)
+    host_key: Path | None = None  # default: <data_dir>/ssh_host_ed25519_key, made on first start
+
+
 class LogSettings(Section):
     """Logging."""
 
@@ -118,6 +160,8 @@ class Settings(BaseSettings):
     registry: RegistrySettings = RegistrySettings()
     ingest: IngestSettings = IngestSettings()
     export: ExportSettings = ExportSettings()
+    ftp: FtpSettings = FtpSettings()
+    sftp: SftpSettings = SftpSettings()
     log: LogSettings = LogSettings()
 
     @field_validator("timezone")

@@ -1,0 +1,95 @@
+"""Who may log in, where their files are, and who is banned for failing too often."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ftp_gateway.passwords import verify_password
+from smame.registry import Registry
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    """One login: its customer, home directory and credentials."""
+
+    user: str
+    customer: str
+    home: Path
+    password_hash: str | None
+    ssh_keys: tuple[str, ...]
+
+
+class Accounts:
+    """Logins from the registry in force (so a reload takes effect at the next login)."""
+
+    def __init__(self, registry: Callable[[], Registry], export_dir: Path) -> None:
+        self.registry = registry
+        self.export_dir = export_dir
+
+    def get(self, user: str) -> Account | None:
+        """The account of a user name, or None."""
+        for customer in self.registry().customers.values():
+            for u in customer.users:
+                if u.name == user:
+                    home = self.export_dir / customer.id
+                    home.mkdir(parents=True, exist_ok=True)
+                    return Account(u.name, customer.id, home, u.password_hash, tuple(u.ssh_keys))
+        return None
+
+    def check_password(self, user: str, password: str) -> Account | None:
+        """The account when the password is right, else None (same work whether or not the user exists)."""
+        account = self.get(user)
+        ok = verify_password(password, account.password_hash if account else _DUMMY)
+        return account if ok and account is not None else None
+
+
+_DUMMY = "scrypt$16384$8$1$AAAAAAAAAAAAAAAAAAAAAA==$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
+
+
+@dataclass
+class Bans:
+    """Failed logins per address: after `max_failures` within `window` seconds, banned for `ban_s` seconds."""
+
+    max_failures: int = 5
+    window: float = 600.0
+    ban_s: float = 3600.0
+    on_ban: Callable[[str], None] = lambda address: None
+    clock: Callable[[], float] = time.monotonic
+    _failures: dict[str, list[float]] = field(default_factory=dict)
+    _until: dict[str, float] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    bans: int = 0
+
+    def banned(self, address: str) -> bool:
+        """Whether the address is banned now."""
+        with self._lock:
+            until = self._until.get(address)
+            if until is None:
+                return False
+            if self.clock() >= until:
+                del self._until[address]
+                return False
+            return True
+
+    def failed(self, address: str) -> bool:
+        """Count a failed login; True when it bans the address."""
+        with self._lock:
+            now = self.clock()
+            recent = [t for t in self._failures.get(address, []) if now - t < self.window] + [now]
+            if len(recent) < self.max_failures:
+                self._failures[address] = recent
+                return False
+            self._failures.pop(address, None)
+            self._until[address] = now + self.ban_s
+            self.bans += 1
+        self.on_ban(address)
+        return True
+
+    def succeeded(self, address: str) -> None:
+        """A good login forgets the address's earlier failures."""
+        with self._lock:
+            self._failures.pop(address, None)

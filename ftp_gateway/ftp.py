@@ -1,0 +1,159 @@
+"""FTP with explicit TLS (pyftpdlib): each customer's login sees its own directory, read-only.
+
+pyftpdlib is configured through class attributes, so each server gets its own handler subclass.
+It runs its own I/O loop, in a thread of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from OpenSSL import SSL
+from pyftpdlib.authorizers import AuthenticationFailed
+from pyftpdlib.handlers import FTPHandler, TLS_FTPHandler
+from pyftpdlib.servers import FTPServer
+
+from ftp_gateway.accounts import Accounts, Bans
+
+log = logging.getLogger("smame.ftp")
+READ_ONLY = "elr"  # change directory, list, retrieve
+
+
+@dataclass(frozen=True)
+class FtpOptions:
+    """What the FTP server needs from the settings."""
+
+    host: str
+    port: int
+    tls: tuple[Path, Path] | None  # certificate and key; None: plain FTP only
+    tls_required: bool
+    passive_ports: range | None
+    masquerade_address: str | None
+    max_connections: int
+    max_connections_per_ip: int
+    fail_delay_s: float
+
+
+class _Authorizer:
+    """pyftpdlib's authorizer interface over smame's accounts: hashed passwords, one home each."""
+
+    def __init__(self, accounts: Accounts, bans: Bans) -> None:
+        self.accounts = accounts
+        self.bans = bans
+
+    def validate_authentication(self, username: str, password: str, handler: Any) -> None:
+        if self.bans.banned(handler.remote_ip):
+            raise AuthenticationFailed("Too many failed logins from your address; try again later.")
+        if self.accounts.check_password(username, password) is None:
+            raise AuthenticationFailed("Authentication failed.")
+
+    def get_home_dir(self, username: str) -> str:
+        account = self.accounts.get(username)
+        assert account is not None
+        return str(account.home)
+
+    def has_user(self, username: str) -> bool:
+        return self.accounts.get(username) is not None
+
+    def has_perm(self, username: str, perm: str, path: str | None = None) -> bool:
+        if perm not in READ_ONLY:
+            return False
+        if path is None:
+            return True
+        home = os.path.realpath(self.get_home_dir(username))
+        real = os.path.realpath(path)
+        return real == home or real.startswith(home + os.sep)
+
+    def get_perms(self, username: str) -> str:
+        return READ_ONLY
+
+    def get_msg_login(self, username: str) -> str:
+        return "Logged in: your files, read-only."
+
+    def get_msg_quit(self, username: str) -> str:
+        return "Goodbye."
+
+    def impersonate_user(self, username: str, password: str) -> None:
+        pass
+
+    def terminate_impersonation(self, username: str) -> None:
+        pass
+
+
+def _handler(options: FtpOptions, accounts: Accounts, bans: Bans) -> type[FTPHandler]:
+    base: type[FTPHandler] = TLS_FTPHandler if options.tls else FTPHandler
+
+    class Handler(base):  # type: ignore[valid-type,misc]
+        authorizer = _Authorizer(accounts, bans)
+        banner = "smame file gateway"
+        passive_ports = options.passive_ports
+        masquerade_address = options.masquerade_address
+        auth_failed_timeout = options.fail_delay_s
+        permit_foreign_addresses = False
+        use_sendfile = False
+
+        def on_connect(self) -> None:
+            if bans.banned(self.remote_ip):
+                log.warning("ftp: refused %s: banned", self.remote_ip)
+                self.respond("421 Too many failed logins from your address; try again later.")
+                self.close_when_done()
+
+        def on_login(self, username: str) -> None:
+            bans.succeeded(self.remote_ip)
+            account = accounts.get(username)
+            log.info("ftp: login user=%s customer=%s address=%s tls=%s", username,
+                     account.customer if account else "?", self.remote_ip, bool(getattr(self, "_ssl_established", False)))
+
+        def on_login_failed(self, username: str, password: str) -> None:
+            log.warning("ftp: failed login user=%s address=%s", username, self.remote_ip)
+            if bans.failed(self.remote_ip):
+                log.error("ftp: address %s banned after repeated failed logins", self.remote_ip)
+
+        def on_file_sent(self, file: str) -> None:
+            log.info("ftp: download user=%s address=%s file=%s", self.username, self.remote_ip, file)
+
+        def log_cmd(self, cmd: str, arg: str, respcode: int, respstr: str) -> None:
+            if respcode >= 500 and cmd not in ("PASS",):  # refusals, with who and what
+                log.warning("ftp: refused %s %s user=%s address=%s: %s %s", cmd, arg, self.username, self.remote_ip,
+                            respcode, respstr)
+
+    if options.tls:
+        cert, key = options.tls
+        ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+        ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+        ctx.set_options(SSL.OP_NO_COMPRESSION)
+        ctx.use_certificate_chain_file(str(cert))
+        ctx.use_privatekey_file(str(key))
+        Handler.ssl_context = ctx
+        Handler.certfile = str(cert)
+        Handler.tls_control_required = options.tls_required
+        Handler.tls_data_required = options.tls_required
+    return Handler
+
+
+class FtpServer:
+    """The FTP/FTPS server in a thread of its own."""
+
+    def __init__(self, options: FtpOptions, accounts: Accounts, bans: Bans) -> None:
+        handler = _handler(options, accounts, bans)
+        self.server = FTPServer((options.host, options.port), handler)
+        self.server.max_cons = options.max_connections
+        self.server.max_cons_per_ip = options.max_connections_per_ip
+        self.port = self.server.address[1]
+        self._thread = threading.Thread(target=self._serve, name="ftp", daemon=True)
+
+    def _serve(self) -> None:
+        self.server.serve_forever(timeout=0.2, blocking=True, handle_exit=False)
+
+    def start(self) -> None:
+        self._thread.start()
+        log.info("ftp: listening on port %d", self.port)
+
+    def stop(self) -> None:
+        self.server.close_all()
+        self._thread.join(5)

@@ -1,0 +1,146 @@
+"""SFTP (asyncssh): password or public-key login, each customer chrooted to its directory, read-only."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+
+from ftp_gateway.accounts import Accounts, Bans
+
+log = logging.getLogger("smame.sftp")
+_WRITE_FLAGS = asyncssh.FXF_WRITE | asyncssh.FXF_APPEND | asyncssh.FXF_CREAT | asyncssh.FXF_TRUNC
+
+
+def _denied(what: str) -> asyncssh.SFTPError:
+    return asyncssh.SFTPError(asyncssh.FX_PERMISSION_DENIED, f"read-only: {what} refused")
+
+
+def host_key(path: Path) -> asyncssh.SSHKey:
+    """The server's key: made on first start and kept, so clients can pin it."""
+    if path.exists():
+        key = asyncssh.read_private_key(str(path))
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        key = asyncssh.generate_private_key("ssh-ed25519")
+        key.write_private_key(str(path))
+        os.chmod(path, 0o600)
+        log.info("sftp: new host key written to %s", path)
+    log.info("sftp: host key fingerprint %s", key.get_fingerprint("sha256"))
+    return key
+
+
+class _Server(asyncssh.SSHServer):
+    def __init__(self, accounts: Accounts, bans: Bans) -> None:
+        self.accounts = accounts
+        self.bans = bans
+        self.address = "?"
+        self.conn: asyncssh.SSHServerConnection | None = None
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self.conn = conn
+        self.address = (conn.get_extra_info("peername") or ("?",))[0]
+
+    def begin_auth(self, username: str) -> bool:
+        if self.bans.banned(self.address):
+            log.warning("sftp: refused %s: banned", self.address)
+            raise asyncssh.DisconnectError(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE,
+                                           "too many failed logins from your address; try again later")
+        account = self.accounts.get(username)
+        if account is not None and account.ssh_keys and self.conn is not None:
+            self.conn.set_authorized_keys(asyncssh.import_authorized_keys("\n".join(account.ssh_keys)))
+        return True
+
+    def password_auth_supported(self) -> bool:
+        return True
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+    def validate_password(self, username: str, password: str) -> bool:
+        if self.accounts.check_password(username, password) is not None:
+            self.bans.succeeded(self.address)
+            log.info("sftp: login user=%s address=%s (password)", username, self.address)
+            return True
+        log.warning("sftp: failed login user=%s address=%s", username, self.address)
+        if self.bans.failed(self.address):
+            log.error("sftp: address %s banned after repeated failed logins", self.address)
+        return False
+
+
+class ReadOnlySFTP(asyncssh.SFTPServer):
+    """Chrooted to the customer's directory; lists and reads, refuses everything else."""
+
+    def __init__(self, chan: asyncssh.SSHServerChannel, accounts: Accounts) -> None:
+        self.user = chan.get_extra_info("username")
+        account = accounts.get(self.user)
+        if account is None:  # removed from the registry since login
+            raise asyncssh.SFTPError(asyncssh.FX_PERMISSION_DENIED, "no such account")
+        self.home = os.path.realpath(account.home)
+        self.address = (chan.get_extra_info("peername") or ("?",))[0]
+        super().__init__(chan, chroot=self.home.encode())
+
+    def map_path(self, path: bytes) -> bytes:
+        local = super().map_path(path)
+        real = os.path.realpath(local)  # a symlink must not lead out of the customer's directory
+        if real != self.home.encode() and not real.startswith(self.home.encode() + b"/"):
+            raise asyncssh.SFTPError(asyncssh.FX_NO_SUCH_FILE, "no such file")
+        return local
+
+    def open(self, path: bytes, pflags: int, attrs: asyncssh.SFTPAttrs) -> Any:
+        if pflags & _WRITE_FLAGS:
+            log.warning("sftp: refused write user=%s address=%s path=%s", self.user, self.address, path.decode(errors="replace"))
+            raise _denied("writing")
+        log.info("sftp: download user=%s address=%s file=%s", self.user, self.address, path.decode(errors="replace"))
+        return super().open(path, pflags, attrs)
+
+    def _refuse(self, what: str) -> Any:
+        log.warning("sftp: refused %s user=%s address=%s", what, self.user, self.address)
+        raise _denied(what)
+
+    def remove(self, path: bytes) -> None:
+        self._refuse("remove")
+
+    def rename(self, oldpath: bytes, newpath: bytes) -> None:
+        self._refuse("rename")
+
+    def posix_rename(self, oldpath: bytes, newpath: bytes) -> None:
+        self._refuse("rename")
+
+    def mkdir(self, path: bytes, attrs: asyncssh.SFTPAttrs) -> None:
+        self._refuse("mkdir")
+
+    def rmdir(self, path: bytes) -> None:
+        self._refuse("rmdir")
+
+    def setstat(self, path: bytes, attrs: asyncssh.SFTPAttrs) -> None:
+        self._refuse("setstat")
+
+    def fsetstat(self, file_obj: object, attrs: asyncssh.SFTPAttrs) -> None:
+        self._refuse("setstat")
+
+    def lsetstat(self, path: bytes, attrs: asyncssh.SFTPAttrs) -> None:
+        self._refuse("setstat")
+
+    def symlink(self, oldpath: bytes, newpath: bytes) -> None:
+        self._refuse("symlink")
+
+    def link(self, oldpath: bytes, newpath: bytes) -> None:
+        self._refuse("link")
+
+    def readlink(self, path: bytes) -> bytes:
+        return self._refuse("readlink")  # a link's target would name places outside the directory
+
+
+async def start_sftp(host: str, port: int, key: asyncssh.SSHKey, accounts: Accounts, bans: Bans) -> asyncssh.SSHAcceptor:
+    """Listen for SFTP; the acceptor's `close()` stops it."""
+    acceptor = await asyncssh.listen(
+        host, port, server_host_keys=[key], server_factory=lambda: _Server(accounts, bans),
+        sftp_factory=lambda chan: ReadOnlySFTP(chan, accounts), allow_scp=False, process_factory=None,
+        login_timeout=30,
+    )
+    log.info("sftp: listening on port %d", acceptor.get_port())
+    return acceptor

@@ -1,0 +1,78 @@
+"""`smame users`: customers' FTP/SFTP logins, kept in customers.toml (edited in place, comments kept)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import tomlkit
+
+from ftp_gateway.passwords import hash_password
+
+USER = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class UsersError(ValueError):
+    """A user could not be added or removed; the message says why."""
+
+
+def _load(path: Path) -> tomlkit.TOMLDocument:
+    return tomlkit.parse(path.read_text(encoding="utf-8"))
+
+
+def _save(path: Path, doc: tomlkit.TOMLDocument) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(tomlkit.dumps(doc), encoding="utf-8")
+    tmp.replace(path)
+
+
+def _all(doc: tomlkit.TOMLDocument) -> list[tuple[str, str]]:
+    return [(cid, u["name"]) for cid, c in doc.get("customers", {}).items() for u in c.get("users", [])]
+
+
+def add_user(path: Path, customer: str, user: str, password: str | None, ssh_keys: list[str]) -> None:
+    """Add a login to a customer, with a scrypt hash of its password and/or SSH public keys."""
+    if not USER.match(user):
+        raise UsersError(f"user name {user!r} must be 1 to 64 of A-Z a-z 0-9 _ . -")
+    if not password and not ssh_keys:
+        raise UsersError("give a password or an SSH public key")
+    doc = _load(path)
+    customers = doc.get("customers", {})
+    if customer not in customers:
+        raise UsersError(f"customer {customer} is not in {path}")
+    if any(name == user for _, name in _all(doc)):
+        raise UsersError(f"user {user} exists already")
+    entry = tomlkit.table()
+    entry["name"] = user
+    if password:
+        entry["password_hash"] = hash_password(password)
+    if ssh_keys:
+        entry["ssh_keys"] = ssh_keys
+    users = customers[customer].setdefault("users", tomlkit.aot())
+    users.append(entry)
+    _save(path, doc)
+
+
+def remove_user(path: Path, user: str) -> str:
+    """Remove a login; return its customer."""
+    doc = _load(path)
+    for cid, c in doc.get("customers", {}).items():
+        users = c.get("users", [])
+        for i, u in enumerate(users):
+            if u["name"] == user:
+                del users[i]
+                _save(path, doc)
+                return str(cid)
+    raise UsersError(f"no user {user} in {path}")
+
+
+def list_users(path: Path) -> list[tuple[str, str, str]]:
+    """(customer, user, how it logs in) for every login."""
+    doc = _load(path)
+    out = []
+    for cid, c in doc.get("customers", {}).items():
+        for u in c.get("users", []):
+            how = ", ".join(k for k, present in (("password", "password_hash" in u), ("ssh key", bool(u.get("ssh_keys"))))
+                            if present)
+            out.append((str(cid), str(u["name"]), how))
+    return out

@@ -1,0 +1,282 @@
+"""Customers fetch their files over FTPS and SFTP, and nothing else: real servers, real clients."""
+
+from __future__ import annotations
+
+import ftplib
+import io
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import paramiko
+import pytest
+
+from csv_export.files import write_if_changed
+from tests.helpers import STARTED, free_port, smame, smame_env, wait_log, write_registry
+
+PASSWORDS = {"alice": "alice-password-1", "bob": "bob-password-22"}
+
+
+@dataclass
+class Gateway:
+    env: dict[str, str]
+    ftp: int
+    sftp: int
+    export: Path
+    log: Path
+    proc: subprocess.Popen[bytes]
+
+
+@pytest.fixture
+def gateway(workdir: Path) -> Iterator[Gateway]:
+    write_registry(workdir, {"U1": "C1", "U2": "C2"})
+    export = workdir / "data" / "export"
+    for customer in ("C1", "C2"):
+        write_if_changed(export / customer / f"{customer}_20261123.csv", f"unit_id\n{customer}-data\n".encode())
+    ftp, sftp = free_port(), free_port()
+    env = smame_env(workdir, 1883, SMAME_FTP__HOST="127.0.0.1", SMAME_FTP__PORT=str(ftp), SMAME_SFTP__HOST="127.0.0.1",
+                    SMAME_SFTP__PORT=str(sftp), SMAME_FTP__FAIL_DELAY_S="0.05", SMAME_FTP__BAN_AFTER="3",
+                    SMAME_FTP__BAN_S="3", SMAME_FTP__PASSIVE_PORTS=f"{40000 + ftp % 20000}-{40009 + ftp % 20000}")
+    for user, customer in (("alice", "C1"), ("bob", "C2")):
+        proc = subprocess.run([sys.executable, "-m", "smame.cli", "users", "add", customer, user, "--password-stdin"],
+                              env=env, input=PASSWORDS[user] + "\n", capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+    log = workdir / "files.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "smame.cli", "serve-files"], env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
+    STARTED.append(proc)  # type: ignore[arg-type]
+    wait_log(log, "sftp: listening")
+    wait_log(log, "ftp: listening")
+    yield Gateway(env, ftp, sftp, export, log, proc)
+    proc.terminate()
+    proc.wait(10)
+
+
+def ftps(g: Gateway, user: str = "alice", password: str | None = None) -> ftplib.FTP_TLS:
+    ctx = ssl.create_default_context(cafile=str(g.export.parent / "ftps-cert.pem"))
+    client = ftplib.FTP_TLS(context=ctx, timeout=10)
+    client.connect("127.0.0.1", g.ftp)
+    client.auth()
+    client.login(user, password or PASSWORDS[user])
+    client.prot_p()
+    return client
+
+
+def sftp(g: Gateway, user: str = "alice", password: str | None = None) -> paramiko.SFTPClient:
+    transport = paramiko.Transport(("127.0.0.1", g.sftp))
+    transport.connect(username=user, password=password or PASSWORDS[user])
+    return paramiko.SFTPClient.from_transport(transport)  # type: ignore[return-value]
+
+
+def retr(client: ftplib.FTP, name: str) -> bytes:
+    buf = io.BytesIO()
+    client.retrbinary(f"RETR {name}", buf.write)
+    return buf.getvalue()
+
+
+def test_passwords_are_stored_only_as_salted_hashes(gateway: Gateway) -> None:
+    text = (Path(gateway.env["SMAME_REGISTRY__CUSTOMERS"])).read_text()
+    assert "alice-password-1" not in text and text.count("password_hash = \"scrypt$") == 2
+    listing = smame(["users", "list"], gateway.env).stdout
+    assert "C1" in listing and "alice" in listing and "password" in listing
+
+
+def test_customer_lists_and_downloads_its_own_files_over_ftps(gateway: Gateway) -> None:
+    client = ftps(gateway)
+    assert client.nlst() == ["C1_20261123.csv", "C1_20261123.csv.sha256"]
+    assert retr(client, "C1_20261123.csv") == (gateway.export / "C1" / "C1_20261123.csv").read_bytes()
+    client.quit()
+    wait_log(gateway.log, "ftp: download user=alice")
+
+
+def test_customer_lists_and_downloads_its_own_files_over_sftp(gateway: Gateway) -> None:
+    client = sftp(gateway)
+    assert sorted(client.listdir(".")) == ["C1_20261123.csv", "C1_20261123.csv.sha256"]
+    with client.open("C1_20261123.csv") as f:
+        assert f.read() == (gateway.export / "C1" / "C1_20261123.csv").read_bytes()
+    client.close()
+
+
+def test_ssh_key_login(gateway: Gateway, workdir: Path) -> None:
+    key = paramiko.ECDSAKey.generate()
+    pub = workdir / "carol.pub"
+    pub.write_text(f"{key.get_name()} {key.get_base64()} carol@test\n")
+    smame(["users", "add", "C1", "carol", "--ssh-key", str(pub)], gateway.env)
+    gateway.proc.send_signal(signal.SIGHUP)  # the running gateway takes the new login without a restart
+    wait_log(gateway.log, "registry reloaded")
+    transport = paramiko.Transport(("127.0.0.1", gateway.sftp))
+    transport.connect(username="carol", pkey=key)
+    client = paramiko.SFTPClient.from_transport(transport)
+    assert client is not None and "C1_20261123.csv" in client.listdir(".")
+    client.close()
+
+
+def test_ftps_refuses_everything_but_reading_ones_own_files(gateway: Gateway) -> None:
+    outside = gateway.export / "C1" / "escape.csv"
+    os.symlink(gateway.export / "C2" / "C2_20261123.csv", outside)
+    client = ftps(gateway)
+    client.cwd("/")
+    assert "C2_20261123.csv" not in client.nlst()
+    for cmd in ("RETR ../C2/C2_20261123.csv", "RETR /../C2/C2_20261123.csv", "RETR escape.csv"):
+        with pytest.raises(ftplib.error_perm):
+            retr(client, cmd.split(" ", 1)[1])
+    with pytest.raises(ftplib.error_perm):
+        client.cwd("../C2")
+    for cmd in ("DELE C1_20261123.csv", "MKD new", "RMD x", "SITE CHMOD 777 C1_20261123.csv",
+                "RNFR C1_20261123.csv"):
+        with pytest.raises(ftplib.error_perm):
+            client.sendcmd(cmd)
+    for verb in ("STOR", "APPE"):
+        with pytest.raises(ftplib.error_perm):
+            client.storbinary(f"{verb} C1_20261123.csv", io.BytesIO(b"overwritten"))
+    client.quit()
+    assert (gateway.export / "C1" / "C1_20261123.csv").read_bytes() == b"unit_id\nC1-data\n"
+    assert sorted(p.name for p in (gateway.export / "C1").iterdir()) == ["C1_20261123.csv", "C1_20261123.csv.sha256",
+                                                                         "escape.csv"]
+
+
+def test_sftp_refuses_everything_but_reading_ones_own_files(gateway: Gateway, workdir: Path) -> None:
+    os.symlink(gateway.export / "C2" / "C2_20261123.csv", gateway.export / "C1" / "escape.csv")
+    client = sftp(gateway)
+    assert "C2_20261123.csv" not in client.listdir("/")
+    for path in ("../C2/C2_20261123.csv", "/../C2/C2_20261123.csv", "escape.csv", "/etc/passwd"):
+        with pytest.raises(OSError):
+            client.open(path).read()
+    local = workdir / "upload.csv"
+    local.write_text("x\n")
+    attempts = [
+        lambda: client.put(str(local), "new.csv"),
+        lambda: client.open("C1_20261123.csv", "w"),
+        lambda: client.open("C1_20261123.csv", "a"),
+        lambda: client.remove("C1_20261123.csv"),
+        lambda: client.rename("C1_20261123.csv", "x.csv"),
+        lambda: client.mkdir("d"),
+        lambda: client.rmdir("d"),
+        lambda: client.chmod("C1_20261123.csv", 0o777),
+        lambda: client.symlink("/", "root"),
+        lambda: client.readlink("escape.csv"),
+    ]
+    for attempt in attempts:
+        with pytest.raises(OSError):
+            attempt()
+    client.close()
+    assert (gateway.export / "C1" / "C1_20261123.csv").read_bytes() == b"unit_id\nC1-data\n"
+    assert sorted(p.name for p in (gateway.export / "C1").iterdir()) == ["C1_20261123.csv", "C1_20261123.csv.sha256",
+                                                                         "escape.csv"]
+
+
+def test_plain_ftp_user_is_refused_before_any_password(gateway: Gateway) -> None:
+    client = ftplib.FTP(timeout=10)
+    client.connect("127.0.0.1", gateway.ftp)
+    with pytest.raises(ftplib.error_perm, match="550 SSL/TLS required"):
+        client.sendcmd("USER alice")
+    client.close()
+
+
+def test_tls_older_than_1_2_is_refused(gateway: Gateway, workdir: Path) -> None:
+    old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    old.check_hostname, old.verify_mode = False, ssl.CERT_NONE
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        old.minimum_version = ssl.TLSVersion.TLSv1
+        old.maximum_version = ssl.TLSVersion.TLSv1_1
+    old.set_ciphers("DEFAULT:@SECLEVEL=0")  # let the client offer TLS 1.1 at all
+    assert _handshake_with_a_permissive_server(old, workdir) == "TLSv1.1"  # so the refusal below is the gateway's
+    client = ftplib.FTP_TLS(context=old, timeout=10)
+    client.connect("127.0.0.1", gateway.ftp)
+    with pytest.raises((ssl.SSLError, OSError)):
+        client.auth()
+
+
+def _handshake_with_a_permissive_server(client: ssl.SSLContext, workdir: Path) -> str | None:
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    cert = workdir / "data" / "ftps-cert.pem"
+    server.load_cert_chain(cert, workdir / "data" / "ftps-key.pem")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        server.minimum_version = ssl.TLSVersion.TLSv1
+    server.set_ciphers("DEFAULT:@SECLEVEL=0")
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        accepted: list[str | None] = []
+
+        def accept() -> None:
+            conn, _ = listener.accept()
+            try:
+                with server.wrap_socket(conn, server_side=True) as s:
+                    accepted.append(s.version())
+            except ssl.SSLError:
+                accepted.append(None)
+
+        thread = threading.Thread(target=accept)
+        thread.start()
+        with socket.create_connection(listener.getsockname()) as raw, client.wrap_socket(raw) as tls:
+            version = tls.version()
+        thread.join(5)
+    return version
+
+
+def test_repeated_failures_ban_the_address_for_a_while(gateway: Gateway) -> None:
+    for _ in range(3):
+        with pytest.raises(ftplib.error_perm):
+            ftps(gateway, password="wrong-password")
+    wait_log(gateway.log, "banned after repeated failed logins")
+    with pytest.raises((ftplib.error_temp, ftplib.error_perm, EOFError, OSError)):
+        ftps(gateway)  # the right password, from a banned address
+    with pytest.raises(paramiko.SSHException):
+        sftp(gateway)
+    time.sleep(3.2)
+    ftps(gateway).quit()  # the ban has ended
+
+
+def test_a_download_during_a_rewrite_gets_one_whole_version(gateway: Gateway) -> None:
+    path = gateway.export / "C1" / "C1_20261124.csv"
+    versions = [b"a" * 300_000 + b"\n", b"b" * 200_000 + b"\n"]
+    write_if_changed(path, versions[0])
+    done = threading.Event()
+
+    def rewrite() -> None:
+        i = 0
+        while not done.is_set():
+            i += 1
+            write_if_changed(path, versions[i % 2])
+
+    writer = threading.Thread(target=rewrite)
+    writer.start()
+    try:
+        client = ftps(gateway)
+        got = [retr(client, path.name) for _ in range(15)]
+        client.quit()
+        s = sftp(gateway)
+        for _ in range(15):
+            with s.open(path.name) as f:
+                got.append(f.read())
+        s.close()
+    finally:
+        done.set()
+        writer.join()
+    assert all(g in versions for g in got)
+
+
+def test_users_cli_errors(gateway: Gateway) -> None:
+    env = gateway.env
+    for args, stdin, message in ((["users", "add", "C9", "x", "--password-stdin"], "long-enough-pass\n", "customer C9"),
+                                 (["users", "add", "C1", "alice", "--password-stdin"], "long-enough-pass\n", "exists"),
+                                 (["users", "add", "C1", "dan", "--password-stdin"], "short\n", "at least 12"),
+                                 (["users", "remove", "nobody"], "", "no user nobody")):
+        proc = subprocess.run([sys.executable, "-m", "smame.cli", *args], env=env, input=stdin, capture_output=True,
+                              text=True)
+        assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
+    smame(["users", "remove", "bob"], env)
+    assert "bob" not in smame(["users", "list"], env).stdout
