@@ -36,8 +36,8 @@ class Gateway:
     proc: subprocess.Popen[bytes]
 
 
-@pytest.fixture
-def gateway(workdir: Path) -> Iterator[Gateway]:
+@pytest.fixture(params=[True], ids=["tls-required"])
+def gateway(workdir: Path, request: pytest.FixtureRequest) -> Iterator[Gateway]:
     write_registry(workdir, {"U1": "C1", "U2": "C2"})
     export = workdir / "data" / "export"
     for customer in ("C1", "C2"):
@@ -45,7 +45,8 @@ def gateway(workdir: Path) -> Iterator[Gateway]:
     ftp, sftp = free_port(), free_port()
     env = smame_env(workdir, 1883, SMAME_FTP__HOST="127.0.0.1", SMAME_FTP__PORT=str(ftp), SMAME_SFTP__HOST="127.0.0.1",
                     SMAME_SFTP__PORT=str(sftp), SMAME_FTP__FAIL_DELAY_S="0.05", SMAME_FTP__BAN_AFTER="3",
-                    SMAME_FTP__BAN_S="3", SMAME_FTP__PASSIVE_PORTS=f"{40000 + ftp % 20000}-{40009 + ftp % 20000}")
+                    SMAME_FTP__BAN_S="3", SMAME_FTP__PASSIVE_PORTS=f"{40000 + ftp % 20000}-{40009 + ftp % 20000}",
+                    SMAME_FTP__TLS_REQUIRED=str(request.param).lower())
     for user, customer in (("alice", "C1"), ("bob", "C2")):
         proc = subprocess.run([sys.executable, "-m", "smame.cli", "users", "add", customer, user, "--password-stdin"],
                               env=env, input=PASSWORDS[user] + "\n", capture_output=True, text=True)
@@ -97,6 +98,19 @@ def test_customer_lists_and_downloads_its_own_files_over_ftps(gateway: Gateway) 
     assert retr(client, "C1_20261123.csv") == (gateway.export / "C1" / "C1_20261123.csv").read_bytes()
     client.quit()
     wait_log(gateway.log, "ftp: download user=alice")
+
+
+@pytest.mark.parametrize("gateway", [False], ids=["tls-optional"], indirect=True)
+def test_plain_ftp_when_the_operator_allows_it(gateway: Gateway) -> None:
+    client = ftplib.FTP(timeout=10)
+    client.connect("127.0.0.1", gateway.ftp)
+    client.login("alice", PASSWORDS["alice"])
+    assert client.nlst() == ["C1_20261123.csv", "C1_20261123.csv.sha256"]
+    assert retr(client, "C1_20261123.csv") == (gateway.export / "C1" / "C1_20261123.csv").read_bytes()
+    with pytest.raises(ftplib.error_perm):
+        retr(client, "../C2/C2_20261123.csv")
+    client.quit()
+    wait_log(gateway.log, "ftp: login user=alice customer=C1 address=127.0.0.1 tls=False")
 
 
 def test_customer_lists_and_downloads_its_own_files_over_sftp(gateway: Gateway) -> None:
