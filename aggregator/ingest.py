@@ -57,6 +57,7 @@ class Ingestor:
         self.grid = grid
         self.cache_limit = cache_limit
         self._cache: dict[str, _UnitState] = {}
+        self.totals = Outcome()  # since start, for the metrics
 
     def commit(self, readings: list[Incoming], refused: list[Refused], now: int) -> Outcome:
         """Store a batch atomically: valid readings, and input refused before the store saw it."""
@@ -92,6 +93,9 @@ class Ingestor:
             raise
         for r in refused:
             outcome.quarantined[r.reason] += 1
+        t = self.totals
+        t.stored, t.duplicates, t.slots = t.stored + outcome.stored, t.duplicates + outcome.duplicates, t.slots + outcome.slots
+        t.quarantined.update(outcome.quarantined)
         if len(self._cache) > self.cache_limit:
             self._cache.clear()
         return outcome

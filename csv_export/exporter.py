@@ -150,6 +150,7 @@ class Exporter:
         self.stats.files_unchanged += result.unchanged
         self.stats.files_deleted += len(result.deleted)
         self.stats.last_success = time.time()
+        self.stats.last_error = ""
         if result.written or result.deleted:
             log.info("export: %d files written, %d unchanged, %d deleted by retention",
                      len(result.written), result.unchanged, len(result.deleted))

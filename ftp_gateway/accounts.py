@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ class Accounts:
     def __init__(self, registry: Callable[[], Registry], export_dir: Path) -> None:
         self.registry = registry
         self.export_dir = export_dir
+        self.events: Counter[tuple[str, str]] = Counter()  # (protocol, login|failed_login|download) for metrics
 
     def get(self, user: str) -> Account | None:
         """The account of a user name, or None."""

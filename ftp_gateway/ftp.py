@@ -105,17 +105,20 @@ def _handler(options: FtpOptions, accounts: Accounts, bans: Bans) -> type[FTPHan
 
         def on_login(self, username: str) -> None:
             bans.succeeded(self.remote_ip)
+            accounts.events[("ftp", "login")] += 1
             account = accounts.get(username)
             log.info("ftp: login user=%s customer=%s address=%s tls=%s", username,
                      account.customer if account else "?", self.remote_ip, bool(getattr(self, "_ssl_established", False)))
 
         def on_login_failed(self, username: str, password: str) -> None:
             log.warning("ftp: failed login user=%s address=%s", username, self.remote_ip)
+            accounts.events[("ftp", "failed_login")] += 1
             if bans.failed(self.remote_ip):
                 log.error("ftp: address %s banned after repeated failed logins", self.remote_ip)
 
         def on_file_sent(self, file: str) -> None:
             log.info("ftp: download user=%s address=%s file=%s", self.username, self.remote_ip, file)
+            accounts.events[("ftp", "download")] += 1
 
         def log_cmd(self, cmd: str, arg: str, respcode: int, respstr: str) -> None:
             if respcode >= 500 and cmd not in ("PASS",):  # refusals, with who and what

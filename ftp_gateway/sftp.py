@@ -63,9 +63,11 @@ class _Server(asyncssh.SSHServer):
     def validate_password(self, username: str, password: str) -> bool:
         if self.accounts.check_password(username, password) is not None:
             self.bans.succeeded(self.address)
+            self.accounts.events[("sftp", "login")] += 1
             log.info("sftp: login user=%s address=%s (password)", username, self.address)
             return True
         log.warning("sftp: failed login user=%s address=%s", username, self.address)
+        self.accounts.events[("sftp", "failed_login")] += 1
         if self.bans.failed(self.address):
             log.error("sftp: address %s banned after repeated failed logins", self.address)
         return False
@@ -81,6 +83,7 @@ class ReadOnlySFTP(asyncssh.SFTPServer):
             raise asyncssh.SFTPError(asyncssh.FX_PERMISSION_DENIED, "no such account")
         self.home = os.path.realpath(account.home)
         self.address = (chan.get_extra_info("peername") or ("?",))[0]
+        self.events = accounts.events
         super().__init__(chan, chroot=self.home.encode())
 
     def map_path(self, path: bytes) -> bytes:
@@ -95,6 +98,7 @@ class ReadOnlySFTP(asyncssh.SFTPServer):
             log.warning("sftp: refused write user=%s address=%s path=%s", self.user, self.address, path.decode(errors="replace"))
             raise _denied("writing")
         log.info("sftp: download user=%s address=%s file=%s", self.user, self.address, path.decode(errors="replace"))
+        self.events[("sftp", "download")] += 1
         return super().open(path, pflags, attrs)
 
     def _refuse(self, what: str) -> Any:

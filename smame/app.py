@@ -19,6 +19,9 @@ from ftp_gateway.accounts import Accounts, Bans
 from ftp_gateway.certs import ensure_certificate
 from ftp_gateway.ftp import FtpOptions
 from ftp_gateway.service import FileGateway
+from monitoring.http import MonitoringServer
+from monitoring.metrics import SmameCollector, Sources
+from prometheus_client import CollectorRegistry
 from smame.registry import Registry, RegistryError, load_registry
 from smame.settings import Settings
 
@@ -138,7 +141,35 @@ class App:
             out["export"] = self.exporter.run
         if self.gateway is not None:
             out["files"] = self.gateway.run
+        if self.settings.monitoring.enabled:
+            out["monitoring"] = self.monitor
         return out
+
+    def health(self) -> dict[str, str]:
+        """Each part's state for /healthz: "ok" or what is wrong."""
+        checks = {"ingest": "ok" if self.bridge.stats.connected else "not connected to the broker"}
+        if self.exporter is not None:
+            error = self.exporter.stats.last_error
+            checks["export"] = "ok" if not error else f"failing: {error}"
+        if self.gateway is not None:
+            up = self.gateway.ftp_port is not None or self.gateway.sftp_port is not None
+            checks["delivery"] = "ok" if up else "not listening"
+        return checks
+
+    async def monitor(self) -> None:
+        """Serve /metrics and /healthz until cancelled."""
+        registry = CollectorRegistry()
+        registry.register(SmameCollector(Sources(
+            self.bridge.stats, self.ingestor.totals, lambda: len(self.registry.current.units),
+            self.exporter.stats if self.exporter else None,
+            self.gateway.accounts if self.gateway else None, self.gateway.bans if self.gateway else None)))
+        m = self.settings.monitoring
+        server = MonitoringServer(m.host, m.metrics_port, registry, self.health)
+        server.start()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await asyncio.get_running_loop().run_in_executor(None, server.stop)
 
     async def run(self) -> None:
         """Run every service until SIGTERM/SIGINT; a crashed service stops them all and raises."""

@@ -139,6 +139,14 @@ class SftpSettings(Section):
     host_key: Path | None = None  # default: <data_dir>/ssh_host_ed25519_key, made on first start
 
 
+class MonitoringSettings(Section):
+    """Prometheus metrics and the health endpoint."""
+
+    enabled: bool = True
+    host: str = "0.0.0.0"
+    metrics_port: int = Field(default=9108, ge=0, le=65535)
+
+
 class LogSettings(Section):
     """Logging."""
 
@@ -162,6 +170,7 @@ class Settings(BaseSettings):
     export: ExportSettings = ExportSettings()
     ftp: FtpSettings = FtpSettings()
     sftp: SftpSettings = SftpSettings()
+    monitoring: MonitoringSettings = MonitoringSettings()
     log: LogSettings = LogSettings()
 
     @field_validator("timezone")

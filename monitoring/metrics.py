@@ -1,0 +1,75 @@
+"""Prometheus metrics, read from the services' own counters at scrape time (nothing is counted twice)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from aggregator.ingest import Outcome
+from broker_bridge.bridge import BridgeStats
+from csv_export.exporter import ExportStats
+from ftp_gateway.accounts import Accounts, Bans
+
+
+@dataclass
+class Sources:
+    """Where the figures come from; any part may be absent (disabled)."""
+
+    bridge: BridgeStats
+    ingest: Outcome
+    units: Callable[[], int]
+    export: ExportStats | None = None
+    accounts: Accounts | None = None
+    bans: Bans | None = None
+
+
+class SmameCollector(Collector):
+    """Every smame_ metric."""
+
+    def __init__(self, sources: Sources) -> None:
+        self.s = sources
+
+    def collect(self) -> Iterator[Metric]:
+        b, i = self.s.bridge, self.s.ingest
+        yield _counter("smame_telegrams_received", "MQTT messages received", b.received)
+        yield _counter("smame_telegrams_acknowledged", "PUBACKs sent after commit", b.acked)
+        yield _counter("smame_readings_stored", "new readings committed", i.stored)
+        yield _counter("smame_readings_duplicate", "readings received again with the same values", i.duplicates)
+        yield _counter("smame_slots_written", "30-minute slots written or rewritten", i.slots)
+        quarantined = CounterMetricFamily("smame_quarantined", "telegrams or readings refused, by reason", labels=["reason"])
+        for reason, n in sorted(i.quarantined.items()):
+            quarantined.add_metric([reason], n)
+        yield quarantined
+        yield _counter("smame_commit_batches", "ingest transactions committed", b.batches)
+        yield _gauge("smame_commit_last_batch_size", "telegrams in the last committed batch", b.last_batch)
+        yield _gauge("smame_commit_last_seconds", "duration of the last commit", b.last_commit_s)
+        yield _gauge("smame_broker_connected", "1 while connected to the broker", int(b.connected))
+        yield _counter("smame_broker_connects", "successful broker connections", b.connects)
+        yield _counter("smame_broker_sessions_lost", "reconnects that found no session at the broker", b.sessions_lost)
+        yield _gauge("smame_units_registered", "units in the registry", self.s.units())
+        if self.s.export is not None:
+            e = self.s.export
+            yield _counter("smame_export_runs", "export runs", e.runs)
+            yield _counter("smame_export_failures", "export runs that failed", e.failures)
+            yield _counter("smame_export_files_written", "CSV files written", e.files_written)
+            yield _counter("smame_export_files_deleted", "CSV files deleted by retention", e.files_deleted)
+            yield _gauge("smame_export_last_success_timestamp_seconds", "time of the last successful run", e.last_success)
+        if self.s.accounts is not None:
+            events = CounterMetricFamily("smame_files_events", "file gateway logins, failed logins and downloads",
+                                         labels=["protocol", "event"])
+            for (protocol, event), n in sorted(self.s.accounts.events.items()):
+                events.add_metric([protocol, event], n)
+            yield events
+        if self.s.bans is not None:
+            yield _counter("smame_files_bans", "addresses banned after repeated failed logins", self.s.bans.bans)
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, doc, value=value)
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, value=value)
