@@ -194,11 +194,25 @@ class Store:
         return [SlotRow(*r) for r in rows]
 
     def all_slots(self, after: int, until: int) -> list[tuple[Any, ...]]:
-        """Every unit's slots with `after < slot <= until`, as (slot, unit, imp, imp_q, exp, exp_q, meter, e1, coef)."""
+        """Every unit's slots with `after < slot <= until`: (slot, unit, imp, imp_q, exp, exp_q, meter, e1, coef, flags)."""
         return self.db.execute(
-            "SELECT slot, unit, imp, imp_q, exp, exp_q, meter, e1, coef FROM slots WHERE slot > ? AND slot <= ?",
+            "SELECT slot, unit, imp, imp_q, exp, exp_q, meter, e1, coef, imp_flags | exp_flags FROM slots "
+            "WHERE slot > ? AND slot <= ?",
             (after, until),
         ).fetchall()
+
+    def last_readings(self, units: Iterable[str]) -> dict[str, int | None]:
+        """Time of each unit's newest reading (None: never heard of)."""
+        return {u: self.last_at(u) for u in units}
+
+    def quarantine_between(self, start: int, end: int) -> tuple[dict[str, int], list[str]]:
+        """Quarantined items received in [start, end): counts by reason, and the unknown units that tried."""
+        counts = {r: int(n) for r, n in self.db.execute(
+            "SELECT reason, count(*) FROM quarantine WHERE received >= ? AND received < ? GROUP BY reason", (start, end))}
+        unknown = [u for (u,) in self.db.execute(
+            "SELECT DISTINCT unit FROM quarantine WHERE reason = 'unknown_unit' AND received >= ? AND received < ? "
+            "ORDER BY unit", (start, end))]
+        return counts, unknown
 
     def prune(self, before: int, chunk: int = 500) -> tuple[int, int]:
         """Delete readings and slots older than `before` (epoch); return how many of each.

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date
+from typing import Any
 
 from aggregator.slots import format_kwh
 from aggregator.timegrid import SlotLabel
@@ -29,8 +30,8 @@ class Layout:
     include_export: bool = True
 
 
-# (slot end, unit, imp, imp_q, exp, exp_q, meter, e1, coef), as the store returns them
-SlotTuple = tuple[int, str, int | None, str | None, int | None, str | None, str | None, int | None, int | None]
+# (slot end, unit, imp, imp_q, exp, exp_q, meter, e1, coef, flags), as the store returns them
+SlotTuple = tuple[Any, ...]
 
 
 class _Kwh:
@@ -129,7 +130,7 @@ def _long(day: str, labels: Sequence[tuple[int, SlotLabel]], units: Iterable[tup
             if r is None:
                 append(f"{head}{prefix},,M" if export else f"{head}{prefix},M")
                 continue
-            _, _, imp, imp_q, exp, exp_q, meter, e1, coef = r
+            imp, imp_q, exp, exp_q, meter, e1, coef = r[2:9]
             if meter and meter != serial:  # the meter was replaced during the day
                 serial = meter
                 head = f"{unit},{cell(serial)},"

@@ -17,6 +17,9 @@ from pathlib import Path
 from aggregator.slots import flag_names, format_kwh
 from aggregator.timegrid import Grid
 from csv_export.files import check_writable
+from csv_export.render import by_unit
+from monitoring.detect import detect
+from monitoring.report import problems_csv, render_text
 from smame.app import App, RegistryHolder, build_exporter, build_gateway, open_store
 from smame.users import UsersError, add_user, list_users, remove_user
 from smame.logs import setup_logging
@@ -126,6 +129,11 @@ def _parser() -> argparse.ArgumentParser:
     remove.set_defaults(func=_users_remove)
     listing = users_sub.add_parser("list", parents=[common], help="list logins")
     listing.set_defaults(func=_users_list)
+
+    report = sub.add_parser("report", parents=[common], help="the daily report on one local day (printed)")
+    report.add_argument("--date", type=_date, help="local day (default: yesterday)")
+    report.add_argument("--csv", type=Path, metavar="FILE", help="also write every problem slot to FILE")
+    report.set_defaults(func=_report)
 
     verify = sub.add_parser("verify", parents=[common], help="compare the stored slots with a simulator's truth file")
     verify.add_argument("--truth", type=Path, required=True, metavar="FILE")
@@ -374,6 +382,28 @@ def _users_remove(settings: Settings, args: argparse.Namespace) -> int:
 def _users_list(settings: Settings, args: argparse.Namespace) -> int:
     for customer, user, how in list_users(settings.registry.customers):
         print(f"{customer:<12} {user:<24} {how}")
+    return 0
+
+
+def _report(settings: Settings, args: argparse.Namespace) -> int:
+    grid = Grid(settings.timezone)
+    registry = RegistryHolder(settings).current
+    now = int(time.time())
+    day = args.date or grid.day_of(grid.floor(now)) - timedelta(days=1)
+    labels = [(e, grid.label(e)) for e in grid.day_slots(day) if e <= now]
+    store = open_store(settings)
+    try:
+        rows = by_unit(store.all_slots(grid.day_start(day), labels[-1][0])) if labels else {}
+        units = [(u.id, u.customer) for u in sorted(registry.units.values(), key=lambda u: u.id)]
+        last = store.last_readings(u for u, _ in units)
+        quarantine, unknown = store.quarantine_between(grid.day_start(day), grid.day_start(day + timedelta(days=1)))
+    finally:
+        store.close()
+    findings, problems = detect(day, labels, units, rows, last, now)
+    print(render_text(day, settings.timezone, len(labels), findings, quarantine, unknown), end="")
+    if args.csv:
+        args.csv.write_bytes(problems_csv(problems))
+        print(f"\n{len(problems)} problem slots written to {args.csv}")
     return 0
 
 

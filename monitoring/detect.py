@@ -1,0 +1,94 @@
+"""What went wrong with which unit on a day (pure: the store's rows in, findings out)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import date
+
+from aggregator.slots import flag_names
+from aggregator.timegrid import SlotLabel
+from csv_export.render import SlotTuple
+
+
+@dataclass(frozen=True, slots=True)
+class ProblemSlot:
+    """One slot of one unit that an operator should know about."""
+
+    unit: str
+    customer: str
+    day: date
+    index: int
+    start: str
+    end: str
+    problem: str  # missing | estimated | zero_run | a flag name (rollover, reset, replacement, spike, ...)
+
+
+@dataclass
+class UnitFindings:
+    """A unit's day."""
+
+    unit: str
+    customer: str
+    missing: list[int] = field(default_factory=list)  # slot numbers
+    estimated: list[int] = field(default_factory=list)
+    flags: Counter[str] = field(default_factory=Counter)
+    zero_runs: list[tuple[int, int]] = field(default_factory=list)  # (first, last) slot numbers
+    silent_since: int | None = None  # epoch of the last reading, when older than the limit
+
+    @property
+    def has_problems(self) -> bool:
+        return bool(self.missing or self.estimated or self.flags or self.zero_runs or self.silent_since is not None)
+
+
+def detect(
+    day: date,
+    labels: Sequence[tuple[int, SlotLabel]],
+    units: Iterable[tuple[str, str]],
+    slots: Mapping[str, Mapping[int, SlotTuple]],
+    last_reading: Mapping[str, int | None],
+    now: int,
+    silent_after: int = 86400,
+    zero_run: int = 12,
+) -> tuple[list[UnitFindings], list[ProblemSlot]]:
+    """Findings per unit (`units`: (unit, customer)) and every problem slot, for a day's closed slots."""
+    findings, problems = [], []
+    for unit, customer in units:
+        rows = slots.get(unit, {})
+        f = UnitFindings(unit, customer)
+        run: list[int] = []
+        for end, lab in labels:
+            r = rows.get(end)
+            quality = (r[3] or "M") if r is not None else "M"
+            what: list[str] = []
+            if quality == "M":
+                f.missing.append(lab.index)
+                what.append("missing")
+            elif quality == "E":
+                f.estimated.append(lab.index)
+                what.append("estimated")
+            if r is not None:
+                names = flag_names(r[9] if len(r) > 9 else 0)
+                f.flags.update(names)
+                what += names
+            if r is not None and quality == "A" and r[2] == 0:
+                run.append(lab.index)
+            else:
+                _close_run(run, zero_run, f)
+                run = []
+            problems += [ProblemSlot(unit, customer, day, lab.index, lab.start, lab.end, w) for w in what]
+        _close_run(run, zero_run, f)
+        for first, last in f.zero_runs:
+            problems += [ProblemSlot(unit, customer, day, lab.index, lab.start, lab.end, "zero_run")
+                         for _, lab in labels if first <= lab.index <= last]
+        last = last_reading.get(unit)
+        if last is None or now - last > silent_after:
+            f.silent_since = last if last is not None else 0
+        findings.append(f)
+    return findings, problems
+
+
+def _close_run(run: list[int], minimum: int, f: UnitFindings) -> None:
+    if len(run) >= minimum:
+        f.zero_runs.append((run[0], run[-1]))

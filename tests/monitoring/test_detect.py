@@ -1,0 +1,91 @@
+"""Detection on a fixed day with every kind of problem, and `smame report` on a real store."""
+
+from __future__ import annotations
+
+import csv
+import io
+from datetime import date, datetime, timedelta
+from pathlib import Path
+
+from aggregator.ingest import Ingestor
+from aggregator.slots import Flag
+from aggregator.store import Store
+from aggregator.timegrid import SLOT, Grid
+from broker_bridge.telegram import Incoming, Reading
+from csv_export.render import by_unit
+from monitoring.detect import detect
+from monitoring.report import problems_csv, render_text
+from smame.registry import load_registry
+from tests.helpers import smame, smame_env, write_registry
+
+GRID = Grid("Asia/Tokyo")
+DAY = date(2026, 11, 23)
+ENDS = GRID.day_slots(DAY)
+LABELS = [(e, GRID.label(e)) for e in ENDS]
+NOW = GRID.day_start(DAY + timedelta(days=1)) + 8 * 3600  # 08:00 the next morning
+
+
+def row(i: int, unit: str, imp: int | None, q: str, flags: int = 0) -> tuple[object, ...]:
+    return (ENDS[i - 1], unit, imp, q, 0, q, "SM", 1, 1, flags)
+
+
+def day_of_rows() -> list[tuple[object, ...]]:
+    rows = []
+    for i in range(1, 49):
+        rows.append(row(i, "GOOD", 5, "A"))
+        if i not in (10, 11, 12):  # GAPPY: a morning gap, then estimates, and every flag once
+            q = "E" if 20 <= i <= 22 else "A"
+            flags = {30: Flag.ROLLOVER, 31: Flag.RESET, 32: Flag.REPLACEMENT, 33: Flag.SPIKE, 34: Flag.CLOCK_SKEW,
+                     35: Flag.CONFLICT}.get(i, 0)
+            rows.append(row(i, "GAPPY", None if flags in (Flag.RESET, Flag.REPLACEMENT) else 3,
+                            "M" if flags in (Flag.RESET, Flag.REPLACEMENT) else q, flags))
+        rows.append(row(i, "IDLE", 0 if 1 <= i <= 16 else 4, "A"))  # nothing consumed 00:00-08:00
+    return rows
+
+
+def test_every_kind_of_problem_is_found() -> None:
+    units = [("GOOD", "C1"), ("GAPPY", "C1"), ("IDLE", "C2"), ("DEAD", "C2")]
+    last = {"GOOD": NOW - 600, "GAPPY": NOW - 600, "IDLE": NOW - 600, "DEAD": NOW - 3 * 86400}
+    findings, problems = detect(DAY, LABELS, units, by_unit(day_of_rows()), last, NOW, zero_run=12)
+    f = {x.unit: x for x in findings}
+    assert not f["GOOD"].has_problems
+    assert f["GAPPY"].missing == [10, 11, 12, 31, 32]
+    assert f["GAPPY"].estimated == [20, 21, 22]
+    assert dict(f["GAPPY"].flags) == {"rollover": 1, "reset": 1, "replacement": 1, "spike": 1, "clock_skew": 1,
+                                      "conflict": 1}
+    assert f["IDLE"].zero_runs == [(1, 16)] and not f["IDLE"].missing
+    assert f["DEAD"].missing == list(range(1, 49)) and f["DEAD"].silent_since == NOW - 3 * 86400
+    missing = {(p.unit, p.index) for p in problems if p.problem == "missing"}
+    assert missing == {("GAPPY", i) for i in (10, 11, 12, 31, 32)} | {("DEAD", i) for i in range(1, 49)}
+    text = render_text(DAY, "Asia/Tokyo", 48, findings, {"not_json": 2}, ["X1"])
+    assert "GAPPY (C1): missing 5: slots 10-12, 31-32; estimated 3: slots 20-22" in text
+    assert "DEAD (C2): silent since" in text and "IDLE (C2): no consumption: slots 1-16" in text
+    assert "quarantined telegrams: not_json 2" in text and "unknown units that tried to send (1): X1" in text
+    lines = problems_csv(problems).decode().splitlines()
+    assert lines[0] == "customer,unit_id,date,slot,start,end,problem" and "C1,GAPPY,2026-11-23,10,04:30,05:00,missing" in lines
+
+
+def test_report_command_on_a_real_store(workdir: Path) -> None:
+    write_registry(workdir, {"R1": "C1", "R2": "C1"})
+    registry = load_registry(workdir / "units.csv", workdir / "customers.toml")
+    (workdir / "data").mkdir()
+    store = Store(workdir / "data" / "smame.db")
+    ingest = Ingestor(store, registry, GRID)
+    start = GRID.day_start(DAY)
+    gap = {start + k * SLOT for k in range(10, 40)}  # R2 silent 05:00-20:00, within the 24 h cap: estimated
+    readings = []
+    for unit in ("R1", "R2"):
+        for k in range(0, 49):
+            at = start + k * SLOT
+            if unit == "R2" and at in gap:
+                continue
+            r = Reading(unit, at, "SM", 100 + k, 0, 1, 1, 6, k, at)
+            readings.append(Incoming(r, at + 5, f"smame/v1/{unit}/reading", b"{}"))
+    ingest.commit(readings, [], int(datetime.now().timestamp()))
+    store.close()
+    env = smame_env(workdir, 1883)
+    out = smame(["report", "--date", DAY.isoformat(), "--csv", str(workdir / "problems.csv")], env).stdout
+    assert "R2 (C1): estimated 31: slots 10-40" in out
+    assert "R1 (C1)" not in out
+    rows = list(csv.DictReader(io.StringIO((workdir / "problems.csv").read_text())))
+    assert {(r["unit_id"], int(r["slot"])) for r in rows} == {("R2", i) for i in range(10, 41)}
