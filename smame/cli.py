@@ -7,6 +7,7 @@ import asyncio
 import csv
 import dataclasses
 import getpass
+import os
 import signal
 import sys
 import time
@@ -50,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(settings.log.level, settings.log.format)
     try:
         return int(args.func(settings, args) or 0)
+    except BrokenPipeError:  # `smame ... | head`: the reader has seen enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except (RegistryError, OSError) as exc:
         print(f"smame: {exc}", file=sys.stderr)
         return 2

@@ -163,6 +163,10 @@ def smame_env(workdir: Path, port: int, **extra: str) -> dict[str, str]:
         SMAME_REGISTRY__UNITS=str(workdir / "units.csv"),
         SMAME_REGISTRY__CUSTOMERS=str(workdir / "customers.toml"),
         SMAME_LOG__FORMAT="text",
+        # Listeners on fixed ports stay off unless a test asks for them on free ports.
+        SMAME_FTP__ENABLED="false",
+        SMAME_SFTP__ENABLED="false",
+        SMAME_MONITORING__ENABLED="false",
     )
     env.update(extra)
     return env

@@ -43,7 +43,8 @@ def gateway(workdir: Path, request: pytest.FixtureRequest) -> Iterator[Gateway]:
     for customer in ("C1", "C2"):
         write_if_changed(export / customer / f"{customer}_20261123.csv", f"unit_id\n{customer}-data\n".encode())
     ftp, sftp = free_port(), free_port()
-    env = smame_env(workdir, 1883, SMAME_FTP__HOST="127.0.0.1", SMAME_FTP__PORT=str(ftp), SMAME_SFTP__HOST="127.0.0.1",
+    env = smame_env(workdir, 1883, SMAME_FTP__ENABLED="true", SMAME_SFTP__ENABLED="true",
+                    SMAME_FTP__HOST="127.0.0.1", SMAME_FTP__PORT=str(ftp), SMAME_SFTP__HOST="127.0.0.1",
                     SMAME_SFTP__PORT=str(sftp), SMAME_FTP__FAIL_DELAY_S="0.05", SMAME_FTP__BAN_AFTER="3",
                     SMAME_FTP__BAN_S="3", SMAME_FTP__PASSIVE_PORTS=f"{40000 + ftp % 20000}-{40009 + ftp % 20000}",
                     SMAME_FTP__TLS_REQUIRED=str(request.param).lower())

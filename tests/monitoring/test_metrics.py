@@ -28,8 +28,8 @@ def scrape(port: int) -> dict[str, float]:
 def test_metrics_count_what_was_published_and_health_says_ok(broker: Mosquitto, workdir: Path) -> None:
     write_registry(workdir, {"M1": "C1", "M2": "C1"})
     port = free_port()
-    env = smame_env(workdir, broker.port, SMAME_MONITORING__HOST="127.0.0.1", SMAME_MONITORING__METRICS_PORT=str(port),
-                    SMAME_FTP__ENABLED="false", SMAME_SFTP__ENABLED="false")
+    env = smame_env(workdir, broker.port, SMAME_MONITORING__ENABLED="true", SMAME_MONITORING__HOST="127.0.0.1",
+                    SMAME_MONITORING__METRICS_PORT=str(port))
     log = workdir / "smame.log"
     proc = start_smame(env, log)
     wait_log(log, "subscribed to")
