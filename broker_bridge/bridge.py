@@ -9,6 +9,7 @@ unacknowledged, so the broker delivers them again and the idempotent store ignor
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import ssl
@@ -97,7 +98,8 @@ class Bridge:
         self.on_session_lost = on_session_lost
         self.stop_timeout = stop_timeout
         self.stats = BridgeStats()
-        self._batch: list[Message] = []
+        # Each message with the connection it came in on: a PUBACK is only meaningful there.
+        self._batch: list[tuple[Message, MqttClient]] = []
         self._client: MqttClient | None = None
         self._wake = asyncio.Event()
 
@@ -113,7 +115,8 @@ class Bridge:
         t = self.target
         delay = t.reconnect_min
         while True:
-            client = MqttClient(self._on_message)
+            client = MqttClient()
+            client.on_message = functools.partial(self._on_message, client=client)
             try:
                 present = await client.connect(
                     t.host, t.port, t.client_id, username=t.username, password=t.password, tls=t.tls,
@@ -144,8 +147,8 @@ class Bridge:
             self.stats.connected = False
             log.warning("lost the broker: %s", client.closed.exception())
 
-    def _on_message(self, message: Message) -> None:
-        self._batch.append(message)
+    def _on_message(self, message: Message, client: MqttClient) -> None:
+        self._batch.append((message, client))
         self.stats.received += 1
         if len(self._batch) == 1 or len(self._batch) >= self.target.batch_size:
             self._wake.set()
@@ -157,7 +160,7 @@ class Bridge:
             if not self._batch:
                 continue
             if len(self._batch) < self.target.batch_size:
-                wait = self.target.batch_delay - (time.time() - self._batch[0].received)
+                wait = self.target.batch_delay - (time.time() - self._batch[0][0].received)
                 if wait > 0:
                     try:
                         await asyncio.wait_for(self._wake.wait(), wait)
@@ -173,8 +176,7 @@ class Bridge:
         del self._batch[: len(batch)]
         if not batch:
             return
-        client = self._client
-        incoming, refused = self.decode(batch)
+        incoming, refused = self.decode([m for m, _ in batch])
         started = time.perf_counter()
         await self.commit(incoming, refused)
         self.stats.last_commit_s = time.perf_counter() - started
@@ -182,9 +184,13 @@ class Bridge:
         self.stats.last_batch = len(batch)
         for r in refused:
             self.stats.rejected[r.reason] += 1
-        ids = [m.packet_id for m in batch if m.packet_id is not None]
-        if client is not None and client.ack(ids):
-            self.stats.acked += len(ids)
+        by_client: dict[MqttClient, list[int]] = {}
+        for m, c in batch:
+            if m.packet_id is not None:
+                by_client.setdefault(c, []).append(m.packet_id)
+        for c, ids in by_client.items():  # a closed connection's messages are redelivered on the next one
+            if c.ack(ids):
+                self.stats.acked += len(ids)
 
     def decode(self, batch: list[Message]) -> tuple[list[Incoming], list[Refused]]:
         """Validate a batch of messages (pure; no I/O)."""

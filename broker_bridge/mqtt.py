@@ -134,7 +134,7 @@ class _Protocol(asyncio.Protocol):
         buf = self.buf
         buf += data
         pos, size = 0, len(buf)
-        on_publish = self.client._on_publish
+        on_publish = self.client.on_message
         now = time.time()  # one clock read per socket read: messages of one read arrived together
         try:
             while size - pos >= 2:
@@ -178,7 +178,7 @@ class MqttClient:
     """One MQTT 5 connection: receives messages and acknowledges them when told to; publishes at QoS 1."""
 
     def __init__(self, on_message: Callable[[Message], None] = lambda m: None, window: int = 100) -> None:
-        self._on_publish = on_message
+        self.on_message = on_message  # called with each PUBLISH received
         self._transport: asyncio.Transport | None = None
         self._waiters: dict[int, asyncio.Future[bytes]] = {}
         self._inflight: dict[int, asyncio.Future[int]] = {}

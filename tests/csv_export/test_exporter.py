@@ -37,9 +37,9 @@ def history(units: list[str], days: int, skip: set[tuple[str, int]] = frozenset(
     end = GRID.floor(NOW)
     out = []
     for unit in units:
-        for k, at in enumerate(range(end - days * 86400, end + 1, SLOT)):
-            if (unit, at) not in skip:
-                out.append(reading(unit, at, 1000 + 7 * k))
+        for k, when in enumerate(range(end - days * 86400, end + 1, SLOT)):
+            if (unit, when) not in skip:
+                out.append(reading(unit, when, 1000 + 7 * k))
     return out
 
 
