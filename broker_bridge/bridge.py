@@ -14,9 +14,8 @@ import logging
 import random
 import ssl
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable, Container
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from broker_bridge.mqtt import Message, MqttClient, MqttError
@@ -58,7 +57,6 @@ class BridgeStats:
     connected: bool = False
     last_commit_s: float = 0.0
     last_batch: int = 0
-    rejected: Counter[str] = field(default_factory=Counter)
 
 
 def tls_context(ca_file: str | None, cert_file: str | None, key_file: str | None) -> ssl.SSLContext:
@@ -70,7 +68,7 @@ def tls_context(ca_file: str | None, cert_file: str | None, key_file: str | None
     return ctx
 
 
-def target_from_url(url: str, **kwargs: object) -> tuple[str, int, bool]:
+def target_from_url(url: str) -> tuple[str, int, bool]:
     """Host, port and whether TLS is on, from `mqtt://` or `mqtts://` URLs."""
     parts = urlsplit(url)
     tls = parts.scheme == "mqtts"
@@ -182,8 +180,6 @@ class Bridge:
         self.stats.last_commit_s = time.perf_counter() - started
         self.stats.batches += 1
         self.stats.last_batch = len(batch)
-        for r in refused:
-            self.stats.rejected[r.reason] += 1
         by_client: dict[MqttClient, list[int]] = {}
         for m, c in batch:
             if m.packet_id is not None:

@@ -17,13 +17,14 @@ from datetime import date, datetime, timedelta
 from pathlib import Path
 
 from aggregator.store import Store
-from aggregator.timegrid import SLOT, Grid
+from aggregator.timegrid import SLOT, Grid, SlotLabel
 from csv_export.files import check_writable, expired, path_of, write_if_changed
-from csv_export.render import Layout, by_unit, render
+from csv_export.render import Layout, SlotTuple, by_unit, render
 from smame.registry import Customer, Registry
 
 log = logging.getLogger("smame.export")
 CURSOR = "export_cursor"
+SlotsByUnit = dict[str, dict[int, SlotTuple]]
 
 
 @dataclass
@@ -47,6 +48,13 @@ class RunResult:
     unchanged: int = 0
     deleted: list[Path] = field(default_factory=list)
     days: int = 0
+
+
+def closed_slots(store: Store, grid: Grid, day: date, upto: int) -> tuple[list[tuple[int, SlotLabel]], SlotsByUnit]:
+    """The day's slots ended by `upto` (end, label), and their stored rows grouped by unit."""
+    labels = [(e, grid.label(e)) for e in grid.day_slots(day) if e <= upto]
+    rows = by_unit(store.all_slots(grid.day_start(day), labels[-1][0])) if labels else {}
+    return labels, rows
 
 
 def layout_of(customer: Customer) -> Layout:
@@ -83,10 +91,7 @@ class Exporter:
                 by_day.setdefault(day, set()).add(customer)
         result = RunResult()
         for done, day in enumerate(sorted(by_day)):
-            ends = [e for e in self.grid.day_slots(day) if e <= upto]
-            labels = [(e, self.grid.label(e)) for e in ends]
-            start = self.grid.day_start(day)
-            rows = by_unit(self.store.all_slots(start, ends[-1])) if ends else {}
+            labels, rows = closed_slots(self.store, self.grid, day, upto)
             for customer in sorted(by_day[day]):
                 units = [(u.id, u.meter) for u in registry.units_of(customer)]
                 data = render(day, labels, units, rows, layout_of(registry.customers[customer]))
@@ -105,12 +110,13 @@ class Exporter:
         cursor = int(self.store.get_meta(CURSOR, "0"))
         newest, changed = self.store.changes_since(cursor)
         today = self.grid.day_of(self.grid.floor(now - self.grace_s))
-        first_kept = datetime.fromtimestamp(now, self.grid.zone).date() - timedelta(days=self.retention_days)
+        local_today = datetime.fromtimestamp(now, self.grid.zone).date()
+        first_kept = local_today - timedelta(days=self.retention_days)
         pairs = {(c, date.fromisoformat(d)) for c, d in changed}
         pairs = {(c, d) for c, d in pairs if d >= first_kept}
         pairs |= {(c, today) for c in self.registry().customers}
         result = self.export(pairs, now)
-        for old in expired(self.root, datetime.fromtimestamp(now, self.grid.zone).date(), self.retention_days):
+        for old in expired(self.root, local_today, self.retention_days):
             old.unlink(missing_ok=True)
             result.deleted.append(old)
         self.store.set_meta(CURSOR, str(newest))

@@ -7,7 +7,6 @@ unit's telegrams do not depend on the others' and the same seed always gives the
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -286,11 +285,6 @@ def _first(sim: UnitSim, t: int) -> _Reading:
     if sim.record:
         sim.readings.append(r)
     return r
-
-
-def half_hours(start: int, end: int) -> Iterator[int]:
-    """Slot ends after `start` up to and including `end`."""
-    return iter(range(start + SLOT, end + 1, SLOT))
 
 
 def floor_slot(epoch: float, zone: ZoneInfo) -> int:

@@ -18,7 +18,7 @@ from pathlib import Path
 from aggregator.slots import flag_names, format_kwh
 from aggregator.timegrid import Grid
 from csv_export.files import check_writable
-from csv_export.render import by_unit
+from csv_export.exporter import closed_slots
 from monitoring.detect import detect
 from monitoring.report import problems_csv, render_text
 from smame.app import App, RegistryHolder, build_exporter, build_gateway, open_store
@@ -394,10 +394,9 @@ def _report(settings: Settings, args: argparse.Namespace) -> int:
     registry = RegistryHolder(settings).current
     now = int(time.time())
     day = args.date or grid.day_of(grid.floor(now)) - timedelta(days=1)
-    labels = [(e, grid.label(e)) for e in grid.day_slots(day) if e <= now]
     store = open_store(settings)
     try:
-        rows = by_unit(store.all_slots(grid.day_start(day), labels[-1][0])) if labels else {}
+        labels, rows = closed_slots(store, grid, day, now)
         units = [(u.id, u.customer) for u in sorted(registry.units.values(), key=lambda u: u.id)]
         last = store.last_readings(u for u, _ in units)
         quarantine, unknown = store.quarantine_between(grid.day_start(day), grid.day_start(day + timedelta(days=1)))

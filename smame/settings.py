@@ -6,7 +6,6 @@ names the key (as it is written in TOML and as an environment variable).
 
 from __future__ import annotations
 
-import os
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
@@ -250,8 +249,3 @@ def _explain(exc: ValidationError, path: Path | None) -> str:
         lines.append(f"invalid setting {key} / {env}: {msg}{shown}")
     where = f" in {path} or the environment" if path else " in the environment"
     return f"bad configuration{where}:\n  " + "\n  ".join(lines)
-
-
-def environment_keys() -> list[str]:
-    """SMAME_ variables present in the environment (for the start-up log)."""
-    return sorted(k for k in os.environ if k.upper().startswith(ENV_PREFIX))
