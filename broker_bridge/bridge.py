@@ -57,6 +57,9 @@ class BridgeStats:
     connected: bool = False
     last_commit_s: float = 0.0
     last_batch: int = 0
+    last_received: float = 0.0  # time of the newest message (epoch)
+    down_since: float | None = None  # not connected since (epoch); None while connected
+    last_error: str = ""  # why the last connection attempt or connection failed
 
 
 def tls_context(ca_file: str | None, cert_file: str | None, key_file: str | None) -> ssl.SSLContext:
@@ -100,6 +103,7 @@ class Bridge:
         self._batch: list[tuple[Message, MqttClient]] = []
         self._client: MqttClient | None = None
         self._wake = asyncio.Event()
+        self.stats.down_since = time.time()
 
     async def run(self) -> None:
         """Connect and ingest until cancelled; on cancel, commit and acknowledge what was received."""
@@ -124,6 +128,7 @@ class Bridge:
             except (OSError, MqttError, asyncio.TimeoutError) as exc:
                 client.close()
                 self.stats.connected = False
+                self.stats.last_error = str(exc) or type(exc).__name__
                 log.warning("broker %s:%s unreachable: %s; retrying in %.1f s", t.host, t.port, exc, delay)
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, t.reconnect_max)
@@ -131,6 +136,7 @@ class Bridge:
             self._client = client
             self.stats.connects += 1
             self.stats.connected = True
+            self.stats.down_since = None
             delay = t.reconnect_min
             log.info("connected to %s:%s as %s, subscribed to %s, session present: %s",
                      t.host, t.port, t.client_id, t.topic, present)
@@ -143,11 +149,14 @@ class Bridge:
             if flusher in done:
                 flusher.result()  # a failing commit stops the service: raise it
             self.stats.connected = False
+            self.stats.down_since = time.time()
+            self.stats.last_error = str(client.closed.exception() or "connection closed")
             log.warning("lost the broker: %s", client.closed.exception())
 
     def _on_message(self, message: Message, client: MqttClient) -> None:
         self._batch.append((message, client))
         self.stats.received += 1
+        self.stats.last_received = message.received
         if len(self._batch) == 1 or len(self._batch) >= self.target.batch_size:
             self._wake.set()
 

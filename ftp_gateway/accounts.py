@@ -77,6 +77,12 @@ class Bans:
                 return False
             return True
 
+    def active(self) -> dict[str, float]:
+        """Addresses banned now, with the seconds each ban has left."""
+        with self._lock:
+            now = self.clock()
+            return {a: until - now for a, until in self._until.items() if until > now}
+
     def failed(self, address: str) -> bool:
         """Count a failed login; True when it bans the address."""
         with self._lock:

@@ -12,6 +12,7 @@ from aggregator.ingest import Outcome
 from broker_bridge.bridge import BridgeStats
 from csv_export.exporter import ExportStats
 from ftp_gateway.accounts import Accounts, Bans
+from monitoring.monitor import Monitor
 
 
 @dataclass
@@ -24,6 +25,7 @@ class Sources:
     export: ExportStats | None = None
     accounts: Accounts | None = None
     bans: Bans | None = None
+    monitor: Monitor | None = None
 
 
 class SmameCollector(Collector):
@@ -50,6 +52,9 @@ class SmameCollector(Collector):
         yield _counter("smame_broker_connects", "successful broker connections", b.connects)
         yield _counter("smame_broker_sessions_lost", "reconnects that found no session at the broker", b.sessions_lost)
         yield _gauge("smame_units_registered", "units in the registry", self.s.units())
+        yield _gauge("smame_telegram_last_received_timestamp_seconds", "when the newest telegram arrived", b.last_received)
+        if self.s.monitor is not None:
+            yield from _monitor_metrics(self.s.monitor)
         if self.s.export is not None:
             e = self.s.export
             yield _counter("smame_export_runs", "export runs", e.runs)
@@ -65,6 +70,30 @@ class SmameCollector(Collector):
             yield events
         if self.s.bans is not None:
             yield _counter("smame_files_bans", "addresses banned after repeated failed logins", self.s.bans.bans)
+
+
+def _monitor_metrics(m: Monitor) -> Iterator[Metric]:
+    reporting = GaugeMetricFamily("smame_units_reporting", "units whose newest reading is this recent", labels=["within"])
+    for within, n in sorted(m.scan.reporting.items()):
+        reporting.add_metric([within], n)
+    yield reporting
+    today = GaugeMetricFamily("smame_slots_today", "today's closed import slots of registered units, by quality",
+                              labels=["quality"])
+    for quality, n in sorted(m.scan.slots_today.items()):
+        today.add_metric([quality], n)
+    yield today
+    yield _gauge("smame_units_silent", "units heard of before, silent for longer than alerts.silent_after_s",
+                 len(m.scan.silent))
+    active = GaugeMetricFamily("smame_alert_active", "1 for each live alert that holds", labels=["alert"])
+    for name in sorted(m.active):
+        active.add_metric([name], 1)
+    yield active
+    sent = CounterMetricFamily("smame_notifications", "reports and alerts by channel: sent, failed attempts, given up",
+                               labels=["channel", "result"])
+    for (channel, result), n in sorted(m.outbox.stats.items()):
+        sent.add_metric([channel, result], n)
+    yield sent
+    yield _gauge("smame_outbox_pending", "reports and alerts waiting to be sent", m.scan.outbox_pending)
 
 
 def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:

@@ -20,7 +20,11 @@ from ftp_gateway.certs import ensure_certificate
 from ftp_gateway.ftp import FtpOptions
 from ftp_gateway.service import FileGateway
 from monitoring.http import MonitoringServer
+from monitoring.mail import SmtpChannel
 from monitoring.metrics import SmameCollector, Sources
+from monitoring.monitor import Monitor, Watched
+from monitoring.outbox import Channel, Outbox
+from monitoring.slack import SlackChannel
 from prometheus_client import CollectorRegistry
 from smame.registry import Registry, RegistryError, load_registry
 from smame.settings import Settings
@@ -90,6 +94,17 @@ def build_gateway(settings: Settings, registry: RegistryHolder) -> FileGateway |
     return FileGateway(accounts, bans, ftp, sftp)
 
 
+def build_outbox(settings: Settings, store: Store) -> Outbox:
+    """The outbox with a channel for each one configured (mail, Slack)."""
+    channels: dict[str, Channel] = {}
+    if settings.mail.smtp_url:
+        channels["mail"] = SmtpChannel(settings.mail)
+    if settings.slack.enabled:
+        channels["slack"] = SlackChannel(settings.slack)
+    m = settings.monitoring
+    return Outbox(store, channels, backoff_min=m.outbox_retry_s, give_up_s=m.outbox_give_up_s)
+
+
 def broker_target(settings: Settings) -> BrokerTarget:
     """Connection parameters from the broker settings."""
     b = settings.broker
@@ -117,6 +132,7 @@ class App:
     bridge: Bridge
     exporter: Exporter | None
     gateway: FileGateway | None
+    monitor: Monitor | None
 
     @classmethod
     def build(cls, settings: Settings) -> App:
@@ -132,7 +148,17 @@ class App:
         bridge = Bridge(broker_target(settings), commit, lambda: registry.current.units, settings.ingest.clock_tolerance_s,
                         grid.on_boundary)
         exporter = build_exporter(settings, registry, grid) if settings.export.enabled else None
-        return cls(settings, registry, store, ingestor, bridge, exporter, build_gateway(settings, registry))
+        gateway = build_gateway(settings, registry)
+        monitor = None
+        if settings.alerts.enabled or settings.report.enabled:
+            # A connection of its own: scans and the outbox never wait on ingest or export.
+            monitor_store = open_store(settings)
+            paths = [settings.data_dir] + ([settings.export.dir] if exporter is not None and settings.export.dir else [])
+            watched = Watched(bridge.stats, exporter.stats if exporter else None, gateway.bans if gateway else None, paths)
+            monitor = Monitor(settings, monitor_store, grid, lambda: registry.current, watched,
+                              build_outbox(settings, monitor_store))
+            bridge.on_session_lost = monitor.session_lost
+        return cls(settings, registry, store, ingestor, bridge, exporter, gateway, monitor)
 
     def services(self) -> dict[str, Callable[[], Awaitable[None]]]:
         """The long-running services, by name."""
@@ -141,8 +167,11 @@ class App:
             out["export"] = self.exporter.run
         if self.gateway is not None:
             out["files"] = self.gateway.run
+        if self.monitor is not None:
+            out["monitor"] = self.monitor.run
+            out["outbox"] = self.monitor.outbox.run
         if self.settings.monitoring.enabled:
-            out["monitoring"] = self.monitor
+            out["metrics"] = self.serve_metrics
         return out
 
     def health(self) -> dict[str, str]:
@@ -156,13 +185,14 @@ class App:
             checks["delivery"] = "ok" if up else "not listening"
         return checks
 
-    async def monitor(self) -> None:
+    async def serve_metrics(self) -> None:
         """Serve /metrics and /healthz until cancelled."""
         registry = CollectorRegistry()
         registry.register(SmameCollector(Sources(
             self.bridge.stats, self.ingestor.totals, lambda: len(self.registry.current.units),
             self.exporter.stats if self.exporter else None,
-            self.gateway.accounts if self.gateway else None, self.gateway.bans if self.gateway else None)))
+            self.gateway.accounts if self.gateway else None, self.gateway.bans if self.gateway else None,
+            self.monitor)))
         m = self.settings.monitoring
         server = MonitoringServer(m.host, m.metrics_port, registry, self.health)
         server.start()
@@ -204,6 +234,8 @@ class App:
             self.store.close()
             if self.exporter is not None:
                 self.exporter.store.close()
+            if self.monitor is not None:
+                self.monitor.store.close()
         log.info("smame stopped")
 
 

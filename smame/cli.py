@@ -18,10 +18,10 @@ from pathlib import Path
 from aggregator.slots import flag_names, format_kwh
 from aggregator.timegrid import Grid
 from csv_export.files import check_writable
-from csv_export.exporter import closed_slots
-from monitoring.detect import detect
-from monitoring.report import problems_csv, render_text
-from smame.app import App, RegistryHolder, build_exporter, build_gateway, open_store
+from aggregator.store import Store
+from monitoring.daily import build_report, report_messages, text_of
+from monitoring.report import problems_csv
+from smame.app import App, RegistryHolder, build_exporter, build_gateway, build_outbox, open_store
 from smame.users import UsersError, add_user, list_users, remove_user
 from smame.logs import setup_logging
 from smame.registry import RegistryError
@@ -137,6 +137,7 @@ def _parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", parents=[common], help="the daily report on one local day (printed)")
     report.add_argument("--date", type=_date, help="local day (default: yesterday)")
     report.add_argument("--csv", type=Path, metavar="FILE", help="also write every problem slot to FILE")
+    report.add_argument("--send", action="store_true", help="also send it now by mail and Slack, as configured")
     report.set_defaults(func=_report)
 
     verify = sub.add_parser("verify", parents=[common], help="compare the stored slots with a simulator's truth file")
@@ -393,20 +394,40 @@ def _report(settings: Settings, args: argparse.Namespace) -> int:
     grid = Grid(settings.timezone)
     registry = RegistryHolder(settings).current
     now = int(time.time())
-    day = args.date or grid.day_of(grid.floor(now)) - timedelta(days=1)
+    day = args.date or datetime.fromtimestamp(now, grid.zone).date() - timedelta(days=1)
+    if args.send and not (settings.mail.smtp_url or settings.slack.enabled):
+        print("smame report: --send needs mail.smtp_url or slack.webhook_url (or slack.token) in the settings",
+              file=sys.stderr)
+        return 2
     store = open_store(settings)
     try:
-        labels, rows = closed_slots(store, grid, day, now)
-        units = [(u.id, u.customer) for u in sorted(registry.units.values(), key=lambda u: u.id)]
-        last = store.last_readings(u for u, _ in units)
-        quarantine, unknown = store.quarantine_between(grid.day_start(day), grid.day_start(day + timedelta(days=1)))
+        r = settings.report
+        report = build_report(store, grid, registry, day, now, r.silent_after_s, r.zero_run_slots)
+        print(text_of(report, settings.timezone), end="")
+        if args.csv:
+            args.csv.write_bytes(problems_csv(report.problems))
+            print(f"\n{len(report.problems)} problem slots written to {args.csv}")
+        if args.send:
+            return _send(settings, store, report_messages(report, settings, now, f"report:{day}:by-hand:{now}"))
     finally:
         store.close()
-    findings, problems = detect(day, labels, units, rows, last, now)
-    print(render_text(day, settings.timezone, len(labels), findings, quarantine, unknown), end="")
-    if args.csv:
-        args.csv.write_bytes(problems_csv(problems))
-        print(f"\n{len(problems)} problem slots written to {args.csv}")
+    return 0
+
+
+def _send(settings: Settings, store: Store, messages: list[tuple[str, str, bytes]]) -> int:
+    outbox = build_outbox(settings, store)
+
+    async def send() -> int:
+        await outbox.put(messages)
+        return await outbox.deliver_due()
+
+    sent = asyncio.run(send())
+    if sent < len(messages):
+        errors = "; ".join(err for _, err in outbox.failing.values())
+        print(f"\nsent {sent} of {len(messages)}; the rest stays in the outbox and `smame run` retries it: {errors}",
+              file=sys.stderr)
+        return 1
+    print(f"\nsent by {', '.join(ch for _, ch, _ in messages)}")
     return 0
 
 

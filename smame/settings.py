@@ -6,14 +6,16 @@ names the key (as it is written in TOML and as an environment variable).
 
 from __future__ import annotations
 
+import re
+
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 ENV_PREFIX = "SMAME_"
 
@@ -139,11 +141,110 @@ class SftpSettings(Section):
 
 
 class MonitoringSettings(Section):
-    """Prometheus metrics and the health endpoint."""
+    """Prometheus metrics and the health endpoint; how long reports and alerts are retried."""
 
     enabled: bool = True
     host: str = "0.0.0.0"
     metrics_port: int = Field(default=9108, ge=0, le=65535)
+    outbox_give_up_s: int = Field(default=3 * 86400, ge=60)  # a report or alert not sent by then is dropped
+    outbox_retry_s: float = Field(default=15.0, gt=0)  # first retry of a failed send; doubles up to 30 min
+
+
+class MailSettings(Section):
+    """SMTP for the daily report and alerts (off while smtp_url is unset)."""
+
+    smtp_url: str | None = None  # smtp://host:587 (STARTTLS when offered) or smtps://host:465
+    starttls: Literal["auto", "always", "never"] = "auto"
+    username: str | None = None
+    password: SecretStr | None = None
+    ca_file: Path | None = None  # to verify the server's certificate; default: the system's CAs
+    sender: str = "smame@localhost"
+    recipients: Annotated[list[str], NoDecode] = []
+    timeout_s: float = Field(default=30.0, gt=0)
+
+    @field_validator("smtp_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None:
+            parts = urlsplit(v)
+            if parts.scheme not in ("smtp", "smtps") or not parts.hostname:
+                raise ValueError("must look like smtp://host:port or smtps://host:port")
+            parts.port  # raises on a bad port
+        return v
+
+    @field_validator("recipients", mode="before")
+    @classmethod
+    def _recipients(cls, v: Any) -> Any:
+        # SMAME_MAIL__RECIPIENTS=a@x,b@y reads better in a compose file than a JSON list
+        if isinstance(v, str):
+            v = [a.strip() for a in v.split(",") if a.strip()]
+        for address in v if isinstance(v, list) else []:
+            if not isinstance(address, str) or "@" not in address:
+                raise ValueError(f"{address!r} is not a mail address")
+        return v
+
+    @model_validator(mode="after")
+    def _complete(self) -> MailSettings:
+        if self.smtp_url and not self.recipients:
+            raise ValueError("recipients: set at least one address when smtp_url is set")
+        return self
+
+
+class SlackSettings(Section):
+    """Slack for the daily report and alerts: an incoming webhook, or a bot token and a channel."""
+
+    webhook_url: SecretStr | None = None
+    token: SecretStr | None = None
+    channel: str | None = None
+    api_url: str = "https://slack.com/api/"  # another one only for a proxy or a test stand-in
+    timeout_s: int = Field(default=30, ge=1)
+
+    @model_validator(mode="after")
+    def _complete(self) -> SlackSettings:
+        if self.token and not self.channel:
+            raise ValueError("channel: set it when token is set (or use webhook_url)")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        """Whether anything is to be sent to Slack."""
+        return self.webhook_url is not None or self.token is not None
+
+
+class ReportSettings(Section):
+    """The daily report on the previous day."""
+
+    enabled: bool = True
+    at: str = "08:00"  # local time
+    silent_after_s: int = Field(default=86400, ge=1800)
+    zero_run_slots: int = Field(default=12, ge=2)
+
+    @field_validator("at")
+    @classmethod
+    def _at(cls, v: str) -> str:
+        hh, sep, mm = v.partition(":")
+        if not (sep and hh.isdigit() and mm.isdigit() and int(hh) < 24 and int(mm) < 60 and len(mm) == 2):
+            raise ValueError("must be a local time HH:MM, e.g. 08:00")
+        return v
+
+    @property
+    def minutes(self) -> int:
+        """Minutes after local midnight."""
+        hh, _, mm = self.at.partition(":")
+        return int(hh) * 60 + int(mm)
+
+
+class AlertSettings(Section):
+    """Live alerts: when each condition starts, repeats and clears."""
+
+    enabled: bool = True
+    check_s: float = Field(default=30.0, gt=0)
+    repeat_s: int = Field(default=4 * 3600, ge=0)  # 0: never repeat an alert that stays on
+    ingest_silence_s: int = Field(default=2700, ge=10)  # no telegram at all for this long while units exist
+    broker_down_s: int = Field(default=120, ge=1)
+    disk_free_percent: float = Field(default=10.0, ge=0, le=100)
+    silent_after_s: int = Field(default=7200, ge=60)  # a unit is silent when its newest reading is older
+    silent_units_min: int = Field(default=10, ge=1)  # this many silent units at once raise one alert
 
 
 class LogSettings(Section):
@@ -170,6 +271,10 @@ class Settings(BaseSettings):
     ftp: FtpSettings = FtpSettings()
     sftp: SftpSettings = SftpSettings()
     monitoring: MonitoringSettings = MonitoringSettings()
+    mail: MailSettings = MailSettings()
+    slack: SlackSettings = SlackSettings()
+    report: ReportSettings = ReportSettings()
+    alerts: AlertSettings = AlertSettings()
     log: LogSettings = LogSettings()
 
     @field_validator("timezone")
@@ -241,11 +346,17 @@ def _explain(exc: ValidationError, path: Path | None) -> str:
     lines = []
     for err in exc.errors():
         loc = [str(p) for p in err["loc"] if not str(p).startswith("function-")]
+        msg = err["msg"]
+        # A check across a section's keys says "key: why"; name that key, not just the section.
+        key_first = re.fullmatch(r"Value error, (\w+): (.*)", msg, re.S)
+        if key_first:
+            loc.append(key_first.group(1))
+            msg = key_first.group(2)
         key = ".".join(loc)
         env = ENV_PREFIX + "__".join(loc).upper()
         given = err.get("input")
         shown = "" if isinstance(given, dict) or err["type"] == "missing" else f" (got {given!r})"
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        msg = "unknown key" if err["type"] == "extra_forbidden" else msg
         lines.append(f"invalid setting {key} / {env}: {msg}{shown}")
     where = f" in {path} or the environment" if path else " in the environment"
     return f"bad configuration{where}:\n  " + "\n  ".join(lines)

@@ -135,7 +135,9 @@ def test_a_crashing_service_stops_the_process_non_zero(broker: Mosquitto, workdi
     (workdir / "data").mkdir()
     with sqlite3.connect(workdir / "data" / "smame.db") as c:  # a store some other program left behind
         c.execute("CREATE TABLE readings (something_else TEXT)")
-    env = smame_env(workdir, broker.port, SMAME_EXPORT__ENABLED="false")  # ingest meets the broken table first
+    # ingest meets the broken table first: the other services that read the store are off
+    env = smame_env(workdir, broker.port, SMAME_EXPORT__ENABLED="false", SMAME_ALERTS__ENABLED="false",
+                    SMAME_REPORT__ENABLED="false")
     log = workdir / "smame.log"
     proc = start_smame(env, log)
     wait_log(log, "subscribed to")

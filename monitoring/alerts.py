@@ -1,0 +1,106 @@
+"""Live alerts as a pure state machine: what holds now, what was already said -> what to say.
+
+Each alert is said once when it starts, again every `repeat_s` while it holds (0: never), and once
+when it clears. One-shot events (the broker lost our session) are said once. The state is plain
+data, so it survives restarts and an alert is not announced twice because smame restarted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+# name -> what an operator reads in the subject line
+TITLES = {
+    "ingest_stopped": "ingest stopped",
+    "broker_unreachable": "broker unreachable",
+    "session_lost": "the broker lost smame's session",
+    "export_failing": "CSV export failing",
+    "disk_low": "disk nearly full",
+    "login_ban": "login ban",
+    "units_silent": "many units silent",
+    "delivery_failing": "report or alert delivery failing",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Active:
+    """An alert that holds: since when, what it said, when it last said it."""
+
+    since: float
+    text: str
+    said: float
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """Something to tell the operators."""
+
+    name: str
+    state: Literal["firing", "repeat", "resolved", "event"]
+    text: str
+    since: float
+    at: float
+
+    @property
+    def subject(self) -> str:
+        """One line for a mail subject or the head of a Slack message."""
+        word = {"firing": "ALERT", "repeat": "STILL", "resolved": "RESOLVED", "event": "EVENT"}[self.state]
+        return f"[smame] {word}: {TITLES.get(self.name, self.name)}"
+
+    @property
+    def key(self) -> str:
+        """Identifies this notice for ever: the outbox queues it only once."""
+        return f"alert:{self.name}:{self.state}:{self.since:.0f}:{self.at:.0f}"
+
+
+def step(active: Mapping[str, Active], holding: Mapping[str, str], now: float, repeat_s: float,
+         unknown: Collection[str] = ()) -> tuple[dict[str, Active], list[Notice]]:
+    """The next state and the notices to send, given the conditions that hold now (name -> description).
+
+    A condition in `unknown` cannot be told yet (just after a start, a broker that has been down for
+    less than the limit): it keeps its state, so a restart neither clears nor raises it.
+    """
+    out: dict[str, Active] = {name: was for name, was in active.items() if name in unknown and name not in holding}
+    notices: list[Notice] = []
+    for name, text in holding.items():
+        was = active.get(name)
+        if was is None:
+            out[name] = Active(now, text, now)
+            notices.append(Notice(name, "firing", text, now, now))
+        elif repeat_s and now - was.said >= repeat_s:
+            out[name] = Active(was.since, text, now)
+            notices.append(Notice(name, "repeat", text, was.since, now))
+        else:
+            out[name] = Active(was.since, text, was.said)
+    for name, was in active.items():
+        if name not in holding and name not in unknown:
+            notices.append(Notice(name, "resolved", f"cleared after {_duration(now - was.since)}; it was: {was.text}",
+                                  was.since, now))
+    return out, notices
+
+
+def event(name: str, text: str, now: float) -> Notice:
+    """A one-shot notice (nothing to clear)."""
+    return Notice(name, "event", text, now, now)
+
+
+def _duration(seconds: float) -> str:
+    minutes = int(seconds // 60)
+    if minutes < 60:
+        return f"{minutes} min"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours < 48 else f"{hours // 24} days {hours % 24} h"
+
+
+def silent_units_text(silent: Mapping[str, str], total: int, after_s: int, limit: int = 10) -> str:
+    """One grouped description for many silent units (unit -> customer): the count and the customers."""
+    by_customer: dict[str, int] = {}
+    for customer in silent.values():
+        by_customer[customer] = by_customer.get(customer, 0) + 1
+    ranked = sorted(by_customer.items(), key=lambda kv: (-kv[1], kv[0]))
+    shown = ", ".join(f"{c} {n}" for c, n in ranked[:limit])
+    more = f" and {len(ranked) - limit} more customers" if len(ranked) > limit else ""
+    return (f"{len(silent)} of {total} units have sent no reading for over {_duration(after_s)}; "
+            f"by customer: {shown}{more}")

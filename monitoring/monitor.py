@@ -1,0 +1,224 @@
+"""The monitor service: watches the other services and the store, raises live alerts, sends the daily report.
+
+Every `alerts.check_s` it reads the services' counters and scans the store (each unit's newest
+reading, today's slot quality), works out which alert conditions hold, and queues what the alert
+state machine says to send, with the new state, in one transaction. Once a day, after `report.at`,
+it queues the previous day's report. Everything sent goes through the outbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import date, datetime, timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+from aggregator.store import Store
+from aggregator.timegrid import Grid
+from broker_bridge.bridge import BridgeStats
+from csv_export.exporter import ExportStats
+from ftp_gateway.accounts import Bans
+from monitoring import alerts, mail, slack
+from monitoring.alerts import Active, Notice
+from monitoring.daily import build_report, report_messages
+from monitoring.outbox import Message, Outbox
+from smame.registry import Registry
+from smame.settings import Settings
+
+log = logging.getLogger("smame.monitor")
+ALERT_STATE = "alert_state"
+REPORT_DONE = "report_last_day"
+
+
+@dataclass
+class Watched:
+    """The other services' counters the monitor reads; absent parts are None."""
+
+    bridge: BridgeStats
+    export: ExportStats | None = None
+    bans: Bans | None = None
+    paths: Sequence[Path] = ()  # directories whose file systems must not fill up
+
+
+@dataclass
+class Scan:
+    """What one look at the store found."""
+
+    units: int = 0
+    silent: dict[str, str] = field(default_factory=dict)  # unit -> customer, heard of before but silent now
+    reporting: dict[str, int] = field(default_factory=dict)  # "1h", "1d" -> units with a reading that recent
+    slots_today: dict[str, int] = field(default_factory=dict)  # quality -> closed import slots today
+    outbox_pending: int = 0
+
+
+def alert_messages(notice: Notice, settings: Settings) -> list[Message]:
+    """A notice for every configured channel."""
+    since = datetime.fromtimestamp(notice.since, ZoneInfo(settings.timezone)).isoformat(timespec="seconds")
+    text = f"{notice.text}\n\nsince {since} ({settings.timezone})"
+    out: list[Message] = []
+    if settings.mail.smtp_url:
+        key = f"{notice.key}:mail"
+        out.append((key, "mail", mail.compose(key, settings.mail.sender, settings.mail.recipients, notice.subject,
+                                              text, notice.at)))
+    if settings.slack.enabled:
+        out.append((f"{notice.key}:slack", "slack", slack.compose(notice.subject, text)))
+    return out
+
+
+class Monitor:
+    """Alerts and the daily report; `run` is the service loop."""
+
+    def __init__(self, settings: Settings, store: Store, grid: Grid, registry: Callable[[], Registry],
+                 watched: Watched, outbox: Outbox, clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.store = store
+        self.grid = grid
+        self.registry = registry
+        self.watched = watched
+        self.outbox = outbox
+        self.clock = clock
+        self.started = clock()
+        self.scan = Scan()
+        self.active: dict[str, Active] = {}
+        self._events: list[Notice] = []
+        self._loaded = False
+
+    def session_lost(self) -> None:
+        """Called by ingest when the broker had no session for us: said once, at the next check."""
+        self._events.append(alerts.event(
+            "session_lost", f"the broker had no session for client id {self.settings.broker.client_id}: telegrams "
+            "queued for smame while it was away may be lost; check the broker's persistence and session expiry",
+            self.clock()))
+
+    async def run(self) -> None:
+        """Check, alert and report for ever."""
+        if not (self.settings.mail.smtp_url or self.settings.slack.enabled):
+            log.warning("neither mail.smtp_url nor slack is set: alerts and the daily report are only logged")
+        while True:
+            try:
+                await self.check()
+            except OSError as exc:  # a store that is busy or a disk that is full must not stop the watching
+                log.error("monitor check failed, trying again in %.0f s: %s", self.settings.alerts.check_s, exc)
+            await asyncio.sleep(self.settings.alerts.check_s)
+
+    async def check(self) -> list[Notice]:
+        """One round: scan, alerts, and the daily report when it is due; returns the notices queued."""
+        now = self.clock()
+        if not self._loaded:
+            self.active = await self.store.call(self._load_state)
+            self._loaded = True
+        self.scan = await self.store.call(self._scan, now)
+        notices: list[Notice] = []
+        if self.settings.alerts.enabled:
+            holding, unknown = self.conditions(now)
+            self.active, notices = alerts.step(self.active, holding, now, self.settings.alerts.repeat_s, unknown)
+        notices, self._events = notices + self._events, []
+        for n in notices:
+            (log.info if n.state == "resolved" else log.warning)("%s: %s", n.subject, n.text)
+        messages = [m for n in notices for m in alert_messages(n, self.settings)]
+        state = json.dumps({k: asdict(v) for k, v in self.active.items()})
+        # The new state and what it says go in together: a crash between them can neither lose nor repeat an alert.
+        await self.outbox.put(messages, lambda: self.store.set_meta(ALERT_STATE, state))
+        await self.report_if_due(now)
+        return notices
+
+    def conditions(self, now: float) -> tuple[dict[str, str], set[str]]:
+        """The alert conditions that hold now, each with what an operator needs to know; and those not known yet."""
+        a, s, w = self.settings.alerts, self.scan, self.watched
+        holding: dict[str, str] = {}
+        unknown: set[str] = set()
+        b = w.bridge
+        quiet = now - max(b.last_received, self.started)
+        if s.units and quiet > a.ingest_silence_s:
+            holding["ingest_stopped"] = (f"no telegram received for {quiet / 60:.0f} min while {s.units} units are "
+                                         "registered" + ("" if b.connected else " (not connected to the broker)"))
+        elif s.units and not b.last_received:
+            unknown.add("ingest_stopped")  # just started: nothing received yet, but not for long
+        if not b.connected and b.down_since is not None:
+            if now - b.down_since > a.broker_down_s:
+                holding["broker_unreachable"] = (f"not connected to {self.settings.broker.url} for "
+                                                 f"{(now - b.down_since) / 60:.0f} min: {b.last_error or 'no answer'}")
+            else:
+                unknown.add("broker_unreachable")
+        if w.export is not None and w.export.last_error:
+            holding["export_failing"] = f"the last export run failed (retried every half hour): {w.export.last_error}"
+        low = []
+        for path in w.paths:
+            try:
+                usage = shutil.disk_usage(path)
+            except OSError:
+                continue
+            free = 100 * usage.free / usage.total if usage.total else 100.0
+            if free < a.disk_free_percent:
+                low.append(f"{path}: {free:.1f}% free ({usage.free / 2**30:.1f} GiB)")
+        if low:
+            holding["disk_low"] = "; ".join(low)
+        if w.bans is not None:
+            banned = w.bans.active()
+            if banned:
+                holding["login_ban"] = ("banned after repeated failed FTP/SFTP logins: " +
+                                        ", ".join(f"{addr} ({left / 60:.0f} min left)" for addr, left in sorted(banned.items())))
+        if len(s.silent) >= a.silent_units_min:
+            holding["units_silent"] = alerts.silent_units_text(s.silent, s.units, a.silent_after_s)
+        failing = [f"{ch}: {err}" for ch, (since, err) in self.outbox.failing.items() if now - since > 600]
+        if failing:
+            holding["delivery_failing"] = "sending keeps failing (kept in the outbox and retried): " + "; ".join(failing)
+        elif self.outbox.failing:
+            unknown.add("delivery_failing")
+        return holding, unknown
+
+    async def report_if_due(self, now: float) -> bool:
+        """Queue yesterday's report once `report.at` has passed today; True when it was queued now."""
+        r = self.settings.report
+        if not r.enabled:
+            return False
+        local = datetime.fromtimestamp(now, self.grid.zone)
+        if local.hour * 60 + local.minute < r.minutes:
+            return False
+        day = local.date() - timedelta(days=1)
+        done = await self.store.call(self.store.get_meta, REPORT_DONE, "")
+        if done and date.fromisoformat(done) >= day:
+            return False
+        registry = self.registry()
+        report = await self.store.call(build_report, self.store, self.grid, registry, day, int(now), r.silent_after_s,
+                                       r.zero_run_slots)
+        messages = report_messages(report, self.settings, now, f"report:{day.isoformat()}")
+        await self.outbox.put(messages, lambda: self.store.set_meta(REPORT_DONE, day.isoformat()))
+        bad = sum(1 for f in report.findings if f.has_problems)
+        log.info("daily report for %s queued for %s: %d of %d units with problems, %d problem slots", day,
+                 ", ".join(ch for _, ch, _ in messages) or "no channel (log only)", bad, len(report.findings),
+                 len(report.problems))
+        return True
+
+    # --- on the store thread ----------------------------------------------------------------------
+
+    def _load_state(self) -> dict[str, Active]:
+        raw = self.store.get_meta(ALERT_STATE, "{}")
+        try:
+            return {k: Active(**v) for k, v in json.loads(raw).items()}
+        except (ValueError, TypeError):
+            log.warning("alert state unreadable, starting afresh: %r", raw[:200])
+            return {}
+
+    def _scan(self, now: float) -> Scan:
+        registry = self.registry()
+        last = self.store.last_readings(registry.units)
+        a = self.settings.alerts
+        silent = {u: registry.units[u].customer for u, t in last.items() if t is not None and now - t > a.silent_after_s}
+        reporting = {"1h": sum(1 for t in last.values() if t is not None and now - t <= 3600),
+                     "1d": sum(1 for t in last.values() if t is not None and now - t <= 86400)}
+        upto = self.grid.floor(now)
+        day = datetime.fromtimestamp(now, self.grid.zone).date()
+        start = self.grid.day_start(day)
+        closed = sum(1 for e in self.grid.day_slots(day) if e <= upto)
+        counts = self.store.slot_quality_counts(start, upto) if closed else {}
+        present = counts.get("A", 0) + counts.get("E", 0)
+        slots_today = {"A": counts.get("A", 0), "E": counts.get("E", 0),
+                       "M": max(0, len(registry.units) * closed - present)}
+        return Scan(len(registry.units), silent, reporting, slots_today, self.store.outbox_counts()["pending"])

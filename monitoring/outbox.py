@@ -1,0 +1,132 @@
+"""Sending reports and alerts through the store's outbox: kept until sent, retried with backoff, sent once.
+
+A message is queued under a key that names it for ever (the report of a day on a channel, an
+alert's start or end), so queueing it again changes nothing. A sender leases the messages it
+takes, so two processes (the service and `smame report --send`) never send the same one. A
+message is marked sent right after the server took it; only a crash in between those two steps
+can send it twice, and mail then carries the same Message-ID.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
+
+from aggregator.store import OutboxRow, Store
+
+log = logging.getLogger("smame.outbox")
+
+
+class SendFailed(Exception):
+    """A channel could not deliver; `retry_after` when the server said when to come back."""
+
+    def __init__(self, reason: str, retry_after: float | None = None, permanent: bool = False) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
+        self.permanent = permanent
+
+
+class Channel(Protocol):
+    """Something that delivers stored payloads (mail, Slack)."""
+
+    name: str
+
+    def send(self, payload: bytes) -> None: ...
+
+
+Message = tuple[str, str, bytes]  # (key, channel, payload)
+
+
+class Outbox:
+    """Delivers due messages; `run` is the service loop, `deliver_due` one round."""
+
+    def __init__(self, store: Store, channels: Mapping[str, Channel], backoff_min: float = 15.0,
+                 backoff_max: float = 1800.0, give_up_s: float = 3 * 86400, lease_s: float = 300.0,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.channels = dict(channels)
+        self.backoff_min = backoff_min
+        self.backoff_max = backoff_max
+        self.give_up_s = give_up_s
+        self.lease_s = lease_s
+        self.clock = clock
+        self.stats: Counter[tuple[str, str]] = Counter()  # (channel, sent|failed|given_up)
+        self.failing: dict[str, tuple[float, str]] = {}  # channel -> (failing since, last error)
+        self._wake = asyncio.Event()
+
+    async def put(self, messages: Sequence[Message], also: Callable[[], None] = lambda: None) -> int:
+        """Queue messages (those queued before are left alone), and run `also` in the same transaction."""
+        now = self.clock()
+
+        def enqueue() -> int:
+            with self.store.transaction():
+                also()
+                return sum(self.store.enqueue(key, channel, payload, now) for key, channel, payload in messages)
+
+        new = await self.store.call(enqueue)
+        if new:
+            self._wake.set()
+        return new
+
+    async def run(self) -> None:
+        """Deliver for ever: right after something is queued, and when a retry falls due."""
+        while True:
+            await self.deliver_due()
+            nxt = await self.store.call(self.store.outbox_next_due)
+            wait = 60.0 if nxt is None else min(60.0, max(0.2, nxt - self.clock()))
+            try:
+                await asyncio.wait_for(self._wake.wait(), wait)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+
+    async def deliver_due(self) -> int:
+        """Send every message due now; returns how many went out."""
+        rows = await self.store.call(self.store.claim_due, self.clock(), self.lease_s)
+        sent = 0
+        blocked: dict[str, float] = {}  # a channel that failed this round: its later messages wait as long
+        loop = asyncio.get_running_loop()
+        for row in rows:
+            channel = self.channels.get(row.channel)
+            if row.channel in blocked:  # keep each channel's order: an alert's end never before its start
+                await self.store.call(self.store.outbox_retry, row.id, blocked[row.channel], "waiting for an earlier message")
+                continue
+            if channel is None:
+                await self._give_up(row, f"channel {row.channel} is not configured any more")
+                continue
+            try:
+                await loop.run_in_executor(None, channel.send, row.payload)
+            except SendFailed as exc:
+                self.stats[row.channel, "failed"] += 1
+                self.failing[row.channel] = (self.failing.get(row.channel, (self.clock(), ""))[0], str(exc))
+                if exc.permanent or self.clock() - row.created > self.give_up_s:
+                    await self._give_up(row, str(exc))
+                    continue
+                retry = self._next_try(row, exc.retry_after)
+                blocked[row.channel] = retry
+                await self.store.call(self.store.outbox_retry, row.id, retry, str(exc))
+                log.warning("sending %s by %s failed (attempt %d), retrying in %.0f s: %s",
+                            row.key, row.channel, row.attempts + 1, retry - self.clock(), exc)
+                continue
+            await self.store.call(self.store.outbox_sent, row.id, self.clock())
+            self.stats[row.channel, "sent"] += 1
+            self.failing.pop(row.channel, None)
+            sent += 1
+            log.info("sent %s by %s", row.key, row.channel)
+        return sent
+
+    def _next_try(self, row: OutboxRow, retry_after: float | None) -> float:
+        if retry_after is not None:  # the server said when (Slack's 429)
+            return self.clock() + retry_after
+        delay = min(self.backoff_max, self.backoff_min * 2 ** row.attempts)
+        return self.clock() + delay * random.uniform(0.5, 1.0)
+
+    async def _give_up(self, row: OutboxRow, error: str) -> None:
+        self.stats[row.channel, "given_up"] += 1
+        await self.store.call(self.store.outbox_give_up, row.id, self.clock(), error)
+        log.error("gave up sending %s by %s after %d attempts: %s", row.key, row.channel, row.attempts + 1, error)

@@ -1,0 +1,166 @@
+"""End to end: the daily report reaches a real SMTP server and Slack's stand-in; alerts start and clear; nothing
+is sent twice across an outage or a restart."""
+
+from __future__ import annotations
+
+import csv
+import io
+import sqlite3
+import time
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+
+from aggregator.ingest import Ingestor
+from aggregator.store import Store
+from aggregator.timegrid import SLOT, Grid
+from broker_bridge.telegram import Incoming, Reading
+from smame.registry import load_registry
+from tests.helpers import (
+    Mosquitto, free_port, publish, smame, smame_env, start_smame, stop, telegram, wait_log, write_registry,
+)
+from tests.monitoring.sinks import SlackStandIn, SmtpSink
+from tests.monitoring.test_metrics import scrape
+
+GRID = Grid("Asia/Tokyo")
+DAY = date(2026, 11, 23)
+
+
+def day_with_gaps(workdir: Path) -> set[tuple[str, int]]:
+    """R1 complete, R2 silent from 10:00 on, R3 never heard of; returns the missing (unit, slot) pairs."""
+    write_registry(workdir, {"R1": "C1", "R2": "C1", "R3": "C2"})
+    registry = load_registry(workdir / "units.csv", workdir / "customers.toml")
+    (workdir / "data").mkdir(exist_ok=True)
+    store = Store(workdir / "data" / "smame.db")
+    start = GRID.day_start(DAY)
+    readings = [Incoming(Reading(u, start + k * SLOT, "SM", 100 + k, 0, 1, 1, 6, k, start + k * SLOT),
+                         start + k * SLOT + 5, f"smame/v1/{u}/reading", b"{}")
+                for u, last in (("R1", 48), ("R2", 20)) for k in range(0, last + 1)]
+    Ingestor(store, registry, GRID).commit(readings, [], int(time.time()))
+    store.close()
+    return {("R2", i) for i in range(21, 49)} | {("R3", i) for i in range(1, 49)}
+
+
+def mail_env(workdir: Path, port: int, smtp_port: int, **extra: str) -> dict[str, str]:
+    return smame_env(workdir, port, SMAME_MAIL__SMTP_URL=f"smtp://127.0.0.1:{smtp_port}",
+                     SMAME_MAIL__SENDER="smame@example.jp", SMAME_MAIL__RECIPIENTS="ops@example.jp,night@example.jp",
+                     **extra)
+
+
+def test_daily_report_by_mail_and_slack(workdir: Path) -> None:
+    missing = day_with_gaps(workdir)
+    sink = SmtpSink().start()
+    slack = SlackStandIn()
+    try:
+        env = mail_env(workdir, 1883, sink.port, SMAME_SLACK__WEBHOOK_URL=slack.url)
+        out = smame(["report", "--date", DAY.isoformat(), "--send"], env).stdout
+        assert "sent by mail, slack" in out
+        [got] = sink.wait(1)
+        assert sorted(got.recipients) == ["night@example.jp", "ops@example.jp"]
+        msg = got.message
+        assert msg["Subject"] == "[smame] daily report 2026-11-23: 2 of 3 units with missing data (76 slots)"
+        assert msg["From"] == "smame@example.jp"
+        text = msg.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+        html = msg.get_body(("html",)).get_content()  # type: ignore[union-attr]
+        assert "R2 (C1): silent since 2026-11-23 10:00; missing 28: slots 21-48" in text
+        assert "R3 (C2): silent since ever; missing 48: slots 1-48" in text
+        assert "<b>R2</b> (C1): silent since 2026-11-23 10:00; missing 28: slots 21-48" in html and "<table" in html
+        [attachment] = list(msg.iter_attachments())
+        assert attachment.get_filename() == "smame-problems-2026-11-23.csv"
+        rows = list(csv.DictReader(io.StringIO(attachment.get_content().decode()
+                                               if isinstance(attachment.get_content(), bytes) else attachment.get_content())))
+        assert {(r["unit_id"], int(r["slot"])) for r in rows if r["problem"] == "missing"} == missing
+        assert {r["problem"] for r in rows} == {"missing"}
+        [post] = slack.wait(lambda posts: len(posts) >= 1)
+        assert post.body["text"].startswith("[smame] daily report 2026-11-23")
+        assert "*C1*: 2 units, 1 with gaps, 28 missing" in post.body["blocks"][1]["text"]["text"]
+    finally:
+        sink.stop()
+        slack.stop()
+
+
+def test_send_without_a_channel_says_what_to_set(workdir: Path) -> None:
+    day_with_gaps(workdir)
+    proc = smame(["report", "--date", DAY.isoformat(), "--send"], smame_env(workdir, 1883), check=False)
+    assert proc.returncode == 2 and "mail.smtp_url or slack.webhook_url" in proc.stderr
+
+
+def outbox(db: Path) -> dict[str, int]:
+    with sqlite3.connect(db, timeout=10) as c:
+        pending, sent = c.execute("SELECT count(*) FILTER (WHERE sent IS NULL), count(sent) FROM outbox").fetchone()
+    return {"pending": pending, "sent": sent}
+
+
+def test_mail_down_then_smame_restarted_each_message_arrives_once(workdir: Path) -> None:
+    day_with_gaps(workdir)
+    sink = SmtpSink()  # down at first
+    env = mail_env(workdir, free_port(),  # no broker there: the broker alert fires
+                   sink.port, SMAME_REPORT__AT="00:00", SMAME_ALERTS__CHECK_S="0.3", SMAME_ALERTS__BROKER_DOWN_S="1",
+                   SMAME_MONITORING__OUTBOX_RETRY_S="0.5")
+    db = workdir / "data" / "smame.db"
+    log = workdir / "smame.log"
+    proc = start_smame(env, log)
+    try:
+        wait_log(log, "ALERT: broker unreachable")
+        wait_log(log, "daily report for")
+        wait_log(log, "retrying in")
+        assert outbox(db) == {"pending": 2, "sent": 0}
+    finally:
+        assert stop(proc) == 0
+    sink.start()
+    proc = start_smame(env, log)
+    try:
+        got = sink.wait(2)
+        time.sleep(2)  # anything sent twice would arrive now
+        subjects = sorted(m.message["Subject"] for m in sink.messages)
+        assert len(subjects) == 2
+        assert subjects[0] == "[smame] ALERT: broker unreachable"
+        assert subjects[1].startswith("[smame] daily report ")
+        assert outbox(db) == {"pending": 0, "sent": 2}
+        assert all(sorted(m.recipients) == ["night@example.jp", "ops@example.jp"] for m in got)
+    finally:
+        assert stop(proc) == 0
+        sink.stop()
+
+
+def test_live_alerts_reach_slack_start_and_clear(workdir: Path) -> None:
+    broker = Mosquitto(workdir / "mq")
+    slack = SlackStandIn()
+    write_registry(workdir, {"S1": "C1", "S2": "C1", "S3": "C2"})
+    metrics = free_port()
+    env = smame_env(workdir, broker.port, SMAME_SLACK__WEBHOOK_URL=slack.url, SMAME_ALERTS__CHECK_S="0.3",
+                    SMAME_ALERTS__BROKER_DOWN_S="1", SMAME_ALERTS__SILENT_AFTER_S="3600",
+                    SMAME_ALERTS__SILENT_UNITS_MIN="2", SMAME_REPORT__ENABLED="false",
+                    SMAME_MONITORING__ENABLED="true", SMAME_MONITORING__HOST="127.0.0.1",
+                    SMAME_MONITORING__METRICS_PORT=str(metrics))
+    log = workdir / "smame.log"
+    proc = start_smame(env, log)
+
+    def texts() -> list[str]:
+        return [p.body["text"] for p in slack.delivered]
+
+    try:
+        wait_log(log, "subscribed to")
+        # every unit's newest reading is two hours old: all three silent, said once as one alert
+        old = datetime.fromtimestamp(GRID.floor(time.time() - 7200), timezone(timedelta(hours=9)))
+        publish(broker.port, [(f"smame/v1/{u}/reading", telegram(u, [(old, 5)])) for u in ("S1", "S2", "S3")])
+        slack.wait(lambda posts: any("many units silent" in p.body["text"] for p in posts))
+        [silent] = [t for t in texts() if "many units silent" in t]
+        assert "3 of 3 units have sent no reading for over 1 h 00 min; by customer: C1 2, C2 1" in silent
+        broker.stop()
+        slack.wait(lambda posts: any("ALERT: broker unreachable" in p.body["text"] for p in posts))
+        m = scrape(metrics)
+        assert m['smame_alert_active{alert="broker_unreachable"}'] == 1
+        assert m['smame_alert_active{alert="units_silent"}'] == 1
+        broker.start()  # without persistence: our session is gone
+        slack.wait(lambda posts: any("RESOLVED: broker unreachable" in p.body["text"] for p in posts))
+        slack.wait(lambda posts: any("EVENT: the broker lost smame's session" in p.body["text"] for p in posts))
+        time.sleep(1)
+        heads = [t.split("\n")[0] for t in texts()]
+        assert heads.count("[smame] ALERT: broker unreachable") == 1
+        assert heads.count("[smame] RESOLVED: broker unreachable") == 1
+        assert heads.count("[smame] ALERT: many units silent") == 1
+        assert scrape(metrics)['smame_notifications_total{channel="slack",result="sent"}'] == len(heads)
+    finally:
+        assert stop(proc) == 0
+        broker.stop()
+        slack.stop()

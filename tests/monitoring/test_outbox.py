@@ -1,0 +1,166 @@
+"""The outbox against real receivers: Slack's 429, an SMTP outage, STARTTLS with a login, two senders at once."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from pathlib import Path
+
+from pydantic import SecretStr
+
+from aggregator.store import Store
+from ftp_gateway.certs import ensure_certificate
+from monitoring import mail, slack
+from monitoring.mail import SmtpChannel
+from monitoring.outbox import Outbox
+from monitoring.slack import SlackChannel
+from smame.settings import MailSettings, SlackSettings
+from tests.helpers import free_port
+from tests.monitoring.sinks import SlackStandIn, SmtpSink
+
+
+def webhook(stand_in: SlackStandIn) -> SlackChannel:
+    return SlackChannel(SlackSettings(webhook_url=SecretStr(stand_in.url), timeout_s=5))
+
+
+def mail_to(port: int, **kw: object) -> MailSettings:
+    return MailSettings(smtp_url=f"smtp://127.0.0.1:{port}", recipients=["ops@example.jp"], timeout_s=5, **kw)  # type: ignore[arg-type]
+
+
+def pending(db: Path) -> int:
+    store = Store(db)
+    try:
+        return store.outbox_counts()["pending"]
+    finally:
+        store.close()
+
+
+async def test_slack_429_is_retried_after_retry_after_and_delivered_once(tmp_path: Path) -> None:
+    stand_in = SlackStandIn(statuses=[429], retry_after=1)
+    store = Store(tmp_path / "smame.db")
+    outbox = Outbox(store, {"slack": webhook(stand_in)}, backoff_min=0.1)
+    await outbox.put([("alert:x", "slack", slack.compose("[smame] ALERT: test", "something broke"))])
+    assert await outbox.deliver_due() == 0  # 429
+    assert await outbox.deliver_due() == 0  # not due yet: Retry-After says one second
+    assert len(stand_in.posts) == 1
+    await asyncio.sleep(1.1)
+    assert await outbox.deliver_due() == 1
+    assert await outbox.deliver_due() == 0
+    assert len(stand_in.delivered) == 1 and len(stand_in.posts) == 2
+    assert stand_in.posts[1].at - stand_in.posts[0].at >= 1.0
+    assert stand_in.delivered[0].body["text"].startswith("[smame] ALERT: test")
+    assert outbox.stats["slack", "sent"] == 1 and outbox.stats["slack", "failed"] == 1
+    # queuing the same message again sends nothing: the key is taken
+    assert await outbox.put([("alert:x", "slack", b"{}")]) == 0
+    store.close()
+    stand_in.stop()
+
+
+async def test_bot_token_and_its_429_through_the_web_api(tmp_path: Path) -> None:
+    stand_in = SlackStandIn(statuses=[429], retry_after=1)
+    channel = SlackChannel(SlackSettings(token=SecretStr("xoxb-test"), channel="#ops", api_url=stand_in.api_url, timeout_s=5))
+    store = Store(tmp_path / "smame.db")
+    outbox = Outbox(store, {"slack": channel}, backoff_min=0.1)
+    await outbox.put([("r", "slack", slack.compose("[smame] daily report", "all fine"))])
+    assert await outbox.deliver_due() == 0
+    await asyncio.sleep(1.1)
+    assert await outbox.deliver_due() == 1
+    assert [p.path for p in stand_in.delivered] == ["/api/chat.postMessage"]
+    assert stand_in.delivered[0].body["channel"] == "#ops"
+    store.close()
+    stand_in.stop()
+
+
+async def test_smtp_down_then_up_the_mail_arrives_once(tmp_path: Path) -> None:
+    sink = SmtpSink()  # not started: the port refuses connections
+    store = Store(tmp_path / "smame.db")
+    outbox = Outbox(store, {"mail": SmtpChannel(mail_to(sink.port))}, backoff_min=0.2)
+    body = mail.compose("k1", "smame@example.jp", ["ops@example.jp"], "[smame] ALERT: x", "text", time.time())
+    await outbox.put([("k1", "mail", body)])
+    assert await outbox.deliver_due() == 0
+    assert "mail" in outbox.failing and pending(tmp_path / "smame.db") == 1
+    sink.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not await outbox.deliver_due() and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        for _ in range(3):
+            await outbox.deliver_due()
+        assert len(sink.messages) == 1
+        assert sink.messages[0].recipients == ["ops@example.jp"]
+        assert pending(tmp_path / "smame.db") == 0 and "mail" not in outbox.failing
+    finally:
+        sink.stop()
+        store.close()
+
+
+async def test_starttls_and_login(tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    ensure_certificate(cert, key, ["localhost", "127.0.0.1"])
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert, key)
+    sink = SmtpSink(tls=tls, login=("smame", "s3cret-passw0rd")).start()
+    store = Store(tmp_path / "smame.db")
+    try:
+        good = SmtpChannel(mail_to(sink.port, starttls="always", ca_file=cert, username="smame",
+                                   password=SecretStr("s3cret-passw0rd")))
+        bad = SmtpChannel(mail_to(sink.port, starttls="always", ca_file=cert, username="smame",
+                                  password=SecretStr("wrong")))
+        plain = SmtpChannel(mail_to(sink.port, starttls="never", username="smame", password=SecretStr("s3cret-passw0rd")))
+        body = mail.compose("k", "smame@example.jp", ["ops@example.jp"], "s", "t", time.time())
+        for name, channel in (("bad", bad), ("plain", plain)):
+            outbox = Outbox(store, {"mail": channel})
+            await outbox.put([(name, "mail", body)])
+            assert await outbox.deliver_due() == 0, name  # wrong password; or AUTH refused without TLS
+        outbox = Outbox(store, {"mail": good})
+        await outbox.put([("good", "mail", body)])
+        assert await outbox.deliver_due() == 1
+        assert len(sink.messages) == 1
+    finally:
+        sink.stop()
+        store.close()
+
+
+async def test_two_senders_never_send_the_same_message(tmp_path: Path) -> None:
+    stand_in = SlackStandIn()
+    db = tmp_path / "smame.db"
+    stores = [Store(db), Store(db)]
+    outboxes = [Outbox(s, {"slack": webhook(stand_in)}) for s in stores]
+    await outboxes[0].put([(f"m{i}", "slack", slack.compose(f"message {i}", "x")) for i in range(20)])
+    sent = await asyncio.gather(*(o.deliver_due() for o in outboxes))
+    assert sum(sent) == 20
+    assert sorted(p.body["text"].split("\n")[0] for p in stand_in.delivered) == sorted(f"message {i}" for i in range(20))
+    for s in stores:
+        s.close()
+    stand_in.stop()
+
+
+async def test_a_channel_keeps_its_order_when_one_message_fails(tmp_path: Path) -> None:
+    stand_in = SlackStandIn(statuses=[500])
+    store = Store(tmp_path / "smame.db")
+    outbox = Outbox(store, {"slack": webhook(stand_in)}, backoff_min=0.2)
+    await outbox.put([("a:start", "slack", slack.compose("started", "x")), ("a:end", "slack", slack.compose("cleared", "x"))])
+    assert await outbox.deliver_due() == 0  # the first failed; the second waits behind it
+    assert len(stand_in.posts) == 1
+    deadline = time.monotonic() + 5
+    while len(stand_in.delivered) < 2 and time.monotonic() < deadline:
+        await outbox.deliver_due()
+        await asyncio.sleep(0.05)
+    assert [p.body["text"].split("\n")[0] for p in stand_in.delivered] == ["started", "cleared"]
+    store.close()
+    stand_in.stop()
+
+
+async def test_a_message_too_old_is_given_up_and_kept(tmp_path: Path) -> None:
+    store = Store(tmp_path / "smame.db")
+    clock = [1000.0]
+    outbox = Outbox(store, {"mail": SmtpChannel(mail_to(free_port()))}, backoff_min=1, give_up_s=60,
+                    clock=lambda: clock[0])
+    await outbox.put([("old", "mail", mail.compose("old", "a@b.jp", ["ops@example.jp"], "s", "t", 0))])
+    assert await outbox.deliver_due() == 0
+    clock[0] += 120
+    assert await outbox.deliver_due() == 0
+    assert store.outbox_counts() == {"pending": 0, "sent": 0, "given_up": 1}
+    assert outbox.stats["mail", "given_up"] == 1
+    store.close()
