@@ -58,6 +58,17 @@ class Mosquitto:
         self.command = [binary, "-c", str(conf)]
         self.start()
 
+    @classmethod
+    def from_config(cls, workdir: Path, text: str, port: int) -> Mosquitto:
+        """A broker on a configuration of its own (which listens on `port`)."""
+        self = cls.__new__(cls)
+        self.port, self.dir = port, workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "mosquitto.conf").write_text(text)
+        self.command = [shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(workdir / "mosquitto.conf")]
+        self.start()
+        return self
+
     def start(self) -> None:
         with open(self.dir / "mosquitto.log", "ab") as log:
             self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_many_files)

@@ -1,0 +1,228 @@
+"""`smame provision` against the real mosquitto binary: each unit publishes only under its own topic, strangers
+are refused, TLS below 1.2 is refused, and running it again keeps what units in the field already use."""
+
+from __future__ import annotations
+
+import csv
+import ssl
+import threading
+import time
+from pathlib import Path
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.reasoncodes import ReasonCode
+
+from tests.helpers import (
+    Mosquitto, at, free_port, smame, smame_env, start_smame, stop, telegram, wait_log, wait_readings, write_registry,
+)
+
+V5 = paho.MQTTv5
+
+
+def provisioned(workdir: Path, units: dict[str, str], *extra: str) -> tuple[Path, int, int]:
+    """Registry files, `smame provision` into workdir/broker, and a broker on its configuration."""
+    write_registry(workdir, units)
+    port, tls_port = free_port(), free_port()
+    out = workdir / "broker"
+    smame(["provision", "--registry", str(workdir / "units.csv"), "--out", str(out), "--port", str(port),
+           "--tls-port", str(tls_port), "--data-dir", str(workdir / "mqdata"), *extra], smame_env(workdir, port))
+    return out, port, tls_port
+
+
+def start_broker(workdir: Path, out: Path, port: int) -> Mosquitto:
+    (workdir / "mqdata").mkdir(exist_ok=True)
+    # started as root, mosquitto would drop to its own user, who may not read the private files
+    return Mosquitto.from_config(workdir / "mq", (out / "mosquitto.conf").read_text() + "user root\n", port)
+
+
+def credentials(out: Path) -> dict[str, str]:
+    with (out / "unit-credentials.csv").open() as f:
+        return {r["unit_id"]: r["password"] for r in csv.DictReader(f)}
+
+
+def ingest_login(out: Path) -> tuple[str, str]:
+    env = dict(line.split("=", 1) for line in (out / "smame-broker.env").read_text().splitlines())
+    return env["SMAME_BROKER__USERNAME"], env["SMAME_BROKER__PASSWORD"]
+
+
+class Client:
+    """A paho MQTT 5 client that records what happens to it."""
+
+    def __init__(self, port: int, user: str | None, password: str | None, tls: ssl.SSLContext | None = None,
+                 client_id: str = "") -> None:
+        self.c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=V5)
+        if user is not None:
+            self.c.username_pw_set(user, password)
+        if tls is not None:
+            self.c.tls_set_context(tls)
+        self.connack: ReasonCode | None = None
+        self.acks: dict[int, ReasonCode] = {}
+        self.granted: list[ReasonCode] = []
+        self.received: list[str] = []
+        self.connected = threading.Event()
+        self.c.on_connect = lambda c, u, f, rc, p: (setattr(self, "connack", rc), self.connected.set())
+        self.c.on_publish = lambda c, u, mid, rc, p: self.acks.__setitem__(mid, rc)
+        self.c.on_subscribe = lambda c, u, mid, rcs, p: self.granted.extend(rcs)
+        self.c.on_message = lambda c, u, m: self.received.append(m.topic)
+        self.error: Exception | None = None
+        try:
+            self.c.connect("127.0.0.1", port)
+        except (OSError, ssl.SSLError) as exc:
+            self.error = exc
+            return
+        self.c.loop_start()
+        self.connected.wait(5)
+
+    @property
+    def ok(self) -> bool:
+        return self.connack is not None and not self.connack.is_failure
+
+    def publish(self, topic: str) -> ReasonCode:
+        info = self.c.publish(topic, b"{}", qos=1)
+        deadline = time.monotonic() + 5
+        while info.mid not in self.acks and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self.acks[info.mid]
+
+    def close(self) -> None:
+        if self.error is None:
+            self.c.disconnect()
+            self.c.loop_stop()
+
+
+def wait_until(predicate, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def test_each_unit_publishes_only_under_its_own_topic_and_ingest_only_reads(workdir: Path) -> None:
+    out, port, _ = provisioned(workdir, {"U1": "C1", "U2": "C1"})
+    broker = start_broker(workdir, out, port)
+    pw = credentials(out)
+    ingest = Client(port, *ingest_login(out))
+    u1 = Client(port, "U1", pw["U1"])
+    try:
+        assert ingest.ok and u1.ok
+        ingest.c.subscribe("smame/v1/+/reading", qos=1)
+        wait_until(lambda: ingest.granted)
+        assert not ingest.granted[0].is_failure
+        # mosquitto grants a wildcard subscription and checks read access per message: U1 must get nothing
+        u1.c.subscribe("smame/v1/+/reading", qos=1)
+        wait_until(lambda: u1.granted)
+        assert not u1.publish("smame/v1/U1/reading").is_failure
+        assert u1.publish("smame/v1/U2/reading").getName() == "Not authorized"  # another unit's topic
+        assert u1.publish("smame/v1/U1/other").getName() == "Not authorized"
+        assert ingest.publish("smame/v1/U1/reading").getName() == "Not authorized"  # ingest cannot forge readings
+        wait_until(lambda: ingest.received)
+        time.sleep(0.3)
+        assert ingest.received == ["smame/v1/U1/reading"]
+        assert u1.received == []
+    finally:
+        ingest.close()
+        u1.close()
+        broker.stop()
+
+
+def test_anonymous_unknown_users_and_wrong_passwords_are_refused(workdir: Path) -> None:
+    out, port, _ = provisioned(workdir, {"U1": "C1"})
+    broker = start_broker(workdir, out, port)
+    try:
+        for user, password in [(None, None), ("U9", "whatever-password"), ("U1", "wrong-password"),
+                               ("smame-ingest", credentials(out)["U1"])]:
+            c = Client(port, user, password)
+            assert c.connack is not None and c.connack.is_failure, user
+            c.close()
+    finally:
+        broker.stop()
+
+
+@pytest.mark.parametrize("bad", ["A+B", "A#", "a/b"])
+def test_unit_ids_that_would_widen_the_acl_are_refused(workdir: Path, bad: str) -> None:
+    (workdir / "units.csv").write_text(f"unit_id,customer_id\nU1,C1\n{bad},C1\n")
+    proc = smame(["provision", "--registry", str(workdir / "units.csv"), "--out", str(workdir / "b")],
+                 smame_env(workdir, 1883), check=False)
+    assert proc.returncode == 2
+    assert f"line 3: unit id {bad!r} cannot be provisioned" in proc.stderr
+    assert not (workdir / "b" / "passwd").exists()
+
+
+def test_running_again_keeps_credentials_adds_new_units_and_drops_removed_ones(workdir: Path) -> None:
+    out, port, _ = provisioned(workdir, {"U1": "C1", "U2": "C1"}, "--tls")
+    before = {line.split(":")[0]: line for line in (out / "passwd").read_text().splitlines()}
+    cert, ca, pw = (out / "certs" / "U1.pem").read_bytes(), (out / "ca.pem").read_bytes(), credentials(out)
+    ingest_before = ingest_login(out)
+    write_registry(workdir, {"U1": "C1", "U3": "C2"})
+    proc = smame(["provision", "--registry", str(workdir / "units.csv"), "--out", str(out), "--port", str(port),
+                  "--data-dir", str(workdir / "mqdata"), "--tls"], smame_env(workdir, port))
+    assert "2 units: 1 added, 1 kept, 1 removed (U2)" in proc.stdout
+    after = {line.split(":")[0]: line for line in (out / "passwd").read_text().splitlines()}
+    assert after["U1"] == before["U1"] and after["smame-ingest"] == before["smame-ingest"]
+    assert "U3" in after and "U2" not in after
+    assert credentials(out)["U1"] == pw["U1"] and set(credentials(out)) == {"U1", "U3"}
+    assert (out / "certs" / "U1.pem").read_bytes() == cert and (out / "ca.pem").read_bytes() == ca
+    assert (out / "certs" / "U3.pem").exists() and ingest_login(out) == ingest_before
+    broker = start_broker(workdir, out, port)  # the kept and the new credentials both work
+    try:
+        for unit in ("U1", "U3"):
+            c = Client(port, unit, credentials(out)[unit])
+            assert c.ok, unit
+            c.close()
+    finally:
+        broker.stop()
+
+
+def unit_tls(out: Path, unit: str | None, maximum: ssl.TLSVersion | None = None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(out / "ca.pem"))
+    if unit is not None:
+        ctx.load_cert_chain(out / "certs" / f"{unit}.pem", out / "certs" / f"{unit}.key")
+    if maximum is not None:
+        ctx.minimum_version = ssl.TLSVersion.TLSv1
+        ctx.maximum_version = maximum
+        ctx.set_ciphers("DEFAULT:@SECLEVEL=0")  # let the client offer TLS 1.1 at all; the broker must refuse it
+    return ctx
+
+
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion:DeprecationWarning")  # offering old TLS is the point
+def test_mutual_tls_units_log_in_by_certificate_and_old_tls_is_refused(workdir: Path) -> None:
+    out, port, tls_port = provisioned(workdir, {"U1": "C1", "U2": "C1"}, "--tls")
+    broker = start_broker(workdir, out, port)
+    ingest = Client(port, *ingest_login(out))
+    u1 = Client(tls_port, None, None, unit_tls(out, "U1"))
+    try:
+        assert ingest.ok and u1.ok
+        ingest.c.subscribe("smame/v1/+/reading", qos=1)
+        wait_until(lambda: ingest.granted)
+        assert not u1.publish("smame/v1/U1/reading").is_failure
+        assert u1.publish("smame/v1/U2/reading").getName() == "Not authorized"  # the certificate names the unit
+        wait_until(lambda: ingest.received)
+        assert ingest.received == ["smame/v1/U1/reading"]
+        no_cert = Client(tls_port, "U2", credentials(out)["U2"], unit_tls(out, None))
+        assert not no_cert.ok  # a password is not enough on the TLS listener
+        no_cert.close()
+        old = Client(tls_port, None, None, unit_tls(out, "U2", maximum=ssl.TLSVersion.TLSv1_1))
+        assert not old.ok and isinstance(old.error, (ssl.SSLError, OSError))
+        old.close()
+    finally:
+        ingest.close()
+        u1.close()
+        broker.stop()
+
+
+def test_smame_ingests_from_a_provisioned_broker(workdir: Path) -> None:
+    out, port, _ = provisioned(workdir, {"U1": "C1"})
+    broker = start_broker(workdir, out, port)
+    user, password = ingest_login(out)
+    env = smame_env(workdir, port, SMAME_BROKER__USERNAME=user, SMAME_BROKER__PASSWORD=password)
+    proc = start_smame(env, workdir / "smame.log")
+    try:
+        wait_log(workdir / "smame.log", "subscribed to")
+        u1 = Client(port, "U1", credentials(out)["U1"])
+        info = u1.c.publish("smame/v1/U1/reading", telegram("U1", [(at("2026-11-23", "10:00"), 5)]), qos=1)
+        info.wait_for_publish(5)
+        wait_readings(workdir / "data" / "smame.db", 1)
+        u1.close()
+    finally:
+        assert stop(proc) == 0
+        broker.stop()
