@@ -21,6 +21,7 @@ from csv_export.files import check_writable
 from aggregator.store import Store
 from monitoring.daily import build_report, report_messages, text_of
 from monitoring.report import problems_csv
+from smame.demo import DemoOptions, run_demo
 from smame.app import App, RegistryHolder, build_exporter, build_gateway, build_outbox, open_store
 from smame.users import UsersError, add_user, list_users, remove_user
 from smame.logs import setup_logging
@@ -68,6 +69,20 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", parents=[common], help="run the services (ingest) until SIGTERM/SIGINT")
     run.set_defaults(func=_run)
+
+    demo = sub.add_parser(
+        "demo", parents=[common], help="the whole product on this machine: broker, smame, a simulated fleet, a tour",
+        description="Starts a private Mosquitto, smame (SQLite, FTPS, SFTP, metrics, alerts), a local SMTP server "
+                    "and a simulated fleet publishing the last day at accelerated time with faults; then shows slots, "
+                    "the quarantine, a customer's CSV file over FTPS, metrics, the daily report and smame verify. "
+                    "On a terminal the fleet then goes on live until Ctrl-C.")
+    demo.add_argument("--dir", type=Path, default=Path("demo"), help="work directory, wiped first (default ./demo)")
+    demo.add_argument("--units", type=_positive, default=2000, help="fleet size (default 2000)")
+    demo.add_argument("--customers", type=_positive, default=10, help="customers (default 10)")
+    demo.add_argument("--speed", type=_non_negative, default=1800.0,
+                      help="simulated seconds per real second (default 1800: the day in under a minute; 0: at once)")
+    demo.add_argument("--no-follow", dest="follow", action="store_false", help="stop after the tour")
+    demo.set_defaults(func=_demo)
 
     slots = sub.add_parser("slots", parents=[common], help="print a unit's slots of one local day")
     slots.add_argument("--unit", required=True)
@@ -228,6 +243,17 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
     except Exception:  # the crashed service was logged by the supervisor
         return 1
     return 0
+
+
+def _demo(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        return run_demo(DemoOptions(args.dir, args.units, args.customers, args.speed, args.follow))
+    except KeyboardInterrupt:
+        print("\nsmame demo: stopped", file=sys.stderr)
+        return 130
+    except RuntimeError as exc:
+        print(f"smame demo: {exc}", file=sys.stderr)
+        return 1
 
 
 def _slots(settings: Settings, args: argparse.Namespace) -> int:

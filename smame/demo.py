@@ -1,0 +1,275 @@
+"""`smame demo`: the whole product on one machine, with real parts, in a few minutes.
+
+A private Mosquitto on a free port, `smame run` on SQLite with FTPS, SFTP, metrics and alerts, a
+local SMTP server that keeps every mail as a file, and a simulated fleet publishing the last day at
+accelerated time with faults. Then it shows what each user sees: slots, the quarantine, a customer's
+CSV file fetched over FTPS, the metrics, the daily report (mailed to the local SMTP server), and
+`smame verify` against the simulator's truth. Ctrl-C stops everything.
+"""
+
+from __future__ import annotations
+
+import ftplib
+import hashlib
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, TextIO
+from zoneinfo import ZoneInfo
+
+from aiosmtpd.controller import Controller
+
+from simulators.fleet import make_fleet, write_registry
+from smame.users import add_user
+
+MARKER = ".smame-demo"  # the demo only ever wipes a directory it made
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    """What the demo runs."""
+
+    work: Path = Path("demo")
+    units: int = 2000
+    customers: int = 10
+    speed: float = 1800.0
+    follow: bool = True  # after the tour, the fleet goes on live until Ctrl-C (only on a terminal)
+
+
+class MailDrop:
+    """A local SMTP server that writes each message it takes to DIR/NNN.eml (an operator's inbox, as files)."""
+
+    def __init__(self, directory: Path, port: int) -> None:
+        self.dir = directory
+        self.port = port
+        self.count = 0
+        directory.mkdir(parents=True, exist_ok=True)
+        self.controller = Controller(self, hostname="127.0.0.1", port=port)
+        logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd logs every SMTP command
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802 (aiosmtpd's name)
+        self.count += 1
+        (self.dir / f"{self.count:03d}.eml").write_bytes(envelope.original_content or envelope.content)
+        return "250 OK"
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> int:
+    """Run the demo; returns 0 when `smame verify` finds every slot right."""
+    work = _fresh(opts.work)
+    ports = {name: free_port() for name in ("mqtt", "ftp", "sftp", "metrics", "smtp")}
+    passive = 40000 + ports["ftp"] % 20000
+    password = "demo-" + secrets.token_hex(6)
+    toml = work / "smame.toml"
+    toml.write_text(_settings(work, ports, passive))
+    (work / "mosquitto.conf").write_text(
+        f"listener {ports['mqtt']} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 1000000\n")
+    write_registry(make_fleet(opts.units, opts.customers, 1), work)
+    add_user(work / "customers.toml", "C000", "demo", password, [])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SMAME_")} | {"SMAME_LOG__FORMAT": "text"}
+
+    def say(text: str = "") -> None:
+        print(text, file=out, flush=True)
+
+    def smame(*args: str, check: bool = True) -> str:
+        proc = subprocess.run([sys.executable, "-m", "smame.cli", *args, "-c", str(toml)], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=sys.stderr)
+        if check and proc.returncode != 0:
+            raise RuntimeError(f"smame {args[0]} exited {proc.returncode}")
+        return proc.stdout
+
+    with ExitStack() as stack:
+        mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        stack.enter_context(_process([mosquitto, "-c", str(work / "mosquitto.conf")], work / "mosquitto.log", env))
+        _wait_port(ports["mqtt"])
+        drop = MailDrop(work / "mail", ports["smtp"])
+        drop.controller.start()
+        stack.callback(drop.controller.stop)
+        stack.enter_context(_process([sys.executable, "-m", "smame.cli", "run", "-c", str(toml)], work / "smame.log", env))
+        _wait_log(work / "smame.log", "subscribed to")
+        say(f"== a private Mosquitto on 127.0.0.1:{ports['mqtt']}; smame runs with its settings in {toml}")
+        zone = ZoneInfo("Asia/Tokyo")
+        now = datetime.now(zone)
+        day = (now - timedelta(days=1)).date()
+        # from an hour before yesterday began, so that yesterday is whole, as operators see it at 08:00
+        start = datetime(day.year, day.month, day.day, tzinfo=zone) - timedelta(hours=1)
+        days = (now - start).total_seconds() / 86400
+        say(f"== simulating {opts.units:,} units from {start:%Y-%m-%d %H:%M} until now at {opts.speed:g}x real time, "
+            "with faults")
+        truth = work / "truth.jsonl"
+        subprocess.run([sys.executable, "-m", "smame.cli", "simulate", "-c", str(toml), "--units", str(opts.units),
+                        "--customers", str(opts.customers), "--days", f"{days:.4f}", "--speed", str(opts.speed),
+                        "--truth", str(truth)], env=env, check=True)
+        _settled(ports["metrics"])
+        time.sleep(2.5)  # one more look of the monitor at the store (alerts.check_s below)
+        first = (work / "units.csv").read_text().splitlines()[1].split(",")
+        unit, customer = first[0], first[1]
+        say(f"\n== smame slots --unit {unit} --date {day}   (a unit's half hours: kWh, quality, flags)")
+        lines = smame("slots", "--unit", unit, "--date", str(day)).splitlines()
+        say("\n".join(lines[:2] + lines[18:30] + ["   ..."]))
+        say("\n== smame quarantine --limit 3   (refused input, kept with its reason)")
+        say(smame("quarantine", "--limit", "3").rstrip())
+        say("\n== smame export   (the service does this after each half hour; this catches up at once)")
+        say(smame("export").splitlines()[0])
+        csv_file = work / "data" / "export" / customer / f"{customer}_{day:%Y%m%d}.csv"
+        say(f"   {csv_file}:")
+        rows = csv_file.read_text(encoding="utf-8").splitlines()
+        say("\n".join("   " + r for r in rows[:3] + ["..."] + rows[20:22]))
+        digest = (csv_file.parent / (csv_file.name + ".sha256")).read_text().split()[0]
+        say(f"   sha256 {'matches' if digest == hashlib.sha256(csv_file.read_bytes()).hexdigest() else 'DIFFERS'}"
+            f" {csv_file.name}.sha256")
+        say(f"\n== customer C000's server fetches its files over FTPS (user demo, password {password})")
+        say("\n".join("   " + n for n in _ftps_listing(ports["ftp"], work / "data" / "ftps-cert.pem", password)[:4]))
+        say(f"\n== metrics (http://127.0.0.1:{ports['metrics']}/metrics), a few of them")
+        say("\n".join("   " + line for line in _metrics(ports["metrics"], ("smame_telegrams_received_total",
+            "smame_readings_stored_total", "smame_quarantined_total", "smame_units_reporting", "smame_slots_today"))))
+        say(f"\n== the daily report for {day} (smame report --send: printed, and mailed to the local SMTP server)")
+        report = smame("report", "--date", str(day), "--send", check=False).splitlines()
+        say("\n".join("   " + line for line in report[:10] + ["   ..."] + report[-3:]))
+        say(f"   mails received so far: {drop.count} in {work / 'mail'} (open them with any mail program)")
+        say(f"\n== smame verify --truth {truth}   (every stored slot against what the simulator knows it sent)")
+        result = subprocess.run([sys.executable, "-m", "smame.cli", "verify", "-c", str(toml), "--truth", str(truth)],
+                                env=env)
+        say(f"""
+Look around (smame keeps running{' with the fleet live; Ctrl-C stops everything' if _interactive(opts) else ''}):
+  settings   {toml}            log {work / 'smame.log'}
+  CSV files  {work / 'data' / 'export'}/<customer>/   (format: docs/csv-format.md)
+  FTPS       curl --ssl-reqd --cacert {work / 'data' / 'ftps-cert.pem'} --user demo:{password} ftp://127.0.0.1:{ports['ftp']}/
+  SFTP       sftp -P {ports['sftp']} demo@127.0.0.1        (password {password})
+  metrics    http://127.0.0.1:{ports['metrics']}/metrics    health http://127.0.0.1:{ports['metrics']}/healthz
+  mail       {work / 'mail'}/*.eml   (the daily report, and any alert)
+  a unit     .venv/bin/smame slots -c {toml} --unit {unit} --date {day}""")
+        if _interactive(opts):
+            try:
+                subprocess.run([sys.executable, "-m", "smame.cli", "simulate", "-c", str(toml), "--units",
+                                str(opts.units), "--customers", str(opts.customers), "--follow"], env=env)
+            except KeyboardInterrupt:
+                pass
+        return result.returncode
+
+
+def _interactive(opts: DemoOptions) -> bool:
+    return opts.follow and sys.stdin.isatty()
+
+
+def _fresh(work: Path) -> Path:
+    if work.exists():
+        if not (work / MARKER).exists() and any(work.iterdir()):
+            raise OSError(f"{work} exists and was not made by smame demo; choose another --dir")
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    (work / MARKER).touch()
+    return work.resolve()
+
+
+def _settings(work: Path, ports: dict[str, int], passive: int) -> str:
+    return f"""# smame demo settings (see docs/configuration.md)
+data_dir = "{work / 'data'}"
+[broker]
+url = "mqtt://127.0.0.1:{ports['mqtt']}"
+client_id = "smame-demo"
+[registry]
+units = "{work / 'units.csv'}"
+customers = "{work / 'customers.toml'}"
+[ftp]
+host = "127.0.0.1"
+port = {ports['ftp']}
+passive_ports = "{passive}-{passive + 19}"
+[sftp]
+host = "127.0.0.1"
+port = {ports['sftp']}
+[monitoring]
+host = "127.0.0.1"
+metrics_port = {ports['metrics']}
+[mail]
+smtp_url = "smtp://127.0.0.1:{ports['smtp']}"
+sender = "smame-demo@localhost"
+recipients = ["operators@localhost"]
+[report]
+enabled = false  # the demo sends it by hand once the simulated day is in
+[alerts]
+check_s = 2.0
+[log]
+format = "text"
+"""
+
+
+@contextmanager
+def _process(command: list[str], log: Path, env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+    with open(log, "ab") as f:
+        proc = subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(12)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
+
+
+def _wait_log(log: Path, text: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if log.exists() and text in log.read_text(errors="replace"):
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"smame did not start; see {log}")
+
+
+def _metrics(port: int, prefixes: tuple[str, ...]) -> list[str]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return [line for line in text.splitlines() if line.startswith(prefixes)]
+
+
+def _settled(port: int, timeout: float = 60.0) -> None:
+    """Wait until every telegram received is committed and acknowledged."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        values = {line.split()[0]: float(line.split()[1]) for line in _metrics(
+            port, ("smame_telegrams_received_total", "smame_telegrams_acknowledged_total"))}
+        if values and values["smame_telegrams_received_total"] == values["smame_telegrams_acknowledged_total"]:
+            return
+        time.sleep(0.3)
+
+
+def _ftps_listing(port: int, ca: Path, password: str) -> list[str]:
+    ftp = ftplib.FTP_TLS(context=ssl.create_default_context(cafile=str(ca)))
+    ftp.connect("127.0.0.1", port, timeout=10)
+    ftp.login("demo", password)
+    ftp.prot_p()
+    names = sorted(ftp.nlst())
+    ftp.quit()
+    return names

@@ -1,0 +1,33 @@
+"""`smame demo` end to end, small and fast: it must show a working product and leave nothing running."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from email import message_from_bytes
+from email.policy import default
+from pathlib import Path
+
+from tests.helpers import smame_env
+
+
+def test_the_demo_runs_the_whole_product_and_cleans_up(workdir: Path) -> None:
+    work = workdir / "demo"
+    proc = subprocess.run([sys.executable, "-m", "smame.cli", "demo", "--dir", str(work), "--units", "60",
+                           "--customers", "3", "--speed", "0", "--no-follow"], env=smame_env(workdir, 1883),
+                          capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "OK: 0 mismatches" in out
+    assert "sha256 matches" in out and "C000_" in out.split("fetches its files over FTPS")[1]
+    assert "smame_readings_stored_total" in out
+    mails = sorted((work / "mail").glob("*.eml"))
+    assert mails, "the daily report was not mailed"
+    report = message_from_bytes(mails[0].read_bytes(), policy=default)
+    assert str(report["Subject"]).startswith("[smame] daily report ")
+    assert any(p.get_filename() for p in report.iter_attachments())
+    assert len(list((work / "data" / "export").glob("C00*/*.csv"))) >= 3
+    assert "smame stopped" in (work / "smame.log").read_text()  # stopped cleanly, not killed
+    again = subprocess.run([sys.executable, "-m", "smame.cli", "demo", "--dir", str(workdir), "--no-follow"],
+                           env=smame_env(workdir, 1883), capture_output=True, text=True, timeout=60)
+    assert again.returncode == 2 and "was not made by smame demo" in again.stderr  # never wipes a foreign directory
