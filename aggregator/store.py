@@ -8,6 +8,7 @@ change log are committed together, and the event loop never waits on disk.
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -248,6 +249,17 @@ class Store:
             slots = self.db.execute("DELETE FROM slots WHERE slot < ?", (before,)).rowcount
             self.db.execute("DELETE FROM changes WHERE at < ?", (before,))
         return readings, slots
+
+    def backup(self, target: Path) -> None:
+        """A consistent copy of the database while it is in use (SQLite's online backup), written atomically."""
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.unlink(missing_ok=True)
+        copy = sqlite3.connect(tmp)
+        try:
+            self.db.backup(copy, pages=4096)  # in steps, so ingest is held up only briefly at a time
+        finally:
+            copy.close()
+        os.replace(tmp, target)
 
     # --- meta -----------------------------------------------------------------------------------
 

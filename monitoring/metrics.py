@@ -94,6 +94,11 @@ def _monitor_metrics(m: Monitor) -> Iterator[Metric]:
         sent.add_metric([channel, result], n)
     yield sent
     yield _gauge("smame_outbox_pending", "reports and alerts waiting to be sent", m.scan.outbox_pending)
+    disk = GaugeMetricFamily("smame_disk_free_ratio", "free share of the file system of the data and export directories",
+                             labels=["path"])
+    for path, (free, total) in sorted(m.disk().items()):
+        disk.add_metric([path], free / total if total else 1.0)
+    yield disk
 
 
 def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:

@@ -149,14 +149,10 @@ class Monitor:
         if w.export is not None and w.export.last_error:
             holding["export_failing"] = f"the last export run failed (retried every half hour): {w.export.last_error}"
         low = []
-        for path in w.paths:
-            try:
-                usage = shutil.disk_usage(path)
-            except OSError:
-                continue
-            free = 100 * usage.free / usage.total if usage.total else 100.0
-            if free < a.disk_free_percent:
-                low.append(f"{path}: {free:.1f}% free ({usage.free / 2**30:.1f} GiB)")
+        for path, (free, total) in self.disk().items():
+            percent = 100 * free / total if total else 100.0
+            if percent < a.disk_free_percent:
+                low.append(f"{path}: {percent:.1f}% free ({free / 2**30:.1f} GiB)")
         if low:
             holding["disk_low"] = "; ".join(low)
         if w.bans is not None:
@@ -172,6 +168,17 @@ class Monitor:
         elif self.outbox.failing:
             unknown.add("delivery_failing")
         return holding, unknown
+
+    def disk(self) -> dict[str, tuple[int, int]]:
+        """Free and total bytes of the file system of each watched directory."""
+        out = {}
+        for path in self.watched.paths:
+            try:
+                usage = shutil.disk_usage(path)
+            except OSError:  # not made yet (the export directory before the first run)
+                continue
+            out[str(path)] = (usage.free, usage.total)
+        return out
 
     async def report_if_due(self, now: float) -> bool:
         """Queue yesterday's report once `report.at` has passed today; True when it was queued now."""

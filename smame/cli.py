@@ -179,6 +179,10 @@ def _parser() -> argparse.ArgumentParser:
                            help="size the broker's queue for smame to be away this long (default 24)")
     provision.set_defaults(func=_provision)
 
+    backup = sub.add_parser("backup", parents=[common], help="copy the database while smame runs (online backup)")
+    backup.add_argument("file", type=Path, help="where the copy goes (replaced atomically)")
+    backup.set_defaults(func=_backup)
+
     verify = sub.add_parser("verify", parents=[common], help="compare the stored slots with a simulator's truth file")
     verify.add_argument("--truth", type=Path, required=True, metavar="FILE")
     verify.set_defaults(func=_verify)
@@ -499,6 +503,18 @@ def _provision(settings: Settings, args: argparse.Namespace) -> int:
         print(f"  certs/ ({len(units) + 1} client certificates)")
     print(f"Give each unit its line of {args.out / 'unit-credentials.csv'} (or its certificate); give smame "
           f"{args.out / 'smame-broker.env'}; then reload the broker (kill -HUP) to apply.")
+    return 0
+
+
+def _backup(settings: Settings, args: argparse.Namespace) -> int:
+    store = open_store(settings)
+    try:
+        started = time.monotonic()
+        store.backup(args.file)
+    finally:
+        store.close()
+    print(f"copied {store.path} to {args.file} ({args.file.stat().st_size / 2**20:.1f} MiB) in "
+          f"{time.monotonic() - started:.1f} s")
     return 0
 
 

@@ -1,0 +1,112 @@
+"""The compose stack, checked as far as this machine can without a Docker engine: the compose file validates,
+Prometheus accepts its configuration and rules, the shipped smame settings load, every metric the rules and
+the dashboard use exists, and the image installs smame the way the README documents."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from monitoring.metrics import SmameCollector, Sources
+from smame.app import App
+from smame.settings import load_settings
+from tests.helpers import ROOT, smame, smame_env, write_registry
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is missing: .ci/run installs it")
+        pytest.skip(f"{name} is not installed (apt-get install {'prometheus' if name == 'promtool' else name})")
+    return path
+
+
+def test_compose_file_validates_with_a_provisioned_broker(tmp_path: Path) -> None:
+    stack = tmp_path / "stack"
+    stack.mkdir()
+    shutil.copy(ROOT / "docker-compose.yml", stack)
+    shutil.copytree(ROOT / "deploy", stack / "deploy", ignore=shutil.ignore_patterns("broker", "registry"))
+    env = smame_env(tmp_path, 1883)
+    smame(["simulate", "--units", "20", "--customers", "2", "--write-registry", str(stack / "deploy" / "registry")], env)
+    smame(["provision", "--registry", str(stack / "deploy" / "registry" / "units.csv"), "--out",
+           str(stack / "deploy" / "broker"), "--conf-dir", "/mosquitto/config", "--tls"], env)
+    compose = tool("docker-compose")
+    for args in ([], ["--profile", "simulator"]):
+        proc = subprocess.run([compose, *args, "config", "--services"], cwd=stack, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+    assert set(proc.stdout.split()) == {"mosquitto", "smame", "prometheus", "grafana", "mailpit", "simulator"}
+    conf = (stack / "deploy" / "broker" / "mosquitto.conf").read_text()
+    assert "password_file /mosquitto/config/passwd" in conf and "require_certificate true" in conf
+
+
+def test_prometheus_accepts_its_configuration_and_rules() -> None:
+    promtool = tool("promtool")
+    for args in (["check", "config", "prometheus.yml"], ["check", "rules", "alerts.yml"]):
+        proc = subprocess.run([promtool, *args], cwd=ROOT / "deploy" / "prometheus", capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def compose_environment() -> dict[str, str]:
+    """The smame service's SMAME_ variables with the compose file's defaults filled in."""
+    text = (ROOT / "docker-compose.yml").read_text()
+    out = {}
+    for name, value in re.findall(r"^\s+(SMAME_[A-Z0-9_]+): (.*)$", text, re.M):
+        out[name] = re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", value.strip())
+    return {k: v for k, v in out.items() if v}
+
+
+def test_the_shipped_settings_load_with_the_compose_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    env = compose_environment()
+    assert env["SMAME_BROKER__URL"] == "mqtt://mosquitto:1883"
+    for key in [k for k in os.environ if k.startswith("SMAME_")]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    s = load_settings(ROOT / "deploy" / "smame.toml")
+    assert s.registry.units == Path("/etc/smame/registry/units.csv") and s.mail.smtp_url == "smtp://mailpit:1025"
+    assert s.data_dir == Path("/var/lib/smame") and s.ftp.masquerade_address == "127.0.0.1"
+
+
+def test_every_metric_the_rules_and_dashboard_use_exists(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_registry(tmp_path, {"U1": "C1"})
+    for key in [k for k in os.environ if k.startswith("SMAME_")]:
+        monkeypatch.delenv(key)
+    settings = load_settings(None, data_dir=tmp_path / "data", registry={"units": tmp_path / "units.csv",
+                                                                         "customers": tmp_path / "customers.toml"})
+    app = App.build(settings)
+    try:
+        registry = CollectorRegistry()
+        assert app.monitor is not None and app.gateway is not None and app.exporter is not None
+        registry.register(SmameCollector(Sources(app.bridge.stats, app.ingestor.totals, lambda: 1, app.exporter.stats,
+                                                 app.gateway.accounts, app.gateway.bans, app.monitor)))
+        # family names: a labelled family has no samples until something is counted
+        names = {m.name + ("_total" if m.type == "counter" else "") for m in registry.collect()}
+    finally:
+        app.store.close()
+        app.exporter.store.close()
+        app.monitor.store.close()
+    used = set(re.findall(r"smame_[a-z_]+", (ROOT / "deploy" / "prometheus" / "alerts.yml").read_text()))
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "dashboards" / "smame.json").read_text())
+    used |= {n for p in dashboard["panels"] for t in p["targets"] for n in re.findall(r"smame_[a-z_]+", t["expr"])}
+    assert used and used <= names, used - names
+
+
+def test_the_image_installs_smame_as_the_readme_says_and_pins_every_dependency() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    readme = (ROOT / "README.md").read_text()
+    for command in ("pip install --no-cache-dir -r deploy/requirements.txt", "pip install --no-cache-dir --no-deps ."):
+        assert command in dockerfile and command in readme, command
+    pins = {re.split(r"==", line)[0].lower().replace("_", "-")
+            for line in (ROOT / "deploy" / "requirements.txt").read_text().splitlines() if "==" in line}
+    wanted = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = {re.split(r"[<>=;\[ ]", d)[0].lower().replace("_", "-") for d in wanted}
+    assert names <= pins, names - pins
