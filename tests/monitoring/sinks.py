@@ -33,10 +33,11 @@ class SmtpSink:
     """An aiosmtpd server on a fixed free port, which can be started and stopped (to play an outage)."""
 
     def __init__(self, port: int | None = None, tls: ssl.SSLContext | None = None,
-                 login: tuple[str, str] | None = None) -> None:
+                 login: tuple[str, str] | None = None, implicit_tls: ssl.SSLContext | None = None) -> None:
         self.port = port or free_port()
         self.messages: list[Received] = []
         self.tls = tls
+        self.implicit_tls = implicit_tls
         self.login = login
         self.controller: Controller | None = None
 
@@ -53,8 +54,11 @@ class SmtpSink:
         kwargs: dict[str, Any] = {}
         if self.tls is not None:
             kwargs.update(tls_context=self.tls, require_starttls=True)
+        if self.implicit_tls is not None:
+            kwargs.update(ssl_context=self.implicit_tls)
         if self.login is not None:
-            kwargs.update(authenticator=self._auth, auth_required=True, auth_require_tls=self.tls is not None)
+            kwargs.update(authenticator=self._auth, auth_required=True,
+                          auth_require_tls=self.tls is not None and self.implicit_tls is None)
         self.controller = Controller(self, hostname="127.0.0.1", port=self.port, **kwargs)
         self.controller.start()
         return self

@@ -7,6 +7,7 @@ import ssl
 import time
 from pathlib import Path
 
+import pytest
 from pydantic import SecretStr
 
 from aggregator.store import Store
@@ -115,6 +116,31 @@ async def test_starttls_and_login(tmp_path: Path) -> None:
             assert await outbox.deliver_due() == 0, name  # wrong password; or AUTH refused without TLS
         outbox = Outbox(store, {"mail": good})
         await outbox.put([("good", "mail", body)])
+        assert await outbox.deliver_due() == 1
+        assert len(sink.messages) == 1
+    finally:
+        sink.stop()
+        store.close()
+
+
+@pytest.mark.filterwarnings("ignore:Requiring AUTH:UserWarning")  # aiosmtpd cannot see that the socket is TLS
+async def test_smtps_with_tls_from_the_start(tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    ensure_certificate(cert, key, ["localhost", "127.0.0.1"])
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert, key)
+    sink = SmtpSink(implicit_tls=tls, login=("smame", "s3cret-passw0rd")).start()
+    store = Store(tmp_path / "smame.db")
+    try:
+        settings = MailSettings(smtp_url=f"smtps://127.0.0.1:{sink.port}", recipients=["ops@example.jp"], timeout_s=5,
+                                ca_file=cert, username="smame", password=SecretStr("s3cret-passw0rd"))
+        untrusted = MailSettings(smtp_url=f"smtps://127.0.0.1:{sink.port}", recipients=["ops@example.jp"], timeout_s=5)
+        body = mail.compose("k", "smame@example.jp", ["ops@example.jp"], "s", "t", time.time())
+        outbox = Outbox(store, {"mail": SmtpChannel(untrusted)})
+        await outbox.put([("untrusted", "mail", body)])
+        assert await outbox.deliver_due() == 0 and "CERTIFICATE_VERIFY_FAILED" in outbox.failing["mail"][1]
+        outbox = Outbox(store, {"mail": SmtpChannel(settings)})
+        await outbox.put([("trusted", "mail", body)])
         assert await outbox.deliver_due() == 1
         assert len(sink.messages) == 1
     finally:
