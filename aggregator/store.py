@@ -20,6 +20,8 @@ from typing import Any, TypeVar
 from aggregator.slots import Point
 
 T = TypeVar("T")
+# A stored slot as `all_slots` returns it: (slot end, unit, imp, imp_q, exp, exp_q, meter, e1, coef, flags)
+SlotTuple = tuple[Any, ...]
 SCHEMA_VERSION = 1
 REGISTERS = ("fwd", "rev")  # column names; `imp`/`exp` on the slot side
 
@@ -211,7 +213,7 @@ class Store:
         ).fetchall()
         return [SlotRow(*r) for r in rows]
 
-    def all_slots(self, after: int, until: int) -> list[tuple[Any, ...]]:
+    def all_slots(self, after: int, until: int) -> list[SlotTuple]:
         """Every unit's slots with `after < slot <= until`: (slot, unit, imp, imp_q, exp, exp_q, meter, e1, coef, flags)."""
         return self.db.execute(
             "SELECT slot, unit, imp, imp_q, exp, exp_q, meter, e1, coef, imp_flags | exp_flags FROM slots "

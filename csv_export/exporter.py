@@ -1,30 +1,34 @@
 """The export service: after each half hour (plus a grace period), rewrite the files whose data changed.
 
-It asks the store which (customer, day) pairs changed since its cursor, renders each affected day
-with one scan of the store, writes only files whose bytes differ, deletes files past retention and
-then advances the cursor. A failure (disk full, directory gone) leaves the cursor where it was, so
-the next run retries; ingest is never held up. It runs on its own SQLite connection and thread.
+It asks the store which (customer, day) pairs changed since its cursor, has export workers render
+each affected day with one scan of the store (`csv_export.days`, several days in parallel), writes
+only files whose bytes differ, deletes files past retention and then advances the cursor. A failure
+(disk full, directory gone) leaves the cursor where it was, so the next run retries; ingest is never
+held up. It runs on its own SQLite connection and thread; rendering runs in the worker processes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from pathlib import Path
 
 from aggregator.store import Store
-from aggregator.timegrid import SLOT, Grid, SlotLabel
-from csv_export.files import check_writable, expired, path_of, write_if_changed
-from csv_export.render import Layout, SlotTuple, by_unit, render
+from aggregator.timegrid import SLOT, Grid
+from csv_export.days import CustomerFiles, DayJob, write_day
+from csv_export.files import check_writable, expired
+from csv_export.render import Layout
 from smame.registry import Customer, Registry
 
 log = logging.getLogger("smame.export")
 CURSOR = "export_cursor"
-SlotsByUnit = dict[str, dict[int, SlotTuple]]
 
 
 @dataclass
@@ -50,13 +54,6 @@ class RunResult:
     days: int = 0
 
 
-def closed_slots(store: Store, grid: Grid, day: date, upto: int) -> tuple[list[tuple[int, SlotLabel]], SlotsByUnit]:
-    """The day's slots ended by `upto` (end, label), and their stored rows grouped by unit."""
-    labels = [(e, grid.label(e)) for e in grid.day_slots(day) if e <= upto]
-    rows = by_unit(store.all_slots(grid.day_start(day), labels[-1][0])) if labels else {}
-    return labels, rows
-
-
 def layout_of(customer: Customer) -> Layout:
     """A customer's CSV options."""
     return Layout(customer.layout == "wide", customer.encoding, customer.newline, customer.include_export)
@@ -66,7 +63,8 @@ class Exporter:
     """Renders and writes customer files; `run` is the scheduled service."""
 
     def __init__(self, store: Store, registry: Callable[[], Registry], grid: Grid, root: Path, retention_days: int,
-                 grace_s: int, db_retention_days: int = 0, on_failure: Callable[[str], None] = lambda msg: None) -> None:
+                 grace_s: int, db_retention_days: int = 0, on_failure: Callable[[str], None] = lambda msg: None,
+                 workers: int = 2) -> None:
         self.store = store
         self.registry = registry
         self.grid = grid
@@ -76,7 +74,16 @@ class Exporter:
         self.db_retention_days = db_retention_days
         self.on_failure = on_failure
         self.stats = ExportStats()
+        self.workers = workers
+        self._pool: ProcessPoolExecutor | None = None
         self._pruned: date | None = None
+
+    def close(self) -> None:
+        """Stop the workers and close the store connection."""
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
+        self.store.close()
 
     # --- the pure-ish core, run on the store thread ------------------------------------------------
 
@@ -89,20 +96,38 @@ class Exporter:
         for customer, day in pairs:
             if customer in registry.customers and day <= self.grid.day_of(upto):
                 by_day.setdefault(day, set()).add(customer)
+        jobs = [DayJob(str(self.store.path), day,
+                       tuple((e, self.grid.label(e)) for e in self.grid.day_slots(day) if e <= upto),
+                       tuple(CustomerFiles(c, layout_of(registry.customers[c]),
+                                           tuple((u.id, u.meter) for u in registry.units_of(c)))
+                             for c in sorted(customers)), str(self.root))
+                for day, customers in sorted(by_day.items())]
         result = RunResult()
-        for done, day in enumerate(sorted(by_day)):
-            labels, rows = closed_slots(self.store, self.grid, day, upto)
-            for customer in sorted(by_day[day]):
-                units = [(u.id, u.meter) for u in registry.units_of(customer)]
-                data = render(day, labels, units, rows, layout_of(registry.customers[customer]))
-                path = path_of(self.root, customer, day)
-                if write_if_changed(path, data):
-                    result.written.append(path)
-                else:
-                    result.unchanged += 1
-            result.days += 1
-            progress(done + 1, len(by_day))
+        if not jobs:
+            return result
+        pool = self._workers()
+        futures: list[Future[tuple[list[Path], int]]] = [pool.submit(write_day, job) for job in jobs]
+        try:
+            for done, future in enumerate(as_completed(futures)):
+                written, unchanged = future.result()
+                result.written += written
+                result.unchanged += unchanged
+                result.days += 1
+                progress(done + 1, len(jobs))
+        except BrokenProcessPool:
+            self._pool = None  # a worker died (killed, out of memory): new workers next run
+            raise
+        finally:
+            for f in futures:
+                f.cancel()
+        result.written.sort()
         return result
+
+    def _workers(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            # spawn: forking a process that runs threads (the event loop's helpers, SQLite's) is unsafe
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+        return self._pool
 
     def scheduled(self, now: float) -> RunResult:
         """One scheduled run: changed days, today's files of every customer, retention, then the cursor."""
@@ -146,7 +171,7 @@ class Exporter:
         self.stats.runs += 1
         try:
             result = await self.store.call(self.scheduled, time.time())
-        except OSError as exc:
+        except (OSError, BrokenProcessPool) as exc:
             self.stats.failures += 1
             self.stats.last_error = str(exc)
             log.error("export failed, will retry at the next run: %s", exc)

@@ -5,11 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import date, timedelta
 
-from aggregator.store import Store
-from aggregator.timegrid import Grid
-from csv_export.exporter import closed_slots
+from aggregator.store import SlotTuple, Store
+from aggregator.timegrid import Grid, SlotLabel
 from monitoring import mail, slack
-from monitoring.detect import ProblemSlot, UnitFindings, detect
+from monitoring.detect import ProblemSlot, UnitFindings, by_unit, detect
 from monitoring.outbox import Message
 from monitoring.report import problems_csv, render_html, render_slack, render_text, subject
 from smame.registry import Registry
@@ -26,6 +25,14 @@ class DailyReport:
     quarantine: dict[str, int]
     unknown: list[str]
     slots_per_day: int
+
+
+def closed_slots(store: Store, grid: Grid, day: date, upto: int
+                 ) -> tuple[list[tuple[int, SlotLabel]], dict[str, dict[int, SlotTuple]]]:
+    """The day's slots ended by `upto` (end, label), and their stored rows grouped by unit."""
+    labels = [(e, grid.label(e)) for e in grid.day_slots(day) if e <= upto]
+    rows = by_unit(store.all_slots(grid.day_start(day), labels[-1][0])) if labels else {}
+    return labels, rows
 
 
 def build_report(store: Store, grid: Grid, registry: Registry, day: date, now: int, silent_after_s: int = 86400,

@@ -9,7 +9,18 @@ from datetime import date
 
 from aggregator.slots import flag_names
 from aggregator.timegrid import SlotLabel
-from csv_export.render import SlotTuple
+from aggregator.store import SlotTuple
+
+
+def by_unit(slots: Iterable[SlotTuple]) -> dict[str, dict[int, SlotTuple]]:
+    """Slots grouped by unit and slot end."""
+    out: dict[str, dict[int, SlotTuple]] = {}
+    for s in slots:
+        unit = out.get(s[1])
+        if unit is None:
+            unit = out[s[1]] = {}
+        unit[s[0]] = s
+    return out
 
 
 @dataclass(frozen=True, slots=True)

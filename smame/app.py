@@ -71,7 +71,7 @@ def build_exporter(settings: Settings, registry: RegistryHolder, grid: Grid) -> 
     assert settings.export.dir is not None
     e = settings.export
     return Exporter(open_store(settings), lambda: registry.current, grid, e.dir, e.retention_days, e.grace_s,
-                    settings.storage.retention_days)
+                    settings.storage.retention_days, workers=e.workers)
 
 
 def build_gateway(settings: Settings, registry: RegistryHolder) -> FileGateway | None:
@@ -233,7 +233,7 @@ class App:
                 loop.remove_signal_handler(sig)
             self.store.close()
             if self.exporter is not None:
-                self.exporter.store.close()
+                self.exporter.close()
             if self.monitor is not None:
                 self.monitor.store.close()
         log.info("smame stopped")

@@ -361,7 +361,7 @@ def _export(settings: Settings, args: argparse.Namespace) -> int:
         print(f"smame export: {exc}", file=sys.stderr)
         return 1
     finally:
-        exporter.store.close()
+        exporter.close()
     print(f"{len(result.written)} files written, {result.unchanged} unchanged, {len(result.deleted)} deleted by "
           f"retention ({result.days} days) in {exporter.root}")
     for path in result.written:

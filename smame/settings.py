@@ -96,6 +96,7 @@ class ExportSettings(Section):
     dir: Path | None = None  # default: <data_dir>/export
     retention_days: int = Field(default=45, ge=1, le=3660)
     grace_s: int = Field(default=120, ge=0, le=1800)
+    workers: int = Field(default=2, ge=1, le=64)  # processes rendering days in parallel
 
 
 class FtpSettings(Section):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import date
 
 from aggregator.timegrid import Grid
-from csv_export.render import SlotTuple
+from aggregator.store import SlotTuple
 
 GRID = Grid("Asia/Tokyo")
 DAY = date(2026, 11, 23)

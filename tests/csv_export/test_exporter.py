@@ -54,7 +54,7 @@ def setup(workdir: Path) -> Iterator[tuple[Exporter, Ingestor, Path]]:
     exporter = Exporter(Store(db), lambda: registry, GRID, root, 45, 120)
     yield exporter, ingest, root
     ingest.store.close()
-    exporter.store.close()
+    exporter.close()
 
 
 def snapshot(root: Path) -> dict[Path, tuple[bytes, int]]:
@@ -208,3 +208,26 @@ def test_database_retention_deletes_only_what_is_older(workdir: Path, setup: tup
     assert store.reading_count() == total - old_readings
     assert store.db.execute("SELECT count(*) FROM slots WHERE slot < ?", (before,)).fetchone()[0] == 0
     assert store.db.execute("SELECT count(*) FROM slots WHERE slot >= ?", (before,)).fetchone()[0] > 0
+
+
+def test_a_day_whose_first_rows_have_no_values_exports(workdir: Path) -> None:
+    # The worker's reader types each column from the first rows it sees; nulls first must not break it.
+    units = {f"N{u:04d}": "C1" for u in range(3000)}
+    write_registry(workdir, units)
+    registry = load_registry(workdir / "units.csv", workdir / "customers.toml")
+    store = Store(workdir / "smame.db")
+    ends = GRID.day_slots(TODAY)
+    rows = [(end, u, None, "M", 0, None, "M", 0, None, None, None) for end in ends[:2] for u in units]
+    rows += [(end, u, 12, "A", 0, 3, "E", 0, "SM-9", 0x01, 1) for end in ends[2:] for u in units]
+    with store.transaction():
+        store.upsert_slots(("imp", "exp"), rows)
+    exporter = Exporter(store, lambda: registry, GRID, workdir / "export", 45, 120)
+    try:
+        result = exporter.export([("C1", TODAY)], NOW)
+    finally:
+        exporter.close()
+    [path] = result.written
+    lines = path.read_text().splitlines()
+    assert len(lines) == 1 + 3000 * 24  # today up to 12:00
+    assert lines[1] == "N0000,SM-9,2026-11-23,1,00:00,00:30,,,M"  # the day's serial, shown from its start
+    assert lines[3] == "N0000,SM-9,2026-11-23,3,01:00,01:30,1.2,0.3,E"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from csv_export.render import Layout, by_unit, cell, quality, render
+from csv_export.render import Layout, render, slots_frame
 from tests.csv_export.sample import DAY, LABELS, UNITS, slots
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -25,11 +25,11 @@ GOLDEN = Path(__file__).parent / "golden"
     ],
 )
 def test_golden_files(name: str, layout: Layout) -> None:
-    assert render(DAY, LABELS, UNITS, by_unit(slots()), layout) == (GOLDEN / f"{name}.csv").read_bytes()
+    assert render(DAY, LABELS, UNITS, slots_frame(slots()), layout) == (GOLDEN / f"{name}.csv").read_bytes()
 
 
 def test_long_file_reads_back_as_the_slots() -> None:
-    text = render(DAY, LABELS, UNITS, by_unit(slots()), Layout()).decode()
+    text = render(DAY, LABELS, UNITS, slots_frame(slots()), Layout()).decode()
     rows = list(csv.DictReader(io.StringIO(text)))
     assert len(rows) == 3 * 48
     by_key = {(r["unit_id"], int(r["slot"])): r for r in rows}
@@ -40,12 +40,12 @@ def test_long_file_reads_back_as_the_slots() -> None:
 
 
 def test_cp932_is_what_japanese_systems_read() -> None:
-    data = render(DAY, LABELS, UNITS, by_unit(slots()), Layout(encoding="cp932", newline="\r\n"))
+    data = render(DAY, LABELS, UNITS, slots_frame(slots()), Layout(encoding="cp932", newline="\r\n"))
     assert "メーター-0002".encode("cp932") in data and b"\r\n" in data and b"\n" not in data.replace(b"\r\n", b"")
 
 
 def test_wide_has_a_column_per_slot_and_a_quality_letter_per_slot() -> None:
-    rows = list(csv.reader(io.StringIO(render(DAY, LABELS, UNITS, by_unit(slots()), Layout(wide=True)).decode())))
+    rows = list(csv.reader(io.StringIO(render(DAY, LABELS, UNITS, slots_frame(slots()), Layout(wide=True)).decode())))
     header = rows[0]
     assert header[4] == "00:30" and header[51] == "24:00" and header[-1] == "quality" and len(header) == 53
     u1_import = rows[1]
@@ -54,22 +54,29 @@ def test_wide_has_a_column_per_slot_and_a_quality_letter_per_slot() -> None:
 
 
 def test_today_so_far_and_a_customer_without_units() -> None:
-    partial = render(DAY, LABELS[:21], UNITS[:1], by_unit(slots()), Layout()).decode().splitlines()
+    partial = render(DAY, LABELS[:21], UNITS[:1], slots_frame(slots()), Layout()).decode().splitlines()
     assert len(partial) == 22 and partial[-1].startswith("U000001,SM-0001,2026-11-23,21,10:00,10:30,")
-    assert render(DAY, LABELS, [], by_unit(slots()), Layout()) == b"unit_id,meter_id,date,slot,start,end,import_kwh,export_kwh,quality\n"
+    assert render(DAY, LABELS, [], slots_frame(slots()), Layout()) == b"unit_id,meter_id,date,slot,start,end,import_kwh,export_kwh,quality\n"
 
 
 def test_same_slots_same_bytes_in_any_order() -> None:
     rows = slots()
-    assert render(DAY, LABELS, UNITS, by_unit(rows), Layout()) == render(DAY, LABELS, UNITS, by_unit(rows[::-1]), Layout())
+    assert render(DAY, LABELS, UNITS, slots_frame(rows), Layout()) == render(DAY, LABELS, UNITS, slots_frame(rows[::-1]), Layout())
 
 
-@pytest.mark.parametrize(("text", "out"), [("SM-1", "SM-1"), ("a,b", '"a,b"'), ('say "hi"', '"say ""hi"""'), ("x\ny", '"x\ny"')])
-def test_cells_are_quoted_only_when_needed(text: str, out: str) -> None:
-    assert cell(text) == out
+@pytest.mark.parametrize(("serial", "shown"), [("SM-1", "SM-1"), ("a,b", '"a,b"'), ('say "hi"', '"say ""hi"""'),
+                                                ("x\ny", '"x\ny"')])
+def test_serials_are_quoted_only_when_needed(serial: str, shown: str) -> None:
+    for layout, line in ((Layout(), f"U9,{shown},2026-11-23,1,00:00,00:30,,,M"),
+                         (Layout(wide=True), f"U9,{shown},2026-11-23,import,,M")):
+        text = render(DAY, LABELS[:1], [("U9", serial)], slots_frame([]), layout).decode()
+        assert text.split("\n", 1)[1].startswith(line)
 
 
 def test_row_quality_is_the_lower_of_the_registers_reported() -> None:
-    assert quality("A", "E", True) == "E" and quality("E", "A", True) == "E"
-    assert quality("A", None, True) == "A"  # a meter without an export register
-    assert quality("A", "M", False) == "A" and quality(None, None, True) == "M"
+    end = LABELS[0][0]
+    for imp_q, exp_q, with_export, want in [("A", "E", True, "E"), ("E", "A", True, "E"), ("A", None, True, "A"),
+                                            ("A", "M", False, "A"), (None, None, True, "M")]:
+        rows = [(end, "U1", 1, imp_q, 1 if exp_q else None, exp_q, "SM", 1, 1)]
+        text = render(DAY, LABELS[:1], [("U1", "SM")], slots_frame(rows), Layout(include_export=with_export)).decode()
+        assert text.splitlines()[1].endswith("," + want), (imp_q, exp_q, with_export)

@@ -12,8 +12,7 @@ from aggregator.slots import Flag
 from aggregator.store import Store
 from aggregator.timegrid import SLOT, Grid
 from broker_bridge.telegram import Incoming, Reading
-from csv_export.render import by_unit
-from monitoring.detect import detect
+from monitoring.detect import by_unit, detect
 from monitoring.report import problems_csv, render_text
 from smame.registry import load_registry
 from tests.helpers import smame, smame_env, write_registry

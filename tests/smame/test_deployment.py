@@ -92,7 +92,7 @@ def test_every_metric_the_rules_and_dashboard_use_exists(tmp_path: Path, monkeyp
         names = {m.name + ("_total" if m.type == "counter" else "") for m in registry.collect()}
     finally:
         app.store.close()
-        app.exporter.store.close()
+        app.exporter.close()
         app.monitor.store.close()
     used = set(re.findall(r"smame_[a-z_]+", (ROOT / "deploy" / "prometheus" / "alerts.yml").read_text()))
     dashboard = json.loads((ROOT / "deploy" / "grafana" / "dashboards" / "smame.json").read_text())

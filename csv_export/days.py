@@ -1,0 +1,88 @@
+"""Writing whole days of files, in export worker processes.
+
+A worker reads a day's slots from SQLite straight into Arrow columns (ADBC), renders every
+customer's file of that day and writes those whose bytes changed. It runs in a process of its
+own for two reasons: the ADBC driver carries its own copy of SQLite, and two copies of SQLite in
+one process break each other's POSIX locks (sqlite.org, "How To Corrupt An SQLite Database File",
+2.2.1), while the service's own connections use Python's sqlite3; and rendering then never takes
+the interpreter lock from ingest. Days go to workers in parallel.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+import adbc_driver_manager as adbc
+import adbc_driver_sqlite
+import polars as pl
+
+from aggregator.timegrid import SLOT, SlotLabel
+from csv_export.files import path_of, write_if_changed
+from csv_export.render import SLOT_SCHEMA, Layout, render
+
+# Every column typed in every row: the driver infers a column's type from its first rows, and a day whose
+# first rows have no value would fail on the first real one. Energies are never negative, so -1 is free.
+_QUERY = ("SELECT slot, unit, coalesce(imp, -1), coalesce(imp_q, ''), coalesce(exp, -1), coalesce(exp_q, ''), "
+          "coalesce(meter, ''), coalesce(e1, -1), coalesce(coef, -1) FROM slots WHERE slot > %d AND slot <= %d")
+
+
+@dataclass(frozen=True, slots=True)
+class CustomerFiles:
+    """One customer's file of a day: its options and units in file order (unit, registry meter)."""
+
+    customer: str
+    layout: Layout
+    units: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DayJob:
+    """A day to write for some customers, up to its last closed slot."""
+
+    db: str
+    day: date
+    labels: tuple[tuple[int, SlotLabel], ...]
+    customers: tuple[CustomerFiles, ...]
+    root: str
+
+
+def read_slots(db: str, after: int, until: int) -> pl.DataFrame:
+    """Stored slots with `after < slot <= until`, as columns in `SLOT_SCHEMA` (missing values null)."""
+    # ADBC's low-level API hands polars an Arrow C stream: no pyarrow (170 MB) needed. Binding parameters
+    # would need Arrow arrays, so the two integers are formatted in (as %d: nothing else can get in).
+    with adbc_driver_sqlite.connect(db) as database, adbc.AdbcConnection(database) as conn, \
+            adbc.AdbcStatement(conn) as stmt:
+        stmt.set_sql_query(_QUERY % (int(after), int(until)))
+        stream, _ = stmt.execute_query()
+        frame = pl.DataFrame(stream)
+    frame = frame.rename(dict(zip(frame.columns, SLOT_SCHEMA))).cast(SLOT_SCHEMA)  # type: ignore[arg-type]
+    return frame.with_columns(
+        *[pl.when(pl.col(c) == -1).then(None).otherwise(pl.col(c)).alias(c) for c in ("imp", "exp", "e1", "coef")],
+        *[pl.when(pl.col(c) == "").then(None).otherwise(pl.col(c)).alias(c) for c in ("imp_q", "exp_q", "meter")],
+    )
+
+
+def write_day(job: DayJob) -> tuple[list[Path], int]:
+    """Render and write the job's files; returns the files written and how many were already right."""
+    if job.labels:
+        slots = read_slots(job.db, job.labels[0][0] - SLOT, job.labels[-1][0])
+    else:  # today, before its first slot has closed: header-only files
+        slots = pl.DataFrame(schema=SLOT_SCHEMA)
+    # Each customer's rows apart, once: rendering each file against the whole day costs 4x more.
+    owners = pl.DataFrame({"unit": [u for c in job.customers for u, _ in c.units],
+                           "customer": [c.customer for c in job.customers for _ in c.units]},
+                          schema={"unit": pl.String, "customer": pl.String})
+    parts = slots.join(owners, on="unit", how="inner").partition_by("customer", as_dict=True, include_key=False)
+    empty = slots.clear()
+    # A file is written and fsynced while the next one renders: the disk and the CPU work at once.
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="export-write") as disk:
+        pending = []
+        for c in job.customers:
+            path = path_of(Path(job.root), c.customer, job.day)
+            data = render(job.day, job.labels, c.units, parts.get((c.customer,), empty), c.layout)
+            pending.append((path, disk.submit(write_if_changed, path, data)))
+        changed = [(path, f.result()) for path, f in pending]  # the first failure (disk full) is raised here
+    return [path for path, wrote in changed if wrote], sum(1 for _, wrote in changed if not wrote)
