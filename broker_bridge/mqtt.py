@@ -86,7 +86,7 @@ def _packet(kind: int, body: bytes) -> bytes:
     return bytes([kind]) + _varint(len(body)) + body
 
 
-def parse_properties(buf: bytes, pos: int) -> tuple[dict[int, object], int]:
+def parse_properties(buf: bytes | bytearray, pos: int) -> tuple[dict[int, object], int]:
     """Decode a property block starting at `pos`; return the properties and the position after it."""
     parsed = _read_varint(buf, pos)
     if parsed is None:
@@ -308,7 +308,8 @@ class MqttClient:
         self._transport.write(packet)
         done, _ = await asyncio.wait({waiter, self._closed}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         if waiter in done:
-            return waiter.result()
+            reply: bytes = waiter.result()
+            return reply
         self.close()
         if self._closed.done() and self._closed.exception():
             raise self._closed.exception()  # type: ignore[misc]
@@ -331,9 +332,9 @@ class MqttClient:
             if self._transport is not None:
                 self._transport.close()
             return
-        waiter = self._waiters.pop(kind & 0xF0, None)
-        if waiter is not None and not waiter.done():
-            waiter.set_result(body)
+        reply = self._waiters.pop(kind & 0xF0, None)
+        if reply is not None and not reply.done():
+            reply.set_result(body)
 
     async def _ping(self, keepalive: int) -> None:
         while self.connected and self._transport is not None:

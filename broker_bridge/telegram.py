@@ -251,10 +251,11 @@ def _readings(
         if at > horizon:
             rejects.append(Reject(Reason.FUTURE, f"readings[{i}].at {when.isoformat()} is in the future", i))
             continue
-        fwd, rev = r.fwd, r.rev
-        if fwd == NO_DATA:
+        fwd: int | None = r.fwd
+        rev: int | None = r.rev
+        if r.fwd == NO_DATA:
             fwd = None
-        elif not 0 <= fwd < limit:
+        elif not 0 <= r.fwd < limit:
             rejects.append(Reject(Reason.OUT_OF_RANGE, f"readings[{i}].fwd outside 0..10^{digits}-1", i))
             continue
         if rev == NO_DATA:
@@ -271,6 +272,6 @@ def _refused(unit: str | None, reason: str, detail: str) -> Decoded:
     return Decoded(unit, [], [Reject(reason, detail)])
 
 
-def encode(telegram: WireTelegram) -> bytes:
+def encode(telegram: WireTelegram[Any]) -> bytes:
     """Serialise a telegram as compact JSON (the simulator's and tests' only writer)."""
     return _encode(telegram)

@@ -88,7 +88,7 @@ class _Authorizer:
 def _handler(options: FtpOptions, accounts: Accounts, bans: Bans) -> type[FTPHandler]:
     base: type[FTPHandler] = TLS_FTPHandler if options.tls else FTPHandler
 
-    class Handler(base):  # type: ignore[valid-type,misc]
+    class Handler(base):  # type: ignore[misc]
         authorizer = _Authorizer(accounts, bans)
         banner = "smame file gateway"
         passive_ports = options.passive_ports

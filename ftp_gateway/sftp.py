@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import asyncssh
 
@@ -76,7 +76,7 @@ class _Server(asyncssh.SSHServer):
 class ReadOnlySFTP(asyncssh.SFTPServer):
     """Chrooted to the customer's directory; lists and reads, refuses everything else."""
 
-    def __init__(self, chan: asyncssh.SSHServerChannel, accounts: Accounts) -> None:
+    def __init__(self, chan: asyncssh.SSHServerChannel[bytes], accounts: Accounts) -> None:
         self.user = chan.get_extra_info("username")
         account = accounts.get(self.user)
         if account is None:  # removed from the registry since login
@@ -101,7 +101,7 @@ class ReadOnlySFTP(asyncssh.SFTPServer):
         self.events[("sftp", "download")] += 1
         return super().open(path, pflags, attrs)
 
-    def _refuse(self, what: str) -> Any:
+    def _refuse(self, what: str) -> NoReturn:
         log.warning("sftp: refused %s user=%s address=%s", what, self.user, self.address)
         raise _denied(what)
 

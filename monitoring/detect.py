@@ -93,9 +93,9 @@ def detect(
         for first, last in f.zero_runs:
             problems += [ProblemSlot(unit, customer, day, lab.index, lab.start, lab.end, "zero_run")
                          for _, lab in labels if first <= lab.index <= last]
-        last = last_reading.get(unit)
-        if last is None or now - last > silent_after:
-            f.silent_since = last if last is not None else 0
+        newest = last_reading.get(unit)
+        if newest is None or now - newest > silent_after:
+            f.silent_since = newest if newest is not None else 0
         findings.append(f)
     return findings, problems
 

@@ -123,7 +123,7 @@ class Outbox:
     def _next_try(self, row: OutboxRow, retry_after: float | None) -> float:
         if retry_after is not None:  # the server said when (Slack's 429)
             return self.clock() + retry_after
-        delay = min(self.backoff_max, self.backoff_min * 2 ** row.attempts)
+        delay = min(self.backoff_max, self.backoff_min * 2.0 ** row.attempts)
         return self.clock() + delay * random.uniform(0.5, 1.0)
 
     async def _give_up(self, row: OutboxRow, error: str) -> None:

@@ -68,8 +68,8 @@ def open_store(settings: Settings) -> Store:
 
 def build_exporter(settings: Settings, registry: RegistryHolder, grid: Grid) -> Exporter:
     """The exporter on a store connection of its own, so rendering never waits on ingest or holds it up."""
-    assert settings.export.dir is not None
     e = settings.export
+    assert e.dir is not None
     return Exporter(open_store(settings), lambda: registry.current, grid, e.dir, e.retention_days, e.grace_s,
                     settings.storage.retention_days, workers=e.workers)
 

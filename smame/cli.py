@@ -11,7 +11,8 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 from datetime import date, datetime, timedelta
 from pathlib import Path
 
@@ -236,6 +237,7 @@ def _date(text: str) -> date:
 
 def _run(settings: Settings, args: argparse.Namespace) -> int:
     app = App.build(settings)
+    runner: Callable[[Coroutine[Any, Any, None]], None]
     try:
         import uvloop
 
