@@ -10,6 +10,7 @@ the interpreter lock from ingest. Days go to workers in parallel.
 
 from __future__ import annotations
 
+import signal
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import date
@@ -47,6 +48,11 @@ class DayJob:
     labels: tuple[tuple[int, SlotLabel], ...]
     customers: tuple[CustomerFiles, ...]
     root: str
+
+
+def ignore_interrupts() -> None:
+    """In a worker: Ctrl-C on a terminal reaches the whole process group, but the parent ends its workers."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def read_slots(db: str, after: int, until: int) -> pl.DataFrame:

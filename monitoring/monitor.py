@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import shutil
+import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -103,7 +104,7 @@ class Monitor:
         while True:
             try:
                 await self.check()
-            except OSError as exc:  # a store that is busy or a disk that is full must not stop the watching
+            except (OSError, sqlite3.OperationalError) as exc:  # a busy store or a full disk must not stop the watching
                 log.error("monitor check failed, trying again in %.0f s: %s", self.settings.alerts.check_s, exc)
             await asyncio.sleep(self.settings.alerts.check_s)
 

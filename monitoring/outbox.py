@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -76,8 +77,12 @@ class Outbox:
     async def run(self) -> None:
         """Deliver for ever: right after something is queued, and when a retry falls due."""
         while True:
-            await self.deliver_due()
-            nxt = await self.store.call(self.store.outbox_next_due)
+            try:
+                await self.deliver_due()
+                nxt = await self.store.call(self.store.outbox_next_due)
+            except sqlite3.OperationalError as exc:  # the database busy past its timeout: try again soon
+                log.error("outbox: %s; trying again in 30 s", exc)
+                nxt = self.clock() + 30
             wait = 60.0 if nxt is None else min(60.0, max(0.2, nxt - self.clock()))
             try:
                 await asyncio.wait_for(self._wake.wait(), wait)
@@ -101,7 +106,12 @@ class Outbox:
                 continue
             try:
                 await loop.run_in_executor(None, channel.send, row.payload)
-            except SendFailed as exc:
+            except Exception as exc:  # noqa: BLE001 (a failing notification must never stop ingest)
+                if not isinstance(exc, SendFailed):
+                    # A bad payload or a library's bug: retrying will not cure it, and waiting for it would hold
+                    # up every later message of the channel. Kept in the table with its error.
+                    log.exception("sending %s by %s raised an unexpected error", row.key, row.channel)
+                    exc = SendFailed(f"{type(exc).__name__}: {exc}", permanent=True)
                 self.stats[row.channel, "failed"] += 1
                 self.failing[row.channel] = (self.failing.get(row.channel, (self.clock(), ""))[0], str(exc))
                 if exc.permanent or self.clock() - row.created > self.give_up_s:

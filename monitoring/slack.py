@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from slack_sdk import WebClient
-from slack_sdk.errors import SlackApiError
+from slack_sdk.errors import SlackApiError, SlackClientError
 from slack_sdk.webhook import WebhookClient
 
 from monitoring.outbox import SendFailed
@@ -69,5 +69,5 @@ class SlackChannel:
             if exc.response.status_code == 429:
                 raise SendFailed("Slack rate limit (HTTP 429)", retry_after=_retry_after(exc.response.headers)) from exc
             raise SendFailed(f"Slack API: {exc.response.get('error', exc.response.status_code)}") from exc
-        except OSError as exc:  # connection refused, DNS, timeouts (urllib's URLError is an OSError)
+        except (OSError, SlackClientError) as exc:  # refused, DNS, timeouts (urllib's URLError is an OSError)
             raise SendFailed(f"Slack: {exc}") from exc

@@ -190,3 +190,23 @@ async def test_a_message_too_old_is_given_up_and_kept(tmp_path: Path) -> None:
     assert store.outbox_counts() == {"pending": 0, "sent": 0, "given_up": 1}
     assert outbox.stats["mail", "given_up"] == 1
     store.close()
+
+
+async def test_an_unexpected_error_from_a_channel_fails_the_message_not_the_service(tmp_path: Path) -> None:
+    sink = SmtpSink().start()
+    store = Store(tmp_path / "smame.db")
+    try:
+        outbox = Outbox(store, {"mail": SmtpChannel(mail_to(sink.port))}, backoff_min=60)
+        good = mail.compose("good", "smame@example.jp", ["ops@example.jp"], "fine", "t", time.time())
+        # no From header: smtplib itself raises AttributeError, which is no SMTP error
+        await outbox.put([("broken", "mail", b"To: ops@example.jp\r\n\r\nno sender"), ("good", "mail", good)])
+        # the broken one is given up at once (retrying cannot cure it); the good one is not held up behind it
+        assert await outbox.deliver_due() == 1
+        assert [m.message["Subject"] for m in sink.messages] == ["fine"]
+        assert outbox.stats["mail", "given_up"] == 1 and "mail" not in outbox.failing  # the channel works
+        assert store.outbox_counts() == {"pending": 0, "sent": 1, "given_up": 1}
+        error = store.db.execute("SELECT last_error FROM outbox WHERE key = 'broken'").fetchone()[0]
+        assert error.startswith("AttributeError")  # kept, with why
+    finally:
+        sink.stop()
+        store.close()
