@@ -51,11 +51,15 @@ _COLUMN = {"fwd": 0, "rev": 1}
 class Ingestor:
     """Commits batches of readings and keeps slots in step with them."""
 
-    def __init__(self, store: Store, units: UnitDirectory, grid: Grid, cache_limit: int = 200_000) -> None:
+    def __init__(self, store: Store, units: UnitDirectory, grid: Grid, cache_limit: int = 200_000,
+                 shared: bool = False) -> None:
         self.store = store
         self.units = units
         self.grid = grid
         self.cache_limit = cache_limit
+        # Other processes write to the store too (a shared subscription): a cached unit state is checked
+        # against the store in each transaction, which holds the write lock, before it is trusted.
+        self.shared = shared
         self._cache: dict[str, _UnitState] = {}
         self.totals = Outcome()  # since start, for the metrics
 
@@ -71,7 +75,9 @@ class Ingestor:
         try:
             with self.store.transaction():
                 for unit, items in by_unit.items():
-                    state = self._cache.get(unit) or self._load(unit)
+                    state = self._cache.get(unit)
+                    if state is None or (self.shared and state.last_at != self.store.last_at(unit)):
+                        state = self._load(unit)
                     first = items[0].reading
                     if len(items) == 1 and (state.last_at is None or first.at > state.last_at):
                         rows.append(_row(first, items[0].received))

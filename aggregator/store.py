@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -118,10 +119,10 @@ class Store:
         self.path = path
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA busy_timeout=10000")
+        self._wal()
         # FULL: a committed batch survives power loss too, and acks are sent only after it.
         self.db.execute(f"PRAGMA synchronous={synchronous}")
-        self.db.execute("PRAGMA busy_timeout=10000")
         # A batch of thousands of units dirties a page per unit; checkpointing every 1,000 pages (the default)
         # would copy the WAL back after nearly every batch. 64 MiB of cache keeps the B-tree's inner pages hot.
         self.db.execute("PRAGMA wal_autocheckpoint=10000")
@@ -130,6 +131,19 @@ class Store:
         self.db.execute(
             "INSERT INTO meta(key, value) VALUES ('schema', ?) ON CONFLICT(key) DO NOTHING", (str(SCHEMA_VERSION),)
         )
+
+    def _wal(self, patience: float = 10.0) -> None:
+        # Switching a new database to WAL takes an exclusive lock and fails at once, without the busy timeout,
+        # while another process (a second ingest worker, a command) is opening it too.
+        deadline = time.monotonic() + patience
+        while True:
+            try:
+                self.db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn(*args)` on the store thread."""

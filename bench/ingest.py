@@ -1,9 +1,13 @@
 """Ingest throughput: smame's committed telegrams/s beside mosquitto_sub's rate, on the same load, same run.
 
-Method: for each subscriber, a persistent session (MQTT 5, QoS 1) is created, N telegrams from M units
-are queued in a private Mosquitto while the subscriber is away, then the subscriber is started and
-timed until it has all N (mosquitto_sub: printed; smame: committed to SQLite, WAL, synchronous=FULL,
-each PUBACK after its batch's commit). Preloading keeps the publisher's speed out of the figure.
+Two methods, each run for both subscribers against a private Mosquitto:
+- live (the issue's and the design notes' method): the subscriber is connected, then publisher processes
+  (bench.publisher, QoS 1) send N telegrams from M units; timed from the first publish until the
+  subscriber has all N. Publishers, broker and subscriber share the machine, as in production.
+- drain: N telegrams are queued in the subscriber's persistent session while it is away, then it is
+  started and timed until it has all N: the subscriber's own speed, with nothing else running.
+mosquitto_sub only receives and prints; smame decodes, validates, commits to SQLite (WAL,
+synchronous=FULL) and sends each PUBACK after its batch's commit.
 
     .venv/bin/python -m bench.ingest --telegrams 200000 --units 10000
 """
@@ -57,6 +61,82 @@ def fleet(units: int, telegrams: int) -> list[tuple[str, bytes]]:
 
 
 
+class Publishers:
+    """Publisher processes with their share of the load encoded, waiting for the word."""
+
+    def __init__(self, port: int, telegrams: int, units: int, parts: int) -> None:
+        self.procs = [subprocess.Popen([sys.executable, "-m", "bench.publisher", "--port", str(port), "--telegrams",
+                                        str(telegrams), "--units", str(units), "--part", str(i), "--parts", str(parts)],
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for i in range(parts)]
+        for p in self.procs:
+            assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+
+    def go(self) -> float:
+        started = time.perf_counter()
+        for p in self.procs:
+            assert p.stdin is not None
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        return started
+
+    def wait(self) -> None:
+        for p in self.procs:
+            p.wait(600)
+
+
+def live_mosquitto_sub(mq: Mosquitto, n: int, units: int, parts: int) -> float:
+    sub = subprocess.Popen(["mosquitto_sub", "-p", str(mq.port), "-V", "mqttv5", "-q", "1", "-i", "bench-live-sub",
+                            "-t", "smame/v1/+/reading", "-C", str(n)], stdout=subprocess.DEVNULL)
+    publishers = Publishers(mq.port, n, units, parts)  # encoding takes longer than subscribing
+    started = publishers.go()
+    sub.wait(600)
+    took = time.perf_counter() - started
+    publishers.wait()
+    return took
+
+
+def live_smame(mq: Mosquitto, n: int, units: int, work: Path, batch: int, parts: int) -> float:
+    proc, db = start_bench_smame(mq, units, work, batch, "bench-live-smame")
+    try:
+        publishers = Publishers(mq.port, n, units, parts)
+        started = publishers.go()
+        wait_committed(proc, db, n, work / "smame.log")
+        took = time.perf_counter() - started
+        publishers.wait()
+        return took
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+def start_bench_smame(mq: Mosquitto, units: int, work: Path, batch: int, client_id: str,
+                      ready: str = "subscribed to") -> tuple[subprocess.Popen[bytes], Path]:
+    work.mkdir(parents=True, exist_ok=True)
+    write_registry(work, {f"U{u:06d}": f"C{u % 20:02d}" for u in range(units)})
+    env = smame_env(work, mq.port, SMAME_BROKER__CLIENT_ID=client_id, SMAME_BROKER__BATCH_SIZE=str(batch))
+    log = work / "smame.log"
+    proc = subprocess.Popen([sys.executable, "-m", "smame.cli", "run"], env=env, stdout=open(log, "wb"),
+                            stderr=subprocess.STDOUT)
+    while ready not in log.read_text():
+        if proc.poll() is not None:
+            raise RuntimeError(f"smame exited: {log.read_text()}")
+        time.sleep(0.002)
+    return proc, work / "data" / "smame.db"
+
+
+def wait_committed(proc: subprocess.Popen[bytes], db: Path, n: int, log: Path) -> None:
+    stored = 0
+    while stored < n:
+        time.sleep(0.05)
+        if proc.poll() is not None:
+            raise RuntimeError(f"smame exited: {log.read_text()}")
+        try:
+            with sqlite3.connect(db, timeout=30) as c:
+                stored = c.execute("SELECT count(*) FROM readings").fetchone()[0]
+        except sqlite3.OperationalError:
+            pass
+
+
 def bench_mosquitto_sub(mq: Mosquitto, messages: list[tuple[str, bytes]]) -> float:
     preload_session(mq.port, "bench-sub")
     publish(mq.port, messages)
@@ -68,30 +148,13 @@ def bench_mosquitto_sub(mq: Mosquitto, messages: list[tuple[str, bytes]]) -> flo
 
 
 def bench_smame(mq: Mosquitto, messages: list[tuple[str, bytes]], units: int, work: Path, batch: int) -> float:
-    write_registry(work, {f"U{u:06d}": f"C{u % 20:02d}" for u in range(units)})
-    env = smame_env(work, mq.port, SMAME_BROKER__CLIENT_ID="bench-smame", SMAME_BROKER__BATCH_SIZE=str(batch))
     preload_session(mq.port, "bench-smame")
     publish(mq.port, messages)
-    db = work / "data" / "smame.db"
-    log = work / "smame.log"
-    proc = subprocess.Popen([sys.executable, "-m", "smame.cli", "run"], env=env, stdout=open(log, "wb"),
-                            stderr=subprocess.STDOUT)
+    # the queue starts to flow at CONNACK
+    proc, db = start_bench_smame(mq, units, work, batch, "bench-smame", ready="session present")
     try:
-        while "session present" not in log.read_text():  # the queue starts to flow at CONNACK
-            if proc.poll() is not None:
-                raise RuntimeError(f"smame exited: {log.read_text()}")
-            time.sleep(0.002)
         started = time.perf_counter()
-        n = 0
-        while n < len(messages):
-            time.sleep(0.05)
-            if proc.poll() is not None:
-                raise RuntimeError(f"smame exited: {log.read_text()}")
-            try:
-                with sqlite3.connect(db, timeout=30) as c:
-                    n = c.execute("SELECT count(*) FROM readings").fetchone()[0]
-            except sqlite3.OperationalError:
-                pass
+        wait_committed(proc, db, len(messages), work / "smame.log")
         return time.perf_counter() - started
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -103,24 +166,40 @@ def main() -> None:
     ap.add_argument("--telegrams", type=int, default=200_000)
     ap.add_argument("--units", type=int, default=10_000)
     ap.add_argument("--batch", type=int, default=2000, help="smame broker.batch_size")
+    ap.add_argument("--publishers", type=int, default=2, help="publisher processes in the live method")
+    ap.add_argument("--method", choices=["live", "drain", "both"], default="both")
     args = ap.parse_args()
     if not shutil.which("mosquitto_sub"):
         sys.exit("mosquitto_sub not found: apt-get install mosquitto-clients")
     messages = fleet(args.units, args.telegrams)
     size = sum(len(p) for _, p in messages) / len(messages)
-    with tempfile.TemporaryDirectory(prefix="smame-bench-") as tmp:
-        mq = Mosquitto(Path(tmp) / "mq")
-        try:
-            base = bench_mosquitto_sub(mq, messages)
-            ours = bench_smame(mq, messages, args.units, Path(tmp) / "smame", args.batch)
-        finally:
-            mq.stop()
     n = len(messages)
-    print(f"load: {n} telegrams of {size:.0f} bytes from {args.units} units, QoS 1, preloaded in Mosquitto, "
-          f"{os.cpu_count()} cores")
-    print(f"mosquitto_sub (C, received):          {n / base:10,.0f} telegrams/s  ({base:.2f} s)")
-    print(f"smame run (committed, acked):         {n / ours:10,.0f} telegrams/s  ({ours:.2f} s from CONNACK)")
-    print(f"ratio smame / mosquitto_sub:          {base / ours:10.2f}")
+    print(f"load: {n} telegrams of {size:.0f} bytes from {args.units} units, QoS 1, {os.cpu_count()} cores")
+    with tempfile.TemporaryDirectory(prefix="smame-bench-") as tmp:
+        if args.method in ("live", "both"):
+            mq = Mosquitto(Path(tmp) / "mq-live")
+            try:
+                base = live_mosquitto_sub(mq, n, args.units, args.publishers)
+                ours = live_smame(mq, n, args.units, Path(tmp) / "smame-live", args.batch, args.publishers)
+            finally:
+                mq.stop()
+            print(f"live, {args.publishers} publisher processes running alongside:")
+            report(n, base, ours, "from the first publish")
+        if args.method in ("drain", "both"):
+            mq = Mosquitto(Path(tmp) / "mq-drain")
+            try:
+                base = bench_mosquitto_sub(mq, messages)
+                ours = bench_smame(mq, messages, args.units, Path(tmp) / "smame-drain", args.batch)
+            finally:
+                mq.stop()
+            print("drain, preloaded in the subscriber's session, nothing else running:")
+            report(n, base, ours, "from CONNACK")
+
+
+def report(n: int, base: float, ours: float, since: str) -> None:
+    print(f"  mosquitto_sub (C, received):        {n / base:10,.0f} telegrams/s  ({base:.2f} s)")
+    print(f"  smame run (committed, acked):       {n / ours:10,.0f} telegrams/s  ({ours:.2f} s {since})")
+    print(f"  ratio smame / mosquitto_sub:        {base / ours:10.2f}")
 
 
 if __name__ == "__main__":

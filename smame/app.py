@@ -140,7 +140,8 @@ class App:
         registry = RegistryHolder(settings)
         grid = Grid(settings.timezone)
         store = open_store(settings)
-        ingestor = Ingestor(store, registry, grid)
+        # with a shared subscription other ingest processes write the same store
+        ingestor = Ingestor(store, registry, grid, shared=settings.broker.topic.startswith("$share/"))
 
         async def commit(incoming: list[Incoming], refused: list[Refused]) -> Outcome:
             return await store.call(ingestor.commit, incoming, refused, int(time.time()))

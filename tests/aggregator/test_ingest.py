@@ -179,3 +179,17 @@ def test_any_order_and_any_duplication_give_the_same_slots(steps: list[tuple[int
         assert table(other) == expected
         assert other.store.reading_count() == len(items)
         other.store.close()
+
+
+
+def test_two_writers_on_one_store_with_a_shared_subscription(tmp_path: Path) -> None:
+    # MQTT 5 shared subscriptions hand a unit's telegrams to either ingest process, alternately here.
+    writers = [Ingestor(Store(tmp_path / "t.db"), Directory(), Grid("Asia/Tokyo"), shared=True) for _ in range(2)]
+    try:
+        for k in range(9):
+            writers[k % 2].commit([reading(k, 100 + 10 * k)], [], T0 + k * H)
+            writers[k % 2].commit([reading(k, 100 + 10 * k)], [], T0 + k * H)  # a redelivery changes nothing
+        assert table(writers[0]) == {k: (10, "A", 0, 0, "A") for k in range(1, 9)}
+    finally:
+        for w in writers:
+            w.store.close()

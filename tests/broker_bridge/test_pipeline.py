@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import sqlite3
 import time
+from datetime import timedelta
 from pathlib import Path
 
 from tests.helpers import (
@@ -13,6 +14,7 @@ from tests.helpers import (
 )
 
 DAY = "2026-11-20"
+HALF_HOUR = timedelta(minutes=30)
 
 
 def test_telegrams_become_slots_and_bad_ones_are_quarantined(broker: Mosquitto, workdir: Path) -> None:
@@ -189,3 +191,28 @@ def test_registry_is_reloaded_on_sighup(broker: Mosquitto, workdir: Path) -> Non
     publish(broker.port, message)
     wait_readings(workdir / "data" / "smame.db", 1)
     assert stop(proc) == 0
+
+
+def test_two_ingest_processes_share_the_subscription_and_the_store(broker: Mosquitto, workdir: Path) -> None:
+    # The broker hands each telegram to one of the two (round robin): a unit's readings go to both.
+    units = {f"SH{u}": "C1" for u in range(3)}
+    write_registry(workdir, units)
+    topic = "$share/ingest/smame/v1/+/reading"
+    main = smame_env(workdir, broker.port, SMAME_BROKER__TOPIC=topic, SMAME_BROKER__CLIENT_ID=f"sh-a-{workdir.name}",
+                     SMAME_BROKER__BATCH_DELAY_MS="5")
+    extra = {**main, "SMAME_BROKER__CLIENT_ID": f"sh-b-{workdir.name}", "SMAME_EXPORT__ENABLED": "false",
+             "SMAME_ALERTS__ENABLED": "false", "SMAME_REPORT__ENABLED": "false"}  # an ingest-only worker
+    procs = [start_smame(env, workdir / f"smame-{name}.log") for name, env in (("a", main), ("b", extra))]
+    try:
+        for name in ("a", "b"):
+            wait_log(workdir / f"smame-{name}.log", "subscribed to")
+        publish(broker.port, [(f"smame/v1/{u}/reading", telegram(u, [(at(DAY, "00:00") + k * HALF_HOUR, 100 + 7 * k)]))
+                              for k in range(25) for u in units])  # in time order, as units send them live
+        wait_readings(workdir / "data" / "smame.db", 75)
+    finally:
+        assert [stop(p) for p in procs] == [0, 0]
+    for name in ("a", "b"):  # both took part
+        assert "ingest stopped: 0 received" not in (workdir / f"smame-{name}.log").read_text()
+    with sqlite3.connect(workdir / "data" / "smame.db") as c:
+        rows = c.execute("SELECT unit, imp, imp_q FROM slots ORDER BY unit, slot").fetchall()
+    assert rows == [(u, 7, "A") for u in sorted(units) for _ in range(24)]
