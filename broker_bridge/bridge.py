@@ -9,13 +9,14 @@ unacknowledged, so the broker delivers them again and the idempotent store ignor
 from __future__ import annotations
 
 import asyncio
+import bisect
 import functools
 import logging
 import random
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Container
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from broker_bridge.mqtt import Message, MqttClient, MqttError
@@ -45,6 +46,10 @@ class BrokerTarget:
     reconnect_max: float
 
 
+COMMIT_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)  # histogram bucket bounds
+BATCH_SIZES = (1, 10, 100, 500, 1000, 2000, 5000, 10000, 30000)
+
+
 @dataclass
 class BridgeStats:
     """Counters the monitoring part reads."""
@@ -60,6 +65,17 @@ class BridgeStats:
     last_received: float = 0.0  # time of the newest message (epoch)
     down_since: float | None = None  # not connected since (epoch); None while connected
     last_error: str = ""  # why the last connection attempt or connection failed
+    commit_counts: list[int] = field(default_factory=lambda: [0] * (len(COMMIT_SECONDS) + 1))
+    commit_sum: float = 0.0
+    size_counts: list[int] = field(default_factory=lambda: [0] * (len(BATCH_SIZES) + 1))
+    size_sum: int = 0
+
+    def observe(self, seconds: float, size: int) -> None:
+        """Count one committed batch in the histograms (the last bucket is +Inf)."""
+        self.commit_counts[bisect.bisect_left(COMMIT_SECONDS, seconds)] += 1
+        self.commit_sum += seconds
+        self.size_counts[bisect.bisect_left(BATCH_SIZES, size)] += 1
+        self.size_sum += size
 
 
 def tls_context(ca_file: str | None, cert_file: str | None, key_file: str | None) -> ssl.SSLContext:
@@ -189,6 +205,7 @@ class Bridge:
         self.stats.last_commit_s = time.perf_counter() - started
         self.stats.batches += 1
         self.stats.last_batch = len(batch)
+        self.stats.observe(self.stats.last_commit_s, len(batch))
         by_client: dict[MqttClient, list[int]] = {}
         for m, c in batch:
             if m.packet_id is not None:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from aggregator.ingest import Outcome
-from broker_bridge.bridge import BridgeStats
+from broker_bridge.bridge import BATCH_SIZES, COMMIT_SECONDS, BridgeStats
 from csv_export.exporter import ExportStats
 from ftp_gateway.accounts import Accounts, Bans
 from monitoring.monitor import Monitor
@@ -46,6 +46,10 @@ class SmameCollector(Collector):
             quarantined.add_metric([reason], n)
         yield quarantined
         yield _counter("smame_commit_batches", "ingest transactions committed", b.batches)
+        yield _histogram("smame_commit_seconds", "duration of each batch's commit transaction", COMMIT_SECONDS,
+                         b.commit_counts, b.commit_sum)
+        yield _histogram("smame_commit_batch_size", "telegrams per committed batch", BATCH_SIZES, b.size_counts,
+                         b.size_sum)
         yield _gauge("smame_commit_last_batch_size", "telegrams in the last committed batch", b.last_batch)
         yield _gauge("smame_commit_last_seconds", "duration of the last commit", b.last_commit_s)
         yield _gauge("smame_broker_connected", "1 while connected to the broker", int(b.connected))
@@ -99,6 +103,14 @@ def _monitor_metrics(m: Monitor) -> Iterator[Metric]:
     for path, (free, total) in sorted(m.disk().items()):
         disk.add_metric([path], free / total if total else 1.0)
     yield disk
+
+
+def _histogram(name: str, doc: str, bounds: Sequence[float], counts: Sequence[int], total: float) -> HistogramMetricFamily:
+    cumulative, buckets = 0, []
+    for bound, n in zip([*map(str, bounds), "+Inf"], counts):
+        cumulative += n
+        buckets.append((bound, cumulative))
+    return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=total)
 
 
 def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:

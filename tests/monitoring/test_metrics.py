@@ -51,6 +51,9 @@ def test_metrics_count_what_was_published_and_health_says_ok(broker: Mosquitto, 
     assert m['smame_quarantined_total{reason="not_json"}'] == 1
     assert m['smame_quarantined_total{reason="unknown_unit"}'] == 1
     assert m["smame_broker_connected"] == 1 and m["smame_units_registered"] == 2
+    assert m["smame_commit_seconds_count"] == m["smame_commit_batches_total"] >= 1
+    assert m["smame_commit_batch_size_sum"] == 15  # every telegram received was in a committed batch
+    assert m['smame_commit_batch_size_bucket{le="+Inf"}'] == m["smame_commit_batches_total"]
     assert m["smame_export_runs_total"] >= 1
     health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5).read())
     assert health == {"status": "ok", "checks": {"ingest": "ok", "export": "ok"}}

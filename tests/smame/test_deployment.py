@@ -89,7 +89,8 @@ def test_every_metric_the_rules_and_dashboard_use_exists(tmp_path: Path, monkeyp
         registry.register(SmameCollector(Sources(app.bridge.stats, app.ingestor.totals, lambda: 1, app.exporter.stats,
                                                  app.gateway.accounts, app.gateway.bans, app.monitor)))
         # family names: a labelled family has no samples until something is counted
-        names = {m.name + ("_total" if m.type == "counter" else "") for m in registry.collect()}
+        suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}
+        names = {m.name + s for m in registry.collect() for s in suffixes.get(m.type, [""])}
     finally:
         app.store.close()
         app.exporter.close()
