@@ -13,6 +13,7 @@ import asyncio
 import logging
 import multiprocessing
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -96,24 +97,29 @@ class Exporter:
         for customer, day in pairs:
             if customer in registry.customers and day <= self.grid.day_of(upto):
                 by_day.setdefault(day, set()).add(customer)
+        # Fewer days than workers (a scheduled run, one day by hand): the idle workers take a share of each
+        # day's customers; each reads the day (SQLite readers run side by side) and renders only its share.
+        shares = max(1, self.workers // max(1, len(by_day)))
         jobs = [DayJob(str(self.store.path), day,
                        tuple((e, self.grid.label(e)) for e in self.grid.day_slots(day) if e <= upto),
                        tuple(CustomerFiles(c, layout_of(registry.customers[c]),
                                            tuple((u.id, u.meter) for u in registry.units_of(c)))
-                             for c in sorted(customers)), str(self.root))
-                for day, customers in sorted(by_day.items())]
+                             for c in sorted(customers)[k::shares]), str(self.root))
+                for day, customers in sorted(by_day.items()) for k in range(min(shares, len(customers)))]
         result = RunResult()
         if not jobs:
             return result
         pool = self._workers()
-        futures: list[Future[tuple[list[Path], int]]] = [pool.submit(write_day, job) for job in jobs]
+        futures: dict[Future[tuple[list[Path], int]], date] = {pool.submit(write_day, job): job.day for job in jobs}
+        parts_left = Counter(futures.values())
         try:
-            for done, future in enumerate(as_completed(futures)):
+            for future in as_completed(futures):
                 written, unchanged = future.result()
                 result.written += written
                 result.unchanged += unchanged
-                result.days += 1
-                progress(done + 1, len(jobs))
+                parts_left[futures[future]] -= 1
+                if not parts_left[futures[future]]:
+                    progress(sum(1 for n in parts_left.values() if not n), len(by_day))
         except BrokenProcessPool:
             self._pool = None  # a worker died (killed, out of memory): new workers next run
             raise
@@ -121,6 +127,7 @@ class Exporter:
             for f in futures:
                 f.cancel()
         result.written.sort()
+        result.days = len(by_day)
         return result
 
     def _workers(self) -> ProcessPoolExecutor:
