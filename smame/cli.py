@@ -257,7 +257,7 @@ def _demo(settings: Settings, args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("\nsmame demo: stopped", file=sys.stderr)
         return 130
-    except RuntimeError as exc:
+    except (RuntimeError, TimeoutError) as exc:
         print(f"smame demo: {exc}", file=sys.stderr)
         return 1
 

@@ -100,7 +100,7 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> int:
     with ExitStack() as stack:
         mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         stack.enter_context(_process([mosquitto, "-c", str(work / "mosquitto.conf")], work / "mosquitto.log", env))
-        _wait_port(ports["mqtt"])
+        wait_port(ports["mqtt"])
         drop = MailDrop(work / "mail", ports["smtp"])
         drop.controller.start()
         stack.callback(drop.controller.stop)
@@ -232,7 +232,8 @@ def _process(command: list[str], log: Path, env: dict[str, str]) -> Iterator[sub
                 proc.wait()
 
 
-def _wait_port(port: int, timeout: float = 10.0) -> None:
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    """Block until something accepts connections on the port."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -240,7 +241,7 @@ def _wait_port(port: int, timeout: float = 10.0) -> None:
             return
         except OSError:
             time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
 
 
 def _wait_log(log: Path, text: str, timeout: float = 30.0) -> None:

@@ -6,7 +6,6 @@ import os
 import resource
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -18,28 +17,10 @@ from pathlib import Path
 import paho.mqtt.client as paho
 
 from broker_bridge.telegram import WireReading, WireTelegram, encode
+from smame.demo import free_port, wait_port  # noqa: F401 (the tests use the demo's own)
 
 JST = timezone(timedelta(hours=9))
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float = 10.0) -> None:
-    """Block until something accepts connections on the port."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on {port}")
 
 
 class Mosquitto:

@@ -37,6 +37,15 @@ def pending(db: Path) -> int:
         store.close()
 
 
+def server_tls(tmp_path: Path) -> tuple[ssl.SSLContext, Path]:
+    """A TLS context for a test server, and its self-signed certificate for clients to trust."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    ensure_certificate(cert, key, ["localhost", "127.0.0.1"])
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert, key)
+    return tls, cert
+
+
 async def test_slack_429_is_retried_after_retry_after_and_delivered_once(tmp_path: Path) -> None:
     stand_in = SlackStandIn(statuses=[429], retry_after=1)
     store = Store(tmp_path / "smame.db")
@@ -97,10 +106,7 @@ async def test_smtp_down_then_up_the_mail_arrives_once(tmp_path: Path) -> None:
 
 
 async def test_starttls_and_login(tmp_path: Path) -> None:
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    ensure_certificate(cert, key, ["localhost", "127.0.0.1"])
-    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    tls.load_cert_chain(cert, key)
+    tls, cert = server_tls(tmp_path)
     sink = SmtpSink(tls=tls, login=("smame", "s3cret-passw0rd")).start()
     store = Store(tmp_path / "smame.db")
     try:
@@ -125,10 +131,7 @@ async def test_starttls_and_login(tmp_path: Path) -> None:
 
 @pytest.mark.filterwarnings("ignore:Requiring AUTH:UserWarning")  # aiosmtpd cannot see that the socket is TLS
 async def test_smtps_with_tls_from_the_start(tmp_path: Path) -> None:
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    ensure_certificate(cert, key, ["localhost", "127.0.0.1"])
-    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    tls.load_cert_chain(cert, key)
+    tls, cert = server_tls(tmp_path)
     sink = SmtpSink(implicit_tls=tls, login=("smame", "s3cret-passw0rd")).start()
     store = Store(tmp_path / "smame.db")
     try:
