@@ -86,7 +86,7 @@ class Exporter:
             self._pool = None
         self.store.close()
 
-    # --- the pure-ish core, run on the store thread ------------------------------------------------
+    # --- the work, run on the export store thread (rendering in the worker processes) --------------
 
     def export(self, pairs: Iterable[tuple[str, date]], now: float,
                progress: Callable[[int, int], None] = lambda done, total: None) -> RunResult:
@@ -121,7 +121,8 @@ class Exporter:
                 if not parts_left[futures[future]]:
                     progress(sum(1 for n in parts_left.values() if not n), len(by_day))
         except BrokenProcessPool:
-            self._pool = None  # a worker died (killed, out of memory): new workers next run
+            pool.shutdown(wait=False, cancel_futures=True)  # a worker died (killed, out of memory):
+            self._pool = None  # new workers next run
             raise
         finally:
             for f in futures:

@@ -89,6 +89,7 @@ class Monitor:
         self.active: dict[str, Active] = {}
         self._events: list[Notice] = []
         self._loaded = False
+        self._saved = ""  # the alert state as last written
 
     def session_lost(self) -> None:
         """Called by ingest when the broker had no session for us: said once, at the next check."""
@@ -113,6 +114,7 @@ class Monitor:
         now = self.clock()
         if not self._loaded:
             self.active = await self.store.call(self._load_state)
+            self._saved = json.dumps({k: asdict(v) for k, v in self.active.items()})
             self._loaded = True
         self.scan = await self.store.call(self._scan, now)
         notices: list[Notice] = []
@@ -124,8 +126,10 @@ class Monitor:
             (log.info if n.state == "resolved" else log.warning)("%s: %s", n.subject, n.text)
         messages = [m for n in notices for m in alert_messages(n, self.settings)]
         state = json.dumps({k: asdict(v) for k, v in self.active.items()})
-        # The new state and what it says go in together: a crash between them can neither lose nor repeat an alert.
-        await self.outbox.put(messages, lambda: self.store.set_meta(ALERT_STATE, state))
+        if messages or state != self._saved:
+            # The new state and what it says go in together: a crash between them can neither lose nor repeat an alert.
+            await self.outbox.put(messages, lambda: self.store.set_meta(ALERT_STATE, state))
+            self._saved = state
         await self.report_if_due(now)
         return notices
 
