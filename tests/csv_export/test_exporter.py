@@ -231,3 +231,22 @@ def test_a_day_whose_first_rows_have_no_values_exports(workdir: Path) -> None:
     assert len(lines) == 1 + 3000 * 24  # today up to 12:00
     assert lines[1] == "N0000,SM-9,2026-11-23,1,00:00,00:30,,,M"  # the day's serial, shown from its start
     assert lines[3] == "N0000,SM-9,2026-11-23,3,01:00,01:30,1.2,0.3,E"
+
+
+def test_a_killed_export_worker_fails_one_run_and_the_next_has_new_workers(setup: tuple[Exporter, Ingestor, Path]) -> None:
+    import os
+    import signal as signals
+
+    from concurrent.futures.process import BrokenProcessPool
+
+    exporter, ingest, root = setup
+    ingest.commit(history(["U1", "U2"], 1), [], int(NOW))
+    exporter.export([("C1", TODAY)], NOW)  # the workers run
+    assert exporter._pool is not None
+    for pid in list(exporter._pool._processes):  # as the out-of-memory killer would
+        os.kill(pid, signals.SIGKILL)
+    with pytest.raises(BrokenProcessPool):
+        for _ in range(50):  # the pool notices at the next submission or result
+            exporter.export([("C1", TODAY - timedelta(days=1))], NOW)
+    result = exporter.export([("C1", TODAY), ("C2", TODAY)], NOW)
+    assert result.days == 1 and path_of(root, "C2", TODAY).exists()
