@@ -64,6 +64,10 @@ class Grid:
         end = self.day_start(day + timedelta(days=1))
         return list(range(start + SLOT, end + 1, SLOT))
 
+    def closed(self, day: date, upto: int) -> list[tuple[int, SlotLabel]]:
+        """The slots of a local day that have ended by `upto`, with their labels (a day, or today so far)."""
+        return [(e, self.label(e)) for e in self.day_slots(day) if e <= upto]
+
     def day_of(self, slot_end: int) -> date:
         """The local day a slot belongs to (the day of its start)."""
         return datetime.fromtimestamp(slot_end - SLOT, self.zone).date()

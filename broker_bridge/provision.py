@@ -143,8 +143,11 @@ def read_units(registry: Path) -> list[str]:
     return check_unit_ids(rows, str(registry))
 
 
+BROKER_NAMES = ("localhost", "127.0.0.1", "mosquitto")  # the broker's certificate names unless told others
+
+
 def provision(units: Sequence[str], out: Path, *, tls: bool = False, ingest_user: str = "smame-ingest",
-              broker_names: Sequence[str] = ("localhost", "127.0.0.1", "mosquitto"), conf_dir: str | None = None,
+              broker_names: Sequence[str] = BROKER_NAMES, conf_dir: str | None = None,
               data_dir: str = "/mosquitto/data", outage_hours: float = 24.0, port: int = 1883,
               tls_port: int = 8883) -> Provisioned:
     """Write or update the broker's security files in `out` for these units."""

@@ -101,7 +101,7 @@ class Exporter:
         # day's customers; each reads the day (SQLite readers run side by side) and renders only its share.
         shares = max(1, self.workers // max(1, len(by_day)))
         jobs = [DayJob(str(self.store.path), day,
-                       tuple((e, self.grid.label(e)) for e in self.grid.day_slots(day) if e <= upto),
+                       tuple(self.grid.closed(day, upto)),
                        tuple(CustomerFiles(c, layout_of(registry.customers[c]),
                                            tuple((u.id, u.meter) for u in registry.units_of(c)))
                              for c in sorted(customers)[k::shares]), str(self.root))

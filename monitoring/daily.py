@@ -30,7 +30,7 @@ class DailyReport:
 def closed_slots(store: Store, grid: Grid, day: date, upto: int
                  ) -> tuple[list[tuple[int, SlotLabel]], dict[str, dict[int, SlotTuple]]]:
     """The day's slots ended by `upto` (end, label), and their stored rows grouped by unit."""
-    labels = [(e, grid.label(e)) for e in grid.day_slots(day) if e <= upto]
+    labels = grid.closed(day, upto)
     rows = by_unit(store.all_slots(grid.day_start(day), labels[-1][0])) if labels else {}
     return labels, rows
 

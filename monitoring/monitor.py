@@ -228,7 +228,7 @@ class Monitor:
         upto = self.grid.floor(now)
         day = datetime.fromtimestamp(now, self.grid.zone).date()
         start = self.grid.day_start(day)
-        closed = sum(1 for e in self.grid.day_slots(day) if e <= upto)
+        closed = len(self.grid.closed(day, upto))
         counts = self.store.slot_quality_counts(start, upto) if closed else {}
         present = counts.get("A", 0) + counts.get("E", 0)
         slots_today = {"A": counts.get("A", 0), "E": counts.get("E", 0),

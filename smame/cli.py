@@ -30,7 +30,7 @@ from smame.registry import RegistryError
 from smame.settings import Settings, SettingsError, load_settings
 from broker_bridge.bridge import target_from_url, tls_context
 from broker_bridge.mqtt import ConnectionRefused
-from broker_bridge.provision import ProvisionError, provision, read_units
+from broker_bridge.provision import BROKER_NAMES, ProvisionError, provision, read_units
 from simulators.fleet import make_fleet
 from simulators.fleet import write_registry as write_fleet_registry
 from simulators.publisher import Endpoint
@@ -491,7 +491,7 @@ def _provision(settings: Settings, args: argparse.Namespace) -> int:
     try:
         units = read_units(args.registry or settings.registry.units)
         done = provision(units, args.out, tls=args.tls, ingest_user=args.ingest_user,
-                         broker_names=args.broker_name or ("localhost", "127.0.0.1", "mosquitto"),
+                         broker_names=args.broker_name or BROKER_NAMES,
                          conf_dir=args.conf_dir, data_dir=args.data_dir, outage_hours=args.outage_hours,
                          port=args.port, tls_port=args.tls_port)
     except ProvisionError as exc:
