@@ -103,6 +103,10 @@ class OutboxRow:
     attempts: int
 
 
+class StoreError(OSError):
+    """The store cannot be opened; the message names the file and SQLite's reason."""
+
+
 def sqlite_path(url: str) -> Path:
     """The file of a `sqlite:///path` URL (relative paths allowed: `sqlite:///data/smame.db`)."""
     prefix = "sqlite:///"
@@ -118,7 +122,14 @@ class Store:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
-        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        try:
+            self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._setup(synchronous)
+        except sqlite3.Error as exc:
+            self._pool.shutdown()
+            raise StoreError(f"cannot open the store {path}: {exc}") from exc
+
+    def _setup(self, synchronous: str) -> None:
         self.db.execute("PRAGMA busy_timeout=10000")
         self._wal()
         # FULL: a committed batch survives power loss too, and acks are sent only after it.

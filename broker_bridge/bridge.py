@@ -1,9 +1,9 @@
 """The ingest service: telegrams from the broker, committed in batches, acknowledged after commit.
 
-Messages are decoded as they arrive and gathered into a batch; a batch is committed when it
-is full or its first message has waited `batch_delay_ms`. Only then are its PUBACKs sent, in
-arrival order, on the connection the messages came in on. A crash at any point leaves them
-unacknowledged, so the broker delivers them again and the idempotent store ignores the copies.
+Messages are decoded and validated as they arrive and gathered into a batch; a batch is committed when
+it is full or its first message has waited `batch_delay_ms`, while the next one fills. Only then are its
+PUBACKs sent, in arrival order, on the connection the messages came in on. A crash at any point leaves
+them unacknowledged, so the broker delivers them again and the idempotent store ignores the copies.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import logging
 import random
 import ssl
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Container
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -48,6 +49,9 @@ class BrokerTarget:
 
 COMMIT_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)  # histogram bucket bounds
 BATCH_SIZES = (1, 10, 100, 500, 1000, 2000, 5000, 10000, 30000)
+# Full batches that may wait while one commits. Beyond that the socket is not read: decoding further ahead
+# gains nothing, and a loop busy decoding a broker's whole backlog would not see commits finish.
+AHEAD = 2
 
 
 @dataclass
@@ -76,6 +80,18 @@ class BridgeStats:
         self.commit_sum += seconds
         self.size_counts[bisect.bisect_left(BATCH_SIZES, size)] += 1
         self.size_sum += size
+
+
+@dataclass(slots=True)
+class _Batch:
+    """Messages decoded as they came in, waiting for one commit."""
+
+    first: float  # when its first message came in
+    size: int = 0
+    incoming: list[Incoming] = field(default_factory=list)
+    refused: list[Refused] = field(default_factory=list)
+    # QoS 1 packet ids by the connection they came in on: a PUBACK is only meaningful there
+    acks: dict[MqttClient, list[int]] = field(default_factory=dict)
 
 
 def tls_context(ca_file: str | None, cert_file: str | None, key_file: str | None) -> ssl.SSLContext:
@@ -115,8 +131,10 @@ class Bridge:
         self.on_session_lost = on_session_lost
         self.stop_timeout = stop_timeout
         self.stats = BridgeStats()
-        # Each message with the connection it came in on: a PUBACK is only meaningful there.
-        self._batch: list[tuple[Message, MqttClient]] = []
+        self._batches: deque[_Batch] = deque()  # oldest first; the last may still be filling
+        self._filling: _Batch | None = None
+        self._paused: MqttClient | None = None  # not read from while AHEAD full batches wait
+        self._stopping = False
         self._client: MqttClient | None = None
         self._wake = asyncio.Event()
         self.stats.down_since = time.time()
@@ -170,20 +188,38 @@ class Bridge:
             log.warning("lost the broker: %s", client.closed.exception())
 
     def _on_message(self, message: Message, client: MqttClient) -> None:
-        self._batch.append((message, client))
+        batch = self._filling
+        if batch is None:
+            batch = self._filling = _Batch(message.received)
+            self._batches.append(batch)
+            self._wake.set()
+        received = int(message.received)
+        topic, payload = message.topic, message.payload
+        d = decode(topic, payload, received, self.known_units(), self.tolerance, self.on_boundary)
+        if d.readings:
+            batch.incoming.extend(Incoming(r, received, topic, payload) for r in d.readings)
+        if d.rejects:
+            batch.refused.extend(Refused(received, topic, d.unit, j.reason, j.detail, payload) for j in d.rejects)
+        if message.packet_id is not None:
+            batch.acks.setdefault(client, []).append(message.packet_id)
+        batch.size += 1
         self.stats.received += 1
         self.stats.last_received = message.received
-        if len(self._batch) == 1 or len(self._batch) >= self.target.batch_size:
+        if batch.size >= self.target.batch_size:
+            self._filling = None
             self._wake.set()
+            if len(self._batches) >= AHEAD:
+                client.pause()
+                self._paused = client
 
     async def _flush_forever(self) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            if not self._batch:
+            if not self._batches:
                 continue
-            if len(self._batch) < self.target.batch_size:
-                wait = self.target.batch_delay - (time.time() - self._batch[0][0].received)
+            if self._batches[0] is self._filling:  # wait until it is full or its first message has waited enough
+                wait = self.target.batch_delay - (time.time() - self._batches[0].first)
                 if wait > 0:
                     try:
                         await asyncio.wait_for(self._wake.wait(), wait)
@@ -191,56 +227,48 @@ class Bridge:
                         pass
                     self._wake.clear()
             await self._flush()
-            if self._batch:
+            if self._batches:
                 self._wake.set()
 
     async def _flush(self) -> None:
-        batch = self._batch[: self.target.batch_size]
-        del self._batch[: len(batch)]
-        if not batch:
+        if not self._batches:
             return
-        incoming, refused = self.decode([m for m, _ in batch])
+        batch = self._batches.popleft()
+        if batch is self._filling:
+            self._filling = None
+        if self._paused is not None and not self._stopping:
+            self._paused.resume()
+            self._paused = None
         started = time.perf_counter()
-        await self.commit(incoming, refused)
+        await self.commit(batch.incoming, batch.refused)
         self.stats.last_commit_s = time.perf_counter() - started
         self.stats.batches += 1
-        self.stats.last_batch = len(batch)
-        self.stats.observe(self.stats.last_commit_s, len(batch))
-        by_client: dict[MqttClient, list[int]] = {}
-        for m, c in batch:
-            if m.packet_id is not None:
-                by_client.setdefault(c, []).append(m.packet_id)
-        for c, ids in by_client.items():  # a closed connection's messages are redelivered on the next one
+        self.stats.last_batch = batch.size
+        self.stats.observe(self.stats.last_commit_s, batch.size)
+        for c, ids in batch.acks.items():  # a closed connection's messages are redelivered on the next one
             if c.ack(ids):
                 self.stats.acked += len(ids)
 
-    def decode(self, batch: list[Message]) -> tuple[list[Incoming], list[Refused]]:
-        """Validate a batch of messages (pure; no I/O)."""
-        known = self.known_units()
-        incoming: list[Incoming] = []
-        refused: list[Refused] = []
-        for m in batch:
-            received = int(m.received)
-            d = decode(m.topic, m.payload, received, known, self.tolerance, self.on_boundary)
-            incoming.extend(Incoming(r, received, m.topic, m.payload) for r in d.readings)
-            refused.extend(Refused(received, m.topic, d.unit, j.reason, j.detail, m.payload) for j in d.rejects)
-        return incoming, refused
-
     async def _shutdown(self, flusher: asyncio.Task[None]) -> None:
+        self._stopping = True
         flusher.cancel()
         try:
             await flusher
-        except (asyncio.CancelledError, Exception):  # a commit cut short is rolled back, never acked
+        except (asyncio.CancelledError, Exception):  # a batch whose commit was cut short is never acknowledged
             pass
         client = self._client
         if client is not None:
             client.pause()
             try:
                 async with asyncio.timeout(self.stop_timeout):  # what is not committed in time is redelivered
-                    while self._batch and client.connected:
+                    while self._batches and client.connected:
                         await self._flush()
             except TimeoutError:
-                log.warning("stopping: %d received messages left unacknowledged for redelivery", len(self._batch))
+                log.warning("stopping: %d received messages left unacknowledged for redelivery",
+                            sum(b.size for b in self._batches))
+            except Exception as exc:  # the store is failing: what is not committed is not acknowledged
+                log.warning("stopping: %d received messages left unacknowledged for redelivery: %s",
+                            sum(b.size for b in self._batches), exc)
             finally:
                 await client.disconnect()
         self.stats.connected = False

@@ -285,9 +285,14 @@ class MqttClient:
         return True
 
     def pause(self) -> None:
-        """Stop reading from the socket (shutting down: take no more work)."""
-        if self._transport is not None:
+        """Stop reading from the socket (enough work in hand, or shutting down)."""
+        if self._transport is not None and self._transport.is_reading():
             self._transport.pause_reading()
+
+    def resume(self) -> None:
+        """Read from the socket again."""
+        if self._transport is not None and self.connected and not self._transport.is_reading():
+            self._transport.resume_reading()
 
     async def disconnect(self) -> None:
         """Say goodbye normally (the broker keeps the session) and close."""

@@ -9,9 +9,9 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from aggregator.ingest import Ingestor, Outcome
 from aggregator.store import Store, sqlite_path
 from aggregator.timegrid import Grid
+from aggregator.writer import Writer
 from broker_bridge.bridge import Bridge, BrokerTarget, target_from_url, tls_context
 from broker_bridge.telegram import Incoming, Refused
 from csv_export.exporter import Exporter
@@ -43,22 +43,16 @@ class RegistryHolder:
         s = self.settings
         return load_registry(s.registry.units, s.registry.customers, s.contract_kw, s.ingest.gap_cap_slots)
 
-    def reload(self) -> None:
-        """Read the files again; keep the old registry if the new one is wrong."""
+    def reload(self) -> bool:
+        """Read the files again; keep the old registry if the new one is wrong (and say False)."""
         try:
             new = self._load()
         except RegistryError as exc:
             log.error("registry reload refused, keeping %d units: %s", len(self.current.units), exc)
-            return
+            return False
         self.current = new
         log.info("registry reloaded: %d units, %d customers", len(new.units), len(new.customers))
-
-    # UnitDirectory, for the aggregator
-    def customer_of(self, unit: str) -> str:
-        return self.current.customer_of(unit)
-
-    def limits_of(self, unit: str):  # type: ignore[no-untyped-def]
-        return self.current.limits_of(unit)
+        return True
 
 
 def open_store(settings: Settings) -> Store:
@@ -127,8 +121,7 @@ class App:
 
     settings: Settings
     registry: RegistryHolder
-    store: Store
-    ingestor: Ingestor
+    writer: Writer
     bridge: Bridge
     exporter: Exporter | None
     gateway: FileGateway | None
@@ -139,12 +132,12 @@ class App:
         """Wire the parts; raises RegistryError or OSError with a clear message on bad input."""
         registry = RegistryHolder(settings)
         grid = Grid(settings.timezone)
-        store = open_store(settings)
         # with a shared subscription other ingest processes write the same store
-        ingestor = Ingestor(store, registry, grid, shared=settings.broker.topic.startswith("$share/"))
+        writer = Writer(sqlite_path(settings.storage_url), settings.storage.synchronous, grid, registry.current,
+                        shared=settings.broker.topic.startswith("$share/"))
 
-        async def commit(incoming: list[Incoming], refused: list[Refused]) -> Outcome:
-            return await store.call(ingestor.commit, incoming, refused, int(time.time()))
+        async def commit(incoming: list[Incoming], refused: list[Refused]) -> object:
+            return await writer.commit(incoming, refused, int(time.time()))
 
         bridge = Bridge(broker_target(settings), commit, lambda: registry.current.units, settings.ingest.clock_tolerance_s,
                         grid.on_boundary)
@@ -159,11 +152,11 @@ class App:
             monitor = Monitor(settings, monitor_store, grid, lambda: registry.current, watched,
                               build_outbox(settings, monitor_store))
             bridge.on_session_lost = monitor.session_lost
-        return cls(settings, registry, store, ingestor, bridge, exporter, gateway, monitor)
+        return cls(settings, registry, writer, bridge, exporter, gateway, monitor)
 
     def services(self) -> dict[str, Callable[[], Awaitable[None]]]:
         """The long-running services, by name."""
-        out: dict[str, Callable[[], Awaitable[None]]] = {"ingest": self.bridge.run}
+        out: dict[str, Callable[[], Awaitable[None]]] = {"ingest": self.ingest}
         if self.exporter is not None:
             out["export"] = self.exporter.run
         if self.gateway is not None:
@@ -174,6 +167,21 @@ class App:
         if self.settings.monitoring.enabled:
             out["metrics"] = self.serve_metrics
         return out
+
+    async def ingest(self) -> None:
+        """The writer process, and the bridge feeding it, until cancelled."""
+        await self.writer.start()
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self.writer.watch(), name="writer")
+                group.create_task(self.bridge.run(), name="bridge")
+        finally:
+            await asyncio.get_running_loop().run_in_executor(None, self.writer.close)
+
+    def reload(self) -> None:
+        """SIGHUP: read the registry again; the writer gets the new one too."""
+        if self.registry.reload():
+            self.writer.reload(self.registry.current)
 
     def health(self) -> dict[str, str]:
         """Each part's state for /healthz: "ok" or what is wrong."""
@@ -190,7 +198,7 @@ class App:
         """Serve /metrics and /healthz until cancelled."""
         registry = CollectorRegistry()
         registry.register(SmameCollector(Sources(
-            self.bridge.stats, self.ingestor.totals, lambda: len(self.registry.current.units),
+            self.bridge.stats, self.writer.totals, lambda: len(self.registry.current.units),
             self.exporter.stats if self.exporter else None,
             self.gateway.accounts if self.gateway else None, self.gateway.bans if self.gateway else None,
             self.monitor)))
@@ -218,9 +226,9 @@ class App:
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop, sig.name)
-        loop.add_signal_handler(signal.SIGHUP, self.registry.reload)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
         log.info("smame started: %d units, %d customers, store %s, time zone %s",
-                 len(self.registry.current.units), len(self.registry.current.customers), self.store.path,
+                 len(self.registry.current.units), len(self.registry.current.customers), self.writer.path,
                  self.settings.timezone)
         try:
             async with asyncio.TaskGroup() as group:
@@ -232,7 +240,6 @@ class App:
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
-            self.store.close()
             if self.exporter is not None:
                 self.exporter.close()
             if self.monitor is not None:

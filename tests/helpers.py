@@ -209,6 +209,40 @@ def wait_readings(db: Path, n: int, timeout: float = 30.0) -> None:
     raise TimeoutError(f"{readings_in(db)} readings stored, expected {n}")
 
 
+def children(pid: int) -> list[int]:
+    """The child processes of a process (Linux /proc), e.g. smame's writer and export workers."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def running(pid: int) -> bool:
+    """True while a process exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def process_name(pid: int) -> str:
+    """A process's name as ps shows it ("" when it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def wait_child(proc: subprocess.Popen[bytes], name: str, timeout: float = 15.0) -> int:
+    """Block until a smame process has a child process of this name (smame-writer, smame-export)."""
+    deadline = time.monotonic() + timeout
+    while not (found := [c for c in children(proc.pid) if process_name(c) == name]):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"smame has no child process {name!r}")
+        time.sleep(0.05)
+    return found[0]
+
+
 def stop(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> int:
     """SIGTERM and wait; return the exit code."""
     proc.send_signal(signal.SIGTERM)

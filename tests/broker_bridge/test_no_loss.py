@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import Mosquitto, at, publish, smame_env, start_smame, stop, telegram, wait_log, write_registry
+from tests.helpers import (
+    Mosquitto, at, publish, running, smame_env, start_smame, stop, telegram, wait_child, wait_log, write_registry,
+)
 
 UNITS, ROUNDS = 1000, 21  # 21,000 telegrams, one reading each, in time order as a fleet sends them
 
@@ -35,6 +37,7 @@ def test_kill_9_mid_burst_loses_nothing_and_duplicates_nothing(broker: Mosquitto
     db, log = workdir / "data" / "smame.db", workdir / "smame.log"
     proc = start_smame(env, log)
     wait_log(log, "subscribed to")
+    helpers = [wait_child(proc, "smame-writer")]
 
     t0 = at("2026-11-20", "00:00")
     rounds = [[(f"smame/v1/K{u:04d}/reading",
@@ -54,6 +57,10 @@ def test_kill_9_mid_burst_loses_nothing_and_duplicates_nothing(broker: Mosquitto
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
     killed_at = count(db)
+    deadline = time.monotonic() + 10  # nothing of the killed process lives on: the writer
+    while any(running(pid) for pid in helpers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(running(pid) for pid in helpers)
     sender.join(120)
     assert 0 < killed_at < UNITS * ROUNDS, "the kill must land mid-burst"
 

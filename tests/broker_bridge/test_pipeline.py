@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sqlite3
 import time
@@ -9,7 +10,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from tests.helpers import (
-    Mosquitto, at, publish, readings_in, smame, smame_env, start_smame, stop, telegram, wait_log, wait_readings,
+    Mosquitto, at, publish, readings_in, smame, smame_env, start_smame, stop, telegram, wait_child, wait_log, wait_readings,
     write_registry,
 )
 
@@ -159,6 +160,19 @@ def test_bad_configuration_fails_at_start_naming_the_key(workdir: Path) -> None:
     assert proc.returncode == 2 and "invalid setting timezone" in proc.stderr
 
 
+def test_a_store_that_cannot_be_opened_fails_at_start_naming_it(broker: Mosquitto, workdir: Path) -> None:
+    write_registry(workdir, {"X1": "C1"})
+    (workdir / "data" / "smame.db").mkdir(parents=True)  # not a file
+    proc = smame(["run"], smame_env(workdir, broker.port), check=False)
+    assert proc.returncode == 2 and f"cannot open the store {workdir / 'data' / 'smame.db'}" in proc.stderr
+    # ingest alone: its writer process is the first to open the store
+    env = smame_env(workdir, broker.port, SMAME_EXPORT__ENABLED="false", SMAME_ALERTS__ENABLED="false",
+                    SMAME_REPORT__ENABLED="false")
+    proc = smame(["run"], env, check=False)
+    assert proc.returncode == 1
+    assert "service ingest crashed" in proc.stderr and "cannot open the store" in proc.stderr
+
+
 def test_missing_or_wrong_registry_fails_at_start(workdir: Path) -> None:
     env = smame_env(workdir, 1883)
     proc = smame(["run"], env, check=False)
@@ -185,12 +199,29 @@ def test_registry_is_reloaded_on_sighup(broker: Mosquitto, workdir: Path) -> Non
     (workdir / "units.csv").write_text("unit_id,customer_id\nH1,C1\nH2,NOPE\n")
     proc.send_signal(signal.SIGHUP)
     wait_log(log, "registry reload refused, keeping 1 units")
-    write_registry(workdir, {"H1": "C1", "H2": "C1"})
+    write_registry(workdir, {"H1": "C1", "H2": "C2"})
     proc.send_signal(signal.SIGHUP)
     wait_log(log, "registry reloaded: 2 units")
     publish(broker.port, message)
-    wait_readings(workdir / "data" / "smame.db", 1)
+    # a second reading makes a slot, which the writer process files under the unit's customer from the new registry
+    publish(broker.port, [("smame/v1/H2/reading", telegram("H2", [(at(DAY, "10:30"), 3)]))])
+    wait_readings(workdir / "data" / "smame.db", 2)
     assert stop(proc) == 0
+    with sqlite3.connect(workdir / "data" / "smame.db") as c:
+        assert c.execute("SELECT imp, imp_q FROM slots WHERE unit = 'H2'").fetchall() == [(2, "A")]
+        assert ("C2", DAY) in set(c.execute("SELECT customer, day FROM changes"))
+
+
+def test_a_dead_writer_process_stops_smame_non_zero(broker: Mosquitto, workdir: Path) -> None:
+    write_registry(workdir, {"W1": "C1"})
+    env = smame_env(workdir, broker.port, SMAME_EXPORT__ENABLED="false")
+    log = workdir / "smame.log"
+    proc = start_smame(env, log)
+    wait_log(log, "subscribed to")
+    os.kill(wait_child(proc, "smame-writer"), signal.SIGKILL)  # e.g. the OOM killer
+    assert proc.wait(15) == 1  # at once, not only when the next telegram fails to commit
+    text = log.read_text()
+    assert "service ingest crashed" in text and "the writer process is gone (killed by signal 9)" in text
 
 
 def test_two_ingest_processes_share_the_subscription_and_the_store(broker: Mosquitto, workdir: Path) -> None:

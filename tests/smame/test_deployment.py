@@ -86,13 +86,12 @@ def test_every_metric_the_rules_and_dashboard_use_exists(tmp_path: Path, monkeyp
     try:
         registry = CollectorRegistry()
         assert app.monitor is not None and app.gateway is not None and app.exporter is not None
-        registry.register(SmameCollector(Sources(app.bridge.stats, app.ingestor.totals, lambda: 1, app.exporter.stats,
+        registry.register(SmameCollector(Sources(app.bridge.stats, app.writer.totals, lambda: 1, app.exporter.stats,
                                                  app.gateway.accounts, app.gateway.bans, app.monitor)))
         # family names: a labelled family has no samples until something is counted
         suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}
         names = {m.name + s for m in registry.collect() for s in suffixes.get(m.type, [""])}
     finally:
-        app.store.close()
         app.exporter.close()
         app.monitor.store.close()
     used = set(re.findall(r"smame_[a-z_]+", (ROOT / "deploy" / "prometheus" / "alerts.yml").read_text()))

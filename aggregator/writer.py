@@ -1,0 +1,217 @@
+"""The ingest writer: a process of its own that commits batches, beside the process that receives them.
+
+Validating telegrams and committing them each hold the interpreter lock most of the time they run; in one
+process they take turns on one core. Here the receiving process decodes and validates while this one
+commits the batch before, so the two run on two cores. The receiver sends a batch over a pipe and sends
+its PUBACKs only after this process has replied, which it does after COMMIT: a crash of either process at
+any point leaves the batch unacknowledged and the broker delivers it again.
+
+The writer lives only as long as its pipe: it ignores SIGINT and SIGTERM (the receiver decides when
+to stop, and a Ctrl-C reaches the whole process group), finishes the commit in hand, and exits when the
+receiver closes the pipe or dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import pickle
+import signal
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from aggregator.ingest import Ingestor, Outcome, UnitDirectory
+from aggregator.slots import Limits
+from aggregator.store import Store
+from aggregator.timegrid import Grid
+from broker_bridge.telegram import Incoming, Refused
+
+_COMMIT, _RELOAD, _OK, _FAILED = b"C", b"R", b"K", b"E"
+
+
+class _Batch(msgspec.Struct, array_like=True):
+    readings: list[Incoming]
+    refused: list[Refused]
+    now: int
+
+
+class _Done(msgspec.Struct, array_like=True):
+    stored: int
+    duplicates: int
+    slots: int
+    quarantined: dict[str, int]
+
+
+class WriterError(RuntimeError):
+    """The writer could not start, a commit failed, or the process is gone; the message says which."""
+
+
+class Writer:
+    """The receiving side: starts the writer process and hands it batches, one at a time, in order."""
+
+    def __init__(self, path: Path, synchronous: str, grid: Grid, units: UnitDirectory, shared: bool = False) -> None:
+        self.path = path
+        self._args = (path, synchronous, grid, shared)
+        self._units = units
+        self.totals = Outcome()  # since start, for the metrics
+        self._process: Any = None
+        self._conn: Connection | None = None
+        # One thread owns the pipe: a request and its reply are never interleaved with another's,
+        # even when the coroutine that awaited a commit was cancelled.
+        self._pipe = ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer")
+        self._closed = False
+
+    async def start(self) -> None:
+        """Start the process and wait until its store is open; raises WriterError with its reason."""
+        await asyncio.get_running_loop().run_in_executor(self._pipe, self._start)
+
+    def _start(self) -> None:
+        ctx = multiprocessing.get_context("spawn")  # no fork: the receiver has threads and an event loop
+        ours, theirs = ctx.Pipe()
+        self._process = ctx.Process(target=_serve, args=(theirs, *self._args, pickle.dumps(self._units)),
+                                    name="smame-writer")
+        self._process.start()
+        theirs.close()  # so that the writer's death reads as end-of-file here
+        self._conn = ours
+        reply = self._receive()
+        if reply[:1] != _OK:
+            self._process.join(10)
+            raise WriterError(reply[1:].decode())
+
+    async def commit(self, readings: list[Incoming], refused: list[Refused], now: int) -> Outcome:
+        """Commit a batch in the writer; returns when it is durable (raises WriterError when it is not)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pipe, self._commit, readings, refused, now)
+
+    async def watch(self) -> None:
+        """Wait while the writer lives; raise WriterError when it dies (even with no batch to commit)."""
+        loop = asyncio.get_running_loop()
+        dead: asyncio.Future[None] = loop.create_future()
+        fd = self._process.sentinel  # readable once the process has ended
+        loop.add_reader(fd, _settle, dead)
+        try:
+            await dead
+        finally:
+            loop.remove_reader(fd)
+        raise WriterError(f"the writer process is gone ({self._exit()})")
+
+    def reload(self, units: UnitDirectory) -> None:
+        """Use this directory of units from the next batch on."""
+        self._units = units
+        if not self._closed:  # a SIGHUP while stopping
+            self._pipe.submit(self._reload)
+
+    def _reload(self) -> None:
+        if self._conn is not None:  # else the process starts with the new one
+            self._send(_RELOAD + pickle.dumps(self._units))
+
+    def close(self) -> None:
+        """Let the writer finish the commit in hand and exit; wait for it."""
+        self._closed = True
+        self._pipe.shutdown(wait=True)
+        if self._conn is not None:
+            self._conn.close()
+        if self._process is not None:
+            self._process.join(30)
+            if self._process.is_alive():  # stuck (a disk that does not answer): it holds nothing unacknowledged
+                self._process.kill()
+                self._process.join()
+
+    def _commit(self, readings: list[Incoming], refused: list[Refused], now: int) -> Outcome:
+        self._send(_COMMIT + _encode(_Batch(readings, refused, now)))
+        reply = self._receive()
+        if reply[:1] != _OK:
+            raise WriterError(f"commit failed in the writer process: {reply[1:].decode()}")
+        done = _decode_done(reply[1:])
+        outcome = Outcome(done.stored, done.duplicates, done.slots)
+        outcome.quarantined.update(done.quarantined)
+        t = self.totals
+        t.stored, t.duplicates, t.slots = t.stored + done.stored, t.duplicates + done.duplicates, t.slots + done.slots
+        t.quarantined.update(done.quarantined)
+        return outcome
+
+    def _send(self, message: bytes) -> None:
+        assert self._conn is not None
+        try:
+            self._conn.send_bytes(message)
+        except OSError as exc:
+            raise WriterError(f"the writer process is gone ({self._exit()}): {exc}") from None
+
+    def _receive(self) -> bytes:
+        assert self._conn is not None
+        try:
+            return self._conn.recv_bytes()
+        except (EOFError, OSError):
+            raise WriterError(f"the writer process is gone ({self._exit()})") from None
+
+    def _exit(self) -> str:
+        self._process.join(1)
+        code = self._process.exitcode
+        if code is None:
+            return "still running"
+        return f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+_encode = msgspec.msgpack.Encoder().encode
+_decode_batch = msgspec.msgpack.Decoder(_Batch).decode
+_decode_done = msgspec.msgpack.Decoder(_Done).decode
+
+
+class _Directory:
+    """The directory of units in force in the writer; replaced whole on reload."""
+
+    def __init__(self, current: UnitDirectory) -> None:
+        self.current = current
+
+    def customer_of(self, unit: str) -> str:
+        return self.current.customer_of(unit)
+
+    def limits_of(self, unit: str) -> Limits:
+        return self.current.limits_of(unit)
+
+
+def _serve(conn: Connection, path: Path, synchronous: str, grid: Grid, shared: bool, units: bytes) -> None:
+    """The writer process: commit each batch received, reply, until the pipe closes."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    try:
+        Path("/proc/self/comm").write_text("smame-writer")  # what ps and top show
+    except OSError:
+        pass
+    try:
+        store = Store(path, synchronous)
+    except Exception as exc:  # any reason the store cannot open is told to the receiver
+        conn.send_bytes(_FAILED + str(exc).encode())
+        return
+    directory = _Directory(pickle.loads(units))
+    ingestor = Ingestor(store, directory, grid, shared=shared)
+    conn.send_bytes(_OK)
+    try:
+        while True:
+            try:
+                message = conn.recv_bytes()
+            except (EOFError, OSError):  # the receiver closed the pipe or died
+                return
+            if message[:1] == _RELOAD:
+                directory.current = pickle.loads(message[1:])
+                continue
+            batch = _decode_batch(message[1:])
+            try:
+                outcome = ingestor.commit(batch.readings, batch.refused, batch.now)
+            except Exception:  # rolled back; the receiver stops and nothing of the batch is acknowledged
+                conn.send_bytes(_FAILED + traceback.format_exc(limit=-3).encode())
+                return
+            conn.send_bytes(_OK + _encode(_Done(outcome.stored, outcome.duplicates, outcome.slots,
+                                                dict(outcome.quarantined))))
+    finally:
+        store.close()

@@ -1,0 +1,58 @@
+"""The bridge in-process against a real Mosquitto: what it holds while the store is slow."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+from aggregator.timegrid import Grid
+from broker_bridge.bridge import AHEAD, Bridge, BrokerTarget
+from broker_bridge.telegram import Incoming, Refused
+from tests.helpers import Mosquitto, at, publish, telegram
+
+UNITS, ROUNDS, BATCH = 500, 40, 500  # 20,000 telegrams
+
+
+def target(port: int, client_id: str) -> BrokerTarget:
+    return BrokerTarget(host="127.0.0.1", port=port, tls=None, client_id=client_id, username=None, password=None,
+                        topic="smame/v1/+/reading", session_expiry=60, keepalive=30, batch_size=BATCH,
+                        batch_delay=0.05, reconnect_min=0.1, reconnect_max=1.0)
+
+
+async def test_a_stalled_store_stops_reading_from_the_broker_and_loses_nothing(broker: Mosquitto) -> None:
+    units = {f"BP{u:03d}" for u in range(UNITS)}
+    t0 = at("2026-11-20", "00:00")
+    messages = [(f"smame/v1/{unit}/reading", telegram(unit, [(t0 + timedelta(minutes=30 * k), k)], seq=k))
+                for k in range(ROUNDS) for unit in sorted(units)]
+    disk = asyncio.Event()  # the store answers only once this is set
+    committed: list[Incoming] = []
+
+    async def commit(incoming: list[Incoming], refused: list[Refused]) -> None:
+        await disk.wait()
+        assert not refused
+        committed.extend(incoming)
+
+    bridge = Bridge(target(broker.port, "test-backpressure"), commit, lambda: units, 300, Grid("Asia/Tokyo").on_boundary)
+    task = asyncio.create_task(bridge.run())
+    try:
+        while not bridge.stats.connected:
+            await asyncio.sleep(0.01)
+        await asyncio.to_thread(publish, broker.port, messages)
+        held = -1
+        async with asyncio.timeout(20):
+            while held != bridge.stats.received:  # until it stops taking more
+                held = bridge.stats.received
+                await asyncio.sleep(1.0)
+        # One batch committing, AHEAD full ones waiting, and the rest of the last read from the socket: not the
+        # whole backlog, which the broker would send (it may have 65,535 messages unacknowledged).
+        assert AHEAD * BATCH < held < 5 * BATCH + 2000
+        assert bridge.stats.acked == 0
+        disk.set()
+        async with asyncio.timeout(60):
+            while bridge.stats.acked < len(messages):
+                await asyncio.sleep(0.05)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert sorted((i.reading.unit, i.reading.at) for i in committed) == sorted(
+        (unit, int((t0 + timedelta(minutes=30 * k)).timestamp())) for k in range(ROUNDS) for unit in units)
