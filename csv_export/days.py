@@ -10,7 +10,10 @@ the interpreter lock from ingest. Days go to workers in parallel.
 
 from __future__ import annotations
 
+import os
 import signal
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import date
@@ -50,9 +53,22 @@ class DayJob:
     root: str
 
 
-def ignore_interrupts() -> None:
-    """In a worker: Ctrl-C on a terminal reaches the whole process group, but the parent ends its workers."""
+def worker_init() -> None:
+    """In a worker: ignore Ctrl-C (it reaches the whole process group, but the parent ends its workers),
+    and end with the parent even when it could not (kill -9, the OOM killer): idle workers wait on a queue
+    that they hold both ends of, so they would never see it close."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        Path("/proc/self/comm").write_text("smame-export")  # what ps and top show
+    except OSError:
+        pass
+    threading.Thread(target=_exit_with, args=(os.getppid(),), name="parent-watch", daemon=True).start()
+
+
+def _exit_with(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(1)
 
 
 def read_slots(db: str, after: int, until: int) -> pl.DataFrame:

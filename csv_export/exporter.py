@@ -23,7 +23,7 @@ from pathlib import Path
 
 from aggregator.store import Store
 from aggregator.timegrid import SLOT, Grid
-from csv_export.days import CustomerFiles, DayJob, ignore_interrupts, write_day
+from csv_export.days import CustomerFiles, DayJob, worker_init, write_day
 from csv_export.files import check_writable, expired
 from csv_export.render import Layout
 from smame.registry import Customer, Registry
@@ -135,7 +135,7 @@ class Exporter:
         if self._pool is None:
             # spawn: forking a process that runs threads (the event loop's helpers, SQLite's) is unsafe
             self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=ignore_interrupts)
+                                             initializer=worker_init)
         return self._pool
 
     def scheduled(self, now: float) -> RunResult:

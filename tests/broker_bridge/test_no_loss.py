@@ -37,7 +37,7 @@ def test_kill_9_mid_burst_loses_nothing_and_duplicates_nothing(broker: Mosquitto
     db, log = workdir / "data" / "smame.db", workdir / "smame.log"
     proc = start_smame(env, log)
     wait_log(log, "subscribed to")
-    helpers = [wait_child(proc, "smame-writer")]
+    helpers = [wait_child(proc, "smame-writer"), wait_child(proc, "smame-export")]
 
     t0 = at("2026-11-20", "00:00")
     rounds = [[(f"smame/v1/K{u:04d}/reading",
@@ -57,7 +57,7 @@ def test_kill_9_mid_burst_loses_nothing_and_duplicates_nothing(broker: Mosquitto
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
     killed_at = count(db)
-    deadline = time.monotonic() + 10  # nothing of the killed process lives on: the writer
+    deadline = time.monotonic() + 10  # nothing of the killed process lives on: the writer, the export workers
     while any(running(pid) for pid in helpers) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(running(pid) for pid in helpers)
