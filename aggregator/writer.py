@@ -83,8 +83,9 @@ class Writer:
             self._process.join(10)
             raise WriterError(reply[1:].decode())
 
-    async def commit(self, readings: list[Incoming], refused: list[Refused], now: int) -> Outcome:
-        """Commit a batch in the writer; returns when it is durable (raises WriterError when it is not)."""
+    async def commit(self, readings: list[Incoming], refused: list[Refused], now: int) -> None:
+        """Commit a batch in the writer and count it in `totals`; returns when it is durable (raises WriterError
+        when it is not)."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pipe, self._commit, readings, refused, now)
 
@@ -122,18 +123,15 @@ class Writer:
                 self._process.kill()
                 self._process.join()
 
-    def _commit(self, readings: list[Incoming], refused: list[Refused], now: int) -> Outcome:
+    def _commit(self, readings: list[Incoming], refused: list[Refused], now: int) -> None:
         self._send(_COMMIT + _encode(_Batch(readings, refused, now)))
         reply = self._receive()
         if reply[:1] != _OK:
             raise WriterError(f"commit failed in the writer process: {reply[1:].decode()}")
         done = _decode_done(reply[1:])
-        outcome = Outcome(done.stored, done.duplicates, done.slots)
-        outcome.quarantined.update(done.quarantined)
         t = self.totals
         t.stored, t.duplicates, t.slots = t.stored + done.stored, t.duplicates + done.duplicates, t.slots + done.slots
         t.quarantined.update(done.quarantined)
-        return outcome
 
     def _send(self, message: bytes) -> None:
         assert self._conn is not None

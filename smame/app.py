@@ -136,8 +136,8 @@ class App:
         writer = Writer(sqlite_path(settings.storage_url), settings.storage.synchronous, grid, registry.current,
                         shared=settings.broker.topic.startswith("$share/"))
 
-        async def commit(incoming: list[Incoming], refused: list[Refused]) -> object:
-            return await writer.commit(incoming, refused, int(time.time()))
+        async def commit(incoming: list[Incoming], refused: list[Refused]) -> None:
+            await writer.commit(incoming, refused, int(time.time()))
 
         bridge = Bridge(broker_target(settings), commit, lambda: registry.current.units, settings.ingest.clock_tolerance_s,
                         grid.on_boundary)
