@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import (
-    Mosquitto, at, publish, running, smame_env, start_smame, stop, telegram, wait_child, wait_log, write_registry,
+    Mosquitto, at, publish, running, smame_env, start_smame, stop, telegram, wait_child, wait_log, wait_until,
+    write_registry,
 )
 
 UNITS, ROUNDS = 1000, 21  # 21,000 telegrams, one reading each, in time order as a fleet sends them
@@ -51,23 +52,17 @@ def test_kill_9_mid_burst_loses_nothing_and_duplicates_nothing(broker: Mosquitto
 
     sender = threading.Thread(target=publisher)
     sender.start()
-    deadline = time.monotonic() + 60
-    while count(db) < 4 * UNITS and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: count(db) >= 4 * UNITS, 60, every=0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
     killed_at = count(db)
-    deadline = time.monotonic() + 10  # nothing of the killed process lives on: the writer, the export workers
-    while any(running(pid) for pid in helpers) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not any(running(pid) for pid in helpers)
+    # nothing of the killed process lives on: the writer, the export workers
+    wait_until(lambda: not any(running(pid) for pid in helpers), 10, lambda: f"still running: {helpers}", every=0.1)
     sender.join(120)
     assert 0 < killed_at < UNITS * ROUNDS, "the kill must land mid-burst"
 
     proc = start_smame(env, log)
-    deadline = time.monotonic() + 120
-    while count(db) < UNITS * ROUNDS and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_until(lambda: count(db) >= UNITS * ROUNDS, 120, lambda: f"{count(db)} of {UNITS * ROUNDS} stored", every=0.2)
     time.sleep(0.5)  # anything redelivered late would show up as an extra row or a conflict
     assert stop(proc) == 0
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tests.helpers import (
     Mosquitto, at, publish, readings_in, smame, smame_env, start_smame, stop, telegram, wait_child, wait_log, wait_readings,
-    write_registry,
+    wait_until, write_registry,
 )
 
 DAY = "2026-11-20"
@@ -45,10 +45,7 @@ def test_telegrams_become_slots_and_bad_ones_are_quarantined(broker: Mosquitto, 
         (t.format("U1"), telegram("U1", [(at(DAY, "10:30"), 523000)])),  # conflict with the stored value
     ]
     publish(broker.port, good + bad)
-    wait_log(log, "", 1)
-    deadline = time.monotonic() + 15
-    while "11 quarantined" not in smame(["quarantine"], env).stdout and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_until(lambda: "11 quarantined" in smame(["quarantine"], env).stdout, 15, every=0.2)
     assert stop(proc) == 0
 
     out = smame(["slots", "--unit", "U1", "--date", DAY], env).stdout.splitlines()
@@ -191,10 +188,7 @@ def test_registry_is_reloaded_on_sighup(broker: Mosquitto, workdir: Path) -> Non
     wait_log(log, "subscribed to")
     message = [("smame/v1/H2/reading", telegram("H2", [(at(DAY, "10:00"), 1)]))]
     publish(broker.port, message)
-    wait_log(log, "", 0.1)
-    deadline = time.monotonic() + 10
-    while "unknown_unit 1" not in smame(["quarantine"], env).stdout and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_until(lambda: "unknown_unit 1" in smame(["quarantine"], env).stdout, 10, every=0.1)
 
     (workdir / "units.csv").write_text("unit_id,customer_id\nH1,C1\nH2,NOPE\n")
     proc.send_signal(signal.SIGHUP)

@@ -14,7 +14,8 @@ import pytest
 from paho.mqtt.reasoncodes import ReasonCode
 
 from tests.helpers import (
-    Mosquitto, at, free_port, smame, smame_env, start_smame, stop, telegram, wait_log, wait_readings, write_registry,
+    Mosquitto, at, free_port, smame, smame_env, start_smame, stop, telegram, wait_log, wait_readings, wait_until,
+    write_registry,
 )
 
 V5 = paho.MQTTv5
@@ -80,21 +81,13 @@ class Client:
 
     def publish(self, topic: str) -> ReasonCode:
         info = self.c.publish(topic, b"{}", qos=1)
-        deadline = time.monotonic() + 5
-        while info.mid not in self.acks and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: info.mid in self.acks, 5, every=0.02)
         return self.acks[info.mid]
 
     def close(self) -> None:
         if self.error is None:
             self.c.disconnect()
             self.c.loop_stop()
-
-
-def wait_until(predicate, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate() and time.monotonic() < deadline:
-        time.sleep(0.02)
 
 
 def test_each_unit_publishes_only_under_its_own_topic_and_ingest_only_reads(workdir: Path) -> None:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import sqlite3
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import Mosquitto, at, publish, secure_broker, smame, smame_env, start_smame, stop, telegram, wait_log, write_registry
+from tests.helpers import (
+    Mosquitto, at, publish, secure_broker, smame, smame_env, start_smame, stop, telegram, wait_log, wait_until, write_registry,
+)
 
 
 @pytest.fixture
@@ -29,12 +30,12 @@ def test_ingest_over_tls_with_a_password(tls_broker: tuple[Mosquitto, Path], wor
     wait_log(log, "subscribed to")
     publish(mq.port, [("smame/v1/T1/reading", telegram("T1", [(at("2026-11-20", "10:00"), 1), (at("2026-11-20", "10:30"), 9)]))],
             auth=("tester", "pw-t"), ca=ca)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
+
+    def slots() -> int:
         with sqlite3.connect(workdir / "data" / "smame.db") as c:
-            if c.execute("SELECT count(*) FROM slots").fetchone()[0] == 1:
-                break
-        time.sleep(0.1)
+            return int(c.execute("SELECT count(*) FROM slots").fetchone()[0])
+
+    wait_until(lambda: slots() == 1, 10)
     assert stop(proc) == 0
     assert "s3cret" not in log.read_text()  # the password is never logged
     assert "  21 10:00-10:30         0.8 A" in smame(["slots", "--unit", "T1", "--date", "2026-11-20"], env).stdout
@@ -49,8 +50,7 @@ def test_wrong_password_is_reported_and_retried(tls_broker: tuple[Mosquitto, Pat
     log = workdir / "smame.log"
     proc = start_smame(env, log)
     wait_log(log, "not authorized")
-    time.sleep(1)
-    assert log.read_text().count("unreachable") >= 2  # still trying, not crashed
+    wait_until(lambda: log.read_text().count("unreachable") >= 2, 10)  # still trying, not crashed
     assert stop(proc) == 0
 
 

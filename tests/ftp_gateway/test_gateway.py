@@ -21,7 +21,7 @@ import paramiko
 import pytest
 
 from csv_export.files import write_if_changed
-from tests.helpers import STARTED, free_port, smame, smame_env, wait_log, write_registry
+from tests.helpers import STARTED, free_port, real_processes, smame, smame_env, wait_log, write_registry
 
 PASSWORDS = {"alice": "alice-password-1", "bob": "bob-password-22"}
 
@@ -38,6 +38,7 @@ class Gateway:
 
 @pytest.fixture(params=[True], ids=["tls-required"])
 def gateway(workdir: Path, request: pytest.FixtureRequest) -> Iterator[Gateway]:
+    real_processes()
     write_registry(workdir, {"U1": "C1", "U2": "C2"})
     export = workdir / "data" / "export"
     for customer in ("C1", "C2"):

@@ -17,7 +17,7 @@ from typing import Any
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
-from tests.helpers import free_port
+from tests.helpers import free_port, wait_until
 
 
 @dataclass
@@ -70,7 +70,7 @@ class SmtpSink:
 
     def wait(self, n: int, timeout: float = 20.0) -> list[Received]:
         """Block until at least n messages arrived."""
-        return _wait(lambda: len(self.messages) >= n, timeout, lambda: f"{len(self.messages)} of {n} mails") or self.messages
+        return wait_until(lambda: len(self.messages) >= n, timeout, lambda: f"{len(self.messages)} of {n} mails") or self.messages
 
 
 @dataclass
@@ -123,14 +123,6 @@ class SlackStandIn:
 
     def wait(self, predicate: Callable[[list[Post]], bool], timeout: float = 20.0) -> list[Post]:
         """Block until the delivered posts satisfy the predicate."""
-        _wait(lambda: predicate(self.delivered), timeout, lambda: f"delivered: {[p.body['text'] for p in self.delivered]}")
+        wait_until(lambda: predicate(self.delivered), timeout, lambda: f"delivered: {[p.body['text'] for p in self.delivered]}")
         return self.delivered
 
-
-def _wait(done: Callable[[], bool], timeout: float, what: Callable[[], str]) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if done():
-            return
-        time.sleep(0.05)
-    raise TimeoutError(what())

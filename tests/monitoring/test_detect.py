@@ -15,7 +15,7 @@ from broker_bridge.telegram import Incoming, Reading
 from monitoring.detect import by_unit, detect
 from monitoring.report import problems_csv, render_text
 from smame.registry import load_registry
-from tests.helpers import smame, smame_env, write_registry
+from tests.helpers import smame, smame_env, write_registry, yesterday
 
 GRID = Grid("Asia/Tokyo")
 DAY = date(2026, 11, 23)
@@ -65,12 +65,13 @@ def test_every_kind_of_problem_is_found() -> None:
 
 
 def test_report_command_on_a_real_store(workdir: Path) -> None:
+    day = yesterday()  # the report reads the real clock: silent units are judged against now
     write_registry(workdir, {"R1": "C1", "R2": "C1"})
     registry = load_registry(workdir / "units.csv", workdir / "customers.toml")
     (workdir / "data").mkdir()
     store = Store(workdir / "data" / "smame.db")
     ingest = Ingestor(store, registry, GRID)
-    start = GRID.day_start(DAY)
+    start = GRID.day_start(day)
     gap = {start + k * SLOT for k in range(10, 40)}  # R2 silent 05:00-20:00, within the 24 h cap: estimated
     readings = []
     for unit in ("R1", "R2"):
@@ -83,7 +84,7 @@ def test_report_command_on_a_real_store(workdir: Path) -> None:
     ingest.commit(readings, [], int(datetime.now().timestamp()))
     store.close()
     env = smame_env(workdir, 1883)
-    out = smame(["report", "--date", DAY.isoformat(), "--csv", str(workdir / "problems.csv")], env).stdout
+    out = smame(["report", "--date", day.isoformat(), "--csv", str(workdir / "problems.csv")], env).stdout
     assert "R2 (C1): estimated 31: slots 10-40" in out
     assert "R1 (C1)" not in out
     rows = list(csv.DictReader(io.StringIO((workdir / "problems.csv").read_text())))

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from tests.helpers import (
-    Mosquitto, at, free_port, publish, smame_env, start_smame, stop, telegram, wait_log, wait_readings, write_registry,
+    Mosquitto, at, free_port, publish, smame_env, start_smame, stop, telegram, wait_log, wait_readings, wait_until,
+    write_registry,
 )
 
 DAY = "2026-11-20"
@@ -39,9 +39,7 @@ def test_metrics_count_what_was_published_and_health_says_ok(broker: Mosquitto, 
     bad = [("smame/v1/M1/reading", b"garbage"), ("smame/v1/X9/reading", telegram("X9", [(at(DAY, "10:00"), 1)]))]
     publish(broker.port, good + bad + good[:3])  # 10 good, 2 bad, 3 repeated
     wait_readings(workdir / "data" / "smame.db", 10)
-    deadline = time.monotonic() + 10
-    while scrape(port).get("smame_telegrams_acknowledged_total", 0) < 15 and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_until(lambda: scrape(port).get("smame_telegrams_acknowledged_total", 0) >= 15, 10, every=0.2)
     m = scrape(port)
     assert m["smame_telegrams_received_total"] == 15
     assert m["smame_telegrams_acknowledged_total"] == 15

@@ -7,7 +7,7 @@ import csv
 import io
 import sqlite3
 import time
-from datetime import date, datetime, timedelta, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from aggregator.ingest import Ingestor
@@ -16,32 +16,40 @@ from aggregator.timegrid import SLOT, Grid
 from broker_bridge.telegram import Incoming, Reading
 from smame.registry import load_registry
 from tests.helpers import (
-    Mosquitto, free_port, publish, smame, smame_env, start_smame, stop, telegram, wait_log, write_registry,
+    Mosquitto, free_port, publish, smame, smame_env, start_smame, stop, telegram, wait_log, wait_until, write_registry,
+    yesterday,
 )
 from tests.monitoring.sinks import SlackStandIn, SmtpSink
 from tests.monitoring.test_metrics import scrape
 
 GRID = Grid("Asia/Tokyo")
-DAY = date(2026, 11, 23)
+# The report command reads the real clock, so the day is yesterday's and silence is judged against now:
+# R1 reports up to now, R2's last reading (yesterday 10:00) is always over 12 hours old.
+DAY = yesterday()
+SILENT_AFTER = "43200"
 
 
 def day_with_gaps(workdir: Path) -> set[tuple[str, int]]:
-    """R1 complete, R2 silent from 10:00 on, R3 never heard of; returns the missing (unit, slot) pairs."""
+    """R1 reporting until now, R2 silent from yesterday 10:00 on, R3 never heard of; returns the missing
+    (unit, slot) pairs of yesterday."""
     write_registry(workdir, {"R1": "C1", "R2": "C1", "R3": "C2"})
     registry = load_registry(workdir / "units.csv", workdir / "customers.toml")
     (workdir / "data").mkdir(exist_ok=True)
     store = Store(workdir / "data" / "smame.db")
     start = GRID.day_start(DAY)
+    now = int(time.time())
+    r1_slots = (GRID.floor(now) - start) // SLOT
     readings = [Incoming(Reading(u, start + k * SLOT, "SM", 100 + k, 0, 1, 1, 6, k, start + k * SLOT),
                          start + k * SLOT + 5, f"smame/v1/{u}/reading", b"{}")
-                for u, last in (("R1", 48), ("R2", 20)) for k in range(0, last + 1)]
-    Ingestor(store, registry, GRID).commit(readings, [], int(time.time()))
+                for u, last in (("R1", r1_slots), ("R2", 20)) for k in range(0, last + 1)]
+    Ingestor(store, registry, GRID).commit(readings, [], now)
     store.close()
     return {("R2", i) for i in range(21, 49)} | {("R3", i) for i in range(1, 49)}
 
 
 def mail_env(workdir: Path, port: int, smtp_port: int, **extra: str) -> dict[str, str]:
     return smame_env(workdir, port, SMAME_MAIL__SMTP_URL=f"smtp://127.0.0.1:{smtp_port}",
+                     SMAME_REPORT__SILENT_AFTER_S=SILENT_AFTER,
                      SMAME_MAIL__SENDER="smame@example.jp", SMAME_MAIL__RECIPIENTS="ops@example.jp,night@example.jp",
                      **extra)
 
@@ -57,21 +65,22 @@ def test_daily_report_by_mail_and_slack(workdir: Path) -> None:
         [got] = sink.wait(1)
         assert sorted(got.recipients) == ["night@example.jp", "ops@example.jp"]
         msg = got.message
-        assert msg["Subject"] == "[smame] daily report 2026-11-23: 2 of 3 units with missing data (76 slots)"
+        assert msg["Subject"] == f"[smame] daily report {DAY}: 2 of 3 units with missing data (76 slots)"
         assert msg["From"] == "smame@example.jp"
         text = msg.get_body(("plain",)).get_content()  # type: ignore[union-attr]
         html = msg.get_body(("html",)).get_content()  # type: ignore[union-attr]
-        assert "R2 (C1): silent since 2026-11-23 10:00; missing 28: slots 21-48" in text
+        assert f"R2 (C1): silent since {DAY} 10:00; missing 28: slots 21-48" in text
+        assert "R1 (C1)" not in text
         assert "R3 (C2): silent since ever; missing 48: slots 1-48" in text
-        assert "<b>R2</b> (C1): silent since 2026-11-23 10:00; missing 28: slots 21-48" in html and "<table" in html
+        assert f"<b>R2</b> (C1): silent since {DAY} 10:00; missing 28: slots 21-48" in html and "<table" in html
         [attachment] = list(msg.iter_attachments())
-        assert attachment.get_filename() == "smame-problems-2026-11-23.csv"
+        assert attachment.get_filename() == f"smame-problems-{DAY}.csv"
         rows = list(csv.DictReader(io.StringIO(attachment.get_content().decode()
                                                if isinstance(attachment.get_content(), bytes) else attachment.get_content())))
         assert {(r["unit_id"], int(r["slot"])) for r in rows if r["problem"] == "missing"} == missing
         assert {r["problem"] for r in rows} == {"missing"}
         [post] = slack.wait(lambda posts: len(posts) >= 1)
-        assert post.body["text"].startswith("[smame] daily report 2026-11-23")
+        assert post.body["text"].startswith(f"[smame] daily report {DAY}")
         assert "*C1*: 2 units, 1 with gaps, 28 missing" in post.body["blocks"][1]["text"]["text"]
     finally:
         sink.stop()
@@ -154,12 +163,16 @@ def test_live_alerts_reach_slack_start_and_clear(workdir: Path) -> None:
         broker.start()  # without persistence: our session is gone
         slack.wait(lambda posts: any("RESOLVED: broker unreachable" in p.body["text"] for p in posts))
         slack.wait(lambda posts: any("EVENT: the broker lost smame's session" in p.body["text"] for p in posts))
-        time.sleep(1)
+        # Slack's stand-in records a post before smame has its answer and counts it: wait for the count to catch up.
+        sent = 'smame_notifications_total{channel="slack",result="sent"}'
+        wait_until(lambda: scrape(metrics).get(sent) == len(slack.delivered), 10,
+                   lambda: f"{scrape(metrics).get(sent)} counted, {len(slack.delivered)} delivered")
+        time.sleep(1)  # anything sent twice would arrive now
         heads = [t.split("\n")[0] for t in texts()]
         assert heads.count("[smame] ALERT: broker unreachable") == 1
         assert heads.count("[smame] RESOLVED: broker unreachable") == 1
         assert heads.count("[smame] ALERT: many units silent") == 1
-        assert scrape(metrics)['smame_notifications_total{channel="slack",result="sent"}'] == len(heads)
+        assert scrape(metrics)[sent] == len(heads)
     finally:
         assert stop(proc) == 0
         broker.stop()

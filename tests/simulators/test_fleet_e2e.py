@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import Mosquitto, smame, smame_env, start_smame, stop, wait_log
+from tests.helpers import Mosquitto, smame, smame_env, start_smame, stop, wait_log, wait_until
 
 END = "2026-11-23T09:00:00+09:00"
 EVERY_FAULT = ["--dropout-rate", "0.5", "--replacement-rate", "0.05", "--reset-rate", "0.05", "--death-rate", "0.02",
@@ -67,9 +67,7 @@ def test_2000_units_on_their_own_connections(broker: Mosquitto, workdir: Path) -
     run = smame(["simulate", *fleet, "--connections", "per-unit", "--backfill", "0.0625", "--clean", "--end", END], env)
     assert "8,000 telegrams from 2,000 units acknowledged" in run.stdout  # 1.5 hours: 4 readings each
     assert "over 2,000 connections" in run.stdout
-    deadline = time.monotonic() + 30
-    while readings(workdir) < 8000 and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_until(lambda: readings(workdir) >= 8000, 30, lambda: f"{readings(workdir)} of 8000 stored", every=0.2)
     assert stop(proc) == 0
     assert readings(workdir) == 8000
 

@@ -8,10 +8,11 @@ from email import message_from_bytes
 from email.policy import default
 from pathlib import Path
 
-from tests.helpers import smame_env
+from tests.helpers import real_processes, smame_env
 
 
 def test_the_demo_runs_the_whole_product_and_cleans_up(workdir: Path) -> None:
+    real_processes()
     work = workdir / "demo"
     proc = subprocess.run([sys.executable, "-m", "smame.cli", "demo", "--dir", str(work), "--units", "60",
                            "--customers", "3", "--speed", "0", "--no-follow"], env=smame_env(workdir, 1883),
