@@ -245,4 +245,4 @@ def _conflict(item: Incoming, old: Reading) -> Refused:
         f"at {new.at}: got meter={new.meter} fwd={new.fwd} rev={new.rev}, "
         f"kept meter={old.meter} fwd={old.fwd} rev={old.rev}"
     )
-    return Refused(item.received, item.topic, new.unit, Reason.CONFLICT, detail, item.payload)
+    return Refused.of(item.received, item.topic, new.unit, Reason.CONFLICT, detail, item.payload)

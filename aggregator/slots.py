@@ -124,9 +124,9 @@ def pair_slots(prev: Point, nxt: Point, limits: Limits) -> list[SlotValue]:
             return [SlotValue(nxt.at, delta, ACTUAL, nxt.flags)]
     if n <= 0:
         raise ValueError(f"points out of order: {prev.at} then {nxt.at}")
-    ends = [prev.at + SLOT * k for k in range(1, n + 1)]
-    if n > limits.gap_cap:
+    if n > limits.gap_cap:  # before any work in proportion to the gap, which may be years long
         return [SlotValue(nxt.at, None, MISSING, nxt.flags)]
+    ends = [prev.at + SLOT * k for k in range(1, n + 1)]
     if nxt.meter != prev.meter:
         return _missing(ends, Flag.REPLACEMENT | nxt.flags)
     if (nxt.digits, nxt.e1, nxt.coef) != (prev.digits, prev.e1, prev.coef):

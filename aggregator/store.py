@@ -332,6 +332,11 @@ class Store:
         rows = self.db.execute(sql + " ORDER BY id DESC LIMIT ?", (*args, limit)).fetchall()
         return [QuarantineRow(*r) for r in rows]
 
+    def prune_quarantine(self, before: int) -> int:
+        """Forget refused input received before `before` (epoch); return how many rows went."""
+        with self.transaction():
+            return int(self.db.execute("DELETE FROM quarantine WHERE received < ?", (before,)).rowcount)
+
     def quarantine_counts(self) -> dict[str, int]:
         """Number of quarantined items per reason."""
         rows = self.db.execute("SELECT reason, count(*) FROM quarantine GROUP BY reason").fetchall()

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from broker_bridge.mqtt import Message, MqttClient, MqttError
-from broker_bridge.telegram import Incoming, Refused, decode
+from broker_bridge.telegram import Decoded, Incoming, Reason, Refused, Reject, Rules, decode, unit_of_topic
 
 log = logging.getLogger("smame.bridge")
 
@@ -118,16 +118,14 @@ class Bridge:
         target: BrokerTarget,
         commit: Commit,
         known_units: Callable[[], Container[str]],
-        tolerance: int,
-        on_boundary: Callable[[int], bool],
+        rules: Rules,
         on_session_lost: Callable[[], None] = lambda: None,
         stop_timeout: float = 6.0,
     ) -> None:
         self.target = target
         self.commit = commit
         self.known_units = known_units
-        self.tolerance = tolerance
-        self.on_boundary = on_boundary
+        self.rules = rules
         self.on_session_lost = on_session_lost
         self.stop_timeout = stop_timeout
         self.stats = BridgeStats()
@@ -137,6 +135,7 @@ class Bridge:
         self._stopping = False
         self._client: MqttClient | None = None
         self._wake = asyncio.Event()
+        self._internal_seen: set[str] = set()  # kinds of unexpected decoding errors already logged
         self.stats.down_since = time.time()
 
     async def run(self) -> None:
@@ -159,7 +158,7 @@ class Bridge:
                     session_expiry=t.session_expiry, keepalive=t.keepalive,
                 )
                 await client.subscribe(t.topic, qos=1)
-            except (OSError, MqttError, asyncio.TimeoutError) as exc:
+            except Exception as exc:  # refused, reset, closed mid-handshake, garbled: all mean "try again later"
                 client.close()
                 self.stats.connected = False
                 self.stats.last_error = str(exc) or type(exc).__name__
@@ -195,11 +194,19 @@ class Bridge:
             self._wake.set()
         received = int(message.received)
         topic, payload = message.topic, message.payload
-        d = decode(topic, payload, received, self.known_units(), self.tolerance, self.on_boundary)
+        try:
+            d = decode(topic, payload, received, self.known_units(), self.rules)
+        except Exception as exc:  # a bug must cost one telegram, never the ingest of every unit
+            d = Decoded(unit_of_topic(topic), [], [Reject(Reason.INTERNAL, f"{type(exc).__name__}: {exc}"[:300])])
+            kind = type(exc).__name__
+            if kind not in self._internal_seen:
+                self._internal_seen.add(kind)
+                log.exception("decoding a telegram on %s failed unexpectedly; quarantined as internal (said once "
+                              "per kind of error)", topic[:200])
         if d.readings:
             batch.incoming.extend(Incoming(r, received, topic, payload) for r in d.readings)
         if d.rejects:
-            batch.refused.extend(Refused(received, topic, d.unit, j.reason, j.detail, payload) for j in d.rejects)
+            batch.refused.extend(Refused.of(received, topic, d.unit, j.reason, j.detail, payload) for j in d.rejects)
         if message.packet_id is not None:
             batch.acks.setdefault(client, []).append(message.packet_id)
         batch.size += 1

@@ -23,6 +23,11 @@ import msgspec
 CONNECT, CONNACK, PUBLISH, PUBACK, SUBSCRIBE, SUBACK = 0x10, 0x20, 0x30, 0x40, 0x82, 0x90
 PINGREQ, PINGRESP, DISCONNECT = b"\xc0\x00", 0xD0, 0xE0
 RECEIVE_MAXIMUM = 65535
+# Announced in CONNECT: the broker drops larger messages for us instead of sending them (a telegram is at most
+# 16 KiB; up to 64 KiB still arrives, to be quarantined as too large with its reason). Larger packets from a
+# broker that ignores it end the connection before they are buffered whole.
+MAXIMUM_PACKET_SIZE = 65536
+RETAIN_HANDLING_NONE = 2 << 4  # subscription option: never send retained messages on subscribing
 
 # Property id -> wire kind; MQTT 5.0 section 2.2.2.2.
 _BYTE, _U16, _U32, _VARINT, _STR, _BIN, _PAIR = range(7)
@@ -146,6 +151,8 @@ class _Protocol(asyncio.Protocol):
                     if got is None:
                         break
                     length, start = got
+                    if length > MAXIMUM_PACKET_SIZE:
+                        raise MqttError(f"a packet of {length} bytes, over the {MAXIMUM_PACKET_SIZE} we announced")
                 end = start + length
                 if end > size:
                     break
@@ -223,7 +230,8 @@ class MqttClient:
         flags = (0x02 if clean_start else 0) | (0x80 if username is not None else 0) | (0x40 if password is not None else 0)
         if will is not None:
             flags |= 0x04 | (0x20 if will[2] else 0) | (1 << 3)  # will at QoS 1
-        props = b"\x11" + struct.pack("!I", session_expiry) + b"\x21" + struct.pack("!H", RECEIVE_MAXIMUM)
+        props = (b"\x11" + struct.pack("!I", session_expiry) + b"\x21" + struct.pack("!H", RECEIVE_MAXIMUM)
+                 + b"\x27" + struct.pack("!I", MAXIMUM_PACKET_SIZE))
         body = _str("MQTT") + bytes([5, flags]) + struct.pack("!H", keepalive) + _varint(len(props)) + props
         body += _str(client_id)
         if will is not None:
@@ -245,8 +253,9 @@ class MqttClient:
         return session_present
 
     async def subscribe(self, topic: str, qos: int = 1, timeout: float = 10.0) -> None:
-        """Subscribe one filter; raise MqttError when the broker refuses it."""
-        body = struct.pack("!H", 1) + b"\x00" + _str(topic) + bytes([qos])
+        """Subscribe one filter, without the retained messages it matches (one retained telegram would otherwise
+        come back at every start); raise MqttError when the broker refuses it."""
+        body = struct.pack("!H", 1) + b"\x00" + _str(topic) + bytes([qos | RETAIN_HANDLING_NONE])
         reply = await self._request(SUBACK, _packet(SUBSCRIBE, body), timeout)
         _, pos = parse_properties(reply, 2)
         code = reply[pos]

@@ -6,6 +6,7 @@ refused; `encode` is the one way to write a telegram, used by the simulator and 
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Callable, Container
 from dataclasses import dataclass, field
@@ -20,7 +21,10 @@ VERSION = 1
 MAX_PAYLOAD = 16 * 1024
 NO_DATA = 0xFFFFFFFE  # ECHONET Lite: the register has no value at that time
 UNIT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# A meter serial reaches customers' CSV files: letters and digits first, so no cell can start a formula (= + - @)
+METER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 SEQ_LIMIT = 2**32
+KEEP = 4096  # bytes of a refused payload kept in the quarantine; the rest is named by its size and hash
 
 
 class Reason:
@@ -37,7 +41,9 @@ class Reason:
     BAD_TIME = "bad_time"
     OUT_OF_RANGE = "out_of_range"
     FUTURE = "future"
+    TOO_OLD = "too_old"
     CONFLICT = "conflict"  # decided by the store: same (unit, at), other values
+    INTERNAL = "internal"  # decoding failed in a way it never should: a bug, kept with the telegram that found it
 
 
 class WireReading(msgspec.Struct, forbid_unknown_fields=False):
@@ -63,8 +69,18 @@ class WireTelegram(msgspec.Struct, Generic[R], forbid_unknown_fields=False):
     coef: int = 1
 
 
+@dataclass(frozen=True, slots=True)
+class Rules:
+    """What makes a reading acceptable beyond its shape (from the ingest settings and the local slot grid)."""
+
+    on_boundary: Callable[[int], bool]
+    tolerance: int = 300  # seconds a reading may lie ahead of its receipt (the unit's clock may run fast)
+    max_age: int = 3 * 366 * 86400  # seconds a reading may lie behind its receipt
+    max_readings: int = 96
+
+
 class _Envelope(msgspec.Struct, forbid_unknown_fields=False):
-    v: int | None = None
+    v: Any = None  # any JSON: a version of the wrong type is an unknown version, not a payload that is no object
 
 
 _RawTelegram = WireTelegram[msgspec.Raw]
@@ -129,6 +145,15 @@ class Refused:
     detail: str
     payload: bytes
 
+    @classmethod
+    def of(cls, received: int, topic: str, unit: str | None, reason: str, detail: str, payload: bytes) -> Refused:
+        """Refused input with a bounded excerpt: at most KEEP bytes of the payload (and of the topic), the rest
+        named by its size and SHA-256, so that no refusal costs the store more than a few kilobytes."""
+        if len(payload) > KEEP:
+            detail = f"{detail} [payload {len(payload)} bytes, sha256 {hashlib.sha256(payload).hexdigest()}, first {KEEP} kept]"
+            payload = payload[:KEEP]
+        return cls(received, topic[:256], unit, reason, detail[:1024], payload)
+
 
 def unit_of_topic(topic: str) -> str | None:
     """The unit id of `.../{unit_id}/reading`, or None when the topic has no valid one."""
@@ -138,42 +163,30 @@ def unit_of_topic(topic: str) -> str | None:
     return parts[-2]
 
 
-def decode(
-    topic: str,
-    payload: bytes,
-    received: int,
-    known_units: Container[str],
-    tolerance: int,
-    on_boundary: Callable[[int], bool],
-) -> Decoded:
+def decode(topic: str, payload: bytes, received: int, known_units: Container[str], rules: Rules) -> Decoded:
     """Validate one telegram against the contract; never raises on bad input."""
     topic_unit = unit_of_topic(topic)
     if topic_unit is None:
-        return _refused(None, Reason.BAD_TOPIC, f"topic {topic!r} is not smame/v1/<unit_id>/reading")
+        return _refused(None, Reason.BAD_TOPIC, f"topic {topic[:100]!r} is not smame/v1/<unit_id>/reading")
     if len(payload) > MAX_PAYLOAD:
         return _refused(topic_unit, Reason.TOO_LARGE, f"{len(payload)} bytes, limit {MAX_PAYLOAD}")
     try:
-        t = _decode_fast(payload)
-        good: list[tuple[int, WireReading]] = list(enumerate(t.readings))
-        rejects: list[Reject] = []
-    except msgspec.DecodeError as exc:
-        return _slow_path(topic_unit, payload, str(exc), received, known_units, tolerance, on_boundary)
+        try:
+            t = _decode_fast(payload)
+            good: list[tuple[int, WireReading]] = list(enumerate(t.readings))
+            rejects: list[Reject] = []
+        except msgspec.DecodeError:
+            return _slow_path(topic_unit, payload, received, known_units, rules)
+    except RecursionError:  # msgspec skips unknown fields recursively: `{"x":[[[...]]]}` goes deeper than the stack
+        return _refused(topic_unit, Reason.NOT_JSON, "JSON nested too deeply")
 
-    head = _check_head(t, topic_unit, known_units)
+    head = _check_head(t, topic_unit, known_units, rules)
     if head is not None:
         return Decoded(topic_unit, [], [head])
-    return _readings(t, good, rejects, received, tolerance, on_boundary)
+    return _readings(t, good, rejects, received, rules)
 
 
-def _slow_path(
-    topic_unit: str,
-    payload: bytes,
-    error: str,
-    received: int,
-    known_units: Container[str],
-    tolerance: int,
-    on_boundary: Callable[[int], bool],
-) -> Decoded:
+def _slow_path(topic_unit: str, payload: bytes, received: int, known_units: Container[str], rules: Rules) -> Decoded:
     # The fast decoder failed: find out why, and keep the readings that are good.
     try:
         envelope = _decode_envelope(payload)
@@ -187,7 +200,7 @@ def _slow_path(
         raw = _decode_raw(payload)
     except msgspec.DecodeError as exc:
         return _refused(topic_unit, Reason.BAD_FIELD, str(exc))
-    head = _check_head(raw, topic_unit, known_units)
+    head = _check_head(raw, topic_unit, known_units, rules)
     if head is not None:
         return Decoded(topic_unit, [], [head])
     good: list[tuple[int, WireReading]] = []
@@ -197,14 +210,14 @@ def _slow_path(
             good.append((i, _decode_reading(item)))
         except msgspec.DecodeError as exc:
             rejects.append(Reject(Reason.BAD_FIELD, f"readings[{i}]: {exc}", i))
-    return _readings(raw, good, rejects, received, tolerance, on_boundary)
+    return _readings(raw, good, rejects, received, rules)
 
 
-def _check_head(t: WireTelegram[Any], topic_unit: str, known_units: Container[str]) -> Reject | None:
+def _check_head(t: WireTelegram[Any], topic_unit: str, known_units: Container[str], rules: Rules) -> Reject | None:
     if t.v != VERSION:
         return Reject(Reason.UNKNOWN_VERSION, f"v={t.v!r}, expected {VERSION}")
     if t.unit != topic_unit:
-        return Reject(Reason.UNIT_MISMATCH, f"unit {t.unit!r} published on the topic of {topic_unit!r}")
+        return Reject(Reason.UNIT_MISMATCH, f"unit {t.unit[:100]!r} published on the topic of {topic_unit!r}")
     if t.unit not in known_units:
         return Reject(Reason.UNKNOWN_UNIT, f"unit {t.unit!r} is not in the registry")
     if t.e1 not in E1_UNITS:
@@ -217,24 +230,21 @@ def _check_head(t: WireTelegram[Any], topic_unit: str, known_units: Container[st
         return Reject(Reason.BAD_FIELD, f"seq={t.seq} outside 0..2^32-1")
     if t.sent.tzinfo is None:
         return Reject(Reason.BAD_TIME, "sent has no UTC offset")
-    if not t.meter or len(t.meter) > 64:
-        return Reject(Reason.BAD_FIELD, "meter must be 1..64 characters")
-    if not 1 <= len(t.readings) <= 96:
-        return Reject(Reason.BAD_FIELD, f"{len(t.readings)} readings, expected 1..96")
+    if not METER_ID.fullmatch(t.meter):
+        return Reject(Reason.BAD_FIELD, f"meter {t.meter[:80]!r} is not 1..64 of A-Z a-z 0-9 . _ - (a letter or digit first)")
+    if not 1 <= len(t.readings) <= rules.max_readings:
+        return Reject(Reason.BAD_FIELD, f"{len(t.readings)} readings, expected 1..{rules.max_readings}")
     return None
 
 
 def _readings(
-    t: WireTelegram[Any],
-    good: list[tuple[int, WireReading]],
-    rejects: list[Reject],
-    received: int,
-    tolerance: int,
-    on_boundary: Callable[[int], bool],
+    t: WireTelegram[Any], good: list[tuple[int, WireReading]], rejects: list[Reject], received: int, rules: Rules
 ) -> Decoded:
     limit = 10**t.digits
     sent = int(t.sent.timestamp())
+    tolerance, on_boundary = rules.tolerance, rules.on_boundary
     horizon = received + tolerance
+    oldest = received - rules.max_age
     # A unit clock running fast shows; a slow one cannot be told from time spent queued in the broker.
     skew_after = -1 if sent > horizon else sent + tolerance
     unit, meter, e1, coef, digits, seq = t.unit, t.meter, t.e1, t.coef, t.digits, t.seq
@@ -245,11 +255,17 @@ def _readings(
             rejects.append(Reject(Reason.BAD_TIME, f"readings[{i}].at has no UTC offset", i))
             continue
         at = int(when.timestamp())
-        if when.microsecond or not on_boundary(at):
-            rejects.append(Reject(Reason.BAD_TIME, f"readings[{i}].at {when.isoformat()} is not on a half hour", i))
-            continue
+        # The window first: the grid cannot place years 1 or 9999, and a reading from long ago would pair with
+        # the unit's last one across a gap the size of the ages.
         if at > horizon:
             rejects.append(Reject(Reason.FUTURE, f"readings[{i}].at {when.isoformat()} is in the future", i))
+            continue
+        if at < oldest:
+            rejects.append(Reject(Reason.TOO_OLD, f"readings[{i}].at {when.isoformat()} is older than "
+                                                  f"{rules.max_age // 86400} days", i))
+            continue
+        if when.microsecond or not on_boundary(at):
+            rejects.append(Reject(Reason.BAD_TIME, f"readings[{i}].at {when.isoformat()} is not on a half hour", i))
             continue
         fwd: int | None = r.fwd
         rev: int | None = r.rev

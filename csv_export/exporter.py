@@ -65,7 +65,7 @@ class Exporter:
 
     def __init__(self, store: Store, registry: Callable[[], Registry], grid: Grid, root: Path, retention_days: int,
                  grace_s: int, db_retention_days: int = 0, on_failure: Callable[[str], None] = lambda msg: None,
-                 workers: int = 2) -> None:
+                 workers: int = 2, clock: Callable[[], float] = time.time, quarantine_days: int = 0) -> None:
         self.store = store
         self.registry = registry
         self.grid = grid
@@ -73,9 +73,11 @@ class Exporter:
         self.retention_days = retention_days
         self.grace_s = grace_s
         self.db_retention_days = db_retention_days
+        self.quarantine_days = quarantine_days
         self.on_failure = on_failure
         self.stats = ExportStats()
         self.workers = workers
+        self.clock = clock
         self._pool: ProcessPoolExecutor | None = None
         self._pruned: date | None = None
 
@@ -159,9 +161,16 @@ class Exporter:
 
     def _prune(self, now: float) -> None:
         day = datetime.fromtimestamp(now, self.grid.zone).date()
-        if not self.db_retention_days or self._pruned == day:
+        if self._pruned == day:
             return
         self._pruned = day
+        if self.quarantine_days:
+            refused = self.store.prune_quarantine(int(now) - self.quarantine_days * 86400)
+            if refused:
+                log.info("quarantine retention: deleted %d refused telegrams older than %d days", refused,
+                         self.quarantine_days)
+        if not self.db_retention_days:
+            return
         readings, slots = self.store.prune(int(now) - self.db_retention_days * 86400)
         if readings or slots:
             log.info("database retention: deleted %d readings and %d slots older than %d days",
@@ -173,13 +182,13 @@ class Exporter:
         """Run after every half hour plus the grace period, for ever; failures are logged, alerted and retried."""
         while True:
             await self.run_once()
-            await asyncio.sleep(self.delay(time.time()))
+            await asyncio.sleep(self.delay(self.clock()))
 
     async def run_once(self) -> RunResult | None:
         """One scheduled run on the store thread, with its outcome counted."""
         self.stats.runs += 1
         try:
-            result = await self.store.call(self.scheduled, time.time())
+            result = await self.store.call(self.scheduled, self.clock())
         except (OSError, BrokenProcessPool) as exc:
             self.stats.failures += 1
             self.stats.last_error = str(exc)
@@ -189,7 +198,7 @@ class Exporter:
         self.stats.files_written += len(result.written)
         self.stats.files_unchanged += result.unchanged
         self.stats.files_deleted += len(result.deleted)
-        self.stats.last_success = time.time()
+        self.stats.last_success = self.clock()
         self.stats.last_error = ""
         if result.written or result.deleted:
             log.info("export: %d files written, %d unchanged, %d deleted by retention",

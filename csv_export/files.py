@@ -61,7 +61,13 @@ def expired(root: Path, today: date, keep_days: int) -> list[Path]:
     for customer_dir in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
         for f in customer_dir.iterdir():
             m = NAME.match(f.name)
-            if m and date(int(m["day"][:4]), int(m["day"][4:6]), int(m["day"][6:])) < first_kept:
+            if not m:
+                continue
+            try:
+                day = date(int(m["day"][:4]), int(m["day"][4:6]), int(m["day"][6:]))
+            except ValueError:  # a stray file named like ours (C1_20261399.csv) is not ours: left alone
+                continue
+            if day < first_kept:
                 out.append(f)
     return sorted(out)
 

@@ -6,6 +6,7 @@ import json
 import logging
 import threading
 from collections.abc import Callable
+from typing import Any
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -13,13 +14,41 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 log = logging.getLogger("smame.monitoring")
 
 Health = Callable[[], dict[str, str]]  # check name -> "ok" or what is wrong
+MAX_CONNECTIONS = 32  # at once; more are closed unanswered (a scraper and an orchestrator need two)
+IDLE_TIMEOUT_S = 10.0  # a connection that sends nothing for this long is closed
+
+
+class _Server(ThreadingHTTPServer):
+    """A thread per connection, but a bounded number of them."""
+
+    daemon_threads = True
+    request_queue_size = 128  # the listen backlog: connections beyond it wait in the kernel, then time out
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        super().__init__(address, handler)
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 class MonitoringServer:
     """Serves in a thread of its own until stopped."""
 
-    def __init__(self, host: str, port: int, registry: CollectorRegistry, health: Health) -> None:
+    def __init__(self, host: str, port: int, registry: CollectorRegistry, health: Health,
+                 idle_timeout: float = IDLE_TIMEOUT_S) -> None:
         class Handler(BaseHTTPRequestHandler):
+            timeout = idle_timeout
+
             def do_GET(self) -> None:  # noqa: N802 (the standard library's name)
                 if self.path == "/metrics":
                     self._reply(200, CONTENT_TYPE_LATEST, generate_latest(registry))
@@ -41,7 +70,7 @@ class MonitoringServer:
             def log_message(self, format: str, *args: object) -> None:  # scrapes are not events
                 pass
 
-        self.httpd = ThreadingHTTPServer((host, port), Handler)
+        self.httpd = _Server((host, port), Handler)
         self.port = self.httpd.server_address[1]
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="monitoring", daemon=True)
 

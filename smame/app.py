@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -13,7 +15,7 @@ from aggregator.store import Store, sqlite_path
 from aggregator.timegrid import Grid
 from aggregator.writer import Writer
 from broker_bridge.bridge import Bridge, BrokerTarget, target_from_url, tls_context
-from broker_bridge.telegram import Incoming, Refused
+from broker_bridge.telegram import Incoming, Refused, Rules
 from csv_export.exporter import Exporter
 from ftp_gateway.accounts import Accounts, Bans
 from ftp_gateway.certs import ensure_certificate
@@ -60,12 +62,14 @@ def open_store(settings: Settings) -> Store:
     return Store(sqlite_path(settings.storage_url), settings.storage.synchronous)
 
 
-def build_exporter(settings: Settings, registry: RegistryHolder, grid: Grid) -> Exporter:
+def build_exporter(settings: Settings, registry: RegistryHolder, grid: Grid,
+                   clock: Callable[[], float] = time.time) -> Exporter:
     """The exporter on a store connection of its own, so rendering never waits on ingest or holds it up."""
     e = settings.export
     assert e.dir is not None
     return Exporter(open_store(settings), lambda: registry.current, grid, e.dir, e.retention_days, e.grace_s,
-                    settings.storage.retention_days, workers=e.workers)
+                    settings.storage.retention_days, workers=e.workers, clock=clock,
+                    quarantine_days=settings.ingest.quarantine_days)
 
 
 def build_gateway(settings: Settings, registry: RegistryHolder) -> FileGateway | None:
@@ -88,7 +92,7 @@ def build_gateway(settings: Settings, registry: RegistryHolder) -> FileGateway |
     return FileGateway(accounts, bans, ftp, sftp)
 
 
-def build_outbox(settings: Settings, store: Store) -> Outbox:
+def build_outbox(settings: Settings, store: Store, clock: Callable[[], float] = time.time) -> Outbox:
     """The outbox with a channel for each one configured (mail, Slack)."""
     channels: dict[str, Channel] = {}
     if settings.mail.smtp_url:
@@ -96,7 +100,7 @@ def build_outbox(settings: Settings, store: Store) -> Outbox:
     if settings.slack.enabled:
         channels["slack"] = SlackChannel(settings.slack)
     m = settings.monitoring
-    return Outbox(store, channels, backoff_min=m.outbox_retry_s, give_up_s=m.outbox_give_up_s)
+    return Outbox(store, channels, backoff_min=m.outbox_retry_s, give_up_s=m.outbox_give_up_s, clock=clock)
 
 
 def broker_target(settings: Settings) -> BrokerTarget:
@@ -128,8 +132,9 @@ class App:
     monitor: Monitor | None
 
     @classmethod
-    def build(cls, settings: Settings) -> App:
-        """Wire the parts; raises RegistryError or OSError with a clear message on bad input."""
+    def build(cls, settings: Settings, clock: Callable[[], float] = time.time) -> App:
+        """Wire the parts, all reading time from `clock`; raises RegistryError or OSError with a clear message on
+        bad input."""
         registry = RegistryHolder(settings)
         grid = Grid(settings.timezone)
         # with a shared subscription other ingest processes write the same store
@@ -137,11 +142,12 @@ class App:
                         shared=settings.broker.topic.startswith("$share/"))
 
         async def commit(incoming: list[Incoming], refused: list[Refused]) -> None:
-            await writer.commit(incoming, refused, int(time.time()))
+            await writer.commit(incoming, refused, int(clock()))
 
-        bridge = Bridge(broker_target(settings), commit, lambda: registry.current.units, settings.ingest.clock_tolerance_s,
-                        grid.on_boundary)
-        exporter = build_exporter(settings, registry, grid) if settings.export.enabled else None
+        i = settings.ingest
+        rules = Rules(grid.on_boundary, i.clock_tolerance_s, i.max_age_days * 86400, i.max_readings)
+        bridge = Bridge(broker_target(settings), commit, lambda: registry.current.units, rules)
+        exporter = build_exporter(settings, registry, grid, clock) if settings.export.enabled else None
         gateway = build_gateway(settings, registry)
         monitor = None
         if settings.alerts.enabled or settings.report.enabled:
@@ -150,7 +156,7 @@ class App:
             paths = [settings.data_dir] + ([settings.export.dir] if exporter is not None and settings.export.dir else [])
             watched = Watched(bridge.stats, exporter.stats if exporter else None, gateway.bans if gateway else None, paths)
             monitor = Monitor(settings, monitor_store, grid, lambda: registry.current, watched,
-                              build_outbox(settings, monitor_store))
+                              build_outbox(settings, monitor_store, clock), clock)
             bridge.on_session_lost = monitor.session_lost
         return cls(settings, registry, writer, bridge, exporter, gateway, monitor)
 
@@ -170,8 +176,8 @@ class App:
 
     async def ingest(self) -> None:
         """The writer process, and the bridge feeding it, until cancelled."""
-        await self.writer.start()
         try:
+            await self.writer.start()  # cancelled while starting (SIGTERM at once): the writer is closed all the same
             async with asyncio.TaskGroup() as group:
                 group.create_task(self.writer.watch(), name="writer")
                 group.create_task(self.bridge.run(), name="bridge")
@@ -219,10 +225,13 @@ class App:
 
         def stop(signame: str) -> None:
             nonlocal stopping
-            if not stopping:
-                stopping = True
-                log.info("%s received: stopping", signame)
-                main.cancel()
+            if stopping:  # the operator insists: what is not acknowledged is redelivered by the broker
+                log.warning("%s received again: exiting now", signame)
+                os._exit(130)
+            stopping = True
+            log.info("%s received: stopping", signame)
+            _deadline(STOP_DEADLINE_S)
+            main.cancel()
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop, sig.name)
@@ -237,6 +246,9 @@ class App:
         except asyncio.CancelledError:
             if not stopping:
                 raise
+        except BaseException:
+            _deadline(STOP_DEADLINE_S)  # a crashed service: the others get as long to stop as on SIGTERM
+            raise
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
@@ -245,6 +257,22 @@ class App:
             if self.monitor is not None:
                 self.monitor.store.close()
         log.info("smame stopped")
+
+
+# Docker gives 10 s between SIGTERM and SIGKILL; a stop that takes longer than this ends the process, so that
+# nothing (a stuck thread, a child that does not exit) can leave it running for ever.
+STOP_DEADLINE_S = 9.0
+
+
+def _deadline(seconds: float) -> None:
+    def expire() -> None:
+        log.error("still stopping after %.0f s: exiting now (unacknowledged telegrams are redelivered)", seconds)
+        logging.shutdown()
+        os._exit(1)
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True  # it must not itself keep the process alive
+    timer.start()
 
 
 async def _supervised(name: str, service: Callable[[], Awaitable[None]]) -> None:

@@ -84,7 +84,10 @@ class RegistrySettings(Section):
 class IngestSettings(Section):
     """Validation of incoming telegrams and the slot arithmetic."""
 
-    clock_tolerance_s: int = Field(default=300, ge=0)
+    clock_tolerance_s: int = Field(default=300, ge=0, le=86400)  # how far ahead of its receipt a reading may lie
+    max_age_days: int = Field(default=1096, ge=1, le=3660)  # older readings are refused (too_old)
+    max_readings: int = Field(default=96, ge=1, le=1000)  # readings one telegram may carry
+    quarantine_days: int = Field(default=90, ge=1)  # refused telegrams are kept this long
     default_contract_kw: float = Field(default=50.0, gt=0)
     gap_cap_slots: int = Field(default=48, ge=1, le=48 * 31)
 
@@ -145,7 +148,7 @@ class MonitoringSettings(Section):
     """Prometheus metrics and the health endpoint; how long reports and alerts are retried."""
 
     enabled: bool = True
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"  # this machine only; a deployment that scrapes from elsewhere says so (compose: 0.0.0.0)
     metrics_port: int = Field(default=9108, ge=0, le=65535)
     outbox_give_up_s: int = Field(default=3 * 86400, ge=60)  # a report or alert not sent by then is dropped
     outbox_retry_s: float = Field(default=15.0, gt=0)  # first retry of a failed send; doubles up to 30 min

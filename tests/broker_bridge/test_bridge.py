@@ -7,7 +7,7 @@ from datetime import timedelta
 
 from aggregator.timegrid import Grid
 from broker_bridge.bridge import AHEAD, Bridge, BrokerTarget
-from broker_bridge.telegram import Incoming, Refused
+from broker_bridge.telegram import Incoming, Refused, Rules
 from tests.helpers import Mosquitto, at, publish, telegram
 
 UNITS, ROUNDS, BATCH = 500, 40, 500  # 20,000 telegrams
@@ -32,7 +32,7 @@ async def test_a_stalled_store_stops_reading_from_the_broker_and_loses_nothing(b
         assert not refused
         committed.extend(incoming)
 
-    bridge = Bridge(target(broker.port, "test-backpressure"), commit, lambda: units, 300, Grid("Asia/Tokyo").on_boundary)
+    bridge = Bridge(target(broker.port, "test-backpressure"), commit, lambda: units, Rules(Grid("Asia/Tokyo").on_boundary))
     task = asyncio.create_task(bridge.run())
     try:
         while not bridge.stats.connected:

@@ -9,11 +9,12 @@ import pytest
 
 from aggregator.slots import Flag
 from aggregator.timegrid import Grid
-from broker_bridge.telegram import NO_DATA, Decoded, Reason, decode
+from broker_bridge.telegram import NO_DATA, Decoded, Reason, Rules, decode
 
 GRID = Grid("Asia/Tokyo")
 NOW = int(datetime.fromisoformat("2026-11-23T10:30:09+09:00").timestamp())
 TOPIC = "smame/v1/U000123/reading"
+RULES = Rules(GRID.on_boundary, tolerance=300)
 
 
 def body(**changes: object) -> dict[str, object]:
@@ -29,7 +30,7 @@ def body(**changes: object) -> dict[str, object]:
 
 def run(payload: object, topic: str = TOPIC) -> Decoded:
     raw = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-    return decode(topic, raw, NOW, {"U000123", "U2"}, 300, GRID.on_boundary)
+    return decode(topic, raw, NOW, {"U000123", "U2"}, RULES)
 
 
 def test_the_contract_example_decodes() -> None:
@@ -59,6 +60,7 @@ def test_no_data_value_is_kept_as_no_value_and_not_range_checked() -> None:
         (b"[1, 2]", TOPIC, Reason.NOT_OBJECT),
         (b'{"v": 1, "pad": "' + b"x" * 17000 + b'"}', TOPIC, Reason.TOO_LARGE),
         (body(v=2), TOPIC, Reason.UNKNOWN_VERSION),
+        (body(v="1", seq="x"), TOPIC, Reason.UNKNOWN_VERSION),
         ({k: v for k, v in body().items() if k != "meter"}, TOPIC, Reason.BAD_FIELD),
         (body(seq="18231"), TOPIC, Reason.BAD_FIELD),
         (body(e1=7), TOPIC, Reason.BAD_FIELD),
@@ -69,6 +71,18 @@ def test_no_data_value_is_kept_as_no_value_and_not_range_checked() -> None:
         (body(), "smame/v1/U2/reading", Reason.UNIT_MISMATCH),
         (body(unit="U9"), "smame/v1/U9/reading", Reason.UNKNOWN_UNIT),
         (body(), "smame/v1/bad+id/reading", Reason.BAD_TOPIC),
+        # hostile: nesting deeper than any stack, oversized lists, text that would be a spreadsheet formula
+        (b'{"x":' + b"[" * 2000 + b"]" * 2000 + b"}", TOPIC, Reason.NOT_JSON),
+        (b'{"v":1,"unit":"U000123","x":' + b"[" * 5000 + b"]" * 5000 + b"}", TOPIC, Reason.NOT_JSON),
+        (b'{"v":1,"unit":5,"x":' + b"{\"a\":" * 2000 + b"1" + b"}" * 2000 + b"}", TOPIC, Reason.NOT_JSON),
+        (body(readings=[{"at": "2026-11-23T10:30:00+09:00", "fwd": 1}] * 97), TOPIC, Reason.BAD_FIELD),
+        (body(meter='=HYPERLINK("http://x","y")'), TOPIC, Reason.BAD_FIELD),
+        (body(meter="@SUM(1+1)"), TOPIC, Reason.BAD_FIELD),
+        (body(meter="-2+3"), TOPIC, Reason.BAD_FIELD),
+        (body(meter="SM\u00001"), TOPIC, Reason.BAD_FIELD),
+        (body(meter="SM\r\n1"), TOPIC, Reason.BAD_FIELD),
+        (body(meter="\tSM1"), TOPIC, Reason.BAD_FIELD),
+        (body(meter="M" * 65), TOPIC, Reason.BAD_FIELD),
     ],
 )
 def test_whole_telegram_refused(payload: object, topic: str, reason: str) -> None:
@@ -89,6 +103,12 @@ def test_whole_telegram_refused(payload: object, topic: str, reason: str) -> Non
         ({"at": "2026-11-23T11:00:00+09:00", "fwd": 1}, Reason.FUTURE),
         ({"at": "2026-11-23T10:00:00+09:00", "fwd": "12"}, Reason.BAD_FIELD),
         ({"fwd": 12}, Reason.BAD_FIELD),
+        # times the slot grid cannot place, or that would pair across ages: refused before any work on them
+        ({"at": "0001-01-01T00:00:00+09:00", "fwd": 1}, Reason.TOO_OLD),
+        ({"at": "0001-01-02T00:11:01+00:00", "fwd": 1}, Reason.TOO_OLD),  # a :30 under Tokyo's 1887 offset
+        ({"at": "9999-12-31T23:30:00+00:00", "fwd": 1}, Reason.FUTURE),
+        ({"at": "9999-12-31T23:30:00-09:00", "fwd": 1}, Reason.FUTURE),
+        ({"at": "2022-11-01T10:00:00+09:00", "fwd": 1}, Reason.TOO_OLD),
     ],
 )
 def test_a_bad_reading_is_refused_and_the_good_ones_kept(bad: dict[str, object], reason: str) -> None:
@@ -106,3 +126,14 @@ def test_future_within_tolerance_is_accepted() -> None:
 def test_unit_clock_running_fast_flags_clock_skew() -> None:
     d = run(body(sent="2026-11-23T10:50:00+09:00"))
     assert {r.flags for r in d.readings} == {Flag.CLOCK_SKEW}
+
+
+def test_the_plausible_window_is_a_setting() -> None:
+    old = body(readings=[{"at": "2025-11-23T10:30:00+09:00", "fwd": 1}])
+    assert [r.reason for r in run(old).rejects] == []
+    raw = json.dumps(old).encode()
+    strict = Rules(GRID.on_boundary, tolerance=300, max_age=30 * 86400, max_readings=1)
+    assert [r.reason for r in decode(TOPIC, raw, NOW, {"U000123"}, strict).rejects] == [Reason.TOO_OLD]
+    two = json.dumps(body()).encode()
+    [reject] = decode(TOPIC, two, NOW, {"U000123"}, strict).rejects
+    assert reject.reason == Reason.BAD_FIELD and "expected 1..1" in reject.detail

@@ -15,7 +15,7 @@ import pytest
 from aggregator.ingest import Ingestor
 from aggregator.store import Store
 from aggregator.timegrid import SLOT, Grid
-from broker_bridge.telegram import Incoming, Reading
+from broker_bridge.telegram import KEEP, Incoming, Reading, Refused
 from csv_export.exporter import Exporter
 from csv_export.files import path_of, write_if_changed
 from smame.registry import load_registry
@@ -208,6 +208,17 @@ def test_database_retention_deletes_only_what_is_older(workdir: Path, setup: tup
     assert store.reading_count() == total - old_readings
     assert store.db.execute("SELECT count(*) FROM slots WHERE slot < ?", (before,)).fetchone()[0] == 0
     assert store.db.execute("SELECT count(*) FROM slots WHERE slot >= ?", (before,)).fetchone()[0] > 0
+
+
+def test_the_quarantine_is_pruned_by_age(setup: tuple[Exporter, Ingestor, Path]) -> None:
+    exporter, ingest, _ = setup
+    refused = [Refused.of(int(NOW) - age * 86400, "smame/v1/X/reading", "X", "not_json", "bad", b"x" * 100_000)
+               for age in (100, 91, 89, 0)]
+    ingest.commit([], refused, int(NOW))
+    store = exporter.store
+    assert [len(q.payload) for q in store.quarantine()] == [KEEP] * 4  # an excerpt, never the whole payload
+    Exporter(store, exporter.registry, GRID, exporter.root, 45, 120, quarantine_days=90).scheduled(NOW)
+    assert sorted(int(NOW) - q.received for q in store.quarantine()) == [0, 89 * 86400]
 
 
 def test_a_day_whose_first_rows_have_no_values_exports(workdir: Path) -> None:

@@ -1,0 +1,153 @@
+"""Fuzzing what parses outside input: the telegram decoder (structured and byte-level) and the slot arithmetic.
+
+Every example must come back with readings or reasons, never an exception; the cost of one telegram is bounded.
+`SMAME_FUZZ_EXAMPLES=20000 scripts/test tests/broker_bridge/test_fuzz.py` runs longer than CI does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import tracemalloc
+from datetime import datetime, timedelta, timezone
+from fractions import Fraction
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from aggregator.slots import MISSING, Limits, Point, pair_slots
+from aggregator.timegrid import SLOT, Grid
+from broker_bridge.telegram import KEEP, MAX_PAYLOAD, Decoded, Reason, Refused, Rules, decode
+
+GRID = Grid("Asia/Tokyo")
+NOW = int(datetime(2026, 11, 23, 1, 30, 9, tzinfo=timezone.utc).timestamp())
+RULES = Rules(GRID.on_boundary)
+TOPIC = "smame/v1/F1/reading"
+EXAMPLES = int(os.environ.get("SMAME_FUZZ_EXAMPLES", "300"))
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+REASONS = {v for k, v in vars(Reason).items() if k.isupper()}
+
+# Edge-biased values: the boundaries of every field, of datetime itself, and of the register widths.
+ints = st.one_of(st.sampled_from([0, 1, -1, 2**31, 2**32 - 1, 2**32, 2**63, -(2**63), 10**8, 10**8 - 1, 0xFFFFFFFE,
+                                  0x0A, 0x0D, 999_999, 1_000_000]), st.integers())
+offsets = st.sampled_from(["+09:00", "Z", "-09:00", "+14:00", "-12:00", "+09:18", "", "+23:59"])
+instants = st.one_of(
+    st.datetimes(min_value=datetime(1, 1, 1), max_value=datetime(9999, 12, 31, 23, 59)).map(
+        lambda d: d.isoformat(timespec="seconds")),
+    st.sampled_from(["0001-01-01T00:00:00", "9999-12-31T23:30:00", "0001-01-02T00:11:01", "2026-11-23T10:30:00",
+                     "2026-11-23T10:30:00.000001", "1970-01-01T00:00:00"]),
+).flatmap(lambda d: offsets.map(lambda o: d + o))
+scalars = st.one_of(st.none(), st.booleans(), ints, st.floats(allow_nan=True), st.text(max_size=40), instants)
+junk = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                                      st.dictionaries(st.text(max_size=5), inner, max_size=4)),
+                    max_leaves=20)
+readings = st.fixed_dictionaries({"at": st.one_of(instants, junk), "fwd": st.one_of(ints, junk)},
+                                 optional={"rev": st.one_of(ints, junk), "extra": junk})
+telegrams = st.fixed_dictionaries(
+    {"v": st.one_of(st.just(1), junk), "unit": st.one_of(st.just("F1"), st.text(max_size=70)),
+     "meter": st.one_of(st.just("SM-1"), st.text(max_size=70)), "seq": st.one_of(ints, junk),
+     "sent": st.one_of(instants, junk), "e1": st.one_of(st.sampled_from([0, 1, 2, 3, 4, 10, 11, 12, 13]), ints, junk),
+     "digits": st.one_of(st.integers(1, 8), ints, junk),
+     "readings": st.one_of(st.lists(readings, max_size=100), junk)},
+    optional={"coef": st.one_of(ints, junk), "x": junk},
+)
+
+
+def check(payload: bytes, topic: str = TOPIC) -> Decoded:
+    d = decode(topic, payload, NOW, {"F1"}, RULES)
+    assert d.readings or d.rejects, "neither readings nor a reason"
+    assert all(r.reason in REASONS and r.detail for r in d.rejects)
+    for r in d.readings:  # what passes is inside the window and on the grid
+        assert NOW - RULES.max_age <= r.at <= NOW + RULES.tolerance and GRID.on_boundary(r.at)
+    return d
+
+
+def cost(payload: bytes) -> tuple[float, int]:
+    """CPU seconds of one decode (the least of three: noise only adds) and its peak of allocated bytes."""
+    best = min(_timed(payload) for _ in range(3))
+    tracemalloc.start()
+    try:
+        decode(TOPIC, payload, NOW, {"F1"}, RULES)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    return best, peak
+
+
+def _timed(payload: bytes) -> float:
+    started = time.process_time()
+    decode(TOPIC, payload, NOW, {"F1"}, RULES)
+    return time.process_time() - started
+
+
+@FUZZ
+@given(telegrams)
+def test_structured_telegrams_never_raise(t: dict[str, object]) -> None:
+    check(json.dumps(t, default=str).encode())
+
+
+@FUZZ
+@given(st.binary(max_size=2048), st.text(max_size=80))
+def test_any_bytes_on_any_topic_never_raise(payload: bytes, topic: str) -> None:
+    check(payload, topic)
+
+
+@FUZZ
+@given(telegrams, st.integers(0, 400), st.binary(min_size=1, max_size=8))
+def test_mangled_telegrams_never_raise(t: dict[str, object], cut: int, noise: bytes) -> None:
+    raw = json.dumps(t, default=str).encode()
+    check(raw[:cut] + noise + raw[cut:])
+
+
+def worst_telegrams() -> list[bytes]:
+    """The most expensive inputs we know of, each at the size limit."""
+    at = datetime(2026, 11, 23, 10, 0, tzinfo=timezone(timedelta(hours=9)))
+    full = {"v": 1, "unit": "F1", "meter": "SM-1", "seq": 1, "sent": at.isoformat(), "e1": 1, "coef": 1, "digits": 8,
+            "readings": [{"at": (at - timedelta(minutes=30 * k)).isoformat(), "fwd": k, "rev": k} for k in range(96)]}
+    deep = b'{"x":' + b"[" * 8000 + b"]" * 8000 + b"}"
+    many = b'{"v":1,"unit":"F1","readings":[' + b",".join([b"{}"] * 5000) + b"]}"
+    numbers = b'{"v":1,"seq":' + b"9" * (MAX_PAYLOAD - 20) + b"}"
+    return [json.dumps(full).encode(), deep, many, numbers, b" " * MAX_PAYLOAD, b"x" * (MAX_PAYLOAD + 1)]
+
+
+def test_no_telegram_costs_more_than_a_millisecond_or_a_small_bound_of_memory() -> None:
+    for payload in worst_telegrams():
+        assert len(payload) <= MAX_PAYLOAD + 1
+        seconds, peak = cost(payload)
+        assert seconds < 0.001, f"{seconds * 1000:.2f} ms for {payload[:40]!r}"
+        assert peak < 2 * 2**20, f"{peak} bytes for {payload[:40]!r}"
+
+
+def test_a_refused_payload_is_kept_as_an_excerpt_with_its_size_and_hash() -> None:
+    huge = b"x" * 10_000_000
+    r = Refused.of(NOW, "t" * 10_000, "F1", Reason.TOO_LARGE, "10000000 bytes", huge)
+    assert len(r.payload) == KEEP and len(r.topic) <= 256 and len(r.detail) <= 1024
+    assert "10000000 bytes, sha256 " in r.detail and f"first {KEEP} kept" in r.detail
+    small = Refused.of(NOW, TOPIC, "F1", Reason.NOT_JSON, "bad", b"abc")
+    assert small.payload == b"abc" and small.detail == "bad"
+
+
+points = st.builds(Point, at=st.integers(-(2**40), 2**40).map(lambda t: t - t % SLOT), value=st.integers(0, 10**8 - 1),
+                   meter=st.sampled_from(["A", "B"]), digits=st.integers(1, 8), e1=st.sampled_from([0, 1, 2, 3, 0x0A]),
+                   coef=st.sampled_from([1, 10, 999_999]), flags=st.integers(0, 63))
+
+
+@FUZZ
+@given(points, points, st.integers(1, 48 * 31), st.fractions(min_value=Fraction(1, 100), max_value=Fraction(10**6)))
+def test_slot_arithmetic_is_bounded_by_the_gap_cap_whatever_the_points(a: Point, b: Point, cap: int,
+                                                                       kwh: Fraction) -> None:
+    if a.at == b.at:
+        return
+    prev, nxt = (a, b) if a.at < b.at else (b, a)
+    started = time.process_time()
+    slots = pair_slots(prev, nxt, Limits(kwh, cap))
+    assert time.process_time() - started < 0.5  # proportional to the cap, never to the gap
+    n = (nxt.at - prev.at) // SLOT
+    assert len(slots) == (1 if n > cap else n) and slots[-1].end == nxt.at
+    if n > cap:
+        assert slots[0].quality == MISSING
+    assert all(s.value is None or s.value >= 0 for s in slots)
+    if all(s.value is not None for s in slots) and len(slots) > 1:
+        delta = (nxt.value - prev.value) % 10**nxt.digits
+        assert sum(s.value or 0 for s in slots) == delta  # estimates sum exactly to the register difference
