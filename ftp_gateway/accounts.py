@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import threading
 import time
 from collections import Counter
@@ -43,10 +44,12 @@ class Accounts:
         return None
 
     def check_password(self, user: str, password: str) -> Account | None:
-        """The account when the password is right, else None (same work whether or not the user exists)."""
+        """The account when the password is right, else None (the same work whether the user exists, has a
+        password or logs in by key only: the time of a failure tells nothing)."""
         account = self.get(user)
-        ok = verify_password(password, account.password_hash if account else _DUMMY)
-        return account if ok and account is not None else None
+        stored = account.password_hash if account is not None and account.password_hash else None
+        ok = verify_password(password, stored or _DUMMY)
+        return account if ok and stored is not None else None
 
 
 _DUMMY = "scrypt$16384$8$1$AAAAAAAAAAAAAAAAAAAAAA==$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
@@ -68,6 +71,7 @@ class Bans:
 
     def banned(self, address: str) -> bool:
         """Whether the address is banned now."""
+        address = normalize(address)
         with self._lock:
             until = self._until.get(address)
             if until is None:
@@ -85,6 +89,7 @@ class Bans:
 
     def failed(self, address: str) -> bool:
         """Count a failed login; True when it bans the address."""
+        address = normalize(address)
         with self._lock:
             now = self.clock()
             recent = [t for t in self._failures.get(address, []) if now - t < self.window] + [now]
@@ -99,5 +104,17 @@ class Bans:
 
     def succeeded(self, address: str) -> None:
         """A good login forgets the address's earlier failures."""
+        address = normalize(address)
         with self._lock:
             self._failures.pop(address, None)
+
+
+def normalize(address: str) -> str:
+    """One spelling per address: `::ffff:127.0.0.1` (IPv4 on a dual-stack socket) is `127.0.0.1`."""
+    try:
+        ip = ipaddress.ip_address(address.split("%")[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)

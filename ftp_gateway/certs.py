@@ -16,6 +16,16 @@ from cryptography.x509.oid import NameOID
 log = logging.getLogger("smame.ftp")
 
 
+def write_secret(path: Path, data: bytes) -> None:
+    """Write a private key readable by its owner only: created with mode 600, never wider for an instant."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
 def ensure_certificate(cert: Path, key: Path, names: list[str]) -> str:
     """Create a self-signed certificate for `names` unless one exists; return its SHA-256 fingerprint."""
     if not (cert.exists() and key.exists()):
@@ -36,9 +46,8 @@ def ensure_certificate(cert: Path, key: Path, names: list[str]) -> str:
             .add_extension(x509.SubjectAlternativeName(alt), critical=False)
             .sign(private, hashes.SHA256())
         )
-        key.write_bytes(private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                              serialization.NoEncryption()))
-        os.chmod(key, 0o600)
+        write_secret(key, private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                serialization.NoEncryption()))
         cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
         log.info("ftp: self-signed certificate written to %s", cert)
     loaded = x509.load_pem_x509_certificate(cert.read_bytes())

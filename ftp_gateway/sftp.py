@@ -10,8 +10,10 @@ from typing import Any, NoReturn
 import asyncssh
 
 from ftp_gateway.accounts import Accounts, Bans
+from ftp_gateway.certs import write_secret
 
 log = logging.getLogger("smame.sftp")
+MAX_AUTH_ATTEMPTS = 6  # on one connection; then it is closed (OpenSSH's MaxAuthTries)
 _WRITE_FLAGS = asyncssh.FXF_WRITE | asyncssh.FXF_APPEND | asyncssh.FXF_CREAT | asyncssh.FXF_TRUNC
 
 
@@ -26,8 +28,7 @@ def host_key(path: Path) -> asyncssh.SSHKey:
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
         key = asyncssh.generate_private_key("ssh-ed25519")
-        key.write_private_key(str(path))
-        os.chmod(path, 0o600)
+        write_secret(path, key.export_private_key())
         log.info("sftp: new host key written to %s", path)
     log.info("sftp: host key fingerprint %s", key.get_fingerprint("sha256"))
     return key
@@ -38,17 +39,21 @@ class _Server(asyncssh.SSHServer):
         self.accounts = accounts
         self.bans = bans
         self.address = "?"
+        self.attempts = 0
         self.conn: asyncssh.SSHServerConnection | None = None
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
         self.address = (conn.get_extra_info("peername") or ("?",))[0]
 
-    def begin_auth(self, username: str) -> bool:
+    def _refuse_if_banned(self) -> None:
         if self.bans.banned(self.address):
             log.warning("sftp: refused %s: banned", self.address)
             raise asyncssh.DisconnectError(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE,
                                            "too many failed logins from your address; try again later")
+
+    def begin_auth(self, username: str) -> bool:
+        self._refuse_if_banned()
         account = self.accounts.get(username)
         if account is not None and account.ssh_keys and self.conn is not None:
             self.conn.set_authorized_keys(asyncssh.import_authorized_keys("\n".join(account.ssh_keys)))
@@ -61,6 +66,12 @@ class _Server(asyncssh.SSHServer):
         return True
 
     def validate_password(self, username: str, password: str) -> bool:
+        # Every attempt, not only the first: one connection must not go on guessing once its address is banned.
+        self._refuse_if_banned()
+        self.attempts += 1
+        if self.attempts > MAX_AUTH_ATTEMPTS:
+            log.warning("sftp: closed user=%s address=%s after %d attempts", username, self.address, MAX_AUTH_ATTEMPTS)
+            raise asyncssh.DisconnectError(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE, "too many attempts")
         if self.accounts.check_password(username, password) is not None:
             self.bans.succeeded(self.address)
             self.accounts.events[("sftp", "login")] += 1

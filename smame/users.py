@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from pathlib import Path
 
 import tomlkit
 
 from ftp_gateway.passwords import hash_password
 
-USER = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+USER = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 class UsersError(ValueError):
@@ -21,9 +23,15 @@ def _load(path: Path) -> tomlkit.TOMLDocument:
 
 
 def _save(path: Path, doc: tomlkit.TOMLDocument) -> None:
+    # The file holds password hashes: the new one gets the old one's mode from its first byte on.
+    mode = stat.S_IMODE(path.stat().st_mode)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(tomlkit.dumps(doc), encoding="utf-8")
-    tmp.replace(path)
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    os.fchmod(fd, mode)  # the umask must not narrow or widen it either
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(tomlkit.dumps(doc))
+    os.replace(tmp, path)
 
 
 def _all(doc: tomlkit.TOMLDocument) -> list[tuple[str, str]]:
@@ -32,7 +40,7 @@ def _all(doc: tomlkit.TOMLDocument) -> list[tuple[str, str]]:
 
 def add_user(path: Path, customer: str, user: str, password: str | None, ssh_keys: list[str]) -> None:
     """Add a login to a customer, with a scrypt hash of its password and/or SSH public keys."""
-    if not USER.match(user):
+    if not USER.fullmatch(user):
         raise UsersError(f"user name {user!r} must be 1 to 64 of A-Z a-z 0-9 _ . -")
     if not password and not ssh_keys:
         raise UsersError("give a password or an SSH public key")

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import asyncssh
 import paramiko
 import pytest
 
@@ -256,6 +257,31 @@ def test_repeated_failures_ban_the_address_for_a_while(gateway: Gateway) -> None
     ftps(gateway).quit()  # the ban has ended
 
 
+async def test_a_banned_address_cannot_go_on_guessing_on_an_open_sftp_connection(gateway: Gateway) -> None:
+    tries = ["wrong-password"] * 3 + [PASSWORDS["alice"]] * 3  # ban_after = 3: the third failure bans
+
+    class Guesser(asyncssh.SSHClient):
+        def password_auth_requested(self) -> str | None:
+            return tries.pop(0) if tries else None
+
+    with pytest.raises((asyncssh.PermissionDenied, asyncssh.DisconnectError)):
+        async with asyncssh.connect("127.0.0.1", gateway.sftp, username="alice", client_factory=Guesser,
+                                    known_hosts=None, preferred_auth=["password"], login_timeout=20):
+            pass
+    log = gateway.log.read_text()
+    assert "banned after repeated failed logins" in log and "sftp: login user=alice" not in log
+
+
+def test_secrets_are_private_and_stay_so(gateway: Gateway, workdir: Path) -> None:
+    data = gateway.export.parent
+    for secret in (data / "ftps-key.pem", data / "ssh_host_ed25519_key"):
+        assert secret.stat().st_mode & 0o777 == 0o600, secret
+    customers = workdir / "customers.toml"
+    customers.chmod(0o600)  # it holds the password hashes
+    smame(["users", "remove", "bob"], gateway.env)
+    assert customers.stat().st_mode & 0o777 == 0o600
+
+
 def test_a_download_during_a_rewrite_gets_one_whole_version(gateway: Gateway) -> None:
     path = gateway.export / "C1" / "C1_20261124.csv"
     versions = [b"a" * 300_000 + b"\n", b"b" * 200_000 + b"\n"]
@@ -290,6 +316,8 @@ def test_users_cli_errors(gateway: Gateway) -> None:
     for args, stdin, message in ((["users", "add", "C9", "x", "--password-stdin"], "long-enough-pass\n", "customer C9"),
                                  (["users", "add", "C1", "alice", "--password-stdin"], "long-enough-pass\n", "exists"),
                                  (["users", "add", "C1", "dan", "--password-stdin"], "short\n", "at least 12"),
+                                 (["users", "add", "C1", "bob\n", "--password-stdin"], "long-enough-pass\n", "user name"),
+                                 (["users", "add", "C1", "a b", "--password-stdin"], "long-enough-pass\n", "user name"),
                                  (["users", "remove", "nobody"], "", "no user nobody")):
         proc = subprocess.run([sys.executable, "-m", "smame.cli", *args], env=env, input=stdin, capture_output=True,
                               text=True)
