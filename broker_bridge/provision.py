@@ -14,7 +14,6 @@ import datetime
 import hashlib
 import ipaddress
 import os
-import re
 import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +24,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-UNIT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+from broker_bridge.telegram import MAX_PAYLOAD, UNIT_ID
+
 # Units' passwords are random 192-bit tokens, so PBKDF2's iterations add no strength; mosquitto's own default
 # keeps a reconnect storm of a whole fleet cheap for the broker.
 ITERATIONS = 101
@@ -45,6 +45,9 @@ def password_line(user: str, password: str, salt: bytes, iterations: int = ITERA
     return f"{user}:$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
 
 
+MAX_PACKET = MAX_PAYLOAD + 4096  # the payload, its topic and the MQTT header
+
+
 def acl_text(ingest_user: str) -> str:
     """The ACL: the ingest user reads every unit's topics; each unit writes only under its own id."""
     return (
@@ -52,6 +55,8 @@ def acl_text(ingest_user: str) -> str:
         f"user {ingest_user}\n"
         "topic read smame/v1/+/reading\n"
         "topic read smame/v1/+/status\n"
+        "# the unit patterns below would let it write under its own name: a deny wins over them\n"
+        f"topic deny smame/v1/{ingest_user}/#\n"
         "\n"
         "# Every other user is a unit logged in as its unit id (or its certificate's CN).\n"
         "pattern write smame/v1/%u/reading\n"
@@ -78,6 +83,8 @@ def mosquitto_conf(conf_dir: str, data_dir: str, tls: bool, max_queued: int, pla
         "max_queued_bytes 0",
         "max_inflight_messages 0",
         "set_tcp_nodelay true",
+        "# A telegram is at most 16 KiB: a larger packet is refused at the door and its sender disconnected.",
+        f"max_packet_size {MAX_PACKET}",
         "",
         f"# Passwords: for smame inside the deployment's own network{' (units use TLS below)' if tls else ''}.",
         f"listener {plain_port}",
@@ -151,6 +158,8 @@ def provision(units: Sequence[str], out: Path, *, tls: bool = False, ingest_user
               data_dir: str = "/mosquitto/data", outage_hours: float = 24.0, port: int = 1883,
               tls_port: int = 8883) -> Provisioned:
     """Write or update the broker's security files in `out` for these units."""
+    if not UNIT_ID.fullmatch(ingest_user):  # it is written into the password file and the ACL
+        raise ProvisionError(f"--ingest-user {ingest_user!r} must be 1 to 64 of A-Z a-z 0-9 _ -")
     if ingest_user in units:
         raise ProvisionError(f"the ingest user {ingest_user!r} is also a unit id; choose another --ingest-user")
     out.mkdir(parents=True, exist_ok=True)

@@ -79,8 +79,8 @@ class Client:
     def ok(self) -> bool:
         return self.connack is not None and not self.connack.is_failure
 
-    def publish(self, topic: str) -> ReasonCode:
-        info = self.c.publish(topic, b"{}", qos=1)
+    def publish(self, topic: str, payload: bytes = b"{}") -> ReasonCode:
+        info = self.c.publish(topic, payload, qos=1)
         wait_until(lambda: info.mid in self.acks, 5, every=0.02)
         return self.acks[info.mid]
 
@@ -108,6 +108,7 @@ def test_each_unit_publishes_only_under_its_own_topic_and_ingest_only_reads(work
         assert u1.publish("smame/v1/U2/reading").getName() == "Not authorized"  # another unit's topic
         assert u1.publish("smame/v1/U1/other").getName() == "Not authorized"
         assert ingest.publish("smame/v1/U1/reading").getName() == "Not authorized"  # ingest cannot forge readings
+        assert ingest.publish("smame/v1/smame-ingest/reading").getName() == "Not authorized"  # nor as itself
         wait_until(lambda: ingest.received)
         time.sleep(0.3)
         assert ingest.received == ["smame/v1/U1/reading"]
@@ -139,6 +140,30 @@ def test_unit_ids_that_would_widen_the_acl_are_refused(workdir: Path, bad: str) 
     assert proc.returncode == 2
     assert f"line 3: unit id {bad!r} cannot be provisioned" in proc.stderr
     assert not (workdir / "b" / "passwd").exists()
+
+
+@pytest.mark.parametrize("bad", ["smame-ingest\ntopic readwrite #", "in gest", "x/y"])
+def test_an_ingest_user_that_would_widen_the_acl_is_refused(workdir: Path, bad: str) -> None:
+    write_registry(workdir, {"U1": "C1"})
+    proc = smame(["provision", "--registry", str(workdir / "units.csv"), "--out", str(workdir / "b"),
+                  "--ingest-user", bad], smame_env(workdir, 1883), check=False)
+    assert proc.returncode == 2 and "--ingest-user" in proc.stderr
+    assert not (workdir / "b" / "acl").exists()
+
+
+def test_an_oversized_telegram_is_refused_at_the_door(workdir: Path) -> None:
+    out, port, _ = provisioned(workdir, {"U1": "C1"})
+    broker = start_broker(workdir, out, port)
+    u1 = Client(port, "U1", credentials(out)["U1"])
+    try:
+        assert u1.ok
+        assert not u1.publish("smame/v1/U1/reading", b"x" * 16_384).is_failure  # the contract's limit passes
+        u1.c.publish("smame/v1/U1/reading", b"x" * 100_000, qos=1)
+        # the broker drops it and the connection (paho then reconnects by itself)
+        wait_log(broker.dir / "mosquitto.log", "disconnected due to oversize packet", 10)
+    finally:
+        u1.close()
+        broker.stop()
 
 
 def test_running_again_keeps_credentials_adds_new_units_and_drops_removed_ones(workdir: Path) -> None:
