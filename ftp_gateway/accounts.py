@@ -118,3 +118,34 @@ def normalize(address: str) -> str:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return str(ip.ipv4_mapped)
     return str(ip)
+
+
+@dataclass
+class Doorway:
+    """Connections that have not logged in yet: counted per address and in all, each count capped, and each
+    connection given `login_timeout` seconds to log in."""
+
+    per_address: int = 4
+    total: int = 32
+    login_timeout: float = 20.0
+    _waiting: Counter[str] = field(default_factory=Counter)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    refused: int = 0
+
+    def enter(self, address: str) -> bool:
+        """Let one more connection from this address wait for its login; False when a cap is reached."""
+        address = normalize(address)
+        with self._lock:
+            if self._waiting[address] >= self.per_address or sum(self._waiting.values()) >= self.total:
+                self.refused += 1
+                return False
+            self._waiting[address] += 1
+            return True
+
+    def leave(self, address: str) -> None:
+        """A waiting connection logged in or went away."""
+        address = normalize(address)
+        with self._lock:
+            self._waiting[address] -= 1
+            if self._waiting[address] <= 0:
+                del self._waiting[address]

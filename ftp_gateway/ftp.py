@@ -15,10 +15,11 @@ from typing import Any
 
 from OpenSSL import SSL
 from pyftpdlib.authorizers import AuthenticationFailed
+from pyftpdlib.filesystems import AbstractedFS
 from pyftpdlib.handlers import FTPHandler, TLS_FTPHandler
 from pyftpdlib.servers import FTPServer
 
-from ftp_gateway.accounts import Accounts, Bans
+from ftp_gateway.accounts import Accounts, Bans, Doorway
 
 log = logging.getLogger("smame.ftp")
 READ_ONLY = "elr"  # change directory, list, retrieve
@@ -85,11 +86,19 @@ class _Authorizer:
         pass
 
 
-def _handler(options: FtpOptions, accounts: Accounts, bans: Bans) -> type[FTPHandler]:
+class _NoLinks(AbstractedFS):  # type: ignore[misc]
+    """Listings leave symbolic links out: their targets would name places outside the customer's directory."""
+
+    def listdir(self, path: str) -> list[str]:
+        return [n for n in super().listdir(path) if not os.path.islink(os.path.join(path, n))]
+
+
+def _handler(options: FtpOptions, accounts: Accounts, bans: Bans, doorway: Doorway) -> type[FTPHandler]:
     base: type[FTPHandler] = TLS_FTPHandler if options.tls else FTPHandler
 
     class Handler(base):  # type: ignore[misc]
         authorizer = _Authorizer(accounts, bans)
+        abstracted_fs = _NoLinks
         banner = "smame file gateway"
         passive_ports = options.passive_ports
         masquerade_address = options.masquerade_address
@@ -97,13 +106,46 @@ def _handler(options: FtpOptions, accounts: Accounts, bans: Bans) -> type[FTPHan
         permit_foreign_addresses = False
         use_sendfile = False
 
+        waiting = False  # counted by the doorway until it logs in or goes
+
         def on_connect(self) -> None:
             if bans.banned(self.remote_ip):
                 log.warning("ftp: refused %s: banned", self.remote_ip)
                 self.respond("421 Too many failed logins from your address; try again later.")
                 self.close_when_done()
+                return
+            self.waiting = doorway.enter(self.remote_ip)
+            if not self.waiting:
+                log.warning("ftp: refused %s: too many connections waiting to log in", self.remote_ip)
+                self.respond("421 Too many connections waiting to log in; try again later.")
+                self.close_when_done()
+                return
+            self._login_timer = self.ioloop.call_later(doorway.login_timeout, self._login_expired,
+                                                       _errback=self.handle_error)
+
+        def _login_expired(self) -> None:
+            if not self.authenticated:
+                self.respond("421 Login timed out.")
+                self.close_when_done()
+
+        def _leave(self) -> None:
+            if self.waiting:
+                self.waiting = False
+                doorway.leave(self.remote_ip)
+                self._login_timer.cancel()
+
+        def close(self) -> None:  # not on_disconnect: pyftpdlib calls that a loop turn later
+            self._leave()
+            super().close()
+
+        def ftp_PORT(self, line: str) -> None:  # noqa: N802 (pyftpdlib's name)
+            self.respond("502 Active mode is off: use PASV or EPSV.")
+
+        def ftp_EPRT(self, line: str) -> None:  # noqa: N802 (pyftpdlib's name)
+            self.respond("502 Active mode is off: use PASV or EPSV.")
 
         def on_login(self, username: str) -> None:
+            self._leave()
             bans.succeeded(self.remote_ip)
             accounts.events[("ftp", "login")] += 1
             account = accounts.get(username)
@@ -142,8 +184,8 @@ def _handler(options: FtpOptions, accounts: Accounts, bans: Bans) -> type[FTPHan
 class FtpServer:
     """The FTP/FTPS server in a thread of its own."""
 
-    def __init__(self, options: FtpOptions, accounts: Accounts, bans: Bans) -> None:
-        handler = _handler(options, accounts, bans)
+    def __init__(self, options: FtpOptions, accounts: Accounts, bans: Bans, doorway: Doorway) -> None:
+        handler = _handler(options, accounts, bans, doorway)
         self.server = FTPServer((options.host, options.port), handler)
         self.server.max_cons = options.max_connections
         self.server.max_cons_per_ip = options.max_connections_per_ip

@@ -6,7 +6,7 @@ import asyncio
 import logging
 from pathlib import Path
 
-from ftp_gateway.accounts import Accounts, Bans
+from ftp_gateway.accounts import Accounts, Bans, Doorway
 from ftp_gateway.ftp import FtpOptions, FtpServer
 from ftp_gateway.sftp import host_key, start_sftp
 
@@ -16,10 +16,11 @@ log = logging.getLogger("smame.files")
 class FileGateway:
     """Runs until cancelled; stops both servers on the way out."""
 
-    def __init__(self, accounts: Accounts, bans: Bans, ftp: FtpOptions | None,
+    def __init__(self, accounts: Accounts, bans: Bans, doorway: Doorway, ftp: FtpOptions | None,
                  sftp: tuple[str, int, Path] | None) -> None:
         self.accounts = accounts
         self.bans = bans
+        self.doorway = doorway
         self.ftp_options = ftp
         self.sftp_options = sftp
         self.ftp_port: int | None = None
@@ -27,7 +28,7 @@ class FileGateway:
 
     async def run(self) -> None:
         """Serve until cancelled."""
-        ftp = FtpServer(self.ftp_options, self.accounts, self.bans) if self.ftp_options else None
+        ftp = FtpServer(self.ftp_options, self.accounts, self.bans, self.doorway) if self.ftp_options else None
         acceptor = None
         try:
             if ftp is not None:
@@ -35,7 +36,7 @@ class FileGateway:
                 self.ftp_port = ftp.port
             if self.sftp_options is not None:
                 host, port, key_path = self.sftp_options
-                acceptor = await start_sftp(host, port, host_key(key_path), self.accounts, self.bans)
+                acceptor = await start_sftp(host, port, host_key(key_path), self.accounts, self.bans, self.doorway)
                 self.sftp_port = acceptor.get_port()
             await asyncio.Event().wait()
         finally:

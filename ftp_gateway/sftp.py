@@ -9,7 +9,7 @@ from typing import Any, NoReturn
 
 import asyncssh
 
-from ftp_gateway.accounts import Accounts, Bans
+from ftp_gateway.accounts import Accounts, Bans, Doorway
 from ftp_gateway.certs import write_secret
 
 log = logging.getLogger("smame.sftp")
@@ -35,9 +35,11 @@ def host_key(path: Path) -> asyncssh.SSHKey:
 
 
 class _Server(asyncssh.SSHServer):
-    def __init__(self, accounts: Accounts, bans: Bans) -> None:
+    def __init__(self, accounts: Accounts, bans: Bans, doorway: Doorway) -> None:
         self.accounts = accounts
         self.bans = bans
+        self.doorway = doorway
+        self.waiting = False  # counted by the doorway until it logs in or goes
         self.address = "?"
         self.attempts = 0
         self.conn: asyncssh.SSHServerConnection | None = None
@@ -45,6 +47,21 @@ class _Server(asyncssh.SSHServer):
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
         self.address = (conn.get_extra_info("peername") or ("?",))[0]
+        self.waiting = self.doorway.enter(self.address)
+        if not self.waiting:
+            log.warning("sftp: refused %s: too many connections waiting to log in", self.address)
+            conn.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._leave()
+
+    def auth_completed(self) -> None:
+        self._leave()
+
+    def _leave(self) -> None:
+        if self.waiting:
+            self.waiting = False
+            self.doorway.leave(self.address)
 
     def _refuse_if_banned(self) -> None:
         if self.bans.banned(self.address):
@@ -150,12 +167,13 @@ class ReadOnlySFTP(asyncssh.SFTPServer):
         return self._refuse("readlink")  # a link's target would name places outside the directory
 
 
-async def start_sftp(host: str, port: int, key: asyncssh.SSHKey, accounts: Accounts, bans: Bans) -> asyncssh.SSHAcceptor:
+async def start_sftp(host: str, port: int, key: asyncssh.SSHKey, accounts: Accounts, bans: Bans,
+                     doorway: Doorway) -> asyncssh.SSHAcceptor:
     """Listen for SFTP; the acceptor's `close()` stops it."""
     acceptor = await asyncssh.listen(
-        host, port, server_host_keys=[key], server_factory=lambda: _Server(accounts, bans),
+        host, port, server_host_keys=[key], server_factory=lambda: _Server(accounts, bans, doorway),
         sftp_factory=lambda chan: ReadOnlySFTP(chan, accounts), allow_scp=False, process_factory=None,
-        login_timeout=30,
+        login_timeout=doorway.login_timeout,
     )
     log.info("sftp: listening on port %d", acceptor.get_port())
     return acceptor

@@ -17,7 +17,7 @@ from aggregator.writer import Writer
 from broker_bridge.bridge import Bridge, BrokerTarget, target_from_url, tls_context
 from broker_bridge.telegram import Incoming, Refused, Rules
 from csv_export.exporter import Exporter
-from ftp_gateway.accounts import Accounts, Bans
+from ftp_gateway.accounts import Accounts, Bans, Doorway
 from ftp_gateway.certs import ensure_certificate
 from ftp_gateway.ftp import FtpOptions
 from ftp_gateway.service import FileGateway
@@ -80,6 +80,7 @@ def build_gateway(settings: Settings, registry: RegistryHolder) -> FileGateway |
     assert settings.export.dir is not None
     accounts = Accounts(lambda: registry.current, settings.export.dir)
     bans = Bans(f.ban_after, f.ban_window_s, f.ban_s)
+    doorway = Doorway(f.max_unauthenticated_per_ip, f.max_unauthenticated, f.login_timeout_s)
     ftp = None
     if f.enabled:
         cert = f.certfile or settings.data_dir / "ftps-cert.pem"
@@ -89,7 +90,7 @@ def build_gateway(settings: Settings, registry: RegistryHolder) -> FileGateway |
         ftp = FtpOptions(f.host, f.port, (cert, key), f.tls_required, f.passive_range, f.masquerade_address,
                          f.max_connections, f.max_connections_per_ip, f.fail_delay_s)
     sftp = (s.host, s.port, s.host_key or settings.data_dir / "ssh_host_ed25519_key") if s.enabled else None
-    return FileGateway(accounts, bans, ftp, sftp)
+    return FileGateway(accounts, bans, doorway, ftp, sftp)
 
 
 def build_outbox(settings: Settings, store: Store, clock: Callable[[], float] = time.time) -> Outbox:

@@ -116,6 +116,10 @@ class FtpSettings(Section):
     max_connections: int = Field(default=256, ge=1)
     max_connections_per_ip: int = Field(default=16, ge=1)
     fail_delay_s: float = Field(default=3.0, ge=0)
+    # Connections not logged in yet (FTP and SFTP alike): strangers idling at the door cannot crowd customers out.
+    login_timeout_s: float = Field(default=20.0, gt=0, le=600)
+    max_unauthenticated: int = Field(default=32, ge=1)
+    max_unauthenticated_per_ip: int = Field(default=4, ge=1)
     ban_after: int = Field(default=5, ge=1)
     ban_window_s: int = Field(default=600, ge=1)
     ban_s: int = Field(default=3600, ge=1)

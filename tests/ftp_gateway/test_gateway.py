@@ -22,7 +22,7 @@ import paramiko
 import pytest
 
 from csv_export.files import write_if_changed
-from tests.helpers import STARTED, free_port, real_processes, smame, smame_env, wait_log, write_registry
+from tests.helpers import STARTED, free_port, real_processes, smame, smame_env, wait_log, wait_until, write_registry
 
 PASSWORDS = {"alice": "alice-password-1", "bob": "bob-password-22"}
 
@@ -49,7 +49,8 @@ def gateway(workdir: Path, request: pytest.FixtureRequest) -> Iterator[Gateway]:
                     SMAME_FTP__HOST="127.0.0.1", SMAME_FTP__PORT=str(ftp), SMAME_SFTP__HOST="127.0.0.1",
                     SMAME_SFTP__PORT=str(sftp), SMAME_FTP__FAIL_DELAY_S="0.05", SMAME_FTP__BAN_AFTER="3",
                     SMAME_FTP__BAN_S="3", SMAME_FTP__PASSIVE_PORTS=f"{40000 + ftp % 20000}-{40009 + ftp % 20000}",
-                    SMAME_FTP__TLS_REQUIRED=str(request.param).lower())
+                    SMAME_FTP__TLS_REQUIRED=str(request.param).lower(), SMAME_FTP__LOGIN_TIMEOUT_S="2",
+                    SMAME_FTP__MAX_UNAUTHENTICATED="6", SMAME_FTP__MAX_UNAUTHENTICATED_PER_IP="4")
     for user, customer in (("alice", "C1"), ("bob", "C2")):
         proc = subprocess.run([sys.executable, "-m", "smame.cli", "users", "add", customer, user, "--password-stdin"],
                               env=env, input=PASSWORDS[user] + "\n", capture_output=True, text=True)
@@ -141,9 +142,17 @@ def test_ssh_key_login(gateway: Gateway, workdir: Path) -> None:
 def test_ftps_refuses_everything_but_reading_ones_own_files(gateway: Gateway) -> None:
     outside = gateway.export / "C1" / "escape.csv"
     os.symlink(gateway.export / "C2" / "C2_20261123.csv", outside)
+    os.symlink("/etc/passwd", gateway.export / "C1" / "etc-passwd-link")
     client = ftps(gateway)
     client.cwd("/")
     assert "C2_20261123.csv" not in client.nlst()
+    listing: list[str] = []
+    client.retrlines("LIST", listing.append)
+    client.retrlines("MLSD", listing.append)
+    assert listing and not any("->" in line or "passwd" in line or "escape" in line for line in listing), listing
+    for active in ("PORT 127,0,0,1,200,10", "EPRT |1|127.0.0.1|51210|"):  # passive only, as docs/delivery.md says
+        with pytest.raises(ftplib.error_perm, match="502"):
+            client.sendcmd(active)
     for cmd in ("RETR ../C2/C2_20261123.csv", "RETR /../C2/C2_20261123.csv", "RETR escape.csv"):
         with pytest.raises(ftplib.error_perm):
             retr(client, cmd.split(" ", 1)[1])
@@ -159,7 +168,7 @@ def test_ftps_refuses_everything_but_reading_ones_own_files(gateway: Gateway) ->
     client.quit()
     assert (gateway.export / "C1" / "C1_20261123.csv").read_bytes() == b"unit_id\nC1-data\n"
     assert sorted(p.name for p in (gateway.export / "C1").iterdir()) == ["C1_20261123.csv", "C1_20261123.csv.sha256",
-                                                                         "escape.csv"]
+                                                                         "escape.csv", "etc-passwd-link"]
 
 
 def test_sftp_refuses_everything_but_reading_ones_own_files(gateway: Gateway, workdir: Path) -> None:
@@ -280,6 +289,47 @@ def test_secrets_are_private_and_stay_so(gateway: Gateway, workdir: Path) -> Non
     customers.chmod(0o600)  # it holds the password hashes
     smame(["users", "remove", "bob"], gateway.env)
     assert customers.stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize("protocol", ["ftp", "sftp"])
+def test_idle_strangers_cannot_crowd_out_customers(gateway: Gateway, protocol: str) -> None:
+    port = gateway.ftp if protocol == "ftp" else gateway.sftp
+
+    def stranger(source: str) -> socket.socket:
+        s = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0))
+        s.recv(100)  # the banner: the server has taken the connection
+        return s
+
+    def refused(source: str) -> bool:
+        with socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0)) as s:
+            data = b""
+            while chunk := s.recv(4096):  # the server closes it: 421 for FTP, nothing more for SSH
+                data += chunk
+            return protocol == "sftp" or data.startswith(b"421") or b"\r\n421" in data
+
+    idle = [stranger("127.0.0.2") for _ in range(4)] + [stranger("127.0.0.3") for _ in range(2)]
+    try:
+        assert refused("127.0.0.2")  # four wait from that address already
+        assert refused("127.0.0.4")  # six wait in all
+        # they are given 2 s to log in; then the door is open again for customers
+        wait_until(lambda: all(_closed(s) for s in idle), 10)
+        if protocol == "ftp":
+            ftps(gateway).quit()
+        else:
+            sftp(gateway).close()
+    finally:
+        for s in idle:
+            s.close()
+
+
+def _closed(s: socket.socket) -> bool:
+    s.settimeout(0.1)
+    try:
+        while chunk := s.recv(4096):
+            pass
+        return not chunk
+    except (TimeoutError, OSError):
+        return False
 
 
 def test_a_download_during_a_rewrite_gets_one_whole_version(gateway: Gateway) -> None:
