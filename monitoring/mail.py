@@ -47,6 +47,10 @@ class SmtpChannel:
         self.host = parts.hostname or "localhost"
         self.port = parts.port or (465 if self.implicit_tls else 25)
         self.settings = settings
+        self.deadline = settings.timeout_s  # for the whole send: a server that drips its answer fails in time
+        # The connection itself waits longer: a reply to DATA that comes after the deadline still marks the
+        # message sent (see Outbox._send), where giving up on it would send it again.
+        self.socket_timeout = 4 * settings.timeout_s
         self.context = ssl.create_default_context(cafile=str(settings.ca_file) if settings.ca_file else None)
         self.context.minimum_version = ssl.TLSVersion.TLSv1_2
 
@@ -59,9 +63,9 @@ class SmtpChannel:
         s = self.settings
         try:
             if self.implicit_tls:
-                smtp: smtplib.SMTP = smtplib.SMTP_SSL(self.host, self.port, timeout=s.timeout_s, context=self.context)
+                smtp: smtplib.SMTP = smtplib.SMTP_SSL(self.host, self.port, timeout=self.socket_timeout, context=self.context)
             else:
-                smtp = smtplib.SMTP(self.host, self.port, timeout=s.timeout_s)
+                smtp = smtplib.SMTP(self.host, self.port, timeout=self.socket_timeout)
             with smtp:
                 smtp.ehlo()
                 if not self.implicit_tls and s.starttls != "never":

@@ -13,10 +13,12 @@ import asyncio
 import logging
 import random
 import sqlite3
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from typing import Protocol
+from concurrent.futures import Future
+from typing import Any, Protocol
 
 from aggregator.store import OutboxRow, Store
 
@@ -33,11 +35,43 @@ class SendFailed(Exception):
 
 
 class Channel(Protocol):
-    """Something that delivers stored payloads (mail, Slack)."""
+    """Something that delivers stored payloads (mail, Slack); a send that takes longer than `deadline` seconds
+    in all counts as failed."""
 
     name: str
+    deadline: float
 
     def send(self, payload: bytes) -> None: ...
+
+
+class Lane:
+    """One channel's send at a time, each on a daemon thread: a server that stalls holds up only its own
+    channel, and never the process's exit."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.current: Future[None] | None = None
+
+    @property
+    def busy(self) -> bool:
+        """True while a send (perhaps one given up on) has not finished."""
+        return self.current is not None and not self.current.done()
+
+    def submit(self, fn: Callable[[], None]) -> Future[None]:
+        """Run `fn` now; the future tells how it went."""
+        done: Future[None] = Future()
+
+        def work() -> None:
+            try:
+                fn()
+            except BaseException as exc:  # noqa: BLE001 (handed to the waiting side)
+                done.set_exception(exc)
+            else:
+                done.set_result(None)
+
+        self.current = done
+        threading.Thread(target=work, name=f"outbox-{self.name}", daemon=True).start()
+        return done
 
 
 Message = tuple[str, str, bytes]  # (key, channel, payload)
@@ -58,6 +92,7 @@ class Outbox:
         self.clock = clock
         self.stats: Counter[tuple[str, str]] = Counter()  # (channel, sent|failed|given_up)
         self.failing: dict[str, tuple[float, str]] = {}  # channel -> (failing since, last error)
+        self._lanes: dict[str, Lane] = {}
         self._wake = asyncio.Event()
 
     async def put(self, messages: Sequence[Message], also: Callable[[], None] = lambda: None) -> int:
@@ -91,21 +126,28 @@ class Outbox:
             self._wake.clear()
 
     async def deliver_due(self) -> int:
-        """Send every message due now; returns how many went out."""
+        """Send every message due now, the channels side by side; returns how many went out."""
         rows = await self.store.call(self.store.claim_due, self.clock(), self.lease_s)
-        sent = 0
-        blocked: dict[str, float] = {}  # a channel that failed this round: its later messages wait as long
-        loop = asyncio.get_running_loop()
+        by_channel: dict[str, list[OutboxRow]] = {}
         for row in rows:
-            channel = self.channels.get(row.channel)
-            if row.channel in blocked:  # keep each channel's order: an alert's end never before its start
-                await self.store.call(self.store.outbox_retry, row.id, blocked[row.channel], "waiting for an earlier message")
+            by_channel.setdefault(row.channel, []).append(row)
+        counts = await asyncio.gather(*(self._deliver(name, rows) for name, rows in by_channel.items()))
+        return sum(counts)
+
+    async def _deliver(self, name: str, rows: list[OutboxRow]) -> int:
+        """One channel's due messages, in order; a failure makes its later messages wait as long."""
+        channel = self.channels.get(name)
+        sent = 0
+        blocked: float | None = None
+        for row in rows:
+            if blocked is not None:  # keep each channel's order: an alert's end never before its start
+                await self.store.call(self.store.outbox_retry, row.id, blocked, "waiting for an earlier message")
                 continue
             if channel is None:
-                await self._give_up(row, f"channel {row.channel} is not configured any more")
+                await self._give_up(row, f"channel {name} is not configured any more")
                 continue
             try:
-                await loop.run_in_executor(None, channel.send, row.payload)
+                await self._send(channel, row)
             except Exception as exc:  # noqa: BLE001 (a failing notification must never stop ingest)
                 if not isinstance(exc, SendFailed):
                     # A bad payload or a library's bug: retrying will not cure it, and waiting for it would hold
@@ -117,8 +159,7 @@ class Outbox:
                 if exc.permanent or self.clock() - row.created > self.give_up_s:
                     await self._give_up(row, str(exc))
                     continue
-                retry = self._next_try(row, exc.retry_after)
-                blocked[row.channel] = retry
+                retry = blocked = self._next_try(row, exc.retry_after)
                 await self.store.call(self.store.outbox_retry, row.id, retry, str(exc))
                 log.warning("sending %s by %s failed (attempt %d), retrying in %.0f s: %s",
                             row.key, row.channel, row.attempts + 1, retry - self.clock(), exc)
@@ -129,6 +170,31 @@ class Outbox:
             sent += 1
             log.info("sent %s by %s", row.key, row.channel)
         return sent
+
+    async def _send(self, channel: Channel, row: OutboxRow) -> None:
+        """Send on the channel's lane, waiting `channel.deadline` seconds at most. A send that finishes after
+        that is still marked sent when it succeeds: no retry starts before it has finished, and then finds
+        nothing to send, so nothing goes twice."""
+        loop = asyncio.get_running_loop()
+        lane = self._lanes.get(channel.name)
+        if lane is None:
+            lane = self._lanes[channel.name] = Lane(channel.name)
+        if lane.busy:
+            raise SendFailed("the server has not yet answered an earlier message")
+        done = lane.submit(lambda: channel.send(row.payload))
+        try:
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(done)), channel.deadline)
+        except TimeoutError:
+            def late(f: Future[None]) -> None:
+                if not f.cancelled() and f.exception() is None:
+                    loop.call_soon_threadsafe(self._sent_late, row)
+
+            done.add_done_callback(late)
+            raise SendFailed(f"no answer within {channel.deadline:.0f} s") from None
+
+    def _sent_late(self, row: OutboxRow) -> Any:
+        log.warning("%s by %s went out after all, late", row.key, row.channel)
+        return asyncio.ensure_future(self.store.call(self.store.outbox_sent, row.id, self.clock()))
 
     def _next_try(self, row: OutboxRow, retry_after: float | None) -> float:
         if retry_after is not None:  # the server said when (Slack's 429)

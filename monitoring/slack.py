@@ -45,6 +45,7 @@ class SlackChannel:
 
     def __init__(self, settings: SlackSettings) -> None:
         self.settings = settings
+        self.deadline = float(settings.timeout_s)  # for the whole post, however slowly the server answers
         s = settings
         self.webhook = (WebhookClient(s.webhook_url.get_secret_value(), timeout=s.timeout_s, retry_handlers=[])
                         if s.webhook_url else None)

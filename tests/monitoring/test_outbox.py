@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import threading
 import ssl
 import time
 from pathlib import Path
@@ -26,7 +28,8 @@ def webhook(stand_in: SlackStandIn) -> SlackChannel:
 
 
 def mail_to(port: int, **kw: object) -> MailSettings:
-    return MailSettings(smtp_url=f"smtp://127.0.0.1:{port}", recipients=["ops@example.jp"], timeout_s=5, **kw)  # type: ignore[arg-type]
+    kw.setdefault("timeout_s", 5)
+    return MailSettings(smtp_url=f"smtp://127.0.0.1:{port}", recipients=["ops@example.jp"], **kw)  # type: ignore[arg-type]
 
 
 def pending(db: Path) -> int:
@@ -210,6 +213,70 @@ async def test_an_unexpected_error_from_a_channel_fails_the_message_not_the_serv
         assert store.outbox_counts() == {"pending": 0, "sent": 1, "given_up": 1}
         error = store.db.execute("SELECT last_error FROM outbox WHERE key = 'broken'").fetchone()[0]
         assert error.startswith("AttributeError")  # kept, with why
+    finally:
+        sink.stop()
+        store.close()
+
+
+class DripSmtp:
+    """An SMTP server that sends its greeting one byte at a time, slower than any deadline."""
+
+    def __init__(self, every: float) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.every = every
+        self.stop = threading.Event()
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self) -> None:
+        conn, _ = self.sock.accept()
+        with conn:
+            for byte in b"220 slow.example.jp ESMTP\r\n":
+                if self.stop.wait(self.every):
+                    return
+                conn.sendall(bytes([byte]))
+            self.stop.wait()
+
+
+async def test_a_stalling_mail_server_holds_up_neither_slack_nor_the_outbox(tmp_path: Path) -> None:
+    drip, stand_in = DripSmtp(every=0.5), SlackStandIn()
+    store = Store(tmp_path / "smame.db")
+    try:
+        outbox = Outbox(store, {"mail": SmtpChannel(mail_to(drip.port, timeout_s=1)), "slack": webhook(stand_in)},
+                        backoff_min=60)
+        await outbox.put([("m", "mail", mail.compose("m", "smame@example.jp", ["ops@example.jp"], "s", "t", 0.0)),
+                          ("s", "slack", slack.compose("[smame] ALERT: x", "y"))])
+        started = time.monotonic()
+        assert await outbox.deliver_due() == 1  # Slack's, while mail drips
+        assert time.monotonic() - started < 2.5  # the mail deadline (1 s), not the server's pace
+        assert len(stand_in.delivered) == 1
+        assert outbox.failing["mail"][1] == "no answer within 1 s"
+        assert store.outbox_counts() == {"pending": 1, "sent": 1, "given_up": 0}
+    finally:
+        drip.stop.set()
+        stand_in.stop()
+        store.close()
+
+
+async def test_a_mail_answered_after_the_deadline_is_sent_once(tmp_path: Path) -> None:
+    class SlowSink(SmtpSink):
+        async def handle_DATA(self, server: object, session: object, envelope: object) -> str:  # noqa: N802
+            await asyncio.sleep(2)  # the server takes it, but answers after smame's deadline
+            return await super().handle_DATA(server, session, envelope)
+
+    sink = SlowSink().start()
+    store = Store(tmp_path / "smame.db")
+    try:
+        outbox = Outbox(store, {"mail": SmtpChannel(mail_to(sink.port, timeout_s=1))}, backoff_min=0.1)
+        await outbox.put([("m", "mail", mail.compose("m", "smame@example.jp", ["ops@example.jp"], "s", "t", 0.0))])
+        assert await outbox.deliver_due() == 0  # past the deadline: failed for now
+        deadline = time.monotonic() + 10
+        while store.outbox_counts()["sent"] == 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            await outbox.deliver_due()  # a retry while the first send is still out must not send it again
+        assert store.outbox_counts() == {"pending": 0, "sent": 1, "given_up": 0}
+        await asyncio.sleep(0.5)
+        assert len(sink.messages) == 1
     finally:
         sink.stop()
         store.close()
