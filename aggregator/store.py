@@ -115,6 +115,16 @@ def sqlite_path(url: str) -> Path:
     return Path(url[len(prefix) :])
 
 
+def file_identity(path: Path) -> tuple[int, int] | None:
+    """Device and inode of the file at `path` (None when there is none): a store deleted or replaced under a
+    running smame shows as another identity."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 class Store:
     """SQLite storage; synchronous methods, each meant to run on the store thread."""
 
@@ -128,6 +138,13 @@ class Store:
         except sqlite3.Error as exc:
             self._pool.shutdown()
             raise StoreError(f"cannot open the store {path}: {exc}") from exc
+        self.identity = file_identity(path)
+
+    def check_identity(self) -> None:
+        """Raise StoreError when the file at `path` is no longer the one this store has open: what it commits
+        would be lost with the deleted file, so nothing may be acknowledged on its word."""
+        if file_identity(self.path) != self.identity:
+            raise StoreError(f"the database file {self.path} was deleted or replaced while open; restart smame")
 
     def _setup(self, synchronous: str) -> None:
         self.db.execute("PRAGMA busy_timeout=10000")

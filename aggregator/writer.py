@@ -27,7 +27,7 @@ import msgspec
 
 from aggregator.ingest import Ingestor, Outcome, UnitDirectory
 from aggregator.slots import Limits
-from aggregator.store import Store
+from aggregator.store import Store, file_identity
 from aggregator.timegrid import Grid
 from broker_bridge.telegram import Incoming, Refused
 
@@ -65,6 +65,7 @@ class Writer:
         # even when the coroutine that awaited a commit was cancelled.
         self._pipe = ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer")
         self._closed = False
+        self.identity: tuple[int, int] | None = None  # the store file's, once the writer has it open
 
     async def start(self) -> None:
         """Start the process and wait until its store is open; raises WriterError with its reason."""
@@ -82,6 +83,7 @@ class Writer:
         if reply[:1] != _OK:
             self._process.join(10)
             raise WriterError(reply[1:].decode())
+        self.identity = file_identity(self.path)
 
     async def commit(self, readings: list[Incoming], refused: list[Refused], now: int) -> None:
         """Commit a batch in the writer and count it in `totals`; returns when it is durable (raises WriterError
@@ -206,6 +208,7 @@ def _serve(conn: Connection, path: Path, synchronous: str, grid: Grid, shared: b
             batch = _decode_batch(message[1:])
             try:
                 outcome = ingestor.commit(batch.readings, batch.refused, batch.now)
+                store.check_identity()  # committed into a file that is gone: acknowledge nothing
             except Exception:  # rolled back; the receiver stops and nothing of the batch is acknowledged
                 conn.send_bytes(_FAILED + traceback.format_exc(limit=-3).encode())
                 return

@@ -11,7 +11,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from aggregator.store import Store, sqlite_path
+from aggregator.store import Store, file_identity, sqlite_path
 from aggregator.timegrid import Grid
 from aggregator.writer import Writer
 from broker_bridge.bridge import Bridge, BrokerTarget, target_from_url, tls_context
@@ -30,6 +30,7 @@ from monitoring.slack import SlackChannel
 from prometheus_client import CollectorRegistry
 from smame.registry import Registry, RegistryError, load_registry
 from smame.settings import Settings
+from smame.users import set_password
 
 log = logging.getLogger("smame")
 
@@ -78,7 +79,8 @@ def build_gateway(settings: Settings, registry: RegistryHolder) -> FileGateway |
     if not (f.enabled or s.enabled):
         return None
     assert settings.export.dir is not None
-    accounts = Accounts(lambda: registry.current, settings.export.dir)
+    accounts = Accounts(lambda: registry.current, settings.export.dir,
+                        lambda user, password: set_password(settings.registry.customers, user, password))
     bans = Bans(f.ban_after, f.ban_window_s, f.ban_s)
     doorway = Doorway(f.max_unauthenticated_per_ip, f.max_unauthenticated, f.login_timeout_s)
     ftp = None
@@ -193,6 +195,10 @@ class App:
     def health(self) -> dict[str, str]:
         """Each part's state for /healthz: "ok" or what is wrong."""
         checks = {"ingest": "ok" if self.bridge.stats.connected else "not connected to the broker"}
+        if self.writer.identity is not None and file_identity(self.writer.path) != self.writer.identity:
+            checks["store"] = f"the database file {self.writer.path} was deleted or replaced: restart smame"
+        else:
+            checks["store"] = "ok"
         if self.exporter is not None:
             error = self.exporter.stats.last_error
             checks["export"] = "ok" if not error else f"failing: {error}"

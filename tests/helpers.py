@@ -218,9 +218,12 @@ def wait_log(log: Path, text: str, timeout: float = 15.0) -> None:
 
 
 def readings_in(db: Path) -> int:
-    """Readings stored in a smame database."""
+    """Readings stored in a smame database (0 while it is being made)."""
     with sqlite3.connect(db, timeout=10) as c:
-        return int(c.execute("SELECT count(*) FROM readings").fetchone()[0])
+        try:
+            return int(c.execute("SELECT count(*) FROM readings").fetchone()[0])
+        except sqlite3.OperationalError:  # no table yet
+            return 0
 
 
 def wait_readings(db: Path, n: int, timeout: float = 30.0) -> None:

@@ -54,7 +54,7 @@ def test_metrics_count_what_was_published_and_health_says_ok(broker: Mosquitto, 
     assert m['smame_commit_batch_size_bucket{le="+Inf"}'] == m["smame_commit_batches_total"]
     assert m["smame_export_runs_total"] >= 1
     health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5).read())
-    assert health == {"status": "ok", "checks": {"ingest": "ok", "export": "ok"}}
+    assert health == {"status": "ok", "checks": {"ingest": "ok", "store": "ok", "export": "ok"}}
     broker.stop()  # the broker goes away: health must say so
     try:
         wait_log(log, "lost the broker")

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import (
-    Mosquitto, children, running, smame_env, start_smame, wait_child, wait_log, wait_until, write_registry,
+    Mosquitto, at, children, free_port, publish, running, smame_env, start_smame, telegram, wait_child, wait_log,
+    wait_readings, wait_until, write_registry, yesterday,
 )
 
 
@@ -67,3 +71,29 @@ def test_a_stray_file_in_the_export_directory_is_left_alone(broker: Mosquitto, w
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(12) == 0, log.read_text()
     assert stray.read_text() == "not ours\n" and "crashed" not in log.read_text()
+
+
+def test_a_database_deleted_under_smame_acknowledges_nothing_and_loses_nothing(broker: Mosquitto, workdir: Path) -> None:
+    write_registry(workdir, {"D1": "C1"})
+    port = free_port()
+    env = smame_env(workdir, broker.port, SMAME_MONITORING__ENABLED="true", SMAME_MONITORING__METRICS_PORT=str(port))
+    log = workdir / "smame.log"
+    db = workdir / "data" / "smame.db"
+    proc = start_smame(env, log)
+    wait_log(log, "subscribed to")
+    wait_log(log, "monitoring: /metrics")
+    for f in db.parent.glob("smame.db*"):
+        f.unlink()
+    with pytest.raises(urllib.error.HTTPError) as answer:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)
+    assert answer.value.code == 503 and "deleted or replaced" in json.loads(answer.value.read())["checks"]["store"]
+    day = yesterday().isoformat()
+    publish(broker.port, [("smame/v1/D1/reading", telegram("D1", [(at(day, f"{h:02d}:00"), h)])) for h in range(20)])
+    assert proc.wait(15) == 1  # ingest stops rather than acknowledge what went into a deleted file
+    assert "deleted or replaced" in log.read_text()
+    proc = start_smame(env, log)  # what the deployment's restart does
+    try:
+        wait_readings(db, 20)  # nothing was acknowledged, so the broker delivered it all again
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(12) == 0
