@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 import threading
 import time
 from collections import Counter
@@ -10,8 +11,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ftp_gateway.passwords import verify_password
+from ftp_gateway.passwords import N, P, R, outdated, verify_password
 from smame.registry import Registry
+
+log = logging.getLogger("smame.files")
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,10 +31,13 @@ class Account:
 class Accounts:
     """Logins from the registry in force (so a reload takes effect at the next login)."""
 
-    def __init__(self, registry: Callable[[], Registry], export_dir: Path) -> None:
+    def __init__(self, registry: Callable[[], Registry], export_dir: Path,
+                 rehash: Callable[[str, str], object] = lambda user, password: None) -> None:
         self.registry = registry
         self.export_dir = export_dir
+        self.rehash = rehash  # stores a new hash of a password whose hash has weaker parameters than today's
         self.events: Counter[tuple[str, str]] = Counter()  # (protocol, login|failed_login|download) for metrics
+        self._rehashed: set[str] = set()
 
     def get(self, user: str) -> Account | None:
         """The account of a user name, or None."""
@@ -49,10 +55,19 @@ class Accounts:
         account = self.get(user)
         stored = account.password_hash if account is not None and account.password_hash else None
         ok = verify_password(password, stored or _DUMMY)
-        return account if ok and stored is not None else None
+        if not (ok and stored is not None):
+            return None
+        if outdated(stored) and user not in self._rehashed:
+            self._rehashed.add(user)  # once: the registry in memory keeps the old hash until it is reloaded
+            try:
+                self.rehash(user, password)
+                log.info("login %s: password hash renewed with today's parameters", user)
+            except Exception as exc:  # noqa: BLE001 (the login stands; the next restart tries again)
+                log.warning("login %s: could not renew its password hash: %s", user, exc)
+        return account
 
 
-_DUMMY = "scrypt$16384$8$1$AAAAAAAAAAAAAAAAAAAAAA==$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
+_DUMMY = f"scrypt${N}${R}${P}$AAAAAAAAAAAAAAAAAAAAAA==$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
 
 
 @dataclass

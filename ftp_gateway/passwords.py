@@ -6,16 +6,35 @@ import base64
 import hashlib
 import hmac
 import os
+import threading
 
-# 2^14 x 8 x 1: ~20 ms and 16 MiB per check: dear for a guesser, cheap for a few logins a minute.
-N, R, P, LENGTH = 2**14, 8, 1, 32
+# OWASP's scrypt parameters: 2^17 x 8 x 1, 128 MiB and ~0.2 s a check: dear for a guesser, cheap for a
+# few logins a minute. Hashes made with fewer are still accepted, and replaced at the next good login.
+N, R, P, LENGTH = 2**17, 8, 1, 32
+MAX_N = 2**20  # a stored hash asking for more is refused: it would cost a gigabyte a check
+# At most two checks at once (FTP's thread, SFTP's): 128 MiB each, however many strangers knock.
+_CHECKS = threading.BoundedSemaphore(2)
+
+
+def _scrypt(password: str, salt: bytes, n: int, r: int, p: int, length: int) -> bytes:
+    with _CHECKS:
+        return hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, dklen=length, maxmem=2 * 128 * n * r + 2**20)
 
 
 def hash_password(password: str, salt: bytes | None = None) -> str:
     """`scrypt$N$r$p$salt$hash`, salt and hash in base64."""
     salt = salt or os.urandom(16)
-    digest = hashlib.scrypt(password.encode(), salt=salt, n=N, r=R, p=P, dklen=LENGTH)
+    digest = _scrypt(password, salt, N, R, P, LENGTH)
     return f"scrypt${N}${R}${P}${_b64(salt)}${_b64(digest)}"
+
+
+def outdated(stored: str) -> bool:
+    """True when a hash was made with weaker parameters than today's."""
+    try:
+        scheme, n, r, p, _, _ = stored.split("$")
+        return scheme != "scrypt" or (int(n), int(r), int(p)) < (N, R, P)
+    except ValueError:
+        return True
 
 
 def verify_password(password: str, stored: str | None) -> bool:
@@ -27,9 +46,10 @@ def verify_password(password: str, stored: str | None) -> bool:
         if scheme != "scrypt":
             return False
         expected = base64.b64decode(digest)
-        got = hashlib.scrypt(password.encode(), salt=base64.b64decode(salt), n=int(n), r=int(r), p=int(p),
-                             dklen=len(expected))
-    except (ValueError, TypeError):
+        if not 1 < int(n) <= MAX_N or not 0 < int(r) * int(p) <= 64 or not 16 <= len(expected) <= 64:
+            return False
+        got = _scrypt(password, base64.b64decode(salt), int(n), int(r), int(p), len(expected))
+    except (ValueError, TypeError, MemoryError):
         return False
     return hmac.compare_digest(got, expected)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from pathlib import Path
@@ -82,14 +83,15 @@ class _Server(asyncssh.SSHServer):
     def public_key_auth_supported(self) -> bool:
         return True
 
-    def validate_password(self, username: str, password: str) -> bool:
+    async def validate_password(self, username: str, password: str) -> bool:
         # Every attempt, not only the first: one connection must not go on guessing once its address is banned.
         self._refuse_if_banned()
         self.attempts += 1
         if self.attempts > MAX_AUTH_ATTEMPTS:
             log.warning("sftp: closed user=%s address=%s after %d attempts", username, self.address, MAX_AUTH_ATTEMPTS)
             raise asyncssh.DisconnectError(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE, "too many attempts")
-        if self.accounts.check_password(username, password) is not None:
+        # scrypt takes ~0.2 s: off the event loop, which ingest shares
+        if await asyncio.to_thread(self.accounts.check_password, username, password) is not None:
             self.bans.succeeded(self.address)
             self.accounts.events[("sftp", "login")] += 1
             log.info("sftp: login user=%s address=%s (password)", username, self.address)

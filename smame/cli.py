@@ -24,7 +24,7 @@ from monitoring.daily import build_report, report_messages, text_of
 from monitoring.report import problems_csv
 from smame.demo import DemoOptions, run_demo
 from smame.app import App, RegistryHolder, build_exporter, build_gateway, build_outbox, open_store
-from smame.users import UsersError, add_user, list_users, remove_user
+from smame.users import UsersError, add_user, list_users, remove_user, set_password
 from smame.logs import setup_logging
 from smame.registry import RegistryError
 from smame.settings import Settings, SettingsError, load_settings
@@ -145,6 +145,11 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--ssh-key", type=Path, action="append", default=[], metavar="FILE",
                      help="an SSH public key file (repeatable); with no password, key login only")
     add.set_defaults(func=_users_add)
+    passwd = users_sub.add_parser("passwd", parents=[common], help="give a login a new password (asks for it)")
+    passwd.add_argument("customer")
+    passwd.add_argument("user")
+    passwd.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    passwd.set_defaults(func=_users_passwd)
     remove = users_sub.add_parser("remove", parents=[common], help="remove a login")
     remove.add_argument("user")
     remove.set_defaults(func=_users_remove)
@@ -408,17 +413,27 @@ def _serve_files(settings: Settings, args: argparse.Namespace) -> int:
 _RELOAD_HINT = "a running smame sees it after `kill -HUP <pid>` (or a restart)"
 
 
-def _users_add(settings: Settings, args: argparse.Namespace) -> int:
-    password = None
+def _read_password(args: argparse.Namespace, what: str) -> str:
+    """The new password from standard input (--password-stdin) or asked twice on the terminal; raises
+    UsersError saying what is wrong."""
     if args.password_stdin:
         password = sys.stdin.readline().rstrip("\n")
-    elif not args.ssh_key:
-        password = getpass.getpass(f"password for {args.user}: ")
+    elif not sys.stdin.isatty():
+        raise UsersError("no terminal to ask for the password on: give it on standard input with --password-stdin")
+    else:
+        password = getpass.getpass(f"{what}: ")
         if password != getpass.getpass("again: "):
-            print("smame users add: the passwords differ", file=sys.stderr)
-            return 2
-    if password is not None and len(password) < 12:
-        print("smame users add: a password needs at least 12 characters", file=sys.stderr)
+            raise UsersError("the passwords differ")
+    if len(password) < 12:
+        raise UsersError("a password needs at least 12 characters")
+    return password
+
+
+def _users_add(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        password = None if args.ssh_key and not args.password_stdin else _read_password(args, f"password for {args.user}")
+    except UsersError as exc:
+        print(f"smame users add: {exc}", file=sys.stderr)
         return 2
     keys = [k.read_text(encoding="utf-8").strip() for k in args.ssh_key]
     try:
@@ -427,6 +442,17 @@ def _users_add(settings: Settings, args: argparse.Namespace) -> int:
         print(f"smame users add: {exc}", file=sys.stderr)
         return 2
     print(f"added {args.user} to {args.customer} in {settings.registry.customers}; {_RELOAD_HINT}")
+    return 0
+
+
+def _users_passwd(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        password = _read_password(args, f"new password for {args.user}")
+        set_password(settings.registry.customers, args.user, password, args.customer)
+    except UsersError as exc:
+        print(f"smame users passwd: {exc}", file=sys.stderr)
+        return 2
+    print(f"new password for {args.user} of {args.customer}; {_RELOAD_HINT}")
     return 0
 
 

@@ -74,6 +74,19 @@ def remove_user(path: Path, user: str) -> str:
     raise UsersError(f"no user {user} in {path}")
 
 
+def set_password(path: Path, user: str, password: str, customer: str | None = None) -> str:
+    """Give a login (of `customer`, when given) a new password, hashed with today's parameters; return its
+    customer."""
+    doc = _load(path)
+    for cid, c in doc.get("customers", {}).items():
+        for u in c.get("users", []):
+            if u["name"] == user and customer in (None, cid):
+                u["password_hash"] = hash_password(password)
+                _save(path, doc)
+                return str(cid)
+    raise UsersError(f"no user {user}" + (f" of customer {customer}" if customer else "") + f" in {path}")
+
+
 def list_users(path: Path) -> list[tuple[str, str, str]]:
     """(customer, user, how it logs in) for every login."""
     doc = _load(path)

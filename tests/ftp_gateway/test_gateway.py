@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import ftplib
+import hashlib
 import io
 import os
 import signal
@@ -332,6 +334,31 @@ def _closed(s: socket.socket) -> bool:
         return False
 
 
+def test_a_password_changed_by_hand_and_an_old_hash_renewed_at_login(gateway: Gateway, workdir: Path) -> None:
+    customers = workdir / "customers.toml"
+    # bob's hash as smame made it before N was raised to 2^17: still good, and renewed at his next login
+    salt = b"0123456789abcdef"
+    old = hashlib.scrypt(PASSWORDS["bob"].encode(), salt=salt, n=2**14, r=8, p=1, dklen=32)
+    old_hash = f"scrypt${2**14}$8$1${base64.b64encode(salt).decode()}${base64.b64encode(old).decode()}"
+    text = customers.read_text()
+    start = text.index('password_hash = "', text.index('name = "bob"')) + len('password_hash = "')
+    customers.write_text(text[:start] + old_hash + text[text.index('"', start):])
+    proc = subprocess.run([sys.executable, "-m", "smame.cli", "users", "passwd", "C1", "alice", "--password-stdin"],
+                          env=gateway.env, input="a-brand-new-password\n", capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    gateway.proc.send_signal(signal.SIGHUP)
+    wait_log(gateway.log, "registry reloaded")
+    with pytest.raises(ftplib.error_perm):
+        ftps(gateway)  # the old password
+    ftps(gateway, password="a-brand-new-password").quit()
+    ftps(gateway, "bob").quit()
+    wait_log(gateway.log, "login bob: password hash renewed")
+    assert old_hash not in customers.read_text() and f"scrypt${2**17}$8$1$" in customers.read_text()
+    gateway.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: gateway.log.read_text().count("registry reloaded") == 2, 10)
+    ftps(gateway, "bob").quit()  # the renewed hash takes the same password
+
+
 def test_a_download_during_a_rewrite_gets_one_whole_version(gateway: Gateway) -> None:
     path = gateway.export / "C1" / "C1_20261124.csv"
     versions = [b"a" * 300_000 + b"\n", b"b" * 200_000 + b"\n"]
@@ -368,6 +395,9 @@ def test_users_cli_errors(gateway: Gateway) -> None:
                                  (["users", "add", "C1", "dan", "--password-stdin"], "short\n", "at least 12"),
                                  (["users", "add", "C1", "bob\n", "--password-stdin"], "long-enough-pass\n", "user name"),
                                  (["users", "add", "C1", "a b", "--password-stdin"], "long-enough-pass\n", "user name"),
+                                 (["users", "add", "C1", "dan"], "", "give it on standard input with --password-stdin"),
+                                 (["users", "passwd", "C2", "alice", "--password-stdin"], "long-enough-pass\n",
+                                  "no user alice of customer C2"),
                                  (["users", "remove", "nobody"], "", "no user nobody")):
         proc = subprocess.run([sys.executable, "-m", "smame.cli", *args], env=env, input=stdin, capture_output=True,
                               text=True)
