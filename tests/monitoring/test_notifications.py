@@ -112,7 +112,8 @@ def test_mail_down_then_smame_restarted_each_message_arrives_once(workdir: Path)
         wait_log(log, "ALERT: broker unreachable")
         wait_log(log, "daily report for")
         wait_log(log, "retrying in")
-        assert outbox(db) == {"pending": 2, "sent": 0}
+        # the alert is logged a moment before it is queued
+        wait_until(lambda: outbox(db) == {"pending": 2, "sent": 0}, 10, lambda: str(outbox(db)))
     finally:
         assert stop(proc) == 0
     sink.start()
