@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -56,6 +58,31 @@ class RegistryHolder:
         self.current = new
         log.info("registry reloaded: %d units, %d customers", len(new.units), len(new.customers))
         return True
+
+
+def listeners(settings: Settings, files_only: bool = False) -> list[tuple[str, str, int]]:
+    """(setting, address, port) of every listener the settings turn on."""
+    f, s, m = settings.ftp, settings.sftp, settings.monitoring
+    out = [("ftp.port", f.host, f.port)] if f.enabled else []
+    out += [("sftp.port", s.host, s.port)] if s.enabled else []
+    out += [("monitoring.metrics_port", m.host, m.metrics_port)] if m.enabled and not files_only else []
+    return out
+
+
+def check_ports(wanted: list[tuple[str, str, int]]) -> None:
+    """Raise OSError naming the setting when one of the ports cannot be listened on (in use, not allowed),
+    before anything starts: a service that fails to bind later would stop smame with a traceback."""
+    for setting, host, port in wanted:
+        if not port:
+            continue
+        try:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers themselves do
+                probe.bind((host, port))
+                probe.listen()
+        except OSError as exc:
+            raise OSError(f"{setting}: cannot listen on {host} port {port}: {exc.strerror or exc}") from None
 
 
 def open_store(settings: Settings) -> Store:
@@ -167,15 +194,24 @@ class App:
         """The long-running services, by name."""
         out: dict[str, Callable[[], Awaitable[None]]] = {"ingest": self.ingest}
         if self.exporter is not None:
-            out["export"] = self.exporter.run
+            out["export"] = functools.partial(self.after_ingest, self.exporter.run)
         if self.gateway is not None:
             out["files"] = self.gateway.run
         if self.monitor is not None:
-            out["monitor"] = self.monitor.run
+            out["monitor"] = self.monitor.run  # at once: a broker that is down is what it must say
             out["outbox"] = self.monitor.outbox.run
         if self.settings.monitoring.enabled:
             out["metrics"] = self.serve_metrics
         return out
+
+    async def after_ingest(self, service: Callable[[], Awaitable[None]]) -> None:
+        """Run a service once ingest has subscribed (or `STARTUP_WAIT_S` has passed without a broker): its
+        start-up work (the first export, the catch-up report) must not delay the subscription."""
+        try:
+            await asyncio.wait_for(self.bridge.subscribed.wait(), STARTUP_WAIT_S)
+        except TimeoutError:
+            pass
+        await service()
 
     async def ingest(self) -> None:
         """The writer process, and the bridge feeding it, until cancelled."""
@@ -266,6 +302,7 @@ class App:
         log.info("smame stopped")
 
 
+STARTUP_WAIT_S = 30.0  # how long exports and reports wait for ingest to subscribe before they start anyway
 # Docker gives 10 s between SIGTERM and SIGKILL; a stop that takes longer than this ends the process, so that
 # nothing (a stuck thread, a child that does not exit) can leave it running for ever.
 STOP_DEADLINE_S = 9.0

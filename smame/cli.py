@@ -20,10 +20,12 @@ from aggregator.slots import flag_names, format_kwh
 from aggregator.timegrid import Grid
 from csv_export.files import check_writable
 from aggregator.store import Store
-from monitoring.daily import build_report, report_messages, text_of
-from monitoring.report import problems_csv
+from monitoring.daily import build_report, report_messages
+from monitoring.report import problems_csv, render_text
 from smame.demo import DemoOptions, run_demo
-from smame.app import App, RegistryHolder, build_exporter, build_gateway, build_outbox, open_store
+from smame.app import (
+    App, RegistryHolder, build_exporter, build_gateway, build_outbox, check_ports, listeners, open_store,
+)
 from smame.users import UsersError, add_user, list_users, remove_user, set_password
 from smame.logs import setup_logging
 from smame.registry import RegistryError
@@ -241,6 +243,7 @@ def _date(text: str) -> date:
 
 
 def _run(settings: Settings, args: argparse.Namespace) -> int:
+    check_ports(listeners(settings))
     app = App.build(settings)
     runner: Callable[[Coroutine[Any, Any, None]], None]
     try:
@@ -388,6 +391,7 @@ def _progress_bar() -> Callable[[int, int], None]:
 
 
 def _serve_files(settings: Settings, args: argparse.Namespace) -> int:
+    check_ports(listeners(settings, files_only=True))
     holder = RegistryHolder(settings)
     gateway = build_gateway(settings, holder)
     if gateway is None:
@@ -485,7 +489,7 @@ def _report(settings: Settings, args: argparse.Namespace) -> int:
     try:
         r = settings.report
         report = build_report(store, grid, registry, day, now, r.silent_after_s, r.zero_run_slots)
-        print(text_of(report, settings.timezone), end="")
+        print(render_text(report), end="")
         if args.csv:
             args.csv.write_bytes(problems_csv(report.problems))
             print(f"\n{len(report.problems)} problem slots written to {args.csv}")

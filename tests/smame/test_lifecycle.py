@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import (
-    Mosquitto, at, children, free_port, publish, running, smame_env, start_smame, telegram, wait_child, wait_log,
+    Mosquitto, at, children, free_port, publish, running, smame, smame_env, start_smame, telegram, wait_child, wait_log,
     wait_readings, wait_until, write_registry, yesterday,
 )
 
@@ -97,3 +98,22 @@ def test_a_database_deleted_under_smame_acknowledges_nothing_and_loses_nothing(b
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(12) == 0
+
+
+@pytest.mark.parametrize("setting", ["ftp.port", "sftp.port", "monitoring.metrics_port"])
+def test_a_port_in_use_stops_smame_at_once_naming_the_setting(workdir: Path, setting: str) -> None:
+    write_registry(workdir, {"L1": "C1"})
+    taken = socket.create_server(("127.0.0.1", 0))
+    port = taken.getsockname()[1]
+    section, key = setting.split(".")
+    env = smame_env(workdir, free_port(), SMAME_FTP__HOST="127.0.0.1", SMAME_SFTP__HOST="127.0.0.1",
+                    SMAME_MONITORING__HOST="127.0.0.1", SMAME_FTP__PORT="0", SMAME_SFTP__PORT="0",
+                    SMAME_MONITORING__METRICS_PORT="0")
+    env.update({f"SMAME_{section.upper()}__ENABLED": "true", f"SMAME_{section.upper()}__{key.upper()}": str(port)})
+    try:
+        for command in (["run"], ["serve-files"]) if section != "monitoring" else (["run"],):
+            proc = smame(command, env, check=False)
+            assert proc.returncode == 2, proc.stderr
+            assert proc.stderr.strip() == f"smame: {setting}: cannot listen on 127.0.0.1 port {port}: Address already in use"
+    finally:
+        taken.close()
