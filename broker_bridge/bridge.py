@@ -67,12 +67,18 @@ class BridgeStats:
     last_commit_s: float = 0.0
     last_batch: int = 0
     last_received: float = 0.0  # time of the newest message (epoch)
+    pending: int = 0  # messages received and not yet committed
     down_since: float | None = None  # not connected since (epoch); None while connected
     last_error: str = ""  # why the last connection attempt or connection failed
     commit_counts: list[int] = field(default_factory=lambda: [0] * (len(COMMIT_SECONDS) + 1))
     commit_sum: float = 0.0
     size_counts: list[int] = field(default_factory=lambda: [0] * (len(BATCH_SIZES) + 1))
     size_sum: int = 0
+
+    def caught_up(self, now: float, quiet: float = 2.0) -> bool:
+        """True when ingest has drained what the broker held for it: connected, nothing received for `quiet`
+        seconds and nothing waiting to be committed. Reports on a past day wait for it."""
+        return self.connected and self.pending == 0 and now - self.last_received >= quiet
 
     def observe(self, seconds: float, size: int) -> None:
         """Count one committed batch in the histograms (the last bucket is +Inf)."""
@@ -136,6 +142,7 @@ class Bridge:
         self._client: MqttClient | None = None
         self._wake = asyncio.Event()
         self._internal_seen: set[str] = set()  # kinds of unexpected decoding errors already logged
+        self.subscribed = asyncio.Event()  # set at the first subscription: start-up work waits for it
         self.stats.down_since = time.time()
 
     async def run(self) -> None:
@@ -167,6 +174,7 @@ class Bridge:
                 delay = min(delay * 2, t.reconnect_max)
                 continue
             self._client = client
+            self.subscribed.set()
             self.stats.connects += 1
             self.stats.connected = True
             self.stats.down_since = None
@@ -211,6 +219,7 @@ class Bridge:
             batch.acks.setdefault(client, []).append(message.packet_id)
         batch.size += 1
         self.stats.received += 1
+        self.stats.pending += 1
         self.stats.last_received = message.received
         if batch.size >= self.target.batch_size:
             self._filling = None
@@ -248,6 +257,7 @@ class Bridge:
             self._paused = None
         started = time.perf_counter()
         await self.commit(batch.incoming, batch.refused)
+        self.stats.pending -= batch.size
         self.stats.last_commit_s = time.perf_counter() - started
         self.stats.batches += 1
         self.stats.last_batch = batch.size

@@ -47,6 +47,7 @@ class UnitFindings:
     flags: Counter[str] = field(default_factory=Counter)
     zero_runs: list[tuple[int, int]] = field(default_factory=list)  # (first, last) slot numbers
     silent_since: int | None = None  # epoch of the last reading, when older than the limit
+    never_heard: bool = False  # not one reading stored: a unit not installed yet, not one with missing data
 
     @property
     def has_problems(self) -> bool:
@@ -68,6 +69,11 @@ def detect(
     for unit, customer in units:
         rows = slots.get(unit, {})
         f = UnitFindings(unit, customer)
+        newest = last_reading.get(unit)
+        if newest is None and not rows:  # nothing to detect: listed apart, its slots not counted as missing
+            f.never_heard = True
+            findings.append(f)
+            continue
         run: list[int] = []
         for end, lab in labels:
             r = rows.get(end)
@@ -93,7 +99,6 @@ def detect(
         for first, last in f.zero_runs:
             problems += [ProblemSlot(unit, customer, day, lab.index, lab.start, lab.end, "zero_run")
                          for _, lab in labels if first <= lab.index <= last]
-        newest = last_reading.get(unit)
         if newest is None or now - newest > silent_after:
             f.silent_since = newest if newest is not None else 0
         findings.append(f)

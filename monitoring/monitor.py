@@ -90,6 +90,7 @@ class Monitor:
         self._events: list[Notice] = []
         self._loaded = False
         self._saved = ""  # the alert state as last written
+        self._due_since: float | None = None  # when a report fell due that waits for ingest to catch up
 
     def session_lost(self) -> None:
         """Called by ingest when the broker had no session for us: said once, at the next check."""
@@ -197,9 +198,23 @@ class Monitor:
         done = await self.store.call(self.store.get_meta, REPORT_DONE, "")
         if done and date.fromisoformat(done) >= day:
             return False
+        # After a restart the broker may still hold hours of telegrams for us: a report built now would call
+        # missing what arrives seconds later. It waits until ingest has caught up, for a while at most.
+        b = self.watched.bridge
+        if self._due_since is None:
+            self._due_since = now
+        waited = now - self._due_since
+        if not b.caught_up(now) and waited < r.catch_up_wait_s:
+            return False
+        caveat = "" if b.caught_up(now) else (
+            f"ingest had not caught up after {waited / 60:.0f} min ("
+            + ("not connected to the broker" if not b.connected else f"{b.pending} telegrams waiting to be committed"
+               if b.pending else "telegrams still arriving")
+            + "): slots listed as missing may still arrive")
+        self._due_since = None
         registry = self.registry()
         report = await self.store.call(build_report, self.store, self.grid, registry, day, int(now), r.silent_after_s,
-                                       r.zero_run_slots)
+                                       r.zero_run_slots, caveat)
         messages = report_messages(report, self.settings, now, f"report:{day.isoformat()}")
         await self.outbox.put(messages, lambda: self.store.set_meta(REPORT_DONE, day.isoformat()))
         bad = sum(1 for f in report.findings if f.has_problems)

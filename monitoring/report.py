@@ -26,6 +26,30 @@ def _ranges(numbers: Sequence[int]) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class DailyReport:
+    """Everything the report says about one day."""
+
+    day: date
+    zone: str
+    findings: list[UnitFindings]
+    problems: list[ProblemSlot]
+    quarantine: dict[str, int]
+    unknown: list[str]  # unit ids not in the registry that tried to send
+    slots_per_day: int
+    caveat: str = ""  # said first when the report may not be the whole truth (ingest still catching up)
+
+    @property
+    def heard(self) -> list[UnitFindings]:
+        """Units with at least one reading stored: the ones whose data the report judges."""
+        return [f for f in self.findings if not f.never_heard]
+
+    @property
+    def never_heard(self) -> list[UnitFindings]:
+        """Registered units that have never sent a reading (not installed yet, or not configured)."""
+        return [f for f in self.findings if f.never_heard]
+
+
+@dataclass(frozen=True, slots=True)
 class CustomerSummary:
     """One customer's line of the report."""
 
@@ -35,11 +59,12 @@ class CustomerSummary:
     missing: int
     estimated: int
     silent: int
+    never_heard: int
     anomalies: str  # "rollover 2, spike 1" or "-"
 
 
 def summarize(findings: Sequence[UnitFindings]) -> list[CustomerSummary]:
-    """Per customer: units, units with gaps, missing and estimated slots, silent units, anomalies."""
+    """Per customer: units, units with gaps, missing and estimated slots, silent and never heard units, anomalies."""
     by_customer: dict[str, list[UnitFindings]] = {}
     for f in findings:
         by_customer.setdefault(f.customer, []).append(f)
@@ -51,6 +76,7 @@ def summarize(findings: Sequence[UnitFindings]) -> list[CustomerSummary]:
             flags.update(f.flags)
         out.append(CustomerSummary(customer, len(fs), sum(1 for f in fs if f.missing), sum(len(f.missing) for f in fs),
                                    sum(len(f.estimated) for f in fs), sum(1 for f in fs if f.silent_since is not None),
+                                   sum(1 for f in fs if f.never_heard),
                                    ", ".join(f"{k} {v}" for k, v in sorted(flags.items())) or "-"))
     return out
 
@@ -76,66 +102,81 @@ def describe_unit(f: UnitFindings, zone: str) -> str:
     return "; ".join(parts)
 
 
-def subject(day: date, findings: Sequence[UnitFindings]) -> str:
+def subject(r: DailyReport) -> str:
     """The mail subject: the day and how bad it was at a glance."""
-    bad = sum(1 for f in findings if f.missing or f.silent_since is not None)
-    missing = sum(len(f.missing) for f in findings)
-    return f"[smame] daily report {day.isoformat()}: {bad} of {len(findings)} units with missing data ({missing} slots)"
+    heard = r.heard
+    bad = sum(1 for f in heard if f.missing or f.silent_since is not None)
+    missing = sum(len(f.missing) for f in heard)
+    never = f", {len(r.never_heard)} never heard from" if r.never_heard else ""
+    return (f"[smame] daily report {r.day.isoformat()}: {bad} of {len(heard)} units with missing data "
+            f"({missing} slots){never}" + (" (may be incomplete)" if r.caveat else ""))
 
 
-def render_text(day: date, zone: str, slots_per_day: int, findings: Sequence[UnitFindings],
-                quarantine: dict[str, int], unknown_units: Sequence[str], limit: int = 200) -> str:
+def _never_heard(r: DailyReport, limit: int) -> str:
+    units = [f.unit for f in r.never_heard]
+    more = f" and {len(units) - limit} more" if len(units) > limit else ""
+    return f"units never heard from ({len(units)}): " + ", ".join(units[:limit]) + more
+
+
+def render_text(r: DailyReport, limit: int = 200) -> str:
     """The report as plain text."""
-    lines = [f"smame daily report for {day.isoformat()} ({zone}), {slots_per_day} slots a unit", ""]
-    lines.append(f"{'customer':<12} {'units':>6} {'with gaps':>9} {'missing':>8} {'estimated':>9} {'silent':>6} anomalies")
-    for c in summarize(findings):
+    lines = [f"NOTE: {r.caveat}", ""] if r.caveat else []
+    lines += [f"smame daily report for {r.day.isoformat()} ({r.zone}), {r.slots_per_day} slots a unit", ""]
+    lines.append(f"{'customer':<12} {'units':>6} {'with gaps':>9} {'missing':>8} {'estimated':>9} {'silent':>6} "
+                 f"{'never':>5} anomalies")
+    for c in summarize(r.findings):
         lines.append(f"{c.customer:<12} {c.units:>6} {c.with_gaps:>9} {c.missing:>8} {c.estimated:>9} {c.silent:>6} "
-                     f"{c.anomalies}")
-    units = problem_units(findings)
-    lines += ["", f"units with problems: {len(units)} of {len(findings)}"]
-    lines += [f"  {f.unit} ({f.customer}): {describe_unit(f, zone)}" for f in units[:limit]]
+                     f"{c.never_heard:>5} {c.anomalies}")
+    units = problem_units(r.findings)
+    lines += ["", f"units with problems: {len(units)} of {len(r.heard)}"]
+    lines += [f"  {f.unit} ({f.customer}): {describe_unit(f, r.zone)}" for f in units[:limit]]
     if len(units) > limit:
         lines.append(f"  ... and {len(units) - limit} more (all in the CSV)")
-    lines += ["", "quarantined telegrams: " + _counts(quarantine)]
-    if unknown_units:
-        lines.append(f"unknown units that tried to send ({len(unknown_units)}): " + ", ".join(unknown_units[:50]))
+    if r.never_heard:
+        lines += ["", _never_heard(r, limit)]
+    lines += ["", "quarantined telegrams: " + _counts(r.quarantine)]
+    if r.unknown:
+        lines.append(f"unknown units that tried to send ({len(r.unknown)}): " + ", ".join(r.unknown[:50]))
     return "\n".join(lines) + "\n"
 
 
-def render_html(day: date, zone: str, slots_per_day: int, findings: Sequence[UnitFindings],
-                quarantine: dict[str, int], unknown_units: Sequence[str], limit: int = 200) -> str:
+def render_html(r: DailyReport, limit: int = 200) -> str:
     """The report as an HTML page (the mail's rich part)."""
     e = html.escape
     head = ("<tr>" + "".join(f"<th>{h}</th>" for h in ("customer", "units", "with gaps", "missing", "estimated",
-                                                           "silent", "anomalies")) + "</tr>")
+                                                           "silent", "never heard", "anomalies")) + "</tr>")
     rows = "".join(f"<tr><td>{e(c.customer)}</td><td>{c.units}</td><td>{c.with_gaps}</td><td>{c.missing}</td>"
-                   f"<td>{c.estimated}</td><td>{c.silent}</td><td>{e(c.anomalies)}</td></tr>" for c in summarize(findings))
-    units = problem_units(findings)
-    items = "".join(f"<li><b>{e(f.unit)}</b> ({e(f.customer)}): {e(describe_unit(f, zone))}</li>" for f in units[:limit])
+                   f"<td>{c.estimated}</td><td>{c.silent}</td><td>{c.never_heard}</td><td>{e(c.anomalies)}</td></tr>"
+                   for c in summarize(r.findings))
+    units = problem_units(r.findings)
+    items = "".join(f"<li><b>{e(f.unit)}</b> ({e(f.customer)}): {e(describe_unit(f, r.zone))}</li>" for f in units[:limit])
     if len(units) > limit:
         items += f"<li>... and {len(units) - limit} more (all in the attached CSV)</li>"
-    unknown = (f"<p>Unknown units that tried to send ({len(unknown_units)}): {e(', '.join(unknown_units[:50]))}</p>"
-               if unknown_units else "")
-    return (f"<!DOCTYPE html><html><body><h2>smame daily report for {day.isoformat()}</h2>"
-            f"<p>{e(zone)}, {slots_per_day} slots a unit</p>"
+    caveat = f"<p><b>Note: {e(r.caveat)}</b></p>" if r.caveat else ""
+    never = f"<p>{e(_never_heard(r, limit))}</p>" if r.never_heard else ""
+    unknown = (f"<p>Unknown units that tried to send ({len(r.unknown)}): {e(', '.join(r.unknown[:50]))}</p>"
+               if r.unknown else "")
+    return (f"<!DOCTYPE html><html><body>{caveat}<h2>smame daily report for {r.day.isoformat()}</h2>"
+            f"<p>{e(r.zone)}, {r.slots_per_day} slots a unit</p>"
             f"<table border=\"1\" cellpadding=\"4\" cellspacing=\"0\">{head}{rows}</table>"
-            f"<h3>Units with problems: {len(units)} of {len(findings)}</h3><ul>{items}</ul>"
-            f"<p>Quarantined telegrams: {e(_counts(quarantine))}</p>{unknown}</body></html>\n")
+            f"<h3>Units with problems: {len(units)} of {len(r.heard)}</h3><ul>{items}</ul>{never}"
+            f"<p>Quarantined telegrams: {e(_counts(r.quarantine))}</p>{unknown}</body></html>\n")
 
 
-def render_slack(day: date, findings: Sequence[UnitFindings], quarantine: dict[str, int],
-                 unknown_units: Sequence[str], limit: int = 15) -> str:
+def render_slack(r: DailyReport, limit: int = 15) -> str:
     """The report as a short Slack message (mrkdwn): the summary and the worst units."""
-    lines = [f"*{c.customer}*: {c.units} units, {c.with_gaps} with gaps, {c.missing} missing, {c.estimated} estimated, "
-             f"{c.silent} silent; anomalies: {c.anomalies}" for c in summarize(findings)]
-    units = problem_units(findings)
+    lines = [f"*Note:* {r.caveat}"] if r.caveat else []
+    lines += [f"*{c.customer}*: {c.units} units, {c.with_gaps} with gaps, {c.missing} missing, {c.estimated} estimated, "
+              f"{c.silent} silent" + (f", {c.never_heard} never heard from" if c.never_heard else "")
+              + f"; anomalies: {c.anomalies}" for c in summarize(r.findings)]
+    units = problem_units(r.findings)
     if units:
         lines.append(f"Worst units ({len(units)} with problems):")
         lines += [f"• `{f.unit}` ({f.customer}): {len(f.missing)} missing, {len(f.estimated)} estimated"
                   + (", silent" if f.silent_since is not None else "") for f in units[:limit]]
-    lines.append("Quarantined telegrams: " + _counts(quarantine))
-    if unknown_units:
-        lines.append(f"Unknown units: {len(unknown_units)}")
+    lines.append("Quarantined telegrams: " + _counts(r.quarantine))
+    if r.unknown:
+        lines.append(f"Unknown units: {len(r.unknown)}")
     return "\n".join(lines)
 
 

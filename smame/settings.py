@@ -226,6 +226,7 @@ class ReportSettings(Section):
     at: str = "08:00"  # local time
     silent_after_s: int = Field(default=86400, ge=1800)
     zero_run_slots: int = Field(default=12, ge=2)
+    catch_up_wait_s: float = Field(default=900.0, ge=0)  # how long a due report waits for ingest to catch up
 
     @field_validator("at")
     @classmethod

@@ -13,7 +13,7 @@ from aggregator.store import Store
 from aggregator.timegrid import SLOT, Grid
 from broker_bridge.telegram import Incoming, Reading
 from monitoring.detect import by_unit, detect
-from monitoring.report import problems_csv, render_text
+from monitoring.report import DailyReport, problems_csv, render_text, subject
 from smame.registry import load_registry
 from tests.helpers import smame, smame_env, write_registry, yesterday
 
@@ -43,7 +43,7 @@ def day_of_rows() -> list[tuple[object, ...]]:
 
 
 def test_every_kind_of_problem_is_found() -> None:
-    units = [("GOOD", "C1"), ("GAPPY", "C1"), ("IDLE", "C2"), ("DEAD", "C2")]
+    units = [("GOOD", "C1"), ("GAPPY", "C1"), ("IDLE", "C2"), ("DEAD", "C2"), ("NEW", "C2")]
     last = {"GOOD": NOW - 600, "GAPPY": NOW - 600, "IDLE": NOW - 600, "DEAD": NOW - 3 * 86400}
     findings, problems = detect(DAY, LABELS, units, by_unit(day_of_rows()), last, NOW, zero_run=12)
     f = {x.unit: x for x in findings}
@@ -54,9 +54,14 @@ def test_every_kind_of_problem_is_found() -> None:
                                       "conflict": 1}
     assert f["IDLE"].zero_runs == [(1, 16)] and not f["IDLE"].missing
     assert f["DEAD"].missing == list(range(1, 49)) and f["DEAD"].silent_since == NOW - 3 * 86400
+    # installed yesterday, never heard from: listed apart, not a unit with 48 missing slots
+    assert f["NEW"].never_heard and not f["NEW"].missing and f["NEW"].silent_since is None
     missing = {(p.unit, p.index) for p in problems if p.problem == "missing"}
     assert missing == {("GAPPY", i) for i in (10, 11, 12, 31, 32)} | {("DEAD", i) for i in range(1, 49)}
-    text = render_text(DAY, "Asia/Tokyo", 48, findings, {"not_json": 2}, ["X1"])
+    report = DailyReport(DAY, "Asia/Tokyo", findings, problems, {"not_json": 2}, ["X1"], 48)
+    text = render_text(report)
+    assert "units never heard from (1): NEW" in text and "NEW (C2)" not in text
+    assert subject(report) == f"[smame] daily report {DAY}: 2 of 4 units with missing data (53 slots), 1 never heard from"
     assert "GAPPY (C1): missing 5: slots 10-12, 31-32; estimated 3: slots 20-22" in text
     assert "DEAD (C2): silent since" in text and "IDLE (C2): no consumption: slots 1-16" in text
     assert "quarantined telegrams: not_json 2" in text and "unknown units that tried to send (1): X1" in text
