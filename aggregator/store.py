@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -296,6 +297,9 @@ class Store:
 
     def backup(self, target: Path) -> None:
         """A consistent copy of the database while it is in use (SQLite's online backup), written atomically."""
+        live = self.path.resolve()
+        if target.resolve() in (live, live.with_name(live.name + "-wal"), live.with_name(live.name + "-shm")):
+            raise StoreError(f"{target} is the live database itself: give the copy another name")
         tmp = target.with_name(target.name + ".tmp")
         tmp.unlink(missing_ok=True)
         copy = sqlite3.connect(tmp)
@@ -415,3 +419,37 @@ class Store:
         rows = self.db.execute("SELECT coalesce(imp_q, 'M'), count(*) FROM slots WHERE slot > ? AND slot <= ? "
                                "GROUP BY 1", (after, until)).fetchall()
         return {str(q): int(n) for q, n in rows}
+
+
+def check_copy(path: Path) -> dict[str, int]:
+    """Open a copy read-only and prove it whole (SQLite's integrity check) and smame's (its schema); return the
+    rows of its main tables. Raises StoreError saying what is wrong."""
+    if not path.is_file():
+        raise StoreError(f"{path}: no such file")
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            verdict = db.execute("PRAGMA integrity_check").fetchone()[0]
+            if verdict != "ok":
+                raise StoreError(f"{path}: damaged: {verdict}")
+            if db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() is None:
+                raise StoreError(f"{path}: not a smame database (no schema version)")
+            return {t: int(db.execute(f"SELECT count(*) FROM {t}").fetchone()[0])
+                    for t in ("readings", "slots", "quarantine", "outbox")}
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        raise StoreError(f"{path}: not a usable smame database: {exc}") from None
+
+
+def restore_copy(copy: Path, live: Path) -> None:
+    """Put a checked copy in place of the database at `live` (smame must be stopped): written beside it and
+    renamed, after the old one's write-ahead log, which would otherwise be applied to the copy."""
+    check_copy(copy)
+    tmp = live.with_name(live.name + ".restore")
+    shutil.copyfile(copy, tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    for leftover in (live.with_name(live.name + "-wal"), live.with_name(live.name + "-shm")):
+        leftover.unlink(missing_ok=True)
+    os.replace(tmp, live)

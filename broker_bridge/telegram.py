@@ -46,6 +46,9 @@ class Reason:
     INTERNAL = "internal"  # decoding failed in a way it never should: a bug, kept with the telegram that found it
 
 
+REASONS = sorted(v for k, v in vars(Reason).items() if k.isupper())
+
+
 class WireReading(msgspec.Struct, forbid_unknown_fields=False):
     at: datetime
     fwd: int

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import functools
 import logging
 import os
@@ -10,10 +11,11 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
-from aggregator.store import Store, file_identity, sqlite_path
+from aggregator.store import Store, StoreError, file_identity, sqlite_path
 from aggregator.timegrid import Grid
 from aggregator.writer import Writer
 from broker_bridge.bridge import Bridge, BrokerTarget, target_from_url, tls_context
@@ -85,9 +87,28 @@ def check_ports(wanted: list[tuple[str, str, int]]) -> None:
             raise OSError(f"{setting}: cannot listen on {host} port {port}: {exc.strerror or exc}") from None
 
 
-def open_store(settings: Settings) -> Store:
-    """The store named by the settings."""
-    return Store(sqlite_path(settings.storage_url), settings.storage.synchronous)
+@contextmanager
+def store_lock(settings: Settings, exclusive: bool = False) -> Iterator[None]:
+    """Held by every `smame run` on a store (shared: several ingest processes may share one), and taken alone
+    by `smame restore`, which therefore refuses while smame runs; raises OSError saying so."""
+    path = sqlite_path(settings.storage_url)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as f:
+        try:
+            fcntl.flock(f, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OSError(f"smame is running on {path}: stop it first" if exclusive else
+                          f"{path} is being restored: try again when that is done") from None
+        yield
+
+
+def open_store(settings: Settings, create: bool = True) -> Store:
+    """The store named by the settings; without `create`, one that does not exist yet is an error (a command that
+    only reads must not leave an empty database behind, nor answer from one)."""
+    path = sqlite_path(settings.storage_url)
+    if not create and not path.exists():
+        raise StoreError(f"no database at {path} (settings data_dir, storage.url): has smame run here yet?")
+    return Store(path, settings.storage.synchronous)
 
 
 def build_exporter(settings: Settings, registry: RegistryHolder, grid: Grid,

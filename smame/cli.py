@@ -19,12 +19,12 @@ from pathlib import Path
 from aggregator.slots import flag_names, format_kwh
 from aggregator.timegrid import Grid
 from csv_export.files import check_writable
-from aggregator.store import Store
+from aggregator.store import Store, check_copy, restore_copy, sqlite_path
 from monitoring.daily import build_report, report_messages
 from monitoring.report import problems_csv, render_text
 from smame.demo import DemoOptions, run_demo
 from smame.app import (
-    App, RegistryHolder, build_exporter, build_gateway, build_outbox, check_ports, listeners, open_store,
+    App, RegistryHolder, build_exporter, build_gateway, build_outbox, check_ports, listeners, open_store, store_lock,
 )
 from smame.users import UsersError, add_user, list_users, remove_user, set_password
 from smame.logs import setup_logging
@@ -33,6 +33,7 @@ from smame.settings import Settings, SettingsError, load_settings
 from broker_bridge.bridge import target_from_url, tls_context
 from broker_bridge.mqtt import ConnectionRefused
 from broker_bridge.provision import BROKER_NAMES, ProvisionError, provision, read_units
+from broker_bridge.telegram import REASONS
 from simulators.fleet import make_fleet
 from simulators.fleet import write_registry as write_fleet_registry
 from simulators.publisher import Endpoint
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `smame ... | head`: the reader has seen enough
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
-    except (RegistryError, OSError) as exc:
+    except (RegistryError, UsersError, OSError) as exc:
         print(f"smame: {exc}", file=sys.stderr)
         return 2
 
@@ -189,14 +190,20 @@ def _parser() -> argparse.ArgumentParser:
 
     backup = sub.add_parser("backup", parents=[common], help="copy the database while smame runs (online backup)")
     backup.add_argument("file", type=Path, help="where the copy goes (replaced atomically)")
+    backup.add_argument("--verify", action="store_true",
+                        help="only check FILE, an earlier copy: whole (SQLite's integrity check) and smame's")
     backup.set_defaults(func=_backup)
+
+    restore = sub.add_parser("restore", parents=[common], help="put a checked copy in place of the database (smame stopped)")
+    restore.add_argument("file", type=Path, help="a copy made by smame backup")
+    restore.set_defaults(func=_restore)
 
     verify = sub.add_parser("verify", parents=[common], help="compare the stored slots with a simulator's truth file")
     verify.add_argument("--truth", type=Path, required=True, metavar="FILE")
     verify.set_defaults(func=_verify)
 
     quarantine = sub.add_parser("quarantine", parents=[common], help="list quarantined telegrams with their reasons")
-    quarantine.add_argument("--reason", help="only this reason")
+    quarantine.add_argument("--reason", choices=REASONS, metavar="REASON", help=f"only this reason: {', '.join(REASONS)}")
     quarantine.add_argument("--limit", type=int, default=50, help="newest N (default 50)")
     quarantine.set_defaults(func=_quarantine)
     return parser
@@ -244,7 +251,11 @@ def _date(text: str) -> date:
 
 def _run(settings: Settings, args: argparse.Namespace) -> int:
     check_ports(listeners(settings))
-    app = App.build(settings)
+    with store_lock(settings):
+        return _run_app(App.build(settings))
+
+
+def _run_app(app: App) -> int:
     runner: Callable[[Coroutine[Any, Any, None]], None]
     try:
         import uvloop
@@ -273,11 +284,17 @@ def _demo(settings: Settings, args: argparse.Namespace) -> int:
 def _slots(settings: Settings, args: argparse.Namespace) -> int:
     grid = Grid(settings.timezone)
     ends = grid.day_slots(args.date)
-    store = open_store(settings)
+    registered = args.unit in RegistryHolder(settings).current.units
+    store = open_store(settings, create=False)
     try:
+        known = registered or store.last_at(args.unit) is not None  # a unit removed since still has its history
         stored = {r.slot: r for r in store.slots(args.unit, ends[0] - 1800, ends[-1])}
     finally:
         store.close()
+    if not known:
+        print(f"smame slots: unit {args.unit!r} is neither in {settings.registry.units} nor in the store",
+              file=sys.stderr)
+        return 2
     print(f"unit {args.unit}, {args.date} ({settings.timezone}), {len(ends)} slots")
     print(f"{'slot':>4} {'start':>5}-{'end':<5} {'import_kwh':>11} {'q':>1} {'export_kwh':>11} {'q':>1}  flags")
     for end in ends:
@@ -485,7 +502,7 @@ def _report(settings: Settings, args: argparse.Namespace) -> int:
         print("smame report: --send needs mail.smtp_url or slack.webhook_url (or slack.token) in the settings",
               file=sys.stderr)
         return 2
-    store = open_store(settings)
+    store = open_store(settings, create=False)
     try:
         r = settings.report
         report = build_report(store, grid, registry, day, now, r.silent_after_s, r.zero_run_slots)
@@ -539,7 +556,11 @@ def _provision(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _backup(settings: Settings, args: argparse.Namespace) -> int:
-    store = open_store(settings)
+    if args.verify:
+        counts = check_copy(args.file)
+        print(f"{args.file} is whole: " + ", ".join(f"{n:,} {table}" for table, n in counts.items()))
+        return 0
+    store = open_store(settings, create=False)
     try:
         started = time.monotonic()
         store.backup(args.file)
@@ -550,12 +571,21 @@ def _backup(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _restore(settings: Settings, args: argparse.Namespace) -> int:
+    live = sqlite_path(settings.storage_url)
+    with store_lock(settings, exclusive=True):
+        counts = check_copy(args.file)
+        restore_copy(args.file, live)
+    print(f"restored {live} from {args.file}: " + ", ".join(f"{n:,} {table}" for table, n in counts.items()))
+    return 0
+
+
 def _verify(settings: Settings, args: argparse.Namespace) -> int:
     truth = read_truth(args.truth)
     if truth.meta.get("gap_cap") != settings.ingest.gap_cap_slots:
         print(f"warning: the truth assumes ingest.gap_cap_slots={truth.meta.get('gap_cap')}, "
               f"the settings say {settings.ingest.gap_cap_slots}", file=sys.stderr)
-    store = open_store(settings)
+    store = open_store(settings, create=False)
     try:
         def stored(unit: str, after: int, until: int) -> dict[int, Observed]:
             return {r.slot: (r.imp, r.imp_q or "M", r.exp, r.exp_q or "M",
@@ -575,7 +605,7 @@ def _verify(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _quarantine(settings: Settings, args: argparse.Namespace) -> int:
-    store = open_store(settings)
+    store = open_store(settings, create=False)
     try:
         counts = store.quarantine_counts()
         rows = store.quarantine(args.reason, args.limit)

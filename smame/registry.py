@@ -20,6 +20,7 @@ from aggregator.slots import Limits
 UNIT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 CUSTOMER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 UNIT_COLUMNS = ("unit_id", "customer_id", "meter_id", "contract_kw", "label")
+MAX_ERRORS = 20  # bad lines of units.csv said at once
 
 
 class RegistryError(ValueError):
@@ -104,9 +105,19 @@ def load_registry(units_path: Path, customers_path: Path, default_contract_kw: F
 
 def _load_customers(path: Path) -> dict[str, Customer]:
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise RegistryError(f"{path}: customers file not found (setting registry.customers)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RegistryError(f"{path}: cannot be read: {exc}") from None
+    return parse_customers(text, path)
+
+
+def parse_customers(text: str, path: Path) -> dict[str, Customer]:
+    """The customers of a customers.toml text (as found at `path`); raise RegistryError naming the problem.
+    Everything that writes the file runs its new text through this first."""
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise RegistryError(f"{path}: not valid TOML: {exc}") from None
     table = data.get("customers", {})
@@ -131,24 +142,37 @@ def _load_units(path: Path, customers: dict[str, Customer]) -> dict[str, Unit]:
     if header[:2] != ["unit_id", "customer_id"] or not set(header) <= set(UNIT_COLUMNS):
         raise RegistryError(f"{path}: header must be {','.join(UNIT_COLUMNS)} (the last three optional), got {header}")
     units: dict[str, Unit] = {}
+    errors: list[str] = []
     for line, row in enumerate(reader, start=2):
-        uid, cid = (row.get("unit_id") or "").strip(), (row.get("customer_id") or "").strip()
-        where = f"{path}:{line}"
-        if not UNIT_ID.fullmatch(uid):
-            raise RegistryError(f"{where}: unit_id {uid!r} must match [A-Za-z0-9_-]{{1,64}}")
-        if uid in units:
-            raise RegistryError(f"{where}: unit_id {uid} appears twice")
-        if cid not in customers:
-            raise RegistryError(f"{where}: customer_id {cid!r} is not in the customers file")
-        kw_text = (row.get("contract_kw") or "").strip()
         try:
-            kw = Fraction(kw_text) if kw_text else None
-        except (ValueError, ZeroDivisionError):
-            raise RegistryError(f"{where}: contract_kw {kw_text!r} is not a number") from None
-        if kw is not None and kw <= 0:
-            raise RegistryError(f"{where}: contract_kw must be positive")
-        units[uid] = Unit(uid, cid, (row.get("meter_id") or "").strip(), kw, (row.get("label") or "").strip())
+            unit = _unit(row, customers)
+        except ValueError as exc:  # every bad line is said at once, so that one round of fixes is enough
+            errors.append(f"{path}:{line}: {exc}")
+            continue
+        if unit.id in units:
+            errors.append(f"{path}:{line}: unit_id {unit.id} appears twice")
+        units[unit.id] = unit
+    if errors:
+        more = f"\n... and {len(errors) - MAX_ERRORS} more" if len(errors) > MAX_ERRORS else ""
+        raise RegistryError(f"{len(errors)} bad line{'s' if len(errors) > 1 else ''} in {path}:\n"
+                            + "\n".join(errors[:MAX_ERRORS]) + more)
     return units
+
+
+def _unit(row: dict[str, str | None], customers: dict[str, Customer]) -> Unit:
+    uid, cid = (row.get("unit_id") or "").strip(), (row.get("customer_id") or "").strip()
+    if not UNIT_ID.fullmatch(uid):
+        raise ValueError(f"unit_id {uid!r} must match [A-Za-z0-9_-]{{1,64}}")
+    if cid not in customers:
+        raise ValueError(f"customer_id {cid!r} is not in the customers file")
+    kw_text = (row.get("contract_kw") or "").strip()
+    try:
+        kw = Fraction(kw_text) if kw_text else None
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"contract_kw {kw_text!r} is not a number") from None
+    if kw is not None and kw <= 0:
+        raise ValueError("contract_kw must be positive")
+    return Unit(uid, cid, (row.get("meter_id") or "").strip(), kw, (row.get("label") or "").strip())
 
 
 def _first_error(exc: Exception) -> str:

@@ -8,8 +8,11 @@ import stat
 from pathlib import Path
 
 import tomlkit
+import tomlkit.exceptions
+import tomlkit.items
 
 from ftp_gateway.passwords import hash_password
+from smame.registry import RegistryError, parse_customers
 
 USER = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
@@ -19,10 +22,21 @@ class UsersError(ValueError):
 
 
 def _load(path: Path) -> tomlkit.TOMLDocument:
-    return tomlkit.parse(path.read_text(encoding="utf-8"))
+    try:
+        return tomlkit.parse(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsersError(f"{path}: customers file not found (setting registry.customers)") from None
+    except (OSError, UnicodeDecodeError, tomlkit.exceptions.ParseError) as exc:
+        raise UsersError(f"{path}: cannot be read: {exc}; fix it by hand first") from None
 
 
 def _save(path: Path, doc: tomlkit.TOMLDocument) -> None:
+    # A file that smame would refuse to load is never written: the old one stays, and says the same as before.
+    text = tomlkit.dumps(doc)
+    try:
+        parse_customers(text, path)
+    except RegistryError as exc:
+        raise UsersError(f"not written, the result would be refused: {exc}") from None
     # The file holds password hashes: the new one gets the old one's mode from its first byte on.
     mode = stat.S_IMODE(path.stat().st_mode)
     tmp = path.with_name(path.name + ".tmp")
@@ -30,7 +44,7 @@ def _save(path: Path, doc: tomlkit.TOMLDocument) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     os.fchmod(fd, mode)  # the umask must not narrow or widen it either
     with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(tomlkit.dumps(doc))
+        f.write(text)
     os.replace(tmp, path)
 
 
@@ -56,7 +70,13 @@ def add_user(path: Path, customer: str, user: str, password: str | None, ssh_key
         entry["password_hash"] = hash_password(password)
     if ssh_keys:
         entry["ssh_keys"] = ssh_keys
-    users = customers[customer].setdefault("users", tomlkit.aot())
+    users = customers[customer].get("users")
+    if not isinstance(users, tomlkit.items.AoT):  # absent, or an inline `users = [...]`: one [[...users]] table each
+        old = list(users or [])
+        users = tomlkit.aot()
+        for u in old:
+            users.append(tomlkit.item(dict(u)))
+        customers[customer]["users"] = users
     users.append(entry)
     _save(path, doc)
 
@@ -69,6 +89,8 @@ def remove_user(path: Path, user: str) -> str:
         for i, u in enumerate(users):
             if u["name"] == user:
                 del users[i]
+                if not users:  # an empty `users = []` would not take a [[...users]] table after it
+                    del c["users"]
                 _save(path, doc)
                 return str(cid)
     raise UsersError(f"no user {user} in {path}")

@@ -175,10 +175,12 @@ def smame_env(workdir: Path, port: int, **extra: str) -> dict[str, str]:
     return env
 
 
-def smame(args: list[str], env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run a smame command to completion."""
+def smame(args: list[str], env: dict[str, str], check: bool = True, stdin: str | None = None
+          ) -> subprocess.CompletedProcess[str]:
+    """Run a smame command to completion (with `stdin` as its standard input; none by default)."""
     real_processes()
-    proc = subprocess.run([sys.executable, "-m", "smame.cli", *args], env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "smame.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=120, input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL)
     if check and proc.returncode != 0:
         raise AssertionError(f"smame {args} exited {proc.returncode}: {proc.stderr}")
     return proc

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from aggregator.slots import MISSING, Limits, Point, pair_slots
 from aggregator.timegrid import SLOT, Grid
-from broker_bridge.telegram import KEEP, MAX_PAYLOAD, Decoded, Reason, Refused, Rules, decode
+from broker_bridge.telegram import KEEP, MAX_PAYLOAD, REASONS, Decoded, Reason, Refused, Rules, decode
 
 GRID = Grid("Asia/Tokyo")
 NOW = int(datetime(2026, 11, 23, 1, 30, 9, tzinfo=timezone.utc).timestamp())
@@ -27,7 +27,6 @@ RULES = Rules(GRID.on_boundary)
 TOPIC = "smame/v1/F1/reading"
 EXAMPLES = int(os.environ.get("SMAME_FUZZ_EXAMPLES", "300"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-REASONS = {v for k, v in vars(Reason).items() if k.isupper()}
 
 # Edge-biased values: the boundaries of every field, of datetime itself, and of the register widths.
 ints = st.one_of(st.sampled_from([0, 1, -1, 2**31, 2**32 - 1, 2**32, 2**63, -(2**63), 10**8, 10**8 - 1, 0xFFFFFFFE,

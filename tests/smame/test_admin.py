@@ -1,0 +1,103 @@
+"""Admin commands never corrupt and never mislead: each mistake gets one line that says what to fix."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from smame.registry import load_registry
+from tests.helpers import (
+    Mosquitto, at, publish, smame, smame_env, start_smame, stop, telegram, wait_log, wait_readings, write_registry,
+    yesterday,
+)
+
+PASSWORD = "long-enough-pass\n"
+
+
+def refused(args: list[str], env: dict[str, str], stdin: str = "") -> str:
+    """Run a command that must fail with exit 2 and one line on stderr; return that line."""
+    proc = smame(args, env, check=False, stdin=stdin)
+    assert proc.returncode == 2, (args, proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    return proc.stderr.strip()
+
+
+def test_removing_the_last_login_then_adding_one_keeps_the_file_loadable(workdir: Path) -> None:
+    write_registry(workdir, {"U1": "C1"})
+    env = smame_env(workdir, 1883)
+    smame(["users", "add", "C1", "alice", "--password-stdin"], env, stdin=PASSWORD)
+    smame(["users", "remove", "alice"], env)
+    smame(["users", "add", "C1", "bob", "--password-stdin"], env, stdin=PASSWORD)
+    assert smame(["users", "list"], env).stdout.split() == ["C1", "bob", "password"]
+    smame(["users", "passwd", "C1", "bob", "--password-stdin"], env, stdin="another-long-pass\n")
+    registry = load_registry(workdir / "units.csv", workdir / "customers.toml")  # what smame itself loads
+    assert [u.name for u in registry.customers["C1"].users] == ["bob"]
+
+
+def test_a_write_that_smame_would_refuse_to_load_is_never_made(workdir: Path) -> None:
+    write_registry(workdir, {"U1": "C1"})
+    customers = workdir / "customers.toml"
+    customers.write_text('[customers.C1]\nlayout = "diagonal"\n')  # wrong already: refused, and left as it is
+    env = smame_env(workdir, 1883)
+    line = refused(["users", "add", "C1", "alice", "--password-stdin"], env, PASSWORD)
+    assert "not written" in line and "layout" in line
+    assert customers.read_text() == '[customers.C1]\nlayout = "diagonal"\n'
+    customers.write_text("[customers.C1\n")
+    assert "cannot be read" in refused(["users", "list"], env)
+
+
+def test_reading_commands_need_a_store_and_a_unit_that_exists(broker: Mosquitto, workdir: Path) -> None:
+    write_registry(workdir, {"U1": "C1"})
+    env = smame_env(workdir, broker.port)
+    db = workdir / "data" / "smame.db"
+    for args in (["slots", "--unit", "U1", "--date", "2026-11-20"], ["quarantine"], ["report"], ["backup", "x.db"]):
+        assert "no database at" in refused(args, env)
+    assert not db.exists()  # and none was made
+    assert "invalid choice: 'bogus'" in smame(["quarantine", "--reason", "bogus"], env, check=False).stderr
+    proc = start_smame(env, workdir / "smame.log")
+    wait_log(workdir / "smame.log", "subscribed to")
+    assert stop(proc) == 0
+    assert "is neither in" in refused(["slots", "--unit", "NOSUCH", "--date", "2026-11-20"], env)
+
+
+def test_backup_verify_and_restore(broker: Mosquitto, workdir: Path) -> None:
+    write_registry(workdir, {"R1": "C1"})
+    env = smame_env(workdir, broker.port)
+    db = workdir / "data" / "smame.db"
+    log = workdir / "smame.log"
+    day = yesterday().isoformat()
+    proc = start_smame(env, log)
+    try:
+        wait_log(log, "subscribed to")
+        publish(broker.port, [("smame/v1/R1/reading", telegram("R1", [(at(day, f"{h:02d}:00"), h)])) for h in range(6)])
+        wait_readings(db, 6)
+        assert "the live database itself" in refused(["backup", str(db)], env)
+        smame(["backup", str(workdir / "copy.db")], env)
+        assert "smame is running on" in refused(["restore", str(workdir / "copy.db")], env)
+        publish(broker.port, [("smame/v1/R1/reading", telegram("R1", [(at(day, "10:00"), 10)]))])
+        wait_readings(db, 7)
+    finally:
+        assert stop(proc) == 0
+    assert "is whole: 6 readings" in smame(["backup", "--verify", str(workdir / "copy.db")], env).stdout
+    broken = workdir / "broken.db"
+    broken.write_bytes((workdir / "copy.db").read_bytes()[:5000])
+    assert "broken.db" in refused(["backup", "--verify", str(broken)], env)
+    assert "broken.db" in refused(["restore", str(broken)], env)
+    with sqlite3.connect(db) as c:
+        assert c.execute("SELECT count(*) FROM readings").fetchone()[0] == 7  # a refused restore changed nothing
+    assert "restored" in smame(["restore", str(workdir / "copy.db")], env).stdout
+    with sqlite3.connect(db) as c:
+        assert c.execute("SELECT count(*) FROM readings").fetchone()[0] == 6
+
+
+def test_every_bad_line_of_units_csv_is_said_at_once(workdir: Path) -> None:
+    write_registry(workdir, {"U1": "C1"})
+    lines = ["unit_id,customer_id,meter_id,contract_kw,label", "U1,C1,,,"]
+    lines += [f"X{i},NOPE,,," for i in range(23)] + ["U1,C1,,,", "bad id,C1,,,", "U2,C1,,-3,"]
+    (workdir / "units.csv").write_text("\n".join(lines) + "\n")
+    proc = smame(["export"], smame_env(workdir, 1883), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    said = proc.stderr.splitlines()
+    assert said[0].endswith(f"26 bad lines in {workdir / 'units.csv'}:")
+    assert len(said) == 1 + 20 + 1 and said[-1] == "... and 6 more"
+    assert said[1] == f"{workdir / 'units.csv'}:3: customer_id 'NOPE' is not in the customers file"
