@@ -82,14 +82,16 @@ class Outbox:
 
     def __init__(self, store: Store, channels: Mapping[str, Channel], backoff_min: float = 15.0,
                  backoff_max: float = 1800.0, give_up_s: float = 3 * 86400, lease_s: float = 300.0,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, keep_s: float = 30 * 86400) -> None:
         self.store = store
         self.channels = dict(channels)
         self.backoff_min = backoff_min
         self.backoff_max = backoff_max
         self.give_up_s = give_up_s
         self.lease_s = lease_s
+        self.keep_s = keep_s  # sent and abandoned messages are forgotten after this long
         self.clock = clock
+        self._pruned = 0.0
         self.stats: Counter[tuple[str, str]] = Counter()  # (channel, sent|failed|given_up)
         self.failing: dict[str, tuple[float, str]] = {}  # channel -> (failing since, last error)
         self._lanes: dict[str, Lane] = {}
@@ -113,6 +115,8 @@ class Outbox:
         """Deliver for ever: right after something is queued, and when a retry falls due."""
         while True:
             try:
+                if self.clock() - self._pruned >= 3600:
+                    await self.prune()
                 await self.deliver_due()
                 nxt = await self.store.call(self.store.outbox_next_due)
             except sqlite3.OperationalError as exc:  # the database busy past its timeout: try again soon
@@ -124,6 +128,16 @@ class Outbox:
             except asyncio.TimeoutError:
                 pass
             self._wake.clear()
+
+    async def prune(self) -> None:
+        """Forget messages sent or given up more than `keep_s` ago (the table would grow for ever)."""
+        now = self._pruned = self.clock()
+
+        def prune() -> None:
+            with self.store.transaction():
+                self.store.outbox_prune(now - self.keep_s)
+
+        await self.store.call(prune)
 
     async def deliver_due(self) -> int:
         """Send every message due now, the channels side by side; returns how many went out."""

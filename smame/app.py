@@ -151,7 +151,8 @@ def build_outbox(settings: Settings, store: Store, clock: Callable[[], float] = 
     if settings.slack.enabled:
         channels["slack"] = SlackChannel(settings.slack)
     m = settings.monitoring
-    return Outbox(store, channels, backoff_min=m.outbox_retry_s, give_up_s=m.outbox_give_up_s, clock=clock)
+    return Outbox(store, channels, backoff_min=m.outbox_retry_s, give_up_s=m.outbox_give_up_s, clock=clock,
+                  keep_s=m.outbox_keep_days * 86400)
 
 
 def broker_target(settings: Settings) -> BrokerTarget:

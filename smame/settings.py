@@ -156,6 +156,7 @@ class MonitoringSettings(Section):
     metrics_port: int = Field(default=9108, ge=0, le=65535)
     outbox_give_up_s: int = Field(default=3 * 86400, ge=60)  # a report or alert not sent by then is dropped
     outbox_retry_s: float = Field(default=15.0, gt=0)  # first retry of a failed send; doubles up to 30 min
+    outbox_keep_days: int = Field(default=30, ge=1)  # sent and abandoned messages are kept this long
 
 
 class MailSettings(Section):

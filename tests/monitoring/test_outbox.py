@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 import ssl
@@ -279,4 +280,28 @@ async def test_a_mail_answered_after_the_deadline_is_sent_once(tmp_path: Path) -
         assert len(sink.messages) == 1
     finally:
         sink.stop()
+        store.close()
+
+
+async def test_sent_messages_are_forgotten_after_the_keep_time(tmp_path: Path) -> None:
+    stand_in = SlackStandIn()
+    store = Store(tmp_path / "smame.db")
+    now = [time.time() - 31 * 86400]
+    try:
+        outbox = Outbox(store, {"slack": webhook(stand_in)}, clock=lambda: now[0], keep_s=30 * 86400)
+        await outbox.put([("old", "slack", slack.compose("old", "x"))])
+        assert await outbox.deliver_due() == 1
+        now[0] += 30 * 86400  # a day younger than the keep time
+        await outbox.put([("new", "slack", slack.compose("new", "x")), ("waiting", "nowhere", b"{}")])
+        assert await outbox.deliver_due() == 1  # "waiting" has no channel: given up, and kept a while too
+        now[0] += 86400
+        runner = asyncio.create_task(outbox.run())
+        await asyncio.sleep(0.5)
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
+        keys = [k for (k,) in store.db.execute("SELECT key FROM outbox ORDER BY key")]
+        assert keys == ["new", "waiting"]
+    finally:
+        stand_in.stop()
         store.close()
