@@ -30,6 +30,9 @@ from smame.registry import Customer, Registry
 
 log = logging.getLogger("smame.export")
 CURSOR = "export_cursor"
+SUCCEEDED = "export_succeeded"  # when any exporter (the service, `smame export`) last wrote files without error
+RETRY_MIN_S = 60.0  # a failed run is tried again after a minute, then 2, 4, ... up to the next half hour
+POLL_S = 10.0  # while failing: how often to look whether `smame export` has succeeded meanwhile
 
 
 @dataclass
@@ -80,6 +83,7 @@ class Exporter:
         self.clock = clock
         self._pool: ProcessPoolExecutor | None = None
         self._pruned: date | None = None
+        self._wake: asyncio.Event | None = None  # made in run(), in its event loop
 
     def close(self) -> None:
         """Stop the workers and close the store connection."""
@@ -109,8 +113,13 @@ class Exporter:
                              for c in sorted(customers)[k::shares]), str(self.root))
                 for day, customers in sorted(by_day.items()) for k in range(min(shares, len(customers)))]
         result = RunResult()
-        if not jobs:
-            return result
+        if jobs:
+            self._write(jobs, len(by_day), result, progress)
+        self.store.set_meta(SUCCEEDED, repr(now))
+        return result
+
+    def _write(self, jobs: list[DayJob], days: int, result: RunResult, progress: Callable[[int, int], None]) -> None:
+        """Have the workers render and write the jobs; count what they did in `result`."""
         pool = self._workers()
         futures: dict[Future[tuple[list[Path], int]], date] = {pool.submit(write_day, job): job.day for job in jobs}
         parts_left = Counter(futures.values())
@@ -121,7 +130,7 @@ class Exporter:
                 result.unchanged += unchanged
                 parts_left[futures[future]] -= 1
                 if not parts_left[futures[future]]:
-                    progress(sum(1 for n in parts_left.values() if not n), len(by_day))
+                    progress(sum(1 for n in parts_left.values() if not n), days)
         except BrokenProcessPool:
             pool.shutdown(wait=False, cancel_futures=True)  # a worker died (killed, out of memory):
             self._pool = None  # new workers next run
@@ -130,8 +139,7 @@ class Exporter:
             for f in futures:
                 f.cancel()
         result.written.sort()
-        result.days = len(by_day)
-        return result
+        result.days = days
 
     def _workers(self) -> ProcessPoolExecutor:
         if self._pool is None:
@@ -179,10 +187,40 @@ class Exporter:
     # --- the service ----------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Run after every half hour plus the grace period, for ever; failures are logged, alerted and retried."""
+        """Run after every half hour plus the grace period, for ever. A failure is logged, alerted and retried
+        after a minute, then twice as long each time up to the next half hour; `retry_now` (SIGHUP) retries at
+        once, and a success of `smame export` meanwhile clears it."""
+        self._wake = asyncio.Event()
+        backoff = RETRY_MIN_S
         while True:
-            await self.run_once()
-            await asyncio.sleep(self.delay(self.clock()))
+            if await self.run_once() is not None:
+                backoff = RETRY_MIN_S
+                await self._sleep(self.delay(self.clock()))
+                continue
+            failed_at = self.clock()
+            until = failed_at + min(backoff, self.delay(failed_at))
+            backoff = min(backoff * 2, SLOT)
+            while self.stats.last_error and (left := until - self.clock()) > 0:
+                if await self._sleep(min(left, POLL_S)):
+                    break  # asked to retry now
+                if float(await self.store.call(self.store.get_meta, SUCCEEDED, "0")) > failed_at:
+                    log.info("export: `smame export` has written files since the failure: running again now")
+                    break
+
+    def retry_now(self) -> None:
+        """Run again at once (SIGHUP: the operator has fixed something)."""
+        if self._wake is not None:
+            self._wake.set()
+
+    async def _sleep(self, seconds: float) -> bool:
+        """Wait; True when `retry_now` cut the wait short."""
+        assert self._wake is not None
+        try:
+            await asyncio.wait_for(self._wake.wait(), seconds)
+        except TimeoutError:
+            return False
+        self._wake.clear()
+        return True
 
     async def run_once(self) -> RunResult | None:
         """One scheduled run on the store thread, with its outcome counted."""
@@ -192,7 +230,7 @@ class Exporter:
         except (OSError, BrokenProcessPool) as exc:
             self.stats.failures += 1
             self.stats.last_error = str(exc)
-            log.error("export failed, will retry at the next run: %s", exc)
+            log.error("export failed, will retry (or at once on SIGHUP): %s", exc)
             self.on_failure(str(exc))
             return None
         self.stats.files_written += len(result.written)

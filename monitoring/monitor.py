@@ -153,7 +153,7 @@ class Monitor:
             else:
                 unknown.add("broker_unreachable")
         if w.export is not None and w.export.last_error:
-            holding["export_failing"] = f"the last export run failed (retried every half hour): {w.export.last_error}"
+            holding["export_failing"] = f"the last export run failed (retried after a minute, then less often, and at once on SIGHUP): {w.export.last_error}"
         low = []
         for path, (free, total) in self.disk().items():
             percent = 100 * free / total if total else 100.0

@@ -249,6 +249,8 @@ class App:
         """SIGHUP: read the registry again; the writer gets the new one too."""
         if self.registry.reload():
             self.writer.reload(self.registry.current)
+        if self.exporter is not None:
+            self.exporter.retry_now()
 
     def health(self) -> dict[str, str]:
         """Each part's state for /healthz: "ok" or what is wrong."""

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import resource
+import shutil
+import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from datetime import date, datetime, timedelta
 from pathlib import Path
 
@@ -180,10 +185,13 @@ def test_unusable_export_directory_is_reported_and_ingest_goes_on(workdir: Path,
     assert bad.returncode == 1 and "is not usable (setting export.dir)" in bad.stderr
     log = workdir / "smame.log"
     proc = start_smame(env, log)
-    wait_log(log, "export failed, will retry at the next run")
+    wait_log(log, "export failed, will retry (or at once on SIGHUP)")
     wait_log(log, "subscribed to")
     publish(broker.port, [("smame/v1/E1/reading", telegram("E1", [(at("2026-11-20", "10:00"), 1)]))])
     wait_readings(workdir / "data" / "smame.db", 1)
+    blocker.unlink()  # the operator fixes it and says so: the export runs at once, not at the next half hour
+    proc.send_signal(signal.SIGHUP)
+    wait_log(log, "export: 1 files written")
     assert stop(proc) == 0
 
 
@@ -261,3 +269,50 @@ def test_a_killed_export_worker_fails_one_run_and_the_next_has_new_workers(setup
             exporter.export([("C1", TODAY - timedelta(days=1))], NOW)
     result = exporter.export([("C1", TODAY), ("C2", TODAY)], NOW)
     assert result.days == 1 and path_of(root, "C2", TODAY).exists()
+
+
+async def test_a_failed_export_is_retried_soon_at_once_on_sighup_and_after_an_export_by_hand(
+        workdir: Path, setup: tuple[Exporter, Ingestor, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    import csv_export.exporter as exporter_module
+
+    monkeypatch.setattr(exporter_module, "RETRY_MIN_S", 0.3)  # a minute in production
+    monkeypatch.setattr(exporter_module, "POLL_S", 0.1)
+    good, ingest, root = setup
+    ingest.commit(history(["U1"], 1), [], int(NOW))
+    blocker = workdir / "blocked"
+    blocker.write_text("a file where the export directory should be\n")
+    t0 = time.time()
+    service = Exporter(Store(workdir / "smame.db"), good.registry, GRID, blocker / "export", 45, 120,
+                       clock=lambda: NOW + time.time() - t0)
+    runner = asyncio.create_task(service.run())
+    try:
+        await _until(lambda: service.stats.failures == 1)
+        assert "not usable" in service.stats.last_error
+        blocker.unlink()  # fixed: the retry a moment later succeeds (not the run at the next half hour)
+        await _until(lambda: not service.stats.last_error)
+        assert service.stats.failures == 1 and (blocker / "export").is_dir()
+
+        shutil.rmtree(blocker)
+        blocker.write_text("broken again\n")
+        service.retry_now()  # what SIGHUP does: a run now
+        await _until(lambda: service.stats.failures == 2)
+
+        monkeypatch.setattr(exporter_module, "RETRY_MIN_S", 3600.0)  # from now on its own retries are far off
+        service.retry_now()
+        await _until(lambda: service.stats.failures == 3)
+        blocker.unlink()  # fixed, and the operator runs `smame export`:
+        await asyncio.get_running_loop().run_in_executor(None, good.scheduled, service.clock())
+        await _until(lambda: not service.stats.last_error, timeout=5)  # the service sees it and runs again now
+        assert service.stats.failures == 3
+    finally:
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
+        service.close()
+
+
+async def _until(done: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, "not done in time"
+        await asyncio.sleep(0.05)
