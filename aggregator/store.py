@@ -212,6 +212,11 @@ class Store:
         row = self.db.execute("SELECT max(at) FROM readings WHERE unit = ?", (unit,)).fetchone()
         return None if row[0] is None else int(row[0])
 
+    def first_at(self, unit: str) -> int | None:
+        """Time of the unit's oldest reading still stored."""
+        row = self.db.execute("SELECT min(at) FROM readings WHERE unit = ?", (unit,)).fetchone()
+        return None if row[0] is None else int(row[0])
+
     def add_reading_flags(self, unit: str, at: int, flags: int) -> None:
         """Set flags on a stored reading (e.g. a conflicting copy arrived)."""
         self.db.execute("UPDATE readings SET flags = flags | ? WHERE unit = ? AND at = ?", (flags, unit, at))

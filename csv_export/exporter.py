@@ -99,9 +99,12 @@ class Exporter:
         """Render and write the given (customer, day) files as of `now` (today's file up to the last closed slot)."""
         upto = self.grid.floor(now - self.grace_s)
         registry = self.registry()
+        pairs = [(c, d) for c, d in pairs if c in registry.customers]
+        first = self.first_days(registry, {c for c, _ in pairs})
         by_day: dict[date, set[str]] = {}
         for customer, day in pairs:
-            if customer in registry.customers and day <= self.grid.day_of(upto):
+            since = first.get(customer)
+            if since is not None and since <= day <= self.grid.day_of(upto):
                 by_day.setdefault(day, set()).add(customer)
         # Fewer days than workers (a scheduled run, one day by hand): the idle workers take a share of each
         # day's customers; each reads the day (SQLite readers run side by side) and renders only its share.
@@ -117,6 +120,16 @@ class Exporter:
             self._write(jobs, len(by_day), result, progress)
         self.store.set_meta(SUCCEEDED, repr(now))
         return result
+
+    def first_days(self, registry: Registry, customers: set[str]) -> dict[str, date]:
+        """The first local day with data of each customer that has any: no file is written for a day before it
+        (a new installation's --all would be 45 days of empty files)."""
+        out: dict[str, date] = {}
+        for c in customers:
+            firsts = [t for t in (self.store.first_at(u.id) for u in registry.units_of(c)) if t is not None]
+            if firsts:
+                out[c] = self.grid.day_of(min(firsts) + SLOT)  # the first slot closes half an hour after it
+        return out
 
     def _write(self, jobs: list[DayJob], days: int, result: RunResult, progress: Callable[[int, int], None]) -> None:
         """Have the workers render and write the jobs; count what they did in `result`."""

@@ -71,8 +71,8 @@ def test_a_late_reading_ten_days_back_rewrites_that_file_and_no_other(setup: tup
     late_at = GRID.day_start(TODAY - timedelta(days=10)) + 20 * SLOT
     ingest.commit(history(["U1", "U2"], 12, skip={("U1", late_at)}), [], int(NOW))
     first = exporter.scheduled(NOW)
-    assert len(first.written) == 2 * 13 + 1  # C1 and C2 for 13 days, C3 today (no units: header only)
-    assert path_of(root, "C3", TODAY).read_text() == "unit_id,meter_id,date,slot,start,end,import_kwh,export_kwh,quality\n"
+    assert len(first.written) == 2 * 13  # C1 and C2 for 13 days; C3 has no units, so no data and no file
+    assert not path_of(root, "C3", TODAY).exists()
     before = snapshot(root)
     target = path_of(root, "C1", TODAY - timedelta(days=10))
     assert ",E\n" in target.read_text()
@@ -140,9 +140,10 @@ def test_export_command_dates_and_customers(workdir: Path, setup: tuple[Exporter
     assert "1 files written" in out and "C2_20261121.csv" in out
     assert smame(["export", "--date", "2026-11-21", "--customer", "C2"], env).stdout.startswith("0 files written, 1 unchanged")
     out = smame(["export", "--from", "2026-11-20", "--to", "2026-11-22"], env).stdout
-    assert out.startswith("8 files written, 1 unchanged")  # 3 customers x 3 days, one already there
-    out = smame(["export", "--all"], env).stdout
-    assert "(46 days)" in out
+    assert out.startswith("5 files written, 1 unchanged")  # 2 customers with units x 3 days, one already there
+    smame(["export", "--all"], env)  # the window ends today, by the real clock: no file before the first reading
+    days = {p.name.split("_")[1][:8] for p in root.glob("*/*.csv")}
+    assert min(days) == "20261120" and not (root / "C3").exists()  # 2026-11-20 12:00; C3 has no units
     bad = smame(["export", "--customer", "C9"], env, check=False)
     assert bad.returncode == 2 and "unknown customer C9" in bad.stderr
     bad = smame(["export", "--from", "2026-11-20"], env, check=False)
@@ -240,6 +241,7 @@ def test_a_day_whose_first_rows_have_no_values_exports(workdir: Path) -> None:
     rows += [(end, u, 12, "A", 0, 3, "E", 0, "SM-9", 0x01, 1) for end in ends[2:] for u in units]
     with store.transaction():
         store.upsert_slots(("imp", "exp"), rows)
+        store.insert_readings([(u, ends[0] - SLOT, "SM-9", 0, 0, 1, 1, 6, 0, 0, 0, 0) for u in units])
     exporter = Exporter(store, lambda: registry, GRID, workdir / "export", 45, 120)
     try:
         result = exporter.export([("C1", TODAY)], NOW)
