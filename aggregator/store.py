@@ -363,6 +363,12 @@ class Store:
         with self.transaction():
             return int(self.db.execute("DELETE FROM quarantine WHERE received < ?", (before,)).rowcount)
 
+    def quarantine_after(self, reason: str, after_id: int, limit: int = 1000) -> list[QuarantineRow]:
+        """Quarantined items of one reason with ids above `after_id`, oldest first."""
+        rows = self.db.execute("SELECT id, received, topic, unit, reason, detail, payload FROM quarantine "
+                               "WHERE reason = ? AND id > ? ORDER BY id LIMIT ?", (reason, after_id, limit)).fetchall()
+        return [QuarantineRow(*r) for r in rows]
+
     def quarantine_counts(self) -> dict[str, int]:
         """Number of quarantined items per reason."""
         rows = self.db.execute("SELECT reason, count(*) FROM quarantine GROUP BY reason").fetchall()

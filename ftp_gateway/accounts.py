@@ -36,6 +36,7 @@ class Accounts:
         self.registry = registry
         self.export_dir = export_dir
         self.rehash = rehash  # stores a new hash of a password whose hash has weaker parameters than today's
+        self.on_failed_login: Callable[[str, str], object] = lambda user, address: None  # security events
         self.events: Counter[tuple[str, str]] = Counter()  # (protocol, login|failed_login|download) for metrics
         self._rehashed: set[str] = set()
 
@@ -48,6 +49,11 @@ class Accounts:
                     home.mkdir(parents=True, exist_ok=True)
                     return Account(u.name, customer.id, home, u.password_hash, tuple(u.ssh_keys))
         return None
+
+    def failed(self, protocol: str, user: str, address: str) -> None:
+        """Count a failed login (metrics) and tell whoever watches for security events."""
+        self.events[(protocol, "failed_login")] += 1
+        self.on_failed_login(user, normalize(address))
 
     def check_password(self, user: str, password: str) -> Account | None:
         """The account when the password is right, else None (the same work whether the user exists, has a

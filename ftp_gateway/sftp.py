@@ -97,7 +97,7 @@ class _Server(asyncssh.SSHServer):
             log.info("sftp: login user=%s address=%s (password)", username, self.address)
             return True
         log.warning("sftp: failed login user=%s address=%s", username, self.address)
-        self.accounts.events[("sftp", "failed_login")] += 1
+        self.accounts.failed("sftp", username, self.address)
         if self.bans.failed(self.address):
             log.error("sftp: address %s banned after repeated failed logins", self.address)
         return False

@@ -21,6 +21,9 @@ TITLES = {
     "login_ban": "login ban",
     "units_silent": "many units silent",
     "delivery_failing": "report or alert delivery failing",
+    "security_ban": "security: addresses banned on the file gateway",
+    "security_failed_logins": "security: repeated failed logins",
+    "security_unit_mismatch": "security: telegrams under another unit's topic",
 }
 
 

@@ -23,17 +23,20 @@ from zoneinfo import ZoneInfo
 from aggregator.store import Store
 from aggregator.timegrid import Grid
 from broker_bridge.bridge import BridgeStats
+from broker_bridge.telegram import Reason
 from csv_export.exporter import ExportStats
 from ftp_gateway.accounts import Bans
 from monitoring import alerts, mail, slack
 from monitoring.alerts import Active, Notice
 from monitoring.daily import build_report, report_messages
 from monitoring.outbox import Message, Outbox
+from monitoring.security import SecurityEvents
 from smame.registry import Registry
 from smame.settings import Settings
 
 log = logging.getLogger("smame.monitor")
 ALERT_STATE = "alert_state"
+MISMATCH_CURSOR = "security_mismatch_cursor"
 REPORT_DONE = "report_last_day"
 
 
@@ -91,6 +94,8 @@ class Monitor:
         self._loaded = False
         self._saved = ""  # the alert state as last written
         self._due_since: float | None = None  # when a report fell due that waits for ingest to catch up
+        # the file gateway tells it of bans and failed logins; a user is named after as many as ban an address
+        self.security = SecurityEvents(settings.ftp.ban_after)
 
     def session_lost(self) -> None:
         """Called by ingest when the broker had no session for us: said once, at the next check."""
@@ -122,7 +127,9 @@ class Monitor:
         if self.settings.alerts.enabled:
             holding, unknown = self.conditions(now)
             self.active, notices = alerts.step(self.active, holding, now, self.settings.alerts.repeat_s, unknown)
-        notices, self._events = notices + self._events, []
+        await self.store.call(self._read_mismatches)
+        security = [alerts.event(kind, text, now) for kind, text in self.security.due(now)]
+        notices, self._events = notices + self._events + security, []
         for n in notices:
             (log.info if n.state == "resolved" else log.warning)("%s: %s", n.subject, n.text)
         messages = [m for n in notices for m in alert_messages(n, self.settings)]
@@ -224,6 +231,18 @@ class Monitor:
         return True
 
     # --- on the store thread ----------------------------------------------------------------------
+
+    def _read_mismatches(self) -> None:
+        # Telegrams under another unit's topic, from the quarantine: what a restart finds there is told too,
+        # once (the cursor is kept in the store).
+        cursor = int(self.store.get_meta(MISMATCH_CURSOR, "-1"))
+        if cursor < 0:  # a new installation, or one from before this: the past is not news
+            cursor = max((q.id for q in self.store.quarantine(Reason.UNIT_MISMATCH, 1)), default=0)
+        rows = self.store.quarantine_after(Reason.UNIT_MISMATCH, cursor)
+        if rows:
+            self.security.mismatches(q.detail for q in rows)
+            cursor = rows[-1].id
+        self.store.set_meta(MISMATCH_CURSOR, str(cursor))
 
     def _load_state(self) -> dict[str, Active]:
         raw = self.store.get_meta(ALERT_STATE, "{}")

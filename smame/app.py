@@ -210,6 +210,9 @@ class App:
             monitor = Monitor(settings, monitor_store, grid, lambda: registry.current, watched,
                               build_outbox(settings, monitor_store, clock), clock)
             bridge.on_session_lost = monitor.session_lost
+            if gateway is not None:  # security events
+                gateway.bans.on_ban = monitor.security.ban
+                gateway.accounts.on_failed_login = monitor.security.failed_login
         return cls(settings, registry, writer, bridge, exporter, gateway, monitor)
 
     def services(self) -> dict[str, Callable[[], Awaitable[None]]]:
