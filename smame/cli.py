@@ -182,6 +182,9 @@ def _parser() -> argparse.ArgumentParser:
                                                               "/mosquitto/config in the compose stack)")
     provision.add_argument("--data-dir", default="/mosquitto/data", metavar="PATH", help="the broker's persistence directory")
     provision.add_argument("--port", type=_positive, default=1883, help="the broker's password listener (default 1883)")
+    provision.add_argument("--bind", metavar="ADDRESS", help="the address of that listener (default: all)")
+    provision.add_argument("--owner", metavar="USER",
+                           help="give the files to this user (a broker not run by compose reads them as mosquitto)")
     provision.add_argument("--tls-port", type=_positive, default=8883, help="its mutual-TLS listener (default 8883)")
     provision.add_argument("--ingest-user", default="smame-ingest", help="the user smame logs in as (default smame-ingest)")
     provision.add_argument("--outage-hours", type=_non_negative, default=24.0, metavar="H",
@@ -540,7 +543,7 @@ def _provision(settings: Settings, args: argparse.Namespace) -> int:
         done = provision(units, args.out, tls=args.tls, ingest_user=args.ingest_user,
                          broker_names=args.broker_name or BROKER_NAMES,
                          conf_dir=args.conf_dir, data_dir=args.data_dir, outage_hours=args.outage_hours,
-                         port=args.port, tls_port=args.tls_port)
+                         port=args.port, tls_port=args.tls_port, bind=args.bind, owner=args.owner)
     except ProvisionError as exc:
         print(f"smame provision: {exc}", file=sys.stderr)
         return 2

@@ -4,6 +4,7 @@ are refused, TLS below 1.2 is refused, and running it again keeps what units in 
 from __future__ import annotations
 
 import csv
+import pwd
 import ssl
 import threading
 import time
@@ -15,7 +16,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from tests.helpers import (
     Mosquitto, at, free_port, smame, smame_env, start_smame, stop, telegram, wait_log, wait_readings, wait_until,
-    write_registry,
+    wait_port, write_registry,
 )
 
 V5 = paho.MQTTv5
@@ -149,6 +150,41 @@ def test_an_ingest_user_that_would_widen_the_acl_is_refused(workdir: Path, bad: 
                   "--ingest-user", bad], smame_env(workdir, 1883), check=False)
     assert proc.returncode == 2 and "--ingest-user" in proc.stderr
     assert not (workdir / "b" / "acl").exists()
+
+
+def test_the_operators_own_settings_survive_provisioning_again(workdir: Path) -> None:
+    out, port, _ = provisioned(workdir, {"U1": "C1"}, "--bind", "127.0.0.1")
+    conf = (out / "mosquitto.conf").read_text()
+    assert f"listener {port} 127.0.0.1\n" in conf and f"include_dir {out.resolve()}/conf.d\n" in conf
+    extra_port = free_port()
+    mine = out / "conf.d" / "local.conf"
+    mine.write_text(f"# a second listener for a monitoring probe\nlistener {extra_port} 127.0.0.1\n")
+    smame(["provision", "--registry", str(workdir / "units.csv"), "--out", str(out), "--port", str(port),
+           "--data-dir", str(workdir / "mqdata"), "--bind", "127.0.0.1"], smame_env(workdir, port))
+    assert mine.read_text().endswith(f"listener {extra_port} 127.0.0.1\n")  # untouched
+    broker = start_broker(workdir, out, port)
+    try:
+        wait_port(extra_port)
+        ingest = Client(extra_port, *ingest_login(out))  # the broker reads it: same users, same ACL
+        assert ingest.ok
+        ingest.close()
+    finally:
+        broker.stop()
+
+
+def test_owner_and_bind_are_checked_and_applied(workdir: Path) -> None:
+    write_registry(workdir, {"U1": "C1"})
+    env = smame_env(workdir, 1883)
+    base = ["provision", "--registry", str(workdir / "units.csv"), "--out", str(workdir / "b")]
+    for extra, said in ((["--owner", "no-such-user-here"], "--owner 'no-such-user-here' is no user"),
+                        (["--bind", "127.0.0.1\nlistener 1"], "is not an address or host name")):
+        proc = smame(base + extra, env, check=False)
+        assert proc.returncode == 2 and said in proc.stderr and "Traceback" not in proc.stderr
+    assert not (workdir / "b" / "passwd").exists()
+    smame(base + ["--owner", "nobody"], env)
+    nobody = pwd.getpwnam("nobody").pw_uid
+    assert {p.stat().st_uid for p in (workdir / "b").iterdir()} == {nobody}
+    assert (workdir / "b" / "passwd").stat().st_mode & 0o777 == 0o600  # private still, to its new owner
 
 
 def test_an_oversized_telegram_is_refused_at_the_door(workdir: Path) -> None:
