@@ -149,8 +149,15 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> int:
         say(f"\n== smame verify --truth {truth}   (every stored slot against what the simulator knows it sent)")
         result = subprocess.run([sys.executable, "-m", "smame.cli", "verify", "-c", str(toml), "--truth", str(truth)],
                                 env=env)
+        if _interactive(opts):
+            head = "Look around (smame keeps running with the fleet live; Ctrl-C stops everything):"
+        elif opts.follow:
+            head = ("Everything stops now: standard input is no terminal, so there is no Ctrl-C to wait for. "
+                    "Run the demo in a terminal to keep it running; what it ran, to look at afterwards:")
+        else:
+            head = "Everything stops now (--no-follow); what it ran, to look at afterwards:"
         say(f"""
-Look around (smame keeps running{' with the fleet live; Ctrl-C stops everything' if _interactive(opts) else ''}):
+{head}
   settings   {toml}            log {work / 'smame.log'}
   CSV files  {work / 'data' / 'export'}/<customer>/   (format: docs/csv-format.md)
   FTPS       curl --ssl-reqd --cacert {work / 'data' / 'ftps-cert.pem'} --user demo:{password} ftp://127.0.0.1:{ports['ftp']}/

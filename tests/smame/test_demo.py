@@ -15,11 +15,13 @@ def test_the_demo_runs_the_whole_product_and_cleans_up(workdir: Path) -> None:
     real_processes()
     work = workdir / "demo"
     proc = subprocess.run([sys.executable, "-m", "smame.cli", "demo", "--dir", str(work), "--units", "60",
-                           "--customers", "3", "--speed", "0", "--no-follow"], env=smame_env(workdir, 1883),
+                           "--customers", "3", "--speed", "0"], env=smame_env(workdir, 1883),
                           capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
     assert "OK: 0 mismatches" in out
+    # no terminal: it says that it stops, and why, instead of "smame keeps running"
+    assert "Everything stops now: standard input is no terminal" in out and "keeps running" not in out
     assert "sha256 matches" in out and "C000_" in out.split("fetches its files over FTPS")[1]
     assert "smame_readings_stored_total" in out
     mails = sorted((work / "mail").glob("*.eml"))
