@@ -91,6 +91,11 @@ class Writer:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pipe, self._commit, readings, refused, now)
 
+    @property
+    def pid(self) -> int | None:
+        """The writer process's id, once started."""
+        return None if self._process is None else int(self._process.pid)
+
     async def watch(self) -> None:
         """Wait while the writer lives; raise WriterError when it dies (even with no batch to commit)."""
         loop = asyncio.get_running_loop()

@@ -164,6 +164,8 @@ class Bridge:
                     t.host, t.port, t.client_id, username=t.username, password=t.password, tls=t.tls,
                     session_expiry=t.session_expiry, keepalive=t.keepalive,
                 )
+                # A session the broker kept starts to deliver its backlog here, ahead of the SUBACK.
+                log.info("connected to %s:%s as %s, session present: %s", t.host, t.port, t.client_id, present)
                 await client.subscribe(t.topic, qos=1)
             except Exception as exc:  # refused, reset, closed mid-handshake, garbled: all mean "try again later"
                 client.close()
@@ -179,8 +181,7 @@ class Bridge:
             self.stats.connected = True
             self.stats.down_since = None
             delay = t.reconnect_min
-            log.info("connected to %s:%s as %s, subscribed to %s, session present: %s",
-                     t.host, t.port, t.client_id, t.topic, present)
+            log.info("subscribed to %s", t.topic)
             if not present and self.stats.connects > 1:
                 self.stats.sessions_lost += 1
                 log.error("the broker had no session for %s: messages queued while we were away may be lost",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import fcntl
 import functools
 import logging
@@ -171,6 +172,10 @@ def broker_target(settings: Settings) -> BrokerTarget:
     )
 
 
+STARTUP_WAIT_S = 30.0  # how long exports wait for ingest to subscribe before they start anyway
+MONITOR_WAIT_S = 5.0  # the same for the monitor
+
+
 @dataclass
 class App:
     """Everything `smame run` runs."""
@@ -223,30 +228,38 @@ class App:
         if self.gateway is not None:
             out["files"] = self.gateway.run
         if self.monitor is not None:
-            out["monitor"] = self.monitor.run  # at once: a broker that is down is what it must say
+            # soon, not at once: its first look at a fleet's store must not delay the subscription, and a broker
+            # that is down is only alerted after alerts.broker_down_s anyway
+            out["monitor"] = functools.partial(self.after_ingest, self.monitor.run, MONITOR_WAIT_S)
             out["outbox"] = self.monitor.outbox.run
         if self.settings.monitoring.enabled:
             out["metrics"] = self.serve_metrics
         return out
 
-    async def after_ingest(self, service: Callable[[], Awaitable[None]]) -> None:
-        """Run a service once ingest has subscribed (or `STARTUP_WAIT_S` has passed without a broker): its
-        start-up work (the first export, the catch-up report) must not delay the subscription."""
+    async def after_ingest(self, service: Callable[[], Awaitable[None]], wait_s: float = STARTUP_WAIT_S) -> None:
+        """Run a service once ingest has subscribed (or `wait_s` has passed without a broker): its start-up work
+        (the first export, the first scan) must not delay the subscription."""
         try:
-            await asyncio.wait_for(self.bridge.subscribed.wait(), STARTUP_WAIT_S)
+            await asyncio.wait_for(self.bridge.subscribed.wait(), wait_s)
         except TimeoutError:
             pass
         await service()
 
     async def ingest(self) -> None:
-        """The writer process, and the bridge feeding it, until cancelled."""
+        """The writer process, and the bridge feeding it, until cancelled. The bridge subscribes while the writer
+        starts: the writer takes requests in order, so the first commit waits for it, and nothing is
+        acknowledged before it is committed."""
         try:
-            await self.writer.start()  # cancelled while starting (SIGTERM at once): the writer is closed all the same
             async with asyncio.TaskGroup() as group:
-                group.create_task(self.writer.watch(), name="writer")
+                group.create_task(self._writer(), name="writer")
                 group.create_task(self.bridge.run(), name="bridge")
-        finally:
+        finally:  # cancelled while starting (SIGTERM at once): the writer is closed all the same
             await asyncio.get_running_loop().run_in_executor(None, self.writer.close)
+
+    async def _writer(self) -> None:
+        await self.writer.start()
+        log.info("writer process %d has the store open", self.writer.pid)
+        await self.writer.watch()
 
     def reload(self) -> None:
         """SIGHUP: read the registry again; the writer gets the new one too."""
@@ -329,7 +342,6 @@ class App:
         log.info("smame stopped")
 
 
-STARTUP_WAIT_S = 30.0  # how long exports and reports wait for ingest to subscribe before they start anyway
 # Docker gives 10 s between SIGTERM and SIGKILL; a stop that takes longer than this ends the process, so that
 # nothing (a stuck thread, a child that does not exit) can leave it running for ever.
 STOP_DEADLINE_S = 9.0
@@ -337,8 +349,10 @@ STOP_DEADLINE_S = 9.0
 
 def _deadline(seconds: float) -> None:
     def expire() -> None:
-        log.error("still stopping after %.0f s: exiting now (unacknowledged telegrams are redelivered)", seconds)
+        log.error("still stopping after %.0f s: exiting now (unacknowledged telegrams are redelivered); where each "
+                  "thread was stuck follows", seconds)
         logging.shutdown()
+        faulthandler.dump_traceback(all_threads=True)  # on stderr, for whoever finds out why
         os._exit(1)
 
     timer = threading.Timer(seconds, expire)

@@ -66,6 +66,11 @@ def test_a_stray_file_in_the_export_directory_is_left_alone(broker: Mosquitto, w
     log = workdir / "smame.log"
     proc = start_smame(smame_env(workdir, broker.port), log)
     try:
+        wait_log(log, "subscribed to")
+        day = yesterday().isoformat()
+        publish(broker.port, [("smame/v1/L1/reading", telegram("L1", [(at(day, "10:00"), 1), (at(day, "10:30"), 2)]))])
+        wait_readings(workdir / "data" / "smame.db", 2)
+        proc.send_signal(signal.SIGHUP)  # an export run now, with retention, rather than at the next half hour
         wait_log(log, "export: ")
         assert proc.poll() is None, log.read_text()
     finally:
@@ -81,7 +86,7 @@ def test_a_database_deleted_under_smame_acknowledges_nothing_and_loses_nothing(b
     log = workdir / "smame.log"
     db = workdir / "data" / "smame.db"
     proc = start_smame(env, log)
-    wait_log(log, "subscribed to")
+    wait_log(log, "has the store open")
     wait_log(log, "monitoring: /metrics")
     for f in db.parent.glob("smame.db*"):
         f.unlink()
