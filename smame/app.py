@@ -172,7 +172,7 @@ def broker_target(settings: Settings) -> BrokerTarget:
     )
 
 
-STARTUP_WAIT_S = 30.0  # how long exports wait for ingest to subscribe before they start anyway
+STARTUP_WAIT_S = 300.0  # how long the first export waits for ingest to subscribe and drain before it starts anyway
 MONITOR_WAIT_S = 5.0  # the same for the monitor
 
 
@@ -224,7 +224,7 @@ class App:
         """The long-running services, by name."""
         out: dict[str, Callable[[], Awaitable[None]]] = {"ingest": self.ingest}
         if self.exporter is not None:
-            out["export"] = functools.partial(self.after_ingest, self.exporter.run)
+            out["export"] = functools.partial(self.after_ingest, self.exporter.run, drained=True)
         if self.gateway is not None:
             out["files"] = self.gateway.run
         if self.monitor is not None:
@@ -236,11 +236,18 @@ class App:
             out["metrics"] = self.serve_metrics
         return out
 
-    async def after_ingest(self, service: Callable[[], Awaitable[None]], wait_s: float = STARTUP_WAIT_S) -> None:
-        """Run a service once ingest has subscribed (or `wait_s` has passed without a broker): its start-up work
-        (the first export, the first scan) must not delay the subscription."""
+    async def after_ingest(self, service: Callable[[], Awaitable[None]], wait_s: float = STARTUP_WAIT_S,
+                           drained: bool = False) -> None:
+        """Run a service once ingest has subscribed, and with `drained` once it has also caught up with the
+        backlog the broker kept for it (or `wait_s` has passed): start-up work (the first export with its worker
+        processes, the first scan) must neither delay the subscription nor take CPU from the drain."""
+        async def ready() -> None:
+            await self.bridge.subscribed.wait()
+            while drained and not self.bridge.stats.caught_up(time.time()):
+                await asyncio.sleep(0.5)
+
         try:
-            await asyncio.wait_for(self.bridge.subscribed.wait(), wait_s)
+            await asyncio.wait_for(ready(), wait_s)
         except TimeoutError:
             pass
         await service()

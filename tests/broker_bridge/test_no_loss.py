@@ -38,15 +38,21 @@ def test_kill_9_mid_burst_loses_nothing_and_duplicates_nothing(broker: Mosquitto
     db, log = workdir / "data" / "smame.db", workdir / "smame.log"
     proc = start_smame(env, log)
     wait_log(log, "subscribed to")
-    helpers = [wait_child(proc, "smame-writer"), wait_child(proc, "smame-export")]
+    writer = wait_child(proc, "smame-writer")
 
     t0 = at("2026-11-20", "00:00")
     rounds = [[(f"smame/v1/K{u:04d}/reading",
                 telegram(f"K{u:04d}", [(t0 + timedelta(minutes=30 * k), register(u, k))], seq=k))
                for u in range(UNITS)] for k in range(ROUNDS)]
 
+    # The first round, and an export run (SIGHUP) of the files it makes: the export workers are running too.
+    publish(broker.port, rounds[0])
+    wait_until(lambda: count(db) >= UNITS, 60, every=0.02)
+    proc.send_signal(signal.SIGHUP)
+    helpers = [writer, wait_child(proc, "smame-export")]
+
     def publisher() -> None:
-        for messages in rounds:
+        for messages in rounds[1:]:
             publish(broker.port, messages)
             time.sleep(0.05)
 

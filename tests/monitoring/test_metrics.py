@@ -40,6 +40,8 @@ def test_metrics_count_what_was_published_and_health_says_ok(broker: Mosquitto, 
     publish(broker.port, good + bad + good[:3])  # 10 good, 2 bad, 3 repeated
     wait_readings(workdir / "data" / "smame.db", 10)
     wait_until(lambda: scrape(port).get("smame_telegrams_acknowledged_total", 0) >= 15, 10, every=0.2)
+    # the first export runs once ingest has caught up (2 s without a telegram)
+    wait_until(lambda: scrape(port).get("smame_export_runs_total", 0) >= 1, 10, every=0.2)
     m = scrape(port)
     assert m["smame_telegrams_received_total"] == 15
     assert m["smame_telegrams_acknowledged_total"] == 15
