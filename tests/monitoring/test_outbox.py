@@ -305,3 +305,32 @@ async def test_sent_messages_are_forgotten_after_the_keep_time(tmp_path: Path) -
     finally:
         stand_in.stop()
         store.close()
+
+
+async def test_a_webhook_that_answers_a_byte_at_a_time_fails_in_time(tmp_path: Path) -> None:
+    sock = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def drip() -> None:
+        conn, _ = sock.accept()
+        with conn:
+            conn.recv(65536)
+            for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok":
+                if stop.wait(0.7):  # each byte well within a per-read timeout, the whole far beyond it
+                    return
+                conn.sendall(bytes([byte]))
+
+    threading.Thread(target=drip, daemon=True).start()
+    store = Store(tmp_path / "smame.db")
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}/hook"
+    try:
+        outbox = Outbox(store, {"slack": SlackChannel(SlackSettings(webhook_url=SecretStr(url), timeout_s=1))})
+        await outbox.put([("s", "slack", slack.compose("[smame] ALERT: x", "y"))])
+        started = time.monotonic()
+        assert await outbox.deliver_due() == 0
+        assert time.monotonic() - started < 2.5
+        assert outbox.failing["slack"][1] == "no answer within 1 s"
+    finally:
+        stop.set()
+        sock.close()
+        store.close()
