@@ -51,8 +51,9 @@ _COLUMN = {"fwd": 0, "rev": 1}
 class Ingestor:
     """Commits batches of readings and keeps slots in step with them."""
 
-    def __init__(self, store: Store, units: UnitDirectory, grid: Grid, cache_limit: int = 200_000,
-                 shared: bool = False) -> None:
+    def __init__(
+        self, store: Store, units: UnitDirectory, grid: Grid, cache_limit: int = 200_000, shared: bool = False
+    ) -> None:
         self.store = store
         self.units = units
         self.grid = grid
@@ -100,7 +101,11 @@ class Ingestor:
         for r in refused:
             outcome.quarantined[r.reason] += 1
         t = self.totals
-        t.stored, t.duplicates, t.slots = t.stored + outcome.stored, t.duplicates + outcome.duplicates, t.slots + outcome.slots
+        t.stored, t.duplicates, t.slots = (
+            t.stored + outcome.stored,
+            t.duplicates + outcome.duplicates,
+            t.slots + outcome.slots,
+        )
         t.quarantined.update(outcome.quarantined)
         if len(self._cache) > self.cache_limit:
             self._cache.clear()
@@ -108,13 +113,21 @@ class Ingestor:
 
     def _load(self, unit: str) -> _UnitState:
         last_at = self.store.last_at(unit)
-        last = {reg: None if last_at is None else self.store.neighbour(unit, last_at + 1, reg, before=True)
-                for reg in REGISTERS}
+        last = {
+            reg: None if last_at is None else self.store.neighbour(unit, last_at + 1, reg, before=True)
+            for reg in REGISTERS
+        }
         state = self._cache[unit] = _UnitState(last_at, last)
         return state
 
-    def _chain(self, unit: str, state: _UnitState, fresh: list[Reading], start: dict[str, Point | None] | None,
-               slot_rows: _SlotRows) -> None:
+    def _chain(
+        self,
+        unit: str,
+        state: _UnitState,
+        fresh: list[Reading],
+        start: dict[str, Point | None] | None,
+        slot_rows: _SlotRows,
+    ) -> None:
         """Slots closed by readings newer than anything stored, each paired with the one before."""
         limits = self.units.limits_of(unit)
         for reg in REGISTERS:
@@ -131,8 +144,15 @@ class Ingestor:
             state.last[reg] = prev
         state.last_at = fresh[-1].at
 
-    def _unit(self, unit: str, state: _UnitState, items: list[Incoming], refused: list[Refused], outcome: Outcome,
-              slot_rows: _SlotRows) -> None:
+    def _unit(
+        self,
+        unit: str,
+        state: _UnitState,
+        items: list[Incoming],
+        refused: list[Refused],
+        outcome: Outcome,
+        slot_rows: _SlotRows,
+    ) -> None:
         """The general case: several readings, duplicates, conflicts, late readings."""
         items.sort(key=lambda item: item.reading.at)
         fresh: list[Reading] = []  # newer than anything stored
@@ -166,7 +186,9 @@ class Ingestor:
         late.extend(conflicts)
         if fresh:
             # A late point inserted in this batch may now precede the first fresh one.
-            start = {reg: self.store.neighbour(unit, fresh[0].at, reg, before=True) for reg in REGISTERS} if late else None
+            start = (
+                {reg: self.store.neighbour(unit, fresh[0].at, reg, before=True) for reg in REGISTERS} if late else None
+            )
             self._chain(unit, state, fresh, start, slot_rows)
         if late:
             self._around(unit, state, late, slot_rows)
@@ -206,7 +228,9 @@ class Ingestor:
         changed = outcome.changed
         for (end, unit), (imp, exp, meter, e1, coef) in slot_rows.items():
             if imp is not None and exp is not None:
-                both.append((end, unit, imp.value, imp.quality, imp.flags, exp.value, exp.quality, exp.flags, meter, e1, coef))
+                both.append(
+                    (end, unit, imp.value, imp.quality, imp.flags, exp.value, exp.quality, exp.flags, meter, e1, coef)
+                )
             elif imp is not None:
                 imp_only.append((end, unit, imp.value, imp.quality, imp.flags, meter, e1, coef))
             else:

@@ -275,11 +275,21 @@ class Store:
 
     def quarantine_between(self, start: int, end: int) -> tuple[dict[str, int], list[str]]:
         """Quarantined items received in [start, end): counts by reason, and the unknown units that tried."""
-        counts = {r: int(n) for r, n in self.db.execute(
-            "SELECT reason, count(*) FROM quarantine WHERE received >= ? AND received < ? GROUP BY reason", (start, end))}
-        unknown = [u for (u,) in self.db.execute(
-            "SELECT DISTINCT unit FROM quarantine WHERE reason = 'unknown_unit' AND received >= ? AND received < ? "
-            "ORDER BY unit", (start, end))]
+        counts = {
+            r: int(n)
+            for r, n in self.db.execute(
+                "SELECT reason, count(*) FROM quarantine WHERE received >= ? AND received < ? GROUP BY reason",
+                (start, end),
+            )
+        }
+        unknown = [
+            u
+            for (u,) in self.db.execute(
+                "SELECT DISTINCT unit FROM quarantine WHERE reason = 'unknown_unit' AND received >= ? AND received < ? "
+                "ORDER BY unit",
+                (start, end),
+            )
+        ]
         return counts, unknown
 
     def prune(self, before: int, chunk: int = 500) -> tuple[int, int]:
@@ -294,7 +304,9 @@ class Store:
         for i in range(0, len(units), chunk):
             with self.transaction():
                 for unit in units[i : i + chunk]:
-                    readings += self.db.execute("DELETE FROM readings WHERE unit = ? AND at < ?", (unit, before)).rowcount
+                    readings += self.db.execute(
+                        "DELETE FROM readings WHERE unit = ? AND at < ?", (unit, before)
+                    ).rowcount
         with self.transaction():
             slots = self.db.execute("DELETE FROM slots WHERE slot < ?", (before,)).rowcount
             self.db.execute("DELETE FROM changes WHERE at < ?", (before,))
@@ -323,8 +335,10 @@ class Store:
 
     def set_meta(self, key: str, value: str) -> None:
         """Store such a value."""
-        self.db.execute("INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                        (key, value))
+        self.db.execute(
+            "INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
 
     # --- changes and quarantine ----------------------------------------------------------------
 
@@ -365,8 +379,11 @@ class Store:
 
     def quarantine_after(self, reason: str, after_id: int, limit: int = 1000) -> list[QuarantineRow]:
         """Quarantined items of one reason with ids above `after_id`, oldest first."""
-        rows = self.db.execute("SELECT id, received, topic, unit, reason, detail, payload FROM quarantine "
-                               "WHERE reason = ? AND id > ? ORDER BY id LIMIT ?", (reason, after_id, limit)).fetchall()
+        rows = self.db.execute(
+            "SELECT id, received, topic, unit, reason, detail, payload FROM quarantine "
+            "WHERE reason = ? AND id > ? ORDER BY id LIMIT ?",
+            (reason, after_id, limit),
+        ).fetchall()
         return [QuarantineRow(*r) for r in rows]
 
     def quarantine_counts(self) -> dict[str, int]:
@@ -380,7 +397,9 @@ class Store:
         """Keep a message for sending; False when one with this key exists already (never queued twice)."""
         cur = self.db.execute(
             "INSERT INTO outbox (key, channel, payload, created, next_try) VALUES (?, ?, ?, ?, ?) "
-            "ON CONFLICT(key) DO NOTHING", (key, channel, payload, now, now))
+            "ON CONFLICT(key) DO NOTHING",
+            (key, channel, payload, now, now),
+        )
         return cur.rowcount == 1
 
     def claim_due(self, now: float, lease_s: float, limit: int = 20) -> list[OutboxRow]:
@@ -389,9 +408,12 @@ class Store:
             rows = self.db.execute(
                 "SELECT id, key, channel, payload, created, attempts FROM outbox "
                 "WHERE sent IS NULL AND given_up IS NULL AND next_try <= ? ORDER BY next_try, id LIMIT ?",
-                (now, limit)).fetchall()
-            self.db.executemany("UPDATE outbox SET next_try = ?, attempts = attempts + 1 WHERE id = ?",
-                                [(now + lease_s, r[0]) for r in rows])
+                (now, limit),
+            ).fetchall()
+            self.db.executemany(
+                "UPDATE outbox SET next_try = ?, attempts = attempts + 1 WHERE id = ?",
+                [(now + lease_s, r[0]) for r in rows],
+            )
         return [OutboxRow(*r) for r in rows]
 
     def outbox_sent(self, id: int, now: float) -> None:
@@ -414,21 +436,23 @@ class Store:
     def outbox_counts(self) -> dict[str, int]:
         """Messages by state: pending, sent, given_up."""
         row = self.db.execute(
-            "SELECT count(*) FILTER (WHERE sent IS NULL AND given_up IS NULL), count(sent), count(given_up) "
-            "FROM outbox").fetchone()
+            "SELECT count(*) FILTER (WHERE sent IS NULL AND given_up IS NULL), count(sent), count(given_up) FROM outbox"
+        ).fetchone()
         return {"pending": int(row[0]), "sent": int(row[1]), "given_up": int(row[2])}
 
     def outbox_prune(self, before: float) -> None:
         """Forget sent and abandoned messages older than `before`."""
-        self.db.execute("DELETE FROM outbox WHERE (sent IS NOT NULL OR given_up IS NOT NULL) AND created < ?",
-                        (before,))
+        self.db.execute(
+            "DELETE FROM outbox WHERE (sent IS NOT NULL OR given_up IS NOT NULL) AND created < ?", (before,)
+        )
 
     # --- what the monitor watches ---------------------------------------------------------------
 
     def slot_quality_counts(self, after: int, until: int) -> dict[str, int]:
         """Stored import slots with `after < slot <= until`, counted by quality."""
-        rows = self.db.execute("SELECT coalesce(imp_q, 'M'), count(*) FROM slots WHERE slot > ? AND slot <= ? "
-                               "GROUP BY 1", (after, until)).fetchall()
+        rows = self.db.execute(
+            "SELECT coalesce(imp_q, 'M'), count(*) FROM slots WHERE slot > ? AND slot <= ? GROUP BY 1", (after, until)
+        ).fetchall()
         return {str(q): int(n) for q, n in rows}
 
 
@@ -445,8 +469,10 @@ def check_copy(path: Path) -> dict[str, int]:
                 raise StoreError(f"{path}: damaged: {verdict}")
             if db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() is None:
                 raise StoreError(f"{path}: not a smame database (no schema version)")
-            return {t: int(db.execute(f"SELECT count(*) FROM {t}").fetchone()[0])
-                    for t in ("readings", "slots", "quarantine", "outbox")}
+            return {
+                t: int(db.execute(f"SELECT count(*) FROM {t}").fetchone()[0])
+                for t in ("readings", "slots", "quarantine", "outbox")
+            }
         finally:
             db.close()
     except sqlite3.Error as exc:

@@ -74,8 +74,9 @@ class Writer:
     def _start(self) -> None:
         ctx = multiprocessing.get_context("spawn")  # no fork: the receiver has threads and an event loop
         ours, theirs = ctx.Pipe()
-        self._process = ctx.Process(target=_serve, args=(theirs, *self._args, pickle.dumps(self._units)),
-                                    name="smame-writer")
+        self._process = ctx.Process(
+            target=_serve, args=(theirs, *self._args, pickle.dumps(self._units)), name="smame-writer"
+        )
         self._process.start()
         theirs.close()  # so that the writer's death reads as end-of-file here
         self._conn = ours
@@ -217,7 +218,8 @@ def _serve(conn: Connection, path: Path, synchronous: str, grid: Grid, shared: b
             except Exception:  # rolled back; the receiver stops and nothing of the batch is acknowledged
                 conn.send_bytes(_FAILED + traceback.format_exc(limit=-3).encode())
                 return
-            conn.send_bytes(_OK + _encode(_Done(outcome.stored, outcome.duplicates, outcome.slots,
-                                                dict(outcome.quarantined))))
+            conn.send_bytes(
+                _OK + _encode(_Done(outcome.stored, outcome.duplicates, outcome.slots, dict(outcome.quarantined)))
+            )
     finally:
         store.close()

@@ -56,7 +56,9 @@ def main() -> None:
         store = Store(Path(tmp) / "smame.db", "NORMAL")
         started = time.perf_counter()
         rows = fill(store, grid, args.units, first, args.days)
-        print(f"store: {rows:,} slots ({args.units:,} units x {args.days} days) filled in {time.perf_counter() - started:.0f} s")
+        print(
+            f"store: {rows:,} slots ({args.units:,} units x {args.days} days) filled in {time.perf_counter() - started:.0f} s"
+        )
         exporter = Exporter(store, lambda: registry, grid, Path(tmp) / "export", 45, 120, workers=args.workers)
         customers = sorted(registry.customers)
         # a running service has its workers started: start them outside the timings (an empty day)
@@ -79,11 +81,15 @@ def main() -> None:
         exporter.close()
     n_day = len(day_rows)
     print(f"baseline, fetch one day's {n_day:,} rows from SQLite: {fetch:6.2f} s")
-    print(f"export one day ({len(result.written)} files, {n_day:,} rows, {size / 1e6:.1f} MB): {one_day:6.2f} s "
-          f"({n_day / one_day:,.0f} rows/s, x{one_day / fetch:.2f} the fetch)")
+    print(
+        f"export one day ({len(result.written)} files, {n_day:,} rows, {size / 1e6:.1f} MB): {one_day:6.2f} s "
+        f"({n_day / one_day:,.0f} rows/s, x{one_day / fetch:.2f} the fetch)"
+    )
     print(f"same day again, nothing changed ({again.unchanged} files compared):  {unchanged:6.2f} s")
-    print(f"re-export {args.days} days with {args.workers} workers ({len(full.written) + full.unchanged} files, {rows:,} rows): {everything:6.2f} s "
-          f"({rows / everything:,.0f} rows/s)")
+    print(
+        f"re-export {args.days} days with {args.workers} workers ({len(full.written) + full.unchanged} files, {rows:,} rows): {everything:6.2f} s "
+        f"({rows / everything:,.0f} rows/s)"
+    )
 
 
 if __name__ == "__main__":

@@ -58,21 +58,47 @@ def fleet(units: int, telegrams: int) -> list[tuple[str, bytes]]:
             if len(out) == telegrams:
                 return out
             unit = f"U{u:06d}"
-            out.append((f"smame/v1/{unit}/reading",
-                        telegram(unit, [(t0 + timedelta(minutes=30 * k), (u * 31 + k * 17) % 10**6, k % 7)], seq=k,
-                                 meter=f"SM-{u:06d}")))
+            out.append(
+                (
+                    f"smame/v1/{unit}/reading",
+                    telegram(
+                        unit,
+                        [(t0 + timedelta(minutes=30 * k), (u * 31 + k * 17) % 10**6, k % 7)],
+                        seq=k,
+                        meter=f"SM-{u:06d}",
+                    ),
+                )
+            )
     return out
-
-
 
 
 class Publishers:
     """Publisher processes with their share of the load encoded, waiting for the word."""
 
     def __init__(self, port: int, telegrams: int, units: int, parts: int) -> None:
-        self.procs = [subprocess.Popen([sys.executable, "-m", "bench.publisher", "--port", str(port), "--telegrams",
-                                        str(telegrams), "--units", str(units), "--part", str(i), "--parts", str(parts)],
-                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for i in range(parts)]
+        self.procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "bench.publisher",
+                    "--port",
+                    str(port),
+                    "--telegrams",
+                    str(telegrams),
+                    "--units",
+                    str(units),
+                    "--part",
+                    str(i),
+                    "--parts",
+                    str(parts),
+                ],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for i in range(parts)
+        ]
         for p in self.procs:
             assert p.stdout is not None and p.stdout.readline().strip() == "ready"
 
@@ -90,8 +116,24 @@ class Publishers:
 
 
 def live_mosquitto_sub(mq: Mosquitto, n: int, units: int, parts: int) -> float:
-    sub = subprocess.Popen(["mosquitto_sub", "-p", str(mq.port), "-V", "mqttv5", "-q", "1", "-i", "bench-live-sub",
-                            "-t", "smame/v1/+/reading", "-C", str(n)], stdout=subprocess.DEVNULL)
+    sub = subprocess.Popen(
+        [
+            "mosquitto_sub",
+            "-p",
+            str(mq.port),
+            "-V",
+            "mqttv5",
+            "-q",
+            "1",
+            "-i",
+            "bench-live-sub",
+            "-t",
+            "smame/v1/+/reading",
+            "-C",
+            str(n),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
     publishers = Publishers(mq.port, n, units, parts)  # encoding takes longer than subscribing
     started = publishers.go()
     sub.wait(600)
@@ -103,8 +145,9 @@ def live_mosquitto_sub(mq: Mosquitto, n: int, units: int, parts: int) -> float:
 def live_smame(mq: Mosquitto, n: int, units: int, work: Path, batch: int, parts: int) -> float:
     # A running service: the load starts once the start-up work (the first export run, the catch-up report of
     # yesterday for 10,000 units) is done, as it is long before a fleet's next half hour in operation.
-    proc, db = start_bench_smame(mq, units, work, batch, "bench-live-smame",
-                                 ready=("subscribed to", "daily report for", "export: "))
+    proc, db = start_bench_smame(
+        mq, units, work, batch, "bench-live-smame", ready=("subscribed to", "daily report for", "export: ")
+    )
     try:
         publishers = Publishers(mq.port, n, units, parts)
         started = publishers.go()
@@ -117,17 +160,20 @@ def live_smame(mq: Mosquitto, n: int, units: int, work: Path, batch: int, parts:
         proc.wait(30)
 
 
-def start_bench_smame(mq: Mosquitto, units: int, work: Path, batch: int, client_id: str,
-                      ready: tuple[str, ...] = ("subscribed to",)) -> tuple[subprocess.Popen[bytes], Path]:
+def start_bench_smame(
+    mq: Mosquitto, units: int, work: Path, batch: int, client_id: str, ready: tuple[str, ...] = ("subscribed to",)
+) -> tuple[subprocess.Popen[bytes], Path]:
     """`smame run` with every service of a deployment on; returns once the log has each `ready` line."""
     work.mkdir(parents=True, exist_ok=True)
     write_registry(work, {f"U{u:06d}": f"C{u % 20:02d}" for u in range(units)})
     # The daily report is due at start, so that its catch-up happens at a known time, not in some runs only.
-    env = smame_env(work, mq.port, SMAME_BROKER__CLIENT_ID=client_id, SMAME_BROKER__BATCH_SIZE=str(batch),
-                    SMAME_REPORT__AT="00:00")
+    env = smame_env(
+        work, mq.port, SMAME_BROKER__CLIENT_ID=client_id, SMAME_BROKER__BATCH_SIZE=str(batch), SMAME_REPORT__AT="00:00"
+    )
     log = work / "smame.log"
-    proc = subprocess.Popen([sys.executable, "-m", "smame.cli", "run"], env=env, stdout=open(log, "wb"),
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "smame.cli", "run"], env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT
+    )
     while not all(line in log.read_text() for line in ready):
         if proc.poll() is not None:
             raise RuntimeError(f"smame exited: {log.read_text()}")
@@ -152,9 +198,29 @@ def bench_mosquitto_sub(mq: Mosquitto, messages: list[tuple[str, bytes]]) -> flo
     preload_session(mq.port, "bench-sub")
     publish(mq.port, messages)
     started = time.perf_counter()
-    subprocess.run(["mosquitto_sub", "-p", str(mq.port), "-V", "mqttv5", "-q", "1", "-c", "-i", "bench-sub",
-                    "-x", "3600", "-t", "smame/v1/+/reading", "-C", str(len(messages))],
-                   stdout=subprocess.DEVNULL, check=True, timeout=600)
+    subprocess.run(
+        [
+            "mosquitto_sub",
+            "-p",
+            str(mq.port),
+            "-V",
+            "mqttv5",
+            "-q",
+            "1",
+            "-c",
+            "-i",
+            "bench-sub",
+            "-x",
+            "3600",
+            "-t",
+            "smame/v1/+/reading",
+            "-C",
+            str(len(messages)),
+        ],
+        stdout=subprocess.DEVNULL,
+        check=True,
+        timeout=600,
+    )
     return time.perf_counter() - started
 
 
@@ -176,14 +242,35 @@ def restart_mosquitto_sub(mq: Mosquitto, messages: list[tuple[str, bytes]]) -> f
     preload_session(mq.port, "bench-restart-sub")
     publish(mq.port, messages)
     started = time.perf_counter()
-    subprocess.run(["mosquitto_sub", "-p", str(mq.port), "-V", "mqttv5", "-q", "1", "-c", "-i", "bench-restart-sub",
-                    "-x", "3600", "-t", "smame/v1/+/reading", "-C", str(len(messages))],
-                   stdout=subprocess.DEVNULL, check=True, timeout=600)
+    subprocess.run(
+        [
+            "mosquitto_sub",
+            "-p",
+            str(mq.port),
+            "-V",
+            "mqttv5",
+            "-q",
+            "1",
+            "-c",
+            "-i",
+            "bench-restart-sub",
+            "-x",
+            "3600",
+            "-t",
+            "smame/v1/+/reading",
+            "-C",
+            str(len(messages)),
+        ],
+        stdout=subprocess.DEVNULL,
+        check=True,
+        timeout=600,
+    )
     return time.perf_counter() - started
 
 
-def restart_smame(mq: Mosquitto, messages: list[tuple[str, bytes]], units: int, work: Path, batch: int
-                  ) -> tuple[float, float]:
+def restart_smame(
+    mq: Mosquitto, messages: list[tuple[str, bytes]], units: int, work: Path, batch: int
+) -> tuple[float, float]:
     """Seconds from process start to connected (CONNACK: the session's backlog starts to flow), and to every
     telegram committed."""
     preload_session(mq.port, "bench-restart-smame")
@@ -207,8 +294,9 @@ def main() -> None:
     ap.add_argument("--units", type=int, default=10_000)
     ap.add_argument("--batch", type=int, default=2000, help="smame broker.batch_size")
     ap.add_argument("--publishers", type=int, default=2, help="publisher processes in the live method")
-    ap.add_argument("--method", choices=["live", "drain", "restart", "both"], default="both",
-                    help="both: live and drain")
+    ap.add_argument(
+        "--method", choices=["live", "drain", "restart", "both"], default="both", help="both: live and drain"
+    )
     args = ap.parse_args()
     if not shutil.which("mosquitto_sub"):
         sys.exit("mosquitto_sub not found: apt-get install mosquitto-clients")

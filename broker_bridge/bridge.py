@@ -161,8 +161,14 @@ class Bridge:
             client.on_message = functools.partial(self._on_message, client=client)
             try:
                 present = await client.connect(
-                    t.host, t.port, t.client_id, username=t.username, password=t.password, tls=t.tls,
-                    session_expiry=t.session_expiry, keepalive=t.keepalive,
+                    t.host,
+                    t.port,
+                    t.client_id,
+                    username=t.username,
+                    password=t.password,
+                    tls=t.tls,
+                    session_expiry=t.session_expiry,
+                    keepalive=t.keepalive,
                 )
                 # A session the broker kept starts to deliver its backlog here, ahead of the SUBACK.
                 log.info("connected to %s:%s as %s, session present: %s", t.host, t.port, t.client_id, present)
@@ -184,8 +190,9 @@ class Bridge:
             log.info("subscribed to %s", t.topic)
             if not present and self.stats.connects > 1:
                 self.stats.sessions_lost += 1
-                log.error("the broker had no session for %s: messages queued while we were away may be lost",
-                          t.client_id)
+                log.error(
+                    "the broker had no session for %s: messages queued while we were away may be lost", t.client_id
+                )
                 self.on_session_lost()
             done, _ = await asyncio.wait({client.closed, flusher}, return_when=asyncio.FIRST_COMPLETED)
             if flusher in done:
@@ -210,8 +217,11 @@ class Bridge:
             kind = type(exc).__name__
             if kind not in self._internal_seen:
                 self._internal_seen.add(kind)
-                log.exception("decoding a telegram on %s failed unexpectedly; quarantined as internal (said once "
-                              "per kind of error)", topic[:200])
+                log.exception(
+                    "decoding a telegram on %s failed unexpectedly; quarantined as internal (said once "
+                    "per kind of error)",
+                    topic[:200],
+                )
         if d.readings:
             batch.incoming.extend(Incoming(r, received, topic, payload) for r in d.readings)
         if d.rejects:
@@ -282,11 +292,16 @@ class Bridge:
                     while self._batches and client.connected:
                         await self._flush()
             except TimeoutError:
-                log.warning("stopping: %d received messages left unacknowledged for redelivery",
-                            sum(b.size for b in self._batches))
+                log.warning(
+                    "stopping: %d received messages left unacknowledged for redelivery",
+                    sum(b.size for b in self._batches),
+                )
             except Exception as exc:  # the store is failing: what is not committed is not acknowledged
-                log.warning("stopping: %d received messages left unacknowledged for redelivery: %s",
-                            sum(b.size for b in self._batches), exc)
+                log.warning(
+                    "stopping: %d received messages left unacknowledged for redelivery: %s",
+                    sum(b.size for b in self._batches),
+                    exc,
+                )
             finally:
                 await client.disconnect()
         self.stats.connected = False

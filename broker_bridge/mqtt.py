@@ -32,10 +32,33 @@ RETAIN_HANDLING_NONE = 2 << 4  # subscription option: never send retained messag
 # Property id -> wire kind; MQTT 5.0 section 2.2.2.2.
 _BYTE, _U16, _U32, _VARINT, _STR, _BIN, _PAIR = range(7)
 _PROPS = {
-    0x01: _BYTE, 0x02: _U32, 0x03: _STR, 0x08: _STR, 0x09: _BIN, 0x0B: _VARINT, 0x11: _U32, 0x12: _STR,
-    0x13: _U16, 0x15: _STR, 0x16: _BIN, 0x17: _BYTE, 0x18: _U32, 0x19: _BYTE, 0x1A: _STR, 0x1C: _STR,
-    0x1F: _STR, 0x21: _U16, 0x22: _U16, 0x23: _U16, 0x24: _BYTE, 0x25: _BYTE, 0x26: _PAIR, 0x27: _U32,
-    0x28: _BYTE, 0x29: _BYTE, 0x2A: _BYTE,
+    0x01: _BYTE,
+    0x02: _U32,
+    0x03: _STR,
+    0x08: _STR,
+    0x09: _BIN,
+    0x0B: _VARINT,
+    0x11: _U32,
+    0x12: _STR,
+    0x13: _U16,
+    0x15: _STR,
+    0x16: _BIN,
+    0x17: _BYTE,
+    0x18: _U32,
+    0x19: _BYTE,
+    0x1A: _STR,
+    0x1C: _STR,
+    0x1F: _STR,
+    0x21: _U16,
+    0x22: _U16,
+    0x23: _U16,
+    0x24: _BYTE,
+    0x25: _BYTE,
+    0x26: _PAIR,
+    0x27: _U32,
+    0x28: _BYTE,
+    0x29: _BYTE,
+    0x2A: _BYTE,
 }
 SERVER_KEEP_ALIVE, REASON_STRING = 0x13, 0x1F
 
@@ -227,11 +250,19 @@ class MqttClient:
             loop.create_connection(lambda: _Protocol(self), host, port, ssl=tls, server_hostname=host if tls else None),
             timeout,
         )
-        flags = (0x02 if clean_start else 0) | (0x80 if username is not None else 0) | (0x40 if password is not None else 0)
+        flags = (
+            (0x02 if clean_start else 0) | (0x80 if username is not None else 0) | (0x40 if password is not None else 0)
+        )
         if will is not None:
             flags |= 0x04 | (0x20 if will[2] else 0) | (1 << 3)  # will at QoS 1
-        props = (b"\x11" + struct.pack("!I", session_expiry) + b"\x21" + struct.pack("!H", RECEIVE_MAXIMUM)
-                 + b"\x27" + struct.pack("!I", MAXIMUM_PACKET_SIZE))
+        props = (
+            b"\x11"
+            + struct.pack("!I", session_expiry)
+            + b"\x21"
+            + struct.pack("!H", RECEIVE_MAXIMUM)
+            + b"\x27"
+            + struct.pack("!I", MAXIMUM_PACKET_SIZE)
+        )
         body = _str("MQTT") + bytes([5, flags]) + struct.pack("!H", keepalive) + _varint(len(props)) + props
         body += _str(client_id)
         if will is not None:
@@ -368,10 +399,21 @@ class MqttClient:
 
 
 _REASONS = {
-    0x80: "unspecified error", 0x81: "malformed packet", 0x82: "protocol error", 0x84: "unsupported protocol version",
-    0x85: "client identifier not valid", 0x86: "bad user name or password", 0x87: "not authorized",
-    0x88: "server unavailable", 0x89: "server busy", 0x8A: "banned", 0x8B: "server shutting down",
-    0x8E: "session taken over", 0x8F: "topic filter invalid", 0x97: "quota exceeded", 0x9E: "shared subscriptions not supported",
+    0x80: "unspecified error",
+    0x81: "malformed packet",
+    0x82: "protocol error",
+    0x84: "unsupported protocol version",
+    0x85: "client identifier not valid",
+    0x86: "bad user name or password",
+    0x87: "not authorized",
+    0x88: "server unavailable",
+    0x89: "server busy",
+    0x8A: "banned",
+    0x8B: "server shutting down",
+    0x8E: "session taken over",
+    0x8F: "topic filter invalid",
+    0x97: "quota exceeded",
+    0x9E: "shared subscriptions not supported",
 }
 
 

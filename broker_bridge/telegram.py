@@ -234,7 +234,9 @@ def _check_head(t: WireTelegram[Any], topic_unit: str, known_units: Container[st
     if t.sent.tzinfo is None:
         return Reject(Reason.BAD_TIME, "sent has no UTC offset")
     if not METER_ID.fullmatch(t.meter):
-        return Reject(Reason.BAD_FIELD, f"meter {t.meter[:80]!r} is not 1..64 of A-Z a-z 0-9 . _ - (a letter or digit first)")
+        return Reject(
+            Reason.BAD_FIELD, f"meter {t.meter[:80]!r} is not 1..64 of A-Z a-z 0-9 . _ - (a letter or digit first)"
+        )
     if not 1 <= len(t.readings) <= rules.max_readings:
         return Reject(Reason.BAD_FIELD, f"{len(t.readings)} readings, expected 1..{rules.max_readings}")
     return None
@@ -264,8 +266,13 @@ def _readings(
             rejects.append(Reject(Reason.FUTURE, f"readings[{i}].at {when.isoformat()} is in the future", i))
             continue
         if at < oldest:
-            rejects.append(Reject(Reason.TOO_OLD, f"readings[{i}].at {when.isoformat()} is older than "
-                                                  f"{rules.max_age // 86400} days", i))
+            rejects.append(
+                Reject(
+                    Reason.TOO_OLD,
+                    f"readings[{i}].at {when.isoformat()} is older than {rules.max_age // 86400} days",
+                    i,
+                )
+            )
             continue
         if when.microsecond or not on_boundary(at):
             rejects.append(Reject(Reason.BAD_TIME, f"readings[{i}].at {when.isoformat()} is not on a half hour", i))

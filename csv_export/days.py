@@ -29,8 +29,10 @@ from csv_export.render import SLOT_SCHEMA, Layout, render
 
 # Every column typed in every row: the driver infers a column's type from its first rows, and a day whose
 # first rows have no value would fail on the first real one. Energies are never negative, so -1 is free.
-_QUERY = ("SELECT slot, unit, coalesce(imp, -1), coalesce(imp_q, ''), coalesce(exp, -1), coalesce(exp_q, ''), "
-          "coalesce(meter, ''), coalesce(e1, -1), coalesce(coef, -1) FROM slots WHERE slot > %d AND slot <= %d")
+_QUERY = (
+    "SELECT slot, unit, coalesce(imp, -1), coalesce(imp_q, ''), coalesce(exp, -1), coalesce(exp_q, ''), "
+    "coalesce(meter, ''), coalesce(e1, -1), coalesce(coef, -1) FROM slots WHERE slot > %d AND slot <= %d"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,8 +77,11 @@ def read_slots(db: str, after: int, until: int) -> pl.DataFrame:
     """Stored slots with `after < slot <= until`, as columns in `SLOT_SCHEMA` (missing values null)."""
     # ADBC's low-level API hands polars an Arrow C stream: no pyarrow (170 MB) needed. Binding parameters
     # would need Arrow arrays, so the two integers are formatted in (as %d: nothing else can get in).
-    with adbc_driver_sqlite.connect(db) as database, adbc.AdbcConnection(database) as conn, \
-            adbc.AdbcStatement(conn) as stmt:
+    with (
+        adbc_driver_sqlite.connect(db) as database,
+        adbc.AdbcConnection(database) as conn,
+        adbc.AdbcStatement(conn) as stmt,
+    ):
         stmt.set_sql_query(_QUERY % (int(after), int(until)))
         stream, _ = stmt.execute_query()
         frame = pl.DataFrame(stream)
@@ -94,9 +99,13 @@ def write_day(job: DayJob) -> tuple[list[Path], int]:
     else:  # today, before its first slot has closed: header-only files
         slots = pl.DataFrame(schema=SLOT_SCHEMA)
     # Each customer's rows apart, once: rendering each file against the whole day costs 4x more.
-    owners = pl.DataFrame({"unit": [u for c in job.customers for u, _ in c.units],
-                           "customer": [c.customer for c in job.customers for _ in c.units]},
-                          schema={"unit": pl.String, "customer": pl.String})
+    owners = pl.DataFrame(
+        {
+            "unit": [u for c in job.customers for u, _ in c.units],
+            "customer": [c.customer for c in job.customers for _ in c.units],
+        },
+        schema={"unit": pl.String, "customer": pl.String},
+    )
     parts = slots.join(owners, on="unit", how="inner").partition_by("customer", as_dict=True, include_key=False)
     empty = slots.clear()
     # A file is written and fsynced while the next one renders: the disk and the CPU work at once.

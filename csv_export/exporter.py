@@ -66,9 +66,20 @@ def layout_of(customer: Customer) -> Layout:
 class Exporter:
     """Renders and writes customer files; `run` is the scheduled service."""
 
-    def __init__(self, store: Store, registry: Callable[[], Registry], grid: Grid, root: Path, retention_days: int,
-                 grace_s: int, db_retention_days: int = 0, on_failure: Callable[[str], None] = lambda msg: None,
-                 workers: int = 2, clock: Callable[[], float] = time.time, quarantine_days: int = 0) -> None:
+    def __init__(
+        self,
+        store: Store,
+        registry: Callable[[], Registry],
+        grid: Grid,
+        root: Path,
+        retention_days: int,
+        grace_s: int,
+        db_retention_days: int = 0,
+        on_failure: Callable[[str], None] = lambda msg: None,
+        workers: int = 2,
+        clock: Callable[[], float] = time.time,
+        quarantine_days: int = 0,
+    ) -> None:
         self.store = store
         self.registry = registry
         self.grid = grid
@@ -94,8 +105,12 @@ class Exporter:
 
     # --- the work, run on the export store thread (rendering in the worker processes) --------------
 
-    def export(self, pairs: Iterable[tuple[str, date]], now: float,
-               progress: Callable[[int, int], None] = lambda done, total: None) -> RunResult:
+    def export(
+        self,
+        pairs: Iterable[tuple[str, date]],
+        now: float,
+        progress: Callable[[int, int], None] = lambda done, total: None,
+    ) -> RunResult:
         """Render and write the given (customer, day) files as of `now` (today's file up to the last closed slot)."""
         upto = self.grid.floor(now - self.grace_s)
         registry = self.registry()
@@ -109,12 +124,22 @@ class Exporter:
         # Fewer days than workers (a scheduled run, one day by hand): the idle workers take a share of each
         # day's customers; each reads the day (SQLite readers run side by side) and renders only its share.
         shares = max(1, self.workers // max(1, len(by_day)))
-        jobs = [DayJob(str(self.store.path), day,
-                       tuple(self.grid.closed(day, upto)),
-                       tuple(CustomerFiles(c, layout_of(registry.customers[c]),
-                                           tuple((u.id, u.meter) for u in registry.units_of(c)))
-                             for c in sorted(customers)[k::shares]), str(self.root))
-                for day, customers in sorted(by_day.items()) for k in range(min(shares, len(customers)))]
+        jobs = [
+            DayJob(
+                str(self.store.path),
+                day,
+                tuple(self.grid.closed(day, upto)),
+                tuple(
+                    CustomerFiles(
+                        c, layout_of(registry.customers[c]), tuple((u.id, u.meter) for u in registry.units_of(c))
+                    )
+                    for c in sorted(customers)[k::shares]
+                ),
+                str(self.root),
+            )
+            for day, customers in sorted(by_day.items())
+            for k in range(min(shares, len(customers)))
+        ]
         result = RunResult()
         if jobs:
             self._write(jobs, len(by_day), result, progress)
@@ -157,8 +182,9 @@ class Exporter:
     def _workers(self) -> ProcessPoolExecutor:
         if self._pool is None:
             # spawn: forking a process that runs threads (the event loop's helpers, SQLite's) is unsafe
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=worker_init)
+            self._pool = ProcessPoolExecutor(
+                self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=worker_init
+            )
         return self._pool
 
     def scheduled(self, now: float) -> RunResult:
@@ -188,14 +214,21 @@ class Exporter:
         if self.quarantine_days:
             refused = self.store.prune_quarantine(int(now) - self.quarantine_days * 86400)
             if refused:
-                log.info("quarantine retention: deleted %d refused telegrams older than %d days", refused,
-                         self.quarantine_days)
+                log.info(
+                    "quarantine retention: deleted %d refused telegrams older than %d days",
+                    refused,
+                    self.quarantine_days,
+                )
         if not self.db_retention_days:
             return
         readings, slots = self.store.prune(int(now) - self.db_retention_days * 86400)
         if readings or slots:
-            log.info("database retention: deleted %d readings and %d slots older than %d days",
-                     readings, slots, self.db_retention_days)
+            log.info(
+                "database retention: deleted %d readings and %d slots older than %d days",
+                readings,
+                slots,
+                self.db_retention_days,
+            )
 
     # --- the service ----------------------------------------------------------------------------------
 
@@ -252,8 +285,12 @@ class Exporter:
         self.stats.last_success = self.clock()
         self.stats.last_error = ""
         if result.written or result.deleted:
-            log.info("export: %d files written, %d unchanged, %d deleted by retention",
-                     len(result.written), result.unchanged, len(result.deleted))
+            log.info(
+                "export: %d files written, %d unchanged, %d deleted by retention",
+                len(result.written),
+                result.unchanged,
+                len(result.deleted),
+            )
         return result
 
     def delay(self, now: float) -> float:

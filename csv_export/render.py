@@ -20,8 +20,17 @@ from aggregator.timegrid import SlotLabel
 
 LONG_HEADER = ("unit_id", "meter_id", "date", "slot", "start", "end", "import_kwh", "export_kwh", "quality")
 # A day's stored slots, as the store returns them.
-SLOT_SCHEMA = {"slot": pl.Int64, "unit": pl.String, "imp": pl.Int64, "imp_q": pl.String, "exp": pl.Int64,
-               "exp_q": pl.String, "meter": pl.String, "e1": pl.Int64, "coef": pl.Int64}
+SLOT_SCHEMA = {
+    "slot": pl.Int64,
+    "unit": pl.String,
+    "imp": pl.Int64,
+    "imp_q": pl.String,
+    "exp": pl.Int64,
+    "exp_q": pl.String,
+    "meter": pl.String,
+    "e1": pl.Int64,
+    "coef": pl.Int64,
+}
 _RANK = {"M": 0, "E": 1, "A": 2}
 
 
@@ -41,8 +50,13 @@ def slots_frame(rows: Iterable[Sequence[Any]]) -> pl.DataFrame:
     return pl.DataFrame([tuple(r[:width]) for r in rows], schema=SLOT_SCHEMA, orient="row")
 
 
-def render(day: date, labels: Sequence[tuple[int, SlotLabel]], units: Sequence[tuple[str, str]],
-           slots: pl.DataFrame, layout: Layout) -> bytes:
+def render(
+    day: date,
+    labels: Sequence[tuple[int, SlotLabel]],
+    units: Sequence[tuple[str, str]],
+    slots: pl.DataFrame,
+    layout: Layout,
+) -> bytes:
     """The file of one customer and day.
 
     `labels`: the (end, label) of each slot to include, in order (a day, or today so far);
@@ -57,14 +71,23 @@ def render(day: date, labels: Sequence[tuple[int, SlotLabel]], units: Sequence[t
     return text.encode(layout.encoding, errors="replace")
 
 
-def _grid(labels: Sequence[tuple[int, SlotLabel]], units: Sequence[tuple[str, str]], slots: pl.DataFrame) -> pl.DataFrame:
+def _grid(
+    labels: Sequence[tuple[int, SlotLabel]], units: Sequence[tuple[str, str]], slots: pl.DataFrame
+) -> pl.DataFrame:
     """Every (unit, slot) of the file in order, with its stored values where there are some."""
-    slot_order = pl.DataFrame({"slot": [e for e, _ in labels], "index": [lab.index for _, lab in labels],
-                               "start": [lab.start for _, lab in labels], "end": [lab.end for _, lab in labels]},
-                              schema={"slot": pl.Int64, "index": pl.Int64, "start": pl.String, "end": pl.String})
-    unit_order = pl.DataFrame({"unit": [u for u, _ in units], "registry_meter": [m for _, m in units],
-                               "order": range(len(units))},
-                              schema={"unit": pl.String, "registry_meter": pl.String, "order": pl.Int64})
+    slot_order = pl.DataFrame(
+        {
+            "slot": [e for e, _ in labels],
+            "index": [lab.index for _, lab in labels],
+            "start": [lab.start for _, lab in labels],
+            "end": [lab.end for _, lab in labels],
+        },
+        schema={"slot": pl.Int64, "index": pl.Int64, "start": pl.String, "end": pl.String},
+    )
+    unit_order = pl.DataFrame(
+        {"unit": [u for u, _ in units], "registry_meter": [m for _, m in units], "order": range(len(units))},
+        schema={"unit": pl.String, "registry_meter": pl.String, "order": pl.Int64},
+    )
     cells = unit_order.join(slot_order, how="cross")
     grid = cells.join(slots.select(SLOT_SCHEMA.keys()), on=["unit", "slot"], how="left", maintain_order="left")
     return grid.with_columns(imp_kwh=_kwh(grid, "imp"), exp_kwh=_kwh(grid, "exp"))
@@ -73,17 +96,24 @@ def _grid(labels: Sequence[tuple[int, SlotLabel]], units: Sequence[tuple[str, st
 def _kwh(grid: pl.DataFrame, register: str) -> pl.Series:
     # Few distinct (scale, value) pairs in a day: each is formatted once, by the one format_kwh.
     present = grid.select("e1", "coef", pl.col(register).alias("raw")).drop_nulls().unique()
-    texts = present.with_columns(text=pl.Series([format_kwh(r, e, c) for e, c, r in present.iter_rows()],
-                                                dtype=pl.String))
-    return (grid.select("e1", "coef", pl.col(register).alias("raw"))
-            .join(texts, on=["e1", "coef", "raw"], how="left", maintain_order="left")["text"].fill_null(""))
+    texts = present.with_columns(
+        text=pl.Series([format_kwh(r, e, c) for e, c, r in present.iter_rows()], dtype=pl.String)
+    )
+    return (
+        grid.select("e1", "coef", pl.col(register).alias("raw"))
+        .join(texts, on=["e1", "coef", "raw"], how="left", maintain_order="left")["text"]
+        .fill_null("")
+    )
 
 
 def _cell(column: str) -> pl.Expr:
     """A free-text CSV field, quoted only when it must be (RFC 4180)."""
     c = pl.col(column)
-    return (pl.when(c.str.contains(r'[,"\r\n]'))
-            .then(pl.lit('"') + c.str.replace_all('"', '""', literal=True) + pl.lit('"')).otherwise(c))
+    return (
+        pl.when(c.str.contains(r'[,"\r\n]'))
+        .then(pl.lit('"') + c.str.replace_all('"', '""', literal=True) + pl.lit('"'))
+        .otherwise(c)
+    )
 
 
 def _long(day: date, grid: pl.DataFrame, layout: Layout) -> tuple[str, pl.Series]:
@@ -91,19 +121,33 @@ def _long(day: date, grid: pl.DataFrame, layout: Layout) -> tuple[str, pl.Series
     header = ",".join(LONG_HEADER if export else tuple(c for c in LONG_HEADER if c != "export_kwh"))
     # The serial in force at each slot: the newest one named so far, before the first the day's first, else
     # the registry's (a replaced meter changes it mid-day).
-    serial = (pl.col("meter").forward_fill().backward_fill().over("order").fill_null(pl.col("registry_meter"))
-              .alias("serial"))
+    serial = (
+        pl.col("meter").forward_fill().backward_fill().over("order").fill_null(pl.col("registry_meter")).alias("serial")
+    )
     imp_q = pl.col("imp_q").fill_null("M")
-    worse = pl.col("exp_q").is_not_null() & (pl.col("exp_q").replace_strict(_RANK, default=2)
-                                            < imp_q.replace_strict(_RANK, default=2))
+    worse = pl.col("exp_q").is_not_null() & (
+        pl.col("exp_q").replace_strict(_RANK, default=2) < imp_q.replace_strict(_RANK, default=2)
+    )
     q = pl.when(worse).then(pl.col("exp_q")).otherwise(imp_q) if export else imp_q
-    parts = [pl.col("unit"), _cell("serial"), pl.lit(day.isoformat()), pl.col("index").cast(pl.String),
-             pl.col("start"), pl.col("end"), pl.col("imp_kwh")] + ([pl.col("exp_kwh")] if export else []) + [q]
+    parts = (
+        [
+            pl.col("unit"),
+            _cell("serial"),
+            pl.lit(day.isoformat()),
+            pl.col("index").cast(pl.String),
+            pl.col("start"),
+            pl.col("end"),
+            pl.col("imp_kwh"),
+        ]
+        + ([pl.col("exp_kwh")] if export else [])
+        + [q]
+    )
     return header, grid.with_columns(serial).select(pl.concat_str(parts, separator=",").alias("line"))["line"]
 
 
-def _wide(day: date, labels: Sequence[tuple[int, SlotLabel]], grid: pl.DataFrame, layout: Layout
-          ) -> tuple[str, pl.Series]:
+def _wide(
+    day: date, labels: Sequence[tuple[int, SlotLabel]], grid: pl.DataFrame, layout: Layout
+) -> tuple[str, pl.Series]:
     header = ",".join(["unit_id", "meter_id", "date", "direction", *(lab.end for _, lab in labels), "quality"])
     directions = [("import", "imp_kwh", "imp_q")] + ([("export", "exp_kwh", "exp_q")] if layout.include_export else [])
     per_unit = grid.group_by("order", maintain_order=True).agg(
@@ -113,7 +157,14 @@ def _wide(day: date, labels: Sequence[tuple[int, SlotLabel]], grid: pl.DataFrame
         *[pl.col(v).str.join(",").alias(v) for _, v, _ in directions],
         *[pl.col(q).fill_null("M").str.join("").alias(q) for _, _, q in directions],
     )
-    rows = [per_unit.select(pl.concat_str([pl.col("unit"), _cell("serial"), pl.lit(day.isoformat()), pl.lit(name),
-                                           pl.col(v), pl.col(q)], separator=",").alias("line"), "order")
-            .with_columns(direction=pl.lit(k)) for k, (name, v, q) in enumerate(directions)]
+    rows = [
+        per_unit.select(
+            pl.concat_str(
+                [pl.col("unit"), _cell("serial"), pl.lit(day.isoformat()), pl.lit(name), pl.col(v), pl.col(q)],
+                separator=",",
+            ).alias("line"),
+            "order",
+        ).with_columns(direction=pl.lit(k))
+        for k, (name, v, q) in enumerate(directions)
+    ]
     return header, pl.concat(rows).sort(["order", "direction"])["line"]

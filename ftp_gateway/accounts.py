@@ -31,8 +31,12 @@ class Account:
 class Accounts:
     """Logins from the registry in force (so a reload takes effect at the next login)."""
 
-    def __init__(self, registry: Callable[[], Registry], export_dir: Path,
-                 rehash: Callable[[str, str], object] = lambda user, password: None) -> None:
+    def __init__(
+        self,
+        registry: Callable[[], Registry],
+        export_dir: Path,
+        rehash: Callable[[str, str], object] = lambda user, password: None,
+    ) -> None:
         self.registry = registry
         self.export_dir = export_dir
         self.rehash = rehash  # stores a new hash of a password whose hash has weaker parameters than today's

@@ -40,14 +40,22 @@ def ensure_certificate(cert: Path, key: Path, names: list[str]) -> str:
                 alt.append(x509.DNSName(n))
         now = datetime.datetime.now(datetime.timezone.utc)
         certificate = (
-            x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(private.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(subject)
+            .public_key(private.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
             .not_valid_after(now + datetime.timedelta(days=3650))
             .add_extension(x509.SubjectAlternativeName(alt), critical=False)
             .sign(private, hashes.SHA256())
         )
-        write_secret(key, private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                serialization.NoEncryption()))
+        write_secret(
+            key,
+            private.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            ),
+        )
         cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
         log.info("ftp: self-signed certificate written to %s", cert)
     loaded = x509.load_pem_x509_certificate(cert.read_bytes())

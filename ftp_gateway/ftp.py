@@ -120,8 +120,9 @@ def _handler(options: FtpOptions, accounts: Accounts, bans: Bans, doorway: Doorw
                 self.respond("421 Too many connections waiting to log in; try again later.")
                 self.close_when_done()
                 return
-            self._login_timer = self.ioloop.call_later(doorway.login_timeout, self._login_expired,
-                                                       _errback=self.handle_error)
+            self._login_timer = self.ioloop.call_later(
+                doorway.login_timeout, self._login_expired, _errback=self.handle_error
+            )
 
         def _login_expired(self) -> None:
             if not self.authenticated:
@@ -149,8 +150,13 @@ def _handler(options: FtpOptions, accounts: Accounts, bans: Bans, doorway: Doorw
             bans.succeeded(self.remote_ip)
             accounts.events[("ftp", "login")] += 1
             account = accounts.get(username)
-            log.info("ftp: login user=%s customer=%s address=%s tls=%s", username,
-                     account.customer if account else "?", self.remote_ip, bool(getattr(self, "_ssl_established", False)))
+            log.info(
+                "ftp: login user=%s customer=%s address=%s tls=%s",
+                username,
+                account.customer if account else "?",
+                self.remote_ip,
+                bool(getattr(self, "_ssl_established", False)),
+            )
 
         def on_login_failed(self, username: str, password: str) -> None:
             log.warning("ftp: failed login user=%s address=%s", username, self.remote_ip)
@@ -164,8 +170,15 @@ def _handler(options: FtpOptions, accounts: Accounts, bans: Bans, doorway: Doorw
 
         def log_cmd(self, cmd: str, arg: str, respcode: int, respstr: str) -> None:
             if respcode >= 500 and cmd not in ("PASS",):  # refusals, with who and what
-                log.warning("ftp: refused %s %s user=%s address=%s: %s %s", cmd, arg, self.username, self.remote_ip,
-                            respcode, respstr)
+                log.warning(
+                    "ftp: refused %s %s user=%s address=%s: %s %s",
+                    cmd,
+                    arg,
+                    self.username,
+                    self.remote_ip,
+                    respcode,
+                    respstr,
+                )
 
     if options.tls:
         cert, key = options.tls

@@ -16,8 +16,14 @@ log = logging.getLogger("smame.files")
 class FileGateway:
     """Runs until cancelled; stops both servers on the way out."""
 
-    def __init__(self, accounts: Accounts, bans: Bans, doorway: Doorway, ftp: FtpOptions | None,
-                 sftp: tuple[str, int, Path] | None) -> None:
+    def __init__(
+        self,
+        accounts: Accounts,
+        bans: Bans,
+        doorway: Doorway,
+        ftp: FtpOptions | None,
+        sftp: tuple[str, int, Path] | None,
+    ) -> None:
         self.accounts = accounts
         self.bans = bans
         self.doorway = doorway

@@ -67,8 +67,10 @@ class _Server(asyncssh.SSHServer):
     def _refuse_if_banned(self) -> None:
         if self.bans.banned(self.address):
             log.warning("sftp: refused %s: banned", self.address)
-            raise asyncssh.DisconnectError(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE,
-                                           "too many failed logins from your address; try again later")
+            raise asyncssh.DisconnectError(
+                asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE,
+                "too many failed logins from your address; try again later",
+            )
 
     def begin_auth(self, username: str) -> bool:
         self._refuse_if_banned()
@@ -125,7 +127,9 @@ class ReadOnlySFTP(asyncssh.SFTPServer):
 
     def open(self, path: bytes, pflags: int, attrs: asyncssh.SFTPAttrs) -> Any:
         if pflags & _WRITE_FLAGS:
-            log.warning("sftp: refused write user=%s address=%s path=%s", self.user, self.address, path.decode(errors="replace"))
+            log.warning(
+                "sftp: refused write user=%s address=%s path=%s", self.user, self.address, path.decode(errors="replace")
+            )
             raise _denied("writing")
         log.info("sftp: download user=%s address=%s file=%s", self.user, self.address, path.decode(errors="replace"))
         self.events[("sftp", "download")] += 1
@@ -169,12 +173,18 @@ class ReadOnlySFTP(asyncssh.SFTPServer):
         return self._refuse("readlink")  # a link's target would name places outside the directory
 
 
-async def start_sftp(host: str, port: int, key: asyncssh.SSHKey, accounts: Accounts, bans: Bans,
-                     doorway: Doorway) -> asyncssh.SSHAcceptor:
+async def start_sftp(
+    host: str, port: int, key: asyncssh.SSHKey, accounts: Accounts, bans: Bans, doorway: Doorway
+) -> asyncssh.SSHAcceptor:
     """Listen for SFTP; the acceptor's `close()` stops it."""
     acceptor = await asyncssh.listen(
-        host, port, server_host_keys=[key], server_factory=lambda: _Server(accounts, bans, doorway),
-        sftp_factory=lambda chan: ReadOnlySFTP(chan, accounts), allow_scp=False, process_factory=None,
+        host,
+        port,
+        server_host_keys=[key],
+        server_factory=lambda: _Server(accounts, bans, doorway),
+        sftp_factory=lambda chan: ReadOnlySFTP(chan, accounts),
+        allow_scp=False,
+        process_factory=None,
         login_timeout=doorway.login_timeout,
     )
     log.info("sftp: listening on port %d", acceptor.get_port())

@@ -58,8 +58,9 @@ class Notice:
         return f"alert:{self.name}:{self.state}:{self.since:.0f}:{self.at:.0f}"
 
 
-def step(active: Mapping[str, Active], holding: Mapping[str, str], now: float, repeat_s: float,
-         unknown: Collection[str] = ()) -> tuple[dict[str, Active], list[Notice]]:
+def step(
+    active: Mapping[str, Active], holding: Mapping[str, str], now: float, repeat_s: float, unknown: Collection[str] = ()
+) -> tuple[dict[str, Active], list[Notice]]:
     """The next state and the notices to send, given the conditions that hold now (name -> description).
 
     A condition in `unknown` cannot be told yet (just after a start, a broker that has been down for
@@ -79,8 +80,11 @@ def step(active: Mapping[str, Active], holding: Mapping[str, str], now: float, r
             out[name] = Active(was.since, text, was.said)
     for name, was in active.items():
         if name not in holding and name not in unknown:
-            notices.append(Notice(name, "resolved", f"cleared after {_duration(now - was.since)}; it was: {was.text}",
-                                  was.since, now))
+            notices.append(
+                Notice(
+                    name, "resolved", f"cleared after {_duration(now - was.since)}; it was: {was.text}", was.since, now
+                )
+            )
     return out, notices
 
 
@@ -105,5 +109,6 @@ def silent_units_text(silent: Mapping[str, str], total: int, after_s: int, limit
     ranked = sorted(by_customer.items(), key=lambda kv: (-kv[1], kv[0]))
     shown = ", ".join(f"{c} {n}" for c, n in ranked[:limit])
     more = f" and {len(ranked) - limit} more customers" if len(ranked) > limit else ""
-    return (f"{len(silent)} of {total} units have sent no reading for over {_duration(after_s)}; "
-            f"by customer: {shown}{more}")
+    return (
+        f"{len(silent)} of {total} units have sent no reading for over {_duration(after_s)}; by customer: {shown}{more}"
+    )

@@ -14,16 +14,25 @@ from smame.registry import Registry
 from smame.settings import Settings
 
 
-def closed_slots(store: Store, grid: Grid, day: date, upto: int
-                 ) -> tuple[list[tuple[int, SlotLabel]], dict[str, dict[int, SlotTuple]]]:
+def closed_slots(
+    store: Store, grid: Grid, day: date, upto: int
+) -> tuple[list[tuple[int, SlotLabel]], dict[str, dict[int, SlotTuple]]]:
     """The day's slots ended by `upto` (end, label), and their stored rows grouped by unit."""
     labels = grid.closed(day, upto)
     rows = by_unit(store.all_slots(grid.day_start(day), labels[-1][0])) if labels else {}
     return labels, rows
 
 
-def build_report(store: Store, grid: Grid, registry: Registry, day: date, now: int, silent_after_s: int = 86400,
-                 zero_run: int = 12, caveat: str = "") -> DailyReport:
+def build_report(
+    store: Store,
+    grid: Grid,
+    registry: Registry,
+    day: date,
+    now: int,
+    silent_after_s: int = 86400,
+    zero_run: int = 12,
+    caveat: str = "",
+) -> DailyReport:
     """Detect the day's problems from the store (runs on the store's thread)."""
     labels, rows = closed_slots(store, grid, day, now)
     units = [(u.id, u.customer) for u in sorted(registry.units.values(), key=lambda u: u.id)]
@@ -40,8 +49,16 @@ def report_messages(report: DailyReport, settings: Settings, now: float, key: st
     out: list[Message] = []
     if settings.mail.smtp_url:
         k = f"{key}:mail"
-        body = mail.compose(k, settings.mail.sender, settings.mail.recipients, title, render_text(r), now, render_html(r),
-                            [(f"smame-problems-{r.day.isoformat()}.csv", problems_csv(r.problems))])
+        body = mail.compose(
+            k,
+            settings.mail.sender,
+            settings.mail.recipients,
+            title,
+            render_text(r),
+            now,
+            render_html(r),
+            [(f"smame-problems-{r.day.isoformat()}.csv", problems_csv(r.problems))],
+        )
         out.append((k, "mail", body))
     if settings.slack.enabled:
         out.append((f"{key}:slack", "slack", slack.compose(title, render_slack(r))))

@@ -97,8 +97,11 @@ def detect(
             problems += [ProblemSlot(unit, customer, day, lab.index, lab.start, lab.end, w) for w in what]
         _close_run(run, zero_run, f)
         for first, last in f.zero_runs:
-            problems += [ProblemSlot(unit, customer, day, lab.index, lab.start, lab.end, "zero_run")
-                         for _, lab in labels if first <= lab.index <= last]
+            problems += [
+                ProblemSlot(unit, customer, day, lab.index, lab.start, lab.end, "zero_run")
+                for _, lab in labels
+                if first <= lab.index <= last
+            ]
         if newest is None or now - newest > silent_after:
             f.silent_since = newest if newest is not None else 0
         findings.append(f)

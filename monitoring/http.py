@@ -44,8 +44,9 @@ class _Server(ThreadingHTTPServer):
 class MonitoringServer:
     """Serves in a thread of its own until stopped."""
 
-    def __init__(self, host: str, port: int, registry: CollectorRegistry, health: Health,
-                 idle_timeout: float = IDLE_TIMEOUT_S) -> None:
+    def __init__(
+        self, host: str, port: int, registry: CollectorRegistry, health: Health, idle_timeout: float = IDLE_TIMEOUT_S
+    ) -> None:
         class Handler(BaseHTTPRequestHandler):
             timeout = idle_timeout
 

@@ -15,8 +15,16 @@ from monitoring.outbox import SendFailed
 from smame.settings import MailSettings
 
 
-def compose(key: str, sender: str, recipients: Sequence[str], subject: str, text: str, at: float,
-            html: str | None = None, attachments: Sequence[tuple[str, bytes]] = ()) -> bytes:
+def compose(
+    key: str,
+    sender: str,
+    recipients: Sequence[str],
+    subject: str,
+    text: str,
+    at: float,
+    html: str | None = None,
+    attachments: Sequence[tuple[str, bytes]] = (),
+) -> bytes:
     """A MIME message: text, an HTML alternative, CSV attachments; its Message-ID is derived from `key`."""
     # Folding at 78 characters moves a long subject whole onto a continuation line, which some clients
     # show with a leading space; RFC 5322 allows lines of 998.
@@ -63,7 +71,9 @@ class SmtpChannel:
         s = self.settings
         try:
             if self.implicit_tls:
-                smtp: smtplib.SMTP = smtplib.SMTP_SSL(self.host, self.port, timeout=self.socket_timeout, context=self.context)
+                smtp: smtplib.SMTP = smtplib.SMTP_SSL(
+                    self.host, self.port, timeout=self.socket_timeout, context=self.context
+                )
             else:
                 smtp = smtplib.SMTP(self.host, self.port, timeout=self.socket_timeout)
             with smtp:

@@ -41,22 +41,32 @@ class SmameCollector(Collector):
         yield _counter("smame_readings_stored", "new readings committed", i.stored)
         yield _counter("smame_readings_duplicate", "readings received again with the same values", i.duplicates)
         yield _counter("smame_slots_written", "30-minute slots written or rewritten", i.slots)
-        quarantined = CounterMetricFamily("smame_quarantined", "telegrams or readings refused, by reason", labels=["reason"])
+        quarantined = CounterMetricFamily(
+            "smame_quarantined", "telegrams or readings refused, by reason", labels=["reason"]
+        )
         for reason, n in sorted(i.quarantined.items()):
             quarantined.add_metric([reason], n)
         yield quarantined
         yield _counter("smame_commit_batches", "ingest transactions committed", b.batches)
-        yield _histogram("smame_commit_seconds", "duration of each batch's commit transaction", COMMIT_SECONDS,
-                         b.commit_counts, b.commit_sum)
-        yield _histogram("smame_commit_batch_size", "telegrams per committed batch", BATCH_SIZES, b.size_counts,
-                         b.size_sum)
+        yield _histogram(
+            "smame_commit_seconds",
+            "duration of each batch's commit transaction",
+            COMMIT_SECONDS,
+            b.commit_counts,
+            b.commit_sum,
+        )
+        yield _histogram(
+            "smame_commit_batch_size", "telegrams per committed batch", BATCH_SIZES, b.size_counts, b.size_sum
+        )
         yield _gauge("smame_commit_last_batch_size", "telegrams in the last committed batch", b.last_batch)
         yield _gauge("smame_commit_last_seconds", "duration of the last commit", b.last_commit_s)
         yield _gauge("smame_broker_connected", "1 while connected to the broker", int(b.connected))
         yield _counter("smame_broker_connects", "successful broker connections", b.connects)
         yield _counter("smame_broker_sessions_lost", "reconnects that found no session at the broker", b.sessions_lost)
         yield _gauge("smame_units_registered", "units in the registry", self.s.units())
-        yield _gauge("smame_telegram_last_received_timestamp_seconds", "when the newest telegram arrived", b.last_received)
+        yield _gauge(
+            "smame_telegram_last_received_timestamp_seconds", "when the newest telegram arrived", b.last_received
+        )
         if self.s.monitor is not None:
             yield from _monitor_metrics(self.s.monitor)
         if self.s.export is not None:
@@ -65,10 +75,13 @@ class SmameCollector(Collector):
             yield _counter("smame_export_failures", "export runs that failed", e.failures)
             yield _counter("smame_export_files_written", "CSV files written", e.files_written)
             yield _counter("smame_export_files_deleted", "CSV files deleted by retention", e.files_deleted)
-            yield _gauge("smame_export_last_success_timestamp_seconds", "time of the last successful run", e.last_success)
+            yield _gauge(
+                "smame_export_last_success_timestamp_seconds", "time of the last successful run", e.last_success
+            )
         if self.s.accounts is not None:
-            events = CounterMetricFamily("smame_files_events", "file gateway logins, failed logins and downloads",
-                                         labels=["protocol", "event"])
+            events = CounterMetricFamily(
+                "smame_files_events", "file gateway logins, failed logins and downloads", labels=["protocol", "event"]
+            )
             for (protocol, event), n in sorted(self.s.accounts.events.items()):
                 events.add_metric([protocol, event], n)
             yield events
@@ -77,35 +90,45 @@ class SmameCollector(Collector):
 
 
 def _monitor_metrics(m: Monitor) -> Iterator[Metric]:
-    reporting = GaugeMetricFamily("smame_units_reporting", "units whose newest reading is this recent", labels=["within"])
+    reporting = GaugeMetricFamily(
+        "smame_units_reporting", "units whose newest reading is this recent", labels=["within"]
+    )
     for within, n in sorted(m.scan.reporting.items()):
         reporting.add_metric([within], n)
     yield reporting
-    today = GaugeMetricFamily("smame_slots_today", "today's closed import slots of registered units, by quality",
-                              labels=["quality"])
+    today = GaugeMetricFamily(
+        "smame_slots_today", "today's closed import slots of registered units, by quality", labels=["quality"]
+    )
     for quality, n in sorted(m.scan.slots_today.items()):
         today.add_metric([quality], n)
     yield today
-    yield _gauge("smame_units_silent", "units heard of before, silent for longer than alerts.silent_after_s",
-                 len(m.scan.silent))
+    yield _gauge(
+        "smame_units_silent", "units heard of before, silent for longer than alerts.silent_after_s", len(m.scan.silent)
+    )
     active = GaugeMetricFamily("smame_alert_active", "1 for each live alert that holds", labels=["alert"])
     for name in sorted(m.active):
         active.add_metric([name], 1)
     yield active
-    sent = CounterMetricFamily("smame_notifications", "reports and alerts by channel: sent, failed attempts, given up",
-                               labels=["channel", "result"])
+    sent = CounterMetricFamily(
+        "smame_notifications",
+        "reports and alerts by channel: sent, failed attempts, given up",
+        labels=["channel", "result"],
+    )
     for (channel, result), n in sorted(m.outbox.stats.items()):
         sent.add_metric([channel, result], n)
     yield sent
     yield _gauge("smame_outbox_pending", "reports and alerts waiting to be sent", m.scan.outbox_pending)
-    disk = GaugeMetricFamily("smame_disk_free_ratio", "free share of the file system of the data and export directories",
-                             labels=["path"])
+    disk = GaugeMetricFamily(
+        "smame_disk_free_ratio", "free share of the file system of the data and export directories", labels=["path"]
+    )
     for path, (free, total) in sorted(m.disk().items()):
         disk.add_metric([path], free / total if total else 1.0)
     yield disk
 
 
-def _histogram(name: str, doc: str, bounds: Sequence[float], counts: Sequence[int], total: float) -> HistogramMetricFamily:
+def _histogram(
+    name: str, doc: str, bounds: Sequence[float], counts: Sequence[int], total: float
+) -> HistogramMetricFamily:
     cumulative, buckets = 0, []
     for bound, n in zip([*map(str, bounds), "+Inf"], counts):
         cumulative += n

@@ -68,8 +68,13 @@ def alert_messages(notice: Notice, settings: Settings) -> list[Message]:
     out: list[Message] = []
     if settings.mail.smtp_url:
         key = f"{notice.key}:mail"
-        out.append((key, "mail", mail.compose(key, settings.mail.sender, settings.mail.recipients, notice.subject,
-                                              text, notice.at)))
+        out.append(
+            (
+                key,
+                "mail",
+                mail.compose(key, settings.mail.sender, settings.mail.recipients, notice.subject, text, notice.at),
+            )
+        )
     if settings.slack.enabled:
         out.append((f"{notice.key}:slack", "slack", slack.compose(notice.subject, text)))
     return out
@@ -78,8 +83,16 @@ def alert_messages(notice: Notice, settings: Settings) -> list[Message]:
 class Monitor:
     """Alerts and the daily report; `run` is the service loop."""
 
-    def __init__(self, settings: Settings, store: Store, grid: Grid, registry: Callable[[], Registry],
-                 watched: Watched, outbox: Outbox, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        grid: Grid,
+        registry: Callable[[], Registry],
+        watched: Watched,
+        outbox: Outbox,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.settings = settings
         self.store = store
         self.grid = grid
@@ -99,10 +112,14 @@ class Monitor:
 
     def session_lost(self) -> None:
         """Called by ingest when the broker had no session for us: said once, at the next check."""
-        self._events.append(alerts.event(
-            "session_lost", f"the broker had no session for client id {self.settings.broker.client_id}: telegrams "
-            "queued for smame while it was away may be lost; check the broker's persistence and session expiry",
-            self.clock()))
+        self._events.append(
+            alerts.event(
+                "session_lost",
+                f"the broker had no session for client id {self.settings.broker.client_id}: telegrams "
+                "queued for smame while it was away may be lost; check the broker's persistence and session expiry",
+                self.clock(),
+            )
+        )
 
     async def run(self) -> None:
         """Check, alert and report for ever."""
@@ -149,18 +166,24 @@ class Monitor:
         b = w.bridge
         quiet = now - max(b.last_received, self.started)
         if s.units and quiet > a.ingest_silence_s:
-            holding["ingest_stopped"] = (f"no telegram received for {quiet / 60:.0f} min while {s.units} units are "
-                                         "registered" + ("" if b.connected else " (not connected to the broker)"))
+            holding["ingest_stopped"] = (
+                f"no telegram received for {quiet / 60:.0f} min while {s.units} units are "
+                "registered" + ("" if b.connected else " (not connected to the broker)")
+            )
         elif s.units and not b.last_received:
             unknown.add("ingest_stopped")  # just started: nothing received yet, but not for long
         if not b.connected and b.down_since is not None:
             if now - b.down_since > a.broker_down_s:
-                holding["broker_unreachable"] = (f"not connected to {self.settings.broker.url} for "
-                                                 f"{(now - b.down_since) / 60:.0f} min: {b.last_error or 'no answer'}")
+                holding["broker_unreachable"] = (
+                    f"not connected to {self.settings.broker.url} for "
+                    f"{(now - b.down_since) / 60:.0f} min: {b.last_error or 'no answer'}"
+                )
             else:
                 unknown.add("broker_unreachable")
         if w.export is not None and w.export.last_error:
-            holding["export_failing"] = f"the last export run failed (retried after a minute, then less often, and at once on SIGHUP): {w.export.last_error}"
+            holding["export_failing"] = (
+                f"the last export run failed (retried after a minute, then less often, and at once on SIGHUP): {w.export.last_error}"
+            )
         low = []
         for path, (free, total) in self.disk().items():
             percent = 100 * free / total if total else 100.0
@@ -171,13 +194,16 @@ class Monitor:
         if w.bans is not None:
             banned = w.bans.active()
             if banned:
-                holding["login_ban"] = ("banned after repeated failed FTP/SFTP logins: " +
-                                        ", ".join(f"{addr} ({left / 60:.0f} min left)" for addr, left in sorted(banned.items())))
+                holding["login_ban"] = "banned after repeated failed FTP/SFTP logins: " + ", ".join(
+                    f"{addr} ({left / 60:.0f} min left)" for addr, left in sorted(banned.items())
+                )
         if len(s.silent) >= a.silent_units_min:
             holding["units_silent"] = alerts.silent_units_text(s.silent, s.units, a.silent_after_s)
         failing = [f"{ch}: {err}" for ch, (since, err) in self.outbox.failing.items() if now - since > 600]
         if failing:
-            holding["delivery_failing"] = "sending keeps failing (kept in the outbox and retried): " + "; ".join(failing)
+            holding["delivery_failing"] = "sending keeps failing (kept in the outbox and retried): " + "; ".join(
+                failing
+            )
         elif self.outbox.failing:
             unknown.add("delivery_failing")
         return holding, unknown
@@ -213,21 +239,37 @@ class Monitor:
         waited = now - self._due_since
         if not b.caught_up(now) and waited < r.catch_up_wait_s:
             return False
-        caveat = "" if b.caught_up(now) else (
-            f"ingest had not caught up after {waited / 60:.0f} min ("
-            + ("not connected to the broker" if not b.connected else f"{b.pending} telegrams waiting to be committed"
-               if b.pending else "telegrams still arriving")
-            + "): slots listed as missing may still arrive")
+        caveat = (
+            ""
+            if b.caught_up(now)
+            else (
+                f"ingest had not caught up after {waited / 60:.0f} min ("
+                + (
+                    "not connected to the broker"
+                    if not b.connected
+                    else f"{b.pending} telegrams waiting to be committed"
+                    if b.pending
+                    else "telegrams still arriving"
+                )
+                + "): slots listed as missing may still arrive"
+            )
+        )
         self._due_since = None
         registry = self.registry()
-        report = await self.store.call(build_report, self.store, self.grid, registry, day, int(now), r.silent_after_s,
-                                       r.zero_run_slots, caveat)
+        report = await self.store.call(
+            build_report, self.store, self.grid, registry, day, int(now), r.silent_after_s, r.zero_run_slots, caveat
+        )
         messages = report_messages(report, self.settings, now, f"report:{day.isoformat()}")
         await self.outbox.put(messages, lambda: self.store.set_meta(REPORT_DONE, day.isoformat()))
         bad = sum(1 for f in report.findings if f.has_problems)
-        log.info("daily report for %s queued for %s: %d of %d units with problems, %d problem slots", day,
-                 ", ".join(ch for _, ch, _ in messages) or "no channel (log only)", bad, len(report.findings),
-                 len(report.problems))
+        log.info(
+            "daily report for %s queued for %s: %d of %d units with problems, %d problem slots",
+            day,
+            ", ".join(ch for _, ch, _ in messages) or "no channel (log only)",
+            bad,
+            len(report.findings),
+            len(report.problems),
+        )
         return True
 
     # --- on the store thread ----------------------------------------------------------------------
@@ -256,15 +298,22 @@ class Monitor:
         registry = self.registry()
         last = self.store.last_readings(registry.units)
         a = self.settings.alerts
-        silent = {u: registry.units[u].customer for u, t in last.items() if t is not None and now - t > a.silent_after_s}
-        reporting = {"1h": sum(1 for t in last.values() if t is not None and now - t <= 3600),
-                     "1d": sum(1 for t in last.values() if t is not None and now - t <= 86400)}
+        silent = {
+            u: registry.units[u].customer for u, t in last.items() if t is not None and now - t > a.silent_after_s
+        }
+        reporting = {
+            "1h": sum(1 for t in last.values() if t is not None and now - t <= 3600),
+            "1d": sum(1 for t in last.values() if t is not None and now - t <= 86400),
+        }
         upto = self.grid.floor(now)
         day = datetime.fromtimestamp(now, self.grid.zone).date()
         start = self.grid.day_start(day)
         closed = len(self.grid.closed(day, upto))
         counts = self.store.slot_quality_counts(start, upto) if closed else {}
         present = counts.get("A", 0) + counts.get("E", 0)
-        slots_today = {"A": counts.get("A", 0), "E": counts.get("E", 0),
-                       "M": max(0, len(registry.units) * closed - present)}
+        slots_today = {
+            "A": counts.get("A", 0),
+            "E": counts.get("E", 0),
+            "M": max(0, len(registry.units) * closed - present),
+        }
         return Scan(len(registry.units), silent, reporting, slots_today, self.store.outbox_counts()["pending"])

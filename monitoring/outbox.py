@@ -80,9 +80,17 @@ Message = tuple[str, str, bytes]  # (key, channel, payload)
 class Outbox:
     """Delivers due messages; `run` is the service loop, `deliver_due` one round."""
 
-    def __init__(self, store: Store, channels: Mapping[str, Channel], backoff_min: float = 15.0,
-                 backoff_max: float = 1800.0, give_up_s: float = 3 * 86400, lease_s: float = 300.0,
-                 clock: Callable[[], float] = time.time, keep_s: float = 30 * 86400) -> None:
+    def __init__(
+        self,
+        store: Store,
+        channels: Mapping[str, Channel],
+        backoff_min: float = 15.0,
+        backoff_max: float = 1800.0,
+        give_up_s: float = 3 * 86400,
+        lease_s: float = 300.0,
+        clock: Callable[[], float] = time.time,
+        keep_s: float = 30 * 86400,
+    ) -> None:
         self.store = store
         self.channels = dict(channels)
         self.backoff_min = backoff_min
@@ -175,8 +183,14 @@ class Outbox:
                     continue
                 retry = blocked = self._next_try(row, exc.retry_after)
                 await self.store.call(self.store.outbox_retry, row.id, retry, str(exc))
-                log.warning("sending %s by %s failed (attempt %d), retrying in %.0f s: %s",
-                            row.key, row.channel, row.attempts + 1, retry - self.clock(), exc)
+                log.warning(
+                    "sending %s by %s failed (attempt %d), retrying in %.0f s: %s",
+                    row.key,
+                    row.channel,
+                    row.attempts + 1,
+                    retry - self.clock(),
+                    exc,
+                )
                 continue
             await self.store.call(self.store.outbox_sent, row.id, self.clock())
             self.stats[row.channel, "sent"] += 1
@@ -199,6 +213,7 @@ class Outbox:
         try:
             await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(done)), channel.deadline)
         except TimeoutError:
+
             def late(f: Future[None]) -> None:
                 if not f.cancelled() and f.exception() is None:
                     loop.call_soon_threadsafe(self._sent_late, row)
@@ -213,7 +228,7 @@ class Outbox:
     def _next_try(self, row: OutboxRow, retry_after: float | None) -> float:
         if retry_after is not None:  # the server said when (Slack's 429)
             return self.clock() + retry_after
-        delay = min(self.backoff_max, self.backoff_min * 2.0 ** row.attempts)
+        delay = min(self.backoff_max, self.backoff_min * 2.0**row.attempts)
         return self.clock() + delay * random.uniform(0.5, 1.0)
 
     async def _give_up(self, row: OutboxRow, error: str) -> None:

@@ -74,10 +74,18 @@ def summarize(findings: Sequence[UnitFindings]) -> list[CustomerSummary]:
         flags: Counter[str] = Counter()
         for f in fs:
             flags.update(f.flags)
-        out.append(CustomerSummary(customer, len(fs), sum(1 for f in fs if f.missing), sum(len(f.missing) for f in fs),
-                                   sum(len(f.estimated) for f in fs), sum(1 for f in fs if f.silent_since is not None),
-                                   sum(1 for f in fs if f.never_heard),
-                                   ", ".join(f"{k} {v}" for k, v in sorted(flags.items())) or "-"))
+        out.append(
+            CustomerSummary(
+                customer,
+                len(fs),
+                sum(1 for f in fs if f.missing),
+                sum(len(f.missing) for f in fs),
+                sum(len(f.estimated) for f in fs),
+                sum(1 for f in fs if f.silent_since is not None),
+                sum(1 for f in fs if f.never_heard),
+                ", ".join(f"{k} {v}" for k, v in sorted(flags.items())) or "-",
+            )
+        )
     return out
 
 
@@ -108,8 +116,10 @@ def subject(r: DailyReport) -> str:
     bad = sum(1 for f in heard if f.missing or f.silent_since is not None)
     missing = sum(len(f.missing) for f in heard)
     never = f", {len(r.never_heard)} never heard from" if r.never_heard else ""
-    return (f"[smame] daily report {r.day.isoformat()}: {bad} of {len(heard)} units with missing data "
-            f"({missing} slots){never}" + (" (may be incomplete)" if r.caveat else ""))
+    return (
+        f"[smame] daily report {r.day.isoformat()}: {bad} of {len(heard)} units with missing data "
+        f"({missing} slots){never}" + (" (may be incomplete)" if r.caveat else "")
+    )
 
 
 def _never_heard(r: DailyReport, limit: int) -> str:
@@ -122,11 +132,15 @@ def render_text(r: DailyReport, limit: int = 200) -> str:
     """The report as plain text."""
     lines = [f"NOTE: {r.caveat}", ""] if r.caveat else []
     lines += [f"smame daily report for {r.day.isoformat()} ({r.zone}), {r.slots_per_day} slots a unit", ""]
-    lines.append(f"{'customer':<12} {'units':>6} {'with gaps':>9} {'missing':>8} {'estimated':>9} {'silent':>6} "
-                 f"{'never':>5} anomalies")
+    lines.append(
+        f"{'customer':<12} {'units':>6} {'with gaps':>9} {'missing':>8} {'estimated':>9} {'silent':>6} "
+        f"{'never':>5} anomalies"
+    )
     for c in summarize(r.findings):
-        lines.append(f"{c.customer:<12} {c.units:>6} {c.with_gaps:>9} {c.missing:>8} {c.estimated:>9} {c.silent:>6} "
-                     f"{c.never_heard:>5} {c.anomalies}")
+        lines.append(
+            f"{c.customer:<12} {c.units:>6} {c.with_gaps:>9} {c.missing:>8} {c.estimated:>9} {c.silent:>6} "
+            f"{c.never_heard:>5} {c.anomalies}"
+        )
     units = problem_units(r.findings)
     lines += ["", f"units with problems: {len(units)} of {len(r.heard)}"]
     lines += [f"  {f.unit} ({f.customer}): {describe_unit(f, r.zone)}" for f in units[:limit]]
@@ -143,37 +157,59 @@ def render_text(r: DailyReport, limit: int = 200) -> str:
 def render_html(r: DailyReport, limit: int = 200) -> str:
     """The report as an HTML page (the mail's rich part)."""
     e = html.escape
-    head = ("<tr>" + "".join(f"<th>{h}</th>" for h in ("customer", "units", "with gaps", "missing", "estimated",
-                                                           "silent", "never heard", "anomalies")) + "</tr>")
-    rows = "".join(f"<tr><td>{e(c.customer)}</td><td>{c.units}</td><td>{c.with_gaps}</td><td>{c.missing}</td>"
-                   f"<td>{c.estimated}</td><td>{c.silent}</td><td>{c.never_heard}</td><td>{e(c.anomalies)}</td></tr>"
-                   for c in summarize(r.findings))
+    head = (
+        "<tr>"
+        + "".join(
+            f"<th>{h}</th>"
+            for h in ("customer", "units", "with gaps", "missing", "estimated", "silent", "never heard", "anomalies")
+        )
+        + "</tr>"
+    )
+    rows = "".join(
+        f"<tr><td>{e(c.customer)}</td><td>{c.units}</td><td>{c.with_gaps}</td><td>{c.missing}</td>"
+        f"<td>{c.estimated}</td><td>{c.silent}</td><td>{c.never_heard}</td><td>{e(c.anomalies)}</td></tr>"
+        for c in summarize(r.findings)
+    )
     units = problem_units(r.findings)
-    items = "".join(f"<li><b>{e(f.unit)}</b> ({e(f.customer)}): {e(describe_unit(f, r.zone))}</li>" for f in units[:limit])
+    items = "".join(
+        f"<li><b>{e(f.unit)}</b> ({e(f.customer)}): {e(describe_unit(f, r.zone))}</li>" for f in units[:limit]
+    )
     if len(units) > limit:
         items += f"<li>... and {len(units) - limit} more (all in the attached CSV)</li>"
     caveat = f"<p><b>Note: {e(r.caveat)}</b></p>" if r.caveat else ""
     never = f"<p>{e(_never_heard(r, limit))}</p>" if r.never_heard else ""
-    unknown = (f"<p>Unknown units that tried to send ({len(r.unknown)}): {e(', '.join(r.unknown[:50]))}</p>"
-               if r.unknown else "")
-    return (f"<!DOCTYPE html><html><body>{caveat}<h2>smame daily report for {r.day.isoformat()}</h2>"
-            f"<p>{e(r.zone)}, {r.slots_per_day} slots a unit</p>"
-            f"<table border=\"1\" cellpadding=\"4\" cellspacing=\"0\">{head}{rows}</table>"
-            f"<h3>Units with problems: {len(units)} of {len(r.heard)}</h3><ul>{items}</ul>{never}"
-            f"<p>Quarantined telegrams: {e(_counts(r.quarantine))}</p>{unknown}</body></html>\n")
+    unknown = (
+        f"<p>Unknown units that tried to send ({len(r.unknown)}): {e(', '.join(r.unknown[:50]))}</p>"
+        if r.unknown
+        else ""
+    )
+    return (
+        f"<!DOCTYPE html><html><body>{caveat}<h2>smame daily report for {r.day.isoformat()}</h2>"
+        f"<p>{e(r.zone)}, {r.slots_per_day} slots a unit</p>"
+        f'<table border="1" cellpadding="4" cellspacing="0">{head}{rows}</table>'
+        f"<h3>Units with problems: {len(units)} of {len(r.heard)}</h3><ul>{items}</ul>{never}"
+        f"<p>Quarantined telegrams: {e(_counts(r.quarantine))}</p>{unknown}</body></html>\n"
+    )
 
 
 def render_slack(r: DailyReport, limit: int = 15) -> str:
     """The report as a short Slack message (mrkdwn): the summary and the worst units."""
     lines = [f"*Note:* {r.caveat}"] if r.caveat else []
-    lines += [f"*{c.customer}*: {c.units} units, {c.with_gaps} with gaps, {c.missing} missing, {c.estimated} estimated, "
-              f"{c.silent} silent" + (f", {c.never_heard} never heard from" if c.never_heard else "")
-              + f"; anomalies: {c.anomalies}" for c in summarize(r.findings)]
+    lines += [
+        f"*{c.customer}*: {c.units} units, {c.with_gaps} with gaps, {c.missing} missing, {c.estimated} estimated, "
+        f"{c.silent} silent"
+        + (f", {c.never_heard} never heard from" if c.never_heard else "")
+        + f"; anomalies: {c.anomalies}"
+        for c in summarize(r.findings)
+    ]
     units = problem_units(r.findings)
     if units:
         lines.append(f"Worst units ({len(units)} with problems):")
-        lines += [f"• `{f.unit}` ({f.customer}): {len(f.missing)} missing, {len(f.estimated)} estimated"
-                  + (", silent" if f.silent_since is not None else "") for f in units[:limit]]
+        lines += [
+            f"• `{f.unit}` ({f.customer}): {len(f.missing)} missing, {len(f.estimated)} estimated"
+            + (", silent" if f.silent_since is not None else "")
+            for f in units[:limit]
+        ]
     lines.append("Quarantined telegrams: " + _counts(r.quarantine))
     if r.unknown:
         lines.append(f"Unknown units: {len(r.unknown)}")

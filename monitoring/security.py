@@ -52,21 +52,38 @@ class SecurityEvents:
         with self._lock:
             if self._bans and self._told.get("security_ban") != hour:
                 counted = Counter(self._bans)
-                out.append(("security_ban", f"{len(self._bans)} ban(s) after repeated failed logins: "
-                            + ", ".join(f"{a} ({n}x)" if n > 1 else a for a, n in sorted(counted.items()))))
+                out.append(
+                    (
+                        "security_ban",
+                        f"{len(self._bans)} ban(s) after repeated failed logins: "
+                        + ", ".join(f"{a} ({n}x)" if n > 1 else a for a, n in sorted(counted.items())),
+                    )
+                )
                 self._bans.clear()
             many = {u: n for u, n in self._failed.items() if n >= self.failed_logins_min}
             if many and self._told.get("security_failed_logins") != hour:
-                out.append(("security_failed_logins", "failed FTP/SFTP logins by user: " + "; ".join(
-                    f"{u} {n} from {', '.join(sorted(self._failed_from[u])[:5])}"
-                    for u, n in sorted(many.items(), key=lambda kv: (-kv[1], kv[0]))[:20])))
+                out.append(
+                    (
+                        "security_failed_logins",
+                        "failed FTP/SFTP logins by user: "
+                        + "; ".join(
+                            f"{u} {n} from {', '.join(sorted(self._failed_from[u])[:5])}"
+                            for u, n in sorted(many.items(), key=lambda kv: (-kv[1], kv[0]))[:20]
+                        ),
+                    )
+                )
                 self._failed.clear()
                 self._failed_from.clear()
             if self._mismatches and self._told.get("security_unit_mismatch") != hour:
                 total = sum(self._mismatches.values())
-                out.append(("security_unit_mismatch", f"{total} telegram(s) refused as unit_mismatch (a unit's "
-                            "credentials used for another unit's data?): " + "; ".join(
-                                f"{d} ({n}x)" if n > 1 else d for d, n in self._mismatches.most_common(10))))
+                out.append(
+                    (
+                        "security_unit_mismatch",
+                        f"{total} telegram(s) refused as unit_mismatch (a unit's "
+                        "credentials used for another unit's data?): "
+                        + "; ".join(f"{d} ({n}x)" if n > 1 else d for d, n in self._mismatches.most_common(10)),
+                    )
+                )
                 self._mismatches.clear()
             for kind, _ in out:
                 self._told[kind] = hour

@@ -47,10 +47,16 @@ class SlackChannel:
         self.settings = settings
         self.deadline = float(settings.timeout_s)  # for the whole post, however slowly the server answers
         s = settings
-        self.webhook = (WebhookClient(s.webhook_url.get_secret_value(), timeout=s.timeout_s, retry_handlers=[])
-                        if s.webhook_url else None)
-        self.client = (WebClient(s.token.get_secret_value(), base_url=s.api_url, timeout=s.timeout_s, retry_handlers=[])
-                       if s.token and not s.webhook_url else None)
+        self.webhook = (
+            WebhookClient(s.webhook_url.get_secret_value(), timeout=s.timeout_s, retry_handlers=[])
+            if s.webhook_url
+            else None
+        )
+        self.client = (
+            WebClient(s.token.get_secret_value(), base_url=s.api_url, timeout=s.timeout_s, retry_handlers=[])
+            if s.token and not s.webhook_url
+            else None
+        )
 
     def send(self, payload: bytes) -> None:
         """Post one message; raises SendFailed (with Retry-After on HTTP 429)."""
@@ -64,8 +70,9 @@ class SlackChannel:
                     raise SendFailed(f"Slack webhook: HTTP {resp.status_code} {resp.body[:200]}")
             else:
                 assert self.client is not None
-                self.client.chat_postMessage(channel=self.settings.channel or "", text=body["text"],
-                                             blocks=body["blocks"])
+                self.client.chat_postMessage(
+                    channel=self.settings.channel or "", text=body["text"], blocks=body["blocks"]
+                )
         except SlackApiError as exc:
             if exc.response.status_code == 429:
                 raise SendFailed("Slack rate limit (HTTP 429)", retry_after=_retry_after(exc.response.headers)) from exc

@@ -48,11 +48,22 @@ def make_fleet(units: int, customers: int, seed: int, near_wrap: float = 0.03) -
         else:
             fwd = rng.randrange(top // 2)
         fwd = max(0, min(fwd, top - 1))
-        out.append(SimUnit(
-            id=f"U{i:06d}", customer=f"C{i % customers:03d}", meter=f"SM-{seed % 10000:04d}-{i:06d}",
-            profile=profile, scale=scale, contract_kw=contract, solar_kwp=solar, e1=e1, coef=coef, digits=digits,
-            start_fwd=fwd, start_rev=rng.randrange(top // 4) if solar else 0,
-        ))
+        out.append(
+            SimUnit(
+                id=f"U{i:06d}",
+                customer=f"C{i % customers:03d}",
+                meter=f"SM-{seed % 10000:04d}-{i:06d}",
+                profile=profile,
+                scale=scale,
+                contract_kw=contract,
+                solar_kwp=solar,
+                e1=e1,
+                coef=coef,
+                digits=digits,
+                start_fwd=fwd,
+                start_rev=rng.randrange(top // 4) if solar else 0,
+            )
+        )
     return out
 
 
@@ -65,5 +76,7 @@ def write_registry(fleet: list[SimUnit], directory: Path) -> tuple[Path, Path]:
     units.write_text("\n".join(lines) + "\n", encoding="utf-8")
     customers = directory / "customers.toml"
     ids = sorted({u.customer for u in fleet})
-    customers.write_text("".join(f'[customers.{c}]\nname = "Simulated customer {c}"\n\n' for c in ids), encoding="utf-8")
+    customers.write_text(
+        "".join(f'[customers.{c}]\nname = "Simulated customer {c}"\n\n' for c in ids), encoding="utf-8"
+    )
     return units, customers

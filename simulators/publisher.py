@@ -33,8 +33,14 @@ class Endpoint:
 class Link:
     """One MQTT connection that publishes in order and survives broker outages."""
 
-    def __init__(self, endpoint: Endpoint, client_id: str, username: str | None, window: int,
-                 finished: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        client_id: str,
+        username: str | None,
+        window: int,
+        finished: Callable[[], None] = lambda: None,
+    ) -> None:
         self.endpoint = endpoint
         self.finished = finished  # called once per message, acknowledged or refused
         self.client_id = client_id
@@ -52,9 +58,16 @@ class Link:
         while True:
             client = MqttClient(window=self.window)
             try:
-                await client.connect(self.endpoint.host, self.endpoint.port, self.client_id, username=self.username,
-                                     password=self.endpoint.password_of(self.client_id) if self.username else None,
-                                     tls=self.endpoint.tls, clean_start=True, keepalive=120)
+                await client.connect(
+                    self.endpoint.host,
+                    self.endpoint.port,
+                    self.client_id,
+                    username=self.username,
+                    password=self.endpoint.password_of(self.client_id) if self.username else None,
+                    tls=self.endpoint.tls,
+                    clean_start=True,
+                    keepalive=120,
+                )
                 self.client = client
                 return client
             except ConnectionRefused:

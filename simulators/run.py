@@ -81,8 +81,9 @@ class _Clock:
                 pass
 
 
-async def simulate(opts: RunOptions, endpoint: Endpoint, out: TextIO = sys.stderr,
-                   stop: asyncio.Event | None = None) -> Summary:
+async def simulate(
+    opts: RunOptions, endpoint: Endpoint, out: TextIO = sys.stderr, stop: asyncio.Event | None = None
+) -> Summary:
     """Run the fleet; return its summary (and write the truth file when asked)."""
     zone = ZoneInfo(opts.timezone)
     end = floor_slot(opts.end if opts.end is not None else time.time(), zone)
@@ -131,9 +132,17 @@ async def simulate(opts: RunOptions, endpoint: Endpoint, out: TextIO = sys.stder
     summary.seconds = time.monotonic() - started
     summary.faults = Counter(f.kind for f in scenario.injected)
     if opts.truth is not None:
-        meta = {"seed": opts.seed, "timezone": opts.timezone, "units": opts.units, "start": start,
-                "end": summary.last, "gap_cap": opts.gap_cap}
-        summary.truth_slots = write_truth(opts.truth, meta, scenario.injected, conclude(scenario, summary.last, opts.gap_cap))
+        meta = {
+            "seed": opts.seed,
+            "timezone": opts.timezone,
+            "units": opts.units,
+            "start": start,
+            "end": summary.last,
+            "gap_cap": opts.gap_cap,
+        }
+        summary.truth_slots = write_truth(
+            opts.truth, meta, scenario.injected, conclude(scenario, summary.last, opts.gap_cap)
+        )
     return summary
 
 
@@ -147,7 +156,9 @@ async def _progress(publisher: FleetPublisher, clock: _Clock, summary: Summary, 
         rate = (sent - last_sent) / (now - last_time)
         last_sent, last_time = sent, now
         when = _local(summary.last or summary.first, clock.zone)
-        line = f"simulated up to {when} | {sent:,} telegrams acknowledged | {rate:,.0f}/s | {publisher.backlog():,} queued"
+        line = (
+            f"simulated up to {when} | {sent:,} telegrams acknowledged | {rate:,.0f}/s | {publisher.backlog():,} queued"
+        )
         out.write(f"\r{line}   " if tty else line + "\n")
         out.flush()
 

@@ -45,8 +45,20 @@ class Faults:
     @classmethod
     def typical(cls) -> Faults:
         """Rates that show every fault within a few hundred unit-days."""
-        return cls(dropout=0.08, duplicate=0.01, out_of_order=0.005, clock_skew=0.002, future=0.001, no_data=0.002,
-                   malformed=0.001, replacement=0.003, reset=0.003, spike=0.01, death=0.002, unknown=0.0005)
+        return cls(
+            dropout=0.08,
+            duplicate=0.01,
+            out_of_order=0.005,
+            clock_skew=0.002,
+            future=0.001,
+            no_data=0.002,
+            malformed=0.001,
+            replacement=0.003,
+            reset=0.003,
+            spike=0.01,
+            death=0.002,
+            unknown=0.0005,
+        )
 
     @classmethod
     def names(cls) -> list[str]:
@@ -224,7 +236,9 @@ class UnitSim:
                 chunks.append([r])
         for chunk in chunks:
             at += self.rng.uniform(0.5, 3.0)
-            sends.append(Send(at, self.u.id, self.topic, self._telegram([self._wire(r) for r in chunk], at, chunk[0].meter)))
+            sends.append(
+                Send(at, self.u.id, self.topic, self._telegram([self._wire(r) for r in chunk], at, chunk[0].meter))
+            )
         return sends
 
     @property
@@ -243,7 +257,9 @@ class UnitSim:
         return encode(WireTelegram(1, u.id, meter, self.seq, self._time(int(sent)), u.e1, u.digits, readings, u.coef))
 
 
-def unknown_sends(t: int, units: int, rate: float, rng: random.Random, zone: ZoneInfo, faults_out: list[Fault]) -> list[Send]:
+def unknown_sends(
+    t: int, units: int, rate: float, rng: random.Random, zone: ZoneInfo, faults_out: list[Fault]
+) -> list[Send]:
     """Telegrams from units the registry does not know (a misconfigured or foreign unit)."""
     out = []
     expected = units * rate

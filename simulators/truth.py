@@ -144,8 +144,18 @@ def read_truth(path: Path) -> Truth:
             elif kind == "fault":
                 faults.append(Fault(**obj))
             else:
-                slots.append(TruthSlot(obj["unit"], obj["end"], obj["imp"], obj["imp_q"], obj["exp"], obj["exp_q"],
-                                       tuple(obj["flags"]), tuple(obj["kinds"])))
+                slots.append(
+                    TruthSlot(
+                        obj["unit"],
+                        obj["end"],
+                        obj["imp"],
+                        obj["imp_q"],
+                        obj["exp"],
+                        obj["exp_q"],
+                        tuple(obj["flags"]),
+                        tuple(obj["kinds"]),
+                    )
+                )
     return Truth(meta, faults, slots)
 
 
@@ -172,8 +182,9 @@ class Report:
         return "\n".join(lines)
 
 
-def compare(truth: Truth, stored: Callable[[str, int, int], dict[int, Observed]],
-            quarantined: dict[str, int]) -> Report:
+def compare(
+    truth: Truth, stored: Callable[[str, int, int], dict[int, Observed]], quarantined: dict[str, int]
+) -> Report:
     """Check every truth slot against the store, and the expected quarantine counts."""
     report = Report()
     by_unit: dict[str, list[TruthSlot]] = defaultdict(list)
@@ -188,8 +199,9 @@ def compare(truth: Truth, stored: Callable[[str, int, int], dict[int, Observed]]
             for kind in s.kinds or ("clean",):
                 report.rows[kind][0 if ok else 1] += 1
             if not ok and len(report.examples) < 20:
-                report.examples.append(f"{unit} slot ending {s.end} [{','.join(s.kinds) or 'clean'}]: "
-                                       f"expected {want}, stored {have}")
+                report.examples.append(
+                    f"{unit} slot ending {s.end} [{','.join(s.kinds) or 'clean'}]: expected {want}, stored {have}"
+                )
     expected = Counter(QUARANTINE[f.kind] for f in truth.faults if f.kind in QUARANTINE)
     for reason, n in expected.items():
         ok = quarantined.get(reason, 0) >= n

@@ -98,8 +98,11 @@ def store_lock(settings: Settings, exclusive: bool = False) -> Iterator[None]:
         try:
             fcntl.flock(f, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise OSError(f"smame is running on {path}: stop it first" if exclusive else
-                          f"{path} is being restored: try again when that is done") from None
+            raise OSError(
+                f"smame is running on {path}: stop it first"
+                if exclusive
+                else f"{path} is being restored: try again when that is done"
+            ) from None
         yield
 
 
@@ -112,14 +115,24 @@ def open_store(settings: Settings, create: bool = True) -> Store:
     return Store(path, settings.storage.synchronous)
 
 
-def build_exporter(settings: Settings, registry: RegistryHolder, grid: Grid,
-                   clock: Callable[[], float] = time.time) -> Exporter:
+def build_exporter(
+    settings: Settings, registry: RegistryHolder, grid: Grid, clock: Callable[[], float] = time.time
+) -> Exporter:
     """The exporter on a store connection of its own, so rendering never waits on ingest or holds it up."""
     e = settings.export
     assert e.dir is not None
-    return Exporter(open_store(settings), lambda: registry.current, grid, e.dir, e.retention_days, e.grace_s,
-                    settings.storage.retention_days, workers=e.workers, clock=clock,
-                    quarantine_days=settings.ingest.quarantine_days)
+    return Exporter(
+        open_store(settings),
+        lambda: registry.current,
+        grid,
+        e.dir,
+        e.retention_days,
+        e.grace_s,
+        settings.storage.retention_days,
+        workers=e.workers,
+        clock=clock,
+        quarantine_days=settings.ingest.quarantine_days,
+    )
 
 
 def build_gateway(settings: Settings, registry: RegistryHolder) -> FileGateway | None:
@@ -128,8 +141,11 @@ def build_gateway(settings: Settings, registry: RegistryHolder) -> FileGateway |
     if not (f.enabled or s.enabled):
         return None
     assert settings.export.dir is not None
-    accounts = Accounts(lambda: registry.current, settings.export.dir,
-                        lambda user, password: set_password(settings.registry.customers, user, password))
+    accounts = Accounts(
+        lambda: registry.current,
+        settings.export.dir,
+        lambda user, password: set_password(settings.registry.customers, user, password),
+    )
     bans = Bans(f.ban_after, f.ban_window_s, f.ban_s)
     doorway = Doorway(f.max_unauthenticated_per_ip, f.max_unauthenticated, f.login_timeout_s)
     ftp = None
@@ -138,8 +154,17 @@ def build_gateway(settings: Settings, registry: RegistryHolder) -> FileGateway |
         key = f.keyfile or settings.data_dir / "ftps-key.pem"
         if f.certfile is None:
             ensure_certificate(cert, key, ["localhost", "127.0.0.1"])
-        ftp = FtpOptions(f.host, f.port, (cert, key), f.tls_required, f.passive_range, f.masquerade_address,
-                         f.max_connections, f.max_connections_per_ip, f.fail_delay_s)
+        ftp = FtpOptions(
+            f.host,
+            f.port,
+            (cert, key),
+            f.tls_required,
+            f.passive_range,
+            f.masquerade_address,
+            f.max_connections,
+            f.max_connections_per_ip,
+            f.fail_delay_s,
+        )
     sftp = (s.host, s.port, s.host_key or settings.data_dir / "ssh_host_ed25519_key") if s.enabled else None
     return FileGateway(accounts, bans, doorway, ftp, sftp)
 
@@ -152,8 +177,14 @@ def build_outbox(settings: Settings, store: Store, clock: Callable[[], float] = 
     if settings.slack.enabled:
         channels["slack"] = SlackChannel(settings.slack)
     m = settings.monitoring
-    return Outbox(store, channels, backoff_min=m.outbox_retry_s, give_up_s=m.outbox_give_up_s, clock=clock,
-                  keep_s=m.outbox_keep_days * 86400)
+    return Outbox(
+        store,
+        channels,
+        backoff_min=m.outbox_retry_s,
+        give_up_s=m.outbox_give_up_s,
+        clock=clock,
+        keep_s=m.outbox_keep_days * 86400,
+    )
 
 
 def broker_target(settings: Settings) -> BrokerTarget:
@@ -161,14 +192,25 @@ def broker_target(settings: Settings) -> BrokerTarget:
     b = settings.broker
     host, port, tls = target_from_url(b.url)
     return BrokerTarget(
-        host=host, port=port,
-        tls=tls_context(str(b.ca_file) if b.ca_file else None, str(b.cert_file) if b.cert_file else None,
-                        str(b.key_file) if b.key_file else None) if tls else None,
-        client_id=b.client_id, username=b.username,
+        host=host,
+        port=port,
+        tls=tls_context(
+            str(b.ca_file) if b.ca_file else None,
+            str(b.cert_file) if b.cert_file else None,
+            str(b.key_file) if b.key_file else None,
+        )
+        if tls
+        else None,
+        client_id=b.client_id,
+        username=b.username,
         password=b.password.get_secret_value() if b.password else None,
-        topic=b.topic, session_expiry=b.session_expiry, keepalive=b.keepalive,
-        batch_size=b.batch_size, batch_delay=b.batch_delay_ms / 1000,
-        reconnect_min=b.reconnect_min_s, reconnect_max=b.reconnect_max_s,
+        topic=b.topic,
+        session_expiry=b.session_expiry,
+        keepalive=b.keepalive,
+        batch_size=b.batch_size,
+        batch_delay=b.batch_delay_ms / 1000,
+        reconnect_min=b.reconnect_min_s,
+        reconnect_max=b.reconnect_max_s,
     )
 
 
@@ -195,8 +237,13 @@ class App:
         registry = RegistryHolder(settings)
         grid = Grid(settings.timezone)
         # with a shared subscription other ingest processes write the same store
-        writer = Writer(sqlite_path(settings.storage_url), settings.storage.synchronous, grid, registry.current,
-                        shared=settings.broker.topic.startswith("$share/"))
+        writer = Writer(
+            sqlite_path(settings.storage_url),
+            settings.storage.synchronous,
+            grid,
+            registry.current,
+            shared=settings.broker.topic.startswith("$share/"),
+        )
 
         async def commit(incoming: list[Incoming], refused: list[Refused]) -> None:
             await writer.commit(incoming, refused, int(clock()))
@@ -210,10 +257,21 @@ class App:
         if settings.alerts.enabled or settings.report.enabled:
             # A connection of its own: scans and the outbox never wait on ingest or export.
             monitor_store = open_store(settings)
-            paths = [settings.data_dir] + ([settings.export.dir] if exporter is not None and settings.export.dir else [])
-            watched = Watched(bridge.stats, exporter.stats if exporter else None, gateway.bans if gateway else None, paths)
-            monitor = Monitor(settings, monitor_store, grid, lambda: registry.current, watched,
-                              build_outbox(settings, monitor_store, clock), clock)
+            paths = [settings.data_dir] + (
+                [settings.export.dir] if exporter is not None and settings.export.dir else []
+            )
+            watched = Watched(
+                bridge.stats, exporter.stats if exporter else None, gateway.bans if gateway else None, paths
+            )
+            monitor = Monitor(
+                settings,
+                monitor_store,
+                grid,
+                lambda: registry.current,
+                watched,
+                build_outbox(settings, monitor_store, clock),
+                clock,
+            )
             bridge.on_session_lost = monitor.session_lost
             if gateway is not None:  # security events
                 gateway.bans.on_ban = monitor.security.ban
@@ -236,11 +294,13 @@ class App:
             out["metrics"] = self.serve_metrics
         return out
 
-    async def after_ingest(self, service: Callable[[], Awaitable[None]], wait_s: float = STARTUP_WAIT_S,
-                           drained: bool = False) -> None:
+    async def after_ingest(
+        self, service: Callable[[], Awaitable[None]], wait_s: float = STARTUP_WAIT_S, drained: bool = False
+    ) -> None:
         """Run a service once ingest has subscribed, and with `drained` once it has also caught up with the
         backlog the broker kept for it (or `wait_s` has passed): start-up work (the first export with its worker
         processes, the first scan) must neither delay the subscription nor take CPU from the drain."""
+
         async def ready() -> None:
             await self.bridge.subscribed.wait()
             while drained and not self.bridge.stats.caught_up(time.time()):
@@ -293,11 +353,19 @@ class App:
     async def serve_metrics(self) -> None:
         """Serve /metrics and /healthz until cancelled."""
         registry = CollectorRegistry()
-        registry.register(SmameCollector(Sources(
-            self.bridge.stats, self.writer.totals, lambda: len(self.registry.current.units),
-            self.exporter.stats if self.exporter else None,
-            self.gateway.accounts if self.gateway else None, self.gateway.bans if self.gateway else None,
-            self.monitor)))
+        registry.register(
+            SmameCollector(
+                Sources(
+                    self.bridge.stats,
+                    self.writer.totals,
+                    lambda: len(self.registry.current.units),
+                    self.exporter.stats if self.exporter else None,
+                    self.gateway.accounts if self.gateway else None,
+                    self.gateway.bans if self.gateway else None,
+                    self.monitor,
+                )
+            )
+        )
         m = self.settings.monitoring
         server = MonitoringServer(m.host, m.metrics_port, registry, self.health)
         server.start()
@@ -326,9 +394,13 @@ class App:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop, sig.name)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
-        log.info("smame started: %d units, %d customers, store %s, time zone %s",
-                 len(self.registry.current.units), len(self.registry.current.customers), self.writer.path,
-                 self.settings.timezone)
+        log.info(
+            "smame started: %d units, %d customers, store %s, time zone %s",
+            len(self.registry.current.units),
+            len(self.registry.current.customers),
+            self.writer.path,
+            self.settings.timezone,
+        )
         try:
             async with asyncio.TaskGroup() as group:
                 for name, service in self.services().items():
@@ -356,8 +428,11 @@ STOP_DEADLINE_S = 9.0
 
 def _deadline(seconds: float) -> None:
     def expire() -> None:
-        log.error("still stopping after %.0f s: exiting now (unacknowledged telegrams are redelivered); where each "
-                  "thread was stuck follows", seconds)
+        log.error(
+            "still stopping after %.0f s: exiting now (unacknowledged telegrams are redelivered); where each "
+            "thread was stuck follows",
+            seconds,
+        )
         logging.shutdown()
         faulthandler.dump_traceback(all_threads=True)  # on stderr, for whoever finds out why
         os._exit(1)

@@ -24,7 +24,15 @@ from monitoring.daily import build_report, report_messages
 from monitoring.report import problems_csv, render_text
 from smame.demo import DemoOptions, run_demo
 from smame.app import (
-    App, RegistryHolder, build_exporter, build_gateway, build_outbox, check_ports, listeners, open_store, store_lock,
+    App,
+    RegistryHolder,
+    build_exporter,
+    build_gateway,
+    build_outbox,
+    check_ports,
+    listeners,
+    open_store,
+    store_lock,
 )
 from smame.users import UsersError, add_user, list_users, remove_user, set_password
 from smame.logs import setup_logging
@@ -75,16 +83,23 @@ def _parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_run)
 
     demo = sub.add_parser(
-        "demo", parents=[common], help="the whole product on this machine: broker, smame, a simulated fleet, a tour",
+        "demo",
+        parents=[common],
+        help="the whole product on this machine: broker, smame, a simulated fleet, a tour",
         description="Starts a private Mosquitto, smame (SQLite, FTPS, SFTP, metrics, alerts), a local SMTP server "
-                    "and a simulated fleet publishing the last day at accelerated time with faults; then shows slots, "
-                    "the quarantine, a customer's CSV file over FTPS, metrics, the daily report and smame verify. "
-                    "On a terminal the fleet then goes on live until Ctrl-C.")
+        "and a simulated fleet publishing the last day at accelerated time with faults; then shows slots, "
+        "the quarantine, a customer's CSV file over FTPS, metrics, the daily report and smame verify. "
+        "On a terminal the fleet then goes on live until Ctrl-C.",
+    )
     demo.add_argument("--dir", type=Path, default=Path("demo"), help="work directory, wiped first (default ./demo)")
     demo.add_argument("--units", type=_positive, default=2000, help="fleet size (default 2000)")
     demo.add_argument("--customers", type=_positive, default=10, help="customers (default 10)")
-    demo.add_argument("--speed", type=_non_negative, default=1800.0,
-                      help="simulated seconds per real second (default 1800: the day in under a minute; 0: at once)")
+    demo.add_argument(
+        "--speed",
+        type=_non_negative,
+        default=1800.0,
+        help="simulated seconds per real second (default 1800: the day in under a minute; 0: at once)",
+    )
     demo.add_argument("--no-follow", dest="follow", action="store_false", help="stop after the tour")
     demo.set_defaults(func=_demo)
 
@@ -94,40 +109,71 @@ def _parser() -> argparse.ArgumentParser:
     slots.set_defaults(func=_slots)
 
     simulate = sub.add_parser(
-        "simulate", parents=[common], help="publish telegrams of a simulated fleet (with faults and a ground truth)",
+        "simulate",
+        parents=[common],
+        help="publish telegrams of a simulated fleet (with faults and a ground truth)",
         description="Publish a simulated fleet's telegrams to the broker of the settings (or --broker). "
-                    "Examples: --backfill 3 (three past days, as fast as the broker takes them); "
-                    "--days 1 --speed 1800 (yesterday at one half hour per second, then stop); "
-                    "--follow (live, in real time, until Ctrl-C).")
+        "Examples: --backfill 3 (three past days, as fast as the broker takes them); "
+        "--days 1 --speed 1800 (yesterday at one half hour per second, then stop); "
+        "--follow (live, in real time, until Ctrl-C).",
+    )
     simulate.add_argument("--units", type=_positive, default=10_000, help="fleet size (default 10000)")
     simulate.add_argument("--customers", type=_positive, default=20, help="customers the units belong to (default 20)")
     simulate.add_argument("--seed", type=int, default=1, help="same seed, same fleet and same telegrams (default 1)")
     simulate.add_argument("--days", type=_non_negative, default=0.0, help="start this many days before --end")
-    simulate.add_argument("--speed", type=_non_negative, default=1.0,
-                          help="simulated seconds per real second (1800 = a half hour a second; 0 = no waiting)")
-    simulate.add_argument("--backfill", type=_non_negative, metavar="DAYS",
-                          help="the past DAYS as fast as the broker takes them (= --days DAYS --speed 0)")
+    simulate.add_argument(
+        "--speed",
+        type=_non_negative,
+        default=1.0,
+        help="simulated seconds per real second (1800 = a half hour a second; 0 = no waiting)",
+    )
+    simulate.add_argument(
+        "--backfill",
+        type=_non_negative,
+        metavar="DAYS",
+        help="the past DAYS as fast as the broker takes them (= --days DAYS --speed 0)",
+    )
     simulate.add_argument("--follow", action="store_true", help="after reaching the present, go on in real time")
     simulate.add_argument("--end", type=_instant, help="simulate up to this time (ISO 8601; default now)")
-    simulate.add_argument("--connections", default="4", type=_connections,
-                          help="shared MQTT connections (default 4), or per-unit: one connection per unit")
+    simulate.add_argument(
+        "--connections",
+        default="4",
+        type=_connections,
+        help="shared MQTT connections (default 4), or per-unit: one connection per unit",
+    )
     simulate.add_argument("--window", type=_positive, default=200, help="QoS 1 messages in flight per connection")
     simulate.add_argument("--clean", action="store_true", help="no faults at all")
     for name in Faults.names():
-        simulate.add_argument(f"--{name.replace('_', '-')}-rate", type=_non_negative, dest=f"rate_{name}",
-                              metavar="R", help=f"rate of {name.replace('_', ' ')} (default {getattr(Faults.typical(), name)})")
+        simulate.add_argument(
+            f"--{name.replace('_', '-')}-rate",
+            type=_non_negative,
+            dest=f"rate_{name}",
+            metavar="R",
+            help=f"rate of {name.replace('_', ' ')} (default {getattr(Faults.typical(), name)})",
+        )
     simulate.add_argument("--truth", type=Path, metavar="FILE", help="write what a perfect backend must conclude")
-    simulate.add_argument("--write-registry", type=Path, metavar="DIR",
-                          help="write units.csv and customers.toml of the fleet to DIR, and exit")
+    simulate.add_argument(
+        "--write-registry",
+        type=Path,
+        metavar="DIR",
+        help="write units.csv and customers.toml of the fleet to DIR, and exit",
+    )
     simulate.add_argument("--broker", help="broker URL (default: broker.url of the settings)")
-    simulate.add_argument("--credentials", type=Path, metavar="FILE",
-                          help="CSV unit_id,password: each unit logs in as itself (with --connections per-unit)")
+    simulate.add_argument(
+        "--credentials",
+        type=Path,
+        metavar="FILE",
+        help="CSV unit_id,password: each unit logs in as itself (with --connections per-unit)",
+    )
     simulate.set_defaults(func=_simulate)
 
     export = sub.add_parser(
-        "export", parents=[common], help="write customers' CSV files now",
+        "export",
+        parents=[common],
+        help="write customers' CSV files now",
         description="Without dates: what the scheduled run does (days changed since the last run, today's files, "
-                    "retention). With dates: re-render those days (written only where the bytes change).")
+        "retention). With dates: re-render those days (written only where the bytes change).",
+    )
     export.add_argument("--customer", action="append", metavar="C", help="only this customer (repeatable)")
     when = export.add_mutually_exclusive_group()
     when.add_argument("--date", type=_date, metavar="D", help="one local day, YYYY-MM-DD")
@@ -145,8 +191,14 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("customer")
     add.add_argument("user")
     add.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
-    add.add_argument("--ssh-key", type=Path, action="append", default=[], metavar="FILE",
-                     help="an SSH public key file (repeatable); with no password, key login only")
+    add.add_argument(
+        "--ssh-key",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="an SSH public key file (repeatable); with no password, key login only",
+    )
     add.set_defaults(func=_users_add)
     passwd = users_sub.add_parser("passwd", parents=[common], help="give a login a new password (asks for it)")
     passwd.add_argument("customer")
@@ -166,38 +218,65 @@ def _parser() -> argparse.ArgumentParser:
     report.set_defaults(func=_report)
 
     provision = sub.add_parser(
-        "provision", parents=[common], help="write the broker's password file, ACL and config (and TLS certificates)",
+        "provision",
+        parents=[common],
+        help="write the broker's password file, ACL and config (and TLS certificates)",
         description="Mosquitto's password file (its own hash format), an ACL that lets each unit publish only under "
-                    "smame/v1/<unit id>/ and the ingest user read, a mosquitto.conf, unit-credentials.csv (unit_id,password) "
-                    "for the units, and smame-broker.env for smame. With --tls also a device CA, the broker's "
-                    "certificate and one client certificate per unit (mutual TLS). Run it again after adding units: "
-                    "existing credentials are kept.")
+        "smame/v1/<unit id>/ and the ingest user read, a mosquitto.conf, unit-credentials.csv (unit_id,password) "
+        "for the units, and smame-broker.env for smame. With --tls also a device CA, the broker's "
+        "certificate and one client certificate per unit (mutual TLS). Run it again after adding units: "
+        "existing credentials are kept.",
+    )
     provision.add_argument("--registry", type=Path, help="units.csv (default: registry.units of the settings)")
     provision.add_argument("--out", type=Path, required=True, metavar="DIR", help="where the files go (kept private)")
     provision.add_argument("--tls", action="store_true", help="also certificates, and a mutual-TLS listener on 8883")
-    provision.add_argument("--broker-name", action="append", metavar="NAME",
-                           help="host name or address units use for the broker, in its certificate (repeatable; "
-                                "default localhost, 127.0.0.1, mosquitto)")
-    provision.add_argument("--conf-dir", metavar="PATH", help="where the broker sees DIR (default: DIR itself; "
-                                                              "/mosquitto/config in the compose stack)")
-    provision.add_argument("--data-dir", default="/mosquitto/data", metavar="PATH", help="the broker's persistence directory")
+    provision.add_argument(
+        "--broker-name",
+        action="append",
+        metavar="NAME",
+        help="host name or address units use for the broker, in its certificate (repeatable; "
+        "default localhost, 127.0.0.1, mosquitto)",
+    )
+    provision.add_argument(
+        "--conf-dir",
+        metavar="PATH",
+        help="where the broker sees DIR (default: DIR itself; /mosquitto/config in the compose stack)",
+    )
+    provision.add_argument(
+        "--data-dir", default="/mosquitto/data", metavar="PATH", help="the broker's persistence directory"
+    )
     provision.add_argument("--port", type=_positive, default=1883, help="the broker's password listener (default 1883)")
     provision.add_argument("--bind", metavar="ADDRESS", help="the address of that listener (default: all)")
-    provision.add_argument("--owner", metavar="USER",
-                           help="give the files to this user (a broker not run by compose reads them as mosquitto)")
+    provision.add_argument(
+        "--owner",
+        metavar="USER",
+        help="give the files to this user (a broker not run by compose reads them as mosquitto)",
+    )
     provision.add_argument("--tls-port", type=_positive, default=8883, help="its mutual-TLS listener (default 8883)")
-    provision.add_argument("--ingest-user", default="smame-ingest", help="the user smame logs in as (default smame-ingest)")
-    provision.add_argument("--outage-hours", type=_non_negative, default=24.0, metavar="H",
-                           help="size the broker's queue for smame to be away this long (default 24)")
+    provision.add_argument(
+        "--ingest-user", default="smame-ingest", help="the user smame logs in as (default smame-ingest)"
+    )
+    provision.add_argument(
+        "--outage-hours",
+        type=_non_negative,
+        default=24.0,
+        metavar="H",
+        help="size the broker's queue for smame to be away this long (default 24)",
+    )
     provision.set_defaults(func=_provision)
 
     backup = sub.add_parser("backup", parents=[common], help="copy the database while smame runs (online backup)")
     backup.add_argument("file", type=Path, help="where the copy goes (replaced atomically)")
-    backup.add_argument("--verify", action="store_true",
-                        help="only check FILE, an earlier copy: whole (SQLite's integrity check) and smame's")
+    backup.add_argument(
+        "--verify",
+        action="store_true",
+        help="only check FILE, an earlier copy: whole (SQLite's integrity check) and smame's",
+    )
     backup.set_defaults(func=_backup)
 
-    restore = sub.add_parser("restore", parents=[common], help="put a checked copy in place of the database (smame stopped)")
+    restore = sub.add_parser(
+        "restore", parents=[common], help="put a checked copy in place of the database (smame stopped)"
+    )
     restore.add_argument("file", type=Path, help="a copy made by smame backup")
     restore.set_defaults(func=_restore)
 
@@ -206,7 +285,9 @@ def _parser() -> argparse.ArgumentParser:
     verify.set_defaults(func=_verify)
 
     quarantine = sub.add_parser("quarantine", parents=[common], help="list quarantined telegrams with their reasons")
-    quarantine.add_argument("--reason", choices=REASONS, metavar="REASON", help=f"only this reason: {', '.join(REASONS)}")
+    quarantine.add_argument(
+        "--reason", choices=REASONS, metavar="REASON", help=f"only this reason: {', '.join(REASONS)}"
+    )
     quarantine.add_argument("--limit", type=int, default=50, help="newest N (default 50)")
     quarantine.set_defaults(func=_quarantine)
     return parser
@@ -227,7 +308,9 @@ def _number(text: str, kind: type[int] | type[float], least: int) -> int | float
         what = "a whole number" if kind is int else "a number"
         raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
     if value < least:
-        raise argparse.ArgumentTypeError(f"{text} must be at least {least}" if least else f"{text} must not be negative")
+        raise argparse.ArgumentTypeError(
+            f"{text} must be at least {least}" if least else f"{text} must not be negative"
+        )
     return value
 
 
@@ -295,8 +378,9 @@ def _slots(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         store.close()
     if not known:
-        print(f"smame slots: unit {args.unit!r} is neither in {settings.registry.units} nor in the store",
-              file=sys.stderr)
+        print(
+            f"smame slots: unit {args.unit!r} is neither in {settings.registry.units} nor in the store", file=sys.stderr
+        )
         return 2
     print(f"unit {args.unit}, {args.date} ({settings.timezone}), {len(ends)} slots")
     print(f"{'slot':>4} {'start':>5}-{'end':<5} {'import_kwh':>11} {'q':>1} {'export_kwh':>11} {'q':>1}  flags")
@@ -330,10 +414,21 @@ def _simulate(settings: Settings, args: argparse.Namespace) -> int:
     host, port, tls = target_from_url(args.broker or settings.broker.url)
     b = settings.broker
     context = tls_context(str(b.ca_file) if b.ca_file else None, None, None) if tls else None
-    opts = RunOptions(units=args.units, customers=args.customers, seed=args.seed, days=days, speed=speed,
-                      follow=args.follow, end=args.end, connections=args.connections, window=args.window,
-                      faults=faults, truth=args.truth, timezone=settings.timezone,
-                      gap_cap=settings.ingest.gap_cap_slots)
+    opts = RunOptions(
+        units=args.units,
+        customers=args.customers,
+        seed=args.seed,
+        days=days,
+        speed=speed,
+        follow=args.follow,
+        end=args.end,
+        connections=args.connections,
+        window=args.window,
+        faults=faults,
+        truth=args.truth,
+        timezone=settings.timezone,
+        gap_cap=settings.ingest.gap_cap_slots,
+    )
 
     async def main() -> Summary:
         stop = asyncio.Event()
@@ -372,13 +467,21 @@ def _export(settings: Settings, args: argparse.Namespace) -> int:
     customers = args.customer or sorted(registry.customers)
     unknown = [c for c in customers if c not in registry.customers]
     if unknown:
-        print(f"smame export: unknown customer {', '.join(unknown)} (not in {settings.registry.customers})", file=sys.stderr)
+        print(
+            f"smame export: unknown customer {', '.join(unknown)} (not in {settings.registry.customers})",
+            file=sys.stderr,
+        )
         return 2
     try:
         check_writable(exporter.root)
         if args.date or args.first or args.all:
-            first, last = (args.date, args.date) if args.date else (args.first, args.last) if args.first else \
-                (today - timedelta(days=settings.export.retention_days), today)
+            first, last = (
+                (args.date, args.date)
+                if args.date
+                else (args.first, args.last)
+                if args.first
+                else (today - timedelta(days=settings.export.retention_days), today)
+            )
             if first > last:
                 print("smame export: --from is after --to", file=sys.stderr)
                 return 2
@@ -392,8 +495,10 @@ def _export(settings: Settings, args: argparse.Namespace) -> int:
         return 1
     finally:
         exporter.close()
-    print(f"{len(result.written)} files written, {result.unchanged} unchanged, {len(result.deleted)} deleted by "
-          f"retention ({result.days} days) in {exporter.root}")
+    print(
+        f"{len(result.written)} files written, {result.unchanged} unchanged, {len(result.deleted)} deleted by "
+        f"retention ({result.days} days) in {exporter.root}"
+    )
     for path in result.written:
         print(f"  {path}")
     return 0
@@ -407,6 +512,7 @@ def _progress_bar() -> Callable[[int, int], None]:
         if done == total:
             sys.stderr.write("\n")
         sys.stderr.flush()
+
     return show
 
 
@@ -455,7 +561,9 @@ def _read_password(args: argparse.Namespace, what: str) -> str:
 
 def _users_add(settings: Settings, args: argparse.Namespace) -> int:
     try:
-        password = None if args.ssh_key and not args.password_stdin else _read_password(args, f"password for {args.user}")
+        password = (
+            None if args.ssh_key and not args.password_stdin else _read_password(args, f"password for {args.user}")
+        )
     except UsersError as exc:
         print(f"smame users add: {exc}", file=sys.stderr)
         return 2
@@ -502,8 +610,10 @@ def _report(settings: Settings, args: argparse.Namespace) -> int:
     now = int(time.time())
     day = args.date or datetime.fromtimestamp(now, grid.zone).date() - timedelta(days=1)
     if args.send and not (settings.mail.smtp_url or settings.slack.enabled):
-        print("smame report: --send needs mail.smtp_url or slack.webhook_url (or slack.token) in the settings",
-              file=sys.stderr)
+        print(
+            "smame report: --send needs mail.smtp_url or slack.webhook_url (or slack.token) in the settings",
+            file=sys.stderr,
+        )
         return 2
     store = open_store(settings, create=False)
     try:
@@ -530,8 +640,10 @@ def _send(settings: Settings, store: Store, messages: list[tuple[str, str, bytes
     sent = asyncio.run(send())
     if sent < len(messages):
         errors = "; ".join(err for _, err in outbox.failing.values())
-        print(f"\nsent {sent} of {len(messages)}; the rest stays in the outbox and `smame run` retries it: {errors}",
-              file=sys.stderr)
+        print(
+            f"\nsent {sent} of {len(messages)}; the rest stays in the outbox and `smame run` retries it: {errors}",
+            file=sys.stderr,
+        )
         return 1
     print(f"\nsent by {', '.join(ch for _, ch, _ in messages)}")
     return 0
@@ -540,21 +652,35 @@ def _send(settings: Settings, store: Store, messages: list[tuple[str, str, bytes
 def _provision(settings: Settings, args: argparse.Namespace) -> int:
     try:
         units = read_units(args.registry or settings.registry.units)
-        done = provision(units, args.out, tls=args.tls, ingest_user=args.ingest_user,
-                         broker_names=args.broker_name or BROKER_NAMES,
-                         conf_dir=args.conf_dir, data_dir=args.data_dir, outage_hours=args.outage_hours,
-                         port=args.port, tls_port=args.tls_port, bind=args.bind, owner=args.owner)
+        done = provision(
+            units,
+            args.out,
+            tls=args.tls,
+            ingest_user=args.ingest_user,
+            broker_names=args.broker_name or BROKER_NAMES,
+            conf_dir=args.conf_dir,
+            data_dir=args.data_dir,
+            outage_hours=args.outage_hours,
+            port=args.port,
+            tls_port=args.tls_port,
+            bind=args.bind,
+            owner=args.owner,
+        )
     except ProvisionError as exc:
         print(f"smame provision: {exc}", file=sys.stderr)
         return 2
-    print(f"{len(units)} units: {len(done.added)} added, {len(done.kept)} kept, {len(done.removed)} removed "
-          f"({', '.join(done.removed[:10]) or 'none'}); files in {args.out}:")
+    print(
+        f"{len(units)} units: {len(done.added)} added, {len(done.kept)} kept, {len(done.removed)} removed "
+        f"({', '.join(done.removed[:10]) or 'none'}); files in {args.out}:"
+    )
     for name in sorted({p.name for p in done.files if p.parent == args.out}):
         print(f"  {name}")
     if args.tls:
         print(f"  certs/ ({len(units) + 1} client certificates)")
-    print(f"Give each unit its line of {args.out / 'unit-credentials.csv'} (or its certificate); give smame "
-          f"{args.out / 'smame-broker.env'}; then reload the broker (kill -HUP) to apply.")
+    print(
+        f"Give each unit its line of {args.out / 'unit-credentials.csv'} (or its certificate); give smame "
+        f"{args.out / 'smame-broker.env'}; then reload the broker (kill -HUP) to apply."
+    )
     return 0
 
 
@@ -569,8 +695,10 @@ def _backup(settings: Settings, args: argparse.Namespace) -> int:
         store.backup(args.file)
     finally:
         store.close()
-    print(f"copied {store.path} to {args.file} ({args.file.stat().st_size / 2**20:.1f} MiB) in "
-          f"{time.monotonic() - started:.1f} s")
+    print(
+        f"copied {store.path} to {args.file} ({args.file.stat().st_size / 2**20:.1f} MiB) in "
+        f"{time.monotonic() - started:.1f} s"
+    )
     return 0
 
 
@@ -586,14 +714,25 @@ def _restore(settings: Settings, args: argparse.Namespace) -> int:
 def _verify(settings: Settings, args: argparse.Namespace) -> int:
     truth = read_truth(args.truth)
     if truth.meta.get("gap_cap") != settings.ingest.gap_cap_slots:
-        print(f"warning: the truth assumes ingest.gap_cap_slots={truth.meta.get('gap_cap')}, "
-              f"the settings say {settings.ingest.gap_cap_slots}", file=sys.stderr)
+        print(
+            f"warning: the truth assumes ingest.gap_cap_slots={truth.meta.get('gap_cap')}, "
+            f"the settings say {settings.ingest.gap_cap_slots}",
+            file=sys.stderr,
+        )
     store = open_store(settings, create=False)
     try:
+
         def stored(unit: str, after: int, until: int) -> dict[int, Observed]:
-            return {r.slot: (r.imp, r.imp_q or "M", r.exp, r.exp_q or "M",
-                             tuple(sorted(flag_names(r.imp_flags | r.exp_flags))))
-                    for r in store.slots(unit, after, until)}
+            return {
+                r.slot: (
+                    r.imp,
+                    r.imp_q or "M",
+                    r.exp,
+                    r.exp_q or "M",
+                    tuple(sorted(flag_names(r.imp_flags | r.exp_flags))),
+                )
+                for r in store.slots(unit, after, until)
+            }
 
         report = compare(truth, stored, store.quarantine_counts())
     finally:
@@ -602,8 +741,10 @@ def _verify(settings: Settings, args: argparse.Namespace) -> int:
     for line in report.examples:
         print("  " + line)
     checked = sum(good + bad for good, bad in report.rows.values())
-    print(f"{'MISMATCH' if report.mismatches else 'OK'}: {report.mismatches} mismatches in {len(truth.slots):,} slots "
-          f"of {truth.meta.get('units')} units ({checked:,} checks by fault kind)")
+    print(
+        f"{'MISMATCH' if report.mismatches else 'OK'}: {report.mismatches} mismatches in {len(truth.slots):,} slots "
+        f"of {truth.meta.get('units')} units ({checked:,} checks by fault kind)"
+    )
     return 1 if report.mismatches else 0
 
 

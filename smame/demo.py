@@ -82,7 +82,8 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> int:
     toml = work / "smame.toml"
     toml.write_text(_settings(work, ports, passive))
     (work / "mosquitto.conf").write_text(
-        f"listener {ports['mqtt']} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 1000000\n")
+        f"listener {ports['mqtt']} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 1000000\n"
+    )
     write_registry(make_fleet(opts.units, opts.customers, 1), work)
     add_user(work / "customers.toml", "C000", "demo", password, [])
     env = {k: v for k, v in os.environ.items() if not k.startswith("SMAME_")} | {"SMAME_LOG__FORMAT": "text"}
@@ -91,8 +92,13 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> int:
         print(text, file=out, flush=True)
 
     def smame(*args: str, check: bool = True) -> str:
-        proc = subprocess.run([sys.executable, "-m", "smame.cli", *args, "-c", str(toml)], env=env, text=True,
-                              stdout=subprocess.PIPE, stderr=sys.stderr)
+        proc = subprocess.run(
+            [sys.executable, "-m", "smame.cli", *args, "-c", str(toml)],
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=sys.stderr,
+        )
         if check and proc.returncode != 0:
             raise RuntimeError(f"smame {args[0]} exited {proc.returncode}")
         return proc.stdout
@@ -104,7 +110,9 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> int:
         drop = MailDrop(work / "mail", ports["smtp"])
         drop.controller.start()
         stack.callback(drop.controller.stop)
-        stack.enter_context(_process([sys.executable, "-m", "smame.cli", "run", "-c", str(toml)], work / "smame.log", env))
+        stack.enter_context(
+            _process([sys.executable, "-m", "smame.cli", "run", "-c", str(toml)], work / "smame.log", env)
+        )
         _wait_log(work / "smame.log", "subscribed to")
         say(f"== a private Mosquitto on 127.0.0.1:{ports['mqtt']}; smame runs with its settings in {toml}")
         zone = ZoneInfo("Asia/Tokyo")
@@ -113,12 +121,33 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> int:
         # from an hour before yesterday began, so that yesterday is whole, as operators see it at 08:00
         start = datetime(day.year, day.month, day.day, tzinfo=zone) - timedelta(hours=1)
         days = (now - start).total_seconds() / 86400
-        say(f"== simulating {opts.units:,} units from {start:%Y-%m-%d %H:%M} until now at {opts.speed:g}x real time, "
-            "with faults")
+        say(
+            f"== simulating {opts.units:,} units from {start:%Y-%m-%d %H:%M} until now at {opts.speed:g}x real time, "
+            "with faults"
+        )
         truth = work / "truth.jsonl"
-        subprocess.run([sys.executable, "-m", "smame.cli", "simulate", "-c", str(toml), "--units", str(opts.units),
-                        "--customers", str(opts.customers), "--days", f"{days:.4f}", "--speed", str(opts.speed),
-                        "--truth", str(truth)], env=env, check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "smame.cli",
+                "simulate",
+                "-c",
+                str(toml),
+                "--units",
+                str(opts.units),
+                "--customers",
+                str(opts.customers),
+                "--days",
+                f"{days:.4f}",
+                "--speed",
+                str(opts.speed),
+                "--truth",
+                str(truth),
+            ],
+            env=env,
+            check=True,
+        )
         _settled(ports["metrics"])
         time.sleep(2.5)  # one more look of the monitor at the store (alerts.check_s below)
         first = (work / "units.csv").read_text().splitlines()[1].split(",")
@@ -135,40 +164,72 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> int:
         rows = csv_file.read_text(encoding="utf-8").splitlines()
         say("\n".join("   " + r for r in rows[:3] + ["..."] + rows[20:22]))
         digest = (csv_file.parent / (csv_file.name + ".sha256")).read_text().split()[0]
-        say(f"   sha256 {'matches' if digest == hashlib.sha256(csv_file.read_bytes()).hexdigest() else 'DIFFERS'}"
-            f" {csv_file.name}.sha256")
+        say(
+            f"   sha256 {'matches' if digest == hashlib.sha256(csv_file.read_bytes()).hexdigest() else 'DIFFERS'}"
+            f" {csv_file.name}.sha256"
+        )
         say(f"\n== customer C000's server fetches its files over FTPS (user demo, password {password})")
         say("\n".join("   " + n for n in _ftps_listing(ports["ftp"], work / "data" / "ftps-cert.pem", password)[:4]))
         say(f"\n== metrics (http://127.0.0.1:{ports['metrics']}/metrics), a few of them")
-        say("\n".join("   " + line for line in _metrics(ports["metrics"], ("smame_telegrams_received_total",
-            "smame_readings_stored_total", "smame_quarantined_total", "smame_units_reporting", "smame_slots_today"))))
+        say(
+            "\n".join(
+                "   " + line
+                for line in _metrics(
+                    ports["metrics"],
+                    (
+                        "smame_telegrams_received_total",
+                        "smame_readings_stored_total",
+                        "smame_quarantined_total",
+                        "smame_units_reporting",
+                        "smame_slots_today",
+                    ),
+                )
+            )
+        )
         say(f"\n== the daily report for {day} (smame report --send: printed, and mailed to the local SMTP server)")
         report = smame("report", "--date", str(day), "--send", check=False).splitlines()
         say("\n".join("   " + line for line in report[:10] + ["   ..."] + report[-3:]))
         say(f"   mails received so far: {drop.count} in {work / 'mail'} (open them with any mail program)")
         say(f"\n== smame verify --truth {truth}   (every stored slot against what the simulator knows it sent)")
-        result = subprocess.run([sys.executable, "-m", "smame.cli", "verify", "-c", str(toml), "--truth", str(truth)],
-                                env=env)
+        result = subprocess.run(
+            [sys.executable, "-m", "smame.cli", "verify", "-c", str(toml), "--truth", str(truth)], env=env
+        )
         if _interactive(opts):
             head = "Look around (smame keeps running with the fleet live; Ctrl-C stops everything):"
         elif opts.follow:
-            head = ("Everything stops now: standard input is no terminal, so there is no Ctrl-C to wait for. "
-                    "Run the demo in a terminal to keep it running; what it ran, to look at afterwards:")
+            head = (
+                "Everything stops now: standard input is no terminal, so there is no Ctrl-C to wait for. "
+                "Run the demo in a terminal to keep it running; what it ran, to look at afterwards:"
+            )
         else:
             head = "Everything stops now (--no-follow); what it ran, to look at afterwards:"
         say(f"""
 {head}
-  settings   {toml}            log {work / 'smame.log'}
-  CSV files  {work / 'data' / 'export'}/<customer>/   (format: docs/csv-format.md)
-  FTPS       curl --ssl-reqd --cacert {work / 'data' / 'ftps-cert.pem'} --user demo:{password} ftp://127.0.0.1:{ports['ftp']}/
-  SFTP       sftp -P {ports['sftp']} demo@127.0.0.1        (password {password})
-  metrics    http://127.0.0.1:{ports['metrics']}/metrics    health http://127.0.0.1:{ports['metrics']}/healthz
-  mail       {work / 'mail'}/*.eml   (the daily report, and any alert)
+  settings   {toml}            log {work / "smame.log"}
+  CSV files  {work / "data" / "export"}/<customer>/   (format: docs/csv-format.md)
+  FTPS       curl --ssl-reqd --cacert {work / "data" / "ftps-cert.pem"} --user demo:{password} ftp://127.0.0.1:{ports["ftp"]}/
+  SFTP       sftp -P {ports["sftp"]} demo@127.0.0.1        (password {password})
+  metrics    http://127.0.0.1:{ports["metrics"]}/metrics    health http://127.0.0.1:{ports["metrics"]}/healthz
+  mail       {work / "mail"}/*.eml   (the daily report, and any alert)
   a unit     .venv/bin/smame slots -c {toml} --unit {unit} --date {day}""")
         if _interactive(opts):
             try:
-                subprocess.run([sys.executable, "-m", "smame.cli", "simulate", "-c", str(toml), "--units",
-                                str(opts.units), "--customers", str(opts.customers), "--follow"], env=env)
+                subprocess.run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "smame.cli",
+                        "simulate",
+                        "-c",
+                        str(toml),
+                        "--units",
+                        str(opts.units),
+                        "--customers",
+                        str(opts.customers),
+                        "--follow",
+                    ],
+                    env=env,
+                )
             except KeyboardInterrupt:
                 pass
         return result.returncode
@@ -190,25 +251,25 @@ def _fresh(work: Path) -> Path:
 
 def _settings(work: Path, ports: dict[str, int], passive: int) -> str:
     return f"""# smame demo settings (see docs/configuration.md)
-data_dir = "{work / 'data'}"
+data_dir = "{work / "data"}"
 [broker]
-url = "mqtt://127.0.0.1:{ports['mqtt']}"
+url = "mqtt://127.0.0.1:{ports["mqtt"]}"
 client_id = "smame-demo"
 [registry]
-units = "{work / 'units.csv'}"
-customers = "{work / 'customers.toml'}"
+units = "{work / "units.csv"}"
+customers = "{work / "customers.toml"}"
 [ftp]
 host = "127.0.0.1"
-port = {ports['ftp']}
+port = {ports["ftp"]}
 passive_ports = "{passive}-{passive + 19}"
 [sftp]
 host = "127.0.0.1"
-port = {ports['sftp']}
+port = {ports["sftp"]}
 [monitoring]
 host = "127.0.0.1"
-metrics_port = {ports['metrics']}
+metrics_port = {ports["metrics"]}
 [mail]
-smtp_url = "smtp://127.0.0.1:{ports['smtp']}"
+smtp_url = "smtp://127.0.0.1:{ports["smtp"]}"
 sender = "smame-demo@localhost"
 recipients = ["operators@localhost"]
 [report]
@@ -269,8 +330,10 @@ def _settled(port: int, timeout: float = 60.0) -> None:
     """Wait until every telegram received is committed and acknowledged."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        values = {line.split()[0]: float(line.split()[1]) for line in _metrics(
-            port, ("smame_telegrams_received_total", "smame_telegrams_acknowledged_total"))}
+        values = {
+            line.split()[0]: float(line.split()[1])
+            for line in _metrics(port, ("smame_telegrams_received_total", "smame_telegrams_acknowledged_total"))
+        }
         if values and values["smame_telegrams_received_total"] == values["smame_telegrams_acknowledged_total"]:
             return
         time.sleep(0.3)

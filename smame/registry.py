@@ -95,8 +95,9 @@ class Registry:
         return self._by_customer.get(customer, [])
 
 
-def load_registry(units_path: Path, customers_path: Path, default_contract_kw: Fraction = Fraction(50),
-                  gap_cap: int = 48) -> Registry:
+def load_registry(
+    units_path: Path, customers_path: Path, default_contract_kw: Fraction = Fraction(50), gap_cap: int = 48
+) -> Registry:
     """Read and check both files; raise RegistryError naming the first problem."""
     customers = _load_customers(customers_path)
     units = _load_units(units_path, customers)
@@ -154,8 +155,11 @@ def _load_units(path: Path, customers: dict[str, Customer]) -> dict[str, Unit]:
         units[unit.id] = unit
     if errors:
         more = f"\n... and {len(errors) - MAX_ERRORS} more" if len(errors) > MAX_ERRORS else ""
-        raise RegistryError(f"{len(errors)} bad line{'s' if len(errors) > 1 else ''} in {path}:\n"
-                            + "\n".join(errors[:MAX_ERRORS]) + more)
+        raise RegistryError(
+            f"{len(errors)} bad line{'s' if len(errors) > 1 else ''} in {path}:\n"
+            + "\n".join(errors[:MAX_ERRORS])
+            + more
+        )
     return units
 
 

@@ -15,7 +15,13 @@ from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
 
 ENV_PREFIX = "SMAME_"
 
@@ -55,7 +61,9 @@ class BrokerSettings(Section):
     @classmethod
     def _topic(cls, v: str) -> str:
         if not v or "#" in v[:-1] or not v.endswith("/reading"):
-            raise ValueError("must be a filter ending in /reading, e.g. smame/v1/+/reading or $share/g/smame/v1/+/reading")
+            raise ValueError(
+                "must be a filter ending in /reading, e.g. smame/v1/+/reading or $share/g/smame/v1/+/reading"
+            )
         return v
 
 

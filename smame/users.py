@@ -115,7 +115,10 @@ def list_users(path: Path) -> list[tuple[str, str, str]]:
     out = []
     for cid, c in doc.get("customers", {}).items():
         for u in c.get("users", []):
-            how = ", ".join(k for k, present in (("password", "password_hash" in u), ("ssh key", bool(u.get("ssh_keys"))))
-                            if present)
+            how = ", ".join(
+                k
+                for k, present in (("password", "password_hash" in u), ("ssh key", bool(u.get("ssh_keys"))))
+                if present
+            )
             out.append((str(cid), str(u["name"]), how))
     return out

@@ -83,21 +83,52 @@ def secure_broker(workdir: Path, users: dict[str, str]) -> tuple[Mosquitto, Path
     def openssl(*args: str) -> None:
         subprocess.run(["openssl", *args], cwd=workdir, check=True, capture_output=True)
 
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-            "-subj", "/CN=smame test CA")
-    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
-            "-subj", "/CN=localhost")
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=smame test CA",
+    )
+    openssl(
+        "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost"
+    )
     (workdir / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-            "-out", "server.pem", "-days", "2", "-extfile", "san.ext")
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+    )
     passwd = workdir / "passwd"
     passwd.write_text("")
     for user, password in users.items():
         subprocess.run(["mosquitto_passwd", "-b", str(passwd), user, password], check=True, capture_output=True)
-    extra = (f"cafile {workdir / 'ca.pem'}\ncertfile {workdir / 'server.pem'}\nkeyfile {workdir / 'server.key'}\n"
-             f"tls_version tlsv1.2\npassword_file {passwd}\n"
-             # Started as root, mosquitto drops to its own user, who may not read a test's private files.
-             "user root\n")
+    extra = (
+        f"cafile {workdir / 'ca.pem'}\ncertfile {workdir / 'server.pem'}\nkeyfile {workdir / 'server.key'}\n"
+        f"tls_version tlsv1.2\npassword_file {passwd}\n"
+        # Started as root, mosquitto drops to its own user, who may not read a test's private files.
+        "user root\n"
+    )
     mq = Mosquitto(workdir, extra, anonymous=False)
     return mq, workdir / "ca.pem"
 
@@ -108,8 +139,13 @@ def _many_files() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def publish(port: int, messages: Iterable[tuple[str, bytes]], client_id: str = "",
-            auth: tuple[str, str] | None = None, ca: Path | None = None) -> int:
+def publish(
+    port: int,
+    messages: Iterable[tuple[str, bytes]],
+    client_id: str = "",
+    auth: tuple[str, str] | None = None,
+    ca: Path | None = None,
+) -> int:
     """Publish at QoS 1 and wait until the broker has acknowledged every message."""
     client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv311)
     if auth:
@@ -136,14 +172,27 @@ def at(day: str, hhmm: str) -> datetime:
     return datetime.fromisoformat(f"{day}T{hhmm}:00+09:00")
 
 
-def telegram(unit: str, readings: list[tuple[datetime, int] | tuple[datetime, int, int | None]], *, meter: str = "SM-1",
-             seq: int = 1, digits: int = 6, e1: int = 1, coef: int = 1, sent: datetime | None = None) -> bytes:
+def telegram(
+    unit: str,
+    readings: list[tuple[datetime, int] | tuple[datetime, int, int | None]],
+    *,
+    meter: str = "SM-1",
+    seq: int = 1,
+    digits: int = 6,
+    e1: int = 1,
+    coef: int = 1,
+    sent: datetime | None = None,
+) -> bytes:
     """A v1 telegram as a unit would publish it."""
     wire = [WireReading(r[0], r[1], r[2] if len(r) > 2 else 0) for r in readings]  # type: ignore[misc]
-    return encode(WireTelegram(1, unit, meter, seq, sent or readings[-1][0] + timedelta(seconds=7), e1, digits, wire, coef))
+    return encode(
+        WireTelegram(1, unit, meter, seq, sent or readings[-1][0] + timedelta(seconds=7), e1, digits, wire, coef)
+    )
 
 
-def write_registry(directory: Path, units: dict[str, str], contract_kw: dict[str, float] | None = None) -> tuple[Path, Path]:
+def write_registry(
+    directory: Path, units: dict[str, str], contract_kw: dict[str, float] | None = None
+) -> tuple[Path, Path]:
     """units.csv and customers.toml for {unit: customer}."""
     directory.mkdir(parents=True, exist_ok=True)
     lines = ["unit_id,customer_id,meter_id,contract_kw,label"]
@@ -175,12 +224,20 @@ def smame_env(workdir: Path, port: int, **extra: str) -> dict[str, str]:
     return env
 
 
-def smame(args: list[str], env: dict[str, str], check: bool = True, stdin: str | None = None
-          ) -> subprocess.CompletedProcess[str]:
+def smame(
+    args: list[str], env: dict[str, str], check: bool = True, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run a smame command to completion (with `stdin` as its standard input; none by default)."""
     real_processes()
-    proc = subprocess.run([sys.executable, "-m", "smame.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=120, input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL)
+    proc = subprocess.run(
+        [sys.executable, "-m", "smame.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        input=stdin,
+        stdin=None if stdin is not None else subprocess.DEVNULL,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"smame {args} exited {proc.returncode}: {proc.stderr}")
     return proc
@@ -193,13 +250,16 @@ def start_smame(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     """Start `smame run` in the background."""
     real_processes()
     with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "smame.cli", "run"], env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "smame.cli", "run"], env=env, stdout=out, stderr=subprocess.STDOUT
+        )
     STARTED.append(proc)
     return proc
 
 
-def wait_until(done: Callable[[], object], timeout: float = 15.0, what: Callable[[], str] = lambda: "",
-               every: float = 0.05) -> None:
+def wait_until(
+    done: Callable[[], object], timeout: float = 15.0, what: Callable[[], str] = lambda: "", every: float = 0.05
+) -> None:
     """Block until `done()` is true; past the timeout raise TimeoutError saying `what()`."""
     deadline = time.monotonic() + timeout
     while not done():
@@ -215,8 +275,11 @@ def yesterday(zone: timezone = JST) -> date:
 
 def wait_log(log: Path, text: str, timeout: float = 15.0) -> None:
     """Block until a log file contains the text."""
-    wait_until(lambda: log.exists() and text in log.read_text(errors="replace"), timeout,
-               lambda: f"{text!r} not in {log}:\n{log.read_text(errors='replace') if log.exists() else ''}")
+    wait_until(
+        lambda: log.exists() and text in log.read_text(errors="replace"),
+        timeout,
+        lambda: f"{text!r} not in {log}:\n{log.read_text(errors='replace') if log.exists() else ''}",
+    )
 
 
 def readings_in(db: Path) -> int:
@@ -230,8 +293,12 @@ def readings_in(db: Path) -> int:
 
 def wait_readings(db: Path, n: int, timeout: float = 30.0) -> None:
     """Block until the database holds at least n readings."""
-    wait_until(lambda: db.exists() and readings_in(db) >= n, timeout,
-               lambda: f"{readings_in(db) if db.exists() else 0} readings stored, expected {n}", every=0.1)
+    wait_until(
+        lambda: db.exists() and readings_in(db) >= n,
+        timeout,
+        lambda: f"{readings_in(db) if db.exists() else 0} readings stored, expected {n}",
+        every=0.1,
+    )
 
 
 def children(pid: int) -> list[int]:

@@ -32,7 +32,9 @@ class Directory:
         return Limits(Fraction(25), 48)
 
 
-def reading(k: int, fwd: int | None, rev: int | None = 0, unit: str = "U1", meter: str = "M1", flags: int = 0) -> Incoming:
+def reading(
+    k: int, fwd: int | None, rev: int | None = 0, unit: str = "U1", meter: str = "M1", flags: int = 0
+) -> Incoming:
     r = Reading(unit, T0 + k * H, meter, fwd, rev, 1, 1, 6, k, T0 + k * H + 5, flags)
     return Incoming(r, T0 + k * H + 7, f"smame/v1/{unit}/reading", b"{}")
 
@@ -145,16 +147,23 @@ def test_changed_days_are_reported_per_customer_and_day(ing: Ingestor) -> None:
 
 
 series = st.lists(
-    st.tuples(st.sampled_from([1, 1, 1, 2, 3, 49, 60]), st.integers(0, 300), st.booleans(), st.integers(0, 12),
-              st.sampled_from(["fwd", "rev", None, None, None, None])),
-    min_size=1, max_size=25,
+    st.tuples(
+        st.sampled_from([1, 1, 1, 2, 3, 49, 60]),
+        st.integers(0, 300),
+        st.booleans(),
+        st.integers(0, 12),
+        st.sampled_from(["fwd", "rev", None, None, None, None]),
+    ),
+    min_size=1,
+    max_size=25,
 )
 
 
 @settings(max_examples=150, deadline=None)
 @given(series, st.randoms(use_true_random=False), st.integers(1, 12))
-def test_any_order_and_any_duplication_give_the_same_slots(steps: list[tuple[int, int, bool, int, str | None]],
-                                                          rnd: random.Random, batches: int) -> None:
+def test_any_order_and_any_duplication_give_the_same_slots(
+    steps: list[tuple[int, int, bool, int, str | None]], rnd: random.Random, batches: int
+) -> None:
     k, value, meter, items = 0, 999_000, 1, []  # starts near the wrap of a 6-digit register
     for gap, energy, solar, event, no_data in steps:
         k += gap
@@ -179,7 +188,6 @@ def test_any_order_and_any_duplication_give_the_same_slots(steps: list[tuple[int
         assert table(other) == expected
         assert other.store.reading_count() == len(items)
         other.store.close()
-
 
 
 def test_two_writers_on_one_store_with_a_shared_subscription(tmp_path: Path) -> None:

@@ -9,7 +9,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from aggregator.slots import (
-    ACTUAL, ESTIMATED, MISSING, Flag, Limits, Point, SlotValue, format_kwh, pair_slots, series_slots, spread,
+    ACTUAL,
+    ESTIMATED,
+    MISSING,
+    Flag,
+    Limits,
+    Point,
+    SlotValue,
+    format_kwh,
+    pair_slots,
+    series_slots,
+    spread,
 )
 
 T0 = 1_795_000_000 - 1_795_000_000 % 1800
@@ -85,8 +95,15 @@ def test_points_out_of_order_are_a_programming_error() -> None:
 
 @pytest.mark.parametrize(
     ("raw", "e1", "coef", "text"),
-    [(17, 0x01, 1, "1.7"), (17, 0x00, 1, "17"), (5, 0x02, 1, "0.05"), (123, 0x03, 10, "1.23"),
-     (7, 0x0A, 1, "70"), (0, 0x01, 1, "0.0"), (12345, 0x04, 3, "3.7035")],
+    [
+        (17, 0x01, 1, "1.7"),
+        (17, 0x00, 1, "17"),
+        (5, 0x02, 1, "0.05"),
+        (123, 0x03, 10, "1.23"),
+        (7, 0x0A, 1, "70"),
+        (0, 0x01, 1, "0.0"),
+        (12345, 0x04, 3, "3.7035"),
+    ],
 )
 def test_kwh_printed_with_the_meter_resolution(raw: int, e1: int, coef: int, text: str) -> None:
     assert format_kwh(raw, e1, coef) == text
@@ -100,14 +117,20 @@ def test_spread_sums_exactly_and_is_level(total: int, n: int) -> None:
 
 
 readings = st.lists(
-    st.tuples(st.integers(min_value=1, max_value=60), st.integers(min_value=0, max_value=999_999),
-              st.sampled_from(["M1", "M1", "M1", "M2"])),
-    min_size=2, max_size=30,
+    st.tuples(
+        st.integers(min_value=1, max_value=60),
+        st.integers(min_value=0, max_value=999_999),
+        st.sampled_from(["M1", "M1", "M1", "M2"]),
+    ),
+    min_size=2,
+    max_size=30,
 )
 
 
 @given(readings)
-def test_no_slot_is_ever_negative_and_estimates_sum_to_the_register_difference(steps: list[tuple[int, int, str]]) -> None:
+def test_no_slot_is_ever_negative_and_estimates_sum_to_the_register_difference(
+    steps: list[tuple[int, int, str]],
+) -> None:
     k, points = 0, []
     for gap, value, meter in steps:
         k += gap

@@ -14,16 +14,31 @@ UNITS, ROUNDS, BATCH = 500, 40, 500  # 20,000 telegrams
 
 
 def target(port: int, client_id: str) -> BrokerTarget:
-    return BrokerTarget(host="127.0.0.1", port=port, tls=None, client_id=client_id, username=None, password=None,
-                        topic="smame/v1/+/reading", session_expiry=60, keepalive=30, batch_size=BATCH,
-                        batch_delay=0.05, reconnect_min=0.1, reconnect_max=1.0)
+    return BrokerTarget(
+        host="127.0.0.1",
+        port=port,
+        tls=None,
+        client_id=client_id,
+        username=None,
+        password=None,
+        topic="smame/v1/+/reading",
+        session_expiry=60,
+        keepalive=30,
+        batch_size=BATCH,
+        batch_delay=0.05,
+        reconnect_min=0.1,
+        reconnect_max=1.0,
+    )
 
 
 async def test_a_stalled_store_stops_reading_from_the_broker_and_loses_nothing(broker: Mosquitto) -> None:
     units = {f"BP{u:03d}" for u in range(UNITS)}
     t0 = at("2026-11-20", "00:00")
-    messages = [(f"smame/v1/{unit}/reading", telegram(unit, [(t0 + timedelta(minutes=30 * k), k)], seq=k))
-                for k in range(ROUNDS) for unit in sorted(units)]
+    messages = [
+        (f"smame/v1/{unit}/reading", telegram(unit, [(t0 + timedelta(minutes=30 * k), k)], seq=k))
+        for k in range(ROUNDS)
+        for unit in sorted(units)
+    ]
     disk = asyncio.Event()  # the store answers only once this is set
     committed: list[Incoming] = []
 
@@ -32,7 +47,9 @@ async def test_a_stalled_store_stops_reading_from_the_broker_and_loses_nothing(b
         assert not refused
         committed.extend(incoming)
 
-    bridge = Bridge(target(broker.port, "test-backpressure"), commit, lambda: units, Rules(Grid("Asia/Tokyo").on_boundary))
+    bridge = Bridge(
+        target(broker.port, "test-backpressure"), commit, lambda: units, Rules(Grid("Asia/Tokyo").on_boundary)
+    )
     task = asyncio.create_task(bridge.run())
     try:
         while not bridge.stats.connected:
@@ -55,4 +72,5 @@ async def test_a_stalled_store_stops_reading_from_the_broker_and_loses_nothing(b
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
     assert sorted((i.reading.unit, i.reading.at) for i in committed) == sorted(
-        (unit, int((t0 + timedelta(minutes=30 * k)).timestamp())) for k in range(ROUNDS) for unit in units)
+        (unit, int((t0 + timedelta(minutes=30 * k)).timestamp())) for k in range(ROUNDS) for unit in units
+    )

@@ -29,27 +29,65 @@ EXAMPLES = int(os.environ.get("SMAME_FUZZ_EXAMPLES", "300"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # Edge-biased values: the boundaries of every field, of datetime itself, and of the register widths.
-ints = st.one_of(st.sampled_from([0, 1, -1, 2**31, 2**32 - 1, 2**32, 2**63, -(2**63), 10**8, 10**8 - 1, 0xFFFFFFFE,
-                                  0x0A, 0x0D, 999_999, 1_000_000]), st.integers())
+ints = st.one_of(
+    st.sampled_from(
+        [
+            0,
+            1,
+            -1,
+            2**31,
+            2**32 - 1,
+            2**32,
+            2**63,
+            -(2**63),
+            10**8,
+            10**8 - 1,
+            0xFFFFFFFE,
+            0x0A,
+            0x0D,
+            999_999,
+            1_000_000,
+        ]
+    ),
+    st.integers(),
+)
 offsets = st.sampled_from(["+09:00", "Z", "-09:00", "+14:00", "-12:00", "+09:18", "", "+23:59"])
 instants = st.one_of(
     st.datetimes(min_value=datetime(1, 1, 1), max_value=datetime(9999, 12, 31, 23, 59)).map(
-        lambda d: d.isoformat(timespec="seconds")),
-    st.sampled_from(["0001-01-01T00:00:00", "9999-12-31T23:30:00", "0001-01-02T00:11:01", "2026-11-23T10:30:00",
-                     "2026-11-23T10:30:00.000001", "1970-01-01T00:00:00"]),
+        lambda d: d.isoformat(timespec="seconds")
+    ),
+    st.sampled_from(
+        [
+            "0001-01-01T00:00:00",
+            "9999-12-31T23:30:00",
+            "0001-01-02T00:11:01",
+            "2026-11-23T10:30:00",
+            "2026-11-23T10:30:00.000001",
+            "1970-01-01T00:00:00",
+        ]
+    ),
 ).flatmap(lambda d: offsets.map(lambda o: d + o))
 scalars = st.one_of(st.none(), st.booleans(), ints, st.floats(allow_nan=True), st.text(max_size=40), instants)
-junk = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
-                                                      st.dictionaries(st.text(max_size=5), inner, max_size=4)),
-                    max_leaves=20)
-readings = st.fixed_dictionaries({"at": st.one_of(instants, junk), "fwd": st.one_of(ints, junk)},
-                                 optional={"rev": st.one_of(ints, junk), "extra": junk})
+junk = st.recursive(
+    scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=5), inner, max_size=4)),
+    max_leaves=20,
+)
+readings = st.fixed_dictionaries(
+    {"at": st.one_of(instants, junk), "fwd": st.one_of(ints, junk)},
+    optional={"rev": st.one_of(ints, junk), "extra": junk},
+)
 telegrams = st.fixed_dictionaries(
-    {"v": st.one_of(st.just(1), junk), "unit": st.one_of(st.just("F1"), st.text(max_size=70)),
-     "meter": st.one_of(st.just("SM-1"), st.text(max_size=70)), "seq": st.one_of(ints, junk),
-     "sent": st.one_of(instants, junk), "e1": st.one_of(st.sampled_from([0, 1, 2, 3, 4, 10, 11, 12, 13]), ints, junk),
-     "digits": st.one_of(st.integers(1, 8), ints, junk),
-     "readings": st.one_of(st.lists(readings, max_size=100), junk)},
+    {
+        "v": st.one_of(st.just(1), junk),
+        "unit": st.one_of(st.just("F1"), st.text(max_size=70)),
+        "meter": st.one_of(st.just("SM-1"), st.text(max_size=70)),
+        "seq": st.one_of(ints, junk),
+        "sent": st.one_of(instants, junk),
+        "e1": st.one_of(st.sampled_from([0, 1, 2, 3, 4, 10, 11, 12, 13]), ints, junk),
+        "digits": st.one_of(st.integers(1, 8), ints, junk),
+        "readings": st.one_of(st.lists(readings, max_size=100), junk),
+    },
     optional={"coef": st.one_of(ints, junk), "x": junk},
 )
 
@@ -103,8 +141,17 @@ def test_mangled_telegrams_never_raise(t: dict[str, object], cut: int, noise: by
 def worst_telegrams() -> list[bytes]:
     """The most expensive inputs we know of, each at the size limit."""
     at = datetime(2026, 11, 23, 10, 0, tzinfo=timezone(timedelta(hours=9)))
-    full = {"v": 1, "unit": "F1", "meter": "SM-1", "seq": 1, "sent": at.isoformat(), "e1": 1, "coef": 1, "digits": 8,
-            "readings": [{"at": (at - timedelta(minutes=30 * k)).isoformat(), "fwd": k, "rev": k} for k in range(96)]}
+    full = {
+        "v": 1,
+        "unit": "F1",
+        "meter": "SM-1",
+        "seq": 1,
+        "sent": at.isoformat(),
+        "e1": 1,
+        "coef": 1,
+        "digits": 8,
+        "readings": [{"at": (at - timedelta(minutes=30 * k)).isoformat(), "fwd": k, "rev": k} for k in range(96)],
+    }
     deep = b'{"x":' + b"[" * 8000 + b"]" * 8000 + b"}"
     many = b'{"v":1,"unit":"F1","readings":[' + b",".join([b"{}"] * 5000) + b"]}"
     numbers = b'{"v":1,"seq":' + b"9" * (MAX_PAYLOAD - 20) + b"}"
@@ -128,16 +175,23 @@ def test_a_refused_payload_is_kept_as_an_excerpt_with_its_size_and_hash() -> Non
     assert small.payload == b"abc" and small.detail == "bad"
 
 
-points = st.builds(Point, at=st.integers(-(2**40), 2**40).map(lambda t: t - t % SLOT), value=st.integers(0, 10**8 - 1),
-                   meter=st.sampled_from(["A", "B"]), digits=st.integers(1, 8), e1=st.sampled_from([0, 1, 2, 3, 0x0A]),
-                   coef=st.sampled_from([1, 10, 999_999]), flags=st.integers(0, 63)
-                   ).map(lambda p: msgspec.structs.replace(p, value=p.value % 10**p.digits))  # as the decoder lets through
+points = st.builds(
+    Point,
+    at=st.integers(-(2**40), 2**40).map(lambda t: t - t % SLOT),
+    value=st.integers(0, 10**8 - 1),
+    meter=st.sampled_from(["A", "B"]),
+    digits=st.integers(1, 8),
+    e1=st.sampled_from([0, 1, 2, 3, 0x0A]),
+    coef=st.sampled_from([1, 10, 999_999]),
+    flags=st.integers(0, 63),
+).map(lambda p: msgspec.structs.replace(p, value=p.value % 10**p.digits))  # as the decoder lets through
 
 
 @FUZZ
 @given(points, points, st.integers(1, 48 * 31), st.fractions(min_value=Fraction(1, 100), max_value=Fraction(10**6)))
-def test_slot_arithmetic_is_bounded_by_the_gap_cap_whatever_the_points(a: Point, b: Point, cap: int,
-                                                                       kwh: Fraction) -> None:
+def test_slot_arithmetic_is_bounded_by_the_gap_cap_whatever_the_points(
+    a: Point, b: Point, cap: int, kwh: Fraction
+) -> None:
     if a.at == b.at:
         return
     prev, nxt = (a, b) if a.at < b.at else (b, a)

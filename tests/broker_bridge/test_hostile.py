@@ -9,15 +9,33 @@ from pathlib import Path
 import paho.mqtt.client as paho
 
 from tests.helpers import (
-    Mosquitto, at, publish, readings_in, smame, smame_env, start_smame, stop, telegram, wait_log, wait_readings,
-    wait_until, write_registry, yesterday,
+    Mosquitto,
+    at,
+    publish,
+    readings_in,
+    smame,
+    smame_env,
+    start_smame,
+    stop,
+    telegram,
+    wait_log,
+    wait_readings,
+    wait_until,
+    write_registry,
+    yesterday,
 )
 
 POISON = [
     b'{"x":' + b"[" * 2000 + b"]" * 2000 + b"}",  # RecursionError out of msgspec, before the fix
-    telegram("H1", [(at("2026-11-20", "10:00"), 1)]).replace(b"2026-11-20T10:00:00+09:00", b"0001-01-01T00:00:00+09:00"),
-    telegram("H1", [(at("2026-11-20", "10:00"), 1)]).replace(b"2026-11-20T10:00:00+09:00", b"9999-12-31T23:30:00+00:00"),
-    telegram("H1", [(at("2026-11-20", "10:00"), 1)]).replace(b"2026-11-20T10:00:00+09:00", b"0001-01-02T00:11:01+00:00"),
+    telegram("H1", [(at("2026-11-20", "10:00"), 1)]).replace(
+        b"2026-11-20T10:00:00+09:00", b"0001-01-01T00:00:00+09:00"
+    ),
+    telegram("H1", [(at("2026-11-20", "10:00"), 1)]).replace(
+        b"2026-11-20T10:00:00+09:00", b"9999-12-31T23:30:00+00:00"
+    ),
+    telegram("H1", [(at("2026-11-20", "10:00"), 1)]).replace(
+        b"2026-11-20T10:00:00+09:00", b"0001-01-02T00:11:01+00:00"
+    ),
 ]
 
 
@@ -101,5 +119,3 @@ def test_a_connection_closed_or_garbled_during_subscribe_is_a_reconnect(workdir:
     finally:
         assert stop(proc) == 0
     assert "Traceback" not in log.read_text()
-
-

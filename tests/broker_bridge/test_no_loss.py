@@ -12,7 +12,17 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import (
-    Mosquitto, at, publish, running, smame_env, start_smame, stop, telegram, wait_child, wait_log, wait_until,
+    Mosquitto,
+    at,
+    publish,
+    running,
+    smame_env,
+    start_smame,
+    stop,
+    telegram,
+    wait_child,
+    wait_log,
+    wait_until,
     write_registry,
 )
 
@@ -41,9 +51,16 @@ def test_kill_9_mid_burst_loses_nothing_and_duplicates_nothing(broker: Mosquitto
     writer = wait_child(proc, "smame-writer")
 
     t0 = at("2026-11-20", "00:00")
-    rounds = [[(f"smame/v1/K{u:04d}/reading",
-                telegram(f"K{u:04d}", [(t0 + timedelta(minutes=30 * k), register(u, k))], seq=k))
-               for u in range(UNITS)] for k in range(ROUNDS)]
+    rounds = [
+        [
+            (
+                f"smame/v1/K{u:04d}/reading",
+                telegram(f"K{u:04d}", [(t0 + timedelta(minutes=30 * k), register(u, k))], seq=k),
+            )
+            for u in range(UNITS)
+        ]
+        for k in range(ROUNDS)
+    ]
 
     # The first round, and an export run (SIGHUP) of the files it makes: the export workers are running too.
     publish(broker.port, rounds[0])

@@ -10,8 +10,20 @@ from datetime import timedelta
 from pathlib import Path
 
 from tests.helpers import (
-    Mosquitto, at, publish, readings_in, smame, smame_env, start_smame, stop, telegram, wait_child, wait_log, wait_readings,
-    wait_until, write_registry,
+    Mosquitto,
+    at,
+    publish,
+    readings_in,
+    smame,
+    smame_env,
+    start_smame,
+    stop,
+    telegram,
+    wait_child,
+    wait_log,
+    wait_readings,
+    wait_until,
+    write_registry,
 )
 
 DAY = "2026-11-20"
@@ -61,8 +73,19 @@ def test_telegrams_become_slots_and_bad_ones_are_quarantined(broker: Mosquitto, 
     assert last[4:6] == ["0.4", "A"]
 
     report = smame(["quarantine", "--limit", "100"], env).stdout
-    for reason in ("not_json", "not_object", "too_large", "unknown_version", "bad_field", "unit_mismatch",
-                   "unknown_unit", "bad_time", "out_of_range", "future", "conflict"):
+    for reason in (
+        "not_json",
+        "not_object",
+        "too_large",
+        "unknown_version",
+        "bad_field",
+        "unit_mismatch",
+        "unknown_unit",
+        "bad_time",
+        "out_of_range",
+        "future",
+        "conflict",
+    ):
         assert f" {reason}: " in report, reason
     assert "11 quarantined" in report
 
@@ -73,7 +96,11 @@ def test_sigterm_commits_and_acknowledges_then_exits_cleanly(broker: Mosquitto, 
     log = workdir / "smame.log"
     proc = start_smame(env, log)
     wait_log(log, "subscribed to")
-    msgs = [(f"smame/v1/S{i}/reading", telegram(f"S{i}", [(at(DAY, f"{h:02d}:00"), h)])) for i in range(50) for h in range(10)]
+    msgs = [
+        (f"smame/v1/S{i}/reading", telegram(f"S{i}", [(at(DAY, f"{h:02d}:00"), h)]))
+        for i in range(50)
+        for h in range(10)
+    ]
     publish(broker.port, msgs)
     started = time.monotonic()
     assert stop(proc) == 0
@@ -89,7 +116,9 @@ def test_messages_sent_while_smame_is_down_arrive_after_restart(broker: Mosquitt
     proc = start_smame(env, log)
     wait_log(log, "subscribed to")
     assert stop(proc) == 0
-    publish(broker.port, [("smame/v1/P1/reading", telegram("P1", [(at(DAY, f"{h:02d}:00"), h * 10)])) for h in range(5)])
+    publish(
+        broker.port, [("smame/v1/P1/reading", telegram("P1", [(at(DAY, f"{h:02d}:00"), h * 10)])) for h in range(5)]
+    )
     proc = start_smame(env, log)
     wait_readings(workdir / "data" / "smame.db", 5)
     assert stop(proc) == 0
@@ -136,8 +165,13 @@ def test_a_crashing_service_stops_the_process_non_zero(broker: Mosquitto, workdi
     with sqlite3.connect(workdir / "data" / "smame.db") as c:  # a store some other program left behind
         c.execute("CREATE TABLE readings (something_else TEXT)")
     # ingest meets the broken table first: the other services that read the store are off
-    env = smame_env(workdir, broker.port, SMAME_EXPORT__ENABLED="false", SMAME_ALERTS__ENABLED="false",
-                    SMAME_REPORT__ENABLED="false")
+    env = smame_env(
+        workdir,
+        broker.port,
+        SMAME_EXPORT__ENABLED="false",
+        SMAME_ALERTS__ENABLED="false",
+        SMAME_REPORT__ENABLED="false",
+    )
     log = workdir / "smame.log"
     proc = start_smame(env, log)
     wait_log(log, "subscribed to")
@@ -163,8 +197,13 @@ def test_a_store_that_cannot_be_opened_fails_at_start_naming_it(broker: Mosquitt
     proc = smame(["run"], smame_env(workdir, broker.port), check=False)
     assert proc.returncode == 2 and f"cannot open the store {workdir / 'data' / 'smame.db'}" in proc.stderr
     # ingest alone: its writer process is the first to open the store
-    env = smame_env(workdir, broker.port, SMAME_EXPORT__ENABLED="false", SMAME_ALERTS__ENABLED="false",
-                    SMAME_REPORT__ENABLED="false")
+    env = smame_env(
+        workdir,
+        broker.port,
+        SMAME_EXPORT__ENABLED="false",
+        SMAME_ALERTS__ENABLED="false",
+        SMAME_REPORT__ENABLED="false",
+    )
     proc = smame(["run"], env, check=False)
     assert proc.returncode == 1
     assert "service ingest crashed" in proc.stderr and "cannot open the store" in proc.stderr
@@ -223,16 +262,32 @@ def test_two_ingest_processes_share_the_subscription_and_the_store(broker: Mosqu
     units = {f"SH{u}": "C1" for u in range(3)}
     write_registry(workdir, units)
     topic = "$share/ingest/smame/v1/+/reading"
-    main = smame_env(workdir, broker.port, SMAME_BROKER__TOPIC=topic, SMAME_BROKER__CLIENT_ID=f"sh-a-{workdir.name}",
-                     SMAME_BROKER__BATCH_DELAY_MS="5")
-    extra = {**main, "SMAME_BROKER__CLIENT_ID": f"sh-b-{workdir.name}", "SMAME_EXPORT__ENABLED": "false",
-             "SMAME_ALERTS__ENABLED": "false", "SMAME_REPORT__ENABLED": "false"}  # an ingest-only worker
+    main = smame_env(
+        workdir,
+        broker.port,
+        SMAME_BROKER__TOPIC=topic,
+        SMAME_BROKER__CLIENT_ID=f"sh-a-{workdir.name}",
+        SMAME_BROKER__BATCH_DELAY_MS="5",
+    )
+    extra = {
+        **main,
+        "SMAME_BROKER__CLIENT_ID": f"sh-b-{workdir.name}",
+        "SMAME_EXPORT__ENABLED": "false",
+        "SMAME_ALERTS__ENABLED": "false",
+        "SMAME_REPORT__ENABLED": "false",
+    }  # an ingest-only worker
     procs = [start_smame(env, workdir / f"smame-{name}.log") for name, env in (("a", main), ("b", extra))]
     try:
         for name in ("a", "b"):
             wait_log(workdir / f"smame-{name}.log", "subscribed to")
-        publish(broker.port, [(f"smame/v1/{u}/reading", telegram(u, [(at(DAY, "00:00") + k * HALF_HOUR, 100 + 7 * k)]))
-                              for k in range(25) for u in units])  # in time order, as units send them live
+        publish(
+            broker.port,
+            [
+                (f"smame/v1/{u}/reading", telegram(u, [(at(DAY, "00:00") + k * HALF_HOUR, 100 + 7 * k)]))
+                for k in range(25)
+                for u in units
+            ],
+        )  # in time order, as units send them live
         wait_readings(workdir / "data" / "smame.db", 75)
     finally:
         assert [stop(p) for p in procs] == [0, 0]

@@ -15,8 +15,19 @@ import pytest
 from paho.mqtt.reasoncodes import ReasonCode
 
 from tests.helpers import (
-    Mosquitto, at, free_port, smame, smame_env, start_smame, stop, telegram, wait_log, wait_readings, wait_until,
-    wait_port, write_registry,
+    Mosquitto,
+    at,
+    free_port,
+    smame,
+    smame_env,
+    start_smame,
+    stop,
+    telegram,
+    wait_log,
+    wait_readings,
+    wait_until,
+    wait_port,
+    write_registry,
 )
 
 V5 = paho.MQTTv5
@@ -27,8 +38,23 @@ def provisioned(workdir: Path, units: dict[str, str], *extra: str) -> tuple[Path
     write_registry(workdir, units)
     port, tls_port = free_port(), free_port()
     out = workdir / "broker"
-    smame(["provision", "--registry", str(workdir / "units.csv"), "--out", str(out), "--port", str(port),
-           "--tls-port", str(tls_port), "--data-dir", str(workdir / "mqdata"), *extra], smame_env(workdir, port))
+    smame(
+        [
+            "provision",
+            "--registry",
+            str(workdir / "units.csv"),
+            "--out",
+            str(out),
+            "--port",
+            str(port),
+            "--tls-port",
+            str(tls_port),
+            "--data-dir",
+            str(workdir / "mqdata"),
+            *extra,
+        ],
+        smame_env(workdir, port),
+    )
     return out, port, tls_port
 
 
@@ -51,8 +77,9 @@ def ingest_login(out: Path) -> tuple[str, str]:
 class Client:
     """A paho MQTT 5 client that records what happens to it."""
 
-    def __init__(self, port: int, user: str | None, password: str | None, tls: ssl.SSLContext | None = None,
-                 client_id: str = "") -> None:
+    def __init__(
+        self, port: int, user: str | None, password: str | None, tls: ssl.SSLContext | None = None, client_id: str = ""
+    ) -> None:
         self.c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=V5)
         if user is not None:
             self.c.username_pw_set(user, password)
@@ -124,8 +151,12 @@ def test_anonymous_unknown_users_and_wrong_passwords_are_refused(workdir: Path) 
     out, port, _ = provisioned(workdir, {"U1": "C1"})
     broker = start_broker(workdir, out, port)
     try:
-        for user, password in [(None, None), ("U9", "whatever-password"), ("U1", "wrong-password"),
-                               ("smame-ingest", credentials(out)["U1"])]:
+        for user, password in [
+            (None, None),
+            ("U9", "whatever-password"),
+            ("U1", "wrong-password"),
+            ("smame-ingest", credentials(out)["U1"]),
+        ]:
             c = Client(port, user, password)
             assert c.connack is not None and c.connack.is_failure, user
             c.close()
@@ -136,8 +167,11 @@ def test_anonymous_unknown_users_and_wrong_passwords_are_refused(workdir: Path) 
 @pytest.mark.parametrize("bad", ["A+B", "A#", "a/b"])
 def test_unit_ids_that_would_widen_the_acl_are_refused(workdir: Path, bad: str) -> None:
     (workdir / "units.csv").write_text(f"unit_id,customer_id\nU1,C1\n{bad},C1\n")
-    proc = smame(["provision", "--registry", str(workdir / "units.csv"), "--out", str(workdir / "b")],
-                 smame_env(workdir, 1883), check=False)
+    proc = smame(
+        ["provision", "--registry", str(workdir / "units.csv"), "--out", str(workdir / "b")],
+        smame_env(workdir, 1883),
+        check=False,
+    )
     assert proc.returncode == 2
     assert f"line 3: unit id {bad!r} cannot be provisioned" in proc.stderr
     assert not (workdir / "b" / "passwd").exists()
@@ -146,8 +180,11 @@ def test_unit_ids_that_would_widen_the_acl_are_refused(workdir: Path, bad: str) 
 @pytest.mark.parametrize("bad", ["smame-ingest\ntopic readwrite #", "in gest", "x/y"])
 def test_an_ingest_user_that_would_widen_the_acl_is_refused(workdir: Path, bad: str) -> None:
     write_registry(workdir, {"U1": "C1"})
-    proc = smame(["provision", "--registry", str(workdir / "units.csv"), "--out", str(workdir / "b"),
-                  "--ingest-user", bad], smame_env(workdir, 1883), check=False)
+    proc = smame(
+        ["provision", "--registry", str(workdir / "units.csv"), "--out", str(workdir / "b"), "--ingest-user", bad],
+        smame_env(workdir, 1883),
+        check=False,
+    )
     assert proc.returncode == 2 and "--ingest-user" in proc.stderr
     assert not (workdir / "b" / "acl").exists()
 
@@ -159,8 +196,22 @@ def test_the_operators_own_settings_survive_provisioning_again(workdir: Path) ->
     extra_port = free_port()
     mine = out / "conf.d" / "local.conf"
     mine.write_text(f"# a second listener for a monitoring probe\nlistener {extra_port} 127.0.0.1\n")
-    smame(["provision", "--registry", str(workdir / "units.csv"), "--out", str(out), "--port", str(port),
-           "--data-dir", str(workdir / "mqdata"), "--bind", "127.0.0.1"], smame_env(workdir, port))
+    smame(
+        [
+            "provision",
+            "--registry",
+            str(workdir / "units.csv"),
+            "--out",
+            str(out),
+            "--port",
+            str(port),
+            "--data-dir",
+            str(workdir / "mqdata"),
+            "--bind",
+            "127.0.0.1",
+        ],
+        smame_env(workdir, port),
+    )
     assert mine.read_text().endswith(f"listener {extra_port} 127.0.0.1\n")  # untouched
     broker = start_broker(workdir, out, port)
     try:
@@ -176,8 +227,10 @@ def test_owner_and_bind_are_checked_and_applied(workdir: Path) -> None:
     write_registry(workdir, {"U1": "C1"})
     env = smame_env(workdir, 1883)
     base = ["provision", "--registry", str(workdir / "units.csv"), "--out", str(workdir / "b")]
-    for extra, said in ((["--owner", "no-such-user-here"], "--owner 'no-such-user-here' is no user"),
-                        (["--bind", "127.0.0.1\nlistener 1"], "is not an address or host name")):
+    for extra, said in (
+        (["--owner", "no-such-user-here"], "--owner 'no-such-user-here' is no user"),
+        (["--bind", "127.0.0.1\nlistener 1"], "is not an address or host name"),
+    ):
         proc = smame(base + extra, env, check=False)
         assert proc.returncode == 2 and said in proc.stderr and "Traceback" not in proc.stderr
     assert not (workdir / "b" / "passwd").exists()
@@ -208,8 +261,21 @@ def test_running_again_keeps_credentials_adds_new_units_and_drops_removed_ones(w
     cert, ca, pw = (out / "certs" / "U1.pem").read_bytes(), (out / "ca.pem").read_bytes(), credentials(out)
     ingest_before = ingest_login(out)
     write_registry(workdir, {"U1": "C1", "U3": "C2"})
-    proc = smame(["provision", "--registry", str(workdir / "units.csv"), "--out", str(out), "--port", str(port),
-                  "--data-dir", str(workdir / "mqdata"), "--tls"], smame_env(workdir, port))
+    proc = smame(
+        [
+            "provision",
+            "--registry",
+            str(workdir / "units.csv"),
+            "--out",
+            str(out),
+            "--port",
+            str(port),
+            "--data-dir",
+            str(workdir / "mqdata"),
+            "--tls",
+        ],
+        smame_env(workdir, port),
+    )
     assert "2 units: 1 added, 1 kept, 1 removed (U2)" in proc.stdout
     after = {line.split(":")[0]: line for line in (out / "passwd").read_text().splitlines()}
     assert after["U1"] == before["U1"] and after["smame-ingest"] == before["smame-ingest"]

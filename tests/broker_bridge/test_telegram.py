@@ -19,10 +19,18 @@ RULES = Rules(GRID.on_boundary, tolerance=300)
 
 def body(**changes: object) -> dict[str, object]:
     t: dict[str, object] = {
-        "v": 1, "unit": "U000123", "meter": "SM-4711-0001", "seq": 18231, "sent": "2026-11-23T10:30:07+09:00",
-        "e1": 1, "coef": 1, "digits": 6,
-        "readings": [{"at": "2026-11-23T10:00:00+09:00", "fwd": 523101, "rev": 0},
-                     {"at": "2026-11-23T10:30:00+09:00", "fwd": 523118, "rev": 0}],
+        "v": 1,
+        "unit": "U000123",
+        "meter": "SM-4711-0001",
+        "seq": 18231,
+        "sent": "2026-11-23T10:30:07+09:00",
+        "e1": 1,
+        "coef": 1,
+        "digits": 6,
+        "readings": [
+            {"at": "2026-11-23T10:00:00+09:00", "fwd": 523101, "rev": 0},
+            {"at": "2026-11-23T10:30:00+09:00", "fwd": 523118, "rev": 0},
+        ],
     }
     t.update(changes)
     return t
@@ -37,7 +45,9 @@ def test_the_contract_example_decodes() -> None:
     d = run(body())
     assert d.rejects == []
     assert [(r.at, r.fwd, r.rev, r.meter) for r in d.readings] == [
-        (NOW - 9 - 1800, 523101, 0, "SM-4711-0001"), (NOW - 9, 523118, 0, "SM-4711-0001")]
+        (NOW - 9 - 1800, 523101, 0, "SM-4711-0001"),
+        (NOW - 9, 523118, 0, "SM-4711-0001"),
+    ]
     assert d.readings[0].coef == 1 and d.readings[0].digits == 6 and d.readings[0].flags == 0
 
 
@@ -74,7 +84,7 @@ def test_no_data_value_is_kept_as_no_value_and_not_range_checked() -> None:
         # hostile: nesting deeper than any stack, oversized lists, text that would be a spreadsheet formula
         (b'{"x":' + b"[" * 2000 + b"]" * 2000 + b"}", TOPIC, Reason.NOT_JSON),
         (b'{"v":1,"unit":"U000123","x":' + b"[" * 5000 + b"]" * 5000 + b"}", TOPIC, Reason.NOT_JSON),
-        (b'{"v":1,"unit":5,"x":' + b"{\"a\":" * 2000 + b"1" + b"}" * 2000 + b"}", TOPIC, Reason.NOT_JSON),
+        (b'{"v":1,"unit":5,"x":' + b'{"a":' * 2000 + b"1" + b"}" * 2000 + b"}", TOPIC, Reason.NOT_JSON),
         (body(readings=[{"at": "2026-11-23T10:30:00+09:00", "fwd": 1}] * 97), TOPIC, Reason.BAD_FIELD),
         (body(meter='=HYPERLINK("http://x","y")'), TOPIC, Reason.BAD_FIELD),
         (body(meter="@SUM(1+1)"), TOPIC, Reason.BAD_FIELD),

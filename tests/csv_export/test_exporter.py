@@ -25,7 +25,17 @@ from csv_export.exporter import Exporter
 from csv_export.files import path_of, write_if_changed
 from smame.registry import load_registry
 from tests.helpers import (
-    Mosquitto, at, publish, smame, smame_env, start_smame, stop, telegram, wait_log, wait_readings, write_registry,
+    Mosquitto,
+    at,
+    publish,
+    smame,
+    smame_env,
+    start_smame,
+    stop,
+    telegram,
+    wait_log,
+    wait_readings,
+    write_registry,
 )
 
 GRID = Grid("Asia/Tokyo")
@@ -34,7 +44,9 @@ TODAY = date(2026, 11, 23)
 
 
 def reading(unit: str, at: int, fwd: int) -> Incoming:
-    return Incoming(Reading(unit, at, f"SM-{unit}", fwd, 0, 1, 1, 6, 1, at + 5), at + 7, f"smame/v1/{unit}/reading", b"{}")
+    return Incoming(
+        Reading(unit, at, f"SM-{unit}", fwd, 0, 1, 1, 6, 1, at + 5), at + 7, f"smame/v1/{unit}/reading", b"{}"
+    )
 
 
 def history(units: list[str], days: int, skip: set[tuple[str, int]] = frozenset()) -> list[Incoming]:
@@ -85,8 +97,10 @@ def test_a_late_reading_ten_days_back_rewrites_that_file_and_no_other(setup: tup
     changed = {p for p in after if after[p] != before[p]}
     assert changed == {target, target.with_name(target.name + ".sha256")}
     assert ",E\n" not in target.read_text()
-    assert subprocess.run(["sha256sum", "-c", target.name + ".sha256"], cwd=target.parent,
-                          capture_output=True).returncode == 0
+    assert (
+        subprocess.run(["sha256sum", "-c", target.name + ".sha256"], cwd=target.parent, capture_output=True).returncode
+        == 0
+    )
 
 
 def test_todays_file_holds_the_slots_closed_so_far(setup: tuple[Exporter, Ingestor, Path]) -> None:
@@ -134,11 +148,12 @@ def test_a_reader_never_sees_a_partial_file(tmp_path: Path) -> None:
 def test_export_command_dates_and_customers(workdir: Path, setup: tuple[Exporter, Ingestor, Path]) -> None:
     _, ingest, root = setup
     ingest.commit(history(["U1", "U2"], 3), [], int(NOW))
-    env = smame_env(workdir, 1883, SMAME_STORAGE__URL=f"sqlite:///{workdir / 'smame.db'}",
-                    SMAME_EXPORT__DIR=str(root))
+    env = smame_env(workdir, 1883, SMAME_STORAGE__URL=f"sqlite:///{workdir / 'smame.db'}", SMAME_EXPORT__DIR=str(root))
     out = smame(["export", "--date", "2026-11-21", "--customer", "C2"], env).stdout
     assert "1 files written" in out and "C2_20261121.csv" in out
-    assert smame(["export", "--date", "2026-11-21", "--customer", "C2"], env).stdout.startswith("0 files written, 1 unchanged")
+    assert smame(["export", "--date", "2026-11-21", "--customer", "C2"], env).stdout.startswith(
+        "0 files written, 1 unchanged"
+    )
     out = smame(["export", "--from", "2026-11-20", "--to", "2026-11-22"], env).stdout
     assert out.startswith("5 files written, 1 unchanged")  # 2 customers with units x 3 days, one already there
     smame(["export", "--all"], env)  # the window ends today, by the real clock: no file before the first reading
@@ -150,11 +165,14 @@ def test_export_command_dates_and_customers(workdir: Path, setup: tuple[Exporter
     assert bad.returncode == 2 and "--from and --to go together" in bad.stderr
 
 
-def test_a_failed_write_keeps_the_previous_file_and_the_next_run_retries(workdir: Path,
-                                                                        setup: tuple[Exporter, Ingestor, Path]) -> None:
+def test_a_failed_write_keeps_the_previous_file_and_the_next_run_retries(
+    workdir: Path, setup: tuple[Exporter, Ingestor, Path]
+) -> None:
     # The process may write no file over 1 KB: writes fail as on a full disk, with a real OSError.
     _, ingest, root = setup
-    ingest.commit(history(["U1"], 2, skip={("U1", GRID.day_start(TODAY - timedelta(days=1)) + 10 * SLOT)}), [], int(NOW))
+    ingest.commit(
+        history(["U1"], 2, skip={("U1", GRID.day_start(TODAY - timedelta(days=1)) + 10 * SLOT)}), [], int(NOW)
+    )
     env = smame_env(workdir, 1883, SMAME_STORAGE__URL=f"sqlite:///{workdir / 'smame.db'}", SMAME_EXPORT__DIR=str(root))
     smame(["export", "--date", "2026-11-22", "--customer", "C1"], env)
     target = path_of(root, "C1", date(2026, 11, 22))
@@ -164,8 +182,13 @@ def test_a_failed_write_keeps_the_previous_file_and_the_next_run_retries(workdir
     def small_files() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (1024, resource.RLIM_INFINITY))
 
-    failed = subprocess.run([*_smame_cmd(), "export", "--date", "2026-11-22", "--customer", "C1"], env=env,
-                            capture_output=True, text=True, preexec_fn=small_files)
+    failed = subprocess.run(
+        [*_smame_cmd(), "export", "--date", "2026-11-22", "--customer", "C1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        preexec_fn=small_files,
+    )
     assert failed.returncode == 1 and "File too large" in failed.stderr
     assert target.read_bytes() == old
     assert sorted(p.name for p in target.parent.iterdir()) == [target.name, target.name + ".sha256"]
@@ -221,8 +244,10 @@ def test_database_retention_deletes_only_what_is_older(workdir: Path, setup: tup
 
 def test_the_quarantine_is_pruned_by_age(setup: tuple[Exporter, Ingestor, Path]) -> None:
     exporter, ingest, _ = setup
-    refused = [Refused.of(int(NOW) - age * 86400, "smame/v1/X/reading", "X", "not_json", "bad", b"x" * 100_000)
-               for age in (100, 91, 89, 0)]
+    refused = [
+        Refused.of(int(NOW) - age * 86400, "smame/v1/X/reading", "X", "not_json", "bad", b"x" * 100_000)
+        for age in (100, 91, 89, 0)
+    ]
     ingest.commit([], refused, int(NOW))
     store = exporter.store
     assert [len(q.payload) for q in store.quarantine()] == [KEEP] * 4  # an excerpt, never the whole payload
@@ -254,7 +279,9 @@ def test_a_day_whose_first_rows_have_no_values_exports(workdir: Path) -> None:
     assert lines[3] == "N0000,SM-9,2026-11-23,3,01:00,01:30,1.2,0.3,E"
 
 
-def test_a_killed_export_worker_fails_one_run_and_the_next_has_new_workers(setup: tuple[Exporter, Ingestor, Path]) -> None:
+def test_a_killed_export_worker_fails_one_run_and_the_next_has_new_workers(
+    setup: tuple[Exporter, Ingestor, Path],
+) -> None:
     import os
     import signal as signals
 
@@ -274,7 +301,8 @@ def test_a_killed_export_worker_fails_one_run_and_the_next_has_new_workers(setup
 
 
 async def test_a_failed_export_is_retried_soon_at_once_on_sighup_and_after_an_export_by_hand(
-        workdir: Path, setup: tuple[Exporter, Ingestor, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    workdir: Path, setup: tuple[Exporter, Ingestor, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     import csv_export.exporter as exporter_module
 
     monkeypatch.setattr(exporter_module, "RETRY_MIN_S", 0.3)  # a minute in production
@@ -284,8 +312,15 @@ async def test_a_failed_export_is_retried_soon_at_once_on_sighup_and_after_an_ex
     blocker = workdir / "blocked"
     blocker.write_text("a file where the export directory should be\n")
     t0 = time.time()
-    service = Exporter(Store(workdir / "smame.db"), good.registry, GRID, blocker / "export", 45, 120,
-                       clock=lambda: NOW + time.time() - t0)
+    service = Exporter(
+        Store(workdir / "smame.db"),
+        good.registry,
+        GRID,
+        blocker / "export",
+        45,
+        120,
+        clock=lambda: NOW + time.time() - t0,
+    )
     runner = asyncio.create_task(service.run())
     try:
         await _until(lambda: service.stats.failures == 1)

@@ -56,27 +56,40 @@ def test_wide_has_a_column_per_slot_and_a_quality_letter_per_slot() -> None:
 def test_today_so_far_and_a_customer_without_units() -> None:
     partial = render(DAY, LABELS[:21], UNITS[:1], slots_frame(slots()), Layout()).decode().splitlines()
     assert len(partial) == 22 and partial[-1].startswith("U000001,SM-0001,2026-11-23,21,10:00,10:30,")
-    assert render(DAY, LABELS, [], slots_frame(slots()), Layout()) == b"unit_id,meter_id,date,slot,start,end,import_kwh,export_kwh,quality\n"
+    assert (
+        render(DAY, LABELS, [], slots_frame(slots()), Layout())
+        == b"unit_id,meter_id,date,slot,start,end,import_kwh,export_kwh,quality\n"
+    )
 
 
 def test_same_slots_same_bytes_in_any_order() -> None:
     rows = slots()
-    assert render(DAY, LABELS, UNITS, slots_frame(rows), Layout()) == render(DAY, LABELS, UNITS, slots_frame(rows[::-1]), Layout())
+    assert render(DAY, LABELS, UNITS, slots_frame(rows), Layout()) == render(
+        DAY, LABELS, UNITS, slots_frame(rows[::-1]), Layout()
+    )
 
 
-@pytest.mark.parametrize(("serial", "shown"), [("SM-1", "SM-1"), ("a,b", '"a,b"'), ('say "hi"', '"say ""hi"""'),
-                                                ("x\ny", '"x\ny"')])
+@pytest.mark.parametrize(
+    ("serial", "shown"), [("SM-1", "SM-1"), ("a,b", '"a,b"'), ('say "hi"', '"say ""hi"""'), ("x\ny", '"x\ny"')]
+)
 def test_serials_are_quoted_only_when_needed(serial: str, shown: str) -> None:
-    for layout, line in ((Layout(), f"U9,{shown},2026-11-23,1,00:00,00:30,,,M"),
-                         (Layout(wide=True), f"U9,{shown},2026-11-23,import,,M")):
+    for layout, line in (
+        (Layout(), f"U9,{shown},2026-11-23,1,00:00,00:30,,,M"),
+        (Layout(wide=True), f"U9,{shown},2026-11-23,import,,M"),
+    ):
         text = render(DAY, LABELS[:1], [("U9", serial)], slots_frame([]), layout).decode()
         assert text.split("\n", 1)[1].startswith(line)
 
 
 def test_row_quality_is_the_lower_of_the_registers_reported() -> None:
     end = LABELS[0][0]
-    for imp_q, exp_q, with_export, want in [("A", "E", True, "E"), ("E", "A", True, "E"), ("A", None, True, "A"),
-                                            ("A", "M", False, "A"), (None, None, True, "M")]:
+    for imp_q, exp_q, with_export, want in [
+        ("A", "E", True, "E"),
+        ("E", "A", True, "E"),
+        ("A", None, True, "A"),
+        ("A", "M", False, "A"),
+        (None, None, True, "M"),
+    ]:
         rows = [(end, "U1", 1, imp_q, 1 if exp_q else None, exp_q, "SM", 1, 1)]
         text = render(DAY, LABELS[:1], [("U1", "SM")], slots_frame(rows), Layout(include_export=with_export)).decode()
         assert text.splitlines()[1].endswith("," + want), (imp_q, exp_q, with_export)

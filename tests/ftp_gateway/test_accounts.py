@@ -23,10 +23,11 @@ def test_an_ipv4_mapped_address_is_the_same_address() -> None:
 def test_a_failed_login_costs_the_same_for_every_kind_of_user(workdir: Path) -> None:
     write_registry(workdir, {"U1": "C1"})
     (workdir / "customers.toml").write_text(
-        '[customers.C1]\nusers = [\n'
+        "[customers.C1]\nusers = [\n"
         f'  {{ name = "pw", password_hash = "{hash_password("right-password-1")}" }},\n'
         '  { name = "keyonly", ssh_keys = ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl x"] },\n'
-        ']\n')
+        "]\n"
+    )
     registry = load_registry(workdir / "units.csv", workdir / "customers.toml")
     accounts = Accounts(lambda: registry, workdir / "export")
 

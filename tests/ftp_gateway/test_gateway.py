@@ -47,20 +47,38 @@ def gateway(workdir: Path, request: pytest.FixtureRequest) -> Iterator[Gateway]:
     for customer in ("C1", "C2"):
         write_if_changed(export / customer / f"{customer}_20261123.csv", f"unit_id\n{customer}-data\n".encode())
     ftp, sftp = free_port(), free_port()
-    env = smame_env(workdir, 1883, SMAME_FTP__ENABLED="true", SMAME_SFTP__ENABLED="true",
-                    SMAME_FTP__HOST="127.0.0.1", SMAME_FTP__PORT=str(ftp), SMAME_SFTP__HOST="127.0.0.1",
-                    SMAME_SFTP__PORT=str(sftp), SMAME_FTP__FAIL_DELAY_S="0.05", SMAME_FTP__BAN_AFTER="3",
-                    SMAME_FTP__BAN_S="3", SMAME_FTP__PASSIVE_PORTS=f"{40000 + ftp % 20000}-{40009 + ftp % 20000}",
-                    SMAME_FTP__TLS_REQUIRED=str(request.param).lower(), SMAME_FTP__LOGIN_TIMEOUT_S="2",
-                    SMAME_FTP__MAX_UNAUTHENTICATED="6", SMAME_FTP__MAX_UNAUTHENTICATED_PER_IP="4")
+    env = smame_env(
+        workdir,
+        1883,
+        SMAME_FTP__ENABLED="true",
+        SMAME_SFTP__ENABLED="true",
+        SMAME_FTP__HOST="127.0.0.1",
+        SMAME_FTP__PORT=str(ftp),
+        SMAME_SFTP__HOST="127.0.0.1",
+        SMAME_SFTP__PORT=str(sftp),
+        SMAME_FTP__FAIL_DELAY_S="0.05",
+        SMAME_FTP__BAN_AFTER="3",
+        SMAME_FTP__BAN_S="3",
+        SMAME_FTP__PASSIVE_PORTS=f"{40000 + ftp % 20000}-{40009 + ftp % 20000}",
+        SMAME_FTP__TLS_REQUIRED=str(request.param).lower(),
+        SMAME_FTP__LOGIN_TIMEOUT_S="2",
+        SMAME_FTP__MAX_UNAUTHENTICATED="6",
+        SMAME_FTP__MAX_UNAUTHENTICATED_PER_IP="4",
+    )
     for user, customer in (("alice", "C1"), ("bob", "C2")):
-        proc = subprocess.run([sys.executable, "-m", "smame.cli", "users", "add", customer, user, "--password-stdin"],
-                              env=env, input=PASSWORDS[user] + "\n", capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "smame.cli", "users", "add", customer, user, "--password-stdin"],
+            env=env,
+            input=PASSWORDS[user] + "\n",
+            capture_output=True,
+            text=True,
+        )
         assert proc.returncode == 0, proc.stderr
     log = workdir / "files.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "smame.cli", "serve-files"], env=env, stdout=out,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "smame.cli", "serve-files"], env=env, stdout=out, stderr=subprocess.STDOUT
+        )
     STARTED.append(proc)  # type: ignore[arg-type]
     wait_log(log, "sftp: listening")
     wait_log(log, "ftp: listening")
@@ -93,7 +111,7 @@ def retr(client: ftplib.FTP, name: str) -> bytes:
 
 def test_passwords_are_stored_only_as_salted_hashes(gateway: Gateway) -> None:
     text = (Path(gateway.env["SMAME_REGISTRY__CUSTOMERS"])).read_text()
-    assert "alice-password-1" not in text and text.count("password_hash = \"scrypt$") == 2
+    assert "alice-password-1" not in text and text.count('password_hash = "scrypt$') == 2
     listing = smame(["users", "list"], gateway.env).stdout
     assert "C1" in listing and "alice" in listing and "password" in listing
 
@@ -160,8 +178,7 @@ def test_ftps_refuses_everything_but_reading_ones_own_files(gateway: Gateway) ->
             retr(client, cmd.split(" ", 1)[1])
     with pytest.raises(ftplib.error_perm):
         client.cwd("../C2")
-    for cmd in ("DELE C1_20261123.csv", "MKD new", "RMD x", "SITE CHMOD 777 C1_20261123.csv",
-                "RNFR C1_20261123.csv"):
+    for cmd in ("DELE C1_20261123.csv", "MKD new", "RMD x", "SITE CHMOD 777 C1_20261123.csv", "RNFR C1_20261123.csv"):
         with pytest.raises(ftplib.error_perm):
             client.sendcmd(cmd)
     for verb in ("STOR", "APPE"):
@@ -169,8 +186,12 @@ def test_ftps_refuses_everything_but_reading_ones_own_files(gateway: Gateway) ->
             client.storbinary(f"{verb} C1_20261123.csv", io.BytesIO(b"overwritten"))
     client.quit()
     assert (gateway.export / "C1" / "C1_20261123.csv").read_bytes() == b"unit_id\nC1-data\n"
-    assert sorted(p.name for p in (gateway.export / "C1").iterdir()) == ["C1_20261123.csv", "C1_20261123.csv.sha256",
-                                                                         "escape.csv", "etc-passwd-link"]
+    assert sorted(p.name for p in (gateway.export / "C1").iterdir()) == [
+        "C1_20261123.csv",
+        "C1_20261123.csv.sha256",
+        "escape.csv",
+        "etc-passwd-link",
+    ]
 
 
 def test_sftp_refuses_everything_but_reading_ones_own_files(gateway: Gateway, workdir: Path) -> None:
@@ -199,8 +220,11 @@ def test_sftp_refuses_everything_but_reading_ones_own_files(gateway: Gateway, wo
             attempt()
     client.close()
     assert (gateway.export / "C1" / "C1_20261123.csv").read_bytes() == b"unit_id\nC1-data\n"
-    assert sorted(p.name for p in (gateway.export / "C1").iterdir()) == ["C1_20261123.csv", "C1_20261123.csv.sha256",
-                                                                         "escape.csv"]
+    assert sorted(p.name for p in (gateway.export / "C1").iterdir()) == [
+        "C1_20261123.csv",
+        "C1_20261123.csv.sha256",
+        "escape.csv",
+    ]
 
 
 def test_plain_ftp_user_is_refused_before_any_password(gateway: Gateway) -> None:
@@ -276,8 +300,15 @@ async def test_a_banned_address_cannot_go_on_guessing_on_an_open_sftp_connection
             return tries.pop(0) if tries else None
 
     with pytest.raises((asyncssh.PermissionDenied, asyncssh.DisconnectError)):
-        async with asyncssh.connect("127.0.0.1", gateway.sftp, username="alice", client_factory=Guesser,
-                                    known_hosts=None, preferred_auth=["password"], login_timeout=20):
+        async with asyncssh.connect(
+            "127.0.0.1",
+            gateway.sftp,
+            username="alice",
+            client_factory=Guesser,
+            known_hosts=None,
+            preferred_auth=["password"],
+            login_timeout=20,
+        ):
             pass
     log = gateway.log.read_text()
     assert "banned after repeated failed logins" in log and "sftp: login user=alice" not in log
@@ -342,9 +373,14 @@ def test_a_password_changed_by_hand_and_an_old_hash_renewed_at_login(gateway: Ga
     old_hash = f"scrypt${2**14}$8$1${base64.b64encode(salt).decode()}${base64.b64encode(old).decode()}"
     text = customers.read_text()
     start = text.index('password_hash = "', text.index('name = "bob"')) + len('password_hash = "')
-    customers.write_text(text[:start] + old_hash + text[text.index('"', start):])
-    proc = subprocess.run([sys.executable, "-m", "smame.cli", "users", "passwd", "C1", "alice", "--password-stdin"],
-                          env=gateway.env, input="a-brand-new-password\n", capture_output=True, text=True)
+    customers.write_text(text[:start] + old_hash + text[text.index('"', start) :])
+    proc = subprocess.run(
+        [sys.executable, "-m", "smame.cli", "users", "passwd", "C1", "alice", "--password-stdin"],
+        env=gateway.env,
+        input="a-brand-new-password\n",
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     gateway.proc.send_signal(signal.SIGHUP)
     wait_log(gateway.log, "registry reloaded")
@@ -390,17 +426,19 @@ def test_a_download_during_a_rewrite_gets_one_whole_version(gateway: Gateway) ->
 
 def test_users_cli_errors(gateway: Gateway) -> None:
     env = gateway.env
-    for args, stdin, message in ((["users", "add", "C9", "x", "--password-stdin"], "long-enough-pass\n", "customer C9"),
-                                 (["users", "add", "C1", "alice", "--password-stdin"], "long-enough-pass\n", "exists"),
-                                 (["users", "add", "C1", "dan", "--password-stdin"], "short\n", "at least 12"),
-                                 (["users", "add", "C1", "bob\n", "--password-stdin"], "long-enough-pass\n", "user name"),
-                                 (["users", "add", "C1", "a b", "--password-stdin"], "long-enough-pass\n", "user name"),
-                                 (["users", "add", "C1", "dan"], "", "give it on standard input with --password-stdin"),
-                                 (["users", "passwd", "C2", "alice", "--password-stdin"], "long-enough-pass\n",
-                                  "no user alice of customer C2"),
-                                 (["users", "remove", "nobody"], "", "no user nobody")):
-        proc = subprocess.run([sys.executable, "-m", "smame.cli", *args], env=env, input=stdin, capture_output=True,
-                              text=True)
+    for args, stdin, message in (
+        (["users", "add", "C9", "x", "--password-stdin"], "long-enough-pass\n", "customer C9"),
+        (["users", "add", "C1", "alice", "--password-stdin"], "long-enough-pass\n", "exists"),
+        (["users", "add", "C1", "dan", "--password-stdin"], "short\n", "at least 12"),
+        (["users", "add", "C1", "bob\n", "--password-stdin"], "long-enough-pass\n", "user name"),
+        (["users", "add", "C1", "a b", "--password-stdin"], "long-enough-pass\n", "user name"),
+        (["users", "add", "C1", "dan"], "", "give it on standard input with --password-stdin"),
+        (["users", "passwd", "C2", "alice", "--password-stdin"], "long-enough-pass\n", "no user alice of customer C2"),
+        (["users", "remove", "nobody"], "", "no user nobody"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "smame.cli", *args], env=env, input=stdin, capture_output=True, text=True
+        )
         assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
     smame(["users", "remove", "bob"], env)
     assert "bob" not in smame(["users", "list"], env).stdout

@@ -32,8 +32,13 @@ class Received:
 class SmtpSink:
     """An aiosmtpd server on a fixed free port, which can be started and stopped (to play an outage)."""
 
-    def __init__(self, port: int | None = None, tls: ssl.SSLContext | None = None,
-                 login: tuple[str, str] | None = None, implicit_tls: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        tls: ssl.SSLContext | None = None,
+        login: tuple[str, str] | None = None,
+        implicit_tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.port = port or free_port()
         self.messages: list[Received] = []
         self.tls = tls
@@ -57,8 +62,11 @@ class SmtpSink:
         if self.implicit_tls is not None:
             kwargs.update(ssl_context=self.implicit_tls)
         if self.login is not None:
-            kwargs.update(authenticator=self._auth, auth_required=True,
-                          auth_require_tls=self.tls is not None and self.implicit_tls is None)
+            kwargs.update(
+                authenticator=self._auth,
+                auth_required=True,
+                auth_require_tls=self.tls is not None and self.implicit_tls is None,
+            )
         self.controller = Controller(self, hostname="127.0.0.1", port=self.port, **kwargs)
         self.controller.start()
         return self
@@ -70,7 +78,10 @@ class SmtpSink:
 
     def wait(self, n: int, timeout: float = 20.0) -> list[Received]:
         """Block until at least n messages arrived."""
-        return wait_until(lambda: len(self.messages) >= n, timeout, lambda: f"{len(self.messages)} of {n} mails") or self.messages
+        return (
+            wait_until(lambda: len(self.messages) >= n, timeout, lambda: f"{len(self.messages)} of {n} mails")
+            or self.messages
+        )
 
 
 @dataclass
@@ -96,7 +107,9 @@ class SlackStandIn:
                 stand_in.posts.append(post)
                 status = stand_in.statuses.pop(0) if stand_in.statuses else 200
                 if "/api/" in self.path:  # the Web API (bot token) answers JSON
-                    reply = json.dumps({"ok": True} if status == 200 else {"ok": False, "error": "ratelimited"}).encode()
+                    reply = json.dumps(
+                        {"ok": True} if status == 200 else {"ok": False, "error": "ratelimited"}
+                    ).encode()
                 else:  # an incoming webhook answers plain text
                     reply = b"ok" if status == 200 else b"rate_limited"
                 self.send_response(status)
@@ -123,6 +136,7 @@ class SlackStandIn:
 
     def wait(self, predicate: Callable[[list[Post]], bool], timeout: float = 20.0) -> list[Post]:
         """Block until the delivered posts satisfy the predicate."""
-        wait_until(lambda: predicate(self.delivered), timeout, lambda: f"delivered: {[p.body['text'] for p in self.delivered]}")
+        wait_until(
+            lambda: predicate(self.delivered), timeout, lambda: f"delivered: {[p.body['text'] for p in self.delivered]}"
+        )
         return self.delivered
-

@@ -8,8 +8,15 @@ from monitoring.alerts import Active, silent_units_text, step
 def test_an_alert_fires_once_repeats_on_schedule_and_clears_once() -> None:
     active: dict[str, Active] = {}
     said = []
-    for t, holding in [(0, {"disk_low": "9% free"}), (30, {"disk_low": "8% free"}), (3599, {"disk_low": "8% free"}),
-                       (3600, {"disk_low": "7% free"}), (3700, {"disk_low": "7% free"}), (3800, {}), (3900, {})]:
+    for t, holding in [
+        (0, {"disk_low": "9% free"}),
+        (30, {"disk_low": "8% free"}),
+        (3599, {"disk_low": "8% free"}),
+        (3600, {"disk_low": "7% free"}),
+        (3700, {"disk_low": "7% free"}),
+        (3800, {}),
+        (3900, {}),
+    ]:
         active, notices = step(active, holding, t, repeat_s=3600)
         said += [(t, n.name, n.state) for n in notices]
     assert said == [(0, "disk_low", "firing"), (3600, "disk_low", "repeat"), (3800, "disk_low", "resolved")]

@@ -34,10 +34,23 @@ def day_of_rows() -> list[tuple[object, ...]]:
         rows.append(row(i, "GOOD", 5, "A"))
         if i not in (10, 11, 12):  # GAPPY: a morning gap, then estimates, and every flag once
             q = "E" if 20 <= i <= 22 else "A"
-            flags = {30: Flag.ROLLOVER, 31: Flag.RESET, 32: Flag.REPLACEMENT, 33: Flag.SPIKE, 34: Flag.CLOCK_SKEW,
-                     35: Flag.CONFLICT}.get(i, 0)
-            rows.append(row(i, "GAPPY", None if flags in (Flag.RESET, Flag.REPLACEMENT) else 3,
-                            "M" if flags in (Flag.RESET, Flag.REPLACEMENT) else q, flags))
+            flags = {
+                30: Flag.ROLLOVER,
+                31: Flag.RESET,
+                32: Flag.REPLACEMENT,
+                33: Flag.SPIKE,
+                34: Flag.CLOCK_SKEW,
+                35: Flag.CONFLICT,
+            }.get(i, 0)
+            rows.append(
+                row(
+                    i,
+                    "GAPPY",
+                    None if flags in (Flag.RESET, Flag.REPLACEMENT) else 3,
+                    "M" if flags in (Flag.RESET, Flag.REPLACEMENT) else q,
+                    flags,
+                )
+            )
         rows.append(row(i, "IDLE", 0 if 1 <= i <= 16 else 4, "A"))  # nothing consumed 00:00-08:00
     return rows
 
@@ -50,8 +63,14 @@ def test_every_kind_of_problem_is_found() -> None:
     assert not f["GOOD"].has_problems
     assert f["GAPPY"].missing == [10, 11, 12, 31, 32]
     assert f["GAPPY"].estimated == [20, 21, 22]
-    assert dict(f["GAPPY"].flags) == {"rollover": 1, "reset": 1, "replacement": 1, "spike": 1, "clock_skew": 1,
-                                      "conflict": 1}
+    assert dict(f["GAPPY"].flags) == {
+        "rollover": 1,
+        "reset": 1,
+        "replacement": 1,
+        "spike": 1,
+        "clock_skew": 1,
+        "conflict": 1,
+    }
     assert f["IDLE"].zero_runs == [(1, 16)] and not f["IDLE"].missing
     assert f["DEAD"].missing == list(range(1, 49)) and f["DEAD"].silent_since == NOW - 3 * 86400
     # installed yesterday, never heard from: listed apart, not a unit with 48 missing slots
@@ -61,12 +80,17 @@ def test_every_kind_of_problem_is_found() -> None:
     report = DailyReport(DAY, "Asia/Tokyo", findings, problems, {"not_json": 2}, ["X1"], 48)
     text = render_text(report)
     assert "units never heard from (1): NEW" in text and "NEW (C2)" not in text
-    assert subject(report) == f"[smame] daily report {DAY}: 2 of 4 units with missing data (53 slots), 1 never heard from"
+    assert (
+        subject(report) == f"[smame] daily report {DAY}: 2 of 4 units with missing data (53 slots), 1 never heard from"
+    )
     assert "GAPPY (C1): missing 5: slots 10-12, 31-32; estimated 3: slots 20-22" in text
     assert "DEAD (C2): silent since" in text and "IDLE (C2): no consumption: slots 1-16" in text
     assert "quarantined telegrams: not_json 2" in text and "unknown units that tried to send (1): X1" in text
     lines = problems_csv(problems).decode().splitlines()
-    assert lines[0] == "customer,unit_id,date,slot,start,end,problem" and "C1,GAPPY,2026-11-23,10,04:30,05:00,missing" in lines
+    assert (
+        lines[0] == "customer,unit_id,date,slot,start,end,problem"
+        and "C1,GAPPY,2026-11-23,10,04:30,05:00,missing" in lines
+    )
 
 
 def test_report_command_on_a_real_store(workdir: Path) -> None:

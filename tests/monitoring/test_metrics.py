@@ -8,7 +8,17 @@ import urllib.request
 from pathlib import Path
 
 from tests.helpers import (
-    Mosquitto, at, free_port, publish, smame_env, start_smame, stop, telegram, wait_log, wait_readings, wait_until,
+    Mosquitto,
+    at,
+    free_port,
+    publish,
+    smame_env,
+    start_smame,
+    stop,
+    telegram,
+    wait_log,
+    wait_readings,
+    wait_until,
     write_registry,
 )
 
@@ -28,14 +38,22 @@ def scrape(port: int) -> dict[str, float]:
 def test_metrics_count_what_was_published_and_health_says_ok(broker: Mosquitto, workdir: Path) -> None:
     write_registry(workdir, {"M1": "C1", "M2": "C1"})
     port = free_port()
-    env = smame_env(workdir, broker.port, SMAME_MONITORING__ENABLED="true", SMAME_MONITORING__HOST="127.0.0.1",
-                    SMAME_MONITORING__METRICS_PORT=str(port))
+    env = smame_env(
+        workdir,
+        broker.port,
+        SMAME_MONITORING__ENABLED="true",
+        SMAME_MONITORING__HOST="127.0.0.1",
+        SMAME_MONITORING__METRICS_PORT=str(port),
+    )
     log = workdir / "smame.log"
     proc = start_smame(env, log)
     wait_log(log, "subscribed to")
     wait_log(log, "monitoring: /metrics")
-    good = [(f"smame/v1/M{u}/reading", telegram(f"M{u}", [(at(DAY, f"{k // 2:02d}:{k % 2 * 30:02d}"), 10 * k)]))
-            for u in (1, 2) for k in range(5)]  # five half-hourly readings: four slots per unit
+    good = [
+        (f"smame/v1/M{u}/reading", telegram(f"M{u}", [(at(DAY, f"{k // 2:02d}:{k % 2 * 30:02d}"), 10 * k)]))
+        for u in (1, 2)
+        for k in range(5)
+    ]  # five half-hourly readings: four slots per unit
     bad = [("smame/v1/M1/reading", b"garbage"), ("smame/v1/X9/reading", telegram("X9", [(at(DAY, "10:00"), 1)]))]
     publish(broker.port, good + bad + good[:3])  # 10 good, 2 bad, 3 repeated
     wait_readings(workdir / "data" / "smame.db", 10)

@@ -16,7 +16,17 @@ from aggregator.timegrid import SLOT, Grid
 from broker_bridge.telegram import Incoming, Reading
 from smame.registry import load_registry
 from tests.helpers import (
-    Mosquitto, free_port, publish, smame, smame_env, start_smame, stop, telegram, wait_log, wait_until, write_registry,
+    Mosquitto,
+    free_port,
+    publish,
+    smame,
+    smame_env,
+    start_smame,
+    stop,
+    telegram,
+    wait_log,
+    wait_until,
+    write_registry,
     yesterday,
 )
 from tests.monitoring.sinks import SlackStandIn, SmtpSink
@@ -39,19 +49,31 @@ def day_with_gaps(workdir: Path) -> set[tuple[str, int]]:
     start = GRID.day_start(DAY)
     now = int(time.time())
     r1_slots = (GRID.floor(now) - start) // SLOT
-    readings = [Incoming(Reading(u, start + k * SLOT, "SM", 100 + k, 0, 1, 1, 6, k, start + k * SLOT),
-                         start + k * SLOT + 5, f"smame/v1/{u}/reading", b"{}")
-                for u, last in (("R1", r1_slots), ("R2", 20)) for k in range(0, last + 1)]
+    readings = [
+        Incoming(
+            Reading(u, start + k * SLOT, "SM", 100 + k, 0, 1, 1, 6, k, start + k * SLOT),
+            start + k * SLOT + 5,
+            f"smame/v1/{u}/reading",
+            b"{}",
+        )
+        for u, last in (("R1", r1_slots), ("R2", 20))
+        for k in range(0, last + 1)
+    ]
     Ingestor(store, registry, GRID).commit(readings, [], now)
     store.close()
     return {("R2", i) for i in range(21, 49)}  # R3 has never sent anything: listed apart, its slots not counted
 
 
 def mail_env(workdir: Path, port: int, smtp_port: int, **extra: str) -> dict[str, str]:
-    return smame_env(workdir, port, SMAME_MAIL__SMTP_URL=f"smtp://127.0.0.1:{smtp_port}",
-                     SMAME_REPORT__SILENT_AFTER_S=SILENT_AFTER,
-                     SMAME_MAIL__SENDER="smame@example.jp", SMAME_MAIL__RECIPIENTS="ops@example.jp,night@example.jp",
-                     **extra)
+    return smame_env(
+        workdir,
+        port,
+        SMAME_MAIL__SMTP_URL=f"smtp://127.0.0.1:{smtp_port}",
+        SMAME_REPORT__SILENT_AFTER_S=SILENT_AFTER,
+        SMAME_MAIL__SENDER="smame@example.jp",
+        SMAME_MAIL__RECIPIENTS="ops@example.jp,night@example.jp",
+        **extra,
+    )
 
 
 def test_daily_report_by_mail_and_slack(workdir: Path) -> None:
@@ -65,7 +87,10 @@ def test_daily_report_by_mail_and_slack(workdir: Path) -> None:
         [got] = sink.wait(1)
         assert sorted(got.recipients) == ["night@example.jp", "ops@example.jp"]
         msg = got.message
-        assert msg["Subject"] == f"[smame] daily report {DAY}: 1 of 2 units with missing data (28 slots), 1 never heard from"
+        assert (
+            msg["Subject"]
+            == f"[smame] daily report {DAY}: 1 of 2 units with missing data (28 slots), 1 never heard from"
+        )
         assert msg["From"] == "smame@example.jp"
         text = msg.get_body(("plain",)).get_content()  # type: ignore[union-attr]
         html = msg.get_body(("html",)).get_content()  # type: ignore[union-attr]
@@ -75,8 +100,15 @@ def test_daily_report_by_mail_and_slack(workdir: Path) -> None:
         assert f"<b>R2</b> (C1): silent since {DAY} 10:00; missing 28: slots 21-48" in html and "<table" in html
         [attachment] = list(msg.iter_attachments())
         assert attachment.get_filename() == f"smame-problems-{DAY}.csv"
-        rows = list(csv.DictReader(io.StringIO(attachment.get_content().decode()
-                                               if isinstance(attachment.get_content(), bytes) else attachment.get_content())))
+        rows = list(
+            csv.DictReader(
+                io.StringIO(
+                    attachment.get_content().decode()
+                    if isinstance(attachment.get_content(), bytes)
+                    else attachment.get_content()
+                )
+            )
+        )
         assert {(r["unit_id"], int(r["slot"])) for r in rows if r["problem"] == "missing"} == missing
         assert {r["problem"] for r in rows} == {"missing"}
         [post] = slack.wait(lambda posts: len(posts) >= 1)
@@ -102,10 +134,16 @@ def outbox(db: Path) -> dict[str, int]:
 def test_mail_down_then_smame_restarted_each_message_arrives_once(workdir: Path) -> None:
     day_with_gaps(workdir)
     sink = SmtpSink()  # down at first
-    env = mail_env(workdir, free_port(),  # no broker there: the broker alert fires
-                   sink.port, SMAME_REPORT__AT="00:00", SMAME_REPORT__CATCH_UP_WAIT_S="1",
-                   SMAME_ALERTS__CHECK_S="0.3", SMAME_ALERTS__BROKER_DOWN_S="1",
-                   SMAME_MONITORING__OUTBOX_RETRY_S="0.5")
+    env = mail_env(
+        workdir,
+        free_port(),  # no broker there: the broker alert fires
+        sink.port,
+        SMAME_REPORT__AT="00:00",
+        SMAME_REPORT__CATCH_UP_WAIT_S="1",
+        SMAME_ALERTS__CHECK_S="0.3",
+        SMAME_ALERTS__BROKER_DOWN_S="1",
+        SMAME_MONITORING__OUTBOX_RETRY_S="0.5",
+    )
     db = workdir / "data" / "smame.db"
     log = workdir / "smame.log"
     proc = start_smame(env, log)
@@ -127,8 +165,10 @@ def test_mail_down_then_smame_restarted_each_message_arrives_once(workdir: Path)
         assert subjects[0] == "[smame] ALERT: broker unreachable"
         assert subjects[1].startswith("[smame] daily report ") and subjects[1].endswith("(may be incomplete)")
         report = next(m.message for m in sink.messages if m.message["Subject"] == subjects[1])
-        assert "NOTE: ingest had not caught up after 0 min (not connected to the broker)" in \
-            report.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+        assert (
+            "NOTE: ingest had not caught up after 0 min (not connected to the broker)"
+            in report.get_body(("plain",)).get_content()
+        )  # type: ignore[union-attr]
         assert outbox(db) == {"pending": 0, "sent": 2}
         assert all(sorted(m.recipients) == ["night@example.jp", "ops@example.jp"] for m in got)
     finally:
@@ -141,11 +181,19 @@ def test_live_alerts_reach_slack_start_and_clear(workdir: Path) -> None:
     slack = SlackStandIn()
     write_registry(workdir, {"S1": "C1", "S2": "C1", "S3": "C2"})
     metrics = free_port()
-    env = smame_env(workdir, broker.port, SMAME_SLACK__WEBHOOK_URL=slack.url, SMAME_ALERTS__CHECK_S="0.3",
-                    SMAME_ALERTS__BROKER_DOWN_S="1", SMAME_ALERTS__SILENT_AFTER_S="3600",
-                    SMAME_ALERTS__SILENT_UNITS_MIN="2", SMAME_REPORT__ENABLED="false",
-                    SMAME_MONITORING__ENABLED="true", SMAME_MONITORING__HOST="127.0.0.1",
-                    SMAME_MONITORING__METRICS_PORT=str(metrics))
+    env = smame_env(
+        workdir,
+        broker.port,
+        SMAME_SLACK__WEBHOOK_URL=slack.url,
+        SMAME_ALERTS__CHECK_S="0.3",
+        SMAME_ALERTS__BROKER_DOWN_S="1",
+        SMAME_ALERTS__SILENT_AFTER_S="3600",
+        SMAME_ALERTS__SILENT_UNITS_MIN="2",
+        SMAME_REPORT__ENABLED="false",
+        SMAME_MONITORING__ENABLED="true",
+        SMAME_MONITORING__HOST="127.0.0.1",
+        SMAME_MONITORING__METRICS_PORT=str(metrics),
+    )
     log = workdir / "smame.log"
     proc = start_smame(env, log)
 
@@ -169,8 +217,11 @@ def test_live_alerts_reach_slack_start_and_clear(workdir: Path) -> None:
         slack.wait(lambda posts: any("EVENT: the broker lost smame's session" in p.body["text"] for p in posts))
         # Slack's stand-in records a post before smame has its answer and counts it: wait for the count to catch up.
         sent = 'smame_notifications_total{channel="slack",result="sent"}'
-        wait_until(lambda: scrape(metrics).get(sent) == len(slack.delivered), 10,
-                   lambda: f"{scrape(metrics).get(sent)} counted, {len(slack.delivered)} delivered")
+        wait_until(
+            lambda: scrape(metrics).get(sent) == len(slack.delivered),
+            10,
+            lambda: f"{scrape(metrics).get(sent)} counted, {len(slack.delivered)} delivered",
+        )
         time.sleep(1)  # anything sent twice would arrive now
         heads = [t.split("\n")[0] for t in texts()]
         assert heads.count("[smame] ALERT: broker unreachable") == 1
@@ -187,8 +238,15 @@ def test_after_a_restart_the_report_waits_for_the_backlog(broker: Mosquitto, wor
     units = {f"B{i}": "C1" for i in range(20)}
     write_registry(workdir, units)
     sink = SmtpSink().start()
-    env = mail_env(workdir, broker.port, sink.port, SMAME_REPORT__AT="00:00", SMAME_ALERTS__CHECK_S="0.3",
-                   SMAME_REPORT__ENABLED="false", SMAME_ALERTS__ENABLED="false")
+    env = mail_env(
+        workdir,
+        broker.port,
+        sink.port,
+        SMAME_REPORT__AT="00:00",
+        SMAME_ALERTS__CHECK_S="0.3",
+        SMAME_REPORT__ENABLED="false",
+        SMAME_ALERTS__ENABLED="false",
+    )
     log = workdir / "smame.log"
     try:
         proc = start_smame(env, log)  # once, so that the broker keeps a session for smame
@@ -197,9 +255,17 @@ def test_after_a_restart_the_report_waits_for_the_backlog(broker: Mosquitto, wor
         start = GRID.day_start(DAY)
         jst = timezone(timedelta(hours=9))
         # yesterday whole, queued in smame's session while it was away: 49 readings of 20 units
-        publish(broker.port, [(f"smame/v1/{u}/reading",
-                               telegram(u, [(datetime.fromtimestamp(start + k * SLOT, jst), 100 + k)], seq=k))
-                              for k in range(49) for u in units])
+        publish(
+            broker.port,
+            [
+                (
+                    f"smame/v1/{u}/reading",
+                    telegram(u, [(datetime.fromtimestamp(start + k * SLOT, jst), 100 + k)], seq=k),
+                )
+                for k in range(49)
+                for u in units
+            ],
+        )
         env["SMAME_REPORT__ENABLED"] = "true"
         proc = start_smame(env, log)
         try:

@@ -73,7 +73,9 @@ async def test_slack_429_is_retried_after_retry_after_and_delivered_once(tmp_pat
 
 async def test_bot_token_and_its_429_through_the_web_api(tmp_path: Path) -> None:
     stand_in = SlackStandIn(statuses=[429], retry_after=1)
-    channel = SlackChannel(SlackSettings(token=SecretStr("xoxb-test"), channel="#ops", api_url=stand_in.api_url, timeout_s=5))
+    channel = SlackChannel(
+        SlackSettings(token=SecretStr("xoxb-test"), channel="#ops", api_url=stand_in.api_url, timeout_s=5)
+    )
     store = Store(tmp_path / "smame.db")
     outbox = Outbox(store, {"slack": channel}, backoff_min=0.1)
     await outbox.put([("r", "slack", slack.compose("[smame] daily report", "all fine"))])
@@ -114,11 +116,15 @@ async def test_starttls_and_login(tmp_path: Path) -> None:
     sink = SmtpSink(tls=tls, login=("smame", "s3cret-passw0rd")).start()
     store = Store(tmp_path / "smame.db")
     try:
-        good = SmtpChannel(mail_to(sink.port, starttls="always", ca_file=cert, username="smame",
-                                   password=SecretStr("s3cret-passw0rd")))
-        bad = SmtpChannel(mail_to(sink.port, starttls="always", ca_file=cert, username="smame",
-                                  password=SecretStr("wrong")))
-        plain = SmtpChannel(mail_to(sink.port, starttls="never", username="smame", password=SecretStr("s3cret-passw0rd")))
+        good = SmtpChannel(
+            mail_to(sink.port, starttls="always", ca_file=cert, username="smame", password=SecretStr("s3cret-passw0rd"))
+        )
+        bad = SmtpChannel(
+            mail_to(sink.port, starttls="always", ca_file=cert, username="smame", password=SecretStr("wrong"))
+        )
+        plain = SmtpChannel(
+            mail_to(sink.port, starttls="never", username="smame", password=SecretStr("s3cret-passw0rd"))
+        )
         body = mail.compose("k", "smame@example.jp", ["ops@example.jp"], "s", "t", time.time())
         for name, channel in (("bad", bad), ("plain", plain)):
             outbox = Outbox(store, {"mail": channel})
@@ -139,8 +145,14 @@ async def test_smtps_with_tls_from_the_start(tmp_path: Path) -> None:
     sink = SmtpSink(implicit_tls=tls, login=("smame", "s3cret-passw0rd")).start()
     store = Store(tmp_path / "smame.db")
     try:
-        settings = MailSettings(smtp_url=f"smtps://127.0.0.1:{sink.port}", recipients=["ops@example.jp"], timeout_s=5,
-                                ca_file=cert, username="smame", password=SecretStr("s3cret-passw0rd"))
+        settings = MailSettings(
+            smtp_url=f"smtps://127.0.0.1:{sink.port}",
+            recipients=["ops@example.jp"],
+            timeout_s=5,
+            ca_file=cert,
+            username="smame",
+            password=SecretStr("s3cret-passw0rd"),
+        )
         untrusted = MailSettings(smtp_url=f"smtps://127.0.0.1:{sink.port}", recipients=["ops@example.jp"], timeout_s=5)
         body = mail.compose("k", "smame@example.jp", ["ops@example.jp"], "s", "t", time.time())
         outbox = Outbox(store, {"mail": SmtpChannel(untrusted)})
@@ -163,7 +175,9 @@ async def test_two_senders_never_send_the_same_message(tmp_path: Path) -> None:
     await outboxes[0].put([(f"m{i}", "slack", slack.compose(f"message {i}", "x")) for i in range(20)])
     sent = await asyncio.gather(*(o.deliver_due() for o in outboxes))
     assert sum(sent) == 20
-    assert sorted(p.body["text"].split("\n")[0] for p in stand_in.delivered) == sorted(f"message {i}" for i in range(20))
+    assert sorted(p.body["text"].split("\n")[0] for p in stand_in.delivered) == sorted(
+        f"message {i}" for i in range(20)
+    )
     for s in stores:
         s.close()
     stand_in.stop()
@@ -173,7 +187,9 @@ async def test_a_channel_keeps_its_order_when_one_message_fails(tmp_path: Path) 
     stand_in = SlackStandIn(statuses=[500])
     store = Store(tmp_path / "smame.db")
     outbox = Outbox(store, {"slack": webhook(stand_in)}, backoff_min=0.2)
-    await outbox.put([("a:start", "slack", slack.compose("started", "x")), ("a:end", "slack", slack.compose("cleared", "x"))])
+    await outbox.put(
+        [("a:start", "slack", slack.compose("started", "x")), ("a:end", "slack", slack.compose("cleared", "x"))]
+    )
     assert await outbox.deliver_due() == 0  # the first failed; the second waits behind it
     assert len(stand_in.posts) == 1
     deadline = time.monotonic() + 5
@@ -188,8 +204,9 @@ async def test_a_channel_keeps_its_order_when_one_message_fails(tmp_path: Path) 
 async def test_a_message_too_old_is_given_up_and_kept(tmp_path: Path) -> None:
     store = Store(tmp_path / "smame.db")
     clock = [1000.0]
-    outbox = Outbox(store, {"mail": SmtpChannel(mail_to(free_port()))}, backoff_min=1, give_up_s=60,
-                    clock=lambda: clock[0])
+    outbox = Outbox(
+        store, {"mail": SmtpChannel(mail_to(free_port()))}, backoff_min=1, give_up_s=60, clock=lambda: clock[0]
+    )
     await outbox.put([("old", "mail", mail.compose("old", "a@b.jp", ["ops@example.jp"], "s", "t", 0))])
     assert await outbox.deliver_due() == 0
     clock[0] += 120
@@ -243,10 +260,15 @@ async def test_a_stalling_mail_server_holds_up_neither_slack_nor_the_outbox(tmp_
     drip, stand_in = DripSmtp(every=0.5), SlackStandIn()
     store = Store(tmp_path / "smame.db")
     try:
-        outbox = Outbox(store, {"mail": SmtpChannel(mail_to(drip.port, timeout_s=1)), "slack": webhook(stand_in)},
-                        backoff_min=60)
-        await outbox.put([("m", "mail", mail.compose("m", "smame@example.jp", ["ops@example.jp"], "s", "t", 0.0)),
-                          ("s", "slack", slack.compose("[smame] ALERT: x", "y"))])
+        outbox = Outbox(
+            store, {"mail": SmtpChannel(mail_to(drip.port, timeout_s=1)), "slack": webhook(stand_in)}, backoff_min=60
+        )
+        await outbox.put(
+            [
+                ("m", "mail", mail.compose("m", "smame@example.jp", ["ops@example.jp"], "s", "t", 0.0)),
+                ("s", "slack", slack.compose("[smame] ALERT: x", "y")),
+            ]
+        )
         started = time.monotonic()
         assert await outbox.deliver_due() == 1  # Slack's, while mail drips
         assert time.monotonic() - started < 2.5  # the mail deadline (1 s), not the server's pace

@@ -10,7 +10,19 @@ import pytest
 
 from monitoring.security import HOUR, SecurityEvents
 from tests.helpers import (
-    Mosquitto, at, free_port, publish, smame, smame_env, start_smame, stop, telegram, wait_log, wait_readings, write_registry, yesterday,
+    Mosquitto,
+    at,
+    free_port,
+    publish,
+    smame,
+    smame_env,
+    start_smame,
+    stop,
+    telegram,
+    wait_log,
+    wait_readings,
+    write_registry,
+    yesterday,
 )
 from tests.monitoring.sinks import SlackStandIn
 
@@ -32,7 +44,9 @@ def test_each_kind_is_said_at_most_once_an_hour_with_everything_gathered() -> No
     assert s.due(T + HOUR + 6) == []  # two failures: typing, not an attack
     s.failed_login("alice", "192.0.2.8")
     [(kind, text)] = s.due(T + HOUR + 7)
-    assert kind == "security_failed_logins" and text == "failed FTP/SFTP logins by user: alice 3 from 192.0.2.8, 192.0.2.9"
+    assert (
+        kind == "security_failed_logins" and text == "failed FTP/SFTP logins by user: alice 3 from 192.0.2.8, 192.0.2.9"
+    )
     s.failed_login("bob", "192.0.2.7")
     s.failed_login("bob", "192.0.2.7")
     s.due(T + 2 * HOUR)  # a new hour: bob's two are forgotten, not counted on for ever
@@ -46,8 +60,14 @@ def test_each_kind_is_said_at_most_once_an_hour_with_everything_gathered() -> No
 def test_a_telegram_under_another_units_topic_reaches_slack(broker: Mosquitto, workdir: Path) -> None:
     write_registry(workdir, {"S1": "C1", "S2": "C1"})
     slack = SlackStandIn()
-    env = smame_env(workdir, broker.port, SMAME_SLACK__WEBHOOK_URL=slack.url, SMAME_ALERTS__CHECK_S="0.3",
-                    SMAME_REPORT__ENABLED="false", SMAME_ALERTS__SILENT_UNITS_MIN="100")
+    env = smame_env(
+        workdir,
+        broker.port,
+        SMAME_SLACK__WEBHOOK_URL=slack.url,
+        SMAME_ALERTS__CHECK_S="0.3",
+        SMAME_REPORT__ENABLED="false",
+        SMAME_ALERTS__SILENT_UNITS_MIN="100",
+    )
     log = workdir / "smame.log"
     day = yesterday().isoformat()
     proc = start_smame(env, log)
@@ -77,10 +97,20 @@ def test_a_ban_and_the_failed_logins_behind_it_reach_slack(broker: Mosquitto, wo
     write_registry(workdir, {"S1": "C1"})
     slack = SlackStandIn()
     port = free_port()
-    env = smame_env(workdir, broker.port, SMAME_SLACK__WEBHOOK_URL=slack.url, SMAME_ALERTS__CHECK_S="0.3",
-                    SMAME_REPORT__ENABLED="false", SMAME_FTP__ENABLED="true", SMAME_FTP__HOST="127.0.0.1",
-                    SMAME_FTP__PORT=str(port), SMAME_FTP__TLS_REQUIRED="false", SMAME_FTP__BAN_AFTER="2",
-                    SMAME_FTP__FAIL_DELAY_S="0", SMAME_FTP__PASSIVE_PORTS=f"{40000 + port % 20000}-{40009 + port % 20000}")
+    env = smame_env(
+        workdir,
+        broker.port,
+        SMAME_SLACK__WEBHOOK_URL=slack.url,
+        SMAME_ALERTS__CHECK_S="0.3",
+        SMAME_REPORT__ENABLED="false",
+        SMAME_FTP__ENABLED="true",
+        SMAME_FTP__HOST="127.0.0.1",
+        SMAME_FTP__PORT=str(port),
+        SMAME_FTP__TLS_REQUIRED="false",
+        SMAME_FTP__BAN_AFTER="2",
+        SMAME_FTP__FAIL_DELAY_S="0",
+        SMAME_FTP__PASSIVE_PORTS=f"{40000 + port % 20000}-{40009 + port % 20000}",
+    )
     smame(["users", "add", "C1", "alice", "--password-stdin"], env, stdin="alice-password-1\n")
     log = workdir / "smame.log"
     proc = start_smame(env, log)
@@ -94,8 +124,10 @@ def test_a_ban_and_the_failed_logins_behind_it_reach_slack(broker: Mosquitto, wo
             client.close()
         posts = slack.wait(lambda posts: sum("security" in p.body["text"] for p in posts) >= 2)
         texts = {p.body["text"].split("\n")[0]: p.body["text"] for p in posts if "security" in p.body["text"]}
-        assert "1 ban(s) after repeated failed logins: 127.0.0.1" in texts[
-            "[smame] EVENT: security: addresses banned on the file gateway"]
+        assert (
+            "1 ban(s) after repeated failed logins: 127.0.0.1"
+            in texts["[smame] EVENT: security: addresses banned on the file gateway"]
+        )
         assert "alice 2 from 127.0.0.1" in texts["[smame] EVENT: security: repeated failed logins"]
     finally:
         assert stop(proc) == 0

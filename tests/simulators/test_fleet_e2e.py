@@ -14,10 +14,32 @@ import pytest
 from tests.helpers import Mosquitto, smame, smame_env, start_smame, stop, wait_log, wait_until
 
 END = "2026-11-23T09:00:00+09:00"
-EVERY_FAULT = ["--dropout-rate", "0.5", "--replacement-rate", "0.05", "--reset-rate", "0.05", "--death-rate", "0.02",
-               "--spike-rate", "0.1", "--no-data-rate", "0.01", "--malformed-rate", "0.01", "--future-rate", "0.01",
-               "--clock-skew-rate", "0.01", "--out-of-order-rate", "0.02", "--duplicate-rate", "0.02",
-               "--unknown-rate", "0.002"]
+EVERY_FAULT = [
+    "--dropout-rate",
+    "0.5",
+    "--replacement-rate",
+    "0.05",
+    "--reset-rate",
+    "0.05",
+    "--death-rate",
+    "0.02",
+    "--spike-rate",
+    "0.1",
+    "--no-data-rate",
+    "0.01",
+    "--malformed-rate",
+    "0.01",
+    "--future-rate",
+    "0.01",
+    "--clock-skew-rate",
+    "0.01",
+    "--out-of-order-rate",
+    "0.02",
+    "--duplicate-rate",
+    "0.02",
+    "--unknown-rate",
+    "0.002",
+]
 
 
 def readings(workdir: Path) -> int:
@@ -36,8 +58,20 @@ def test_200_units_3_days_every_fault_verify_finds_no_mismatch(broker: Mosquitto
     truth = workdir / "truth.jsonl"
     run = smame(["simulate", *fleet, "--backfill", "3", "--end", END, "--truth", str(truth), *EVERY_FAULT], env)
     assert "telegrams from 200 units acknowledged" in run.stdout
-    for kind in ("dropout", "duplicate", "out_of_order", "clock_skew", "future", "no_data", "malformed",
-                 "replacement", "reset", "spike", "death", "unknown"):
+    for kind in (
+        "dropout",
+        "duplicate",
+        "out_of_order",
+        "clock_skew",
+        "future",
+        "no_data",
+        "malformed",
+        "replacement",
+        "reset",
+        "spike",
+        "death",
+        "unknown",
+    ):
         assert f"{kind} " in run.stdout, kind
     time.sleep(1.5)  # the last batch
     assert stop(proc) == 0
@@ -49,8 +83,10 @@ def test_200_units_3_days_every_fault_verify_finds_no_mismatch(broker: Mosquitto
         assert f"\n{kind} " in verify.stdout, kind
 
     with sqlite3.connect(workdir / "data" / "smame.db") as c:  # a wrong slot must not pass unnoticed
-        c.execute("UPDATE slots SET imp = imp + 1 "
-                  "WHERE (slot, unit) = (SELECT slot, unit FROM slots WHERE imp_q = 'A' LIMIT 1)")
+        c.execute(
+            "UPDATE slots SET imp = imp + 1 "
+            "WHERE (slot, unit) = (SELECT slot, unit FROM slots WHERE imp_q = 'A' LIMIT 1)"
+        )
     tampered = smame(["verify", "--truth", str(truth)], env, check=False)
     assert tampered.returncode == 1
     assert "MISMATCH: 1 mismatches" in tampered.stdout
@@ -78,8 +114,24 @@ def test_broker_down_is_retried_and_nothing_is_dropped(workdir: Path) -> None:
     env = smame_env(workdir, mq.port)
     log = workdir / "sim.log"
     with open(log, "wb") as out:
-        sim = subprocess.Popen([sys.executable, "-m", "smame.cli", "simulate", "--units", "30", "--backfill", "0.25",
-                                "--clean", "--end", END], env=env, stdout=out, stderr=subprocess.STDOUT)
+        sim = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "smame.cli",
+                "simulate",
+                "--units",
+                "30",
+                "--backfill",
+                "0.25",
+                "--clean",
+                "--end",
+                END,
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
         wait_log(log, "broker unreachable")
         mq.start()
@@ -91,10 +143,12 @@ def test_broker_down_is_retried_and_nothing_is_dropped(workdir: Path) -> None:
 
 def test_bad_arguments_get_a_clear_error(workdir: Path) -> None:
     env = smame_env(workdir, 1883)
-    for args, message in ((["--units", "many"], "'many' is not a whole number"),
-                          (["--speed", "-1"], "must not be negative"),
-                          (["--connections", "lots"], "'lots' is not a whole number"),
-                          (["--end", "2026-11-23T09:00"], "needs a UTC offset")):
+    for args, message in (
+        (["--units", "many"], "'many' is not a whole number"),
+        (["--speed", "-1"], "must not be negative"),
+        (["--connections", "lots"], "'lots' is not a whole number"),
+        (["--end", "2026-11-23T09:00"], "needs a UTC offset"),
+    ):
         proc = smame(["simulate", *args], env, check=False)
         assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
 
@@ -103,8 +157,25 @@ def test_sigterm_stops_a_paced_run_at_once_and_keeps_the_truth_whole(broker: Mos
     env = smame_env(workdir, broker.port)
     log, truth = workdir / "sim.log", workdir / "truth.jsonl"
     with open(log, "wb") as out:  # a real-time run of a day would take a day
-        sim = subprocess.Popen([sys.executable, "-m", "smame.cli", "simulate", "--units", "20", "--days", "1",
-                                "--speed", "1", "--truth", str(truth)], env=env, stdout=out, stderr=subprocess.STDOUT)
+        sim = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "smame.cli",
+                "simulate",
+                "--units",
+                "20",
+                "--days",
+                "1",
+                "--speed",
+                "1",
+                "--truth",
+                str(truth),
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     time.sleep(2)
     sim.send_signal(signal.SIGTERM)
     assert sim.wait(10) == 0

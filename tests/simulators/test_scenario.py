@@ -57,8 +57,18 @@ def test_fleet_is_varied_and_some_registers_wrap() -> None:
 
 def test_load_follows_the_day() -> None:
     sc, _ = run(2, Faults.clean(), units=300, days=1)
-    night = sum(sim.energy[t][0] for sim in sc.sims if sim.u.profile == "office" for t in sim.energy
-                if 2 <= (t // 3600 + 9) % 24 < 5)
-    day = sum(sim.energy[t][0] for sim in sc.sims if sim.u.profile == "office" for t in sim.energy
-              if 10 <= (t // 3600 + 9) % 24 < 13)
+    night = sum(
+        sim.energy[t][0]
+        for sim in sc.sims
+        if sim.u.profile == "office"
+        for t in sim.energy
+        if 2 <= (t // 3600 + 9) % 24 < 5
+    )
+    day = sum(
+        sim.energy[t][0]
+        for sim in sc.sims
+        if sim.u.profile == "office"
+        for t in sim.energy
+        if 10 <= (t // 3600 + 9) % 24 < 13
+    )
     assert day > 3 * night

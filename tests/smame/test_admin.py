@@ -7,7 +7,17 @@ from pathlib import Path
 
 from smame.registry import load_registry
 from tests.helpers import (
-    Mosquitto, at, publish, smame, smame_env, start_smame, stop, telegram, wait_log, wait_readings, write_registry,
+    Mosquitto,
+    at,
+    publish,
+    smame,
+    smame_env,
+    start_smame,
+    stop,
+    telegram,
+    wait_log,
+    wait_readings,
+    write_registry,
     yesterday,
 )
 

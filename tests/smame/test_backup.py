@@ -6,7 +6,17 @@ import sqlite3
 from pathlib import Path
 
 from tests.helpers import (
-    Mosquitto, at, publish, smame, smame_env, start_smame, stop, telegram, wait_log, wait_readings, write_registry,
+    Mosquitto,
+    at,
+    publish,
+    smame,
+    smame_env,
+    start_smame,
+    stop,
+    telegram,
+    wait_log,
+    wait_readings,
+    write_registry,
 )
 
 
@@ -16,8 +26,10 @@ def test_online_backup_while_smame_runs(broker: Mosquitto, workdir: Path) -> Non
     proc = start_smame(env, workdir / "smame.log")
     try:
         wait_log(workdir / "smame.log", "subscribed to")
-        publish(broker.port, [("smame/v1/B1/reading", telegram("B1", [(at("2026-11-20", f"{h:02d}:00"), 10 * h)]))
-                              for h in range(24)])
+        publish(
+            broker.port,
+            [("smame/v1/B1/reading", telegram("B1", [(at("2026-11-20", f"{h:02d}:00"), 10 * h)])) for h in range(24)],
+        )
         wait_readings(workdir / "data" / "smame.db", 24)
         assert "copied" in smame(["backup", str(workdir / "copy.db")], env).stdout
     finally:

@@ -14,9 +14,27 @@ from tests.helpers import real_processes, smame_env
 def test_the_demo_runs_the_whole_product_and_cleans_up(workdir: Path) -> None:
     real_processes()
     work = workdir / "demo"
-    proc = subprocess.run([sys.executable, "-m", "smame.cli", "demo", "--dir", str(work), "--units", "60",
-                           "--customers", "3", "--speed", "0"], env=smame_env(workdir, 1883),
-                          capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "smame.cli",
+            "demo",
+            "--dir",
+            str(work),
+            "--units",
+            "60",
+            "--customers",
+            "3",
+            "--speed",
+            "0",
+        ],
+        env=smame_env(workdir, 1883),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
     assert "OK: 0 mismatches" in out
@@ -31,6 +49,11 @@ def test_the_demo_runs_the_whole_product_and_cleans_up(workdir: Path) -> None:
     assert any(p.get_filename() for p in report.iter_attachments())
     assert len(list((work / "data" / "export").glob("C00*/*.csv"))) >= 3
     assert "smame stopped" in (work / "smame.log").read_text()  # stopped cleanly, not killed
-    again = subprocess.run([sys.executable, "-m", "smame.cli", "demo", "--dir", str(workdir), "--no-follow"],
-                           env=smame_env(workdir, 1883), capture_output=True, text=True, timeout=60)
+    again = subprocess.run(
+        [sys.executable, "-m", "smame.cli", "demo", "--dir", str(workdir), "--no-follow"],
+        env=smame_env(workdir, 1883),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert again.returncode == 2 and "was not made by smame demo" in again.stderr  # never wipes a foreign directory

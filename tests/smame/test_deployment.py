@@ -36,9 +36,22 @@ def test_compose_file_validates_with_a_provisioned_broker(tmp_path: Path) -> Non
     shutil.copy(ROOT / "docker-compose.yml", stack)
     shutil.copytree(ROOT / "deploy", stack / "deploy", ignore=shutil.ignore_patterns("broker", "registry"))
     env = smame_env(tmp_path, 1883)
-    smame(["simulate", "--units", "20", "--customers", "2", "--write-registry", str(stack / "deploy" / "registry")], env)
-    smame(["provision", "--registry", str(stack / "deploy" / "registry" / "units.csv"), "--out",
-           str(stack / "deploy" / "broker"), "--conf-dir", "/mosquitto/config", "--tls"], env)
+    smame(
+        ["simulate", "--units", "20", "--customers", "2", "--write-registry", str(stack / "deploy" / "registry")], env
+    )
+    smame(
+        [
+            "provision",
+            "--registry",
+            str(stack / "deploy" / "registry" / "units.csv"),
+            "--out",
+            str(stack / "deploy" / "broker"),
+            "--conf-dir",
+            "/mosquitto/config",
+            "--tls",
+        ],
+        env,
+    )
     compose = tool("docker-compose")
     for args in ([], ["--profile", "simulator"]):
         proc = subprocess.run([compose, *args, "config", "--services"], cwd=stack, capture_output=True, text=True)
@@ -80,14 +93,28 @@ def test_every_metric_the_rules_and_dashboard_use_exists(tmp_path: Path, monkeyp
     write_registry(tmp_path, {"U1": "C1"})
     for key in [k for k in os.environ if k.startswith("SMAME_")]:
         monkeypatch.delenv(key)
-    settings = load_settings(None, data_dir=tmp_path / "data", registry={"units": tmp_path / "units.csv",
-                                                                         "customers": tmp_path / "customers.toml"})
+    settings = load_settings(
+        None,
+        data_dir=tmp_path / "data",
+        registry={"units": tmp_path / "units.csv", "customers": tmp_path / "customers.toml"},
+    )
     app = App.build(settings)
     try:
         registry = CollectorRegistry()
         assert app.monitor is not None and app.gateway is not None and app.exporter is not None
-        registry.register(SmameCollector(Sources(app.bridge.stats, app.writer.totals, lambda: 1, app.exporter.stats,
-                                                 app.gateway.accounts, app.gateway.bans, app.monitor)))
+        registry.register(
+            SmameCollector(
+                Sources(
+                    app.bridge.stats,
+                    app.writer.totals,
+                    lambda: 1,
+                    app.exporter.stats,
+                    app.gateway.accounts,
+                    app.gateway.bans,
+                    app.monitor,
+                )
+            )
+        )
         # family names: a labelled family has no samples until something is counted
         suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}
         names = {m.name + s for m in registry.collect() for s in suffixes.get(m.type, [""])}
@@ -105,8 +132,11 @@ def test_the_image_installs_smame_as_the_readme_says_and_pins_every_dependency()
     readme = (ROOT / "README.md").read_text()
     for command in ("pip install --no-cache-dir -r deploy/requirements.txt", "pip install --no-cache-dir --no-deps ."):
         assert command in dockerfile and command in readme, command
-    pins = {re.split(r"==", line)[0].lower().replace("_", "-")
-            for line in (ROOT / "deploy" / "requirements.txt").read_text().splitlines() if "==" in line}
+    pins = {
+        re.split(r"==", line)[0].lower().replace("_", "-")
+        for line in (ROOT / "deploy" / "requirements.txt").read_text().splitlines()
+        if "==" in line
+    }
     wanted = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     names = {re.split(r"[<>=;\[ ]", d)[0].lower().replace("_", "-") for d in wanted}
     assert names <= pins, names - pins

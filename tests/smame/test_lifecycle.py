@@ -14,8 +14,22 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import (
-    Mosquitto, at, children, free_port, publish, running, smame, smame_env, start_smame, telegram, wait_child, wait_log,
-    wait_readings, wait_until, write_registry, yesterday,
+    Mosquitto,
+    at,
+    children,
+    free_port,
+    publish,
+    running,
+    smame,
+    smame_env,
+    start_smame,
+    telegram,
+    wait_child,
+    wait_log,
+    wait_readings,
+    wait_until,
+    write_registry,
+    yesterday,
 )
 
 
@@ -79,7 +93,9 @@ def test_a_stray_file_in_the_export_directory_is_left_alone(broker: Mosquitto, w
     assert stray.read_text() == "not ours\n" and "crashed" not in log.read_text()
 
 
-def test_a_database_deleted_under_smame_acknowledges_nothing_and_loses_nothing(broker: Mosquitto, workdir: Path) -> None:
+def test_a_database_deleted_under_smame_acknowledges_nothing_and_loses_nothing(
+    broker: Mosquitto, workdir: Path
+) -> None:
     write_registry(workdir, {"D1": "C1"})
     port = free_port()
     env = smame_env(workdir, broker.port, SMAME_MONITORING__ENABLED="true", SMAME_MONITORING__METRICS_PORT=str(port))
@@ -111,14 +127,24 @@ def test_a_port_in_use_stops_smame_at_once_naming_the_setting(workdir: Path, set
     taken = socket.create_server(("127.0.0.1", 0))
     port = taken.getsockname()[1]
     section, key = setting.split(".")
-    env = smame_env(workdir, free_port(), SMAME_FTP__HOST="127.0.0.1", SMAME_SFTP__HOST="127.0.0.1",
-                    SMAME_MONITORING__HOST="127.0.0.1", SMAME_FTP__PORT="0", SMAME_SFTP__PORT="0",
-                    SMAME_MONITORING__METRICS_PORT="0")
+    env = smame_env(
+        workdir,
+        free_port(),
+        SMAME_FTP__HOST="127.0.0.1",
+        SMAME_SFTP__HOST="127.0.0.1",
+        SMAME_MONITORING__HOST="127.0.0.1",
+        SMAME_FTP__PORT="0",
+        SMAME_SFTP__PORT="0",
+        SMAME_MONITORING__METRICS_PORT="0",
+    )
     env.update({f"SMAME_{section.upper()}__ENABLED": "true", f"SMAME_{section.upper()}__{key.upper()}": str(port)})
     try:
         for command in (["run"], ["serve-files"]) if section != "monitoring" else (["run"],):
             proc = smame(command, env, check=False)
             assert proc.returncode == 2, proc.stderr
-            assert proc.stderr.strip() == f"smame: {setting}: cannot listen on 127.0.0.1 port {port}: Address already in use"
+            assert (
+                proc.stderr.strip()
+                == f"smame: {setting}: cannot listen on 127.0.0.1 port {port}: Address already in use"
+            )
     finally:
         taken.close()

@@ -10,14 +10,18 @@ import pytest
 from smame.registry import RegistryError, load_registry
 
 
-def files(tmp_path: Path, units: str, customers: str = '[customers.C1]\nname = "One"\n[customers.C2]\n') -> tuple[Path, Path]:
+def files(
+    tmp_path: Path, units: str, customers: str = '[customers.C1]\nname = "One"\n[customers.C2]\n'
+) -> tuple[Path, Path]:
     (tmp_path / "units.csv").write_text(units)
     (tmp_path / "customers.toml").write_text(customers)
     return tmp_path / "units.csv", tmp_path / "customers.toml"
 
 
 def test_units_and_customers_load(tmp_path: Path) -> None:
-    reg = load_registry(*files(tmp_path, "unit_id,customer_id,meter_id,contract_kw,label\nU1,C1,SM-1,6,House\nU2,C2,,,\n"))
+    reg = load_registry(
+        *files(tmp_path, "unit_id,customer_id,meter_id,contract_kw,label\nU1,C1,SM-1,6,House\nU2,C2,,,\n")
+    )
     assert reg.customer_of("U1") == "C1" and "U2" in reg and "U3" not in reg
     assert reg.limits_of("U1").max_slot_kwh == Fraction(3)
     assert reg.limits_of("U2").max_slot_kwh == Fraction(25)  # the default 50 kW

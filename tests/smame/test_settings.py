@@ -35,7 +35,11 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_defaults_match_the_contract() -> None:
     s = load_settings()
     assert (s.timezone, s.broker.url, s.broker.client_id, s.broker.topic) == (
-        "Asia/Tokyo", "mqtt://127.0.0.1:1883", "smame-ingest", "smame/v1/+/reading")
+        "Asia/Tokyo",
+        "mqtt://127.0.0.1:1883",
+        "smame-ingest",
+        "smame/v1/+/reading",
+    )
     assert s.storage_url == "sqlite:///data/smame.db"
     assert (s.registry.units, s.registry.customers) == (Path("units.csv"), Path("customers.toml"))
 
@@ -60,8 +64,9 @@ def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.Monk
         ('[log]\nlevel = "LOUD"\n', {}, "log.level / SMAME_LOG__LEVEL"),
     ],
 )
-def test_a_wrong_value_names_its_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, toml: str,
-                                     env: dict[str, str], named: str) -> None:
+def test_a_wrong_value_names_its_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, toml: str, env: dict[str, str], named: str
+) -> None:
     f = tmp_path / "smame.toml"
     f.write_text(toml)
     for k, v in env.items():
