@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import IntFlag
 from fractions import Fraction
+from itertools import pairwise
 
 import msgspec
 
@@ -146,7 +147,7 @@ def pair_slots(prev: Point, nxt: Point, limits: Limits) -> list[SlotValue]:
     quality = ACTUAL if n == 1 else ESTIMATED
     out: list[SlotValue] = []
     cumulative = 0
-    for end, part in zip(ends, parts):
+    for end, part in zip(ends, parts, strict=True):
         flags = 0
         before, cumulative = cumulative, cumulative + part
         if wrap_at and before < wrap_at <= cumulative:
@@ -167,6 +168,6 @@ def _missing(ends: list[int], last_flags: int) -> list[SlotValue]:
 def series_slots(points: list[Point], limits: Limits) -> list[SlotValue]:
     """Slots of a whole series, points sorted by time and unique (a reference for tests and tools)."""
     out: list[SlotValue] = []
-    for prev, nxt in zip(points, points[1:]):
+    for prev, nxt in pairwise(points):
         out.extend(pair_slots(prev, nxt, limits))
     return out

@@ -239,7 +239,9 @@ class Store:
     # --- slots ----------------------------------------------------------------------------------
 
     def upsert_slots(self, registers: tuple[str, ...], rows: list[tuple[Any, ...]]) -> None:
-        """Write slots of the given registers (`imp`, `exp` or both); rows hold (slot, unit, values..., meter, e1, coef)."""
+        """Write slots of the given registers (`imp`, `exp` or both).
+
+        Rows hold (slot, unit, values..., meter, e1, coef)."""
         cols = ["slot", "unit"]
         for r in registers:
             cols += [r, f"{r}_q", f"{r}_flags"]
@@ -262,7 +264,9 @@ class Store:
         return [SlotRow(*r) for r in rows]
 
     def all_slots(self, after: int, until: int) -> list[SlotTuple]:
-        """Every unit's slots with `after < slot <= until`: (slot, unit, imp, imp_q, exp, exp_q, meter, e1, coef, flags)."""
+        """Every unit's slots with `after < slot <= until`.
+
+        Rows: (slot, unit, imp, imp_q, exp, exp_q, meter, e1, coef, flags)."""
         return self.db.execute(
             "SELECT slot, unit, imp, imp_q, exp, exp_q, meter, e1, coef, imp_flags | exp_flags FROM slots "
             "WHERE slot > ? AND slot <= ?",

@@ -57,7 +57,8 @@ def main() -> None:
         started = time.perf_counter()
         rows = fill(store, grid, args.units, first, args.days)
         print(
-            f"store: {rows:,} slots ({args.units:,} units x {args.days} days) filled in {time.perf_counter() - started:.0f} s"
+            f"store: {rows:,} slots ({args.units:,} units x {args.days} days) filled in "
+            f"{time.perf_counter() - started:.0f} s"
         )
         exporter = Exporter(store, lambda: registry, grid, Path(tmp) / "export", 45, 120, workers=args.workers)
         customers = sorted(registry.customers)
@@ -87,7 +88,8 @@ def main() -> None:
     )
     print(f"same day again, nothing changed ({again.unchanged} files compared):  {unchanged:6.2f} s")
     print(
-        f"re-export {args.days} days with {args.workers} workers ({len(full.written) + full.unchanged} files, {rows:,} rows): {everything:6.2f} s "
+        f"re-export {args.days} days with {args.workers} workers ({len(full.written) + full.unchanged} files, "
+        f"{rows:,} rows): {everything:6.2f} s "
         f"({rows / everything:,.0f} rows/s)"
     )
 

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Container
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from broker_bridge.mqtt import Message, MqttClient, MqttError
+from broker_bridge.mqtt import Message, MqttClient
 from broker_bridge.telegram import Decoded, Incoming, Reason, Refused, Reject, Rules, decode, unit_of_topic
 
 log = logging.getLogger("smame.bridge")
@@ -250,7 +250,7 @@ class Bridge:
                 if wait > 0:
                     try:
                         await asyncio.wait_for(self._wake.wait(), wait)
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         pass
                     self._wake.clear()
             await self._flush()

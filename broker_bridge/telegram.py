@@ -153,7 +153,8 @@ class Refused:
         """Refused input with a bounded excerpt: at most KEEP bytes of the payload (and of the topic), the rest
         named by its size and SHA-256, so that no refusal costs the store more than a few kilobytes."""
         if len(payload) > KEEP:
-            detail = f"{detail} [payload {len(payload)} bytes, sha256 {hashlib.sha256(payload).hexdigest()}, first {KEEP} kept]"
+            digest = hashlib.sha256(payload).hexdigest()
+            detail = f"{detail} [payload {len(payload)} bytes, sha256 {digest}, first {KEEP} kept]"
             payload = payload[:KEEP]
         return cls(received, topic[:256], unit, reason, detail[:1024], payload)
 

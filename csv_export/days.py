@@ -85,7 +85,7 @@ def read_slots(db: str, after: int, until: int) -> pl.DataFrame:
         stmt.set_sql_query(_QUERY % (int(after), int(until)))
         stream, _ = stmt.execute_query()
         frame = pl.DataFrame(stream)
-    frame = frame.rename(dict(zip(frame.columns, SLOT_SCHEMA))).cast(SLOT_SCHEMA)  # type: ignore[arg-type]
+    frame = frame.rename(dict(zip(frame.columns, SLOT_SCHEMA, strict=True))).cast(SLOT_SCHEMA)  # type: ignore[arg-type]
     return frame.with_columns(
         *[pl.when(pl.col(c) == -1).then(None).otherwise(pl.col(c)).alias(c) for c in ("imp", "exp", "e1", "coef")],
         *[pl.when(pl.col(c) == "").then(None).otherwise(pl.col(c)).alias(c) for c in ("imp_q", "exp_q", "meter")],

@@ -159,9 +159,11 @@ class Exporter:
     def _write(self, jobs: list[DayJob], days: int, result: RunResult, progress: Callable[[int, int], None]) -> None:
         """Have the workers render and write the jobs; count what they did in `result`."""
         pool = self._workers()
-        futures: dict[Future[tuple[list[Path], int]], date] = {pool.submit(write_day, job): job.day for job in jobs}
-        parts_left = Counter(futures.values())
+        futures: dict[Future[tuple[list[Path], int]], date] = {}
         try:
+            for job in jobs:  # a broken pool may say so here already, or only with a result
+                futures[pool.submit(write_day, job)] = job.day
+            parts_left = Counter(futures.values())
             for future in as_completed(futures):
                 written, unchanged = future.result()
                 result.written += written

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from datetime import date
 
 from aggregator.slots import flag_names
-from aggregator.timegrid import SlotLabel
 from aggregator.store import SlotTuple
+from aggregator.timegrid import SlotLabel
 
 
 def by_unit(slots: Iterable[SlotTuple]) -> dict[str, dict[int, SlotTuple]]:

@@ -130,7 +130,7 @@ def _histogram(
     name: str, doc: str, bounds: Sequence[float], counts: Sequence[int], total: float
 ) -> HistogramMetricFamily:
     cumulative, buckets = 0, []
-    for bound, n in zip([*map(str, bounds), "+Inf"], counts):
+    for bound, n in zip([*map(str, bounds), "+Inf"], counts, strict=True):
         cumulative += n
         buckets.append((bound, cumulative))
     return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=total)

@@ -182,7 +182,8 @@ class Monitor:
                 unknown.add("broker_unreachable")
         if w.export is not None and w.export.last_error:
             holding["export_failing"] = (
-                f"the last export run failed (retried after a minute, then less often, and at once on SIGHUP): {w.export.last_error}"
+                "the last export run failed (retried after a minute, then less often, and at once on SIGHUP): "
+                + w.export.last_error
             )
         low = []
         for path, (free, total) in self.disk().items():

@@ -133,7 +133,7 @@ class Outbox:
             wait = 60.0 if nxt is None else min(60.0, max(0.2, nxt - self.clock()))
             try:
                 await asyncio.wait_for(self._wake.wait(), wait)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             self._wake.clear()
 

@@ -73,7 +73,7 @@ class Link:
             except ConnectionRefused:
                 client.close()
                 raise  # credentials or authorisation: waiting will not help
-            except (OSError, MqttError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, OSError, MqttError) as exc:
                 client.close()
                 log.warning("unit link %s: broker unreachable (%s), retrying in %.1f s", self.client_id, exc, delay)
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))

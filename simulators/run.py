@@ -77,7 +77,7 @@ class _Clock:
                 return
             try:
                 await asyncio.wait_for(self.stop.wait(), min(wait, 1.0))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,7 @@ def _register(sim: UnitSim, index: int, gap_cap: int) -> dict[int, tuple[int | N
     known = [r for r in sim.readings if (r.fwd_known if index == 0 else r.rev_known) and id(r) not in unsent]
     out: dict[int, tuple[int | None, str, set[str], set[str]]] = {}
     by_time = {r.at: r for r in sim.readings}
-    for a, b in zip(known, known[1:]):
+    for a, b in pairwise(known):
         n = (b.at - a.at) // SLOT
         ends = [a.at + SLOT * k for k in range(1, n + 1)]
         between = set().union(*(by_time[t].kinds for t in ends)) if n > 1 else set()
@@ -68,7 +69,7 @@ def _register(sim: UnitSim, index: int, gap_cap: int) -> dict[int, tuple[int | N
         parts = energies[:1] if n == 1 else _spread(total, n)
         quality = "A" if n == 1 else "E"
         cumulative = 0
-        for t, part in zip(ends, parts):
+        for t, part in zip(ends, parts, strict=True):
             flags: set[str] = set()
             kinds = by_time[t].kinds | between
             before, cumulative = cumulative, cumulative + part

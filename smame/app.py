@@ -16,6 +16,8 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from prometheus_client import CollectorRegistry
+
 from aggregator.store import Store, StoreError, file_identity, sqlite_path
 from aggregator.timegrid import Grid
 from aggregator.writer import Writer
@@ -32,7 +34,6 @@ from monitoring.metrics import SmameCollector, Sources
 from monitoring.monitor import Monitor, Watched
 from monitoring.outbox import Channel, Outbox
 from monitoring.slack import SlackChannel
-from prometheus_client import CollectorRegistry
 from smame.registry import Registry, RegistryError, load_registry
 from smame.settings import Settings
 from smame.users import set_password

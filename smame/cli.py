@@ -12,17 +12,26 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
 from datetime import date, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from aggregator.slots import flag_names, format_kwh
-from aggregator.timegrid import Grid
-from csv_export.files import check_writable
 from aggregator.store import Store, check_copy, restore_copy, sqlite_path
+from aggregator.timegrid import Grid
+from broker_bridge.bridge import target_from_url, tls_context
+from broker_bridge.mqtt import ConnectionRefused
+from broker_bridge.provision import BROKER_NAMES, ProvisionError, provision, read_units
+from broker_bridge.telegram import REASONS
+from csv_export.files import check_writable
 from monitoring.daily import build_report, report_messages
 from monitoring.report import problems_csv, render_text
-from smame.demo import DemoOptions, run_demo
+from simulators.fleet import make_fleet
+from simulators.fleet import write_registry as write_fleet_registry
+from simulators.publisher import Endpoint
+from simulators.run import RunOptions, Summary, describe, simulate
+from simulators.scenario import Faults
+from simulators.truth import Observed, compare, read_truth
 from smame.app import (
     App,
     RegistryHolder,
@@ -34,20 +43,11 @@ from smame.app import (
     open_store,
     store_lock,
 )
-from smame.users import UsersError, add_user, list_users, remove_user, set_password
+from smame.demo import DemoOptions, run_demo
 from smame.logs import setup_logging
 from smame.registry import RegistryError
 from smame.settings import Settings, SettingsError, load_settings
-from broker_bridge.bridge import target_from_url, tls_context
-from broker_bridge.mqtt import ConnectionRefused
-from broker_bridge.provision import BROKER_NAMES, ProvisionError, provision, read_units
-from broker_bridge.telegram import REASONS
-from simulators.fleet import make_fleet
-from simulators.fleet import write_registry as write_fleet_registry
-from simulators.publisher import Endpoint
-from simulators.run import RunOptions, Summary, describe, simulate
-from simulators.scenario import Faults
-from simulators.truth import Observed, compare, read_truth
+from smame.users import UsersError, add_user, list_users, remove_user, set_password
 
 
 def main(argv: list[str] | None = None) -> int:

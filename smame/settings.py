@@ -7,7 +7,6 @@ names the key (as it is written in TOML and as an environment variable).
 from __future__ import annotations
 
 import re
-
 from fractions import Fraction
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -54,7 +53,7 @@ class BrokerSettings(Section):
         parts = urlsplit(v)
         if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
             raise ValueError("must look like mqtt://host:port or mqtts://host:port")
-        parts.port  # raises on a bad port
+        _ = parts.port  # raises on a bad port
         return v
 
     @field_validator("topic")
@@ -186,7 +185,7 @@ class MailSettings(Section):
             parts = urlsplit(v)
             if parts.scheme not in ("smtp", "smtps") or not parts.hostname:
                 raise ValueError("must look like smtp://host:port or smtps://host:port")
-            parts.port  # raises on a bad port
+            _ = parts.port  # raises on a bad port
         return v
 
     @field_validator("recipients", mode="before")

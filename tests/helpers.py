@@ -23,14 +23,16 @@ from smame.demo import free_port, wait_port  # noqa: F401 (the tests use the dem
 JST = timezone(timedelta(hours=9))
 ROOT = Path(__file__).resolve().parent.parent
 SHIFTED = "FAKETIME" in os.environ  # .ci/run's second pass: this process runs under faketime, days ahead
+IN_PROCESS_ONLY = SHIFTED or os.environ.get("SMAME_TESTS") == "in-process"  # scripts/check's quick pass
 
 
 def real_processes() -> None:
-    """Skip the calling test when the clock is shifted: it starts smame or Mosquitto, and faketime, inherited by
-    them, hangs their TLS. These tests run on the real clock in the first pass; the shifted pass proves that the
-    in-process ones hold on any date."""
-    if SHIFTED:
-        pytest.skip("starts smame or Mosquitto processes: real clock only")
+    """Skip the calling test in a pass of in-process tests only: it starts smame or Mosquitto. Under a shifted
+    clock, faketime, inherited by them, hangs their TLS: those tests run on the real clock in the first pass,
+    and the shifted pass proves that the in-process ones hold on any date. scripts/check runs the in-process
+    ones alone, for a quick answer."""
+    if IN_PROCESS_ONLY:
+        pytest.skip("starts smame or Mosquitto processes: not in this pass")
 
 
 class Mosquitto:

@@ -183,7 +183,7 @@ def test_any_order_and_any_duplication_give_the_same_slots(
         rnd.shuffle(shuffled)
         other = open_ingestor(Path(d) / "b.db")
         cut = sorted(rnd.sample(range(1, len(shuffled)), k=min(batches - 1, len(shuffled) - 1)))
-        for part in (shuffled[a:b] for a, b in zip([0, *cut], [*cut, len(shuffled)])):
+        for part in (shuffled[a:b] for a, b in zip([0, *cut], [*cut, len(shuffled)], strict=True)):
             other.commit(part, [], T0)
         assert table(other) == expected
         assert other.store.reading_count() == len(items)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fractions import Fraction
+from itertools import pairwise
 
 import pytest
 from hypothesis import given
@@ -135,7 +136,7 @@ def test_no_slot_is_ever_negative_and_estimates_sum_to_the_register_difference(
     for gap, value, meter in steps:
         k += gap
         points.append(p(k, value, meter))
-    for a, b in zip(points, points[1:]):
+    for a, b in pairwise(points):
         out = pair_slots(a, b, LIMITS)
         assert all(s.value is None or s.value >= 0 for s in out)
         values = [s.value for s in out]

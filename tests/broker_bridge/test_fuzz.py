@@ -10,7 +10,7 @@ import json
 import os
 import time
 import tracemalloc
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from fractions import Fraction
 
 import msgspec
@@ -22,7 +22,7 @@ from aggregator.timegrid import SLOT, Grid
 from broker_bridge.telegram import KEEP, MAX_PAYLOAD, REASONS, Decoded, Reason, Refused, Rules, decode
 
 GRID = Grid("Asia/Tokyo")
-NOW = int(datetime(2026, 11, 23, 1, 30, 9, tzinfo=timezone.utc).timestamp())
+NOW = int(datetime(2026, 11, 23, 1, 30, 9, tzinfo=UTC).timestamp())
 RULES = Rules(GRID.on_boundary)
 TOPIC = "smame/v1/F1/reading"
 EXAMPLES = int(os.environ.get("SMAME_FUZZ_EXAMPLES", "300"))

@@ -24,9 +24,9 @@ from tests.helpers import (
     stop,
     telegram,
     wait_log,
+    wait_port,
     wait_readings,
     wait_until,
-    wait_port,
     write_registry,
 )
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from datetime import date
 
-from aggregator.timegrid import Grid
 from aggregator.store import SlotTuple
+from aggregator.timegrid import Grid
 
 GRID = Grid("Asia/Tokyo")
 DAY = date(2026, 11, 23)

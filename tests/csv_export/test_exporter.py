@@ -284,7 +284,6 @@ def test_a_killed_export_worker_fails_one_run_and_the_next_has_new_workers(
 ) -> None:
     import os
     import signal as signals
-
     from concurrent.futures.process import BrokenProcessPool
 
     exporter, ingest, root = setup

@@ -25,7 +25,8 @@ def test_a_failed_login_costs_the_same_for_every_kind_of_user(workdir: Path) -> 
     (workdir / "customers.toml").write_text(
         "[customers.C1]\nusers = [\n"
         f'  {{ name = "pw", password_hash = "{hash_password("right-password-1")}" }},\n'
-        '  { name = "keyonly", ssh_keys = ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl x"] },\n'
+        '  { name = "keyonly", ssh_keys = ["ssh-ed25519 '
+        'AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl x"] },\n'
         "]\n"
     )
     registry = load_registry(workdir / "units.csv", workdir / "customers.toml")

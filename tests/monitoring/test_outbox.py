@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import threading
 import ssl
+import threading
 import time
 from pathlib import Path
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from itertools import pairwise
 from zoneinfo import ZoneInfo
 
 from simulators.fleet import make_fleet
@@ -51,7 +52,7 @@ def test_fleet_is_varied_and_some_registers_wrap() -> None:
     assert {u.e1 for u in fleet} >= {0x01, 0x02} and {u.digits for u in fleet} == {6, 8}
     assert len({u.customer for u in fleet}) == 20
     sc, _ = run(1, Faults.clean(), units=400, days=1)
-    wrapped = [s for s in sc.sims if any(b.fwd < a.fwd for a, b in zip(s.readings, s.readings[1:]))]
+    wrapped = [s for s in sc.sims if any(b.fwd < a.fwd for a, b in pairwise(s.readings))]
     assert wrapped, "some registers must roll over during a run"
 
 
