@@ -1,9 +1,9 @@
 """One batch of readings -> one transaction of readings, slots, change log and quarantine.
 
-Runs on the store thread. The live case (each unit's next reading, once per half hour)
-needs no read: the last point of each register of each unit is cached, and the batch is
-written with one statement per table. Late, duplicate and conflicting readings look their
-neighbours up in the store, inside the same transaction.
+Runs in the writer process (`aggregator.writer`), one batch at a time. The live case (each
+unit's next reading, once per half hour) needs no read: the last point of each register of
+each unit is cached, and the batch is written with one statement per table. Late, duplicate
+and conflicting readings look their neighbours up in the store, inside the same transaction.
 """
 
 from __future__ import annotations
@@ -62,7 +62,6 @@ class Ingestor:
         # against the store in each transaction, which holds the write lock, before it is trusted.
         self.shared = shared
         self._cache: dict[str, _UnitState] = {}
-        self.totals = Outcome()  # since start, for the metrics
 
     def commit(self, readings: list[Incoming], refused: list[Refused], now: int) -> Outcome:
         """Store a batch atomically: valid readings, and input refused before the store saw it."""
@@ -100,13 +99,6 @@ class Ingestor:
             raise
         for r in refused:
             outcome.quarantined[r.reason] += 1
-        t = self.totals
-        t.stored, t.duplicates, t.slots = (
-            t.stored + outcome.stored,
-            t.duplicates + outcome.duplicates,
-            t.slots + outcome.slots,
-        )
-        t.quarantined.update(outcome.quarantined)
         if len(self._cache) > self.cache_limit:
             self._cache.clear()
         return outcome

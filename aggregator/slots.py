@@ -83,11 +83,6 @@ class Limits:
     ceilings: dict[tuple[int, int], int] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
 
-def kwh(raw: int, e1: int, coef: int) -> Fraction:
-    """Energy in kWh of a raw register delta: raw x coef x unit(e1)."""
-    return raw * coef * E1_UNITS[e1]
-
-
 def format_kwh(raw: int, e1: int, coef: int) -> str:
     """kWh printed with the meter's resolution (coef x unit), exactly: 17 at 0.1 kWh -> "1.7"."""
     resolution = coef * E1_UNITS[e1]

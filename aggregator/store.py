@@ -1,4 +1,4 @@
-"""The SQLite store: readings (the durable truth), slots (derived), changes, quarantine.
+"""The SQLite store: readings (the durable truth), slots (derived), changes, quarantine, the outbox, meta.
 
 A narrow interface of small synchronous operations over one connection. Every transaction
 runs on the store's own thread (`Store.call`), so a batch of readings, its slots and its
@@ -349,10 +349,6 @@ class Store:
     def add_changes(self, pairs: Iterable[tuple[str, str]], at: int) -> None:
         """Record that these (customer, local day) pairs changed."""
         self.db.executemany("INSERT INTO changes (customer, day, at) VALUES (?, ?, ?)", [(c, d, at) for c, d in pairs])
-
-    def last_change(self) -> int:
-        """The newest change id (0 when none)."""
-        return int(self.db.execute("SELECT coalesce(max(id), 0) FROM changes").fetchone()[0])
 
     def changes_since(self, after_id: int) -> tuple[int, set[tuple[str, str]]]:
         """The (customer, day) pairs changed after a change id, and the newest id."""

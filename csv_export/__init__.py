@@ -1,1 +1,1 @@
-"""Per-customer CSV files of 30-minute data (not built yet: issue 4)."""
+"""Per-customer CSV files of 30-minute data."""

@@ -1,1 +1,1 @@
-"""FTP, FTPS and SFTP access for customers to their own CSV files (not built yet: issue 5)."""
+"""FTP, FTPS and SFTP access for customers to their own CSV files."""

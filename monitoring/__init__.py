@@ -1,1 +1,1 @@
-"""Metrics, detection of missing data, reports and alerts (not built yet: issue 6)."""
+"""Metrics, detection of missing data, reports and alerts."""

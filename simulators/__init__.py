@@ -1,1 +1,1 @@
-"""Simulated fleets of LTE-M units (not built yet: issue 3)."""
+"""Simulated fleets of LTE-M units."""

@@ -6,8 +6,6 @@ import math
 import random
 from datetime import datetime
 
-PROFILES = ("residential", "shop", "office", "factory")
-
 # Mean kW by local hour (0..23) on a weekday and on a weekend day, for a unit of scale 1.
 _SHAPES: dict[str, tuple[list[float], list[float]]] = {
     "residential": (

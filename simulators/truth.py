@@ -98,16 +98,6 @@ def conclude(scenario: Scenario, end: int, gap_cap: int = 48) -> Iterator[TruthS
             yield TruthSlot(sim.u.id, t, iv, iq, ev, eq, tuple(sorted(iflags | eflags)), tuple(sorted(kinds)))
 
 
-class _Meta(msgspec.Struct):
-    type: str
-    seed: int
-    timezone: str
-    units: int
-    start: int
-    end: int
-    gap_cap: int
-
-
 def write_truth(path: Path, meta: dict[str, Any], faults: Iterable[Fault], slots: Iterable[TruthSlot]) -> int:
     """Write the truth as JSON lines: a meta line, the faults, then the slots. Returns the slot count."""
     enc = msgspec.json.Encoder()

@@ -18,7 +18,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from aggregator.slots import Limits
 
 UNIT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
-CUSTOMER_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 UNIT_COLUMNS = ("unit_id", "customer_id", "meter_id", "contract_kw", "label")
 MAX_ERRORS = 20  # bad lines of units.csv said at once
 
