@@ -278,14 +278,16 @@ class Monitor:
     def _read_mismatches(self) -> None:
         # Telegrams under another unit's topic, from the quarantine: what a restart finds there is told too,
         # once (the cursor is kept in the store).
-        cursor = int(self.store.get_meta(MISMATCH_CURSOR, "-1"))
+        saved = int(self.store.get_meta(MISMATCH_CURSOR, "-1"))
+        cursor = saved
         if cursor < 0:  # a new installation, or one from before this: the past is not news
             cursor = max((q.id for q in self.store.quarantine(Reason.UNIT_MISMATCH, 1)), default=0)
         rows = self.store.quarantine_after(Reason.UNIT_MISMATCH, cursor)
         if rows:
             self.security.mismatches(q.detail for q in rows)
             cursor = rows[-1].id
-        self.store.set_meta(MISMATCH_CURSOR, str(cursor))
+        if cursor != saved:  # a write only when there is news, not at every check
+            self.store.set_meta(MISMATCH_CURSOR, str(cursor))
 
     def _load_state(self) -> dict[str, Active]:
         raw = self.store.get_meta(ALERT_STATE, "{}")
