@@ -33,7 +33,7 @@ from pathlib import Path
 
 import paho.mqtt.client as paho
 
-from tests.helpers import Mosquitto, at, publish, smame_env, telegram, write_registry
+from tests.helpers import Mosquitto, at, children, process_name, publish, smame_env, telegram, write_registry
 
 
 def preload_session(port: int, client_id: str) -> None:
@@ -238,21 +238,32 @@ def bench_smame(mq: Mosquitto, messages: list[tuple[str, bytes]], units: int, wo
         proc.wait(30)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def restart_smame(
     mq: Mosquitto, messages: list[tuple[str, bytes]], units: int, work: Path, batch: int
-) -> tuple[float, float]:
+) -> tuple[float, float, dict[str, float]]:
     """Seconds from process start to connected (CONNACK: the session's backlog starts to flow), and to every
-    telegram committed."""
+    telegram committed; and the CPU seconds each process spent meanwhile (smame's by process name)."""
     preload_session(mq.port, "bench-restart-smame")
     publish(mq.port, messages)
+    broker_before = cpu_seconds(mq.proc.pid)
     started_wall, started = time.time(), time.perf_counter()
     proc, db = start_bench_smame(mq, units, work, batch, "bench-restart-smame", ready=())
     try:
         wait_committed(proc, db, len(messages), work / "smame.log")
         took = time.perf_counter() - started
+        cpu: dict[str, float] = {"mosquitto": cpu_seconds(mq.proc.pid) - broker_before, "smame": cpu_seconds(proc.pid)}
+        for child in children(proc.pid):
+            name = process_name(child) or "other"
+            cpu[name] = cpu.get(name, 0.0) + cpu_seconds(child)
         line = next(x for x in (work / "smame.log").read_text().splitlines() if "session present" in x)
         connected = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp() - started_wall
-        return connected, took
+        return connected, took, cpu
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
@@ -297,12 +308,15 @@ def main() -> None:
             mq = Mosquitto(Path(tmp) / "mq-restart")
             try:
                 base = bench_mosquitto_sub(mq, messages)  # its start is instant: the drain is the restart
-                subscribed, ours = restart_smame(mq, messages, args.units, Path(tmp) / "smame-restart", args.batch)
+                subscribed, ours, cpu = restart_smame(mq, messages, args.units, Path(tmp) / "smame-restart", args.batch)
             finally:
                 mq.stop()
             print("restart with the backlog in the session, timed from process start (the daily report due):")
             report(n, base, ours, "from process start")
             print(f"  smame connected (CONNACK) after:    {subscribed:10.2f} s from process start")
+            print("  CPU per telegram, by process (from /proc; start-up included):")
+            for name, seconds in sorted(cpu.items(), key=lambda kv: -kv[1]):
+                print(f"    {name:<32} {seconds / n * 1e6:8.1f} us  ({seconds:.2f} s)")
 
 
 def report(n: int, base: float, ours: float, since: str) -> None:
