@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from broker_bridge.telegram import MAX_PAYLOAD, UNIT_ID
+from smame.registry import RegistryError, unit_rows
 
 # Units' passwords are random 192-bit tokens, so PBKDF2's iterations add no strength; mosquitto's own default
 # keeps a reconnect storm of a whole fleet cheap for the broker.
@@ -160,16 +161,12 @@ class Provisioned:
 
 
 def read_units(registry: Path) -> list[str]:
-    """Unit ids of a `units.csv`."""
+    """Unit ids of a `units.csv`, read as the registry reads it."""
     try:
-        with registry.open(encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f)
-            if not reader.fieldnames or "unit_id" not in reader.fieldnames:
-                raise ProvisionError(f"{registry}: no unit_id column in the header")
-            rows = [(n + 2, (r.get("unit_id") or "").strip()) for n, r in enumerate(reader)]
-    except OSError as exc:
-        raise ProvisionError(f"{registry}: {exc.strerror or exc}") from None
-    return check_unit_ids(rows, str(registry))
+        rows = unit_rows(registry)
+    except RegistryError as exc:
+        raise ProvisionError(str(exc)) from None
+    return check_unit_ids([(n, (r.get("unit_id") or "").strip()) for n, r in rows], str(registry))
 
 
 BROKER_NAMES = ("localhost", "127.0.0.1", "mosquitto")  # the broker's certificate names unless told others

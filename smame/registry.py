@@ -132,18 +132,26 @@ def parse_customers(text: str, path: Path) -> dict[str, Customer]:
     return out
 
 
-def _load_units(path: Path, customers: dict[str, Customer]) -> dict[str, Unit]:
+def unit_rows(path: Path) -> list[tuple[int, dict[str, str | None]]]:
+    """The rows of a units.csv with their line numbers, its header checked (a UTF-8 byte-order mark, as
+    spreadsheets write one, is allowed); raise RegistryError naming the problem. The one reader of the file."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise RegistryError(f"{path}: units file not found (setting registry.units)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RegistryError(f"{path}: cannot be read: {exc}") from None
     reader = csv.DictReader(text.splitlines())
     header = reader.fieldnames or []
     if header[:2] != ["unit_id", "customer_id"] or not set(header) <= set(UNIT_COLUMNS):
         raise RegistryError(f"{path}: header must be {','.join(UNIT_COLUMNS)} (the last three optional), got {header}")
+    return list(enumerate(reader, start=2))
+
+
+def _load_units(path: Path, customers: dict[str, Customer]) -> dict[str, Unit]:
     units: dict[str, Unit] = {}
     errors: list[str] = []
-    for line, row in enumerate(reader, start=2):
+    for line, row in unit_rows(path):
         try:
             unit = _unit(row, customers)
         except ValueError as exc:  # every bad line is said at once, so that one round of fixes is enough
