@@ -181,12 +181,16 @@ def test_a_units_file_with_a_byte_order_mark_is_read_as_the_registry_reads_it(wo
     # spreadsheets save UTF-8 with a byte-order mark: the registry loads such a file, so provision must too
     (workdir / "units.csv").write_bytes("\ufeffunit_id,customer_id\nU1,C1\n".encode())
     (workdir / "customers.toml").write_text("[customers.C1]\n")
-    out = smame(["provision", "--registry", str(workdir / "units.csv"), "--out", str(workdir / "b")],
-                smame_env(workdir, 1883)).stdout
+    out = smame(
+        ["provision", "--registry", str(workdir / "units.csv"), "--out", str(workdir / "b")], smame_env(workdir, 1883)
+    ).stdout
     assert out.startswith("1 units: 1 added") and "U1," in (workdir / "b" / "unit-credentials.csv").read_text()
     (workdir / "units.csv").write_text("unit,customer\nU1,C1\n")
-    proc = smame(["provision", "--registry", str(workdir / "units.csv"), "--out", str(workdir / "b")],
-                 smame_env(workdir, 1883), check=False)
+    proc = smame(
+        ["provision", "--registry", str(workdir / "units.csv"), "--out", str(workdir / "b")],
+        smame_env(workdir, 1883),
+        check=False,
+    )
     assert proc.returncode == 2 and "header must be unit_id,customer_id" in proc.stderr
 
 
