@@ -178,6 +178,12 @@ class Store:
         """Run `fn(*args)` on the store thread."""
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
         """Close the connection (after the thread's last call)."""
         self._pool.submit(self.db.close).result()

@@ -371,12 +371,9 @@ def _slots(settings: Settings, args: argparse.Namespace) -> int:
     grid = Grid(settings.timezone)
     ends = grid.day_slots(args.date)
     registered = args.unit in RegistryHolder(settings).current.units
-    store = open_store(settings, create=False)
-    try:
+    with open_store(settings, create=False) as store:
         known = registered or store.last_at(args.unit) is not None  # a unit removed since still has its history
         stored = {r.slot: r for r in store.slots(args.unit, ends[0] - 1800, ends[-1])}
-    finally:
-        store.close()
     if not known:
         print(
             f"smame slots: unit {args.unit!r} is neither in {settings.registry.units} nor in the store", file=sys.stderr
@@ -615,8 +612,7 @@ def _report(settings: Settings, args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    store = open_store(settings, create=False)
-    try:
+    with open_store(settings, create=False) as store:
         r = settings.report
         report = build_report(store, grid, registry, day, now, r.silent_after_s, r.zero_run_slots)
         print(render_text(report), end="")
@@ -625,8 +621,6 @@ def _report(settings: Settings, args: argparse.Namespace) -> int:
             print(f"\n{len(report.problems)} problem slots written to {args.csv}")
         if args.send:
             return _send(settings, store, report_messages(report, settings, now, f"report:{day}:by-hand:{now}"))
-    finally:
-        store.close()
     return 0
 
 
@@ -689,12 +683,9 @@ def _backup(settings: Settings, args: argparse.Namespace) -> int:
         counts = check_copy(args.file)
         print(f"{args.file} is whole: " + ", ".join(f"{n:,} {table}" for table, n in counts.items()))
         return 0
-    store = open_store(settings, create=False)
-    try:
+    with open_store(settings, create=False) as store:
         started = time.monotonic()
         store.backup(args.file)
-    finally:
-        store.close()
     print(
         f"copied {store.path} to {args.file} ({args.file.stat().st_size / 2**20:.1f} MiB) in "
         f"{time.monotonic() - started:.1f} s"
@@ -719,8 +710,7 @@ def _verify(settings: Settings, args: argparse.Namespace) -> int:
             f"the settings say {settings.ingest.gap_cap_slots}",
             file=sys.stderr,
         )
-    store = open_store(settings, create=False)
-    try:
+    with open_store(settings, create=False) as store:
 
         def stored(unit: str, after: int, until: int) -> dict[int, Observed]:
             return {
@@ -735,8 +725,6 @@ def _verify(settings: Settings, args: argparse.Namespace) -> int:
             }
 
         report = compare(truth, stored, store.quarantine_counts())
-    finally:
-        store.close()
     print(report.table())
     for line in report.examples:
         print("  " + line)
@@ -749,12 +737,9 @@ def _verify(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _quarantine(settings: Settings, args: argparse.Namespace) -> int:
-    store = open_store(settings, create=False)
-    try:
+    with open_store(settings, create=False) as store:
         counts = store.quarantine_counts()
         rows = store.quarantine(args.reason, args.limit)
-    finally:
-        store.close()
     total = sum(counts.values())
     print(f"{total} quarantined" + (": " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) if counts else ""))
     for q in rows:
