@@ -6,7 +6,7 @@ from datetime import date, timedelta
 
 from aggregator.store import SlotTuple, Store
 from aggregator.timegrid import Grid, SlotLabel
-from monitoring import mail, slack
+from monitoring.channels import fan_out
 from monitoring.detect import by_unit, detect
 from monitoring.outbox import Message
 from monitoring.report import DailyReport, problems_csv, render_html, render_slack, render_text, subject
@@ -45,21 +45,5 @@ def build_report(
 def report_messages(report: DailyReport, settings: Settings, now: float, key: str) -> list[Message]:
     """The report for every configured channel, under `key` (one per channel)."""
     r = report
-    title = subject(r)
-    out: list[Message] = []
-    if settings.mail.smtp_url:
-        k = f"{key}:mail"
-        body = mail.compose(
-            k,
-            settings.mail.sender,
-            settings.mail.recipients,
-            title,
-            render_text(r),
-            now,
-            render_html(r),
-            [(f"smame-problems-{r.day.isoformat()}.csv", problems_csv(r.problems))],
-        )
-        out.append((k, "mail", body))
-    if settings.slack.enabled:
-        out.append((f"{key}:slack", "slack", slack.compose(title, render_slack(r))))
-    return out
+    attachment = (f"smame-problems-{r.day.isoformat()}.csv", problems_csv(r.problems))
+    return fan_out(settings, key, subject(r), render_text(r), now, render_slack(r), render_html(r), [attachment])

@@ -26,8 +26,9 @@ from broker_bridge.bridge import BridgeStats
 from broker_bridge.telegram import Reason
 from csv_export.exporter import ExportStats
 from ftp_gateway.accounts import Bans
-from monitoring import alerts, mail, slack
+from monitoring import alerts
 from monitoring.alerts import Active, Notice
+from monitoring.channels import configured, fan_out
 from monitoring.daily import build_report, report_messages
 from monitoring.outbox import Message, Outbox
 from monitoring.security import SecurityEvents
@@ -64,20 +65,9 @@ class Scan:
 def alert_messages(notice: Notice, settings: Settings) -> list[Message]:
     """A notice for every configured channel."""
     since = datetime.fromtimestamp(notice.since, ZoneInfo(settings.timezone)).isoformat(timespec="seconds")
-    text = f"{notice.text}\n\nsince {since} ({settings.timezone})"
-    out: list[Message] = []
-    if settings.mail.smtp_url:
-        key = f"{notice.key}:mail"
-        out.append(
-            (
-                key,
-                "mail",
-                mail.compose(key, settings.mail.sender, settings.mail.recipients, notice.subject, text, notice.at),
-            )
-        )
-    if settings.slack.enabled:
-        out.append((f"{notice.key}:slack", "slack", slack.compose(notice.subject, text)))
-    return out
+    return fan_out(
+        settings, notice.key, notice.subject, f"{notice.text}\n\nsince {since} ({settings.timezone})", notice.at
+    )
 
 
 class Monitor:
@@ -123,7 +113,7 @@ class Monitor:
 
     async def run(self) -> None:
         """Check, alert and report for ever."""
-        if not (self.settings.mail.smtp_url or self.settings.slack.enabled):
+        if not configured(self.settings):
             log.warning("neither mail.smtp_url nor slack is set: alerts and the daily report are only logged")
         while True:
             try:

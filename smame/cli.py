@@ -24,6 +24,7 @@ from broker_bridge.mqtt import ConnectionRefused
 from broker_bridge.provision import BROKER_NAMES, ProvisionError, provision, read_units
 from broker_bridge.telegram import REASONS
 from csv_export.files import check_writable
+from monitoring.channels import configured
 from monitoring.daily import build_report, report_messages
 from monitoring.report import problems_csv, render_text
 from simulators.fleet import make_fleet
@@ -606,7 +607,7 @@ def _report(settings: Settings, args: argparse.Namespace) -> int:
     registry = RegistryHolder(settings).current
     now = int(time.time())
     day = args.date or datetime.fromtimestamp(now, grid.zone).date() - timedelta(days=1)
-    if args.send and not (settings.mail.smtp_url or settings.slack.enabled):
+    if args.send and not configured(settings):
         print(
             "smame report: --send needs mail.smtp_url or slack.webhook_url (or slack.token) in the settings",
             file=sys.stderr,
