@@ -249,7 +249,8 @@ class Bridge:
                 wait = self.target.batch_delay - (time.time() - self._batches[0].first)
                 if wait > 0:
                     try:
-                        await asyncio.wait_for(self._wake.wait(), wait)
+                        async with asyncio.timeout(wait):
+                            await self._wake.wait()
                     except TimeoutError:
                         pass
                     self._wake.clear()

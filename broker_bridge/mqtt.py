@@ -246,10 +246,12 @@ class MqttClient:
     ) -> bool:
         """Open the connection; return whether the broker still had our session."""
         loop = asyncio.get_running_loop()
-        await asyncio.wait_for(
-            loop.create_connection(lambda: _Protocol(self), host, port, ssl=tls, server_hostname=host if tls else None),
-            timeout,
-        )
+        # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a cancellation (SIGTERM) that lands as
+        # the connection is made, and a service that ignores its cancellation keeps smame from stopping.
+        async with asyncio.timeout(timeout):
+            await loop.create_connection(
+                lambda: _Protocol(self), host, port, ssl=tls, server_hostname=host if tls else None
+            )
         flags = (
             (0x02 if clean_start else 0) | (0x80 if username is not None else 0) | (0x40 if password is not None else 0)
         )

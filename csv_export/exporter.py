@@ -264,7 +264,8 @@ class Exporter:
         """Wait; True when `retry_now` cut the wait short."""
         assert self._wake is not None
         try:
-            await asyncio.wait_for(self._wake.wait(), seconds)
+            async with asyncio.timeout(seconds):
+                await self._wake.wait()
         except TimeoutError:
             return False
         self._wake.clear()

@@ -132,7 +132,8 @@ class Outbox:
                 nxt = self.clock() + 30
             wait = 60.0 if nxt is None else min(60.0, max(0.2, nxt - self.clock()))
             try:
-                await asyncio.wait_for(self._wake.wait(), wait)
+                async with asyncio.timeout(wait):
+                    await self._wake.wait()
             except TimeoutError:
                 pass
             self._wake.clear()
@@ -211,7 +212,8 @@ class Outbox:
             raise SendFailed("the server has not yet answered an earlier message")
         done = lane.submit(lambda: channel.send(row.payload))
         try:
-            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(done)), channel.deadline)
+            async with asyncio.timeout(channel.deadline):
+                await asyncio.shield(asyncio.wrap_future(done))
         except TimeoutError:
 
             def late(f: Future[None]) -> None:

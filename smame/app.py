@@ -308,7 +308,8 @@ class App:
                 await asyncio.sleep(0.5)
 
         try:
-            await asyncio.wait_for(ready(), wait_s)
+            async with asyncio.timeout(wait_s):
+                await ready()
         except TimeoutError:
             pass
         await service()

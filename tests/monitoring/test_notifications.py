@@ -247,6 +247,7 @@ def test_after_a_restart_the_report_waits_for_the_backlog(broker: Mosquitto, wor
         SMAME_REPORT__ENABLED="false",
         SMAME_ALERTS__ENABLED="false",
     )
+    env["SMAME_REPORT__SILENT_AFTER_S"] = "172800"  # the last reading is today 00:00: not silent at any hour
     log = workdir / "smame.log"
     try:
         proc = start_smame(env, log)  # once, so that the broker keeps a session for smame
