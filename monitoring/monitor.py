@@ -228,11 +228,12 @@ class Monitor:
         if self._due_since is None:
             self._due_since = now
         waited = now - self._due_since
-        if not b.caught_up(now) and waited < r.catch_up_wait_s:
+        caught_up = b.caught_up(now)  # once: the wait and the caveat must agree
+        if not caught_up and waited < r.catch_up_wait_s:
             return False
         caveat = (
             ""
-            if b.caught_up(now)
+            if caught_up
             else (
                 f"ingest had not caught up after {waited / 60:.0f} min ("
                 + (
