@@ -9,12 +9,13 @@ and conflicting readings look their neighbours up in the store, inside the same 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from aggregator.slots import Flag, Limits, Point, SlotValue, pair_slots
+from aggregator.slots import ACTUAL, Flag, Limits, Point, SlotValue, max_raw, pair_slots
 from aggregator.store import REGISTERS, Store
-from aggregator.timegrid import Grid
+from aggregator.timegrid import SLOT, Grid
 from broker_bridge.telegram import Incoming, Reading, Reason, Refused
 
 
@@ -24,6 +25,29 @@ class UnitDirectory(Protocol):
     def customer_of(self, unit: str) -> str: ...
 
     def limits_of(self, unit: str) -> Limits: ...
+
+
+@dataclass(frozen=True, slots=True)
+class UnitTable:
+    """A directory of units as plain data (customer and limits of each): what the writer process is sent."""
+
+    units: dict[str, tuple[str, Limits]]
+
+    @classmethod
+    def of(cls, directory: UnitDirectory, units: Iterable[str]) -> UnitTable:
+        """The table of `units` as `directory` describes them; units with equal limits share one object."""
+        shared: dict[Limits, Limits] = {}
+        table = {}
+        for unit in units:
+            limits = directory.limits_of(unit)
+            table[unit] = (directory.customer_of(unit), shared.setdefault(limits, limits))
+        return cls(table)
+
+    def customer_of(self, unit: str) -> str:
+        return self.units[unit][0]
+
+    def limits_of(self, unit: str) -> Limits:
+        return self.units[unit][1]
 
 
 @dataclass(slots=True)
@@ -72,6 +96,7 @@ class Ingestor:
         refused = list(refused)
         rows: list[tuple[Any, ...]] = []
         slot_rows: _SlotRows = {}
+        live: list[tuple[Any, ...]] = []  # slots of both registers made by `_next`, ready to write
         try:
             with self.store.transaction():
                 for unit, items in by_unit.items():
@@ -81,13 +106,14 @@ class Ingestor:
                     first = items[0].reading
                     if len(items) == 1 and (state.last_at is None or first.at > state.last_at):
                         rows.append(_row(first, items[0].received))
-                        self._chain(unit, state, [first], None, slot_rows)
+                        if not self._next(unit, state, first, live):
+                            self._chain(unit, state, [first], None, slot_rows)
                     else:
                         self._unit(unit, state, items, refused, outcome, slot_rows)
                 if rows:
                     self.store.insert_readings(rows)
                     outcome.stored += len(rows)
-                self._write_slots(slot_rows, outcome)
+                self._write_slots(slot_rows, live, outcome)
                 if outcome.changed:
                     self.store.add_changes(sorted(outcome.changed), now)
                 if refused:
@@ -111,6 +137,27 @@ class Ingestor:
         }
         state = self._cache[unit] = _UnitState(last_at, last)
         return state
+
+    def _next(self, unit: str, state: _UnitState, r: Reading, live: list[tuple[Any, ...]]) -> bool:
+        """The live case, every half hour for every unit, without the general machinery: both registers' next
+        reading one slot after the last, same meter and scale, a plausible delta. Appends the slot row and
+        returns True; returns False (nothing done) for anything else, which `_chain` then handles."""
+        fwd, rev = state.last["fwd"], state.last["rev"]
+        if fwd is None or rev is None or r.fwd is None or r.rev is None:
+            return False
+        if r.at - fwd.at != SLOT or fwd.at != rev.at:
+            return False
+        if r.meter != fwd.meter or r.digits != fwd.digits or r.e1 != fwd.e1 or r.coef != fwd.coef:
+            return False
+        ceiling = max_raw(self.units.limits_of(unit), r.e1, r.coef)
+        d_imp, d_exp = r.fwd - fwd.value, r.rev - rev.value
+        if not (0 <= d_imp <= ceiling and 0 <= d_exp <= ceiling):
+            return False
+        live.append((r.at, unit, d_imp, ACTUAL, r.flags, d_exp, ACTUAL, r.flags, r.meter, r.e1, r.coef))
+        state.last["fwd"] = Point(r.at, r.fwd, r.meter, r.digits, r.e1, r.coef, r.flags)
+        state.last["rev"] = Point(r.at, r.rev, r.meter, r.digits, r.e1, r.coef, r.flags)
+        state.last_at = r.at
+        return True
 
     def _chain(
         self,
@@ -213,11 +260,16 @@ class Ingestor:
         meter, fwd, rev, e1, coef, digits, flags = row
         return Reading(unit, at, meter, fwd, rev, e1, coef, digits, 0, 0, flags)
 
-    def _write_slots(self, slot_rows: _SlotRows, outcome: Outcome) -> None:
-        both, imp_only, exp_only = [], [], []
+    def _write_slots(self, slot_rows: _SlotRows, live: list[tuple[Any, ...]], outcome: Outcome) -> None:
+        both, imp_only, exp_only = live, [], []
         days: dict[int, str] = {}
         customer_of = self.units.customer_of
         changed = outcome.changed
+        for end, unit, *_ in live:
+            day = days.get(end)
+            if day is None:
+                day = days[end] = self.grid.day_of(end).isoformat()
+            changed.add((customer_of(unit), day))
         for (end, unit), (imp, exp, meter, e1, coef) in slot_rows.items():
             if imp is not None and exp is not None:
                 both.append(

@@ -9,23 +9,29 @@ any point leaves the batch unacknowledged and the broker delivers it again.
 The writer lives only as long as its pipe: it ignores SIGINT and SIGTERM (the receiver decides when
 to stop, and a Ctrl-C reaches the whole process group), finishes the commit in hand, and exits when the
 receiver closes the pipe or dies.
+
+It is started as `python -m aggregator.writer` with its end of a socket pair, not through multiprocessing's
+spawn, which would import the parent's main module (the whole CLI, half a second of CPU) before the first
+commit; this imports the aggregator alone. Its directory of units comes as plain data (`UnitTable`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
+import os
 import pickle
 import signal
+import socket
+import subprocess
+import sys
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
 
 import msgspec
 
-from aggregator.ingest import Ingestor, Outcome, UnitDirectory
+from aggregator.ingest import Ingestor, Outcome, UnitTable
 from aggregator.slots import Limits
 from aggregator.store import Store, file_identity
 from aggregator.timegrid import Grid
@@ -54,12 +60,13 @@ class WriterError(RuntimeError):
 class Writer:
     """The receiving side: starts the writer process and hands it batches, one at a time, in order."""
 
-    def __init__(self, path: Path, synchronous: str, grid: Grid, units: UnitDirectory, shared: bool = False) -> None:
+    def __init__(self, path: Path, synchronous: str, grid: Grid, units: UnitTable, shared: bool = False) -> None:
         self.path = path
         self._args = (path, synchronous, grid, shared)
         self._units = units
         self.totals = Outcome()  # since start, for the metrics
-        self._process: Any = None
+        self._process: subprocess.Popen[bytes] | None = None
+        self._exited: int | None = None  # a descriptor readable once the process has ended (Linux pidfd)
         self._conn: Connection | None = None
         # One thread owns the pipe: a request and its reply are never interleaved with another's,
         # even when the coroutine that awaited a commit was cancelled.
@@ -72,17 +79,18 @@ class Writer:
         await asyncio.get_running_loop().run_in_executor(self._pipe, self._start)
 
     def _start(self) -> None:
-        ctx = multiprocessing.get_context("spawn")  # no fork: the receiver has threads and an event loop
-        ours, theirs = ctx.Pipe()
-        self._process = ctx.Process(
-            target=_serve, args=(theirs, *self._args, pickle.dumps(self._units)), name="smame-writer"
-        )
-        self._process.start()
-        theirs.close()  # so that the writer's death reads as end-of-file here
-        self._conn = ours
+        ours, theirs = socket.socketpair()
+        with theirs:  # closed here once inherited, so that the writer's death reads as end-of-file
+            # no fork: the receiver has threads and an event loop
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "aggregator.writer", str(theirs.fileno())], pass_fds=[theirs.fileno()]
+            )
+        self._exited = os.pidfd_open(self._process.pid)
+        self._conn = Connection(ours.detach())
+        self._send(pickle.dumps((*self._args, self._units)))
         reply = self._receive()
         if reply[:1] != _OK:
-            self._process.join(10)
+            self._process.wait(10)
             raise WriterError(reply[1:].decode())
         self.identity = file_identity(self.path)
 
@@ -95,13 +103,14 @@ class Writer:
     @property
     def pid(self) -> int | None:
         """The writer process's id, once started."""
-        return None if self._process is None else int(self._process.pid)
+        return None if self._process is None else self._process.pid
 
     async def watch(self) -> None:
         """Wait while the writer lives; raise WriterError when it dies (even with no batch to commit)."""
         loop = asyncio.get_running_loop()
         dead: asyncio.Future[None] = loop.create_future()
-        fd = self._process.sentinel  # readable once the process has ended
+        fd = self._exited
+        assert fd is not None, "watch() before start()"
         loop.add_reader(fd, _settle, dead)
         try:
             await dead
@@ -109,7 +118,7 @@ class Writer:
             loop.remove_reader(fd)
         raise WriterError(f"the writer process is gone ({self._exit()})")
 
-    def reload(self, units: UnitDirectory) -> None:
+    def reload(self, units: UnitTable) -> None:
         """Use this directory of units from the next batch on."""
         self._units = units
         if not self._closed:  # a SIGHUP while stopping
@@ -126,10 +135,14 @@ class Writer:
         if self._conn is not None:
             self._conn.close()
         if self._process is not None:
-            self._process.join(30)
-            if self._process.is_alive():  # stuck (a disk that does not answer): it holds nothing unacknowledged
+            try:
+                self._process.wait(30)
+            except subprocess.TimeoutExpired:  # stuck (a disk that does not answer): it holds nothing unacknowledged
                 self._process.kill()
-                self._process.join()
+                self._process.wait()
+        if self._exited is not None:
+            os.close(self._exited)
+            self._exited = None
 
     def _commit(self, readings: list[Incoming], refused: list[Refused], now: int) -> None:
         self._send(_COMMIT + _encode(_Batch(readings, refused, now)))
@@ -156,9 +169,10 @@ class Writer:
             raise WriterError(f"the writer process is gone ({self._exit()})") from None
 
     def _exit(self) -> str:
-        self._process.join(1)
-        code = self._process.exitcode
-        if code is None:
+        assert self._process is not None
+        try:
+            code = self._process.wait(1)
+        except subprocess.TimeoutExpired:
             return "still running"
         return f"killed by signal {-code}" if code < 0 else f"exit code {code}"
 
@@ -176,7 +190,7 @@ _decode_done = msgspec.msgpack.Decoder(_Done).decode
 class _Directory:
     """The directory of units in force in the writer; replaced whole on reload."""
 
-    def __init__(self, current: UnitDirectory) -> None:
+    def __init__(self, current: UnitTable) -> None:
         self.current = current
 
     def customer_of(self, unit: str) -> str:
@@ -186,8 +200,9 @@ class _Directory:
         return self.current.limits_of(unit)
 
 
-def _serve(conn: Connection, path: Path, synchronous: str, grid: Grid, shared: bool, units: bytes) -> None:
-    """The writer process: commit each batch received, reply, until the pipe closes."""
+def _serve(conn: Connection) -> None:
+    """The writer process: open the store its first message names, then commit each batch received and
+    reply, until the pipe closes."""
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
     try:
@@ -195,11 +210,15 @@ def _serve(conn: Connection, path: Path, synchronous: str, grid: Grid, shared: b
     except OSError:
         pass
     try:
+        path, synchronous, grid, shared, units = pickle.loads(conn.recv_bytes())
+    except (EOFError, OSError):  # the receiver is gone already
+        return
+    try:
         store = Store(path, synchronous)
     except Exception as exc:  # any reason the store cannot open is told to the receiver
         conn.send_bytes(_FAILED + str(exc).encode())
         return
-    directory = _Directory(pickle.loads(units))
+    directory = _Directory(units)
     ingestor = Ingestor(store, directory, grid, shared=shared)
     conn.send_bytes(_OK)
     try:
@@ -223,3 +242,7 @@ def _serve(conn: Connection, path: Path, synchronous: str, grid: Grid, shared: b
             )
     finally:
         store.close()
+
+
+if __name__ == "__main__":  # started by Writer, with its end of the socket pair
+    _serve(Connection(int(sys.argv[1])))

@@ -94,8 +94,10 @@ _decode_envelope = msgspec.json.Decoder(_Envelope).decode
 _encode = msgspec.json.Encoder().encode
 
 
-class Reading(msgspec.Struct, frozen=True, gc=False):
-    """One validated fixed-time reading; None in a register means the meter had no value."""
+class Reading(msgspec.Struct, frozen=True, gc=False, array_like=True):
+    """One validated fixed-time reading; None in a register means the meter had no value.
+
+    Array-like: it crosses to the writer process as a msgpack array, not a map of field names."""
 
     unit: str
     at: int
@@ -128,7 +130,7 @@ class Decoded:
     rejects: list[Reject] = field(default_factory=list)
 
 
-class Incoming(msgspec.Struct, frozen=True, gc=False):
+class Incoming(msgspec.Struct, frozen=True, gc=False, array_like=True):
     """A valid reading with the message it came in."""
 
     reading: Reading

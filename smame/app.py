@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
 
+from aggregator.ingest import UnitTable
 from aggregator.store import Store, StoreError, file_identity, sqlite_path
 from aggregator.timegrid import Grid
 from aggregator.writer import Writer
@@ -39,6 +40,11 @@ from smame.settings import Settings
 from smame.users import set_password
 
 log = logging.getLogger("smame")
+
+
+def unit_table(registry: Registry) -> UnitTable:
+    """The registry's units as the writer process needs them."""
+    return UnitTable.of(registry, registry.units)
 
 
 class RegistryHolder:
@@ -242,7 +248,7 @@ class App:
             sqlite_path(settings.storage_url),
             settings.storage.synchronous,
             grid,
-            registry.current,
+            unit_table(registry.current),
             shared=settings.broker.topic.startswith("$share/"),
         )
 
@@ -333,7 +339,7 @@ class App:
     def reload(self) -> None:
         """SIGHUP: read the registry again; the writer gets the new one too."""
         if self.registry.reload():
-            self.writer.reload(self.registry.current)
+            self.writer.reload(unit_table(self.registry.current))
         if self.exporter is not None:
             self.exporter.retry_now()
 

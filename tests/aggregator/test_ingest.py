@@ -189,6 +189,12 @@ def test_any_order_and_any_duplication_give_the_same_slots(
         assert other.store.reading_count() == len(items)
         other.store.close()
 
+        live = open_ingestor(Path(d) / "c.db")  # in order, one reading a batch: the live case's own path
+        for item in items:
+            live.commit([item], [], T0)
+        assert table(live) == expected
+        live.store.close()
+
 
 def test_two_writers_on_one_store_with_a_shared_subscription(tmp_path: Path) -> None:
     # MQTT 5 shared subscriptions hand a unit's telegrams to either ingest process, alternately here.
