@@ -82,12 +82,34 @@ class Rules:
     max_readings: int = 96
 
 
+class _TextReading(msgspec.Struct, forbid_unknown_fields=False, gc=False):
+    at: str
+    fwd: int
+    rev: int | None = None
+
+
+class _TextTimes(msgspec.Struct, forbid_unknown_fields=False, gc=False):
+    """The telegram with its times left as text, the fast path's shape: units share a few hundred distinct
+    times (the half hours, the seconds they send at), so each text is parsed once (`_instant`), not per reading.
+    Anything it cannot take goes to the typed decoders, which decide and say why."""
+
+    v: int
+    unit: str
+    meter: str
+    seq: int
+    sent: str
+    e1: int
+    digits: int
+    readings: list[_TextReading]
+    coef: int = 1
+
+
 class _Envelope(msgspec.Struct, forbid_unknown_fields=False):
     v: Any = None  # any JSON: a version of the wrong type is an unknown version, not a payload that is no object
 
 
 _RawTelegram = WireTelegram[msgspec.Raw]
-_decode_fast = msgspec.json.Decoder(WireTelegram[WireReading]).decode
+_decode_fast = msgspec.json.Decoder(_TextTimes).decode
 _decode_raw = msgspec.json.Decoder(_RawTelegram).decode
 _decode_reading = msgspec.json.Decoder(WireReading).decode
 _decode_envelope = msgspec.json.Decoder(_Envelope).decode
@@ -179,17 +201,52 @@ def decode(topic: str, payload: bytes, received: int, known_units: Container[str
     try:
         try:
             t = _decode_fast(payload)
-            good: list[tuple[int, WireReading]] = list(enumerate(t.readings))
-            rejects: list[Reject] = []
         except msgspec.DecodeError:
             return _slow_path(topic_unit, payload, received, known_units, rules)
     except RecursionError:  # msgspec skips unknown fields recursively: `{"x":[[[...]]]}` goes deeper than the stack
         return _refused(topic_unit, Reason.NOT_JSON, "JSON nested too deeply")
-
-    head = _check_head(t, topic_unit, known_units, rules)
+    sent = _instant(t.sent)
+    items: list[_Item] = []
+    for i, r in enumerate(t.readings):
+        at = _instant(r.at)
+        if at is None:
+            break
+        items.append((i, at[0], at[1], r.at, r.fwd, r.rev))
+    if sent is None or len(items) < len(t.readings):  # a time that is no RFC 3339 instant with an offset
+        return _slow_path(topic_unit, payload, received, known_units, rules)
+    head = _check_head(t, True, topic_unit, known_units, rules)
     if head is not None:
         return Decoded(topic_unit, [], [head])
-    return _readings(t, good, rejects, received, rules)
+    return _readings(t, sent[0], items, [], received, rules)
+
+
+# A reading on its way through `_readings`: index, epoch seconds (None: the time has no UTC offset),
+# microseconds, the time as given (for messages), fwd, rev.
+_Item = tuple[int, int | None, int, "datetime | str", int, int | None]
+_INSTANTS: dict[str, tuple[int, int] | None] = {}
+_INSTANTS_MAX = 100_000  # a day of distinct `sent` seconds and then some; cleared whole when full
+
+
+def _instant(text: str) -> tuple[int, int] | None:
+    """Epoch seconds and microseconds of an RFC 3339 time with a UTC offset (msgspec's parser, the one the
+    typed decoders use), or None; remembered, as a fleet sends the same few hundred texts."""
+    if text in _INSTANTS:
+        return _INSTANTS[text]
+    try:
+        when = msgspec.convert(text, datetime)
+        found = None if when.tzinfo is None else (int(when.timestamp()), when.microsecond)
+    except (msgspec.ValidationError, ValueError, OverflowError):
+        found = None
+    if len(text) <= 64:  # a time is short: a long text is not worth keeping
+        if len(_INSTANTS) >= _INSTANTS_MAX:
+            _INSTANTS.clear()
+        _INSTANTS[text] = found
+    return found
+
+
+def _shown(when: datetime | str) -> str:
+    """A reading's time as messages show it (ISO 8601 of the parsed instant)."""
+    return (when if isinstance(when, datetime) else msgspec.convert(when, datetime)).isoformat()
 
 
 def _slow_path(topic_unit: str, payload: bytes, received: int, known_units: Container[str], rules: Rules) -> Decoded:
@@ -206,20 +263,25 @@ def _slow_path(topic_unit: str, payload: bytes, received: int, known_units: Cont
         raw = _decode_raw(payload)
     except msgspec.DecodeError as exc:
         return _refused(topic_unit, Reason.BAD_FIELD, str(exc))
-    head = _check_head(raw, topic_unit, known_units, rules)
+    head = _check_head(raw, raw.sent.tzinfo is not None, topic_unit, known_units, rules)
     if head is not None:
         return Decoded(topic_unit, [], [head])
-    good: list[tuple[int, WireReading]] = []
+    items: list[_Item] = []
     rejects: list[Reject] = []
     for i, item in enumerate(raw.readings):
         try:
-            good.append((i, _decode_reading(item)))
+            r = _decode_reading(item)
         except msgspec.DecodeError as exc:
             rejects.append(Reject(Reason.BAD_FIELD, f"readings[{i}]: {exc}", i))
-    return _readings(raw, good, rejects, received, rules)
+            continue
+        at = None if r.at.tzinfo is None else int(r.at.timestamp())
+        items.append((i, at, r.at.microsecond, r.at, r.fwd, r.rev))
+    return _readings(raw, int(raw.sent.timestamp()), items, rejects, received, rules)
 
 
-def _check_head(t: WireTelegram[Any], topic_unit: str, known_units: Container[str], rules: Rules) -> Reject | None:
+def _check_head(
+    t: WireTelegram[Any] | _TextTimes, sent_has_offset: bool, topic_unit: str, known_units: Container[str], rules: Rules
+) -> Reject | None:
     if t.v != VERSION:
         return Reject(Reason.UNKNOWN_VERSION, f"v={t.v!r}, expected {VERSION}")
     if t.unit != topic_unit:
@@ -234,7 +296,7 @@ def _check_head(t: WireTelegram[Any], topic_unit: str, known_units: Container[st
         return Reject(Reason.BAD_FIELD, f"digits={t.digits} outside 1..8")
     if not 0 <= t.seq < SEQ_LIMIT:
         return Reject(Reason.BAD_FIELD, f"seq={t.seq} outside 0..2^32-1")
-    if t.sent.tzinfo is None:
+    if not sent_has_offset:
         return Reject(Reason.BAD_TIME, "sent has no UTC offset")
     if not METER_ID.fullmatch(t.meter):
         return Reject(
@@ -246,10 +308,9 @@ def _check_head(t: WireTelegram[Any], topic_unit: str, known_units: Container[st
 
 
 def _readings(
-    t: WireTelegram[Any], good: list[tuple[int, WireReading]], rejects: list[Reject], received: int, rules: Rules
+    t: WireTelegram[Any] | _TextTimes, sent: int, items: list[_Item], rejects: list[Reject], received: int, rules: Rules
 ) -> Decoded:
     limit = 10**t.digits
-    sent = int(t.sent.timestamp())
     tolerance, on_boundary = rules.tolerance, rules.on_boundary
     horizon = received + tolerance
     oldest = received - rules.max_age
@@ -257,34 +318,32 @@ def _readings(
     skew_after = -1 if sent > horizon else sent + tolerance
     unit, meter, e1, coef, digits, seq = t.unit, t.meter, t.e1, t.coef, t.digits, t.seq
     out: list[Reading] = []
-    for i, r in good:
-        when = r.at
-        if when.tzinfo is None:
+    for i, at, micro, when, fwd_in, rev_in in items:
+        if at is None:
             rejects.append(Reject(Reason.BAD_TIME, f"readings[{i}].at has no UTC offset", i))
             continue
-        at = int(when.timestamp())
         # The window first: the grid cannot place years 1 or 9999, and a reading from long ago would pair with
         # the unit's last one across a gap the size of the ages.
         if at > horizon:
-            rejects.append(Reject(Reason.FUTURE, f"readings[{i}].at {when.isoformat()} is in the future", i))
+            rejects.append(Reject(Reason.FUTURE, f"readings[{i}].at {_shown(when)} is in the future", i))
             continue
         if at < oldest:
             rejects.append(
                 Reject(
                     Reason.TOO_OLD,
-                    f"readings[{i}].at {when.isoformat()} is older than {rules.max_age // 86400} days",
+                    f"readings[{i}].at {_shown(when)} is older than {rules.max_age // 86400} days",
                     i,
                 )
             )
             continue
-        if when.microsecond or not on_boundary(at):
-            rejects.append(Reject(Reason.BAD_TIME, f"readings[{i}].at {when.isoformat()} is not on a half hour", i))
+        if micro or not on_boundary(at):
+            rejects.append(Reject(Reason.BAD_TIME, f"readings[{i}].at {_shown(when)} is not on a half hour", i))
             continue
-        fwd: int | None = r.fwd
-        rev: int | None = r.rev
-        if r.fwd == NO_DATA:
+        fwd: int | None = fwd_in
+        rev: int | None = rev_in
+        if fwd_in == NO_DATA:
             fwd = None
-        elif not 0 <= r.fwd < limit:
+        elif not 0 <= fwd_in < limit:
             rejects.append(Reject(Reason.OUT_OF_RANGE, f"readings[{i}].fwd outside 0..10^{digits}-1", i))
             continue
         if rev == NO_DATA:
