@@ -103,6 +103,20 @@ def test_a_late_reading_ten_days_back_rewrites_that_file_and_no_other(setup: tup
     )
 
 
+def test_a_backlog_older_than_the_first_reading_gets_its_files(setup: tuple[Exporter, Ingestor, Path]) -> None:
+    # The first day with data is remembered between runs; a unit's backlog from before it (a unit that was
+    # installed, then sent what it had stored) must still get its days' files.
+    exporter, ingest, root = setup
+    ingest.commit(history(["U1"], 2), [], int(NOW))
+    assert {p.name for p in exporter.scheduled(NOW).written} == {f"C1_2026112{d}.csv" for d in (1, 2, 3)}
+    backlog = [r for r in history(["U1"], 5) if r.reading.at < GRID.day_start(TODAY - timedelta(days=2))]
+    ingest.commit(backlog, [], int(NOW))
+    assert {p.name for p in exporter.scheduled(NOW).written} == {f"C1_2026112{d}.csv" for d in (0, 1)} | {
+        "C1_20261118.csv",
+        "C1_20261119.csv",
+    }
+
+
 def test_todays_file_holds_the_slots_closed_so_far(setup: tuple[Exporter, Ingestor, Path]) -> None:
     exporter, ingest, root = setup
     ingest.commit(history(["U1"], 1), [], int(NOW))
