@@ -85,8 +85,8 @@ def detect(
             elif quality == "E":
                 f.estimated.append(lab.index)
                 what.append("estimated")
-            if r is not None:
-                names = flag_names(r[9] if len(r) > 9 else 0)
+            if r is not None and len(r) > 9 and r[9]:
+                names = flag_names(r[9])
                 f.flags.update(names)
                 what += names
             if r is not None and quality == "A" and r[2] == 0:
@@ -94,7 +94,8 @@ def detect(
             else:
                 _close_run(run, zero_run, f)
                 run = []
-            problems += [ProblemSlot(unit, customer, day, lab.index, lab.start, lab.end, w) for w in what]
+            if what:
+                problems += [ProblemSlot(unit, customer, day, lab.index, lab.start, lab.end, w) for w in what]
         _close_run(run, zero_run, f)
         for first, last in f.zero_runs:
             problems += [

@@ -7,11 +7,14 @@ import io
 from datetime import date, datetime, timedelta
 from pathlib import Path
 
+import pytest
+
 from aggregator.ingest import Ingestor
 from aggregator.slots import Flag
 from aggregator.store import Store
 from aggregator.timegrid import SLOT, Grid
 from broker_bridge.telegram import Incoming, Reading
+from monitoring import daily
 from monitoring.detect import by_unit, detect
 from monitoring.report import DailyReport, problems_csv, render_text, subject
 from smame.registry import load_registry
@@ -91,6 +94,31 @@ def test_every_kind_of_problem_is_found() -> None:
         lines[0] == "customer,unit_id,date,slot,start,end,problem"
         and "C1,GAPPY,2026-11-23,10,04:30,05:00,missing" in lines
     )
+
+
+def test_the_report_read_a_share_of_units_at_a_time_finds_what_the_whole_day_shows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A large fleet's day is read a share of units at a time; the shares' edges must lose or double nothing,
+    # whichever units of the registry have rows (a unit without, a stored unit no longer registered).
+    store = Store(tmp_path / "smame.db")
+    rows = [(r[0], f"{r[1]}{k}", *r[2:]) for k in range(4) for r in day_of_rows()]
+    store.db.execute("BEGIN")
+    store.db.executemany(
+        "INSERT INTO slots (slot, unit, imp, imp_q, exp, exp_q, meter, e1, coef, imp_flags) "
+        "VALUES (?,?,?,?,?,?,?,?,?,?)",
+        rows,
+    )
+    store.db.execute("COMMIT")
+    units = {u: "C1" for u in {str(r[1]) for r in rows} if u != "IDLE3"} | {"QUIET": "C2"}
+    write_registry(tmp_path, units)
+    registry = load_registry(tmp_path / "units.csv", tmp_path / "customers.toml")
+    whole = detect(DAY, LABELS, sorted(units.items()), by_unit(rows), store.last_readings(units), NOW)
+    for share in (1, 2, 5, 2000):
+        monkeypatch.setattr(daily, "SHARE", share)
+        report = daily.build_report(store, GRID, registry, DAY, NOW)
+        assert (report.findings, report.problems) == whole
+    store.close()
 
 
 def test_report_command_on_a_real_store(workdir: Path) -> None:
