@@ -10,6 +10,7 @@ the floor of an export that goes through Python objects. smame's export reads in
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import tempfile
 import time
@@ -20,6 +21,7 @@ from aggregator.store import Store
 from aggregator.timegrid import Grid
 from csv_export.exporter import Exporter
 from smame.registry import Customer, Registry, Unit
+from tests.helpers import children, process_name
 
 
 def fill(store: Store, grid: Grid, units: int, first: date, days: int) -> int:
@@ -43,6 +45,14 @@ def fill(store: Store, grid: Grid, units: int, first: date, days: int) -> int:
         store.db.execute("COMMIT")
         n += len(rows)
     return n
+
+
+def peak_rss_mb(pid: int) -> float:
+    """A process's peak resident memory so far (Linux /proc: VmHWM)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def main() -> None:
@@ -87,6 +97,7 @@ def main() -> None:
         window = [(c, first + timedelta(days=d)) for d in range(args.days) for c in customers]
         full = exporter.export(window, now)
         everything = time.perf_counter() - t
+        peaks = [peak_rss_mb(w) for w in children(os.getpid()) if process_name(w) == "smame-export"]
         exporter.close()
     n_day = len(day_rows)
     print(f"baseline, fetch one day's {n_day:,} rows from SQLite: {fetch:6.2f} s")
@@ -95,6 +106,7 @@ def main() -> None:
         f"({n_day / one_day:,.0f} rows/s, x{one_day / fetch:.2f} the fetch)"
     )
     print(f"same day again, nothing changed ({again.unchanged} files compared):  {unchanged:6.2f} s")
+    print(f"export workers' peak resident memory: {', '.join(f'{p:.0f} MB' for p in peaks)}")
     print(
         f"re-export {args.days} days with {args.workers} workers ({len(full.written) + full.unchanged} files, "
         f"{rows:,} rows): {everything:6.2f} s "

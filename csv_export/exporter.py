@@ -23,7 +23,7 @@ from pathlib import Path
 
 from aggregator.store import Store
 from aggregator.timegrid import SLOT, Grid
-from csv_export.days import CustomerFiles, DayJob, worker_init, write_day
+from csv_export.days import SHARE_UNITS, CustomerFiles, DayJob, worker_init, write_day
 from csv_export.files import check_writable, expired
 from csv_export.render import Layout
 from smame.registry import Customer, Registry, Unit
@@ -61,6 +61,23 @@ class RunResult:
 def layout_of(customer: Customer) -> Layout:
     """A customer's CSV options."""
     return Layout(customer.layout == "wide", customer.encoding, customer.newline, customer.include_export)
+
+
+def shares(files: list[CustomerFiles], least: int) -> list[tuple[CustomerFiles, ...]]:
+    """Customers' files in shares of at most SHARE_UNITS units (a customer with more is a share alone), and at
+    least `least` shares when there are that many customers; each customer in exactly one share."""
+    total = sum(len(f.units) for f in files)
+    size = min(SHARE_UNITS, max(1, -(-total // least)))  # units a share, rounded up
+    out: list[list[CustomerFiles]] = []
+    held = size  # units in the last share: a full one to start with
+    for f in files:
+        if out and held + len(f.units) <= size:
+            out[-1].append(f)
+            held += len(f.units)
+        else:
+            out.append([f])
+            held = len(f.units)
+    return [tuple(share) for share in out]
 
 
 class Exporter:
@@ -122,24 +139,22 @@ class Exporter:
             since = first.get(customer)
             if since is not None and since <= day <= self.grid.day_of(upto):
                 by_day.setdefault(day, set()).add(customer)
-        # Fewer days than workers (a scheduled run, one day by hand): the idle workers take a share of each
-        # day's customers; each reads the day (SQLite readers run side by side) and renders only its share.
-        shares = max(1, self.workers // max(1, len(by_day)))
+        # A job is a share of a day's customers: at most SHARE_UNITS units (a worker holds its share's rows, so
+        # memory stays bounded whatever the fleet), and when there are fewer days than workers (a scheduled
+        # run, one day by hand) enough shares that every worker has one. Each job reads its own units' rows.
+        least = max(1, self.workers // max(1, len(by_day)))
         jobs = [
-            DayJob(
-                str(self.store.path),
-                day,
-                tuple(self.grid.closed(day, upto)),
-                tuple(
+            DayJob(str(self.store.path), day, tuple(self.grid.closed(day, upto)), share, str(self.root))
+            for day, customers in sorted(by_day.items())
+            for share in shares(
+                [
                     CustomerFiles(
                         c, layout_of(registry.customers[c]), tuple((u.id, u.meter) for u in registry.units_of(c))
                     )
-                    for c in sorted(customers)[k::shares]
-                ),
-                str(self.root),
+                    for c in sorted(customers)
+                ],
+                least,
             )
-            for day, customers in sorted(by_day.items())
-            for k in range(min(shares, len(customers)))
         ]
         result = RunResult()
         if jobs:
