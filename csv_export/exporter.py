@@ -65,18 +65,22 @@ def layout_of(customer: Customer) -> Layout:
 
 def shares(files: list[CustomerFiles], least: int) -> list[tuple[CustomerFiles, ...]]:
     """Customers' files in shares of at most SHARE_UNITS units (a customer with more is a share alone), and at
-    least `least` shares when there are that many customers; each customer in exactly one share."""
-    total = sum(len(f.units) for f in files)
-    size = min(SHARE_UNITS, max(1, -(-total // least)))  # units a share, rounded up
+    least `least` shares when there are that many customers; each customer in exactly one share, in order."""
+    weight = [len(f.units) + 1 for f in files]  # a customer without units still costs a file
+    size = min(SHARE_UNITS, max(1, sum(weight) // least))
     out: list[list[CustomerFiles]] = []
-    held = size  # units in the last share: a full one to start with
-    for f in files:
-        if out and held + len(f.units) <= size:
+    held = size  # weight of the last share: a full one to start with
+    for f, w in zip(files, weight, strict=True):
+        if held + w <= size:
             out[-1].append(f)
-            held += len(f.units)
+            held += w
         else:
             out.append([f])
-            held = len(f.units)
+            held = w
+    while len(out) < min(least, len(files)):  # a large customer took a share alone: split the most crowded
+        crowded = max(range(len(out)), key=lambda k: len(out[k]))
+        half = len(out[crowded]) // 2
+        out[crowded : crowded + 1] = [out[crowded][:half], out[crowded][half:]]
     return [tuple(share) for share in out]
 
 
