@@ -38,6 +38,7 @@ from aggregator.timegrid import Grid
 from broker_bridge.telegram import Incoming, Refused
 
 _COMMIT, _RELOAD, _OK, _FAILED = b"C", b"R", b"K", b"E"
+WRITER_CACHE_MIB = 16  # SQLite page cache of the ingest connection (see Store)
 
 
 class _Batch(msgspec.Struct, array_like=True):
@@ -214,7 +215,7 @@ def _serve(conn: Connection) -> None:
     except (EOFError, OSError):  # the receiver is gone already
         return
     try:
-        store = Store(path, synchronous)
+        store = Store(path, synchronous, cache_mib=WRITER_CACHE_MIB)
     except Exception as exc:  # any reason the store cannot open is told to the receiver
         conn.send_bytes(_FAILED + str(exc).encode())
         return
