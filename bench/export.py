@@ -24,11 +24,10 @@ from smame.registry import Customer, Registry, Unit
 from tests.helpers import children, process_name
 
 
-def fill(store: Store, grid: Grid, units: int, first: date, days: int) -> int:
+def fill(store: Store, grid: Grid, ids: list[str], first: date, days: int) -> int:
     """Slots of every unit for `days` days from `first`, and each unit's first reading (no file is written for
     a day before a customer's first reading)."""
     rnd = random.Random(1)
-    ids = [f"U{u:06d}" for u in range(units)]
     start = grid.day_start(first)
     store.db.execute("BEGIN")
     store.insert_readings((unit, start, f"SM-{unit}", 0, 0, 1, 1, 6, 0, 0, start, start) for unit in ids)
@@ -71,7 +70,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="smame-export-") as tmp:
         store = Store(Path(tmp) / "smame.db", "NORMAL")
         started = time.perf_counter()
-        rows = fill(store, grid, args.units, first, args.days)
+        rows = fill(store, grid, list(units), first, args.days)
         print(
             f"store: {rows:,} slots ({args.units:,} units x {args.days} days) filled in "
             f"{time.perf_counter() - started:.0f} s"
