@@ -435,6 +435,15 @@ class Store:
             )
         return [OutboxRow(*r) for r in rows]
 
+    def outbox_release(self, ids: list[int], now: float) -> None:
+        """Claimed messages that were neither sent nor tried (the sender stopped): due again at `now`, their
+        claim not counted as an attempt."""
+        self.db.executemany(
+            "UPDATE outbox SET next_try = ?, attempts = max(attempts - 1, 0) "
+            "WHERE id = ? AND sent IS NULL AND given_up IS NULL",
+            [(now, i) for i in ids],
+        )
+
     def outbox_sent(self, id: int, now: float) -> None:
         """The message went out."""
         self.db.execute("UPDATE outbox SET sent = ?, last_error = '' WHERE id = ?", (now, id))

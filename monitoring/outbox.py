@@ -150,7 +150,12 @@ class Outbox:
 
     async def deliver_due(self) -> int:
         """Send every message due now, the channels side by side; returns how many went out."""
-        rows = await self.store.call(self.store.claim_due, self.clock(), self.lease_s)
+        claim = asyncio.ensure_future(self.store.call(self.store.claim_due, self.clock(), self.lease_s))
+        try:
+            rows = await asyncio.shield(claim)
+        except asyncio.CancelledError:  # stopping as they are claimed: due again at the next start, not in 5 min
+            await self._release({row.id for row in await claim})
+            raise
         by_channel: dict[str, list[OutboxRow]] = {}
         for row in rows:
             by_channel.setdefault(row.channel, []).append(row)
@@ -160,9 +165,26 @@ class Outbox:
     async def _deliver(self, name: str, rows: list[OutboxRow]) -> int:
         """One channel's due messages, in order; a failure makes its later messages wait as long."""
         channel = self.channels.get(name)
+        # Claimed and not yet touched: if the service stops now they are due again at once. A message whose
+        # send has begun keeps its lease: it may yet go out, and must not go twice.
+        untouched = {row.id for row in rows}
+        try:
+            return await self._deliver_rows(channel, name, rows, untouched)
+        except asyncio.CancelledError:
+            await self._release(untouched)
+            raise
+
+    async def _release(self, ids: set[int]) -> None:
+        if ids:
+            await asyncio.shield(self.store.call(self.store.outbox_release, sorted(ids), self.clock()))
+
+    async def _deliver_rows(
+        self, channel: Channel | None, name: str, rows: list[OutboxRow], untouched: set[int]
+    ) -> int:
         sent = 0
         blocked: float | None = None
         for row in rows:
+            untouched.discard(row.id)
             if blocked is not None:  # keep each channel's order: an alert's end never before its start
                 await self.store.call(self.store.outbox_retry, row.id, blocked, "waiting for an earlier message")
                 continue

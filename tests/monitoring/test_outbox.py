@@ -281,6 +281,29 @@ async def test_a_stalling_mail_server_holds_up_neither_slack_nor_the_outbox(tmp_
         store.close()
 
 
+async def test_stopping_mid_delivery_leaves_the_untried_messages_due_at_once(tmp_path: Path) -> None:
+    # smame stopped while the outbox works through what it claimed: the message being sent keeps its lease (it
+    # may yet go out), but those behind it, never tried, must be due at the next start, not five minutes later.
+    drip = DripSmtp(every=0.5)
+    store = Store(tmp_path / "smame.db")
+    try:
+        outbox = Outbox(store, {"mail": SmtpChannel(mail_to(drip.port, timeout_s=30))}, lease_s=300)
+        await outbox.put(
+            [(k, "mail", mail.compose(k, "smame@example.jp", ["ops@example.jp"], k, "t", 0.0)) for k in "abc"]
+        )
+        delivering = asyncio.create_task(outbox.deliver_due())
+        while not outbox._lanes or not next(iter(outbox._lanes.values())).busy:  # "a" is being sent
+            await asyncio.sleep(0.01)
+        delivering.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await delivering
+        due = dict(store.db.execute("SELECT key, next_try <= ? FROM outbox", (time.time(),)).fetchall())
+        assert due == {"a": 0, "b": 1, "c": 1}
+    finally:
+        drip.stop.set()
+        store.close()
+
+
 async def test_a_mail_answered_after_the_deadline_is_sent_once(tmp_path: Path) -> None:
     class SlowSink(SmtpSink):
         async def handle_DATA(self, server: object, session: object, envelope: object) -> str:  # noqa: N802
