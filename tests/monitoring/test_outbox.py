@@ -247,8 +247,7 @@ class DripSmtp:
         threading.Thread(target=self.serve, daemon=True).start()
 
     def serve(self) -> None:
-        conn, _ = self.sock.accept()
-        with conn:
+        with self.sock, self.sock.accept()[0] as conn:  # both closed once stopped
             for byte in b"220 slow.example.jp ESMTP\r\n":
                 if self.stop.wait(self.every):
                     return
