@@ -21,7 +21,7 @@ from aggregator.store import Store
 from aggregator.timegrid import Grid
 from csv_export.exporter import Exporter
 from smame.registry import Customer, Registry, Unit
-from tests.helpers import children, process_name
+from tests.helpers import children, memory_mb, process_name
 
 
 def fill(store: Store, grid: Grid, ids: list[str], first: date, days: int) -> int:
@@ -44,14 +44,6 @@ def fill(store: Store, grid: Grid, ids: list[str], first: date, days: int) -> in
         store.db.execute("COMMIT")
         n += len(rows)
     return n
-
-
-def peak_rss_mb(pid: int) -> float:
-    """A process's peak resident memory so far (Linux /proc: VmHWM)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def main() -> None:
@@ -96,7 +88,7 @@ def main() -> None:
         window = [(c, first + timedelta(days=d)) for d in range(args.days) for c in customers]
         full = exporter.export(window, now)
         everything = time.perf_counter() - t
-        peaks = [peak_rss_mb(w) for w in children(os.getpid()) if process_name(w) == "smame-export"]
+        peaks = [memory_mb(w)[1] for w in children(os.getpid()) if process_name(w) == "smame-export"]
         exporter.close()
     n_day = len(day_rows)
     print(f"baseline, fetch one day's {n_day:,} rows from SQLite: {fetch:6.2f} s")

@@ -32,7 +32,7 @@ from bench.export import fill
 from simulators.fleet import make_fleet, write_registry
 from simulators.publisher import Endpoint, FleetPublisher
 from simulators.scenario import Faults, Scenario
-from tests.helpers import Mosquitto, children, free_port, process_name, smame_env
+from tests.helpers import Mosquitto, children, free_port, memory_mb, process_name, smame_env
 
 ZONE = "Asia/Tokyo"
 
@@ -46,14 +46,14 @@ def acknowledged(port: int) -> int:
     return 0
 
 
-def memory_mb(pid: int) -> dict[str, tuple[float, float]]:
+def fleet_memory_mb(pid: int) -> dict[str, tuple[float, float]]:
     """Resident and peak resident memory (MB) of a process and its children, by process name."""
     out: dict[str, tuple[float, float]] = {}
     for p in [pid, *children(pid)]:
-        fields = dict(line.split(":", 1) for line in Path(f"/proc/{p}/status").read_text().splitlines() if ":" in line)
         name = "smame" if p == pid else process_name(p) or str(p)
-        rss, hwm = out.get(name, (0.0, 0.0))
-        out[name] = (rss + int(fields["VmRSS"].split()[0]) / 1024, hwm + int(fields["VmHWM"].split()[0]) / 1024)
+        rss, hwm = memory_mb(p)
+        before = out.get(name, (0.0, 0.0))
+        out[name] = (before[0] + rss, before[1] + hwm)
     return out
 
 
@@ -115,7 +115,7 @@ def run(units: int, days: int, customers: int, work: Path) -> dict[str, object]:
         wait_for(metrics, units, proc, log)
         last_acked = asyncio.run(send(mq.port, scenario, ids, live + SLOT, first=False))
         lag = wait_for(metrics, 2 * units, proc, log) - last_acked
-        memory = memory_mb(proc.pid)
+        memory = fleet_memory_mb(proc.pid)
         return {"stored": stored, "filled": filled, "lag": lag, "memory": memory}
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -311,6 +311,12 @@ def children(pid: int) -> list[int]:
     return out
 
 
+def memory_mb(pid: int) -> tuple[float, float]:
+    """A process's resident memory and its peak so far, in MB (Linux /proc: VmRSS, VmHWM)."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
 def running(pid: int) -> bool:
     """True while a process exists and is not a zombie."""
     try:
