@@ -63,8 +63,11 @@ class Outcome:
 
 @dataclass(slots=True)
 class _UnitState:
+    """What the writer keeps of a unit between batches (fields, not a dict: a fleet holds one per unit)."""
+
     last_at: int | None  # newest reading of any register
-    last: dict[str, Point | None]  # newest point of each register
+    fwd: Point | None  # newest point of each register, named as in REGISTERS
+    rev: Point | None
 
 
 # (slot end, unit) -> [import SlotValue, export SlotValue, meter, e1, coef]
@@ -131,18 +134,17 @@ class Ingestor:
 
     def _load(self, unit: str) -> _UnitState:
         last_at = self.store.last_at(unit)
-        last = {
-            reg: None if last_at is None else self.store.neighbour(unit, last_at + 1, reg, before=True)
-            for reg in REGISTERS
-        }
-        state = self._cache[unit] = _UnitState(last_at, last)
+        fwd, rev = (
+            None if last_at is None else self.store.neighbour(unit, last_at + 1, reg, before=True) for reg in REGISTERS
+        )
+        state = self._cache[unit] = _UnitState(last_at, fwd, rev)
         return state
 
     def _next(self, unit: str, state: _UnitState, r: Reading, live: list[tuple[Any, ...]]) -> bool:
         """The live case, every half hour for every unit, without the general machinery: both registers' next
         reading one slot after the last, same meter and scale, a plausible delta. Appends the slot row and
         returns True; returns False (nothing done) for anything else, which `_chain` then handles."""
-        fwd, rev = state.last["fwd"], state.last["rev"]
+        fwd, rev = state.fwd, state.rev
         if fwd is None or rev is None or r.fwd is None or r.rev is None:
             return False
         if r.at - fwd.at != SLOT or fwd.at != rev.at:
@@ -154,8 +156,8 @@ class Ingestor:
         if not (0 <= d_imp <= ceiling and 0 <= d_exp <= ceiling):
             return False
         live.append((r.at, unit, d_imp, ACTUAL, r.flags, d_exp, ACTUAL, r.flags, r.meter, r.e1, r.coef))
-        state.last["fwd"] = Point(r.at, r.fwd, r.meter, r.digits, r.e1, r.coef, r.flags)
-        state.last["rev"] = Point(r.at, r.rev, r.meter, r.digits, r.e1, r.coef, r.flags)
+        state.fwd = Point(r.at, r.fwd, r.meter, r.digits, r.e1, r.coef, r.flags)
+        state.rev = Point(r.at, r.rev, r.meter, r.digits, r.e1, r.coef, r.flags)
         state.last_at = r.at
         return True
 
@@ -170,7 +172,7 @@ class Ingestor:
         """Slots closed by readings newer than anything stored, each paired with the one before."""
         limits = self.units.limits_of(unit)
         for reg in REGISTERS:
-            prev = state.last[reg] if start is None else start[reg]
+            prev = getattr(state, reg) if start is None else start[reg]
             column = _COLUMN[reg]
             for r in fresh:
                 value = r.fwd if column == 0 else r.rev
@@ -180,7 +182,7 @@ class Ingestor:
                 if prev is not None:
                     _merge(slot_rows, unit, column, pair_slots(prev, point, limits), point)
                 prev = point
-            state.last[reg] = prev
+            setattr(state, reg, prev)
         state.last_at = fresh[-1].at
 
     def _unit(
@@ -241,9 +243,9 @@ class Ingestor:
                 here = self.store.neighbour(unit, at - 1, reg, before=False)
                 if here is None or here.at != at:
                     continue  # this register has no value at that time
-                newest = state.last[reg]
+                newest = getattr(state, reg)
                 if newest is None or here.at >= newest.at:  # newer readings had no value for this register
-                    state.last[reg] = here
+                    setattr(state, reg, here)
                 before = self.store.neighbour(unit, at, reg, before=True)
                 after = self.store.neighbour(unit, at, reg, before=False)
                 if before is not None:
