@@ -10,6 +10,7 @@ the interpreter lock from ingest. Days go to workers in parallel.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import threading
@@ -39,6 +40,7 @@ _QUERY = (
 # Units a job holds at most (several customers' files, or one customer's): its rows of a day, 48 a unit, are
 # about 50 MB in a worker at 10,000 units, and SQLite reads them with a unit filter at about 0.6 s.
 SHARE_UNITS = 10_000
+_LIBC = ctypes.CDLL(None)  # the C library this process runs on
 _LETTERS = {ord(q): q for q in ("A", "E", "M")}
 _CODED = SLOT_SCHEMA | {"imp_q": pl.Int64, "exp_q": pl.Int64}
 
@@ -105,7 +107,23 @@ def read_slots(db: str, after: int, until: int, units: Iterable[str]) -> pl.Data
 
 
 def write_day(job: DayJob) -> tuple[list[Path], int]:
-    """Render and write the job's files; returns the files written and how many were already right."""
+    """Render and write the job's files; returns the files written and how many were already right. Then the
+    memory the job freed goes back to the system: an idle worker would hold its last job's peak."""
+    try:
+        return _write_day(job)
+    finally:
+        trim_heap()
+
+
+def trim_heap() -> None:
+    """Return the C heap's free pages to the system (glibc; elsewhere nothing). glibc keeps what a job's
+    threads freed in their arenas: two idle workers held 88 MB more after a 100,000-unit day than before."""
+    trim = getattr(_LIBC, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+def _write_day(job: DayJob) -> tuple[list[Path], int]:
     if job.labels:
         units = (u for c in job.customers for u, _ in c.units)
         slots = read_slots(job.db, job.labels[0][0] - SLOT, job.labels[-1][0], units)
