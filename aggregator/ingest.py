@@ -13,10 +13,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from aggregator.slots import ACTUAL, Flag, Limits, Point, SlotValue, max_raw, pair_slots
+from aggregator.slots import Point, SlotValue, max_raw, pair_slots
 from aggregator.store import REGISTERS, Store
-from aggregator.timegrid import SLOT, Grid
-from broker_bridge.telegram import Incoming, Reading, Reason, Refused
+from kernel.meter import ACTUAL, Flag, Limits
+from kernel.reading import Incoming, Reading, Reason, Refused
+from kernel.timegrid import SLOT, Grid
 
 
 class UnitDirectory(Protocol):

@@ -32,10 +32,10 @@ from pathlib import Path
 import msgspec
 
 from aggregator.ingest import Ingestor, Outcome, UnitTable
-from aggregator.slots import Limits
 from aggregator.store import Store, file_identity
-from aggregator.timegrid import Grid
-from broker_bridge.telegram import Incoming, Refused
+from kernel.meter import Limits
+from kernel.reading import Incoming, Refused
+from kernel.timegrid import Grid
 
 _COMMIT, _RELOAD, _OK, _FAILED = b"C", b"R", b"K", b"E"
 WRITER_CACHE_MIB = 16  # SQLite page cache of the ingest connection (see Store)

@@ -18,9 +18,9 @@ from datetime import date, timedelta
 from pathlib import Path
 
 from aggregator.store import Store
-from aggregator.timegrid import Grid
 from csv_export.exporter import Exporter
-from smame.registry import Customer, Registry, Unit
+from kernel.registry import Customer, Registry, Unit
+from kernel.timegrid import Grid
 from tests.helpers import children, memory_mb, process_name
 
 

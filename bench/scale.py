@@ -27,8 +27,8 @@ from datetime import timedelta
 from pathlib import Path
 
 from aggregator.store import Store
-from aggregator.timegrid import SLOT, Grid
 from bench.export import fill
+from kernel.timegrid import SLOT, Grid
 from simulators.fleet import make_fleet, write_registry
 from simulators.publisher import Endpoint, FleetPublisher
 from simulators.scenario import Faults, Scenario

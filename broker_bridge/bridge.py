@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from broker_bridge.mqtt import Message, MqttClient
-from broker_bridge.telegram import Decoded, Incoming, Reason, Refused, Reject, Rules, decode, unit_of_topic
+from broker_bridge.telegram import Decoded, Reject, Rules, decode, unit_of_topic
+from kernel.reading import Incoming, Reason, Refused
 
 log = logging.getLogger("smame.bridge")
 

@@ -27,8 +27,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from broker_bridge.telegram import MAX_PAYLOAD, UNIT_ID
-from smame.registry import RegistryError, unit_rows
+from broker_bridge.telegram import MAX_PAYLOAD
+from kernel.meter import UNIT_ID
+from kernel.registry import RegistryError, unit_rows
 
 # Units' passwords are random 192-bit tokens, so PBKDF2's iterations add no strength; mosquitto's own default
 # keeps a reconnect storm of a whole fleet cheap for the broker.

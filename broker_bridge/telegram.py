@@ -6,8 +6,6 @@ refused; `encode` is the one way to write a telegram, used by the simulator and 
 
 from __future__ import annotations
 
-import hashlib
-import re
 from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -15,38 +13,13 @@ from typing import Any, Generic, TypeVar
 
 import msgspec
 
-from aggregator.slots import E1_UNITS, Flag
+from kernel.meter import E1_UNITS, METER_ID, UNIT_ID, Flag
+from kernel.reading import Reading, Reason
 
 VERSION = 1
 MAX_PAYLOAD = 16 * 1024
 NO_DATA = 0xFFFFFFFE  # ECHONET Lite: the register has no value at that time
-UNIT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
-# A meter serial reaches customers' CSV files: letters and digits first, so no cell can start a formula (= + - @)
-METER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 SEQ_LIMIT = 2**32
-KEEP = 4096  # bytes of a refused payload kept in the quarantine; the rest is named by its size and hash
-
-
-class Reason:
-    """Why a telegram or one of its readings was quarantined (stable strings: metrics and reports use them)."""
-
-    TOO_LARGE = "too_large"
-    NOT_JSON = "not_json"
-    NOT_OBJECT = "not_object"
-    UNKNOWN_VERSION = "unknown_version"
-    BAD_FIELD = "bad_field"
-    BAD_TOPIC = "bad_topic"
-    UNIT_MISMATCH = "unit_mismatch"
-    UNKNOWN_UNIT = "unknown_unit"
-    BAD_TIME = "bad_time"
-    OUT_OF_RANGE = "out_of_range"
-    FUTURE = "future"
-    TOO_OLD = "too_old"
-    CONFLICT = "conflict"  # decided by the store: same (unit, at), other values
-    INTERNAL = "internal"  # decoding failed in a way it never should: a bug, kept with the telegram that found it
-
-
-REASONS = sorted(v for k, v in vars(Reason).items() if k.isupper())
 
 
 class WireReading(msgspec.Struct, forbid_unknown_fields=False):
@@ -116,24 +89,6 @@ _decode_envelope = msgspec.json.Decoder(_Envelope).decode
 _encode = msgspec.json.Encoder().encode
 
 
-class Reading(msgspec.Struct, frozen=True, gc=False, array_like=True):
-    """One validated fixed-time reading; None in a register means the meter had no value.
-
-    Array-like: it crosses to the writer process as a msgpack array, not a map of field names."""
-
-    unit: str
-    at: int
-    meter: str
-    fwd: int | None
-    rev: int | None
-    e1: int
-    coef: int
-    digits: int
-    seq: int
-    sent: int
-    flags: int = 0
-
-
 @dataclass(frozen=True, slots=True)
 class Reject:
     """Something refused: the whole telegram (index None) or one of its readings."""
@@ -150,37 +105,6 @@ class Decoded:
     unit: str | None
     readings: list[Reading] = field(default_factory=list)
     rejects: list[Reject] = field(default_factory=list)
-
-
-class Incoming(msgspec.Struct, frozen=True, gc=False, array_like=True):
-    """A valid reading with the message it came in."""
-
-    reading: Reading
-    received: int
-    topic: str
-    payload: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class Refused:
-    """Input to keep in quarantine, with its reason."""
-
-    received: int
-    topic: str
-    unit: str | None
-    reason: str
-    detail: str
-    payload: bytes
-
-    @classmethod
-    def of(cls, received: int, topic: str, unit: str | None, reason: str, detail: str, payload: bytes) -> Refused:
-        """Refused input with a bounded excerpt: at most KEEP bytes of the payload (and of the topic), the rest
-        named by its size and SHA-256, so that no refusal costs the store more than a few kilobytes."""
-        if len(payload) > KEEP:
-            digest = hashlib.sha256(payload).hexdigest()
-            detail = f"{detail} [payload {len(payload)} bytes, sha256 {digest}, first {KEEP} kept]"
-            payload = payload[:KEEP]
-        return cls(received, topic[:256], unit, reason, detail[:1024], payload)
 
 
 def unit_of_topic(topic: str) -> str | None:

@@ -25,9 +25,9 @@ import adbc_driver_manager as adbc
 import adbc_driver_sqlite
 import polars as pl
 
-from aggregator.timegrid import SLOT, SlotLabel
 from csv_export.files import path_of, write_if_changed
 from csv_export.render import SLOT_SCHEMA, Layout, render
+from kernel.timegrid import SLOT, SlotLabel
 
 # Every column typed in every row: the driver infers a column's type from its first rows, and a day whose
 # first rows have no value would fail on the first real one. Energies are never negative, so -1 is free.

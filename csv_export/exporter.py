@@ -22,11 +22,11 @@ from datetime import date, datetime, timedelta
 from pathlib import Path
 
 from aggregator.store import Store
-from aggregator.timegrid import SLOT, Grid
 from csv_export.days import SHARE_UNITS, CustomerFiles, DayJob, worker_init, write_day
 from csv_export.files import check_writable, expired
 from csv_export.render import Layout
-from smame.registry import Customer, Registry, Unit
+from kernel.registry import Customer, Registry, Unit
+from kernel.timegrid import SLOT, Grid
 
 log = logging.getLogger("smame.export")
 CURSOR = "export_cursor"

@@ -15,8 +15,8 @@ from typing import Any
 
 import polars as pl
 
-from aggregator.slots import format_kwh
-from aggregator.timegrid import SlotLabel
+from kernel.meter import format_kwh
+from kernel.timegrid import SlotLabel
 
 LONG_HEADER = ("unit_id", "meter_id", "date", "slot", "start", "end", "import_kwh", "export_kwh", "quality")
 # A day's stored slots, as the store returns them.

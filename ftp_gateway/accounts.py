@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ftp_gateway.passwords import N, P, R, outdated, verify_password
-from smame.registry import Registry
+from kernel.registry import Registry
 
 log = logging.getLogger("smame.files")
 

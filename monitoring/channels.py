@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from kernel.settings import Settings
 from monitoring import mail, slack
 from monitoring.outbox import Message
-from smame.settings import Settings
 
 
 def configured(settings: Settings) -> bool:

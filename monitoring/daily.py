@@ -5,13 +5,13 @@ from __future__ import annotations
 from datetime import date, timedelta
 
 from aggregator.store import Store
-from aggregator.timegrid import Grid
+from kernel.registry import Registry
+from kernel.settings import Settings
+from kernel.timegrid import Grid
 from monitoring.channels import fan_out
 from monitoring.detect import ProblemSlot, UnitFindings, by_unit, detect
 from monitoring.outbox import Message
 from monitoring.report import DailyReport, problems_csv, render_html, render_slack, render_text, subject
-from smame.registry import Registry
-from smame.settings import Settings
 
 # Units whose slots are read and weighed at once: a day of 100,000 units as Python rows would take
 # about a gigabyte; a share of 2,000 takes about 20 MB.

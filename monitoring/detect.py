@@ -7,9 +7,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 
-from aggregator.slots import flag_names
 from aggregator.store import SlotTuple
-from aggregator.timegrid import SlotLabel
+from kernel.meter import flag_names
+from kernel.timegrid import SlotLabel
 
 
 def by_unit(slots: Iterable[SlotTuple]) -> dict[str, dict[int, SlotTuple]]:

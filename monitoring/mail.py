@@ -11,8 +11,8 @@ from email.policy import SMTP
 from email.utils import formatdate, getaddresses
 from urllib.parse import urlsplit
 
+from kernel.settings import MailSettings
 from monitoring.outbox import SendFailed
-from smame.settings import MailSettings
 
 
 def compose(

@@ -21,19 +21,19 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 from aggregator.store import Store
-from aggregator.timegrid import Grid
 from broker_bridge.bridge import BridgeStats
-from broker_bridge.telegram import Reason
 from csv_export.exporter import ExportStats
 from ftp_gateway.accounts import Bans
+from kernel.reading import Reason
+from kernel.registry import Registry
+from kernel.settings import Settings
+from kernel.timegrid import Grid
 from monitoring import alerts
 from monitoring.alerts import Active, Notice
 from monitoring.channels import configured, fan_out
 from monitoring.daily import build_report, report_messages
 from monitoring.outbox import Message, Outbox
 from monitoring.security import SecurityEvents
-from smame.registry import Registry
-from smame.settings import Settings
 
 log = logging.getLogger("smame.monitor")
 ALERT_STATE = "alert_state"

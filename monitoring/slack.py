@@ -10,8 +10,8 @@ from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError, SlackClientError
 from slack_sdk.webhook import WebhookClient
 
+from kernel.settings import SlackSettings
 from monitoring.outbox import SendFailed
-from smame.settings import SlackSettings
 
 
 def compose(title: str, text: str) -> bytes:

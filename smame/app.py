@@ -20,23 +20,24 @@ from prometheus_client import CollectorRegistry
 
 from aggregator.ingest import UnitTable
 from aggregator.store import Store, StoreError, file_identity, sqlite_path
-from aggregator.timegrid import Grid
 from aggregator.writer import Writer
 from broker_bridge.bridge import Bridge, BrokerTarget, target_from_url, tls_context
-from broker_bridge.telegram import Incoming, Refused, Rules
+from broker_bridge.telegram import Rules
 from csv_export.exporter import Exporter
 from ftp_gateway.accounts import Accounts, Bans, Doorway
 from ftp_gateway.certs import ensure_certificate
 from ftp_gateway.ftp import FtpOptions
 from ftp_gateway.service import FileGateway
+from kernel.reading import Incoming, Refused
+from kernel.registry import Registry, RegistryError, load_registry
+from kernel.settings import Settings
+from kernel.timegrid import Grid
 from monitoring.http import MonitoringServer
 from monitoring.mail import SmtpChannel
 from monitoring.metrics import SmameCollector, Sources
 from monitoring.monitor import Monitor, Watched
 from monitoring.outbox import Channel, Outbox
 from monitoring.slack import SlackChannel
-from smame.registry import Registry, RegistryError, load_registry
-from smame.settings import Settings
 from smame.users import set_password
 
 log = logging.getLogger("smame")

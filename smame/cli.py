@@ -16,14 +16,16 @@ from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from aggregator.slots import flag_names, format_kwh
 from aggregator.store import Store, check_copy, restore_copy, sqlite_path
-from aggregator.timegrid import Grid
 from broker_bridge.bridge import target_from_url, tls_context
 from broker_bridge.mqtt import ConnectionRefused
 from broker_bridge.provision import BROKER_NAMES, ProvisionError, provision, read_units
-from broker_bridge.telegram import REASONS
 from csv_export.files import check_writable
+from kernel.meter import flag_names, format_kwh
+from kernel.reading import REASONS
+from kernel.registry import RegistryError
+from kernel.settings import Settings, SettingsError, load_settings
+from kernel.timegrid import Grid
 from monitoring.channels import configured
 from monitoring.daily import build_report, report_messages
 from monitoring.report import problems_csv, render_text
@@ -46,8 +48,6 @@ from smame.app import (
 )
 from smame.demo import DemoOptions, run_demo
 from smame.logs import setup_logging
-from smame.registry import RegistryError
-from smame.settings import Settings, SettingsError, load_settings
 from smame.users import UsersError, add_user, list_users, remove_user, set_password
 
 

@@ -12,7 +12,7 @@ import tomlkit.exceptions
 import tomlkit.items
 
 from ftp_gateway.passwords import hash_password
-from smame.registry import RegistryError, parse_customers
+from kernel.registry import RegistryError, parse_customers
 
 USER = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 

@@ -13,10 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aggregator.ingest import Ingestor
-from aggregator.slots import Flag, Limits
 from aggregator.store import Store
-from aggregator.timegrid import Grid
-from broker_bridge.telegram import Incoming, Reading
+from kernel.meter import Flag, Limits
+from kernel.reading import Incoming, Reading
+from kernel.timegrid import Grid
 
 T0 = 1_795_000_000 - 1_795_000_000 % 1800  # a JST half hour
 H = 1800

@@ -9,19 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from aggregator.slots import (
-    ACTUAL,
-    ESTIMATED,
-    MISSING,
-    Flag,
-    Limits,
-    Point,
-    SlotValue,
-    format_kwh,
-    pair_slots,
-    series_slots,
-    spread,
-)
+from aggregator.slots import Point, SlotValue, pair_slots, series_slots, spread
+from kernel.meter import ACTUAL, ESTIMATED, MISSING, Flag, Limits, format_kwh
 
 T0 = 1_795_000_000 - 1_795_000_000 % 1800
 H = 1800

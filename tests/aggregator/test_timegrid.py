@@ -7,7 +7,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from aggregator.timegrid import Grid, SlotLabel
+from kernel.timegrid import Grid, SlotLabel
 
 
 def epoch(text: str) -> int:

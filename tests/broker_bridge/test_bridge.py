@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
-from aggregator.timegrid import Grid
 from broker_bridge.bridge import AHEAD, Bridge, BrokerTarget
-from broker_bridge.telegram import Incoming, Refused, Rules
+from broker_bridge.telegram import Rules
+from kernel.reading import Incoming, Refused
+from kernel.timegrid import Grid
 from tests.helpers import Mosquitto, at, publish, telegram
 
 UNITS, ROUNDS, BATCH = 500, 40, 500  # 20,000 telegrams

@@ -17,9 +17,11 @@ import msgspec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aggregator.slots import MISSING, Limits, Point, pair_slots
-from aggregator.timegrid import SLOT, Grid
-from broker_bridge.telegram import KEEP, MAX_PAYLOAD, REASONS, Decoded, Reason, Refused, Rules, _slow_path, decode
+from aggregator.slots import Point, pair_slots
+from broker_bridge.telegram import MAX_PAYLOAD, Decoded, Rules, _slow_path, decode
+from kernel.meter import MISSING, Limits
+from kernel.reading import KEEP, REASONS, Reason, Refused
+from kernel.timegrid import SLOT, Grid
 
 GRID = Grid("Asia/Tokyo")
 NOW = int(datetime(2026, 11, 23, 1, 30, 9, tzinfo=UTC).timestamp())

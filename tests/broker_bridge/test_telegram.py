@@ -7,9 +7,10 @@ from datetime import datetime
 
 import pytest
 
-from aggregator.slots import Flag
-from aggregator.timegrid import Grid
-from broker_bridge.telegram import NO_DATA, Decoded, Reason, Rules, decode
+from broker_bridge.telegram import NO_DATA, Decoded, Rules, decode
+from kernel.meter import Flag
+from kernel.reading import Reason
+from kernel.timegrid import Grid
 
 GRID = Grid("Asia/Tokyo")
 NOW = int(datetime.fromisoformat("2026-11-23T10:30:09+09:00").timestamp())

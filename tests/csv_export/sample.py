@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import date
 
 from aggregator.store import SlotTuple
-from aggregator.timegrid import Grid
+from kernel.timegrid import Grid
 
 GRID = Grid("Asia/Tokyo")
 DAY = date(2026, 11, 23)

@@ -19,11 +19,11 @@ import pytest
 
 from aggregator.ingest import Ingestor
 from aggregator.store import Store
-from aggregator.timegrid import SLOT, Grid
-from broker_bridge.telegram import KEEP, Incoming, Reading, Refused
 from csv_export.exporter import Exporter
 from csv_export.files import path_of, write_if_changed
-from smame.registry import load_registry
+from kernel.reading import KEEP, Incoming, Reading, Refused
+from kernel.registry import load_registry
+from kernel.timegrid import SLOT, Grid
 from tests.helpers import (
     Mosquitto,
     at,

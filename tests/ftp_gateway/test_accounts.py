@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ftp_gateway.accounts import Accounts, Bans, normalize
 from ftp_gateway.passwords import hash_password
-from smame.registry import load_registry
+from kernel.registry import load_registry
 from tests.helpers import write_registry
 
 

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 
 from aggregator.ingest import Ingestor
-from aggregator.slots import Flag
 from aggregator.store import Store
-from aggregator.timegrid import SLOT, Grid
-from broker_bridge.telegram import Incoming, Reading
+from kernel.meter import Flag
+from kernel.reading import Incoming, Reading
+from kernel.registry import load_registry
+from kernel.timegrid import SLOT, Grid
 from monitoring import daily
 from monitoring.detect import by_unit, detect
 from monitoring.report import DailyReport, problems_csv, render_text, subject
-from smame.registry import load_registry
 from tests.helpers import smame, smame_env, write_registry, yesterday
 
 GRID = Grid("Asia/Tokyo")

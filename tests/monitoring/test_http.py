@@ -8,8 +8,8 @@ import urllib.request
 
 from prometheus_client import CollectorRegistry
 
+from kernel.settings import Settings
 from monitoring.http import MAX_CONNECTIONS, MonitoringServer
-from smame.settings import Settings
 from tests.helpers import wait_until
 
 

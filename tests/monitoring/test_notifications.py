@@ -12,9 +12,9 @@ from pathlib import Path
 
 from aggregator.ingest import Ingestor
 from aggregator.store import Store
-from aggregator.timegrid import SLOT, Grid
-from broker_bridge.telegram import Incoming, Reading
-from smame.registry import load_registry
+from kernel.reading import Incoming, Reading
+from kernel.registry import load_registry
+from kernel.timegrid import SLOT, Grid
 from tests.helpers import (
     Mosquitto,
     free_port,

@@ -15,11 +15,11 @@ from pydantic import SecretStr
 
 from aggregator.store import Store
 from ftp_gateway.certs import ensure_certificate
+from kernel.settings import MailSettings, SlackSettings
 from monitoring import mail, slack
 from monitoring.mail import SmtpChannel
 from monitoring.outbox import Outbox
 from monitoring.slack import SlackChannel
-from smame.settings import MailSettings, SlackSettings
 from tests.helpers import free_port
 from tests.monitoring.sinks import SlackStandIn, SmtpSink
 

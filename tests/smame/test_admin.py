@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from smame.registry import load_registry
+from kernel.registry import load_registry
 from tests.helpers import (
     Mosquitto,
     at,

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
+from kernel.settings import load_settings
 from monitoring.metrics import SmameCollector, Sources
 from smame.app import App
-from smame.settings import load_settings
 from tests.helpers import ROOT, smame, smame_env, write_registry
 
 

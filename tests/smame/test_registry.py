@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from smame.registry import RegistryError, load_registry
+from kernel.registry import RegistryError, load_registry
 
 
 def files(

@@ -6,7 +6,6 @@ The tenant of a reading comes from here, never from the telegram or its topic.
 from __future__ import annotations
 
 import csv
-import re
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -16,9 +15,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from aggregator.slots import Limits
+from kernel.meter import UNIT_ID, Limits
 
-UNIT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 UNIT_COLUMNS = ("unit_id", "customer_id", "meter_id", "contract_kw", "label")
 MAX_ERRORS = 20  # bad lines of units.csv said at once
 

@@ -1,0 +1,84 @@
+"""A reading as everything after the decoder handles it, and input refused with its reason (pure data).
+
+The broker bridge makes them from telegrams, the writer process receives them (array-like msgpack), the
+aggregator stores them and the monitor counts the reasons."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import msgspec
+
+KEEP = 4096  # bytes of a refused payload kept in the quarantine; the rest is named by its size and hash
+
+
+class Reason:
+    """Why a telegram or one of its readings was quarantined (stable strings: metrics and reports use them)."""
+
+    TOO_LARGE = "too_large"
+    NOT_JSON = "not_json"
+    NOT_OBJECT = "not_object"
+    UNKNOWN_VERSION = "unknown_version"
+    BAD_FIELD = "bad_field"
+    BAD_TOPIC = "bad_topic"
+    UNIT_MISMATCH = "unit_mismatch"
+    UNKNOWN_UNIT = "unknown_unit"
+    BAD_TIME = "bad_time"
+    OUT_OF_RANGE = "out_of_range"
+    FUTURE = "future"
+    TOO_OLD = "too_old"
+    CONFLICT = "conflict"  # decided by the store: same (unit, at), other values
+    INTERNAL = "internal"  # decoding failed in a way it never should: a bug, kept with the telegram that found it
+
+
+REASONS = sorted(v for k, v in vars(Reason).items() if k.isupper())
+
+
+class Reading(msgspec.Struct, frozen=True, gc=False, array_like=True):
+    """One validated fixed-time reading; None in a register means the meter had no value.
+
+    Array-like: it crosses to the writer process as a msgpack array, not a map of field names."""
+
+    unit: str
+    at: int
+    meter: str
+    fwd: int | None
+    rev: int | None
+    e1: int
+    coef: int
+    digits: int
+    seq: int
+    sent: int
+    flags: int = 0
+
+
+class Incoming(msgspec.Struct, frozen=True, gc=False, array_like=True):
+    """A valid reading with the message it came in."""
+
+    reading: Reading
+    received: int
+    topic: str
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """Input to keep in quarantine, with its reason."""
+
+    received: int
+    topic: str
+    unit: str | None
+    reason: str
+    detail: str
+    payload: bytes
+
+    @classmethod
+    def of(cls, received: int, topic: str, unit: str | None, reason: str, detail: str, payload: bytes) -> Refused:
+        """Refused input with a bounded excerpt: at most KEEP bytes of the payload (and of the topic), the rest
+        named by its size and SHA-256, so that no refusal costs the store more than a few kilobytes."""
+        if len(payload) > KEEP:
+            digest = hashlib.sha256(payload).hexdigest()
+            detail = f"{detail} [payload {len(payload)} bytes, sha256 {digest}, first {KEEP} kept]"
+            payload = payload[:KEEP]
+        return cls(received, topic[:256], unit, reason, detail[:1024], payload)
