@@ -76,6 +76,16 @@ class BridgeStats:
     size_counts: list[int] = field(default_factory=lambda: [0] * (len(BATCH_SIZES) + 1))
     size_sum: int = 0
 
+    @property
+    def commit_bounds(self) -> tuple[float, ...]:
+        """Upper bounds of the commit duration histogram's buckets (seconds; +Inf is the last)."""
+        return COMMIT_SECONDS
+
+    @property
+    def size_bounds(self) -> tuple[int, ...]:
+        """Upper bounds of the batch size histogram's buckets (+Inf is the last)."""
+        return BATCH_SIZES
+
     def caught_up(self, now: float, quiet: float = 2.0) -> bool:
         """True when ingest has drained what the broker held for it: connected, nothing received for `quiet`
         seconds and nothing waiting to be committed. Reports on a past day wait for it."""

@@ -8,23 +8,20 @@ from dataclasses import dataclass
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from aggregator.ingest import Outcome
-from broker_bridge.bridge import BATCH_SIZES, COMMIT_SECONDS, BridgeStats
-from csv_export.exporter import ExportStats
-from ftp_gateway.accounts import Accounts, Bans
 from monitoring.monitor import Monitor
+from monitoring.sources import BanList, BridgeCounters, ExportCounters, IngestCounters, LoginEvents
 
 
 @dataclass
 class Sources:
     """Where the figures come from; any part may be absent (disabled)."""
 
-    bridge: BridgeStats
-    ingest: Outcome
+    bridge: BridgeCounters
+    ingest: IngestCounters
     units: Callable[[], int]
-    export: ExportStats | None = None
-    accounts: Accounts | None = None
-    bans: Bans | None = None
+    export: ExportCounters | None = None
+    accounts: LoginEvents | None = None
+    bans: BanList | None = None
     monitor: Monitor | None = None
 
 
@@ -51,12 +48,12 @@ class SmameCollector(Collector):
         yield _histogram(
             "smame_commit_seconds",
             "duration of each batch's commit transaction",
-            COMMIT_SECONDS,
+            b.commit_bounds,
             b.commit_counts,
             b.commit_sum,
         )
         yield _histogram(
-            "smame_commit_batch_size", "telegrams per committed batch", BATCH_SIZES, b.size_counts, b.size_sum
+            "smame_commit_batch_size", "telegrams per committed batch", b.size_bounds, b.size_counts, b.size_sum
         )
         yield _gauge("smame_commit_last_batch_size", "telegrams in the last committed batch", b.last_batch)
         yield _gauge("smame_commit_last_seconds", "duration of the last commit", b.last_commit_s)

@@ -21,9 +21,6 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 from aggregator.store import Store
-from broker_bridge.bridge import BridgeStats
-from csv_export.exporter import ExportStats
-from ftp_gateway.accounts import Bans
 from kernel.reading import Reason
 from kernel.registry import Registry
 from kernel.settings import Settings
@@ -34,6 +31,7 @@ from monitoring.channels import configured, fan_out
 from monitoring.daily import build_report, report_messages
 from monitoring.outbox import Message, Outbox
 from monitoring.security import SecurityEvents
+from monitoring.sources import BanList, BridgeCounters, ExportCounters
 
 log = logging.getLogger("smame.monitor")
 ALERT_STATE = "alert_state"
@@ -45,9 +43,9 @@ REPORT_DONE = "report_last_day"
 class Watched:
     """The other services' counters the monitor reads; absent parts are None."""
 
-    bridge: BridgeStats
-    export: ExportStats | None = None
-    bans: Bans | None = None
+    bridge: BridgeCounters
+    export: ExportCounters | None = None
+    bans: BanList | None = None
     paths: Sequence[Path] = ()  # directories whose file systems must not fill up
 
 
