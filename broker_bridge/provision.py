@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import base64
 import csv
-import datetime
 import hashlib
-import ipaddress
-import os
 import pwd
 import re
 import secrets
@@ -25,9 +22,10 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from broker_bridge.telegram import MAX_PAYLOAD
+from kernel.certificates import alt_names, builder, common_name, key_pem, write_file
 from kernel.meter import UNIT_ID
 from kernel.registry import RegistryError, unit_rows
 
@@ -253,9 +251,9 @@ def _certificates(out: Path, units: Sequence[str], ingest_user: str, names: Sequ
     ca_key_path, ca_path = out / "ca.key", out / "ca.pem"
     if not ca_path.exists():
         key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "smame device CA")])
+        name = common_name("smame device CA")
         cert = (
-            _builder(name, name, key.public_key(), 7300)
+            builder(name, name, key.public_key(), 7300)
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(
                 x509.KeyUsage(
@@ -278,13 +276,8 @@ def _certificates(out: Path, units: Sequence[str], ingest_user: str, names: Sequ
     ca = x509.load_pem_x509_certificate(ca_path.read_bytes())
     assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
     if not (out / "server.pem").exists():
-        alt: list[x509.GeneralName] = []
-        for n in names:
-            try:
-                alt.append(x509.IPAddress(ipaddress.ip_address(n)))
-            except ValueError:
-                alt.append(x509.DNSName(n))
-        _leaf(out / "server.pem", out / "server.key", names[0], ca, ca_key, ExtendedKeyUsageOID.SERVER_AUTH, alt, done)
+        server = (out / "server.pem", out / "server.key")
+        _leaf(*server, names[0], ca, ca_key, ExtendedKeyUsageOID.SERVER_AUTH, alt_names(names), done)
     certs = out / "certs"
     for user in [ingest_user, *units]:
         if not (certs / f"{user}.pem").exists():
@@ -295,24 +288,9 @@ def _certificates(out: Path, units: Sequence[str], ingest_user: str, names: Sequ
                 ca,
                 ca_key,
                 ExtendedKeyUsageOID.CLIENT_AUTH,
-                [],
+                None,
                 done,
             )
-
-
-def _builder(
-    subject: x509.Name, issuer: x509.Name, public: ec.EllipticCurvePublicKey, days: int
-) -> x509.CertificateBuilder:
-    now = datetime.datetime.now(datetime.UTC)
-    return (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer)
-        .public_key(public)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=days))
-    )
 
 
 def _leaf(
@@ -322,35 +300,30 @@ def _leaf(
     ca: x509.Certificate,
     ca_key: ec.EllipticCurvePrivateKey,
     usage: x509.ObjectIdentifier,
-    alt: list[x509.GeneralName],
+    alt: x509.SubjectAlternativeName | None,
     done: Provisioned,
 ) -> None:
     key = ec.generate_private_key(ec.SECP256R1())
-    builder = (
-        _builder(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]), ca.subject, key.public_key(), 3650)
+    leaf = (
+        builder(common_name(cn), ca.subject, key.public_key(), 3650)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
     )
-    if alt:
-        builder = builder.add_extension(x509.SubjectAlternativeName(alt), critical=False)
-    _write_pair(cert_path, key_path, builder.sign(ca_key, hashes.SHA256()), key, done)
+    if alt is not None:
+        leaf = leaf.add_extension(alt, critical=False)
+    _write_pair(cert_path, key_path, leaf.sign(ca_key, hashes.SHA256()), key, done)
 
 
 def _write_pair(
     cert_path: Path, key_path: Path, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey, done: Provisioned
 ) -> None:
     cert_path.parent.mkdir(parents=True, exist_ok=True)
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    _write(key_path, pem.decode(), private=True, done=done)
+    _write(key_path, key_pem(key).decode(), private=True, done=done)
     _write(cert_path, cert.public_bytes(serialization.Encoding.PEM).decode(), done=done)
 
 
 def _write(path: Path, text: str, done: Provisioned, private: bool = False) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_file(path, text.encode(), private)
     done.files.append(path)
 
 

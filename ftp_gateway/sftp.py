@@ -11,7 +11,7 @@ from typing import Any, NoReturn
 import asyncssh
 
 from ftp_gateway.accounts import Accounts, Bans, Doorway
-from ftp_gateway.certs import write_secret
+from kernel.certificates import write_file
 
 log = logging.getLogger("smame.sftp")
 MAX_AUTH_ATTEMPTS = 6  # on one connection; then it is closed (OpenSSH's MaxAuthTries)
@@ -29,7 +29,7 @@ def host_key(path: Path) -> asyncssh.SSHKey:
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
         key = asyncssh.generate_private_key("ssh-ed25519")
-        write_secret(path, key.export_private_key())
+        write_file(path, key.export_private_key(), private=True)
         log.info("sftp: new host key written to %s", path)
     log.info("sftp: host key fingerprint %s", key.get_fingerprint("sha256"))
     return key
