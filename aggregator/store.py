@@ -92,18 +92,6 @@ class QuarantineRow:
     payload: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class OutboxRow:
-    """A message waiting to be sent (a report or an alert, for one channel)."""
-
-    id: int
-    key: str
-    channel: str
-    payload: bytes
-    created: float
-    attempts: int
-
-
 class StoreError(OSError):
     """The store cannot be opened; the message names the file and SQLite's reason."""
 
@@ -409,70 +397,6 @@ class Store:
         """Number of quarantined items per reason."""
         rows = self.db.execute("SELECT reason, count(*) FROM quarantine GROUP BY reason").fetchall()
         return {r: int(n) for r, n in rows}
-
-    # --- outbox: reports and alerts survive outages and restarts, and go out once -------------------
-
-    def enqueue(self, key: str, channel: str, payload: bytes, now: float) -> bool:
-        """Keep a message for sending; False when one with this key exists already (never queued twice)."""
-        cur = self.db.execute(
-            "INSERT INTO outbox (key, channel, payload, created, next_try) VALUES (?, ?, ?, ?, ?) "
-            "ON CONFLICT(key) DO NOTHING",
-            (key, channel, payload, now, now),
-        )
-        return cur.rowcount == 1
-
-    def claim_due(self, now: float, lease_s: float, limit: int = 20) -> list[OutboxRow]:
-        """Messages due now, each leased for `lease_s` so that no other sender takes it meanwhile."""
-        with self.transaction():
-            rows = self.db.execute(
-                "SELECT id, key, channel, payload, created, attempts FROM outbox "
-                "WHERE sent IS NULL AND given_up IS NULL AND next_try <= ? ORDER BY next_try, id LIMIT ?",
-                (now, limit),
-            ).fetchall()
-            self.db.executemany(
-                "UPDATE outbox SET next_try = ?, attempts = attempts + 1 WHERE id = ?",
-                [(now + lease_s, r[0]) for r in rows],
-            )
-        return [OutboxRow(*r) for r in rows]
-
-    def outbox_release(self, ids: list[int], now: float) -> None:
-        """Claimed messages that were neither sent nor tried (the sender stopped): due again at `now`, their
-        claim not counted as an attempt."""
-        self.db.executemany(
-            "UPDATE outbox SET next_try = ?, attempts = max(attempts - 1, 0) "
-            "WHERE id = ? AND sent IS NULL AND given_up IS NULL",
-            [(now, i) for i in ids],
-        )
-
-    def outbox_sent(self, id: int, now: float) -> None:
-        """The message went out."""
-        self.db.execute("UPDATE outbox SET sent = ?, last_error = '' WHERE id = ?", (now, id))
-
-    def outbox_retry(self, id: int, next_try: float, error: str) -> None:
-        """Sending failed; try again at `next_try`."""
-        self.db.execute("UPDATE outbox SET next_try = ?, last_error = ? WHERE id = ?", (next_try, error, id))
-
-    def outbox_give_up(self, id: int, now: float, error: str) -> None:
-        """Stop trying (kept, with its error, for the operator to see)."""
-        self.db.execute("UPDATE outbox SET given_up = ?, last_error = ? WHERE id = ?", (now, error, id))
-
-    def outbox_next_due(self) -> float | None:
-        """When the next unsent message is due."""
-        row = self.db.execute("SELECT min(next_try) FROM outbox WHERE sent IS NULL AND given_up IS NULL").fetchone()
-        return None if row[0] is None else float(row[0])
-
-    def outbox_counts(self) -> dict[str, int]:
-        """Messages by state: pending, sent, given_up."""
-        row = self.db.execute(
-            "SELECT count(*) FILTER (WHERE sent IS NULL AND given_up IS NULL), count(sent), count(given_up) FROM outbox"
-        ).fetchone()
-        return {"pending": int(row[0]), "sent": int(row[1]), "given_up": int(row[2])}
-
-    def outbox_prune(self, before: float) -> None:
-        """Forget sent and abandoned messages older than `before`."""
-        self.db.execute(
-            "DELETE FROM outbox WHERE (sent IS NOT NULL OR given_up IS NOT NULL) AND created < ?", (before,)
-        )
 
     # --- what the monitor watches ---------------------------------------------------------------
 

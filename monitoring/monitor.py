@@ -30,6 +30,7 @@ from monitoring.alerts import Active, Notice
 from monitoring.channels import configured, fan_out
 from monitoring.daily import build_report, report_messages
 from monitoring.outbox import Message, Outbox
+from monitoring.outbox_table import OutboxTable
 from monitoring.security import SecurityEvents
 from monitoring.sources import BanList, BridgeCounters, ExportCounters
 
@@ -308,4 +309,4 @@ class Monitor:
             "E": counts.get("E", 0),
             "M": max(0, len(registry.units) * closed - present),
         }
-        return Scan(len(registry.units), silent, reporting, slots_today, self.store.outbox_counts()["pending"])
+        return Scan(len(registry.units), silent, reporting, slots_today, OutboxTable(self.store).counts()["pending"])

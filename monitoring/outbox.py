@@ -20,7 +20,8 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any, Protocol
 
-from aggregator.store import OutboxRow, Store
+from aggregator.store import Store
+from monitoring.outbox_table import OutboxRow, OutboxTable
 
 log = logging.getLogger("smame.outbox")
 
@@ -92,6 +93,7 @@ class Outbox:
         keep_s: float = 30 * 86400,
     ) -> None:
         self.store = store
+        self.table = OutboxTable(store)
         self.channels = dict(channels)
         self.backoff_min = backoff_min
         self.backoff_max = backoff_max
@@ -112,7 +114,7 @@ class Outbox:
         def enqueue() -> int:
             with self.store.transaction():
                 also()
-                return sum(self.store.enqueue(key, channel, payload, now) for key, channel, payload in messages)
+                return sum(self.table.enqueue(key, channel, payload, now) for key, channel, payload in messages)
 
         new = await self.store.call(enqueue)
         if new:
@@ -126,7 +128,7 @@ class Outbox:
                 if self.clock() - self._pruned >= 3600:
                     await self.prune()
                 await self.deliver_due()
-                nxt = await self.store.call(self.store.outbox_next_due)
+                nxt = await self.store.call(self.table.next_due)
             except sqlite3.OperationalError as exc:  # the database busy past its timeout: try again soon
                 log.error("outbox: %s; trying again in 30 s", exc)
                 nxt = self.clock() + 30
@@ -144,13 +146,13 @@ class Outbox:
 
         def prune() -> None:
             with self.store.transaction():
-                self.store.outbox_prune(now - self.keep_s)
+                self.table.prune(now - self.keep_s)
 
         await self.store.call(prune)
 
     async def deliver_due(self) -> int:
         """Send every message due now, the channels side by side; returns how many went out."""
-        claim = asyncio.ensure_future(self.store.call(self.store.claim_due, self.clock(), self.lease_s))
+        claim = asyncio.ensure_future(self.store.call(self.table.claim_due, self.clock(), self.lease_s))
         try:
             rows = await asyncio.shield(claim)
         except asyncio.CancelledError:  # stopping as they are claimed: due again at the next start, not in 5 min
@@ -176,7 +178,7 @@ class Outbox:
 
     async def _release(self, ids: set[int]) -> None:
         if ids:
-            await asyncio.shield(self.store.call(self.store.outbox_release, sorted(ids), self.clock()))
+            await asyncio.shield(self.store.call(self.table.release, sorted(ids), self.clock()))
 
     async def _deliver_rows(
         self, channel: Channel | None, name: str, rows: list[OutboxRow], untouched: set[int]
@@ -186,7 +188,7 @@ class Outbox:
         for row in rows:
             untouched.discard(row.id)
             if blocked is not None:  # keep each channel's order: an alert's end never before its start
-                await self.store.call(self.store.outbox_retry, row.id, blocked, "waiting for an earlier message")
+                await self.store.call(self.table.retry, row.id, blocked, "waiting for an earlier message")
                 continue
             if channel is None:
                 await self._give_up(row, f"channel {name} is not configured any more")
@@ -205,7 +207,7 @@ class Outbox:
                     await self._give_up(row, str(exc))
                     continue
                 retry = blocked = self._next_try(row, exc.retry_after)
-                await self.store.call(self.store.outbox_retry, row.id, retry, str(exc))
+                await self.store.call(self.table.retry, row.id, retry, str(exc))
                 log.warning(
                     "sending %s by %s failed (attempt %d), retrying in %.0f s: %s",
                     row.key,
@@ -215,7 +217,7 @@ class Outbox:
                     exc,
                 )
                 continue
-            await self.store.call(self.store.outbox_sent, row.id, self.clock())
+            await self.store.call(self.table.sent, row.id, self.clock())
             self.stats[row.channel, "sent"] += 1
             self.failing.pop(row.channel, None)
             sent += 1
@@ -247,7 +249,7 @@ class Outbox:
 
     def _sent_late(self, row: OutboxRow) -> Any:
         log.warning("%s by %s went out after all, late", row.key, row.channel)
-        return asyncio.ensure_future(self.store.call(self.store.outbox_sent, row.id, self.clock()))
+        return asyncio.ensure_future(self.store.call(self.table.sent, row.id, self.clock()))
 
     def _next_try(self, row: OutboxRow, retry_after: float | None) -> float:
         if retry_after is not None:  # the server said when (Slack's 429)
@@ -257,5 +259,5 @@ class Outbox:
 
     async def _give_up(self, row: OutboxRow, error: str) -> None:
         self.stats[row.channel, "given_up"] += 1
-        await self.store.call(self.store.outbox_give_up, row.id, self.clock(), error)
+        await self.store.call(self.table.give_up, row.id, self.clock(), error)
         log.error("gave up sending %s by %s after %d attempts: %s", row.key, row.channel, row.attempts + 1, error)

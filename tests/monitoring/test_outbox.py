@@ -19,6 +19,7 @@ from kernel.settings import MailSettings, SlackSettings
 from monitoring import mail, slack
 from monitoring.mail import SmtpChannel
 from monitoring.outbox import Outbox
+from monitoring.outbox_table import OutboxTable
 from monitoring.slack import SlackChannel
 from tests.helpers import free_port
 from tests.monitoring.sinks import SlackStandIn, SmtpSink
@@ -36,7 +37,7 @@ def mail_to(port: int, **kw: object) -> MailSettings:
 def pending(db: Path) -> int:
     store = Store(db)
     try:
-        return store.outbox_counts()["pending"]
+        return OutboxTable(store).counts()["pending"]
     finally:
         store.close()
 
@@ -211,7 +212,7 @@ async def test_a_message_too_old_is_given_up_and_kept(tmp_path: Path) -> None:
     assert await outbox.deliver_due() == 0
     clock[0] += 120
     assert await outbox.deliver_due() == 0
-    assert store.outbox_counts() == {"pending": 0, "sent": 0, "given_up": 1}
+    assert OutboxTable(store).counts() == {"pending": 0, "sent": 0, "given_up": 1}
     assert outbox.stats["mail", "given_up"] == 1
     store.close()
 
@@ -228,7 +229,7 @@ async def test_an_unexpected_error_from_a_channel_fails_the_message_not_the_serv
         assert await outbox.deliver_due() == 1
         assert [m.message["Subject"] for m in sink.messages] == ["fine"]
         assert outbox.stats["mail", "given_up"] == 1 and "mail" not in outbox.failing  # the channel works
-        assert store.outbox_counts() == {"pending": 0, "sent": 1, "given_up": 1}
+        assert OutboxTable(store).counts() == {"pending": 0, "sent": 1, "given_up": 1}
         error = store.db.execute("SELECT last_error FROM outbox WHERE key = 'broken'").fetchone()[0]
         assert error.startswith("AttributeError")  # kept, with why
     finally:
@@ -273,7 +274,7 @@ async def test_a_stalling_mail_server_holds_up_neither_slack_nor_the_outbox(tmp_
         assert time.monotonic() - started < 2.5  # the mail deadline (1 s), not the server's pace
         assert len(stand_in.delivered) == 1
         assert outbox.failing["mail"][1] == "no answer within 1 s"
-        assert store.outbox_counts() == {"pending": 1, "sent": 1, "given_up": 0}
+        assert OutboxTable(store).counts() == {"pending": 1, "sent": 1, "given_up": 0}
     finally:
         drip.stop.set()
         stand_in.stop()
@@ -316,10 +317,10 @@ async def test_a_mail_answered_after_the_deadline_is_sent_once(tmp_path: Path) -
         await outbox.put([("m", "mail", mail.compose("m", "smame@example.jp", ["ops@example.jp"], "s", "t", 0.0))])
         assert await outbox.deliver_due() == 0  # past the deadline: failed for now
         deadline = time.monotonic() + 10
-        while store.outbox_counts()["sent"] == 0 and time.monotonic() < deadline:
+        while OutboxTable(store).counts()["sent"] == 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
             await outbox.deliver_due()  # a retry while the first send is still out must not send it again
-        assert store.outbox_counts() == {"pending": 0, "sent": 1, "given_up": 0}
+        assert OutboxTable(store).counts() == {"pending": 0, "sent": 1, "given_up": 0}
         await asyncio.sleep(0.5)
         assert len(sink.messages) == 1
     finally:
