@@ -1,0 +1,75 @@
+"""`smame slots` and `smame quarantine`: what the store holds, read while smame runs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import datetime
+
+from kernel.meter import flag_names, format_kwh
+from kernel.reading import REASONS
+from kernel.settings import Settings
+from kernel.timegrid import Grid
+from smame.app import RegistryHolder, open_store
+from smame.commands.args import Subcommands, local_date
+
+
+def add(sub: Subcommands, common: argparse.ArgumentParser) -> None:
+    """Add `slots` and `quarantine` to the command line."""
+    slots = sub.add_parser("slots", parents=[common], help="print a unit's slots of one local day")
+    slots.add_argument("--unit", required=True)
+    slots.add_argument("--date", required=True, type=local_date, help="local day, YYYY-MM-DD")
+    slots.set_defaults(func=_slots)
+
+    quarantine = sub.add_parser("quarantine", parents=[common], help="list quarantined telegrams with their reasons")
+    quarantine.add_argument(
+        "--reason", choices=REASONS, metavar="REASON", help=f"only this reason: {', '.join(REASONS)}"
+    )
+    quarantine.add_argument("--limit", type=int, default=50, help="newest N (default 50)")
+    quarantine.set_defaults(func=_quarantine)
+
+
+def _slots(settings: Settings, args: argparse.Namespace) -> int:
+    grid = Grid(settings.timezone)
+    ends = grid.day_slots(args.date)
+    registered = args.unit in RegistryHolder(settings).current.units
+    with open_store(settings, create=False) as store:
+        known = registered or store.last_at(args.unit) is not None  # a unit removed since still has its history
+        stored = {r.slot: r for r in store.slots(args.unit, ends[0] - 1800, ends[-1])}
+    if not known:
+        print(
+            f"smame slots: unit {args.unit!r} is neither in {settings.registry.units} nor in the store", file=sys.stderr
+        )
+        return 2
+    print(f"unit {args.unit}, {args.date} ({settings.timezone}), {len(ends)} slots")
+    print(f"{'slot':>4} {'start':>5}-{'end':<5} {'import_kwh':>11} {'q':>1} {'export_kwh':>11} {'q':>1}  flags")
+    for end in ends:
+        label = grid.label(end)
+        r = stored.get(end)
+        imp = exp = ""
+        iq = eq = "M"
+        flags: list[str] = []
+        if r is not None:
+            if r.imp is not None and r.e1 is not None and r.coef is not None:
+                imp = format_kwh(r.imp, r.e1, r.coef)
+            if r.exp is not None and r.e1 is not None and r.coef is not None:
+                exp = format_kwh(r.exp, r.e1, r.coef)
+            iq, eq = r.imp_q or "M", r.exp_q or "M"
+            flags = flag_names(r.imp_flags | r.exp_flags)
+        print(f"{label.index:>4} {label.start:>5}-{label.end:<5} {imp:>11} {iq} {exp:>11} {eq}  {','.join(flags)}")
+    return 0
+
+
+def _quarantine(settings: Settings, args: argparse.Namespace) -> int:
+    with open_store(settings, create=False) as store:
+        counts = store.quarantine_counts()
+        rows = store.quarantine(args.reason, args.limit)
+    total = sum(counts.values())
+    print(f"{total} quarantined" + (": " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) if counts else ""))
+    for q in rows:
+        when = datetime.fromtimestamp(q.received).astimezone().isoformat(timespec="seconds")
+        preview = q.payload[:120].decode("utf-8", errors="replace")
+        print(f"#{q.id} {when} {q.topic} {q.reason}: {q.detail}")
+        if preview:
+            print(f"    payload: {preview}{'...' if len(q.payload) > 120 else ''}")
+    return 0

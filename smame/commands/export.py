@@ -1,0 +1,95 @@
+"""`smame export`: customers' CSV files written now, as scheduled or for given days."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from datetime import timedelta
+
+from csv_export.files import check_writable
+from kernel.settings import Settings
+from kernel.timegrid import Grid
+from smame.app import RegistryHolder, build_exporter
+from smame.commands.args import Subcommands, local_date
+
+
+def add(sub: Subcommands, common: argparse.ArgumentParser) -> None:
+    """Add `export` to the command line."""
+    export = sub.add_parser(
+        "export",
+        parents=[common],
+        help="write customers' CSV files now",
+        description="Without dates: what the scheduled run does (days changed since the last run, today's files, "
+        "retention). With dates: re-render those days (written only where the bytes change).",
+    )
+    export.add_argument("--customer", action="append", metavar="C", help="only this customer (repeatable)")
+    when = export.add_mutually_exclusive_group()
+    when.add_argument("--date", type=local_date, metavar="D", help="one local day, YYYY-MM-DD")
+    when.add_argument("--from", dest="first", type=local_date, metavar="D1", help="first day (with --to)")
+    when.add_argument("--all", action="store_true", help="every day of the retention window")
+    export.add_argument("--to", dest="last", type=local_date, metavar="D2", help="last day (with --from)")
+    export.set_defaults(func=_export)
+
+
+def _export(settings: Settings, args: argparse.Namespace) -> int:
+    grid = Grid(settings.timezone)
+    holder = RegistryHolder(settings)
+    exporter = build_exporter(settings, holder, grid)
+    registry = holder.current
+    now = time.time()
+    today = grid.day_of(grid.floor(now - settings.export.grace_s))
+    if (args.first is None) != (args.last is None):
+        print("smame export: --from and --to go together", file=sys.stderr)
+        return 2
+    customers = args.customer or sorted(registry.customers)
+    unknown = [c for c in customers if c not in registry.customers]
+    if unknown:
+        print(
+            f"smame export: unknown customer {', '.join(unknown)} (not in {settings.registry.customers})",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        check_writable(exporter.root)
+        if args.date or args.first or args.all:
+            first, last = (
+                (args.date, args.date)
+                if args.date
+                else (args.first, args.last)
+                if args.first
+                else (today - timedelta(days=settings.export.retention_days), today)
+            )
+            if first > last:
+                print("smame export: --from is after --to", file=sys.stderr)
+                return 2
+            days = [first + timedelta(days=i) for i in range((last - first).days + 1)]
+            pairs = [(c, d) for d in days for c in customers]
+            result = exporter.export(pairs, now, _progress_bar() if sys.stderr.isatty() else lambda d, t: None)
+        else:
+            result = exporter.scheduled(now)
+    except OSError as exc:
+        print(f"smame export: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        exporter.close()
+    print(
+        f"{len(result.written)} files written, {result.unchanged} unchanged, {len(result.deleted)} deleted by "
+        f"retention ({result.days} days) in {exporter.root}"
+    )
+    for path in result.written:
+        print(f"  {path}")
+    return 0
+
+
+def _progress_bar() -> Callable[[int, int], None]:
+    def show(done: int, total: int) -> None:
+        width = 30
+        filled = width * done // max(total, 1)
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} days")
+        if done == total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    return show
