@@ -25,7 +25,7 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any, TextIO
 from zoneinfo import ZoneInfo
@@ -75,26 +75,65 @@ def free_port() -> int:
 
 def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> int:
     """Run the demo; returns 0 when `smame verify` finds every slot right."""
-    work = _fresh(opts.work)
-    ports = {name: free_port() for name in ("mqtt", "ftp", "sftp", "metrics", "smtp")}
-    passive = 40000 + ports["ftp"] % 20000
-    password = "demo-" + secrets.token_hex(6)
-    toml = work / "smame.toml"
-    toml.write_text(_settings(work, ports, passive))
-    (work / "mosquitto.conf").write_text(
-        f"listener {ports['mqtt']} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 1000000\n"
-    )
-    write_registry(make_fleet(opts.units, opts.customers, 1), work)
-    add_user(work / "customers.toml", "C000", "demo", password, [])
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SMAME_")} | {"SMAME_LOG__FORMAT": "text"}
+    tour = Tour.prepare(opts, out)
+    with ExitStack() as stack:
+        tour.start(stack)
+        day, truth = tour.simulate_last_day()
+        unit, customer = tour.first_unit()
+        tour.show_slots(unit, day)
+        tour.show_quarantine()
+        tour.show_export(customer, day)
+        tour.show_ftps()
+        tour.show_metrics()
+        tour.show_report(day)
+        verified = tour.verify(truth)
+        tour.show_where(unit, day)
+        if _interactive(opts):
+            tour.follow()
+        return verified
 
-    def say(text: str = "") -> None:
-        print(text, file=out, flush=True)
 
-    def smame(*args: str, check: bool = True) -> str:
+@dataclass
+class Tour:
+    """The demo's work directory, ports and settings, and each step it shows."""
+
+    opts: DemoOptions
+    out: TextIO
+    work: Path
+    ports: dict[str, int]
+    password: str  # the demo customer's FTPS/SFTP login
+    env: dict[str, str]
+    drop: MailDrop | None = None
+
+    @property
+    def toml(self) -> Path:
+        return self.work / "smame.toml"
+
+    @classmethod
+    def prepare(cls, opts: DemoOptions, out: TextIO) -> Tour:
+        """A fresh work directory with settings, a broker configuration, the fleet's registry and a login."""
+        work = _fresh(opts.work)
+        ports = {name: free_port() for name in ("mqtt", "ftp", "sftp", "metrics", "smtp")}
+        passive = 40000 + ports["ftp"] % 20000
+        password = "demo-" + secrets.token_hex(6)
+        (work / "smame.toml").write_text(_settings(work, ports, passive))
+        (work / "mosquitto.conf").write_text(
+            f"listener {ports['mqtt']} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+            "max_queued_messages 1000000\n"
+        )
+        write_registry(make_fleet(opts.units, opts.customers, 1), work)
+        add_user(work / "customers.toml", "C000", "demo", password, [])
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SMAME_")} | {"SMAME_LOG__FORMAT": "text"}
+        return cls(opts, out, work, ports, password, env)
+
+    def say(self, text: str = "") -> None:
+        print(text, file=self.out, flush=True)
+
+    def smame(self, *args: str, check: bool = True) -> str:
+        """What a `smame` command prints, run with the demo's settings."""
         proc = subprocess.run(
-            [sys.executable, "-m", "smame.cli", *args, "-c", str(toml)],
-            env=env,
+            [sys.executable, "-m", "smame.cli", *args, "-c", str(self.toml)],
+            env=self.env,
             text=True,
             stdout=subprocess.PIPE,
             stderr=sys.stderr,
@@ -103,107 +142,114 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> int:
             raise RuntimeError(f"smame {args[0]} exited {proc.returncode}")
         return proc.stdout
 
-    with ExitStack() as stack:
+    def start(self, stack: ExitStack) -> None:
+        """Mosquitto, the mail drop and `smame run`, each stopped when `stack` closes."""
         mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        stack.enter_context(_process([mosquitto, "-c", str(work / "mosquitto.conf")], work / "mosquitto.log", env))
-        wait_port(ports["mqtt"])
-        drop = MailDrop(work / "mail", ports["smtp"])
-        drop.controller.start()
-        stack.callback(drop.controller.stop)
-        stack.enter_context(
-            _process([sys.executable, "-m", "smame.cli", "run", "-c", str(toml)], work / "smame.log", env)
+        conf = self.work / "mosquitto.conf"
+        stack.enter_context(_process([mosquitto, "-c", str(conf)], self.work / "mosquitto.log", self.env))
+        wait_port(self.ports["mqtt"])
+        self.drop = MailDrop(self.work / "mail", self.ports["smtp"])
+        self.drop.controller.start()
+        stack.callback(self.drop.controller.stop)
+        log = self.work / "smame.log"
+        stack.enter_context(_process([sys.executable, "-m", "smame.cli", "run", "-c", str(self.toml)], log, self.env))
+        _wait_log(log, "subscribed to")
+        self.say(
+            f"== a private Mosquitto on 127.0.0.1:{self.ports['mqtt']}; smame runs with its settings in {self.toml}"
         )
-        _wait_log(work / "smame.log", "subscribed to")
-        say(f"== a private Mosquitto on 127.0.0.1:{ports['mqtt']}; smame runs with its settings in {toml}")
+
+    def simulate_last_day(self) -> tuple[date, Path]:
+        """The fleet publishes from an hour before yesterday until now; returns yesterday and the truth file."""
         zone = ZoneInfo("Asia/Tokyo")
         now = datetime.now(zone)
         day = (now - timedelta(days=1)).date()
         # from an hour before yesterday began, so that yesterday is whole, as operators see it at 08:00
         start = datetime(day.year, day.month, day.day, tzinfo=zone) - timedelta(hours=1)
         days = (now - start).total_seconds() / 86400
-        say(
-            f"== simulating {opts.units:,} units from {start:%Y-%m-%d %H:%M} until now at {opts.speed:g}x real time, "
+        o = self.opts
+        self.say(
+            f"== simulating {o.units:,} units from {start:%Y-%m-%d %H:%M} until now at {o.speed:g}x real time, "
             "with faults"
         )
-        truth = work / "truth.jsonl"
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "smame.cli",
-                "simulate",
-                "-c",
-                str(toml),
-                "--units",
-                str(opts.units),
-                "--customers",
-                str(opts.customers),
-                "--days",
-                f"{days:.4f}",
-                "--speed",
-                str(opts.speed),
-                "--truth",
-                str(truth),
-            ],
-            env=env,
-            check=True,
-        )
-        _settled(ports["metrics"])
+        truth = self.work / "truth.jsonl"
+        fleet = ["--units", str(o.units), "--customers", str(o.customers)]
+        timing = ["--days", f"{days:.4f}", "--speed", str(o.speed)]
+        command = [sys.executable, "-m", "smame.cli", "simulate", "-c", str(self.toml), *fleet, *timing]
+        subprocess.run([*command, "--truth", str(truth)], env=self.env, check=True)
+        _settled(self.ports["metrics"])
         time.sleep(2.5)  # one more look of the monitor at the store (alerts.check_s below)
-        first = (work / "units.csv").read_text().splitlines()[1].split(",")
-        unit, customer = first[0], first[1]
-        say(f"\n== smame slots --unit {unit} --date {day}   (a unit's half hours: kWh, quality, flags)")
-        lines = smame("slots", "--unit", unit, "--date", str(day)).splitlines()
-        say("\n".join(lines[:2] + lines[18:30] + ["   ..."]))
-        say("\n== smame quarantine --limit 3   (refused input, kept with its reason)")
-        say(smame("quarantine", "--limit", "3").rstrip())
-        say("\n== smame export   (the service does this after each half hour; this catches up at once)")
-        say(smame("export").splitlines()[0])
-        csv_file = work / "data" / "export" / customer / f"{customer}_{day:%Y%m%d}.csv"
-        say(f"   {csv_file}:")
+        return day, truth
+
+    def first_unit(self) -> tuple[str, str]:
+        """The first unit of the registry and its customer."""
+        first = (self.work / "units.csv").read_text().splitlines()[1].split(",")
+        return first[0], first[1]
+
+    def show_slots(self, unit: str, day: date) -> None:
+        self.say(f"\n== smame slots --unit {unit} --date {day}   (a unit's half hours: kWh, quality, flags)")
+        lines = self.smame("slots", "--unit", unit, "--date", str(day)).splitlines()
+        self.say("\n".join(lines[:2] + lines[18:30] + ["   ..."]))
+
+    def show_quarantine(self) -> None:
+        self.say("\n== smame quarantine --limit 3   (refused input, kept with its reason)")
+        self.say(self.smame("quarantine", "--limit", "3").rstrip())
+
+    def show_export(self, customer: str, day: date) -> None:
+        self.say("\n== smame export   (the service does this after each half hour; this catches up at once)")
+        self.say(self.smame("export").splitlines()[0])
+        csv_file = self.work / "data" / "export" / customer / f"{customer}_{day:%Y%m%d}.csv"
+        self.say(f"   {csv_file}:")
         rows = csv_file.read_text(encoding="utf-8").splitlines()
-        say("\n".join("   " + r for r in rows[:3] + ["..."] + rows[20:22]))
+        self.say("\n".join("   " + r for r in rows[:3] + ["..."] + rows[20:22]))
         digest = (csv_file.parent / (csv_file.name + ".sha256")).read_text().split()[0]
-        say(
+        self.say(
             f"   sha256 {'matches' if digest == hashlib.sha256(csv_file.read_bytes()).hexdigest() else 'DIFFERS'}"
             f" {csv_file.name}.sha256"
         )
-        say(f"\n== customer C000's server fetches its files over FTPS (user demo, password {password})")
-        say("\n".join("   " + n for n in _ftps_listing(ports["ftp"], work / "data" / "ftps-cert.pem", password)[:4]))
-        say(f"\n== metrics (http://127.0.0.1:{ports['metrics']}/metrics), a few of them")
-        say(
-            "\n".join(
-                "   " + line
-                for line in _metrics(
-                    ports["metrics"],
-                    (
-                        "smame_telegrams_received_total",
-                        "smame_readings_stored_total",
-                        "smame_quarantined_total",
-                        "smame_units_reporting",
-                        "smame_slots_today",
-                    ),
-                )
-            )
+
+    def show_ftps(self) -> None:
+        self.say(f"\n== customer C000's server fetches its files over FTPS (user demo, password {self.password})")
+        names = _ftps_listing(self.ports["ftp"], self.work / "data" / "ftps-cert.pem", self.password)
+        self.say("\n".join("   " + n for n in names[:4]))
+
+    def show_metrics(self) -> None:
+        port = self.ports["metrics"]
+        self.say(f"\n== metrics (http://127.0.0.1:{port}/metrics), a few of them")
+        shown = (
+            "smame_telegrams_received_total",
+            "smame_readings_stored_total",
+            "smame_quarantined_total",
+            "smame_units_reporting",
+            "smame_slots_today",
         )
-        say(f"\n== the daily report for {day} (smame report --send: printed, and mailed to the local SMTP server)")
-        report = smame("report", "--date", str(day), "--send", check=False).splitlines()
-        say("\n".join("   " + line for line in report[:10] + ["   ..."] + report[-3:]))
-        say(f"   mails received so far: {drop.count} in {work / 'mail'} (open them with any mail program)")
-        say(f"\n== smame verify --truth {truth}   (every stored slot against what the simulator knows it sent)")
-        result = subprocess.run(
-            [sys.executable, "-m", "smame.cli", "verify", "-c", str(toml), "--truth", str(truth)], env=env
-        )
-        if _interactive(opts):
+        self.say("\n".join("   " + line for line in _metrics(port, shown)))
+
+    def show_report(self, day: date) -> None:
+        self.say(f"\n== the daily report for {day} (smame report --send: printed, and mailed to the local SMTP server)")
+        report = self.smame("report", "--date", str(day), "--send", check=False).splitlines()
+        self.say("\n".join("   " + line for line in report[:10] + ["   ..."] + report[-3:]))
+        received = self.drop.count if self.drop is not None else 0
+        self.say(f"   mails received so far: {received} in {self.work / 'mail'} (open them with any mail program)")
+
+    def verify(self, truth: Path) -> int:
+        """`smame verify` against the simulator's truth, shown as it prints; its exit code."""
+        self.say(f"\n== smame verify --truth {truth}   (every stored slot against what the simulator knows it sent)")
+        command = [sys.executable, "-m", "smame.cli", "verify", "-c", str(self.toml), "--truth", str(truth)]
+        return subprocess.run(command, env=self.env).returncode
+
+    def show_where(self, unit: str, day: date) -> None:
+        """Where everything the demo ran is, to look at now or afterwards."""
+        if _interactive(self.opts):
             head = "Look around (smame keeps running with the fleet live; Ctrl-C stops everything):"
-        elif opts.follow:
+        elif self.opts.follow:
             head = (
                 "Everything stops now: standard input is no terminal, so there is no Ctrl-C to wait for. "
                 "Run the demo in a terminal to keep it running; what it ran, to look at afterwards:"
             )
         else:
             head = "Everything stops now (--no-follow); what it ran, to look at afterwards:"
-        say(f"""
+        work, ports, password, toml = self.work, self.ports, self.password, self.toml
+        self.say(f"""
 {head}
   settings   {toml}            log {work / "smame.log"}
   CSV files  {work / "data" / "export"}/<customer>/   (format: docs/csv-format.md)
@@ -212,27 +258,17 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> int:
   metrics    http://127.0.0.1:{ports["metrics"]}/metrics    health http://127.0.0.1:{ports["metrics"]}/healthz
   mail       {work / "mail"}/*.eml   (the daily report, and any alert)
   a unit     .venv/bin/smame slots -c {toml} --unit {unit} --date {day}""")
-        if _interactive(opts):
-            try:
-                subprocess.run(
-                    [
-                        sys.executable,
-                        "-m",
-                        "smame.cli",
-                        "simulate",
-                        "-c",
-                        str(toml),
-                        "--units",
-                        str(opts.units),
-                        "--customers",
-                        str(opts.customers),
-                        "--follow",
-                    ],
-                    env=env,
-                )
-            except KeyboardInterrupt:
-                pass
-        return result.returncode
+
+    def follow(self) -> None:
+        """The fleet goes on live, in real time, until Ctrl-C."""
+        o = self.opts
+        command = [sys.executable, "-m", "smame.cli", "simulate", "-c", str(self.toml)]
+        try:
+            subprocess.run(
+                [*command, "--units", str(o.units), "--customers", str(o.customers), "--follow"], env=self.env
+            )
+        except KeyboardInterrupt:
+            pass
 
 
 def _interactive(opts: DemoOptions) -> bool:
