@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import msgspec
+
 from aggregator.slots import Point
 
 T = TypeVar("T")
-# A stored slot as `all_slots` returns it: (slot end, unit, imp, imp_q, exp, exp_q, meter, e1, coef, flags)
-SlotTuple = tuple[Any, ...]
 SCHEMA_VERSION = 1
 REGISTERS = ("fwd", "rev")  # column names; `imp`/`exp` on the slot side
 
@@ -62,9 +62,9 @@ _SLOT_SET = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class SlotRow:
-    """A stored slot of one unit, both registers."""
+class SlotRow(msgspec.Struct, frozen=True, gc=False):
+    """A stored slot of one unit, both registers, as every query of slots returns it. A Struct: a daily
+    report reads millions of them (built about ten times faster than a dataclass)."""
 
     slot: int
     unit: str
@@ -77,6 +77,9 @@ class SlotRow:
     meter: str | None
     e1: int | None
     coef: int | None
+
+
+_SLOT_COLUMNS = ", ".join(SlotRow.__struct_fields__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,31 +257,20 @@ class Store:
     def slots(self, unit: str, after: int, until: int) -> list[SlotRow]:
         """Stored slots of a unit with `after < slot <= until`."""
         rows = self.db.execute(
-            "SELECT slot, unit, imp, imp_q, imp_flags, exp, exp_q, exp_flags, meter, e1, coef FROM slots "
-            "WHERE slot > ? AND slot <= ? AND unit = ? ORDER BY slot",
+            f"SELECT {_SLOT_COLUMNS} FROM slots WHERE slot > ? AND slot <= ? AND unit = ? ORDER BY slot",
             (after, until, unit),
         ).fetchall()
         return [SlotRow(*r) for r in rows]
 
-    def all_slots(self, after: int, until: int) -> list[SlotTuple]:
-        """Every unit's slots with `after < slot <= until`.
-
-        Rows: (slot, unit, imp, imp_q, exp, exp_q, meter, e1, coef, flags)."""
-        return self.db.execute(
-            "SELECT slot, unit, imp, imp_q, exp, exp_q, meter, e1, coef, imp_flags | exp_flags FROM slots "
-            "WHERE slot > ? AND slot <= ?",
-            (after, until),
-        ).fetchall()
-
-    def units_slots(self, ends: list[int], first: str, last: str) -> list[SlotTuple]:
-        """The slots ending at `ends` of the units from `first` to `last` (by id), rows as `all_slots`: one index
-        range per slot end, so a share of a large fleet costs its own rows only."""
+    def units_slots(self, ends: list[int], first: str, last: str) -> list[SlotRow]:
+        """The slots ending at `ends` of the units from `first` to `last` (by id): one index range per slot
+        end, so a share of a large fleet costs its own rows only."""
         marks = ",".join("?" * len(ends))
-        return self.db.execute(
-            "SELECT slot, unit, imp, imp_q, exp, exp_q, meter, e1, coef, imp_flags | exp_flags FROM slots "
-            f"WHERE slot IN ({marks}) AND unit >= ? AND unit <= ?",
+        rows = self.db.execute(
+            f"SELECT {_SLOT_COLUMNS} FROM slots WHERE slot IN ({marks}) AND unit >= ? AND unit <= ?",
             (*ends, first, last),
-        ).fetchall()
+        )
+        return [SlotRow(*r) for r in rows]
 
     def last_readings(self, units: Iterable[str]) -> dict[str, int | None]:
         """Time of each unit's newest reading (None: never heard of)."""

@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date
-from typing import Any
 
 import polars as pl
 
+from aggregator.store import SlotRow
 from kernel.meter import format_kwh
 from kernel.timegrid import SlotLabel
 
@@ -44,10 +44,9 @@ class Layout:
     include_export: bool = True
 
 
-def slots_frame(rows: Iterable[Sequence[Any]]) -> pl.DataFrame:
-    """A day's slots from tuples in `SLOT_SCHEMA` order (extra trailing fields are ignored)."""
-    width = len(SLOT_SCHEMA)
-    return pl.DataFrame([tuple(r[:width]) for r in rows], schema=SLOT_SCHEMA, orient="row")
+def slots_frame(rows: Iterable[SlotRow]) -> pl.DataFrame:
+    """A day's slots in `SLOT_SCHEMA`, from the store's rows."""
+    return pl.DataFrame([[getattr(r, c) for c in SLOT_SCHEMA] for r in rows], schema=SLOT_SCHEMA, orient="row")
 
 
 def render(

@@ -7,19 +7,19 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 
-from aggregator.store import SlotTuple
+from aggregator.store import SlotRow
 from kernel.meter import flag_names
 from kernel.timegrid import SlotLabel
 
 
-def by_unit(slots: Iterable[SlotTuple]) -> dict[str, dict[int, SlotTuple]]:
+def by_unit(slots: Iterable[SlotRow]) -> dict[str, dict[int, SlotRow]]:
     """Slots grouped by unit and slot end."""
-    out: dict[str, dict[int, SlotTuple]] = {}
+    out: dict[str, dict[int, SlotRow]] = {}
     for s in slots:
-        unit = out.get(s[1])
+        unit = out.get(s.unit)
         if unit is None:
-            unit = out[s[1]] = {}
-        unit[s[0]] = s
+            unit = out[s.unit] = {}
+        unit[s.slot] = s
     return out
 
 
@@ -58,7 +58,7 @@ def detect(
     day: date,
     labels: Sequence[tuple[int, SlotLabel]],
     units: Iterable[tuple[str, str]],
-    slots: Mapping[str, Mapping[int, SlotTuple]],
+    slots: Mapping[str, Mapping[int, SlotRow]],
     last_reading: Mapping[str, int | None],
     now: int,
     silent_after: int = 86400,
@@ -77,7 +77,7 @@ def detect(
         run: list[int] = []
         for end, lab in labels:
             r = rows.get(end)
-            quality = (r[3] or "M") if r is not None else "M"
+            quality = (r.imp_q or "M") if r is not None else "M"
             what: list[str] = []
             if quality == "M":
                 f.missing.append(lab.index)
@@ -85,11 +85,11 @@ def detect(
             elif quality == "E":
                 f.estimated.append(lab.index)
                 what.append("estimated")
-            if r is not None and len(r) > 9 and r[9]:
-                names = flag_names(r[9])
+            if r is not None and (r.imp_flags or r.exp_flags):
+                names = flag_names(r.imp_flags | r.exp_flags)
                 f.flags.update(names)
                 what += names
-            if r is not None and quality == "A" and r[2] == 0:
+            if r is not None and quality == "A" and r.imp == 0:
                 run.append(lab.index)
             else:
                 _close_run(run, zero_run, f)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from aggregator.store import SlotRow
 from csv_export.render import Layout, render, slots_frame
 from tests.csv_export.sample import DAY, LABELS, UNITS, slots
 
@@ -90,6 +91,6 @@ def test_row_quality_is_the_lower_of_the_registers_reported() -> None:
         ("A", "M", False, "A"),
         (None, None, True, "M"),
     ]:
-        rows = [(end, "U1", 1, imp_q, 1 if exp_q else None, exp_q, "SM", 1, 1)]
+        rows = [SlotRow(end, "U1", 1, imp_q, 0, 1 if exp_q else None, exp_q, 0, "SM", 1, 1)]
         text = render(DAY, LABELS[:1], [("U1", "SM")], slots_frame(rows), Layout(include_export=with_export)).decode()
         assert text.splitlines()[1].endswith("," + want), (imp_q, exp_q, with_export)

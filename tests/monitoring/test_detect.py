@@ -7,10 +7,11 @@ import io
 from datetime import date, datetime, timedelta
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from aggregator.ingest import Ingestor
-from aggregator.store import Store
+from aggregator.store import SlotRow, Store
 from kernel.meter import Flag
 from kernel.reading import Incoming, Reading
 from kernel.registry import load_registry
@@ -27,11 +28,11 @@ LABELS = [(e, GRID.label(e)) for e in ENDS]
 NOW = GRID.day_start(DAY + timedelta(days=1)) + 8 * 3600  # 08:00 the next morning
 
 
-def row(i: int, unit: str, imp: int | None, q: str, flags: int = 0) -> tuple[object, ...]:
-    return (ENDS[i - 1], unit, imp, q, 0, q, "SM", 1, 1, flags)
+def row(i: int, unit: str, imp: int | None, q: str, flags: int = 0) -> SlotRow:
+    return SlotRow(ENDS[i - 1], unit, imp, q, flags, 0, q, 0, "SM", 1, 1)
 
 
-def day_of_rows() -> list[tuple[object, ...]]:
+def day_of_rows() -> list[SlotRow]:
     rows = []
     for i in range(1, 49):
         rows.append(row(i, "GOOD", 5, "A"))
@@ -102,15 +103,11 @@ def test_the_report_read_a_share_of_units_at_a_time_finds_what_the_whole_day_sho
     # A large fleet's day is read a share of units at a time; the shares' edges must lose or double nothing,
     # whichever units of the registry have rows (a unit without, a stored unit no longer registered).
     store = Store(tmp_path / "smame.db")
-    rows = [(r[0], f"{r[1]}{k}", *r[2:]) for k in range(4) for r in day_of_rows()]
+    rows = [msgspec.structs.replace(r, unit=f"{r.unit}{k}") for k in range(4) for r in day_of_rows()]
     store.db.execute("BEGIN")
-    store.db.executemany(
-        "INSERT INTO slots (slot, unit, imp, imp_q, exp, exp_q, meter, e1, coef, imp_flags) "
-        "VALUES (?,?,?,?,?,?,?,?,?,?)",
-        rows,
-    )
+    store.db.executemany("INSERT INTO slots VALUES (?,?,?,?,?,?,?,?,?,?,?)", map(msgspec.structs.astuple, rows))
     store.db.execute("COMMIT")
-    units = {u: "C1" for u in {str(r[1]) for r in rows} if u != "IDLE3"} | {"QUIET": "C2"}
+    units = {u: "C1" for u in {r.unit for r in rows} if u != "IDLE3"} | {"QUIET": "C2"}
     write_registry(tmp_path, units)
     registry = load_registry(tmp_path / "units.csv", tmp_path / "customers.toml")
     whole = detect(DAY, LABELS, sorted(units.items()), by_unit(rows), store.last_readings(units), NOW)
