@@ -27,6 +27,7 @@ from csv_export.files import check_writable, expired
 from csv_export.render import Layout
 from kernel.registry import Customer, Registry, Unit
 from kernel.timegrid import SLOT, Grid
+from kernel.wake import wait_woken
 
 log = logging.getLogger("smame.export")
 CURSOR = "export_cursor"
@@ -117,6 +118,12 @@ class Exporter:
         self._pruned: date | None = None
         self._first: dict[str, tuple[date, list[Unit]]] = {}  # see first_days
         self._wake: asyncio.Event | None = None  # made in run(), in its event loop
+
+    def __enter__(self) -> Exporter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def close(self) -> None:
         """Stop the workers and close the store connection."""
@@ -298,13 +305,7 @@ class Exporter:
     async def _sleep(self, seconds: float) -> bool:
         """Wait; True when `retry_now` cut the wait short."""
         assert self._wake is not None
-        try:
-            async with asyncio.timeout(seconds):
-                await self._wake.wait()
-        except TimeoutError:
-            return False
-        self._wake.clear()
-        return True
+        return await wait_woken(self._wake, seconds)
 
     async def run_once(self) -> RunResult | None:
         """One scheduled run on the store thread, with its outcome counted."""

@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import date, timedelta
 
 from csv_export.files import check_writable
 from kernel.settings import Settings
@@ -36,7 +36,6 @@ def add(sub: Subcommands, common: argparse.ArgumentParser) -> None:
 def _export(settings: Settings, args: argparse.Namespace) -> int:
     grid = Grid(settings.timezone)
     holder = RegistryHolder(settings)
-    exporter = build_exporter(settings, holder, grid)
     registry = holder.current
     now = time.time()
     today = grid.day_of(grid.floor(now - settings.export.grace_s))
@@ -51,29 +50,30 @@ def _export(settings: Settings, args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    try:
-        check_writable(exporter.root)
-        if args.date or args.first or args.all:
-            first, last = (
-                (args.date, args.date)
-                if args.date
-                else (args.first, args.last)
-                if args.first
-                else (today - timedelta(days=settings.export.retention_days), today)
-            )
-            if first > last:
-                print("smame export: --from is after --to", file=sys.stderr)
-                return 2
-            days = [first + timedelta(days=i) for i in range((last - first).days + 1)]
-            pairs = [(c, d) for d in days for c in customers]
-            result = exporter.export(pairs, now, _progress_bar() if sys.stderr.isatty() else lambda d, t: None)
-        else:
-            result = exporter.scheduled(now)
-    except OSError as exc:
-        print(f"smame export: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        exporter.close()
+    days: list[date] = []
+    if args.date or args.first or args.all:
+        first, last = (
+            (args.date, args.date)
+            if args.date
+            else (args.first, args.last)
+            if args.first
+            else (today - timedelta(days=settings.export.retention_days), today)
+        )
+        if first > last:
+            print("smame export: --from is after --to", file=sys.stderr)
+            return 2
+        days = [first + timedelta(days=i) for i in range((last - first).days + 1)]
+    with build_exporter(settings, holder, grid) as exporter:
+        try:
+            check_writable(exporter.root)
+            if days:
+                pairs = [(c, d) for d in days for c in customers]
+                result = exporter.export(pairs, now, _progress_bar() if sys.stderr.isatty() else lambda d, t: None)
+            else:
+                result = exporter.scheduled(now)
+        except OSError as exc:
+            print(f"smame export: {exc}", file=sys.stderr)
+            return 1
     print(
         f"{len(result.written)} files written, {result.unchanged} unchanged, {len(result.deleted)} deleted by "
         f"retention ({result.days} days) in {exporter.root}"
