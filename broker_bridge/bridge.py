@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 from broker_bridge.mqtt import Message, MqttClient
 from broker_bridge.telegram import Decoded, Reject, Rules, decode, unit_of_topic
 from kernel.reading import Incoming, Reason, Refused
+from kernel.wake import wait_woken
 
 log = logging.getLogger("smame.bridge")
 
@@ -259,12 +260,7 @@ class Bridge:
             if self._batches[0] is self._filling:  # wait until it is full or its first message has waited enough
                 wait = self.target.batch_delay - (time.time() - self._batches[0].first)
                 if wait > 0:
-                    try:
-                        async with asyncio.timeout(wait):
-                            await self._wake.wait()
-                    except TimeoutError:
-                        pass
-                    self._wake.clear()
+                    await wait_woken(self._wake, wait)
             await self._flush()
             if self._batches:
                 self._wake.set()

@@ -21,6 +21,7 @@ from concurrent.futures import Future
 from typing import Any, Protocol
 
 from aggregator.store import Store
+from kernel.wake import wait_woken
 from monitoring.outbox_table import OutboxRow, OutboxTable
 
 log = logging.getLogger("smame.outbox")
@@ -132,13 +133,7 @@ class Outbox:
             except sqlite3.OperationalError as exc:  # the database busy past its timeout: try again soon
                 log.error("outbox: %s; trying again in 30 s", exc)
                 nxt = self.clock() + 30
-            wait = 60.0 if nxt is None else min(60.0, max(0.2, nxt - self.clock()))
-            try:
-                async with asyncio.timeout(wait):
-                    await self._wake.wait()
-            except TimeoutError:
-                pass
-            self._wake.clear()
+            await wait_woken(self._wake, 60.0 if nxt is None else min(60.0, max(0.2, nxt - self.clock())))
 
     async def prune(self) -> None:
         """Forget messages sent or given up more than `keep_s` ago (the table would grow for ever)."""
