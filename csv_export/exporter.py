@@ -43,7 +43,6 @@ class ExportStats:
     runs: int = 0
     failures: int = 0
     files_written: int = 0
-    files_unchanged: int = 0
     files_deleted: int = 0
     last_success: float = 0.0
     last_error: str = ""
@@ -319,7 +318,6 @@ class Exporter:
             self.on_failure(str(exc))
             return None
         self.stats.files_written += len(result.written)
-        self.stats.files_unchanged += result.unchanged
         self.stats.files_deleted += len(result.deleted)
         self.stats.last_success = self.clock()
         self.stats.last_error = ""

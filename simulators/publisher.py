@@ -50,7 +50,6 @@ class Link:
         self.queue: asyncio.Queue[Send | None] = asyncio.Queue()
         self.sent = 0
         self.refused = 0
-        self.retries = 0
         self._reconnecting = asyncio.Lock()  # one reconnect for all the messages in flight
 
     async def connect(self) -> MqttClient:
@@ -119,7 +118,6 @@ class Link:
                     self.refused += 1
                     self.finished()
                     return
-                self.retries += 1
 
     async def _reconnect(self, broken: MqttClient | None) -> MqttClient:
         async with self._reconnecting:
