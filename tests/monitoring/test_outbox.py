@@ -54,16 +54,17 @@ def server_tls(tmp_path: Path) -> tuple[ssl.SSLContext, Path]:
 async def test_slack_429_is_retried_after_retry_after_and_delivered_once(tmp_path: Path) -> None:
     stand_in = SlackStandIn(statuses=[429], retry_after=1)
     store = Store(tmp_path / "smame.db")
-    outbox = Outbox(store, {"slack": webhook(stand_in)}, backoff_min=0.1)
+    now = [time.time()]
+    outbox = Outbox(store, {"slack": webhook(stand_in)}, backoff_min=0.1, clock=lambda: now[0])
     await outbox.put([("alert:x", "slack", slack.compose("[smame] ALERT: test", "something broke"))])
     assert await outbox.deliver_due() == 0  # 429
+    now[0] += 0.9
     assert await outbox.deliver_due() == 0  # not due yet: Retry-After says one second
     assert len(stand_in.posts) == 1
-    await asyncio.sleep(1.1)
+    now[0] += 0.2
     assert await outbox.deliver_due() == 1
     assert await outbox.deliver_due() == 0
     assert len(stand_in.delivered) == 1 and len(stand_in.posts) == 2
-    assert stand_in.posts[1].at - stand_in.posts[0].at >= 1.0
     assert stand_in.delivered[0].body["text"].startswith("[smame] ALERT: test")
     assert outbox.stats["slack", "sent"] == 1 and outbox.stats["slack", "failed"] == 1
     # queuing the same message again sends nothing: the key is taken
@@ -78,10 +79,13 @@ async def test_bot_token_and_its_429_through_the_web_api(tmp_path: Path) -> None
         SlackSettings(token=SecretStr("xoxb-test"), channel="#ops", api_url=stand_in.api_url, timeout_s=5)
     )
     store = Store(tmp_path / "smame.db")
-    outbox = Outbox(store, {"slack": channel}, backoff_min=0.1)
+    now = [time.time()]
+    outbox = Outbox(store, {"slack": channel}, backoff_min=0.1, clock=lambda: now[0])
     await outbox.put([("r", "slack", slack.compose("[smame] daily report", "all fine"))])
     assert await outbox.deliver_due() == 0
-    await asyncio.sleep(1.1)
+    now[0] += 0.9
+    assert await outbox.deliver_due() == 0  # Retry-After: 1
+    now[0] += 0.2
     assert await outbox.deliver_due() == 1
     assert [p.path for p in stand_in.delivered] == ["/api/chat.postMessage"]
     assert stand_in.delivered[0].body["channel"] == "#ops"
