@@ -88,19 +88,29 @@ def gateway(workdir: Path, request: pytest.FixtureRequest) -> Iterator[Gateway]:
 
 
 def ftps(g: Gateway, user: str = "alice", password: str | None = None) -> ftplib.FTP_TLS:
+    """A logged-in FTPS client; a refused login closes its connection before the error is raised."""
     ctx = ssl.create_default_context(cafile=str(g.export.parent / "ftps-cert.pem"))
     client = ftplib.FTP_TLS(context=ctx, timeout=10)
-    client.connect("127.0.0.1", g.ftp)
-    client.auth()
-    client.login(user, password or PASSWORDS[user])
-    client.prot_p()
+    try:
+        client.connect("127.0.0.1", g.ftp)
+        client.auth()
+        client.login(user, password or PASSWORDS[user])
+        client.prot_p()
+    except BaseException:
+        client.close()
+        raise
     return client
 
 
 def sftp(g: Gateway, user: str = "alice", password: str | None = None) -> paramiko.SFTPClient:
+    """A logged-in SFTP client; a refused login closes its transport before the error is raised."""
     transport = paramiko.Transport(("127.0.0.1", g.sftp))
-    transport.connect(username=user, password=password or PASSWORDS[user])
-    return paramiko.SFTPClient.from_transport(transport)  # type: ignore[return-value]
+    try:
+        transport.connect(username=user, password=password or PASSWORDS[user])
+        return paramiko.SFTPClient.from_transport(transport)  # type: ignore[return-value]
+    except BaseException:
+        transport.close()
+        raise
 
 
 def retr(client: ftplib.FTP, name: str) -> bytes:
