@@ -102,14 +102,18 @@ def load_registry(
     return Registry(units, customers, default_contract_kw, gap_cap)
 
 
-def _load_customers(path: Path) -> dict[str, Customer]:
+def _read(path: Path, encoding: str, setting: str) -> str:
+    """A registry file's text; raise RegistryError naming the file and the setting that points at it."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding=encoding)
     except FileNotFoundError:
-        raise RegistryError(f"{path}: customers file not found (setting registry.customers)") from None
+        raise RegistryError(f"{path}: {setting.split('.')[-1]} file not found (setting {setting})") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise RegistryError(f"{path}: cannot be read: {exc}") from None
-    return parse_customers(text, path)
+
+
+def _load_customers(path: Path) -> dict[str, Customer]:
+    return parse_customers(_read(path, "utf-8", "registry.customers"), path)
 
 
 def parse_customers(text: str, path: Path) -> dict[str, Customer]:
@@ -134,13 +138,7 @@ def parse_customers(text: str, path: Path) -> dict[str, Customer]:
 def unit_rows(path: Path) -> Iterator[tuple[int, dict[str, str | None]]]:
     """The rows of a units.csv with their line numbers, its header checked (a UTF-8 byte-order mark, as
     spreadsheets write one, is allowed); raise RegistryError naming the problem. The one reader of the file."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise RegistryError(f"{path}: units file not found (setting registry.units)") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RegistryError(f"{path}: cannot be read: {exc}") from None
-    reader = csv.DictReader(text.splitlines())
+    reader = csv.DictReader(_read(path, "utf-8-sig", "registry.units").splitlines())
     header = reader.fieldnames or []
     if header[:2] != ["unit_id", "customer_id"] or not set(header) <= set(UNIT_COLUMNS):
         raise RegistryError(f"{path}: header must be {','.join(UNIT_COLUMNS)} (the last three optional), got {header}")

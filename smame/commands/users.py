@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import getpass
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from kernel.settings import Settings
@@ -59,41 +61,46 @@ def _read_password(args: argparse.Namespace, what: str) -> str:
     return password
 
 
+Handler = Callable[[Settings, argparse.Namespace], int]
+
+
+def _refused_as(action: str) -> Callable[[Handler], Handler]:
+    """A handler whose UsersError is said as one line naming the action, with exit code 2."""
+
+    def wrap(handler: Handler) -> Handler:
+        @functools.wraps(handler)
+        def run(settings: Settings, args: argparse.Namespace) -> int:
+            try:
+                return handler(settings, args)
+            except UsersError as exc:
+                print(f"smame users {action}: {exc}", file=sys.stderr)
+                return 2
+
+        return run
+
+    return wrap
+
+
+@_refused_as("add")
 def _users_add(settings: Settings, args: argparse.Namespace) -> int:
-    try:
-        password = (
-            None if args.ssh_key and not args.password_stdin else _read_password(args, f"password for {args.user}")
-        )
-    except UsersError as exc:
-        print(f"smame users add: {exc}", file=sys.stderr)
-        return 2
+    password = None if args.ssh_key and not args.password_stdin else _read_password(args, f"password for {args.user}")
     keys = [k.read_text(encoding="utf-8").strip() for k in args.ssh_key]
-    try:
-        add_user(settings.registry.customers, args.customer, args.user, password, keys)
-    except UsersError as exc:
-        print(f"smame users add: {exc}", file=sys.stderr)
-        return 2
+    add_user(settings.registry.customers, args.customer, args.user, password, keys)
     print(f"added {args.user} to {args.customer} in {settings.registry.customers}; {_RELOAD_HINT}")
     return 0
 
 
+@_refused_as("passwd")
 def _users_passwd(settings: Settings, args: argparse.Namespace) -> int:
-    try:
-        password = _read_password(args, f"new password for {args.user}")
-        set_password(settings.registry.customers, args.user, password, args.customer)
-    except UsersError as exc:
-        print(f"smame users passwd: {exc}", file=sys.stderr)
-        return 2
+    password = _read_password(args, f"new password for {args.user}")
+    set_password(settings.registry.customers, args.user, password, args.customer)
     print(f"new password for {args.user} of {args.customer}; {_RELOAD_HINT}")
     return 0
 
 
+@_refused_as("remove")
 def _users_remove(settings: Settings, args: argparse.Namespace) -> int:
-    try:
-        customer = remove_user(settings.registry.customers, args.user)
-    except UsersError as exc:
-        print(f"smame users remove: {exc}", file=sys.stderr)
-        return 2
+    customer = remove_user(settings.registry.customers, args.user)
     print(f"removed {args.user} of {customer}; {_RELOAD_HINT}")
     return 0
 
