@@ -1,8 +1,10 @@
 """The SQLite store: readings (the durable truth), slots (derived), changes, quarantine, the outbox, meta.
 
-A narrow interface of small synchronous operations over one connection. Every transaction
-runs on the store's own thread (`Store.call`), so a batch of readings, its slots and its
-change log are committed together, and the event loop never waits on disk.
+The schema of every table is here, and the queries of all but the outbox (`monitoring.outbox_table`):
+a narrow interface of small synchronous operations over one connection. In the smame process every
+transaction runs on the store's own thread (`Store.call`), so the event loop never waits on disk; the
+writer process (`aggregator.writer`) commits each batch of readings with its slots and change log in
+one transaction on a connection of its own.
 """
 
 from __future__ import annotations
