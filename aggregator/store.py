@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from aggregator.slots import Point
+from kernel.reading import Refused
 
 T = TypeVar("T")
 SCHEMA_VERSION = 1
@@ -85,16 +86,10 @@ _SLOT_COLUMNS = ", ".join(SlotRow.__struct_fields__)
 
 
 @dataclass(frozen=True, slots=True)
-class QuarantineRow:
-    """A refused telegram or reading, kept with its reason."""
+class QuarantineRow(Refused):
+    """A refused telegram or reading as the quarantine keeps it, under its id."""
 
     id: int
-    received: int
-    topic: str
-    unit: str | None
-    reason: str
-    detail: str
-    payload: bytes
 
 
 class StoreError(OSError):
@@ -365,7 +360,7 @@ class Store:
 
     def quarantine(self, reason: str | None = None, limit: int = 100) -> list[QuarantineRow]:
         """Newest quarantined items first, optionally of one reason."""
-        sql = "SELECT id, received, topic, unit, reason, detail, payload FROM quarantine"
+        sql = "SELECT received, topic, unit, reason, detail, payload, id FROM quarantine"
         args: tuple[Any, ...] = ()
         if reason:
             sql += " WHERE reason = ?"
@@ -381,7 +376,7 @@ class Store:
     def quarantine_after(self, reason: str, after_id: int, limit: int = 1000) -> list[QuarantineRow]:
         """Quarantined items of one reason with ids above `after_id`, oldest first."""
         rows = self.db.execute(
-            "SELECT id, received, topic, unit, reason, detail, payload FROM quarantine "
+            "SELECT received, topic, unit, reason, detail, payload, id FROM quarantine "
             "WHERE reason = ? AND id > ? ORDER BY id LIMIT ?",
             (reason, after_id, limit),
         ).fetchall()
