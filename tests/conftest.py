@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -8,14 +9,21 @@ import pytest
 from tests.helpers import STARTED, Mosquitto
 
 
-@pytest.fixture(scope="session", autouse=True)
-def no_process_left_behind() -> Iterator[None]:
-    """A failing test must not leave a smame process running after the session."""
+@pytest.fixture(autouse=True)
+def no_process_outlives_its_test() -> Iterator[None]:
+    """A smame process a test started is stopped when the test ends, passed or failed: a failure half-way
+    must not leave it holding ports, the store and CPU while the next tests run (SIGTERM, then SIGKILL)."""
+    before = len(STARTED)
     yield
-    for proc in STARTED:
+    for proc in STARTED[before:]:
         if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+            proc.terminate()
+            try:
+                proc.wait(12)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+    del STARTED[before:]
 
 
 @pytest.fixture(scope="session")

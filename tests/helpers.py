@@ -245,7 +245,7 @@ def smame(
     return proc
 
 
-STARTED: list[subprocess.Popen[bytes]] = []  # killed at the end of the test session if still running
+STARTED: list[subprocess.Popen[bytes]] = []  # stopped at the end of the test that started them (conftest)
 
 
 def start_smame(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
