@@ -22,7 +22,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from datetime import timedelta
 from pathlib import Path
 
@@ -32,18 +31,9 @@ from kernel.timegrid import SLOT, Grid
 from simulators.fleet import make_fleet, write_registry
 from simulators.publisher import Endpoint, FleetPublisher
 from simulators.scenario import Faults, Scenario
-from tests.helpers import Mosquitto, children, free_port, memory_mb, process_name, smame_env
+from tests.helpers import Mosquitto, acknowledged, children, free_port, memory_mb, process_name, smame_env
 
 ZONE = "Asia/Tokyo"
-
-
-def acknowledged(port: int) -> int:
-    """smame's count of telegrams committed and acknowledged, from its metrics endpoint."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith("smame_telegrams_acknowledged_total "):
-                return int(float(line.split()[1]))
-    return 0
 
 
 def fleet_memory_mb(pid: int) -> dict[str, tuple[float, float]]:

@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterable
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
@@ -246,6 +247,15 @@ def smame(
 
 
 STARTED: list[subprocess.Popen[bytes]] = []  # stopped at the end of the test that started them (conftest)
+
+
+def acknowledged(port: int) -> int:
+    """smame's count of telegrams committed and acknowledged, from its metrics endpoint on `port`."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("smame_telegrams_acknowledged_total "):
+                return int(float(line.split()[1]))
+    return 0
 
 
 def start_smame(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import sqlite3
 import subprocess
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import Mosquitto, smame, smame_env, start_smame, stop, wait_log, wait_until
+from tests.helpers import Mosquitto, acknowledged, free_port, smame, smame_env, start_smame, stop, wait_log, wait_until
 
 END = "2026-11-23T09:00:00+09:00"
 EVERY_FAULT = [
@@ -49,7 +50,14 @@ def readings(workdir: Path) -> int:
 
 @pytest.mark.slow
 def test_200_units_3_days_every_fault_verify_finds_no_mismatch(broker: Mosquitto, workdir: Path) -> None:
-    env = smame_env(workdir, broker.port)
+    metrics = free_port()
+    env = smame_env(
+        workdir,
+        broker.port,
+        SMAME_MONITORING__ENABLED="true",
+        SMAME_MONITORING__HOST="127.0.0.1",
+        SMAME_MONITORING__METRICS_PORT=str(metrics),
+    )
     fleet = ["--units", "200", "--customers", "5"]
     smame(["simulate", *fleet, "--write-registry", str(workdir)], env)
     log = workdir / "smame.log"
@@ -73,7 +81,10 @@ def test_200_units_3_days_every_fault_verify_finds_no_mismatch(broker: Mosquitto
         "unknown",
     ):
         assert f"{kind} " in run.stdout, kind
-    time.sleep(1.5)  # the last batch
+    found = re.search(r"([\d,]+) telegrams from 200 units acknowledged", run.stdout)
+    assert found is not None
+    sent = int(found[1].replace(",", ""))
+    wait_until(lambda: acknowledged(metrics) >= sent, 30, lambda: f"smame acknowledged {acknowledged(metrics)}/{sent}")
     assert stop(proc) == 0
 
     verify = smame(["verify", "--truth", str(truth)], env, check=False)
