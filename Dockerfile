@@ -5,6 +5,7 @@ WORKDIR /src
 COPY deploy/requirements.txt deploy/requirements.txt
 RUN python -m venv /opt/smame && /opt/smame/bin/pip install --no-cache-dir -r deploy/requirements.txt
 COPY pyproject.toml README.md ./
+COPY kernel kernel
 COPY smame smame
 COPY broker_bridge broker_bridge
 COPY aggregator aggregator
