@@ -249,13 +249,21 @@ def smame(
 STARTED: list[subprocess.Popen[bytes]] = []  # stopped at the end of the test that started them (conftest)
 
 
-def acknowledged(port: int) -> int:
-    """smame's count of telegrams committed and acknowledged, from its metrics endpoint on `port`."""
+def scrape(port: int) -> dict[str, float]:
+    """Every sample of smame's metrics endpoint on `port`, by name with its labels."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith("smame_telegrams_acknowledged_total "):
-                return int(float(line.split()[1]))
-    return 0
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def acknowledged(port: int) -> float:
+    """smame's count of telegrams committed and acknowledged, from its metrics endpoint on `port`."""
+    return scrape(port).get("smame_telegrams_acknowledged_total", 0)
 
 
 def start_smame(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:

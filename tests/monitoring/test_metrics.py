@@ -12,6 +12,7 @@ from tests.helpers import (
     at,
     free_port,
     publish,
+    scrape,
     smame_env,
     start_smame,
     stop,
@@ -23,16 +24,6 @@ from tests.helpers import (
 )
 
 DAY = "2026-11-20"
-
-
-def scrape(port: int) -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
 
 
 def test_metrics_count_what_was_published_and_health_says_ok(broker: Mosquitto, workdir: Path) -> None:
