@@ -129,10 +129,14 @@ class Tour:
     def say(self, text: str = "") -> None:
         print(text, file=self.out, flush=True)
 
+    def command(self, *args: str) -> list[str]:
+        """The command line of `smame ARGS` with the demo's settings."""
+        return [sys.executable, "-m", "smame.cli", *args, "-c", str(self.toml)]
+
     def smame(self, *args: str, check: bool = True) -> str:
         """What a `smame` command prints, run with the demo's settings."""
         proc = subprocess.run(
-            [sys.executable, "-m", "smame.cli", *args, "-c", str(self.toml)],
+            self.command(*args),
             env=self.env,
             text=True,
             stdout=subprocess.PIPE,
@@ -152,7 +156,7 @@ class Tour:
         self.drop.controller.start()
         stack.callback(self.drop.controller.stop)
         log = self.work / "smame.log"
-        stack.enter_context(_process([sys.executable, "-m", "smame.cli", "run", "-c", str(self.toml)], log, self.env))
+        stack.enter_context(_process(self.command("run"), log, self.env))
         _wait_log(log, "subscribed to")
         self.say(
             f"== a private Mosquitto on 127.0.0.1:{self.ports['mqtt']}; smame runs with its settings in {self.toml}"
@@ -174,8 +178,7 @@ class Tour:
         truth = self.work / "truth.jsonl"
         fleet = ["--units", str(o.units), "--customers", str(o.customers)]
         timing = ["--days", f"{days:.4f}", "--speed", str(o.speed)]
-        command = [sys.executable, "-m", "smame.cli", "simulate", "-c", str(self.toml), *fleet, *timing]
-        subprocess.run([*command, "--truth", str(truth)], env=self.env, check=True)
+        subprocess.run(self.command("simulate", *fleet, *timing, "--truth", str(truth)), env=self.env, check=True)
         _settled(self.ports["metrics"])
         time.sleep(2.5)  # one more look of the monitor at the store (alerts.check_s below)
         return day, truth
@@ -234,8 +237,7 @@ class Tour:
     def verify(self, truth: Path) -> int:
         """`smame verify` against the simulator's truth, shown as it prints; its exit code."""
         self.say(f"\n== smame verify --truth {truth}   (every stored slot against what the simulator knows it sent)")
-        command = [sys.executable, "-m", "smame.cli", "verify", "-c", str(self.toml), "--truth", str(truth)]
-        return subprocess.run(command, env=self.env).returncode
+        return subprocess.run(self.command("verify", "--truth", str(truth)), env=self.env).returncode
 
     def show_where(self, unit: str, day: date) -> None:
         """Where everything the demo ran is, to look at now or afterwards."""
@@ -262,11 +264,9 @@ class Tour:
     def follow(self) -> None:
         """The fleet goes on live, in real time, until Ctrl-C."""
         o = self.opts
-        command = [sys.executable, "-m", "smame.cli", "simulate", "-c", str(self.toml)]
+        fleet = ["--units", str(o.units), "--customers", str(o.customers)]
         try:
-            subprocess.run(
-                [*command, "--units", str(o.units), "--customers", str(o.customers), "--follow"], env=self.env
-            )
+            subprocess.run(self.command("simulate", *fleet, "--follow"), env=self.env)
         except KeyboardInterrupt:
             pass
 
