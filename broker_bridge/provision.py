@@ -318,12 +318,12 @@ def _write_pair(
     cert_path: Path, key_path: Path, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey, done: Provisioned
 ) -> None:
     cert_path.parent.mkdir(parents=True, exist_ok=True)
-    _write(key_path, key_pem(key).decode(), private=True, done=done)
-    _write(cert_path, cert.public_bytes(serialization.Encoding.PEM).decode(), done=done)
+    _write(key_path, key_pem(key), private=True, done=done)
+    _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), done=done)
 
 
-def _write(path: Path, text: str, done: Provisioned, private: bool = False) -> None:
-    write_file(path, text.encode(), private)
+def _write(path: Path, data: str | bytes, done: Provisioned, private: bool = False) -> None:
+    write_file(path, data.encode() if isinstance(data, str) else data, private)
     done.files.append(path)
 
 
