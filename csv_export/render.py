@@ -19,7 +19,7 @@ from kernel.meter import format_kwh
 from kernel.timegrid import SlotLabel
 
 LONG_HEADER = ("unit_id", "meter_id", "date", "slot", "start", "end", "import_kwh", "export_kwh", "quality")
-# A day's stored slots, as the store returns them.
+# The columns of the store's slot rows (`SlotRow`) that a file shows: a day's slots as the renderer reads them.
 SLOT_SCHEMA = {
     "slot": pl.Int64,
     "unit": pl.String,
