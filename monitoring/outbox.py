@@ -25,6 +25,7 @@ from kernel.wake import wait_woken
 from monitoring.outbox_table import OutboxRow, OutboxTable
 
 log = logging.getLogger("smame.outbox")
+STOP_GRACE_S = 2.0  # how long a stopping outbox waits for the outcome of a send under way (docker gives 10 s)
 
 
 class SendFailed(Exception):
@@ -163,7 +164,8 @@ class Outbox:
         """One channel's due messages, in order; a failure makes its later messages wait as long."""
         channel = self.channels.get(name)
         # Claimed and not yet touched: if the service stops now they are due again at once. A message whose
-        # send has begun keeps its lease: it may yet go out, and must not go twice.
+        # send has begun is settled by its outcome if that comes soon (`_settle`), else it keeps its lease: it
+        # may yet go out, and must not go twice.
         untouched = {row.id for row in rows}
         try:
             return await self._deliver_rows(channel, name, rows, untouched)
@@ -230,9 +232,13 @@ class Outbox:
         if lane.busy:
             raise SendFailed("the server has not yet answered an earlier message")
         done = lane.submit(lambda: channel.send(row.payload))
+        waiting = asyncio.wrap_future(done)
         try:
             async with asyncio.timeout(channel.deadline):
-                await asyncio.shield(asyncio.wrap_future(done))
+                await asyncio.shield(waiting)
+        except asyncio.CancelledError:
+            await self._settle(row, waiting)
+            raise
         except TimeoutError:
 
             def late(f: Future[None]) -> None:
@@ -241,6 +247,20 @@ class Outbox:
 
             done.add_done_callback(late)
             raise SendFailed(f"no answer within {channel.deadline:.0f} s") from None
+
+    async def _settle(self, row: OutboxRow, waiting: asyncio.Future[None]) -> None:
+        """Stopping while `row` is being sent: wait a moment for the send's outcome and record it, sent or due
+        again at once, so that the next start neither sends it twice nor waits out its lease. Without an
+        outcome within STOP_GRACE_S the lease stands: the message may yet go out."""
+        try:
+            async with asyncio.timeout(STOP_GRACE_S):
+                await asyncio.shield(waiting)
+        except TimeoutError:
+            return
+        except Exception as exc:  # noqa: BLE001 (the send failed: recorded, and retried at the next start)
+            await asyncio.shield(self.store.call(self.table.retry, row.id, self.clock(), str(exc)))
+            return
+        await asyncio.shield(self.store.call(self.table.sent, row.id, self.clock()))
 
     def _sent_late(self, row: OutboxRow) -> Any:
         log.warning("%s by %s went out after all, late", row.key, row.channel)

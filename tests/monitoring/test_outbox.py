@@ -8,6 +8,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -305,6 +306,52 @@ async def test_stopping_mid_delivery_leaves_the_untried_messages_due_at_once(tmp
         assert due == {"a": 0, "b": 1, "c": 1}
     finally:
         drip.stop.set()
+        store.close()
+
+
+async def stop_mid_send(outbox: Outbox, during: Callable[[], None] = lambda: None) -> None:
+    """Cancel a delivery round (smame stopping) once its first send is under way; `during` runs right after."""
+    delivering = asyncio.create_task(outbox.deliver_due())
+    while not outbox._lanes or not next(iter(outbox._lanes.values())).busy:
+        await asyncio.sleep(0.01)
+    delivering.cancel()
+    during()
+    with contextlib.suppress(asyncio.CancelledError):
+        await delivering
+
+
+async def test_a_send_that_fails_as_smame_stops_is_due_again_at_once(tmp_path: Path) -> None:
+    # Stopped while a mail is being sent, and the server then drops the connection: the send's outcome comes
+    # within the grace, so the mail is due at the next start, not when its five-minute lease runs out.
+    drip = DripSmtp(every=0.5)
+    store = Store(tmp_path / "smame.db")
+    try:
+        outbox = Outbox(store, {"mail": SmtpChannel(mail_to(drip.port, timeout_s=30))}, lease_s=300)
+        await outbox.put([("a", "mail", mail.compose("a", "smame@example.jp", ["ops@example.jp"], "a", "t", 0.0))])
+        await stop_mid_send(outbox, during=drip.stop.set)  # the server hangs up as smame stops
+        [(due, error)] = store.db.execute("SELECT next_try <= ?, last_error FROM outbox", (time.time(),)).fetchall()
+        assert due == 1 and error
+    finally:
+        drip.stop.set()
+        store.close()
+
+
+async def test_a_send_that_succeeds_as_smame_stops_is_marked_sent(tmp_path: Path) -> None:
+    class SlowSink(SmtpSink):
+        async def handle_DATA(self, server: object, session: object, envelope: object) -> str:  # noqa: N802
+            await asyncio.sleep(0.5)
+            return await super().handle_DATA(server, session, envelope)
+
+    sink = SlowSink().start()
+    store = Store(tmp_path / "smame.db")
+    try:
+        outbox = Outbox(store, {"mail": SmtpChannel(mail_to(sink.port))}, lease_s=300)
+        await outbox.put([("a", "mail", mail.compose("a", "smame@example.jp", ["ops@example.jp"], "a", "t", 0.0))])
+        await stop_mid_send(outbox)
+        assert OutboxTable(store).counts() == {"pending": 0, "sent": 1, "given_up": 0}
+        assert len(sink.messages) == 1
+    finally:
+        sink.stop()
         store.close()
 
 
