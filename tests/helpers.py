@@ -70,9 +70,17 @@ class Mosquitto:
         wait_port(self.port)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
+        # Mosquitto 2.0 sets its run flag after it installs its SIGTERM handler and opens its listeners,
+        # so a SIGTERM that lands just after start-up is forgotten: repeat it until the broker exits.
+        for _ in range(10):
+            if self.proc.poll() is not None:
+                return
             self.proc.terminate()
-            self.proc.wait(10)
+            try:
+                self.proc.wait(1)
+            except subprocess.TimeoutExpired:
+                continue
+        raise TimeoutError(f"mosquitto on port {self.port} did not stop within 10 s of SIGTERM")
 
     def restart(self) -> None:
         self.stop()
