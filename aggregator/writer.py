@@ -32,7 +32,7 @@ from pathlib import Path
 import msgspec
 
 from aggregator.ingest import Ingestor, Outcome, UnitTable
-from aggregator.store import Store, file_identity
+from aggregator.sqlite import SqliteStore, file_identity
 from kernel.meter import Limits
 from kernel.reading import Incoming, Refused
 from kernel.timegrid import Grid
@@ -215,7 +215,7 @@ def _serve(conn: Connection) -> None:
     except (EOFError, OSError):  # the receiver is gone already
         return
     try:
-        store = Store(path, synchronous, cache_mib=WRITER_CACHE_MIB)
+        store = SqliteStore(path, synchronous, cache_mib=WRITER_CACHE_MIB)
     except Exception as exc:  # any reason the store cannot open is told to the receiver
         conn.send_bytes(_FAILED + str(exc).encode())
         return

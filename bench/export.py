@@ -17,6 +17,7 @@ import time
 from datetime import date, timedelta
 from pathlib import Path
 
+from aggregator.sqlite import SqliteStore
 from aggregator.store import Store
 from csv_export.exporter import Exporter
 from kernel.registry import Customer, Registry, Unit
@@ -60,7 +61,7 @@ def main() -> None:
     units = {f"U{u:06d}": Unit(f"U{u:06d}", f"C{u % args.customers:03d}", f"SM-U{u:06d}") for u in range(args.units)}
     registry = Registry(units, {c: Customer(id=c) for c in {u.customer for u in units.values()}})
     with tempfile.TemporaryDirectory(prefix="smame-export-") as tmp:
-        store = Store(Path(tmp) / "smame.db", "NORMAL")
+        store = SqliteStore(Path(tmp) / "smame.db", "NORMAL")
         started = time.perf_counter()
         rows = fill(store, grid, list(units), first, args.days)
         print(

@@ -25,7 +25,7 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-from aggregator.store import Store
+from aggregator.sqlite import SqliteStore
 from bench.export import fill
 from kernel.timegrid import SLOT, Grid
 from simulators.fleet import make_fleet, write_registry
@@ -75,7 +75,7 @@ def run(units: int, days: int, customers: int, work: Path) -> dict[str, object]:
     live = grid.floor(now) - SLOT  # the warm-up half hour; the burst is the one after it
     first = grid.day_of(live) - timedelta(days=days)
     started = time.perf_counter()
-    with Store(work / "data" / "smame.db", "NORMAL") as store:
+    with SqliteStore(work / "data" / "smame.db", "NORMAL") as store:
         stored = fill(store, grid, ids, first, days) if days else 0
         # as if late data had come in for the newest stored day of every customer: the first export run
         # rewrites that whole day, so the export workers' peak is a full day's

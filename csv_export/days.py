@@ -25,6 +25,7 @@ import adbc_driver_manager as adbc
 import adbc_driver_sqlite
 import polars as pl
 
+from aggregator.sqlite import sqlite_path
 from csv_export.files import path_of, write_if_changed
 from csv_export.render import SLOT_SCHEMA, Layout, render
 from kernel.timegrid import SLOT, SlotLabel
@@ -58,7 +59,7 @@ class CustomerFiles:
 class DayJob:
     """A day to write for some customers, up to its last closed slot."""
 
-    db: str
+    store: str  # the storage URL
     day: date
     labels: tuple[tuple[int, SlotLabel], ...]
     customers: tuple[CustomerFiles, ...]
@@ -83,14 +84,15 @@ def _exit_with(parent: int) -> None:
     os._exit(1)
 
 
-def read_slots(db: str, after: int, until: int, units: Iterable[str]) -> pl.DataFrame:
-    """Stored slots of `units` with `after < slot <= until`, as columns in `SLOT_SCHEMA` (missing values null)."""
+def read_slots(store: str, after: int, until: int, units: Iterable[str]) -> pl.DataFrame:
+    """Stored slots of `units` with `after < slot <= until` in the store at the URL `store`, as columns in
+    `SLOT_SCHEMA` (missing values null)."""
     # ADBC's low-level API hands polars an Arrow C stream: no pyarrow (170 MB) needed. Binding parameters
     # would need Arrow arrays, so the two integers are formatted in (as %d: nothing else can get in), and the
     # units as SQL literals (the registry allows letters, digits, _ and - only; quotes are doubled all the same).
     listed = ",".join("'" + u.replace("'", "''") + "'" for u in units)
     with (
-        adbc_driver_sqlite.connect(db) as database,
+        adbc_driver_sqlite.connect(str(sqlite_path(store))) as database,
         adbc.AdbcConnection(database) as conn,
         adbc.AdbcStatement(conn) as stmt,
     ):
@@ -126,7 +128,7 @@ def trim_heap() -> None:
 def _write_day(job: DayJob) -> tuple[list[Path], int]:
     if job.labels:
         units = (u for c in job.customers for u, _ in c.units)
-        slots = read_slots(job.db, job.labels[0][0] - SLOT, job.labels[-1][0], units)
+        slots = read_slots(job.store, job.labels[0][0] - SLOT, job.labels[-1][0], units)
     else:  # today, before its first slot has closed: header-only files
         slots = pl.DataFrame(schema=SLOT_SCHEMA)
     # Each customer's rows apart, once: rendering each file against the whole day costs 4x more.

@@ -154,7 +154,7 @@ class Exporter:
         # run, one day by hand) enough shares that every worker has one. Each job reads its own units' rows.
         least = max(1, self.workers // max(1, len(by_day)))
         jobs = [
-            DayJob(str(self.store.path), day, tuple(self.grid.closed(day, upto)), share, str(self.root))
+            DayJob(self.store.url, day, tuple(self.grid.closed(day, upto)), share, str(self.root))
             for day, customers in sorted(by_day.items())
             for share in shares(
                 [

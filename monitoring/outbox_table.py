@@ -28,7 +28,7 @@ class OutboxTable:
 
     def enqueue(self, key: str, channel: str, payload: bytes, now: float) -> bool:
         """Keep a message for sending; False when one with this key exists already (never queued twice)."""
-        cur = self.store.db.execute(
+        cur = self.store.execute(
             "INSERT INTO outbox (key, channel, payload, created, next_try) VALUES (?, ?, ?, ?, ?) "
             "ON CONFLICT(key) DO NOTHING",
             (key, channel, payload, now, now),
@@ -38,12 +38,12 @@ class OutboxTable:
     def claim_due(self, now: float, lease_s: float, limit: int = 20) -> list[OutboxRow]:
         """Messages due now, each leased for `lease_s` so that no other sender takes it meanwhile."""
         with self.store.transaction():
-            rows = self.store.db.execute(
+            rows = self.store.execute(
                 "SELECT id, key, channel, payload, created, attempts FROM outbox "
                 "WHERE sent IS NULL AND given_up IS NULL AND next_try <= ? ORDER BY next_try, id LIMIT ?",
                 (now, limit),
             ).fetchall()
-            self.store.db.executemany(
+            self.store.executemany(
                 "UPDATE outbox SET next_try = ?, attempts = attempts + 1 WHERE id = ?",
                 [(now + lease_s, r[0]) for r in rows],
             )
@@ -52,7 +52,7 @@ class OutboxTable:
     def release(self, ids: list[int], now: float) -> None:
         """Claimed messages that were neither sent nor tried (the sender stopped): due again at `now`, their
         claim not counted as an attempt."""
-        self.store.db.executemany(
+        self.store.executemany(
             "UPDATE outbox SET next_try = ?, attempts = max(attempts - 1, 0) "
             "WHERE id = ? AND sent IS NULL AND given_up IS NULL",
             [(now, i) for i in ids],
@@ -60,32 +60,30 @@ class OutboxTable:
 
     def sent(self, id: int, now: float) -> None:
         """The message went out."""
-        self.store.db.execute("UPDATE outbox SET sent = ?, last_error = '' WHERE id = ?", (now, id))
+        self.store.execute("UPDATE outbox SET sent = ?, last_error = '' WHERE id = ?", (now, id))
 
     def retry(self, id: int, next_try: float, error: str) -> None:
         """Sending failed; try again at `next_try`."""
-        self.store.db.execute("UPDATE outbox SET next_try = ?, last_error = ? WHERE id = ?", (next_try, error, id))
+        self.store.execute("UPDATE outbox SET next_try = ?, last_error = ? WHERE id = ?", (next_try, error, id))
 
     def give_up(self, id: int, now: float, error: str) -> None:
         """Stop trying (kept, with its error, for the operator to see)."""
-        self.store.db.execute("UPDATE outbox SET given_up = ?, last_error = ? WHERE id = ?", (now, error, id))
+        self.store.execute("UPDATE outbox SET given_up = ?, last_error = ? WHERE id = ?", (now, error, id))
 
     def next_due(self) -> float | None:
         """When the next unsent message is due."""
-        row = self.store.db.execute(
-            "SELECT min(next_try) FROM outbox WHERE sent IS NULL AND given_up IS NULL"
-        ).fetchone()
+        row = self.store.execute("SELECT min(next_try) FROM outbox WHERE sent IS NULL AND given_up IS NULL").fetchone()
         return None if row[0] is None else float(row[0])
 
     def counts(self) -> dict[str, int]:
         """Messages by state: pending, sent, given_up."""
-        row = self.store.db.execute(
+        row = self.store.execute(
             "SELECT count(*) FILTER (WHERE sent IS NULL AND given_up IS NULL), count(sent), count(given_up) FROM outbox"
         ).fetchone()
         return {"pending": int(row[0]), "sent": int(row[1]), "given_up": int(row[2])}
 
     def prune(self, before: float) -> None:
         """Forget sent and abandoned messages older than `before`."""
-        self.store.db.execute(
+        self.store.execute(
             "DELETE FROM outbox WHERE (sent IS NOT NULL OR given_up IS NOT NULL) AND created < ?", (before,)
         )

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry
 
 from aggregator.ingest import UnitTable
-from aggregator.store import Store, StoreError, file_identity, sqlite_path
+from aggregator.sqlite import SqliteStore, file_identity, sqlite_path
+from aggregator.store import Store, StoreError
 from aggregator.writer import Writer
 from broker_bridge.bridge import Bridge, BrokerTarget, target_from_url, tls_context
 from broker_bridge.telegram import Rules
@@ -114,13 +115,13 @@ def store_lock(settings: Settings, exclusive: bool = False) -> Iterator[None]:
         yield
 
 
-def open_store(settings: Settings, create: bool = True) -> Store:
+def open_store(settings: Settings, create: bool = True) -> SqliteStore:
     """The store named by the settings; without `create`, one that does not exist yet is an error (a command that
     only reads must not leave an empty database behind, nor answer from one)."""
     path = sqlite_path(settings.storage_url)
     if not create and not path.exists():
         raise StoreError(f"no database at {path} (settings data_dir, storage.url): has smame run here yet?")
-    return Store(path, settings.storage.synchronous)
+    return SqliteStore(path, settings.storage.synchronous)
 
 
 def build_exporter(

@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from aggregator.store import check_copy, restore_copy, sqlite_path
+from aggregator.sqlite import check_copy, restore_copy, sqlite_path
 from kernel.settings import Settings
 from smame.app import open_store, store_lock
 from smame.commands.args import Subcommands

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aggregator.ingest import Ingestor
-from aggregator.store import Store
+from aggregator.sqlite import SqliteStore
 from kernel.meter import Flag, Limits
 from kernel.reading import Incoming, Reading
 from kernel.timegrid import Grid
@@ -40,7 +40,7 @@ def reading(
 
 
 def open_ingestor(path: Path) -> Ingestor:
-    return Ingestor(Store(path), Directory(), Grid("Asia/Tokyo"))
+    return Ingestor(SqliteStore(path), Directory(), Grid("Asia/Tokyo"))
 
 
 @pytest.fixture
@@ -198,7 +198,7 @@ def test_any_order_and_any_duplication_give_the_same_slots(
 
 def test_two_writers_on_one_store_with_a_shared_subscription(tmp_path: Path) -> None:
     # MQTT 5 shared subscriptions hand a unit's telegrams to either ingest process, alternately here.
-    writers = [Ingestor(Store(tmp_path / "t.db"), Directory(), Grid("Asia/Tokyo"), shared=True) for _ in range(2)]
+    writers = [Ingestor(SqliteStore(tmp_path / "t.db"), Directory(), Grid("Asia/Tokyo"), shared=True) for _ in range(2)]
     try:
         for k in range(9):
             writers[k % 2].commit([reading(k, 100 + 10 * k)], [], T0 + k * H)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from aggregator.ingest import Ingestor
-from aggregator.store import Store
+from aggregator.sqlite import SqliteStore
 from csv_export.exporter import Exporter
 from csv_export.files import path_of, write_if_changed
 from kernel.reading import KEEP, Incoming, Reading, Refused
@@ -66,9 +66,9 @@ def setup(workdir: Path) -> Iterator[tuple[Exporter, Ingestor, Path]]:
     (workdir / "customers.toml").write_text('[customers.C1]\n[customers.C2]\nlayout = "wide"\n[customers.C3]\n')
     registry = load_registry(workdir / "units.csv", workdir / "customers.toml")
     db = workdir / "smame.db"
-    ingest = Ingestor(Store(db), registry, GRID)
+    ingest = Ingestor(SqliteStore(db), registry, GRID)
     root = workdir / "export"
-    exporter = Exporter(Store(db), lambda: registry, GRID, root, 45, 120)
+    exporter = Exporter(SqliteStore(db), lambda: registry, GRID, root, 45, 120)
     yield exporter, ingest, root
     ingest.store.close()
     exporter.close()
@@ -274,7 +274,7 @@ def test_a_day_whose_first_rows_have_no_values_exports(workdir: Path) -> None:
     units = {f"N{u:04d}": "C1" for u in range(3000)}
     write_registry(workdir, units)
     registry = load_registry(workdir / "units.csv", workdir / "customers.toml")
-    store = Store(workdir / "smame.db")
+    store = SqliteStore(workdir / "smame.db")
     ends = GRID.day_slots(TODAY)
     rows = [(end, u, None, "M", 0, None, "M", 0, None, None, None) for end in ends[:2] for u in units]
     rows += [(end, u, 12, "A", 0, 3, "E", 0, "SM-9", 0x01, 1) for end in ends[2:] for u in units]
@@ -326,7 +326,7 @@ async def test_a_failed_export_is_retried_soon_at_once_on_sighup_and_after_an_ex
     blocker.write_text("a file where the export directory should be\n")
     t0 = time.time()
     service = Exporter(
-        Store(workdir / "smame.db"),
+        SqliteStore(workdir / "smame.db"),
         good.registry,
         GRID,
         blocker / "export",

@@ -11,7 +11,8 @@ import msgspec
 import pytest
 
 from aggregator.ingest import Ingestor
-from aggregator.store import SlotRow, Store
+from aggregator.sqlite import SqliteStore
+from aggregator.store import SlotRow
 from kernel.meter import Flag
 from kernel.reading import Incoming, Reading
 from kernel.registry import load_registry
@@ -102,7 +103,7 @@ def test_the_report_read_a_share_of_units_at_a_time_finds_what_the_whole_day_sho
 ) -> None:
     # A large fleet's day is read a share of units at a time; the shares' edges must lose or double nothing,
     # whichever units of the registry have rows (a unit without, a stored unit no longer registered).
-    store = Store(tmp_path / "smame.db")
+    store = SqliteStore(tmp_path / "smame.db")
     rows = [msgspec.structs.replace(r, unit=f"{r.unit}{k}") for k in range(4) for r in day_of_rows()]
     store.db.execute("BEGIN")
     store.db.executemany("INSERT INTO slots VALUES (?,?,?,?,?,?,?,?,?,?,?)", map(msgspec.structs.astuple, rows))
@@ -123,7 +124,7 @@ def test_report_command_on_a_real_store(workdir: Path) -> None:
     write_registry(workdir, {"R1": "C1", "R2": "C1"})
     registry = load_registry(workdir / "units.csv", workdir / "customers.toml")
     (workdir / "data").mkdir()
-    store = Store(workdir / "data" / "smame.db")
+    store = SqliteStore(workdir / "data" / "smame.db")
     ingest = Ingestor(store, registry, GRID)
     start = GRID.day_start(day)
     gap = {start + k * SLOT for k in range(10, 40)}  # R2 silent 05:00-20:00, within the 24 h cap: estimated

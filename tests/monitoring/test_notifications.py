@@ -11,7 +11,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from aggregator.ingest import Ingestor
-from aggregator.store import Store
+from aggregator.sqlite import SqliteStore
 from kernel.reading import Incoming, Reading
 from kernel.registry import load_registry
 from kernel.timegrid import SLOT, Grid
@@ -45,7 +45,7 @@ def day_with_gaps(workdir: Path) -> set[tuple[str, int]]:
     write_registry(workdir, {"R1": "C1", "R2": "C1", "R3": "C2"})
     registry = load_registry(workdir / "units.csv", workdir / "customers.toml")
     (workdir / "data").mkdir(exist_ok=True)
-    store = Store(workdir / "data" / "smame.db")
+    store = SqliteStore(workdir / "data" / "smame.db")
     start = GRID.day_start(DAY)
     now = int(time.time())
     r1_slots = (GRID.floor(now) - start) // SLOT

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from aggregator.store import Store
+from aggregator.sqlite import SqliteStore
 from ftp_gateway.certs import ensure_certificate
 from kernel.settings import MailSettings, SlackSettings
 from monitoring import mail, slack
@@ -36,7 +36,7 @@ def mail_to(port: int, **kw: object) -> MailSettings:
 
 
 def pending(db: Path) -> int:
-    store = Store(db)
+    store = SqliteStore(db)
     try:
         return OutboxTable(store).counts()["pending"]
     finally:
@@ -54,7 +54,7 @@ def server_tls(tmp_path: Path) -> tuple[ssl.SSLContext, Path]:
 
 async def test_slack_429_is_retried_after_retry_after_and_delivered_once(tmp_path: Path) -> None:
     stand_in = SlackStandIn(statuses=[429], retry_after=1)
-    store = Store(tmp_path / "smame.db")
+    store = SqliteStore(tmp_path / "smame.db")
     now = [time.time()]
     outbox = Outbox(store, {"slack": webhook(stand_in)}, backoff_min=0.1, clock=lambda: now[0])
     await outbox.put([("alert:x", "slack", slack.compose("[smame] ALERT: test", "something broke"))])
@@ -79,7 +79,7 @@ async def test_bot_token_and_its_429_through_the_web_api(tmp_path: Path) -> None
     channel = SlackChannel(
         SlackSettings(token=SecretStr("xoxb-test"), channel="#ops", api_url=stand_in.api_url, timeout_s=5)
     )
-    store = Store(tmp_path / "smame.db")
+    store = SqliteStore(tmp_path / "smame.db")
     now = [time.time()]
     outbox = Outbox(store, {"slack": channel}, backoff_min=0.1, clock=lambda: now[0])
     await outbox.put([("r", "slack", slack.compose("[smame] daily report", "all fine"))])
@@ -96,7 +96,7 @@ async def test_bot_token_and_its_429_through_the_web_api(tmp_path: Path) -> None
 
 async def test_smtp_down_then_up_the_mail_arrives_once(tmp_path: Path) -> None:
     sink = SmtpSink()  # not started: the port refuses connections
-    store = Store(tmp_path / "smame.db")
+    store = SqliteStore(tmp_path / "smame.db")
     outbox = Outbox(store, {"mail": SmtpChannel(mail_to(sink.port))}, backoff_min=0.2)
     body = mail.compose("k1", "smame@example.jp", ["ops@example.jp"], "[smame] ALERT: x", "text", time.time())
     await outbox.put([("k1", "mail", body)])
@@ -120,7 +120,7 @@ async def test_smtp_down_then_up_the_mail_arrives_once(tmp_path: Path) -> None:
 async def test_starttls_and_login(tmp_path: Path) -> None:
     tls, cert = server_tls(tmp_path)
     sink = SmtpSink(tls=tls, login=("smame", "s3cret-passw0rd")).start()
-    store = Store(tmp_path / "smame.db")
+    store = SqliteStore(tmp_path / "smame.db")
     try:
         good = SmtpChannel(
             mail_to(sink.port, starttls="always", ca_file=cert, username="smame", password=SecretStr("s3cret-passw0rd"))
@@ -149,7 +149,7 @@ async def test_starttls_and_login(tmp_path: Path) -> None:
 async def test_smtps_with_tls_from_the_start(tmp_path: Path) -> None:
     tls, cert = server_tls(tmp_path)
     sink = SmtpSink(implicit_tls=tls, login=("smame", "s3cret-passw0rd")).start()
-    store = Store(tmp_path / "smame.db")
+    store = SqliteStore(tmp_path / "smame.db")
     try:
         settings = MailSettings(
             smtp_url=f"smtps://127.0.0.1:{sink.port}",
@@ -176,7 +176,7 @@ async def test_smtps_with_tls_from_the_start(tmp_path: Path) -> None:
 async def test_two_senders_never_send_the_same_message(tmp_path: Path) -> None:
     stand_in = SlackStandIn()
     db = tmp_path / "smame.db"
-    stores = [Store(db), Store(db)]
+    stores = [SqliteStore(db), SqliteStore(db)]
     outboxes = [Outbox(s, {"slack": webhook(stand_in)}) for s in stores]
     await outboxes[0].put([(f"m{i}", "slack", slack.compose(f"message {i}", "x")) for i in range(20)])
     sent = await asyncio.gather(*(o.deliver_due() for o in outboxes))
@@ -191,7 +191,7 @@ async def test_two_senders_never_send_the_same_message(tmp_path: Path) -> None:
 
 async def test_a_channel_keeps_its_order_when_one_message_fails(tmp_path: Path) -> None:
     stand_in = SlackStandIn(statuses=[500])
-    store = Store(tmp_path / "smame.db")
+    store = SqliteStore(tmp_path / "smame.db")
     outbox = Outbox(store, {"slack": webhook(stand_in)}, backoff_min=0.2)
     await outbox.put(
         [("a:start", "slack", slack.compose("started", "x")), ("a:end", "slack", slack.compose("cleared", "x"))]
@@ -208,7 +208,7 @@ async def test_a_channel_keeps_its_order_when_one_message_fails(tmp_path: Path) 
 
 
 async def test_a_message_too_old_is_given_up_and_kept(tmp_path: Path) -> None:
-    store = Store(tmp_path / "smame.db")
+    store = SqliteStore(tmp_path / "smame.db")
     clock = [1000.0]
     outbox = Outbox(
         store, {"mail": SmtpChannel(mail_to(free_port()))}, backoff_min=1, give_up_s=60, clock=lambda: clock[0]
@@ -224,7 +224,7 @@ async def test_a_message_too_old_is_given_up_and_kept(tmp_path: Path) -> None:
 
 async def test_an_unexpected_error_from_a_channel_fails_the_message_not_the_service(tmp_path: Path) -> None:
     sink = SmtpSink().start()
-    store = Store(tmp_path / "smame.db")
+    store = SqliteStore(tmp_path / "smame.db")
     try:
         outbox = Outbox(store, {"mail": SmtpChannel(mail_to(sink.port))}, backoff_min=60)
         good = mail.compose("good", "smame@example.jp", ["ops@example.jp"], "fine", "t", time.time())
@@ -263,7 +263,7 @@ class DripSmtp:
 
 async def test_a_stalling_mail_server_holds_up_neither_slack_nor_the_outbox(tmp_path: Path) -> None:
     drip, stand_in = DripSmtp(every=0.5), SlackStandIn()
-    store = Store(tmp_path / "smame.db")
+    store = SqliteStore(tmp_path / "smame.db")
     try:
         outbox = Outbox(
             store, {"mail": SmtpChannel(mail_to(drip.port, timeout_s=1)), "slack": webhook(stand_in)}, backoff_min=60
@@ -290,7 +290,7 @@ async def test_stopping_mid_delivery_leaves_the_untried_messages_due_at_once(tmp
     # smame stopped while the outbox works through what it claimed: the message being sent keeps its lease (it
     # may yet go out), but those behind it, never tried, must be due at the next start, not five minutes later.
     drip = DripSmtp(every=0.5)
-    store = Store(tmp_path / "smame.db")
+    store = SqliteStore(tmp_path / "smame.db")
     try:
         outbox = Outbox(store, {"mail": SmtpChannel(mail_to(drip.port, timeout_s=30))}, lease_s=300)
         await outbox.put(
@@ -324,7 +324,7 @@ async def test_a_send_that_fails_as_smame_stops_is_due_again_at_once(tmp_path: P
     # Stopped while a mail is being sent, and the server then drops the connection: the send's outcome comes
     # within the grace, so the mail is due at the next start, not when its five-minute lease runs out.
     drip = DripSmtp(every=0.5)
-    store = Store(tmp_path / "smame.db")
+    store = SqliteStore(tmp_path / "smame.db")
     try:
         outbox = Outbox(store, {"mail": SmtpChannel(mail_to(drip.port, timeout_s=30))}, lease_s=300)
         await outbox.put([("a", "mail", mail.compose("a", "smame@example.jp", ["ops@example.jp"], "a", "t", 0.0))])
@@ -343,7 +343,7 @@ async def test_a_send_that_succeeds_as_smame_stops_is_marked_sent(tmp_path: Path
             return await super().handle_DATA(server, session, envelope)
 
     sink = SlowSink().start()
-    store = Store(tmp_path / "smame.db")
+    store = SqliteStore(tmp_path / "smame.db")
     try:
         outbox = Outbox(store, {"mail": SmtpChannel(mail_to(sink.port))}, lease_s=300)
         await outbox.put([("a", "mail", mail.compose("a", "smame@example.jp", ["ops@example.jp"], "a", "t", 0.0))])
@@ -362,7 +362,7 @@ async def test_a_mail_answered_after_the_deadline_is_sent_once(tmp_path: Path) -
             return await super().handle_DATA(server, session, envelope)
 
     sink = SlowSink().start()
-    store = Store(tmp_path / "smame.db")
+    store = SqliteStore(tmp_path / "smame.db")
     try:
         outbox = Outbox(store, {"mail": SmtpChannel(mail_to(sink.port, timeout_s=1))}, backoff_min=0.1)
         await outbox.put([("m", "mail", mail.compose("m", "smame@example.jp", ["ops@example.jp"], "s", "t", 0.0))])
@@ -381,7 +381,7 @@ async def test_a_mail_answered_after_the_deadline_is_sent_once(tmp_path: Path) -
 
 async def test_sent_messages_are_forgotten_after_the_keep_time(tmp_path: Path) -> None:
     stand_in = SlackStandIn()
-    store = Store(tmp_path / "smame.db")
+    store = SqliteStore(tmp_path / "smame.db")
     now = [time.time() - 31 * 86400]
     try:
         outbox = Outbox(store, {"slack": webhook(stand_in)}, clock=lambda: now[0], keep_s=30 * 86400)
@@ -417,7 +417,7 @@ async def test_a_webhook_that_answers_a_byte_at_a_time_fails_in_time(tmp_path: P
                 conn.sendall(bytes([byte]))
 
     threading.Thread(target=drip, daemon=True).start()
-    store = Store(tmp_path / "smame.db")
+    store = SqliteStore(tmp_path / "smame.db")
     url = f"http://127.0.0.1:{sock.getsockname()[1]}/hook"
     try:
         outbox = Outbox(store, {"slack": SlackChannel(SlackSettings(webhook_url=SecretStr(url), timeout_s=1))})
