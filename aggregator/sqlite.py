@@ -63,6 +63,8 @@ def file_identity(path: Path) -> tuple[int, int] | None:
 class SqliteStore(Store):
     """The store on an SQLite file, in write-ahead-log mode."""
 
+    errors = (sqlite3.OperationalError,)
+
     def __init__(self, path: Path, synchronous: str = "FULL", cache_mib: int = 8) -> None:
         super().__init__(f"sqlite:///{path}")
         path.parent.mkdir(parents=True, exist_ok=True)

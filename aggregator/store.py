@@ -85,6 +85,8 @@ class Store(ABC):
     # appended to a SELECT whose rows the transaction claims (outbox leases): SQLite's BEGIN IMMEDIATE already
     # keeps every other writer out; PostgreSQL's row locks are taken here
     claim_rows = ""
+    # the driver's errors that say the database is busy or unreachable for now: worth trying again later
+    errors: tuple[type[Exception], ...] = ()
 
     def __init__(self, url: str) -> None:
         self.url = url  # the storage URL it was opened from: what another process opens to read the same

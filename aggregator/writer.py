@@ -31,8 +31,9 @@ from pathlib import Path
 
 import msgspec
 
+from aggregator.backends import is_postgres, open_url
 from aggregator.ingest import Ingestor, Outcome, UnitTable
-from aggregator.sqlite import SqliteStore, file_identity
+from aggregator.sqlite import file_identity, sqlite_path
 from kernel.meter import Limits
 from kernel.reading import Incoming, Refused
 from kernel.timegrid import Grid
@@ -61,9 +62,10 @@ class WriterError(RuntimeError):
 class Writer:
     """The receiving side: starts the writer process and hands it batches, one at a time, in order."""
 
-    def __init__(self, path: Path, synchronous: str, grid: Grid, units: UnitTable, shared: bool = False) -> None:
-        self.path = path
-        self._args = (path, synchronous, grid, shared)
+    def __init__(self, url: str, synchronous: str, grid: Grid, units: UnitTable, shared: bool = False) -> None:
+        self.url = url
+        self.path: Path | None = None if is_postgres(url) else sqlite_path(url)  # the store's file, if it has one
+        self._args = (url, synchronous, grid, shared)
         self._units = units
         self.totals = Outcome()  # since start, for the metrics
         self._process: subprocess.Popen[bytes] | None = None
@@ -73,7 +75,7 @@ class Writer:
         # even when the coroutine that awaited a commit was cancelled.
         self._pipe = ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer")
         self._closed = False
-        self.identity: tuple[int, int] | None = None  # the store file's, once the writer has it open
+        self.identity: tuple[int, int] | None = None  # the store file's (SQLite), once the writer has it open
 
     async def start(self) -> None:
         """Start the process and wait until its store is open; raises WriterError with its reason."""
@@ -93,7 +95,8 @@ class Writer:
         if reply[:1] != _OK:
             self._process.wait(10)
             raise WriterError(reply[1:].decode())
-        self.identity = file_identity(self.path)
+        if self.path is not None:
+            self.identity = file_identity(self.path)
 
     async def commit(self, readings: list[Incoming], refused: list[Refused], now: int) -> None:
         """Commit a batch in the writer and count it in `totals`; returns when it is durable (raises WriterError
@@ -211,11 +214,11 @@ def _serve(conn: Connection) -> None:
     except OSError:
         pass
     try:
-        path, synchronous, grid, shared, units = pickle.loads(conn.recv_bytes())
+        url, synchronous, grid, shared, units = pickle.loads(conn.recv_bytes())
     except (EOFError, OSError):  # the receiver is gone already
         return
     try:
-        store = SqliteStore(path, synchronous, cache_mib=WRITER_CACHE_MIB)
+        store = open_url(url, synchronous, cache_mib=WRITER_CACHE_MIB)
     except Exception as exc:  # any reason the store cannot open is told to the receiver
         conn.send_bytes(_FAILED + str(exc).encode())
         return

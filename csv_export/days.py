@@ -22,9 +22,11 @@ from datetime import date
 from pathlib import Path
 
 import adbc_driver_manager as adbc
+import adbc_driver_postgresql
 import adbc_driver_sqlite
 import polars as pl
 
+from aggregator.backends import is_postgres
 from aggregator.sqlite import sqlite_path
 from csv_export.files import path_of, write_if_changed
 from csv_export.render import SLOT_SCHEMA, Layout, render
@@ -34,8 +36,9 @@ from kernel.timegrid import SLOT, SlotLabel
 # first rows have no value would fail on the first real one. Energies are never negative, so -1 is free.
 # Qualities cross as their letter's code point: a column of strings costs the driver about twice an integer one.
 _QUERY = (
-    "SELECT slot, unit, coalesce(imp, -1), coalesce(unicode(imp_q), -1), coalesce(exp, -1), "
-    "coalesce(unicode(exp_q), -1), coalesce(meter, ''), coalesce(e1, -1), coalesce(coef, -1) "
+    "SELECT slot, unit, coalesce(imp, -1) AS imp, coalesce({code}(imp_q), -1) AS imp_q, coalesce(exp, -1) AS exp, "
+    "coalesce({code}(exp_q), -1) AS exp_q, coalesce(meter, '') AS meter, coalesce(e1, -1) AS e1, "
+    "coalesce(coef, -1) AS coef "
     "FROM slots WHERE slot > %d AND slot <= %d AND unit IN (%s)"
 )
 # Units a job holds at most (several customers' files, or one customer's): its rows of a day, 48 a unit, are
@@ -91,12 +94,16 @@ def read_slots(store: str, after: int, until: int, units: Iterable[str]) -> pl.D
     # would need Arrow arrays, so the two integers are formatted in (as %d: nothing else can get in), and the
     # units as SQL literals (the registry allows letters, digits, _ and - only; quotes are doubled all the same).
     listed = ",".join("'" + u.replace("'", "''") + "'" for u in units)
+    if is_postgres(store):  # the character code of a quality letter: each engine names it its own way
+        database, code = adbc_driver_postgresql.connect(store), "ascii"
+    else:
+        database, code = adbc_driver_sqlite.connect(str(sqlite_path(store))), "unicode"
     with (
-        adbc_driver_sqlite.connect(str(sqlite_path(store))) as database,
+        database,
         adbc.AdbcConnection(database) as conn,
         adbc.AdbcStatement(conn) as stmt,
     ):
-        stmt.set_sql_query(_QUERY % (int(after), int(until), listed))
+        stmt.set_sql_query(_QUERY.format(code=code) % (int(after), int(until), listed))
         stream, _ = stmt.execute_query()
         frame = pl.DataFrame(stream)
     # typed first: a day with no rows comes without types

@@ -70,14 +70,19 @@ class StorageSettings(Section):
     """Where readings and slots are kept."""
 
     url: str | None = None  # default: sqlite:///<data_dir>/smame.db
-    synchronous: Literal["FULL", "NORMAL"] = "FULL"
+    synchronous: Literal["FULL", "NORMAL"] = "FULL"  # SQLite's; PostgreSQL's is the server's synchronous_commit
     retention_days: int = Field(default=400, ge=0)  # 0: keep everything
 
     @field_validator("url")
     @classmethod
     def _url(cls, v: str | None) -> str | None:
-        if v is not None and not (v.startswith("sqlite:///") and len(v) > 10):
-            raise ValueError("only sqlite:///path is supported in this version")
+        if v is None:
+            return v
+        if v.startswith("sqlite:///") and len(v) > 10:
+            return v
+        if v.startswith(("postgresql://", "postgres://")) and len(v.split("://", 1)[1]) > 0:
+            return v
+        raise ValueError("must be sqlite:///path or postgresql://user@host:port/database")
         return v
 
 

@@ -12,7 +12,6 @@ import asyncio
 import json
 import logging
 import shutil
-import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -114,10 +113,11 @@ class Monitor:
         """Check, alert and report for ever."""
         if not configured(self.settings):
             log.warning("neither mail.smtp_url nor slack is set: alerts and the daily report are only logged")
+        passing: tuple[type[Exception], ...] = (OSError, *self.store.errors)
         while True:
             try:
                 await self.check()
-            except (OSError, sqlite3.OperationalError) as exc:  # a busy store or a full disk must not stop the watching
+            except passing as exc:  # a busy store or a full disk must not stop the watching
                 log.error("monitor check failed, trying again in %.0f s: %s", self.settings.alerts.check_s, exc)
             await asyncio.sleep(self.settings.alerts.check_s)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import sqlite3
 import threading
 import time
 from collections import Counter
@@ -131,7 +130,7 @@ class Outbox:
                     await self.prune()
                 await self.deliver_due()
                 nxt = await self.store.call(self.table.next_due)
-            except sqlite3.OperationalError as exc:  # the database busy past its timeout: try again soon
+            except self.store.errors as exc:  # the database busy past its timeout: try again soon
                 log.error("outbox: %s; trying again in 30 s", exc)
                 nxt = self.clock() + 30
             await wait_woken(self._wake, 60.0 if nxt is None else min(60.0, max(0.2, nxt - self.clock())))

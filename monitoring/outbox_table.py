@@ -40,7 +40,8 @@ class OutboxTable:
         with self.store.transaction():
             rows = self.store.execute(
                 "SELECT id, key, channel, payload, created, attempts FROM outbox "
-                "WHERE sent IS NULL AND given_up IS NULL AND next_try <= ? ORDER BY next_try, id LIMIT ?",
+                "WHERE sent IS NULL AND given_up IS NULL AND next_try <= ? ORDER BY next_try, id LIMIT ?"
+                + self.store.claim_rows,
                 (now, limit),
             ).fetchall()
             self.store.executemany(
@@ -53,7 +54,7 @@ class OutboxTable:
         """Claimed messages that were neither sent nor tried (the sender stopped): due again at `now`, their
         claim not counted as an attempt."""
         self.store.executemany(
-            "UPDATE outbox SET next_try = ?, attempts = max(attempts - 1, 0) "
+            "UPDATE outbox SET next_try = ?, attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END "
             "WHERE id = ? AND sent IS NULL AND given_up IS NULL",
             [(now, i) for i in ids],
         )

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
 
+from aggregator.backends import is_postgres, open_url
 from aggregator.ingest import UnitTable
-from aggregator.sqlite import SqliteStore, file_identity, sqlite_path
+from aggregator.sqlite import file_identity, sqlite_path
 from aggregator.store import Store, StoreError
 from aggregator.writer import Writer
 from broker_bridge.bridge import Bridge, BrokerTarget, target_from_url, tls_context
@@ -100,7 +101,11 @@ def check_ports(wanted: list[tuple[str, str, int]]) -> None:
 @contextmanager
 def store_lock(settings: Settings, exclusive: bool = False) -> Iterator[None]:
     """Held by every `smame run` on a store (shared: several ingest processes may share one), and taken alone
-    by `smame restore`, which therefore refuses while smame runs; raises OSError saying so."""
+    by `smame restore`, which therefore refuses while smame runs; raises OSError saying so. A PostgreSQL store
+    needs none: its server keeps the nodes that share it apart."""
+    if is_postgres(settings.storage_url):
+        yield
+        return
     path = sqlite_path(settings.storage_url)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(path.name + ".lock"), "a") as f:
@@ -115,13 +120,13 @@ def store_lock(settings: Settings, exclusive: bool = False) -> Iterator[None]:
         yield
 
 
-def open_store(settings: Settings, create: bool = True) -> SqliteStore:
-    """The store named by the settings; without `create`, one that does not exist yet is an error (a command that
-    only reads must not leave an empty database behind, nor answer from one)."""
-    path = sqlite_path(settings.storage_url)
-    if not create and not path.exists():
-        raise StoreError(f"no database at {path} (settings data_dir, storage.url): has smame run here yet?")
-    return SqliteStore(path, settings.storage.synchronous)
+def open_store(settings: Settings, create: bool = True) -> Store:
+    """The store named by the settings; without `create`, an SQLite file that does not exist yet is an error (a
+    command that only reads must not leave an empty database behind, nor answer from one)."""
+    url = settings.storage_url
+    if not create and not is_postgres(url) and not sqlite_path(url).exists():
+        raise StoreError(f"no database at {sqlite_path(url)} (settings data_dir, storage.url): has smame run here yet?")
+    return open_url(url, settings.storage.synchronous)
 
 
 def build_exporter(
@@ -247,7 +252,7 @@ class App:
         grid = Grid(settings.timezone)
         # with a shared subscription other ingest processes write the same store
         writer = Writer(
-            sqlite_path(settings.storage_url),
+            settings.storage_url,
             settings.storage.synchronous,
             grid,
             unit_table(registry.current),
@@ -348,8 +353,9 @@ class App:
     def health(self) -> dict[str, str]:
         """Each part's state for /healthz: "ok" or what is wrong."""
         checks = {"ingest": "ok" if self.bridge.stats.connected else "not connected to the broker"}
-        if self.writer.identity is not None and file_identity(self.writer.path) != self.writer.identity:
-            checks["store"] = f"the database file {self.writer.path} was deleted or replaced: restart smame"
+        path = self.writer.path
+        if path is not None and self.writer.identity is not None and file_identity(path) != self.writer.identity:
+            checks["store"] = f"the database file {path} was deleted or replaced: restart smame"
         else:
             checks["store"] = "ok"
         if self.exporter is not None:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.databases import BACKENDS, PostgresDatabase
 from tests.helpers import STARTED, Mosquitto
 
 
@@ -37,3 +38,20 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresDatabase]:
+    """The test run's own database on the machine's PostgreSQL, dropped when the run ends."""
+    db = PostgresDatabase()
+    yield db
+    db.drop()
+
+
+@pytest.fixture(params=BACKENDS)
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty store's URL, once on each backend: an SQLite file, and a schema of its own in PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'smame.db'}"
+    db: PostgresDatabase = request.getfixturevalue("postgres")
+    return db.fresh_url()

@@ -6,7 +6,9 @@ import argparse
 import time
 from pathlib import Path
 
-from aggregator.sqlite import check_copy, restore_copy, sqlite_path
+from aggregator.backends import is_postgres
+from aggregator.sqlite import SqliteStore, check_copy, restore_copy, sqlite_path
+from aggregator.store import StoreError
 from kernel.settings import Settings
 from smame.app import open_store, store_lock
 from smame.commands.args import Subcommands
@@ -30,12 +32,19 @@ def add(sub: Subcommands, common: argparse.ArgumentParser) -> None:
     restore.set_defaults(func=_restore)
 
 
+def _sqlite_only(settings: Settings) -> None:
+    if is_postgres(settings.storage_url):
+        raise StoreError("the store is PostgreSQL: copy it with pg_dump and put it back with pg_restore")
+
+
 def _backup(settings: Settings, args: argparse.Namespace) -> int:
     if args.verify:
         counts = check_copy(args.file)
         print(f"{args.file} is whole: " + ", ".join(f"{n:,} {table}" for table, n in counts.items()))
         return 0
+    _sqlite_only(settings)
     with open_store(settings, create=False) as store:
+        assert isinstance(store, SqliteStore)
         started = time.monotonic()
         store.backup(args.file)
     print(
@@ -46,6 +55,7 @@ def _backup(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _restore(settings: Settings, args: argparse.Namespace) -> int:
+    _sqlite_only(settings)
     live = sqlite_path(settings.storage_url)
     with store_lock(settings, exclusive=True):
         counts = check_copy(args.file)

@@ -1,4 +1,4 @@
-"""Batches into a real SQLite file: idempotence, order, late data, conflicts, change log."""
+"""Batches into a real store, SQLite and PostgreSQL: idempotence, order, late data, conflicts, change log."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from aggregator.backends import open_url
 from aggregator.ingest import Ingestor
 from aggregator.sqlite import SqliteStore
 from kernel.meter import Flag, Limits
@@ -39,13 +40,13 @@ def reading(
     return Incoming(r, T0 + k * H + 7, f"smame/v1/{unit}/reading", b"{}")
 
 
-def open_ingestor(path: Path) -> Ingestor:
-    return Ingestor(SqliteStore(path), Directory(), Grid("Asia/Tokyo"))
+def open_ingestor(url: str) -> Ingestor:
+    return Ingestor(open_url(url), Directory(), Grid("Asia/Tokyo"))
 
 
 @pytest.fixture
-def ing(tmp_path: Path) -> Iterator[Ingestor]:
-    i = open_ingestor(tmp_path / "t.db")
+def ing(store_url: str) -> Iterator[Ingestor]:
+    i = open_ingestor(store_url)
     yield i
     i.store.close()
 
@@ -128,11 +129,11 @@ def test_meter_replacement_leaves_the_slot_missing_and_flagged(ing: Ingestor) ->
     assert t[3][:2] == (4, "A")
 
 
-def test_state_survives_a_restart(tmp_path: Path) -> None:
-    first = open_ingestor(tmp_path / "r.db")
+def test_state_survives_a_restart(store_url: str) -> None:
+    first = open_ingestor(store_url)
     first.commit([reading(0, 100), reading(1, 110)], [], T0)
     first.store.close()
-    again = open_ingestor(tmp_path / "r.db")
+    again = open_ingestor(store_url)
     again.commit([reading(2, 130)], [], T0)
     assert table(again)[2][:2] == (20, "A")
     again.store.close()
@@ -174,14 +175,14 @@ def test_any_order_and_any_duplication_give_the_same_slots(
         rev = None if no_data == "rev" or not solar else (value // 3) % 10**6
         items.append(reading(k, fwd, rev, meter=f"M{meter}"))
     with tempfile.TemporaryDirectory() as d:
-        truth = open_ingestor(Path(d) / "a.db")
+        truth = open_ingestor(f"sqlite:///{d}/a.db")
         truth.commit(items, [], T0)
         expected = table(truth)
         truth.store.close()
 
         shuffled = items + rnd.sample(items, k=len(items) // 2)
         rnd.shuffle(shuffled)
-        other = open_ingestor(Path(d) / "b.db")
+        other = open_ingestor(f"sqlite:///{d}/b.db")
         cut = sorted(rnd.sample(range(1, len(shuffled)), k=min(batches - 1, len(shuffled) - 1)))
         for part in (shuffled[a:b] for a, b in zip([0, *cut], [*cut, len(shuffled)], strict=True)):
             other.commit(part, [], T0)
@@ -189,7 +190,7 @@ def test_any_order_and_any_duplication_give_the_same_slots(
         assert other.store.reading_count() == len(items)
         other.store.close()
 
-        live = open_ingestor(Path(d) / "c.db")  # in order, one reading a batch: the live case's own path
+        live = open_ingestor(f"sqlite:///{d}/c.db")  # in order, one reading a batch: the live case's own path
         for item in items:
             live.commit([item], [], T0)
         assert table(live) == expected

@@ -1,9 +1,9 @@
-"""kill -9 in the middle of a burst: after a restart every reading is stored exactly once, the slots are right."""
+"""kill -9 in the middle of a burst: after a restart every reading is stored exactly once, the slots are right,
+on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
 import signal
-import sqlite3
 import threading
 import time
 from datetime import timedelta
@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.databases import count, query
 from tests.helpers import (
     Mosquitto,
     at,
@@ -29,23 +30,23 @@ from tests.helpers import (
 UNITS, ROUNDS = 1000, 21  # 21,000 telegrams, one reading each, in time order as a fleet sends them
 
 
-def count(db: Path) -> int:
-    try:
-        with sqlite3.connect(db, timeout=10) as c:
-            return int(c.execute("SELECT count(*) FROM readings").fetchone()[0])
-    except sqlite3.OperationalError:
-        return 0
-
-
 def register(unit: int, k: int) -> int:
     return (unit * 7919 + k * (unit % 13 + 1) * 3) % 10**6
 
 
 @pytest.mark.slow
-def test_kill_9_mid_burst_loses_nothing_and_duplicates_nothing(broker: Mosquitto, workdir: Path) -> None:
+def test_kill_9_mid_burst_loses_nothing_and_duplicates_nothing(
+    broker: Mosquitto, workdir: Path, store_url: str
+) -> None:
     write_registry(workdir, {f"K{u:04d}": f"C{u % 5}" for u in range(UNITS)})
-    env = smame_env(workdir, broker.port, SMAME_BROKER__BATCH_SIZE="500", SMAME_BROKER__BATCH_DELAY_MS="50")
-    db, log = workdir / "data" / "smame.db", workdir / "smame.log"
+    env = smame_env(
+        workdir,
+        broker.port,
+        SMAME_BROKER__BATCH_SIZE="500",
+        SMAME_BROKER__BATCH_DELAY_MS="50",
+        SMAME_STORAGE__URL=store_url,
+    )
+    log = workdir / "smame.log"
     proc = start_smame(env, log)
     wait_log(log, "subscribed to")
     writer = wait_child(proc, "smame-writer")
@@ -64,7 +65,7 @@ def test_kill_9_mid_burst_loses_nothing_and_duplicates_nothing(broker: Mosquitto
 
     # The first round, and an export run (SIGHUP) of the files it makes: the export workers are running too.
     publish(broker.port, rounds[0])
-    wait_until(lambda: count(db) >= UNITS, 60, every=0.02)
+    wait_until(lambda: count(store_url, "readings") >= UNITS, 60, every=0.02)
     proc.send_signal(signal.SIGHUP)
     helpers = [writer, wait_child(proc, "smame-export")]
 
@@ -75,24 +76,28 @@ def test_kill_9_mid_burst_loses_nothing_and_duplicates_nothing(broker: Mosquitto
 
     sender = threading.Thread(target=publisher)
     sender.start()
-    wait_until(lambda: count(db) >= 4 * UNITS, 60, every=0.02)
+    wait_until(lambda: count(store_url, "readings") >= 4 * UNITS, 60, every=0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
-    killed_at = count(db)
+    killed_at = count(store_url, "readings")
     # nothing of the killed process lives on: the writer, the export workers
     wait_until(lambda: not any(running(pid) for pid in helpers), 10, lambda: f"still running: {helpers}", every=0.1)
     sender.join(120)
     assert 0 < killed_at < UNITS * ROUNDS, "the kill must land mid-burst"
 
     proc = start_smame(env, log)
-    wait_until(lambda: count(db) >= UNITS * ROUNDS, 120, lambda: f"{count(db)} of {UNITS * ROUNDS} stored", every=0.2)
+    wait_until(
+        lambda: count(store_url, "readings") >= UNITS * ROUNDS,
+        120,
+        lambda: f"{count(store_url, 'readings')} of {UNITS * ROUNDS} stored",
+        every=0.2,
+    )
     time.sleep(0.5)  # anything redelivered late would show up as an extra row or a conflict
     assert stop(proc) == 0
 
-    with sqlite3.connect(db) as c:
-        assert c.execute("SELECT count(*) FROM readings").fetchone()[0] == UNITS * ROUNDS
-        assert c.execute("SELECT count(*) FROM quarantine").fetchone()[0] == 0
-        slots = {(u, s): (imp, q) for u, s, imp, q in c.execute("SELECT unit, slot, imp, imp_q FROM slots")}
+    assert count(store_url, "readings") == UNITS * ROUNDS
+    assert count(store_url, "quarantine") == 0
+    slots = {(u, s): (imp, q) for u, s, imp, q in query(store_url, "SELECT unit, slot, imp, imp_q FROM slots")}
     truth = {}
     for u in range(UNITS):
         for k in range(1, ROUNDS):

@@ -9,6 +9,7 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+from tests.databases import PostgresDatabase
 from tests.helpers import (
     Mosquitto,
     at,
@@ -30,9 +31,9 @@ DAY = "2026-11-20"
 HALF_HOUR = timedelta(minutes=30)
 
 
-def test_telegrams_become_slots_and_bad_ones_are_quarantined(broker: Mosquitto, workdir: Path) -> None:
+def test_telegrams_become_slots_and_bad_ones_are_quarantined(broker: Mosquitto, workdir: Path, store_url: str) -> None:
     write_registry(workdir, {"U1": "C1", "U2": "C1", "U3": "C2"})
-    env = smame_env(workdir, broker.port)
+    env = smame_env(workdir, broker.port, SMAME_STORAGE__URL=store_url)
     log = workdir / "smame.log"
     proc = start_smame(env, log)
     wait_log(log, "subscribed to")
@@ -207,6 +208,18 @@ def test_a_store_that_cannot_be_opened_fails_at_start_naming_it(broker: Mosquitt
     proc = smame(["run"], env, check=False)
     assert proc.returncode == 1
     assert "service ingest crashed" in proc.stderr and "cannot open the store" in proc.stderr
+
+
+def test_a_postgresql_store_that_cannot_be_reached_fails_at_start_naming_it(
+    broker: Mosquitto, workdir: Path, postgres: PostgresDatabase
+) -> None:
+    write_registry(workdir, {"X1": "C1"})
+    missing = postgres.url.rsplit("/", 1)[0].replace("postgres@", "postgres:secret@") + "/no_such_database"
+    proc = smame(["run"], smame_env(workdir, broker.port, SMAME_STORAGE__URL=missing), check=False)
+    assert proc.returncode == 2, proc.stderr
+    [line] = proc.stderr.strip().splitlines()  # one line, no traceback, and no password in it
+    assert "cannot open the store postgresql://postgres:***@" in line and "no_such_database" in line
+    assert "secret" not in line
 
 
 def test_missing_or_wrong_registry_fails_at_start(workdir: Path) -> None:

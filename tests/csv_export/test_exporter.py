@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from aggregator.backends import open_url
 from aggregator.ingest import Ingestor
 from aggregator.sqlite import SqliteStore
 from csv_export.exporter import Exporter
@@ -61,14 +62,14 @@ def history(units: list[str], days: int, skip: set[tuple[str, int]] = frozenset(
 
 
 @pytest.fixture
-def setup(workdir: Path) -> Iterator[tuple[Exporter, Ingestor, Path]]:
+def setup(workdir: Path, store_url: str) -> Iterator[tuple[Exporter, Ingestor, Path]]:
+    """An ingestor and an exporter on one store, each on a connection of its own, on each backend."""
     write_registry(workdir, {"U1": "C1", "U2": "C2"})
     (workdir / "customers.toml").write_text('[customers.C1]\n[customers.C2]\nlayout = "wide"\n[customers.C3]\n')
     registry = load_registry(workdir / "units.csv", workdir / "customers.toml")
-    db = workdir / "smame.db"
-    ingest = Ingestor(SqliteStore(db), registry, GRID)
+    ingest = Ingestor(open_url(store_url), registry, GRID)
     root = workdir / "export"
-    exporter = Exporter(SqliteStore(db), lambda: registry, GRID, root, 45, 120)
+    exporter = Exporter(open_url(store_url), lambda: registry, GRID, root, 45, 120)
     yield exporter, ingest, root
     ingest.store.close()
     exporter.close()
@@ -162,7 +163,7 @@ def test_a_reader_never_sees_a_partial_file(tmp_path: Path) -> None:
 def test_export_command_dates_and_customers(workdir: Path, setup: tuple[Exporter, Ingestor, Path]) -> None:
     _, ingest, root = setup
     ingest.commit(history(["U1", "U2"], 3), [], int(NOW))
-    env = smame_env(workdir, 1883, SMAME_STORAGE__URL=f"sqlite:///{workdir / 'smame.db'}", SMAME_EXPORT__DIR=str(root))
+    env = smame_env(workdir, 1883, SMAME_STORAGE__URL=ingest.store.url, SMAME_EXPORT__DIR=str(root))
     out = smame(["export", "--date", "2026-11-21", "--customer", "C2"], env).stdout
     assert "1 files written" in out and "C2_20261121.csv" in out
     assert smame(["export", "--date", "2026-11-21", "--customer", "C2"], env).stdout.startswith(
@@ -187,7 +188,7 @@ def test_a_failed_write_keeps_the_previous_file_and_the_next_run_retries(
     ingest.commit(
         history(["U1"], 2, skip={("U1", GRID.day_start(TODAY - timedelta(days=1)) + 10 * SLOT)}), [], int(NOW)
     )
-    env = smame_env(workdir, 1883, SMAME_STORAGE__URL=f"sqlite:///{workdir / 'smame.db'}", SMAME_EXPORT__DIR=str(root))
+    env = smame_env(workdir, 1883, SMAME_STORAGE__URL=ingest.store.url, SMAME_EXPORT__DIR=str(root))
     smame(["export", "--date", "2026-11-22", "--customer", "C1"], env)
     target = path_of(root, "C1", date(2026, 11, 22))
     old = target.read_bytes()
@@ -247,13 +248,13 @@ def test_database_retention_deletes_only_what_is_older(workdir: Path, setup: tup
     store = exporter.store
     keep = Exporter(store, exporter.registry, GRID, exporter.root, 45, 120, db_retention_days=5)
     before = int(NOW) - 5 * 86400
-    old_readings = store.db.execute("SELECT count(*) FROM readings WHERE at < ?", (before,)).fetchone()[0]
+    old_readings = store.execute("SELECT count(*) FROM readings WHERE at < ?", (before,)).fetchone()[0]
     total = store.reading_count()
     assert old_readings > 0
     keep.scheduled(NOW)
     assert store.reading_count() == total - old_readings
-    assert store.db.execute("SELECT count(*) FROM slots WHERE slot < ?", (before,)).fetchone()[0] == 0
-    assert store.db.execute("SELECT count(*) FROM slots WHERE slot >= ?", (before,)).fetchone()[0] > 0
+    assert store.execute("SELECT count(*) FROM slots WHERE slot < ?", (before,)).fetchone()[0] == 0
+    assert store.execute("SELECT count(*) FROM slots WHERE slot >= ?", (before,)).fetchone()[0] > 0
 
 
 def test_the_quarantine_is_pruned_by_age(setup: tuple[Exporter, Ingestor, Path]) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from aggregator.backends import open_url
 from aggregator.ingest import Ingestor
 from aggregator.sqlite import SqliteStore
 from aggregator.store import SlotRow
@@ -99,15 +100,16 @@ def test_every_kind_of_problem_is_found() -> None:
 
 
 def test_the_report_read_a_share_of_units_at_a_time_finds_what_the_whole_day_shows(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, store_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A large fleet's day is read a share of units at a time; the shares' edges must lose or double nothing,
-    # whichever units of the registry have rows (a unit without, a stored unit no longer registered).
-    store = SqliteStore(tmp_path / "smame.db")
+    # whichever units of the registry have rows (a unit without, a stored unit no longer registered), and
+    # whatever order the database sorts text in.
+    store = open_url(store_url)
     rows = [msgspec.structs.replace(r, unit=f"{r.unit}{k}") for k in range(4) for r in day_of_rows()]
-    store.db.execute("BEGIN")
-    store.db.executemany("INSERT INTO slots VALUES (?,?,?,?,?,?,?,?,?,?,?)", map(msgspec.structs.astuple, rows))
-    store.db.execute("COMMIT")
+    rows += [msgspec.structs.replace(r, unit=u) for r in day_of_rows()[:3] for u in ("b-1", "B1", "a_2")]
+    with store.transaction():
+        store.upsert_slots(("imp", "exp"), [msgspec.structs.astuple(r) for r in rows])
     units = {u: "C1" for u in {r.unit for r in rows} if u != "IDLE3"} | {"QUIET": "C2"}
     write_registry(tmp_path, units)
     registry = load_registry(tmp_path / "units.csv", tmp_path / "customers.toml")

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
+from aggregator.backends import open_url
 from aggregator.sqlite import SqliteStore
 from ftp_gateway.certs import ensure_certificate
 from kernel.settings import MailSettings, SlackSettings
@@ -35,8 +36,8 @@ def mail_to(port: int, **kw: object) -> MailSettings:
     return MailSettings(smtp_url=f"smtp://127.0.0.1:{port}", recipients=["ops@example.jp"], **kw)  # type: ignore[arg-type]
 
 
-def pending(db: Path) -> int:
-    store = SqliteStore(db)
+def pending(url: str) -> int:
+    store = open_url(url)
     try:
         return OutboxTable(store).counts()["pending"]
     finally:
@@ -94,14 +95,14 @@ async def test_bot_token_and_its_429_through_the_web_api(tmp_path: Path) -> None
     stand_in.stop()
 
 
-async def test_smtp_down_then_up_the_mail_arrives_once(tmp_path: Path) -> None:
+async def test_smtp_down_then_up_the_mail_arrives_once(store_url: str) -> None:
     sink = SmtpSink()  # not started: the port refuses connections
-    store = SqliteStore(tmp_path / "smame.db")
+    store = open_url(store_url)
     outbox = Outbox(store, {"mail": SmtpChannel(mail_to(sink.port))}, backoff_min=0.2)
     body = mail.compose("k1", "smame@example.jp", ["ops@example.jp"], "[smame] ALERT: x", "text", time.time())
     await outbox.put([("k1", "mail", body)])
     assert await outbox.deliver_due() == 0
-    assert "mail" in outbox.failing and pending(tmp_path / "smame.db") == 1
+    assert "mail" in outbox.failing and pending(store_url) == 1
     sink.start()
     try:
         deadline = time.monotonic() + 10
@@ -111,7 +112,7 @@ async def test_smtp_down_then_up_the_mail_arrives_once(tmp_path: Path) -> None:
             await outbox.deliver_due()
         assert len(sink.messages) == 1
         assert sink.messages[0].recipients == ["ops@example.jp"]
-        assert pending(tmp_path / "smame.db") == 0 and "mail" not in outbox.failing
+        assert pending(store_url) == 0 and "mail" not in outbox.failing
     finally:
         sink.stop()
         store.close()
@@ -173,10 +174,9 @@ async def test_smtps_with_tls_from_the_start(tmp_path: Path) -> None:
         store.close()
 
 
-async def test_two_senders_never_send_the_same_message(tmp_path: Path) -> None:
+async def test_two_senders_never_send_the_same_message(store_url: str) -> None:
     stand_in = SlackStandIn()
-    db = tmp_path / "smame.db"
-    stores = [SqliteStore(db), SqliteStore(db)]
+    stores = [open_url(store_url), open_url(store_url)]
     outboxes = [Outbox(s, {"slack": webhook(stand_in)}) for s in stores]
     await outboxes[0].put([(f"m{i}", "slack", slack.compose(f"message {i}", "x")) for i in range(20)])
     sent = await asyncio.gather(*(o.deliver_due() for o in outboxes))
@@ -207,8 +207,8 @@ async def test_a_channel_keeps_its_order_when_one_message_fails(tmp_path: Path) 
     stand_in.stop()
 
 
-async def test_a_message_too_old_is_given_up_and_kept(tmp_path: Path) -> None:
-    store = SqliteStore(tmp_path / "smame.db")
+async def test_a_message_too_old_is_given_up_and_kept(store_url: str) -> None:
+    store = open_url(store_url)
     clock = [1000.0]
     outbox = Outbox(
         store, {"mail": SmtpChannel(mail_to(free_port()))}, backoff_min=1, give_up_s=60, clock=lambda: clock[0]
@@ -286,11 +286,11 @@ async def test_a_stalling_mail_server_holds_up_neither_slack_nor_the_outbox(tmp_
         store.close()
 
 
-async def test_stopping_mid_delivery_leaves_the_untried_messages_due_at_once(tmp_path: Path) -> None:
+async def test_stopping_mid_delivery_leaves_the_untried_messages_due_at_once(store_url: str) -> None:
     # smame stopped while the outbox works through what it claimed: the message being sent keeps its lease (it
     # may yet go out), but those behind it, never tried, must be due at the next start, not five minutes later.
     drip = DripSmtp(every=0.5)
-    store = SqliteStore(tmp_path / "smame.db")
+    store = open_url(store_url)
     try:
         outbox = Outbox(store, {"mail": SmtpChannel(mail_to(drip.port, timeout_s=30))}, lease_s=300)
         await outbox.put(
@@ -302,7 +302,7 @@ async def test_stopping_mid_delivery_leaves_the_untried_messages_due_at_once(tmp
         delivering.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await delivering
-        due = dict(store.db.execute("SELECT key, next_try <= ? FROM outbox", (time.time(),)).fetchall())
+        due = dict(store.execute("SELECT key, next_try <= ? FROM outbox", (time.time(),)).fetchall())
         assert due == {"a": 0, "b": 1, "c": 1}
     finally:
         drip.stop.set()
@@ -320,30 +320,30 @@ async def stop_mid_send(outbox: Outbox, during: Callable[[], None] = lambda: Non
         await delivering
 
 
-async def test_a_send_that_fails_as_smame_stops_is_due_again_at_once(tmp_path: Path) -> None:
+async def test_a_send_that_fails_as_smame_stops_is_due_again_at_once(store_url: str) -> None:
     # Stopped while a mail is being sent, and the server then drops the connection: the send's outcome comes
     # within the grace, so the mail is due at the next start, not when its five-minute lease runs out.
     drip = DripSmtp(every=0.5)
-    store = SqliteStore(tmp_path / "smame.db")
+    store = open_url(store_url)
     try:
         outbox = Outbox(store, {"mail": SmtpChannel(mail_to(drip.port, timeout_s=30))}, lease_s=300)
         await outbox.put([("a", "mail", mail.compose("a", "smame@example.jp", ["ops@example.jp"], "a", "t", 0.0))])
         await stop_mid_send(outbox, during=drip.stop.set)  # the server hangs up as smame stops
-        [(due, error)] = store.db.execute("SELECT next_try <= ?, last_error FROM outbox", (time.time(),)).fetchall()
+        [(due, error)] = store.execute("SELECT next_try <= ?, last_error FROM outbox", (time.time(),)).fetchall()
         assert due == 1 and error
     finally:
         drip.stop.set()
         store.close()
 
 
-async def test_a_send_that_succeeds_as_smame_stops_is_marked_sent(tmp_path: Path) -> None:
+async def test_a_send_that_succeeds_as_smame_stops_is_marked_sent(store_url: str) -> None:
     class SlowSink(SmtpSink):
         async def handle_DATA(self, server: object, session: object, envelope: object) -> str:  # noqa: N802
             await asyncio.sleep(0.5)
             return await super().handle_DATA(server, session, envelope)
 
     sink = SlowSink().start()
-    store = SqliteStore(tmp_path / "smame.db")
+    store = open_url(store_url)
     try:
         outbox = Outbox(store, {"mail": SmtpChannel(mail_to(sink.port))}, lease_s=300)
         await outbox.put([("a", "mail", mail.compose("a", "smame@example.jp", ["ops@example.jp"], "a", "t", 0.0))])
@@ -355,14 +355,14 @@ async def test_a_send_that_succeeds_as_smame_stops_is_marked_sent(tmp_path: Path
         store.close()
 
 
-async def test_a_mail_answered_after_the_deadline_is_sent_once(tmp_path: Path) -> None:
+async def test_a_mail_answered_after_the_deadline_is_sent_once(store_url: str) -> None:
     class SlowSink(SmtpSink):
         async def handle_DATA(self, server: object, session: object, envelope: object) -> str:  # noqa: N802
             await asyncio.sleep(2)  # the server takes it, but answers after smame's deadline
             return await super().handle_DATA(server, session, envelope)
 
     sink = SlowSink().start()
-    store = SqliteStore(tmp_path / "smame.db")
+    store = open_url(store_url)
     try:
         outbox = Outbox(store, {"mail": SmtpChannel(mail_to(sink.port, timeout_s=1))}, backoff_min=0.1)
         await outbox.put([("m", "mail", mail.compose("m", "smame@example.jp", ["ops@example.jp"], "s", "t", 0.0))])
@@ -379,9 +379,9 @@ async def test_a_mail_answered_after_the_deadline_is_sent_once(tmp_path: Path) -
         store.close()
 
 
-async def test_sent_messages_are_forgotten_after_the_keep_time(tmp_path: Path) -> None:
+async def test_sent_messages_are_forgotten_after_the_keep_time(store_url: str) -> None:
     stand_in = SlackStandIn()
-    store = SqliteStore(tmp_path / "smame.db")
+    store = open_url(store_url)
     now = [time.time() - 31 * 86400]
     try:
         outbox = Outbox(store, {"slack": webhook(stand_in)}, clock=lambda: now[0], keep_s=30 * 86400)
@@ -396,7 +396,7 @@ async def test_sent_messages_are_forgotten_after_the_keep_time(tmp_path: Path) -
         runner.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await runner
-        keys = [k for (k,) in store.db.execute("SELECT key FROM outbox ORDER BY key")]
+        keys = [k for (k,) in store.execute("SELECT key FROM outbox ORDER BY key")]
         assert keys == ["new", "waiting"]
     finally:
         stand_in.stop()

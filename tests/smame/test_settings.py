@@ -60,7 +60,7 @@ def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.Monk
         ("[broker]\nbogus = 1\n", {}, "broker.bogus / SMAME_BROKER__BOGUS: unknown key"),
         ('timezone = "Asia/Nowhere"\n', {}, "timezone / SMAME_TIMEZONE"),
         ("", {"SMAME_BROKER__BATCH_SIZE": "0"}, "broker.batch_size / SMAME_BROKER__BATCH_SIZE"),
-        ("", {"SMAME_STORAGE__URL": "postgresql://x/y"}, "storage.url / SMAME_STORAGE__URL"),
+        ("", {"SMAME_STORAGE__URL": "mysql://x/y"}, "storage.url / SMAME_STORAGE__URL"),
         ('[log]\nlevel = "LOUD"\n', {}, "log.level / SMAME_LOG__LEVEL"),
     ],
 )

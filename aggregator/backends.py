@@ -1,0 +1,24 @@
+"""The store a storage URL names: `sqlite:///path` (the embedded default) or `postgresql://...`."""
+
+from __future__ import annotations
+
+from aggregator.store import Store
+
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+def is_postgres(url: str) -> bool:
+    """Whether the URL names a PostgreSQL database."""
+    return url.startswith(POSTGRES_SCHEMES)
+
+
+def open_url(url: str, synchronous: str = "FULL", cache_mib: int = 8) -> Store:
+    """Open (and create or migrate) the store at `url`; raises StoreError saying why it cannot.
+    `synchronous` and `cache_mib` are SQLite's (PostgreSQL's are the server's)."""
+    if is_postgres(url):
+        from aggregator.postgres import PostgresStore  # psycopg loads only where it is used
+
+        return PostgresStore(url)
+    from aggregator.sqlite import SqliteStore, sqlite_path
+
+    return SqliteStore(sqlite_path(url), synchronous, cache_mib)
