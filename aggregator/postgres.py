@@ -150,6 +150,13 @@ class PostgresStore(Store):
         # a partition made in a transaction that rolled back is gone again: ask the server next time
         self._days = {}
 
+    def after_copy(self) -> None:
+        """Move each id sequence past the ids copied in, so that new rows get new ids."""
+        for table in ("changes", "quarantine", "outbox"):
+            self.db.execute(
+                f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), coalesce(max(id), 0) + 1, false) FROM {table}"
+            )
+
     def _close(self) -> None:
         self.db.close()
 

@@ -28,7 +28,7 @@ SCHEMA_VERSION = 1
 REGISTERS = ("fwd", "rev")  # column names; `imp`/`exp` on the slot side
 TABLES = ("meta", "readings", "slots", "changes", "quarantine", "outbox")
 
-_READING_COLUMNS = "unit, at, meter, fwd, rev, e1, coef, digits, flags, seq, sent, received"
+READING_COLUMNS = "unit, at, meter, fwd, rev, e1, coef, digits, flags, seq, sent, received"
 _SLOT_SET = {
     "imp": "imp = excluded.imp, imp_q = excluded.imp_q, imp_flags = excluded.imp_flags",
     "exp": "exp = excluded.exp, exp_q = excluded.exp_q, exp_flags = excluded.exp_flags",
@@ -52,7 +52,7 @@ class SlotRow(msgspec.Struct, frozen=True, gc=False):
     coef: int | None
 
 
-_SLOT_COLUMNS = ", ".join(SlotRow.__struct_fields__)
+SLOT_COLUMNS = ", ".join(SlotRow.__struct_fields__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +120,10 @@ class Store(ABC):
         acknowledged on its word. Nothing to check unless a backend says otherwise."""
         return None
 
+    def after_copy(self) -> None:
+        """Make rows written with their ids (`aggregator.copy`) count for the ids given next."""
+        return None
+
     # --- the connection's thread ------------------------------------------------------------------------
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
@@ -140,8 +144,8 @@ class Store(ABC):
     # --- readings -------------------------------------------------------------------------------
 
     def insert_readings(self, rows: Iterable[tuple[Any, ...]]) -> None:
-        """Insert new readings (tuples in `_READING_COLUMNS` order); the caller knows they are new."""
-        self.executemany(f"INSERT INTO readings ({_READING_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+        """Insert new readings (tuples in `READING_COLUMNS` order); the caller knows they are new."""
+        self.executemany(f"INSERT INTO readings ({READING_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
 
     def reading(self, unit: str, at: int) -> tuple[Any, ...] | None:
         """The stored reading at `(unit, at)` as (meter, fwd, rev, e1, coef, digits, flags)."""
@@ -200,7 +204,7 @@ class Store(ABC):
     def slots(self, unit: str, after: int, until: int) -> list[SlotRow]:
         """Stored slots of a unit with `after < slot <= until`."""
         rows = self.execute(
-            f"SELECT {_SLOT_COLUMNS} FROM slots WHERE slot > ? AND slot <= ? AND unit = ? ORDER BY slot",
+            f"SELECT {SLOT_COLUMNS} FROM slots WHERE slot > ? AND slot <= ? AND unit = ? ORDER BY slot",
             (after, until, unit),
         ).fetchall()
         return [SlotRow(*r) for r in rows]
@@ -210,7 +214,7 @@ class Store(ABC):
         end, so a share of a large fleet costs its own rows only."""
         marks = ",".join("?" * len(ends))
         rows = self.execute(
-            f"SELECT {_SLOT_COLUMNS} FROM slots WHERE slot IN ({marks}) AND unit >= ? AND unit <= ?",
+            f"SELECT {SLOT_COLUMNS} FROM slots WHERE slot IN ({marks}) AND unit >= ? AND unit <= ?",
             (*ends, first, last),
         )
         return [SlotRow(*r) for r in rows]

@@ -4,9 +4,10 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 
-from tests.databases import BACKENDS, PostgresDatabase
+from tests.databases import ADMIN_URL, BACKENDS, PostgresDatabase
 from tests.helpers import STARTED, Mosquitto
 
 
@@ -43,7 +44,10 @@ def workdir(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[PostgresDatabase]:
     """The test run's own database on the machine's PostgreSQL, dropped when the run ends."""
-    db = PostgresDatabase()
+    try:
+        db = PostgresDatabase()
+    except psycopg.OperationalError as exc:
+        pytest.fail(f"the tests need PostgreSQL at {ADMIN_URL} (or set SMAME_TEST_POSTGRES): {exc}")
     yield db
     db.drop()
 

@@ -6,9 +6,10 @@ import argparse
 import time
 from pathlib import Path
 
-from aggregator.backends import is_postgres
+from aggregator.backends import is_postgres, open_url
+from aggregator.copy import copy_store, fingerprint
 from aggregator.sqlite import SqliteStore, check_copy, restore_copy, sqlite_path
-from aggregator.store import StoreError
+from aggregator.store import TABLES, StoreError
 from kernel.settings import Settings
 from smame.app import open_store, store_lock
 from smame.commands.args import Subcommands
@@ -30,6 +31,12 @@ def add(sub: Subcommands, common: argparse.ArgumentParser) -> None:
     )
     restore.add_argument("file", type=Path, help="a copy made by smame backup")
     restore.set_defaults(func=_restore)
+
+    migrate = sub.add_parser(
+        "migrate", parents=[common], help="copy the store into an empty PostgreSQL database (smame stopped)"
+    )
+    migrate.add_argument("--to", required=True, metavar="URL", help="postgresql://user@host:5432/database")
+    migrate.set_defaults(func=_migrate)
 
 
 def _sqlite_only(settings: Settings) -> None:
@@ -61,4 +68,31 @@ def _restore(settings: Settings, args: argparse.Namespace) -> int:
         counts = check_copy(args.file)
         restore_copy(args.file, live)
     print(f"restored {live} from {args.file}: " + ", ".join(f"{n:,} {table}" for table, n in counts.items()))
+    return 0
+
+
+def _migrate(settings: Settings, args: argparse.Namespace) -> int:
+    if not is_postgres(args.to):
+        raise StoreError(f"--to must be a postgresql:// URL, not {args.to.split(':', 1)[0]}:")
+    started = time.monotonic()
+    with (
+        store_lock(settings, exclusive=True),
+        open_store(settings, create=False) as source,
+        open_url(args.to) as target,
+    ):
+        counts = copy_store(source, target, lambda table, n: print(f"  {table}: {n:,}", flush=True))
+        for table in TABLES[1:]:  # every table but meta, whose schema entry is the target's own
+            there, here = (int(s.execute(f"SELECT count(*) FROM {table}").fetchone()[0]) for s in (target, source))
+            if there != here:
+                raise StoreError(f"the copy differs: {table} has {there:,} rows there, {here:,} here")
+        copied, ours = fingerprint(target), fingerprint(source)
+        if copied != ours:
+            raise StoreError(
+                f"the copy differs: slots {copied[0]:,} rows {copied[1][:16]}, here {ours[0]:,} {ours[1][:16]}"
+            )
+    print(
+        f"copied {sum(counts.values()):,} rows in {time.monotonic() - started:.1f} s; "
+        f"{ours[0]:,} slots, checksum {ours[1][:16]} on both sides. "
+        "Set storage.url to the new store and start smame."
+    )
     return 0

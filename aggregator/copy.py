@@ -1,0 +1,92 @@
+"""Copying a whole store into another, empty one (SQLite to PostgreSQL, say), and proving the copy equal."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from aggregator.store import READING_COLUMNS, SLOT_COLUMNS, Store, StoreError
+
+CHUNK = 20_000  # rows a transaction
+# every table but meta, with the columns copied and the order that makes two stores' rows comparable
+_TABLES = {
+    "readings": (READING_COLUMNS, "unit, at"),
+    "slots": (SLOT_COLUMNS, "slot, unit"),
+    "changes": ("id, customer, day, at", "id"),
+    "quarantine": ("id, received, topic, unit, reason, detail, payload", "id"),
+    "outbox": ("id, key, channel, payload, created, next_try, attempts, sent, given_up, last_error", "id"),
+}
+
+
+def _rows(store: Store, table: str) -> Iterator[tuple[Any, ...]]:
+    """Every row of a table in its comparable order, read a chunk at a time (keyset paging on the order)."""
+    columns, order = _TABLES[table]
+    keys = [k.strip() for k in order.split(",")]
+    picked = [c.strip() for c in columns.split(",")]
+    at = [picked.index(k) for k in keys]
+    last: tuple[Any, ...] | None = None
+    args: tuple[Any, ...]
+    while True:
+        if last is None:
+            where, args = "", ()
+        elif len(keys) == 1:
+            where, args = f" WHERE {keys[0]} > ?", last
+        else:
+            where, args = f" WHERE {keys[0]} > ? OR ({keys[0]} = ? AND {keys[1]} > ?)", (last[0], last[0], last[1])
+        rows = store.execute(f"SELECT {columns} FROM {table}{where} ORDER BY {order} LIMIT {CHUNK}", args).fetchall()
+        if not rows:
+            return
+        yield from (tuple(r) for r in rows)
+        last = tuple(rows[-1][i] for i in at)
+
+
+def copy_store(
+    source: Store, target: Store, progress: Callable[[str, int], None] = lambda t, n: None
+) -> dict[str, int]:
+    """Copy every row of `source` into `target`, which must hold no readings yet; keep ids (the export's and the
+    monitor's cursors point at them) and the services' saved state (meta). Returns the rows copied per table."""
+    if target.reading_count() or target.execute("SELECT count(*) FROM slots").fetchone()[0]:
+        raise StoreError("the target store holds data already: migrate into an empty one")
+    counts = {}
+    for table, (columns, _) in _TABLES.items():
+        n = 0
+        batch: list[tuple[Any, ...]] = []
+        for row in _rows(source, table):
+            batch.append(row)
+            if len(batch) == CHUNK:
+                n += _write(target, table, columns, batch)
+                progress(table, n)
+                batch = []
+        n += _write(target, table, columns, batch)
+        counts[table] = n
+        progress(table, n)
+    with target.transaction():
+        for key, value in source.execute("SELECT key, value FROM meta WHERE key <> 'schema'").fetchall():
+            target.set_meta(key, value)
+        target.after_copy()
+    return counts
+
+
+def _write(target: Store, table: str, columns: str, rows: list[tuple[Any, ...]]) -> int:
+    if not rows:
+        return 0
+    with target.transaction():
+        if table == "readings":
+            target.insert_readings(rows)
+        elif table == "slots":
+            target.upsert_slots(("imp", "exp"), rows)
+        else:
+            marks = ",".join("?" * len(columns.split(",")))
+            target.executemany(f"INSERT INTO {table} ({columns}) VALUES ({marks})", rows)
+    return len(rows)
+
+
+def fingerprint(store: Store, table: str = "slots") -> tuple[int, str]:
+    """Rows of a table and a SHA-256 over them in their comparable order: equal for equal contents in any
+    backend."""
+    digest, n = hashlib.sha256(), 0
+    for row in _rows(store, table):
+        digest.update(repr(row).encode())
+        n += 1
+    return n, digest.hexdigest()
