@@ -93,11 +93,18 @@ class PostgresStore(Store):
                 keepalives_count=3,
                 application_name="smame",
             )
-            self._days: dict[str, set[int]] = {}
-            self._setup()
         except psycopg.Error as exc:
             self._pool.shutdown()
             raise StoreError(f"cannot open the store {redact(url)}: {str(exc).strip()}") from exc
+        self._days: dict[str, set[int]] = {}
+        try:
+            self._setup()
+        except BaseException as exc:  # a store that cannot be used leaves no connection open
+            self.db.close()
+            self._pool.shutdown()
+            if isinstance(exc, psycopg.Error):
+                raise StoreError(f"cannot open the store {redact(url)}: {str(exc).strip()}") from exc
+            raise
 
     def _setup(self) -> None:
         with self.db.transaction():
@@ -106,12 +113,8 @@ class PostgresStore(Store):
             self.db.execute(
                 "INSERT INTO meta(key, value) VALUES ('schema', %s) ON CONFLICT(key) DO NOTHING", (str(SCHEMA_VERSION),)
             )
-            found = int(self.db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()[0])  # type: ignore[index]
-        if found > SCHEMA_VERSION:
-            raise StoreError(
-                f"the store {redact(self.url)} has schema {found}, newer than this smame's {SCHEMA_VERSION}: "
-                "upgrade smame"
-            )
+            found = self.db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()[0]  # type: ignore[index]
+        self._check_schema(found, redact(self.url))
         self._load_days()
 
     def _load_days(self) -> None:

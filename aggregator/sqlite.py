@@ -72,8 +72,12 @@ class SqliteStore(Store):
         try:
             self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._setup(synchronous, cache_mib)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, StoreError) as exc:
             self._pool.shutdown()
+            if hasattr(self, "db"):
+                self.db.close()
+            if isinstance(exc, StoreError):
+                raise
             raise StoreError(f"cannot open the store {path}: {exc}") from exc
         self.identity = file_identity(path)
 
@@ -99,6 +103,7 @@ class SqliteStore(Store):
         self.db.execute(
             "INSERT INTO meta(key, value) VALUES ('schema', ?) ON CONFLICT(key) DO NOTHING", (str(SCHEMA_VERSION),)
         )
+        self._check_schema(self.db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()[0], str(self.path))
 
     def _wal(self, patience: float = 10.0) -> None:
         # Switching a new database to WAL takes an exclusive lock and fails at once, without the busy timeout,

@@ -120,6 +120,14 @@ class Store(ABC):
         acknowledged on its word. Nothing to check unless a backend says otherwise."""
         return None
 
+    def _check_schema(self, found: str, shown: str) -> None:
+        """Refuse a store whose schema version is newer than this code's: it may hold what this code would
+        misread or overwrite. `shown` names the store in the message."""
+        if int(found) > SCHEMA_VERSION:
+            raise StoreError(
+                f"the store {shown} has schema {found}, newer than this smame's {SCHEMA_VERSION}: upgrade smame"
+            )
+
     def after_copy(self) -> None:
         """Make rows written with their ids (`aggregator.copy`) count for the ids given next."""
         return None

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from aggregator.backends import open_url
 from aggregator.ingest import Ingestor
 from aggregator.sqlite import SqliteStore
+from aggregator.store import StoreError
 from kernel.meter import Flag, Limits
 from kernel.reading import Incoming, Reading
 from kernel.timegrid import Grid
@@ -208,3 +209,10 @@ def test_two_writers_on_one_store_with_a_shared_subscription(tmp_path: Path) -> 
     finally:
         for w in writers:
             w.store.close()
+
+
+def test_a_store_of_a_newer_smame_is_refused_naming_both_versions(store_url: str) -> None:
+    with open_url(store_url) as store:
+        store.set_meta("schema", "99")
+    with pytest.raises(StoreError, match="has schema 99, newer than this smame's 1: upgrade smame"):
+        open_url(store_url)
