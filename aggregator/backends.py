@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from aggregator.store import Store
-
-POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+from kernel.settings import POSTGRES_SCHEMES
 
 
 def is_postgres(url: str) -> bool:

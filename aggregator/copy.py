@@ -9,22 +9,21 @@ from typing import Any
 from aggregator.store import READING_COLUMNS, SLOT_COLUMNS, Store, StoreError
 
 CHUNK = 20_000  # rows a transaction
-# every table but meta, with the columns copied and the order that makes two stores' rows comparable
-_TABLES = {
-    "readings": (READING_COLUMNS, "unit, at"),
-    "slots": (SLOT_COLUMNS, "slot, unit"),
-    "changes": ("id, customer, day, at", "id"),
-    "quarantine": ("id, received, topic, unit, reason, detail, payload", "id"),
-    "outbox": ("id, key, channel, payload, created, next_try, attempts, sent, given_up, last_error", "id"),
+# every table but meta, with the columns copied and the key whose order makes two stores' rows comparable
+_TABLES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "readings": (READING_COLUMNS, ("unit", "at")),
+    "slots": (SLOT_COLUMNS, ("slot", "unit")),
+    "changes": ("id, customer, day, at", ("id",)),
+    "quarantine": ("id, received, topic, unit, reason, detail, payload", ("id",)),
+    "outbox": ("id, key, channel, payload, created, next_try, attempts, sent, given_up, last_error", ("id",)),
 }
 
 
 def _rows(store: Store, table: str) -> Iterator[tuple[Any, ...]]:
     """Every row of a table in its comparable order, read a chunk at a time (keyset paging on the order)."""
-    columns, order = _TABLES[table]
-    keys = [k.strip() for k in order.split(",")]
-    picked = [c.strip() for c in columns.split(",")]
-    at = [picked.index(k) for k in keys]
+    columns, keys = _TABLES[table]
+    order = ", ".join(keys)
+    at = [columns.split(", ").index(k) for k in keys]
     last: tuple[Any, ...] | None = None
     args: tuple[Any, ...]
     while True:
@@ -77,7 +76,7 @@ def _write(target: Store, table: str, columns: str, rows: list[tuple[Any, ...]])
         elif table == "slots":
             target.upsert_slots(("imp", "exp"), rows)
         else:
-            marks = ",".join("?" * len(columns.split(",")))
+            marks = ",".join("?" * len(columns.split(", ")))
             target.executemany(f"INSERT INTO {table} ({columns}) VALUES ({marks})", rows)
     return len(rows)
 

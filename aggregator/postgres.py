@@ -20,7 +20,7 @@ from typing import Any
 import psycopg
 import psycopg.errors
 
-from aggregator.store import SCHEMA_VERSION, Store, StoreError
+from aggregator.store import Store
 
 DAY = 86400
 PARTITIONED = {"readings": "at", "slots": "slot"}  # table: the column its days are ranges of
@@ -81,7 +81,9 @@ class PostgresStore(Store):
 
     def __init__(self, url: str) -> None:
         super().__init__(url)
-        try:
+        self._days: dict[str, set[int]] = {}
+
+        def connect_and_set_up() -> None:
             # keepalives: a node whose server went away (or whose network did) finds out within seconds
             self.db = psycopg.connect(
                 url,
@@ -93,28 +95,15 @@ class PostgresStore(Store):
                 keepalives_count=3,
                 application_name="smame",
             )
-        except psycopg.Error as exc:
-            self._pool.shutdown()
-            raise StoreError(f"cannot open the store {redact(url)}: {str(exc).strip()}") from exc
-        self._days: dict[str, set[int]] = {}
-        try:
             self._setup()
-        except BaseException as exc:  # a store that cannot be used leaves no connection open
-            self.db.close()
-            self._pool.shutdown()
-            if isinstance(exc, psycopg.Error):
-                raise StoreError(f"cannot open the store {redact(url)}: {str(exc).strip()}") from exc
-            raise
+
+        self._open(redact(url), psycopg.Error, connect_and_set_up)
 
     def _setup(self) -> None:
         with self.db.transaction():
             self.db.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
             self.db.execute(_SCHEMA)
-            self.db.execute(
-                "INSERT INTO meta(key, value) VALUES ('schema', %s) ON CONFLICT(key) DO NOTHING", (str(SCHEMA_VERSION),)
-            )
-            found = self.db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()[0]  # type: ignore[index]
-        self._check_schema(found, redact(self.url))
+            self._stamp_schema(redact(self.url))
         self._load_days()
 
     def _load_days(self) -> None:
@@ -146,12 +135,8 @@ class PostgresStore(Store):
             with self.db.transaction():
                 yield
         except BaseException:
-            self._load_days_later()
+            self._days = {}  # a partition made in a transaction that rolled back is gone again: ask the server
             raise
-
-    def _load_days_later(self) -> None:
-        # a partition made in a transaction that rolled back is gone again: ask the server next time
-        self._days = {}
 
     def after_copy(self) -> None:
         """Move each id sequence past the ids copied in, so that new rows get new ids."""

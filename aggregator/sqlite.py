@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from aggregator.store import SCHEMA_VERSION, Store, StoreError
+from aggregator.store import Store, StoreError
 
 # WITHOUT ROWID: slots keyed (slot, unit) ingest time-ordered batches about 5x faster than (unit, slot)
 # and read one day for all units in one range scan; readings are looked up per unit, so (unit, at).
@@ -69,16 +69,12 @@ class SqliteStore(Store):
         super().__init__(f"sqlite:///{path}")
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        try:
+
+        def connect_and_set_up() -> None:
             self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._setup(synchronous, cache_mib)
-        except (sqlite3.Error, StoreError) as exc:
-            self._pool.shutdown()
-            if hasattr(self, "db"):
-                self.db.close()
-            if isinstance(exc, StoreError):
-                raise
-            raise StoreError(f"cannot open the store {path}: {exc}") from exc
+
+        self._open(str(path), sqlite3.Error, connect_and_set_up)
         self.identity = file_identity(path)
 
     def check_identity(self) -> None:
@@ -100,10 +96,7 @@ class SqliteStore(Store):
         # the OS's cache); connections that scan (export, report) gain nothing from more than a few.
         self.db.execute(f"PRAGMA cache_size={-1024 * int(cache_mib)}")
         self.db.executescript(_SCHEMA)
-        self.db.execute(
-            "INSERT INTO meta(key, value) VALUES ('schema', ?) ON CONFLICT(key) DO NOTHING", (str(SCHEMA_VERSION),)
-        )
-        self._check_schema(self.db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()[0], str(self.path))
+        self._stamp_schema(str(self.path))
 
     def _wal(self, patience: float = 10.0) -> None:
         # Switching a new database to WAL takes an exclusive lock and fails at once, without the busy timeout,

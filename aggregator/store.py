@@ -120,9 +120,26 @@ class Store(ABC):
         acknowledged on its word. Nothing to check unless a backend says otherwise."""
         return None
 
-    def _check_schema(self, found: str, shown: str) -> None:
-        """Refuse a store whose schema version is newer than this code's: it may hold what this code would
-        misread or overwrite. `shown` names the store in the message."""
+    def _open(self, shown: str, driver_error: type[Exception], connect_and_set_up: Callable[[], None]) -> None:
+        """Run a backend's opening: on any failure, close what it opened and the store's thread, and say in a
+        StoreError naming `shown` what the driver found wrong."""
+        try:
+            connect_and_set_up()
+        except BaseException as exc:
+            if hasattr(self, "db"):  # connected, then the setup failed
+                self._close()
+            self._pool.shutdown()
+            if isinstance(exc, driver_error):
+                raise StoreError(f"cannot open the store {shown}: {str(exc).strip()}") from exc
+            raise
+
+    def _stamp_schema(self, shown: str) -> None:
+        """Record this code's schema version in a new store; refuse a store whose version is newer: it may hold
+        what this code would misread or overwrite. `shown` names the store in the message."""
+        self.execute(
+            "INSERT INTO meta(key, value) VALUES ('schema', ?) ON CONFLICT(key) DO NOTHING", (str(SCHEMA_VERSION),)
+        )
+        found = self.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()[0]
         if int(found) > SCHEMA_VERSION:
             raise StoreError(
                 f"the store {shown} has schema {found}, newer than this smame's {SCHEMA_VERSION}: upgrade smame"

@@ -63,7 +63,6 @@ class Writer:
     """The receiving side: starts the writer process and hands it batches, one at a time, in order."""
 
     def __init__(self, url: str, synchronous: str, grid: Grid, units: UnitTable, shared: bool = False) -> None:
-        self.url = url
         self.path: Path | None = None if is_postgres(url) else sqlite_path(url)  # the store's file, if it has one
         self._args = (url, synchronous, grid, shared)
         self._units = units

@@ -66,6 +66,9 @@ class BrokerSettings(Section):
         return v
 
 
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")  # storage URLs that name a PostgreSQL database
+
+
 class StorageSettings(Section):
     """Where readings and slots are kept."""
 
@@ -80,7 +83,7 @@ class StorageSettings(Section):
             return v
         if v.startswith("sqlite:///") and len(v) > 10:
             return v
-        if v.startswith(("postgresql://", "postgres://")) and len(v.split("://", 1)[1]) > 0:
+        if v.startswith(POSTGRES_SCHEMES) and len(v.split("://", 1)[1]) > 0:
             return v
         raise ValueError("must be sqlite:///path or postgresql://user@host:port/database")
         return v
