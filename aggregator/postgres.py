@@ -72,32 +72,51 @@ def redact(url: str) -> str:
     return re.sub(r"://([^:/@]*):[^@]*@", r"://\1:***@", url)
 
 
+def connect_args(application_name: str = "smame") -> dict[str, Any]:
+    """psycopg's connection settings of every smame connection: keepalives, so that a node whose server went
+    away (or whose network did) finds out within seconds, and the name `pg_stat_activity` shows."""
+    return {
+        "connect_timeout": 10,
+        "keepalives": 1,
+        "keepalives_idle": 5,
+        "keepalives_interval": 2,
+        "keepalives_count": 3,
+        "application_name": application_name,
+    }
+
+
 class PostgresStore(Store):
     """The store in a PostgreSQL database. Commits are durable when the server's `synchronous_commit` says so
     (its default, on): smame acknowledges a telegram only after its commit returned."""
 
     claim_rows = " FOR UPDATE SKIP LOCKED"
+    share_rows = " FOR SHARE"
     errors = (psycopg.OperationalError,)
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, application_name: str = "smame") -> None:
         super().__init__(url)
         self._days: dict[str, set[int]] = {}
+        self._application_name = application_name
 
         def connect_and_set_up() -> None:
-            # keepalives: a node whose server went away (or whose network did) finds out within seconds
-            self.db = psycopg.connect(
-                url,
-                autocommit=True,
-                connect_timeout=10,
-                keepalives=1,
-                keepalives_idle=5,
-                keepalives_interval=2,
-                keepalives_count=3,
-                application_name="smame",
-            )
+            self.db = self._connect()
             self._setup()
 
         self._open(redact(url), psycopg.Error, connect_and_set_up)
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        return psycopg.connect(self.url, autocommit=True, **connect_args(self._application_name))
+
+    def _connected(self) -> psycopg.Connection[Any]:
+        """The connection, opened again if the last one broke (a restarted server, a session ended by another
+        node): the statement that found it broken failed, the next one runs on a new connection."""
+        if self.db.closed:
+            try:
+                self.db = self._connect()
+            except psycopg.Error as exc:
+                raise psycopg.OperationalError(f"cannot reach the store {redact(self.url)}: {exc}") from None
+            self._days = {}
+        return self.db
 
     def _setup(self) -> None:
         with self.db.transaction():
@@ -108,11 +127,15 @@ class PostgresStore(Store):
 
     def _load_days(self) -> None:
         self._days = {t: set() for t in PARTITIONED}
-        rows = self.db.execute(
-            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
-            "JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname IN ('readings', 'slots') "
-            "AND p.relnamespace = current_schema()::regnamespace"
-        ).fetchall()
+        rows = (
+            self._connected()
+            .execute(
+                "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+                "JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname IN ('readings', 'slots') "
+                "AND p.relnamespace = current_schema()::regnamespace"
+            )
+            .fetchall()
+        )
         for (name,) in rows:
             m = _PARTITION.match(name)
             if m:
@@ -121,18 +144,18 @@ class PostgresStore(Store):
 
     def execute(self, sql: str, args: Sequence[Any] = ()) -> psycopg.Cursor[Any]:
         """Run one statement."""
-        return self.db.execute(_dialect(sql), args)
+        return self._connected().execute(_dialect(sql), args)
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         """Run one statement for each row of arguments (pipelined: one round trip for the lot)."""
-        with self.db.cursor() as cur:
+        with self._connected().cursor() as cur:
             cur.executemany(_dialect(sql), rows)
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
         """One atomic unit of work: committed on success, rolled back on any error."""
         try:
-            with self.db.transaction():
+            with self._connected().transaction():
                 yield
         except BaseException:
             self._days = {}  # a partition made in a transaction that rolled back is gone again: ask the server
@@ -195,6 +218,8 @@ class PostgresStore(Store):
                             n = self.db.execute(f"SELECT count(*) FROM {name}").fetchone()[0]  # type: ignore[index]
                             self.db.execute(f"DROP TABLE {name}")
                     except psycopg.errors.LockNotAvailable:
+                        continue
+                    except psycopg.errors.UndefinedTable:  # another node's retention dropped it just now
                         continue
                     gone += int(n)
             with self.transaction():

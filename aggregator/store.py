@@ -66,6 +66,10 @@ class StoreError(OSError):
     """The store cannot be opened or used; the message names the database and the reason."""
 
 
+class Deposed(Exception):
+    """This node no longer leads (`aggregator.leadership`): it may neither commit nor acknowledge."""
+
+
 class Rows(Protocol):
     """What a statement returns, in both backends' drivers."""
 
@@ -85,6 +89,9 @@ class Store(ABC):
     # appended to a SELECT whose rows the transaction claims (outbox leases): SQLite's BEGIN IMMEDIATE already
     # keeps every other writer out; PostgreSQL's row locks are taken here
     claim_rows = ""
+    # appended to a SELECT of a row that another transaction must not change before this one commits (the
+    # epoch): SQLite's BEGIN IMMEDIATE already does; PostgreSQL takes a share lock
+    share_rows = ""
     # the driver's errors that say the database is busy or unreachable for now: worth trying again later
     errors: tuple[type[Exception], ...] = ()
 
@@ -165,6 +172,12 @@ class Store(ABC):
         """Close the connection (after the thread's last call)."""
         self._pool.submit(self._close).result()
         self._pool.shutdown()
+
+    def check_epoch(self, epoch: int) -> None:
+        """In a transaction: raise Deposed unless `epoch` is the store's, and keep it so until the commit."""
+        row = self.execute("SELECT value FROM meta WHERE key = 'epoch'" + self.share_rows).fetchone()
+        if row is None or int(row[0]) != epoch:
+            raise Deposed(f"elected in epoch {epoch}, but the store is in epoch {None if row is None else row[0]}")
 
     # --- readings -------------------------------------------------------------------------------
 
