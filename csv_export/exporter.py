@@ -23,14 +23,13 @@ from pathlib import Path
 
 from aggregator.store import Store
 from csv_export.days import SHARE_UNITS, CustomerFiles, DayJob, worker_init, write_day
-from csv_export.files import check_writable, expired
+from csv_export.files import check_writable, expired, read_cursor, write_cursor
 from csv_export.render import Layout
 from kernel.registry import Customer, Registry, Unit
 from kernel.timegrid import SLOT, Grid
 from kernel.wake import wait_woken
 
 log = logging.getLogger("smame.export")
-CURSOR = "export_cursor"
 SUCCEEDED = "export_succeeded"  # when any exporter (the service, `smame export`) last wrote files without error
 RETRY_MIN_S = 60.0  # a failed run is tried again after a minute, then 2, 4, ... up to the next half hour
 POLL_S = 10.0  # while failing: how often to look whether `smame export` has succeeded meanwhile
@@ -233,7 +232,7 @@ class Exporter:
     def scheduled(self, now: float) -> RunResult:
         """One scheduled run: changed days, today's files of every customer, retention, then the cursor."""
         check_writable(self.root)
-        cursor = int(self.store.get_meta(CURSOR, "0"))
+        cursor = read_cursor(self.root)
         newest, changed = self.store.changes_since(cursor)
         today = self.grid.day_of(self.grid.floor(now - self.grace_s))
         local_today = datetime.fromtimestamp(now, self.grid.zone).date()
@@ -245,7 +244,7 @@ class Exporter:
         for old in expired(self.root, local_today, self.retention_days):
             old.unlink(missing_ok=True)
             result.deleted.append(old)
-        self.store.set_meta(CURSOR, str(newest))
+        write_cursor(self.root, newest)
         self._prune(now)
         return result
 

@@ -54,6 +54,24 @@ def _atomic(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
+CURSOR_FILE = ".smame-export-cursor"
+
+
+def read_cursor(root: Path) -> int:
+    """The newest change (`changes` id) the files in `root` render; 0 for a new or unreadable directory, whose
+    files are then all rendered again. It lives with the files, not in the shared store: each node of a
+    cluster renders into a directory of its own, at its own pace."""
+    try:
+        return int((root / CURSOR_FILE).read_text())
+    except (OSError, ValueError):
+        return 0
+
+
+def write_cursor(root: Path, cursor: int) -> None:
+    """Record that the files in `root` render every change up to `cursor`."""
+    _atomic(root / CURSOR_FILE, f"{cursor}\n".encode())
+
+
 def expired(root: Path, today: date, keep_days: int) -> list[Path]:
     """Files of days more than `keep_days` before today: with 45, today and the 45 days before it stay."""
     first_kept = today - timedelta(days=keep_days)
