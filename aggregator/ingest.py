@@ -80,9 +80,17 @@ class Ingestor:
     """Commits batches of readings and keeps slots in step with them."""
 
     def __init__(
-        self, store: Store, units: UnitDirectory, grid: Grid, cache_limit: int = 200_000, shared: bool = False
+        self,
+        store: Store,
+        units: UnitDirectory,
+        grid: Grid,
+        cache_limit: int = 200_000,
+        shared: bool = False,
+        epoch: int | None = None,
     ) -> None:
         self.store = store
+        # the epoch this node leads in (`aggregator.leadership`): each transaction checks it before it writes
+        self.epoch = epoch
         self.units = units
         self.grid = grid
         self.cache_limit = cache_limit
@@ -103,6 +111,8 @@ class Ingestor:
         live: list[tuple[Any, ...]] = []  # slots of both registers made by `_next`, ready to write
         try:
             with self.store.transaction():
+                if self.epoch is not None:
+                    self.store.check_epoch(self.epoch)
                 for unit, items in by_unit.items():
                     state = self._cache.get(unit)
                     if state is None or (self.shared and state.last_at != self.store.last_at(unit)):

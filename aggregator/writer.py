@@ -34,11 +34,12 @@ import msgspec
 from aggregator.backends import is_postgres, open_url
 from aggregator.ingest import Ingestor, Outcome, UnitTable
 from aggregator.sqlite import file_identity, sqlite_path
+from aggregator.store import Deposed
 from kernel.meter import Limits
 from kernel.reading import Incoming, Refused
 from kernel.timegrid import Grid
 
-_COMMIT, _RELOAD, _OK, _FAILED = b"C", b"R", b"K", b"E"
+_COMMIT, _RELOAD, _OK, _FAILED, _DEPOSED = b"C", b"R", b"K", b"E", b"D"
 WRITER_CACHE_MIB = 16  # SQLite page cache of the ingest connection (see Store)
 
 
@@ -60,7 +61,8 @@ class WriterError(RuntimeError):
 
 
 class Writer:
-    """The receiving side: starts the writer process and hands it batches, one at a time, in order."""
+    """The receiving side: starts the writer process and hands it batches, one at a time, in order. It may be
+    started again after `close` (a node that leads again)."""
 
     def __init__(self, url: str, synchronous: str, grid: Grid, units: UnitTable, shared: bool = False) -> None:
         self.path: Path | None = None if is_postgres(url) else sqlite_path(url)  # the store's file, if it has one
@@ -74,10 +76,17 @@ class Writer:
         # even when the coroutine that awaited a commit was cancelled.
         self._pipe = ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer")
         self._closed = False
+        self._fence: tuple[str, int] | None = None
         self.identity: tuple[int, int] | None = None  # the store file's (SQLite), once the writer has it open
 
-    async def start(self) -> None:
-        """Start the process and wait until its store is open; raises WriterError with its reason."""
+    async def start(self, fence: tuple[str, int] | None = None) -> None:
+        """Start the process and wait until its store is open; raises WriterError with its reason. With
+        `fence` (the leader's application name, its epoch) the writer's session carries that name, and each
+        commit first checks that the node still leads in that epoch: one that does not raises Deposed."""
+        if self._closed:
+            self._pipe = ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer")
+            self._closed = False
+        self._fence = fence
         await asyncio.get_running_loop().run_in_executor(self._pipe, self._start)
 
     def _start(self) -> None:
@@ -89,7 +98,7 @@ class Writer:
             )
         self._exited = os.pidfd_open(self._process.pid)
         self._conn = Connection(ours.detach())
-        self._send(pickle.dumps((*self._args, self._units)))
+        self._send(pickle.dumps((*self._args, self._units, self._fence)))
         reply = self._receive()
         if reply[:1] != _OK:
             self._process.wait(10)
@@ -150,6 +159,8 @@ class Writer:
     def _commit(self, readings: list[Incoming], refused: list[Refused], now: int) -> None:
         self._send(_COMMIT + _encode(_Batch(readings, refused, now)))
         reply = self._receive()
+        if reply[:1] == _DEPOSED:
+            raise Deposed(reply[1:].decode())
         if reply[:1] != _OK:
             raise WriterError(f"commit failed in the writer process: {reply[1:].decode()}")
         done = _decode_done(reply[1:])
@@ -213,38 +224,64 @@ def _serve(conn: Connection) -> None:
     except OSError:
         pass
     try:
-        url, synchronous, grid, shared, units = pickle.loads(conn.recv_bytes())
+        url, synchronous, grid, shared, units, fence = pickle.loads(conn.recv_bytes())
     except (EOFError, OSError):  # the receiver is gone already
         return
     try:
-        store = open_url(url, synchronous, cache_mib=WRITER_CACHE_MIB)
+        # a leader's session is named so that a node taking over can end it (see aggregator.leadership)
+        name = "smame writer" if fence is None else fence[0]
+        store = open_url(url, synchronous, cache_mib=WRITER_CACHE_MIB, application_name=name)
     except Exception as exc:  # any reason the store cannot open is told to the receiver
         conn.send_bytes(_FAILED + str(exc).encode())
         return
     directory = _Directory(units)
-    ingestor = Ingestor(store, directory, grid, shared=shared)
+    ingestor = Ingestor(store, directory, grid, shared=shared, epoch=None if fence is None else fence[1])
     conn.send_bytes(_OK)
     try:
-        while True:
-            try:
-                message = conn.recv_bytes()
-            except (EOFError, OSError):  # the receiver closed the pipe or died
-                return
-            if message[:1] == _RELOAD:
-                directory.current = pickle.loads(message[1:])
-                continue
-            batch = _decode_batch(message[1:])
-            try:
-                outcome = ingestor.commit(batch.readings, batch.refused, batch.now)
-                store.check_identity()  # committed into a file that is gone: acknowledge nothing
-            except Exception:  # rolled back; the receiver stops and nothing of the batch is acknowledged
-                conn.send_bytes(_FAILED + traceback.format_exc(limit=-3).encode())
-                return
+        failed = _commit_all(conn, ingestor, directory)
+    finally:
+        store.close()
+    if failed is not None:
+        _refuse_all(conn, failed)
+
+
+def _commit_all(conn: Connection, ingestor: Ingestor, directory: _Directory) -> bytes | None:
+    """Commit each batch received and reply, until the pipe closes (None) or a commit fails (its reply)."""
+    while True:
+        try:
+            message = conn.recv_bytes()
+        except (EOFError, OSError):  # the receiver closed the pipe or died
+            return None
+        if message[:1] == _RELOAD:
+            directory.current = pickle.loads(message[1:])
+            continue
+        batch = _decode_batch(message[1:])
+        try:
+            outcome = ingestor.commit(batch.readings, batch.refused, batch.now)
+            ingestor.store.check_identity()  # committed into a file that is gone: acknowledge nothing
+        except Deposed as exc:  # rolled back: another node leads now
+            failed = _DEPOSED + str(exc).encode()
+        except Exception:  # rolled back; the receiver stops and nothing of the batch is acknowledged
+            failed = _FAILED + traceback.format_exc(limit=-3).encode()
+        else:
             conn.send_bytes(
                 _OK + _encode(_Done(outcome.stored, outcome.duplicates, outcome.slots, dict(outcome.quarantined)))
             )
-    finally:
-        store.close()
+            continue
+        conn.send_bytes(failed)
+        return failed
+
+
+def _refuse_all(conn: Connection, failed: bytes) -> None:
+    """After a failed commit, give every later batch the same answer until the receiver closes the pipe: the
+    process stays until then, so that the receiver learns why from the reply, not from the process's end."""
+    while True:
+        try:
+            message = conn.recv_bytes()
+            if message[:1] == _COMMIT:
+                conn.send_bytes(failed)
+        except (EOFError, OSError):
+            return
 
 
 if __name__ == "__main__":  # started by Writer, with its end of the socket pair

@@ -158,7 +158,13 @@ class Bridge:
         self.stats.down_since = time.time()
 
     async def run(self) -> None:
-        """Connect and ingest until cancelled; on cancel, commit and acknowledge what was received."""
+        """Connect and ingest until cancelled; on cancel, commit and acknowledge what was received. It may run
+        again after that (a node that leads again), with a clean slate: what the last run left unacknowledged
+        the broker delivers again."""
+        self._batches.clear()
+        self._filling = self._paused = self._client = None
+        self._stopping = False
+        self.stats.pending = 0
         flusher = asyncio.create_task(self._flush_forever(), name="bridge-flush")
         try:
             await self._connect_forever(flusher)

@@ -45,8 +45,16 @@ class MonitoringServer:
     """Serves in a thread of its own until stopped."""
 
     def __init__(
-        self, host: str, port: int, registry: CollectorRegistry, health: Health, idle_timeout: float = IDLE_TIMEOUT_S
+        self,
+        host: str,
+        port: int,
+        registry: CollectorRegistry,
+        health: Health,
+        idle_timeout: float = IDLE_TIMEOUT_S,
+        about: Callable[[], dict[str, object]] = dict,
     ) -> None:
+        """`about` adds what the node is (its role among nodes) to the answer of /healthz."""
+
         class Handler(BaseHTTPRequestHandler):
             timeout = idle_timeout
 
@@ -56,7 +64,7 @@ class MonitoringServer:
                 elif self.path == "/healthz":
                     checks = health()
                     ok = all(v == "ok" for v in checks.values())
-                    body = json.dumps({"status": "ok" if ok else "failing", "checks": checks}).encode()
+                    body = json.dumps({"status": "ok" if ok else "failing", "checks": checks, **about()}).encode()
                     self._reply(200 if ok else 503, "application/json", body)
                 else:
                     self._reply(404, "text/plain", b"see /metrics and /healthz\n")

@@ -9,7 +9,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from monitoring.monitor import Monitor
-from monitoring.sources import BanList, BridgeCounters, ExportCounters, IngestCounters, LoginEvents
+from monitoring.sources import BanList, BridgeCounters, ExportCounters, IngestCounters, LoginEvents, Role
 
 
 @dataclass
@@ -23,6 +23,7 @@ class Sources:
     accounts: LoginEvents | None = None
     bans: BanList | None = None
     monitor: Monitor | None = None
+    role: Role | None = None  # None: the only node (SQLite), which always leads
 
 
 class SmameCollector(Collector):
@@ -58,6 +59,18 @@ class SmameCollector(Collector):
         yield _gauge("smame_commit_last_batch_size", "telegrams in the last committed batch", b.last_batch)
         yield _gauge("smame_commit_last_seconds", "duration of the last commit", b.last_commit_s)
         yield _gauge("smame_broker_connected", "1 while connected to the broker", int(b.connected))
+        role = self.s.role
+        yield _gauge(
+            "smame_leader",
+            "1 while this node leads (ingest, alerts, report), 0 while it stands by",
+            int(role is None or role.leading),
+        )
+        epoch = role.leader.get("epoch") if role is not None else None
+        yield _gauge(
+            "smame_leader_epoch",
+            "the epoch of the leader as this node last saw it (0: single node)",
+            float(epoch) if isinstance(epoch, int) else 0,
+        )
         yield _counter("smame_broker_connects", "successful broker connections", b.connects)
         yield _counter("smame_broker_sessions_lost", "reconnects that found no session at the broker", b.sessions_lost)
         yield _gauge("smame_units_registered", "units in the registry", self.s.units())

@@ -110,7 +110,9 @@ class Monitor:
         )
 
     async def run(self) -> None:
-        """Check, alert and report for ever."""
+        """Check, alert and report for ever. The alert state is read from the store again at each start: a node
+        that leads again takes over what the leader before it alerted."""
+        self._loaded = False
         if not configured(self.settings):
             log.warning("neither mail.smtp_url nor slack is set: alerts and the daily report are only logged")
         passing: tuple[type[Exception], ...] = (OSError, *self.store.errors)

@@ -103,3 +103,12 @@ class BanList(Protocol):
     def active(self) -> Mapping[str, float]:
         """Each banned address with the seconds its ban has left."""
         ...
+
+
+class Role(Protocol):
+    """Which node of those sharing a store leads (`aggregator.leadership.Leadership`)."""
+
+    @property
+    def leading(self) -> bool: ...
+    @property
+    def leader(self) -> Mapping[str, object]: ...

@@ -15,14 +15,15 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 
 from aggregator.backends import is_postgres, open_url
 from aggregator.ingest import UnitTable
 from aggregator.sqlite import file_identity, sqlite_path
-from aggregator.store import Store, StoreError
-from aggregator.writer import Writer
+from aggregator.store import Deposed, Store, StoreError
+from aggregator.writer import Writer, WriterError
 from broker_bridge.bridge import Bridge, BrokerTarget, target_from_url, tls_context
 from broker_bridge.telegram import Rules
 from csv_export.exporter import Exporter
@@ -41,6 +42,9 @@ from monitoring.monitor import Monitor, Watched
 from monitoring.outbox import Channel, Outbox
 from monitoring.slack import SlackChannel
 from smame.users import set_password
+
+if TYPE_CHECKING:
+    from aggregator.leadership import Leadership
 
 log = logging.getLogger("smame")
 
@@ -120,13 +124,18 @@ def store_lock(settings: Settings, exclusive: bool = False) -> Iterator[None]:
         yield
 
 
-def open_store(settings: Settings, create: bool = True) -> Store:
+def open_store(settings: Settings, create: bool = True, application_name: str = "smame") -> Store:
     """The store named by the settings; without `create`, an SQLite file that does not exist yet is an error (a
     command that only reads must not leave an empty database behind, nor answer from one)."""
     url = settings.storage_url
     if not create and not is_postgres(url) and not sqlite_path(url).exists():
         raise StoreError(f"no database at {sqlite_path(url)} (settings data_dir, storage.url): has smame run here yet?")
-    return open_url(url, settings.storage.synchronous)
+    return open_url(url, settings.storage.synchronous, application_name=application_name)
+
+
+def node_name() -> str:
+    """What this process is called among the nodes sharing a store: host and process id."""
+    return f"{socket.gethostname()[:40]}:{os.getpid()}"
 
 
 def build_exporter(
@@ -234,7 +243,8 @@ MONITOR_WAIT_S = 5.0  # the same for the monitor
 
 @dataclass
 class App:
-    """Everything `smame run` runs."""
+    """Everything `smame run` runs. On PostgreSQL, `leadership` says whether this node leads: the leader runs
+    ingest, the monitor and the outbox; every node exports its own files, serves them and its metrics."""
 
     settings: Settings
     registry: RegistryHolder
@@ -243,6 +253,7 @@ class App:
     exporter: Exporter | None
     gateway: FileGateway | None
     monitor: Monitor | None
+    leadership: Leadership | None = None
 
     @classmethod
     def build(cls, settings: Settings, clock: Callable[[], float] = time.time) -> App:
@@ -250,6 +261,15 @@ class App:
         bad input."""
         registry = RegistryHolder(settings)
         grid = Grid(settings.timezone)
+        leadership = None
+        leader_session = "smame"  # what the leader's own sessions are called (PostgreSQL)
+        if is_postgres(settings.storage_url):
+            from aggregator.leadership import Leadership  # psycopg loads only where it is used
+
+            open_store(settings).close()  # reachable, its schema made or migrated: or one line saying why not
+
+            leadership = Leadership(settings.storage_url, node_name())
+            leader_session = leadership.session
         # with a shared subscription other ingest processes write the same store
         writer = Writer(
             settings.storage_url,
@@ -270,7 +290,7 @@ class App:
         monitor = None
         if settings.alerts.enabled or settings.report.enabled:
             # A connection of its own: scans and the outbox never wait on ingest or export.
-            monitor_store = open_store(settings)
+            monitor_store = open_store(settings, application_name=leader_session)
             paths = [settings.data_dir] + (
                 [settings.export.dir] if exporter is not None and settings.export.dir else []
             )
@@ -290,23 +310,53 @@ class App:
             if gateway is not None:  # security events
                 gateway.bans.on_ban = monitor.security.ban
                 gateway.accounts.on_failed_login = monitor.security.failed_login
-        return cls(settings, registry, writer, bridge, exporter, gateway, monitor)
+        return cls(settings, registry, writer, bridge, exporter, gateway, monitor, leadership)
 
     def services(self) -> dict[str, Callable[[], Awaitable[None]]]:
-        """The long-running services, by name."""
-        out: dict[str, Callable[[], Awaitable[None]]] = {"ingest": self.ingest}
+        """The long-running services, by name: the leader's (on PostgreSQL, `lead` runs them while this node
+        leads), and those of every node."""
+        out: dict[str, Callable[[], Awaitable[None]]] = {"lead": self.lead}
+        if self.leadership is None:  # SQLite: the only node leads from the start
+            out = self.leader_services(None)
         if self.exporter is not None:
             out["export"] = functools.partial(self.after_ingest, self.exporter.run, drained=True)
         if self.gateway is not None:
             out["files"] = self.gateway.run
+        if self.settings.monitoring.enabled:
+            out["metrics"] = self.serve_metrics
+        return out
+
+    def leader_services(self, fence: tuple[str, int] | None) -> dict[str, Callable[[], Awaitable[None]]]:
+        """The services only the leader runs, by name; `fence` is its sessions' name and epoch (PostgreSQL)."""
+        out: dict[str, Callable[[], Awaitable[None]]] = {"ingest": functools.partial(self.ingest, fence)}
         if self.monitor is not None:
             # soon, not at once: its first look at a fleet's store must not delay the subscription, and a broker
             # that is down is only alerted after alerts.broker_down_s anyway
             out["monitor"] = functools.partial(self.after_ingest, self.monitor.run, MONITOR_WAIT_S)
             out["outbox"] = self.monitor.outbox.run
-        if self.settings.monitoring.enabled:
-            out["metrics"] = self.serve_metrics
         return out
+
+    async def lead(self) -> None:
+        """Run the leader's services while this node is elected, standing by before and after. A node deposed
+        (or whose writer lost the store) stands by again; only a fault of smame's own stops it."""
+        assert self.leadership is not None
+        while True:
+            epoch = await self.leadership.acquire()
+            services = self.leader_services((self.leadership.session, epoch))
+            try:
+                async with asyncio.TaskGroup() as group:
+                    group.create_task(self.leadership.hold(), name="leadership")
+                    group.create_task(_run_all(services), name="leader")
+            except BaseExceptionGroup as group_error:
+                # deposed, or the store failed under the writer: another node may lead meanwhile; any other
+                # error is a fault of smame's own and stops it
+                lost, other = group_error.split((Deposed, WriterError))
+                if lost is None or other is not None:
+                    raise
+                log.error("this node no longer leads (epoch %d): %s; standing by", epoch, _first(lost))
+            finally:
+                self.leadership.epoch = None
+            await asyncio.sleep(self.leadership.period)
 
     async def after_ingest(
         self, service: Callable[[], Awaitable[None]], wait_s: float = STARTUP_WAIT_S, drained: bool = False
@@ -316,6 +366,10 @@ class App:
         processes, the first scan) must neither delay the subscription nor take CPU from the drain."""
 
         async def ready() -> None:
+            if self.leadership is not None:
+                await self.leadership.decided.wait()
+                if not self.leadership.leading:  # a standby has no backlog of its own to wait for
+                    return
             await self.bridge.subscribed.wait()
             while drained and not self.bridge.stats.caught_up(time.time()):
                 await asyncio.sleep(0.5)
@@ -327,19 +381,19 @@ class App:
             pass
         await service()
 
-    async def ingest(self) -> None:
+    async def ingest(self, fence: tuple[str, int] | None = None) -> None:
         """The writer process, and the bridge feeding it, until cancelled. The bridge subscribes while the writer
         starts: the writer takes requests in order, so the first commit waits for it, and nothing is
-        acknowledged before it is committed."""
+        acknowledged before it is committed. With `fence` every commit checks the leader's epoch."""
         try:
             async with asyncio.TaskGroup() as group:
-                group.create_task(self._writer(), name="writer")
+                group.create_task(self._writer(fence), name="writer")
                 group.create_task(self.bridge.run(), name="bridge")
         finally:  # cancelled while starting (SIGTERM at once): the writer is closed all the same
             await asyncio.get_running_loop().run_in_executor(None, self.writer.close)
 
-    async def _writer(self) -> None:
-        await self.writer.start()
+    async def _writer(self, fence: tuple[str, int] | None) -> None:
+        await self.writer.start(fence)
         log.info("writer process %d has the store open", self.writer.pid)
         await self.writer.watch()
 
@@ -351,11 +405,14 @@ class App:
             self.exporter.retry_now()
 
     def health(self) -> dict[str, str]:
-        """Each part's state for /healthz: "ok" or what is wrong."""
-        checks = {"ingest": "ok" if self.bridge.stats.connected else "not connected to the broker"}
+        """Each part's state for /healthz: "ok" or what is wrong. A standby's ingest is fine unconnected."""
+        standby = self.leadership is not None and not self.leadership.leading
+        checks = {"ingest": "ok" if self.bridge.stats.connected or standby else "not connected to the broker"}
         path = self.writer.path
         if path is not None and self.writer.identity is not None and file_identity(path) != self.writer.identity:
             checks["store"] = f"the database file {path} was deleted or replaced: restart smame"
+        elif self.leadership is not None and self.leadership.last_error:
+            checks["store"] = f"unreachable: {self.leadership.last_error}"
         else:
             checks["store"] = "ok"
         if self.exporter is not None:
@@ -365,6 +422,18 @@ class App:
             up = self.gateway.ftp_port is not None or self.gateway.sftp_port is not None
             checks["delivery"] = "ok" if up else "not listening"
         return checks
+
+    def about(self) -> dict[str, object]:
+        """This node's role for /healthz: leader or standby, and the leader's node and epoch as last seen."""
+        if self.leadership is None:
+            return {"role": "leader"}
+        seen = self.leadership.leader
+        return {
+            "role": "leader" if self.leadership.leading else "standby",
+            "node": self.leadership.node,
+            "leader": seen.get("node"),
+            "epoch": seen.get("epoch"),
+        }
 
     async def serve_metrics(self) -> None:
         """Serve /metrics and /healthz until cancelled."""
@@ -379,11 +448,12 @@ class App:
                     self.gateway.accounts if self.gateway else None,
                     self.gateway.bans if self.gateway else None,
                     self.monitor,
+                    self.leadership,
                 )
             )
         )
         m = self.settings.monitoring
-        server = MonitoringServer(m.host, m.metrics_port, registry, self.health)
+        server = MonitoringServer(m.host, m.metrics_port, registry, self.health, about=self.about)
         server.start()
         try:
             await asyncio.Event().wait()
@@ -418,9 +488,7 @@ class App:
             self.settings.timezone,
         )
         try:
-            async with asyncio.TaskGroup() as group:
-                for name, service in self.services().items():
-                    group.create_task(_supervised(name, service), name=name)
+            await _run_all(self.services())
         except asyncio.CancelledError:
             if not stopping:
                 raise
@@ -458,11 +526,26 @@ def _deadline(seconds: float) -> None:
     timer.start()
 
 
+async def _run_all(services: dict[str, Callable[[], Awaitable[None]]]) -> None:
+    """Run the services side by side until one fails (the others are then cancelled) or all are cancelled."""
+    async with asyncio.TaskGroup() as group:
+        for name, service in services.items():
+            group.create_task(_supervised(name, service), name=name)
+
+
+def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first error of a (nested) exception group."""
+    first = group.exceptions[0]
+    return _first(first) if isinstance(first, BaseExceptionGroup) else first
+
+
 async def _supervised(name: str, service: Callable[[], Awaitable[None]]) -> None:
     try:
         await service()
     except asyncio.CancelledError:
         raise
-    except Exception:
-        log.exception("service %s crashed; stopping smame", name)
+    except Exception as exc:
+        if isinstance(exc, Deposed) or (isinstance(exc, ExceptionGroup) and exc.split(Deposed)[1] is None):
+            raise  # not a crash: `App.lead` says so
+        log.exception("service %s crashed", name)
         raise

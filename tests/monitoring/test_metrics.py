@@ -65,7 +65,8 @@ def test_metrics_count_what_was_published_and_health_says_ok(broker: Mosquitto, 
     assert m['smame_commit_batch_size_bucket{le="+Inf"}'] == m["smame_commit_batches_total"]
     assert m["smame_export_runs_total"] >= 1
     health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5).read())
-    assert health == {"status": "ok", "checks": {"ingest": "ok", "store": "ok", "export": "ok"}}
+    assert health == {"status": "ok", "checks": {"ingest": "ok", "store": "ok", "export": "ok"}, "role": "leader"}
+    assert m["smame_leader"] == 1 and m["smame_leader_epoch"] == 0  # the only node, on SQLite
     broker.stop()  # the broker goes away: health must say so
     try:
         wait_log(log, "lost the broker")

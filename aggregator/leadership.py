@@ -1,0 +1,217 @@
+"""Which of the nodes sharing a PostgreSQL store leads: holds the ingest session, reports and alerts.
+
+Leadership is a session advisory lock on a connection of its own (with TCP keepalives), and an epoch: the
+`epoch` row of `meta`, raised by each new leader in the transaction that records it in the `leader` row.
+Every ingest commit reads the epoch row `FOR SHARE` in its own transaction and is refused when it is not the
+one its node was elected with (`Store.check_epoch`); raising the epoch waits for any such transaction in
+flight, so no commit of an old epoch can land after a new one.
+
+The leader writes its beat into the `leader` row every `period` seconds and gives up (`Deposed`) when a beat
+fails, finds another epoch, or takes longer than `lease_s`. A standby tries the lock every `period`; when the
+lock is held but the leader's beat has not changed for `stale_s` seconds (a stopped process, a machine cut
+off without the server noticing), it ends the leader's sessions (`pg_terminate_backend`), which releases the
+lock and rolls back whatever the old leader had in flight; the server then keeps it apart by the epoch. All
+sessions a node uses as leader carry the application name `leader_name(node)`, so that they can be ended
+together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+
+import psycopg
+
+from aggregator.postgres import connect_args
+from aggregator.store import Deposed
+
+log = logging.getLogger("smame.leadership")
+
+LOCK_KEY = 0x736D616D654C  # "smameL": the leader's advisory lock
+TERMINATE_WAIT_MS = 5000  # how long ending a stale leader's sessions waits for them to be gone
+
+
+# the `leader` row's value: who leads, in which epoch, and its last beat by the server's clock
+_LEADER_ROW = (
+    "json_build_object('node', %s::text, 'epoch', %s::bigint, 'beat', extract(epoch FROM clock_timestamp()))::text"
+)
+
+
+def leader_name(node: str) -> str:
+    """The application name of the sessions node `node` uses as leader (PostgreSQL keeps 63 bytes of it)."""
+    return f"smame leader {node}"[:63]
+
+
+class Leadership:
+    """One node's view of leadership, with its own connection; `acquire` and `hold` are its two states."""
+
+    def __init__(self, url: str, node: str, period: float = 1.0, lease_s: float = 3.0, stale_s: float = 5.0) -> None:
+        self.url = url
+        self.node = node
+        self.session = leader_name(node)  # the application name of this node's sessions as leader
+        self.period = period
+        self.lease_s = lease_s  # a leader whose beat has not gone through for this long gives up
+        self.stale_s = stale_s  # a standby ends the sessions of a leader whose beat stood still this long
+        self.epoch: int | None = None  # this node's epoch while it leads
+        self.leader: dict[str, object] = {}  # the `leader` row as last read: node, epoch, beat
+        self.last_error = ""  # why the store could not be reached, while it cannot
+        self.decided = asyncio.Event()  # set once this node knows whether it leads or stands by
+        self._conn: psycopg.AsyncConnection[tuple[object, ...]] | None = None
+        self._seen: tuple[object, float] | None = None  # (the leader's beat, when it was first seen)
+
+    @property
+    def leading(self) -> bool:
+        return self.epoch is not None
+
+    async def acquire(self) -> int:
+        """Wait until this node leads; return its epoch."""
+        while True:
+            try:
+                async with asyncio.timeout(self.lease_s + TERMINATE_WAIT_MS / 1000):
+                    epoch = await self._try()
+            except (psycopg.Error, OSError, TimeoutError) as exc:
+                error = str(exc).strip() or "no answer"
+                if error != self.last_error:  # said once, not every second
+                    log.warning("leadership: cannot reach the store, trying again: %s", error)
+                self.last_error = error
+                await self._drop()
+                epoch = None
+            else:
+                self.last_error = ""
+            self.epoch = epoch
+            self.decided.set()
+            if epoch is not None:
+                return epoch
+            await asyncio.sleep(self.period)
+
+    async def hold(self) -> None:
+        """Beat while this node leads; raise Deposed (and forget the epoch) as soon as it may not."""
+        assert self.epoch is not None, "hold() before acquire()"
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(self.lease_s):
+                        ok = await self._beat(self.epoch)
+                except (psycopg.Error, OSError, TimeoutError) as exc:
+                    raise Deposed(f"lost the store: {str(exc).strip() or 'no answer within the lease'}") from None
+                if not ok:
+                    raise Deposed("another node has raised the epoch")
+                await asyncio.sleep(self.period)
+        except BaseException:
+            self.epoch = None
+            await self._drop()  # ends the session, so the lock goes with it
+            raise
+
+    async def close(self) -> None:
+        """Give leadership up at once (a stopping node): its session ends and the lock with it."""
+        self.epoch = None
+        await self._drop()
+
+    # --- the statements -------------------------------------------------------------------------------
+
+    async def _connection(self) -> psycopg.AsyncConnection[tuple[object, ...]]:
+        if self._conn is None or self._conn.closed:
+            self._conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True, **connect_args(self.session))
+        return self._conn
+
+    async def _drop(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            try:
+                await conn.close()
+            except (psycopg.Error, OSError):
+                pass
+
+    async def _try(self) -> int | None:
+        """One standby round: the lock, or a look at whether the leader still beats."""
+        conn = await self._connection()
+        got = (await (await conn.execute("SELECT pg_try_advisory_lock(%s)", (LOCK_KEY,))).fetchone() or [False])[0]
+        if not got:
+            await self._watch(conn)
+            return None
+        previous = await self._read(conn)
+        if previous.get("node") not in (None, self.node):
+            # whatever the last leader still has open ends now: a writer stopped inside a transaction would
+            # otherwise hold raising the epoch up for as long as it is stopped
+            await self._end_sessions(conn, str(previous["node"]))
+        async with conn.transaction():
+            await conn.execute("INSERT INTO meta(key, value) VALUES ('epoch', '0') ON CONFLICT (key) DO NOTHING")
+            row = await (
+                await conn.execute(
+                    "UPDATE meta SET value = (value::bigint + 1)::text WHERE key = 'epoch' RETURNING value"
+                )
+            ).fetchone()
+            assert row is not None
+            epoch = int(str(row[0]))
+            await conn.execute(
+                f"INSERT INTO meta(key, value) VALUES ('leader', {_LEADER_ROW}) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (self.node, epoch),
+            )
+        self.leader = {"node": self.node, "epoch": epoch}
+        self._seen = None
+        log.warning("leadership: this node (%s) leads now, epoch %d", self.node, epoch)
+        return epoch
+
+    async def _watch(self, conn: psycopg.AsyncConnection[tuple[object, ...]]) -> None:
+        """Standing by: end the leader's sessions when its beat has stood still for `stale_s`."""
+        seen = await self._read(conn)
+        if seen.get("node") != self.leader.get("node") or seen.get("epoch") != self.leader.get("epoch"):
+            log.info("leadership: standing by; %s leads (epoch %s)", seen.get("node"), seen.get("epoch"))
+        self.leader = seen
+        beat, now = seen.get("beat"), time.monotonic()
+        if self._seen is None or self._seen[0] != beat:
+            self._seen = (beat, now)
+            return
+        if now - self._seen[1] < self.stale_s:
+            return
+        node = str(self.leader.get("node", ""))
+        log.warning(
+            "leadership: the leader %s has not beaten for %.0f s: ending its sessions to take over",
+            node,
+            now - self._seen[1],
+        )
+        holders = await (
+            await conn.execute(
+                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                "AND ((classid::bigint << 32) | objid::bigint) = %s",
+                (LOCK_KEY,),
+            )
+        ).fetchall()
+        for (pid,) in holders:
+            await conn.execute("SELECT pg_terminate_backend(%s, %s)", (pid, TERMINATE_WAIT_MS))
+        if node:
+            await self._end_sessions(conn, node)
+        self._seen = None
+
+    async def _end_sessions(self, conn: psycopg.AsyncConnection[tuple[object, ...]], node: str) -> None:
+        ended = await (
+            await conn.execute(
+                "SELECT count(pg_terminate_backend(pid, %s)) FROM pg_stat_activity "
+                "WHERE application_name = %s AND pid <> pg_backend_pid()",
+                (TERMINATE_WAIT_MS, leader_name(node)),
+            )
+        ).fetchone()
+        if ended and ended[0]:
+            log.warning("leadership: ended %d sessions of the former leader %s", ended[0], node)
+
+    async def _beat(self, epoch: int) -> bool:
+        conn = await self._connection()
+        cur = await conn.execute(
+            f"UPDATE meta SET value = {_LEADER_ROW} WHERE key = 'leader' "
+            "AND (SELECT value FROM meta WHERE key = 'epoch') = %s",
+            (self.node, epoch, str(epoch)),
+        )
+        return cur.rowcount == 1
+
+    async def _read(self, conn: psycopg.AsyncConnection[tuple[object, ...]]) -> dict[str, object]:
+        row = await (await conn.execute("SELECT value FROM meta WHERE key = 'leader'")).fetchone()
+        if row is None:
+            return {}
+        try:
+            found = json.loads(str(row[0]))
+        except ValueError:
+            return {}
+        return found if isinstance(found, dict) else {}
