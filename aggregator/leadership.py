@@ -47,7 +47,7 @@ def leader_name(node: str) -> str:
 class Leadership:
     """One node's view of leadership, with its own connection; `acquire` and `hold` are its two states."""
 
-    def __init__(self, url: str, node: str, period: float = 1.0, lease_s: float = 3.0, stale_s: float = 5.0) -> None:
+    def __init__(self, url: str, node: str, period: float = 1.0, lease_s: float = 3.0, stale_s: float = 4.0) -> None:
         self.url = url
         self.node = node
         self.session = leader_name(node)  # the application name of this node's sessions as leader
@@ -60,6 +60,7 @@ class Leadership:
         self.decided = asyncio.Event()  # set once this node knows whether it leads or stands by
         self._conn: psycopg.AsyncConnection[tuple[object, ...]] | None = None
         self._seen: tuple[object, float] | None = None  # (the leader's beat, when it was first seen)
+        self._ended = False  # the last round ended a stale leader's sessions
 
     @property
     def leading(self) -> bool:
@@ -84,7 +85,8 @@ class Leadership:
             self.decided.set()
             if epoch is not None:
                 return epoch
-            await asyncio.sleep(self.period)
+            if not self._ended:  # after ending a stale leader's sessions the lock is free: try again at once
+                await asyncio.sleep(self.period)
 
     async def hold(self) -> None:
         """Beat while this node leads; raise Deposed (and forget the epoch) as soon as it may not."""
@@ -126,6 +128,7 @@ class Leadership:
 
     async def _try(self) -> int | None:
         """One standby round: the lock, or a look at whether the leader still beats."""
+        self._ended = False
         conn = await self._connection()
         got = (await (await conn.execute("SELECT pg_try_advisory_lock(%s)", (LOCK_KEY,))).fetchone() or [False])[0]
         if not got:
@@ -185,6 +188,7 @@ class Leadership:
         if node:
             await self._end_sessions(conn, node)
         self._seen = None
+        self._ended = True
 
     async def _end_sessions(self, conn: psycopg.AsyncConnection[tuple[object, ...]], node: str) -> None:
         ended = await (
