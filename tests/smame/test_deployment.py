@@ -53,10 +53,18 @@ def test_compose_file_validates_with_a_provisioned_broker(tmp_path: Path) -> Non
         env,
     )
     compose = tool("docker-compose")
-    for args in ([], ["--profile", "simulator"]):
+    for args in ([], ["--profile", "simulator"], ["--profile", "ha"]):
         proc = subprocess.run([compose, *args, "config", "--services"], cwd=stack, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
-    assert set(proc.stdout.split()) == {"mosquitto", "smame", "prometheus", "grafana", "mailpit", "simulator"}
+    # (Debian's docker-compose lists the services of every profile)
+    assert set(proc.stdout.split()) >= {"mosquitto", "smame", "prometheus", "grafana", "mailpit", "simulator"}
+    assert {"postgres", "smame-b"} <= set(proc.stdout.split())
+    # both nodes share the store, the broker's client id and the settings; each has its own files
+    (stack / ".env").write_text("SMAME_STORAGE_URL=postgresql://smame:pw@postgres:5432/smame\n")
+    proc = subprocess.run([compose, "--profile", "ha", "config"], cwd=stack, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("SMAME_STORAGE__URL: postgresql://smame:pw@postgres:5432/smame") == 2
+    assert "smame-b-data" in proc.stdout and "tcp_keepalives_idle=5" in proc.stdout
     conf = (stack / "deploy" / "broker" / "mosquitto.conf").read_text()
     assert "password_file /mosquitto/config/passwd" in conf and "require_certificate true" in conf
 
