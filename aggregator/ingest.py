@@ -113,10 +113,14 @@ class Ingestor:
             with self.store.transaction():
                 if self.epoch is not None:
                     self.store.check_epoch(self.epoch)
+                # states of units not in the cache, in one query (and, with other writers, of every unit: a
+                # cached state is only trusted while the transaction holds the write lock)
+                missing = list(by_unit) if self.shared else [u for u in by_unit if u not in self._cache]
+                if missing:
+                    for unit, (last_at, fwd, rev) in self.store.last_points(missing).items():
+                        self._cache[unit] = _UnitState(last_at, fwd, rev)
                 for unit, items in by_unit.items():
-                    state = self._cache.get(unit)
-                    if state is None or (self.shared and state.last_at != self.store.last_at(unit)):
-                        state = self._load(unit)
+                    state = self._cache[unit]
                     first = items[0].reading
                     if len(items) == 1 and (state.last_at is None or first.at > state.last_at):
                         rows.append(_row(first, items[0].received))
@@ -142,14 +146,6 @@ class Ingestor:
         if len(self._cache) > self.cache_limit:
             self._cache.clear()
         return outcome
-
-    def _load(self, unit: str) -> _UnitState:
-        last_at = self.store.last_at(unit)
-        fwd, rev = (
-            None if last_at is None else self.store.neighbour(unit, last_at + 1, reg, before=True) for reg in REGISTERS
-        )
-        state = self._cache[unit] = _UnitState(last_at, fwd, rev)
-        return state
 
     def _next(self, unit: str, state: _UnitState, r: Reading, live: list[tuple[Any, ...]]) -> bool:
         """The live case, every half hour for every unit, without the general machinery: both registers' next

@@ -35,6 +35,18 @@ _SLOT_SET = {
 }
 
 
+def slot_upsert(registers: tuple[str, ...]) -> tuple[list[str], str]:
+    """The columns of a slot row that writes `registers` (`imp`, `exp` or both), and the ON CONFLICT clause that
+    updates those registers of a stored slot and leaves the others."""
+    cols = ["slot", "unit"]
+    for r in registers:
+        cols += [r, f"{r}_q", f"{r}_flags"]
+    cols += ["meter", "e1", "coef"]
+    sets = ", ".join(_SLOT_SET[r] for r in registers)
+    also = "meter = excluded.meter, e1 = excluded.e1, coef = excluded.coef"
+    return cols, f"ON CONFLICT (slot, unit) DO UPDATE SET {sets}, {also}"
+
+
 class SlotRow(msgspec.Struct, frozen=True, gc=False):
     """A stored slot of one unit, both registers, as every query of slots returns it. A Struct: a daily
     report reads millions of them (built about ten times faster than a dataclass)."""
@@ -197,6 +209,17 @@ class Store(ABC):
         row = self.execute("SELECT max(at) FROM readings WHERE unit = ?", (unit,)).fetchone()
         return None if row[0] is None else int(row[0])
 
+    def last_points(self, units: list[str]) -> dict[str, tuple[int | None, Point | None, Point | None]]:
+        """Of each unit: its newest reading's time, and the newest point of each register (`REGISTERS`)."""
+        out = {}
+        for unit in units:
+            last_at = self.last_at(unit)
+            fwd, rev = (
+                None if last_at is None else self.neighbour(unit, last_at + 1, reg, before=True) for reg in REGISTERS
+            )
+            out[unit] = (last_at, fwd, rev)
+        return out
+
     def first_at(self, unit: str) -> int | None:
         """Time of the unit's oldest reading still stored."""
         row = self.execute("SELECT min(at) FROM readings WHERE unit = ?", (unit,)).fetchone()
@@ -227,16 +250,9 @@ class Store(ABC):
         """Write slots of the given registers (`imp`, `exp` or both).
 
         Rows hold (slot, unit, values..., meter, e1, coef)."""
-        cols = ["slot", "unit"]
-        for r in registers:
-            cols += [r, f"{r}_q", f"{r}_flags"]
-        cols += ["meter", "e1", "coef"]
-        sets = ", ".join(_SLOT_SET[r] for r in registers)
+        cols, on_conflict = slot_upsert(registers)
         self.executemany(
-            f"INSERT INTO slots ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) "
-            f"ON CONFLICT (slot, unit) DO UPDATE SET {sets}, "
-            "meter = excluded.meter, e1 = excluded.e1, coef = excluded.coef",
-            rows,
+            f"INSERT INTO slots ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) {on_conflict}", rows
         )
 
     def slots(self, unit: str, after: int, until: int) -> list[SlotRow]:
