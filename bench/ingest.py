@@ -12,9 +12,10 @@ Two methods, each run for both subscribers against a private Mosquitto:
   connect after its start (from its own log line), its rate once connected, and each process's CPU.
 mosquitto_sub only receives and prints; smame runs every service of a deployment, and ingest decodes,
 validates, commits to SQLite (WAL, synchronous=FULL) in its writer process and sends each PUBACK after its
-batch's commit.
+batch's commit. With --storage postgresql://... smame's store is that database instead (each run in a
+schema of its own, dropped at the end), commits durable as the server's synchronous_commit says.
 
-    .venv/bin/python -m bench.ingest --telegrams 200000 --units 10000
+    .venv/bin/python -m bench.ingest --telegrams 200000 --units 10000 [--storage postgresql://...]
 """
 
 from __future__ import annotations
@@ -23,17 +24,29 @@ import argparse
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
+from urllib.parse import quote
 
 import paho.mqtt.client as paho
+import psycopg
 
-from tests.helpers import Mosquitto, at, children, process_name, publish, smame_env, telegram, write_registry
+from tests.helpers import (
+    Mosquitto,
+    acknowledged,
+    at,
+    children,
+    free_port,
+    process_name,
+    publish,
+    smame_env,
+    telegram,
+    write_registry,
+)
 
 
 def preload_session(port: int, client_id: str) -> None:
@@ -143,16 +156,16 @@ def live_mosquitto_sub(mq: Mosquitto, n: int, units: int, parts: int) -> float:
     return took
 
 
-def live_smame(mq: Mosquitto, n: int, units: int, work: Path, batch: int, parts: int) -> float:
+def live_smame(mq: Mosquitto, n: int, units: int, work: Path, batch: int, parts: int, storage: str | None) -> float:
     # A running service: the load starts once the start-up work (the first export run, the catch-up report of
     # yesterday for 10,000 units) is done, as it is long before a fleet's next half hour in operation.
-    proc, db = start_bench_smame(
-        mq, units, work, batch, "bench-live-smame", ready=("subscribed to", "daily report for", "export: ")
+    proc, metrics = start_bench_smame(
+        mq, units, work, batch, "bench-live-smame", storage, ready=("subscribed to", "daily report for", "export: ")
     )
     try:
         publishers = Publishers(mq.port, n, units, parts)
         started = publishers.go()
-        wait_committed(proc, db, n, work / "smame.log")
+        wait_committed(proc, metrics, n, work / "smame.log")
         took = time.perf_counter() - started
         publishers.wait()
         return took
@@ -161,15 +174,53 @@ def live_smame(mq: Mosquitto, n: int, units: int, work: Path, batch: int, parts:
         proc.wait(30)
 
 
+def store_url(work: Path, storage: str | None) -> str:
+    """The store of one smame run: an SQLite file in its directory, or an empty schema of its own in the
+    PostgreSQL database `storage` (dropped by `drop_schemas`)."""
+    if storage is None:
+        return f"sqlite:///{work / 'data' / 'smame.db'}"
+    schema = f"bench_{work.name.replace('-', '_')}_{os.getpid()}"
+    with psycopg.connect(storage, autocommit=True) as c:
+        c.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        c.execute(f"CREATE SCHEMA {schema}")
+    return f"{storage}{'&' if '?' in storage else '?'}options={quote(f'-csearch_path={schema}')}"
+
+
+def drop_schemas(storage: str) -> None:
+    """Drop the schemas this run of the benchmark made."""
+    with psycopg.connect(storage, autocommit=True) as c:
+        for (schema,) in c.execute(
+            "SELECT nspname FROM pg_namespace WHERE nspname LIKE %s", (f"bench\\_%\\_{os.getpid()}",)
+        ).fetchall():
+            c.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
 def start_bench_smame(
-    mq: Mosquitto, units: int, work: Path, batch: int, client_id: str, ready: tuple[str, ...] = ("subscribed to",)
-) -> tuple[subprocess.Popen[bytes], Path]:
-    """`smame run` with every service of a deployment on; returns once the log has each `ready` line."""
+    mq: Mosquitto,
+    units: int,
+    work: Path,
+    batch: int,
+    client_id: str,
+    storage: str | None,
+    ready: tuple[str, ...] = ("subscribed to",),
+) -> tuple[subprocess.Popen[bytes], int]:
+    """`smame run` with every service of a deployment on; returns once the log has each `ready` line, with
+    the port of its metrics."""
     work.mkdir(parents=True, exist_ok=True)
+    url = store_url(work, storage)
+    port = free_port()  # its metrics: how far it has got
     write_registry(work, {f"U{u:06d}": f"C{u % 20:02d}" for u in range(units)})
     # The daily report is due at start, so that its catch-up happens at a known time, not in some runs only.
     env = smame_env(
-        work, mq.port, SMAME_BROKER__CLIENT_ID=client_id, SMAME_BROKER__BATCH_SIZE=str(batch), SMAME_REPORT__AT="00:00"
+        work,
+        mq.port,
+        SMAME_BROKER__CLIENT_ID=client_id,
+        SMAME_BROKER__BATCH_SIZE=str(batch),
+        SMAME_REPORT__AT="00:00",
+        SMAME_STORAGE__URL=url,
+        SMAME_MONITORING__ENABLED="true",
+        SMAME_MONITORING__HOST="127.0.0.1",
+        SMAME_MONITORING__METRICS_PORT=str(port),
     )
     log = work / "smame.log"
     proc = subprocess.Popen(
@@ -179,19 +230,20 @@ def start_bench_smame(
         if proc.poll() is not None:
             raise RuntimeError(f"smame exited: {log.read_text()}")
         time.sleep(0.002)
-    return proc, work / "data" / "smame.db"
+    return proc, port
 
 
-def wait_committed(proc: subprocess.Popen[bytes], db: Path, n: int, log: Path) -> None:
-    stored = 0
-    while stored < n:
+def wait_committed(proc: subprocess.Popen[bytes], port: int, n: int, log: Path) -> None:
+    """Until smame's metrics (on `port`) say it has committed and acknowledged `n` telegrams: a scrape costs
+    smame little, where counting the stored rows would cost the database a scan of a growing table."""
+    done = 0.0
+    while done < n:
         time.sleep(0.05)
         if proc.poll() is not None:
             raise RuntimeError(f"smame exited: {log.read_text()}")
         try:
-            with sqlite3.connect(db, timeout=30) as c:
-                stored = c.execute("SELECT count(*) FROM readings").fetchone()[0]
-        except sqlite3.OperationalError:
+            done = acknowledged(port)
+        except OSError:  # not listening yet
             pass
 
 
@@ -225,14 +277,16 @@ def bench_mosquitto_sub(mq: Mosquitto, messages: list[tuple[str, bytes]]) -> flo
     return time.perf_counter() - started
 
 
-def bench_smame(mq: Mosquitto, messages: list[tuple[str, bytes]], units: int, work: Path, batch: int) -> float:
+def bench_smame(
+    mq: Mosquitto, messages: list[tuple[str, bytes]], units: int, work: Path, batch: int, storage: str | None
+) -> float:
     preload_session(mq.port, "bench-smame")
     publish(mq.port, messages)
     # the queue starts to flow at CONNACK
-    proc, db = start_bench_smame(mq, units, work, batch, "bench-smame", ready=("session present",))
+    proc, metrics = start_bench_smame(mq, units, work, batch, "bench-smame", storage, ready=("session present",))
     try:
         started = time.perf_counter()
-        wait_committed(proc, db, len(messages), work / "smame.log")
+        wait_committed(proc, metrics, len(messages), work / "smame.log")
         return time.perf_counter() - started
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -246,7 +300,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 def restart_smame(
-    mq: Mosquitto, messages: list[tuple[str, bytes]], units: int, work: Path, batch: int
+    mq: Mosquitto, messages: list[tuple[str, bytes]], units: int, work: Path, batch: int, storage: str | None
 ) -> tuple[float, float, dict[str, float]]:
     """Seconds from process start to connected (CONNACK: the session's backlog starts to flow), and to every
     telegram committed; and the CPU seconds each process spent meanwhile (smame's by process name)."""
@@ -254,9 +308,9 @@ def restart_smame(
     publish(mq.port, messages)
     broker_before = cpu_seconds(mq.proc.pid)
     started_wall, started = time.time(), time.perf_counter()
-    proc, db = start_bench_smame(mq, units, work, batch, "bench-restart-smame", ready=())
+    proc, metrics = start_bench_smame(mq, units, work, batch, "bench-restart-smame", storage, ready=())
     try:
-        wait_committed(proc, db, len(messages), work / "smame.log")
+        wait_committed(proc, metrics, len(messages), work / "smame.log")
         took = time.perf_counter() - started
         cpu: dict[str, float] = {"mosquitto": cpu_seconds(mq.proc.pid) - broker_before, "smame": cpu_seconds(proc.pid)}
         for child in children(proc.pid):
@@ -279,19 +333,36 @@ def main() -> None:
     ap.add_argument(
         "--method", choices=["live", "drain", "restart", "both"], default="both", help="both: live and drain"
     )
+    ap.add_argument(
+        "--storage", metavar="URL", help="postgresql://... : smame's store in that database (default: SQLite)"
+    )
     args = ap.parse_args()
+    if args.storage and not args.storage.startswith(("postgresql://", "postgres://")):
+        sys.exit("--storage: give a postgresql:// URL (SQLite is the default)")
     if not shutil.which("mosquitto_sub"):
         sys.exit("mosquitto_sub not found: apt-get install mosquitto-clients")
     messages = fleet(args.units, args.telegrams)
     size = sum(len(p) for _, p in messages) / len(messages)
     n = len(messages)
     print(f"load: {n} telegrams of {size:.0f} bytes from {args.units} units, QoS 1, {os.cpu_count()} cores")
+    print(f"store: {'PostgreSQL ' + args.storage if args.storage else 'SQLite'}")
+    try:
+        run_methods(args, messages)
+    finally:
+        if args.storage:
+            drop_schemas(args.storage)
+
+
+def run_methods(args: argparse.Namespace, messages: list[tuple[str, bytes]]) -> None:
+    n = len(messages)
     with tempfile.TemporaryDirectory(prefix="smame-bench-") as tmp:
         if args.method in ("live", "both"):
             mq = Mosquitto(Path(tmp) / "mq-live")
             try:
                 base = live_mosquitto_sub(mq, n, args.units, args.publishers)
-                ours = live_smame(mq, n, args.units, Path(tmp) / "smame-live", args.batch, args.publishers)
+                ours = live_smame(
+                    mq, n, args.units, Path(tmp) / "smame-live", args.batch, args.publishers, args.storage
+                )
             finally:
                 mq.stop()
             print(f"live, {args.publishers} publisher processes running alongside:")
@@ -300,7 +371,7 @@ def main() -> None:
             mq = Mosquitto(Path(tmp) / "mq-drain")
             try:
                 base = bench_mosquitto_sub(mq, messages)
-                ours = bench_smame(mq, messages, args.units, Path(tmp) / "smame-drain", args.batch)
+                ours = bench_smame(mq, messages, args.units, Path(tmp) / "smame-drain", args.batch, args.storage)
             finally:
                 mq.stop()
             print("drain, preloaded in the subscriber's session (a restart after an outage), no publisher running:")
@@ -309,7 +380,9 @@ def main() -> None:
             mq = Mosquitto(Path(tmp) / "mq-restart")
             try:
                 base = bench_mosquitto_sub(mq, messages)  # its start is instant: the drain is the restart
-                subscribed, ours, cpu = restart_smame(mq, messages, args.units, Path(tmp) / "smame-restart", args.batch)
+                subscribed, ours, cpu = restart_smame(
+                    mq, messages, args.units, Path(tmp) / "smame-restart", args.batch, args.storage
+                )
             finally:
                 mq.stop()
             print("restart with the backlog in the session, timed from process start (the daily report due):")
