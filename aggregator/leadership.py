@@ -11,8 +11,8 @@ fails, finds another epoch, or takes longer than `lease_s`. A standby tries the 
 lock is held but the leader's beat has not changed for `stale_s` seconds (a stopped process, a machine cut
 off without the server noticing), it ends the leader's sessions (`pg_terminate_backend`), which releases the
 lock and rolls back whatever the old leader had in flight; the server then keeps it apart by the epoch. All
-sessions a node uses as leader carry the application name `leader_name(node)`, so that they can be ended
-together.
+sessions a node uses as leader (its writer's, its monitor's) carry the application name `leader_name(node)`,
+so that they can be ended together; the lock's own session is found through `pg_locks`.
 """
 
 from __future__ import annotations
@@ -115,7 +115,10 @@ class Leadership:
 
     async def _connection(self) -> psycopg.AsyncConnection[tuple[object, ...]]:
         if self._conn is None or self._conn.closed:
-            self._conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True, **connect_args(self.session))
+            # not named as a leader's session: a standby's must survive the ending of its node's former ones
+            self._conn = await psycopg.AsyncConnection.connect(
+                self.url, autocommit=True, **connect_args(f"smame node {self.node}"[:63])
+            )
         return self._conn
 
     async def _drop(self) -> None:
