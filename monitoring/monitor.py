@@ -123,6 +123,16 @@ class Monitor:
                 log.error("monitor check failed, trying again in %.0f s: %s", self.settings.alerts.check_s, exc)
             await asyncio.sleep(self.settings.alerts.check_s)
 
+    async def tell_security(self) -> int:
+        """Queue what the file gateway saw (bans, failed logins) as alerts, and nothing else: on a node that stands
+        by, whose monitor does not run, so that its events are told and do not pile up. Returns how many
+        messages were queued."""
+        now = self.clock()
+        notices = [alerts.event(kind, text, now) for kind, text in self.security.due(now)]
+        for n in notices:
+            log.warning("%s: %s", n.subject, n.text)
+        return await self.outbox.put([m for n in notices for m in alert_messages(n, self.settings)])
+
     async def check(self) -> list[Notice]:
         """One round: scan, alerts, and the daily report when it is due; returns the notices queued."""
         now = self.clock()

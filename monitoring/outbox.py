@@ -92,6 +92,7 @@ class Outbox:
         lease_s: float = 300.0,
         clock: Callable[[], float] = time.time,
         keep_s: float = 30 * 86400,
+        poll_s: float = 60.0,
     ) -> None:
         self.store = store
         self.table = OutboxTable(store)
@@ -101,6 +102,7 @@ class Outbox:
         self.give_up_s = give_up_s
         self.lease_s = lease_s
         self.keep_s = keep_s  # sent and abandoned messages are forgotten after this long
+        self.poll_s = poll_s  # how often it looks for messages it was not woken for (queued by other nodes)
         self.clock = clock
         self._pruned = 0.0
         self.stats: Counter[tuple[str, str]] = Counter()  # (channel, sent|failed|given_up)
@@ -133,7 +135,8 @@ class Outbox:
             except self.store.errors as exc:  # the database busy past its timeout: try again soon
                 log.error("outbox: %s; trying again in 30 s", exc)
                 nxt = self.clock() + 30
-            await wait_woken(self._wake, 60.0 if nxt is None else min(60.0, max(0.2, nxt - self.clock())))
+            wait = self.poll_s if nxt is None else min(self.poll_s, max(0.2, nxt - self.clock()))
+            await wait_woken(self._wake, wait)
 
     async def prune(self) -> None:
         """Forget messages sent or given up more than `keep_s` ago (the table would grow for ever)."""

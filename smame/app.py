@@ -207,6 +207,9 @@ def build_outbox(settings: Settings, store: Store, clock: Callable[[], float] = 
         give_up_s=m.outbox_give_up_s,
         clock=clock,
         keep_s=m.outbox_keep_days * 86400,
+        # standby nodes queue their file gateways' security events in the shared store: the leader's outbox
+        # finds them as soon as its monitor would have
+        poll_s=min(60.0, settings.alerts.check_s),
     )
 
 
@@ -324,7 +327,22 @@ class App:
             out["files"] = self.gateway.run
         if self.settings.monitoring.enabled:
             out["metrics"] = self.serve_metrics
+        if self.monitor is not None and self.leadership is not None:
+            out["security"] = self.standby_security
         return out
+
+    async def standby_security(self) -> None:
+        """While this node stands by, tell its file gateway's security events through the shared outbox (the
+        leader sends them); while it leads, its monitor does."""
+        assert self.monitor is not None and self.leadership is not None
+        passing: tuple[type[Exception], ...] = (OSError, *self.monitor.store.errors)
+        while True:
+            await asyncio.sleep(self.settings.alerts.check_s)
+            if not self.leadership.leading:
+                try:
+                    await self.monitor.tell_security()
+                except passing as exc:  # the store away for a while: these events are in the log only
+                    log.error("security events not queued for sending: %s", exc)
 
     def leader_services(self, fence: tuple[str, int] | None) -> dict[str, Callable[[], Awaitable[None]]]:
         """The services only the leader runs, by name; `fence` is its sessions' name and epoch (PostgreSQL)."""

@@ -15,6 +15,7 @@ from fractions import Fraction
 from pathlib import Path
 from subprocess import Popen
 
+import paramiko
 import psycopg
 import pytest
 
@@ -42,7 +43,7 @@ from tests.helpers import (
     write_registry,
     yesterday,
 )
-from tests.monitoring.sinks import SmtpSink
+from tests.monitoring.sinks import SlackStandIn, SmtpSink
 
 GRID = Grid("Asia/Tokyo")
 UNITS, ROUNDS = 1000, 21  # 21,000 telegrams in time order, as a fleet sends them
@@ -284,8 +285,17 @@ def test_both_nodes_serve_the_same_files_over_ftps_and_sftp(
         )
     env_a, _ = node(workdir, "a", broker, url)
     smame(["users", "add", "C1", "alice", "--password-stdin"], env_a, stdin=PASSWORDS["alice"] + "\n")
+    slack = SlackStandIn()
     a, b, log_a, log_b = start_pair(
-        workdir, broker, url, SMAME_REPORT__ENABLED="false", SMAME_ALERTS__ENABLED="false", per_node=gateways
+        workdir,
+        broker,
+        url,
+        SMAME_REPORT__ENABLED="false",
+        SMAME_SLACK__WEBHOOK_URL=slack.url,
+        SMAME_ALERTS__CHECK_S="0.3",
+        SMAME_FTP__BAN_AFTER="2",
+        SMAME_FTP__FAIL_DELAY_S="0",
+        per_node=gateways,
     )
     metrics = {n: int(gateways[n]["SMAME_MONITORING__METRICS_PORT"]) for n in ("a", "b")}
     # an operator sees at once which node leads, and in which epoch
@@ -338,4 +348,14 @@ def test_both_nodes_serve_the_same_files_over_ftps_and_sftp(
         with sftp(g) as s:
             served[(n, "sftp")] = s.open(name).read()
     assert len(set(served.values())) == 1 and served[("a", "ftps")] == files["a"].read_bytes()
+
+    # someone guessing passwords at the standby: its ban reaches Slack through the shared outbox, once
+    for _ in range(2):
+        with pytest.raises(paramiko.AuthenticationException):
+            sftp(Gateway(env_a, 0, int(gateways["b"]["SMAME_SFTP__PORT"]), workdir / "b", log_b, b), password="wrong")  # type: ignore[arg-type]
+    posts = slack.wait(lambda posts: any("addresses banned" in p.body["text"] for p in posts))
+    time.sleep(1)  # a second copy would be on its way now
+    banned = [p for p in slack.posts if "addresses banned" in p.body["text"]]
+    assert len(banned) == 1 and "127.0.0.1" in banned[0].body["text"], posts
     assert stop(a) == 0 and stop(b) == 0
+    slack.stop()
