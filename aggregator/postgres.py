@@ -191,6 +191,8 @@ class PostgresStore(Store):
         """Write slots, after making the partitions of their days: copied into a session's own table, then
         merged by one statement."""
         if rows:
+            # one statement may not write a row twice: the last of a slot's rows wins, as one after another would
+            rows = list({(r[0], r[1]): r for r in rows}.values())
             self._ensure_days("slots", {r[0] // DAY for r in rows})
             cols, on_conflict = slot_upsert(registers)
             db = self._connected()
