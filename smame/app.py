@@ -358,23 +358,26 @@ class App:
         """Run the leader's services while this node is elected, standing by before and after. A node deposed
         (or whose writer lost the store) stands by again; only a fault of smame's own stops it."""
         assert self.leadership is not None
-        while True:
-            epoch = await self.leadership.acquire()
-            services = self.leader_services((self.leadership.session, epoch))
-            try:
-                async with asyncio.TaskGroup() as group:
-                    group.create_task(self.leadership.hold(), name="leadership")
-                    group.create_task(_run_all(services), name="leader")
-            except BaseExceptionGroup as group_error:
-                # deposed, or the store failed under the writer: another node may lead meanwhile; any other
-                # error is a fault of smame's own and stops it
-                lost, other = group_error.split((Deposed, WriterError))
-                if lost is None or other is not None:
-                    raise
-                log.error("this node no longer leads (epoch %d): %s; standing by", epoch, _first(lost))
-            finally:
-                self.leadership.epoch = None
-            await asyncio.sleep(self.leadership.period)
+        try:
+            while True:
+                epoch = await self.leadership.acquire()
+                services = self.leader_services((self.leadership.session, epoch))
+                try:
+                    async with asyncio.TaskGroup() as group:
+                        group.create_task(self.leadership.hold(), name="leadership")
+                        group.create_task(_run_all(services), name="leader")
+                except BaseExceptionGroup as group_error:
+                    # deposed, or the store failed under the writer: another node may lead meanwhile; any other
+                    # error is a fault of smame's own and stops it
+                    lost, other = group_error.split((Deposed, WriterError))
+                    if lost is None or other is not None:
+                        raise
+                    log.error("this node no longer leads (epoch %d): %s; standing by", epoch, _first(lost))
+                finally:
+                    self.leadership.epoch = None
+                await asyncio.sleep(self.leadership.period)
+        finally:  # stopping: the lock goes at once, and a standby takes over without waiting for a stale beat
+            await self.leadership.close()
 
     async def after_ingest(
         self, service: Callable[[], Awaitable[None]], wait_s: float = STARTUP_WAIT_S, drained: bool = False
