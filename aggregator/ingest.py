@@ -113,9 +113,13 @@ class Ingestor:
             with self.store.transaction():
                 if self.epoch is not None:
                     self.store.check_epoch(self.epoch)
-                # states of units not in the cache, in one query (and, with other writers, of every unit: a
-                # cached state is only trusted while the transaction holds the write lock)
-                missing = list(by_unit) if self.shared else [u for u in by_unit if u not in self._cache]
+                # states of units not in the cache, in one query; with other writers, also of units whose
+                # cached state the store no longer bears out (checked while the transaction holds the write lock)
+                missing = [
+                    u
+                    for u in by_unit
+                    if (state := self._cache.get(u)) is None or (self.shared and state.last_at != self.store.last_at(u))
+                ]
                 if missing:
                     for unit, (last_at, fwd, rev) in self.store.last_points(missing).items():
                         self._cache[unit] = _UnitState(last_at, fwd, rev)
