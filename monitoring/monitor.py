@@ -127,11 +127,13 @@ class Monitor:
         """Queue what the file gateway saw (bans, failed logins) as alerts, and nothing else: on a node that stands
         by, whose monitor does not run, so that its events are told and do not pile up. Returns how many
         messages were queued."""
-        now = self.clock()
-        notices = [alerts.event(kind, text, now) for kind, text in self.security.due(now)]
+        notices = self._security_notices(self.clock())
         for n in notices:
             log.warning("%s: %s", n.subject, n.text)
         return await self.outbox.put([m for n in notices for m in alert_messages(n, self.settings)])
+
+    def _security_notices(self, now: float) -> list[Notice]:
+        return [alerts.event(kind, text, now) for kind, text in self.security.due(now)]
 
     async def check(self) -> list[Notice]:
         """One round: scan, alerts, and the daily report when it is due; returns the notices queued."""
@@ -146,7 +148,7 @@ class Monitor:
             holding, unknown = self.conditions(now)
             self.active, notices = alerts.step(self.active, holding, now, self.settings.alerts.repeat_s, unknown)
         await self.store.call(self._read_mismatches)
-        security = [alerts.event(kind, text, now) for kind, text in self.security.due(now)]
+        security = self._security_notices(now)
         notices, self._events = notices + self._events + security, []
         for n in notices:
             (log.info if n.state == "resolved" else log.warning)("%s: %s", n.subject, n.text)
