@@ -30,11 +30,11 @@ import tempfile
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
-from urllib.parse import quote
 
 import paho.mqtt.client as paho
 import psycopg
 
+from tests.databases import schema_url
 from tests.helpers import (
     Mosquitto,
     acknowledged,
@@ -183,7 +183,7 @@ def store_url(work: Path, storage: str | None) -> str:
     with psycopg.connect(storage, autocommit=True) as c:
         c.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
         c.execute(f"CREATE SCHEMA {schema}")
-    return f"{storage}{'&' if '?' in storage else '?'}options={quote(f'-csearch_path={schema}')}"
+    return schema_url(storage, schema)
 
 
 def drop_schemas(storage: str) -> None:

@@ -38,11 +38,16 @@ class PostgresDatabase:
         schema = f"test_{self._schemas}"
         with psycopg.connect(self.url, autocommit=True) as conn:
             conn.execute(f"CREATE SCHEMA {schema}")
-        return f"{self.url}?options={quote(f'-csearch_path={schema}')}"
+        return schema_url(self.url, schema)
 
     def drop(self) -> None:
         with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
             admin.execute(f"DROP DATABASE IF EXISTS {self.name} WITH (FORCE)")
+
+
+def schema_url(url: str, schema: str) -> str:
+    """The URL of database `url` with `schema` first on its search path: smame's tables go there."""
+    return f"{url}{'&' if '?' in url else '?'}options={quote(f'-csearch_path={schema}')}"
 
 
 def query(url: str, sql: str) -> list[tuple[Any, ...]]:

@@ -25,6 +25,7 @@ from aggregator.store import Deposed
 from kernel.meter import Limits
 from kernel.reading import Incoming, Reading
 from kernel.timegrid import SLOT, Grid
+from tests.broker_bridge.test_no_loss import ROUNDS, UNITS, register  # the same burst: 21,000 telegrams
 from tests.databases import PostgresDatabase, count, query
 from tests.ftp_gateway.test_gateway import PASSWORDS, Gateway, ftps, retr, sftp
 from tests.helpers import (
@@ -46,11 +47,6 @@ from tests.helpers import (
 from tests.monitoring.sinks import SlackStandIn, SmtpSink
 
 GRID = Grid("Asia/Tokyo")
-UNITS, ROUNDS = 1000, 21  # 21,000 telegrams in time order, as a fleet sends them
-
-
-def register(unit: int, k: int) -> int:
-    return (unit * 7919 + k * (unit % 13 + 1) * 3) % 10**6
 
 
 def rounds(start: int) -> list[list[tuple[str, bytes]]]:
