@@ -317,7 +317,11 @@ class Store(ABC):
         self.executemany("INSERT INTO changes (customer, day, at) VALUES (?, ?, ?)", [(c, d, at) for c, d in pairs])
 
     def changes_since(self, after_id: int) -> tuple[int, set[tuple[str, str]]]:
-        """The (customer, day) pairs changed after a change id, and the newest id."""
+        """The (customer, day) pairs changed after a change id, and the newest id. An id beyond the store's newest
+        change (the store was restored from an older copy under files rendered from a newer one) counts from
+        the start: every change the store holds."""
+        if after_id > int(self.execute("SELECT coalesce(max(id), 0) FROM changes").fetchone()[0]):
+            after_id = 0
         rows = self.execute("SELECT id, customer, day FROM changes WHERE id > ? ORDER BY id", (after_id,)).fetchall()
         last = rows[-1][0] if rows else after_id
         return last, {(c, d) for _, c, d in rows}

@@ -21,7 +21,7 @@ from aggregator.backends import open_url
 from aggregator.ingest import Ingestor
 from aggregator.sqlite import SqliteStore
 from csv_export.exporter import Exporter
-from csv_export.files import path_of, write_if_changed
+from csv_export.files import path_of, read_cursor, write_cursor, write_if_changed
 from kernel.reading import KEEP, Incoming, Reading, Refused
 from kernel.registry import load_registry
 from kernel.timegrid import SLOT, Grid
@@ -103,6 +103,22 @@ def test_a_late_reading_ten_days_back_rewrites_that_file_and_no_other(setup: tup
         subprocess.run(["sha256sum", "-c", target.name + ".sha256"], cwd=target.parent, capture_output=True).returncode
         == 0
     )
+
+
+def test_files_rendered_from_a_newer_store_than_the_restored_one_still_get_its_late_data(
+    setup: tuple[Exporter, Ingestor, Path],
+) -> None:
+    # The store restored from an older copy (`smame restore`) under an export directory whose cursor has seen
+    # changes the copy lacks: what comes in now must still reach the files.
+    exporter, ingest, root = setup
+    late_at = GRID.day_start(TODAY - timedelta(days=10)) + 20 * SLOT
+    ingest.commit(history(["U1", "U2"], 12, skip={("U1", late_at)}), [], int(NOW))
+    exporter.scheduled(NOW)
+    write_cursor(root, read_cursor(root) + 1000)
+    ingest.commit([reading("U1", late_at, 1000 + 7 * (late_at - (GRID.floor(NOW) - 12 * 86400)) // SLOT)], [], int(NOW))
+    target = path_of(root, "C1", TODAY - timedelta(days=10))
+    assert exporter.scheduled(NOW).written == [target]
+    assert ",E\n" not in target.read_text()
 
 
 def test_a_backlog_older_than_the_first_reading_gets_its_files(setup: tuple[Exporter, Ingestor, Path]) -> None:
