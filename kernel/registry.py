@@ -88,8 +88,11 @@ class Registry:
     def units_of(self, customer: str) -> list[Unit]:
         """A customer's units, sorted by id."""
         if not self._by_customer and self.units:
+            # built aside and put in at once: another thread (the web server's) may ask at the same moment
+            built: dict[str, list[Unit]] = {}
             for u in sorted(self.units.values(), key=lambda u: u.id):
-                self._by_customer.setdefault(u.customer, []).append(u)
+                built.setdefault(u.customer, []).append(u)
+            self._by_customer.update(built)
         return self._by_customer.get(customer, [])
 
 
