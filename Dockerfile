@@ -1,4 +1,4 @@
-# smame: one image for ingest, export, FTPS/SFTP, monitoring (and the simulator profile).
+# smame: one image for ingest, export, FTPS/SFTP, the web API, monitoring (and the simulator profile).
 # The same two pip commands install smame without Docker (README, "Without Docker").
 FROM python:3.11-slim-bookworm AS build
 WORKDIR /src
@@ -13,6 +13,7 @@ COPY csv_export csv_export
 COPY ftp_gateway ftp_gateway
 COPY monitoring monitoring
 COPY simulators simulators
+COPY web web
 RUN /opt/smame/bin/pip install --no-cache-dir --no-deps .
 
 FROM python:3.11-slim-bookworm
@@ -25,7 +26,7 @@ ENV PATH=/opt/smame/bin:$PATH \
 USER smame
 WORKDIR /var/lib/smame
 VOLUME ["/var/lib/smame"]
-EXPOSE 2121 2222 9108 60000-60099
+EXPOSE 2121 2222 8080 9108 60000-60099
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s \
   CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9108/healthz', timeout=4)"]
 STOPSIGNAL SIGTERM

@@ -16,6 +16,8 @@ _TABLES: dict[str, tuple[str, tuple[str, ...]]] = {
     "changes": ("id, customer, day, at", ("id",)),
     "quarantine": ("id, received, topic, unit, reason, detail, payload", ("id",)),
     "outbox": ("id, key, channel, payload, created, next_try, attempts, sent, given_up, last_error", ("id",)),
+    "api_tokens": ("id, customer, name, hash, created", ("id",)),
+    "operators": ("name, hash, created", ("name",)),
 }
 
 

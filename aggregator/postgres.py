@@ -53,6 +53,10 @@ CREATE TABLE IF NOT EXISTS outbox (
     attempts INTEGER NOT NULL DEFAULT 0, sent DOUBLE PRECISION, given_up DOUBLE PRECISION,
     last_error TEXT NOT NULL DEFAULT '');
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (next_try) WHERE sent IS NULL AND given_up IS NULL;
+CREATE TABLE IF NOT EXISTS api_tokens (
+    id TEXT COLLATE "C" PRIMARY KEY, customer TEXT COLLATE "C" NOT NULL, name TEXT NOT NULL, hash TEXT NOT NULL,
+    created BIGINT NOT NULL);
+CREATE TABLE IF NOT EXISTS operators (name TEXT COLLATE "C" PRIMARY KEY, hash TEXT NOT NULL, created BIGINT NOT NULL);
 """
 # the type of each column COPY writes (`PostgresStore._copy`), as binary COPY needs them said
 _COLUMN_TYPES = {

@@ -39,6 +39,9 @@ CREATE TABLE IF NOT EXISTS outbox (
     created REAL NOT NULL, next_try REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
     sent REAL, given_up REAL, last_error TEXT NOT NULL DEFAULT '');
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (next_try) WHERE sent IS NULL AND given_up IS NULL;
+CREATE TABLE IF NOT EXISTS api_tokens (
+    id TEXT PRIMARY KEY, customer TEXT NOT NULL, name TEXT NOT NULL, hash TEXT NOT NULL, created BIGINT NOT NULL);
+CREATE TABLE IF NOT EXISTS operators (name TEXT PRIMARY KEY, hash TEXT NOT NULL, created BIGINT NOT NULL);
 """
 
 

@@ -1,6 +1,8 @@
-"""The store: readings (the durable truth), slots (derived), changes, quarantine, the outbox, meta.
+"""The store: readings (the durable truth), slots (derived), changes, quarantine, the outbox, the web's API
+tokens and operators, meta.
 
-`Store` holds the queries of every table but the outbox's (`monitoring.outbox_table`), written once in SQL
+`Store` holds the queries of every table but the outbox's (`monitoring.outbox_table`) and the web's
+(`web.access`), written once in SQL
 that SQLite and PostgreSQL both run (placeholders `?`); a backend (`aggregator.sqlite`) opens the connection,
 creates its schema and does what only it can (retention, backups). It is a narrow interface of small
 synchronous operations over one connection. In the smame process every transaction runs on the store's own
@@ -26,7 +28,7 @@ from kernel.reading import Refused
 T = TypeVar("T")
 SCHEMA_VERSION = 1
 REGISTERS = ("fwd", "rev")  # column names; `imp`/`exp` on the slot side
-TABLES = ("meta", "readings", "slots", "changes", "quarantine", "outbox")
+TABLES = ("meta", "readings", "slots", "changes", "quarantine", "outbox", "api_tokens", "operators")
 
 READING_COLUMNS = "unit, at, meter, fwd, rev, e1, coef, digits, flags, seq, sent, received"
 _SLOT_SET = {

@@ -174,6 +174,15 @@ class MonitoringSettings(Section):
     outbox_keep_days: int = Field(default=30, ge=1)  # sent and abandoned messages are kept this long
 
 
+class WebSettings(Section):
+    """The web server: the JSON API for customers' machines (and, as it grows, the operators' console)."""
+
+    enabled: bool = True
+    bind: str = "127.0.0.1"  # this machine only; a deployment that publishes it says so (compose: 0.0.0.0)
+    port: int = Field(default=8080, ge=0, le=65535)
+    max_days: int = Field(default=45, ge=1, le=366)  # days of slots one API call may ask for
+
+
 class MailSettings(Section):
     """SMTP for the daily report and alerts (off while smtp_url is unset)."""
 
@@ -296,6 +305,7 @@ class Settings(BaseSettings):
     ftp: FtpSettings = FtpSettings()
     sftp: SftpSettings = SftpSettings()
     monitoring: MonitoringSettings = MonitoringSettings()
+    web: WebSettings = WebSettings()
     mail: MailSettings = MailSettings()
     slack: SlackSettings = SlackSettings()
     report: ReportSettings = ReportSettings()

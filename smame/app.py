@@ -42,6 +42,7 @@ from monitoring.monitor import Monitor, Watched
 from monitoring.outbox import Channel, Outbox
 from monitoring.slack import SlackChannel
 from smame.users import set_password
+from web.server import WebServer
 
 if TYPE_CHECKING:
     from aggregator.leadership import Leadership
@@ -83,6 +84,7 @@ def listeners(settings: Settings, files_only: bool = False) -> list[tuple[str, s
     out = [("ftp.port", f.host, f.port)] if f.enabled else []
     out += [("sftp.port", s.host, s.port)] if s.enabled else []
     out += [("monitoring.metrics_port", m.host, m.metrics_port)] if m.enabled and not files_only else []
+    out += [("web.port", settings.web.bind, settings.web.port)] if settings.web.enabled and not files_only else []
     return out
 
 
@@ -192,6 +194,27 @@ def build_gateway(settings: Settings, registry: RegistryHolder) -> FileGateway |
     return FileGateway(accounts, bans, doorway, ftp, sftp)
 
 
+def build_web(
+    settings: Settings, registry: RegistryHolder, grid: Grid, bans: Bans, clock: Callable[[], float]
+) -> tuple[WebServer, Store]:
+    """The web server with the API, on a store connection of its own (returned: closed when smame stops)."""
+    from web.api import ApiContext, build_api  # FastAPI loads on the web's thread, after ingest has subscribed
+
+    assert settings.export.dir is not None
+    store = open_store(settings, application_name="smame web")
+    context = ApiContext(
+        store,
+        lambda: registry.current,
+        grid,
+        settings.export.dir,
+        bans,
+        clock,
+        settings.web.max_days,
+        settings.ftp.fail_delay_s,
+    )
+    return WebServer(lambda: build_api(context), settings.web.bind, settings.web.port), store
+
+
 def build_outbox(settings: Settings, store: Store, clock: Callable[[], float] = time.time) -> Outbox:
     """The outbox with a channel for each one configured (mail, Slack)."""
     channels: dict[str, Channel] = {}
@@ -257,6 +280,7 @@ class App:
     gateway: FileGateway | None
     monitor: Monitor | None
     leadership: Leadership | None = None
+    web: tuple[WebServer, Store] | None = None
 
     @classmethod
     def build(cls, settings: Settings, clock: Callable[[], float] = time.time) -> App:
@@ -313,7 +337,14 @@ class App:
             if gateway is not None:  # security events
                 gateway.bans.on_ban = monitor.security.ban
                 gateway.accounts.on_failed_login = monitor.security.failed_login
-        return cls(settings, registry, writer, bridge, exporter, gateway, monitor, leadership)
+        web = None
+        if settings.web.enabled:
+            f = settings.ftp  # one ban list a node: an address guessing at one door is kept from all of them
+            bans = gateway.bans if gateway is not None else Bans(f.ban_after, f.ban_window_s, f.ban_s)
+            if monitor is not None and gateway is None:
+                bans.on_ban = monitor.security.ban
+            web = build_web(settings, registry, grid, bans, clock)
+        return cls(settings, registry, writer, bridge, exporter, gateway, monitor, leadership, web)
 
     def services(self) -> dict[str, Callable[[], Awaitable[None]]]:
         """The long-running services, by name: the leader's (on PostgreSQL, `lead` runs them while this node
@@ -327,6 +358,8 @@ class App:
             out["files"] = self.gateway.run
         if self.settings.monitoring.enabled:
             out["metrics"] = self.serve_metrics
+        if self.web is not None:
+            out["web"] = functools.partial(self.after_ingest, self.web[0].run, MONITOR_WAIT_S)
         if self.monitor is not None and self.leadership is not None:
             out["security"] = self.standby_security
         return out
@@ -523,6 +556,8 @@ class App:
                 self.exporter.close()
             if self.monitor is not None:
                 self.monitor.store.close()
+            if self.web is not None:
+                self.web[1].close()
         log.info("smame stopped")
 
 

@@ -12,6 +12,7 @@ from kernel.settings import SettingsError, load_settings
 from smame.commands import GROUPS
 from smame.logs import setup_logging
 from smame.users import UsersError
+from web.access import AccessError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `smame ... | head`: the reader has seen enough
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
-    except (RegistryError, UsersError, OSError) as exc:
+    except (RegistryError, UsersError, AccessError, OSError) as exc:
         print(f"smame: {exc}", file=sys.stderr)
         return 2
 

@@ -230,6 +230,7 @@ def smame_env(workdir: Path, port: int, **extra: str) -> dict[str, str]:
         SMAME_FTP__ENABLED="false",
         SMAME_SFTP__ENABLED="false",
         SMAME_MONITORING__ENABLED="false",
+        SMAME_WEB__ENABLED="false",
     )
     env.update(extra)
     return env

@@ -1,4 +1,4 @@
-"""Every import runs down the layers: kernel <- aggregator <- the services <- simulators <- the smame app and CLI.
+"""Every import runs down the layers: kernel <- aggregator <- the services <- simulators and web <- the smame app.
 
 A package may import its own modules and those of any lower layer, never a peer's or a higher layer's."""
 
@@ -14,7 +14,7 @@ LAYERS = [
     {"kernel"},  # settings, registry, slot grid, meter constants, the typed reading
     {"aggregator"},  # slots, the store, ingest and its writer process
     {"broker_bridge", "csv_export", "ftp_gateway", "monitoring"},  # the services, each on the store
-    {"simulators"},  # units on the wire, through the bridge's codec and MQTT client
+    {"simulators", "web"},  # units on the wire; the web server over what the services keep
     {"smame"},  # the app, its supervisor and the command line
 ]
 RANK = {package: rank for rank, layer in enumerate(LAYERS) for package in layer}

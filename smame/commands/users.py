@@ -45,7 +45,7 @@ def add(sub: Subcommands, common: argparse.ArgumentParser) -> None:
     listing.set_defaults(func=_users_list)
 
 
-def _read_password(args: argparse.Namespace, what: str) -> str:
+def read_password(args: argparse.Namespace, what: str) -> str:
     """The new password from standard input (--password-stdin) or asked twice on the terminal; raises
     UsersError saying what is wrong."""
     if args.password_stdin:
@@ -83,7 +83,7 @@ def _refused_as(action: str) -> Callable[[Handler], Handler]:
 
 @_refused_as("add")
 def _users_add(settings: Settings, args: argparse.Namespace) -> int:
-    password = None if args.ssh_key and not args.password_stdin else _read_password(args, f"password for {args.user}")
+    password = None if args.ssh_key and not args.password_stdin else read_password(args, f"password for {args.user}")
     keys = [k.read_text(encoding="utf-8").strip() for k in args.ssh_key]
     add_user(settings.registry.customers, args.customer, args.user, password, keys)
     print(f"added {args.user} to {args.customer} in {settings.registry.customers}; {_RELOAD_HINT}")
@@ -92,7 +92,7 @@ def _users_add(settings: Settings, args: argparse.Namespace) -> int:
 
 @_refused_as("passwd")
 def _users_passwd(settings: Settings, args: argparse.Namespace) -> int:
-    password = _read_password(args, f"new password for {args.user}")
+    password = read_password(args, f"new password for {args.user}")
     set_password(settings.registry.customers, args.user, password, args.customer)
     print(f"new password for {args.user} of {args.customer}; {_RELOAD_HINT}")
     return 0

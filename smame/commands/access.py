@@ -1,0 +1,107 @@
+"""`smame tokens add|list|remove` and `smame operators add|list|remove|passwd`: who may use the web server.
+
+Both live in the store (hashes only), so a running smame, and every node sharing the store, sees a change at
+its next request."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from datetime import datetime
+
+from kernel.settings import Settings
+from smame.app import RegistryHolder, open_store
+from smame.commands.args import Subcommands
+from smame.commands.users import read_password
+from web.access import AccessError, Operators, Tokens
+
+
+def add(sub: Subcommands, common: argparse.ArgumentParser) -> None:
+    """Add `tokens` and `operators` and their actions to the command line."""
+    tokens = sub.add_parser("tokens", parents=[common], help="customers' API tokens (in the store)")
+    tokens_sub = tokens.add_subparsers(dest="tokens_command", metavar="ACTION", required=True)
+    add = tokens_sub.add_parser("add", parents=[common], help="make a token for a customer (printed once)")
+    add.add_argument("customer")
+    add.add_argument("--name", default="", help="a label to tell tokens apart (e.g. the machine using it)")
+    add.set_defaults(func=_tokens_add)
+    listing = tokens_sub.add_parser("list", parents=[common], help="list tokens (never their secrets)")
+    listing.add_argument("--customer", help="only this customer's")
+    listing.set_defaults(func=_tokens_list)
+    remove = tokens_sub.add_parser("remove", parents=[common], help="remove a token: refused from its next use")
+    remove.add_argument("id")
+    remove.set_defaults(func=_tokens_remove)
+
+    operators = sub.add_parser("operators", parents=[common], help="operators' console logins (in the store)")
+    operators_sub = operators.add_subparsers(dest="operators_command", metavar="ACTION", required=True)
+    asking = (("add", "add an operator (asks for a password)"), ("passwd", "give an operator a new password"))
+    for action, what in asking:
+        p = operators_sub.add_parser(action, parents=[common], help=what)
+        p.add_argument("name")
+        p.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+        p.set_defaults(func=_operators_add if action == "add" else _operators_passwd)
+    remove = operators_sub.add_parser("remove", parents=[common], help="remove an operator")
+    remove.add_argument("name")
+    remove.set_defaults(func=_operators_remove)
+    listing = operators_sub.add_parser("list", parents=[common], help="list operators")
+    listing.set_defaults(func=_operators_list)
+
+
+def _shown(epoch: int) -> str:
+    return datetime.fromtimestamp(epoch).astimezone().isoformat(timespec="seconds")
+
+
+def _tokens_add(settings: Settings, args: argparse.Namespace) -> int:
+    if args.customer not in RegistryHolder(settings).current.customers:
+        raise AccessError(f"customer {args.customer} is not in {settings.registry.customers}")
+    with open_store(settings) as store:
+        token = Tokens(store).add(args.customer, args.name, int(time.time()))
+    print(token)  # alone on standard output: `TOKEN=$(smame tokens add C)`
+    token_id = token.split("_")[1]
+    print(f"token {token_id} for {args.customer}: keep it now, it is not shown again", file=sys.stderr)
+    return 0
+
+
+def _tokens_list(settings: Settings, args: argparse.Namespace) -> int:
+    with open_store(settings, create=False) as store:
+        found = Tokens(store).list(args.customer)
+    for t in found:
+        print(f"{t.id}  {t.customer:<12} {_shown(t.created)}  {t.name}")
+    return 0
+
+
+def _tokens_remove(settings: Settings, args: argparse.Namespace) -> int:
+    with open_store(settings, create=False) as store:
+        customer = Tokens(store).remove(args.id)
+    print(f"removed token {args.id} of {customer}")
+    return 0
+
+
+def _operators_add(settings: Settings, args: argparse.Namespace) -> int:
+    password = read_password(args, f"password for {args.name}")
+    with open_store(settings) as store:
+        Operators(store).add(args.name, password, int(time.time()))
+    print(f"added operator {args.name}")
+    return 0
+
+
+def _operators_passwd(settings: Settings, args: argparse.Namespace) -> int:
+    password = read_password(args, f"new password for {args.name}")
+    with open_store(settings, create=False) as store:
+        Operators(store).set_password(args.name, password)
+    print(f"new password for operator {args.name}")
+    return 0
+
+
+def _operators_remove(settings: Settings, args: argparse.Namespace) -> int:
+    with open_store(settings, create=False) as store:
+        Operators(store).remove(args.name)
+    print(f"removed operator {args.name}")
+    return 0
+
+
+def _operators_list(settings: Settings, args: argparse.Namespace) -> int:
+    with open_store(settings, create=False) as store:
+        for name, created in Operators(store).list():
+            print(f"{name:<24} since {_shown(created)}")
+    return 0

@@ -1,0 +1,272 @@
+"""The JSON API v1 over real HTTP (uvicorn on its own thread, as in `smame run`) on a real store and real files."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import csv
+import io
+import json
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aggregator.backends import open_url
+from aggregator.ingest import Ingestor
+from csv_export.exporter import Exporter
+from csv_export.files import path_of
+from ftp_gateway.accounts import Bans
+from kernel.reading import Incoming, Reading
+from kernel.registry import Registry, load_registry
+from kernel.timegrid import SLOT, Grid
+from tests.databases import BACKENDS
+from web.access import Tokens
+from web.api import ApiContext, build_api
+from web.server import WebServer
+
+GRID = Grid("Asia/Tokyo")
+NOW = datetime.fromisoformat("2026-11-23T12:05:00+09:00").timestamp()
+TODAY = date(2026, 11, 23)
+
+
+def reading(unit: str, at: int, fwd: int, rev: int) -> Incoming:
+    r = Reading(unit, at, f"SM-{unit}", fwd, rev, 1, 1, 6, 1, at + 5)
+    return Incoming(r, at + 7, f"smame/v1/{unit}/reading", b"{}")
+
+
+def history() -> list[Incoming]:
+    """Three days before NOW: U1 with a short gap (estimated) and solar export; U2 silent for two days (missing);
+    U3, another customer's, steady."""
+    end = GRID.floor(NOW)
+    start = end - 3 * 86400
+    gap = set(range(start + 40 * SLOT, start + 44 * SLOT + 1, SLOT))
+    silence = set(range(start + 10 * SLOT, start + 110 * SLOT, SLOT))
+    out = []
+    for k, when in enumerate(range(start, end + 1, SLOT)):
+        if when not in gap:
+            out.append(reading("U1", when, 1000 + 7 * k, 3 * k if k % 48 > 20 else 3 * (k - k % 48 + 20)))
+        if when not in silence:
+            out.append(reading("U2", when, 500 + 4 * k, 0))
+        out.append(reading("U3", when, 9000 + 5 * k, 0))
+    return out
+
+
+@dataclass
+class Api:
+    port: int
+    tokens: dict[str, str]  # customer -> token
+    root: Path
+    store_url: str
+    bans: Bans
+
+    def get(self, path: str, token: str | None = None) -> tuple[int, dict[str, str], bytes]:
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}")
+        if token is not None:
+            request.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, dict(response.headers), response.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, dict(exc.headers), exc.read()
+
+    def json(self, path: str, token: str | None = None) -> tuple[int, Any]:
+        status, headers, body = self.get(path, token)
+        assert headers["content-type"] == "application/json", (status, headers, body)
+        return status, json.loads(body)
+
+
+@dataclass
+class World:
+    """Three units of two customers with three days of readings, their CSV files and a token each."""
+
+    store_url: str
+    root: Path
+    registry: Registry
+    tokens: dict[str, str]
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> World:
+    workdir = tmp_path_factory.mktemp("web")
+    if request.param == "sqlite":
+        store_url = f"sqlite:///{workdir / 'smame.db'}"
+    else:
+        store_url = request.getfixturevalue("postgres").fresh_url()
+    (workdir / "units.csv").write_text(
+        "unit_id,customer_id,meter_id,contract_kw,label\nU1,C1,SM-U1,,roof\nU2,C1,,,\nU3,C2,SM-U3,,\n"
+    )
+    (workdir / "customers.toml").write_text('[customers.C1]\n[customers.C2]\nencoding = "cp932"\n')
+    registry = load_registry(workdir / "units.csv", workdir / "customers.toml")
+    root = workdir / "export"
+    with open_url(store_url) as store:
+        Ingestor(store, registry, GRID).commit(history(), [], int(NOW))
+        tokens = {c: Tokens(store).add(c, f"{c}'s server", int(NOW)) for c in ("C1", "C2")}
+    exporter = Exporter(open_url(store_url), lambda: registry, GRID, root, 45, 120)
+    exporter.scheduled(NOW)
+    exporter.close()
+    return World(store_url, root, registry, tokens)
+
+
+@pytest.fixture
+def api(world: World) -> Iterator[Api]:
+    """The API served over HTTP on a free port, with a ban list of its own."""
+    bans = Bans(max_failures=3)
+    store = open_url(world.store_url)
+    registry, root, tokens, store_url = world.registry, world.root, world.tokens, world.store_url
+    ctx = ApiContext(store, lambda: registry, GRID, root, bans, lambda: NOW, max_days=45, fail_delay_s=0.0)
+    server = WebServer(lambda: build_api(ctx), "127.0.0.1", 0)
+    stopping = threading.Event()
+
+    async def serve() -> None:  # as smame's supervisor does: run it, then cancel it
+        task = asyncio.create_task(server.run())
+        await asyncio.get_running_loop().run_in_executor(None, stopping.wait)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    thread = threading.Thread(target=asyncio.run, args=(serve(),))
+    thread.start()
+    try:
+        while server.port is None:
+            assert thread.is_alive()
+            threading.Event().wait(0.01)
+        yield Api(server.port, tokens, root, store_url, bans)
+    finally:
+        stopping.set()
+        thread.join(15)
+        assert not thread.is_alive()
+        store.close()
+
+
+def test_a_token_lists_its_own_customers_units_with_their_last_reading(api: Api) -> None:
+    status, body = api.json("/api/v1/units", api.tokens["C1"])
+    assert status == 200
+    assert body["units"] == [
+        {
+            "unit_id": "U1",
+            "customer_id": "C1",
+            "meter_id": "SM-U1",
+            "label": "roof",
+            "last_reading_at": "2026-11-23T12:00:00+09:00",
+        },
+        {
+            "unit_id": "U2",
+            "customer_id": "C1",
+            "meter_id": None,
+            "label": None,
+            "last_reading_at": "2026-11-23T12:00:00+09:00",
+        },
+    ]
+    status, body = api.json("/api/v1/units", api.tokens["C2"])
+    assert [u["unit_id"] for u in body["units"]] == ["U3"]
+
+
+def test_another_customers_unit_or_file_answers_exactly_as_one_that_does_not_exist(api: Api) -> None:
+    c1 = api.tokens["C1"]
+    theirs = api.get("/api/v1/units/U3/slots?from=2026-11-22", c1)
+    nobody = api.get("/api/v1/units/U9/slots?from=2026-11-22", c1)
+    assert theirs[0] == nobody[0] == 404
+    assert json.loads(theirs[2]) == {"error": "no unit U3"} and json.loads(nobody[2]) == {"error": "no unit U9"}
+    assert theirs[1]["content-length"] == nobody[1]["content-length"]
+    assert api.get("/api/v1/units/U3/slots?from=2026-11-22", api.tokens["C2"])[0] == 200  # it is there
+    theirs = api.get("/api/v1/customers/C2/days/2026-11-22.csv", c1)
+    nobody = api.get("/api/v1/customers/C9/days/2026-11-22.csv", c1)
+    assert theirs[0] == nobody[0] == 404
+    assert api.get("/api/v1/customers/C2/days/2026-11-22.csv", api.tokens["C2"])[0] == 200
+
+
+def test_no_token_a_wrong_one_or_a_removed_one_is_401_and_guessing_is_banned(api: Api) -> None:
+    status, headers, body = api.get("/api/v1/units")
+    assert status == 401 and headers["www-authenticate"] == "Bearer" and "error" in json.loads(body)
+    with open_url(api.store_url) as store:
+        good = Tokens(store).add("C1", "to be removed", int(NOW))
+    assert api.get("/api/v1/units", good)[0] == 200
+    with open_url(api.store_url) as store:
+        Tokens(store).remove(good.split("_")[1])
+    assert api.get("/api/v1/units", good)[0] == 401  # at once: no reload, no restart
+    assert api.get("/api/v1/units", good[:-1] + ("A" if good[-1] != "A" else "B"))[0] == 401
+    assert api.get("/api/v1/units", "smame_000000000000_" + "x" * 43)[0] == 401
+    status, headers, _ = api.get("/api/v1/units", api.tokens["C2"])  # the third failure banned the address
+    assert status == 429 and int(headers["retry-after"]) > 0
+    assert api.bans.bans == 1
+
+
+def test_slots_equal_the_csv_file_for_every_quality(api: Api) -> None:
+    days = [TODAY - timedelta(days=d) for d in (3, 2, 1, 0)]
+    status, body = api.json(f"/api/v1/units/U1/slots?from={days[0]}&to={days[-1]}", api.tokens["C1"])
+    assert status == 200
+    status, other = api.json(f"/api/v1/units/U2/slots?from={days[0]}&to={days[-1]}", api.tokens["C1"])
+    slots = body["slots"] + other["slots"]
+    assert {s["quality"] for s in slots} == {"A", "E", "M"}
+    assert any(s["export_kwh"] not in (None, "0.0") for s in slots)
+    # today ends with the last half hour closed at NOW (12:00)
+    assert slots[len(body["slots"]) - 1]["end"] == "2026-11-23T12:00:00+09:00"
+    from_files = {}
+    for day in days:
+        text = path_of(api.root, "C1", day).read_text()
+        for row in csv.DictReader(io.StringIO(text)):
+            from_files[(row["unit_id"], row["date"], int(row["slot"]))] = row
+    compared = 0
+    for unit, part in (("U1", body["slots"]), ("U2", other["slots"])):
+        for s in part:
+            row = from_files[(unit, s["date"], s["slot"])]
+            assert (s["import_kwh"] or "", s["export_kwh"] or "", s["quality"]) == (
+                row["import_kwh"],
+                row["export_kwh"],
+                row["quality"],
+            ), (unit, s)
+            assert (s["start"][11:16], s["end"][11:16]) == (row["start"], row["end"].replace("24:00", "00:00"))
+            compared += 1
+    assert compared == len(slots) > 3 * 48 * 2
+
+
+def test_a_days_csv_is_the_files_bytes_in_its_encoding(api: Api) -> None:
+    day = TODAY - timedelta(days=1)
+    status, headers, body = api.get(f"/api/v1/customers/C2/days/{day}.csv", api.tokens["C2"])
+    assert status == 200
+    assert body == path_of(api.root, "C2", day).read_bytes()
+    assert headers["content-type"] == "text/csv; charset=windows-31j"
+    status, _, _ = api.get(f"/api/v1/customers/C2/days/{TODAY - timedelta(days=30)}.csv", api.tokens["C2"])
+    assert status == 404
+
+
+HOSTILE = [
+    ("/api/v1/units/U1/slots", 400),  # no from
+    ("/api/v1/units/U1/slots?from=2026-13-01", 400),
+    ("/api/v1/units/U1/slots?from=2026-11-23&to=2026-11-22", 400),
+    ("/api/v1/units/U1/slots?from=2026-10-01&to=2026-11-23", 400),  # 54 days
+    ("/api/v1/units/U1/slots?from=2000-01-01&to=2000-01-02", 200),  # long before anything: all missing
+    ("/api/v1/units/U1/slots?from=2999-12-31", 200),  # after now: nothing closed yet
+    ("/api/v1/units/U1/slots?from=0001-01-01", 400),  # outside the days the API addresses
+    ("/api/v1/units/U1/slots?from=9999-12-31", 400),
+    ("/api/v1/units/" + "U" * 65 + "/slots?from=2026-11-23", 400),
+    ("/api/v1/customers/C1/days/2026-02-30.csv", 400),
+    ("/api/v1/customers/..%2FC2/days/2026-11-22.csv", 404),
+    ("/api/v1/units/..%2F..%2Fetc/slots?from=2026-11-23", 404),
+    ("/api/v2/units", 404),
+]
+
+
+def test_hostile_or_malformed_requests_get_a_reason_as_json(api: Api) -> None:
+    for path, status in HOSTILE:
+        got, body = api.json(path, api.tokens["C1"])
+        assert got == status, (path, body)
+        if status != 200:
+            assert set(body) == {"error"} and body["error"], path
+
+
+def test_the_openapi_document_describes_every_endpoint(api: Api) -> None:
+    status, doc = api.json("/api/openapi.json")
+    assert status == 200 and doc["openapi"].startswith("3.1")
+    assert set(doc["paths"]) == {
+        "/api/v1/units",
+        "/api/v1/units/{unit_id}/slots",
+        "/api/v1/customers/{customer_id}/days/{day}.csv",
+    }

@@ -1,0 +1,90 @@
+"""`smame tokens` and `smame operators` on the command line, and the API inside a running `smame run`."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from tests.helpers import (
+    Mosquitto,
+    at,
+    free_port,
+    publish,
+    smame,
+    smame_env,
+    start_smame,
+    stop,
+    telegram,
+    wait_log,
+    wait_readings,
+    write_registry,
+)
+from tests.smame.test_admin import PASSWORD, refused
+
+
+def get(port: int, path: str, token: str) -> tuple[int, dict[str, object]]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_a_token_made_on_the_command_line_reads_the_running_smame_until_it_is_removed(
+    broker: Mosquitto, workdir: Path
+) -> None:
+    write_registry(workdir, {"U1": "C1", "U2": "C2"})
+    port = free_port()
+    env = smame_env(workdir, broker.port, SMAME_WEB__ENABLED="true", SMAME_WEB__PORT=str(port))
+    refused(["tokens", "add", "C9"], env)  # not a customer
+    made = smame(["tokens", "add", "C1", "--name", "billing server"], env)
+    token = made.stdout.strip()
+    assert made.stdout.count("\n") == 1 and token.startswith("smame_")  # alone, for TOKEN=$(smame tokens add C1)
+    token_id = token.split("_")[1]
+    listed = smame(["tokens", "list"], env).stdout
+    assert token_id in listed and "billing server" in listed and token.split("_", 2)[2] not in listed
+    proc = start_smame(env, workdir / "smame.log")
+    try:
+        wait_log(workdir / "smame.log", "web server listening")
+        when = at("2026-11-22", "10:00")
+        publish(broker.port, [("smame/v1/U1/reading", telegram("U1", [(when, 1234)]))])
+        wait_readings(workdir / "data" / "smame.db", 1)
+        status, body = get(port, "/api/v1/units", token)
+        assert status == 200
+        assert body["units"] == [
+            {
+                "unit_id": "U1",
+                "customer_id": "C1",
+                "meter_id": None,
+                "label": None,
+                "last_reading_at": when.isoformat(),
+            }
+        ]
+        assert get(port, "/api/v1/units/U2/slots?from=2026-11-22", token)[0] == 404  # C2's
+        smame(["tokens", "remove", token_id], env)
+        started = time.monotonic()
+        assert get(port, "/api/v1/units", token) == (401, {"error": "this API token is not valid"})
+        assert time.monotonic() - started >= 2.5  # slowed down (ftp.fail_delay_s, 3 s)
+        assert stop(proc) == 0
+    finally:
+        stop(proc)
+    assert "Traceback" not in (workdir / "smame.log").read_text()
+    refused(["tokens", "remove", token_id], env)
+
+
+def test_operators_are_added_listed_given_new_passwords_and_removed(workdir: Path) -> None:
+    write_registry(workdir, {"U1": "C1"})
+    env = smame_env(workdir, 1883)
+    smame(["operators", "add", "alice", "--password-stdin"], env, stdin=PASSWORD)
+    assert "alice" in refused(["operators", "add", "alice", "--password-stdin"], env, stdin=PASSWORD)
+    assert "12 characters" in refused(["operators", "add", "bob", "--password-stdin"], env, stdin="short\n")
+    assert "must be" in refused(["operators", "add", "bad name", "--password-stdin"], env, stdin=PASSWORD)
+    assert smame(["operators", "list"], env).stdout.split()[0] == "alice"
+    smame(["operators", "passwd", "alice", "--password-stdin"], env, stdin="another-long-one\n")
+    smame(["operators", "remove", "alice"], env)
+    assert smame(["operators", "list"], env).stdout == ""
+    assert "no operator alice" in refused(["operators", "remove", "alice"], env)

@@ -1,0 +1,130 @@
+"""Who may use the web server: customers' API tokens and operators' logins, kept in the store as hashes only.
+
+A token is `smame_<id>_<secret>`: the id finds its row, the secret is compared with the row's SHA-256 of it
+(a token is 256 random bits: a fast hash is enough, unlike a password). Both tables live in the store, so
+every node sees a new or removed token or operator at its next request, with no reload.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from dataclasses import dataclass
+
+from aggregator.store import Store
+from ftp_gateway.passwords import N, P, R, hash_password, verify_password
+
+TOKEN = re.compile(r"smame_(?P<id>[0-9a-f]{12})_(?P<secret>[A-Za-z0-9_-]{43})")
+OPERATOR = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
+LABEL_MAX = 200
+# compared against when the operator does not exist, so that a failure takes the same time either way
+_NO_OPERATOR = f"scrypt${N}${R}${P}$AAAAAAAAAAAAAAAAAAAAAA==$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
+
+
+class AccessError(ValueError):
+    """A token or operator could not be added or removed; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class TokenInfo:
+    """A token as listed: never its secret."""
+
+    id: str
+    customer: str
+    name: str
+    created: int
+
+
+def _digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+class Tokens:
+    """Customers' API tokens in the store (synchronous: call on the store's thread)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def add(self, customer: str, name: str, now: int) -> str:
+        """Make a token for `customer`, store its hash, and return the token (shown once, never again)."""
+        if len(name) > LABEL_MAX or not name.isprintable():
+            raise AccessError(f"a token's name is at most {LABEL_MAX} printable characters")
+        token_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
+        with self.store.transaction():
+            self.store.execute(
+                "INSERT INTO api_tokens (id, customer, name, hash, created) VALUES (?, ?, ?, ?, ?)",
+                (token_id, customer, name, _digest(secret), now),
+            )
+        return f"smame_{token_id}_{secret}"
+
+    def list(self, customer: str | None = None) -> list[TokenInfo]:
+        """Every token (of `customer`, when given), oldest first."""
+        where, args = (" WHERE customer = ?", (customer,)) if customer else ("", ())
+        rows = self.store.execute(
+            f"SELECT id, customer, name, created FROM api_tokens{where} ORDER BY created, id", args
+        ).fetchall()
+        return [TokenInfo(*r) for r in rows]
+
+    def remove(self, token_id: str) -> str:
+        """Remove a token; return its customer."""
+        with self.store.transaction():
+            row = self.store.execute("SELECT customer FROM api_tokens WHERE id = ?", (token_id,)).fetchone()
+            if row is None:
+                raise AccessError(f"no token {token_id}")
+            self.store.execute("DELETE FROM api_tokens WHERE id = ?", (token_id,))
+        return str(row[0])
+
+    def customer_of(self, token: str) -> str | None:
+        """The customer a token belongs to, or None when it is malformed, unknown or wrong."""
+        m = TOKEN.fullmatch(token)
+        if m is None:
+            return None
+        row = self.store.execute("SELECT customer, hash FROM api_tokens WHERE id = ?", (m["id"],)).fetchone()
+        if row is None or not hmac.compare_digest(row[1], _digest(m["secret"])):
+            return None
+        return str(row[0])
+
+
+class Operators:
+    """Operators' console logins in the store (synchronous: call on the store's thread)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def add(self, name: str, password: str, now: int) -> None:
+        """Add an operator with a scrypt hash of the password."""
+        if not OPERATOR.fullmatch(name):
+            raise AccessError(f"operator name {name!r} must be 1 to 64 of A-Z a-z 0-9 _ . @ -")
+        with self.store.transaction():
+            if self.store.execute("SELECT 1 FROM operators WHERE name = ?", (name,)).fetchone():
+                raise AccessError(f"operator {name} exists already")
+            self.store.execute(
+                "INSERT INTO operators (name, hash, created) VALUES (?, ?, ?)", (name, hash_password(password), now)
+            )
+
+    def set_password(self, name: str, password: str) -> None:
+        """Give an operator a new password."""
+        with self.store.transaction():
+            changed = self.store.execute(
+                "UPDATE operators SET hash = ? WHERE name = ?", (hash_password(password), name)
+            ).rowcount
+        if not changed:
+            raise AccessError(f"no operator {name}")
+
+    def remove(self, name: str) -> None:
+        """Remove an operator."""
+        with self.store.transaction():
+            if not self.store.execute("DELETE FROM operators WHERE name = ?", (name,)).rowcount:
+                raise AccessError(f"no operator {name}")
+
+    def list(self) -> list[tuple[str, int]]:
+        """(name, created) of every operator, by name."""
+        return [(str(n), int(c)) for n, c in self.store.execute("SELECT name, created FROM operators ORDER BY name")]
+
+    def check(self, name: str, password: str) -> bool:
+        """Whether the password is the operator's (the same work whether the operator exists or not)."""
+        row = self.store.execute("SELECT hash FROM operators WHERE name = ?", (name,)).fetchone()
+        ok = verify_password(password, row[0] if row is not None else _NO_OPERATOR)
+        return ok and row is not None

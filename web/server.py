@@ -1,0 +1,92 @@
+"""The web server's place in `smame run`: uvicorn on a thread and event loop of its own.
+
+Its own loop, so that a slow request never delays the ingest loop's socket reads or commits; its own store
+connection (given by the caller), so that its reads never queue behind the services' work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import uvicorn
+
+log = logging.getLogger("smame.web")
+
+
+class WebServer:
+    """Serves an ASGI application, made by `app` on the server's own thread, on `host:port` until stopped."""
+
+    def __init__(self, app: Callable[[], Any], host: str, port: int) -> None:
+        self._app = app
+        self.host, self.wanted_port = host, port
+        self._server: uvicorn.Server | None = None
+        self._failed: BaseException | None = None
+
+    @property
+    def port(self) -> int | None:
+        """The port it listens on, once started (the one chosen when configured as 0)."""
+        for server in getattr(self._server, "servers", []):
+            for sock in server.sockets:
+                return int(sock.getsockname()[1])
+        return None
+
+    async def run(self) -> None:
+        """Serve until cancelled; raise OSError when it cannot start, RuntimeError when it stops by itself."""
+        loop = asyncio.get_running_loop()
+        started = threading.Event()
+        ended: asyncio.Future[None] = loop.create_future()
+
+        def settle() -> None:
+            if not ended.done():
+                ended.set_result(None)
+
+        def serve() -> None:
+            try:
+                asyncio.run(self._serve(started))
+            except BaseException as exc:  # noqa: BLE001 (told to the supervising coroutine below)
+                self._failed = exc
+            finally:
+                started.set()
+                try:
+                    loop.call_soon_threadsafe(settle)
+                except RuntimeError:  # the supervising loop is gone already: nobody to tell
+                    pass
+
+        thread = threading.Thread(target=serve, name="web", daemon=True)
+        thread.start()
+        try:
+            await loop.run_in_executor(None, started.wait)
+            if self._server is None or not self._server.started:
+                where = f"{self.host} port {self.wanted_port}"
+                raise OSError(f"the web server could not start on {where}: {self._failed!r}")
+            log.info("web server listening on %s port %s", self.host, self.port)
+            await ended
+            raise RuntimeError(f"the web server stopped: {self._failed!r}")
+        finally:
+            if self._server is not None:
+                self._server.should_exit = True
+            await loop.run_in_executor(None, thread.join, 5)
+
+    async def _serve(self, started: threading.Event) -> None:
+        config = uvicorn.Config(
+            self._app(),
+            host=self.host,
+            port=self.wanted_port,
+            log_config=None,  # smame's logging
+            access_log=False,
+            lifespan="off",
+            server_header=False,
+            limit_concurrency=64,  # beyond that 503 at once: slow clients cannot pile up without bound
+            timeout_keep_alive=10,
+            h11_max_incomplete_event_size=16 * 1024,
+        )
+        self._server = uvicorn.Server(config)  # not on the main thread: it leaves the signals to smame
+        task = asyncio.create_task(self._server.serve())
+        while not self._server.started and not task.done():
+            await asyncio.sleep(0.01)
+        started.set()
+        await task
