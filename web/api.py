@@ -21,6 +21,7 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
@@ -129,15 +130,17 @@ def build_api(ctx: ApiContext) -> FastAPI:
     for kind in (HTTPException, RequestValidationError, Exception):
         app.add_exception_handler(kind, json_error)
 
-    async def caller(request: Request) -> str:
+    async def caller(
+        request: Request,
+        bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(HTTPBearer(auto_error=False))],
+    ) -> str:
         """The customer whose token the request carries; refuses with 401 (after the slow-down) or 429."""
         address = normalize(request.client.host if request.client else "")
         if ctx.bans.banned(address):
             raise ApiError(429, "too many failed attempts from this address: try again later", {"Retry-After": "600"})
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+        if bearer is None or not bearer.credentials.strip():
             raise ApiError(401, "an API token is needed: Authorization: Bearer <token>", {"WWW-Authenticate": "Bearer"})
-        customer = await ctx.store.call(tokens.customer_of, token.strip())
+        customer = await ctx.store.call(tokens.customer_of, bearer.credentials.strip())
         if customer is None or customer not in ctx.registry().customers:
             ctx.bans.failed(address)
             await asyncio.sleep(ctx.fail_delay_s)  # a guesser learns slowly; the loop serves others meanwhile

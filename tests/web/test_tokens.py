@@ -8,10 +8,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from smame.demo import free_port
 from tests.helpers import (
     Mosquitto,
     at,
-    free_port,
     publish,
     smame,
     smame_env,
