@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ftplib
 import hashlib
+import json
 import logging
 import os
 import secrets
@@ -84,6 +85,7 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> int:
         tour.show_quarantine()
         tour.show_export(customer, day)
         tour.show_ftps()
+        tour.show_api(unit, day)
         tour.show_metrics()
         tour.show_report(day)
         verified = tour.verify(truth)
@@ -104,6 +106,7 @@ class Tour:
     password: str  # the demo customer's FTPS/SFTP login
     env: dict[str, str]
     drop: MailDrop | None = None
+    token: str = ""  # the demo customer's API token, once made
 
     @property
     def toml(self) -> Path:
@@ -113,7 +116,7 @@ class Tour:
     def prepare(cls, opts: DemoOptions, out: TextIO) -> Tour:
         """A fresh work directory with settings, a broker configuration, the fleet's registry and a login."""
         work = _fresh(opts.work)
-        ports = {name: free_port() for name in ("mqtt", "ftp", "sftp", "metrics", "smtp")}
+        ports = {name: free_port() for name in ("mqtt", "ftp", "sftp", "metrics", "smtp", "web")}
         passive = 40000 + ports["ftp"] % 20000
         password = "demo-" + secrets.token_hex(6)
         (work / "smame.toml").write_text(_settings(work, ports, passive))
@@ -215,6 +218,16 @@ class Tour:
         names = _ftps_listing(self.ports["ftp"], self.work / "data" / "ftps-cert.pem", self.password)
         self.say("\n".join("   " + n for n in names[:4]))
 
+    def show_api(self, unit: str, day: date) -> None:
+        self.token = self.smame("tokens", "add", "C000", "--name", "demo").strip()
+        base = f"http://127.0.0.1:{self.ports['web']}/api/v1"
+        self.say(f"\n== customer C000's server reads the JSON API with a token (smame tokens add C000: {self.token})")
+        units = _api(f"{base}/units", self.token)["units"]
+        self.say(f"   GET /api/v1/units: {len(units)} units, the first: {json.dumps(units[0])}")
+        slots = _api(f"{base}/units/{unit}/slots?from={day}", self.token)["slots"]
+        self.say(f"   GET /api/v1/units/{unit}/slots?from={day}: {len(slots)} half hours, the 19th:")
+        self.say(f"   {json.dumps(slots[18])}")
+
     def show_metrics(self) -> None:
         port = self.ports["metrics"]
         self.say(f"\n== metrics (http://127.0.0.1:{port}/metrics), a few of them")
@@ -257,6 +270,7 @@ class Tour:
   CSV files  {work / "data" / "export"}/<customer>/   (format: docs/csv-format.md)
   FTPS       curl --ssl-reqd --cacert {work / "data" / "ftps-cert.pem"} --user demo:{password} ftp://127.0.0.1:{ports["ftp"]}/
   SFTP       sftp -P {ports["sftp"]} demo@127.0.0.1        (password {password})
+  API        curl -H 'Authorization: Bearer {self.token}' http://127.0.0.1:{ports["web"]}/api/v1/units   (docs/api.md)
   metrics    http://127.0.0.1:{ports["metrics"]}/metrics    health http://127.0.0.1:{ports["metrics"]}/healthz
   mail       {work / "mail"}/*.eml   (the daily report, and any alert)
   a unit     .venv/bin/smame slots -c {toml} --unit {unit} --date {day}""")
@@ -304,6 +318,8 @@ port = {ports["sftp"]}
 [monitoring]
 host = "127.0.0.1"
 metrics_port = {ports["metrics"]}
+[web]
+port = {ports["web"]}
 [mail]
 smtp_url = "smtp://127.0.0.1:{ports["smtp"]}"
 sender = "smame-demo@localhost"
@@ -355,6 +371,12 @@ def _wait_log(log: Path, text: str, timeout: float = 30.0) -> None:
             return
         time.sleep(0.1)
     raise RuntimeError(f"smame did not start; see {log}")
+
+
+def _api(url: str, token: str) -> Any:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
 
 
 def _metrics(port: int, prefixes: tuple[str, ...]) -> list[str]:
