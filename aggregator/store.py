@@ -67,6 +67,7 @@ class SlotRow(msgspec.Struct, frozen=True, gc=False):
 
 
 SLOT_COLUMNS = ", ".join(SlotRow.__struct_fields__)
+_LOOKUPS = 5000  # slot ends a statement (well under SQLite's 32,766 parameters)
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,6 +265,17 @@ class Store(ABC):
             (after, until, unit),
         ).fetchall()
         return [SlotRow(*r) for r in rows]
+
+    def slots_at(self, unit: str, ends: list[int]) -> list[SlotRow]:
+        """Stored slots of a unit at these slot ends, in time order: one key look-up each, so the cost does not
+        grow with the fleet (slots are keyed by time first: a range of time holds every unit's slots)."""
+        out: list[SlotRow] = []
+        for i in range(0, len(ends), _LOOKUPS):
+            part = ends[i : i + _LOOKUPS]
+            marks = ",".join("?" * len(part))
+            sql = f"SELECT {SLOT_COLUMNS} FROM slots WHERE unit = ? AND slot IN ({marks}) ORDER BY slot"
+            out += [SlotRow(*r) for r in self.execute(sql, (unit, *part))]
+        return out
 
     def units_slots(self, ends: list[int], first: str, last: str) -> list[SlotRow]:
         """The slots ending at `ends` of the units from `first` to `last` (by id): one index range per slot

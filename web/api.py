@@ -9,6 +9,7 @@ agree to the digit; times are ISO 8601 with the configured zone's offset. Every 
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations, which name `Caller`, a
 # dependency made inside `build_api`, as objects.
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -195,10 +196,20 @@ def build_api(ctx: ApiContext) -> FastAPI:
             raise ApiError(400, f"to: at most {ctx.max_days} days in one call")
         include_export = registry.customers[customer].include_export
         upto = int(ctx.clock())
-        ends = [e for d in _days(first, last) for e in ctx.grid.day_slots(d) if e <= upto]
-        rows = await ctx.store.call(ctx.store.slots, unit_id, ends[0] - SLOT, ends[-1]) if ends else []
+        days = [(d, [e for e in ctx.grid.day_slots(d) if e <= upto]) for d in _days(first, last)]
+        rows = await ctx.store.call(ctx.store.slots_at, unit_id, [e for _, ends in days for e in ends])
         by_end = {r.slot: r for r in rows}
-        return _json({"unit_id": unit_id, "slots": [_slot(e, by_end.get(e), ctx.grid, include_export) for e in ends]})
+        out = []
+        for day, ends in days:
+            text, zone = day.isoformat(), ctx.grid.zone
+            start = datetime.fromtimestamp(ends[0] - SLOT, zone).isoformat() if ends else ""
+            for index, e in enumerate(ends, 1):
+                end = datetime.fromtimestamp(e, zone).isoformat()
+                out.append(
+                    {"date": text, "slot": index, "start": start, "end": end, **_values(by_end.get(e), include_export)}
+                )
+                start = end
+        return _json({"unit_id": unit_id, "slots": out})
 
     @router.get(
         "/customers/{customer_id}/days/{day}.csv",
@@ -248,29 +259,24 @@ def _instant(epoch: int | None, grid: Grid) -> str | None:
     return None if epoch is None else datetime.fromtimestamp(epoch, grid.zone).isoformat()
 
 
-def _slot(end: int, row: SlotRow | None, grid: Grid, include_export: bool) -> dict[str, Any]:
-    """One slot as the API shows it; quality and values as in the customer's CSV file (long layout)."""
-    label = grid.label(end)
+# A fleet's slots have few distinct values and flags: each is formatted once (Fractions and IntFlags are slow).
+_kwh = functools.lru_cache(maxsize=65536)(format_kwh)
+_flags = functools.lru_cache(maxsize=1024)(lambda flags: tuple(flag_names(flags)))
+
+
+def _values(row: SlotRow | None, include_export: bool) -> dict[str, Any]:
+    """A slot's kWh, quality and flags as the API shows them: as in the customer's CSV file (long layout)."""
+    if row is None:
+        return {"import_kwh": None, "export_kwh": None, "quality": "M", "flags": ()}
     imp = exp = None
-    quality, flags = "M", 0
-    if row is not None:
-        if row.imp is not None and row.e1 is not None and row.coef is not None:
-            imp = format_kwh(row.imp, row.e1, row.coef)
-        quality = row.imp_q or "M"
-        flags = row.imp_flags
-        if include_export:
-            if row.exp is not None and row.e1 is not None and row.coef is not None:
-                exp = format_kwh(row.exp, row.e1, row.coef)
-            if row.exp_q is not None and _RANK.get(row.exp_q, 2) < _RANK.get(quality, 2):
-                quality = row.exp_q
-            flags |= row.exp_flags
-    return {
-        "date": label.day.isoformat(),
-        "slot": label.index,
-        "start": _instant(end - SLOT, grid),
-        "end": _instant(end, grid),
-        "import_kwh": imp,
-        "export_kwh": exp,
-        "quality": quality,
-        "flags": flag_names(flags),
-    }
+    scaled = row.e1 is not None and row.coef is not None
+    if row.imp is not None and scaled:
+        imp = _kwh(row.imp, row.e1, row.coef)
+    quality, flags = row.imp_q or "M", row.imp_flags
+    if include_export:
+        if row.exp is not None and scaled:
+            exp = _kwh(row.exp, row.e1, row.coef)
+        if row.exp_q is not None and _RANK.get(row.exp_q, 2) < _RANK.get(quality, 2):
+            quality = row.exp_q
+        flags |= row.exp_flags
+    return {"import_kwh": imp, "export_kwh": exp, "quality": quality, "flags": _flags(flags)}

@@ -35,7 +35,7 @@ def _slots(settings: Settings, args: argparse.Namespace) -> int:
     registered = args.unit in RegistryHolder(settings).current.units
     with open_store(settings, create=False) as store:
         known = registered or store.last_at(args.unit) is not None  # a unit removed since still has its history
-        stored = {r.slot: r for r in store.slots(args.unit, ends[0] - 1800, ends[-1])}
+        stored = {r.slot: r for r in store.slots_at(args.unit, ends)}
     if not known:
         print(
             f"smame slots: unit {args.unit!r} is neither in {settings.registry.units} nor in the store", file=sys.stderr

@@ -308,3 +308,18 @@ def test_every_endpoint_keeps_its_openapi_document_for_any_input(api: Api) -> No
             case.call_and_validate(headers=auth, excluded_checks=[schemathesis.checks.positive_data_acceptance])
 
         check()
+
+
+def test_slots_looked_up_by_their_ends_are_the_slots_of_the_range(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the API reads a unit's slots by key, not by a range of time (which holds every unit's slots)
+    monkeypatch.setattr("aggregator.store._LOOKUPS", 7)  # several statements: the chunks join in order
+    ends = [e for day in range(4) for e in GRID.day_slots(TODAY - timedelta(days=day))][::-1]
+    ends.sort()
+    with open_url(world.store_url) as store:
+        for unit in ("U1", "U2", "U3"):
+            assert store.slots_at(unit, ends) == store.slots(unit, ends[0] - SLOT, ends[-1])
+            assert len(store.slots_at(unit, ends[::3])) == len(
+                [r for r in store.slots(unit, 0, 2**62) if r.slot in ends[::3]]
+            )

@@ -1,0 +1,118 @@
+"""How fast the JSON API answers on a fleet's store: a unit's 45 days of slots, and a customer's units.
+
+    .venv/bin/python -m bench.web [--units 10000] [--customers 200] [--days 45] [--requests 50]
+
+Fills an SQLite store with every unit's slots for `--days` days (as bench.export does), serves the API over
+HTTP on a free port exactly as `smame run` does (uvicorn on its own thread and loop), and times requests
+from a client process-side thread: the store's own query for the same slots is the baseline, from the same
+run. The issue's goal is 200 ms for a unit's 45 days.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import random
+import statistics
+import tempfile
+import threading
+import time
+import urllib.request
+from datetime import date, timedelta
+from pathlib import Path
+
+from aggregator.sqlite import SqliteStore
+from bench.export import fill
+from ftp_gateway.accounts import Bans
+from kernel.registry import Customer, Registry, Unit
+from kernel.timegrid import Grid
+from web.access import Tokens
+from web.api import ApiContext, build_api
+from web.server import WebServer
+
+GOAL_MS = 200.0
+
+
+def timed(url: str, token: str) -> float:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    t = time.perf_counter()
+    with urllib.request.urlopen(request, timeout=30) as response:
+        response.read()
+    return (time.perf_counter() - t) * 1000
+
+
+def figures(name: str, ms: list[float], baseline: float | None = None) -> None:
+    ms = sorted(ms)
+    p95 = ms[int(len(ms) * 0.95) - 1]
+    extra = f", x{statistics.median(ms) / baseline:.1f} the store's query" if baseline else ""
+    print(
+        f"{name}: median {statistics.median(ms):.1f} ms, p95 {p95:.1f} ms, max {ms[-1]:.1f} ms "
+        f"({statistics.median(ms) / GOAL_MS:.2f} of the {GOAL_MS:.0f} ms goal{extra})"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--units", type=int, default=10_000)
+    ap.add_argument("--customers", type=int, default=200)
+    ap.add_argument("--days", type=int, default=45)
+    ap.add_argument("--requests", type=int, default=50)
+    args = ap.parse_args()
+    grid = Grid("Asia/Tokyo")
+    today = date(2026, 11, 23)
+    now = grid.day_start(today + timedelta(days=1)) + 300.0
+    first = today - timedelta(days=args.days - 1)
+    units = {f"U{u:06d}": Unit(f"U{u:06d}", f"C{u % args.customers:03d}", f"SM-U{u:06d}") for u in range(args.units)}
+    registry = Registry(units, {c: Customer(id=c) for c in {u.customer for u in units.values()}})
+    rnd = random.Random(7)
+    with tempfile.TemporaryDirectory(prefix="smame-web-") as tmp:
+        path = Path(tmp) / "smame.db"
+        store = SqliteStore(path, "NORMAL")
+        started = time.perf_counter()
+        rows = fill(store, grid, list(units), first, args.days)
+        tokens = {c: Tokens(store).add(c, "bench", int(now)) for c in registry.customers}
+        took = time.perf_counter() - started
+        print(f"store: {rows:,} slots ({args.units:,} units x {args.days} days) in {took:.0f} s")
+        ends = [e for d in range(args.days) for e in grid.day_slots(first + timedelta(days=d))]
+        picks = [rnd.choice(list(units)) for _ in range(args.requests)]
+        base = []
+        for unit in picks:
+            t = time.perf_counter()
+            store.slots_at(unit, ends)
+            base.append((time.perf_counter() - t) * 1000)
+        store.close()
+
+        served = SqliteStore(path, "NORMAL")
+        ctx = ApiContext(served, lambda: registry, grid, Path(tmp) / "export", Bans(), lambda: now)
+        server = WebServer(lambda: build_api(ctx), "127.0.0.1", 0)
+        stopping = threading.Event()
+
+        async def serve() -> None:
+            task = asyncio.create_task(server.run())
+            await asyncio.get_running_loop().run_in_executor(None, stopping.wait)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+        thread = threading.Thread(target=asyncio.run, args=(serve(),))
+        thread.start()
+        try:
+            while server.port is None:
+                time.sleep(0.01)
+            root = f"http://127.0.0.1:{server.port}/api/v1"
+            span = f"from={first}&to={today}"
+            slots = [timed(f"{root}/units/{u}/slots?{span}", tokens[units[u].customer]) for u in picks]
+            customers = [rnd.choice(sorted(registry.customers)) for _ in range(args.requests)]
+            lists = [timed(f"{root}/units", tokens[c]) for c in customers]
+        finally:
+            stopping.set()
+            thread.join()
+            served.close()
+    figures("baseline, the store's query for a unit's slots", base)
+    figures(f"GET a unit's {args.days} days of slots ({len(ends):,})", slots, statistics.median(base))
+    figures(f"GET a customer's units ({args.units // args.customers} each)", lists)
+
+
+if __name__ == "__main__":
+    main()
