@@ -11,12 +11,9 @@ run. The issue's goal is 200 ms for a unit's 45 days.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import random
 import statistics
 import tempfile
-import threading
 import time
 import urllib.request
 from datetime import date, timedelta
@@ -27,6 +24,7 @@ from bench.export import fill
 from ftp_gateway.accounts import Bans
 from kernel.registry import Customer, Registry, Unit
 from kernel.timegrid import Grid
+from tests.helpers import serving
 from web.access import Tokens
 from web.api import ApiContext, build_api
 from web.server import WebServer
@@ -85,30 +83,13 @@ def main() -> None:
 
         served = SqliteStore(path, "NORMAL")
         ctx = ApiContext(served, lambda: registry, grid, Path(tmp) / "export", Bans(), lambda: now)
-        server = WebServer(lambda: build_api(ctx), "127.0.0.1", 0)
-        stopping = threading.Event()
-
-        async def serve() -> None:
-            task = asyncio.create_task(server.run())
-            await asyncio.get_running_loop().run_in_executor(None, stopping.wait)
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-        thread = threading.Thread(target=asyncio.run, args=(serve(),))
-        thread.start()
-        try:
-            while server.port is None:
-                time.sleep(0.01)
-            root = f"http://127.0.0.1:{server.port}/api/v1"
+        with serving(WebServer(lambda: build_api(ctx), "127.0.0.1", 0)) as port:
+            root = f"http://127.0.0.1:{port}/api/v1"
             span = f"from={first}&to={today}"
             slots = [timed(f"{root}/units/{u}/slots?{span}", tokens[units[u].customer]) for u in picks]
             customers = [rnd.choice(sorted(registry.customers)) for _ in range(args.requests)]
             lists = [timed(f"{root}/units", tokens[c]) for c in customers]
-        finally:
-            stopping.set()
-            thread.join()
-            served.close()
+        served.close()
     figures("baseline, the store's query for a unit's slots", base)
     figures(f"GET a unit's {args.days} days of slots ({len(ends):,})", slots, statistics.median(base))
     figures(f"GET a customer's units ({args.units // args.customers} each)", lists)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import resource
 import shutil
@@ -9,9 +11,10 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -20,6 +23,7 @@ import pytest
 
 from broker_bridge.telegram import WireReading, WireTelegram, encode
 from smame.demo import free_port, wait_port  # noqa: F401 (the tests use the demo's own)
+from web.server import WebServer
 
 JST = timezone(timedelta(hours=9))
 ROOT = Path(__file__).resolve().parent.parent
@@ -376,3 +380,29 @@ def stop(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> int:
     """SIGTERM and wait; return the exit code."""
     proc.send_signal(signal.SIGTERM)
     return proc.wait(timeout)
+
+
+@contextlib.contextmanager
+def serving(server: WebServer) -> Iterator[int]:
+    """Run a web server as smame's supervisor does (a task, cancelled at the end), on a thread and loop of its
+    own; yield its port."""
+    stopping = threading.Event()
+
+    async def serve() -> None:
+        task = asyncio.create_task(server.run())
+        await asyncio.get_running_loop().run_in_executor(None, stopping.wait)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    thread = threading.Thread(target=asyncio.run, args=(serve(),))
+    thread.start()
+    try:
+        while server.port is None:
+            assert thread.is_alive(), "the web server did not start"
+            time.sleep(0.01)
+        yield server.port
+    finally:
+        stopping.set()
+        thread.join(15)
+        assert not thread.is_alive(), "the web server did not stop"

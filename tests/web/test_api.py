@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import csv
 import io
 import json
-import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -30,6 +27,7 @@ from kernel.reading import Incoming, Reading
 from kernel.registry import Registry, load_registry
 from kernel.timegrid import SLOT, Grid
 from tests.databases import BACKENDS
+from tests.helpers import serving
 from web.access import Tokens
 from web.api import ApiContext, build_api
 from web.server import WebServer
@@ -124,27 +122,10 @@ def api(world: World) -> Iterator[Api]:
     store = open_url(world.store_url)
     registry, root, tokens, store_url = world.registry, world.root, world.tokens, world.store_url
     ctx = ApiContext(store, lambda: registry, GRID, root, bans, lambda: NOW, max_days=45, fail_delay_s=0.0)
-    server = WebServer(lambda: build_api(ctx), "127.0.0.1", 0)
-    stopping = threading.Event()
-
-    async def serve() -> None:  # as smame's supervisor does: run it, then cancel it
-        task = asyncio.create_task(server.run())
-        await asyncio.get_running_loop().run_in_executor(None, stopping.wait)
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-    thread = threading.Thread(target=asyncio.run, args=(serve(),))
-    thread.start()
     try:
-        while server.port is None:
-            assert thread.is_alive()
-            threading.Event().wait(0.01)
-        yield Api(server.port, tokens, root, store_url, bans)
+        with serving(WebServer(lambda: build_api(ctx), "127.0.0.1", 0)) as port:
+            yield Api(port, tokens, root, store_url, bans)
     finally:
-        stopping.set()
-        thread.join(15)
-        assert not thread.is_alive()
         store.close()
 
 
