@@ -1,21 +1,30 @@
-"""`smame slots` and `smame quarantine`: what the store holds, read while smame runs."""
+"""`smame units`, `smame slots` and `smame quarantine`: what the store holds, read while smame runs."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
+from collections import Counter
 from datetime import datetime
+from zoneinfo import ZoneInfo
 
 from kernel.meter import flag_names, format_kwh
 from kernel.reading import REASONS
 from kernel.settings import Settings
 from kernel.timegrid import Grid
+from monitoring.fleet import STATES, fleet_states
 from smame.app import RegistryHolder, open_store
 from smame.commands.args import Subcommands, local_date
 
 
 def add(sub: Subcommands, common: argparse.ArgumentParser) -> None:
-    """Add `slots` and `quarantine` to the command line."""
+    """Add `units`, `slots` and `quarantine` to the command line."""
+    units = sub.add_parser("units", parents=[common], help="the fleet: each unit's last reading and state")
+    units.add_argument("--customer", help="only this customer's units")
+    units.add_argument("--silent", action="store_true", help="only units silent now (alerts.silent_after_s)")
+    units.set_defaults(func=_units)
+
     slots = sub.add_parser("slots", parents=[common], help="print a unit's slots of one local day")
     slots.add_argument("--unit", required=True)
     slots.add_argument("--date", required=True, type=local_date, help="local day, YYYY-MM-DD")
@@ -27,6 +36,27 @@ def add(sub: Subcommands, common: argparse.ArgumentParser) -> None:
     )
     quarantine.add_argument("--limit", type=int, default=50, help="newest N (default 50)")
     quarantine.set_defaults(func=_quarantine)
+
+
+def _units(settings: Settings, args: argparse.Namespace) -> int:
+    registry = RegistryHolder(settings).current
+    if args.customer is not None and args.customer not in registry.customers:
+        print(f"smame units: customer {args.customer!r} is not in {settings.registry.customers}", file=sys.stderr)
+        return 2
+    chosen = registry.units_of(args.customer) if args.customer else sorted(registry.units.values(), key=lambda u: u.id)
+    with open_store(settings, create=False) as store:
+        last = store.last_readings([u.id for u in chosen])
+    now = time.time()
+    states = fleet_states(chosen, last, now, settings.alerts.silent_after_s)
+    counts = Counter(s.state for s in states)
+    print(f"{len(states)} units: " + ", ".join(f"{counts[k]} {k}" for k in STATES))
+    zone = ZoneInfo(settings.timezone)
+    for s in states:
+        if args.silent and s.state != "silent":
+            continue
+        when = "-" if s.last is None else datetime.fromtimestamp(s.last, zone).isoformat()
+        print(f"{s.unit:<16} {s.customer:<12} {when:<25} {s.state}")
+    return 0
 
 
 def _slots(settings: Settings, args: argparse.Namespace) -> int:
