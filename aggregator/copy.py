@@ -18,6 +18,7 @@ _TABLES: dict[str, tuple[str, tuple[str, ...]]] = {
     "outbox": ("id, key, channel, payload, created, next_try, attempts, sent, given_up, last_error", ("id",)),
     "api_tokens": ("id, customer, name, hash, created", ("id",)),
     "operators": ("name, hash, created", ("name",)),
+    "web_sessions": ("id, operator, csrf, created, seen", ("id",)),
 }
 
 

@@ -57,6 +57,9 @@ CREATE TABLE IF NOT EXISTS api_tokens (
     id TEXT COLLATE "C" PRIMARY KEY, customer TEXT COLLATE "C" NOT NULL, name TEXT NOT NULL, hash TEXT NOT NULL,
     created BIGINT NOT NULL);
 CREATE TABLE IF NOT EXISTS operators (name TEXT COLLATE "C" PRIMARY KEY, hash TEXT NOT NULL, created BIGINT NOT NULL);
+CREATE TABLE IF NOT EXISTS web_sessions (
+    id TEXT COLLATE "C" PRIMARY KEY, operator TEXT NOT NULL, csrf TEXT NOT NULL, created BIGINT NOT NULL,
+    seen BIGINT NOT NULL);
 """
 # the type of each column COPY writes (`PostgresStore._copy`), as binary COPY needs them said
 _COLUMN_TYPES = {

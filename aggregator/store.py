@@ -1,5 +1,5 @@
 """The store: readings (the durable truth), slots (derived), changes, quarantine, the outbox, the web's API
-tokens and operators, meta.
+tokens, operators and their sessions, meta.
 
 `Store` holds the queries of every table but the outbox's (`monitoring.outbox_table`) and the web's
 (`web.access`), written once in SQL
@@ -28,7 +28,7 @@ from kernel.reading import Refused
 T = TypeVar("T")
 SCHEMA_VERSION = 1
 REGISTERS = ("fwd", "rev")  # column names; `imp`/`exp` on the slot side
-TABLES = ("meta", "readings", "slots", "changes", "quarantine", "outbox", "api_tokens", "operators")
+TABLES = ("meta", "readings", "slots", "changes", "quarantine", "outbox", "api_tokens", "operators", "web_sessions")
 
 READING_COLUMNS = "unit, at, meter, fwd, rev, e1, coef, digits, flags, seq, sent, received"
 _SLOT_SET = {

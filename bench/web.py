@@ -1,4 +1,5 @@
-"""How fast the JSON API answers on a fleet's store: a unit's 45 days of slots, and a customer's units.
+"""How fast the web server answers on a fleet's store: a unit's 45 days of slots, a customer's units, and the
+console's fleet page.
 
     .venv/bin/python -m bench.web [--units 10000] [--customers 200] [--days 45] [--requests 50]
 
@@ -25,15 +26,17 @@ from ftp_gateway.accounts import Bans
 from kernel.registry import Customer, Registry, Unit
 from kernel.timegrid import Grid
 from tests.helpers import serving
-from web.access import Tokens
-from web.api import ApiContext, build_api
+from web.access import Operators, Sessions, Tokens
+from web.app import build_app
+from web.context import WebContext
 from web.server import WebServer
 
 GOAL_MS = 200.0
 
 
-def timed(url: str, token: str) -> float:
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+def timed(url: str, token: str, cookie: str = "") -> float:
+    headers = {"Cookie": f"smame_session={cookie}"} if cookie else {"Authorization": f"Bearer {token}"}
+    request = urllib.request.Request(url, headers=headers)
     t = time.perf_counter()
     with urllib.request.urlopen(request, timeout=30) as response:
         response.read()
@@ -70,6 +73,8 @@ def main() -> None:
         started = time.perf_counter()
         rows = fill(store, grid, list(units), first, args.days)
         tokens = {c: Tokens(store).add(c, "bench", int(now)) for c in registry.customers}
+        Operators(store).add("bench", "bench-password", int(now))
+        session, _ = Sessions(store).open("bench", int(now))
         took = time.perf_counter() - started
         print(f"store: {rows:,} slots ({args.units:,} units x {args.days} days) in {took:.0f} s")
         ends = [e for d in range(args.days) for e in grid.day_slots(first + timedelta(days=d))]
@@ -82,17 +87,22 @@ def main() -> None:
         store.close()
 
         served = SqliteStore(path, "NORMAL")
-        ctx = ApiContext(served, lambda: registry, grid, Path(tmp) / "export", Bans(), lambda: now)
-        with serving(WebServer(lambda: build_api(ctx), "127.0.0.1", 0)) as port:
+        ctx = WebContext(served, lambda: registry, grid, Path(tmp) / "export", Bans(), lambda: now)
+        with serving(WebServer(lambda: build_app(ctx), "127.0.0.1", 0)) as port:
             root = f"http://127.0.0.1:{port}/api/v1"
             span = f"from={first}&to={today}"
             slots = [timed(f"{root}/units/{u}/slots?{span}", tokens[units[u].customer]) for u in picks]
             customers = [rnd.choice(sorted(registry.customers)) for _ in range(args.requests)]
             lists = [timed(f"{root}/units", tokens[c]) for c in customers]
+            page = f"http://127.0.0.1:{port}/"
+            pages = [timed(page, "", cookie=session) for _ in range(args.requests // 5)]
+            silent = [timed(page + "?state=silent&q=U0000", "", cookie=session) for _ in range(args.requests // 5)]
         served.close()
     figures("baseline, the store's query for a unit's slots", base)
     figures(f"GET a unit's {args.days} days of slots ({len(ends):,})", slots, statistics.median(base))
     figures(f"GET a customer's units ({args.units // args.customers} each)", lists)
+    figures(f"the console's fleet page ({args.units:,} units, first page)", pages)
+    figures("the fleet page searched and filtered", silent)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ from monitoring.monitor import Monitor, Watched
 from monitoring.outbox import Channel, Outbox
 from monitoring.slack import SlackChannel
 from smame.users import set_password
+from web.context import WebContext
 from web.server import WebServer
 
 if TYPE_CHECKING:
@@ -197,12 +198,11 @@ def build_gateway(settings: Settings, registry: RegistryHolder) -> FileGateway |
 def build_web(
     settings: Settings, registry: RegistryHolder, grid: Grid, bans: Bans, clock: Callable[[], float]
 ) -> tuple[WebServer, Store]:
-    """The web server with the API, on a store connection of its own (returned: closed when smame stops)."""
-    from web.api import ApiContext, build_api  # FastAPI loads on the web's thread, after ingest has subscribed
-
+    """The web server with the API and the console, on a store connection of its own (returned: closed when
+    smame stops)."""
     assert settings.export.dir is not None
     store = open_store(settings, application_name="smame web")
-    context = ApiContext(
+    context = WebContext(
         store,
         lambda: registry.current,
         grid,
@@ -211,8 +211,15 @@ def build_web(
         clock,
         settings.web.max_days,
         settings.ftp.fail_delay_s,
+        settings.alerts.silent_after_s,
     )
-    return WebServer(lambda: build_api(context), settings.web.bind, settings.web.port), store
+
+    def application() -> object:
+        from web.app import build_app  # FastAPI loads on the web's own thread, once ingest has subscribed
+
+        return build_app(context)
+
+    return WebServer(application, settings.web.bind, settings.web.port), store
 
 
 def build_outbox(settings: Settings, store: Store, clock: Callable[[], float] = time.time) -> Outbox:

@@ -136,12 +136,13 @@ class Tour:
         """The command line of `smame ARGS` with the demo's settings."""
         return [sys.executable, "-m", "smame.cli", *args, "-c", str(self.toml)]
 
-    def smame(self, *args: str, check: bool = True) -> str:
-        """What a `smame` command prints, run with the demo's settings."""
+    def smame(self, *args: str, check: bool = True, stdin: str | None = None) -> str:
+        """What a `smame` command prints, run with the demo's settings (`stdin`: its standard input)."""
         proc = subprocess.run(
             self.command(*args),
             env=self.env,
             text=True,
+            input=stdin,
             stdout=subprocess.PIPE,
             stderr=sys.stderr,
         )
@@ -219,6 +220,9 @@ class Tour:
         self.say("\n".join("   " + n for n in names[:4]))
 
     def show_api(self, unit: str, day: date) -> None:
+        self.smame("operators", "add", "demo", "--password-stdin", stdin=self.password + "\n")
+        console = f"http://127.0.0.1:{self.ports['web']}/"
+        self.say(f"\n== the operators' console: {console} (operator demo, password {self.password})")
         self.token = self.smame("tokens", "add", "C000", "--name", "demo").strip()
         base = f"http://127.0.0.1:{self.ports['web']}/api/v1"
         self.say(f"\n== customer C000's server reads the JSON API with a token (smame tokens add C000: {self.token})")
@@ -270,6 +274,7 @@ class Tour:
   CSV files  {work / "data" / "export"}/<customer>/   (format: docs/csv-format.md)
   FTPS       curl --ssl-reqd --cacert {work / "data" / "ftps-cert.pem"} --user demo:{password} ftp://127.0.0.1:{ports["ftp"]}/
   SFTP       sftp -P {ports["sftp"]} demo@127.0.0.1        (password {password})
+  console    http://127.0.0.1:{ports["web"]}/   (operator demo, password {password}; docs/console.md)
   API        curl -H 'Authorization: Bearer {self.token}' http://127.0.0.1:{ports["web"]}/api/v1/units   (docs/api.md)
   metrics    http://127.0.0.1:{ports["metrics"]}/metrics    health http://127.0.0.1:{ports["metrics"]}/healthz
   mail       {work / "mail"}/*.eml   (the daily report, and any alert)

@@ -1,8 +1,11 @@
-"""Who may use the web server: customers' API tokens and operators' logins, kept in the store as hashes only.
+"""Who may use the web server: customers' API tokens, operators' logins and their console sessions, kept in the
+store as hashes only.
 
 A token is `smame_<id>_<secret>`: the id finds its row, the secret is compared with the row's SHA-256 of it
 (a token is 256 random bits: a fast hash is enough, unlike a password). Both tables live in the store, so
-every node sees a new or removed token or operator at its next request, with no reload.
+every node sees a new or removed token or operator at its next request, with no reload. A console session is
+a random cookie whose SHA-256 keys its row (with the session's CSRF token): ended by logging out, by removing
+the operator, or after `SESSION_IDLE_S` unused or `SESSION_MAX_S` in all.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from ftp_gateway.passwords import N, P, R, hash_password, verify_password
 TOKEN = re.compile(r"smame_(?P<id>[0-9a-f]{12})_(?P<secret>[A-Za-z0-9_-]{43})")
 OPERATOR = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
 LABEL_MAX = 200
+SESSION_IDLE_S = 8 * 3600
+SESSION_MAX_S = 24 * 3600
 # compared against when the operator does not exist, so that a failure takes the same time either way
 _NO_OPERATOR = f"scrypt${N}${R}${P}$AAAAAAAAAAAAAAAAAAAAAA==$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
 
@@ -128,3 +133,53 @@ class Operators:
         row = self.store.execute("SELECT hash FROM operators WHERE name = ?", (name,)).fetchone()
         ok = verify_password(password, row[0] if row is not None else _NO_OPERATOR)
         return ok and row is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """A logged-in operator's session: who, and the token its forms must carry."""
+
+    operator: str
+    csrf: str
+
+
+class Sessions:
+    """Operators' console sessions in the store (synchronous: call on the store's thread)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def open(self, operator: str, now: int) -> tuple[str, Session]:
+        """A new session: the cookie's value (its secret) and the session."""
+        secret, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+        with self.store.transaction():
+            self.store.execute(  # ended ones go as new ones come: the table holds the live ones and a few
+                "DELETE FROM web_sessions WHERE seen < ? OR created < ?", (now - SESSION_IDLE_S, now - SESSION_MAX_S)
+            )
+            self.store.execute(
+                "INSERT INTO web_sessions (id, operator, csrf, created, seen) VALUES (?, ?, ?, ?, ?)",
+                (_digest(secret), operator, csrf, now, now),
+            )
+        return secret, Session(operator, csrf)
+
+    def get(self, secret: str, now: int) -> Session | None:
+        """The live session of a cookie's value, or None (unknown, ended, expired, or its operator removed)."""
+        if not secret or len(secret) > 100:
+            return None
+        key = _digest(secret)
+        row = self.store.execute(
+            "SELECT s.operator, s.csrf, s.created, s.seen FROM web_sessions s "
+            "JOIN operators o ON o.name = s.operator WHERE s.id = ?",
+            (key,),
+        ).fetchone()
+        if row is None or row[3] < now - SESSION_IDLE_S or row[2] < now - SESSION_MAX_S:
+            return None
+        if now - row[3] >= 60:  # a minute's precision is enough for the idle limit: no write per request
+            with self.store.transaction():
+                self.store.execute("UPDATE web_sessions SET seen = ? WHERE id = ?", (now, key))
+        return Session(str(row[0]), str(row[1]))
+
+    def close(self, secret: str) -> None:
+        """End a session (logging out)."""
+        with self.store.transaction():
+            self.store.execute("DELETE FROM web_sessions WHERE id = ?", (_digest(secret),))

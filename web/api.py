@@ -11,10 +11,7 @@ agree to the digit; times are ISO 8601 with the configured zone's offset. Every 
 import asyncio
 import functools
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import date, datetime, timedelta
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -26,13 +23,13 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
-from aggregator.store import SlotRow, Store
+from aggregator.store import SlotRow
 from csv_export.files import path_of
-from ftp_gateway.accounts import Bans, normalize
+from ftp_gateway.accounts import normalize
 from kernel.meter import flag_names, format_kwh
-from kernel.registry import Registry
 from kernel.timegrid import SLOT, Grid
 from web.access import Tokens
+from web.context import WebContext
 
 log = logging.getLogger("smame.web")
 
@@ -79,21 +76,6 @@ class Slots(BaseModel):
     slots: list[Slot]
 
 
-@dataclass
-class ApiContext:
-    """What the API reads: the store (its own connection), the registry in force, the slot grid, the export
-    directory, the bans shared with the file gateway, and the clock."""
-
-    store: Store
-    registry: Callable[[], Registry]
-    grid: Grid
-    export_dir: Path
-    bans: Bans
-    clock: Callable[[], float]
-    max_days: int = 45
-    fail_delay_s: float = 3.0
-
-
 def _refusals(*codes: int) -> dict[int | str, dict[str, Any]]:
     reasons = {
         400: "a parameter is malformed or out of range",
@@ -105,7 +87,7 @@ def _refusals(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {c: {"model": Error, "description": reasons[c]} for c in codes}
 
 
-def build_api(ctx: ApiContext) -> FastAPI:
+def build_api(ctx: WebContext) -> FastAPI:
     """The API as an ASGI application; `/api/openapi.json` is its OpenAPI 3.1 document."""
     app = FastAPI(
         title="smame API",

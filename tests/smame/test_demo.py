@@ -42,6 +42,7 @@ def test_the_demo_runs_the_whole_product_and_cleans_up(workdir: Path) -> None:
     assert "Everything stops now: standard input is no terminal" in out and "keeps running" not in out
     assert "sha256 matches" in out and "C000_" in out.split("fetches its files over FTPS")[1]
     assert "smame_readings_stored_total" in out
+    assert "the operators' console: http://127.0.0.1:" in out and "(operator demo, password demo-" in out
     api = out.split("reads the JSON API with a token")[1]
     assert "GET /api/v1/units: 20 units" in api and '"quality": "A"' in api and "Authorization: Bearer smame_" in api
     mails = sorted((work / "mail").glob("*.eml"))

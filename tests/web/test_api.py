@@ -29,7 +29,8 @@ from kernel.timegrid import SLOT, Grid
 from tests.databases import BACKENDS
 from tests.helpers import serving
 from web.access import Tokens
-from web.api import ApiContext, build_api
+from web.api import build_api
+from web.context import WebContext
 from web.server import WebServer
 
 GRID = Grid("Asia/Tokyo")
@@ -121,7 +122,7 @@ def api(world: World) -> Iterator[Api]:
     bans = Bans(max_failures=3)
     store = open_url(world.store_url)
     registry, root, tokens, store_url = world.registry, world.root, world.tokens, world.store_url
-    ctx = ApiContext(store, lambda: registry, GRID, root, bans, lambda: NOW, max_days=45, fail_delay_s=0.0)
+    ctx = WebContext(store, lambda: registry, GRID, root, bans, lambda: NOW, max_days=45, fail_delay_s=0.0)
     try:
         with serving(WebServer(lambda: build_api(ctx), "127.0.0.1", 0)) as port:
             yield Api(port, tokens, root, store_url, bans)

@@ -1,0 +1,134 @@
+"""The operators' console in a real browser (Debian's chromium through selenium) against a running smame."""
+
+from __future__ import annotations
+
+import http.cookiejar
+import shutil
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import Select
+
+from kernel.timegrid import SLOT, Grid
+from smame.demo import free_port
+from tests.helpers import (
+    JST,
+    ROOT,
+    Mosquitto,
+    publish,
+    smame,
+    smame_env,
+    start_smame,
+    stop,
+    telegram,
+    wait_log,
+    wait_readings,
+    write_registry,
+)
+
+ARTIFACTS = ROOT / "build" / "test-artifacts"  # screenshots of what the browser showed (git ignores build/)
+PASSWORD = "console-pass-123"
+
+
+@pytest.fixture
+def browser() -> Iterator[webdriver.Chrome]:
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if chromium is None or driver is None:
+        pytest.fail("the console tests need Debian's chromium and chromium-driver (scripts/setup installs them)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900"):
+        options.add_argument(arg)
+    chrome = webdriver.Chrome(options=options, service=Service(driver))
+    try:
+        yield chrome
+    finally:
+        chrome.quit()
+
+
+def shot(browser: webdriver.Chrome, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / f"console-{name}.png"))
+
+
+def post(url: str, fields: dict[str, str], cookie: str = "") -> int:
+    request = urllib.request.Request(url, urllib.parse.urlencode(fields).encode(), headers={"Cookie": cookie})
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+    try:
+        with opener.open(request, timeout=10) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_an_operator_logs_in_and_finds_the_silent_unit(
+    broker: Mosquitto, workdir: Path, browser: webdriver.Chrome
+) -> None:
+    write_registry(workdir, {"U1": "C1", "U2": "C1", "U3": "C2"})
+    port = free_port()
+    env = smame_env(
+        workdir, broker.port, SMAME_WEB__ENABLED="true", SMAME_WEB__PORT=str(port), SMAME_FTP__FAIL_DELAY_S="0.5"
+    )
+    smame(["operators", "add", "alice", "--password-stdin"], env, stdin=PASSWORD + "\n")
+    proc = start_smame(env, workdir / "smame.log")
+    try:
+        wait_log(workdir / "smame.log", "web server listening")
+        newest = Grid("Asia/Tokyo").floor(time.time())
+        fresh, old = (datetime.fromtimestamp(t, JST) for t in (newest, newest - 8 * SLOT))
+        publish(
+            broker.port,
+            [
+                ("smame/v1/U1/reading", telegram("U1", [(fresh, 100)])),
+                ("smame/v1/U2/reading", telegram("U2", [(old, 200)], sent=fresh)),  # 4 h ago: silent
+            ],
+        )  # U3 never heard
+        wait_readings(workdir / "data" / "smame.db", 2)
+        site = f"http://127.0.0.1:{port}"
+
+        browser.get(site + "/")
+        assert browser.current_url.endswith("/login")  # no session: the login page
+        browser.find_element(By.NAME, "name").send_keys("alice")
+        browser.find_element(By.NAME, "password").send_keys("wrong password")
+        browser.find_element(By.CSS_SELECTOR, "form.login button").click()
+        assert "Wrong name or password" in browser.find_element(By.CLASS_NAME, "error").text
+        shot(browser, "wrong-password")
+
+        browser.find_element(By.NAME, "name").send_keys("alice")
+        browser.find_element(By.NAME, "password").send_keys(PASSWORD)
+        browser.find_element(By.CSS_SELECTOR, "form.login button").click()
+        assert browser.current_url == site + "/"
+        summary = {
+            row.find_elements(By.TAG_NAME, "td")[0].text: [c.text for c in row.find_elements(By.TAG_NAME, "td")[1:]]
+            for row in browser.find_elements(By.CSS_SELECTOR, "#summary tbody tr")
+        }
+        # units, reporting, late, silent, never heard
+        assert summary == {"C1": ["2", "1", "0", "1", "0"], "C2": ["1", "0", "0", "0", "1"]}
+        shot(browser, "fleet")
+
+        Select(browser.find_element(By.NAME, "state")).select_by_value("silent")
+        browser.find_element(By.CSS_SELECTOR, "form.filter button").click()
+        rows = [r.text for r in browser.find_elements(By.CSS_SELECTOR, "#units tbody tr")]
+        assert len(rows) == 1 and rows[0].startswith("U2 C1") and rows[0].endswith("silent"), rows
+        assert old.strftime("%Y-%m-%d %H:%M") in rows[0]
+        shot(browser, "silent-units")
+
+        cookie = f"smame_session={browser.get_cookie('smame_session')['value']}"  # type: ignore[index]
+        assert post(site + "/logout", {}, cookie) == 403  # a form without its CSRF token is refused
+        assert post(site + "/login", {"name": "alice", "password": PASSWORD}) == 403  # the login form's too
+        browser.find_element(By.CSS_SELECTOR, "form.logout button").click()
+        assert browser.current_url.endswith("/login")
+        with urllib.request.urlopen(urllib.request.Request(site + "/", headers={"Cookie": cookie})) as response:
+            assert response.url.endswith("/login")  # the logged-out session is refused, even replayed
+        assert stop(proc) == 0
+    finally:
+        stop(proc)
+    assert "Traceback" not in (workdir / "smame.log").read_text()

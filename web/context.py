@@ -1,0 +1,28 @@
+"""What the web server reads, handed to the API and the console alike."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from aggregator.store import Store
+from ftp_gateway.accounts import Bans
+from kernel.registry import Registry
+from kernel.timegrid import Grid
+
+
+@dataclass
+class WebContext:
+    """The store (a connection of the web server's own), the registry in force, the slot grid, the export
+    directory, the ban list shared with the file gateway, the clock, and the settings the pages need."""
+
+    store: Store
+    registry: Callable[[], Registry]
+    grid: Grid
+    export_dir: Path
+    bans: Bans
+    clock: Callable[[], float]
+    max_days: int = 45
+    fail_delay_s: float = 3.0
+    silent_after_s: int = 7200
