@@ -7,8 +7,10 @@ import csv
 import io
 import sqlite3
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
+
+import pytest
 
 from aggregator.ingest import Ingestor
 from aggregator.sqlite import SqliteStore
@@ -35,18 +37,23 @@ from tests.monitoring.test_metrics import scrape
 GRID = Grid("Asia/Tokyo")
 # The report command reads the real clock, so the day is yesterday's and silence is judged against now:
 # R1 reports up to now, R2's last reading (yesterday 10:00) is always over 12 hours old.
-DAY = yesterday()
 SILENT_AFTER = "43200"
 
 
-def day_with_gaps(workdir: Path) -> set[tuple[str, int]]:
+@pytest.fixture
+def day() -> date:
+    """Yesterday as the test starts (not when the module is collected: a run may cross midnight meanwhile)."""
+    return yesterday()
+
+
+def day_with_gaps(workdir: Path, day: date) -> set[tuple[str, int]]:
     """R1 reporting until now, R2 silent from yesterday 10:00 on, R3 never heard of; returns the missing
     (unit, slot) pairs of yesterday."""
     write_registry(workdir, {"R1": "C1", "R2": "C1", "R3": "C2"})
     registry = load_registry(workdir / "units.csv", workdir / "customers.toml")
     (workdir / "data").mkdir(exist_ok=True)
     store = SqliteStore(workdir / "data" / "smame.db")
-    start = GRID.day_start(DAY)
+    start = GRID.day_start(day)
     now = int(time.time())
     r1_slots = (GRID.floor(now) - start) // SLOT
     readings = [
@@ -76,30 +83,30 @@ def mail_env(workdir: Path, port: int, smtp_port: int, **extra: str) -> dict[str
     )
 
 
-def test_daily_report_by_mail_and_slack(workdir: Path) -> None:
-    missing = day_with_gaps(workdir)
+def test_daily_report_by_mail_and_slack(workdir: Path, day: date) -> None:
+    missing = day_with_gaps(workdir, day)
     sink = SmtpSink().start()
     slack = SlackStandIn()
     try:
         env = mail_env(workdir, 1883, sink.port, SMAME_SLACK__WEBHOOK_URL=slack.url)
-        out = smame(["report", "--date", DAY.isoformat(), "--send"], env).stdout
+        out = smame(["report", "--date", day.isoformat(), "--send"], env).stdout
         assert "sent by mail, slack" in out
         [got] = sink.wait(1)
         assert sorted(got.recipients) == ["night@example.jp", "ops@example.jp"]
         msg = got.message
         assert (
             msg["Subject"]
-            == f"[smame] daily report {DAY}: 1 of 2 units with missing data (28 slots), 1 never heard from"
+            == f"[smame] daily report {day}: 1 of 2 units with missing data (28 slots), 1 never heard from"
         )
         assert msg["From"] == "smame@example.jp"
         text = msg.get_body(("plain",)).get_content()  # type: ignore[union-attr]
         html = msg.get_body(("html",)).get_content()  # type: ignore[union-attr]
-        assert f"R2 (C1): silent since {DAY} 10:00; missing 28: slots 21-48" in text
+        assert f"R2 (C1): silent since {day} 10:00; missing 28: slots 21-48" in text
         assert "R1 (C1)" not in text
         assert "units never heard from (1): R3" in text and "R3 (C2)" not in text
-        assert f"<b>R2</b> (C1): silent since {DAY} 10:00; missing 28: slots 21-48" in html and "<table" in html
+        assert f"<b>R2</b> (C1): silent since {day} 10:00; missing 28: slots 21-48" in html and "<table" in html
         [attachment] = list(msg.iter_attachments())
-        assert attachment.get_filename() == f"smame-problems-{DAY}.csv"
+        assert attachment.get_filename() == f"smame-problems-{day}.csv"
         rows = list(
             csv.DictReader(
                 io.StringIO(
@@ -112,16 +119,16 @@ def test_daily_report_by_mail_and_slack(workdir: Path) -> None:
         assert {(r["unit_id"], int(r["slot"])) for r in rows if r["problem"] == "missing"} == missing
         assert {r["problem"] for r in rows} == {"missing"}
         [post] = slack.wait(lambda posts: len(posts) >= 1)
-        assert post.body["text"].startswith(f"[smame] daily report {DAY}")
+        assert post.body["text"].startswith(f"[smame] daily report {day}")
         assert "*C1*: 2 units, 1 with gaps, 28 missing" in post.body["blocks"][1]["text"]["text"]
     finally:
         sink.stop()
         slack.stop()
 
 
-def test_send_without_a_channel_says_what_to_set(workdir: Path) -> None:
-    day_with_gaps(workdir)
-    proc = smame(["report", "--date", DAY.isoformat(), "--send"], smame_env(workdir, 1883), check=False)
+def test_send_without_a_channel_says_what_to_set(workdir: Path, day: date) -> None:
+    day_with_gaps(workdir, day)
+    proc = smame(["report", "--date", day.isoformat(), "--send"], smame_env(workdir, 1883), check=False)
     assert proc.returncode == 2 and "mail.smtp_url or slack.webhook_url" in proc.stderr
 
 
@@ -131,8 +138,8 @@ def outbox(db: Path) -> dict[str, int]:
     return {"pending": pending, "sent": sent}
 
 
-def test_mail_down_then_smame_restarted_each_message_arrives_once(workdir: Path) -> None:
-    day_with_gaps(workdir)
+def test_mail_down_then_smame_restarted_each_message_arrives_once(workdir: Path, day: date) -> None:
+    day_with_gaps(workdir, day)
     sink = SmtpSink()  # down at first
     env = mail_env(
         workdir,
@@ -234,7 +241,7 @@ def test_live_alerts_reach_slack_start_and_clear(workdir: Path) -> None:
         slack.stop()
 
 
-def test_after_a_restart_the_report_waits_for_the_backlog(broker: Mosquitto, workdir: Path) -> None:
+def test_after_a_restart_the_report_waits_for_the_backlog(broker: Mosquitto, workdir: Path, day: date) -> None:
     units = {f"B{i}": "C1" for i in range(20)}
     write_registry(workdir, units)
     sink = SmtpSink().start()
@@ -253,7 +260,7 @@ def test_after_a_restart_the_report_waits_for_the_backlog(broker: Mosquitto, wor
         proc = start_smame(env, log)  # once, so that the broker keeps a session for smame
         wait_log(log, "subscribed to")
         assert stop(proc) == 0
-        start = GRID.day_start(DAY)
+        start = GRID.day_start(day)
         jst = timezone(timedelta(hours=9))
         # yesterday whole, queued in smame's session while it was away: 49 readings of 20 units
         publish(
@@ -271,7 +278,7 @@ def test_after_a_restart_the_report_waits_for_the_backlog(broker: Mosquitto, wor
         proc = start_smame(env, log)
         try:
             [got] = sink.wait(1, timeout=30)
-            assert got.message["Subject"] == f"[smame] daily report {DAY}: 0 of 20 units with missing data (0 slots)"
+            assert got.message["Subject"] == f"[smame] daily report {day}: 0 of 20 units with missing data (0 slots)"
         finally:
             assert stop(proc) == 0
     finally:
