@@ -1,5 +1,12 @@
 # smame: one image for ingest, export, FTPS/SFTP, the web API, monitoring (and the simulator profile).
 # The same two pip commands install smame without Docker (README, "Without Docker").
+FROM node:20-bookworm-slim AS frontend
+# the console's chart library from the npm registry, pinned by the lock file (scripts/build-frontend)
+WORKDIR /src/web/frontend
+COPY web/frontend/package.json web/frontend/package-lock.json ./
+COPY scripts/build-frontend /src/scripts/build-frontend
+RUN mkdir -p /src/web/static && /src/scripts/build-frontend
+
 FROM python:3.11-slim-bookworm AS build
 WORKDIR /src
 COPY deploy/requirements.txt deploy/requirements.txt
@@ -14,6 +21,7 @@ COPY ftp_gateway ftp_gateway
 COPY monitoring monitoring
 COPY simulators simulators
 COPY web web
+COPY --from=frontend /src/web/static/vendor web/static/vendor
 RUN /opt/smame/bin/pip install --no-cache-dir --no-deps .
 
 FROM python:3.11-slim-bookworm

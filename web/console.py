@@ -10,7 +10,7 @@ import asyncio
 import hmac
 import math
 import secrets
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
@@ -20,8 +20,11 @@ from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse,
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
+from aggregator.store import SlotRow
 from ftp_gateway.accounts import normalize
-from monitoring.fleet import STATES, by_customer, fleet_states
+from kernel.meter import E1_UNITS, flag_names
+from kernel.timegrid import SLOT
+from monitoring.fleet import STATES, by_customer, fleet_states, state_of
 from web.access import Operators, Session, Sessions
 from web.context import WebContext
 
@@ -128,6 +131,62 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
             "pages": pages,
         }
         return templates.TemplateResponse(request, "fleet.html", context)
+
+    @app.get("/units/{unit_id}", include_in_schema=False, response_class=HTMLResponse)
+    async def unit_page(request: Request, unit_id: str, days: int = 2) -> Response:
+        session = await session_of(request)
+        if session is None:
+            return RedirectResponse("/login", 303)
+        unit = ctx.registry().units.get(unit_id)
+        if unit is None:
+            return PlainTextResponse(f"no unit {unit_id[:64]}", 404)
+        days = min(max(days, 1), ctx.max_days)
+        now = int(ctx.clock())
+        today = ctx.grid.day_of(ctx.grid.floor(now) + SLOT)
+        ends = [e for d in range(days - 1, -1, -1) for e in ctx.grid.day_slots(today - timedelta(days=d)) if e <= now]
+        rows = {r.slot: r for r in await ctx.store.call(ctx.store.slots_at, unit.id, ends)}
+        last = (await ctx.store.call(ctx.store.last_readings, [unit.id]))[unit.id]
+        curve: dict[str, Any] = {"zone": ctx.grid.name, "t": [], "actual": [], "estimated": [], "export": []}
+        flagged: list[dict[str, str]] = []
+        missing = 0
+        for e in ends:
+            r = rows.get(e)
+            imp = _kwh(r.imp, r) if r is not None else None
+            quality = (r.imp_q if r is not None else None) or "M"
+            missing += quality == "M"
+            curve["t"].append(e - SLOT)  # drawn at the half hour's start
+            curve["actual"].append(imp if quality == "A" else None)
+            curve["estimated"].append(imp if quality == "E" else None)
+            curve["export"].append(_kwh(r.exp, r) if r is not None else None)
+            if r is not None and (r.imp_flags | r.exp_flags) and len(flagged) < 200:
+                label = ctx.grid.label(e)
+                flagged.append(
+                    {
+                        "when": f"{label.day} {label.start}-{label.end}",
+                        "kwh": "" if imp is None else f"{imp:g}",
+                        "quality": quality,
+                        "flags": ", ".join(flag_names(r.imp_flags | r.exp_flags)),
+                    }
+                )
+        context = {
+            "session": session,
+            "unit": unit,
+            "last": _local(last, ctx) if last is not None else "never",
+            "state": state_of(last, now, ctx.silent_after_s),
+            "days": days,
+            "curve": curve,
+            "missing": missing,
+            "total": len(ends),
+            "flagged": flagged,
+        }
+        return templates.TemplateResponse(request, "unit.html", context)
+
+
+def _kwh(raw: int | None, row: SlotRow) -> float | None:
+    """A register's kWh as a number to draw (the exact decimal is the API's and the files')."""
+    if raw is None or row.e1 is None or row.coef is None or row.e1 not in E1_UNITS:
+        return None
+    return float(raw * row.coef * E1_UNITS[row.e1])
 
 
 def _secure(request: Request) -> bool:

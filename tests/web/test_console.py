@@ -16,7 +16,8 @@ import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
-from selenium.webdriver.support.ui import Select
+from selenium.webdriver.support import expected_conditions as expected
+from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from kernel.timegrid import SLOT, Grid
 from smame.demo import free_port
@@ -55,6 +56,11 @@ def browser() -> Iterator[webdriver.Chrome]:
         chrome.quit()
 
 
+def wait(browser: webdriver.Chrome) -> WebDriverWait[webdriver.Chrome]:
+    """Until the page a click led to is there: a click returns before the next page has loaded."""
+    return WebDriverWait(browser, 15)
+
+
 def shot(browser: webdriver.Chrome, name: str) -> None:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     browser.save_screenshot(str(ARTIFACTS / f"console-{name}.png"))
@@ -87,11 +93,19 @@ def test_an_operator_logs_in_and_finds_the_silent_unit(
         publish(
             broker.port,
             [
-                ("smame/v1/U1/reading", telegram("U1", [(fresh, 100)])),
+                # U1 every half hour of the last four hours but one: a gap estimated from both sides
+                *(
+                    (
+                        "smame/v1/U1/reading",
+                        telegram("U1", [(datetime.fromtimestamp(newest - k * SLOT, JST), 1000 - 7 * k)], seq=10 - k),
+                    )
+                    for k in range(8, -1, -1)
+                    if k != 3
+                ),
                 ("smame/v1/U2/reading", telegram("U2", [(old, 200)], sent=fresh)),  # 4 h ago: silent
             ],
         )  # U3 never heard
-        wait_readings(workdir / "data" / "smame.db", 2)
+        wait_readings(workdir / "data" / "smame.db", 9)
         site = f"http://127.0.0.1:{port}"
 
         browser.get(site + "/")
@@ -99,13 +113,14 @@ def test_an_operator_logs_in_and_finds_the_silent_unit(
         browser.find_element(By.NAME, "name").send_keys("alice")
         browser.find_element(By.NAME, "password").send_keys("wrong password")
         browser.find_element(By.CSS_SELECTOR, "form.login button").click()
-        assert "Wrong name or password" in browser.find_element(By.CLASS_NAME, "error").text
+        error = wait(browser).until(expected.presence_of_element_located((By.CLASS_NAME, "error")))
+        assert "Wrong name or password" in error.text
         shot(browser, "wrong-password")
 
         browser.find_element(By.NAME, "name").send_keys("alice")
         browser.find_element(By.NAME, "password").send_keys(PASSWORD)
         browser.find_element(By.CSS_SELECTOR, "form.login button").click()
-        assert browser.current_url == site + "/"
+        wait(browser).until(expected.url_to_be(site + "/"))
         summary = {
             row.find_elements(By.TAG_NAME, "td")[0].text: [c.text for c in row.find_elements(By.TAG_NAME, "td")[1:]]
             for row in browser.find_elements(By.CSS_SELECTOR, "#summary tbody tr")
@@ -116,16 +131,33 @@ def test_an_operator_logs_in_and_finds_the_silent_unit(
 
         Select(browser.find_element(By.NAME, "state")).select_by_value("silent")
         browser.find_element(By.CSS_SELECTOR, "form.filter button").click()
+        wait(browser).until(expected.url_contains("state=silent"))
         rows = [r.text for r in browser.find_elements(By.CSS_SELECTOR, "#units tbody tr")]
         assert len(rows) == 1 and rows[0].startswith("U2 C1") and rows[0].endswith("silent"), rows
         assert old.strftime("%Y-%m-%d %H:%M") in rows[0]
         shot(browser, "silent-units")
 
+        browser.get(site + "/?q=U1")
+        browser.find_element(By.LINK_TEXT, "U1").click()  # the unit's page, with its load curve
+        wait(browser).until(expected.url_to_be(site + "/units/U1"))
+        drawn = wait(browser).until(
+            lambda b: b.execute_script(
+                "const c = window.smameChart; if (!c) return null;"
+                "const n = s => c.data[s].filter(v => v !== null).length;"
+                "return [c.data[0].length, n(1), n(2), document.querySelectorAll('#chart canvas').length];"
+            )
+        )
+        slots_today = len([e for e in Grid("Asia/Tokyo").day_slots(datetime.fromtimestamp(newest, JST).date())])
+        assert drawn[1] == 6 and drawn[2] == 2 and drawn[3] == 1, drawn  # 6 actual, 2 estimated, one canvas
+        assert drawn[0] >= 8 and drawn[0] <= 2 * slots_today  # today and yesterday so far
+        assert browser.find_element(By.TAG_NAME, "h1").text == "Unit U1"
+        shot(browser, "unit")
+
         cookie = f"smame_session={browser.get_cookie('smame_session')['value']}"  # type: ignore[index]
         assert post(site + "/logout", {}, cookie) == 403  # a form without its CSRF token is refused
         assert post(site + "/login", {"name": "alice", "password": PASSWORD}) == 403  # the login form's too
         browser.find_element(By.CSS_SELECTOR, "form.logout button").click()
-        assert browser.current_url.endswith("/login")
+        wait(browser).until(expected.url_to_be(site + "/login"))
         with urllib.request.urlopen(urllib.request.Request(site + "/", headers={"Cookie": cookie})) as response:
             assert response.url.endswith("/login")  # the logged-out session is refused, even replayed
         assert stop(proc) == 0
