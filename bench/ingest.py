@@ -221,6 +221,8 @@ def start_bench_smame(
         SMAME_MONITORING__ENABLED="true",
         SMAME_MONITORING__HOST="127.0.0.1",
         SMAME_MONITORING__METRICS_PORT=str(port),
+        SMAME_WEB__ENABLED="true",  # as deployed: the API and the console beside ingest
+        SMAME_WEB__PORT=str(free_port()),
     )
     log = work / "smame.log"
     proc = subprocess.Popen(

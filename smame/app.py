@@ -215,7 +215,7 @@ def build_web(
     )
 
     def application() -> object:
-        from web.app import build_app  # FastAPI loads on the web's own thread, once ingest has subscribed
+        from web.app import build_app  # FastAPI loads on the web's own thread
 
         return build_app(context)
 
@@ -366,7 +366,8 @@ class App:
         if self.settings.monitoring.enabled:
             out["metrics"] = self.serve_metrics
         if self.web is not None:
-            out["web"] = functools.partial(self.after_ingest, self.web[0].run, MONITOR_WAIT_S)
+            # at once: FastAPI loads on its thread while the writer process starts, not during the backlog's drain
+            out["web"] = self.web[0].run
         if self.monitor is not None and self.leadership is not None:
             out["security"] = self.standby_security
         return out
