@@ -187,9 +187,8 @@ def build_api(ctx: WebContext) -> FastAPI:
             start = datetime.fromtimestamp(ends[0] - SLOT, zone).isoformat() if ends else ""
             for index, e in enumerate(ends, 1):
                 end = datetime.fromtimestamp(e, zone).isoformat()
-                out.append(
-                    {"date": text, "slot": index, "start": start, "end": end, **_values(by_end.get(e), include_export)}
-                )
+                values = slot_values(by_end.get(e), include_export)
+                out.append({"date": text, "slot": index, "start": start, "end": end, **values})
                 start = end
         return _json({"unit_id": unit_id, "slots": out})
 
@@ -246,7 +245,7 @@ _kwh = functools.lru_cache(maxsize=65536)(format_kwh)
 _flags = functools.lru_cache(maxsize=1024)(lambda flags: tuple(flag_names(flags)))
 
 
-def _values(row: SlotRow | None, include_export: bool) -> dict[str, Any]:
+def slot_values(row: SlotRow | None, include_export: bool) -> dict[str, Any]:
     """A slot's kWh, quality and flags as the API shows them: as in the customer's CSV file (long layout)."""
     if row is None:
         return {"import_kwh": None, "export_kwh": None, "quality": "M", "flags": ()}

@@ -22,10 +22,11 @@ from fastapi.templating import Jinja2Templates
 
 from aggregator.store import SlotRow
 from ftp_gateway.accounts import normalize
-from kernel.meter import E1_UNITS, flag_names
+from kernel.meter import E1_UNITS
 from kernel.timegrid import SLOT
 from monitoring.fleet import STATES, by_customer, fleet_states, state_of
 from web.access import Operators, Session, Sessions
+from web.api import slot_values
 from web.context import WebContext
 
 HERE = Path(__file__).parent
@@ -46,9 +47,14 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
         return await ctx.store.call(sessions.get, secret, int(ctx.clock())) if secret else None
 
     async def form(request: Request) -> dict[str, str] | None:
-        body = await request.body()
-        if len(body) > MAX_FORM:
+        """The posted form's fields, or None when its body is over MAX_FORM: read no further than that."""
+        if int(request.headers.get("content-length", "0") or "0") > MAX_FORM:
             return None
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_FORM:
+                return None
         return {k: v[0] for k, v in parse_qs(body.decode("utf-8", "replace"), max_num_fields=10).items()}
 
     def login_page(request: Request, error: str = "", status: int = 200) -> Response:
@@ -67,8 +73,10 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
         if ctx.bans.banned(address):
             return PlainTextResponse("too many failed attempts from this address: try again later", 429)
         fields = await form(request)
+        if fields is None:
+            return PlainTextResponse(f"a form of over {MAX_FORM} bytes is refused", 413)
         expected = request.cookies.get(LOGIN_CSRF, "")
-        if fields is None or not expected or not hmac.compare_digest(fields.get("csrf", ""), expected):
+        if not expected or not hmac.compare_digest(fields.get("csrf", ""), expected):
             return PlainTextResponse("missing or wrong CSRF token: load the login page again", 403)
         name, password = fields.get("name", "")[:64], fields.get("password", "")[:1024]
         if not await ctx.store.call(operators.check, name, password):
@@ -88,7 +96,9 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
         fields = await form(request)
         if session is None:
             return RedirectResponse("/login", 303)
-        if fields is None or not hmac.compare_digest(fields.get("csrf", ""), session.csrf):
+        if fields is None:
+            return PlainTextResponse(f"a form of over {MAX_FORM} bytes is refused", 413)
+        if not hmac.compare_digest(fields.get("csrf", ""), session.csrf):
             return PlainTextResponse("missing or wrong CSRF token", 403)
         await ctx.store.call(sessions.close, request.cookies.get(COOKIE, ""))
         done = RedirectResponse("/login", 303)
@@ -145,6 +155,7 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
         today = ctx.grid.day_of(ctx.grid.floor(now) + SLOT)
         ends = [e for d in range(days - 1, -1, -1) for e in ctx.grid.day_slots(today - timedelta(days=d)) if e <= now]
         rows = {r.slot: r for r in await ctx.store.call(ctx.store.slots_at, unit.id, ends)}
+        include_export = ctx.registry().customers[unit.customer].include_export
         last = (await ctx.store.call(ctx.store.last_readings, [unit.id]))[unit.id]
         curve: dict[str, Any] = {"zone": ctx.grid.name, "t": [], "actual": [], "estimated": [], "export": []}
         flagged: list[dict[str, str]] = []
@@ -160,12 +171,13 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
             curve["export"].append(_kwh(r.exp, r) if r is not None else None)
             if r is not None and (r.imp_flags | r.exp_flags) and len(flagged) < 200:
                 label = ctx.grid.label(e)
+                shown = slot_values(r, include_export)  # exact, as the API and the files give them
                 flagged.append(
                     {
                         "when": f"{label.day} {label.start}-{label.end}",
-                        "kwh": "" if imp is None else f"{imp:g}",
-                        "quality": quality,
-                        "flags": ", ".join(flag_names(r.imp_flags | r.exp_flags)),
+                        "kwh": shown["import_kwh"] or "",
+                        "quality": shown["quality"],
+                        "flags": ", ".join(shown["flags"]),
                     }
                 )
         context = {

@@ -156,6 +156,8 @@ def test_an_operator_logs_in_and_finds_the_silent_unit(
         cookie = f"smame_session={browser.get_cookie('smame_session')['value']}"  # type: ignore[index]
         assert post(site + "/logout", {}, cookie) == 403  # a form without its CSRF token is refused
         assert post(site + "/login", {"name": "alice", "password": PASSWORD}) == 403  # the login form's too
+        assert post(site + "/login", {"csrf": "x", "name": "a" * 100_000}) == 413  # read no further than 8 KiB
+        assert post(site + "/logout", {"csrf": "x" * 100_000}, cookie) == 413
         browser.find_element(By.CSS_SELECTOR, "form.logout button").click()
         wait(browser).until(expected.url_to_be(site + "/login"))
         with urllib.request.urlopen(urllib.request.Request(site + "/", headers={"Cookie": cookie})) as response:
