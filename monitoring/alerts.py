@@ -7,8 +7,9 @@ data, so it survives restarts and an alert is not announced twice because smame 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 # name -> what an operator reads in the subject line
@@ -25,6 +26,9 @@ TITLES = {
     "security_failed_logins": "security: repeated failed logins",
     "security_unit_mismatch": "security: telegrams under another unit's topic",
 }
+
+
+STATE_KEY = "alert_state"  # the store's meta key of the alerts that hold (the console reads it too)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +90,19 @@ def step(
                 )
             )
     return out, notices
+
+
+def dump_state(active: Mapping[str, Active]) -> str:
+    """The alerts that hold, as the text kept under STATE_KEY."""
+    return json.dumps({k: asdict(v) for k, v in active.items()})
+
+
+def load_state(raw: str) -> dict[str, Active] | None:
+    """The alerts kept by `dump_state`, or None when the text is not such a state."""
+    try:
+        return {str(k): Active(**v) for k, v in json.loads(raw).items()}
+    except (ValueError, TypeError, AttributeError):
+        return None
 
 
 def event(name: str, text: str, now: float) -> Notice:

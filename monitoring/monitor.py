@@ -9,12 +9,11 @@ it queues the previous day's report. Everything sent goes through the outbox.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -34,7 +33,7 @@ from monitoring.security import SecurityEvents
 from monitoring.sources import BanList, BridgeCounters, ExportCounters
 
 log = logging.getLogger("smame.monitor")
-ALERT_STATE = "alert_state"
+ALERT_STATE = alerts.STATE_KEY
 MISMATCH_CURSOR = "security_mismatch_cursor"
 REPORT_DONE = "report_last_day"
 
@@ -140,7 +139,7 @@ class Monitor:
         now = self.clock()
         if not self._loaded:
             self.active = await self.store.call(self._load_state)
-            self._saved = json.dumps({k: asdict(v) for k, v in self.active.items()})
+            self._saved = alerts.dump_state(self.active)
             self._loaded = True
         self.scan = await self.store.call(self._scan, now)
         notices: list[Notice] = []
@@ -153,7 +152,7 @@ class Monitor:
         for n in notices:
             (log.info if n.state == "resolved" else log.warning)("%s: %s", n.subject, n.text)
         messages = [m for n in notices for m in alert_messages(n, self.settings)]
-        state = json.dumps({k: asdict(v) for k, v in self.active.items()})
+        state = alerts.dump_state(self.active)
         if messages or state != self._saved:
             # The new state and what it says go in together: a crash between them can neither lose nor repeat an alert.
             await self.outbox.put(messages, lambda: self.store.set_meta(ALERT_STATE, state))
@@ -295,11 +294,10 @@ class Monitor:
 
     def _load_state(self) -> dict[str, Active]:
         raw = self.store.get_meta(ALERT_STATE, "{}")
-        try:
-            return {k: Active(**v) for k, v in json.loads(raw).items()}
-        except (ValueError, TypeError):
+        state = alerts.load_state(raw)
+        if state is None:
             log.warning("alert state unreadable, starting afresh: %r", raw[:200])
-            return {}
+        return state or {}
 
     def _scan(self, now: float) -> Scan:
         registry = self.registry()
