@@ -19,6 +19,7 @@ _TABLES: dict[str, tuple[str, tuple[str, ...]]] = {
     "api_tokens": ("id, customer, name, hash, created", ("id",)),
     "operators": ("name, hash, created", ("name",)),
     "web_sessions": ("id, operator, csrf, created, seen", ("id",)),
+    "downloads": ("customer, file, at, via, who, count", ("customer", "file")),
 }
 
 

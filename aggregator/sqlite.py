@@ -34,6 +34,7 @@ CREATE TABLE IF NOT EXISTS quarantine (
     id INTEGER PRIMARY KEY AUTOINCREMENT, received BIGINT NOT NULL, topic TEXT NOT NULL, unit TEXT,
     reason TEXT NOT NULL, detail TEXT NOT NULL, payload BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS quarantine_reason ON quarantine (reason, id);
+CREATE INDEX IF NOT EXISTS quarantine_unit ON quarantine (unit, id);
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL UNIQUE, channel TEXT NOT NULL, payload BLOB NOT NULL,
     created REAL NOT NULL, next_try REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
@@ -44,6 +45,9 @@ CREATE TABLE IF NOT EXISTS api_tokens (
 CREATE TABLE IF NOT EXISTS operators (name TEXT PRIMARY KEY, hash TEXT NOT NULL, created BIGINT NOT NULL);
 CREATE TABLE IF NOT EXISTS web_sessions (
     id TEXT PRIMARY KEY, operator TEXT NOT NULL, csrf TEXT NOT NULL, created BIGINT NOT NULL, seen BIGINT NOT NULL);
+CREATE TABLE IF NOT EXISTS downloads (
+    customer TEXT NOT NULL, file TEXT NOT NULL, at BIGINT NOT NULL, via TEXT NOT NULL, who TEXT NOT NULL,
+    count BIGINT NOT NULL, PRIMARY KEY (customer, file)) WITHOUT ROWID;
 """
 
 
@@ -157,6 +161,7 @@ class SqliteStore(Store):
         with self.transaction():
             slots = self.db.execute("DELETE FROM slots WHERE slot < ?", (before,)).rowcount
             self.db.execute("DELETE FROM changes WHERE at < ?", (before,))
+            self.db.execute("DELETE FROM downloads WHERE at < ?", (before,))
         return readings, slots
 
     def backup(self, target: Path) -> None:

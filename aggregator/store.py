@@ -28,7 +28,10 @@ from kernel.reading import Refused
 T = TypeVar("T")
 SCHEMA_VERSION = 1
 REGISTERS = ("fwd", "rev")  # column names; `imp`/`exp` on the slot side
-TABLES = ("meta", "readings", "slots", "changes", "quarantine", "outbox", "api_tokens", "operators", "web_sessions")
+TABLES = (
+    *("meta", "readings", "slots", "changes", "quarantine", "outbox"),
+    *("api_tokens", "operators", "web_sessions", "downloads"),
+)
 
 READING_COLUMNS = "unit, at, meter, fwd, rev, e1, coef, digits, flags, seq, sent, received"
 _SLOT_SET = {
@@ -277,6 +280,19 @@ class Store(ABC):
             out += [SlotRow(*r) for r in self.execute(sql, (unit, *part))]
         return out
 
+    def qualities_at(self, units: list[str], ends: list[int]) -> list[tuple[str, int, str | None]]:
+        """(unit, slot end, import quality) of the stored slots of these units at these ends: key look-ups, as
+        `slots_at`; a slot not stored is missing."""
+        out: list[tuple[str, int, str | None]] = []
+        step = max(1, _LOOKUPS // max(1, len(units)))
+        unit_marks = ",".join("?" * len(units))
+        for i in range(0, len(ends) if units else 0, step):
+            part = ends[i : i + step]
+            marks = ",".join("?" * len(part))
+            sql = f"SELECT unit, slot, imp_q FROM slots WHERE slot IN ({marks}) AND unit IN ({unit_marks})"
+            out += self.execute(sql, (*part, *units)).fetchall()
+        return out
+
     def units_slots(self, ends: list[int], first: str, last: str) -> list[SlotRow]:
         """The slots ending at `ends` of the units from `first` to `last` (by id): one index range per slot
         end, so a share of a large fleet costs its own rows only."""
@@ -286,6 +302,10 @@ class Store(ABC):
             (*ends, first, last),
         )
         return [SlotRow(*r) for r in rows]
+
+    def first_readings(self, units: Iterable[str]) -> dict[str, int | None]:
+        """Time of each unit's oldest reading kept (None: never heard of)."""
+        return {u: self.first_at(u) for u in units}
 
     def last_readings(self, units: Iterable[str]) -> dict[str, int | None]:
         """Time of each unit's newest reading (None: never heard of)."""
@@ -361,6 +381,15 @@ class Store(ABC):
         with self.transaction():
             return int(self.execute("DELETE FROM quarantine WHERE received < ?", (before,)).rowcount)
 
+    def unit_quarantine(self, unit: str, limit: int = 20) -> list[QuarantineRow]:
+        """A unit's newest quarantined items first."""
+        rows = self.execute(
+            "SELECT received, topic, unit, reason, detail, payload, id FROM quarantine WHERE unit = ? "
+            "ORDER BY id DESC LIMIT ?",
+            (unit, limit),
+        ).fetchall()
+        return [QuarantineRow(*r) for r in rows]
+
     def quarantine_after(self, reason: str, after_id: int, limit: int = 1000) -> list[QuarantineRow]:
         """Quarantined items of one reason with ids above `after_id`, oldest first."""
         rows = self.execute(
@@ -375,7 +404,34 @@ class Store(ABC):
         rows = self.execute("SELECT reason, count(*) FROM quarantine GROUP BY reason").fetchall()
         return {r: int(n) for r, n in rows}
 
+    # --- downloads -------------------------------------------------------------------------------
+
+    def record_downloads(self, rows: Iterable[tuple[str, str, int, str, str, int]]) -> None:
+        """Note downloads: (customer, file, at, via, who, count); a file keeps its latest download and its total."""
+        with self.transaction():
+            self.executemany(
+                "INSERT INTO downloads (customer, file, at, via, who, count) VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (customer, file) DO UPDATE SET count = downloads.count + excluded.count, "
+                + ", ".join(
+                    f"{c} = CASE WHEN excluded.at >= downloads.at THEN excluded.{c} ELSE downloads.{c} END"
+                    for c in ("at", "via", "who")
+                ),
+                rows,
+            )
+
+    def downloads(self, customer: str) -> dict[str, tuple[int, str, str, int]]:
+        """A customer's files' latest downloads: file -> (at, via, who, count)."""
+        rows = self.execute("SELECT file, at, via, who, count FROM downloads WHERE customer = ?", (customer,))
+        return {str(f): (int(at), str(via), str(who), int(n)) for f, at, via, who, n in rows}
+
     # --- what the monitor watches ---------------------------------------------------------------
+
+    def unit_quality_counts(self, after: int, until: int) -> list[tuple[str, str | None, int]]:
+        """(unit, import quality, count) of the stored slots with `after < slot <= until`."""
+        rows = self.execute(
+            "SELECT unit, imp_q, count(*) FROM slots WHERE slot > ? AND slot <= ? GROUP BY unit, imp_q", (after, until)
+        ).fetchall()
+        return [(str(u), q, int(n)) for u, q, n in rows]
 
     def slot_quality_counts(self, after: int, until: int) -> dict[str, int]:
         """Stored import slots with `after < slot <= until`, counted by quality."""

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ftp_gateway.downloads import Downloads
 from ftp_gateway.passwords import N, P, R, outdated, verify_password
 from kernel.registry import Registry
 
@@ -36,12 +37,14 @@ class Accounts:
         registry: Callable[[], Registry],
         export_dir: Path,
         rehash: Callable[[str, str], object] = lambda user, password: None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.registry = registry
         self.export_dir = export_dir
         self.rehash = rehash  # stores a new hash of a password whose hash has weaker parameters than today's
         self.on_failed_login: Callable[[str, str], object] = lambda user, address: None  # security events
         self.events: Counter[tuple[str, str]] = Counter()  # (protocol, login|failed_login|download) for metrics
+        self.downloads = Downloads(clock)  # which file was last sent, to whom: the gateway keeps it in the store
         self._rehashed: set[str] = set()
 
     def get(self, user: str) -> Account | None:
@@ -53,6 +56,11 @@ class Accounts:
                     home.mkdir(parents=True, exist_ok=True)
                     return Account(u.name, customer.id, home, u.password_hash, tuple(u.ssh_keys))
         return None
+
+    def downloaded(self, protocol: str, account: Account, file: str) -> None:
+        """Count a file sent (metrics) and note it for the customer's page."""
+        self.events[(protocol, "download")] += 1
+        self.downloads.note(account.customer, Path(file).name, protocol, account.user)
 
     def failed(self, protocol: str, user: str, address: str) -> None:
         """Count a failed login (metrics) and tell whoever watches for security events."""

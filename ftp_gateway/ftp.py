@@ -166,7 +166,9 @@ def _handler(options: FtpOptions, accounts: Accounts, bans: Bans, doorway: Doorw
 
         def on_file_sent(self, file: str) -> None:
             log.info("ftp: download user=%s address=%s file=%s", self.username, self.remote_ip, file)
-            accounts.events[("ftp", "download")] += 1
+            account = accounts.get(self.username)
+            if account is not None:
+                accounts.downloaded("ftp", account, file)
 
         def log_cmd(self, cmd: str, arg: str, respcode: int, respstr: str) -> None:
             if respcode >= 500 and cmd not in ("PASS",):  # refusals, with who and what

@@ -115,7 +115,7 @@ class ReadOnlySFTP(asyncssh.SFTPServer):
             raise asyncssh.SFTPError(asyncssh.FX_PERMISSION_DENIED, "no such account")
         self.home = os.path.realpath(account.home)
         self.address = (chan.get_extra_info("peername") or ("?",))[0]
-        self.events = accounts.events
+        self.account, self.accounts = account, accounts
         super().__init__(chan, chroot=self.home.encode())
 
     def map_path(self, path: bytes) -> bytes:
@@ -131,9 +131,10 @@ class ReadOnlySFTP(asyncssh.SFTPServer):
                 "sftp: refused write user=%s address=%s path=%s", self.user, self.address, path.decode(errors="replace")
             )
             raise _denied("writing")
+        opened = super().open(path, pflags, attrs)
         log.info("sftp: download user=%s address=%s file=%s", self.user, self.address, path.decode(errors="replace"))
-        self.events[("sftp", "download")] += 1
-        return super().open(path, pflags, attrs)
+        self.accounts.downloaded("sftp", self.account, path.decode(errors="replace"))
+        return opened
 
     def _refuse(self, what: str) -> NoReturn:
         log.warning("sftp: refused %s user=%s address=%s", what, self.user, self.address)

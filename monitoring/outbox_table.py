@@ -83,6 +83,19 @@ class OutboxTable:
         ).fetchone()
         return {"pending": int(row[0]), "sent": int(row[1]), "given_up": int(row[2])}
 
+    def health(self, since: float) -> tuple[int, float | None, int, str]:
+        """Messages not sent yet, when the oldest of them was queued, how many were given up since `since`, and
+        the newest error of a message not sent."""
+        row = self.store.execute(
+            "SELECT count(*), min(created) FROM outbox WHERE sent IS NULL AND given_up IS NULL"
+        ).fetchone()
+        gave_up = self.store.execute("SELECT count(*) FROM outbox WHERE given_up >= ?", (since,)).fetchone()[0]
+        error = self.store.execute(
+            "SELECT last_error FROM outbox WHERE sent IS NULL AND last_error != '' ORDER BY id DESC LIMIT 1"
+        ).fetchone()
+        oldest = None if row[1] is None else float(row[1])
+        return int(row[0]), oldest, int(gave_up), str(error[0]) if error else ""
+
     def prune(self, before: float) -> None:
         """Forget sent and abandoned messages older than `before`."""
         self.store.execute(

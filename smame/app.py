@@ -41,6 +41,7 @@ from monitoring.metrics import SmameCollector, Sources
 from monitoring.monitor import Monitor, Watched
 from monitoring.outbox import Channel, Outbox
 from monitoring.slack import SlackChannel
+from monitoring.sources import ExportCounters
 from smame.users import set_password
 from web.context import WebContext
 from web.server import WebServer
@@ -161,8 +162,14 @@ def build_exporter(
     )
 
 
-def build_gateway(settings: Settings, registry: RegistryHolder) -> FileGateway | None:
-    """FTP/FTPS and SFTP over the export directory, as the settings enable them."""
+def build_gateway(
+    settings: Settings,
+    registry: RegistryHolder,
+    clock: Callable[[], float] = time.time,
+    store: Callable[[], Store] | None = None,
+) -> FileGateway | None:
+    """FTP/FTPS and SFTP over the export directory, as the settings enable them; with `store`, which files were
+    downloaded is kept on a connection it opens (closed by the caller: `FileGateway.store`)."""
     f, s = settings.ftp, settings.sftp
     if not (f.enabled or s.enabled):
         return None
@@ -171,6 +178,7 @@ def build_gateway(settings: Settings, registry: RegistryHolder) -> FileGateway |
         lambda: registry.current,
         settings.export.dir,
         lambda user, password: set_password(settings.registry.customers, user, password),
+        clock,
     )
     bans = Bans(f.ban_after, f.ban_window_s, f.ban_s)
     doorway = Doorway(f.max_unauthenticated_per_ip, f.max_unauthenticated, f.login_timeout_s)
@@ -192,11 +200,16 @@ def build_gateway(settings: Settings, registry: RegistryHolder) -> FileGateway |
             f.fail_delay_s,
         )
     sftp = (s.host, s.port, s.host_key or settings.data_dir / "ssh_host_ed25519_key") if s.enabled else None
-    return FileGateway(accounts, bans, doorway, ftp, sftp)
+    return FileGateway(accounts, bans, doorway, ftp, sftp, store() if store else None)
 
 
 def build_web(
-    settings: Settings, registry: RegistryHolder, grid: Grid, bans: Bans, clock: Callable[[], float]
+    settings: Settings,
+    registry: RegistryHolder,
+    grid: Grid,
+    bans: Bans,
+    clock: Callable[[], float],
+    exporter: ExportCounters | None = None,
 ) -> tuple[WebServer, Store]:
     """The web server with the API and the console, on a store connection of its own (returned: closed when
     smame stops)."""
@@ -212,6 +225,8 @@ def build_web(
         settings.web.max_days,
         settings.ftp.fail_delay_s,
         settings.alerts.silent_after_s,
+        settings.export.retention_days,
+        exporter,
     )
 
     def application() -> object:
@@ -320,7 +335,8 @@ class App:
         rules = Rules(grid.on_boundary, i.clock_tolerance_s, i.max_age_days * 86400, i.max_readings)
         bridge = Bridge(broker_target(settings), commit, lambda: registry.current.units, rules)
         exporter = build_exporter(settings, registry, grid, clock) if settings.export.enabled else None
-        gateway = build_gateway(settings, registry)
+        # `smame serve-files` (on a host that may not reach the store) has none: its downloads are only logged
+        gateway = build_gateway(settings, registry, clock, lambda: open_store(settings, application_name="smame files"))
         monitor = None
         if settings.alerts.enabled or settings.report.enabled:
             # A connection of its own: scans and the outbox never wait on ingest or export.
@@ -350,7 +366,7 @@ class App:
             bans = gateway.bans if gateway is not None else Bans(f.ban_after, f.ban_window_s, f.ban_s)
             if monitor is not None and gateway is None:
                 bans.on_ban = monitor.security.ban
-            web = build_web(settings, registry, grid, bans, clock)
+            web = build_web(settings, registry, grid, bans, clock, exporter.stats if exporter else None)
         return cls(settings, registry, writer, bridge, exporter, gateway, monitor, leadership, web)
 
     def services(self) -> dict[str, Callable[[], Awaitable[None]]]:
@@ -566,6 +582,8 @@ class App:
                 self.monitor.store.close()
             if self.web is not None:
                 self.web[1].close()
+            if self.gateway is not None and self.gateway.store is not None:
+                self.gateway.store.close()
         log.info("smame stopped")
 
 

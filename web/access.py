@@ -22,6 +22,7 @@ from ftp_gateway.passwords import N, P, R, hash_password, verify_password
 TOKEN = re.compile(r"smame_(?P<id>[0-9a-f]{12})_(?P<secret>[A-Za-z0-9_-]{43})")
 OPERATOR = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
 LABEL_MAX = 200
+SESSION_COOKIE = "smame_session"  # the console's session cookie, which the API also takes from operators
 SESSION_IDLE_S = 8 * 3600
 SESSION_MAX_S = 24 * 3600
 # compared against when the operator does not exist, so that a failure takes the same time either way

@@ -1,5 +1,6 @@
 """The JSON API v1 (`../shared/design/api.md`): a customer's machine reads its own units, their slots and its
-daily CSV files with a bearer token.
+daily CSV files with a bearer token; an operator logged in to the console reads every customer's with the
+console's session cookie.
 
 A unit or customer that is not the caller's answers 404 exactly as one that does not exist. kWh are decimal
 strings formatted by the same function as the CSV files (`kernel.meter.format_kwh`), so the API and the files
@@ -11,7 +12,9 @@ agree to the digit; times are ISO 8601 with the configured zone's offset. Every 
 import asyncio
 import functools
 import logging
+from dataclasses import dataclass
 from datetime import date, datetime, timedelta
+from operator import attrgetter
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -28,7 +31,7 @@ from csv_export.files import path_of
 from ftp_gateway.accounts import normalize
 from kernel.meter import flag_names, format_kwh
 from kernel.timegrid import SLOT, Grid
-from web.access import Tokens
+from web.access import SESSION_COOKIE, TOKEN, Sessions, Tokens
 from web.context import WebContext
 
 log = logging.getLogger("smame.web")
@@ -40,6 +43,18 @@ _CHARSET = {"utf-8": "utf-8", "cp932": "windows-31j"}  # the IANA name of what P
 
 class ApiError(HTTPException):
     """An answer with a status and a reason, sent as `{"error": reason}`."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reader:
+    """Who calls: a customer's token (`customer`) or an operator's console session (`customer` None: all)."""
+
+    customer: str | None
+    who: str
+
+    def sees(self, customer: str) -> bool:
+        """Whether this caller may read `customer`'s units and files."""
+        return self.customer is None or self.customer == customer
 
 
 class Error(BaseModel):
@@ -96,7 +111,7 @@ def build_api(ctx: WebContext) -> FastAPI:
         docs_url=None,  # the interactive pages load scripts from a CDN: none at run time
         redoc_url=None,
     )
-    tokens = Tokens(ctx.store)
+    tokens, sessions = Tokens(ctx.store), Sessions(ctx.store)
 
     async def json_error(request: Request, exc: Exception) -> JSONResponse:
         if isinstance(exc, HTTPException):
@@ -116,29 +131,39 @@ def build_api(ctx: WebContext) -> FastAPI:
     async def caller(
         request: Request,
         bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(HTTPBearer(auto_error=False))],
-    ) -> str:
-        """The customer whose token the request carries; refuses with 401 (after the slow-down) or 429."""
+    ) -> Reader:
+        """The customer whose token the request carries, or the operator whose console session cookie it
+        carries; refuses with 401 (a wrong token after the slow-down) or 429."""
         address = normalize(request.client.host if request.client else "")
         if ctx.bans.banned(address):
             raise ApiError(429, "too many failed attempts from this address: try again later", {"Retry-After": "600"})
         if bearer is None or not bearer.credentials.strip():
-            raise ApiError(401, "an API token is needed: Authorization: Bearer <token>", {"WWW-Authenticate": "Bearer"})
-        customer = await ctx.store.call(tokens.customer_of, bearer.credentials.strip())
+            secret = request.cookies.get(SESSION_COOKIE, "")
+            session = await ctx.store.call(sessions.get, secret, int(ctx.clock())) if secret else None
+            if session is None:
+                raise ApiError(
+                    401, "an API token is needed: Authorization: Bearer <token>", {"WWW-Authenticate": "Bearer"}
+                )
+            return Reader(None, f"operator {session.operator}")
+        token = bearer.credentials.strip()
+        customer = await ctx.store.call(tokens.customer_of, token)
         if customer is None or customer not in ctx.registry().customers:
             ctx.bans.failed(address)
             await asyncio.sleep(ctx.fail_delay_s)  # a guesser learns slowly; the loop serves others meanwhile
             raise ApiError(401, "this API token is not valid", {"WWW-Authenticate": "Bearer"})
         ctx.bans.succeeded(address)
-        return customer
+        match = TOKEN.fullmatch(token)
+        return Reader(customer, f"token {match['id'] if match else '?'}")
 
-    Caller = Annotated[str, Depends(caller)]
+    Caller = Annotated[Reader, Depends(caller)]
     router = APIRouter(prefix="/api/v1")
 
     @router.get("/units", response_model=Units, responses=_refusals(401, 429, 503))
-    async def units(customer: Caller) -> Response:
-        """The caller's units, with the time of each one's newest reading."""
+    async def units(reader: Caller) -> Response:
+        """The caller's units (an operator's: every unit), with the time of each one's newest reading."""
         registry = ctx.registry()
-        own = registry.units_of(customer)
+        every = sorted(registry.units.values(), key=attrgetter("id")) if reader.customer is None else []
+        own = registry.units_of(reader.customer) if reader.customer is not None else every
         last = await ctx.store.call(ctx.store.last_readings, [u.id for u in own])
         return _json(
             {
@@ -157,7 +182,7 @@ def build_api(ctx: WebContext) -> FastAPI:
 
     @router.get("/units/{unit_id}/slots", response_model=Slots, responses=_refusals(400, 401, 404, 429, 503))
     async def slots(
-        customer: Caller,
+        reader: Caller,
         unit_id: Annotated[str, PathParam(max_length=64)],
         first: Annotated[date, Query(alias="from", description="the first local day, YYYY-MM-DD")],
         last: Annotated[date | None, Query(alias="to", description="the last local day (default: from)")] = None,
@@ -166,7 +191,7 @@ def build_api(ctx: WebContext) -> FastAPI:
         closed; at most `max_days` days."""
         registry = ctx.registry()
         unit = registry.units.get(unit_id)
-        if unit is None or unit.customer != customer:
+        if unit is None or not reader.sees(unit.customer):
             raise ApiError(404, f"no unit {unit_id}")
         last = last or first
         for name, day in (("from", first), ("to", last)):
@@ -176,7 +201,7 @@ def build_api(ctx: WebContext) -> FastAPI:
             raise ApiError(400, "to: before from")
         if (last - first).days + 1 > ctx.max_days:
             raise ApiError(400, f"to: at most {ctx.max_days} days in one call")
-        include_export = registry.customers[customer].include_export
+        include_export = registry.customers[unit.customer].include_export
         upto = int(ctx.clock())
         days = [(d, [e for e in ctx.grid.day_slots(d) if e <= upto]) for d in _days(first, last)]
         rows = await ctx.store.call(ctx.store.slots_at, unit_id, [e for _, ends in days for e in ends])
@@ -201,19 +226,26 @@ def build_api(ctx: WebContext) -> FastAPI:
         },
     )
     async def day_file(
-        customer: Caller,
+        reader: Caller,
         customer_id: Annotated[str, PathParam(max_length=64)],
         day: Annotated[date, PathParam(description="the local day, YYYY-MM-DD")],
     ) -> Response:
         """The same bytes as the customer's CSV file of that day (as the file gateway serves them)."""
-        if customer_id != customer:
+        customer = ctx.registry().customers.get(customer_id)
+        if customer is None or not reader.sees(customer_id):
             raise ApiError(404, f"no customer {customer_id}")
-        path = path_of(ctx.export_dir, customer, day)
+        path = path_of(ctx.export_dir, customer_id, day)
         try:
             data = await asyncio.get_running_loop().run_in_executor(None, path.read_bytes)
         except FileNotFoundError:
             raise ApiError(404, f"no file of {customer_id} for {day.isoformat()}") from None
-        charset = _CHARSET[ctx.registry().customers[customer].encoding]
+        if reader.customer is not None:  # the customer's downloads, as the file gateway notes them (not operators')
+            row = (customer_id, path.name, int(ctx.clock()), "api", reader.who, 1)
+            try:
+                await ctx.store.call(ctx.store.record_downloads, [row])
+            except ctx.store.errors as e:  # the file is served all the same
+                log.warning("download of %s not recorded: %s", path.name, e)
+        charset = _CHARSET[customer.encoding]
         return Response(
             data,
             media_type=f"text/csv; charset={charset}",

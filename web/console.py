@@ -9,6 +9,7 @@ slowed down and counted on the node's one ban list, as on the file gateway. Page
 import asyncio
 import hmac
 import math
+import os
 import secrets
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -21,18 +22,24 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
 from aggregator.store import SlotRow
+from csv_export.exporter import SUCCEEDED
+from csv_export.files import NAME
 from ftp_gateway.accounts import normalize
 from kernel.meter import E1_UNITS
 from kernel.timegrid import SLOT
+from monitoring import alerts
 from monitoring.fleet import STATES, by_customer, fleet_states, state_of
-from web.access import Operators, Session, Sessions
+from monitoring.outbox_table import OutboxTable
+from web.access import SESSION_COOKIE, Operators, Session, Sessions
 from web.api import slot_values
 from web.context import WebContext
+from web.overview import Share, completeness_map, customer_shares
 
 HERE = Path(__file__).parent
-COOKIE = "smame_session"
 LOGIN_CSRF = "smame_login_csrf"  # the login form's token, before there is a session (double-submit cookie)
 PAGE = 50  # units a page
+MAP_PAGE = 20  # units a page of a customer's completeness map (each a row of up to 45 days)
+SHARES_S = 60.0  # the fleet's completeness by customer is counted again at most this often (a scan of 2 days)
 MAX_FORM = 8 * 1024
 
 
@@ -43,7 +50,7 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
     sessions, operators = Sessions(ctx.store), Operators(ctx.store)
 
     async def session_of(request: Request) -> Session | None:
-        secret = request.cookies.get(COOKIE, "")
+        secret = request.cookies.get(SESSION_COOKIE, "")
         return await ctx.store.call(sessions.get, secret, int(ctx.clock())) if secret else None
 
     async def form(request: Request) -> dict[str, str] | None:
@@ -86,7 +93,7 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
         ctx.bans.succeeded(address)
         secret, _ = await ctx.store.call(sessions.open, name, int(ctx.clock()))
         done = RedirectResponse("/", 303)
-        done.set_cookie(COOKIE, secret, httponly=True, samesite="strict", secure=_secure(request), path="/")
+        done.set_cookie(SESSION_COOKIE, secret, httponly=True, samesite="strict", secure=_secure(request), path="/")
         done.delete_cookie(LOGIN_CSRF, path="/login")
         return done
 
@@ -100,10 +107,40 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
             return PlainTextResponse(f"a form of over {MAX_FORM} bytes is refused", 413)
         if not hmac.compare_digest(fields.get("csrf", ""), session.csrf):
             return PlainTextResponse("missing or wrong CSRF token", 403)
-        await ctx.store.call(sessions.close, request.cookies.get(COOKIE, ""))
+        await ctx.store.call(sessions.close, request.cookies.get(SESSION_COOKIE, ""))
         done = RedirectResponse("/login", 303)
-        done.delete_cookie(COOKIE, path="/")
+        done.delete_cookie(SESSION_COOKIE, path="/")
         return done
+
+    shares: dict[str, Any] = {"at": -math.inf}  # the fleet's completeness by customer, as last counted
+
+    def count_shares(now: int) -> dict[str, Any]:
+        """Each customer's share of today's closed half hours and yesterday's (on the store's thread)."""
+        registry = ctx.registry()
+        customer_of = {u.id: u.customer for u in registry.units.values()}
+        today = ctx.grid.day_of(ctx.grid.floor(now) + SLOT)
+        out: dict[str, Any] = {"at": now}
+        for name, day in (("today", today), ("yesterday", today - timedelta(days=1))):
+            ends = [e for e in ctx.grid.day_slots(day) if e <= now]
+            counts = ctx.store.unit_quality_counts(ends[0] - SLOT, ends[-1]) if ends else []
+            out[name] = customer_shares(counts, customer_of, len(ends))
+        return out
+
+    def health(now: float) -> dict[str, Any]:
+        """Export and delivery as the store and this node's exporter tell them (on the store's thread)."""
+        raw = ctx.store.get_meta(alerts.STATE_KEY, "{}")
+        pending, oldest, gave_up, error = OutboxTable(ctx.store).health(now - 86400)
+        export = ctx.export
+        return {
+            "alerts": sorted((alerts.load_state(raw) or {}).items(), key=lambda kv: kv[1].since),
+            "exported": float(ctx.store.get_meta(SUCCEEDED, "0") or 0),
+            "export_failures": export.failures if export else None,
+            "export_error": export.last_error if export else "",
+            "pending": pending,
+            "oldest": oldest,
+            "gave_up": gave_up,
+            "delivery_error": error,
+        }
 
     @app.get("/", include_in_schema=False, response_class=HTMLResponse)
     async def fleet(request: Request, q: str = "", state: str = "", page: int = 1) -> Response:
@@ -114,6 +151,8 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
         units = sorted(registry.units.values(), key=lambda u: u.id)
         last = await ctx.store.call(ctx.store.last_readings, [u.id for u in units])
         now = ctx.clock()
+        if now - shares["at"] >= SHARES_S or now < shares["at"]:
+            shares.update(await ctx.store.call(count_shares, int(now)))
         states = fleet_states(units, last, now, ctx.silent_after_s)
         q, state = q.strip()[:64], state if state in STATES else ""
         chosen = [
@@ -127,12 +166,28 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
             {**_fields(s), "last_text": _local(s.last, ctx) if s.last is not None else "never"}
             for s in chosen[(page - 1) * PAGE : page * PAGE]
         ]
+        silent = sorted((s for s in states if s.state == "silent"), key=lambda s: (s.last or 0, s.unit))
+        about = await ctx.store.call(health, now)
         context = {
             "session": session,
             "states": STATES,
-            "customers": list(by_customer(states).items()),
+            "customers": [
+                (c, counts, shares["today"].get(c, Share()), shares["yesterday"].get(c, Share()))
+                for c, counts in by_customer(states).items()
+            ],
+            "shares_at": _local(int(shares["at"]), ctx),
             "total": len(states),
             "now": _local(int(now), ctx),
+            "silent": [{**_fields(s), "last_text": _local(s.last or 0, ctx)} for s in silent[:10]],
+            "silent_count": len(silent),
+            "alerts": [
+                {"title": alerts.TITLES.get(name, name), "since": _local(int(a.since), ctx), "text": a.text}
+                for name, a in about["alerts"]
+            ],
+            "exported": _local(int(about["exported"]), ctx) if about["exported"] else "never",
+            "export_age_s": now - about["exported"] if about["exported"] else None,
+            "about": about,
+            "oldest": _local(int(about["oldest"]), ctx) if about["oldest"] else "",
             "q": q,
             "state": state,
             "rows": rows,
@@ -141,6 +196,58 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
             "pages": pages,
         }
         return templates.TemplateResponse(request, "fleet.html", context)
+
+    @app.get("/customers/{customer_id}", include_in_schema=False, response_class=HTMLResponse)
+    async def customer_page(request: Request, customer_id: str, page: int = 1) -> Response:
+        session = await session_of(request)
+        if session is None:
+            return RedirectResponse("/login", 303)
+        registry = ctx.registry()
+        customer = registry.customers.get(customer_id)
+        if customer is None:
+            return PlainTextResponse(f"no customer {customer_id[:64]}", 404)
+        now = int(ctx.clock())
+        units = registry.units_of(customer.id)
+        pages = max(1, math.ceil(len(units) / MAP_PAGE))
+        page = min(max(page, 1), pages)
+        shown = units[(page - 1) * MAP_PAGE : page * MAP_PAGE]
+        today = ctx.grid.day_of(ctx.grid.floor(now) + SLOT)
+        days = [today - timedelta(days=d) for d in range(ctx.file_days - 1, -1, -1)]
+        spans = [(d, [e for e in ctx.grid.day_slots(d) if e <= now]) for d in days]
+        ids = [u.id for u in shown]
+        rows = await ctx.store.call(ctx.store.qualities_at, ids, [e for _, ends in spans for e in ends])
+        first = await ctx.store.call(ctx.store.first_readings, ids)
+        cells = completeness_map(rows, first, spans)
+        last = await ctx.store.call(ctx.store.last_readings, ids)
+        downloads = await ctx.store.call(ctx.store.downloads, customer.id)
+        files = await asyncio.get_running_loop().run_in_executor(None, _files, ctx.export_dir / customer.id)
+        context = {
+            "session": session,
+            "customer": customer,
+            "units": len(units),
+            "days": days,
+            "map": [
+                {
+                    **_fields(s),
+                    "last_text": _local(s.last, ctx) if s.last is not None else "never",
+                    "cells": cells[s.unit],
+                }
+                for s in fleet_states(shown, last, now, ctx.silent_after_s)
+            ],
+            "page": page,
+            "pages": pages,
+            "files": [
+                {
+                    "name": name,
+                    "day": f"{name[-12:-8]}-{name[-8:-6]}-{name[-6:-4]}",
+                    "size": size,
+                    "modified": _local(int(mtime), ctx),
+                    "download": _download(downloads.get(name), ctx),
+                }
+                for name, size, mtime in files
+            ],
+        }
+        return templates.TemplateResponse(request, "customer.html", context)
 
     @app.get("/units/{unit_id}", include_in_schema=False, response_class=HTMLResponse)
     async def unit_page(request: Request, unit_id: str, days: int = 2) -> Response:
@@ -180,9 +287,13 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
                         "flags": ", ".join(shown["flags"]),
                     }
                 )
+        quarantined = await ctx.store.call(ctx.store.unit_quarantine, unit.id, 20)
         context = {
             "session": session,
             "unit": unit,
+            "quarantined": [
+                {"received": _local(q.received, ctx), "reason": q.reason, "detail": q.detail[:300]} for q in quarantined
+            ],
             "last": _local(last, ctx) if last is not None else "never",
             "state": state_of(last, now, ctx.silent_after_s),
             "days": days,
@@ -199,6 +310,27 @@ def _kwh(raw: int | None, row: SlotRow) -> float | None:
     if raw is None or row.e1 is None or row.coef is None or row.e1 not in E1_UNITS:
         return None
     return float(raw * row.coef * E1_UNITS[row.e1])
+
+
+def _files(directory: Path) -> list[tuple[str, int, float]]:
+    """A customer's CSV files, newest day first: (name, size, modified)."""
+    out = []
+    try:
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if entry.name.endswith(".csv") and NAME.match(entry.name) and entry.is_file(follow_symlinks=False):
+                    st = entry.stat(follow_symlinks=False)
+                    out.append((entry.name, st.st_size, st.st_mtime))
+    except FileNotFoundError:
+        return []
+    return sorted(out, reverse=True)
+
+
+def _download(row: tuple[int, str, str, int] | None, ctx: WebContext) -> str:
+    if row is None:
+        return ""
+    at, via, who, count = row
+    return f"{_local(at, ctx)} over {via} by {who}" + (f" ({count} in all)" if count > 1 else "")
 
 
 def _secure(request: Request) -> bool:

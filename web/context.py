@@ -10,12 +10,14 @@ from aggregator.store import Store
 from ftp_gateway.accounts import Bans
 from kernel.registry import Registry
 from kernel.timegrid import Grid
+from monitoring.sources import ExportCounters
 
 
 @dataclass
 class WebContext:
     """The store (a connection of the web server's own), the registry in force, the slot grid, the export
-    directory, the ban list shared with the file gateway, the clock, and the settings the pages need."""
+    directory, the ban list shared with the file gateway, the clock, the settings the pages need, and this
+    node's exporter's counters (None: it exports nothing)."""
 
     store: Store
     registry: Callable[[], Registry]
@@ -26,3 +28,5 @@ class WebContext:
     max_days: int = 45
     fail_delay_s: float = 3.0
     silent_after_s: int = 7200
+    file_days: int = 45  # export.retention_days: the customer page's map spans the days files are kept
+    export: ExportCounters | None = None

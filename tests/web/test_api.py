@@ -7,6 +7,7 @@ import io
 import json
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
@@ -28,7 +29,7 @@ from kernel.registry import Registry, load_registry
 from kernel.timegrid import SLOT, Grid
 from tests.databases import BACKENDS
 from tests.helpers import serving
-from web.access import Tokens
+from web.access import SESSION_COOKIE, Operators, Sessions, Tokens
 from web.api import build_api
 from web.context import WebContext
 from web.server import WebServer
@@ -68,10 +69,12 @@ class Api:
     store_url: str
     bans: Bans
 
-    def get(self, path: str, token: str | None = None) -> tuple[int, dict[str, str], bytes]:
+    def get(self, path: str, token: str | None = None, cookie: str = "") -> tuple[int, dict[str, str], bytes]:
         request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}")
         if token is not None:
             request.add_header("Authorization", f"Bearer {token}")
+        if cookie:
+            request.add_header("Cookie", f"{SESSION_COOKIE}={cookie}")
         try:
             with urllib.request.urlopen(request, timeout=10) as response:
                 return response.status, dict(response.headers), response.read()
@@ -222,6 +225,35 @@ def test_a_days_csv_is_the_files_bytes_in_its_encoding(api: Api) -> None:
     assert status == 404
 
 
+def test_an_operators_console_session_reads_every_customer_and_only_customers_downloads_are_noted(
+    api: Api,
+) -> None:
+    day = TODAY - timedelta(days=1)
+    names = {c: path_of(api.root, c, day).name for c in ("C1", "C2")}
+    with open_url(api.store_url) as store:
+        Operators(store).add("olga", "olga-password-1", int(NOW))
+        cookie, _ = Sessions(store).open("olga", int(NOW))
+        before = {c: store.downloads(c).get(names[c]) for c in names}
+    units = json.loads(api.get("/api/v1/units", cookie=cookie)[2])["units"]
+    assert [u["unit_id"] for u in units] == ["U1", "U2", "U3"]  # both customers' units
+    assert api.get(f"/api/v1/units/U3/slots?from={TODAY}", cookie=cookie)[0] == 200
+    for customer in names:
+        assert api.get(f"/api/v1/customers/{customer}/days/{day}.csv", cookie=cookie)[0] == 200
+    assert api.get("/api/v1/units", cookie="not-a-session")[0] == 401
+    with open_url(api.store_url) as store:  # an operator's look is not the customer's download
+        assert {c: store.downloads(c).get(names[c]) for c in names} == before
+    assert api.get(f"/api/v1/customers/C1/days/{day}.csv", api.tokens["C1"])[0] == 200
+    with open_url(api.store_url) as store:
+        _, via, who, count = store.downloads("C1")[names["C1"]]
+        assert (via, who, count) == (
+            "api",
+            f"token {api.tokens['C1'].split('_')[1]}",
+            (before["C1"] or (0,) * 4)[3] + 1,
+        )
+        Operators(store).remove("olga")
+    assert api.get("/api/v1/units", cookie=cookie)[0] == 401  # a removed operator's session ends at once
+
+
 HOSTILE = [
     ("/api/v1/units/U1/slots", 400),  # no from
     ("/api/v1/units/U1/slots?from=2026-13-01", 400),
@@ -305,3 +337,17 @@ def test_slots_looked_up_by_their_ends_are_the_slots_of_the_range(
             assert len(store.slots_at(unit, ends[::3])) == len(
                 [r for r in store.slots(unit, 0, 2**62) if r.slot in ends[::3]]
             )
+
+
+def test_the_consoles_counts_of_qualities_agree_with_the_slots(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    # what the customer page's map and the fleet's completeness count, on both backends, against the slots
+    monkeypatch.setattr("aggregator.store._LOOKUPS", 50)  # several statements
+    ends = sorted(e for day in range(4) for e in GRID.day_slots(TODAY - timedelta(days=day)))
+    with open_url(world.store_url) as store:
+        stored = {(u, r.slot): r.imp_q for u in ("U1", "U2", "U3") for r in store.slots(u, 0, 2**62)}
+        assert sorted(store.qualities_at(["U1", "U2"], ends)) == sorted(
+            (u, e, q) for (u, e), q in stored.items() if u != "U3" and e in ends
+        )
+        counts = Counter({(u, q): n for u, q, n in store.unit_quality_counts(ends[0] - SLOT, ends[-1])})
+        assert counts == Counter((u, q) for (u, e), q in stored.items() if e in ends)
+        assert {q for (_, q) in counts} == {"A", "E", "M"}  # every quality counted

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.cookiejar
+import re
 import shutil
 import time
 import urllib.error
@@ -82,9 +83,16 @@ def test_an_operator_logs_in_and_finds_the_silent_unit(
     write_registry(workdir, {"U1": "C1", "U2": "C1", "U3": "C2"})
     port = free_port()
     env = smame_env(
-        workdir, broker.port, SMAME_WEB__ENABLED="true", SMAME_WEB__PORT=str(port), SMAME_FTP__FAIL_DELAY_S="0.5"
+        workdir,
+        broker.port,
+        SMAME_WEB__ENABLED="true",
+        SMAME_WEB__PORT=str(port),
+        SMAME_FTP__FAIL_DELAY_S="0.5",
+        SMAME_ALERTS__SILENT_UNITS_MIN="1",  # U2's silence is an alert the fleet page shows
+        SMAME_ALERTS__CHECK_S="1",
     )
     smame(["operators", "add", "alice", "--password-stdin"], env, stdin=PASSWORD + "\n")
+    token = smame(["tokens", "add", "C1"], env).stdout.strip().split()[-1]
     proc = start_smame(env, workdir / "smame.log")
     try:
         wait_log(workdir / "smame.log", "web server listening")
@@ -103,9 +111,11 @@ def test_an_operator_logs_in_and_finds_the_silent_unit(
                     if k != 3
                 ),
                 ("smame/v1/U2/reading", telegram("U2", [(old, 200)], sent=fresh)),  # 4 h ago: silent
+                ("smame/v1/U1/reading", b"{not json"),  # quarantined, shown on U1's page
             ],
         )  # U3 never heard
         wait_readings(workdir / "data" / "smame.db", 9)
+        wait_log(workdir / "smame.log", "many units silent")
         site = f"http://127.0.0.1:{port}"
 
         browser.get(site + "/")
@@ -126,7 +136,18 @@ def test_an_operator_logs_in_and_finds_the_silent_unit(
             for row in browser.find_elements(By.CSS_SELECTOR, "#summary tbody tr")
         }
         # units, reporting, late, silent, never heard
-        assert summary == {"C1": ["2", "1", "0", "1", "0"], "C2": ["1", "0", "0", "0", "1"]}
+        assert {c: cells[:5] for c, cells in summary.items()} == {
+            "C1": ["2", "1", "0", "1", "0"],
+            "C2": ["1", "0", "0", "0", "1"],
+        }
+        # today's and yesterday's completeness: U1's 6 actual and 2 estimated half hours, wherever midnight falls
+        shares = [
+            [int(n) for n in re.findall(r"\d+", cell.get_attribute("title") or "")]
+            for cell in browser.find_elements(By.CSS_SELECTOR, "#summary tbody tr:first-child td")[6:]
+        ]
+        assert [sum(s[i] for s in shares) for i in range(2)] == [6, 2], shares
+        assert "many units silent" in browser.find_element(By.ID, "alerts").text
+        assert "U2" in browser.find_element(By.ID, "silent").text
         shot(browser, "fleet")
 
         Select(browser.find_element(By.NAME, "state")).select_by_value("silent")
@@ -151,7 +172,34 @@ def test_an_operator_logs_in_and_finds_the_silent_unit(
         assert drawn[1] == 6 and drawn[2] == 2 and drawn[3] == 1, drawn  # 6 actual, 2 estimated, one canvas
         assert drawn[0] >= 8 and drawn[0] <= 2 * slots_today  # today and yesterday so far
         assert browser.find_element(By.TAG_NAME, "h1").text == "Unit U1"
+        assert "malformed" in browser.find_element(By.ID, "quarantine").text
         shot(browser, "unit")
+
+        day = datetime.fromtimestamp(newest, JST).date()  # a file the customer fetches, shown on its page
+        smame(["export", "--customer", "C1", "--date", day.isoformat()], env)  # now, not at the next half hour
+        api = urllib.request.Request(f"{site}/api/v1/customers/C1/days/{day}.csv")
+        api.add_header("Authorization", f"Bearer {token}")
+        with urllib.request.urlopen(api, timeout=10) as response:
+            assert response.status == 200
+        browser.find_element(By.LINK_TEXT, "C1").click()  # the customer's page: completeness map and files
+        wait(browser).until(expected.url_to_be(site + "/customers/C1"))
+        units = {
+            r.find_element(By.TAG_NAME, "td").text: r for r in browser.find_elements(By.CSS_SELECTOR, "#map tr")[1:]
+        }
+        assert list(units) == ["U1", "U2"]
+        cells = units["U1"].find_elements(By.CSS_SELECTOR, "td.cell")
+        assert len(cells) == 45  # the days files are kept
+        counts = [
+            [int(n) for n in re.findall(r": (\d+) actual, (\d+) estimated", c.get_attribute("title") or "")[0]]
+            for c in cells
+        ]
+        assert [sum(c[i] for c in counts) for i in range(2)] == [6, 2]
+        assert "none" in (cells[0].get_attribute("class") or "")  # 44 days ago: before U1's first reading
+        u2 = [c.get_attribute("class") or "" for c in units["U2"].find_elements(By.CSS_SELECTOR, "td.cell")]
+        assert any("empty" in c for c in u2[-2:]), u2[-2:]  # silent since its one reading: every half hour missing
+        files = browser.find_element(By.ID, "files").text
+        assert f"C1_{day:%Y%m%d}.csv" in files and "over api by token" in files
+        shot(browser, "customer")
 
         cookie = f"smame_session={browser.get_cookie('smame_session')['value']}"  # type: ignore[index]
         assert post(site + "/logout", {}, cookie) == 403  # a form without its CSRF token is refused
