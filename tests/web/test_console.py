@@ -77,6 +77,30 @@ def post(url: str, fields: dict[str, str], cookie: str = "") -> int:
         return exc.code
 
 
+HOSTILE = [  # a page's parameters, however wrong, get a page or a reason, never an error of the server
+    ("/?page=-5&state=nonsense", 200),
+    ("/?page=" + "9" * 30, 200),
+    ("/?q=" + "x" * 5000, 200),
+    ("/?page=abc", 400),
+    ("/units/U1?days=-3", 200),
+    ("/units/U1?days=100000", 200),
+    ("/units/" + "U" * 5000, 404),
+    ("/units/..%2F..%2Fetc%2Fpasswd", 404),
+    ("/customers/..%2FC2", 404),
+    ("/customers/C1?page=0", 200),
+    ("/customers/C1?page=1e9", 400),
+    ("/static/..%2F..%2Fweb%2Fconsole.py", 404),
+]
+
+
+def get(url: str, cookie: str) -> int:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers={"Cookie": cookie}), timeout=10) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
 def test_an_operator_logs_in_and_finds_the_silent_unit(
     broker: Mosquitto, workdir: Path, browser: webdriver.Chrome
 ) -> None:
@@ -202,6 +226,8 @@ def test_an_operator_logs_in_and_finds_the_silent_unit(
         shot(browser, "customer")
 
         cookie = f"smame_session={browser.get_cookie('smame_session')['value']}"  # type: ignore[index]
+        for path, status in HOSTILE:
+            assert get(site + path, cookie) == status, path
         assert post(site + "/logout", {}, cookie) == 403  # a form without its CSRF token is refused
         assert post(site + "/login", {"name": "alice", "password": PASSWORD}) == 403  # the login form's too
         assert post(site + "/login", {"csrf": "x", "name": "a" * 100_000}) == 413  # read no further than 8 KiB
