@@ -129,11 +129,17 @@ class Operators:
         """(name, created) of every operator, by name."""
         return [(str(n), int(c)) for n, c in self.store.execute("SELECT name, created FROM operators ORDER BY name")]
 
-    def check(self, name: str, password: str) -> bool:
-        """Whether the password is the operator's (the same work whether the operator exists or not)."""
+    def hash_of(self, name: str) -> str | None:
+        """The operator's password hash (None: no such operator)."""
         row = self.store.execute("SELECT hash FROM operators WHERE name = ?", (name,)).fetchone()
-        ok = verify_password(password, row[0] if row is not None else _NO_OPERATOR)
-        return ok and row is not None
+        return None if row is None else str(row[0])
+
+    @staticmethod
+    def verify(password: str, stored: str | None) -> bool:
+        """Whether the password matches the hash `hash_of` gave, with the same work when there was none. Slow
+        on purpose (scrypt, about 0.2 s): call it off the store's thread, which other requests wait on."""
+        ok = verify_password(password, stored if stored is not None else _NO_OPERATOR)
+        return ok and stored is not None
 
 
 @dataclass(frozen=True, slots=True)

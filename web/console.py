@@ -26,6 +26,7 @@ from csv_export.exporter import SUCCEEDED
 from csv_export.files import NAME
 from ftp_gateway.accounts import normalize
 from kernel.meter import E1_UNITS
+from kernel.reading import REASONS
 from kernel.timegrid import SLOT
 from monitoring import alerts
 from monitoring.fleet import STATES, by_customer, fleet_states, state_of
@@ -39,6 +40,7 @@ HERE = Path(__file__).parent
 LOGIN_CSRF = "smame_login_csrf"  # the login form's token, before there is a session (double-submit cookie)
 PAGE = 50  # units a page
 MAP_PAGE = 20  # units a page of a customer's completeness map (each a row of up to 45 days)
+QUARANTINE_PAGE = 50  # newest refused telegrams shown
 SHARES_S = 60.0  # the fleet's completeness by customer is counted again at most this often (a scan of 2 days)
 MAX_FORM = 8 * 1024
 
@@ -86,7 +88,8 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
         if not expected or not hmac.compare_digest(fields.get("csrf", ""), expected):
             return PlainTextResponse("missing or wrong CSRF token: load the login page again", 403)
         name, password = fields.get("name", "")[:64], fields.get("password", "")[:1024]
-        if not await ctx.store.call(operators.check, name, password):
+        stored = await ctx.store.call(operators.hash_of, name)
+        if not await asyncio.get_running_loop().run_in_executor(None, operators.verify, password, stored):
             ctx.bans.failed(address)
             await asyncio.sleep(ctx.fail_delay_s)
             return login_page(request, "Wrong name or password.", 401)
@@ -196,6 +199,34 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
             "pages": pages,
         }
         return templates.TemplateResponse(request, "fleet.html", context)
+
+    @app.get("/quarantine", include_in_schema=False, response_class=HTMLResponse)
+    async def quarantine(request: Request, reason: str = "") -> Response:
+        session = await session_of(request)
+        if session is None:
+            return RedirectResponse("/login", 303)
+        reason = reason if reason in REASONS else ""
+        counts = await ctx.store.call(ctx.store.quarantine_counts)
+        items = await ctx.store.call(ctx.store.quarantine, reason or None, QUARANTINE_PAGE)
+        units = ctx.registry().units
+        context = {
+            "session": session,
+            "counts": sorted(counts.items()),
+            "reason": reason,
+            "items": [
+                {
+                    "received": _local(q.received, ctx),
+                    "unit": q.unit or "",
+                    "known": q.unit in units,
+                    "topic": q.topic[:200],
+                    "reason": q.reason,
+                    "detail": q.detail[:300],
+                    "payload": q.payload[:120].decode("utf-8", "replace"),
+                }
+                for q in items
+            ],
+        }
+        return templates.TemplateResponse(request, "quarantine.html", context)
 
     @app.get("/customers/{customer_id}", include_in_schema=False, response_class=HTMLResponse)
     async def customer_page(request: Request, customer_id: str, page: int = 1) -> Response:

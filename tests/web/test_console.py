@@ -90,6 +90,7 @@ HOSTILE = [  # a page's parameters, however wrong, get a page or a reason, never
     ("/customers/C1?page=0", 200),
     ("/customers/C1?page=1e9", 400),
     ("/static/..%2F..%2Fweb%2Fconsole.py", 404),
+    ("/quarantine?reason=%3Cscript%3E", 200),
 ]
 
 
@@ -136,6 +137,7 @@ def test_an_operator_logs_in_and_finds_the_silent_unit(
                 ),
                 ("smame/v1/U2/reading", telegram("U2", [(old, 200)], sent=fresh)),  # 4 h ago: silent
                 ("smame/v1/U1/reading", b"{not json"),  # quarantined, shown on U1's page
+                ("smame/v1/U9/reading", b"<script>window.pwned=1</script>"),  # unknown unit, shown as text
             ],
         )  # U3 never heard
         wait_readings(workdir / "data" / "smame.db", 9)
@@ -224,6 +226,17 @@ def test_an_operator_logs_in_and_finds_the_silent_unit(
         files = browser.find_element(By.ID, "files").text
         assert f"C1_{day:%Y%m%d}.csv" in files and "over api by token" in files
         shot(browser, "customer")
+
+        browser.find_element(By.LINK_TEXT, "Quarantine").click()  # every refused telegram, by reason
+        wait(browser).until(expected.url_to_be(site + "/quarantine"))
+        reasons = {
+            r.text.rsplit(" ", 1)[0]: r.text.rsplit(" ", 1)[1]
+            for r in browser.find_elements(By.CSS_SELECTOR, "#reasons tbody tr")
+        }
+        assert reasons == {"not_json": "2"}, reasons
+        assert "<script>window.pwned=1</script>" in browser.find_element(By.ID, "quarantined").text
+        assert browser.execute_script("return window.pwned === undefined")  # shown, never run
+        shot(browser, "quarantine")
 
         cookie = f"smame_session={browser.get_cookie('smame_session')['value']}"  # type: ignore[index]
         for path, status in HOSTILE:
