@@ -240,6 +240,19 @@ def smame_env(workdir: Path, port: int, **extra: str) -> dict[str, str]:
     return env
 
 
+def gateway_env(ftp: int, sftp: int) -> dict[str, str]:
+    """Settings for FTP/FTPS and SFTP on these ports of 127.0.0.1, with ten passive ports of their own."""
+    return dict(
+        SMAME_FTP__ENABLED="true",
+        SMAME_SFTP__ENABLED="true",
+        SMAME_FTP__HOST="127.0.0.1",
+        SMAME_FTP__PORT=str(ftp),
+        SMAME_SFTP__HOST="127.0.0.1",
+        SMAME_SFTP__PORT=str(sftp),
+        SMAME_FTP__PASSIVE_PORTS=f"{40000 + ftp % 20000}-{40009 + ftp % 20000}",
+    )
+
+
 def smame(
     args: list[str], env: dict[str, str], check: bool = True, stdin: str | None = None
 ) -> subprocess.CompletedProcess[str]:

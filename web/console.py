@@ -13,10 +13,10 @@ import os
 import secrets
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import parse_qs
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
@@ -54,6 +54,19 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
     async def session_of(request: Request) -> Session | None:
         secret = request.cookies.get(SESSION_COOKIE, "")
         return await ctx.store.call(sessions.get, secret, int(ctx.clock())) if secret else None
+
+    async def logged_in(request: Request) -> Session:
+        """The page's operator session; without one, the answer is the login page."""
+        session = await session_of(request)
+        if session is None:
+            raise _LoginFirst
+        return session
+
+    async def login_first(request: Request, exc: Exception) -> Response:
+        return RedirectResponse("/login", 303)
+
+    app.add_exception_handler(_LoginFirst, login_first)
+    Operator = Annotated[Session, Depends(logged_in)]
 
     async def form(request: Request) -> dict[str, str] | None:
         """The posted form's fields, or None when its body is over MAX_FORM: read no further than that."""
@@ -146,10 +159,7 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
         }
 
     @app.get("/", include_in_schema=False, response_class=HTMLResponse)
-    async def fleet(request: Request, q: str = "", state: str = "", page: int = 1) -> Response:
-        session = await session_of(request)
-        if session is None:
-            return RedirectResponse("/login", 303)
+    async def fleet(request: Request, session: Operator, q: str = "", state: str = "", page: int = 1) -> Response:
         registry = ctx.registry()
         units = sorted(registry.units.values(), key=lambda u: u.id)
         last = await ctx.store.call(ctx.store.last_readings, [u.id for u in units])
@@ -201,10 +211,7 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
         return templates.TemplateResponse(request, "fleet.html", context)
 
     @app.get("/quarantine", include_in_schema=False, response_class=HTMLResponse)
-    async def quarantine(request: Request, reason: str = "") -> Response:
-        session = await session_of(request)
-        if session is None:
-            return RedirectResponse("/login", 303)
+    async def quarantine(request: Request, session: Operator, reason: str = "") -> Response:
         reason = reason if reason in REASONS else ""
         counts = await ctx.store.call(ctx.store.quarantine_counts)
         items = await ctx.store.call(ctx.store.quarantine, reason or None, QUARANTINE_PAGE)
@@ -229,10 +236,7 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
         return templates.TemplateResponse(request, "quarantine.html", context)
 
     @app.get("/customers/{customer_id}", include_in_schema=False, response_class=HTMLResponse)
-    async def customer_page(request: Request, customer_id: str, page: int = 1) -> Response:
-        session = await session_of(request)
-        if session is None:
-            return RedirectResponse("/login", 303)
+    async def customer_page(request: Request, session: Operator, customer_id: str, page: int = 1) -> Response:
         registry = ctx.registry()
         customer = registry.customers.get(customer_id)
         if customer is None:
@@ -281,10 +285,7 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
         return templates.TemplateResponse(request, "customer.html", context)
 
     @app.get("/units/{unit_id}", include_in_schema=False, response_class=HTMLResponse)
-    async def unit_page(request: Request, unit_id: str, days: int = 2) -> Response:
-        session = await session_of(request)
-        if session is None:
-            return RedirectResponse("/login", 303)
+    async def unit_page(request: Request, session: Operator, unit_id: str, days: int = 2) -> Response:
         unit = ctx.registry().units.get(unit_id)
         if unit is None:
             return PlainTextResponse(f"no unit {unit_id[:64]}", 404)
@@ -334,6 +335,10 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
             "flagged": flagged,
         }
         return templates.TemplateResponse(request, "unit.html", context)
+
+
+class _LoginFirst(Exception):
+    """A page asked for without a live session."""
 
 
 def _kwh(raw: int | None, row: SlotRow) -> float | None:

@@ -5,10 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 from aggregator.sqlite import SqliteStore
-from csv_export.files import write_if_changed
 from ftp_gateway.downloads import Downloads
-from tests.ftp_gateway.test_gateway import PASSWORDS, Gateway, ftps, retr, sftp
-from tests.helpers import Mosquitto, free_port, smame, smame_env, start_smame, stop, wait_log, write_registry
+from tests.ftp_gateway.test_gateway import PASSWORDS, Gateway, ftps, retr, sftp, write_files
+from tests.helpers import (
+    Mosquitto,
+    free_port,
+    gateway_env,
+    smame,
+    smame_env,
+    start_smame,
+    stop,
+    wait_log,
+    write_registry,
+)
 
 
 def test_noted_downloads_merge_back_when_the_store_could_not_take_them() -> None:
@@ -25,21 +34,9 @@ def test_noted_downloads_merge_back_when_the_store_could_not_take_them() -> None
 
 def test_downloads_over_ftps_and_sftp_are_kept_in_the_store(broker: Mosquitto, workdir: Path) -> None:
     write_registry(workdir, {"U1": "C1", "U2": "C2"})
-    export = workdir / "data" / "export"
-    for customer in ("C1", "C2"):
-        write_if_changed(export / customer / f"{customer}_20261123.csv", f"unit_id\n{customer}-data\n".encode())
+    export = write_files(workdir)
     ftp, sftp_port = free_port(), free_port()
-    env = smame_env(
-        workdir,
-        broker.port,
-        SMAME_FTP__ENABLED="true",
-        SMAME_SFTP__ENABLED="true",
-        SMAME_FTP__HOST="127.0.0.1",
-        SMAME_FTP__PORT=str(ftp),
-        SMAME_SFTP__HOST="127.0.0.1",
-        SMAME_SFTP__PORT=str(sftp_port),
-        SMAME_FTP__PASSIVE_PORTS=f"{40000 + ftp % 20000}-{40009 + ftp % 20000}",
-    )
+    env = smame_env(workdir, broker.port, **gateway_env(ftp, sftp_port))
     smame(["users", "add", "C1", "alice", "--password-stdin"], env, stdin=PASSWORDS["alice"] + "\n")
     log = workdir / "smame.log"
     proc = start_smame(env, log)

@@ -24,7 +24,17 @@ import paramiko
 import pytest
 
 from csv_export.files import write_if_changed
-from tests.helpers import STARTED, free_port, real_processes, smame, smame_env, wait_log, wait_until, write_registry
+from tests.helpers import (
+    STARTED,
+    free_port,
+    gateway_env,
+    real_processes,
+    smame,
+    smame_env,
+    wait_log,
+    wait_until,
+    write_registry,
+)
 
 PASSWORDS = {"alice": "alice-password-1", "bob": "bob-password-22"}
 
@@ -39,27 +49,27 @@ class Gateway:
     proc: subprocess.Popen[bytes]
 
 
+def write_files(workdir: Path) -> Path:
+    """A file of C1's and one of C2's in the export directory under `workdir`, which is returned."""
+    export = workdir / "data" / "export"
+    for customer in ("C1", "C2"):
+        write_if_changed(export / customer / f"{customer}_20261123.csv", f"unit_id\n{customer}-data\n".encode())
+    return export
+
+
 @pytest.fixture(params=[True], ids=["tls-required"])
 def gateway(workdir: Path, request: pytest.FixtureRequest) -> Iterator[Gateway]:
     real_processes()
     write_registry(workdir, {"U1": "C1", "U2": "C2"})
-    export = workdir / "data" / "export"
-    for customer in ("C1", "C2"):
-        write_if_changed(export / customer / f"{customer}_20261123.csv", f"unit_id\n{customer}-data\n".encode())
+    export = write_files(workdir)
     ftp, sftp = free_port(), free_port()
     env = smame_env(
         workdir,
         1883,
-        SMAME_FTP__ENABLED="true",
-        SMAME_SFTP__ENABLED="true",
-        SMAME_FTP__HOST="127.0.0.1",
-        SMAME_FTP__PORT=str(ftp),
-        SMAME_SFTP__HOST="127.0.0.1",
-        SMAME_SFTP__PORT=str(sftp),
+        **gateway_env(ftp, sftp),
         SMAME_FTP__FAIL_DELAY_S="0.05",
         SMAME_FTP__BAN_AFTER="3",
         SMAME_FTP__BAN_S="3",
-        SMAME_FTP__PASSIVE_PORTS=f"{40000 + ftp % 20000}-{40009 + ftp % 20000}",
         SMAME_FTP__TLS_REQUIRED=str(request.param).lower(),
         SMAME_FTP__LOGIN_TIMEOUT_S="5",  # three scrypt checks (0.2-0.7 s each here) fit well within it
         SMAME_FTP__MAX_UNAUTHENTICATED="6",

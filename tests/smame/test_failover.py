@@ -32,6 +32,7 @@ from tests.helpers import (
     JST,
     Mosquitto,
     free_port,
+    gateway_env,
     publish,
     scrape,
     smame,
@@ -275,13 +276,7 @@ def test_both_nodes_serve_the_same_files_over_ftps_and_sftp(
     for name in ("a", "b"):
         ftp, sftp_port = free_port(), free_port()
         gateways[name] = dict(
-            SMAME_FTP__ENABLED="true",
-            SMAME_SFTP__ENABLED="true",
-            SMAME_FTP__HOST="127.0.0.1",
-            SMAME_FTP__PORT=str(ftp),
-            SMAME_SFTP__HOST="127.0.0.1",
-            SMAME_SFTP__PORT=str(sftp_port),
-            SMAME_FTP__PASSIVE_PORTS=f"{40000 + ftp % 20000}-{40009 + ftp % 20000}",
+            **gateway_env(ftp, sftp_port),
             SMAME_MONITORING__ENABLED="true",
             SMAME_MONITORING__HOST="127.0.0.1",
             SMAME_MONITORING__METRICS_PORT=str(free_port()),
