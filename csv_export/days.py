@@ -16,7 +16,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -28,8 +28,9 @@ import polars as pl
 
 from aggregator.backends import is_postgres
 from aggregator.sqlite import sqlite_path
+from csv_export.co2 import totals_bytes, totals_path
 from csv_export.files import path_of, write_if_changed
-from csv_export.render import SLOT_SCHEMA, Layout, render
+from csv_export.render import SLOT_SCHEMA, Layout, render_with_totals
 from kernel.timegrid import SLOT, SlotLabel
 
 # Every column typed in every row: the driver infers a column's type from its first rows, and a day whose
@@ -67,6 +68,7 @@ class DayJob:
     labels: tuple[tuple[int, SlotLabel], ...]
     customers: tuple[CustomerFiles, ...]
     root: str
+    files: bool = True  # False: a day past the files' retention whose month's CO2 summary is still kept
 
 
 def worker_init() -> None:
@@ -149,11 +151,17 @@ def _write_day(job: DayJob) -> tuple[list[Path], int]:
     parts = slots.join(owners, on="unit", how="inner").partition_by("customer", as_dict=True, include_key=False)
     empty = slots.clear()
     # A file is written and fsynced while the next one renders: the disk and the CPU work at once.
+    root = Path(job.root)
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="export-write") as disk:
-        pending = []
+        pending: list[tuple[Path | None, Future[bool]]] = []
         for c in job.customers:
-            path = path_of(Path(job.root), c.customer, job.day)
-            data = render(job.day, job.labels, c.units, parts.get((c.customer,), empty), c.layout)
-            pending.append((path, disk.submit(write_if_changed, path, data)))
+            path = path_of(root, c.customer, job.day)
+            data, totals = render_with_totals(job.day, job.labels, c.units, parts.get((c.customer,), empty), c.layout)
+            if totals is not None and c.layout.co2 is not None:  # kept for the month's summary, before the file
+                kept = totals_path(root, c.customer, job.day)
+                pending.append((None, disk.submit(write_if_changed, kept, totals_bytes(totals, c.layout.co2), False)))
+            if job.files:
+                pending.append((path, disk.submit(write_if_changed, path, data)))
         changed = [(path, f.result()) for path, f in pending]  # the first failure (disk full) is raised here
-    return [path for path, wrote in changed if wrote], sum(1 for _, wrote in changed if not wrote)
+    files = [(path, wrote) for path, wrote in changed if path is not None]  # the totals are not customers' files
+    return [path for path, wrote in files if wrote], sum(1 for _, wrote in files if not wrote)

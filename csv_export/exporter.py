@@ -2,7 +2,10 @@
 
 It asks the store which (customer, day) pairs changed since its cursor, has export workers render
 each affected day with one scan of the store (`csv_export.days`, several days in parallel), writes
-only files whose bytes differ, deletes files past retention and then advances the cursor. A failure
+only files whose bytes differ, deletes files past retention and then advances the cursor. For customers
+with emissions it also renders the days whose emission factors changed since the directory's files were
+written (a correction, a factor newly published, the customer's supplier changed) and writes the monthly
+CO2 summary of every month it touched. A failure
 (disk full, directory gone) leaves the cursor where it was, so the next run retries; ingest is never
 held up. It runs on its own SQLite connection and thread; rendering runs in the worker processes.
 """
@@ -10,6 +13,7 @@ held up. It runs on its own SQLite connection and thread; rendering runs in the 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import multiprocessing
 import time
@@ -17,14 +21,23 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta
 from pathlib import Path
 
 from aggregator.store import Store
+from csv_export.co2 import (
+    SUMMARY_NAME,
+    TOTALS_DIR,
+    month_of,
+    month_summary,
+    summary_bytes,
+    summary_path,
+)
 from csv_export.days import SHARE_UNITS, CustomerFiles, DayJob, worker_init, write_day
-from csv_export.files import check_writable, expired, read_cursor, write_cursor
+from csv_export.files import check_writable, expired, read_cursor, write_cursor, write_if_changed
 from csv_export.render import Layout
+from kernel.emissions import fiscal_year
 from kernel.registry import Customer, Registry, Unit
 from kernel.timegrid import SLOT, Grid
 from kernel.wake import wait_woken
@@ -57,9 +70,41 @@ class RunResult:
     days: int = 0
 
 
+FACTORS_SEEN = "factors.json"  # in TOTALS_DIR: the emission factors the directory's files were rendered with
+
+
 def layout_of(customer: Customer) -> Layout:
-    """A customer's CSV options."""
+    """A customer's CSV options (without a day's emission factors)."""
     return Layout(customer.layout == "wide", customer.encoding, customer.newline, customer.include_export)
+
+
+def factors_in_force(registry: Registry, first: date, last: date) -> dict[str, dict[str, str]]:
+    """Per customer with emissions, per fiscal year from `first` to `last`, what its days are rendered with."""
+    out: dict[str, dict[str, str]] = {}
+    for c in registry.customers.values():
+        if not c.co2_columns:
+            continue
+        for fiscal in range(fiscal_year(first), fiscal_year(last) + 1):
+            day = max(first, date(fiscal, 4, 1))
+            out.setdefault(c.id, {})[str(fiscal)] = repr(registry.day_factors(c.id, day))
+    return out
+
+
+def refactored(
+    seen: dict[str, dict[str, str]], now: dict[str, dict[str, str]], first: date, last: date
+) -> set[tuple[str, date]]:
+    """The (customer, day) pairs from `first` to `last` whose emission factors differ between `seen` and `now`
+    (a customer that turned emissions on or off included)."""
+    out = set()
+    for customer in seen.keys() | now.keys():
+        before, after = seen.get(customer, {}), now.get(customer, {})
+        changed = {int(fy) for fy in before.keys() | after.keys() if before.get(fy) != after.get(fy)}
+        day = first
+        while day <= last:
+            if fiscal_year(day) in changed:
+                out.add((customer, day))
+            day += timedelta(days=1)
+    return out
 
 
 def shares(files: list[CustomerFiles], least: int) -> list[tuple[CustomerFiles, ...]]:
@@ -137,11 +182,18 @@ class Exporter:
         pairs: Iterable[tuple[str, date]],
         now: float,
         progress: Callable[[int, int], None] = lambda done, total: None,
+        files_from: date | None = None,
     ) -> RunResult:
-        """Render and write the given (customer, day) files as of `now` (today's file up to the last closed slot)."""
+        """Render and write the given (customer, day) files as of `now` (today's file up to the last closed slot),
+        then the CO2 summary of each month they touched. Days before `files_from` only update their month's
+        summary (their files are past retention)."""
         upto = self.grid.floor(now - self.grace_s)
         registry = self.registry()
-        pairs = [(c, d) for c, d in pairs if c in registry.customers]
+        pairs = [
+            (c, d)
+            for c, d in pairs
+            if c in registry.customers and (files_from is None or d >= files_from or registry.customers[c].co2_columns)
+        ]
         first = self.first_days(registry, pairs)
         by_day: dict[date, set[str]] = {}
         for customer, day in pairs:
@@ -153,12 +205,21 @@ class Exporter:
         # run, one day by hand) enough shares that every worker has one. Each job reads its own units' rows.
         least = max(1, self.workers // max(1, len(by_day)))
         jobs = [
-            DayJob(self.store.url, day, tuple(self.grid.closed(day, upto)), share, str(self.root))
+            DayJob(
+                self.store.url,
+                day,
+                tuple(self.grid.closed(day, upto)),
+                share,
+                str(self.root),
+                files_from is None or day >= files_from,
+            )
             for day, customers in sorted(by_day.items())
             for share in shares(
                 [
                     CustomerFiles(
-                        c, layout_of(registry.customers[c]), tuple((u.id, u.meter) for u in registry.units_of(c))
+                        c,
+                        replace(layout_of(registry.customers[c]), co2=registry.day_factors(c, day)),
+                        tuple((u.id, u.meter) for u in registry.units_of(c)),
                     )
                     for c in sorted(customers)
                 ],
@@ -168,8 +229,23 @@ class Exporter:
         result = RunResult()
         if jobs:
             self._write(jobs, len(by_day), result, progress)
+        months = {(c, month_of(d)) for d, cs in by_day.items() for c in cs if registry.customers[c].co2_columns}
+        for customer, month in sorted(months):
+            self._summarize(registry.customers[customer], month, result)
         self.store.set_meta(SUCCEEDED, repr(now))
         return result
+
+    def _summarize(self, customer: Customer, month: date, result: RunResult) -> None:
+        """Write a customer's CO2 summary of a month from its days' totals, if its bytes changed."""
+        named = f"{customer.supplier}/{customer.menu}" if customer.supplier else ""
+        summary = month_summary(self.root, customer.id, month, named)
+        if summary is None:
+            return
+        path = summary_path(self.root, customer.id, month)
+        if write_if_changed(path, summary_bytes(summary, layout_of(customer))):
+            result.written.append(path)
+        else:
+            result.unchanged += 1
 
     def first_days(self, registry: Registry, pairs: list[tuple[str, date]]) -> dict[str, date]:
         """The first local day with data of each customer of `pairs` that has any: no file is written for a day
@@ -237,16 +313,53 @@ class Exporter:
         today = self.grid.day_of(self.grid.floor(now - self.grace_s))
         local_today = datetime.fromtimestamp(now, self.grid.zone).date()
         first_kept = local_today - timedelta(days=self.retention_days)
+        # a month's CO2 summary is kept while any of its days' files is: its days are summed from the 1st
+        first_summed = month_of(first_kept)
+        registry = self.registry()
         pairs = {(c, date.fromisoformat(d)) for c, d in changed}
-        pairs = {(c, d) for c, d in pairs if d >= first_kept}
-        pairs |= {(c, today) for c in self.registry().customers}
-        result = self.export(pairs, now)
-        for old in expired(self.root, local_today, self.retention_days):
+        pairs = {
+            (c, d)
+            for c, d in pairs
+            if d >= first_kept or (d >= first_summed and c in registry.customers and registry.customers[c].co2_columns)
+        }
+        pairs |= {(c, today) for c in registry.customers}
+        in_force = factors_in_force(registry, first_summed, today)
+        seen = self._factors_seen()
+        pairs |= {(c, d) for c, d in refactored(seen, in_force, first_summed, today) if c in registry.customers}
+        result = self.export(pairs, now, files_from=first_kept)
+        for old in [*expired(self.root, local_today, self.retention_days), *self._expired_co2(first_kept)]:
             old.unlink(missing_ok=True)
             result.deleted.append(old)
+        if in_force != seen:
+            seen_path = self.root / TOTALS_DIR / FACTORS_SEEN
+            write_if_changed(seen_path, json.dumps(in_force, sort_keys=True).encode(), with_checksum=False)
         write_cursor(self.root, newest)
         self._prune(now)
         return result
+
+    def _factors_seen(self) -> dict[str, dict[str, str]]:
+        """The emission factors the directory's files were last rendered with ({} when unknown)."""
+        try:
+            seen = json.loads((self.root / TOTALS_DIR / FACTORS_SEEN).read_text())
+        except (OSError, ValueError):
+            return {}
+        return seen if isinstance(seen, dict) else {}
+
+    def _expired_co2(self, first_kept: date) -> list[Path]:
+        """Monthly summaries whose month ended before `first_kept`, and days' totals before its month."""
+        out = []
+        first_summed = f"{month_of(first_kept):%Y%m%d}"
+        for customer_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
+            if customer_dir.name == TOTALS_DIR:
+                for kept in sorted(customer_dir.glob("*/*.csv")):
+                    if kept.stem.isdigit() and kept.stem < first_summed:
+                        out.append(kept)
+                continue
+            for f in customer_dir.iterdir():
+                m = SUMMARY_NAME.match(f.name)
+                if m and m["month"] < f"{first_kept:%Y%m}":
+                    out.append(f)
+        return sorted(out)
 
     def _prune(self, now: float) -> None:
         day = datetime.fromtimestamp(now, self.grid.zone).date()

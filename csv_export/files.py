@@ -21,18 +21,20 @@ def path_of(root: Path, customer: str, day: date) -> Path:
     return root / customer / f"{customer}_{day:%Y%m%d}.csv"
 
 
-def write_if_changed(path: Path, data: bytes) -> bool:
-    """Write the file and its `.sha256` atomically unless it already holds these bytes; True if written."""
+def write_if_changed(path: Path, data: bytes, with_checksum: bool = True) -> bool:
+    """Write the file and (for a customer's file) its `.sha256` atomically unless it already holds these bytes;
+    True if written."""
     checksum = path.with_name(path.name + ".sha256")
     try:
-        if path.read_bytes() == data and checksum.exists():
+        if path.read_bytes() == data and (checksum.exists() or not with_checksum):
             return False
     except FileNotFoundError:
         pass
     path.parent.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256(data).hexdigest()
     _atomic(path, data)
-    _atomic(checksum, f"{digest}  {path.name}\n".encode())  # the format `sha256sum -c` reads
+    if with_checksum:
+        digest = hashlib.sha256(data).hexdigest()
+        _atomic(checksum, f"{digest}  {path.name}\n".encode())  # the format `sha256sum -c` reads
     return True
 
 

@@ -1,7 +1,9 @@
 """Slots of one customer and local day -> the bytes of its CSV file (pure: no clock, no I/O).
 
 Long layout: one row per unit and slot. Wide layout: one row per unit and direction, a column per
-slot labelled by its end, and a quality string with one letter per slot. Re-rendering the same
+slot labelled by its end, and a quality string with one letter per slot. A customer with emissions gets
+the imported energy's CO2, location- and market-based, as two more columns (long) or directions (wide),
+and the day's totals per unit for its monthly summary. Re-rendering the same
 slots gives the same bytes. The work is done in polars over a day's slots as columns: turning
 480,000 rows into Python objects, not writing them, was most of an export's time.
 """
@@ -15,10 +17,22 @@ from datetime import date
 import polars as pl
 
 from aggregator.store import SlotRow
+from kernel.emissions import DayFactors, Factor, grams, kwh_e4
 from kernel.meter import format_kwh
 from kernel.timegrid import SlotLabel
 
 LONG_HEADER = ("unit_id", "meter_id", "date", "slot", "start", "end", "import_kwh", "export_kwh", "quality")
+CO2_COLUMNS = ("co2_location_kg", "co2_market_kg")
+# A customer's day of emissions per unit: what its monthly summary adds up (energy in 0.0001 kWh, CO2 in g).
+TOTALS_SCHEMA = {
+    "unit": pl.String,
+    "kwh_e4": pl.Int64,
+    "location_g": pl.Int64,
+    "market_g": pl.Int64,
+    "slots": pl.Int64,
+    "estimated": pl.Int64,
+    "missing": pl.Int64,
+}
 # The columns of the store's slot rows (`SlotRow`) that a file shows: a day's slots as the renderer reads them.
 SLOT_SCHEMA = {
     "slot": pl.Int64,
@@ -42,6 +56,7 @@ class Layout:
     encoding: str = "utf-8"  # or "cp932"
     newline: str = "\n"
     include_export: bool = True
+    co2: DayFactors | None = None  # the day's emission factors; None: no CO2 columns
 
 
 def slots_frame(rows: Iterable[SlotRow]) -> pl.DataFrame:
@@ -62,18 +77,33 @@ def render(
     `units`: the customer's (unit_id, registry meter_id), in file order; `slots`: stored slots in
     `SLOT_SCHEMA` (other units and slots are ignored; absent slots are missing).
     """
-    grid = _grid(labels, units, slots)
+    return render_with_totals(day, labels, units, slots, layout)[0]
+
+
+def render_with_totals(
+    day: date,
+    labels: Sequence[tuple[int, SlotLabel]],
+    units: Sequence[tuple[str, str]],
+    slots: pl.DataFrame,
+    layout: Layout,
+) -> tuple[bytes, pl.DataFrame | None]:
+    """The file as `render` makes it, and with emissions the day's totals per unit in `TOTALS_SCHEMA`."""
+    grid = _grid(labels, units, slots, layout.co2)
     header, lines = _wide(day, labels, grid, layout) if layout.wide else _long(day, grid, layout)
     # joined inside polars: half a million Python strings would cost more than the rendering
     body = lines.str.join(layout.newline).item() if len(lines) else ""
     text = header + layout.newline + (body + layout.newline if body else "")
-    return text.encode(layout.encoding, errors="replace")
+    return text.encode(layout.encoding, errors="replace"), None if layout.co2 is None else _totals(grid)
 
 
 def _grid(
-    labels: Sequence[tuple[int, SlotLabel]], units: Sequence[tuple[str, str]], slots: pl.DataFrame
+    labels: Sequence[tuple[int, SlotLabel]],
+    units: Sequence[tuple[str, str]],
+    slots: pl.DataFrame,
+    co2: DayFactors | None = None,
 ) -> pl.DataFrame:
-    """Every (unit, slot) of the file in order, with its stored values where there are some."""
+    """Every (unit, slot) of the file in order, with its stored values where there are some (and its import's
+    energy in 0.0001 kWh and CO2 in grams, with emissions)."""
     slot_order = pl.DataFrame(
         {
             "slot": [e for e, _ in labels],
@@ -89,7 +119,65 @@ def _grid(
     )
     cells = unit_order.join(slot_order, how="cross")
     grid = cells.join(slots.select(SLOT_SCHEMA.keys()), on=["unit", "slot"], how="left", maintain_order="left")
-    return grid.with_columns(imp_kwh=_kwh(grid, "imp"), exp_kwh=_kwh(grid, "exp"))
+    grid = grid.with_columns(imp_kwh=_kwh(grid, "imp"), exp_kwh=_kwh(grid, "exp"))
+    if co2 is None:
+        return grid
+    grid = grid.with_columns(imp_e4=_e4(grid))
+    grid = grid.with_columns(location_g=_grams(grid, co2.location), market_g=_grams(grid, co2.market))
+    # kg with three decimals, as format_grams writes them (energies are never negative)
+    return grid.with_columns(
+        **{
+            name: (
+                (pl.col(g) // 1000).cast(pl.String) + "." + (pl.col(g) % 1000).cast(pl.String).str.zfill(3)
+            ).fill_null("")
+            for name, g in _CO2
+        }
+    )
+
+
+_CO2 = (("co2_location_kg", "location_g"), ("co2_market_kg", "market_g"))
+
+
+def _e4(grid: pl.DataFrame) -> pl.Series:
+    """The imported energy of each slot in 0.0001 kWh (null where missing), each distinct value worked out once."""
+    present = grid.select("e1", "coef", "imp").drop_nulls().unique()
+    values = present.with_columns(e4=pl.Series([kwh_e4(r, e, c) for e, c, r in present.iter_rows()], dtype=pl.Int64))
+    return grid.select("e1", "coef", "imp").join(values, on=["e1", "coef", "imp"], how="left", maintain_order="left")[
+        "e4"
+    ]
+
+
+def _grams(grid: pl.DataFrame, factor: Factor | None) -> pl.Series:
+    """Each slot's CO2 in grams at `factor` (null where the slot or the factor is missing)."""
+    if factor is None:
+        return pl.Series([None] * len(grid), dtype=pl.Int64)
+    present = grid["imp_e4"].drop_nulls().unique()
+    mapping = dict(zip(present.to_list(), [grams(e, factor.t_per_kwh) for e in present], strict=True))
+    return grid["imp_e4"].replace_strict(mapping, default=None, return_dtype=pl.Int64)
+
+
+def _totals(grid: pl.DataFrame) -> pl.DataFrame:
+    """A day's emissions per unit, in file order: energy and CO2 summed over the slots that have them, and how
+    many slots there were, estimated and missing (by the import register's quality)."""
+    present = pl.col("imp_e4").is_not_null()
+
+    def total(column: str) -> pl.Expr:  # null when no slot has a value: a missing factor stays missing
+        return pl.when(pl.col(column).is_not_null().any()).then(pl.col(column).sum()).otherwise(None).alias(column)
+
+    return (
+        grid.group_by("order", maintain_order=True)
+        .agg(
+            pl.col("unit").first(),
+            pl.col("imp_e4").sum().alias("kwh_e4"),
+            total("location_g"),
+            total("market_g"),
+            pl.len().cast(pl.Int64).alias("slots"),
+            (present & (pl.col("imp_q") == "E")).sum().cast(pl.Int64).alias("estimated"),
+            (~present).sum().cast(pl.Int64).alias("missing"),
+        )
+        .select(TOTALS_SCHEMA.keys())
+        .cast(TOTALS_SCHEMA)  # type: ignore[arg-type]
+    )
 
 
 def _kwh(grid: pl.DataFrame, register: str) -> pl.Series:
@@ -117,7 +205,9 @@ def _cell(column: str) -> pl.Expr:
 
 def _long(day: date, grid: pl.DataFrame, layout: Layout) -> tuple[str, pl.Series]:
     export = layout.include_export
-    header = ",".join(LONG_HEADER if export else tuple(c for c in LONG_HEADER if c != "export_kwh"))
+    columns = LONG_HEADER if export else tuple(c for c in LONG_HEADER if c != "export_kwh")
+    co2 = CO2_COLUMNS if layout.co2 is not None else ()
+    header = ",".join(columns[:-1] + co2 + columns[-1:])
     # The serial in force at each slot: the newest one named so far, before the first the day's first, else
     # the registry's (a replaced meter changes it mid-day).
     serial = (
@@ -139,6 +229,7 @@ def _long(day: date, grid: pl.DataFrame, layout: Layout) -> tuple[str, pl.Series
             pl.col("imp_kwh"),
         ]
         + ([pl.col("exp_kwh")] if export else [])
+        + [pl.col(c) for c in co2]
         + [q]
     )
     return header, grid.with_columns(serial).select(pl.concat_str(parts, separator=",").alias("line"))["line"]
@@ -149,12 +240,14 @@ def _wide(
 ) -> tuple[str, pl.Series]:
     header = ",".join(["unit_id", "meter_id", "date", "direction", *(lab.end for _, lab in labels), "quality"])
     directions = [("import", "imp_kwh", "imp_q")] + ([("export", "exp_kwh", "exp_q")] if layout.include_export else [])
+    if layout.co2 is not None:  # the import's CO2, with the import's quality
+        directions += [(name, name, "imp_q") for name in CO2_COLUMNS]
     per_unit = grid.group_by("order", maintain_order=True).agg(
         pl.col("unit").first(),
         # the serial at the end of the day
         pl.col("meter").drop_nulls().last().fill_null(pl.col("registry_meter").first()).alias("serial"),
         *[pl.col(v).str.join(",").alias(v) for _, v, _ in directions],
-        *[pl.col(q).fill_null("M").str.join("").alias(q) for _, _, q in directions],
+        *[pl.col(q).fill_null("M").str.join("").alias(q) for q in dict.fromkeys(q for _, _, q in directions)],
     )
     rows = [
         per_unit.select(

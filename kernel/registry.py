@@ -1,4 +1,5 @@
-"""Who owns which unit: `units.csv` and `customers.toml`, validated as a whole.
+"""Who owns which unit: `units.csv` and `customers.toml`, validated as a whole, with the emission factors
+that customers' energy is multiplied by (`emission_factors.csv`): read and replaced together.
 
 The tenant of a reading comes from here, never from the telegram or its topic.
 """
@@ -9,16 +10,18 @@ import csv
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import date
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from kernel.emissions import NO_FACTORS, DayFactors, Factors, FactorsError, fiscal_year, load_factors
+from kernel.errors import bad_lines
 from kernel.meter import UNIT_ID, Limits
 
 UNIT_COLUMNS = ("unit_id", "customer_id", "meter_id", "contract_kw", "label")
-MAX_ERRORS = 20  # bad lines of units.csv said at once
 
 
 class RegistryError(ValueError):
@@ -44,8 +47,26 @@ class Customer(BaseModel):
     encoding: Literal["utf-8", "cp932"] = "utf-8"
     newline: Literal["\n", "\r\n"] = "\n"
     include_export: bool = True
-    emission_factor: float | None = Field(default=None, ge=0)
+    supplier: str = Field(default="", max_length=200)  # electricity retailer and tariff menu, as in the
+    menu: str = Field(default="", max_length=200)  # factors file: the market-based emissions' factor
+    co2_columns: bool = False  # emissions in the CSV files and a monthly summary
     users: list[FtpUser] = []
+
+    @model_validator(mode="before")
+    @classmethod
+    def _replaced(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "emission_factor" in data:
+            raise ValueError(
+                "emission_factor is replaced by supplier, menu and co2_columns, with the factors in the file "
+                "named by the setting emissions.factors (docs/emissions.md)"
+            )
+        return data
+
+    @model_validator(mode="after")
+    def _menu_of_a_supplier(self) -> Customer:
+        if bool(self.supplier) != bool(self.menu):
+            raise ValueError("supplier and menu go together: set both, or neither")
+        return self
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +88,7 @@ class Registry:
     customers: dict[str, Customer]
     default_contract_kw: Fraction = Fraction(50)
     gap_cap: int = 48
+    factors: Factors = NO_FACTORS
     _limits: dict[Fraction | None, Limits] = field(default_factory=dict, repr=False, compare=False)  # by contract kW
     _by_customer: dict[str, list[Unit]] = field(default_factory=dict, repr=False, compare=False)
 
@@ -95,14 +117,38 @@ class Registry:
             self._by_customer.update(built)
         return self._by_customer.get(customer, [])
 
+    def day_factors(self, customer: str, day: date) -> DayFactors | None:
+        """The emission factors of a customer's slots of a local day; None when it has no emissions."""
+        c = self.customers[customer]
+        if not c.co2_columns:
+            return None
+        fiscal = fiscal_year(day)
+        return DayFactors(fiscal, self.factors.location(fiscal), self.factors.market(c.supplier, c.menu, fiscal))
+
+    def unknown_menus(self) -> list[str]:
+        """Customers with emissions whose supplier and menu the factors file never names (a typo, most likely)."""
+        return [
+            f"customer {c.id}: supplier {c.supplier!r} menu {c.menu!r} is not in the emission factors"
+            for c in self.customers.values()
+            if c.co2_columns and c.supplier and not self.factors.knows(c.supplier, c.menu)
+        ]
+
 
 def load_registry(
-    units_path: Path, customers_path: Path, default_contract_kw: Fraction = Fraction(50), gap_cap: int = 48
+    units_path: Path,
+    customers_path: Path,
+    default_contract_kw: Fraction = Fraction(50),
+    gap_cap: int = 48,
+    factors_path: Path | None = None,
 ) -> Registry:
-    """Read and check both files; raise RegistryError naming the first problem."""
+    """Read and check the files (the emission factors too, when named); raise RegistryError naming the problem."""
     customers = _load_customers(customers_path)
     units = _load_units(units_path, customers)
-    return Registry(units, customers, default_contract_kw, gap_cap)
+    try:
+        factors = NO_FACTORS if factors_path is None else load_factors(factors_path)
+    except FactorsError as exc:
+        raise RegistryError(str(exc)) from None
+    return Registry(units, customers, default_contract_kw, gap_cap, factors)
 
 
 def _read(path: Path, encoding: str, setting: str) -> str:
@@ -163,12 +209,7 @@ def _load_units(path: Path, customers: dict[str, Customer]) -> dict[str, Unit]:
             errors.append(f"{path}:{line}: unit_id {unit.id} appears twice")
         units[unit.id] = unit
     if errors:
-        more = f"\n... and {len(errors) - MAX_ERRORS} more" if len(errors) > MAX_ERRORS else ""
-        raise RegistryError(
-            f"{len(errors)} bad line{'s' if len(errors) > 1 else ''} in {path}:\n"
-            + "\n".join(errors[:MAX_ERRORS])
-            + more
-        )
+        raise RegistryError(bad_lines(path, errors))
     return units
 
 

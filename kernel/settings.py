@@ -96,6 +96,12 @@ class RegistrySettings(Section):
     customers: Path = Path("customers.toml")
 
 
+class EmissionsSettings(Section):
+    """Where the CO2 emission factors come from."""
+
+    factors: Path | None = None  # emission_factors.csv; none: customers' CO2 columns stay empty
+
+
 class IngestSettings(Section):
     """Validation of incoming telegrams and the slot arithmetic."""
 
@@ -300,6 +306,7 @@ class Settings(BaseSettings):
     broker: BrokerSettings = BrokerSettings()
     storage: StorageSettings = StorageSettings()
     registry: RegistrySettings = RegistrySettings()
+    emissions: EmissionsSettings = EmissionsSettings()
     ingest: IngestSettings = IngestSettings()
     export: ExportSettings = ExportSettings()
     ftp: FtpSettings = FtpSettings()

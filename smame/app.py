@@ -66,7 +66,12 @@ class RegistryHolder:
 
     def _load(self) -> Registry:
         s = self.settings
-        return load_registry(s.registry.units, s.registry.customers, s.contract_kw, s.ingest.gap_cap_slots)
+        registry = load_registry(
+            s.registry.units, s.registry.customers, s.contract_kw, s.ingest.gap_cap_slots, s.emissions.factors
+        )
+        for warning in registry.unknown_menus():
+            log.warning("%s: its market-based CO2 stays empty", warning)
+        return registry
 
     def reload(self) -> bool:
         """Read the files again; keep the old registry if the new one is wrong (and say False)."""

@@ -1,0 +1,201 @@
+"""A customer's monthly CO2 summary, `{customer}_{YYYYMM}_co2.csv`, added up from its days.
+
+Each time a customer's day is rendered with emissions, the worker keeps the day's totals per unit (energy in
+0.0001 kWh, CO2 in whole grams, slots, estimated and missing) in `.smame-co2/` under the export directory, out
+of the customers' sight. A month's summary is the exact sum of its days' totals, so it equals the sum of the
+daily files' columns to the last digit; the factors it names are those the days were rendered with.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import date, timedelta
+from pathlib import Path
+
+import polars as pl
+
+from csv_export.render import TOTALS_SCHEMA, Layout
+from kernel.emissions import DayFactors, Factor, format_e4, format_grams
+
+TOTALS_DIR = ".smame-co2"
+SUMMARY_NAME = re.compile(r"^(?P<customer>[A-Za-z0-9_-]{1,64})_(?P<month>\d{6})_co2\.csv(?:\.sha256)?$")
+SUMMARY_HEADER = (
+    "unit_id",
+    "month",
+    "import_kwh",
+    "co2_location_kg",
+    "co2_market_kg",
+    "slots",
+    "estimated_slots",
+    "missing_slots",
+    "estimated_share",
+    "missing_share",
+    "location_t_per_kwh",
+    "location_published",
+    "market_t_per_kwh",
+    "market_published",
+    "note",
+)
+TOTAL_ROW = "(total)"  # not a unit id: the registry allows letters, digits, _ and - only
+# What a day's totals file holds beyond the totals: the factors they were worked out with.
+_FACTOR_SCHEMA = {
+    "fiscal_year": pl.Int64,
+    "location_t_per_kwh": pl.String,
+    "location_published": pl.String,
+    "market_t_per_kwh": pl.String,
+    "market_published": pl.String,
+}
+
+
+def month_of(day: date) -> date:
+    """The first day of a day's month."""
+    return day.replace(day=1)
+
+
+def totals_path(root: Path, customer: str, day: date) -> Path:
+    """Where a customer's day of totals is kept."""
+    return root / TOTALS_DIR / customer / f"{day:%Y%m%d}.csv"
+
+
+def summary_path(root: Path, customer: str, month: date) -> Path:
+    """`{root}/{customer}/{customer}_{YYYYMM}_co2.csv`."""
+    return root / customer / f"{customer}_{month:%Y%m}_co2.csv"
+
+
+def totals_bytes(totals: pl.DataFrame, factors: DayFactors) -> bytes:
+    """A day's totals with the factors they were worked out with, as the file keeps them."""
+
+    def text(f: Factor | None) -> tuple[str, str]:
+        return ("", "") if f is None else (f.text(), f.published.isoformat())
+
+    (loc, loc_at), (mkt, mkt_at) = text(factors.location), text(factors.market)
+    frame = totals.with_columns(
+        fiscal_year=pl.lit(factors.fiscal_year, pl.Int64),
+        location_t_per_kwh=pl.lit(loc),
+        location_published=pl.lit(loc_at),
+        market_t_per_kwh=pl.lit(mkt),
+        market_published=pl.lit(mkt_at),
+    )
+    return frame.write_csv().encode()
+
+
+def read_totals(path: Path) -> pl.DataFrame | None:
+    """A day's totals file as written by `totals_bytes`; None when it is not there."""
+    try:
+        return pl.read_csv(path, schema=TOTALS_SCHEMA | _FACTOR_SCHEMA)
+    except FileNotFoundError:
+        return None
+
+
+@dataclass
+class MonthSummary:
+    """A customer's month of emissions: per unit and in total, with the factors and what is missing."""
+
+    customer: str
+    month: date
+    days: int  # days with totals (the month so far, from the customer's first day)
+    units: pl.DataFrame  # TOTALS_SCHEMA, one row per unit in id order
+    location: tuple[str, str] | None  # (t-CO2/kWh, published) when every day had the same; else None
+    market: tuple[str, str] | None
+    notes: list[str] = field(default_factory=list)
+
+    def total(self) -> dict[str, int | None]:
+        """The month's sums over every unit (CO2 None when no factor was in force)."""
+        out: dict[str, int | None] = {}
+        for column in TOTALS_SCHEMA:
+            if column == "unit":
+                continue
+            series = self.units[column]
+            out[column] = None if series.null_count() == len(series) else int(series.sum())
+        return out
+
+
+def month_summary(root: Path, customer: str, month: date, supplier_menu: str = "") -> MonthSummary | None:
+    """The summary of a customer's month from its days' totals under `root`; None when no day has any."""
+    frames = []
+    day = month
+    while day.month == month.month:
+        frame = read_totals(totals_path(root, customer, day))
+        if frame is not None:
+            frames.append(frame)
+        day += timedelta(days=1)
+    if not frames:
+        return None
+    days = pl.concat(frames)
+
+    def total(column: str) -> pl.Expr:  # a unit's CO2 is missing when no day had a factor for it
+        return pl.when(pl.col(column).is_not_null().any()).then(pl.col(column).sum()).otherwise(None).alias(column)
+
+    units = (
+        days.group_by("unit")
+        .agg(
+            pl.col("kwh_e4").sum(),
+            total("location_g"),
+            total("market_g"),
+            *[pl.col(c).sum() for c in ("slots", "estimated", "missing")],
+        )
+        .sort("unit")
+        .select(TOTALS_SCHEMA.keys())
+        .cast(TOTALS_SCHEMA)  # type: ignore[arg-type]
+    )
+    notes = []
+    fiscal = int(days["fiscal_year"][0])  # a month lies in one fiscal year (April to March)
+    factors: list[tuple[str, str] | None] = []
+    for kind, what in (("location", "national/average"), ("market", supplier_menu or "no supplier and menu set")):
+        used = days.select(f"{kind}_t_per_kwh", f"{kind}_published").unique().fill_null("")
+        rows = sorted(tuple(r) for r in used.iter_rows())
+        if len(rows) > 1:
+            notes.append(f"{kind}-based factor changed within the month: " + "; ".join(f"{v} ({p})" for v, p in rows))
+            factors.append(None)
+        elif rows[0] == ("", ""):
+            notes.append(f"no {kind}-based factor for fiscal year {fiscal} ({what}): {kind}-based CO2 left empty")
+            factors.append(None)
+        else:
+            factors.append((rows[0][0], rows[0][1]))
+    return MonthSummary(customer, month, len(frames), units, factors[0], factors[1], notes)
+
+
+def summary_bytes(summary: MonthSummary, layout: Layout) -> bytes:
+    """The summary as a CSV file in the customer's encoding and line ends: a row per unit, then the total."""
+    month = f"{summary.month:%Y-%m}"
+    loc, mkt = summary.location or ("", ""), summary.market or ("", "")
+    note = "; ".join(summary.notes)
+    lines = [",".join(SUMMARY_HEADER)]
+
+    def line(unit: str, t: dict[str, int | None]) -> str:
+        slots, est, miss = (int(t[k] or 0) for k in ("slots", "estimated", "missing"))
+        return ",".join(
+            [
+                unit,
+                month,
+                format_e4(int(t["kwh_e4"] or 0)),
+                format_grams(t["location_g"]),
+                format_grams(t["market_g"]),
+                str(slots),
+                str(est),
+                str(miss),
+                _share(est, slots),
+                _share(miss, slots),
+                *loc,
+                *mkt,
+                _quoted(note),
+            ]
+        )
+
+    for row in summary.units.iter_rows(named=True):
+        lines.append(line(row["unit"], row))
+    lines.append(line(TOTAL_ROW, summary.total()))
+    return (layout.newline.join(lines) + layout.newline).encode(layout.encoding, errors="replace")
+
+
+def _share(part: int, whole: int) -> str:
+    """part / whole with four decimals, rounded half up."""
+    if not whole:
+        return ""
+    tenths = (part * 20000 + whole) // (2 * whole)
+    return f"{tenths // 10000}.{tenths % 10000:04d}"
+
+
+def _quoted(text: str) -> str:
+    return f'"{text.replace(chr(34), chr(34) * 2)}"' if any(c in text for c in ',"\r\n') else text

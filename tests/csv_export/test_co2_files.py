@@ -1,0 +1,111 @@
+"""CO2 in the exported files on a real store: each fiscal year's factor, the monthly summary, corrections."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterator
+from datetime import date, datetime
+from pathlib import Path
+
+import pytest
+
+from aggregator.backends import open_url
+from aggregator.ingest import Ingestor
+from csv_export.co2 import summary_path
+from csv_export.exporter import Exporter
+from csv_export.files import path_of
+from kernel.reading import Incoming, Reading
+from kernel.registry import Registry, load_registry
+from kernel.timegrid import SLOT, Grid
+from tests.helpers import write_registry
+
+GRID = Grid("Asia/Tokyo")
+NOW = datetime.fromisoformat("2027-04-02T12:05:00+09:00").timestamp()
+HEADER = "supplier,menu,fiscal_year,basic_t_per_kwh,adjusted_t_per_kwh,published\n"
+FY2026 = "national,average,2026,0.000423,0.000423,2025-12-20\nA電力,B,2026,0.000450,0.000400,2025-12-20\n"
+FY2027 = "national,average,2027,0.000410,0.000410,2026-12-18\n"
+MARCH = [date(2027, 3, d) for d in (29, 30, 31)]
+APRIL = [date(2027, 4, d) for d in (1, 2)]
+
+
+class Files:
+    """An exporter whose registry (and factors file) a test can change, as SIGHUP would."""
+
+    def __init__(self, workdir: Path, store_url: str) -> None:
+        self.workdir = workdir
+        write_registry(workdir, {"U1": "C1", "U2": "C2"})
+        (workdir / "customers.toml").write_text(
+            '[customers.C1]\nsupplier = "A電力"\nmenu = "B"\nco2_columns = true\n[customers.C2]\n'
+        )
+        self.factors(FY2026 + FY2027)
+        self.ingest = Ingestor(open_url(store_url), self.registry, GRID)
+        self.root = workdir / "export"
+        self.exporter = Exporter(open_url(store_url), lambda: self.registry, GRID, self.root, 45, 120)
+        end = GRID.floor(NOW)
+        readings = [
+            Incoming(Reading(u, t, f"SM-{u}", 1000 + 9 * k, 0, 1, 1, 6, 1, t + 5), t + 7, f"smame/v1/{u}/reading", b"")
+            for u in ("U1", "U2")
+            for k, t in enumerate(range(end - 4 * 86400, end + 1, SLOT))
+        ]
+        self.ingest.commit(readings, [], int(NOW))
+
+    def factors(self, rows: str) -> None:
+        (self.workdir / "factors.csv").write_text(HEADER + rows)
+        w = self.workdir
+        self.registry: Registry = load_registry(w / "units.csv", w / "customers.toml", factors_path=w / "factors.csv")
+
+    def rows(self, day: date) -> list[dict[str, str]]:
+        return list(csv.DictReader(io.StringIO(path_of(self.root, "C1", day).read_text())))
+
+    def summary(self, month: date) -> dict[str, dict[str, str]]:
+        text = summary_path(self.root, "C1", month).read_text()
+        return {r["unit_id"]: r for r in csv.DictReader(io.StringIO(text))}
+
+
+@pytest.fixture
+def files(workdir: Path, store_url: str) -> Iterator[Files]:
+    f = Files(workdir, store_url)
+    yield f
+    f.ingest.store.close()
+    f.exporter.close()
+
+
+def test_each_fiscal_year_uses_its_own_factor_and_a_missing_one_stays_empty(files: Files) -> None:
+    files.exporter.scheduled(NOW)
+    last_of_march, first_of_april = files.rows(date(2027, 3, 31))[-1], files.rows(date(2027, 4, 1))[0]
+    assert last_of_march["import_kwh"] == first_of_april["import_kwh"] == "0.9"
+    assert (last_of_march["co2_location_kg"], last_of_march["co2_market_kg"]) == ("0.381", "0.360")  # FY2026
+    assert (first_of_april["co2_location_kg"], first_of_april["co2_market_kg"]) == ("0.369", "")  # FY2027
+    assert "co2_location_kg" not in path_of(files.root, "C2", date(2027, 4, 1)).read_text()  # C2 did not ask
+    assert not summary_path(files.root, "C2", date(2027, 4, 1)).exists()
+
+    march, april = files.summary(date(2027, 3, 1)), files.summary(date(2027, 4, 1))
+    assert set(march) == {"U1", "(total)"}
+    assert march["(total)"]["location_t_per_kwh"] == "0.000423" and march["(total)"]["market_published"] == "2025-12-20"
+    assert april["(total)"]["co2_market_kg"] == "" and april["(total)"]["co2_location_kg"] != ""
+    assert "no market-based factor for fiscal year 2027 (A電力/B)" in april["(total)"]["note"]
+    # the half hours so far: 2 days less the 24 still to come on April 2; none missing or estimated
+    assert (april["U1"]["slots"], april["U1"]["missing_slots"], april["U1"]["estimated_share"]) == ("72", "0", "0.0000")
+
+
+def test_a_corrected_factor_rewrites_exactly_the_days_of_its_fiscal_year(files: Files) -> None:
+    files.exporter.scheduled(NOW)
+    assert files.exporter.scheduled(NOW).written == []  # nothing changed: nothing written
+    files.factors(FY2026 + FY2027 + "A電力,B,2026,0.000450,0.000390,2026-02-01\n")  # a correction of FY2026
+    written = files.exporter.scheduled(NOW).written
+    assert sorted(written) == sorted(
+        [path_of(files.root, "C1", d) for d in MARCH] + [summary_path(files.root, "C1", date(2027, 3, 1))]
+    )
+    assert files.rows(date(2027, 3, 31))[-1]["co2_market_kg"] == "0.351"  # 0.9 kWh x 0.390 kg
+    assert files.summary(date(2027, 3, 1))["(total)"]["market_published"] == "2026-02-01"
+
+    files.factors(
+        FY2026 + FY2027 + "A電力,B,2026,0.000450,0.000390,2026-02-01\nA電力,B,2027,0.0004,0.00037,2026-12-18\n"
+    )
+    written = files.exporter.scheduled(NOW).written
+    assert sorted(written) == sorted(
+        [path_of(files.root, "C1", d) for d in APRIL] + [summary_path(files.root, "C1", date(2027, 4, 1))]
+    )
+    assert files.rows(date(2027, 4, 1))[0]["co2_market_kg"] == "0.333"
+    assert files.summary(date(2027, 4, 1))["(total)"]["note"] == ""
