@@ -156,36 +156,37 @@ def month_summary(root: Path, customer: str, month: date, supplier_menu: str = "
     return MonthSummary(customer, month, len(frames), units, factors[0], factors[1], notes)
 
 
+def summary_rows(summary: MonthSummary) -> list[dict[str, str | int | None]]:
+    """A row per unit, then the total (`unit_id` TOTAL_ROW): energy and CO2 as exact decimal strings (CO2 None
+    where no factor was in force), slot counts and the estimated and missing shares."""
+    rows: list[dict[str, str | int | None]] = []
+    for unit, t in [*((r["unit"], r) for r in summary.units.iter_rows(named=True)), (TOTAL_ROW, summary.total())]:
+        slots, est, miss = (int(t[k] or 0) for k in ("slots", "estimated", "missing"))
+        rows.append(
+            {
+                "unit_id": unit,
+                "import_kwh": format_e4(int(t["kwh_e4"] or 0)),
+                "co2_location_kg": None if t["location_g"] is None else format_grams(t["location_g"]),
+                "co2_market_kg": None if t["market_g"] is None else format_grams(t["market_g"]),
+                "slots": slots,
+                "estimated_slots": est,
+                "missing_slots": miss,
+                "estimated_share": _share(est, slots),
+                "missing_share": _share(miss, slots),
+            }
+        )
+    return rows
+
+
 def summary_bytes(summary: MonthSummary, layout: Layout) -> bytes:
     """The summary as a CSV file in the customer's encoding and line ends: a row per unit, then the total."""
     month = f"{summary.month:%Y-%m}"
     loc, mkt = summary.location or ("", ""), summary.market or ("", "")
-    note = "; ".join(summary.notes)
+    note = _quoted("; ".join(summary.notes))
     lines = [",".join(SUMMARY_HEADER)]
-
-    def line(unit: str, t: dict[str, int | None]) -> str:
-        slots, est, miss = (int(t[k] or 0) for k in ("slots", "estimated", "missing"))
-        return ",".join(
-            [
-                unit,
-                month,
-                format_e4(int(t["kwh_e4"] or 0)),
-                format_grams(t["location_g"]),
-                format_grams(t["market_g"]),
-                str(slots),
-                str(est),
-                str(miss),
-                _share(est, slots),
-                _share(miss, slots),
-                *loc,
-                *mkt,
-                _quoted(note),
-            ]
-        )
-
-    for row in summary.units.iter_rows(named=True):
-        lines.append(line(row["unit"], row))
-    lines.append(line(TOTAL_ROW, summary.total()))
+    for row in summary_rows(summary):
+        values = ["" if v is None else str(v) for v in row.values()]
+        lines.append(",".join([values[0], month, *values[1:], *loc, *mkt, note]))
     return (layout.newline.join(lines) + layout.newline).encode(layout.encoding, errors="replace")
 
 

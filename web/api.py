@@ -27,8 +27,10 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
 from aggregator.store import SlotRow
+from csv_export.co2 import month_summary, summary_rows
 from csv_export.files import path_of
 from ftp_gateway.accounts import normalize
+from kernel.emissions import fiscal_year
 from kernel.meter import flag_names, format_kwh
 from kernel.timegrid import SLOT, Grid
 from web.access import SESSION_COOKIE, TOKEN, Sessions, Tokens
@@ -89,6 +91,45 @@ class Slot(BaseModel):
 class Slots(BaseModel):
     unit_id: str
     slots: list[Slot]
+
+
+class UnitEmissions(BaseModel):
+    unit_id: str
+    import_kwh: str
+    co2_location_kg: str | None
+    co2_market_kg: str | None
+    slots: int
+    estimated_slots: int
+    missing_slots: int
+    estimated_share: str
+    missing_share: str
+
+
+class TotalEmissions(BaseModel):
+    import_kwh: str
+    co2_location_kg: str | None
+    co2_market_kg: str | None
+    slots: int
+    estimated_slots: int
+    missing_slots: int
+    estimated_share: str
+    missing_share: str
+
+
+class FactorUsed(BaseModel):
+    t_per_kwh: str
+    published: date
+
+
+class Emissions(BaseModel):
+    customer_id: str
+    month: str
+    fiscal_year: int
+    location_factor: FactorUsed | None
+    market_factor: FactorUsed | None
+    units: list[UnitEmissions]
+    total: TotalEmissions
+    notes: list[str]
 
 
 def _refusals(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -252,8 +293,46 @@ def build_api(ctx: WebContext) -> FastAPI:
             headers={"Content-Disposition": f'attachment; filename="{path.name}"'},
         )
 
+    @router.get("/customers/{customer_id}/emissions", response_model=Emissions, responses=_refusals(400, 401, 404, 429))
+    async def emissions(
+        reader: Caller,
+        customer_id: Annotated[str, PathParam(max_length=64)],
+        month: Annotated[str, Query(pattern=r"^\d{4}-(0[1-9]|1[0-2])$", description="the month, YYYY-MM")],
+    ) -> Response:
+        """The customer's CO2 of a month so far, per unit and in total, location- and market-based, as in its
+        monthly summary file: kWh and kg as exact decimal strings (kg null where no factor was in force)."""
+        customer = ctx.registry().customers.get(customer_id)
+        if customer is None or not reader.sees(customer_id):
+            raise ApiError(404, f"no customer {customer_id}")
+        first = date.fromisoformat(f"{month}-01")
+        if not customer.co2_columns:
+            raise ApiError(404, f"customer {customer_id} has no emissions (co2_columns is off)")
+        named = f"{customer.supplier}/{customer.menu}" if customer.supplier else ""
+        loop = asyncio.get_running_loop()
+        summary = await loop.run_in_executor(None, month_summary, ctx.export_dir, customer_id, first, named)
+        if summary is None:
+            raise ApiError(404, f"no emissions of {customer_id} for {month}")
+        rows = summary_rows(summary)
+        total = {k: v for k, v in rows[-1].items() if k != "unit_id"}  # the last row is the total
+        return _json(
+            {
+                "customer_id": customer_id,
+                "month": month,
+                "fiscal_year": fiscal_year(first),
+                "location_factor": _factor(summary.location),
+                "market_factor": _factor(summary.market),
+                "units": rows[:-1],
+                "total": total,
+                "notes": summary.notes,
+            }
+        )
+
     app.include_router(router)
     return app
+
+
+def _factor(used: tuple[str, str] | None) -> dict[str, str] | None:
+    return None if used is None else {"t_per_kwh": used[0], "published": used[1]}
 
 
 _encode = msgspec.json.Encoder().encode

@@ -50,3 +50,13 @@ def local_date(text: str) -> date:
         return date.fromisoformat(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a date YYYY-MM-DD") from None
+
+
+def month(text: str) -> date:
+    """A month YYYY-MM, as its first day."""
+    try:
+        if len(text) != 7:  # fromisoformat would take 2026-11-05 as well
+            raise ValueError(text)
+        return date.fromisoformat(f"{text}-01")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a month YYYY-MM") from None

@@ -1,4 +1,5 @@
-"""`smame export`: customers' CSV files written now, as scheduled or for given days."""
+"""`smame export`: customers' CSV files written now, as scheduled or for given days; `smame emissions`: a
+customer's monthly CO2 summary, brought up to date and printed."""
 
 from __future__ import annotations
 
@@ -6,13 +7,14 @@ import argparse
 import sys
 import time
 from collections.abc import Callable
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta
 
+from csv_export.co2 import month_of, summary_path
 from csv_export.files import check_writable
 from kernel.settings import Settings
 from kernel.timegrid import Grid
 from smame.app import RegistryHolder, build_exporter
-from smame.commands.args import Subcommands, local_date
+from smame.commands.args import Subcommands, local_date, month
 
 
 def add(sub: Subcommands, common: argparse.ArgumentParser) -> None:
@@ -31,6 +33,17 @@ def add(sub: Subcommands, common: argparse.ArgumentParser) -> None:
     when.add_argument("--all", action="store_true", help="every day of the retention window")
     export.add_argument("--to", dest="last", type=local_date, metavar="D2", help="last day (with --from)")
     export.set_defaults(func=_export)
+
+    emissions = sub.add_parser(
+        "emissions",
+        parents=[common],
+        help="print a customer's monthly CO2 summary",
+        description="Render the month's days of the customer (files written only where the bytes change), "
+        "then print its summary {customer}_{YYYYMM}_co2.csv as the customer gets it.",
+    )
+    emissions.add_argument("--customer", required=True, metavar="C", help="the customer (co2_columns = true)")
+    emissions.add_argument("--month", required=True, type=month, metavar="YYYY-MM", help="the month")
+    emissions.set_defaults(func=_emissions)
 
 
 def _export(settings: Settings, args: argparse.Namespace) -> int:
@@ -93,3 +106,44 @@ def _progress_bar() -> Callable[[int, int], None]:
         sys.stderr.flush()
 
     return show
+
+
+def _emissions(settings: Settings, args: argparse.Namespace) -> int:
+    grid = Grid(settings.timezone)
+    holder = RegistryHolder(settings)
+    customer = holder.current.customers.get(args.customer)
+    if customer is None:
+        print(
+            f"smame emissions: unknown customer {args.customer} (not in {settings.registry.customers})", file=sys.stderr
+        )
+        return 2
+    if not customer.co2_columns:
+        print(
+            f"smame emissions: customer {customer.id} has no emissions: set co2_columns = true in "
+            f"{settings.registry.customers}",
+            file=sys.stderr,
+        )
+        return 2
+    now = time.time()
+    today = grid.day_of(grid.floor(now - settings.export.grace_s))
+    if args.month > month_of(today):
+        print(f"smame emissions: {args.month:%Y-%m} has not begun", file=sys.stderr)
+        return 2
+    days, day = [], args.month
+    while day.month == args.month.month and day <= today:
+        days.append(day)
+        day += timedelta(days=1)
+    first_kept = datetime.fromtimestamp(now, grid.zone).date() - timedelta(days=settings.export.retention_days)
+    with build_exporter(settings, holder, grid) as exporter:
+        try:
+            check_writable(exporter.root)
+            exporter.export([(customer.id, d) for d in days], now, files_from=first_kept)
+        except OSError as exc:
+            print(f"smame emissions: {exc}", file=sys.stderr)
+            return 1
+    path = summary_path(exporter.root, customer.id, args.month)
+    if not path.exists():
+        print(f"smame emissions: no data of customer {customer.id} in {args.month:%Y-%m}", file=sys.stderr)
+        return 1
+    sys.stdout.write(path.read_bytes().decode(customer.encoding).replace("\r\n", "\n"))
+    return 0

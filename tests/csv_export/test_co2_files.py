@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import csv
 import io
+import time
 from collections.abc import Iterator
 from datetime import date, datetime
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -15,10 +17,11 @@ from aggregator.ingest import Ingestor
 from csv_export.co2 import summary_path
 from csv_export.exporter import Exporter
 from csv_export.files import path_of
+from kernel.emissions import fiscal_year
 from kernel.reading import Incoming, Reading
 from kernel.registry import Registry, load_registry
 from kernel.timegrid import SLOT, Grid
-from tests.helpers import write_registry
+from tests.helpers import smame, smame_env, write_registry, yesterday
 
 GRID = Grid("Asia/Tokyo")
 NOW = datetime.fromisoformat("2027-04-02T12:05:00+09:00").timestamp()
@@ -109,3 +112,52 @@ def test_a_corrected_factor_rewrites_exactly_the_days_of_its_fiscal_year(files: 
     )
     assert files.rows(date(2027, 4, 1))[0]["co2_market_kg"] == "0.333"
     assert files.summary(date(2027, 4, 1))["(total)"]["note"] == ""
+
+
+def test_emissions_command_brings_the_summary_up_to_date_and_prints_it(workdir: Path) -> None:
+    day = yesterday()  # by the real clock, which the command runs on
+    fiscal = fiscal_year(day)
+    write_registry(workdir, {"U1": "C1", "U2": "C2"})
+    (workdir / "customers.toml").write_text(
+        '[customers.C1]\nsupplier = "S"\nmenu = "M"\nco2_columns = true\nencoding = "cp932"\n[customers.C2]\n'
+    )
+    (workdir / "factors.csv").write_text(HEADER + f"national,average,{fiscal},0.000423,0.000423,2025-12-20\n")
+    registry = load_registry(workdir / "units.csv", workdir / "customers.toml", factors_path=workdir / "factors.csv")
+    url = f"sqlite:///{workdir / 'data' / 'smame.db'}"
+    (workdir / "data").mkdir()
+    start = GRID.day_start(day)
+    with open_url(url) as store:
+        Ingestor(store, registry, GRID).commit(
+            [
+                Incoming(Reading("U1", t, "SM-1", 100 + 3 * k, 0, 1, 1, 6, 1, t + 5), t + 7, "smame/v1/U1/reading", b"")
+                for k, t in enumerate(range(start, start + 86400 + 1, SLOT))
+            ],
+            [],
+            int(time.time()),
+        )
+    env = smame_env(workdir, 1883, SMAME_EMISSIONS__FACTORS=str(workdir / "factors.csv"))
+    out = smame(["emissions", "--customer", "C1", "--month", f"{day:%Y-%m}"], env).stdout
+    rows = {r["unit_id"]: r for r in csv.DictReader(io.StringIO(out))}
+    assert set(rows) == {"U1", "(total)"}
+    assert Decimal(rows["(total)"]["import_kwh"]) == Decimal("14.4")  # 48 half hours of 0.3 kWh
+    assert "no market-based factor for fiscal year" in rows["(total)"]["note"]
+    files = sorted((workdir / "data" / "export" / "C1").glob("C1_*.csv"))
+    summed = sum(
+        (
+            Decimal(r["co2_location_kg"])
+            for f in files
+            if "_co2" not in f.name
+            for r in csv.DictReader(io.StringIO(f.read_bytes().decode("cp932")))
+            if r["co2_location_kg"] and r["date"].startswith(f"{day:%Y-%m}")
+        ),
+        Decimal(0),
+    )
+    assert Decimal(rows["(total)"]["co2_location_kg"]) == summed == 48 * Decimal("0.127")  # 126.9 g each
+    for args, says in (
+        (["--customer", "C2", "--month", f"{day:%Y-%m}"], "customer C2 has no emissions: set co2_columns = true"),
+        (["--customer", "C9", "--month", f"{day:%Y-%m}"], "unknown customer C9"),
+        (["--customer", "C1", "--month", "2026-1"], "'2026-1' is not a month YYYY-MM"),
+        (["--customer", "C1", "--month", f"{day.year + 2}-01"], f"{day.year + 2}-01 has not begun"),
+    ):
+        bad = smame(["emissions", *args], env, check=False)
+        assert bad.returncode == 2 and says in bad.stderr and "Traceback" not in bad.stderr, (args, bad.stderr)

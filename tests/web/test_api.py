@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -107,8 +108,14 @@ def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     (workdir / "units.csv").write_text(
         "unit_id,customer_id,meter_id,contract_kw,label\nU1,C1,SM-U1,,roof\nU2,C1,,,\nU3,C2,SM-U3,,\n"
     )
-    (workdir / "customers.toml").write_text('[customers.C1]\n[customers.C2]\nencoding = "cp932"\n')
-    registry = load_registry(workdir / "units.csv", workdir / "customers.toml")
+    (workdir / "customers.toml").write_text(
+        '[customers.C1]\nsupplier = "S"\nmenu = "M"\nco2_columns = true\n[customers.C2]\nencoding = "cp932"\n'
+    )
+    (workdir / "factors.csv").write_text(
+        "supplier,menu,fiscal_year,basic_t_per_kwh,adjusted_t_per_kwh,published\n"
+        "national,average,2026,0.000423,0.000423,2025-12-20\nS,M,2026,0.0005,0.000388,2025-12-20\n"
+    )
+    registry = load_registry(workdir / "units.csv", workdir / "customers.toml", factors_path=workdir / "factors.csv")
     root = workdir / "export"
     with open_url(store_url) as store:
         Ingestor(store, registry, GRID).commit(history(), [], int(NOW))
@@ -279,6 +286,40 @@ def test_hostile_or_malformed_requests_get_a_reason_as_json(api: Api) -> None:
             assert set(body) == {"error"} and body["error"], path
 
 
+def test_a_months_emissions_are_the_sums_of_the_customers_files(api: Api) -> None:
+    status, body = api.json("/api/v1/customers/C1/emissions?month=2026-11", api.tokens["C1"])
+    assert status == 200, body
+    files = [path_of(api.root, "C1", TODAY - timedelta(days=k)) for k in range(4)]
+    rows = [r for f in files for r in csv.DictReader(io.StringIO(f.read_text()))]
+
+    def total(column: str, unit: str | None = None) -> Decimal:
+        return sum((Decimal(r[column]) for r in rows if r[column] and unit in (None, r["unit_id"])), Decimal(0))
+
+    for column in ("import_kwh", "co2_location_kg", "co2_market_kg"):
+        assert Decimal(body["total"][column]) == total(column), column
+    assert [(u["unit_id"], Decimal(u["co2_market_kg"])) for u in body["units"]] == [
+        ("U1", total("co2_market_kg", "U1")),
+        ("U2", total("co2_market_kg", "U2")),
+    ]
+    assert body["market_factor"] == {"t_per_kwh": "0.000388", "published": "2025-12-20"} and body["fiscal_year"] == 2026
+    assert body["total"]["missing_slots"] == sum(r["quality"] == "M" for r in rows) and body["notes"] == []
+
+
+def test_emissions_are_refused_with_a_reason(api: Api) -> None:
+    for path, token, status, says in (
+        ("/api/v1/customers/C1/emissions?month=2026-11", "C2", 404, "no customer C1"),
+        ("/api/v1/customers/C9/emissions?month=2026-11", "C2", 404, "no customer C9"),
+        ("/api/v1/customers/C2/emissions?month=2026-11", "C2", 404, "customer C2 has no emissions"),
+        ("/api/v1/customers/C1/emissions?month=2026-10", "C1", 404, "no emissions of C1 for 2026-10"),
+        ("/api/v1/customers/C1/emissions?month=2026-13", "C1", 400, "month: String should match pattern"),
+        ("/api/v1/customers/C1/emissions?month=../../x", "C1", 400, "month: String should match pattern"),
+        ("/api/v1/customers/C1/emissions", "C1", 400, "month: Field required"),
+        ("/api/v1/customers/C1/emissions?month=2026-11", None, 401, "an API token is needed"),
+    ):
+        got, body = api.json(path, api.tokens[token] if token else None)
+        assert (got, body["error"][: len(says)]) == (status, says), path
+
+
 def test_the_openapi_document_describes_every_endpoint(api: Api) -> None:
     status, doc = api.json("/api/openapi.json")
     assert status == 200 and doc["openapi"].startswith("3.1")
@@ -286,6 +327,7 @@ def test_the_openapi_document_describes_every_endpoint(api: Api) -> None:
         "/api/v1/units",
         "/api/v1/units/{unit_id}/slots",
         "/api/v1/customers/{customer_id}/days/{day}.csv",
+        "/api/v1/customers/{customer_id}/emissions",
     }
 
 
@@ -294,7 +336,7 @@ def test_every_endpoint_keeps_its_openapi_document_for_any_input(api: Api) -> No
     # answer against it: no server error, documented status, content type and body schema
     schema = schemathesis.openapi.from_url(f"http://127.0.0.1:{api.port}/api/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]  # type: ignore[union-attr]
-    assert len(operations) == 3
+    assert len(operations) == 4
     auth = {"Authorization": f"Bearer {api.tokens['C1']}"}
     # and half the time days near the data and the caller's own customer, where the answers have a body to check
     near = st.dates(TODAY - timedelta(days=50), TODAY + timedelta(days=2)).map(date.isoformat)
@@ -309,6 +351,7 @@ def test_every_endpoint_keeps_its_openapi_document_for_any_input(api: Api) -> No
                     ("path_parameters", "day", first),
                     ("path_parameters", "customer_id", "C1"),
                     ("path_parameters", "unit_id", "U1"),
+                    ("query", "month", first[:7]),
                 ):
                     params = getattr(case, where)
                     if params and key in params:
