@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import date, timedelta
 
-from aggregator.store import Store
+from aggregator.store import SlotRow, Store
+from kernel.emissions import DayFactors, grams, kwh_e4
 from kernel.registry import Registry
 from kernel.settings import Settings
 from kernel.timegrid import Grid
 from monitoring.channels import fan_out
 from monitoring.detect import ProblemSlot, UnitFindings, by_unit, detect
 from monitoring.outbox import Message
-from monitoring.report import DailyReport, problems_csv, render_html, render_slack, render_text, subject
+from monitoring.report import (
+    CustomerCo2,
+    DailyReport,
+    problems_csv,
+    render_html,
+    render_slack,
+    render_text,
+    subject,
+)
 
 # Units whose slots are read and weighed at once: a day of 100,000 units as Python rows would take
 # about a gigabyte; a share of 2,000 takes about 20 MB.
@@ -34,6 +44,8 @@ def build_report(
     units = [(u.id, u.customer) for u in sorted(registry.units.values(), key=lambda u: u.id)]
     findings: list[UnitFindings] = []
     problems: list[ProblemSlot] = []
+    factors = {c: registry.day_factors(c, day) for c in registry.customers}
+    co2 = {c: CustomerCo2(c, f) for c, f in factors.items() if f is not None}
     for k in range(0, len(units), SHARE):
         share = units[k : k + SHARE]
         rows = by_unit(store.units_slots(ends, share[0][0], share[-1][0])) if ends else {}
@@ -41,8 +53,27 @@ def build_report(
         found, slots = detect(day, labels, share, rows, last, now, silent_after_s, zero_run)
         findings += found
         problems += slots
+        for unit, customer in share:
+            if customer in co2:
+                add_co2(co2[customer], rows.get(unit, {}).values())
     quarantine, unknown = store.quarantine_between(grid.day_start(day), grid.day_start(day + timedelta(days=1)))
-    return DailyReport(day, grid.name, findings, problems, quarantine, unknown, len(labels), caveat)
+    co2_of_day = [co2[c] for c in sorted(co2)]
+    return DailyReport(day, grid.name, findings, problems, quarantine, unknown, len(labels), caveat, co2_of_day)
+
+
+def add_co2(total: CustomerCo2, rows: Iterable[SlotRow]) -> None:
+    """Add a unit's slots of the day to its customer's CO2: each slot in whole grams, as in the CSV files."""
+    f: DayFactors = total.factors
+    for r in rows:
+        if r.imp is None or r.e1 is None or r.coef is None:
+            continue
+        e4 = kwh_e4(r.imp, r.e1, r.coef)
+        total.kwh_e4 += e4
+        total.estimated += r.imp_q == "E"
+        if f.location is not None:
+            total.location_g += grams(e4, f.location.t_per_kwh)
+        if f.market is not None:
+            total.market_g += grams(e4, f.market.t_per_kwh)
 
 
 def report_messages(report: DailyReport, settings: Settings, now: float, key: str) -> list[Message]:

@@ -7,10 +7,11 @@ import html
 import io
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime
 from zoneinfo import ZoneInfo
 
+from kernel.emissions import DayFactors, format_e4, format_grams
 from monitoring.detect import ProblemSlot, UnitFindings
 
 
@@ -25,6 +26,26 @@ def _ranges(numbers: Sequence[int]) -> str:
     return ", ".join(out)
 
 
+@dataclass(slots=True)
+class CustomerCo2:
+    """A customer's CO2 of the day from its imported electricity (the sums of its files' columns)."""
+
+    customer: str
+    factors: DayFactors
+    kwh_e4: int = 0  # 0.0001 kWh
+    location_g: int = 0
+    market_g: int = 0
+    estimated: int = 0  # slots whose import is estimated
+
+    def line(self) -> str:
+        """One line: both figures in kg (or why one is missing), the energy, and how much of it is estimated."""
+        f = self.factors
+        loc = f"{format_grams(self.location_g)} kg" if f.location else f"no factor for fiscal year {f.fiscal_year}"
+        mkt = f"{format_grams(self.market_g)} kg" if f.market else f"no factor for fiscal year {f.fiscal_year}"
+        est = f", {self.estimated} slots estimated" if self.estimated else ""
+        return f"location-based {loc}, market-based {mkt} ({format_e4(self.kwh_e4)} kWh imported{est})"
+
+
 @dataclass(frozen=True, slots=True)
 class DailyReport:
     """Everything the report says about one day."""
@@ -37,6 +58,7 @@ class DailyReport:
     unknown: list[str]  # unit ids not in the registry that tried to send
     slots_per_day: int
     caveat: str = ""  # said first when the report may not be the whole truth (ingest still catching up)
+    co2: list[CustomerCo2] = field(default_factory=list)  # customers with emissions, by id
 
     @property
     def heard(self) -> list[UnitFindings]:
@@ -148,6 +170,9 @@ def render_text(r: DailyReport, limit: int = 200) -> str:
         lines.append(f"  ... and {len(units) - limit} more (all in the CSV)")
     if r.never_heard:
         lines += ["", _never_heard(r, limit)]
+    if r.co2:
+        lines += ["", "CO2 of the day (imported electricity):"]
+        lines += [f"  {c.customer}: {c.line()}" for c in r.co2]
     lines += ["", "quarantined telegrams: " + _counts(r.quarantine)]
     if r.unknown:
         lines.append(f"unknown units that tried to send ({len(r.unknown)}): " + ", ".join(r.unknown[:50]))
@@ -178,6 +203,8 @@ def render_html(r: DailyReport, limit: int = 200) -> str:
         items += f"<li>... and {len(units) - limit} more (all in the attached CSV)</li>"
     caveat = f"<p><b>Note: {e(r.caveat)}</b></p>" if r.caveat else ""
     never = f"<p>{e(_never_heard(r, limit))}</p>" if r.never_heard else ""
+    co2 = "".join(f"<li><b>{e(c.customer)}</b>: {e(c.line())}</li>" for c in r.co2)
+    co2 = f"<h3>CO2 of the day (imported electricity)</h3><ul>{co2}</ul>" if co2 else ""
     unknown = (
         f"<p>Unknown units that tried to send ({len(r.unknown)}): {e(', '.join(r.unknown[:50]))}</p>"
         if r.unknown
@@ -187,7 +214,7 @@ def render_html(r: DailyReport, limit: int = 200) -> str:
         f"<!DOCTYPE html><html><body>{caveat}<h2>smame daily report for {r.day.isoformat()}</h2>"
         f"<p>{e(r.zone)}, {r.slots_per_day} slots a unit</p>"
         f'<table border="1" cellpadding="4" cellspacing="0">{head}{rows}</table>'
-        f"<h3>Units with problems: {len(units)} of {len(r.heard)}</h3><ul>{items}</ul>{never}"
+        f"<h3>Units with problems: {len(units)} of {len(r.heard)}</h3><ul>{items}</ul>{never}{co2}"
         f"<p>Quarantined telegrams: {e(_counts(r.quarantine))}</p>{unknown}</body></html>\n"
     )
 
@@ -210,6 +237,7 @@ def render_slack(r: DailyReport, limit: int = 15) -> str:
             + (", silent" if f.silent_since is not None else "")
             for f in units[:limit]
         ]
+    lines += [f"CO2 of the day, *{c.customer}*: {c.line()}" for c in r.co2]
     lines.append("Quarantined telegrams: " + _counts(r.quarantine))
     if r.unknown:
         lines.append(f"Unknown units: {len(r.unknown)}")

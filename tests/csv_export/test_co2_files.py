@@ -21,6 +21,8 @@ from kernel.emissions import fiscal_year
 from kernel.reading import Incoming, Reading
 from kernel.registry import Registry, load_registry
 from kernel.timegrid import SLOT, Grid
+from monitoring.daily import build_report
+from monitoring.report import render_slack, render_text
 from tests.helpers import smame, smame_env, write_registry, yesterday
 
 GRID = Grid("Asia/Tokyo")
@@ -161,3 +163,18 @@ def test_emissions_command_brings_the_summary_up_to_date_and_prints_it(workdir: 
     ):
         bad = smame(["emissions", *args], env, check=False)
         assert bad.returncode == 2 and says in bad.stderr and "Traceback" not in bad.stderr, (args, bad.stderr)
+
+
+@pytest.mark.parametrize("day", [date(2027, 3, 31), date(2027, 4, 1)])
+def test_the_daily_report_gives_each_customers_co2_as_its_file_adds_up(files: Files, day: date) -> None:
+    files.exporter.scheduled(NOW)
+    report = build_report(files.ingest.store, GRID, files.registry, day, int(NOW))
+    rows = files.rows(day)
+
+    def kg(column: str) -> str:
+        return f"{sum((Decimal(r[column]) for r in rows if r[column]), Decimal(0)):.3f}"
+
+    assert [c.customer for c in report.co2] == ["C1"]  # C2 did not ask for emissions
+    market = f"{kg('co2_market_kg')} kg" if day.month == 3 else "no factor for fiscal year 2027"
+    line = f"C1: location-based {kg('co2_location_kg')} kg, market-based {market} (43.2 kWh imported)"
+    assert line in render_text(report) and line.split(": ", 1)[1] in render_slack(report)
