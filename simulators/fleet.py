@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
+
+from kernel.emissions import fiscal_year
 
 # e1 code -> kWh per register step; only what real SmaMe II meters use.
 RESOLUTIONS = {0x01: 0.1, 0x02: 0.01, 0x00: 1.0}
@@ -67,8 +70,19 @@ def make_fleet(units: int, customers: int, seed: int, near_wrap: float = 0.03) -
     return out
 
 
+# The fleet's electricity suppliers and menus (invented names) with their adjusted factors in t-CO2/kWh: a
+# standard menu, a business menu and a renewable one (zero), as Japanese retailers offer them.
+MENUS = (
+    ("さくら電力", "従量電灯B", "0.000436"),
+    ("さくら電力", "再エネ100", "0.000000"),
+    ("みなと電力", "ビジネス", "0.000402"),
+)
+NATIONAL = "0.000423"  # t-CO2/kWh, near the grid average Japan publishes
+
+
 def write_registry(fleet: list[SimUnit], directory: Path) -> tuple[Path, Path]:
-    """units.csv and customers.toml for the fleet, so a demo needs no hand-written files."""
+    """units.csv and customers.toml for the fleet, so a demo needs no hand-written files. Each customer buys from
+    one of MENUS; every other one (C000 first) asks for CO2 columns."""
     directory.mkdir(parents=True, exist_ok=True)
     units = directory / "units.csv"
     lines = ["unit_id,customer_id,meter_id,contract_kw,label"]
@@ -77,6 +91,26 @@ def write_registry(fleet: list[SimUnit], directory: Path) -> tuple[Path, Path]:
     customers = directory / "customers.toml"
     ids = sorted({u.customer for u in fleet})
     customers.write_text(
-        "".join(f'[customers.{c}]\nname = "Simulated customer {c}"\n\n' for c in ids), encoding="utf-8"
+        "".join(
+            f'[customers.{c}]\nname = "Simulated customer {c}"\nsupplier = "{MENUS[k % len(MENUS)][0]}"\n'
+            f'menu = "{MENUS[k % len(MENUS)][1]}"\nco2_columns = {"true" if k % 2 == 0 else "false"}\n\n'
+            for k, c in enumerate(ids)
+        ),
+        encoding="utf-8",
     )
     return units, customers
+
+
+def write_factors(directory: Path, today: date) -> Path:
+    """`emission_factors.csv` for the fleet's menus: the fiscal year of `today` and the two before it, each
+    published the December before it began, and one correction of this year's first menu."""
+    path = directory / "emission_factors.csv"
+    year = fiscal_year(today)
+    lines = ["supplier,menu,fiscal_year,basic_t_per_kwh,adjusted_t_per_kwh,published"]
+    for fiscal in range(year - 2, year + 1):
+        lines.append(f"national,average,{fiscal},{NATIONAL},{NATIONAL},{fiscal - 1}-12-20")
+        lines += [f"{s},{m},{fiscal},0.000450,{adjusted},{fiscal - 1}-12-20" for s, m, adjusted in MENUS]
+    supplier, menu, _ = MENUS[0]
+    lines.append(f"{supplier},{menu},{year},0.000450,0.000431,{year}-02-15")  # a correction, published later
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path

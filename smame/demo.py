@@ -33,7 +33,7 @@ from zoneinfo import ZoneInfo
 
 from aiosmtpd.controller import Controller
 
-from simulators.fleet import make_fleet, write_registry
+from simulators.fleet import make_fleet, write_factors, write_registry
 from smame.users import add_user
 
 MARKER = ".smame-demo"  # the demo only ever wipes a directory it made
@@ -84,6 +84,7 @@ def run_demo(opts: DemoOptions, out: TextIO = sys.stdout) -> int:
         tour.show_slots(unit, day)
         tour.show_quarantine()
         tour.show_export(customer, day)
+        tour.show_emissions(customer, day)
         tour.show_ftps()
         tour.show_api(unit, day)
         tour.show_metrics()
@@ -125,6 +126,7 @@ class Tour:
             "max_queued_messages 1000000\n"
         )
         write_registry(make_fleet(opts.units, opts.customers, 1), work)
+        write_factors(work, datetime.now(ZoneInfo("Asia/Tokyo")).date())
         add_user(work / "customers.toml", "C000", "demo", password, [])
         env = {k: v for k, v in os.environ.items() if not k.startswith("SMAME_")} | {"SMAME_LOG__FORMAT": "text"}
         return cls(opts, out, work, ports, password, env)
@@ -214,6 +216,14 @@ class Tour:
             f" {csv_file.name}.sha256"
         )
 
+    def show_emissions(self, customer: str, day: date) -> None:
+        self.say(
+            f"\n== smame emissions --customer {customer} --month {day:%Y-%m}   (CO2 of the imported electricity, "
+            f"location- and market-based; {customer}_{day:%Y%m}_co2.csv beside the daily files)"
+        )
+        rows = self.smame("emissions", "--customer", customer, "--month", f"{day:%Y-%m}").splitlines()
+        self.say("\n".join("   " + r for r in rows[:3] + (["   ..."] if len(rows) > 4 else []) + rows[-1:]))
+
     def show_ftps(self) -> None:
         self.say(f"\n== customer C000's server fetches its files over FTPS (user demo, password {self.password})")
         names = _ftps_listing(self.ports["ftp"], self.work / "data" / "ftps-cert.pem", self.password)
@@ -231,6 +241,9 @@ class Tour:
         slots = _api(f"{base}/units/{unit}/slots?from={day}", self.token)["slots"]
         self.say(f"   GET /api/v1/units/{unit}/slots?from={day}: {len(slots)} half hours, the 19th:")
         self.say(f"   {json.dumps(slots[18])}")
+        month = f"{day:%Y-%m}"
+        total = _api(f"{base}/customers/C000/emissions?month={month}", self.token)["total"]
+        self.say(f"   GET /api/v1/customers/C000/emissions?month={month}: the month's total {json.dumps(total)}")
 
     def show_metrics(self) -> None:
         port = self.ports["metrics"]
@@ -247,7 +260,9 @@ class Tour:
     def show_report(self, day: date) -> None:
         self.say(f"\n== the daily report for {day} (smame report --send: printed, and mailed to the local SMTP server)")
         report = self.smame("report", "--date", str(day), "--send", check=False).splitlines()
-        self.say("\n".join("   " + line for line in report[:10] + ["   ..."] + report[-3:]))
+        co2 = [k for k, line in enumerate(report) if line.startswith("CO2 of the day")][:1]
+        shown = report[:10] + ["   ..."] + [line for k in co2 for line in report[k : k + 3] + ["   ..."]] + report[-3:]
+        self.say("\n".join("   " + line for line in shown))
         received = self.drop.count if self.drop is not None else 0
         self.say(f"   mails received so far: {received} in {self.work / 'mail'} (open them with any mail program)")
 
@@ -313,6 +328,8 @@ client_id = "smame-demo"
 [registry]
 units = "{work / "units.csv"}"
 customers = "{work / "customers.toml"}"
+[emissions]
+factors = "{work / "emission_factors.csv"}"
 [ftp]
 host = "127.0.0.1"
 port = {ports["ftp"]}

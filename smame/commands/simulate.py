@@ -8,13 +8,15 @@ import csv
 import dataclasses
 import signal
 import sys
+from datetime import datetime
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 from broker_bridge.bridge import target_from_url, tls_context
 from broker_bridge.mqtt import ConnectionRefused
 from kernel.meter import flag_names
 from kernel.settings import Settings
-from simulators.fleet import make_fleet
+from simulators.fleet import make_fleet, write_factors
 from simulators.fleet import write_registry as write_fleet_registry
 from simulators.publisher import Endpoint
 from simulators.run import RunOptions, Summary, describe, simulate
@@ -74,7 +76,7 @@ def add(sub: Subcommands, common: argparse.ArgumentParser) -> None:
         "--write-registry",
         type=Path,
         metavar="DIR",
-        help="write units.csv and customers.toml of the fleet to DIR, and exit",
+        help="write units.csv, customers.toml and emission_factors.csv of the fleet to DIR, and exit",
     )
     simulate.add_argument("--broker", help="broker URL (default: broker.url of the settings)")
     simulate.add_argument(
@@ -93,7 +95,11 @@ def add(sub: Subcommands, common: argparse.ArgumentParser) -> None:
 def _simulate(settings: Settings, args: argparse.Namespace) -> int:
     if args.write_registry is not None:
         units, customers = write_fleet_registry(make_fleet(args.units, args.customers, args.seed), args.write_registry)
-        print(f"wrote {units} ({args.units} units) and {customers} ({min(args.customers, args.units)} customers)")
+        factors = write_factors(args.write_registry, datetime.now(ZoneInfo(settings.timezone)).date())
+        print(
+            f"wrote {units} ({args.units} units), {customers} ({min(args.customers, args.units)} customers) and "
+            f"{factors} (set emissions.factors to it)"
+        )
         return 0
     days, speed = (args.backfill, 0.0) if args.backfill is not None else (args.days, args.speed)
     faults = Faults.clean() if args.clean else Faults.typical()

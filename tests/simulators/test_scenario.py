@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from datetime import date, timedelta
 from itertools import pairwise
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
-from simulators.fleet import make_fleet
+from kernel.registry import load_registry
+from simulators.fleet import make_fleet, write_factors, write_registry
 from simulators.scenario import SLOT, Faults, Scenario, floor_slot
 
 ZONE = "Asia/Tokyo"
@@ -73,3 +76,18 @@ def test_load_follows_the_day() -> None:
         if 10 <= (t // 3600 + 9) % 24 < 13
     )
     assert day > 3 * night
+
+
+def test_the_fleets_registry_and_factors_load_and_give_co2_for_any_day(tmp_path: Path) -> None:
+    today = date.today() + timedelta(days=400)  # any date: the factors follow the day they are written for
+    units, customers = write_registry(make_fleet(30, 4, 1), tmp_path)
+    registry = load_registry(units, customers, factors_path=write_factors(tmp_path, today))
+    assert registry.unknown_menus() == []
+    with_co2 = sorted(c for c in registry.customers if registry.customers[c].co2_columns)
+    assert with_co2 == ["C000", "C002"]
+    for day in (today, today - timedelta(days=400)):  # this fiscal year's factors and last year's
+        factors = registry.day_factors("C000", day)
+        assert factors is not None and factors.location is not None and factors.market is not None
+    this_year = registry.day_factors("C000", today)
+    assert this_year is not None and this_year.market is not None
+    assert str(this_year.market.t_per_kwh) == "0.000431"  # the correction, published later, is in force
