@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import signal
 import time
 from collections.abc import Iterator
 from datetime import date, datetime
@@ -23,7 +24,21 @@ from kernel.registry import Registry, load_registry
 from kernel.timegrid import SLOT, Grid
 from monitoring.daily import build_report
 from monitoring.report import render_slack, render_text
-from tests.helpers import smame, smame_env, write_registry, yesterday
+from tests.helpers import (
+    Mosquitto,
+    at,
+    publish,
+    smame,
+    smame_env,
+    start_smame,
+    stop,
+    telegram,
+    wait_log,
+    wait_readings,
+    wait_until,
+    write_registry,
+    yesterday,
+)
 
 GRID = Grid("Asia/Tokyo")
 NOW = datetime.fromisoformat("2027-04-02T12:05:00+09:00").timestamp()
@@ -178,3 +193,40 @@ def test_the_daily_report_gives_each_customers_co2_as_its_file_adds_up(files: Fi
     market = f"{kg('co2_market_kg')} kg" if day.month == 3 else "no factor for fiscal year 2027"
     line = f"C1: location-based {kg('co2_location_kg')} kg, market-based {market} (43.2 kWh imported)"
     assert line in render_text(report) and line.split(": ", 1)[1] in render_slack(report)
+
+
+def test_a_running_smame_rewrites_the_days_of_a_corrected_factor_on_sighup(broker: Mosquitto, workdir: Path) -> None:
+    day = yesterday()
+    fiscal = fiscal_year(day)
+    write_registry(workdir, {"H1": "C1"})
+    (workdir / "customers.toml").write_text('[customers.C1]\nsupplier = "S"\nmenu = "M"\nco2_columns = true\n')
+    factors = workdir / "factors.csv"
+    factors.write_text(
+        HEADER + f"national,average,{fiscal},0.000423,0.000423,2025-12-20\nS,M,{fiscal},0,0.0004,2025-12-20\n"
+    )
+    env = smame_env(workdir, broker.port, SMAME_EMISSIONS__FACTORS=str(factors))
+    log = workdir / "smame.log"
+    proc = start_smame(env, log)
+    wait_log(log, "subscribed to")
+    text = day.isoformat()
+    publish(broker.port, [("smame/v1/H1/reading", telegram("H1", [(at(text, "10:00"), 10), (at(text, "10:30"), 15)]))])
+    wait_readings(workdir / "data" / "smame.db", 2)
+    csv_file = path_of(workdir / "data" / "export", "C1", day)
+
+    def slot_21() -> tuple[str, str]:
+        rows = csv.DictReader(io.StringIO(csv_file.read_text())) if csv_file.exists() else []
+        return next(((r["co2_location_kg"], r["co2_market_kg"]) for r in rows if r["slot"] == "21"), ("", ""))
+
+    proc.send_signal(signal.SIGHUP)  # an export run now, not at the next half hour
+    wait_until(lambda: slot_21() == ("0.212", "0.200"), 20, lambda: str(slot_21()))  # 0.5 kWh
+
+    good = factors.read_text()
+    factors.write_text(good + f"S,M,{fiscal},0.1,0.000448,{fiscal}-02-01\n")  # basic 0.1: kg, not t-CO2/kWh
+    proc.send_signal(signal.SIGHUP)
+    wait_log(log, "registry reload refused")  # the factors in force stay
+    factors.write_text(good + f"S,M,{fiscal},0,0.000448,{fiscal}-02-01\n")  # the correction, published later
+    proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: slot_21() == ("0.212", "0.224"), 20, lambda: str(slot_21()))
+    assert stop(proc) == 0
+    summary = summary_path(workdir / "data" / "export", "C1", day.replace(day=1)).read_text()
+    assert f",0.000448,{fiscal}-02-01," in summary
