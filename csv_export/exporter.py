@@ -99,6 +99,8 @@ def refactored(
     for customer in seen.keys() | now.keys():
         before, after = seen.get(customer, {}), now.get(customer, {})
         changed = {int(fy) for fy in before.keys() | after.keys() if before.get(fy) != after.get(fy)}
+        if not changed:
+            continue
         day = first
         while day <= last:
             if fiscal_year(day) in changed:
@@ -327,7 +329,7 @@ class Exporter:
         seen = self._factors_seen()
         pairs |= {(c, d) for c, d in refactored(seen, in_force, first_summed, today) if c in registry.customers}
         result = self.export(pairs, now, files_from=first_kept)
-        for old in [*expired(self.root, local_today, self.retention_days), *self._expired_co2(first_kept)]:
+        for old in [*expired(self.root, local_today, self.retention_days), *self._expired_co2(first_kept, registry)]:
             old.unlink(missing_ok=True)
             result.deleted.append(old)
         if in_force != seen:
@@ -345,19 +347,24 @@ class Exporter:
             return {}
         return seen if isinstance(seen, dict) else {}
 
-    def _expired_co2(self, first_kept: date) -> list[Path]:
-        """Monthly summaries whose month ended before `first_kept`, and days' totals before its month."""
+    def _expired_co2(self, first_kept: date, registry: Registry) -> list[Path]:
+        """Monthly summaries whose month ended before `first_kept`, and days' totals before its month; all of
+        them for a customer that no longer has emissions (its summaries would no longer be brought up to date)."""
         out = []
         first_summed = f"{month_of(first_kept):%Y%m%d}"
+
+        def gone(customer: str) -> bool:
+            return customer not in registry.customers or not registry.customers[customer].co2_columns
+
         for customer_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
             if customer_dir.name == TOTALS_DIR:
                 for kept in sorted(customer_dir.glob("*/*.csv")):
-                    if kept.stem.isdigit() and kept.stem < first_summed:
+                    if kept.stem.isdigit() and (kept.stem < first_summed or gone(kept.parent.name)):
                         out.append(kept)
                 continue
             for f in customer_dir.iterdir():
                 m = SUMMARY_NAME.match(f.name)
-                if m and m["month"] < f"{first_kept:%Y%m}":
+                if m and (m["month"] < f"{first_kept:%Y%m}" or gone(m["customer"])):
                     out.append(f)
         return sorted(out)
 

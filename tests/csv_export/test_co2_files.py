@@ -230,3 +230,15 @@ def test_a_running_smame_rewrites_the_days_of_a_corrected_factor_on_sighup(broke
     assert stop(proc) == 0
     summary = summary_path(workdir / "data" / "export", "C1", day.replace(day=1)).read_text()
     assert f",0.000448,{fiscal}-02-01," in summary
+
+
+def test_a_customer_that_turns_emissions_off_gets_files_without_them_and_no_stale_summary(files: Files) -> None:
+    files.exporter.scheduled(NOW)
+    march = summary_path(files.root, "C1", date(2027, 3, 1))
+    assert march.exists() and "co2_market_kg" in files.rows(MARCH[0])[0]
+    (files.workdir / "customers.toml").write_text('[customers.C1]\nsupplier = "A電力"\nmenu = "B"\n[customers.C2]\n')
+    files.factors(FY2026 + FY2027)
+    result = files.exporter.scheduled(NOW)
+    assert sorted(result.written) == [path_of(files.root, "C1", d) for d in MARCH + APRIL]
+    assert "co2_market_kg" not in files.rows(MARCH[0])[0]
+    assert march in result.deleted and not march.exists() and not list(files.root.glob("C1/*_co2.csv*"))
