@@ -14,7 +14,7 @@ import secrets
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, quote
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
@@ -22,6 +22,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
 from aggregator.store import SlotRow
+from csv_export.co2 import SUMMARY_NAME
 from csv_export.exporter import SUCCEEDED
 from csv_export.files import NAME
 from ftp_gateway.accounts import normalize
@@ -274,7 +275,7 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
             "files": [
                 {
                     "name": name,
-                    "day": f"{name[-12:-8]}-{name[-8:-6]}-{name[-6:-4]}",
+                    "link": _file_link(customer.id, name),
                     "size": size,
                     "modified": _local(int(mtime), ctx),
                     "download": _download(downloads.get(name), ctx),
@@ -349,17 +350,28 @@ def _kwh(raw: int | None, row: SlotRow) -> float | None:
 
 
 def _files(directory: Path) -> list[tuple[str, int, float]]:
-    """A customer's CSV files, newest day first: (name, size, modified)."""
+    """A customer's CSV files, its monthly CO2 summaries (newest month first) before its days (newest first):
+    (name, size, modified)."""
     out = []
     try:
         with os.scandir(directory) as entries:
             for entry in entries:
-                if entry.name.endswith(".csv") and NAME.match(entry.name) and entry.is_file(follow_symlinks=False):
+                ours = NAME.match(entry.name) or SUMMARY_NAME.match(entry.name)
+                if entry.name.endswith(".csv") and ours and entry.is_file(follow_symlinks=False):
                     st = entry.stat(follow_symlinks=False)
                     out.append((entry.name, st.st_size, st.st_mtime))
     except FileNotFoundError:
         return []
-    return sorted(out, reverse=True)
+    return sorted(out, key=lambda f: (f[0].endswith("_co2.csv"), f[0]), reverse=True)
+
+
+def _file_link(customer: str, name: str) -> str:
+    """Where the console opens a file: the API's copy of a day's file, or the JSON of a month's CO2."""
+    summary = SUMMARY_NAME.match(name)
+    if summary:
+        month = summary["month"]
+        return f"/api/v1/customers/{quote(customer)}/emissions?month={month[:4]}-{month[4:]}"
+    return f"/api/v1/customers/{quote(customer)}/days/{name[-12:-8]}-{name[-8:-6]}-{name[-6:-4]}.csv"
 
 
 def _download(row: tuple[int, str, str, int] | None, ctx: WebContext) -> str:

@@ -106,6 +106,12 @@ def test_an_operator_logs_in_and_finds_the_silent_unit(
     broker: Mosquitto, workdir: Path, browser: webdriver.Chrome
 ) -> None:
     write_registry(workdir, {"U1": "C1", "U2": "C1", "U3": "C2"})
+    # C1 has CO2 columns (no factors file: empty), so a monthly summary beside its files
+    (workdir / "customers.toml").write_text(
+        (workdir / "customers.toml")
+        .read_text()
+        .replace('name = "Customer C1"', 'name = "Customer C1"\nco2_columns = true')
+    )
     port = free_port()
     env = smame_env(
         workdir,
@@ -225,6 +231,7 @@ def test_an_operator_logs_in_and_finds_the_silent_unit(
         assert any("empty" in c for c in u2[-2:]), u2[-2:]  # silent since its one reading: every half hour missing
         files = browser.find_element(By.ID, "files").text
         assert f"C1_{day:%Y%m%d}.csv" in files and "over api by token" in files
+        assert files.index(f"C1_{day:%Y%m}_co2.csv") < files.index(f"C1_{day:%Y%m%d}.csv")  # months first
         shot(browser, "customer")
 
         browser.find_element(By.LINK_TEXT, "Quarantine").click()  # every refused telegram, by reason
