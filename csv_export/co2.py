@@ -15,7 +15,7 @@ from pathlib import Path
 
 import polars as pl
 
-from csv_export.render import TOTALS_SCHEMA, Layout
+from csv_export.render import TOTALS_SCHEMA, Layout, sum_or_null
 from kernel.emissions import DayFactors, Factor, format_e4, format_grams
 
 TOTALS_DIR = ".smame-co2"
@@ -123,16 +123,12 @@ def month_summary(root: Path, customer: str, month: date, supplier_menu: str = "
     if not frames:
         return None
     days = pl.concat(frames)
-
-    def total(column: str) -> pl.Expr:  # a unit's CO2 is missing when no day had a factor for it
-        return pl.when(pl.col(column).is_not_null().any()).then(pl.col(column).sum()).otherwise(None).alias(column)
-
     units = (
         days.group_by("unit")
         .agg(
             pl.col("kwh_e4").sum(),
-            total("location_g"),
-            total("market_g"),
+            sum_or_null("location_g"),
+            sum_or_null("market_g"),
             *[pl.col(c).sum() for c in ("slots", "estimated", "missing")],
         )
         .sort("unit")

@@ -156,21 +156,22 @@ def _grams(grid: pl.DataFrame, factor: Factor | None) -> pl.Series:
     return grid["imp_e4"].replace_strict(mapping, default=None, return_dtype=pl.Int64)
 
 
+def sum_or_null(column: str) -> pl.Expr:
+    """A group's sum of a column, null when no row has a value: CO2 without a factor stays missing, not 0."""
+    return pl.when(pl.col(column).is_not_null().any()).then(pl.col(column).sum()).otherwise(None).alias(column)
+
+
 def _totals(grid: pl.DataFrame) -> pl.DataFrame:
     """A day's emissions per unit, in file order: energy and CO2 summed over the slots that have them, and how
     many slots there were, estimated and missing (by the import register's quality)."""
     present = pl.col("imp_e4").is_not_null()
-
-    def total(column: str) -> pl.Expr:  # null when no slot has a value: a missing factor stays missing
-        return pl.when(pl.col(column).is_not_null().any()).then(pl.col(column).sum()).otherwise(None).alias(column)
-
     return (
         grid.group_by("order", maintain_order=True)
         .agg(
             pl.col("unit").first(),
             pl.col("imp_e4").sum().alias("kwh_e4"),
-            total("location_g"),
-            total("market_g"),
+            sum_or_null("location_g"),
+            sum_or_null("market_g"),
             pl.len().cast(pl.Int64).alias("slots"),
             (present & (pl.col("imp_q") == "E")).sum().cast(pl.Int64).alias("estimated"),
             (~present).sum().cast(pl.Int64).alias("missing"),

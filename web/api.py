@@ -93,18 +93,6 @@ class Slots(BaseModel):
     slots: list[Slot]
 
 
-class UnitEmissions(BaseModel):
-    unit_id: str
-    import_kwh: str
-    co2_location_kg: str | None
-    co2_market_kg: str | None
-    slots: int
-    estimated_slots: int
-    missing_slots: int
-    estimated_share: str
-    missing_share: str
-
-
 class TotalEmissions(BaseModel):
     import_kwh: str
     co2_location_kg: str | None
@@ -114,6 +102,10 @@ class TotalEmissions(BaseModel):
     missing_slots: int
     estimated_share: str
     missing_share: str
+
+
+class UnitEmissions(TotalEmissions):
+    unit_id: str
 
 
 class FactorUsed(BaseModel):
