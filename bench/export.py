@@ -5,6 +5,7 @@ the floor of an export that goes through Python objects. smame's export reads in
 (in its worker processes) and renders with polars; with --workers it renders days in parallel.
 
     .venv/bin/python -m bench.export --units 10000 --days 45
+    .venv/bin/python -m bench.export --units 10000 --days 3 --co2    # every customer with CO2 columns
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ import random
 import tempfile
 import time
 from datetime import date, timedelta
+from decimal import Decimal
 from pathlib import Path
 
 from aggregator.sqlite import SqliteStore
 from aggregator.store import Store
 from csv_export.exporter import Exporter
+from kernel.emissions import Factors, Published
 from kernel.registry import Customer, Registry, Unit
 from kernel.timegrid import Grid
 from tests.helpers import children, memory_mb, process_name
@@ -53,13 +56,22 @@ def main() -> None:
     ap.add_argument("--customers", type=int, default=20)
     ap.add_argument("--days", type=int, default=45)
     ap.add_argument("--workers", type=int, default=2, help="export.workers")
+    ap.add_argument("--co2", action="store_true", help="every customer with CO2 columns and a monthly summary")
     args = ap.parse_args()
     grid = Grid("Asia/Tokyo")
     today = date(2026, 11, 23)
     now = grid.day_start(today + timedelta(days=1)) + 300.0  # every slot of "today" closed
     first = today - timedelta(days=args.days - 1)
     units = {f"U{u:06d}": Unit(f"U{u:06d}", f"C{u % args.customers:03d}", f"SM-U{u:06d}") for u in range(args.units)}
-    registry = Registry(units, {c: Customer(id=c) for c in {u.customer for u in units.values()}})
+    co2 = {"supplier": "S", "menu": "M", "co2_columns": True} if args.co2 else {}
+    factors = Factors(
+        {
+            ("national", "average", 2026): Published(Decimal("0.000423"), Decimal("0.000423"), date(2025, 12, 20)),
+            ("S", "M", 2026): Published(Decimal("0.00045"), Decimal("0.000381"), date(2025, 12, 20)),
+        }
+    )
+    customers = {c: Customer(id=c, **co2) for c in {u.customer for u in units.values()}}
+    registry = Registry(units, customers, factors=factors)
     with tempfile.TemporaryDirectory(prefix="smame-export-") as tmp:
         store = SqliteStore(Path(tmp) / "smame.db", "NORMAL")
         started = time.perf_counter()
@@ -81,9 +93,10 @@ def main() -> None:
         t = time.perf_counter()
         result = exporter.export([(c, today) for c in customers], now)
         one_day = time.perf_counter() - t
-        if len(result.written) != len(customers):
-            raise SystemExit(f"the export wrote {len(result.written)} files, not {len(customers)}: nothing to time")
-        size = sum(p.stat().st_size for p in result.written)
+        daily = [p for p in result.written if not p.name.endswith("_co2.csv")]
+        if len(daily) != len(customers):
+            raise SystemExit(f"the export wrote {len(daily)} files, not {len(customers)}: nothing to time")
+        size = sum(p.stat().st_size for p in daily)
         t = time.perf_counter()
         again = exporter.export([(c, today) for c in customers], now)
         unchanged = time.perf_counter() - t
@@ -96,7 +109,8 @@ def main() -> None:
     n_day = len(day_rows)
     print(f"baseline, fetch one day's {n_day:,} rows from SQLite: {fetch:6.2f} s")
     print(
-        f"export one day ({len(result.written)} files, {n_day:,} rows, {size / 1e6:.1f} MB): {one_day:6.2f} s "
+        f"export one day ({len(daily)} files{' with CO2 and their months' if args.co2 else ''}, {n_day:,} rows, "
+        f"{size / 1e6:.1f} MB): {one_day:6.2f} s "
         f"({n_day / one_day:,.0f} rows/s, x{one_day / fetch:.2f} the fetch)"
     )
     print(f"same day again, nothing changed ({again.unchanged} files compared):  {unchanged:6.2f} s")

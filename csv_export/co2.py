@@ -82,9 +82,11 @@ def totals_bytes(totals: pl.DataFrame, factors: DayFactors) -> bytes:
 
 def read_totals(path: Path) -> pl.DataFrame | None:
     """A day's totals file as written by `totals_bytes`; None when it is not there."""
+    if not path.is_file():  # most days of a month have none yet: polars takes a millisecond to say so
+        return None
     try:
         return pl.read_csv(path, schema=TOTALS_SCHEMA | _FACTOR_SCHEMA)
-    except FileNotFoundError:
+    except FileNotFoundError:  # deleted since (retention)
         return None
 
 

@@ -17,7 +17,7 @@ from datetime import date
 import polars as pl
 
 from aggregator.store import SlotRow
-from kernel.emissions import DayFactors, Factor, grams, kwh_e4
+from kernel.emissions import DayFactors, format_grams, grams, kwh_e4
 from kernel.meter import format_kwh
 from kernel.timegrid import SlotLabel
 
@@ -122,38 +122,25 @@ def _grid(
     grid = grid.with_columns(imp_kwh=_kwh(grid, "imp"), exp_kwh=_kwh(grid, "exp"))
     if co2 is None:
         return grid
-    grid = grid.with_columns(imp_e4=_e4(grid))
-    grid = grid.with_columns(location_g=_grams(grid, co2.location), market_g=_grams(grid, co2.market))
-    # kg with three decimals, as format_grams writes them (energies are never negative)
-    return grid.with_columns(
-        **{
-            name: (
-                (pl.col(g) // 1000).cast(pl.String) + "." + (pl.col(g) % 1000).cast(pl.String).str.zfill(3)
-            ).fill_null("")
-            for name, g in _CO2
-        }
+    return grid.join(_co2(grid, co2), on=["e1", "coef", "imp"], how="left", maintain_order="left").with_columns(
+        pl.col("co2_location_kg", "co2_market_kg").fill_null("")
     )
 
 
-_CO2 = (("co2_location_kg", "location_g"), ("co2_market_kg", "market_g"))
-
-
-def _e4(grid: pl.DataFrame) -> pl.Series:
-    """The imported energy of each slot in 0.0001 kWh (null where missing), each distinct value worked out once."""
+def _co2(grid: pl.DataFrame, co2: DayFactors) -> pl.DataFrame:
+    """For each distinct imported (e1, coef, raw) of the day, worked out once: the energy in 0.0001 kWh
+    (`imp_e4`), the CO2 in grams at each factor (null without one) and as kg with three decimals."""
     present = grid.select("e1", "coef", "imp").drop_nulls().unique()
-    values = present.with_columns(e4=pl.Series([kwh_e4(r, e, c) for e, c, r in present.iter_rows()], dtype=pl.Int64))
-    return grid.select("e1", "coef", "imp").join(values, on=["e1", "coef", "imp"], how="left", maintain_order="left")[
-        "e4"
-    ]
+    e4 = [kwh_e4(r, e, c) for e, c, r in present.iter_rows()]
+    columns: dict[str, pl.Series] = {"imp_e4": pl.Series(e4, dtype=pl.Int64)}
+    for (name, g), factor in zip(_CO2, (co2.location, co2.market), strict=True):
+        values = [None if factor is None else grams(e, factor.t_per_kwh) for e in e4]
+        columns[g] = pl.Series(values, dtype=pl.Int64)
+        columns[name] = pl.Series([format_grams(v) for v in values], dtype=pl.String)
+    return present.with_columns(**columns)
 
 
-def _grams(grid: pl.DataFrame, factor: Factor | None) -> pl.Series:
-    """Each slot's CO2 in grams at `factor` (null where the slot or the factor is missing)."""
-    if factor is None:
-        return pl.Series([None] * len(grid), dtype=pl.Int64)
-    present = grid["imp_e4"].drop_nulls().unique()
-    mapping = dict(zip(present.to_list(), [grams(e, factor.t_per_kwh) for e in present], strict=True))
-    return grid["imp_e4"].replace_strict(mapping, default=None, return_dtype=pl.Int64)
+_CO2 = (("co2_location_kg", "location_g"), ("co2_market_kg", "market_g"))
 
 
 def sum_or_null(column: str) -> pl.Expr:
