@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import random
+import re
 from datetime import date, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -204,3 +205,13 @@ def test_a_months_summary_is_the_exact_sum_of_its_daily_files(
     assert int(total["slots"]) == 48 * 2 * len(files)
     if location is None:
         assert "no location-based factor for fiscal year" in total["note"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=400), st.lists(st.text(max_size=30), min_size=0, max_size=8))
+def test_any_factors_file_loads_or_is_refused_with_a_reason(noise: str, cells: list[str]) -> None:
+    for text in (noise, HEADER + noise, HEADER + ",".join(cells) + "\n", HEADER + '"' + noise):
+        try:
+            parse_factors(text, Path("f.csv"))
+        except FactorsError as exc:
+            assert re.match(r"f\.csv:1: header must be |\d+ bad lines? in f\.csv:\nf\.csv:\d+: ", str(exc)), str(exc)
