@@ -17,6 +17,7 @@ import polars as pl
 
 from csv_export.render import TOTALS_SCHEMA, Layout, sum_or_null
 from kernel.emissions import DayFactors, Factor, format_e4, format_grams
+from kernel.registry import Customer
 
 TOTALS_DIR = ".smame-co2"
 SUMMARY_NAME = re.compile(r"^(?P<customer>[A-Za-z0-9_-]{1,64})_(?P<month>\d{6})_co2\.csv(?:\.sha256)?$")
@@ -113,15 +114,17 @@ class MonthSummary:
         return out
 
 
-def month_summary(root: Path, customer: str, month: date, supplier_menu: str = "") -> MonthSummary | None:
+def days_of(month: date) -> list[date]:
+    """Every day of the month that `month` (its first day) begins."""
+    days = [month]
+    while (after := days[-1] + timedelta(days=1)).month == month.month:
+        days.append(after)
+    return days
+
+
+def month_summary(root: Path, customer: Customer, month: date) -> MonthSummary | None:
     """The summary of a customer's month from its days' totals under `root`; None when no day has any."""
-    frames = []
-    day = month
-    while day.month == month.month:
-        frame = read_totals(totals_path(root, customer, day))
-        if frame is not None:
-            frames.append(frame)
-        day += timedelta(days=1)
+    frames = [f for day in days_of(month) if (f := read_totals(totals_path(root, customer.id, day))) is not None]
     if not frames:
         return None
     days = pl.concat(frames)
@@ -140,7 +143,8 @@ def month_summary(root: Path, customer: str, month: date, supplier_menu: str = "
     notes = []
     fiscal = int(days["fiscal_year"][0])  # a month lies in one fiscal year (April to March)
     factors: list[tuple[str, str] | None] = []
-    for kind, what in (("location", "national/average"), ("market", supplier_menu or "no supplier and menu set")):
+    supplier_menu = f"{customer.supplier}/{customer.menu}" if customer.supplier else "no supplier and menu set"
+    for kind, what in (("location", "national/average"), ("market", supplier_menu)):
         used = days.select(f"{kind}_t_per_kwh", f"{kind}_published").unique().fill_null("")
         rows = sorted(tuple(r) for r in used.iter_rows())
         if len(rows) > 1:
@@ -151,7 +155,7 @@ def month_summary(root: Path, customer: str, month: date, supplier_menu: str = "
             factors.append(None)
         else:
             factors.append((rows[0][0], rows[0][1]))
-    return MonthSummary(customer, month, len(frames), units, factors[0], factors[1], notes)
+    return MonthSummary(customer.id, month, len(frames), units, factors[0], factors[1], notes)
 
 
 def summary_rows(summary: MonthSummary) -> list[dict[str, str | int | None]]:

@@ -239,8 +239,7 @@ class Exporter:
 
     def _summarize(self, customer: Customer, month: date, result: RunResult) -> None:
         """Write a customer's CO2 summary of a month from its days' totals, if its bytes changed."""
-        named = f"{customer.supplier}/{customer.menu}" if customer.supplier else ""
-        summary = month_summary(self.root, customer.id, month, named)
+        summary = month_summary(self.root, customer, month)
         if summary is None:
             return
         path = summary_path(self.root, customer.id, month)
@@ -314,7 +313,7 @@ class Exporter:
         newest, changed = self.store.changes_since(cursor)
         today = self.grid.day_of(self.grid.floor(now - self.grace_s))
         local_today = datetime.fromtimestamp(now, self.grid.zone).date()
-        first_kept = local_today - timedelta(days=self.retention_days)
+        first_kept = self.first_kept(now)
         # a month's CO2 summary is kept while any of its days' files is: its days are summed from the 1st
         first_summed = month_of(first_kept)
         registry = self.registry()
@@ -338,6 +337,10 @@ class Exporter:
         write_cursor(self.root, newest)
         self._prune(now)
         return result
+
+    def first_kept(self, now: float) -> date:
+        """The first local day whose files are kept as of `now` (with 45 days: today and the 45 before it)."""
+        return datetime.fromtimestamp(now, self.grid.zone).date() - timedelta(days=self.retention_days)
 
     def _factors_seen(self) -> dict[str, dict[str, str]]:
         """The emission factors the directory's files were last rendered with ({} when unknown)."""

@@ -299,9 +299,8 @@ def build_api(ctx: WebContext) -> FastAPI:
         first = date.fromisoformat(f"{month}-01")
         if not customer.co2_columns:
             raise ApiError(404, f"customer {customer_id} has no emissions (co2_columns is off)")
-        named = f"{customer.supplier}/{customer.menu}" if customer.supplier else ""
         loop = asyncio.get_running_loop()
-        summary = await loop.run_in_executor(None, month_summary, ctx.export_dir, customer_id, first, named)
+        summary = await loop.run_in_executor(None, month_summary, ctx.export_dir, customer, first)
         if summary is None:
             raise ApiError(404, f"no emissions of {customer_id} for {month}")
         rows = summary_rows(summary)

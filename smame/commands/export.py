@@ -7,9 +7,9 @@ import argparse
 import sys
 import time
 from collections.abc import Callable
-from datetime import date, datetime, timedelta
+from datetime import date, timedelta
 
-from csv_export.co2 import month_of, summary_path
+from csv_export.co2 import days_of, month_of, summary_path
 from csv_export.files import check_writable
 from kernel.settings import Settings
 from kernel.timegrid import Grid
@@ -129,15 +129,11 @@ def _emissions(settings: Settings, args: argparse.Namespace) -> int:
     if args.month > month_of(today):
         print(f"smame emissions: {args.month:%Y-%m} has not begun", file=sys.stderr)
         return 2
-    days, day = [], args.month
-    while day.month == args.month.month and day <= today:
-        days.append(day)
-        day += timedelta(days=1)
-    first_kept = datetime.fromtimestamp(now, grid.zone).date() - timedelta(days=settings.export.retention_days)
     with build_exporter(settings, holder, grid) as exporter:
         try:
             check_writable(exporter.root)
-            exporter.export([(customer.id, d) for d in days], now, files_from=first_kept)
+            pairs = [(customer.id, d) for d in days_of(args.month) if d <= today]
+            exporter.export(pairs, now, files_from=exporter.first_kept(now))
         except OSError as exc:
             print(f"smame emissions: {exc}", file=sys.stderr)
             return 1

@@ -18,7 +18,7 @@ from aggregator.store import SlotRow
 from csv_export.co2 import TOTAL_ROW, month_summary, summary_bytes, totals_bytes, totals_path
 from csv_export.render import Layout, render, render_with_totals, slots_frame
 from kernel.emissions import DayFactors, Factor, FactorsError, fiscal_year, grams, kwh_e4, parse_factors
-from kernel.registry import RegistryError, load_registry
+from kernel.registry import Customer, RegistryError, load_registry
 from kernel.timegrid import Grid
 from tests.csv_export.sample import DAY, LABELS, UNITS, slots
 
@@ -180,7 +180,7 @@ def test_a_months_summary_is_the_exact_sum_of_its_daily_files(
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(totals_bytes(totals, factors))
         day += timedelta(days=1)
-    summary = month_summary(root, "C1", month)
+    summary = month_summary(root, Customer(id="C1"), month)
     assert summary is not None
     table = {r["unit_id"]: r for r in csv.DictReader(io.StringIO(summary_bytes(summary, Layout()).decode()))}
 
