@@ -274,7 +274,9 @@ class Ingestor:
         return Reading(unit, at, meter, fwd, rev, e1, coef, digits, 0, 0, flags)
 
     def _write_slots(self, slot_rows: _SlotRows, live: list[tuple[Any, ...]], outcome: Outcome) -> None:
-        both, imp_only, exp_only = live, [], []
+        both: list[tuple[Any, ...]] = []
+        imp_only: list[tuple[Any, ...]] = []
+        exp_only: list[tuple[Any, ...]] = []
         days: dict[int, str] = {}
         customer_of = self.units.customer_of
         changed = outcome.changed
@@ -296,6 +298,9 @@ class Ingestor:
             if day is None:
                 day = days[end] = self.grid.day_of(end).isoformat()
             changed.add((customer_of(unit), day))
+        if live:
+            self.store.insert_slots(live)
+            outcome.slots += len(live)
         for registers, rows in ((("imp", "exp"), both), (("imp",), imp_only), (("exp",), exp_only)):
             if rows:
                 self.store.upsert_slots(registers, rows)

@@ -67,10 +67,11 @@ CREATE TABLE IF NOT EXISTS downloads (
 """
 # the type of each column COPY writes (`PostgresStore._copy`), as binary COPY needs them said
 _COLUMN_TYPES = {
-    **dict.fromkeys(["unit", "meter", "imp_q", "exp_q"], "text"),
+    **dict.fromkeys(["unit", "meter", "imp_q", "exp_q", "customer", "day"], "text"),
     **dict.fromkeys(["at", "fwd", "rev", "seq", "sent", "received", "slot", "imp", "exp"], "int8"),
     **dict.fromkeys(["e1", "coef", "digits", "flags", "imp_flags", "exp_flags"], "int4"),
 }
+_BOTH_REGISTERS = slot_upsert(("imp", "exp"))[0]
 _PARTITION = re.compile(r"^(readings|slots)_(\d{8})$")
 
 
@@ -212,6 +213,22 @@ class PostgresStore(Store):
             self._copy("slots_in", cols, rows)
             names = ", ".join(cols)
             db.execute(f"INSERT INTO slots ({names}) SELECT {names} FROM slots_in {on_conflict}")
+
+    def insert_slots(self, rows: list[tuple[Any, ...]]) -> None:
+        """Slots believed new, by one COPY straight into the table: half the server's work of the merge, which
+        checks each row's key first. Should one exist after all, the COPY fails alone (a savepoint) and the
+        rows are merged as `upsert_slots` does."""
+        if rows:
+            self._ensure_days("slots", {r[0] // DAY for r in rows})
+            try:
+                with self._connected().transaction():
+                    self._copy("slots", _BOTH_REGISTERS, rows)
+            except psycopg.errors.UniqueViolation:
+                self.upsert_slots(("imp", "exp"), rows)
+
+    def add_changes(self, pairs: Iterable[tuple[str, str]], at: int) -> None:
+        """Record that these (customer, local day) pairs changed: one COPY."""
+        self._copy("changes", ["customer", "day", "at"], [(c, d, at) for c, d in pairs])
 
     def last_points(self, units: list[str]) -> dict[str, tuple[int | None, Point | None, Point | None]]:
         """Of each unit: its newest reading's time and the newest point of each register, in one statement (a

@@ -261,6 +261,12 @@ class Store(ABC):
             f"INSERT INTO slots ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) {on_conflict}", rows
         )
 
+    def insert_slots(self, rows: list[tuple[Any, ...]]) -> None:
+        """Write slots of both registers that the caller believes new (the live case), rows as `upsert_slots`
+        takes them; a slot that exists after all is updated as `upsert_slots` would. Here that is the same
+        statement."""
+        self.upsert_slots(("imp", "exp"), rows)
+
     def slots(self, unit: str, after: int, until: int) -> list[SlotRow]:
         """Stored slots of a unit with `after < slot <= until`."""
         rows = self.execute(

@@ -140,6 +140,18 @@ def test_state_survives_a_restart(store_url: str) -> None:
     again.store.close()
 
 
+def test_a_live_slot_stored_already_is_updated_not_refused(ing: Ingestor) -> None:
+    # The live case writes the next slot without looking (PostgreSQL copies it straight in); a slot stored
+    # beyond the unit's newest reading (a store put together by hand, say) must not make the batch fail.
+    ing.commit([reading(k, 100 + k * 10, unit=u) for k in (0, 1) for u in ("U1", "U2")], [], T0)
+    with ing.store.transaction():
+        ing.store.upsert_slots(("imp", "exp"), [(T0 + 2 * H, "U1", 99, "E", 0, 99, "E", 0, "M1", 1, 1)])
+    out = ing.commit([reading(2, 125, unit="U1"), reading(2, 121, unit="U2")], [], T0)
+    assert (out.stored, out.slots) == (2, 2)
+    assert table(ing)[2] == (15, "A", 0, 0, "A")
+    assert table(ing, "U2")[2] == (11, "A", 0, 0, "A")
+
+
 def test_changed_days_are_reported_per_customer_and_day(ing: Ingestor) -> None:
     last, _ = ing.store.changes_since(0)
     ing.commit([reading(0, 100), reading(1, 110)], [], T0)
