@@ -301,6 +301,18 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def server_cpu_seconds() -> float:
+    """CPU time used so far by every PostgreSQL server process on this machine (0 without one)."""
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and process_name(int(entry.name)).startswith("postgres"):
+            try:
+                total += cpu_seconds(int(entry.name))
+            except OSError:  # gone meanwhile
+                pass
+    return total
+
+
 def restart_smame(
     mq: Mosquitto, messages: list[tuple[str, bytes]], units: int, work: Path, batch: int, storage: str | None
 ) -> tuple[float, float, dict[str, float]]:
@@ -308,7 +320,7 @@ def restart_smame(
     telegram committed; and the CPU seconds each process spent meanwhile (smame's by process name)."""
     preload_session(mq.port, "bench-restart-smame")
     publish(mq.port, messages)
-    broker_before = cpu_seconds(mq.proc.pid)
+    broker_before, server_before = cpu_seconds(mq.proc.pid), server_cpu_seconds()
     started_wall, started = time.time(), time.perf_counter()
     proc, metrics = start_bench_smame(mq, units, work, batch, "bench-restart-smame", storage, ready=())
     try:
@@ -318,6 +330,8 @@ def restart_smame(
         for child in children(proc.pid):
             name = process_name(child) or "other"
             cpu[name] = cpu.get(name, 0.0) + cpu_seconds(child)
+        if storage is not None:
+            cpu["postgres (all server processes)"] = server_cpu_seconds() - server_before
         line = next(x for x in (work / "smame.log").read_text().splitlines() if "session present" in x)
         connected = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp() - started_wall
         return connected, took, cpu
