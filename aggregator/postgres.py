@@ -71,6 +71,7 @@ _COLUMN_TYPES = {
     **dict.fromkeys(["at", "fwd", "rev", "seq", "sent", "received", "slot", "imp", "exp"], "int8"),
     **dict.fromkeys(["e1", "coef", "digits", "flags", "imp_flags", "exp_flags"], "int4"),
 }
+_UNITS_A_STATEMENT = 10_000  # units whose newest reading one statement looks up
 _BOTH_REGISTERS = slot_upsert(("imp", "exp"))[0]
 _PARTITION = re.compile(r"^(readings|slots)_(\d{8})$")
 
@@ -248,6 +249,20 @@ class PostgresStore(Store):
         for unit, at, *cols in rows:
             fwd, rev = cols[:7], cols[7:]
             out[unit] = (at, None if fwd[0] is None else Point(*fwd), None if rev[0] is None else Point(*rev))
+        return out
+
+    def last_readings(self, units: Iterable[str]) -> dict[str, int | None]:
+        """Time of each unit's newest reading (None: never heard of): a statement for 10,000 units, where one
+        a unit cost the monitor about 0.2 ms each (2 s for 10,000 units, at every scan)."""
+        out: dict[str, int | None] = {}
+        units = list(units)
+        for i in range(0, len(units), _UNITS_A_STATEMENT):
+            rows = self._connected().execute(
+                'SELECT u.unit, (SELECT max(at) FROM readings WHERE unit = u.unit) FROM unnest(%s::text[] COLLATE "C") '
+                "AS u(unit)",
+                (units[i : i + _UNITS_A_STATEMENT],),
+            )
+            out.update(rows)
         return out
 
     def _copy(self, table: str, cols: list[str], rows: list[tuple[Any, ...]]) -> None:

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from aggregator import postgres
 from aggregator.backends import open_url
 from aggregator.ingest import Ingestor
 from aggregator.sqlite import SqliteStore
@@ -150,6 +151,22 @@ def test_a_live_slot_stored_already_is_updated_not_refused(ing: Ingestor) -> Non
     assert (out.stored, out.slots) == (2, 2)
     assert table(ing)[2] == (15, "A", 0, 0, "A")
     assert table(ing, "U2")[2] == (11, "A", 0, 0, "A")
+
+
+def test_newest_reading_of_each_unit(ing: Ingestor, monkeypatch: pytest.MonkeyPatch) -> None:
+    # what the monitor's scan asks of the whole fleet at once; a few units a statement to cross the chunks' edges
+    monkeypatch.setattr(postgres, "_UNITS_A_STATEMENT", 2)
+    ing.commit([reading(k, 100 + k, unit=u) for k in (0, 1, 60) for u in ("U1", "b-2")], [], T0)
+    ing.commit([reading(3, 100, unit="U3"), reading(70, 200, unit="u1")], [], T0)
+    units = ["U1", "b-2", "U3", "u1", "NEVER", "U1 "]
+    assert ing.store.last_readings(units) == {
+        "U1": T0 + 60 * H,
+        "b-2": T0 + 60 * H,
+        "U3": T0 + 3 * H,
+        "u1": T0 + 70 * H,
+        "NEVER": None,
+        "U1 ": None,
+    }
 
 
 def test_changed_days_are_reported_per_customer_and_day(ing: Ingestor) -> None:
