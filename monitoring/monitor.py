@@ -94,6 +94,8 @@ class Monitor:
         self._loaded = False
         self._saved = ""  # the alert state as last written
         self._due_since: float | None = None  # when a report fell due that waits for ingest to catch up
+        self._behind_since: float | None = None  # since when ingest has not caught up with the broker
+        self.draining = False  # ingest is draining a backlog: the store's newest readings are not the fleet's
         # the file gateway tells it of bans and failed logins; a user is named after as many as ban an address
         self.security = SecurityEvents(settings.ftp.ban_after)
 
@@ -141,7 +143,9 @@ class Monitor:
             self.active = await self.store.call(self._load_state)
             self._saved = alerts.dump_state(self.active)
             self._loaded = True
-        self.scan = await self.store.call(self._scan, now)
+        self.draining = self._draining(now)
+        if not self.draining:  # the last scan stands: each unit's newest reading may still be in the broker
+            self.scan = await self.store.call(self._scan, now)
         notices: list[Notice] = []
         if self.settings.alerts.enabled:
             holding, unknown = self.conditions(now)
@@ -200,7 +204,9 @@ class Monitor:
                 holding["login_ban"] = "banned after repeated failed FTP/SFTP logins: " + ", ".join(
                     f"{addr} ({left / 60:.0f} min left)" for addr, left in sorted(banned.items())
                 )
-        if len(s.silent) >= a.silent_units_min:
+        if self.draining:
+            unknown.add("units_silent")
+        elif len(s.silent) >= a.silent_units_min:
             holding["units_silent"] = alerts.silent_units_text(s.silent, s.units, a.silent_after_s)
         failing = [f"{ch}: {err}" for ch, (since, err) in self.outbox.failing.items() if now - since > 600]
         if failing:
@@ -210,6 +216,17 @@ class Monitor:
         elif self.outbox.failing:
             unknown.add("delivery_failing")
         return holding, unknown
+
+    def _draining(self, now: float) -> bool:
+        """True while ingest is behind the broker (`caught_up` says no), for `report.catch_up_wait_s` at most: after
+        an outage the broker holds hours of telegrams, and units whose readings wait there are not silent. A fleet
+        whose telegrams never pause long enough to look caught up is scanned again after that wait."""
+        if self.watched.bridge.caught_up(now):
+            self._behind_since = None
+            return False
+        if self._behind_since is None:
+            self._behind_since = now
+        return now - self._behind_since < self.settings.report.catch_up_wait_s
 
     def disk(self) -> dict[str, tuple[int, int]]:
         """Free and total bytes of the file system of each watched directory."""

@@ -1,0 +1,101 @@
+"""The monitor's live checks on a real store, with ingest's counters as the bridge keeps them."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from datetime import date
+from pathlib import Path
+
+import pytest
+
+from aggregator.backends import open_url
+from aggregator.ingest import Ingestor
+from broker_bridge.bridge import BridgeStats
+from kernel.reading import Incoming, Reading
+from kernel.registry import load_registry
+from kernel.settings import load_settings
+from kernel.timegrid import Grid
+from monitoring.monitor import Monitor, Watched
+from smame.app import build_outbox
+from tests.helpers import write_registry
+
+GRID = Grid("Asia/Tokyo")
+NOW = GRID.day_start(date(2026, 11, 23)) + 12 * 3600  # noon
+UNITS = {"S1": "C1", "S2": "C1", "S3": "C2"}
+
+
+def readings(at: int) -> list[Incoming]:
+    return [
+        Incoming(Reading(u, at, "M1", 100, 0, 1, 1, 6, 0, at, 0), at, f"smame/v1/{u}/reading", b"{}") for u in UNITS
+    ]
+
+
+@pytest.fixture
+def monitor(tmp_path: Path, store_url: str) -> Iterator[tuple[Monitor, BridgeStats, Ingestor]]:
+    write_registry(tmp_path, UNITS)
+    registry = load_registry(tmp_path / "units.csv", tmp_path / "customers.toml")
+    settings = load_settings(
+        data_dir=tmp_path,
+        alerts={"silent_after_s": 3600, "silent_units_min": 2},
+        report={"enabled": False, "catch_up_wait_s": 600},
+    )
+    store = open_url(store_url)
+    bridge = BridgeStats(connected=True)
+    clock = [float(NOW)]
+    monitor = Monitor(
+        settings,
+        store,
+        GRID,
+        lambda: registry,
+        Watched(bridge),
+        build_outbox(settings, store, lambda: clock[0]),
+        lambda: clock[0],
+    )
+    ingest = Ingestor(open_url(store_url), registry, GRID)
+    # every unit last heard of three hours ago, before an outage
+    ingest.commit(readings(GRID.floor(NOW - 3 * 3600)), [], NOW)
+    yield monitor, bridge, ingest
+    ingest.store.close()
+    store.close()
+
+
+def alerts_at(monitor: Monitor, now: float) -> set[str]:
+    monitor.clock = lambda: now
+    notices = asyncio.run(monitor.check())
+    return {n.name for n in notices if n.state != "resolved"}
+
+
+def test_units_are_not_called_silent_while_their_backlog_drains(
+    monitor: tuple[Monitor, BridgeStats, Ingestor],
+) -> None:
+    m, bridge, ingest = monitor
+    # smame is back after the outage; the broker's backlog is flowing in: units are not silent, their telegrams
+    # wait in the broker
+    bridge.last_received, bridge.pending = NOW, 2000
+    assert "units_silent" not in alerts_at(m, NOW)
+    assert not m.scan.silent
+    # the backlog is in: two units' readings are current, one unit is really silent (below the threshold of two)
+    ingest.commit(readings(GRID.floor(NOW))[:2], [], NOW)
+    bridge.last_received, bridge.pending = NOW - 10, 0
+    assert "units_silent" not in alerts_at(m, NOW + 30)
+    assert set(m.scan.silent) == {"S3"}
+
+
+def test_a_fleet_never_caught_up_is_scanned_after_the_wait(monitor: tuple[Monitor, BridgeStats, Ingestor]) -> None:
+    m, bridge, _ = monitor
+    bridge.pending = 2000
+    for t in (NOW, NOW + 300, NOW + 599):
+        bridge.last_received = t
+        alerts_at(m, t)
+        assert not m.scan.silent
+    bridge.last_received = NOW + 600
+    alerts_at(m, NOW + 600)
+    assert set(m.scan.silent) == set(UNITS)
+    assert m.active["units_silent"]
+
+
+def test_silent_units_of_a_store_caught_up_are_alerted(monitor: tuple[Monitor, BridgeStats, Ingestor]) -> None:
+    m, bridge, _ = monitor
+    assert "units_silent" in alerts_at(m, NOW)
+    assert set(m.scan.silent) == set(UNITS)
