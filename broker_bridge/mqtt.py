@@ -167,8 +167,10 @@ class _Protocol(asyncio.Protocol):
         try:
             while size - pos >= 2:
                 kind = buf[pos]
-                if buf[pos + 1] < 0x80:  # one-byte remaining length: the common case
+                if buf[pos + 1] < 0x80:  # one-byte remaining length: acknowledgements
                     length, start = buf[pos + 1], pos + 2
+                elif size - pos >= 3 and buf[pos + 2] < 0x80:  # two bytes, 128..16383: a telegram's PUBLISH
+                    length, start = (buf[pos + 1] & 0x7F) | (buf[pos + 2] << 7), pos + 3
                 else:
                     got = _read_varint(buf, pos + 1)
                     if got is None:

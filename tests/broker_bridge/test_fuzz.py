@@ -1,4 +1,5 @@
-"""Fuzzing what parses outside input: the telegram decoder (structured and byte-level) and the slot arithmetic.
+"""Fuzzing what parses outside input: the broker's frames, the telegram decoder (structured and byte-level) and the
+slot arithmetic.
 
 Every example must come back with readings or reasons, never an exception; the cost of one telegram is bounded.
 `SMAME_FUZZ_EXAMPLES=20000 scripts/test tests/broker_bridge/test_fuzz.py` runs longer than CI does.
@@ -18,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aggregator.slots import Point, pair_slots
+from broker_bridge import mqtt
 from broker_bridge.telegram import MAX_PAYLOAD, Decoded, Rules, _slow_path, decode
 from kernel.meter import MISSING, Limits
 from kernel.reading import KEEP, REASONS, Reason, Refused
@@ -119,6 +121,56 @@ def _timed(payload: bytes) -> float:
     started = time.process_time()
     decode(TOPIC, payload, NOW, {"F1"}, RULES)
     return time.process_time() - started
+
+
+class _Frames:
+    """What the MQTT reader hands on: messages, control packets, failures."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, bytes, int | None]] = []
+        self.controls: list[tuple[int, bytes]] = []
+        self.failures: list[Exception] = []
+
+    def on_message(self, m: mqtt.Message) -> None:
+        self.messages.append((m.topic, m.payload, m.packet_id))
+
+    def _on_control(self, kind: int, body: bytes) -> None:
+        self.controls.append((kind, body))
+
+    def _fail(self, exc: Exception) -> None:
+        self.failures.append(exc)
+
+
+def _publish(topic: str, payload: bytes, packet_id: int) -> bytes:
+    body = _str(topic) + packet_id.to_bytes(2, "big") + b"\x00" + payload
+    return bytes([mqtt.PUBLISH | 0x02]) + mqtt._varint(len(body)) + body
+
+
+def _str(s: str) -> bytes:
+    return len(s.encode()).to_bytes(2, "big") + s.encode()
+
+
+# around each width of the remaining length: 1 byte up to 127, 2 up to 16383, then 3
+sizes = st.one_of(st.integers(0, 300), st.integers(16_340, 16_400), st.sampled_from([100, 150, 20_000]))
+
+
+@FUZZ
+@given(st.lists(sizes, min_size=1, max_size=8), st.lists(st.integers(1, 40_000), max_size=12))
+def test_the_brokers_frames_read_in_any_pieces_give_each_message_once_in_order(
+    lengths: list[int], cuts: list[int]
+) -> None:
+    sent = [(f"smame/v1/U{i}/reading", bytes([i % 251]) * n, i + 1) for i, n in enumerate(lengths)]
+    ping = bytes([0xD0, 0])  # a control packet between the messages
+    stream = ping.join(_publish(*m) for m in sent)
+    frames = _Frames()
+    reader = mqtt._Protocol(frames)  # type: ignore[arg-type]
+    last = 0
+    for cut in sorted({c % (len(stream) + 1) for c in cuts}) + [len(stream)]:
+        reader.data_received(stream[last:cut])
+        last = cut
+    assert frames.failures == []
+    assert frames.messages == sent
+    assert len(frames.controls) == len(sent) - 1
 
 
 @FUZZ
