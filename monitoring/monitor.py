@@ -13,7 +13,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -144,7 +144,10 @@ class Monitor:
             self._saved = alerts.dump_state(self.active)
             self._loaded = True
         self.draining = self._draining(now)
-        if not self.draining:  # the last scan stands: each unit's newest reading may still be in the broker
+        if self.draining:  # the last scan stands (each unit's newest reading may still be in the broker), and
+            # the count of units, which ingest_stopped needs should commits fail from the start
+            self.scan = replace(self.scan, units=len(self.registry().units))
+        else:
             self.scan = await self.store.call(self._scan, now)
         notices: list[Notice] = []
         if self.settings.alerts.enabled:
@@ -218,10 +221,12 @@ class Monitor:
         return holding, unknown
 
     def _draining(self, now: float) -> bool:
-        """True while ingest is behind the broker (`caught_up` says no), for `report.catch_up_wait_s` at most: after
-        an outage the broker holds hours of telegrams, and units whose readings wait there are not silent. A fleet
-        whose telegrams never pause long enough to look caught up is scanned again after that wait."""
-        if self.watched.bridge.caught_up(now):
+        """True while ingest, connected, is behind the broker (`caught_up` says no), for `report.catch_up_wait_s` at
+        most: after an outage the broker holds hours of telegrams, and units whose readings wait there are not
+        silent. A fleet whose telegrams never pause long enough to look caught up is scanned again after that
+        wait; while the broker cannot be reached, nothing drains and the scan goes on as ever."""
+        bridge = self.watched.bridge
+        if not bridge.connected or bridge.caught_up(now):
             self._behind_since = None
             return False
         if self._behind_since is None:

@@ -74,7 +74,7 @@ def test_units_are_not_called_silent_while_their_backlog_drains(
     # wait in the broker
     bridge.last_received, bridge.pending = NOW, 2000
     assert "units_silent" not in alerts_at(m, NOW)
-    assert not m.scan.silent
+    assert not m.scan.silent and m.scan.units == 3
     # the backlog is in: two units' readings are current, one unit is really silent (below the threshold of two)
     ingest.commit(readings(GRID.floor(NOW))[:2], [], NOW)
     bridge.last_received, bridge.pending = NOW - 10, 0
@@ -99,3 +99,11 @@ def test_silent_units_of_a_store_caught_up_are_alerted(monitor: tuple[Monitor, B
     m, bridge, _ = monitor
     assert "units_silent" in alerts_at(m, NOW)
     assert set(m.scan.silent) == set(UNITS)
+
+
+def test_while_the_broker_is_away_nothing_drains_and_silent_units_are_alerted(
+    monitor: tuple[Monitor, BridgeStats, Ingestor],
+) -> None:
+    m, bridge, _ = monitor
+    bridge.connected, bridge.down_since, bridge.pending = False, NOW - 60, 0
+    assert "units_silent" in alerts_at(m, NOW)
