@@ -142,12 +142,7 @@ class _Frames:
 
 
 def _publish(topic: str, payload: bytes, packet_id: int) -> bytes:
-    body = _str(topic) + packet_id.to_bytes(2, "big") + b"\x00" + payload
-    return bytes([mqtt.PUBLISH | 0x02]) + mqtt._varint(len(body)) + body
-
-
-def _str(s: str) -> bytes:
-    return len(s.encode()).to_bytes(2, "big") + s.encode()
+    return mqtt._packet(mqtt.PUBLISH | 0x02, mqtt._str(topic) + packet_id.to_bytes(2, "big") + b"\x00" + payload)
 
 
 # around each width of the remaining length: 1 byte up to 127, 2 up to 16383, then 3
