@@ -2,8 +2,11 @@
 `Ingestor` in batches, on SQLite (the baseline, in the same run) and on PostgreSQL; wall time a telegram, split by
 the store's calls, and the CPU of this process (the writer's Python; the rest is waiting for the database).
 
-    .venv/bin/python -m bench.store --telegrams 200000 --units 10000 \\
+    .venv/bin/python -m bench.store --telegrams 200000 --units 10000 [--days 10] \\
         --storage postgresql://postgres@127.0.0.1:5432/postgres
+
+With `--days N` each store first holds N days of every unit's readings and slots before the load (written
+directly, not timed): a store in service, which is what a restart after an outage commits into.
 """
 
 from __future__ import annotations
@@ -21,11 +24,12 @@ from typing import Any
 
 from aggregator.backends import open_url
 from aggregator.ingest import Ingestor, UnitTable
+from aggregator.store import Store
 from bench.ingest import drop_schemas, fleet, store_url
 from broker_bridge.telegram import Rules, decode
-from kernel.meter import Limits
+from kernel.meter import ACTUAL, Limits
 from kernel.reading import Incoming
-from kernel.timegrid import Grid
+from kernel.timegrid import SLOT, Grid
 
 CALLS = ("insert_readings", "insert_slots", "upsert_slots", "add_changes", "last_points")
 GRID = Grid("Asia/Tokyo")
@@ -59,12 +63,50 @@ def batches(telegrams: int, units: int, size: int) -> list[list[Incoming]]:
     return out
 
 
-def run(url: str, load: list[list[Incoming]], units: int) -> tuple[float, float, Counter[str]]:
-    """Wall and CPU seconds to commit the load into the empty store at `url`, and the seconds in each store call
-    (`commit`: the COMMIT itself)."""
+def prefill(store: Store, load: list[list[Incoming]], units: int, days: int) -> None:
+    """Store `days` of history before the load's first reading for each of its units: a reading every half hour
+    (the register 17 less each step back, down to 0 at most) and the slots they close, in the tables' key order."""
+    first = {r.reading.unit: r.reading for batch in reversed(load) for r in reversed(batch)}  # the earliest wins
+    steps = days * 86400 // SLOT
+    for unit in sorted(first)[:units]:
+        r = first[unit]
+        with store.transaction():
+            store.insert_readings(
+                (
+                    unit,
+                    r.at - j * SLOT,
+                    r.meter,
+                    max(0, (r.fwd or 0) - j * 17),
+                    r.rev,
+                    r.e1,
+                    r.coef,
+                    r.digits,
+                    0,
+                    0,
+                    r.at - j * SLOT + 7,
+                    r.at - j * SLOT + 9,
+                )
+                for j in range(steps, 0, -1)
+            )
+    for end in sorted({r.at - j * SLOT for r in first.values() for j in range(steps - 1, 0, -1)}):
+        with store.transaction():
+            store.upsert_slots(
+                ("imp", "exp"),
+                [
+                    (end, u, 17, ACTUAL, 0, 0, ACTUAL, 0, first[u].meter, first[u].e1, first[u].coef)
+                    for u in sorted(first)
+                ],
+            )
+
+
+def run(url: str, load: list[list[Incoming]], units: int, days: int = 0) -> tuple[float, float, Counter[str]]:
+    """Wall and CPU seconds to commit the load into the store at `url` (empty, or holding `days` of history),
+    and the seconds in each store call (`commit`: the COMMIT itself)."""
     spent: Counter[str] = Counter()
     store = open_url(url)
     try:
+        if days:
+            prefill(store, load, units, days)
         for name in (c for c in CALLS if hasattr(store, c)):  # an older smame, measured for comparison, has fewer
             setattr(store, name, _timed(spent, name, getattr(store, name)))
         transaction = store.transaction
@@ -111,20 +153,24 @@ def main() -> None:
     ap.add_argument("--telegrams", type=int, default=200_000)
     ap.add_argument("--units", type=int, default=10_000)
     ap.add_argument("--batch", type=int, default=2000, help="telegrams a commit, as smame's broker.batch_size")
+    ap.add_argument("--days", type=int, default=0, help="days of history each store holds before the load")
     ap.add_argument("--storage", metavar="URL", required=True, help="postgresql://... : a database to measure in")
     args = ap.parse_args()
     if not args.storage.startswith(("postgresql://", "postgres://")):
         sys.exit("--storage: give a postgresql:// URL")
     load = batches(args.telegrams, args.units, args.batch)
     n = sum(map(len, load))
-    print(f"load: {n} readings of {args.units} units in batches of {args.batch}, decoded beforehand")
+    print(
+        f"load: {n} readings of {args.units} units in batches of {args.batch}, decoded beforehand, "
+        f"into stores holding {args.days} days"
+    )
     results = {}
     with tempfile.TemporaryDirectory(prefix="smame-bench-") as tmp:
         try:
             for name, storage in (("SQLite", None), ("PostgreSQL", args.storage)):
                 work = Path(tmp) / name
                 (work / "data").mkdir(parents=True)
-                results[name] = run(store_url(work, storage), load, args.units)
+                results[name] = run(store_url(work, storage), load, args.units, args.days)
         finally:
             drop_schemas(args.storage)
     for name, (wall, cpu, spent) in results.items():
