@@ -26,7 +26,6 @@ from aggregator.slots import Point
 from kernel.reading import Refused
 
 T = TypeVar("T")
-SCHEMA_VERSION = 1
 REGISTERS = ("fwd", "rev")  # column names; `imp`/`exp` on the slot side
 TABLES = (
     *("meta", "readings", "slots", "changes", "quarantine", "outbox"),
@@ -112,6 +111,8 @@ class Store(ABC):
     share_rows = ""
     # the driver's errors that say the database is busy or unreachable for now: worth trying again later
     errors: tuple[type[Exception], ...] = ()
+    # each backend's own, so one backend's change of tables does not make the other's stores migrate
+    schema_version = 1
 
     def __init__(self, url: str) -> None:
         self.url = url  # the storage URL it was opened from: what another process opens to read the same
@@ -161,14 +162,22 @@ class Store(ABC):
     def _stamp_schema(self, shown: str) -> None:
         """Record this code's schema version in a new store; refuse a store whose version is newer: it may hold
         what this code would misread or overwrite. `shown` names the store in the message."""
-        self.execute(
-            "INSERT INTO meta(key, value) VALUES ('schema', ?) ON CONFLICT(key) DO NOTHING", (str(SCHEMA_VERSION),)
-        )
+        version = self.schema_version
+        self.execute("INSERT INTO meta(key, value) VALUES ('schema', ?) ON CONFLICT(key) DO NOTHING", (str(version),))
         found = self.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()[0]
-        if int(found) > SCHEMA_VERSION:
-            raise StoreError(
-                f"the store {shown} has schema {found}, newer than this smame's {SCHEMA_VERSION}: upgrade smame"
-            )
+        if int(found) > version:
+            raise StoreError(f"the store {shown} has schema {found}, newer than this smame's {version}: upgrade smame")
+        if int(found) < version:
+            with self.transaction():  # another process opening the same store may have migrated it meanwhile
+                found = self.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()[0]
+                if int(found) < version:
+                    self._migrate(int(found))
+                    self.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (str(version),))
+
+    def _migrate(self, found: int) -> None:
+        """In a transaction: bring a store of schema `found` to this code's. Nothing to do unless a backend
+        says otherwise."""
+        return None
 
     def after_copy(self) -> None:
         """Make rows written with their ids (`aggregator.copy`) count for the ids given next."""

@@ -317,10 +317,10 @@ class App:
         grid = Grid(settings.timezone)
         leadership = None
         leader_session = "smame"  # what the leader's own sessions are called (PostgreSQL)
+        # reachable, its schema made or migrated (before the processes that open it too): or one line saying why not
+        open_store(settings).close()
         if is_postgres(settings.storage_url):
             from aggregator.leadership import Leadership  # psycopg loads only where it is used
-
-            open_store(settings).close()  # reachable, its schema made or migrated: or one line saying why not
 
             leadership = Leadership(settings.storage_url, node_name())
             leader_session = leadership.session

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import sqlite3
@@ -9,6 +10,11 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
+
+from aggregator.ingest import UnitTable
+from aggregator.writer import Writer, WriterError
+from kernel.timegrid import Grid
 from tests.databases import PostgresDatabase
 from tests.helpers import (
     Mosquitto,
@@ -197,17 +203,11 @@ def test_a_store_that_cannot_be_opened_fails_at_start_naming_it(broker: Mosquitt
     (workdir / "data" / "smame.db").mkdir(parents=True)  # not a file
     proc = smame(["run"], smame_env(workdir, broker.port), check=False)
     assert proc.returncode == 2 and f"cannot open the store {workdir / 'data' / 'smame.db'}" in proc.stderr
-    # ingest alone: its writer process is the first to open the store
-    env = smame_env(
-        workdir,
-        broker.port,
-        SMAME_EXPORT__ENABLED="false",
-        SMAME_ALERTS__ENABLED="false",
-        SMAME_REPORT__ENABLED="false",
-    )
-    proc = smame(["run"], env, check=False)
-    assert proc.returncode == 1
-    assert "service ingest crashed" in proc.stderr and "cannot open the store" in proc.stderr
+    # the ingest writer's process, should it be the one that cannot, says why too
+    writer = Writer(f"sqlite:///{workdir / 'data' / 'smame.db'}", "FULL", Grid("Asia/Tokyo"), UnitTable({}))
+    with pytest.raises(WriterError, match="cannot open the store"):
+        asyncio.run(writer.start())
+    writer.close()
 
 
 def test_a_postgresql_store_that_cannot_be_reached_fails_at_start_naming_it(
