@@ -63,13 +63,12 @@ def batches(telegrams: int, units: int, size: int) -> list[list[Incoming]]:
     return out
 
 
-def prefill(store: Store, load: list[list[Incoming]], units: int, days: int) -> None:
+def prefill(store: Store, load: list[list[Incoming]], days: int) -> None:
     """Store `days` of history before the load's first reading for each of its units: a reading every half hour
-    (the register 17 less each step back, down to 0 at most) and the slots they close, in the tables' key order."""
+    (the register 17 less each step back, down to 0 at most) and the slots they close, in time order."""
     first = {r.reading.unit: r.reading for batch in reversed(load) for r in reversed(batch)}  # the earliest wins
     steps = days * 86400 // SLOT
-    for unit in sorted(first)[:units]:
-        r = first[unit]
+    for j in range(steps, 0, -1):  # in time order, as ingest fills a store
         with store.transaction():
             store.insert_readings(
                 (
@@ -86,7 +85,7 @@ def prefill(store: Store, load: list[list[Incoming]], units: int, days: int) -> 
                     r.at - j * SLOT + 7,
                     r.at - j * SLOT + 9,
                 )
-                for j in range(steps, 0, -1)
+                for unit, r in sorted(first.items())
             )
     for end in sorted({r.at - j * SLOT for r in first.values() for j in range(steps - 1, 0, -1)}):
         with store.transaction():
@@ -106,7 +105,7 @@ def run(url: str, load: list[list[Incoming]], units: int, days: int = 0) -> tupl
     store = open_url(url)
     try:
         if days:
-            prefill(store, load, units, days)
+            prefill(store, load, days)
         for name in (c for c in CALLS if hasattr(store, c)):  # an older smame, measured for comparison, has fewer
             setattr(store, name, _timed(spent, name, getattr(store, name)))
         transaction = store.transaction
