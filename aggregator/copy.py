@@ -11,7 +11,7 @@ from aggregator.store import READING_COLUMNS, SLOT_COLUMNS, Store, StoreError
 CHUNK = 20_000  # rows a transaction
 # every table but meta, with the columns copied and the key whose order makes two stores' rows comparable
 _TABLES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "readings": (READING_COLUMNS, ("unit", "at")),
+    "readings": (READING_COLUMNS, ("at", "unit")),
     "slots": (SLOT_COLUMNS, ("slot", "unit")),
     "changes": ("id, customer, day, at", ("id",)),
     "quarantine": ("id, received, topic, unit, reason, detail, payload", ("id",)),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sqlite3
@@ -11,17 +12,30 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from aggregator.store import Store, StoreError
+from aggregator.slots import Point
+from aggregator.store import READING_COLUMNS, REGISTERS, Store, StoreError
+from kernel.timegrid import SLOT
 
-# WITHOUT ROWID: slots keyed (slot, unit) ingest time-ordered batches about 5x faster than (unit, slot)
-# and read one day for all units in one range scan; readings are looked up per unit, so (unit, at).
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+log = logging.getLogger("smame.store")
+_PROBES = 96  # half-hour ends looked up a statement when a unit's neighbouring reading is searched for
+_UNITS = 500  # units a statement when spans are read
+
+# WITHOUT ROWID, keyed by time first: a batch of the fleet's telegrams appends at the tree's right edge. Keyed by
+# unit, each telegram landed in another unit's page in the middle of the tree, and with weeks stored a commit
+# cost about ten times as much (docs/performance.md). What is asked per unit comes from `reading_span`, kept in
+# the same transaction, and from key look-ups on the unit's half-hour ends.
+_READINGS = """
 CREATE TABLE IF NOT EXISTS readings (
     unit TEXT NOT NULL, at BIGINT NOT NULL, meter TEXT NOT NULL,
     fwd BIGINT, rev BIGINT, e1 INTEGER NOT NULL, coef INTEGER NOT NULL, digits INTEGER NOT NULL,
     flags INTEGER NOT NULL DEFAULT 0, seq BIGINT NOT NULL, sent BIGINT NOT NULL, received BIGINT NOT NULL,
-    PRIMARY KEY (unit, at)) WITHOUT ROWID;
+    PRIMARY KEY (at, unit)) WITHOUT ROWID"""
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+{_READINGS};
+CREATE TABLE IF NOT EXISTS reading_span (
+    unit TEXT PRIMARY KEY, first_at BIGINT NOT NULL, last_at BIGINT NOT NULL,
+    first_fwd BIGINT, last_fwd BIGINT, first_rev BIGINT, last_rev BIGINT) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS slots (
     slot BIGINT NOT NULL, unit TEXT NOT NULL,
     imp BIGINT, imp_q TEXT, imp_flags INTEGER NOT NULL DEFAULT 0,
@@ -51,6 +65,13 @@ CREATE TABLE IF NOT EXISTS downloads (
 """
 
 
+def _span_of(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The span of one reading (a row in `READING_COLUMNS` order): its time, and for each register with a value."""
+    unit, at, _, fwd, rev = row[:5]
+    fwd_at, rev_at = (None if fwd is None else at), (None if rev is None else at)
+    return unit, at, at, fwd_at, fwd_at, rev_at, rev_at
+
+
 def sqlite_path(url: str) -> Path:
     """The file of a `sqlite:///path` URL (relative paths allowed: `sqlite:///data/smame.db`)."""
     prefix = "sqlite:///"
@@ -73,6 +94,7 @@ class SqliteStore(Store):
     """The store on an SQLite file, in write-ahead-log mode."""
 
     errors = (sqlite3.OperationalError,)
+    schema_version = 2  # 2: readings keyed by time, each unit's span of readings beside them
 
     def __init__(self, path: Path, synchronous: str = "FULL", cache_mib: int = 8) -> None:
         super().__init__(f"sqlite:///{path}")
@@ -143,26 +165,180 @@ class SqliteStore(Store):
     def _close(self) -> None:
         self.db.close()
 
-    def prune(self, before: int, chunk: int = 500) -> tuple[int, int]:
+    def _migrate(self, found: int) -> None:
+        """Schema 1 kept readings keyed (unit, at): rebuild them keyed by time, and their units' spans."""
+        if found < 2:
+            log.warning(
+                "migrating the store %s to schema 2 (readings keyed by time); a large store takes minutes", self.path
+            )
+            self.db.execute("ALTER TABLE readings RENAME TO readings_v1")
+            self.db.execute(_READINGS)  # not executescript(), which would commit the migration's transaction
+            self.db.execute(
+                f"INSERT INTO readings ({READING_COLUMNS}) SELECT {READING_COLUMNS} FROM readings_v1 ORDER BY at, unit"
+            )
+            self.db.execute("DROP TABLE readings_v1")
+            self.db.execute("DELETE FROM reading_span")
+            self.db.execute(
+                "INSERT INTO reading_span SELECT unit, min(at), max(at), "
+                "min(CASE WHEN fwd IS NOT NULL THEN at END), max(CASE WHEN fwd IS NOT NULL THEN at END), "
+                "min(CASE WHEN rev IS NOT NULL THEN at END), max(CASE WHEN rev IS NOT NULL THEN at END) "
+                "FROM readings GROUP BY unit"
+            )
+
+    # --- readings: keyed by time, a unit's span beside them -------------------------------------------
+
+    def insert_readings(self, rows: Iterable[tuple[Any, ...]]) -> None:
+        """Insert new readings (tuples in `READING_COLUMNS` order), and widen their units' spans."""
+        rows = list(rows)
+        self.executemany(f"INSERT INTO readings ({READING_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+        # SQLite's min() and max() of several arguments are NULL when one is: a register's first value is kept
+        self.executemany(
+            "INSERT INTO reading_span VALUES (?,?,?,?,?,?,?) ON CONFLICT (unit) DO UPDATE SET "
+            "first_at = min(first_at, excluded.first_at), last_at = max(last_at, excluded.last_at), "
+            "first_fwd = coalesce(min(first_fwd, excluded.first_fwd), first_fwd, excluded.first_fwd), "
+            "last_fwd = coalesce(max(last_fwd, excluded.last_fwd), last_fwd, excluded.last_fwd), "
+            "first_rev = coalesce(min(first_rev, excluded.first_rev), first_rev, excluded.first_rev), "
+            "last_rev = coalesce(max(last_rev, excluded.last_rev), last_rev, excluded.last_rev)",
+            map(_span_of, rows),
+        )
+
+    def _spans(self, units: Iterable[str]) -> dict[str, tuple[Any, ...]]:
+        """The stored spans of these units: (first_at, last_at, first_fwd, last_fwd, first_rev, last_rev)."""
+        units = list(units)
+        out: dict[str, tuple[Any, ...]] = {}
+        for i in range(0, len(units), _UNITS):
+            part = units[i : i + _UNITS]
+            sql = f"SELECT * FROM reading_span WHERE unit IN ({','.join('?' * len(part))})"
+            out.update((row[0], tuple(row[1:])) for row in self.execute(sql, part))
+        return out
+
+    def last_at(self, unit: str) -> int | None:
+        """Time of the unit's newest reading."""
+        span = self._spans([unit]).get(unit)
+        return None if span is None else int(span[1])
+
+    def first_at(self, unit: str) -> int | None:
+        """Time of the unit's oldest reading still stored."""
+        span = self._spans([unit]).get(unit)
+        return None if span is None else int(span[0])
+
+    def last_readings(self, units: Iterable[str]) -> dict[str, int | None]:
+        """Time of each unit's newest reading (None: never heard of)."""
+        units = list(units)
+        spans = self._spans(units)
+        return {u: None if (s := spans.get(u)) is None else int(s[1]) for u in units}
+
+    def first_readings(self, units: Iterable[str]) -> dict[str, int | None]:
+        """Time of each unit's oldest reading kept (None: never heard of)."""
+        units = list(units)
+        spans = self._spans(units)
+        return {u: None if (s := spans.get(u)) is None else int(s[0]) for u in units}
+
+    def last_points(self, units: list[str]) -> dict[str, tuple[int | None, Point | None, Point | None]]:
+        """Of each unit: its newest reading's time, and the newest point of each register (`REGISTERS`)."""
+        spans = self._spans(units)
+        out: dict[str, tuple[int | None, Point | None, Point | None]] = {}
+        for unit in units:
+            span = spans.get(unit)
+            if span is None:
+                out[unit] = (None, None, None)
+                continue
+            fwd, rev = (
+                None if at is None else self._point(unit, int(at), reg)
+                for at, reg in zip((span[3], span[5]), REGISTERS, strict=True)
+            )
+            out[unit] = (int(span[1]), fwd, rev)
+        return out
+
+    def _point(self, unit: str, at: int, register: str) -> Point | None:
+        row = self.execute(
+            f"SELECT at, {register}, meter, digits, e1, coef, flags FROM readings WHERE at = ? AND unit = ?", (at, unit)
+        ).fetchone()
+        return None if row is None or row[1] is None else Point(*row)
+
+    def neighbour(self, unit: str, at: int, register: str, before: bool) -> Point | None:
+        """The nearest point of one register strictly before (or after) `at`: key look-ups on the unit's half-hour
+        ends from `at` outward, within the span of that register's values (a register never sent costs none).
+
+        A unit's readings lie on one zone's half-hour grid, whose UTC offset changes (daylight saving) by whole half
+        hours, so they are a whole number of half hours apart: the ends probed are those of the span's own."""
+        assert register in REGISTERS
+        span = self._spans([unit]).get(unit)
+        if span is None:
+            return None
+        first, last = span[2:4] if register == "fwd" else span[4:6]
+        row = None if first is None else self._probe(unit, at, int(first), int(last), before, register)
+        return None if row is None else Point(*row)
+
+    def _probe(self, unit: str, at: int, first: int, last: int, before: bool, register: str | None) -> Any:
+        """The unit's nearest reading strictly before (or after) `at` among its half-hour ends from `first` to
+        `last` (a reading there), with a value of `register` unless None: (at, value, meter, digits, e1, coef,
+        flags), or None."""
+        if before:
+            ends = range(min(at - 1 - (at - 1 - first) % SLOT, last), first - 1, -SLOT)
+        else:
+            ends = range(max(at + 1 + (first - at - 1) % SLOT, first), last + 1, SLOT)
+        value, has_value = (register, f"AND {register} IS NOT NULL") if register else ("NULL", "")
+        for i in range(0, len(ends), _PROBES):
+            part = ends[i : i + _PROBES]
+            row = self.execute(
+                f"SELECT at, {value}, meter, digits, e1, coef, flags FROM readings "
+                f"WHERE unit = ? AND at IN ({','.join('?' * len(part))}) {has_value} "
+                f"ORDER BY at {'DESC' if before else 'ASC'} LIMIT 1",
+                (unit, *part),
+            ).fetchone()
+            if row is not None:
+                return row
+        return None
+
+    def prune(self, before: int, chunk: int = 2 * SLOT) -> tuple[int, int]:
         """Delete readings and slots older than `before` (epoch); return how many of each.
 
-        Readings are keyed (unit, at), so they are deleted unit by unit, a few hundred units per
-        transaction: ingest never waits long for the write lock. The units to visit are those with
-        expiring slots, a cheap range of the (slot, unit) key.
-        """
-        units = [u for (u,) in self.db.execute("SELECT DISTINCT unit FROM slots WHERE slot < ?", (before,))]
+        Readings are keyed by time: deleted an hour of them per transaction, so ingest never waits long for
+        the write lock. The spans of units that lost readings are then narrowed to what is left."""
         readings = 0
-        for i in range(0, len(units), chunk):
+        oldest = self.execute("SELECT min(at) FROM readings").fetchone()[0]
+        while oldest is not None and oldest < before:
+            step = min(oldest + chunk, before)
             with self.transaction():
-                for unit in units[i : i + chunk]:
-                    readings += self.db.execute(
-                        "DELETE FROM readings WHERE unit = ? AND at < ?", (unit, before)
-                    ).rowcount
+                readings += self.db.execute("DELETE FROM readings WHERE at < ?", (step,)).rowcount
+            oldest = step
+        while True:  # a few hundred units' spans a transaction
+            with self.transaction():
+                self.db.execute("DELETE FROM reading_span WHERE last_at < ?", (before,))
+                narrowed = self.db.execute(
+                    "SELECT * FROM reading_span WHERE first_at < ? LIMIT ?", (before, _UNITS)
+                ).fetchall()
+                for unit, *span in narrowed:
+                    self.db.execute(
+                        "UPDATE reading_span SET first_at = ?, first_fwd = ?, first_rev = ? WHERE unit = ?",
+                        (*self._firsts(unit, before, span), unit),
+                    )
+            if len(narrowed) < _UNITS:
+                break
         with self.transaction():
             slots = self.db.execute("DELETE FROM slots WHERE slot < ?", (before,)).rowcount
             self.db.execute("DELETE FROM changes WHERE at < ?", (before,))
             self.db.execute("DELETE FROM downloads WHERE at < ?", (before,))
         return readings, slots
+
+    def _firsts(self, unit: str, before: int, span: list[Any]) -> tuple[int | None, int | None, int | None]:
+        """A unit's oldest reading at or after `before`, of any register and of each, once older ones are gone."""
+        first_at, last_at, first_fwd, last_fwd, first_rev, last_rev = span
+        out: list[int | None] = []
+        for register, first, last in (
+            (None, first_at, last_at),
+            ("fwd", first_fwd, last_fwd),
+            ("rev", first_rev, last_rev),
+        ):
+            if first is None or last < before:
+                out.append(None)
+            elif first >= before:
+                out.append(first)
+            else:
+                row = self._probe(unit, before - 1, first, last, False, register)
+                out.append(last if row is None else int(row[0]))  # `last` is a reading kept, whatever the probe saw
+        return out[0], out[1], out[2]
 
     def backup(self, target: Path) -> None:
         """A consistent copy of the database while it is in use (SQLite's online backup), written atomically."""
