@@ -1,6 +1,6 @@
 """Ingest throughput: smame's committed telegrams/s beside mosquitto_sub's rate, on the same load, same run.
 
-Two methods, each run for both subscribers against a private Mosquitto:
+Three methods, each run for both subscribers against a private Mosquitto:
 - live (the issue's and the design notes' method): the subscriber is connected (smame with its start-up
   work done), then publisher processes (bench.publisher, QoS 1) send N telegrams from M units; timed from
   the first publish until the subscriber has all N. Publishers, broker and subscriber share the machine.
@@ -10,12 +10,15 @@ Two methods, each run for both subscribers against a private Mosquitto:
 - restart: the same backlog, timed from the moment the process is started until it has all N, with the
   daily report due: what an operator waits for after an outage. It also says how long smame took to
   connect after its start (from its own log line), its rate once connected, and each process's CPU.
+With --days D, smame's store holds D days of every unit's history before the backlog in drain and restart
+(written first, not timed): a store in service, as after a real outage; the default is an empty store.
 mosquitto_sub only receives and prints; smame runs every service of a deployment, and ingest decodes,
 validates, commits to SQLite (WAL, synchronous=FULL) in its writer process and sends each PUBACK after its
 batch's commit. With --storage postgresql://... smame's store is that database instead (each run in a
 schema of its own, dropped at the end), commits durable as the server's synchronous_commit says.
 
-    .venv/bin/python -m bench.ingest --telegrams 200000 --units 10000 [--storage postgresql://...]
+    .venv/bin/python -m bench.ingest --telegrams 200000 --units 10000 [--method restart] [--days 10] \\
+        [--storage postgresql://...]
 """
 
 from __future__ import annotations
@@ -34,6 +37,10 @@ from pathlib import Path
 import paho.mqtt.client as paho
 import psycopg
 
+from aggregator.backends import open_url
+from bench.history import prefill
+from broker_bridge.telegram import Rules, decode
+from kernel.timegrid import Grid
 from tests.databases import schema_url
 from tests.helpers import (
     Mosquitto,
@@ -160,7 +167,13 @@ def live_smame(mq: Mosquitto, n: int, units: int, work: Path, batch: int, parts:
     # A running service: the load starts once the start-up work (the first export run, the catch-up report of
     # yesterday for 10,000 units) is done, as it is long before a fleet's next half hour in operation.
     proc, metrics = start_bench_smame(
-        mq, units, work, batch, "bench-live-smame", storage, ready=("subscribed to", "daily report for", "export: ")
+        mq,
+        units,
+        work,
+        batch,
+        "bench-live-smame",
+        store_url(work, storage),
+        ready=("subscribed to", "daily report for", "export: "),
     )
     try:
         publishers = Publishers(mq.port, n, units, parts)
@@ -195,19 +208,34 @@ def drop_schemas(storage: str) -> None:
             c.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
+def store_in_service(work: Path, storage: str | None, messages: list[tuple[str, bytes]], units: int, days: int) -> str:
+    """The store of one smame run (`store_url`), holding `days` of history of each unit before its first
+    telegram in `messages` (`bench.history`): what a restart after an outage commits into."""
+    url = store_url(work, storage)
+    if days:
+        known = {f"U{u:06d}" for u in range(units)}
+        rules, now = Rules(Grid("Asia/Tokyo").on_boundary), int(time.time())  # smame_env's zone
+        # the fleet's first round holds each unit's first telegram
+        first = [r for topic, payload in messages[:units] for r in decode(topic, payload, now, known, rules).readings]
+        started = time.perf_counter()
+        with open_url(url) as store:
+            prefill(store, first, days)
+        print(f"  ({days} days of {len(first)} units' history stored first, in {time.perf_counter() - started:.0f} s)")
+    return url
+
+
 def start_bench_smame(
     mq: Mosquitto,
     units: int,
     work: Path,
     batch: int,
     client_id: str,
-    storage: str | None,
+    url: str,
     ready: tuple[str, ...] = ("subscribed to",),
 ) -> tuple[subprocess.Popen[bytes], int]:
-    """`smame run` with every service of a deployment on; returns once the log has each `ready` line, with
-    the port of its metrics."""
+    """`smame run` on the store at `url` with every service of a deployment on; returns once the log has each
+    `ready` line, with the port of its metrics."""
     work.mkdir(parents=True, exist_ok=True)
-    url = store_url(work, storage)
     port = free_port()  # its metrics: how far it has got
     write_registry(work, {f"U{u:06d}": f"C{u % 20:02d}" for u in range(units)})
     # The daily report is due at start, so that its catch-up happens at a known time, not in some runs only.
@@ -280,12 +308,19 @@ def bench_mosquitto_sub(mq: Mosquitto, messages: list[tuple[str, bytes]]) -> flo
 
 
 def bench_smame(
-    mq: Mosquitto, messages: list[tuple[str, bytes]], units: int, work: Path, batch: int, storage: str | None
+    mq: Mosquitto,
+    messages: list[tuple[str, bytes]],
+    units: int,
+    work: Path,
+    batch: int,
+    storage: str | None,
+    days: int = 0,
 ) -> float:
+    url = store_in_service(work, storage, messages, units, days)
     preload_session(mq.port, "bench-smame")
     publish(mq.port, messages)
     # the queue starts to flow at CONNACK
-    proc, metrics = start_bench_smame(mq, units, work, batch, "bench-smame", storage, ready=("session present",))
+    proc, metrics = start_bench_smame(mq, units, work, batch, "bench-smame", url, ready=("session present",))
     try:
         started = time.perf_counter()
         wait_committed(proc, metrics, len(messages), work / "smame.log")
@@ -314,15 +349,22 @@ def server_cpu_seconds() -> float:
 
 
 def restart_smame(
-    mq: Mosquitto, messages: list[tuple[str, bytes]], units: int, work: Path, batch: int, storage: str | None
+    mq: Mosquitto,
+    messages: list[tuple[str, bytes]],
+    units: int,
+    work: Path,
+    batch: int,
+    storage: str | None,
+    days: int = 0,
 ) -> tuple[float, float, dict[str, float]]:
     """Seconds from process start to connected (CONNACK: the session's backlog starts to flow), and to every
     telegram committed; and the CPU seconds each process spent meanwhile (smame's by process name)."""
+    url = store_in_service(work, storage, messages, units, days)
     preload_session(mq.port, "bench-restart-smame")
     publish(mq.port, messages)
     broker_before, server_before = cpu_seconds(mq.proc.pid), server_cpu_seconds()
     started_wall, started = time.time(), time.perf_counter()
-    proc, metrics = start_bench_smame(mq, units, work, batch, "bench-restart-smame", storage, ready=())
+    proc, metrics = start_bench_smame(mq, units, work, batch, "bench-restart-smame", url, ready=())
     try:
         wait_committed(proc, metrics, len(messages), work / "smame.log")
         took = time.perf_counter() - started
@@ -352,7 +394,15 @@ def main() -> None:
     ap.add_argument(
         "--storage", metavar="URL", help="postgresql://... : smame's store in that database (default: SQLite)"
     )
+    ap.add_argument(
+        "--days",
+        type=int,
+        default=0,
+        help="drain and restart: days of every unit's history in smame's store before the backlog (default: empty)",
+    )
     args = ap.parse_args()
+    if args.days < 0:
+        sys.exit("--days: give 0 or more")
     if args.storage and not args.storage.startswith(("postgresql://", "postgres://")):
         sys.exit("--storage: give a postgresql:// URL (SQLite is the default)")
     if not shutil.which("mosquitto_sub"):
@@ -387,7 +437,9 @@ def run_methods(args: argparse.Namespace, messages: list[tuple[str, bytes]]) -> 
             mq = Mosquitto(Path(tmp) / "mq-drain")
             try:
                 base = bench_mosquitto_sub(mq, messages)
-                ours = bench_smame(mq, messages, args.units, Path(tmp) / "smame-drain", args.batch, args.storage)
+                ours = bench_smame(
+                    mq, messages, args.units, Path(tmp) / "smame-drain", args.batch, args.storage, args.days
+                )
             finally:
                 mq.stop()
             print("drain, preloaded in the subscriber's session (a restart after an outage), no publisher running:")
@@ -397,7 +449,7 @@ def run_methods(args: argparse.Namespace, messages: list[tuple[str, bytes]]) -> 
             try:
                 base = bench_mosquitto_sub(mq, messages)  # its start is instant: the drain is the restart
                 subscribed, ours, cpu = restart_smame(
-                    mq, messages, args.units, Path(tmp) / "smame-restart", args.batch, args.storage
+                    mq, messages, args.units, Path(tmp) / "smame-restart", args.batch, args.storage, args.days
                 )
             finally:
                 mq.stop()

@@ -24,12 +24,12 @@ from typing import Any
 
 from aggregator.backends import open_url
 from aggregator.ingest import Ingestor, UnitTable
-from aggregator.store import Store
+from bench.history import prefill
 from bench.ingest import drop_schemas, fleet, store_url
 from broker_bridge.telegram import Rules, decode
-from kernel.meter import ACTUAL, Limits
+from kernel.meter import Limits
 from kernel.reading import Incoming
-from kernel.timegrid import SLOT, Grid
+from kernel.timegrid import Grid
 
 CALLS = ("insert_readings", "insert_slots", "upsert_slots", "add_changes", "last_points")
 GRID = Grid("Asia/Tokyo")
@@ -63,41 +63,6 @@ def batches(telegrams: int, units: int, size: int) -> list[list[Incoming]]:
     return out
 
 
-def prefill(store: Store, load: list[list[Incoming]], days: int) -> None:
-    """Store `days` of history before the load's first reading for each of its units: a reading every half hour
-    (the register 17 less each step back, down to 0 at most) and the slots they close, in time order."""
-    first = {r.reading.unit: r.reading for batch in reversed(load) for r in reversed(batch)}  # the earliest wins
-    steps = days * 86400 // SLOT
-    for j in range(steps, 0, -1):  # in time order, as ingest fills a store
-        with store.transaction():
-            store.insert_readings(
-                (
-                    unit,
-                    r.at - j * SLOT,
-                    r.meter,
-                    max(0, (r.fwd or 0) - j * 17),
-                    r.rev,
-                    r.e1,
-                    r.coef,
-                    r.digits,
-                    0,
-                    0,
-                    r.at - j * SLOT + 7,
-                    r.at - j * SLOT + 9,
-                )
-                for unit, r in sorted(first.items())
-            )
-    for end in sorted({r.at - j * SLOT for r in first.values() for j in range(steps - 1, 0, -1)}):
-        with store.transaction():
-            store.upsert_slots(
-                ("imp", "exp"),
-                [
-                    (end, u, 17, ACTUAL, 0, 0, ACTUAL, 0, first[u].meter, first[u].e1, first[u].coef)
-                    for u in sorted(first)
-                ],
-            )
-
-
 def run(url: str, load: list[list[Incoming]], units: int, days: int = 0) -> tuple[float, float, Counter[str]]:
     """Wall and CPU seconds to commit the load into the store at `url` (empty, or holding `days` of history),
     and the seconds in each store call (`commit`: the COMMIT itself)."""
@@ -105,7 +70,7 @@ def run(url: str, load: list[list[Incoming]], units: int, days: int = 0) -> tupl
     store = open_url(url)
     try:
         if days:
-            prefill(store, load, days)
+            prefill(store, (i.reading for batch in load for i in batch), days)
         for name in (c for c in CALLS if hasattr(store, c)):  # an older smame, measured for comparison, has fewer
             setattr(store, name, _timed(spent, name, getattr(store, name)))
         transaction = store.transaction
