@@ -16,10 +16,11 @@ import asyncio
 import json
 import logging
 import multiprocessing
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta
@@ -46,6 +47,7 @@ log = logging.getLogger("smame.export")
 SUCCEEDED = "export_succeeded"  # when any exporter (the service, `smame export`) last wrote files without error
 RETRY_MIN_S = 60.0  # a failed run is tried again after a minute, then 2, 4, ... up to the next half hour
 POLL_S = 10.0  # while failing: how often to look whether `smame export` has succeeded meanwhile
+STOP_POLL_S = 0.2  # how soon a run under way sees that the exporter is closing
 
 
 @dataclass
@@ -130,6 +132,11 @@ def shares(files: list[CustomerFiles], least: int) -> list[tuple[CustomerFiles, 
     return [tuple(share) for share in out]
 
 
+class ExportStopped(Exception):
+    """The exporter was closed while a run was under way: the run ended unfinished, without moving the export
+    cursor or the time of the last success, so the next run (after a restart) does its work again."""
+
+
 class Exporter:
     """Renders and writes customer files; `run` is the scheduled service."""
 
@@ -163,6 +170,7 @@ class Exporter:
         self._pruned: date | None = None
         self._first: dict[str, tuple[date, list[Unit]]] = {}  # see first_days
         self._wake: asyncio.Event | None = None  # made in run(), in its event loop
+        self._closing = threading.Event()
 
     def __enter__(self) -> Exporter:
         return self
@@ -171,7 +179,11 @@ class Exporter:
         self.close()
 
     def close(self) -> None:
-        """Stop the workers and close the store connection."""
+        """End a run under way (`ExportStopped`: what the workers are rendering is finished, nothing more is
+        started), stop the workers and close the store connection. Closing again does nothing."""
+        if self._closing.is_set():
+            return
+        self._closing.set()
         if self._pool is not None:
             self._pool.shutdown(cancel_futures=True)
             self._pool = None
@@ -281,13 +293,25 @@ class Exporter:
             for job in jobs:  # a broken pool may say so here already, or only with a result
                 futures[pool.submit(write_day, job)] = job.day
             parts_left = Counter(futures.values())
-            for future in as_completed(futures):
-                written, unchanged = future.result()
-                result.written += written
-                result.unchanged += unchanged
-                parts_left[futures[future]] -= 1
-                if not parts_left[futures[future]]:
-                    progress(sum(1 for n in parts_left.values() if not n), days)
+            pending = set(futures)
+            while pending:
+                # not as_completed(): the futures that close() cancels would never come out of it, and smame's
+                # stop would wait for this thread until its deadline
+                done, pending = wait(pending, STOP_POLL_S, FIRST_COMPLETED)
+                if self._closing.is_set():
+                    log.info(
+                        "export: stopped with %d of %d jobs not done; the next run does them",
+                        len(pending),
+                        len(futures),
+                    )
+                    raise ExportStopped("the exporter was closed during a run")
+                for future in done:
+                    written, unchanged = future.result()
+                    result.written += written
+                    result.unchanged += unchanged
+                    parts_left[futures[future]] -= 1
+                    if not parts_left[futures[future]]:
+                        progress(sum(1 for n in parts_left.values() if not n), days)
         except BrokenProcessPool:
             pool.shutdown(wait=False, cancel_futures=True)  # a worker died (killed, out of memory):
             self._pool = None  # new workers next run

@@ -20,7 +20,7 @@ import pytest
 from aggregator.backends import open_url
 from aggregator.ingest import Ingestor
 from aggregator.sqlite import SqliteStore
-from csv_export.exporter import Exporter
+from csv_export.exporter import SUCCEEDED, Exporter, ExportStopped
 from csv_export.files import path_of, read_cursor, write_cursor, write_if_changed
 from kernel.reading import KEEP, Incoming, Reading, Refused
 from kernel.registry import load_registry
@@ -329,6 +329,42 @@ def test_a_killed_export_worker_fails_one_run_and_the_next_has_new_workers(
             exporter.export([("C1", TODAY - timedelta(days=1))], NOW)
     result = exporter.export([("C1", TODAY), ("C2", TODAY)], NOW)
     assert result.days == 1 and path_of(root, "C2", TODAY).exists()
+
+
+def test_closing_the_exporter_ends_a_run_under_way_unfinished(setup: tuple[Exporter, Ingestor, Path]) -> None:
+    # smame's stop closes the exporter while a long catch-up run may be rendering: the run must end within a
+    # moment, not hold the stop until its deadline, and must not record a success it did not have.
+    exporter, ingest, root = setup
+    ingest.commit(history(["U1", "U2"], 12), [], int(NOW))
+    first_day, closed = threading.Event(), threading.Event()
+
+    def progress(done: int, total: int) -> None:
+        if done == 1:
+            first_day.set()
+            closed.wait(10)
+
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(
+                exporter.export(
+                    [(c, TODAY - timedelta(days=k)) for k in range(13) for c in ("C1", "C2")], NOW, progress
+                )
+            )
+        except Exception as exc:
+            outcome.append(exc)
+
+    runner = threading.Thread(target=run)
+    runner.start()
+    assert first_day.wait(30)
+    exporter.close()
+    closed.set()
+    runner.join(5)
+    assert not runner.is_alive(), "the run went on after the exporter was closed"
+    assert [type(x) for x in outcome] == [ExportStopped]
+    with open_url(exporter.store.url) as store:
+        assert store.get_meta(SUCCEEDED) == ""  # no success recorded
 
 
 async def test_a_failed_export_is_retried_soon_at_once_on_sighup_and_after_an_export_by_hand(
