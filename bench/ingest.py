@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -307,23 +308,38 @@ def bench_mosquitto_sub(mq: Mosquitto, messages: list[tuple[str, bytes]]) -> flo
     return time.perf_counter() - started
 
 
-def bench_smame(
-    mq: Mosquitto,
-    messages: list[tuple[str, bytes]],
-    units: int,
-    work: Path,
-    batch: int,
-    storage: str | None,
-    days: int = 0,
-) -> float:
-    url = store_in_service(work, storage, messages, units, days)
-    preload_session(mq.port, "bench-smame")
-    publish(mq.port, messages)
+@dataclass(frozen=True)
+class Backlog:
+    """What smame drains in the drain and restart methods: `messages` queued in its session on `mq`'s broker,
+    from `units` units, with smame's work directory, batch size, store (None: SQLite) and days of history."""
+
+    mq: Mosquitto
+    messages: list[tuple[str, bytes]]
+    units: int
+    work: Path
+    batch: int
+    storage: str | None
+    days: int
+
+    def queue(self, client_id: str) -> str:
+        """Make smame's store (`store_in_service`) and queue the messages in `client_id`'s session; its URL."""
+        url = store_in_service(self.work, self.storage, self.messages, self.units, self.days)
+        preload_session(self.mq.port, client_id)
+        publish(self.mq.port, self.messages)
+        return url
+
+    def start(self, client_id: str, url: str, ready: tuple[str, ...]) -> tuple[subprocess.Popen[bytes], int]:
+        """`start_bench_smame` on this backlog's session and store."""
+        return start_bench_smame(self.mq, self.units, self.work, self.batch, client_id, url, ready)
+
+
+def bench_smame(backlog: Backlog) -> float:
+    url = backlog.queue("bench-smame")
     # the queue starts to flow at CONNACK
-    proc, metrics = start_bench_smame(mq, units, work, batch, "bench-smame", url, ready=("session present",))
+    proc, metrics = backlog.start("bench-smame", url, ready=("session present",))
     try:
         started = time.perf_counter()
-        wait_committed(proc, metrics, len(messages), work / "smame.log")
+        wait_committed(proc, metrics, len(backlog.messages), backlog.work / "smame.log")
         return time.perf_counter() - started
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -348,23 +364,14 @@ def server_cpu_seconds() -> float:
     return total
 
 
-def restart_smame(
-    mq: Mosquitto,
-    messages: list[tuple[str, bytes]],
-    units: int,
-    work: Path,
-    batch: int,
-    storage: str | None,
-    days: int = 0,
-) -> tuple[float, float, dict[str, float]]:
+def restart_smame(backlog: Backlog) -> tuple[float, float, dict[str, float]]:
     """Seconds from process start to connected (CONNACK: the session's backlog starts to flow), and to every
     telegram committed; and the CPU seconds each process spent meanwhile (smame's by process name)."""
-    url = store_in_service(work, storage, messages, units, days)
-    preload_session(mq.port, "bench-restart-smame")
-    publish(mq.port, messages)
+    mq, messages, work, storage = backlog.mq, backlog.messages, backlog.work, backlog.storage
+    url = backlog.queue("bench-restart-smame")
     broker_before, server_before = cpu_seconds(mq.proc.pid), server_cpu_seconds()
     started_wall, started = time.time(), time.perf_counter()
-    proc, metrics = start_bench_smame(mq, units, work, batch, "bench-restart-smame", url, ready=())
+    proc, metrics = backlog.start("bench-restart-smame", url, ready=())
     try:
         wait_committed(proc, metrics, len(messages), work / "smame.log")
         took = time.perf_counter() - started
@@ -438,7 +445,7 @@ def run_methods(args: argparse.Namespace, messages: list[tuple[str, bytes]]) -> 
             try:
                 base = bench_mosquitto_sub(mq, messages)
                 ours = bench_smame(
-                    mq, messages, args.units, Path(tmp) / "smame-drain", args.batch, args.storage, args.days
+                    Backlog(mq, messages, args.units, Path(tmp) / "smame-drain", args.batch, args.storage, args.days)
                 )
             finally:
                 mq.stop()
@@ -449,7 +456,7 @@ def run_methods(args: argparse.Namespace, messages: list[tuple[str, bytes]]) -> 
             try:
                 base = bench_mosquitto_sub(mq, messages)  # its start is instant: the drain is the restart
                 subscribed, ours, cpu = restart_smame(
-                    mq, messages, args.units, Path(tmp) / "smame-restart", args.batch, args.storage, args.days
+                    Backlog(mq, messages, args.units, Path(tmp) / "smame-restart", args.batch, args.storage, args.days)
                 )
             finally:
                 mq.stop()
