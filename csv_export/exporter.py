@@ -179,8 +179,9 @@ class Exporter:
         self.close()
 
     def close(self) -> None:
-        """End a run under way (`ExportStopped`: what the workers are rendering is finished, nothing more is
-        started), stop the workers and close the store connection. Closing again does nothing."""
+        """End a run under way (it raises `ExportStopped`; the workers finish the jobs they have begun, and the
+        one job the pool has queued to them, the rest are cancelled), stop the workers and close the store
+        connection. Closing again does nothing."""
         if self._closing.is_set():
             return
         self._closing.set()
