@@ -11,7 +11,7 @@ as Python and SQLite order them, so a range of unit ids means the same in every 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -288,9 +288,10 @@ class PostgresStore(Store):
                 )
             self._days[table].add(day)
 
-    def prune(self, before: int) -> tuple[int, int]:
+    def prune(self, before: int, stopping: Callable[[], bool] = lambda: False) -> tuple[int, int]:
         """Drop the days of readings and slots wholly before `before` (epoch), delete the rest of the day it
-        falls in, and the change log's older entries; return how many readings and slots went."""
+        falls in, and the change log's older entries; return how many readings and slots went. When
+        `stopping()` says so after a day dropped, return what went so far."""
         self._load_days()
         days = {t: sorted(d) for t, d in self._days.items()}
         counts = {}
@@ -310,6 +311,10 @@ class PostgresStore(Store):
                     except psycopg.errors.UndefinedTable:  # another node's retention dropped it just now
                         continue
                     gone += int(n)
+                    if stopping():
+                        counts[table] = gone
+                        self._load_days()
+                        return counts.get("readings", 0), counts.get("slots", 0)
             with self.transaction():
                 gone += self.execute(f"DELETE FROM {table} WHERE {column} < ?", (before,)).rowcount
             counts[table] = gone

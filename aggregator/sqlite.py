@@ -7,7 +7,7 @@ import os
 import shutil
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -291,11 +291,16 @@ class SqliteStore(Store):
                 return row
         return None
 
-    def prune(self, before: int, chunk: int = 2 * SLOT) -> tuple[int, int]:
-        """Delete readings and slots older than `before` (epoch); return how many of each.
+    def prune(
+        self, before: int, stopping: Callable[[], bool] = lambda: False, chunk: int = 2 * SLOT
+    ) -> tuple[int, int]:
+        """Delete readings and slots older than `before` (epoch); return how many of each. When `stopping()`
+        says so after a transaction, return what went so far.
 
         Readings are keyed by time: deleted an hour of them per transaction, so ingest never waits long for
-        the write lock. The spans of units that lost readings are then narrowed to what is left."""
+        the write lock. The spans of units that lost readings are then narrowed to what is left. Until then (and
+        after a stop in between, until the next prune) a unit's span may begin before its oldest reading kept:
+        `first_at` says that older time, and the neighbours' look-ups find nothing there."""
         readings = 0
         oldest = self.execute("SELECT min(at) FROM readings").fetchone()[0]
         while oldest is not None and oldest < before:
@@ -303,6 +308,8 @@ class SqliteStore(Store):
             with self.transaction():
                 readings += self.db.execute("DELETE FROM readings WHERE at < ?", (step,)).rowcount
             oldest = step
+            if stopping():
+                return readings, 0
         while True:  # a few hundred units' spans a transaction
             with self.transaction():
                 self.db.execute("DELETE FROM reading_span WHERE last_at < ?", (before,))
@@ -316,6 +323,8 @@ class SqliteStore(Store):
                     )
             if len(narrowed) < _UNITS:
                 break
+            if stopping():
+                return readings, 0
         with self.transaction():
             slots = self.db.execute("DELETE FROM slots WHERE slot < ?", (before,)).rowcount
             self.db.execute("DELETE FROM changes WHERE at < ?", (before,))

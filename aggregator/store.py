@@ -137,9 +137,10 @@ class Store(ABC):
         """Close the connection."""
 
     @abstractmethod
-    def prune(self, before: int) -> tuple[int, int]:
-        """Delete readings and slots older than `before` (epoch), and the change log's entries; return how many
-        readings and slots went."""
+    def prune(self, before: int, stopping: Callable[[], bool] = lambda: False) -> tuple[int, int]:
+        """Delete readings and slots older than `before` (epoch), and the change log's entries, a transaction at
+        a time; return how many readings and slots went. When `stopping()` says so after a transaction, return
+        what went so far: the next call goes on from there."""
 
     def check_identity(self) -> None:
         """Raise StoreError when what was committed may not be where the store said: nothing may then be

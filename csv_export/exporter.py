@@ -411,7 +411,7 @@ class Exporter:
                 )
         if not self.db_retention_days:
             return
-        readings, slots = self.store.prune(int(now) - self.db_retention_days * 86400)
+        readings, slots = self.store.prune(int(now) - self.db_retention_days * 86400, self._closing.is_set)
         if readings or slots:
             log.info(
                 "database retention: deleted %d readings and %d slots older than %d days",

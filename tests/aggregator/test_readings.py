@@ -144,3 +144,27 @@ def test_a_store_of_schema_1_is_migrated_on_opening_and_ingest_goes_on(tmp_path:
         assert table(ing) == {**before, 4: (10, "A", 0, 0, "A")}
     finally:
         ing.store.close()
+
+
+def test_a_prune_told_to_stop_ends_after_a_transaction_and_the_next_finishes_it(store_url: str) -> None:
+    # smame's stop during the daily retention: the prune returns between transactions, and what it left (a unit's
+    # span reaching back before its oldest reading) still answers true once the next prune has run
+    stored: Stored = {f"U{u}": {T0 + k * H: (k, k if u else None) for k in range(3 * 48)} for u in range(3)}
+    before = T0 + 2 * 48 * H
+    kept = {u: {at: v for at, v in series.items() if at >= before} for u, series in stored.items()}
+    checks: list[bool] = []
+
+    def stop_after_one() -> bool:
+        checks.append(True)
+        return len(checks) >= 1
+
+    with open_url(store_url) as store:
+        with store.transaction():
+            store.insert_readings(rows_of(stored))
+        old = store.execute("SELECT count(*) FROM readings WHERE at < ?", (before,)).fetchone()[0]
+        readings, slots = store.prune(before, stop_after_one)
+        left = store.execute("SELECT count(*) FROM readings WHERE at < ?", (before,)).fetchone()[0]
+        assert len(checks) == 1 and 0 < readings == old - left < old  # one transaction's worth went
+        store.prune(before)
+        assert store.execute("SELECT count(*) FROM readings WHERE at < ?", (before,)).fetchone()[0] == 0
+        check(store, kept, [T0 + k * H + d for k in (0, 50, 95, 96, 97, 143, 200) for d in (-1, 0, 1)])
