@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from aggregator.store import Store
-from kernel.settings import POSTGRES_SCHEMES
+from kernel.storage_url import POSTGRES_SCHEMES
 
 
 def is_postgres(url: str) -> bool:

@@ -22,6 +22,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from kernel.storage_url import POSTGRES_SCHEMES
+
 ENV_PREFIX = "SMAME_"
 
 
@@ -64,9 +66,6 @@ class BrokerSettings(Section):
                 "must be a filter ending in /reading, e.g. smame/v1/+/reading or $share/g/smame/v1/+/reading"
             )
         return v
-
-
-POSTGRES_SCHEMES = ("postgresql://", "postgres://")  # storage URLs that name a PostgreSQL database
 
 
 class StorageSettings(Section):
