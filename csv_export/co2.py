@@ -8,19 +8,17 @@ daily files' columns to the last digit; the factors it names are those the days 
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
-from datetime import date, timedelta
+from datetime import date
 from pathlib import Path
 
 import polars as pl
 
-from csv_export.render import TOTALS_SCHEMA, Layout, sum_or_null
+from csv_export.jobs import Layout, days_of, totals_path
+from csv_export.render import TOTALS_SCHEMA, sum_or_null
 from kernel.emissions import DayFactors, Factor, format_e4, format_grams
 from kernel.registry import Customer
 
-TOTALS_DIR = ".smame-co2"
-SUMMARY_NAME = re.compile(r"^(?P<customer>[A-Za-z0-9_-]{1,64})_(?P<month>\d{6})_co2\.csv(?:\.sha256)?$")
 SUMMARY_HEADER = (
     "unit_id",
     "month",
@@ -47,21 +45,6 @@ _FACTOR_SCHEMA = {
     "market_t_per_kwh": pl.String,
     "market_published": pl.String,
 }
-
-
-def month_of(day: date) -> date:
-    """The first day of a day's month."""
-    return day.replace(day=1)
-
-
-def totals_path(root: Path, customer: str, day: date) -> Path:
-    """Where a customer's day of totals is kept."""
-    return root / TOTALS_DIR / customer / f"{day:%Y%m%d}.csv"
-
-
-def summary_path(root: Path, customer: str, month: date) -> Path:
-    """`{root}/{customer}/{customer}_{YYYYMM}_co2.csv`."""
-    return root / customer / f"{customer}_{month:%Y%m}_co2.csv"
 
 
 def totals_bytes(totals: pl.DataFrame, factors: DayFactors) -> bytes:
@@ -112,14 +95,6 @@ class MonthSummary:
             series = self.units[column]
             out[column] = None if series.null_count() == len(series) else int(series.sum())
         return out
-
-
-def days_of(month: date) -> list[date]:
-    """Every day of the month that `month` (its first day) begins."""
-    days = [month]
-    while (after := days[-1] + timedelta(days=1)).month == month.month:
-        days.append(after)
-    return days
 
 
 def month_summary(root: Path, customer: Customer, month: date) -> MonthSummary | None:

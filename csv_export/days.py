@@ -17,8 +17,6 @@ import threading
 import time
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from datetime import date
 from pathlib import Path
 
 import adbc_driver_manager as adbc
@@ -28,10 +26,11 @@ import polars as pl
 
 from aggregator.backends import is_postgres
 from aggregator.sqlite import sqlite_path
-from csv_export.co2 import totals_bytes, totals_path
+from csv_export.co2 import totals_bytes
 from csv_export.files import path_of, write_if_changed
-from csv_export.render import SLOT_SCHEMA, Layout, render_with_totals
-from kernel.timegrid import SLOT, SlotLabel
+from csv_export.jobs import DayJob, totals_path
+from csv_export.render import SLOT_SCHEMA, render_with_totals
+from kernel.timegrid import SLOT
 
 # Every column typed in every row: the driver infers a column's type from its first rows, and a day whose
 # first rows have no value would fail on the first real one. Energies are never negative, so -1 is free.
@@ -42,33 +41,9 @@ _QUERY = (
     "coalesce(coef, -1) AS coef "
     "FROM slots WHERE slot > %d AND slot <= %d AND unit IN (%s)"
 )
-# Units a job holds at most (several customers' files, or one customer's): its rows of a day, 48 a unit, are
-# about 50 MB in a worker at 10,000 units, and SQLite reads them with a unit filter at about 0.6 s.
-SHARE_UNITS = 10_000
 _LIBC = ctypes.CDLL(None)  # the C library this process runs on
 _LETTERS = {ord(q): q for q in ("A", "E", "M")}
 _CODED = SLOT_SCHEMA | {"imp_q": pl.Int64, "exp_q": pl.Int64}
-
-
-@dataclass(frozen=True, slots=True)
-class CustomerFiles:
-    """One customer's file of a day: its options and units in file order (unit, registry meter)."""
-
-    customer: str
-    layout: Layout
-    units: tuple[tuple[str, str], ...]
-
-
-@dataclass(frozen=True, slots=True)
-class DayJob:
-    """A day to write for some customers, up to its last closed slot."""
-
-    store: str  # the storage URL
-    day: date
-    labels: tuple[tuple[int, SlotLabel], ...]
-    customers: tuple[CustomerFiles, ...]
-    root: str
-    files: bool = True  # False: a day past the files' retention whose month's CO2 summary is still kept
 
 
 def worker_init() -> None:

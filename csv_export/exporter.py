@@ -27,17 +27,10 @@ from datetime import date, datetime, timedelta
 from pathlib import Path
 
 from aggregator.store import Store
-from csv_export.co2 import (
-    SUMMARY_NAME,
-    TOTALS_DIR,
-    month_of,
-    month_summary,
-    summary_bytes,
-    summary_path,
-)
-from csv_export.days import SHARE_UNITS, CustomerFiles, DayJob, worker_init, write_day
+from csv_export.co2 import month_summary, summary_bytes
+from csv_export.days import worker_init, write_day
 from csv_export.files import check_writable, expired, read_cursor, write_cursor, write_if_changed
-from csv_export.render import Layout
+from csv_export.jobs import SHARE_UNITS, SUMMARY_NAME, TOTALS_DIR, CustomerFiles, DayJob, Layout, month_of, summary_path
 from kernel.emissions import fiscal_year
 from kernel.registry import Customer, Registry, Unit
 from kernel.timegrid import SLOT, Grid

@@ -11,12 +11,12 @@ slots gives the same bytes. The work is done in polars over a day's slots as col
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from datetime import date
 
 import polars as pl
 
 from aggregator.store import SlotRow
+from csv_export.jobs import Layout
 from kernel.emissions import DayFactors, format_grams, grams, kwh_e4
 from kernel.meter import format_kwh
 from kernel.timegrid import SlotLabel
@@ -46,17 +46,6 @@ SLOT_SCHEMA = {
     "coef": pl.Int64,
 }
 _RANK = {"M": 0, "E": 1, "A": 2}
-
-
-@dataclass(frozen=True, slots=True)
-class Layout:
-    """A customer's file options."""
-
-    wide: bool = False
-    encoding: str = "utf-8"  # or "cp932"
-    newline: str = "\n"
-    include_export: bool = True
-    co2: DayFactors | None = None  # the day's emission factors; None: no CO2 columns
 
 
 def slots_frame(rows: Iterable[SlotRow]) -> pl.DataFrame:

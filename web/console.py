@@ -22,9 +22,9 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
 from aggregator.store import SlotRow
-from csv_export.co2 import SUMMARY_NAME
 from csv_export.exporter import SUCCEEDED
 from csv_export.files import NAME
+from csv_export.jobs import SUMMARY_NAME
 from ftp_gateway.accounts import normalize
 from kernel.meter import E1_UNITS
 from kernel.reading import REASONS

@@ -9,8 +9,8 @@ import time
 from collections.abc import Callable
 from datetime import date, timedelta
 
-from csv_export.co2 import days_of, month_of, summary_path
 from csv_export.files import check_writable
+from csv_export.jobs import days_of, month_of, summary_path
 from kernel.settings import Settings
 from kernel.timegrid import Grid
 from smame.app import RegistryHolder, build_exporter

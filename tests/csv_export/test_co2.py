@@ -15,8 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aggregator.store import SlotRow
-from csv_export.co2 import TOTAL_ROW, month_summary, summary_bytes, totals_bytes, totals_path
-from csv_export.render import Layout, render, render_with_totals, slots_frame
+from csv_export.co2 import TOTAL_ROW, month_summary, summary_bytes, totals_bytes
+from csv_export.jobs import Layout, totals_path
+from csv_export.render import render, render_with_totals, slots_frame
 from kernel.emissions import DayFactors, Factor, FactorsError, fiscal_year, grams, kwh_e4, parse_factors
 from kernel.registry import Customer, RegistryError, load_registry
 from kernel.timegrid import Grid

@@ -15,9 +15,9 @@ import pytest
 
 from aggregator.backends import open_url
 from aggregator.ingest import Ingestor
-from csv_export.co2 import summary_path
 from csv_export.exporter import Exporter
 from csv_export.files import path_of
+from csv_export.jobs import summary_path
 from kernel.emissions import fiscal_year
 from kernel.reading import Incoming, Reading
 from kernel.registry import Registry, load_registry

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from aggregator.store import SlotRow
-from csv_export.render import Layout, render, slots_frame
+from csv_export.jobs import Layout
+from csv_export.render import render, slots_frame
 from tests.csv_export.sample import DAY, LABELS, UNITS, slots
 
 GOLDEN = Path(__file__).parent / "golden"

@@ -5,9 +5,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from csv_export.days import SHARE_UNITS, CustomerFiles
 from csv_export.exporter import shares
-from csv_export.render import Layout
+from csv_export.jobs import SHARE_UNITS, CustomerFiles, Layout
 
 
 @given(st.lists(st.integers(0, 3 * SHARE_UNITS), max_size=40), st.integers(1, 8))
