@@ -27,8 +27,6 @@ from datetime import date, datetime, timedelta
 from pathlib import Path
 
 from aggregator.store import Store
-from csv_export.co2 import month_summary, summary_bytes
-from csv_export.days import worker_init, write_day
 from csv_export.files import check_writable, expired, read_cursor, write_cursor, write_if_changed
 from csv_export.jobs import SHARE_UNITS, SUMMARY_NAME, TOTALS_DIR, CustomerFiles, DayJob, Layout, month_of, summary_path
 from kernel.emissions import fiscal_year
@@ -245,6 +243,8 @@ class Exporter:
 
     def _summarize(self, customer: Customer, month: date, result: RunResult) -> None:
         """Write a customer's CO2 summary of a month from its days' totals, if its bytes changed."""
+        from csv_export.co2 import month_summary, summary_bytes  # polars: see `_workers`
+
         summary = month_summary(self.root, customer, month)
         if summary is None:
             return
@@ -281,6 +281,8 @@ class Exporter:
 
     def _write(self, jobs: list[DayJob], days: int, result: RunResult, progress: Callable[[int, int], None]) -> None:
         """Have the workers render and write the jobs; count what they did in `result`."""
+        from csv_export.days import write_day  # polars: see `_workers`
+
         pool = self._workers()
         futures: dict[Future[tuple[list[Path], int]], date] = {}
         try:
@@ -317,6 +319,10 @@ class Exporter:
         result.days = days
 
     def _workers(self) -> ProcessPoolExecutor:
+        # The modules that render load polars (0.15-0.25 s): this process loads them when it first renders, not
+        # when smame starts, where they would delay ingest's connection to the broker.
+        from csv_export.days import worker_init
+
         if self._pool is None:
             # spawn: forking a process that runs threads (the event loop's helpers, SQLite's) is unsafe
             self._pool = ProcessPoolExecutor(

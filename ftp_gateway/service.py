@@ -9,7 +9,6 @@ from pathlib import Path
 from aggregator.store import Store
 from ftp_gateway.accounts import Accounts, Bans, Doorway
 from ftp_gateway.ftp import FtpOptions, FtpServer
-from ftp_gateway.sftp import host_key, start_sftp
 
 log = logging.getLogger("smame.files")
 KEEP_S = 10.0  # how often the downloads noted are written to the store
@@ -46,6 +45,9 @@ class FileGateway:
                 ftp.start()
                 self.ftp_port = ftp.port
             if self.sftp_options is not None:
+                # asyncssh (0.1 s to load) is loaded by the gateway that serves SFTP, not by every smame start
+                from ftp_gateway.sftp import host_key, start_sftp
+
                 host, port, key_path = self.sftp_options
                 acceptor = await start_sftp(host, port, host_key(key_path), self.accounts, self.bans, self.doorway)
                 self.sftp_port = acceptor.get_port()

@@ -28,7 +28,6 @@ from broker_bridge.bridge import Bridge, BrokerTarget, target_from_url, tls_cont
 from broker_bridge.telegram import Rules
 from csv_export.exporter import Exporter
 from ftp_gateway.accounts import Accounts, Bans, Doorway
-from ftp_gateway.certs import ensure_certificate
 from ftp_gateway.ftp import FtpOptions
 from ftp_gateway.service import FileGateway
 from kernel.reading import Incoming, Refused
@@ -40,7 +39,6 @@ from monitoring.mail import SmtpChannel
 from monitoring.metrics import SmameCollector, Sources
 from monitoring.monitor import Monitor, Watched
 from monitoring.outbox import Channel, Outbox
-from monitoring.slack import SlackChannel
 from monitoring.sources import ExportCounters
 from smame.users import set_password
 from web.context import WebContext
@@ -192,6 +190,8 @@ def build_gateway(
         cert = f.certfile or settings.data_dir / "ftps-cert.pem"
         key = f.keyfile or settings.data_dir / "ftps-key.pem"
         if f.certfile is None:
+            from ftp_gateway.certs import ensure_certificate  # cryptography (0.06 s) only where it is needed
+
             ensure_certificate(cert, key, ["localhost", "127.0.0.1"])
         ftp = FtpOptions(
             f.host,
@@ -248,6 +248,8 @@ def build_outbox(settings: Settings, store: Store, clock: Callable[[], float] = 
     if settings.mail.smtp_url:
         channels["mail"] = SmtpChannel(settings.mail)
     if settings.slack.enabled:
+        from monitoring.slack_channel import SlackChannel  # slack-sdk only where Slack is configured
+
         channels["slack"] = SlackChannel(settings.slack)
     m = settings.monitoring
     return Outbox(

@@ -10,9 +10,10 @@ import asyncio
 import logging
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import uvicorn
+if TYPE_CHECKING:
+    import uvicorn
 
 log = logging.getLogger("smame.web")
 
@@ -72,6 +73,8 @@ class WebServer:
             await loop.run_in_executor(None, thread.join, 5)
 
     async def _serve(self, started: threading.Event) -> None:
+        import uvicorn  # on the server's thread, as the application is made: not on smame's way to the broker
+
         config = uvicorn.Config(
             self._app(),
             host=self.host,

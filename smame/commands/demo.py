@@ -8,7 +8,6 @@ from pathlib import Path
 
 from kernel.settings import Settings
 from smame.commands.args import Subcommands, non_negative, positive
-from smame.demo import DemoOptions, run_demo
 
 
 def add(sub: Subcommands, common: argparse.ArgumentParser) -> None:
@@ -36,6 +35,9 @@ def add(sub: Subcommands, common: argparse.ArgumentParser) -> None:
 
 
 def _demo(settings: Settings, args: argparse.Namespace) -> int:
+    # here, not at the top: every smame command (`smame run` above all) would load the demo's SMTP server
+    from smame.demo import DemoOptions, run_demo
+
     try:
         return run_demo(DemoOptions(args.dir, args.units, args.customers, args.speed, args.follow))
     except KeyboardInterrupt:

@@ -10,20 +10,20 @@ import signal
 import sys
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
 
 from broker_bridge.bridge import target_from_url, tls_context
 from broker_bridge.mqtt import ConnectionRefused
 from kernel.meter import flag_names
 from kernel.settings import Settings
-from simulators.fleet import make_fleet, write_factors
-from simulators.fleet import write_registry as write_fleet_registry
-from simulators.publisher import Endpoint
-from simulators.run import RunOptions, Summary, describe, simulate
 from simulators.scenario import Faults
-from simulators.truth import Observed, compare, read_truth
 from smame.app import open_store
 from smame.commands.args import Subcommands, connections, instant, non_negative, positive
+
+if TYPE_CHECKING:
+    from simulators.run import Summary
+    from simulators.truth import Observed
 
 
 def add(sub: Subcommands, common: argparse.ArgumentParser) -> None:
@@ -93,6 +93,12 @@ def add(sub: Subcommands, common: argparse.ArgumentParser) -> None:
 
 
 def _simulate(settings: Settings, args: argparse.Namespace) -> int:
+    # the simulator is loaded by the commands that run it, not by every smame command (`smame run` above all)
+    from simulators.fleet import make_fleet, write_factors
+    from simulators.fleet import write_registry as write_fleet_registry
+    from simulators.publisher import Endpoint
+    from simulators.run import RunOptions, describe, simulate
+
     if args.write_registry is not None:
         units, customers = write_fleet_registry(make_fleet(args.units, args.customers, args.seed), args.write_registry)
         factors = write_factors(args.write_registry, datetime.now(ZoneInfo(settings.timezone)).date())
@@ -150,6 +156,8 @@ def _credentials(path: Path) -> dict[str, str]:
 
 
 def _verify(settings: Settings, args: argparse.Namespace) -> int:
+    from simulators.truth import compare, read_truth  # see _simulate
+
     truth = read_truth(args.truth)
     if truth.meta.get("gap_cap") != settings.ingest.gap_cap_slots:
         print(

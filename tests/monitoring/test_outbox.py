@@ -22,7 +22,7 @@ from monitoring import mail, slack
 from monitoring.mail import SmtpChannel
 from monitoring.outbox import Outbox
 from monitoring.outbox_table import OutboxTable
-from monitoring.slack import SlackChannel
+from monitoring.slack_channel import SlackChannel
 from tests.helpers import free_port
 from tests.monitoring.sinks import SlackStandIn, SmtpSink
 

@@ -6,6 +6,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -148,3 +150,24 @@ def test_a_port_in_use_stops_smame_at_once_naming_the_setting(workdir: Path, set
             )
     finally:
         taken.close()
+
+
+# What only the other services need, loaded by them when they start: before, `smame run` loaded all of it
+# (about 0.4 s) before it could connect to the broker, and the broker's backlog waited.
+NOT_ON_THE_WAY_TO_THE_BROKER = ("polars", "asyncssh", "slack_sdk", "uvicorn", "fastapi", "aiosmtpd", "simulators.run")
+
+
+def test_smame_run_reaches_the_broker_without_loading_what_only_the_other_services_need(tmp_path: Path) -> None:
+    write_registry(tmp_path, {"U1": "C1"})
+    env = smame_env(tmp_path, free_port(), SMAME_SFTP__ENABLED="true", SMAME_WEB__ENABLED="true")
+    env.update(SMAME_EXPORT__ENABLED="true", SMAME_MONITORING__ENABLED="true", SMAME_ALERTS__ENABLED="true")
+    # what `smame run` does before its services start: its command line, the settings, every part built
+    script = (
+        "import sys; import smame.cli; from kernel.settings import load_settings; from smame.app import App\n"
+        "app = App.build(load_settings(None))\n"
+        "assert app.exporter and app.gateway and app.monitor and app.web, 'a service is off'\n"
+        f"print(' '.join(m for m in {NOT_ON_THE_WAY_TO_THE_BROKER!r} if m in sys.modules))"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == []
