@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-import paho.mqtt.client as paho
 import psycopg
 
 from aggregator.backends import open_url
@@ -49,26 +48,13 @@ from tests.helpers import (
     at,
     children,
     free_port,
+    preload_session,
     process_name,
     publish,
     smame_env,
     telegram,
     write_registry,
 )
-
-
-def preload_session(port: int, client_id: str) -> None:
-    """Create a persistent QoS 1 subscription, then leave, so the broker queues for it."""
-    c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
-    props = paho.Properties(paho.PacketTypes.CONNECT)
-    props.SessionExpiryInterval = 3600
-    c.connect("127.0.0.1", port, clean_start=False, properties=props)
-    c.loop_start()
-    r = c.subscribe("smame/v1/+/reading", qos=1)
-    time.sleep(0.3)
-    assert r[0] == 0
-    c.loop_stop()
-    c.disconnect()
 
 
 def fleet(units: int, telegrams: int) -> list[tuple[str, bytes]]:

@@ -182,6 +182,21 @@ def publish(
     return len(messages)
 
 
+def preload_session(port: int, client_id: str) -> None:
+    """Create `client_id`'s persistent QoS 1 subscription to every unit's readings, then leave, so that the
+    broker queues them for it (as for smame while it is down)."""
+    c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+    props = paho.Properties(paho.PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 3600
+    c.connect("127.0.0.1", port, clean_start=False, properties=props)
+    c.loop_start()
+    r = c.subscribe("smame/v1/+/reading", qos=1)
+    time.sleep(0.3)
+    assert r[0] == 0
+    c.loop_stop()
+    c.disconnect()
+
+
 def at(day: str, hhmm: str) -> datetime:
     """A JST time on a day: at('2026-11-23', '10:30')."""
     return datetime.fromisoformat(f"{day}T{hhmm}:00+09:00")
