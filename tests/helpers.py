@@ -177,8 +177,9 @@ def publish(
         for info in infos:
             info.wait_for_publish(120)
             assert info.is_published()
-    client.loop_stop()
+    # disconnect first: it wakes the network thread, which loop_stop() would otherwise wait up to a second for
     client.disconnect()
+    client.loop_stop()
     return len(messages)
 
 
@@ -193,8 +194,8 @@ def preload_session(port: int, client_id: str) -> None:
     r = c.subscribe("smame/v1/+/reading", qos=1)
     time.sleep(0.3)
     assert r[0] == 0
+    c.disconnect()  # before loop_stop(), as in publish()
     c.loop_stop()
-    c.disconnect()
 
 
 def at(day: str, hhmm: str) -> datetime:

@@ -44,8 +44,8 @@ def publish_retained(port: int, topic: str, payload: bytes) -> None:
     client.connect("127.0.0.1", port)
     client.loop_start()
     client.publish(topic, payload, qos=1, retain=True).wait_for_publish(10)
+    client.disconnect()  # before loop_stop(), as in tests.helpers.publish
     client.loop_stop()
-    client.disconnect()
 
 
 def test_poison_telegrams_are_quarantined_and_ingest_goes_on(broker: Mosquitto, workdir: Path) -> None:
