@@ -1,9 +1,10 @@
 """One batch of readings -> one transaction of readings, slots, change log and quarantine.
 
-Runs in the writer process (`aggregator.writer`), one batch at a time. The live case (each
-unit's next reading, once per half hour) needs no read: the last point of each register of
-each unit is cached, and the batch is written with one statement per table. Late, duplicate
-and conflicting readings look their neighbours up in the store, inside the same transaction.
+Runs in the writer process (`aggregator.writer`). The live case (each unit's next reading, once
+per half hour) needs no read: the last point of each register of each unit is cached, and the
+batch is written with one statement per table; such a batch is planned (`plan`) while the store
+writes the one before (`apply`). Late, duplicate and conflicting readings look their neighbours
+up in the store, inside the same transaction.
 """
 
 from __future__ import annotations
@@ -71,6 +72,18 @@ class _UnitState:
     rev: Point | None
 
 
+@dataclass(slots=True)
+class Plan:
+    """A batch whose every reading is its unit's live case, made into rows from the cache alone: what `apply`
+    writes."""
+
+    readings: list[tuple[Any, ...]]
+    live: list[tuple[Any, ...]]  # slot rows of both registers
+    changed: set[tuple[str, str]]
+    refused: list[Refused]
+    now: int
+
+
 # (slot end, unit) -> [import SlotValue, export SlotValue, meter, e1, coef]
 _SlotRows = dict[tuple[int, str], list[Any]]
 _COLUMN = {"fwd": 0, "rev": 1}
@@ -101,6 +114,13 @@ class Ingestor:
 
     def commit(self, readings: list[Incoming], refused: list[Refused], now: int) -> Outcome:
         """Store a batch atomically: valid readings, and input refused before the store saw it."""
+        planned = self.plan(readings, refused, now)
+        if planned is not None:
+            try:
+                return self.apply(planned)
+            except BaseException:
+                self._cache.clear()  # it holds the states of the rolled-back batch
+                raise
         outcome = Outcome()
         by_unit: dict[str, list[Incoming]] = {}
         for item in readings:
@@ -151,26 +171,85 @@ class Ingestor:
             self._cache.clear()
         return outcome
 
+    def plan(self, readings: list[Incoming], refused: list[Refused], now: int) -> Plan | None:
+        """The batch's rows without a look at the store, when each reading is the only one of its unit in the
+        batch and its unit's live case from the cached state (see `_live_slot`); the cache then holds the
+        states as if the batch were committed, for the next batch to be planned before `apply` returns. None,
+        with nothing changed, for any other batch, or with other writers (`commit` takes those)."""
+        if self.shared:
+            return None
+        cache = self._cache
+        if len(cache) > self.cache_limit:
+            cache.clear()
+            return None
+        live = []
+        units: set[str] = set()
+        for item in readings:
+            r = item.reading
+            state = cache.get(r.unit)
+            if state is None or state.last_at is None or r.at <= state.last_at or r.unit in units:
+                return None
+            row = self._live_slot(r.unit, state, r)
+            if row is None:
+                return None
+            live.append(row)
+            units.add(r.unit)
+        changed: set[tuple[str, str]] = set()
+        self._changed(live, changed, {})
+        for item in readings:  # last: nothing above may leave the cache half advanced
+            _advance(cache[item.reading.unit], item.reading)
+        return Plan([_row(item.reading, item.received) for item in readings], live, changed, list(refused), now)
+
+    def apply(self, plan: Plan) -> Outcome:
+        """Write a planned batch in one transaction (after checking the epoch, as `commit` does). It does not
+        touch the cache, which may already hold the states of batches planned after it: should it raise, the
+        caller must clear the cache (`commit` does) or plan nothing more."""
+        outcome = Outcome(changed=plan.changed)
+        with self.store.transaction():
+            if self.epoch is not None:
+                self.store.check_epoch(self.epoch)
+            if plan.readings:
+                self.store.insert_readings(plan.readings)
+                outcome.stored = len(plan.readings)
+            if plan.live:
+                self.store.insert_slots(plan.live)
+                outcome.slots = len(plan.live)
+            if plan.changed:
+                self.store.add_changes(sorted(plan.changed), plan.now)
+            if plan.refused:
+                self.store.add_quarantine(
+                    (r.received, r.topic, r.unit, r.reason, r.detail, r.payload) for r in plan.refused
+                )
+        for r in plan.refused:
+            outcome.quarantined[r.reason] += 1
+        return outcome
+
     def _next(self, unit: str, state: _UnitState, r: Reading, live: list[tuple[Any, ...]]) -> bool:
-        """The live case, every half hour for every unit, without the general machinery: both registers' next
-        reading one slot after the last, same meter and scale, a plausible delta. Appends the slot row and
-        returns True; returns False (nothing done) for anything else, which `_chain` then handles."""
+        """The live case, every half hour for every unit, without the general machinery: appends the slot row
+        of both registers and advances the unit's state; returns False (nothing done) for anything else, which
+        `_chain` then handles."""
+        row = self._live_slot(unit, state, r)
+        if row is None:
+            return False
+        live.append(row)
+        _advance(state, r)
+        return True
+
+    def _live_slot(self, unit: str, state: _UnitState, r: Reading) -> tuple[Any, ...] | None:
+        """The slot row of `r` if it is the live case: both registers' next reading one slot after the last,
+        same meter and scale, a plausible delta; else None. Changes nothing."""
         fwd, rev = state.fwd, state.rev
         if fwd is None or rev is None or r.fwd is None or r.rev is None:
-            return False
+            return None
         if r.at - fwd.at != SLOT or fwd.at != rev.at:
-            return False
+            return None
         if r.meter != fwd.meter or r.digits != fwd.digits or r.e1 != fwd.e1 or r.coef != fwd.coef:
-            return False
+            return None
         ceiling = max_raw(self.units.limits_of(unit), r.e1, r.coef)
         d_imp, d_exp = r.fwd - fwd.value, r.rev - rev.value
         if not (0 <= d_imp <= ceiling and 0 <= d_exp <= ceiling):
-            return False
-        live.append((r.at, unit, d_imp, ACTUAL, r.flags, d_exp, ACTUAL, r.flags, r.meter, r.e1, r.coef))
-        state.fwd = Point(r.at, r.fwd, r.meter, r.digits, r.e1, r.coef, r.flags)
-        state.rev = Point(r.at, r.rev, r.meter, r.digits, r.e1, r.coef, r.flags)
-        state.last_at = r.at
-        return True
+            return None
+        return (r.at, unit, d_imp, ACTUAL, r.flags, d_exp, ACTUAL, r.flags, r.meter, r.e1, r.coef)
 
     def _chain(
         self,
@@ -273,6 +352,15 @@ class Ingestor:
         meter, fwd, rev, e1, coef, digits, flags = row
         return Reading(unit, at, meter, fwd, rev, e1, coef, digits, 0, 0, flags)
 
+    def _changed(self, live: list[tuple[Any, ...]], changed: set[tuple[str, str]], days: dict[int, str]) -> None:
+        """Add the (customer, local day) of each live slot row to `changed`; `days` caches slot end -> day."""
+        customer_of = self.units.customer_of
+        for end, unit, *_ in live:
+            day = days.get(end)
+            if day is None:
+                day = days[end] = self.grid.day_of(end).isoformat()
+            changed.add((customer_of(unit), day))
+
     def _write_slots(self, slot_rows: _SlotRows, live: list[tuple[Any, ...]], outcome: Outcome) -> None:
         both: list[tuple[Any, ...]] = []
         imp_only: list[tuple[Any, ...]] = []
@@ -280,11 +368,7 @@ class Ingestor:
         days: dict[int, str] = {}
         customer_of = self.units.customer_of
         changed = outcome.changed
-        for end, unit, *_ in live:
-            day = days.get(end)
-            if day is None:
-                day = days[end] = self.grid.day_of(end).isoformat()
-            changed.add((customer_of(unit), day))
+        self._changed(live, changed, days)
         for (end, unit), (imp, exp, meter, e1, coef) in slot_rows.items():
             if imp is not None and exp is not None:
                 both.append(
@@ -305,6 +389,14 @@ class Ingestor:
             if rows:
                 self.store.upsert_slots(registers, rows)
                 outcome.slots += len(rows)
+
+
+def _advance(state: _UnitState, r: Reading) -> None:
+    """A unit's state after its live-case reading `r` (both registers present)."""
+    assert r.fwd is not None and r.rev is not None
+    state.fwd = Point(r.at, r.fwd, r.meter, r.digits, r.e1, r.coef, r.flags)
+    state.rev = Point(r.at, r.rev, r.meter, r.digits, r.e1, r.coef, r.flags)
+    state.last_at = r.at
 
 
 def _row(r: Reading, received: int) -> tuple[Any, ...]:

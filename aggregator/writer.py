@@ -4,10 +4,12 @@ Validating telegrams and committing them each hold the interpreter lock most of 
 process they take turns on one core. Here the receiving process decodes and validates while this one
 commits the batch before, so the two run on two cores. The receiver sends a batch over a pipe and sends
 its PUBACKs only after this process has replied, which it does after COMMIT: a crash of either process at
-any point leaves the batch unacknowledged and the broker delivers it again.
+any point leaves the batch unacknowledged and the broker delivers it again. Two batches may be in the pipe:
+while the store writes one (on a thread of this process), the next is planned from the cached states of its
+units, and nothing behind a batch that failed is committed.
 
 The writer lives only as long as its pipe: it ignores SIGINT and SIGTERM (the receiver decides when
-to stop, and a Ctrl-C reaches the whole process group), finishes the commit in hand, and exits when the
+to stop, and a Ctrl-C reaches the whole process group), finishes the commits in hand, and exits when the
 receiver closes the pipe or dies.
 
 It is started as `python -m aggregator.writer` with its end of a socket pair, not through multiprocessing's
@@ -20,19 +22,22 @@ from __future__ import annotations
 import asyncio
 import os
 import pickle
+import queue
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import traceback
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from pathlib import Path
 
 import msgspec
 
 from aggregator.backends import is_postgres, open_url
-from aggregator.ingest import Ingestor, Outcome, UnitTable
+from aggregator.ingest import Ingestor, Outcome, Plan, UnitTable
 from aggregator.sqlite import file_identity, sqlite_path
 from aggregator.store import Deposed
 from kernel.meter import Limits
@@ -41,6 +46,7 @@ from kernel.timegrid import Grid
 
 _COMMIT, _RELOAD, _OK, _FAILED, _DEPOSED = b"C", b"R", b"K", b"E", b"D"
 WRITER_CACHE_MIB = 16  # SQLite page cache of the ingest connection (see Store)
+WRITER_SWITCH_S = 0.0005  # the writer's interpreter lock switch interval (see _serve)
 
 
 class _Batch(msgspec.Struct, array_like=True):
@@ -61,7 +67,7 @@ class WriterError(RuntimeError):
 
 
 class Writer:
-    """The receiving side: starts the writer process and hands it batches, one at a time, in order. It may be
+    """The receiving side: starts the writer process and hands it batches in order, up to two at once. It may be
     started again after `close` (a node that leads again)."""
 
     def __init__(self, url: str, synchronous: str, grid: Grid, units: UnitTable, shared: bool = False) -> None:
@@ -72,9 +78,12 @@ class Writer:
         self._process: subprocess.Popen[bytes] | None = None
         self._exited: int | None = None  # a descriptor readable once the process has ended (Linux pidfd)
         self._conn: Connection | None = None
-        # One thread owns the pipe: a request and its reply are never interleaved with another's,
-        # even when the coroutine that awaited a commit was cancelled.
+        # One thread sends on the pipe, in the order commits were asked for, and another reads the replies,
+        # which come in the same order: each reply settles the oldest waiting commit, even when the coroutine
+        # that awaited it was cancelled.
         self._pipe = ThreadPoolExecutor(max_workers=1, thread_name_prefix="writer")
+        self._waiting: deque[Future[None]] = deque()
+        self._replies: threading.Thread | None = None
         self._closed = False
         self._fence: tuple[str, int] | None = None
         self.identity: tuple[int, int] | None = None  # the store file's (SQLite), once the writer has it open
@@ -105,12 +114,16 @@ class Writer:
             raise WriterError(reply[1:].decode())
         if self.path is not None:
             self.identity = file_identity(self.path)
+        self._replies = threading.Thread(target=self._read_replies, name="writer-replies", daemon=True)
+        self._replies.start()
 
     async def commit(self, readings: list[Incoming], refused: list[Refused], now: int) -> None:
         """Commit a batch in the writer and count it in `totals`; returns when it is durable (raises WriterError
-        when it is not)."""
+        when it is not, Deposed when another node leads). Batches are committed in the order this is called; a
+        second may be sent while the first commits."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pipe, self._commit, readings, refused, now)
+        reply = await loop.run_in_executor(self._pipe, self._send_batch, readings, refused, now)
+        await asyncio.wrap_future(reply)
 
     @property
     def pid(self) -> int | None:
@@ -145,28 +158,57 @@ class Writer:
         self._closed = True
         self._pipe.shutdown(wait=True)
         if self._conn is not None:
-            self._conn.close()
+            # end-of-file for the writer, which replies to what it has and exits; its replies are still read
+            _shut_write(self._conn.fileno())
         if self._process is not None:
             try:
                 self._process.wait(30)
             except subprocess.TimeoutExpired:  # stuck (a disk that does not answer): it holds nothing unacknowledged
                 self._process.kill()
                 self._process.wait()
+        if self._replies is not None:
+            self._replies.join()  # the pipe has ended with the process
+            self._replies = None
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
         if self._exited is not None:
             os.close(self._exited)
             self._exited = None
 
-    def _commit(self, readings: list[Incoming], refused: list[Refused], now: int) -> None:
-        self._send(_COMMIT + _encode(_Batch(readings, refused, now)))
-        reply = self._receive()
-        if reply[:1] == _DEPOSED:
-            raise Deposed(reply[1:].decode())
-        if reply[:1] != _OK:
-            raise WriterError(f"commit failed in the writer process: {reply[1:].decode()}")
-        done = _decode_done(reply[1:])
-        t = self.totals
-        t.stored, t.duplicates, t.slots = t.stored + done.stored, t.duplicates + done.duplicates, t.slots + done.slots
-        t.quarantined.update(done.quarantined)
+    def _send_batch(self, readings: list[Incoming], refused: list[Refused], now: int) -> Future[None]:
+        """Send a batch (on the pipe's thread); the future settles with its reply."""
+        done: Future[None] = Future()
+        self._waiting.append(done)  # before sending: the reply may come at once
+        try:
+            self._send(_COMMIT + _encode(_Batch(readings, refused, now)))
+        except WriterError as exc:
+            self._waiting.remove(done)
+            done.set_exception(exc)
+        return done
+
+    def _read_replies(self) -> None:
+        """Settle each waiting commit with its reply, oldest first, until the pipe ends; then fail the rest."""
+        while True:
+            try:
+                reply = self._receive()
+            except WriterError as exc:
+                while self._waiting:
+                    _settle_commit(self._waiting.popleft(), exc)
+                return
+            done = self._waiting.popleft()
+            if reply[:1] == _DEPOSED:
+                _settle_commit(done, Deposed(reply[1:].decode()))
+            elif reply[:1] != _OK:
+                _settle_commit(done, WriterError(f"commit failed in the writer process: {reply[1:].decode()}"))
+            else:
+                result = _decode_done(reply[1:])
+                t = self.totals
+                t.stored += result.stored
+                t.duplicates += result.duplicates
+                t.slots += result.slots
+                t.quarantined.update(result.quarantined)
+                _settle_commit(done, None)
 
     def _send(self, message: bytes) -> None:
         assert self._conn is not None
@@ -189,6 +231,24 @@ class Writer:
         except subprocess.TimeoutExpired:
             return "still running"
         return f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+
+
+def _shut_write(fd: int) -> None:
+    """Shut the sending side of a socket (not closed: its other side is still read)."""
+    sock = socket.socket(fileno=fd)
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:  # the writer is gone already
+        pass
+    finally:
+        sock.detach()
+
+
+def _settle_commit(done: Future[None], error: BaseException | None) -> None:
+    if error is None:
+        done.set_result(None)
+    else:
+        done.set_exception(error)
 
 
 def _settle(future: asyncio.Future[None]) -> None:
@@ -219,6 +279,10 @@ def _serve(conn: Connection) -> None:
     reply, until the pipe closes."""
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
+    # Two threads here: on PostgreSQL one plans the next batch in Python while the other waits on the store. At
+    # the default 5 ms, the one whose store call returned waits up to that long for the interpreter lock after
+    # each statement while the other plans (measured in docs/performance.md, "Two batches in flight").
+    sys.setswitchinterval(WRITER_SWITCH_S)
     try:
         Path("/proc/self/comm").write_text("smame-writer")  # what ps and top show
     except OSError:
@@ -238,38 +302,88 @@ def _serve(conn: Connection) -> None:
     ingestor = Ingestor(store, directory, grid, shared=shared, epoch=None if fence is None else fence[1])
     conn.send_bytes(_OK)
     try:
-        failed = _commit_all(conn, ingestor, directory)
+        # SQLite writes in this process and takes the interpreter lock back for each row: planning beside it
+        # made its writing slower (docs/performance.md, "Two batches in flight"). PostgreSQL writes in its server.
+        failed = _commit_all(conn, ingestor, directory, overlap=is_postgres(url))
     finally:
         store.close()
     if failed is not None:
         _refuse_all(conn, failed)
 
 
-def _commit_all(conn: Connection, ingestor: Ingestor, directory: _Directory) -> bytes | None:
-    """Commit each batch received and reply, until the pipe closes (None) or a commit fails (its reply)."""
-    while True:
+def _commit_all(conn: Connection, ingestor: Ingestor, directory: _Directory, overlap: bool) -> bytes | None:
+    """Commit each batch received and reply, in order, until the pipe closes (None) or a commit fails (its
+    reply). Batches are written by the applying thread. With `overlap`, one that `Ingestor.plan` makes from
+    its cache alone is written while this thread reads and plans the next (the receiver sends one ahead), so
+    that the store works on one batch while the next is prepared; any other batch reads the store and waits
+    until those before it are written. Without, each batch is written before the next is read."""
+    jobs: queue.Queue[Plan | _Batch | None] = queue.Queue(maxsize=1)  # beside the one being written
+    applier = _Applier(conn, ingestor, jobs)
+    thread = threading.Thread(target=applier.run, name="apply")
+    thread.start()
+    try:
+        while applier.failed is None:
+            try:
+                message = conn.recv_bytes()
+            except (EOFError, OSError):  # the receiver closed the pipe or died
+                return None
+            if message[:1] == _RELOAD:
+                directory.current = pickle.loads(message[1:])
+                continue
+            batch = _decode_batch(message[1:])
+            try:
+                planned = ingestor.plan(batch.readings, batch.refused, batch.now)
+            except Exception:  # committed as any other batch, which says why it cannot be
+                planned = None
+            if planned is not None:
+                jobs.put(planned)
+            else:  # it reads the store and changes the cache: nothing is planned until it is done
+                jobs.put(batch)
+            if planned is None or not overlap:
+                jobs.join()
+        return applier.failed
+    finally:
+        jobs.put(None)
+        thread.join()
+
+
+class _Applier:
+    """The thread that writes batches in the order received and replies to each; after a failed one it
+    replies with the same failure to every batch after it."""
+
+    def __init__(self, conn: Connection, ingestor: Ingestor, jobs: queue.Queue[Plan | _Batch | None]) -> None:
+        self.conn, self.ingestor, self.jobs = conn, ingestor, jobs
+        self.failed: bytes | None = None
+
+    def run(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            try:
+                self._write(job)
+            except OSError:  # the receiver is gone: the main thread learns it from the pipe
+                pass
+            finally:
+                self.jobs.task_done()
+
+    def _write(self, job: Plan | _Batch) -> None:
+        if self.failed is not None:
+            self.conn.send_bytes(self.failed)
+            return
         try:
-            message = conn.recv_bytes()
-        except (EOFError, OSError):  # the receiver closed the pipe or died
-            return None
-        if message[:1] == _RELOAD:
-            directory.current = pickle.loads(message[1:])
-            continue
-        batch = _decode_batch(message[1:])
-        try:
-            outcome = ingestor.commit(batch.readings, batch.refused, batch.now)
-            ingestor.store.check_identity()  # committed into a file that is gone: acknowledge nothing
+            if isinstance(job, Plan):
+                outcome = self.ingestor.apply(job)
+            else:
+                outcome = self.ingestor.commit(job.readings, job.refused, job.now)
+            self.ingestor.store.check_identity()  # committed into a file that is gone: acknowledge nothing
         except Deposed as exc:  # rolled back: another node leads now
-            failed = _DEPOSED + str(exc).encode()
+            self.failed = _DEPOSED + str(exc).encode()
         except Exception:  # rolled back; the receiver stops and nothing of the batch is acknowledged
-            failed = _FAILED + traceback.format_exc(limit=-3).encode()
+            self.failed = _FAILED + traceback.format_exc(limit=-3).encode()
         else:
-            conn.send_bytes(
+            self.conn.send_bytes(
                 _OK + _encode(_Done(outcome.stored, outcome.duplicates, outcome.slots, dict(outcome.quarantined)))
             )
-            continue
-        conn.send_bytes(failed)
-        return failed
+            return
+        self.conn.send_bytes(self.failed)
 
 
 def _refuse_all(conn: Connection, failed: bytes) -> None:

@@ -54,6 +54,9 @@ BATCH_SIZES = (1, 10, 100, 500, 1000, 2000, 5000, 10000, 30000)
 # Full batches that may wait while one commits. Beyond that the socket is not read: decoding further ahead
 # gains nothing, and a loop busy decoding a broker's whole backlog would not see commits finish.
 AHEAD = 2
+# Batches sent to the writer before the first of them is committed: it prepares the second while the store
+# writes the first (`aggregator.writer`).
+IN_FLIGHT = 2
 
 
 @dataclass
@@ -148,6 +151,7 @@ class Bridge:
         self.stop_timeout = stop_timeout
         self.stats = BridgeStats()
         self._batches: deque[_Batch] = deque()  # oldest first; the last may still be filling
+        self._flying: deque[asyncio.Task[None]] = deque()  # commits under way, oldest first
         self._filling: _Batch | None = None
         self._paused: MqttClient | None = None  # not read from while AHEAD full batches wait
         self._stopping = False
@@ -162,6 +166,7 @@ class Bridge:
         again after that (a node that leads again), with a clean slate: what the last run left unacknowledged
         the broker delivers again."""
         self._batches.clear()
+        self._flying.clear()
         self._filling = self._paused = self._client = None
         self._stopping = False
         self.stats.pending = 0
@@ -258,28 +263,41 @@ class Bridge:
                 self._paused = client
 
     async def _flush_forever(self) -> None:
+        flying = self._flying
         while True:
             await self._wake.wait()
             self._wake.clear()
-            if not self._batches:
+            while flying and flying[0].done():
+                flying.popleft().result()  # a failing commit stops the service: raise it
+            if not self._batches or sum(not f.done() for f in flying) >= IN_FLIGHT:
                 continue
             if self._batches[0] is self._filling:  # wait until it is full or its first message has waited enough
                 wait = self.target.batch_delay - (time.time() - self._batches[0].first)
                 if wait > 0:
                     await wait_woken(self._wake, wait)
-            await self._flush()
+                    self._wake.set()  # look again: full, waited enough, or a commit done
+                    continue
+            flight = asyncio.create_task(self._commit_batch(self._take()), name="bridge-commit")
+            flight.add_done_callback(lambda _: self._wake.set())
+            flying.append(flight)
             if self._batches:
                 self._wake.set()
 
     async def _flush(self) -> None:
-        if not self._batches:
-            return
+        if self._batches:
+            await self._commit_batch(self._take())
+
+    def _take(self) -> _Batch:
+        """The oldest batch, to be committed now; reading goes on if it was paused for want of room."""
         batch = self._batches.popleft()
         if batch is self._filling:
             self._filling = None
         if self._paused is not None and not self._stopping:
             self._paused.resume()
             self._paused = None
+        return batch
+
+    async def _commit_batch(self, batch: _Batch) -> None:
         started = time.perf_counter()
         await self.commit(batch.incoming, batch.refused)
         self.stats.pending -= batch.size
@@ -296,27 +314,30 @@ class Bridge:
         flusher.cancel()
         try:
             await flusher
-        except (asyncio.CancelledError, Exception):  # a batch whose commit was cut short is never acknowledged
+        except (asyncio.CancelledError, Exception):  # a failed commit: what is not committed is not acknowledged
             pass
         client = self._client
-        if client is not None:
-            client.pause()
-            try:
-                async with asyncio.timeout(self.stop_timeout):  # what is not committed in time is redelivered
-                    while self._batches and client.connected:
-                        await self._flush()
-            except TimeoutError:
-                log.warning(
-                    "stopping: %d received messages left unacknowledged for redelivery",
-                    sum(b.size for b in self._batches),
-                )
-            except Exception as exc:  # the store is failing: what is not committed is not acknowledged
-                log.warning(
-                    "stopping: %d received messages left unacknowledged for redelivery: %s",
-                    sum(b.size for b in self._batches),
-                    exc,
-                )
-            finally:
-                await client.disconnect()
+        try:
+            if client is not None:
+                client.pause()
+                try:
+                    async with asyncio.timeout(self.stop_timeout):  # what is not committed in time is redelivered
+                        while self._flying:  # sent to the writer already: committed in any case
+                            await self._flying.popleft()
+                        while self._batches and client.connected:
+                            await self._flush()
+                except TimeoutError:
+                    log.warning("stopping: %d received messages left unacknowledged for redelivery", self.stats.pending)
+                except Exception as exc:  # the store is failing: what is not committed is not acknowledged
+                    log.warning(
+                        "stopping: %d received messages left unacknowledged for redelivery: %s", self.stats.pending, exc
+                    )
+                finally:
+                    await client.disconnect()
+        finally:
+            for flight in self._flying:  # cut short: never acknowledged
+                flight.cancel()
+            await asyncio.gather(*self._flying, return_exceptions=True)
+            self._flying.clear()
         self.stats.connected = False
         log.info("ingest stopped: %d received, %d acknowledged", self.stats.received, self.stats.acked)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
-from broker_bridge.bridge import AHEAD, Bridge, BrokerTarget
+from broker_bridge.bridge import AHEAD, IN_FLIGHT, Bridge, BrokerTarget
 from broker_bridge.telegram import Rules
 from kernel.reading import Incoming, Refused
 from kernel.timegrid import Grid
@@ -42,9 +42,13 @@ async def test_a_stalled_store_stops_reading_from_the_broker_and_loses_nothing(b
     ]
     disk = asyncio.Event()  # the store answers only once this is set
     committed: list[Incoming] = []
+    flying = [0, 0]  # commits under way, and the most at once
 
     async def commit(incoming: list[Incoming], refused: list[Refused]) -> None:
+        flying[0] += 1
+        flying[1] = max(flying)
         await disk.wait()
+        flying[0] -= 1
         assert not refused
         committed.extend(incoming)
 
@@ -61,9 +65,11 @@ async def test_a_stalled_store_stops_reading_from_the_broker_and_loses_nothing(b
             while held != bridge.stats.received:  # until it stops taking more
                 held = bridge.stats.received
                 await asyncio.sleep(1.0)
-        # One batch committing, AHEAD full ones waiting, and the rest of the last read from the socket: not the
-        # whole backlog, which the broker would send (it may have 65,535 messages unacknowledged).
-        assert AHEAD * BATCH < held < 5 * BATCH + 2000
+        # IN_FLIGHT batches committing (the writer prepares the next while the store writes one), AHEAD full
+        # ones waiting, and the rest of the last read from the socket: not the whole backlog, which the broker
+        # would send (it may have 65,535 messages unacknowledged).
+        assert flying == [IN_FLIGHT, IN_FLIGHT]
+        assert AHEAD * BATCH < held < (IN_FLIGHT + AHEAD + 1) * BATCH + 2000
         assert bridge.stats.acked == 0
         disk.set()
         async with asyncio.timeout(60):
