@@ -281,7 +281,7 @@ def _serve(conn: Connection) -> None:
         signal.signal(sig, signal.SIG_IGN)
     # Two threads here: on PostgreSQL one plans the next batch in Python while the other waits on the store. At
     # the default 5 ms, the one whose store call returned waits up to that long for the interpreter lock after
-    # each statement while the other plans (measured in docs/performance.md, "Two batches in flight").
+    # each statement while the other plans (docs/performance.md, "2026-12-04: two batches in flight").
     sys.setswitchinterval(WRITER_SWITCH_S)
     try:
         Path("/proc/self/comm").write_text("smame-writer")  # what ps and top show
@@ -303,7 +303,8 @@ def _serve(conn: Connection) -> None:
     conn.send_bytes(_OK)
     try:
         # SQLite writes in this process and takes the interpreter lock back for each row: planning beside it
-        # made its writing slower (docs/performance.md, "Two batches in flight"). PostgreSQL writes in its server.
+        # made its writing slower (docs/performance.md, "2026-12-04: two batches in flight"); PostgreSQL
+        # writes in its server.
         failed = _commit_all(conn, ingestor, directory, overlap=is_postgres(url))
     finally:
         store.close()
