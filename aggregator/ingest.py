@@ -158,15 +158,10 @@ class Ingestor:
                 self._write_slots(slot_rows, live, outcome)
                 if outcome.changed:
                     self.store.add_changes(sorted(outcome.changed), now)
-                if refused:
-                    self.store.add_quarantine(
-                        (r.received, r.topic, r.unit, r.reason, r.detail, r.payload) for r in refused
-                    )
+                self._quarantine(refused, outcome)
         except BaseException:
             self._cache.clear()  # it may hold states of the rolled-back batch
             raise
-        for r in refused:
-            outcome.quarantined[r.reason] += 1
         if len(self._cache) > self.cache_limit:
             self._cache.clear()
         return outcome
@@ -216,13 +211,14 @@ class Ingestor:
                 outcome.slots = len(plan.live)
             if plan.changed:
                 self.store.add_changes(sorted(plan.changed), plan.now)
-            if plan.refused:
-                self.store.add_quarantine(
-                    (r.received, r.topic, r.unit, r.reason, r.detail, r.payload) for r in plan.refused
-                )
-        for r in plan.refused:
-            outcome.quarantined[r.reason] += 1
+            self._quarantine(plan.refused, outcome)
         return outcome
+
+    def _quarantine(self, refused: list[Refused], outcome: Outcome) -> None:
+        """Keep the refused input with its reasons (in the batch's transaction) and count it in `outcome`."""
+        if refused:
+            self.store.add_quarantine((r.received, r.topic, r.unit, r.reason, r.detail, r.payload) for r in refused)
+            outcome.quarantined.update(r.reason for r in refused)
 
     def _next(self, unit: str, state: _UnitState, r: Reading, live: list[tuple[Any, ...]]) -> bool:
         """The live case, every half hour for every unit, without the general machinery: appends the slot row

@@ -1,5 +1,6 @@
-"""The ingest writer process with two batches in flight, on SQLite and PostgreSQL: the second is prepared while
-the first is written, and nothing sent behind a batch that failed is committed."""
+"""The ingest writer process with two batches in flight, on SQLite and PostgreSQL: the second is sent before the
+first is committed (on PostgreSQL, planned while the first is written), and nothing behind a batch that failed
+is committed."""
 
 from __future__ import annotations
 
