@@ -7,7 +7,8 @@ from datetime import datetime
 
 import pytest
 
-from broker_bridge.telegram import NO_DATA, Decoded, Rules, decode
+from broker_bridge import telegram
+from broker_bridge.telegram import NO_DATA, Decoded, Rules, decode, unit_of_topic
 from kernel.meter import Flag
 from kernel.reading import Reason
 from kernel.timegrid import Grid
@@ -148,3 +149,20 @@ def test_the_plausible_window_is_a_setting() -> None:
     two = json.dumps(body()).encode()
     [reject] = decode(TOPIC, two, NOW, {"U000123"}, strict).rejects
     assert reject.reason == Reason.BAD_FIELD and "expected 1..1" in reject.detail
+
+
+def test_what_the_decoder_remembers_stays_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each unit's topic and meter and each time are checked once and remembered; a flood of distinct texts (a
+    # hostile client, a fleet larger than the memo) must neither grow them past their bound nor change a verdict.
+    monkeypatch.setattr(telegram, "_MEMO_MAX", 500)
+    units = {f"U{k}" for k in range(1200)}
+    for k in range(1200):
+        meter = f"M-{k}" if k % 3 else f"-bad{k}"
+        sent = f"2026-11-23T10:30:{k % 60:02d}.{k:06d}+09:00"
+        d = decode(
+            f"smame/v1/U{k}/reading", json.dumps(body(unit=f"U{k}", meter=meter, sent=sent)).encode(), NOW, units, RULES
+        )
+        assert (len(d.readings), [r.reason for r in d.rejects]) == ((2, []) if k % 3 else (0, [Reason.BAD_FIELD]))
+        assert len(unit_of_topic(f"x/{k}/y/{k}/reading") or "") == len(str(k))
+    assert max(len(m) for m in (telegram._TOPIC_UNITS, telegram._METERS_OK, telegram._INSTANTS)) <= 500
+    assert unit_of_topic("smame/v1/U7/reading") == "U7" and unit_of_topic("smame/v1/U 7/reading") is None
