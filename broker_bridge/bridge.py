@@ -181,7 +181,7 @@ class Bridge:
         delay = t.reconnect_min
         while True:
             client = MqttClient()
-            client.on_message = functools.partial(self._on_message, client=client)
+            client.on_messages = functools.partial(self._on_messages, client=client)
             try:
                 present = await client.connect(
                     t.host,
@@ -225,42 +225,54 @@ class Bridge:
             self.stats.last_error = str(client.closed.exception() or "connection closed")
             log.warning("lost the broker: %s", client.closed.exception())
 
-    def _on_message(self, message: Message, client: MqttClient) -> None:
+    def _on_messages(self, messages: list[Message], client: MqttClient) -> None:
+        """Decode the messages of one socket read into the filling batch, starting a new one when it is full; stop
+        reading when AHEAD full batches wait for their commits."""
+        known, rules, full, batches = self.known_units(), self.rules, self.target.batch_size, self._batches
         batch = self._filling
-        if batch is None:
-            batch = self._filling = _Batch(message.received)
-            self._batches.append(batch)
-            self._wake.set()
-        received = int(message.received)
-        topic, payload = message.topic, message.payload
-        try:
-            d = decode(topic, payload, received, self.known_units(), self.rules)
-        except Exception as exc:  # a bug must cost one telegram, never the ingest of every unit
-            d = Decoded(unit_of_topic(topic), [], [Reject(Reason.INTERNAL, f"{type(exc).__name__}: {exc}"[:300])])
-            kind = type(exc).__name__
-            if kind not in self._internal_seen:
-                self._internal_seen.add(kind)
-                log.exception(
-                    "decoding a telegram on %s failed unexpectedly; quarantined as internal (said once "
-                    "per kind of error)",
-                    topic[:200],
-                )
-        if d.readings:
-            batch.incoming.extend(Incoming(r, received, topic, payload) for r in d.readings)
-        if d.rejects:
-            batch.refused.extend(Refused.of(received, topic, d.unit, j.reason, j.detail, payload) for j in d.rejects)
-        if message.packet_id is not None:
-            batch.acks.setdefault(client, []).append(message.packet_id)
-        batch.size += 1
-        self.stats.received += 1
-        self.stats.pending += 1
-        self.stats.last_received = message.received
-        if batch.size >= self.target.batch_size:
-            self._filling = None
-            self._wake.set()
-            if len(self._batches) >= AHEAD:
-                client.pause()
-                self._paused = client
+        for message in messages:
+            if batch is None:
+                batch = self._filling = _Batch(message.received)
+                batches.append(batch)
+                self._wake.set()
+            received = int(message.received)
+            topic, payload = message.topic, message.payload
+            try:
+                d = decode(topic, payload, received, known, rules)
+            except Exception as exc:  # a bug must cost one telegram, never the ingest of every unit
+                d = self._internal(topic, exc)
+            for r in d.readings:
+                batch.incoming.append(Incoming(r, received, topic, payload))
+            for j in d.rejects:
+                batch.refused.append(Refused.of(received, topic, d.unit, j.reason, j.detail, payload))
+            if message.packet_id is not None:
+                acks = batch.acks.get(client)
+                if acks is None:
+                    acks = batch.acks[client] = []
+                acks.append(message.packet_id)
+            batch.size += 1
+            if batch.size >= full:
+                batch = self._filling = None
+                self._wake.set()
+                if len(batches) >= AHEAD:
+                    client.pause()
+                    self._paused = client
+        if messages:
+            self.stats.received += len(messages)
+            self.stats.pending += len(messages)
+            self.stats.last_received = messages[-1].received
+
+    def _internal(self, topic: str, exc: Exception) -> Decoded:
+        """A telegram whose decoding failed unexpectedly, refused as internal; logged once per kind of error."""
+        kind = type(exc).__name__
+        if kind not in self._internal_seen:
+            self._internal_seen.add(kind)
+            log.error(
+                "decoding a telegram on %s failed unexpectedly; quarantined as internal (said once per kind of error)",
+                topic[:200],
+                exc_info=exc,
+            )
+        return Decoded(unit_of_topic(topic), [], [Reject(Reason.INTERNAL, f"{kind}: {exc}"[:300])])
 
     async def _flush_forever(self) -> None:
         flying = self._flying

@@ -162,7 +162,7 @@ class _Protocol(asyncio.Protocol):
         buf = self.buf
         buf += data
         pos, size = 0, len(buf)
-        on_publish = self.client.on_message
+        messages: list[Message] = []  # handed on together: one call per socket read, not per message
         now = time.time()  # one clock read per socket read: messages of one read arrived together
         try:
             while size - pos >= 2:
@@ -194,13 +194,15 @@ class _Protocol(asyncio.Protocol):
                         p += 1 + buf[p]
                     else:
                         p = parse_properties(buf, p)[1]
-                    on_publish(Message(topic, bytes(buf[p:end]), packet_id, now))
+                    messages.append(Message(topic, bytes(buf[p:end]), packet_id, now))
                 else:
                     self.client._on_control(kind, bytes(buf[start:end]))
                 pos = end
         except (MqttError, IndexError, struct.error, UnicodeDecodeError) as exc:
             self.client._fail(MqttError(f"protocol error from broker: {exc!r}"))
         del buf[:pos]
+        if messages:
+            self.client.on_messages(messages)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.client._fail(MqttError(f"connection lost: {exc}" if exc else "connection closed by broker"))
@@ -209,8 +211,8 @@ class _Protocol(asyncio.Protocol):
 class MqttClient:
     """One MQTT 5 connection: receives messages and acknowledges them when told to; publishes at QoS 1."""
 
-    def __init__(self, on_message: Callable[[Message], None] = lambda m: None, window: int = 100) -> None:
-        self.on_message = on_message  # called with each PUBLISH received
+    def __init__(self, on_messages: Callable[[list[Message]], None] = lambda m: None, window: int = 100) -> None:
+        self.on_messages = on_messages  # called with the PUBLISH packets of each socket read, in order
         self._transport: asyncio.Transport | None = None
         self._waiters: dict[int, asyncio.Future[bytes]] = {}
         self._inflight: dict[int, asyncio.Future[int]] = {}

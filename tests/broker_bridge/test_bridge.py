@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
+import pytest
+
 from broker_bridge.bridge import AHEAD, IN_FLIGHT, Bridge, BrokerTarget
 from broker_bridge.telegram import Rules
 from kernel.reading import Incoming, Refused
@@ -81,3 +83,55 @@ async def test_a_stalled_store_stops_reading_from_the_broker_and_loses_nothing(b
     assert sorted((i.reading.unit, i.reading.at) for i in committed) == sorted(
         (unit, int((t0 + timedelta(minutes=30 * k)).timestamp())) for k in range(ROUNDS) for unit in units
     )
+
+
+class _Registry(set[str]):
+    """A registry whose look-up fails for one unit: a bug that decoding does not expect."""
+
+    def __contains__(self, unit: object) -> bool:
+        if unit == "POISON":
+            raise LookupError("registry broken for POISON")
+        return super().__contains__(unit)
+
+
+async def test_a_telegram_that_breaks_decoding_is_quarantined_and_the_rest_go_on(
+    broker: Mosquitto, caplog: pytest.LogCaptureFixture
+) -> None:
+    t0 = at("2026-11-20", "00:00")
+    units = _Registry({"GOOD1", "GOOD2"})
+    messages = [
+        (f"smame/v1/{unit}/reading", telegram(unit, [(t0 + timedelta(minutes=30 * k), k)], seq=k))
+        for k in range(2)
+        for unit in ("GOOD1", "POISON", "GOOD2")
+    ]
+    committed: list[Incoming] = []
+    refused: list[Refused] = []
+
+    async def commit(incoming: list[Incoming], rejects: list[Refused]) -> None:
+        committed.extend(incoming)
+        refused.extend(rejects)
+
+    bridge = Bridge(target(broker.port, "test-internal"), commit, lambda: units, Rules(Grid("Asia/Tokyo").on_boundary))
+    task = asyncio.create_task(bridge.run())
+    try:
+        while not bridge.stats.connected:
+            await asyncio.sleep(0.01)
+        await asyncio.to_thread(publish, broker.port, messages)
+        async with asyncio.timeout(20):
+            while bridge.stats.acked < len(messages):
+                await asyncio.sleep(0.05)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert sorted((i.reading.unit, i.reading.seq) for i in committed) == [
+        ("GOOD1", 0),
+        ("GOOD1", 1),
+        ("GOOD2", 0),
+        ("GOOD2", 1),
+    ]
+    assert [(r.unit, r.reason, r.detail) for r in refused] == [
+        ("POISON", "internal", "LookupError: registry broken for POISON")
+    ] * 2
+    assert sorted(r.payload for r in refused) == sorted([messages[1][1], messages[4][1]])
+    said = [r for r in caplog.records if "failed unexpectedly" in r.getMessage()]
+    assert len(said) == 1 and said[0].exc_info is not None  # once per kind of error, with its traceback

@@ -131,8 +131,8 @@ class _Frames:
         self.controls: list[tuple[int, bytes]] = []
         self.failures: list[Exception] = []
 
-    def on_message(self, m: mqtt.Message) -> None:
-        self.messages.append((m.topic, m.payload, m.packet_id))
+    def on_messages(self, ms: list[mqtt.Message]) -> None:
+        self.messages.extend((m.topic, m.payload, m.packet_id) for m in ms)
 
     def _on_control(self, kind: int, body: bytes) -> None:
         self.controls.append((kind, body))
