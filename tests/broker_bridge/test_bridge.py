@@ -34,6 +34,13 @@ def target(port: int, client_id: str) -> BrokerTarget:
     )
 
 
+async def until_acked(bridge: Bridge, n: int, seconds: float) -> None:
+    """Wait until the bridge has acknowledged `n` messages (TimeoutError after `seconds`)."""
+    async with asyncio.timeout(seconds):
+        while bridge.stats.acked < n:
+            await asyncio.sleep(0.05)
+
+
 async def test_a_stalled_store_stops_reading_from_the_broker_and_loses_nothing(broker: Mosquitto) -> None:
     units = {f"BP{u:03d}" for u in range(UNITS)}
     t0 = at("2026-11-20", "00:00")
@@ -74,9 +81,7 @@ async def test_a_stalled_store_stops_reading_from_the_broker_and_loses_nothing(b
         assert AHEAD * BATCH < held < (IN_FLIGHT + AHEAD + 1) * BATCH + 2000
         assert bridge.stats.acked == 0
         disk.set()
-        async with asyncio.timeout(60):
-            while bridge.stats.acked < len(messages):
-                await asyncio.sleep(0.05)
+        await until_acked(bridge, len(messages), 60)
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
@@ -117,9 +122,7 @@ async def test_a_telegram_that_breaks_decoding_is_quarantined_and_the_rest_go_on
         while not bridge.stats.connected:
             await asyncio.sleep(0.01)
         await asyncio.to_thread(publish, broker.port, messages)
-        async with asyncio.timeout(20):
-            while bridge.stats.acked < len(messages):
-                await asyncio.sleep(0.05)
+        await until_acked(bridge, len(messages), 20)
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
