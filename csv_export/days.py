@@ -10,7 +10,6 @@ the interpreter lock from ingest. Days go to workers in parallel.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import threading
@@ -30,6 +29,7 @@ from csv_export.co2 import totals_bytes
 from csv_export.files import path_of, write_if_changed
 from csv_export.jobs import DayJob, totals_path
 from csv_export.render import SLOT_SCHEMA, render_with_totals
+from kernel.heap import trim_heap
 from kernel.timegrid import SLOT
 
 # Every column typed in every row: the driver infers a column's type from its first rows, and a day whose
@@ -41,7 +41,6 @@ _QUERY = (
     "coalesce(coef, -1) AS coef "
     "FROM slots WHERE slot > %d AND slot <= %d AND unit IN (%s)"
 )
-_LIBC = ctypes.CDLL(None)  # the C library this process runs on
 _LETTERS = {ord(q): q for q in ("A", "E", "M")}
 _CODED = SLOT_SCHEMA | {"imp_q": pl.Int64, "exp_q": pl.Int64}
 
@@ -99,14 +98,6 @@ def write_day(job: DayJob) -> tuple[list[Path], int]:
         return _write_day(job)
     finally:
         trim_heap()
-
-
-def trim_heap() -> None:
-    """Return the C heap's free pages to the system (glibc; elsewhere nothing). glibc keeps what a job's
-    threads freed in their arenas: two idle workers held 88 MB more after a 100,000-unit day than before."""
-    trim = getattr(_LIBC, "malloc_trim", None)
-    if trim is not None:
-        trim(0)
 
 
 def _write_day(job: DayJob) -> tuple[list[Path], int]:
