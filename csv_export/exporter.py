@@ -30,6 +30,7 @@ from aggregator.store import Store
 from csv_export.files import check_writable, expired, read_cursor, write_cursor, write_if_changed
 from csv_export.jobs import SHARE_UNITS, SUMMARY_NAME, TOTALS_DIR, CustomerFiles, DayJob, Layout, month_of, summary_path
 from kernel.emissions import fiscal_year
+from kernel.heap import trim_heap
 from kernel.registry import Customer, Registry, Unit
 from kernel.timegrid import SLOT, Grid
 from kernel.wake import wait_woken
@@ -463,6 +464,7 @@ class Exporter:
             log.error("export failed, will retry (or at once on SIGHUP): %s", exc)
             self.on_failure(str(exc))
             return None
+        await self.store.call(trim_heap)  # what planning the run freed goes back to the system, as the workers' does
         self.stats.files_written += len(result.written)
         self.stats.files_deleted += len(result.deleted)
         self.stats.last_success = self.clock()
