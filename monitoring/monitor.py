@@ -286,8 +286,7 @@ class Monitor:
         report = await self.store.call(
             build_report, self.store, self.grid, registry, day, int(now), r.silent_after_s, r.zero_run_slots, caveat
         )
-        # the report's shares are freed, but held in the store thread's arena: with 100,000 units about a
-        # hundred megabytes, for ever, in a process that runs for months
+        # what the report's shares freed would stay in the store thread's C arena until something reused it
         await self.store.call(trim_heap)
         messages = report_messages(report, self.settings, now, f"report:{day.isoformat()}")
         await self.outbox.put(messages, lambda: self.store.set_meta(REPORT_DONE, day.isoformat()))
