@@ -232,6 +232,7 @@ def build_web(
         settings.alerts.silent_after_s,
         settings.export.retention_days,
         exporter,
+        settings.export.enabled,
     )
 
     def application() -> object:

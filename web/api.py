@@ -161,6 +161,11 @@ def build_api(ctx: WebContext) -> FastAPI:
     for kind in (HTTPException, RequestValidationError, Exception):
         app.add_exception_handler(kind, json_error)
 
+    def _files_here() -> None:
+        """Refuse, saying why, what only the customers' files answer on a node that writes none."""
+        if not ctx.files:
+            raise ApiError(404, "this node writes no customer files (export.enabled is false): ask a node that does")
+
     async def caller(
         request: Request,
         bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(HTTPBearer(auto_error=False))],
@@ -267,6 +272,7 @@ def build_api(ctx: WebContext) -> FastAPI:
         customer = ctx.registry().customers.get(customer_id)
         if customer is None or not reader.sees(customer_id):
             raise ApiError(404, f"no customer {customer_id}")
+        _files_here()
         path = path_of(ctx.export_dir, customer_id, day)
         try:
             data = await asyncio.get_running_loop().run_in_executor(None, path.read_bytes)
@@ -299,6 +305,7 @@ def build_api(ctx: WebContext) -> FastAPI:
         first = date.fromisoformat(f"{month}-01")
         if not customer.co2_columns:
             raise ApiError(404, f"customer {customer_id} has no emissions (co2_columns is off)")
+        _files_here()
         loop = asyncio.get_running_loop()
         summary = await loop.run_in_executor(None, month_summary, ctx.export_dir, customer, first)
         if summary is None:

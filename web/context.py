@@ -16,8 +16,8 @@ from monitoring.sources import ExportCounters
 @dataclass
 class WebContext:
     """The store (a connection of the web server's own), the registry in force, the slot grid, the export
-    directory, the ban list shared with the file gateway, the clock, the settings the pages need, and this
-    node's exporter's counters (None: it exports nothing)."""
+    directory (`files`: whether this node writes the customers' files there), the ban list shared with the file
+    gateway, the clock, the settings the pages need, and this node's exporter's counters (None: none here)."""
 
     store: Store
     registry: Callable[[], Registry]
@@ -30,3 +30,4 @@ class WebContext:
     silent_after_s: int = 7200
     file_days: int = 45  # export.retention_days: the customer page's map spans the days files are kept
     export: ExportCounters | None = None
+    files: bool = True  # export.enabled: False, and the export directory holds no customer's files

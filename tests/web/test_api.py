@@ -177,6 +177,28 @@ def test_another_customers_unit_or_file_answers_exactly_as_one_that_does_not_exi
     assert api.get("/api/v1/customers/C2/days/2026-11-22.csv", api.tokens["C2"])[0] == 200
 
 
+def test_a_node_that_writes_no_files_says_so_and_serves_no_stale_ones(world: World) -> None:
+    # the export directory still holds files from before export was turned off: they are not served
+    store = open_url(world.store_url)
+    ctx = WebContext(
+        store, lambda: world.registry, GRID, world.root, Bans(3), lambda: NOW, fail_delay_s=0.0, files=False
+    )
+    try:
+        with serving(WebServer(lambda: build_api(ctx), "127.0.0.1", 0)) as port:
+            api = Api(port, world.tokens, world.root, world.store_url, Bans(3))
+            says = "this node writes no customer files (export.enabled is false)"
+            for path in ("/api/v1/customers/C1/days/2026-11-22.csv", "/api/v1/customers/C1/emissions?month=2026-11"):
+                status, body = api.json(path, api.tokens["C1"])
+                assert (status, body["error"][: len(says)]) == (404, says), path
+            assert api.json("/api/v1/customers/C2/days/2026-11-22.csv", api.tokens["C1"]) == (
+                404,
+                {"error": "no customer C2"},
+            )  # another's customer answers as before
+            assert api.json("/api/v1/units/U1/slots?from=2026-11-22", api.tokens["C1"])[0] == 200
+    finally:
+        store.close()
+
+
 def test_no_token_a_wrong_one_or_a_removed_one_is_401_and_guessing_is_banned(api: Api) -> None:
     status, headers, body = api.get("/api/v1/units")
     assert status == 401 and headers["www-authenticate"] == "Bearer" and "error" in json.loads(body)
