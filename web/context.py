@@ -30,4 +30,4 @@ class WebContext:
     silent_after_s: int = 7200
     file_days: int = 45  # export.retention_days: the customer page's map spans the days files are kept
     export: ExportCounters | None = None
-    files: bool = True  # export.enabled: False, and the export directory holds no customer's files
+    files: bool = True  # export.enabled: False when this node writes no customer files

@@ -193,7 +193,7 @@ def test_a_node_that_writes_no_files_says_so_and_serves_no_stale_ones(world: Wor
             assert api.json("/api/v1/customers/C2/days/2026-11-22.csv", api.tokens["C1"]) == (
                 404,
                 {"error": "no customer C2"},
-            )  # another's customer answers as before
+            )  # another customer's files answer as before
             assert api.json("/api/v1/units/U1/slots?from=2026-11-22", api.tokens["C1"])[0] == 200
     finally:
         store.close()
