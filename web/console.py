@@ -256,7 +256,9 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
         cells = completeness_map(rows, first, spans)
         last = await ctx.store.call(ctx.store.last_readings, ids)
         downloads = await ctx.store.call(ctx.store.downloads, customer.id)
-        files = await asyncio.get_running_loop().run_in_executor(None, _files, ctx.export_dir / customer.id)
+        files = []  # a node that writes none lists none: what its directory may hold is no longer kept up to date
+        if ctx.files:
+            files = await asyncio.get_running_loop().run_in_executor(None, _files, ctx.export_dir / customer.id)
         context = {
             "session": session,
             "customer": customer,
@@ -272,6 +274,7 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
             ],
             "page": page,
             "pages": pages,
+            "writes_files": ctx.files,
             "files": [
                 {
                     "name": name,

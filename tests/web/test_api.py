@@ -32,6 +32,7 @@ from tests.databases import BACKENDS
 from tests.helpers import serving
 from web.access import SESSION_COOKIE, Operators, Sessions, Tokens
 from web.api import build_api
+from web.app import build_app
 from web.context import WebContext
 from web.server import WebServer
 
@@ -178,13 +179,15 @@ def test_another_customers_unit_or_file_answers_exactly_as_one_that_does_not_exi
 
 
 def test_a_node_that_writes_no_files_says_so_and_serves_no_stale_ones(world: World) -> None:
-    # the export directory still holds files from before export was turned off: they are not served
+    # the export directory still holds files from before export was turned off: they are neither served nor listed
     store = open_url(world.store_url)
     ctx = WebContext(
         store, lambda: world.registry, GRID, world.root, Bans(3), lambda: NOW, fail_delay_s=0.0, files=False
     )
+    Operators(store).add("oleg", "oleg-password-1", int(NOW))
+    cookie, _ = Sessions(store).open("oleg", int(NOW))
     try:
-        with serving(WebServer(lambda: build_api(ctx), "127.0.0.1", 0)) as port:
+        with serving(WebServer(lambda: build_app(ctx), "127.0.0.1", 0)) as port:
             api = Api(port, world.tokens, world.root, world.store_url, Bans(3))
             says = "this node writes no customer files (export.enabled is false)"
             for path in ("/api/v1/customers/C1/days/2026-11-22.csv", "/api/v1/customers/C1/emissions?month=2026-11"):
@@ -195,7 +198,10 @@ def test_a_node_that_writes_no_files_says_so_and_serves_no_stale_ones(world: Wor
                 {"error": "no customer C2"},
             )  # another customer's files answer as before
             assert api.json("/api/v1/units/U1/slots?from=2026-11-22", api.tokens["C1"])[0] == 200
+            status, _, page = api.get("/customers/C1", cookie=cookie)  # the console's customer page
+            assert status == 200 and says.encode() in page.lower() and b"C1_2026" not in page
     finally:
+        Operators(store).remove("oleg")
         store.close()
 
 
