@@ -232,7 +232,6 @@ def build_web(
         settings.alerts.silent_after_s,
         settings.export.retention_days,
         exporter,
-        settings.export.enabled,
     )
 
     def application() -> object:

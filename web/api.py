@@ -34,7 +34,7 @@ from kernel.emissions import fiscal_year
 from kernel.meter import flag_names, format_kwh
 from kernel.timegrid import SLOT, Grid
 from web.access import SESSION_COOKIE, TOKEN, Sessions, Tokens
-from web.context import WebContext
+from web.context import NO_FILES, WebContext
 
 log = logging.getLogger("smame.web")
 
@@ -163,8 +163,8 @@ def build_api(ctx: WebContext) -> FastAPI:
 
     def _files_here() -> None:
         """Refuse, saying why, what only the customers' files answer on a node that writes none."""
-        if not ctx.files:
-            raise ApiError(404, "this node writes no customer files (export.enabled is false): ask a node that does")
+        if ctx.export is None:
+            raise ApiError(404, f"{NO_FILES}: ask a node that does")
 
     async def caller(
         request: Request,

@@ -34,7 +34,7 @@ from monitoring.fleet import STATES, by_customer, fleet_states, state_of
 from monitoring.outbox_table import OutboxTable
 from web.access import SESSION_COOKIE, Operators, Session, Sessions
 from web.api import slot_values
-from web.context import WebContext
+from web.context import NO_FILES, WebContext
 from web.overview import Share, completeness_map, customer_shares
 
 HERE = Path(__file__).parent
@@ -257,7 +257,7 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
         last = await ctx.store.call(ctx.store.last_readings, ids)
         downloads = await ctx.store.call(ctx.store.downloads, customer.id)
         files = []  # a node that writes none lists none: what its directory may hold is no longer kept up to date
-        if ctx.files:
+        if ctx.export is not None:
             files = await asyncio.get_running_loop().run_in_executor(None, _files, ctx.export_dir / customer.id)
         context = {
             "session": session,
@@ -274,7 +274,7 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
             ],
             "page": page,
             "pages": pages,
-            "writes_files": ctx.files,
+            "no_files": NO_FILES if ctx.export is None else "",
             "files": [
                 {
                     "name": name,

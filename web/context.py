@@ -12,12 +12,15 @@ from kernel.registry import Registry
 from kernel.timegrid import Grid
 from monitoring.sources import ExportCounters
 
+# Why a node without an exporter neither serves nor lists the customers' files (the API and the console).
+NO_FILES = "this node writes no customer files (export.enabled is false)"
+
 
 @dataclass
 class WebContext:
     """The store (a connection of the web server's own), the registry in force, the slot grid, the export
-    directory (`files`: whether this node writes the customers' files there), the ban list shared with the file
-    gateway, the clock, the settings the pages need, and this node's exporter's counters (None: none here)."""
+    directory, the ban list shared with the file gateway, the clock, the settings the pages need, and this
+    node's exporter's counters (None: it exports nothing, so no customer's file there is kept up to date)."""
 
     store: Store
     registry: Callable[[], Registry]
@@ -30,4 +33,3 @@ class WebContext:
     silent_after_s: int = 7200
     file_days: int = 45  # export.retention_days: the customer page's map spans the days files are kept
     export: ExportCounters | None = None
-    files: bool = True  # export.enabled: False when this node writes no customer files

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from aggregator.backends import open_url
 from aggregator.ingest import Ingestor
-from csv_export.exporter import Exporter
+from csv_export.exporter import Exporter, ExportStats
 from csv_export.files import path_of
 from ftp_gateway.accounts import Bans
 from kernel.reading import Incoming, Reading
@@ -133,7 +133,9 @@ def api(world: World) -> Iterator[Api]:
     bans = Bans(max_failures=3)
     store = open_url(world.store_url)
     registry, root, tokens, store_url = world.registry, world.root, world.tokens, world.store_url
-    ctx = WebContext(store, lambda: registry, GRID, root, bans, lambda: NOW, max_days=45, fail_delay_s=0.0)
+    ctx = WebContext(
+        store, lambda: registry, GRID, root, bans, lambda: NOW, max_days=45, fail_delay_s=0.0, export=ExportStats()
+    )
     try:
         with serving(WebServer(lambda: build_api(ctx), "127.0.0.1", 0)) as port:
             yield Api(port, tokens, root, store_url, bans)
@@ -179,11 +181,9 @@ def test_another_customers_unit_or_file_answers_exactly_as_one_that_does_not_exi
 
 
 def test_a_node_that_writes_no_files_says_so_and_serves_no_stale_ones(world: World) -> None:
-    # the export directory still holds files from before export was turned off: they are neither served nor listed
+    # no exporter on this node, and the export directory still holds files from before: neither served nor listed
     store = open_url(world.store_url)
-    ctx = WebContext(
-        store, lambda: world.registry, GRID, world.root, Bans(3), lambda: NOW, fail_delay_s=0.0, files=False
-    )
+    ctx = WebContext(store, lambda: world.registry, GRID, world.root, Bans(3), lambda: NOW, fail_delay_s=0.0)
     Operators(store).add("oleg", "oleg-password-1", int(NOW))
     cookie, _ = Sessions(store).open("oleg", int(NOW))
     try:
