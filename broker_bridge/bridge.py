@@ -54,6 +54,9 @@ BATCH_SIZES = (1, 10, 100, 500, 1000, 2000, 5000, 10000, 30000)
 # Full batches that may wait while one commits. Beyond that the socket is not read: decoding further ahead
 # gains nothing, and a loop busy decoding a broker's whole backlog would not see commits finish.
 AHEAD = 2
+# Payload bytes a batch holds at most, whatever `batch_size` says: with the pause above, what the receiving process
+# holds stays a few of these even when units send telegrams near MAX_PAYLOAD (a fleet's are about 200 bytes).
+BATCH_BYTES = 4 * 1024 * 1024
 # Batches sent to the writer before the first of them is committed: it prepares the second while the store
 # writes the first (`aggregator.writer`).
 IN_FLIGHT = 2
@@ -109,6 +112,7 @@ class _Batch:
 
     first: float  # when its first message came in
     size: int = 0
+    bytes: int = 0  # of the payloads
     incoming: list[Incoming] = field(default_factory=list)
     refused: list[Refused] = field(default_factory=list)
     # QoS 1 packet ids by the connection they came in on: a PUBACK is only meaningful there
@@ -226,8 +230,9 @@ class Bridge:
             log.warning("lost the broker: %s", client.closed.exception())
 
     def _on_messages(self, messages: list[Message], client: MqttClient) -> None:
-        """Decode the messages of one socket read into the filling batch, starting a new one when it is full; stop
-        reading when AHEAD full batches wait for their commits."""
+        """Decode the messages of one socket read into the filling batch, starting a new one when it is full
+        (`batch_size` telegrams or BATCH_BYTES of payload); stop reading when AHEAD full batches wait for their
+        commits."""
         known, rules, full, batches = self.known_units(), self.rules, self.target.batch_size, self._batches
         batch = self._filling
         for message in messages:
@@ -251,7 +256,8 @@ class Bridge:
                     acks = batch.acks[client] = []
                 acks.append(message.packet_id)
             batch.size += 1
-            if batch.size >= full:
+            batch.bytes += len(payload)
+            if batch.size >= full or batch.bytes >= BATCH_BYTES:
                 batch = self._filling = None
                 self._wake.set()
                 if len(batches) >= AHEAD:

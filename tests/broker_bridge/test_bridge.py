@@ -7,8 +7,8 @@ from datetime import timedelta
 
 import pytest
 
-from broker_bridge.bridge import AHEAD, IN_FLIGHT, Bridge, BrokerTarget
-from broker_bridge.telegram import Rules
+from broker_bridge.bridge import AHEAD, BATCH_BYTES, IN_FLIGHT, Bridge, BrokerTarget
+from broker_bridge.telegram import MAX_PAYLOAD, Rules
 from kernel.reading import Incoming, Refused
 from kernel.timegrid import Grid
 from tests.helpers import Mosquitto, at, publish, telegram
@@ -88,6 +88,51 @@ async def test_a_stalled_store_stops_reading_from_the_broker_and_loses_nothing(b
     assert sorted((i.reading.unit, i.reading.at) for i in committed) == sorted(
         (unit, int((t0 + timedelta(minutes=30 * k)).timestamp())) for k in range(ROUNDS) for unit in units
     )
+
+
+async def test_large_telegrams_cut_a_batch_at_its_bytes_and_a_stalled_store_holds_a_few_batches(
+    broker: Mosquitto,
+) -> None:
+    # Telegrams near the payload limit (an extra field the decoder skips): a batch of `batch_size` of them would
+    # hold 8 MB, and the receiving process several such while the store is slow.
+    units = {f"BL{u:03d}" for u in range(UNITS)}
+    t0 = at("2026-11-20", "00:00")
+    pad = b',"pad":"' + b"x" * (MAX_PAYLOAD - 600) + b'"}'
+    messages = [
+        (f"smame/v1/{unit}/reading", telegram(unit, [(t0 + timedelta(minutes=30 * k), k)], seq=k)[:-1] + pad)
+        for k in range(4)
+        for unit in sorted(units)
+    ]
+    size = len(messages[0][1])
+    assert BATCH * size > 1.5 * BATCH_BYTES
+    disk = asyncio.Event()
+    batches: list[tuple[int, int]] = []  # readings and payload bytes of each committed batch
+
+    async def commit(incoming: list[Incoming], refused: list[Refused]) -> None:
+        await disk.wait()
+        assert not refused
+        batches.append((len(incoming), sum(len(i.payload) for i in incoming)))
+
+    bridge = Bridge(target(broker.port, "test-bytes"), commit, lambda: units, Rules(Grid("Asia/Tokyo").on_boundary))
+    task = asyncio.create_task(bridge.run())
+    try:
+        while not bridge.stats.connected:
+            await asyncio.sleep(0.01)
+        await asyncio.to_thread(publish, broker.port, messages)
+        held = -1
+        async with asyncio.timeout(20):
+            while held != bridge.stats.received:  # until it stops taking more
+                held = bridge.stats.received
+                await asyncio.sleep(1.0)
+        per_batch = -(-BATCH_BYTES // size)  # telegrams that fill a batch's bytes
+        assert held < (IN_FLIGHT + AHEAD + 1) * per_batch + 300  # and what was left of the last socket read
+        disk.set()
+        await until_acked(bridge, len(messages), 60)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert sum(n for n, _ in batches) == len(messages)
+    assert max(b for _, b in batches) < BATCH_BYTES + size
 
 
 class _Registry(set[str]):
