@@ -40,6 +40,7 @@ import psycopg
 from aggregator.backends import open_url
 from bench.history import prefill
 from broker_bridge.telegram import Rules, decode
+from kernel.settings import BrokerSettings
 from kernel.timegrid import Grid
 from tests.databases import schema_url
 from tests.helpers import (
@@ -375,11 +376,16 @@ def restart_smame(backlog: Backlog) -> tuple[float, float, dict[str, float]]:
         proc.wait(30)
 
 
+DEFAULT_BATCH: int = BrokerSettings.model_fields["batch_size"].default
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--telegrams", type=int, default=200_000)
     ap.add_argument("--units", type=int, default=10_000)
-    ap.add_argument("--batch", type=int, default=2000, help="smame broker.batch_size")
+    ap.add_argument(
+        "--batch", type=int, default=DEFAULT_BATCH, help=f"smame broker.batch_size (its default: {DEFAULT_BATCH})"
+    )
     ap.add_argument("--publishers", type=int, default=2, help="publisher processes in the live method")
     ap.add_argument(
         "--method", choices=["live", "drain", "restart", "both"], default="both", help="both: live and drain"

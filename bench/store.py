@@ -25,7 +25,7 @@ from typing import Any
 from aggregator.backends import open_url
 from aggregator.ingest import Ingestor, UnitTable
 from bench.history import prefill
-from bench.ingest import drop_schemas, fleet, store_url
+from bench.ingest import DEFAULT_BATCH, drop_schemas, fleet, store_url
 from broker_bridge.telegram import Rules, decode
 from kernel.meter import Limits
 from kernel.reading import Incoming
@@ -116,7 +116,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--telegrams", type=int, default=200_000)
     ap.add_argument("--units", type=int, default=10_000)
-    ap.add_argument("--batch", type=int, default=2000, help="telegrams a commit, as smame's broker.batch_size")
+    ap.add_argument(
+        "--batch", type=int, default=DEFAULT_BATCH, help="telegrams a commit (default: smame's broker.batch_size)"
+    )
     ap.add_argument("--days", type=int, default=0, help="days of history each store holds before the load")
     ap.add_argument("--storage", metavar="URL", required=True, help="postgresql://... : a database to measure in")
     args = ap.parse_args()

@@ -44,7 +44,7 @@ class BrokerSettings(Section):
     key_file: Path | None = None
     session_expiry: int = Field(default=7 * 24 * 3600, ge=60, le=2**32 - 1)
     keepalive: int = Field(default=60, ge=5, le=65535)
-    batch_size: int = Field(default=2000, ge=1, le=30000)
+    batch_size: int = Field(default=10000, ge=1, le=30000)
     batch_delay_ms: int = Field(default=100, ge=1, le=10000)
     reconnect_min_s: float = Field(default=0.5, gt=0)
     reconnect_max_s: float = Field(default=30.0, gt=0)
