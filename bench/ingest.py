@@ -52,8 +52,10 @@ from tests.helpers import (
     preload_session,
     process_name,
     publish,
+    scrape,
     smame_env,
     telegram,
+    wait_until,
     write_registry,
 )
 
@@ -161,9 +163,11 @@ def live_smame(mq: Mosquitto, n: int, units: int, work: Path, batch: int, parts:
         batch,
         "bench-live-smame",
         store_url(work, storage),
-        ready=("subscribed to", "daily report for", "export: "),
+        ready=("subscribed to", "daily report for"),
     )
     try:
+        # The export logs a run only when it writes or deletes files, which it may not on an empty store.
+        wait_until(lambda: scrape(metrics).get("smame_export_last_success_timestamp_seconds", 0) > 0, 300)
         publishers = Publishers(mq.port, n, units, parts)
         started = publishers.go()
         wait_committed(proc, metrics, n, work / "smame.log")
@@ -244,9 +248,14 @@ def start_bench_smame(
     proc = subprocess.Popen(
         [sys.executable, "-m", "smame.cli", "run"], env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT
     )
+    deadline = time.monotonic() + 300
     while not all(line in log.read_text() for line in ready):
         if proc.poll() is not None:
             raise RuntimeError(f"smame exited: {log.read_text()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            missing = [line for line in ready if line not in log.read_text()]
+            raise RuntimeError(f"smame's log has no {missing} after 300 s: {log}")
         time.sleep(0.002)
     return proc, port
 
