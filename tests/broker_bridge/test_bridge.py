@@ -41,6 +41,20 @@ async def until_acked(bridge: Bridge, n: int, seconds: float) -> None:
             await asyncio.sleep(0.05)
 
 
+async def publish_until_held(bridge: Bridge, port: int, messages: list[tuple[str, bytes]]) -> int:
+    """Once the running bridge is connected, publish `messages`; return how many it has received once it stops
+    taking more (its store stalled)."""
+    while not bridge.stats.connected:
+        await asyncio.sleep(0.01)
+    await asyncio.to_thread(publish, port, messages)
+    held = -1
+    async with asyncio.timeout(20):
+        while held != bridge.stats.received:
+            held = bridge.stats.received
+            await asyncio.sleep(1.0)
+    return held
+
+
 async def test_a_stalled_store_stops_reading_from_the_broker_and_loses_nothing(broker: Mosquitto) -> None:
     units = {f"BP{u:03d}" for u in range(UNITS)}
     t0 = at("2026-11-20", "00:00")
@@ -66,14 +80,7 @@ async def test_a_stalled_store_stops_reading_from_the_broker_and_loses_nothing(b
     )
     task = asyncio.create_task(bridge.run())
     try:
-        while not bridge.stats.connected:
-            await asyncio.sleep(0.01)
-        await asyncio.to_thread(publish, broker.port, messages)
-        held = -1
-        async with asyncio.timeout(20):
-            while held != bridge.stats.received:  # until it stops taking more
-                held = bridge.stats.received
-                await asyncio.sleep(1.0)
+        held = await publish_until_held(bridge, broker.port, messages)
         # IN_FLIGHT batches committing (the writer prepares the next while the store writes one), AHEAD full
         # ones waiting, and the rest of the last read from the socket: not the whole backlog, which the broker
         # would send (it may have 65,535 messages unacknowledged).
@@ -116,14 +123,7 @@ async def test_large_telegrams_cut_a_batch_at_its_bytes_and_a_stalled_store_hold
     bridge = Bridge(target(broker.port, "test-bytes"), commit, lambda: units, Rules(Grid("Asia/Tokyo").on_boundary))
     task = asyncio.create_task(bridge.run())
     try:
-        while not bridge.stats.connected:
-            await asyncio.sleep(0.01)
-        await asyncio.to_thread(publish, broker.port, messages)
-        held = -1
-        async with asyncio.timeout(20):
-            while held != bridge.stats.received:  # until it stops taking more
-                held = bridge.stats.received
-                await asyncio.sleep(1.0)
+        held = await publish_until_held(bridge, broker.port, messages)
         per_batch = -(-BATCH_BYTES // size)  # telegrams that fill a batch's bytes
         assert held < (IN_FLIGHT + AHEAD + 1) * per_batch + 300  # and what was left of the last socket read
         disk.set()
