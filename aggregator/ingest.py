@@ -204,7 +204,7 @@ class Ingestor:
             if self.epoch is not None:
                 self.store.check_epoch(self.epoch)
             if plan.readings:
-                self.store.insert_readings(plan.readings)
+                self.store.append_readings(plan.readings)
                 outcome.stored = len(plan.readings)
             if plan.live:
                 self.store.insert_slots(plan.live)
@@ -351,11 +351,12 @@ class Ingestor:
     def _changed(self, live: list[tuple[Any, ...]], changed: set[tuple[str, str]], days: dict[int, str]) -> None:
         """Add the (customer, local day) of each live slot row to `changed`; `days` caches slot end -> day."""
         customer_of = self.units.customer_of
-        for end, unit, *_ in live:
+        for row in live:
+            end = row[0]  # not `end, unit, *_ = row`, which copies the rest of the row into a list
             day = days.get(end)
             if day is None:
                 day = days[end] = self.grid.day_of(end).isoformat()
-            changed.add((customer_of(unit), day))
+            changed.add((customer_of(row[1]), day))
 
     def _write_slots(self, slot_rows: _SlotRows, live: list[tuple[Any, ...]], outcome: Outcome) -> None:
         both: list[tuple[Any, ...]] = []

@@ -213,6 +213,10 @@ class Store(ABC):
         """Insert new readings (tuples in `READING_COLUMNS` order); the caller knows they are new."""
         self.executemany(f"INSERT INTO readings ({READING_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
 
+    def append_readings(self, rows: list[tuple[Any, ...]]) -> None:
+        """Insert new readings, each newer than any of its unit's and with both registers (`Ingestor.plan`'s)."""
+        self.insert_readings(rows)
+
     def reading(self, unit: str, at: int) -> tuple[Any, ...] | None:
         """The stored reading at `(unit, at)` as (meter, fwd, rev, e1, coef, digits, flags)."""
         row: tuple[Any, ...] | None = self.execute(

@@ -107,6 +107,37 @@ def test_what_the_store_says_of_a_units_readings_is_what_they_are(
         check(store, kept, probes)
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_readings_appended_as_a_live_batch_leave_every_units_span_true(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    # A live batch's readings each come after its unit's newest, with both registers; the store must stay true
+    # also when that was wrong for a unit (one stored later, one never stored, one register never valued).
+    url = (
+        f"sqlite:///{tmp_path / 'smame.db'}" if backend == "sqlite" else request.getfixturevalue("postgres").fresh_url()
+    )
+    stored: Stored = {
+        "LIVE": {T0: (1, 1), T0 + H: (2, 2)},
+        "ONLY_FWD": {T0: (1, None), T0 + H: (2, None)},
+        "LATER": {T0: (1, 1), T0 + 9 * H: (9, 9)},
+    }
+    batches: list[Stored] = [
+        {"LIVE": {T0 + 2 * H: (3, 3)}},  # what a live batch is: the span's end moves
+        {"ONLY_FWD": {T0 + 2 * H: (3, 3)}},  # its span has no first `rev`
+        {"LATER": {T0 + 2 * H: (3, 3)}, "NEW": {T0 + 5 * H: (5, 5)}},  # newer stored; no span
+    ]
+    probes = [T0 + k * H + d for k in range(11) for d in (-1, 0, 1)]
+    with open_url(url) as store:
+        with store.transaction():
+            store.insert_readings(rows_of(stored))
+        for batch in batches:
+            with store.transaction():
+                store.append_readings(rows_of(batch))
+            for unit, series in batch.items():
+                stored.setdefault(unit, {}).update(series)
+            check(store, stored, probes)
+
+
 V1_READINGS = """CREATE TABLE readings (
     unit TEXT NOT NULL, at BIGINT NOT NULL, meter TEXT NOT NULL,
     fwd BIGINT, rev BIGINT, e1 INTEGER NOT NULL, coef INTEGER NOT NULL, digits INTEGER NOT NULL,
