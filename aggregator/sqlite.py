@@ -190,7 +190,7 @@ class SqliteStore(Store):
     def insert_readings(self, rows: Iterable[tuple[Any, ...]]) -> None:
         """Insert new readings (tuples in `READING_COLUMNS` order), and widen their units' spans."""
         rows = list(rows)
-        self.executemany(f"INSERT INTO readings ({READING_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+        super().insert_readings(rows)
         self._widen_spans(rows)
 
     def append_readings(self, rows: list[tuple[Any, ...]]) -> None:
@@ -198,7 +198,7 @@ class SqliteStore(Store):
         Moving an end costs about two thirds of widening a span; should a unit have no span, one ending later (what
         the caller took for its last reading was not) or a register without values, the batch's spans are widened
         as `insert_readings` does."""
-        self.executemany(f"INSERT INTO readings ({READING_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+        super().insert_readings(rows)
         before = self.db.total_changes
         self.executemany(
             "UPDATE reading_span SET last_at = ?1, last_fwd = ?1, last_rev = ?1 "
