@@ -31,7 +31,7 @@ from kernel.meter import Limits
 from kernel.reading import Incoming
 from kernel.timegrid import Grid
 
-CALLS = ("insert_readings", "insert_slots", "upsert_slots", "add_changes", "last_points")
+CALLS = ("insert_readings", "append_readings", "insert_slots", "upsert_slots", "add_changes", "last_points")
 GRID = Grid("Asia/Tokyo")
 
 
