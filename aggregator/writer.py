@@ -40,7 +40,6 @@ from aggregator.backends import is_postgres, open_url
 from aggregator.ingest import Ingestor, Outcome, Plan, UnitTable
 from aggregator.sqlite import file_identity, sqlite_path
 from aggregator.store import Deposed
-from kernel.meter import Limits
 from kernel.reading import Incoming, Refused
 from kernel.timegrid import Grid
 
@@ -261,19 +260,6 @@ _decode_batch = msgspec.msgpack.Decoder(_Batch).decode
 _decode_done = msgspec.msgpack.Decoder(_Done).decode
 
 
-class _Directory:
-    """The directory of units in force in the writer; replaced whole on reload."""
-
-    def __init__(self, current: UnitTable) -> None:
-        self.current = current
-
-    def customer_of(self, unit: str) -> str:
-        return self.current.customer_of(unit)
-
-    def limits_of(self, unit: str) -> Limits:
-        return self.current.limits_of(unit)
-
-
 def _serve(conn: Connection) -> None:
     """The writer process: open the store its first message names, then commit each batch received and
     reply, until the pipe closes."""
@@ -298,21 +284,20 @@ def _serve(conn: Connection) -> None:
     except Exception as exc:  # any reason the store cannot open is told to the receiver
         conn.send_bytes(_FAILED + str(exc).encode())
         return
-    directory = _Directory(units)
-    ingestor = Ingestor(store, directory, grid, shared=shared, epoch=None if fence is None else fence[1])
+    ingestor = Ingestor(store, units, grid, shared=shared, epoch=None if fence is None else fence[1])
     conn.send_bytes(_OK)
     try:
         # SQLite writes in this process and takes the interpreter lock back for each row: planning beside it
         # made its writing slower (docs/performance.md, "2026-12-04: two batches in flight"); PostgreSQL
         # writes in its server.
-        failed = _commit_all(conn, ingestor, directory, overlap=is_postgres(url))
+        failed = _commit_all(conn, ingestor, overlap=is_postgres(url))
     finally:
         store.close()
     if failed is not None:
         _refuse_all(conn, failed)
 
 
-def _commit_all(conn: Connection, ingestor: Ingestor, directory: _Directory, overlap: bool) -> bytes | None:
+def _commit_all(conn: Connection, ingestor: Ingestor, overlap: bool) -> bytes | None:
     """Commit each batch received and reply, in order, until the pipe closes (None) or a commit fails (its
     reply). Batches are written by the applying thread. With `overlap`, one that `Ingestor.plan` makes from
     its cache alone is written while this thread reads and plans the next (the receiver sends one ahead), so
@@ -329,7 +314,7 @@ def _commit_all(conn: Connection, ingestor: Ingestor, directory: _Directory, ove
             except (EOFError, OSError):  # the receiver closed the pipe or died
                 return None
             if message[:1] == _RELOAD:
-                directory.current = pickle.loads(message[1:])
+                ingestor.units = pickle.loads(message[1:])  # replaced whole: from the next batch on
                 continue
             batch = _decode_batch(message[1:])
             try:
