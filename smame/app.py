@@ -110,24 +110,32 @@ def check_ports(wanted: list[tuple[str, str, int]]) -> None:
 
 
 @contextmanager
-def store_lock(settings: Settings, exclusive: bool = False) -> Iterator[None]:
-    """Held by every `smame run` on a store (shared: several ingest processes may share one), and taken alone
-    by `smame restore`, which therefore refuses while smame runs; raises OSError saying so. A PostgreSQL store
-    needs none: its server keeps the nodes that share it apart."""
+def store_lock(settings: Settings, holder: str = "run") -> Iterator[None]:
+    """Held alone, while it runs, by whatever may not share an SQLite store with another process: `smame run`
+    (one process per store: a second one would ingest, alert and export beside the first), `restore` and
+    `migrate`. The lock file names its holder and pid, so the one refused is told who holds it; raises OSError
+    saying so. A PostgreSQL store needs none: its server keeps the nodes that share it apart."""
     if is_postgres(settings.storage_url):
         yield
         return
     path = sqlite_path(settings.storage_url)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as f:
+    with open(path.with_name(path.name + ".lock"), "a+") as f:
         try:
-            fcntl.flock(f, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise OSError(
-                f"smame is running on {path}: stop it first"
-                if exclusive
-                else f"{path} is being restored: try again when that is done"
-            ) from None
+            f.seek(0)
+            kind, _, pid = f.read(100).strip().partition(" ")
+            doing = {"run": "in use by smame run", "restore": "being restored", "migrate": "being migrated"}
+            what = f"{path} is {doing.get(kind, 'in use')} (pid {pid if pid.isdigit() else 'unknown'})"
+            if holder != "run":
+                raise OSError(f"{what}: stop it first") from None
+            why = "one smame run per SQLite store" if kind == "run" else "try again when that is done"
+            raise OSError(f"{what}: {why}") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{holder} {os.getpid()}\n")
+        f.flush()
         yield
 
 

@@ -64,7 +64,7 @@ def _backup(settings: Settings, args: argparse.Namespace) -> int:
 def _restore(settings: Settings, args: argparse.Namespace) -> int:
     _sqlite_only(settings)
     live = sqlite_path(settings.storage_url)
-    with store_lock(settings, exclusive=True):
+    with store_lock(settings, "restore"):
         counts = check_copy(args.file)
         restore_copy(args.file, live)
     print(f"restored {live} from {args.file}: " + ", ".join(f"{n:,} {table}" for table, n in counts.items()))
@@ -76,7 +76,7 @@ def _migrate(settings: Settings, args: argparse.Namespace) -> int:
         raise StoreError(f"--to must be a postgresql:// URL, not {args.to.split(':', 1)[0]}:")
     started = time.monotonic()
     with (
-        store_lock(settings, exclusive=True),
+        store_lock(settings, "migrate"),
         open_store(settings, create=False) as source,
         open_url(args.to) as target,
     ):

@@ -21,6 +21,7 @@ from tests.helpers import (
     at,
     publish,
     readings_in,
+    running,
     smame,
     smame_env,
     start_smame,
@@ -270,42 +271,20 @@ def test_a_dead_writer_process_stops_smame_non_zero(broker: Mosquitto, workdir: 
     assert "service ingest crashed" in text and "the writer process is gone (killed by signal 9)" in text
 
 
-def test_two_ingest_processes_share_the_subscription_and_the_store(broker: Mosquitto, workdir: Path) -> None:
-    # The broker hands each telegram to one of the two (round robin): a unit's readings go to both.
-    units = {f"SH{u}": "C1" for u in range(3)}
-    write_registry(workdir, units)
-    topic = "$share/ingest/smame/v1/+/reading"
-    main = smame_env(
-        workdir,
-        broker.port,
-        SMAME_BROKER__TOPIC=topic,
-        SMAME_BROKER__CLIENT_ID=f"sh-a-{workdir.name}",
-        SMAME_BROKER__BATCH_DELAY_MS="5",
-    )
-    extra = {
-        **main,
-        "SMAME_BROKER__CLIENT_ID": f"sh-b-{workdir.name}",
-        "SMAME_EXPORT__ENABLED": "false",
-        "SMAME_ALERTS__ENABLED": "false",
-        "SMAME_REPORT__ENABLED": "false",
-    }  # an ingest-only worker
-    procs = [start_smame(env, workdir / f"smame-{name}.log") for name, env in (("a", main), ("b", extra))]
+def test_a_second_run_on_one_sqlite_store_is_refused_naming_the_holder(broker: Mosquitto, workdir: Path) -> None:
+    # Two processes on one file would both ingest (one broker session taken from the other), alert and export.
+    write_registry(workdir, {"SH1": "C1"})
+    env = smame_env(workdir, broker.port)
+    first = start_smame(env, workdir / "first.log")
     try:
-        for name in ("a", "b"):
-            wait_log(workdir / f"smame-{name}.log", "subscribed to")
-        publish(
-            broker.port,
-            [
-                (f"smame/v1/{u}/reading", telegram(u, [(at(DAY, "00:00") + k * HALF_HOUR, 100 + 7 * k)]))
-                for k in range(25)
-                for u in units
-            ],
-        )  # in time order, as units send them live
-        wait_readings(workdir / "data" / "smame.db", 75)
+        wait_log(workdir / "first.log", "subscribed to")
+        other = dict(env, SMAME_BROKER__CLIENT_ID=f"other-{workdir.name}")  # ports are free: only the store is shared
+        second = smame(["run"], other, check=False)
+        assert second.returncode == 2, second.stderr
+        assert second.stderr.strip() == (
+            f"smame: {workdir / 'data' / 'smame.db'} is in use by smame run (pid {first.pid}): "
+            "one smame run per SQLite store"
+        )
+        assert running(first.pid)
     finally:
-        assert [stop(p) for p in procs] == [0, 0]
-    for name in ("a", "b"):  # both took part
-        assert "ingest stopped: 0 received" not in (workdir / f"smame-{name}.log").read_text()
-    with sqlite3.connect(workdir / "data" / "smame.db") as c:
-        rows = c.execute("SELECT unit, imp, imp_q FROM slots ORDER BY unit, slot").fetchall()
-    assert rows == [(u, 7, "A") for u in sorted(units) for _ in range(24)]
+        assert stop(first) == 0

@@ -83,7 +83,8 @@ def test_backup_verify_and_restore(broker: Mosquitto, workdir: Path) -> None:
         wait_readings(db, 6)
         assert "the live database itself" in refused(["backup", str(db)], env)
         smame(["backup", str(workdir / "copy.db")], env)
-        assert "smame is running on" in refused(["restore", str(workdir / "copy.db")], env)
+        in_use = f"is in use by smame run (pid {proc.pid}): stop it first"
+        assert in_use in refused(["restore", str(workdir / "copy.db")], env)
         publish(broker.port, [("smame/v1/R1/reading", telegram("R1", [(at(day, "10:00"), 10)]))])
         wait_readings(db, 7)
     finally:
