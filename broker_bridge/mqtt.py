@@ -22,6 +22,8 @@ import msgspec
 
 CONNECT, CONNACK, PUBLISH, PUBACK, SUBSCRIBE, SUBACK = 0x10, 0x20, 0x30, 0x40, 0x82, 0x90
 PINGREQ, PINGRESP, DISCONNECT = b"\xc0\x00", 0xD0, 0xE0
+PING_EVERY_S = 5.0  # a PINGREQ this often at most (keepalive / 2 when shorter)
+SILENT_DEAD_S = 10.0  # a connection from which nothing came for this long is dead (keepalive x 1.5 when shorter)
 RECEIVE_MAXIMUM = 65535
 # Announced in CONNECT: the broker drops larger messages for us instead of sending them (a telegram is at most
 # 16 KiB; up to 64 KiB still arrives, to be quarantined as too large with its reason). Larger packets from a
@@ -164,6 +166,7 @@ class _Protocol(asyncio.Protocol):
         pos, size = 0, len(buf)
         messages: list[Message] = []  # handed on together: one call per socket read, not per message
         now = time.time()  # one clock read per socket read: messages of one read arrived together
+        self.client._last_heard = time.monotonic()
         try:
             while size - pos >= 2:
                 kind = buf[pos]
@@ -220,7 +223,7 @@ class MqttClient:
         self._next_id = 0
         self._closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pinger: asyncio.Task[None] | None = None
-        self._last_pong = time.monotonic()
+        self._last_heard = time.monotonic()  # when the broker last sent anything
         self.session_present = False
 
     @property
@@ -367,8 +370,7 @@ class MqttClient:
         raise MqttError(f"no reply from the broker within {timeout} s")
 
     def _on_control(self, kind: int, body: bytes) -> None:
-        if kind == PINGRESP:
-            self._last_pong = time.monotonic()
+        if kind == PINGRESP:  # heard: data_received noted it
             return
         if kind & 0xF0 == PUBACK:
             pid = (body[0] << 8) | body[1]
@@ -388,10 +390,17 @@ class MqttClient:
             reply.set_result(body)
 
     async def _ping(self, keepalive: int) -> None:
+        """Ping often and give the connection up when the broker has sent nothing for a while: a link cut without
+        a reset (a firewall's dropped state, a dead switch) shows only so, and another node may take over the
+        ingest only once this one knows (docs/monitoring.md)."""
+        every, dead_after = min(keepalive / 2, PING_EVERY_S), min(keepalive * 1.5, SILENT_DEAD_S)
         while self.connected and self._transport is not None:
-            await asyncio.sleep(keepalive / 2)
-            if time.monotonic() - self._last_pong > keepalive * 1.5:
-                self._fail(MqttError(f"no PINGRESP for {keepalive * 1.5:.0f} s"))
+            await asyncio.sleep(every)
+            if not self._transport.is_reading():  # paused: what the broker sent waits unread, so nothing is judged
+                self._last_heard = time.monotonic()
+                continue
+            if time.monotonic() - self._last_heard > dead_after:
+                self._fail(MqttError(f"nothing from the broker for {dead_after:.0f} s, not even a PINGRESP"))
                 self._transport.close()
                 return
             self._transport.write(PINGREQ)
