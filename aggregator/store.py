@@ -13,6 +13,7 @@ commits each batch of readings with its slots and change log in one transaction 
 from __future__ import annotations
 
 import asyncio
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -349,6 +350,24 @@ class Store(ABC):
             )
         ]
         return counts, unknown
+
+    # --- nodes ----------------------------------------------------------------------------------
+
+    def nodes(self) -> list[tuple[str, float, dict[str, object]]]:
+        """Each node's row as it last wrote it (`aggregator.leadership`): its name, its last beat (the store's
+        clock) and its state (role, epoch, fault, clock offset, export and reload, version)."""
+        out = []
+        for node, beat, state in self.execute("SELECT node, beat, state FROM nodes ORDER BY node").fetchall():
+            try:
+                found = json.loads(state)
+            except ValueError:
+                found = {}
+            out.append((str(node), float(beat), found if isinstance(found, dict) else {}))
+        return out
+
+    def forget_nodes(self, before: float) -> int:
+        """Drop the rows of nodes that have not beaten since `before` (the store's clock); returns how many."""
+        return int(self.execute("DELETE FROM nodes WHERE beat < ?", (before,)).rowcount or 0)
 
     # --- meta -----------------------------------------------------------------------------------
 

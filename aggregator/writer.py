@@ -152,6 +152,13 @@ class Writer:
         if self._conn is not None:  # else the process starts with the new one
             self._send(_RELOAD + pickle.dumps(self._units))
 
+    def abort(self) -> None:
+        """Kill a writer that commits nothing (stopped, or stuck on a disk or a lock), then close as `close` does:
+        what it had in hand was never acknowledged, and the broker delivers it again."""
+        if self._process is not None and self._process.poll() is None:
+            self._process.kill()
+        self.close()
+
     def close(self) -> None:
         """Let the writer finish the commit in hand and exit; wait for it."""
         self._closed = True

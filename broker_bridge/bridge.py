@@ -12,6 +12,7 @@ import asyncio
 import bisect
 import functools
 import logging
+import os
 import random
 import ssl
 import time
@@ -76,6 +77,7 @@ class BridgeStats:
     last_batch: int = 0
     last_received: float = 0.0  # time of the newest message (epoch)
     pending: int = 0  # messages received and not yet committed
+    progress_at: float = 0.0  # when a commit last finished, or when telegrams began to wait with none waiting
     down_since: float | None = None  # not connected since (epoch); None while connected
     last_error: str = ""  # why the last connection attempt or connection failed
     commit_counts: list[int] = field(default_factory=lambda: [0] * (len(COMMIT_SECONDS) + 1))
@@ -97,6 +99,10 @@ class BridgeStats:
         """True when ingest has drained what the broker held for it: connected, nothing received for `quiet`
         seconds and nothing waiting to be committed. Reports on a past day wait for it."""
         return self.connected and self.pending == 0 and now - self.last_received >= quiet
+
+    def stalled_for(self, now: float) -> float:
+        """Seconds that received telegrams have waited with no commit finishing; 0 while none waits."""
+        return max(0.0, now - self.progress_at) if self.pending else 0.0
 
     def observe(self, seconds: float, size: int) -> None:
         """Count one committed batch in the histograms (the last bucket is +Inf)."""
@@ -229,6 +235,31 @@ class Bridge:
             self.stats.last_error = str(client.closed.exception() or "connection closed")
             log.warning("lost the broker: %s", client.closed.exception())
 
+    async def probe(self, timeout: float = 5.0) -> str:
+        """Whether this node could ingest now: a connection of its own to the broker (its own client id, a clean
+        start, no session kept, nothing subscribed), opened and closed. "" when it worked, else why not. A node
+        standing by asks it before taking the ingest session over."""
+        t = self.target
+        client = MqttClient()
+        try:
+            async with asyncio.timeout(timeout):
+                await client.connect(
+                    t.host,
+                    t.port,
+                    f"{t.client_id[:100]}-probe-{os.getpid()}",
+                    username=t.username,
+                    password=t.password,
+                    tls=t.tls,
+                    clean_start=True,
+                    keepalive=0,
+                    timeout=timeout,
+                )
+                await client.disconnect()
+        except Exception as exc:  # refused, reset, no answer: this node cannot ingest
+            client.close()
+            return f"cannot reach the broker {t.host}:{t.port}: {str(exc) or type(exc).__name__}"
+        return ""
+
     def _on_messages(self, messages: list[Message], client: MqttClient) -> None:
         """Decode the messages of one socket read into the filling batch, starting a new one when it is full
         (`batch_size` telegrams or BATCH_BYTES of payload); stop reading when AHEAD full batches wait for their
@@ -264,6 +295,8 @@ class Bridge:
                     client.pause()
                     self._paused = client
         if messages:
+            if not self.stats.pending:  # the wait for a commit starts now
+                self.stats.progress_at = messages[0].received
             self.stats.received += len(messages)
             self.stats.pending += len(messages)
             self.stats.last_received = messages[-1].received
@@ -319,6 +352,7 @@ class Bridge:
         started = time.perf_counter()
         await self.commit(batch.incoming, batch.refused)
         self.stats.pending -= batch.size
+        self.stats.progress_at = time.time()
         self.stats.last_commit_s = time.perf_counter() - started
         self.stats.batches += 1
         self.stats.last_batch = batch.size

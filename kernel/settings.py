@@ -286,6 +286,15 @@ class AlertSettings(Section):
     silent_units_min: int = Field(default=10, ge=1)  # this many silent units at once raise one alert
 
 
+class NodeSettings(Section):
+    """This node's view of itself: when its ingest counts as stuck, when it hands leadership over, how far its
+    clock may stray from the store's (docs/monitoring.md, "The service sees itself")."""
+
+    stall_s: float = Field(default=15.0, ge=1, le=3600)  # telegrams waiting this long with no commit: stalled
+    handover_s: float = Field(default=5.0, ge=1, le=3600)  # a leader off the broker this long hands over
+    max_clock_offset_s: float = Field(default=30.0, ge=1, le=86400)  # beyond it, the node refuses to lead
+
+
 class LogSettings(Section):
     """Logging."""
 
@@ -316,6 +325,7 @@ class Settings(BaseSettings):
     slack: SlackSettings = SlackSettings()
     report: ReportSettings = ReportSettings()
     alerts: AlertSettings = AlertSettings()
+    node: NodeSettings = NodeSettings()
     log: LogSettings = LogSettings()
 
     @field_validator("timezone")

@@ -15,6 +15,7 @@ from typing import Literal
 # name -> what an operator reads in the subject line
 TITLES = {
     "ingest_stopped": "ingest stopped",
+    "ingest_stalled": "ingest stalled: nothing committed",
     "broker_unreachable": "broker unreachable",
     "session_lost": "the broker lost smame's session",
     "export_failing": "CSV export failing",
@@ -22,6 +23,10 @@ TITLES = {
     "login_ban": "login ban",
     "units_silent": "many units silent",
     "delivery_failing": "report or alert delivery failing",
+    "reload_refused": "registry reload refused",
+    "node_faults": "a node cannot do its part",
+    "nodes_gone": "a node is gone",
+    "failover": "another node leads now",
     "security_ban": "security: addresses banned on the file gateway",
     "security_failed_logins": "security: repeated failed logins",
     "security_unit_mismatch": "security: telegrams under another unit's topic",

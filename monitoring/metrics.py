@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -77,8 +78,15 @@ class SmameCollector(Collector):
         yield _gauge(
             "smame_telegram_last_received_timestamp_seconds", "when the newest telegram arrived", b.last_received
         )
+        yield _gauge(
+            "smame_ingest_stalled_seconds",
+            "how long received telegrams have waited with no commit finishing (0 while none waits)",
+            b.stalled_for(time.time()),
+        )
         if self.s.monitor is not None:
-            yield from _monitor_metrics(self.s.monitor)
+            yield from _node_metrics(self.s.monitor)
+            if role is None or role.leading:  # a standby's would be what it last saw as leader, long stale
+                yield from _leader_metrics(self.s.monitor)
         if self.s.export is not None:
             e = self.s.export
             yield _counter("smame_export_runs", "export runs", e.runs)
@@ -99,7 +107,26 @@ class SmameCollector(Collector):
             yield _counter("smame_files_bans", "addresses banned after repeated failed logins", self.s.bans.bans)
 
 
-def _monitor_metrics(m: Monitor) -> Iterator[Metric]:
+def _node_metrics(m: Monitor) -> Iterator[Metric]:
+    """What every node's monitor knows of its own: what it sent, its disks."""
+    sent = CounterMetricFamily(
+        "smame_notifications",
+        "reports and alerts by channel: sent, failed attempts, given up",
+        labels=["channel", "result"],
+    )
+    for (channel, result), n in sorted(m.outbox.stats.items()):
+        sent.add_metric([channel, result], n)
+    yield sent
+    disk = GaugeMetricFamily(
+        "smame_disk_free_ratio", "free share of the file system of the data and export directories", labels=["path"]
+    )
+    for path, (free, total) in sorted(m.disk().items()):
+        disk.add_metric([path], free / total if total else 1.0)
+    yield disk
+
+
+def _leader_metrics(m: Monitor) -> Iterator[Metric]:
+    """What only the leader's monitor knows: the fleet as its scans found it, the alerts, the outbox."""
     reporting = GaugeMetricFamily(
         "smame_units_reporting", "units whose newest reading is this recent", labels=["within"]
     )
@@ -119,21 +146,7 @@ def _monitor_metrics(m: Monitor) -> Iterator[Metric]:
     for name in sorted(m.active):
         active.add_metric([name], 1)
     yield active
-    sent = CounterMetricFamily(
-        "smame_notifications",
-        "reports and alerts by channel: sent, failed attempts, given up",
-        labels=["channel", "result"],
-    )
-    for (channel, result), n in sorted(m.outbox.stats.items()):
-        sent.add_metric([channel, result], n)
-    yield sent
     yield _gauge("smame_outbox_pending", "reports and alerts waiting to be sent", m.scan.outbox_pending)
-    disk = GaugeMetricFamily(
-        "smame_disk_free_ratio", "free share of the file system of the data and export directories", labels=["path"]
-    )
-    for path, (free, total) in sorted(m.disk().items()):
-        disk.add_metric([path], free / total if total else 1.0)
-    yield disk
 
 
 def _histogram(

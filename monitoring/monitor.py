@@ -12,7 +12,7 @@ import asyncio
 import logging
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta
 from pathlib import Path
@@ -37,6 +37,8 @@ log = logging.getLogger("smame.monitor")
 ALERT_STATE = alerts.STATE_KEY
 MISMATCH_CURSOR = "security_mismatch_cursor"
 REPORT_DONE = "report_last_day"
+NODE_GONE_S = 60.0  # a node whose row has not beaten for this long is gone (a node beats every second)
+NODE_FORGET_S = 86400.0  # its row is dropped after this long: its alert then clears
 
 
 @dataclass
@@ -47,6 +49,8 @@ class Watched:
     export: ExportCounters | None = None
     bans: BanList | None = None
     paths: Sequence[Path] = ()  # directories whose file systems must not fill up
+    reload_refused: Callable[[], str] = lambda: ""  # why the last registry reload was refused ("" if it was not)
+    node: str = ""  # this node's name among those sharing a store (its own row in `nodes` is not news)
 
 
 @dataclass
@@ -58,6 +62,7 @@ class Scan:
     reporting: dict[str, int] = field(default_factory=dict)  # "1h", "1d" -> units with a reading that recent
     slots_today: dict[str, int] = field(default_factory=dict)  # quality -> closed import slots today
     outbox_pending: int = 0
+    nodes: list[tuple[str, float, dict[str, object]]] = field(default_factory=list)  # Store.nodes()
 
 
 def alert_messages(notice: Notice, settings: Settings) -> list[Message]:
@@ -99,6 +104,17 @@ class Monitor:
         self.draining = False  # ingest is draining a backlog: the store's newest readings are not the fleet's
         # the file gateway tells it of bans and failed logins; a user is named after as many as ban an address
         self.security = SecurityEvents(settings.ftp.ban_after)
+
+    def failover(self, node: str, epoch: int, former: str, silent_s: float, row: Mapping[str, object]) -> None:
+        """Called when this node has taken over from a leader that did not stop cleanly: said once, at the next
+        check, with why the former leader went when its row says."""
+        why = str(row.get("fault") or "") or (
+            f"it went without handing over, its last beat {silent_s:.0f} s before (killed, stopped, or cut off "
+            "from the store)"
+        )
+        self._events.append(
+            alerts.event("failover", f"node {node} leads now, epoch {epoch}; {former}: {why}", self.clock())
+        )
 
     def session_lost(self) -> None:
         """Called by ingest when the broker had no session for us: said once, at the next check."""
@@ -150,6 +166,7 @@ class Monitor:
             self.scan = replace(self.scan, units=len(self.registry().units))
         else:
             self.scan = await self.store.call(self._scan, now)
+        self.scan.nodes = await self.store.call(self._nodes, now)
         notices: list[Notice] = []
         if self.settings.alerts.enabled:
             holding, unknown = self.conditions(now)
@@ -182,6 +199,12 @@ class Monitor:
             )
         elif s.units and not b.last_received:
             unknown.add("ingest_stopped")  # just started: nothing received yet, but not for long
+        if b.stalled_for(now) > self.settings.node.stall_s:
+            holding["ingest_stalled"] = (
+                f"telegrams received wait to be committed and no commit has finished for over "
+                f"{self.settings.node.stall_s:.0f} s: the writer process or the store is stuck, and nothing is "
+                "acknowledged meanwhile (docs/monitoring.md, ingest_stalled)"
+            )
         if not b.connected and b.down_since is not None:
             if now - b.down_since > a.broker_down_s:
                 holding["broker_unreachable"] = (
@@ -212,6 +235,25 @@ class Monitor:
             unknown.add("units_silent")
         elif len(s.silent) >= a.silent_units_min:
             holding["units_silent"] = alerts.silent_units_text(s.silent, s.units, a.silent_after_s)
+        refused = w.reload_refused()
+        if refused:
+            holding["reload_refused"] = (
+                f"a SIGHUP reload of the registry was refused; the previous one is in force: {refused}"
+            )
+        faults, gone = [], []
+        for node, beat, row in s.nodes:
+            if node == w.node:
+                continue
+            if now - beat > NODE_GONE_S:
+                seen = datetime.fromtimestamp(beat, self.grid.zone).isoformat(timespec="seconds")
+                gone.append(f"{node} ({row.get('role', '?')}, last beat {seen})")
+                continue
+            said = [str(row[k]) for k in ("fault", "export_error", "reload_error") if row.get(k)]
+            faults += [f"{node}: {text}" for text in said]
+        if faults:
+            holding["node_faults"] = "; ".join(faults)
+        if gone:
+            holding["nodes_gone"] = "no beat from " + ", ".join(gone) + " (its row is dropped after a day)"
         failing = [f"{ch}: {err}" for ch, (since, err) in self.outbox.failing.items() if now - since > 600]
         if failing:
             holding["delivery_failing"] = "sending keeps failing (kept in the outbox and retried): " + "; ".join(
@@ -316,6 +358,10 @@ class Monitor:
             cursor = rows[-1].id
         if cursor != saved:  # a write only when there is news, not at every check
             self.store.set_meta(MISMATCH_CURSOR, str(cursor))
+
+    def _nodes(self, now: float) -> list[tuple[str, float, dict[str, object]]]:
+        self.store.forget_nodes(now - NODE_FORGET_S)
+        return self.store.nodes()
 
     def _load_state(self) -> dict[str, Active]:
         raw = self.store.get_meta(ALERT_STATE, "{}")

@@ -56,6 +56,10 @@ class BridgeCounters(Protocol):
         """True once ingest has drained what the broker held for it."""
         ...
 
+    def stalled_for(self, now: float) -> float:
+        """Seconds that received telegrams have waited with no commit finishing (0 while none waits)."""
+        ...
+
 
 class IngestCounters(Protocol):
     """The aggregator's totals of what ingest committed."""

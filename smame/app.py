@@ -40,6 +40,7 @@ from monitoring.metrics import SmameCollector, Sources
 from monitoring.monitor import Monitor, Watched
 from monitoring.outbox import Channel, Outbox
 from monitoring.sources import ExportCounters
+from smame import __version__
 from smame.users import set_password
 from web.context import WebContext
 from web.server import WebServer
@@ -61,6 +62,7 @@ class RegistryHolder:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.current = self._load()
+        self.refused = ""  # why the last reload was refused ("" when it was not)
 
     def _load(self) -> Registry:
         s = self.settings
@@ -77,8 +79,9 @@ class RegistryHolder:
             new = self._load()
         except RegistryError as exc:
             log.error("registry reload refused, keeping %d units: %s", len(self.current.units), exc)
+            self.refused = str(exc)
             return False
-        self.current = new
+        self.current, self.refused = new, ""
         log.info("registry reloaded: %d units, %d customers", len(new.units), len(new.customers))
         return True
 
@@ -318,6 +321,7 @@ class App:
     monitor: Monitor | None
     leadership: Leadership | None = None
     web: tuple[WebServer, Store] | None = None
+    clock: Callable[[], float] = time.time
 
     @classmethod
     def build(cls, settings: Settings, clock: Callable[[], float] = time.time) -> App:
@@ -332,7 +336,9 @@ class App:
         if is_postgres(settings.storage_url):
             from aggregator.leadership import Leadership  # psycopg loads only where it is used
 
-            leadership = Leadership(settings.storage_url, node_name())
+            leadership = Leadership(
+                settings.storage_url, node_name(), clock=clock, max_offset_s=settings.node.max_clock_offset_s
+            )
             leader_session = leadership.session
         # with a shared subscription other ingest processes write the same store
         writer = Writer(
@@ -349,6 +355,8 @@ class App:
         i = settings.ingest
         rules = Rules(grid.on_boundary, i.clock_tolerance_s, i.max_age_days * 86400, i.max_readings)
         bridge = Bridge(broker_target(settings), commit, lambda: registry.current.units, rules)
+        if leadership is not None:
+            leadership.probe = bridge.probe
         exporter = build_exporter(settings, registry, grid, clock) if settings.export.enabled else None
         # `smame serve-files` (on a host that may not reach the store) has none: its downloads are only logged
         gateway = build_gateway(settings, registry, clock, lambda: open_store(settings, application_name="smame files"))
@@ -360,7 +368,12 @@ class App:
                 [settings.export.dir] if exporter is not None and settings.export.dir else []
             )
             watched = Watched(
-                bridge.stats, exporter.stats if exporter else None, gateway.bans if gateway else None, paths
+                bridge.stats,
+                exporter.stats if exporter else None,
+                gateway.bans if gateway else None,
+                paths,
+                lambda: registry.refused,
+                leadership.node if leadership is not None else "",
             )
             monitor = Monitor(
                 settings,
@@ -382,7 +395,11 @@ class App:
             if monitor is not None and gateway is None:
                 bans.on_ban = monitor.security.ban
             web = build_web(settings, registry, grid, bans, clock, exporter.stats if exporter else None)
-        return cls(settings, registry, writer, bridge, exporter, gateway, monitor, leadership, web)
+        app = cls(settings, registry, writer, bridge, exporter, gateway, monitor, leadership, web, clock)
+        if leadership is not None:
+            leadership.ingest_fault = app.leader_fault
+            leadership.report = app.node_report
+        return app
 
     def services(self) -> dict[str, Callable[[], Awaitable[None]]]:
         """The long-running services, by name: the leader's (on PostgreSQL, `lead` runs them while this node
@@ -433,6 +450,8 @@ class App:
         try:
             while True:
                 epoch = await self.leadership.acquire()
+                if self.monitor is not None and self.leadership.took_over is not None:
+                    self.monitor.failover(self.leadership.node, epoch, *self.leadership.took_over)
                 services = self.leader_services((self.leadership.session, epoch))
                 try:
                     async with asyncio.TaskGroup() as group:
@@ -483,12 +502,34 @@ class App:
                 group.create_task(self._writer(fence), name="writer")
                 group.create_task(self.bridge.run(), name="bridge")
         finally:  # cancelled while starting (SIGTERM at once): the writer is closed all the same
-            await asyncio.get_running_loop().run_in_executor(None, self.writer.close)
+            stuck = self.bridge.stats.stalled_for(self.clock()) > self.settings.node.stall_s
+            await asyncio.get_running_loop().run_in_executor(None, self.writer.abort if stuck else self.writer.close)
 
     async def _writer(self, fence: tuple[str, int] | None) -> None:
         await self.writer.start(fence)
         log.info("writer process %d has the store open", self.writer.pid)
         await self.writer.watch()
+
+    def leader_fault(self) -> str:
+        """What keeps this node, leading, from ingesting ("" when nothing): off the broker for longer than
+        `node.handover_s` in this term, or telegrams waiting with no commit for longer than `node.stall_s`.
+        Leadership hands over to a node without a fault when there is one."""
+        now, b, n = self.clock(), self.bridge.stats, self.settings.node
+        since = self.leadership.since if self.leadership is not None else 0.0
+        if not b.connected and now - max(b.down_since or now, since) > n.handover_s:
+            return f"cannot reach the broker for {now - max(b.down_since or now, since):.0f} s: {b.last_error}"
+        stalled = b.stalled_for(now)
+        if stalled > n.stall_s:
+            return f"ingest stalled: {b.pending} telegrams wait, no commit has finished for {stalled:.0f} s"
+        return ""
+
+    def node_report(self) -> dict[str, object]:
+        """What this node adds to its row among the nodes: export and registry state, and its version."""
+        out: dict[str, object] = {"version": __version__, "reload_error": self.registry.refused}
+        if self.exporter is not None:
+            s = self.exporter.stats
+            out |= {"export_error": s.last_error, "export_ok": s.last_success}
+        return out
 
     def reload(self) -> None:
         """SIGHUP: read the registry again; the writer gets the new one too."""
@@ -500,7 +541,21 @@ class App:
     def health(self) -> dict[str, str]:
         """Each part's state for /healthz: "ok" or what is wrong. A standby's ingest is fine unconnected."""
         standby = self.leadership is not None and not self.leadership.leading
-        checks = {"ingest": "ok" if self.bridge.stats.connected or standby else "not connected to the broker"}
+        b, now = self.bridge.stats, self.clock()
+        if standby:  # not connected, by design; what keeps it from taking over is its fault
+            fault = self.leadership.fault if self.leadership is not None else ""
+            checks = {"ingest": f"could not take over: {fault}" if fault else "ok"}
+        elif not b.connected:
+            checks = {"ingest": "not connected to the broker" + (f": {b.last_error}" if b.last_error else "")}
+        elif b.stalled_for(now) > self.settings.node.stall_s:
+            checks = {
+                "ingest": f"stalled: {b.pending} telegrams wait, no commit has finished for {b.stalled_for(now):.0f} s"
+            }
+        else:
+            checks = {"ingest": "ok"}
+        checks["registry"] = (
+            f"reload refused, the previous one kept: {self.registry.refused}" if self.registry.refused else "ok"
+        )
         path = self.writer.path
         if path is not None and self.writer.identity is not None and file_identity(path) != self.writer.identity:
             checks["store"] = f"the database file {path} was deleted or replaced: restart smame"

@@ -8,6 +8,7 @@ import os
 import resource
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -435,3 +436,58 @@ def serving(server: WebServer) -> Iterator[int]:
         stopping.set()
         thread.join(15)
         assert not thread.is_alive(), "the web server did not stop"
+
+
+class Relay:
+    """A TCP relay from a free port of 127.0.0.1 to `port`. `cut()` stops it carrying bytes either way and leaves
+    new connections unanswered, with no reset: a link cut as a dead switch or a firewall's lost state cuts it.
+    `mend()` carries them again. Its threads end with the test process."""
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self._open = threading.Event()
+        self._open.set()
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = self._server.getsockname()[1]
+        threading.Thread(target=self._accept, name="relay", daemon=True).start()
+
+    def cut(self) -> None:
+        self._open.clear()
+
+    def mend(self) -> None:
+        self._open.set()
+
+    def close(self) -> None:
+        self._server.close()
+        self._open.set()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        self._open.wait()  # while cut, a new connection is accepted by the kernel and never answered
+        try:
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+        except OSError:
+            client.close()
+            return
+        for src, dst in ((client, upstream), (upstream, client)):
+            threading.Thread(target=self._carry, args=(src, dst), daemon=True).start()
+
+    def _carry(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                self._open.wait()  # held, not dropped: as TCP would retransmit once the link is back
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                s.close()

@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 import urllib.error
 import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+from prometheus_client import CollectorRegistry
+
+from kernel.settings import load_settings
+from monitoring.alerts import Active
+from monitoring.metrics import SmameCollector, Sources
+from monitoring.monitor import Scan
+from smame.app import App
 from tests.helpers import (
     Mosquitto,
     at,
@@ -65,7 +75,11 @@ def test_metrics_count_what_was_published_and_health_says_ok(broker: Mosquitto, 
     assert m['smame_commit_batch_size_bucket{le="+Inf"}'] == m["smame_commit_batches_total"]
     assert m["smame_export_runs_total"] >= 1
     health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5).read())
-    assert health == {"status": "ok", "checks": {"ingest": "ok", "store": "ok", "export": "ok"}, "role": "leader"}
+    assert health == {
+        "status": "ok",
+        "checks": {"ingest": "ok", "registry": "ok", "store": "ok", "export": "ok"},
+        "role": "leader",
+    }
     assert m["smame_leader"] == 1 and m["smame_leader_epoch"] == 0  # the only node, on SQLite
     broker.stop()  # the broker goes away: health must say so
     try:
@@ -75,7 +89,62 @@ def test_metrics_count_what_was_published_and_health_says_ok(broker: Mosquitto, 
             raise AssertionError("healthz answered 200 without a broker")
         except urllib.error.HTTPError as err:
             assert err.code == 503
-            assert json.loads(err.read())["checks"]["ingest"] == "not connected to the broker"
+            ingest = json.loads(err.read())["checks"]["ingest"]  # and why, as the last attempt said
+            assert ingest.startswith("not connected to the broker: ") and "refused" in ingest, ingest
     finally:
         broker.start()
     assert stop(proc) == 0
+
+
+@dataclass
+class Standing:
+    """A node's role as `aggregator.leadership.Leadership` exposes it, without a store behind it."""
+
+    leading: bool
+    leader: dict[str, object] = field(default_factory=lambda: {"node": "other:1", "epoch": 3})
+
+
+def test_a_standby_exports_none_of_the_figures_only_the_leader_knows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_registry(tmp_path, {"U1": "C1"})
+    for key in [k for k in os.environ if k.startswith("SMAME_")]:
+        monkeypatch.delenv(key)
+    settings = load_settings(
+        None,
+        data_dir=tmp_path / "data",
+        registry={"units": tmp_path / "units.csv", "customers": tmp_path / "customers.toml"},
+    )
+    app = App.build(settings)
+    try:
+        assert app.monitor is not None
+        # what the node saw while it led: 200 silent units, an alert, mail waiting
+        app.monitor.scan = Scan(units=200, silent={f"U{i}": "C1" for i in range(200)}, outbox_pending=5)
+        app.monitor.active = {"units_silent": Active(1.0, "200 of 200 units", 1.0)}
+
+        def samples(leading: bool) -> dict[str, float]:
+            registry = CollectorRegistry()
+            role = Standing(leading)
+            registry.register(
+                SmameCollector(Sources(app.bridge.stats, app.writer.totals, lambda: 1, monitor=app.monitor, role=role))
+            )
+            return {s.name + str(sorted(s.labels.items())): s.value for m in registry.collect() for s in m.samples}
+
+        leader, standby = samples(True), samples(False)
+        assert leader["smame_units_silent[]"] == 200 and leader["smame_outbox_pending[]"] == 5
+        assert leader["smame_alert_active[('alert', 'units_silent')]"] == 1
+        leader_only = (
+            "smame_units_silent",
+            "smame_units_reporting",
+            "smame_alert_active",
+            "smame_outbox",
+            "smame_slots_today",
+        )
+        gone = {k for k in leader if k.startswith(leader_only)}
+        assert gone and not gone & set(standby), gone & set(standby)
+        assert standby["smame_leader[]"] == 0 and standby["smame_leader_epoch[]"] == 3
+        assert any(k.startswith("smame_disk_free_ratio") for k in standby)  # its own disks, on every node
+    finally:
+        if app.exporter is not None:
+            app.exporter.close()
+        app.monitor.store.close()

@@ -76,6 +76,17 @@ def test_prometheus_accepts_its_configuration_and_rules() -> None:
         assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_the_rules_over_a_leader_and_a_standby_fire_from_the_leader_only() -> None:
+    promtool = tool("promtool")
+    proc = subprocess.run(
+        [promtool, "test", "rules", "two_nodes_test.yml"],
+        cwd=ROOT / "tests" / "smame" / "prometheus",
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 def compose_environment() -> dict[str, str]:
     """The smame service's SMAME_ variables with the compose file's defaults filled in."""
     text = (ROOT / "docker-compose.yml").read_text()

@@ -175,8 +175,14 @@ def test_kill_9_of_the_leader_mid_burst_the_standby_takes_over_and_the_report_go
         assert 4 * UNITS <= count(url, "readings"), "the kill must land mid-burst"
         check_exactly_once(url, start)
         assert leader_of(url) == (f"{node_name_host()}:{b.pid}", 2)
-        time.sleep(2)  # a second report would be on its way now
-        assert len(sink.messages) == 1, [m.message["Subject"] for m in sink.messages]
+        # the failover is told once, by the new leader, with why the old one went
+        [_, event] = sink.wait(2, timeout=30)
+        assert event.message["Subject"] == "[smame] EVENT: another node leads now"
+        text = event.message.get_body(("plain",)).get_content()
+        host = node_name_host()
+        assert f"node {host}:{b.pid} leads now, epoch 2; {host}:{a.pid}: it went without handing over" in text
+        time.sleep(2)  # a second report or event would be on its way now
+        assert len(sink.messages) == 2, [m.message["Subject"] for m in sink.messages]
         assert took_over < 10
         assert stop(b) == 0
     finally:

@@ -1,0 +1,234 @@
+"""The service sees itself: a leader that cannot ingest hands over, a stalled writer and a refused reload reach
+the operators (real processes, a real Mosquitto, PostgreSQL and SMTP)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from kernel.timegrid import Grid
+from tests.databases import PostgresDatabase, count
+from tests.helpers import (
+    Mosquitto,
+    Relay,
+    at,
+    free_port,
+    publish,
+    smame_env,
+    start_smame,
+    stop,
+    telegram,
+    wait_child,
+    wait_log,
+    wait_readings,
+    wait_until,
+    write_registry,
+    yesterday,
+)
+from tests.monitoring.sinks import Received, SmtpSink
+from tests.smame.test_failover import UNITS, burst_and, check_exactly_once, node_name_host, start_pair
+
+GRID = Grid("Asia/Tokyo")
+
+
+def mail_env(sink: SmtpSink) -> dict[str, str]:
+    return dict(
+        SMAME_MAIL__SMTP_URL=f"smtp://127.0.0.1:{sink.port}",
+        SMAME_MAIL__SENDER="smame@example.jp",
+        SMAME_MAIL__RECIPIENTS="ops@example.jp",
+        SMAME_REPORT__ENABLED="false",
+        SMAME_ALERTS__CHECK_S="0.5",
+    )
+
+
+def subjects(sink: SmtpSink) -> list[str]:
+    return [m.message["Subject"] for m in sink.messages]
+
+
+def body(mail: Received) -> str:
+    return str(mail.message.get_body(("plain",)).get_content())
+
+
+def health(port: int) -> tuple[int, dict[str, object]]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+@pytest.mark.slow
+def test_a_leader_cut_off_from_the_broker_hands_over_within_30_s_and_stays_out_while_cut(
+    broker: Mosquitto, workdir: Path, postgres: PostgresDatabase
+) -> None:
+    url = postgres.fresh_url()
+    write_registry(workdir, {f"K{u:04d}": f"C{u % 5}" for u in range(UNITS)})
+    relay = Relay(broker.port)  # node a reaches the broker through it; node b directly
+    sink = SmtpSink().start()
+    try:
+        a, b, log_a, log_b = start_pair(
+            workdir, broker, url, {"a": {"SMAME_BROKER__URL": f"mqtt://127.0.0.1:{relay.port}"}}, **mail_env(sink)
+        )
+        start = GRID.day_start(yesterday())
+        fault = threading.Event()
+        sender = burst_and(url, broker, start, fault)
+        assert fault.wait(60)
+        relay.cut()
+        cut = time.monotonic()
+        before = count(url, "readings")
+        wait_until(lambda: "subscribed to" in log_b.read_text(), 30, lambda: log_a.read_text()[-3000:], every=0.1)
+        wait_until(lambda: count(url, "readings") > before, 30 - (time.monotonic() - cut), every=0.1)
+        stored_again = time.monotonic() - cut
+        sender.join(120)
+        check_exactly_once(url, start)  # every reading exact, whatever a had received and not acknowledged
+        print(f"stored again {stored_again:.1f} s after the cut")
+        assert stored_again < 30, stored_again
+        assert "this node no longer leads (epoch 1): handing over: cannot reach the broker" in log_a.read_text()
+        # a stands by and, while it cannot reach the broker, says so and does not take leadership back
+        time.sleep(5)
+        assert log_a.read_text().count("leads now") == 1
+        [event] = [m for m in sink.wait(2, 30) if m.message["Subject"] == "[smame] EVENT: another node leads now"]
+        name_a, name_b = f"{node_name_host()}:{a.pid}", f"{node_name_host()}:{b.pid}"
+        assert re.match(rf"node {name_b} leads now, epoch 2; {name_a}: cannot reach the broker for \d+ s", body(event))
+        wait_until(
+            lambda: "[smame] ALERT: a node cannot do its part" in subjects(sink), 15, lambda: str(subjects(sink))
+        )
+        [fault_mail] = [m for m in sink.messages if m.message["Subject"] == "[smame] ALERT: a node cannot do its part"]
+        assert f"{name_a}: cannot reach the broker" in body(fault_mail)
+        relay.mend()
+        wait_until(
+            lambda: "[smame] RESOLVED: a node cannot do its part" in subjects(sink), 30, lambda: str(subjects(sink))
+        )
+        assert log_a.read_text().count("leads now") == 1 and subjects(sink).count(event.message["Subject"]) == 1
+        assert stop(a) == 0 and stop(b) == 0
+    finally:
+        sink.stop()
+        relay.close()
+
+
+@pytest.mark.slow
+def test_a_stalled_writer_fails_healthz_and_is_alerted_then_nothing_is_lost(broker: Mosquitto, workdir: Path) -> None:
+    write_registry(workdir, {"W1": "C1"})
+    port = free_port()
+    sink = SmtpSink().start()
+    env = smame_env(
+        workdir,
+        broker.port,
+        SMAME_MONITORING__ENABLED="true",
+        SMAME_MONITORING__METRICS_PORT=str(port),
+        SMAME_NODE__STALL_S="2",
+        **mail_env(sink),
+    )
+    log = workdir / "smame.log"
+    proc = start_smame(env, log)
+    try:
+        wait_log(log, "subscribed to")
+        writer = wait_child(proc, "smame-writer")
+        day = yesterday().isoformat()
+        publish(broker.port, [("smame/v1/W1/reading", telegram("W1", [(at(day, "00:00"), 1)]))])
+        wait_readings(workdir / "data" / "smame.db", 1)
+        assert health(port)[0] == 200
+        os.kill(writer, signal.SIGSTOP)  # alive, holding its pipe, committing nothing
+        try:
+            publish(
+                broker.port,
+                [("smame/v1/W1/reading", telegram("W1", [(at(day, f"{h:02d}:00"), h)])) for h in range(1, 6)],
+            )
+            wait_until(lambda: health(port)[0] == 503, 15, lambda: str(health(port)))
+            checks = health(port)[1]["checks"]
+            assert isinstance(checks, dict) and re.fullmatch(
+                r"stalled: 5 telegrams wait, no commit has finished for \d+ s", checks["ingest"]
+            ), checks
+            [alert] = sink.wait(1, 15)
+            assert alert.message["Subject"] == "[smame] ALERT: ingest stalled: nothing committed"
+            assert "the writer process or the store is stuck" in body(alert)
+        finally:
+            os.kill(writer, signal.SIGCONT)
+        wait_readings(workdir / "data" / "smame.db", 6)
+        wait_until(lambda: health(port)[0] == 200, 15, lambda: str(health(port)))
+        sink.wait(2, 15)
+        assert subjects(sink) == [
+            "[smame] ALERT: ingest stalled: nothing committed",
+            "[smame] RESOLVED: ingest stalled: nothing committed",
+        ]
+    finally:
+        assert stop(proc) == 0
+        sink.stop()
+
+
+@pytest.mark.slow
+def test_a_refused_registry_reload_fails_healthz_and_is_alerted(broker: Mosquitto, workdir: Path) -> None:
+    write_registry(workdir, {"R1": "C1"})
+    port = free_port()
+    sink = SmtpSink().start()
+    env = smame_env(
+        workdir,
+        broker.port,
+        SMAME_MONITORING__ENABLED="true",
+        SMAME_MONITORING__METRICS_PORT=str(port),
+        **mail_env(sink),
+    )
+    log = workdir / "smame.log"
+    proc = start_smame(env, log)
+    try:
+        wait_log(log, "subscribed to")
+        units = workdir / "units.csv"
+        good = units.read_text()
+        units.write_text(good + "R2,NOSUCHCUSTOMER,,,\n")
+        proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: health(port)[0] == 503, 15, lambda: str(health(port)))
+        checks = health(port)[1]["checks"]
+        assert isinstance(checks, dict) and checks["registry"].startswith("reload refused, the previous one kept: ")
+        [alert] = sink.wait(1, 15)
+        assert alert.message["Subject"] == "[smame] ALERT: registry reload refused"
+        assert "NOSUCHCUSTOMER" in body(alert), body(alert)
+        units.write_text(good)
+        proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: health(port)[0] == 200, 15, lambda: str(health(port)))
+        sink.wait(2, 15)
+        assert subjects(sink)[1] == "[smame] RESOLVED: registry reload refused"
+    finally:
+        assert stop(proc) == 0
+        sink.stop()
+
+
+@pytest.mark.slow
+def test_a_leader_whose_writer_is_stopped_hands_over_and_nothing_is_lost(
+    broker: Mosquitto, workdir: Path, postgres: PostgresDatabase
+) -> None:
+    url = postgres.fresh_url()
+    write_registry(workdir, {f"K{u:04d}": f"C{u % 5}" for u in range(UNITS)})
+    a, b, log_a, log_b = start_pair(
+        workdir, broker, url, SMAME_REPORT__ENABLED="false", SMAME_ALERTS__ENABLED="false", SMAME_NODE__STALL_S="5"
+    )
+    writer = wait_child(a, "smame-writer")
+    start = GRID.day_start(yesterday())
+    fault = threading.Event()
+    sender = burst_and(url, broker, start, fault)
+    assert fault.wait(60)
+    os.kill(writer, signal.SIGSTOP)  # alive, its pipe open, its session open: committing nothing
+    stopped = time.monotonic()
+    try:
+        wait_until(lambda: "subscribed to" in log_b.read_text(), 30, lambda: log_a.read_text()[-3000:], every=0.1)
+        took_over = time.monotonic() - stopped
+        sender.join(120)
+        check_exactly_once(url, start)
+        # the stuck writer is killed, not waited for: the node stands by again while it would still be stopped
+        wait_log(log_a, "this node no longer leads (epoch 1): handing over: ingest stalled", 20)
+        wait_log(log_a, "standing by", 20)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(writer, signal.SIGCONT)
+    print(f"took over {took_over:.1f} s after the writer stopped")
+    assert took_over < 5 + 10
+    assert stop(a) == 0 and stop(b) == 0
