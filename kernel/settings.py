@@ -284,6 +284,7 @@ class AlertSettings(Section):
     disk_free_percent: float = Field(default=10.0, ge=0, le=100)
     silent_after_s: int = Field(default=7200, ge=60)  # a unit is silent when its newest reading is older
     silent_units_min: int = Field(default=10, ge=1)  # this many silent units at once raise one alert
+    history_days: int = Field(default=90, ge=1, le=3660)  # how long the alerts' history is kept
 
 
 class NodeSettings(Section):

@@ -25,6 +25,7 @@ from kernel.registry import Registry
 from kernel.settings import Settings
 from kernel.timegrid import Grid
 from monitoring import alerts
+from monitoring.alert_log import AlertLog, Entry
 from monitoring.alerts import Active, Notice
 from monitoring.channels import configured, fan_out
 from monitoring.daily import build_report, report_messages
@@ -104,6 +105,8 @@ class Monitor:
         self.draining = False  # ingest is draining a backlog: the store's newest readings are not the fleet's
         # the file gateway tells it of bans and failed logins; a user is named after as many as ban an address
         self.security = SecurityEvents(settings.ftp.ban_after)
+        self.history = AlertLog(store)
+        self._pruned = 0.0  # when the history and the nodes were last pruned
 
     def failover(self, node: str, epoch: int, former: str, silent_s: float, row: Mapping[str, object]) -> None:
         """Called when this node has taken over from a leader that did not stop cleanly: said once, at the next
@@ -148,7 +151,10 @@ class Monitor:
         notices = self._security_notices(self.clock())
         for n in notices:
             log.warning("%s: %s", n.subject, n.text)
-        return await self.outbox.put([m for n in notices for m in alert_messages(n, self.settings)])
+        entries = [Entry(n.at, n.name, n.state, n.text, self.watched.node) for n in notices]
+        return await self.outbox.put(
+            [m for n in notices for m in alert_messages(n, self.settings)], lambda: self.history.record(entries)
+        )
 
     def _security_notices(self, now: float) -> list[Notice]:
         return [alerts.event(kind, text, now) for kind, text in self.security.due(now)]
@@ -168,19 +174,34 @@ class Monitor:
             self.scan = await self.store.call(self._scan, now)
         self.scan.nodes = await self.store.call(self._nodes, now)
         notices: list[Notice] = []
+        started = {name: a.since for name, a in self.active.items()}  # an alert that clears now is in here only
         if self.settings.alerts.enabled:
             holding, unknown = self.conditions(now)
             self.active, notices = alerts.step(self.active, holding, now, self.settings.alerts.repeat_s, unknown)
+        started |= {name: a.since for name, a in self.active.items()}
         await self.store.call(self._read_mismatches)
         security = self._security_notices(now)
         notices, self._events = notices + self._events + security, []
-        for n in notices:
-            (log.info if n.state == "resolved" else log.warning)("%s: %s", n.subject, n.text)
-        messages = [m for n in notices for m in alert_messages(n, self.settings)]
+        controls = await self.store.call(self.history.controls)
+        entries = [
+            Entry(n.at, n.name, n.state, n.text, self.watched.node, told=not controls.held_back(n, started, now))
+            for n in notices
+        ]
+        for n, e in zip(notices, entries, strict=True):
+            (log.info if n.state == "resolved" else log.warning)(
+                "%s: %s%s", n.subject, n.text, "" if e.told else " (not sent: silenced or acknowledged)"
+            )
+        told = [n for n, e in zip(notices, entries, strict=True) if e.told]
+        messages = [m for n in told for m in alert_messages(n, self.settings)]
         state = alerts.dump_state(self.active)
-        if messages or state != self._saved:
-            # The new state and what it says go in together: a crash between them can neither lose nor repeat an alert.
-            await self.outbox.put(messages, lambda: self.store.set_meta(ALERT_STATE, state))
+        if entries or state != self._saved:
+            # The new state, what it says and its history go in together: a crash between them can neither lose
+            # nor repeat an alert.
+            def also() -> None:
+                self.store.set_meta(ALERT_STATE, state)
+                self.history.record(entries)
+
+            await self.outbox.put(messages, also)
             self._saved = state
         await self.report_if_due(now)
         return notices
@@ -360,7 +381,10 @@ class Monitor:
             self.store.set_meta(MISMATCH_CURSOR, str(cursor))
 
     def _nodes(self, now: float) -> list[tuple[str, float, dict[str, object]]]:
-        self.store.forget_nodes(now - NODE_FORGET_S)
+        if now - self._pruned >= 3600:  # housekeeping, hourly: rows of nodes long gone, an old history
+            self.store.forget_nodes(now - NODE_FORGET_S)
+            self.history.prune(now - self.settings.alerts.history_days * 86400)
+            self._pruned = now
         return self.store.nodes()
 
     def _load_state(self) -> dict[str, Active]:

@@ -12,7 +12,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -226,6 +226,7 @@ def build_web(
     bans: Bans,
     clock: Callable[[], float],
     exporter: ExportCounters | None = None,
+    node: Callable[[], Mapping[str, object]] = lambda: {"role": "leader"},
 ) -> tuple[WebServer, Store]:
     """The web server with the API and the console, on a store connection of its own (returned: closed when
     smame stops)."""
@@ -243,6 +244,7 @@ def build_web(
         settings.alerts.silent_after_s,
         settings.export.retention_days,
         exporter,
+        node,
     )
 
     def application() -> object:
@@ -251,6 +253,20 @@ def build_web(
         return build_app(context)
 
     return WebServer(application, settings.web.bind, settings.web.port), store
+
+
+def node_about(leadership: Leadership | None) -> dict[str, object]:
+    """A node's role (leader or standby), its name, and the leader's node and epoch as it last saw them; the
+    only node on SQLite always leads."""
+    if leadership is None:
+        return {"role": "leader", "node": node_name()}
+    seen = leadership.leader
+    return {
+        "role": "leader" if leadership.leading else "standby",
+        "node": leadership.node,
+        "leader": seen.get("node"),
+        "epoch": seen.get("epoch"),
+    }
 
 
 def build_outbox(settings: Settings, store: Store, clock: Callable[[], float] = time.time) -> Outbox:
@@ -373,7 +389,7 @@ class App:
                 gateway.bans if gateway else None,
                 paths,
                 lambda: registry.refused,
-                leadership.node if leadership is not None else "",
+                leadership.node if leadership is not None else node_name(),
             )
             monitor = Monitor(
                 settings,
@@ -394,7 +410,8 @@ class App:
             bans = gateway.bans if gateway is not None else Bans(f.ban_after, f.ban_window_s, f.ban_s)
             if monitor is not None and gateway is None:
                 bans.on_ban = monitor.security.ban
-            web = build_web(settings, registry, grid, bans, clock, exporter.stats if exporter else None)
+            about = functools.partial(node_about, leadership)
+            web = build_web(settings, registry, grid, bans, clock, exporter.stats if exporter else None, about)
         app = cls(settings, registry, writer, bridge, exporter, gateway, monitor, leadership, web, clock)
         if leadership is not None:
             leadership.ingest_fault = app.leader_fault
@@ -573,15 +590,7 @@ class App:
 
     def about(self) -> dict[str, object]:
         """This node's role for /healthz: leader or standby, and the leader's node and epoch as last seen."""
-        if self.leadership is None:
-            return {"role": "leader"}
-        seen = self.leadership.leader
-        return {
-            "role": "leader" if self.leadership.leading else "standby",
-            "node": self.leadership.node,
-            "leader": seen.get("node"),
-            "epoch": seen.get("epoch"),
-        }
+        return node_about(self.leadership)
 
     async def serve_metrics(self) -> None:
         """Serve /metrics and /healthz until cancelled."""

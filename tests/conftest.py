@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
 
 from tests.databases import ADMIN_URL, BACKENDS, PostgresDatabase
 from tests.helpers import STARTED, Mosquitto
@@ -59,3 +62,20 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"sqlite:///{tmp_path / 'smame.db'}"
     db: PostgresDatabase = request.getfixturevalue("postgres")
     return db.fresh_url()
+
+
+@pytest.fixture
+def browser() -> Iterator[webdriver.Chrome]:
+    """Debian's chromium, headless, through its chromedriver: the console's pages as an operator sees them."""
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if chromium is None or driver is None:
+        pytest.fail("the console tests need Debian's chromium and chromium-driver (scripts/setup installs them)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900"):
+        options.add_argument(arg)
+    chrome = webdriver.Chrome(options=options, service=Service(driver))
+    try:
+        yield chrome
+    finally:
+        chrome.quit()

@@ -30,6 +30,7 @@ from kernel.meter import E1_UNITS
 from kernel.reading import REASONS
 from kernel.timegrid import SLOT
 from monitoring import alerts
+from monitoring.alert_log import HISTORY_LIMIT, AlertLog
 from monitoring.fleet import STATES, by_customer, fleet_states, state_of
 from monitoring.outbox_table import OutboxTable
 from web.access import SESSION_COOKIE, Operators, Session, Sessions
@@ -44,11 +45,14 @@ MAP_PAGE = 20  # units a page of a customer's completeness map (each a row of up
 QUARANTINE_PAGE = 50  # newest refused telegrams shown
 SHARES_S = 60.0  # the fleet's completeness by customer is counted again at most this often (a scan of 2 days)
 MAX_FORM = 8 * 1024
+MAX_SILENCE_S = 7 * 86400  # a kind of alert is silenced for a week at most: a silence must not be forgotten
+HISTORY_STATES = ("firing", "repeat", "resolved", "event", "acknowledged", "silenced", "unsilenced")
 
 
 def add_console(app: FastAPI, ctx: WebContext) -> None:
     """Add the console's pages and its static files to the app (none of them in the API's document)."""
     templates = Jinja2Templates(directory=HERE / "templates")
+    templates.env.globals["this_node"] = ctx.node  # every page's header says which node answers
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     sessions, operators = Sessions(ctx.store), Operators(ctx.store)
 
@@ -151,6 +155,7 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
         return {
             "alerts": sorted((alerts.load_state(raw) or {}).items(), key=lambda kv: kv[1].since),
             "exported": float(ctx.store.get_meta(SUCCEEDED, "0") or 0),
+            "nodes": ctx.store.nodes(),
             "export_failures": export.failures if export else None,
             "export_error": export.last_error if export else "",
             "pending": pending,
@@ -202,6 +207,7 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
             "export_age_s": now - about["exported"] if about["exported"] else None,
             "about": about,
             "oldest": _local(int(about["oldest"]), ctx) if about["oldest"] else "",
+            "nodes": [_node_row(node, beat, row, now, ctx) for node, beat, row in about["nodes"]],
             "q": q,
             "state": state,
             "rows": rows,
@@ -235,6 +241,126 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
             ],
         }
         return templates.TemplateResponse(request, "quarantine.html", context)
+
+    history = AlertLog(ctx.store)
+
+    @app.get("/alerts", include_in_schema=False, response_class=HTMLResponse)
+    async def alerts_page(
+        request: Request, session: Operator, kind: str = "", state: str = "", node: str = "", days: int = 7
+    ) -> Response:
+        now = ctx.clock()
+        days = min(max(days, 1), 366)
+        kind = kind if kind in alerts.TITLES else ""
+        state = state if state in HISTORY_STATES else ""
+        node = node.strip()[:100]
+
+        def read() -> tuple[Any, ...]:
+            since = now - days * 86400
+            raw = ctx.store.get_meta(alerts.STATE_KEY, "{}")
+            active = sorted((alerts.load_state(raw) or {}).items(), key=lambda kv: kv[1].since)
+            return active, history.controls(), history.history(since, kind, state, node), history.nodes(since)
+
+        active, controls, entries, nodes = await ctx.store.call(read)
+        context = {
+            "session": session,
+            "active": [
+                {
+                    "name": name,
+                    "title": alerts.TITLES.get(name, name),
+                    "since": _local(int(a.since), ctx),
+                    "since_raw": repr(a.since),
+                    "text": a.text,
+                    "ack": (
+                        f"{ack.who}, {_local(int(ack.at), ctx)}"
+                        if (ack := controls.acks.get(name)) is not None and ack.since == a.since
+                        else ""
+                    ),
+                }
+                for name, a in active
+            ],
+            "silences": [
+                {"name": name, "title": alerts.TITLES.get(name, name), "until": _local(int(s.until), ctx), "who": s.who}
+                for name, s in sorted(controls.silences.items())
+                if s.until > now
+            ],
+            "titles": sorted(alerts.TITLES.items()),
+            "states": HISTORY_STATES,
+            "nodes": nodes,
+            "kind": kind,
+            "state": state,
+            "node": node,
+            "days": days,
+            "entries": [
+                {
+                    "at": _local(int(e.at), ctx),
+                    "title": alerts.TITLES.get(e.name, e.name),
+                    "state": e.state,
+                    "text": e.text,
+                    "node": e.node,
+                    "who": e.who,
+                    "told": e.told,
+                }
+                for e in entries
+            ],
+            "limit": HISTORY_LIMIT,
+        }
+        return templates.TemplateResponse(request, "alerts.html", context)
+
+    async def operator_form(request: Request) -> tuple[Session, dict[str, str]] | Response:
+        """A logged-in operator's posted form with its session's CSRF token, or the answer refusing it."""
+        session = await session_of(request)
+        fields = await form(request)
+        if session is None:
+            return RedirectResponse("/login", 303)
+        if fields is None:
+            return PlainTextResponse(f"a form of over {MAX_FORM} bytes is refused", 413)
+        if not hmac.compare_digest(fields.get("csrf", ""), session.csrf):
+            return PlainTextResponse("missing or wrong CSRF token", 403)
+        return session, fields
+
+    @app.post("/alerts/acknowledge", include_in_schema=False)
+    async def acknowledge(request: Request) -> Response:
+        got = await operator_form(request)
+        if isinstance(got, Response):
+            return got
+        session, fields = got
+        name = fields.get("name", "")
+
+        def ack() -> bool:
+            active = alerts.load_state(ctx.store.get_meta(alerts.STATE_KEY, "{}")) or {}
+            alert = active.get(name)
+            if alert is None or repr(alert.since) != fields.get("since"):
+                return False  # cleared meanwhile, or another alert of the kind: not what the operator saw
+            history.acknowledge(name, alert.since, session.operator, this_node(), ctx.clock())
+            return True
+
+        if not await ctx.store.call(ack):
+            return PlainTextResponse("that alert holds no more: nothing to acknowledge", 409)
+        return RedirectResponse("/alerts", 303)
+
+    @app.post("/alerts/silence", include_in_schema=False)
+    async def silence(request: Request) -> Response:
+        got = await operator_form(request)
+        if isinstance(got, Response):
+            return got
+        session, fields = got
+        name, hours = fields.get("name", ""), fields.get("hours", "")
+        if name not in alerts.TITLES:
+            return PlainTextResponse("no such kind of alert", 400)
+        try:
+            span = float(hours) * 3600
+        except ValueError:
+            span = math.nan
+        if not 0 <= span <= MAX_SILENCE_S:  # also NaN
+            return PlainTextResponse(f"hours: a number from 0 (lift the silence) to {MAX_SILENCE_S // 3600}", 400)
+        now = ctx.clock()
+        await ctx.store.call(
+            history.silence, name, now + span, _local(int(now + span), ctx), session.operator, this_node(), now
+        )
+        return RedirectResponse("/alerts", 303)
+
+    def this_node() -> str:
+        return str(ctx.node().get("node") or "this node")
 
     @app.get("/customers/{customer_id}", include_in_schema=False, response_class=HTMLResponse)
     async def customer_page(request: Request, session: Operator, customer_id: str, page: int = 1) -> Response:
@@ -343,6 +469,28 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
 
 class _LoginFirst(Exception):
     """A page asked for without a live session."""
+
+
+def _node_row(node: str, beat: float, row: dict[str, object], now: float, ctx: WebContext) -> dict[str, object]:
+    """One node of the nodes panel: its role, the age of its beat, and whatever keeps it from its part."""
+    age = max(0.0, now - beat)
+    problems = [str(row[k]) for k in ("fault", "export_error") if row.get(k)]
+    if row.get("reload_error"):
+        problems.append(f"registry reload refused: {row['reload_error']}")
+    exported = row.get("export_ok")
+    offset = row.get("clock_offset")
+    return {
+        "node": node,
+        "this": node == ctx.node().get("node"),
+        "role": row.get("role", "?"),
+        "epoch": row.get("epoch") or "",
+        "beat": f"{age:.0f} s ago" if age < 120 else f"gone since {_local(int(beat), ctx)}",
+        "gone": age >= 120,
+        "exported": _local(int(exported), ctx) if isinstance(exported, int | float) and exported else "never",
+        "problems": problems,
+        "clock": f"{offset:+.1f} s" if isinstance(offset, int | float) else "",
+        "version": row.get("version", ""),
+    }
 
 
 def _kwh(raw: int | None, row: SlotRow) -> float | None:

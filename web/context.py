@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,3 +33,5 @@ class WebContext:
     silent_after_s: int = 7200
     file_days: int = 45  # export.retention_days: the customer page's map spans the days files are kept
     export: ExportCounters | None = None
+    # this node among those sharing a store: role (leader or standby), node, leader, epoch (`/healthz` says the same)
+    node: Callable[[], Mapping[str, object]] = lambda: {"role": "leader"}

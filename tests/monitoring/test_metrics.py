@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -79,6 +80,7 @@ def test_metrics_count_what_was_published_and_health_says_ok(broker: Mosquitto, 
         "status": "ok",
         "checks": {"ingest": "ok", "registry": "ok", "store": "ok", "export": "ok"},
         "role": "leader",
+        "node": f"{socket.gethostname()[:40]}:{proc.pid}",  # the only node names itself too
     }
     assert m["smame_leader"] == 1 and m["smame_leader_epoch"] == 0  # the only node, on SQLite
     broker.stop()  # the broker goes away: health must say so

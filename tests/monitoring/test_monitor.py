@@ -107,3 +107,69 @@ def test_while_the_broker_is_away_nothing_drains_and_silent_units_are_alerted(
     m, bridge, _ = monitor
     bridge.connected, bridge.down_since, bridge.pending = False, NOW - 60, 0
     assert "units_silent" in alerts_at(m, NOW)
+
+
+def test_the_history_keeps_each_start_repeat_and_end_and_operators_hold_back_what_is_sent(
+    tmp_path: Path, store_url: str
+) -> None:
+    write_registry(tmp_path, UNITS)
+    registry = load_registry(tmp_path / "units.csv", tmp_path / "customers.toml")
+    settings = load_settings(
+        data_dir=tmp_path,
+        alerts={"silent_after_s": 3600, "silent_units_min": 2, "repeat_s": 3600},
+        report={"enabled": False},
+        mail={"smtp_url": "smtp://127.0.0.1:1", "recipients": ["ops@example.jp"]},  # queued, never sent here
+    )
+    store = open_url(store_url)
+    clock = [float(NOW)]
+    bridge = BridgeStats(connected=True)
+    m = Monitor(
+        settings,
+        store,
+        GRID,
+        lambda: registry,
+        Watched(bridge, node="n1"),
+        build_outbox(settings, store, lambda: clock[0]),
+        lambda: clock[0],
+    )
+    ingest = Ingestor(open_url(store_url), registry, GRID)
+    ingest.commit(readings(GRID.floor(NOW - 3 * 3600)), [], NOW)
+
+    def check(at: float) -> None:
+        clock[0], bridge.last_received = at, at - 10  # telegrams keep coming (caught up): ingest works
+        m.clock = lambda: at
+        asyncio.run(m.check())
+
+    def mails() -> list[str]:
+        return [str(k) for (k,) in store.execute("SELECT key FROM outbox ORDER BY id").fetchall()]
+
+    try:
+        check(NOW)  # every unit silent: the alert starts, and is mailed
+        assert len(mails()) == 1 and mails()[0].startswith("alert:units_silent:firing")
+        m.history.acknowledge("units_silent", m.active["units_silent"].since, "alice", "n1", NOW + 60)
+        check(NOW + 3601)  # due for a repeat: acknowledged, so kept in the history and not mailed
+        assert len(mails()) == 1
+        m.history.silence("units_silent", NOW + 7200, "in an hour", "bob", "n1", NOW + 3700)
+        ingest.commit(readings(GRID.floor(NOW + 3900)), [], int(NOW + 3900))
+        check(NOW + 3900)  # it clears while silenced: not mailed either
+        assert "units_silent" not in m.active and len(mails()) == 1
+        m.history.silence("units_silent", NOW, "now", "bob", "n1", NOW + 4000)  # lifted
+        entries = [(e.state, e.told, e.who, e.node) for e in reversed(m.history.history(NOW - 1))]
+        assert entries == [
+            ("firing", True, "", "n1"),
+            ("acknowledged", True, "alice", "n1"),
+            ("repeat", False, "", "n1"),
+            ("silenced", True, "bob", "n1"),
+            ("resolved", False, "", "n1"),
+            ("unsilenced", True, "bob", "n1"),
+        ]
+        assert [e.state for e in m.history.history(NOW - 1, state="repeat")] == ["repeat"]
+        assert m.history.history(NOW - 1, node="other") == [] and m.history.nodes(NOW - 1) == ["n1"]
+        # a later alert of the same kind is not covered by the old acknowledgement, and is mailed when it starts
+        check(NOW + 3900 + 7200)
+        assert m.active["units_silent"] and mails()[-1].startswith("alert:units_silent:firing")
+        check(NOW + 3900 + 7200 + 3601)
+        assert mails()[-1].startswith("alert:units_silent:repeat")
+    finally:
+        ingest.store.close()
+        store.close()

@@ -15,15 +15,21 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from selenium import webdriver
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions as expected
+from selenium.webdriver.support.ui import WebDriverWait
 
 from kernel.timegrid import Grid
 from tests.databases import PostgresDatabase, count
 from tests.helpers import (
+    ROOT,
     Mosquitto,
     Relay,
     at,
     free_port,
     publish,
+    smame,
     smame_env,
     start_smame,
     stop,
@@ -37,6 +43,7 @@ from tests.helpers import (
 )
 from tests.monitoring.sinks import Received, SmtpSink
 from tests.smame.test_failover import UNITS, burst_and, check_exactly_once, node_name_host, start_pair
+from tests.web.test_console import PASSWORD
 
 GRID = Grid("Asia/Tokyo")
 
@@ -232,3 +239,52 @@ def test_a_leader_whose_writer_is_stopped_hands_over_and_nothing_is_lost(
     print(f"took over {took_over:.1f} s after the writer stopped")
     assert took_over < 5 + 10
     assert stop(a) == 0 and stop(b) == 0
+
+
+@pytest.mark.slow
+def test_a_standby_whose_export_fails_is_alerted_by_the_leader_and_shown_in_the_nodes_panel(
+    broker: Mosquitto, workdir: Path, postgres: PostgresDatabase, browser: webdriver.Chrome
+) -> None:
+    url = postgres.fresh_url()
+    write_registry(workdir, {"E1": "C1"})
+    (workdir / "not-a-directory").write_text("")  # b's export directory cannot be made under a file (even as root)
+    web = free_port()
+    sink = SmtpSink().start()
+    try:
+        a, b, log_a, log_b = start_pair(
+            workdir,
+            broker,
+            url,
+            {
+                "a": {"SMAME_WEB__ENABLED": "true", "SMAME_WEB__PORT": str(web)},
+                "b": {"SMAME_EXPORT__DIR": str(workdir / "not-a-directory" / "export")},
+            },
+            **mail_env(sink),
+        )
+        env_a = smame_env(workdir, broker.port, SMAME_DATA_DIR=str(workdir / "a"), SMAME_STORAGE__URL=url)
+        smame(["operators", "add", "alice", "--password-stdin"], env_a, stdin=PASSWORD + "\n")
+        name_b = f"{node_name_host()}:{b.pid}"
+        wait_until(
+            lambda: "[smame] ALERT: a node cannot do its part" in subjects(sink), 60, lambda: str(subjects(sink))
+        )
+        [mail] = [m for m in sink.messages if m.message["Subject"] == "[smame] ALERT: a node cannot do its part"]
+        assert f"{name_b}: " in body(mail) and "not-a-directory" in body(mail), body(mail)
+
+        browser.get(f"http://127.0.0.1:{web}/login")
+        browser.find_element(By.NAME, "name").send_keys("alice")
+        browser.find_element(By.NAME, "password").send_keys(PASSWORD)
+        browser.find_element(By.CSS_SELECTOR, "form.login button").click()
+        nodes = WebDriverWait(browser, 15).until(expected.presence_of_element_located((By.ID, "nodes")))
+        rows = {r.find_elements(By.TAG_NAME, "td")[0].text: r for r in nodes.find_elements(By.CSS_SELECTOR, "tbody tr")}
+        name_a = f"{node_name_host()}:{a.pid}"
+        assert set(rows) == {f"{name_a} (this one)", name_b}, list(rows)
+        cells_a = [td.text for td in rows[f"{name_a} (this one)"].find_elements(By.TAG_NAME, "td")]
+        cells_b = [td.text for td in rows[name_b].find_elements(By.TAG_NAME, "td")]
+        assert cells_a[1] == "leader, epoch 1" and cells_a[4] == "nothing", cells_a
+        assert cells_b[1] == "standby" and "not-a-directory" in cells_b[4] and cells_b[3] == "never", cells_b
+        assert re.fullmatch(r"\d+ s ago", cells_b[2]), cells_b
+        assert browser.find_element(By.ID, "node").text == f"node {name_a} · leader · epoch 1"
+        browser.save_screenshot(str(ROOT / "build" / "test-artifacts" / "console-nodes.png"))
+        assert stop(a) == 0 and stop(b) == 0
+    finally:
+        sink.stop()

@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import http.cookiejar
 import re
-import shutil
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
-import pytest
 from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as expected
 from selenium.webdriver.support.ui import Select, WebDriverWait
@@ -39,22 +35,6 @@ from tests.helpers import (
 
 ARTIFACTS = ROOT / "build" / "test-artifacts"  # screenshots of what the browser showed (git ignores build/)
 PASSWORD = "console-pass-123"
-
-
-@pytest.fixture
-def browser() -> Iterator[webdriver.Chrome]:
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if chromium is None or driver is None:
-        pytest.fail("the console tests need Debian's chromium and chromium-driver (scripts/setup installs them)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900"):
-        options.add_argument(arg)
-    chrome = webdriver.Chrome(options=options, service=Service(driver))
-    try:
-        yield chrome
-    finally:
-        chrome.quit()
 
 
 def wait(browser: webdriver.Chrome) -> WebDriverWait[webdriver.Chrome]:
@@ -91,6 +71,8 @@ HOSTILE = [  # a page's parameters, however wrong, get a page or a reason, never
     ("/customers/C1?page=1e9", 400),
     ("/static/..%2F..%2Fweb%2Fconsole.py", 404),
     ("/quarantine?reason=%3Cscript%3E", 200),
+    ("/alerts?days=-4&kind=nonsense&state=%3Cb%3E&node=" + "n" * 5000, 200),
+    ("/alerts?days=abc", 400),
 ]
 
 
@@ -245,7 +227,38 @@ def test_an_operator_logs_in_and_finds_the_silent_unit(
         assert browser.execute_script("return window.pwned === undefined")  # shown, never run
         shot(browser, "quarantine")
 
+        browser.find_element(By.LINK_TEXT, "Alerts").click()  # acknowledge, silence, the history
+        wait(browser).until(expected.url_to_be(site + "/alerts"))
+        active = browser.find_element(By.ID, "active")
+        assert "many units silent" in active.text
+        active.find_element(By.CSS_SELECTOR, "form button").click()
+        acked = wait(browser).until(lambda b: "alice, " in b.find_element(By.ID, "active").text)
+        assert acked and not browser.find_elements(By.CSS_SELECTOR, "#active form")
+        Select(browser.find_element(By.CSS_SELECTOR, "#silence select")).select_by_value("disk_low")
+        hours = browser.find_element(By.CSS_SELECTOR, "#silence input[name=hours]")
+        hours.clear()
+        hours.send_keys("2")
+        browser.find_element(By.CSS_SELECTOR, "#silence button").click()
+        silenced = wait(browser).until(expected.presence_of_element_located((By.CSS_SELECTOR, "#silences tbody tr")))
+        text = silenced.text
+        assert text.startswith("disk nearly full") and text.split()[-2:] == ["alice", "Lift"], text
+        shot(browser, "alerts")
+        Select(browser.find_element(By.CSS_SELECTOR, "#filter select[name=state]")).select_by_value("acknowledged")
+        browser.find_element(By.CSS_SELECTOR, "#filter button").click()
+        wait(browser).until(expected.url_contains("state=acknowledged"))
+        history = [r.text for r in browser.find_elements(By.CSS_SELECTOR, "#history tbody tr")]
+        assert len(history) == 1 and "many units silent acknowledged" in history[0] and "alice" in history[0], history
+        csrf = browser.find_element(By.CSS_SELECTOR, "#silence input[name=csrf]").get_attribute("value") or ""
+        browser.get(site + "/alerts")
+        browser.find_element(By.CSS_SELECTOR, "#silences form button").click()  # lifted
+        wait(browser).until(lambda b: b.find_element(By.ID, "silences").text.startswith("None"))
+
         cookie = f"smame_session={browser.get_cookie('smame_session')['value']}"  # type: ignore[index]
+        assert post(site + "/alerts/acknowledge", {"name": "units_silent", "since": "1"}, cookie) == 403  # no CSRF
+        assert post(site + "/alerts/acknowledge", {"csrf": csrf, "name": "units_silent", "since": "1"}, cookie) == 409
+        for hours in ("1e9", "nan", "-1", "x"):
+            assert post(site + "/alerts/silence", {"csrf": csrf, "name": "disk_low", "hours": hours}, cookie) == 400
+        assert post(site + "/alerts/silence", {"csrf": csrf, "name": "<b>", "hours": "1"}, cookie) == 400
         for path, status in HOSTILE:
             assert get(site + path, cookie) == status, path
         assert post(site + "/logout", {}, cookie) == 403  # a form without its CSRF token is refused
