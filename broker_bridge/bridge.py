@@ -61,6 +61,12 @@ BATCH_BYTES = 4 * 1024 * 1024
 # Batches sent to the writer before the first of them is committed: it prepares the second while the store
 # writes the first (`aggregator.writer`).
 IN_FLIGHT = 2
+# A batch in which this many units or more, and at least half of its units, sent readings from the future tells
+# that this node's clock is behind the fleet's: it is not committed (its readings would be quarantined and lost to
+# the customers), the connection is dropped so that the broker keeps them, and ingest waits CLOCK_HOLD_S before
+# it tries again.
+CLOCK_UNITS = 3
+CLOCK_HOLD_S = 30.0
 
 
 @dataclass
@@ -79,6 +85,8 @@ class BridgeStats:
     pending: int = 0  # messages received and not yet committed
     progress_at: float = 0.0  # when a commit last finished, or when telegrams began to wait with none waiting
     down_since: float | None = None  # not connected since (epoch); None while connected
+    clock_error: str = ""  # why the last batch refused for this node's clock was refused
+    clock_error_at: float = 0.0  # when (epoch); 0: never
     last_error: str = ""  # why the last connection attempt or connection failed
     commit_counts: list[int] = field(default_factory=lambda: [0] * (len(COMMIT_SECONDS) + 1))
     commit_sum: float = 0.0
@@ -125,6 +133,21 @@ class _Batch:
     acks: dict[MqttClient, list[int]] = field(default_factory=dict)
 
 
+def _clock_behind(batch: _Batch) -> str:
+    """Why this batch says this node's clock is behind the units' ("" when it does not): at least CLOCK_UNITS
+    units, and half of the batch's, sent only readings that lie in the future."""
+    future = {r.unit for r in batch.refused if r.reason == Reason.FUTURE}
+    if len(future) < CLOCK_UNITS:  # the common case costs one pass over the (few) refused
+        return ""
+    units = future | {i.reading.unit for i in batch.incoming}
+    if 2 * len(future) < len(units):
+        return ""
+    return (
+        f"readings of {len(future)} of the {len(units)} units in a batch lie in the future: this node's clock "
+        "seems behind the units' by more than ingest.clock_tolerance_s"
+    )
+
+
 def tls_context(ca_file: str | None, cert_file: str | None, key_file: str | None) -> ssl.SSLContext:
     """A client TLS context (TLS 1.2 or newer) that verifies the broker."""
     ctx = ssl.create_default_context(cafile=ca_file)
@@ -167,6 +190,7 @@ class Bridge:
         self._stopping = False
         self._client: MqttClient | None = None
         self._wake = asyncio.Event()
+        self._hold_until = 0.0  # no connection before this (epoch): this node's clock was found behind the fleet's
         self._internal_seen: set[str] = set()  # kinds of unexpected decoding errors already logged
         self.subscribed = asyncio.Event()  # set at the first subscription: start-up work waits for it
         self.stats.down_since = time.time()
@@ -190,6 +214,8 @@ class Bridge:
         t = self.target
         delay = t.reconnect_min
         while True:
+            if self._hold_until > time.time():
+                await asyncio.sleep(self._hold_until - time.time())
             client = MqttClient()
             client.on_messages = functools.partial(self._on_messages, client=client)
             try:
@@ -349,6 +375,10 @@ class Bridge:
         return batch
 
     async def _commit_batch(self, batch: _Batch) -> None:
+        behind = _clock_behind(batch)
+        if behind:
+            self._refuse_for_clock(batch, behind)
+            return
         started = time.perf_counter()
         await self.commit(batch.incoming, batch.refused)
         self.stats.pending -= batch.size
@@ -360,6 +390,18 @@ class Bridge:
         for c, ids in batch.acks.items():  # a closed connection's messages are redelivered on the next one
             if c.ack(ids):
                 self.stats.acked += len(ids)
+
+    def _refuse_for_clock(self, batch: _Batch, why: str) -> None:
+        """Commit and acknowledge nothing of a batch that says this node's clock is behind: drop the connections
+        it came on, so that the broker delivers it again once the clock is right, and wait before reconnecting."""
+        now = time.time()
+        if not self.stats.clock_error:
+            log.error("%s: nothing is acknowledged; trying again every %.0f s", why, CLOCK_HOLD_S)
+        self.stats.clock_error, self.stats.clock_error_at = why, now
+        self.stats.pending -= batch.size
+        self._hold_until = now + CLOCK_HOLD_S
+        for client in batch.acks:
+            client.close()
 
     async def _shutdown(self, flusher: asyncio.Task[None]) -> None:
         self._stopping = True

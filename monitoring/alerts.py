@@ -16,6 +16,7 @@ from typing import Literal
 TITLES = {
     "ingest_stopped": "ingest stopped",
     "ingest_stalled": "ingest stalled: nothing committed",
+    "clock_behind": "this node's clock is behind the units'",
     "broker_unreachable": "broker unreachable",
     "session_lost": "the broker lost smame's session",
     "export_failing": "CSV export failing",

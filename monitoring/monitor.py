@@ -38,6 +38,7 @@ log = logging.getLogger("smame.monitor")
 ALERT_STATE = alerts.STATE_KEY
 MISMATCH_CURSOR = "security_mismatch_cursor"
 REPORT_DONE = "report_last_day"
+CLOCK_SAID_S = 120.0  # a clock found behind the units' is told this long after the last batch that said so
 NODE_GONE_S = 60.0  # a node whose row has not beaten for this long is gone (a node beats every second)
 NODE_FORGET_S = 86400.0  # its row is dropped after this long: its alert then clears
 
@@ -220,6 +221,10 @@ class Monitor:
             )
         elif s.units and not b.last_received:
             unknown.add("ingest_stopped")  # just started: nothing received yet, but not for long
+        if b.clock_error and now - b.clock_error_at < CLOCK_SAID_S:
+            holding["clock_behind"] = (
+                f"{b.clock_error}: ingest acknowledges nothing until it is set right (the broker keeps the telegrams)"
+            )
         if b.stalled_for(now) > self.settings.node.stall_s:
             holding["ingest_stalled"] = (
                 f"telegrams received wait to be committed and no commit has finished for over "

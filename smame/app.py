@@ -37,7 +37,7 @@ from kernel.timegrid import Grid
 from monitoring.http import MonitoringServer
 from monitoring.mail import SmtpChannel
 from monitoring.metrics import SmameCollector, Sources
-from monitoring.monitor import Monitor, Watched
+from monitoring.monitor import CLOCK_SAID_S, Monitor, Watched
 from monitoring.outbox import Channel, Outbox
 from monitoring.sources import ExportCounters
 from smame import __version__
@@ -562,6 +562,8 @@ class App:
         if standby:  # not connected, by design; what keeps it from taking over is its fault
             fault = self.leadership.fault if self.leadership is not None else ""
             checks = {"ingest": f"could not take over: {fault}" if fault else "ok"}
+        elif b.clock_error and now - b.clock_error_at < CLOCK_SAID_S:
+            checks = {"ingest": f"refusing to acknowledge: {b.clock_error}"}
         elif not b.connected:
             checks = {"ingest": "not connected to the broker" + (f": {b.last_error}" if b.last_error else "")}
         elif b.stalled_for(now) > self.settings.node.stall_s:

@@ -8,10 +8,12 @@ import json
 import os
 import re
 import signal
+import sqlite3
 import threading
 import time
 import urllib.error
 import urllib.request
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -23,12 +25,14 @@ from selenium.webdriver.support.ui import WebDriverWait
 from kernel.timegrid import Grid
 from tests.databases import PostgresDatabase, count
 from tests.helpers import (
+    JST,
     ROOT,
     Mosquitto,
     Relay,
     at,
     free_port,
     publish,
+    readings_in,
     smame,
     smame_env,
     start_smame,
@@ -288,3 +292,58 @@ def test_a_standby_whose_export_fails_is_alerted_by_the_leader_and_shown_in_the_
         assert stop(a) == 0 and stop(b) == 0
     finally:
         sink.stop()
+
+
+@pytest.mark.slow
+def test_a_node_whose_clock_is_behind_the_fleets_acknowledges_nothing_and_loses_nothing(
+    broker: Mosquitto, workdir: Path
+) -> None:
+    units = [f"F{u}" for u in range(5)]
+    write_registry(workdir, {**{u: "C1" for u in units}, "LONE": "C2"})
+    port = free_port()
+    sink = SmtpSink().start()
+    env = smame_env(
+        workdir,
+        broker.port,
+        SMAME_MONITORING__ENABLED="true",
+        SMAME_MONITORING__METRICS_PORT=str(port),
+        **mail_env(sink),
+    )
+    db = workdir / "data" / "smame.db"
+    log = workdir / "smame.log"
+    # the fleet's clocks an hour ahead of this node's: as the node sees it, each telegram comes from the future
+    ahead = GRID.floor(time.time()) + 3600
+    fleet = [
+        (f"smame/v1/{u}/reading", telegram(u, [(datetime.fromtimestamp(ahead, JST), 100 + k)], seq=2))
+        for k, u in enumerate(units)
+    ]
+    proc = start_smame(env, log)
+    try:
+        wait_log(log, "subscribed to")
+        # one unit alone with a clock ahead is that unit's fault: quarantined as ever, nothing held up
+        publish(broker.port, [("smame/v1/LONE/reading", telegram("LONE", [(datetime.fromtimestamp(ahead, JST), 1)]))])
+        wait_until(lambda: quarantined(db) == [("LONE", "future")], 15)
+        publish(broker.port, fleet)
+        wait_until(lambda: health(port)[0] == 503, 15, lambda: str(health(port)))
+        checks = health(port)[1]["checks"]
+        assert isinstance(checks, dict) and checks["ingest"].startswith(
+            "refusing to acknowledge: readings of 5 of the 5 units in a batch lie in the future"
+        ), checks
+        [alert] = sink.wait(1, 15)
+        assert alert.message["Subject"] == "[smame] ALERT: this node's clock is behind the units'"
+        assert readings_in(db) == 0 and quarantined(db) == [("LONE", "future")]  # nothing taken, nothing lost
+    finally:
+        assert stop(proc) == 0
+        sink.stop()
+    # set right (here: a node that accepts readings an hour and a half ahead), it gets every one from the broker
+    proc = start_smame(smame_env(workdir, broker.port, SMAME_INGEST__CLOCK_TOLERANCE_S="5400"), log)
+    try:
+        wait_readings(db, len(units))
+        assert quarantined(db) == [("LONE", "future")]
+    finally:
+        assert stop(proc) == 0
+
+
+def quarantined(db: Path) -> list[tuple[str, str]]:
+    with sqlite3.connect(db) as c:
+        return [(str(u), str(r)) for u, r in c.execute("SELECT unit, reason FROM quarantine ORDER BY id")]
