@@ -541,11 +541,14 @@ class App:
         return ""
 
     def node_report(self) -> dict[str, object]:
-        """What this node adds to its row among the nodes: export and registry state, and its version."""
+        """What this node adds to its row among the nodes: its export (failed runs, last error and success),
+        its registry reload, what it failed to send (as leader), and its version."""
         out: dict[str, object] = {"version": __version__, "reload_error": self.registry.refused}
         if self.exporter is not None:
             s = self.exporter.stats
-            out |= {"export_error": s.last_error, "export_ok": s.last_success}
+            out |= {"export_error": s.last_error, "export_ok": s.last_success, "export_failures": s.failures}
+        if self.monitor is not None and self.monitor.outbox.failing:
+            out["delivery_error"] = "; ".join(f"{ch}: {e}" for ch, (_, e) in self.monitor.outbox.failing.items())
         return out
 
     def reload(self) -> None:

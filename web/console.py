@@ -475,6 +475,8 @@ def _node_row(node: str, beat: float, row: dict[str, object], now: float, ctx: W
     """One node of the nodes panel: its role, the age of its beat, and whatever keeps it from its part."""
     age = max(0.0, now - beat)
     problems = [str(row[k]) for k in ("fault", "export_error") if row.get(k)]
+    if row.get("delivery_error"):
+        problems.append(f"sending failing: {row['delivery_error']}")
     if row.get("reload_error"):
         problems.append(f"registry reload refused: {row['reload_error']}")
     exported = row.get("export_ok")
