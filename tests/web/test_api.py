@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
+import socket
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -31,7 +33,6 @@ from kernel.timegrid import SLOT, Grid
 from tests.databases import BACKENDS
 from tests.helpers import serving
 from web.access import SESSION_COOKIE, Operators, Sessions, Tokens
-from web.api import build_api
 from web.app import build_app
 from web.context import WebContext
 from web.server import WebServer
@@ -137,7 +138,7 @@ def api(world: World) -> Iterator[Api]:
         store, lambda: registry, GRID, root, bans, lambda: NOW, max_days=45, fail_delay_s=0.0, export=ExportStats()
     )
     try:
-        with serving(WebServer(lambda: build_api(ctx), "127.0.0.1", 0)) as port:
+        with serving(WebServer(lambda: build_app(ctx), "127.0.0.1", 0)) as port:
             yield Api(port, tokens, root, store_url, bans)
     finally:
         store.close()
@@ -422,3 +423,43 @@ def test_the_consoles_counts_of_qualities_agree_with_the_slots(world: World, mon
         counts = Counter({(u, q): n for u, q, n in store.unit_quality_counts(ends[0] - SLOT, ends[-1])})
         assert counts == Counter((u, q) for (u, e), q in stored.items() if e in ends)
         assert {q for (_, q) in counts} == {"A", "E", "M"}  # every quality counted
+
+
+def test_every_answer_carries_the_security_headers_and_an_oversized_request_head_is_refused(api: Api) -> None:
+    for path, token in (("/api/v1/units", api.tokens["C1"]), ("/api/v1/units", None), ("/login", None)):
+        status, headers, _ = api.get(path, token)
+        assert status in (200, 401), path
+        assert "frame-ancestors 'none'" in headers["content-security-policy"], path
+        assert (headers["x-frame-options"], headers["x-content-type-options"]) == ("DENY", "nosniff"), path
+        assert headers["referrer-policy"] == "no-referrer", path
+    padded = urllib.request.Request(f"http://127.0.0.1:{api.port}/api/v1/units")
+    padded.add_header("Authorization", f"Bearer {api.tokens['C1']}")
+    padded.add_header("X-Padding", "p" * 15_000)  # under 16 KiB with the rest: served
+    with urllib.request.urlopen(padded, timeout=10) as response:
+        assert response.status == 200
+    for size in (17_000, 100_000):
+        head = f"GET /api/v1/units HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {api.tokens['C1']}\r\n"
+        answer = raw(api.port, f"{head}X-Padding: {'p' * size}\r\n\r\n".encode())
+        status = int(answer.split(" ", 2)[1])
+        assert status in (400, 431), (size, answer[:300])  # refused: by the guard (431), or by the parser (400)
+        assert '"units"' not in answer
+    answer = raw(api.port, f"GET /api/v1/units?{'q=1&' * 4500} HTTP/1.1\r\nHost: x\r\n\r\n".encode())  # one write
+    assert answer.startswith("HTTP/1.1 431 ") and "a request head over 16 KiB is refused" in answer, answer[:300]
+
+
+def raw(port: int, request: bytes) -> str:
+    """Send bytes as they are and read the answer's head and its body (by its content-length)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(request)
+        got = b""
+        while b"\r\n\r\n" not in got or len(got.split(b"\r\n\r\n", 1)[1]) < _length(got):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+    return got.decode("latin-1")
+
+
+def _length(answer: bytes) -> int:
+    found = re.search(rb"content-length: (\d+)", answer.split(b"\r\n\r\n", 1)[0], re.I)
+    return int(found.group(1)) if found else 0
