@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ftplib
+import json
 import time
 from pathlib import Path
 
@@ -116,11 +117,12 @@ def test_a_ban_and_the_failed_logins_behind_it_reach_slack(broker: Mosquitto, wo
     proc = start_smame(env, log)
     try:
         wait_log(log, "ftp: listening")
-        for _ in range(2):
+        stranger = "<!channel> <https://evil.example/reset|reset your password>"  # a user name from outside
+        for user in (stranger, stranger):
             client = ftplib.FTP()
             client.connect("127.0.0.1", port, timeout=10)
             with pytest.raises(ftplib.error_perm):
-                client.login("alice", "wrong-password")
+                client.login(user, "wrong-password")
             client.close()
         posts = slack.wait(lambda posts: sum("security" in p.body["text"] for p in posts) >= 2)
         texts = {p.body["text"].split("\n")[0]: p.body["text"] for p in posts if "security" in p.body["text"]}
@@ -128,7 +130,10 @@ def test_a_ban_and_the_failed_logins_behind_it_reach_slack(broker: Mosquitto, wo
             "1 ban(s) after repeated failed logins: 127.0.0.1"
             in texts["[smame] EVENT: security: addresses banned on the file gateway"]
         )
-        assert "alice 2 from 127.0.0.1" in texts["[smame] EVENT: security: repeated failed logins"]
+        failed = texts["[smame] EVENT: security: repeated failed logins"]
+        # shown as text in Slack: no mention of the channel, no hidden link
+        assert "&lt;!channel&gt; &lt;https://evil.example/reset|reset your password&gt; 2 from 127.0.0.1" in failed
+        assert all("<!channel>" not in json.dumps(p.body) and "<https://evil" not in json.dumps(p.body) for p in posts)
     finally:
         assert stop(proc) == 0
         slack.stop()
