@@ -106,24 +106,28 @@ class Operators:
         with self.store.transaction():
             if self.store.execute("SELECT 1 FROM operators WHERE name = ?", (name,)).fetchone():
                 raise AccessError(f"operator {name} exists already")
+            # sessions an operator of this name left (from before sessions ended with their operator) are not theirs
+            self.store.execute("DELETE FROM web_sessions WHERE operator = ?", (name,))
             self.store.execute(
                 "INSERT INTO operators (name, hash, created) VALUES (?, ?, ?)", (name, hash_password(password), now)
             )
 
     def set_password(self, name: str, password: str) -> None:
-        """Give an operator a new password."""
+        """Give an operator a new password; every session opened with the old one ends."""
         with self.store.transaction():
             changed = self.store.execute(
                 "UPDATE operators SET hash = ? WHERE name = ?", (hash_password(password), name)
             ).rowcount
+            self.store.execute("DELETE FROM web_sessions WHERE operator = ?", (name,))
         if not changed:
             raise AccessError(f"no operator {name}")
 
     def remove(self, name: str) -> None:
-        """Remove an operator."""
+        """Remove an operator and end its sessions."""
         with self.store.transaction():
             if not self.store.execute("DELETE FROM operators WHERE name = ?", (name,)).rowcount:
                 raise AccessError(f"no operator {name}")
+            self.store.execute("DELETE FROM web_sessions WHERE operator = ?", (name,))
 
     def list(self) -> list[tuple[str, int]]:
         """(name, created) of every operator, by name."""

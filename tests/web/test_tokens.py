@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import http.cookiejar
 import json
+import re
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -88,3 +91,45 @@ def test_operators_are_added_listed_given_new_passwords_and_removed(workdir: Pat
     smame(["operators", "remove", "alice"], env)
     assert smame(["operators", "list"], env).stdout == ""
     assert "no operator alice" in refused(["operators", "remove", "alice"], env)
+
+
+def console_login(port: int, name: str, password: str) -> str:
+    """Log in to the console as a browser would (the login form's CSRF token); return the session cookie."""
+    jar = http.cookiejar.CookieJar()
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+    page = opener.open(f"http://127.0.0.1:{port}/login", timeout=10).read().decode()
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page)
+    assert csrf, page
+    form = urllib.parse.urlencode({"csrf": csrf.group(1), "name": name, "password": password}).encode()
+    opener.open(f"http://127.0.0.1:{port}/login", form, timeout=10).read()
+    [session] = [c.value for c in jar if c.name == "smame_session"]
+    return f"smame_session={session}"
+
+
+def page_of(port: int, cookie: str) -> str:
+    """The URL the fleet page ends at with this cookie: itself while the session lives, else the login page."""
+    with urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/", headers={"Cookie": cookie})) as r:
+        return str(r.url)
+
+
+def test_an_operators_sessions_end_when_the_password_changes_or_the_operator_goes(
+    broker: Mosquitto, workdir: Path
+) -> None:
+    write_registry(workdir, {"U1": "C1"})
+    port = free_port()
+    env = smame_env(workdir, broker.port, SMAME_WEB__ENABLED="true", SMAME_WEB__PORT=str(port))
+    smame(["operators", "add", "alice", "--password-stdin"], env, stdin=PASSWORD)
+    proc = start_smame(env, workdir / "smame.log")
+    try:
+        wait_log(workdir / "smame.log", "web server listening")
+        cookie = console_login(port, "alice", PASSWORD.strip())
+        assert page_of(port, cookie).endswith("/")
+        smame(["operators", "passwd", "alice", "--password-stdin"], env, stdin="another-long-one\n")
+        assert page_of(port, cookie).endswith("/login")  # the old password's session is over
+        cookie = console_login(port, "alice", "another-long-one")
+        assert page_of(port, cookie).endswith("/")
+        smame(["operators", "remove", "alice"], env)
+        smame(["operators", "add", "alice", "--password-stdin"], env, stdin=PASSWORD)
+        assert page_of(port, cookie).endswith("/login")  # a new alice does not inherit the old one's sessions
+    finally:
+        assert stop(proc) == 0
