@@ -147,7 +147,10 @@ def open_store(settings: Settings, create: bool = True, application_name: str = 
     command that only reads must not leave an empty database behind, nor answer from one)."""
     url = settings.storage_url
     if not create and not is_postgres(url) and not sqlite_path(url).exists():
-        raise StoreError(f"no database at {sqlite_path(url)} (settings data_dir, storage.url): has smame run here yet?")
+        raise StoreError(
+            f"no database at {sqlite_path(url)}: run this where smame runs (settings data_dir, storage.url; -c), "
+            "or start smame run once to create it"
+        )
     return open_url(url, settings.storage.synchronous, application_name=application_name)
 
 
@@ -157,13 +160,18 @@ def node_name() -> str:
 
 
 def build_exporter(
-    settings: Settings, registry: RegistryHolder, grid: Grid, clock: Callable[[], float] = time.time
+    settings: Settings,
+    registry: RegistryHolder,
+    grid: Grid,
+    clock: Callable[[], float] = time.time,
+    create: bool = True,
 ) -> Exporter:
-    """The exporter on a store connection of its own, so rendering never waits on ingest or holds it up."""
+    """The exporter on a store connection of its own, so rendering never waits on ingest or holds it up; without
+    `create`, a store that does not exist yet is an error (`open_store`)."""
     e = settings.export
     assert e.dir is not None
     return Exporter(
-        open_store(settings),
+        open_store(settings, create),
         lambda: registry.current,
         grid,
         e.dir,

@@ -237,6 +237,14 @@ def write_registry(
     return directory / "units.csv", directory / "customers.toml"
 
 
+def first_start(workdir: Path) -> None:
+    """The store in `workdir`'s data directory, empty, as `smame run` makes it at its first start: every other
+    command refuses a store that does not exist."""
+    from aggregator.backends import open_url
+
+    open_url(f"sqlite:///{workdir / 'data' / 'smame.db'}").close()
+
+
 def smame_env(workdir: Path, port: int, **extra: str) -> dict[str, str]:
     """Environment for a smame process using a test broker and a private data directory."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SMAME_")}

@@ -54,7 +54,7 @@ def _shown(epoch: int) -> str:
 def _tokens_add(settings: Settings, args: argparse.Namespace) -> int:
     if args.customer not in RegistryHolder(settings).current.customers:
         raise AccessError(f"customer {args.customer} is not in {settings.registry.customers}")
-    with open_store(settings) as store:
+    with open_store(settings, create=False) as store:
         token = Tokens(store).add(args.customer, args.name, int(time.time()))
     print(token)  # alone on standard output: `TOKEN=$(smame tokens add C)`
     token_id = token.split("_")[1]
@@ -79,7 +79,7 @@ def _tokens_remove(settings: Settings, args: argparse.Namespace) -> int:
 
 def _operators_add(settings: Settings, args: argparse.Namespace) -> int:
     password = read_password(args, f"password for {args.name}")
-    with open_store(settings) as store:
+    with open_store(settings, create=False) as store:
         Operators(store).add(args.name, password, int(time.time()))
     print(f"added operator {args.name}")
     return 0

@@ -76,7 +76,7 @@ def _export(settings: Settings, args: argparse.Namespace) -> int:
             print("smame export: --from is after --to", file=sys.stderr)
             return 2
         days = [first + timedelta(days=i) for i in range((last - first).days + 1)]
-    with build_exporter(settings, holder, grid) as exporter:
+    with build_exporter(settings, holder, grid, create=False) as exporter:
         try:
             check_writable(exporter.root)
             if days:
@@ -129,7 +129,7 @@ def _emissions(settings: Settings, args: argparse.Namespace) -> int:
     if args.month > month_of(today):
         print(f"smame emissions: {args.month:%Y-%m} has not begun", file=sys.stderr)
         return 2
-    with build_exporter(settings, holder, grid) as exporter:
+    with build_exporter(settings, holder, grid, create=False) as exporter:
         try:
             check_writable(exporter.root)
             pairs = [(customer.id, d) for d in days_of(args.month) if d <= today]

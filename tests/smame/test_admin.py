@@ -112,3 +112,23 @@ def test_every_bad_line_of_units_csv_is_said_at_once(workdir: Path) -> None:
     assert said[0].endswith(f"26 bad lines in {workdir / 'units.csv'}:")
     assert len(said) == 1 + 20 + 1 and said[-1] == "... and 6 more"
     assert said[1] == f"{workdir / 'units.csv'}:3: customer_id 'NOPE' is not in the customers file"
+
+
+def test_commands_run_where_no_store_is_refuse_and_create_none(workdir: Path) -> None:
+    # a new operator in the wrong directory: no database there, and none must be left behind
+    write_registry(workdir, {"U1": "C1"})
+    customers = workdir / "customers.toml"
+    customers.write_text(customers.read_text() + "co2_columns = true\n")
+    env = smame_env(workdir, 1883)
+    db = workdir / "data" / "smame.db"
+    for args, stdin in (
+        (["operators", "add", "alice", "--password-stdin"], PASSWORD),
+        (["tokens", "add", "C1"], ""),
+        (["export", "--all"], ""),
+        (["emissions", "--customer", "C1", "--month", f"{yesterday():%Y-%m}"], ""),
+        (["units"], ""),
+        (["report"], ""),
+    ):
+        said = refused(args, env, stdin=stdin)
+        assert said.startswith(f"smame: no database at {db}: run this where smame runs"), (args, said)
+        assert not db.exists() and not (workdir / "data" / "export").exists(), args

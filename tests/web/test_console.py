@@ -22,6 +22,7 @@ from tests.helpers import (
     JST,
     ROOT,
     Mosquitto,
+    first_start,
     publish,
     smame,
     smame_env,
@@ -104,6 +105,7 @@ def test_an_operator_logs_in_and_finds_the_silent_unit(
         SMAME_ALERTS__SILENT_UNITS_MIN="1",  # U2's silence is an alert the fleet page shows
         SMAME_ALERTS__CHECK_S="1",
     )
+    first_start(workdir)
     smame(["operators", "add", "alice", "--password-stdin"], env, stdin=PASSWORD + "\n")
     token = smame(["tokens", "add", "C1"], env).stdout.strip().split()[-1]
     proc = start_smame(env, workdir / "smame.log")

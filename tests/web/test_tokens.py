@@ -15,6 +15,7 @@ from smame.demo import free_port
 from tests.helpers import (
     Mosquitto,
     at,
+    first_start,
     publish,
     smame,
     smame_env,
@@ -43,6 +44,7 @@ def test_a_token_made_on_the_command_line_reads_the_running_smame_until_it_is_re
     write_registry(workdir, {"U1": "C1", "U2": "C2"})
     port = free_port()
     env = smame_env(workdir, broker.port, SMAME_WEB__ENABLED="true", SMAME_WEB__PORT=str(port))
+    first_start(workdir)
     refused(["tokens", "add", "C9"], env)  # not a customer
     made = smame(["tokens", "add", "C1", "--name", "billing server"], env)
     token = made.stdout.strip()
@@ -82,6 +84,7 @@ def test_a_token_made_on_the_command_line_reads_the_running_smame_until_it_is_re
 def test_operators_are_added_listed_given_new_passwords_and_removed(workdir: Path) -> None:
     write_registry(workdir, {"U1": "C1"})
     env = smame_env(workdir, 1883)
+    first_start(workdir)
     smame(["operators", "add", "alice", "--password-stdin"], env, stdin=PASSWORD)
     assert "alice" in refused(["operators", "add", "alice", "--password-stdin"], env, stdin=PASSWORD)
     assert "12 characters" in refused(["operators", "add", "bob", "--password-stdin"], env, stdin="short\n")
@@ -118,6 +121,7 @@ def test_an_operators_sessions_end_when_the_password_changes_or_the_operator_goe
     write_registry(workdir, {"U1": "C1"})
     port = free_port()
     env = smame_env(workdir, broker.port, SMAME_WEB__ENABLED="true", SMAME_WEB__PORT=str(port))
+    first_start(workdir)
     smame(["operators", "add", "alice", "--password-stdin"], env, stdin=PASSWORD)
     proc = start_smame(env, workdir / "smame.log")
     try:
