@@ -6,7 +6,10 @@ names the key (as it is written in TOML and as an environment variable).
 
 from __future__ import annotations
 
+import difflib
+import os
 import re
+from collections.abc import Mapping
 from fractions import Fraction
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -378,10 +381,40 @@ class SettingsError(ValueError):
     """Settings that cannot be used; the message names every wrong key."""
 
 
+# The compose file's substitution variables (its .env), which look like settings and are none.
+COMPOSE_VARIABLES = {"SMAME_STORAGE_URL": "SMAME_STORAGE__URL", "SMAME_MAIL_SMTP_URL": "SMAME_MAIL__SMTP_URL"}
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """What is wrong with each `SMAME_` variable that names no setting (a typo would otherwise be ignored
+    without a word). `SMAME_TEST*` belong to the test suite and are left alone."""
+    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+    for name, field in Settings.model_fields.items():
+        model = field.annotation
+        if isinstance(model, type) and issubclass(model, BaseModel):
+            known |= {f"{ENV_PREFIX}{name.upper()}__{key.upper()}" for key in model.model_fields}
+    out = []
+    for variable in sorted(environ):
+        upper = variable.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in known or upper.startswith(ENV_PREFIX + "TEST"):
+            continue
+        if upper in COMPOSE_VARIABLES:
+            hint = f"it is docker compose's variable (.env); smame reads {COMPOSE_VARIABLES[upper]}"
+        else:
+            close = difflib.get_close_matches(upper, known, n=1, cutoff=0.8)
+            hint = f"did you mean {close[0]}?" if close else "see docs/configuration.md"
+        out.append(f"unknown environment variable {variable}: no such setting ({hint})")
+    return out
+
+
 def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
-    """Build the settings from defaults, the TOML file at `path` and the environment."""
+    """Build the settings from defaults, the TOML file at `path` and the environment; an `SMAME_` variable that
+    names no setting is an error."""
     if path is not None and not path.is_file():
         raise SettingsError(f"config file {path} not found")
+    unknown = unknown_variables(os.environ)
+    if unknown:
+        raise SettingsError("bad configuration in the environment:\n  " + "\n  ".join(unknown))
 
     class _FromFile(Settings):
         model_config = SettingsConfigDict(toml_file=path)

@@ -90,3 +90,22 @@ def test_every_key_is_documented() -> None:
     for key in keys():
         env = "SMAME_" + key.replace(".", "__").upper()
         assert f"`{key}`" in doc and f"`{env}`" in doc, key
+
+
+def test_an_smame_variable_that_names_no_setting_is_refused_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SMAME_TIMEZON", "UTC")  # a typo, ignored without a word before
+    monkeypatch.setenv("SMAME_STORAGE_URL", "postgresql://smame@db/smame")  # compose's variable, not smame's
+    monkeypatch.setenv("smame_broker__urll", "mqtt://x")
+    monkeypatch.setenv("SMAME_TEST_POSTGRES", "postgresql://elsewhere")  # the test suite's own: left alone
+    monkeypatch.setenv("SMAME_BROKER__URL", "mqtt://broker:1883")  # a setting: fine
+    with pytest.raises(SettingsError) as said:
+        load_settings()
+    assert str(said.value).splitlines()[1:] == [
+        "  unknown environment variable SMAME_STORAGE_URL: no such setting (it is docker compose's variable "
+        "(.env); smame reads SMAME_STORAGE__URL)",
+        "  unknown environment variable SMAME_TIMEZON: no such setting (did you mean SMAME_TIMEZONE?)",
+        "  unknown environment variable smame_broker__urll: no such setting (did you mean SMAME_BROKER__URL?)",
+    ]
+    for name in ("SMAME_TIMEZON", "SMAME_STORAGE_URL", "smame_broker__urll"):
+        monkeypatch.delenv(name)
+    assert load_settings().broker.url == "mqtt://broker:1883"
