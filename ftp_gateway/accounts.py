@@ -90,7 +90,13 @@ _DUMMY = f"scrypt${N}${R}${P}$AAAAAAAAAAAAAAAAAAAAAA==$AAAAAAAAAAAAAAAAAAAAAAAAA
 
 @dataclass
 class Bans:
-    """Failed logins per address: after `max_failures` within `window` seconds, banned for `ban_s` seconds."""
+    """Failed logins per address: after `max_failures` within `window` seconds, banned for `ban_s` seconds.
+
+    A success clears nothing: a customer's own good logins between its guesses at another's password must not
+    keep it from being banned. Failures are also counted per account they were aimed at (an FTP/SFTP user, an
+    API token's id, an operator): once an account has had `max_failures` within the window, from however many
+    addresses, each further failure against it bans its address at once. The account itself is never locked,
+    so a stranger guessing cannot lock its owner out."""
 
     max_failures: int = 5
     window: float = 600.0
@@ -98,6 +104,7 @@ class Bans:
     on_ban: Callable[[str], None] = lambda address: None
     clock: Callable[[], float] = time.monotonic
     _failures: dict[str, list[float]] = field(default_factory=dict)
+    _aimed: dict[str, list[float]] = field(default_factory=dict)  # failures by the account they were aimed at
     _until: dict[str, float] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     bans: int = 0
@@ -120,14 +127,15 @@ class Bans:
             now = self.clock()
             return {a: until - now for a, until in self._until.items() if until > now}
 
-    def failed(self, address: str) -> bool:
-        """Count a failed login; True when it bans the address."""
-        address = normalize(address)
+    def failed(self, address: str, account: str = "") -> bool:
+        """Count a failed login from `address` aimed at `account` (as `protocol name`); True when it bans the
+        address."""
+        address, account = normalize(address), account[:MAX_ACCOUNT]
         with self._lock:
             now = self.clock()
-            recent = [t for t in self._failures.get(address, []) if now - t < self.window] + [now]
-            if len(recent) < self.max_failures:
-                self._failures[address] = recent
+            recent = self._count(self._failures, address, now)
+            aimed = self._count(self._aimed, account, now) if account else []
+            if len(recent) < self.max_failures and len(aimed) <= self.max_failures:
                 return False
             self._failures.pop(address, None)
             self._until[address] = now + self.ban_s
@@ -135,11 +143,18 @@ class Bans:
         self.on_ban(address)
         return True
 
-    def succeeded(self, address: str) -> None:
-        """A good login forgets the address's earlier failures."""
-        address = normalize(address)
-        with self._lock:
-            self._failures.pop(address, None)
+    def _count(self, counts: dict[str, list[float]], key: str, now: float) -> list[float]:
+        """Add a failure at `now` to `key`'s, forgetting those out of the window; return them."""
+        recent = [t for t in counts.get(key, []) if now - t < self.window] + [now]
+        counts[key] = recent
+        if len(counts) > MAX_COUNTED:  # strangers from many addresses: forget those quiet for a window
+            for stale in [k for k, times in counts.items() if now - times[-1] >= self.window]:
+                del counts[stale]
+        return recent
+
+
+MAX_ACCOUNT = 128  # characters of an account's name kept to count failures against it
+MAX_COUNTED = 10_000  # addresses or accounts with failures kept before the quiet ones are forgotten
 
 
 def normalize(address: str) -> str:

@@ -147,7 +147,6 @@ def _handler(options: FtpOptions, accounts: Accounts, bans: Bans, doorway: Doorw
 
         def on_login(self, username: str) -> None:
             self._leave()
-            bans.succeeded(self.remote_ip)
             accounts.events[("ftp", "login")] += 1
             account = accounts.get(username)
             log.info(
@@ -161,7 +160,7 @@ def _handler(options: FtpOptions, accounts: Accounts, bans: Bans, doorway: Doorw
         def on_login_failed(self, username: str, password: str) -> None:
             log.warning("ftp: failed login user=%s address=%s", username, self.remote_ip)
             accounts.failed("ftp", username, self.remote_ip)
-            if bans.failed(self.remote_ip):
+            if bans.failed(self.remote_ip, f"login {username}"):
                 log.error("ftp: address %s banned after repeated failed logins", self.remote_ip)
 
         def on_file_sent(self, file: str) -> None:

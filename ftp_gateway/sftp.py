@@ -94,13 +94,12 @@ class _Server(asyncssh.SSHServer):
             raise asyncssh.DisconnectError(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE, "too many attempts")
         # scrypt takes ~0.2 s: off the event loop, which ingest shares
         if await asyncio.to_thread(self.accounts.check_password, username, password) is not None:
-            self.bans.succeeded(self.address)
             self.accounts.events[("sftp", "login")] += 1
             log.info("sftp: login user=%s address=%s (password)", username, self.address)
             return True
         log.warning("sftp: failed login user=%s address=%s", username, self.address)
         self.accounts.failed("sftp", username, self.address)
-        if self.bans.failed(self.address):
+        if self.bans.failed(self.address, f"login {username}"):
             log.error("sftp: address %s banned after repeated failed logins", self.address)
         return False
 

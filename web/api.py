@@ -185,12 +185,11 @@ def build_api(ctx: WebContext) -> FastAPI:
             return Reader(None, f"operator {session.operator}")
         token = bearer.credentials.strip()
         customer = await ctx.store.call(tokens.customer_of, token)
+        match = TOKEN.fullmatch(token)
         if customer is None or customer not in ctx.registry().customers:
-            ctx.bans.failed(address)
+            ctx.bans.failed(address, f"token {match['id']}" if match else "")
             await asyncio.sleep(ctx.fail_delay_s)  # a guesser learns slowly; the loop serves others meanwhile
             raise ApiError(401, "this API token is not valid", {"WWW-Authenticate": "Bearer"})
-        ctx.bans.succeeded(address)
-        match = TOKEN.fullmatch(token)
         return Reader(customer, f"token {match['id'] if match else '?'}")
 
     Caller = Annotated[Reader, Depends(caller)]

@@ -222,6 +222,23 @@ def test_no_token_a_wrong_one_or_a_removed_one_is_401_and_guessing_is_banned(api
     assert api.bans.bans == 1
 
 
+def test_a_customers_good_calls_between_its_guesses_do_not_keep_it_from_being_banned(api: Api) -> None:
+    mine, theirs = api.tokens["C1"], api.tokens["C2"]
+    for k in range(3):
+        assert api.get("/api/v1/units", mine)[0] == 200  # its own calls succeed in between
+        assert api.get("/api/v1/units", theirs[:-2] + f"x{k}")[0] == 401  # guessing C2's token's secret
+    assert api.get("/api/v1/units", mine)[0] == 429 and api.bans.bans == 1
+
+
+def test_failures_aimed_at_one_account_from_many_addresses_ban_each_further_one_at_once() -> None:
+    bans = Bans(max_failures=3, window=600, ban_s=3600)
+    for k in range(3):  # a guesser spreading its tries over addresses: none reaches three
+        assert not bans.failed(f"192.0.2.{k}", "login alice")
+    assert bans.failed("192.0.2.50", "login alice")  # alice has had her three: the next address goes at once
+    assert bans.banned("192.0.2.50") and not bans.banned("192.0.2.0")
+    assert not bans.failed("192.0.2.51", "login bob")  # another account is counted apart
+
+
 def test_slots_equal_the_csv_file_for_every_quality(api: Api) -> None:
     days = [TODAY - timedelta(days=d) for d in (3, 2, 1, 0)]
     status, body = api.json(f"/api/v1/units/U1/slots?from={days[0]}&to={days[-1]}", api.tokens["C1"])
