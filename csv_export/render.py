@@ -171,13 +171,22 @@ def _kwh(grid: pl.DataFrame, register: str) -> pl.Series:
 
 
 def _cell(column: str) -> pl.Expr:
-    """A free-text CSV field, quoted only when it must be (RFC 4180)."""
+    """A free-text CSV field, quoted only when it must be (RFC 4180); one that a spreadsheet would take for a
+    formula (starting = + - @, a tab or CR: the registry's meter ids and unit ids are an operator's text, never
+    checked for it) is shown as text, with a leading apostrophe."""
     c = pl.col(column)
+    c = pl.when(c.str.contains(r"^[=+\-@\t\r]")).then(pl.lit("'") + c).otherwise(c)
     return (
         pl.when(c.str.contains(r'[,"\r\n]'))
         .then(pl.lit('"') + c.str.replace_all('"', '""', literal=True) + pl.lit('"'))
         .otherwise(c)
     )
+
+
+def _unit() -> pl.Expr:
+    """The unit id as a cell: the registry's ids need no quoting (UNIT_ID) but may begin with "-", a formula."""
+    c = pl.col("unit")
+    return pl.when(c.str.starts_with("-")).then(pl.lit("'") + c).otherwise(c)
 
 
 def _long(day: date, grid: pl.DataFrame, layout: Layout) -> tuple[str, pl.Series]:
@@ -197,7 +206,7 @@ def _long(day: date, grid: pl.DataFrame, layout: Layout) -> tuple[str, pl.Series
     q = pl.when(worse).then(pl.col("exp_q")).otherwise(imp_q) if export else imp_q
     parts = (
         [
-            pl.col("unit"),
+            _unit(),
             _cell("serial"),
             pl.lit(day.isoformat()),
             pl.col("index").cast(pl.String),
@@ -229,7 +238,7 @@ def _wide(
     rows = [
         per_unit.select(
             pl.concat_str(
-                [pl.col("unit"), _cell("serial"), pl.lit(day.isoformat()), pl.lit(name), pl.col(v), pl.col(q)],
+                [_unit(), _cell("serial"), pl.lit(day.isoformat()), pl.lit(name), pl.col(v), pl.col(q)],
                 separator=",",
             ).alias("line"),
             "order",

@@ -28,6 +28,7 @@ from kernel.timegrid import SLOT, Grid
 from tests.helpers import (
     Mosquitto,
     at,
+    first_start,
     publish,
     smame,
     smame_env,
@@ -237,6 +238,7 @@ def test_unusable_export_directory_is_reported_and_ingest_goes_on(workdir: Path,
     blocker = workdir / "not-a-directory"
     blocker.write_text("")
     env = smame_env(workdir, broker.port, SMAME_EXPORT__DIR=str(blocker / "export"))
+    first_start(workdir)
     bad = smame(["export"], env, check=False)
     assert bad.returncode == 1 and "is not usable (setting export.dir)" in bad.stderr
     log = workdir / "smame.log"

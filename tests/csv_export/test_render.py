@@ -72,14 +72,30 @@ def test_same_slots_same_bytes_in_any_order() -> None:
 
 
 @pytest.mark.parametrize(
-    ("serial", "shown"), [("SM-1", "SM-1"), ("a,b", '"a,b"'), ('say "hi"', '"say ""hi"""'), ("x\ny", '"x\ny"')]
+    ("unit", "serial", "shown"),
+    [
+        ("U9", "SM-1", "U9,SM-1"),
+        ("U9", "a,b", 'U9,"a,b"'),
+        ("U9", 'say "hi"', 'U9,"say ""hi"""'),
+        ("U9", "x\ny", 'U9,"x\ny"'),
+        # the registry's text that a spreadsheet would run as a formula is shown as text
+        (
+            "U9",
+            '=HYPERLINK("http://evil.example","x")',
+            '\'=HYPERLINK(""http://evil.example"",""x"")'.join(['U9,"', '"']),
+        ),
+        ("U9", "+81 3", "U9,'+81 3"),
+        ("U9", "@SUM(A1)", "U9,'@SUM(A1)"),
+        ("U9", "\tx", "U9,'\tx"),
+        ("-U9", "SM-1", "'-U9,SM-1"),
+    ],
 )
-def test_serials_are_quoted_only_when_needed(serial: str, shown: str) -> None:
+def test_text_cells_are_quoted_only_when_needed_and_never_a_formula(unit: str, serial: str, shown: str) -> None:
     for layout, line in (
-        (Layout(), f"U9,{shown},2026-11-23,1,00:00,00:30,,,M"),
-        (Layout(wide=True), f"U9,{shown},2026-11-23,import,,M"),
+        (Layout(), f"{shown},2026-11-23,1,00:00,00:30,,,M"),
+        (Layout(wide=True), f"{shown},2026-11-23,import,,M"),
     ):
-        text = render(DAY, LABELS[:1], [("U9", serial)], slots_frame([]), layout).decode()
+        text = render(DAY, LABELS[:1], [(unit, serial)], slots_frame([]), layout).decode()
         assert text.split("\n", 1)[1].startswith(line)
 
 
