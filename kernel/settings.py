@@ -425,6 +425,8 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
         raise SettingsError(_explain(exc, path)) from None
     except ValueError as exc:  # TOML syntax errors and the like
         raise SettingsError(f"{path}: {exc}") from None
+    except RecursionError:  # arrays or tables nested hundreds deep: tomllib recurses once a level
+        raise SettingsError(f"{path}: not valid TOML: nested too deep") from None
 
 
 def _explain(exc: ValidationError, path: Path | None) -> str:

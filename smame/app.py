@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
@@ -346,6 +346,8 @@ class App:
     leadership: Leadership | None = None
     web: tuple[WebServer, Store] | None = None
     clock: Callable[[], float] = time.time
+    _reloading: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     @classmethod
     def build(cls, settings: Settings, clock: Callable[[], float] = time.time) -> App:
@@ -559,12 +561,24 @@ class App:
             out["delivery_error"] = "; ".join(f"{ch}: {e}" for ch, (_, e) in self.monitor.outbox.failing.items())
         return out
 
-    def reload(self) -> None:
-        """SIGHUP: read the registry again; the writer gets the new one too."""
-        if self.registry.reload():
-            self.writer.reload(unit_table(self.registry.current))
+    async def reload(self) -> None:
+        """SIGHUP: read the registry again on a thread of its own (a fleet's files take a while to read, and the
+        event loop acknowledges meanwhile); the writer gets the new one too. Reloads run one at a time."""
+        async with self._reloading:
+            log.info(
+                "registry: reading %s and %s again", self.settings.registry.units, self.settings.registry.customers
+            )
+            loop = asyncio.get_running_loop()
+            if await loop.run_in_executor(None, self.registry.reload):
+                table = await loop.run_in_executor(None, unit_table, self.registry.current)
+                self.writer.reload(table)
         if self.exporter is not None:
             self.exporter.retry_now()
+
+    def _on_sighup(self) -> None:
+        task = asyncio.get_running_loop().create_task(self.reload(), name="reload")
+        self._tasks.add(task)  # kept until done: the loop holds only a weak reference
+        task.add_done_callback(self._tasks.discard)
 
     def health(self) -> dict[str, str]:
         """Each part's state for /healthz: "ok" or what is wrong. A standby's ingest is fine unconnected."""
@@ -649,7 +663,7 @@ class App:
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop, sig.name)
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         log.info(
             "smame started: %d units, %d customers, store %s, time zone %s",
             len(self.registry.current.units),

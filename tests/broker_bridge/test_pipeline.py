@@ -259,6 +259,26 @@ def test_registry_is_reloaded_on_sighup(broker: Mosquitto, workdir: Path) -> Non
         assert ("C2", DAY) in set(c.execute("SELECT customer, day FROM changes"))
 
 
+@pytest.mark.slow
+def test_a_long_registry_reload_holds_up_no_acknowledgement(broker: Mosquitto, workdir: Path) -> None:
+    write_registry(workdir, {"H1": "C1"})
+    env = smame_env(workdir, broker.port, SMAME_EXPORT__ENABLED="false")
+    log = workdir / "smame.log"
+    proc = start_smame(env, log)
+    try:
+        wait_log(log, "subscribed to")
+        units = ["unit_id,customer_id", "H1,C1", *(f"R{i:07d},C1" for i in range(400_000))]
+        (workdir / "units.csv").write_text("\n".join(units) + "\n")  # a few seconds to read
+        proc.send_signal(signal.SIGHUP)
+        wait_log(log, "registry: reading")
+        publish(broker.port, [("smame/v1/H1/reading", telegram("H1", [(at(DAY, "10:00"), 1)]))])
+        wait_readings(workdir / "data" / "smame.db", 1)
+        assert "registry reloaded" not in log.read_text(), "the telegram waited for the reload"
+        wait_log(log, "registry reloaded: 400001 units", 60)
+    finally:
+        assert stop(proc) == 0
+
+
 def test_a_dead_writer_process_stops_smame_non_zero(broker: Mosquitto, workdir: Path) -> None:
     write_registry(workdir, {"W1": "C1"})
     env = smame_env(workdir, broker.port, SMAME_EXPORT__ENABLED="false")

@@ -41,10 +41,14 @@ def test_header_only_file_is_an_empty_fleet(tmp_path: Path) -> None:
         ("unit_id,customer_id\nU1,C1\nU1,C1\n", None, "units.csv:3: unit_id U1 appears twice"),
         ("unit_id,customer_id\nU1,C9\n", None, "units.csv:2: customer_id 'C9'"),
         ("unit_id,customer_id,meter_id,contract_kw\nU1,C1,,lots\n", None, "contract_kw 'lots'"),
-        ("unit_id,customer_id,meter_id,contract_kw\nU1,C1,,-3\n", None, "contract_kw must be positive"),
+        ("unit_id,customer_id,meter_id,contract_kw\nU1,C1,,0\n", None, "contract_kw must be positive"),
+        ("unit_id,customer_id,meter_id,contract_kw\nU1,C1,,-3\n", None, "contract_kw '-3' is not a number of kW"),
+        ("unit_id,customer_id,meter_id,contract_kw\nU1,C1,,1e999999\n", None, "contract_kw '1e999999' is not a"),
+        ("unit_id,customer_id,meter_id,contract_kw\nU1,C1,,1" + "0" * 5000 + "\n", None, "not a number of kW"),
         ("unit_id,customer_id\n", '[customers.C1]\nlayout = "tall"\n', "customers.C1: layout"),
         ("unit_id,customer_id\n", "[customers.C1]\ncolour = 1\n", "customers.C1: colour"),
         ("unit_id,customer_id\n", "[customers.C1\n", "not valid TOML"),
+        ("unit_id,customer_id\n", "a = " + "[" * 1000 + "]" * 1000, "customers.toml: not valid TOML: nested too deep"),
     ],
 )
 def test_errors_name_the_place(tmp_path: Path, units: str, customers: str | None, message: str) -> None:

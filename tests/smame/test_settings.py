@@ -83,6 +83,10 @@ def test_broken_toml_and_missing_file_are_clear(tmp_path: Path) -> None:
     bad.write_text("[broker\nurl=1")
     with pytest.raises(SettingsError, match="bad.toml"):
         load_settings(bad)
+    deep = tmp_path / "deep.toml"
+    deep.write_text("a = " + "[" * 1000 + "]" * 1000 + "\n")  # tomllib recurses once a level
+    with pytest.raises(SettingsError, match="deep.toml: not valid TOML: nested too deep"):
+        load_settings(deep)
 
 
 def test_every_key_is_documented() -> None:
