@@ -114,19 +114,22 @@ def format_e4(e4: int) -> str:
     return text.rstrip(".")
 
 
-def load_factors(path: Path) -> Factors:
-    """Read and check `emission_factors.csv`; raise FactorsError naming every bad line (file, line, field)."""
+def load_factors(path: Path, today: date | None = None) -> Factors:
+    """Read and check `emission_factors.csv`; raise FactorsError naming every bad line (file, line, field). With
+    `today`, a row published after it is a bad line."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise FactorsError(f"{path}: factors file not found (setting emissions.factors)") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise FactorsError(f"{path}: cannot be read: {exc}") from None
-    return parse_factors(text, path)
+    return parse_factors(text, path, today)
 
 
-def parse_factors(text: str, path: Path) -> Factors:
-    """The factors of a file's text (as found at `path`); raise FactorsError naming every bad line."""
+def parse_factors(text: str, path: Path, today: date | None = None) -> Factors:
+    """The factors of a file's text (as found at `path`); raise FactorsError naming every bad line. With `today`,
+    a row published after it is one: as the latest row of its key it would replace the factor in force now,
+    and rewrite files of days before it was published (a date in 2099 is a typo, not a plan)."""
     reader = csv.reader(text.splitlines())
     header = next(reader, [])
     if tuple(h.strip() for h in header) != FACTOR_COLUMNS:
@@ -141,6 +144,12 @@ def parse_factors(text: str, path: Path) -> Factors:
             key, value = _row(row)
         except ValueError as exc:
             errors.append(f"{path}:{line}: {exc}")
+            continue
+        if today is not None and value.published > today:
+            errors.append(
+                f"{path}:{line}: published {value.published} is after today ({today}): "
+                "add a correction on the day it is published"
+            )
             continue
         again = seen.setdefault((*key, value.published), line)
         if again != line:

@@ -141,12 +141,14 @@ def load_registry(
     default_contract_kw: Fraction = Fraction(50),
     gap_cap: int = 48,
     factors_path: Path | None = None,
+    today: date | None = None,
 ) -> Registry:
-    """Read and check the files (the emission factors too, when named); raise RegistryError naming the problem."""
+    """Read and check the files (the emission factors too, when named; with `today`, none published after it);
+    raise RegistryError naming the problem."""
     customers = _load_customers(customers_path)
     units = _load_units(units_path, customers)
     try:
-        factors = NO_FACTORS if factors_path is None else load_factors(factors_path)
+        factors = NO_FACTORS if factors_path is None else load_factors(factors_path, today)
     except FactorsError as exc:
         raise RegistryError(str(exc)) from None
     return Registry(units, customers, default_contract_kw, gap_cap, factors)

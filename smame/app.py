@@ -15,7 +15,9 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TYPE_CHECKING
+from zoneinfo import ZoneInfo
 
 from prometheus_client import CollectorRegistry
 
@@ -59,15 +61,17 @@ def unit_table(registry: Registry) -> UnitTable:
 class RegistryHolder:
     """The registry in force; replaced whole on reload, so readers always see one consistent version."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
+        self.clock = clock  # today's date, by the settings' time zone, bounds the factors' published dates
         self.current = self._load()
         self.refused = ""  # why the last reload was refused ("" when it was not)
 
     def _load(self) -> Registry:
         s = self.settings
+        today = datetime.fromtimestamp(self.clock(), ZoneInfo(s.timezone)).date()
         registry = load_registry(
-            s.registry.units, s.registry.customers, s.contract_kw, s.ingest.gap_cap_slots, s.emissions.factors
+            s.registry.units, s.registry.customers, s.contract_kw, s.ingest.gap_cap_slots, s.emissions.factors, today
         )
         for warning in registry.unknown_menus():
             log.warning("%s: its market-based CO2 stays empty", warning)
@@ -353,7 +357,7 @@ class App:
     def build(cls, settings: Settings, clock: Callable[[], float] = time.time) -> App:
         """Wire the parts, all reading time from `clock`; raises RegistryError or OSError with a clear message on
         bad input."""
-        registry = RegistryHolder(settings)
+        registry = RegistryHolder(settings, clock)
         grid = Grid(settings.timezone)
         leadership = None
         leader_session = "smame"  # what the leader's own sessions are called (PostgreSQL)

@@ -77,6 +77,18 @@ def test_every_bad_line_at_once_and_a_repeated_date_refused() -> None:
         parse_factors("supplier,menu\n", Path("f.csv"))
 
 
+def test_a_correction_published_after_today_is_refused_and_the_factor_in_force_kept() -> None:
+    text = (
+        HEADER + "national,average,2026,0.000423,0.000423,2025-12-20\n"
+        "national,average,2026,0.000504,0.000504,2099-01-01\n"  # a typo that replaced the factor in force
+    )
+    with pytest.raises(FactorsError) as err:
+        parse_factors(text, Path("f.csv"), today=date(2026, 12, 6))
+    assert "f.csv:3: published 2099-01-01 is after today (2026-12-06)" in str(err.value)
+    on_the_day = parse_factors(text, Path("f.csv"), today=date(2099, 1, 1))  # published by then: the correction
+    assert on_the_day.location(2026) == Factor(Decimal("0.000504"), date(2099, 1, 1))
+
+
 def test_customers_choose_supplier_and_menu_and_the_old_setting_says_what_replaced_it(tmp_path: Path) -> None:
     (tmp_path / "units.csv").write_text("unit_id,customer_id\nU1,C1\n")
     factors = tmp_path / "factors.csv"
