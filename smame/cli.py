@@ -22,6 +22,10 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    if args.command not in SHARED_OUTPUT:
+        # the store, its WAL and copies, the customers' files and keys are smame's alone, whatever the umask
+        # of the shell or service manager that started it (0644 gave every local user every reading)
+        os.umask(0o077)
     try:
         settings = load_settings(args.config)
     except SettingsError as exc:
@@ -36,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     except (RegistryError, UsersError, AccessError, OSError) as exc:
         print(f"smame: {exc}", file=sys.stderr)
         return 2
+
+
+# Commands that write files for other programs (the broker's configuration, readable by Mosquitto's user; a
+# simulated registry): they set each file's mode themselves and keep the caller's umask.
+SHARED_OUTPUT = {"provision", "simulate"}
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import stat
 from pathlib import Path
 
 from kernel.registry import load_registry
@@ -132,3 +134,30 @@ def test_commands_run_where_no_store_is_refuse_and_create_none(workdir: Path) ->
         said = refused(args, env, stdin=stdin)
         assert said.startswith(f"smame: no database at {db}: run this where smame runs"), (args, said)
         assert not db.exists() and not (workdir / "data" / "export").exists(), args
+
+
+def test_the_store_its_copies_and_the_customers_files_are_smames_alone_whatever_the_umask(
+    broker: Mosquitto, workdir: Path
+) -> None:
+    write_registry(workdir, {"R1": "C1"})
+    env = smame_env(workdir, broker.port)
+    data = workdir / "data"
+    old = os.umask(0o022)  # a shell's usual: smame's processes start with it
+    try:
+        proc = start_smame(env, workdir / "smame.log")
+        try:
+            wait_log(workdir / "smame.log", "subscribed to")
+            publish(broker.port, [("smame/v1/R1/reading", telegram("R1", [(at(yesterday().isoformat(), "10:00"), 1)]))])
+            wait_readings(data / "smame.db", 1)
+            smame(["backup", str(workdir / "copy.db")], env)
+            smame(["export", "--all"], env)
+        finally:
+            assert stop(proc) == 0
+    finally:
+        os.umask(old)
+    made = [data / "smame.db", workdir / "copy.db", *(data / "export").rglob("*")]
+    made += [p for p in data.iterdir() if p.name.startswith("smame.db")]
+    modes = {str(p.relative_to(workdir)): stat.S_IMODE(p.stat().st_mode) for p in made}
+    assert any(p.endswith(".csv") for p in modes) and "data/smame.db" in modes, modes
+    wide = {p: oct(m) for p, m in modes.items() if m & 0o077}
+    assert not wide, wide  # neither group nor others may read a reading
