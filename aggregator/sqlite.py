@@ -400,6 +400,9 @@ def check_copy(path: Path) -> dict[str, int]:
                 raise StoreError(f"{path}: damaged: {verdict}")
             if db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() is None:
                 raise StoreError(f"{path}: not a smame database (no schema version)")
+            foreign = _foreign_objects(db)
+            if foreign:
+                raise StoreError(f"{path}: not smame's schema: {'; '.join(foreign[:5])}")
             return {
                 t: int(db.execute(f"SELECT count(*) FROM {t}").fetchone()[0])
                 for t in ("readings", "slots", "quarantine", "outbox")
@@ -408,6 +411,33 @@ def check_copy(path: Path) -> dict[str, int]:
             db.close()
     except sqlite3.Error as exc:
         raise StoreError(f"{path}: not a usable smame database: {exc}") from None
+
+
+def _foreign_objects(db: sqlite3.Connection) -> list[str]:
+    """What a copy's schema has that this version's has not, or has otherwise: a trigger, a view, a table or an
+    index of its own, or one of smame's defined differently (a trigger in a copy would run inside smame's own
+    commits once restored). A copy of an older schema is compared by its tables' and indexes' names only; the
+    migration at start redefines them."""
+
+    def objects(conn: sqlite3.Connection) -> dict[tuple[str, str], str]:
+        rows = conn.execute("SELECT type, name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'")
+        return {(str(t), str(n)): " ".join(str(s or "").split()) for t, n, s in rows}
+
+    ours_db = sqlite3.connect(":memory:")
+    try:
+        ours_db.executescript(_SCHEMA)
+        ours = objects(ours_db)
+    finally:
+        ours_db.close()
+    theirs = objects(db)
+    current = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()[0] == str(SqliteStore.schema_version)
+    out = []
+    for (kind, name), sql in sorted(theirs.items()):
+        if kind not in ("table", "index") or (kind, name) not in ours:
+            out.append(f"a {kind} {name} that smame does not make")
+        elif current and sql != ours[(kind, name)]:
+            out.append(f"the {kind} {name} defined otherwise than smame's")
+    return out
 
 
 def restore_copy(copy: Path, live: Path) -> None:
