@@ -2,21 +2,42 @@
 
 from __future__ import annotations
 
-import argparse
 import os
+import signal
 import sys
-from pathlib import Path
 
-from kernel.registry import RegistryError
-from kernel.settings import SettingsError, load_settings
-from smame.commands import GROUPS
-from smame.logs import setup_logging
-from smame.users import UsersError
-from web.access import AccessError
+
+def _interrupted(signum: int, frame: object) -> None:
+    """Ctrl-C while smame's modules load: nothing is open yet, so one line and out."""
+    os.write(2, b"\nsmame: interrupted\n")
+    os._exit(130)
+
+
+signal.signal(signal.SIGINT, _interrupted)  # before the imports below, which take a while
+
+import argparse  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from kernel.registry import RegistryError  # noqa: E402
+from kernel.settings import SettingsError, load_settings  # noqa: E402
+from smame.commands import GROUPS  # noqa: E402
+from smame.logs import setup_logging  # noqa: E402
+from smame.users import UsersError  # noqa: E402
+from web.access import AccessError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `smame` console script."""
+    """Entry point of the `smame` console script: Ctrl-C at any moment (a prompt, start-up) ends it with one line
+    and exit code 130."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # loaded: a KeyboardInterrupt from here on
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("\nsmame: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):

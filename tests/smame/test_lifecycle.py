@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import termios
 import time
 import urllib.error
 import urllib.request
@@ -21,6 +23,7 @@ from tests.helpers import (
     children,
     free_port,
     publish,
+    real_processes,
     running,
     smame,
     smame_env,
@@ -47,6 +50,53 @@ def test_sigterm_right_after_start_stops_smame_and_its_children(broker: Mosquitt
     assert proc.wait(12) == 0, log.read_text()
     wait_until(lambda: not any(running(k) for k in kids), 10, lambda: f"children left: {kids}")
     assert "smame stopped" in log.read_text()
+
+
+@pytest.mark.parametrize("after", [0.05, 0.3, 0.8])
+def test_ctrl_c_at_any_moment_of_start_up_ends_with_one_line_and_no_traceback(
+    broker: Mosquitto, workdir: Path, after: float
+) -> None:
+    write_registry(workdir, {"L1": "C1"})
+    port = free_port()
+    env = smame_env(workdir, broker.port, SMAME_WEB__ENABLED="true", SMAME_WEB__PORT=str(port))
+    log = workdir / "smame.log"
+    proc = start_smame(env, log)
+    time.sleep(after)  # before the settings are read, while the store opens, while the web server loads
+    proc.send_signal(signal.SIGINT)
+    code = proc.wait(12)
+    text = log.read_text()
+    assert code in (0, 130) and "Traceback" not in text, (code, text)
+    assert text.rstrip().endswith("smame: interrupted" if code == 130 else "smame stopped"), text
+
+
+def test_ctrl_c_at_a_password_prompt_ends_with_one_line(workdir: Path) -> None:
+    real_processes()
+    write_registry(workdir, {"L1": "C1"})
+    terminal, tty = os.openpty()  # the prompt reads a terminal, as an operator's would be
+
+    def own_terminal() -> None:
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "smame.cli", "users", "add", "C1", "bob"],
+        env=smame_env(workdir, 1883),
+        stdin=tty,
+        stdout=tty,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        preexec_fn=own_terminal,
+        text=True,
+    )
+    os.close(tty)
+    try:
+        prompt = b""
+        while b"password" not in prompt.lower():
+            prompt += os.read(terminal, 1024)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=10)
+    finally:
+        os.close(terminal)
+    assert proc.returncode == 130 and "Traceback" not in err and err.rstrip().endswith("smame: interrupted"), err
 
 
 def test_a_second_sigterm_exits_at_once_and_a_stuck_stop_ends_in_time(broker: Mosquitto, workdir: Path) -> None:
