@@ -160,8 +160,11 @@ class Writer:
         self.close()
 
     def close(self) -> None:
-        """Let the writer finish the commit in hand and exit; wait for it."""
+        """Let the writer finish the commit in hand and exit; wait for it. A writer still opening the store (one
+        that waits on a lock held elsewhere) has nothing in hand: it is killed, not waited for."""
         self._closed = True
+        if self._process is not None and self._replies is None and self._process.poll() is None:
+            self._process.kill()  # its start, on the pipe's thread, then ends with the process
         self._pipe.shutdown(wait=True)
         if self._conn is not None:
             # end-of-file for the writer, which replies to what it has and exits; its replies are still read

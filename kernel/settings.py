@@ -284,6 +284,7 @@ class AlertSettings(Section):
     repeat_s: int = Field(default=4 * 3600, ge=0)  # 0: never repeat an alert that stays on
     ingest_silence_s: int = Field(default=2700, ge=10)  # no telegram at all for this long while units exist
     broker_down_s: int = Field(default=120, ge=1)
+    store_down_s: int = Field(default=60, ge=1)  # a node that cannot reach the store this long says so directly
     disk_free_percent: float = Field(default=10.0, ge=0, le=100)
     silent_after_s: int = Field(default=7200, ge=60)  # a unit is silent when its newest reading is older
     silent_units_min: int = Field(default=10, ge=1)  # this many silent units at once raise one alert

@@ -28,6 +28,7 @@ TITLES = {
     "node_faults": "a node cannot do its part",
     "nodes_gone": "a node is gone",
     "failover": "another node leads now",
+    "store_unreachable": "the store cannot be reached",
     "security_ban": "security: addresses banned on the file gateway",
     "security_failed_logins": "security: repeated failed logins",
     "security_unit_mismatch": "security: telegrams under another unit's topic",
@@ -92,7 +93,7 @@ def step(
         if name not in holding and name not in unknown:
             notices.append(
                 Notice(
-                    name, "resolved", f"cleared after {_duration(now - was.since)}; it was: {was.text}", was.since, now
+                    name, "resolved", f"cleared after {duration(now - was.since)}; it was: {was.text}", was.since, now
                 )
             )
     return out, notices
@@ -116,7 +117,8 @@ def event(name: str, text: str, now: float) -> Notice:
     return Notice(name, "event", text, now, now)
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """A span of time as an operator reads it: minutes, hours and minutes, or days and hours."""
     minutes = int(seconds // 60)
     if minutes < 60:
         return f"{minutes} min"
@@ -133,5 +135,5 @@ def silent_units_text(silent: Mapping[str, str], total: int, after_s: int, limit
     shown = ", ".join(f"{c} {n}" for c, n in ranked[:limit])
     more = f" and {len(ranked) - limit} more customers" if len(ranked) > limit else ""
     return (
-        f"{len(silent)} of {total} units have sent no reading for over {_duration(after_s)}; by customer: {shown}{more}"
+        f"{len(silent)} of {total} units have sent no reading for over {duration(after_s)}; by customer: {shown}{more}"
     )

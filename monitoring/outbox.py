@@ -10,6 +10,7 @@ can send it twice, and mail then carries the same Message-ID.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import threading
@@ -154,7 +155,9 @@ class Outbox:
         try:
             rows = await asyncio.shield(claim)
         except asyncio.CancelledError:  # stopping as they are claimed: due again at the next start, not in 5 min
-            await self._release({row.id for row in await claim})
+            with contextlib.suppress(TimeoutError):  # unless the store does not answer (locked, gone): leased
+                async with asyncio.timeout(STOP_GRACE_S):
+                    await self._release({row.id for row in await claim})
             raise
         by_channel: dict[str, list[OutboxRow]] = {}
         for row in rows:
@@ -176,8 +179,12 @@ class Outbox:
             raise
 
     async def _release(self, ids: set[int]) -> None:
+        """Make claimed messages due again at once; a store that does not answer within STOP_GRACE_S leaves them
+        to their lease (a stop must not wait on it)."""
         if ids:
-            await asyncio.shield(self.store.call(self.table.release, sorted(ids), self.clock()))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(STOP_GRACE_S):
+                    await asyncio.shield(self.store.call(self.table.release, sorted(ids), self.clock()))
 
     async def _deliver_rows(
         self, channel: Channel | None, name: str, rows: list[OutboxRow], untouched: set[int]

@@ -36,6 +36,7 @@ from kernel.reading import Incoming, Refused
 from kernel.registry import Registry, RegistryError, load_registry
 from kernel.settings import Settings
 from kernel.timegrid import Grid
+from monitoring.direct import DirectAlert
 from monitoring.http import MonitoringServer
 from monitoring.mail import SmtpChannel
 from monitoring.metrics import SmameCollector, Sources
@@ -281,8 +282,8 @@ def node_about(leadership: Leadership | None) -> dict[str, object]:
     }
 
 
-def build_outbox(settings: Settings, store: Store, clock: Callable[[], float] = time.time) -> Outbox:
-    """The outbox with a channel for each one configured (mail, Slack)."""
+def build_channels(settings: Settings) -> dict[str, Channel]:
+    """A channel for each one configured (mail, Slack)."""
     channels: dict[str, Channel] = {}
     if settings.mail.smtp_url:
         channels["mail"] = SmtpChannel(settings.mail)
@@ -290,10 +291,15 @@ def build_outbox(settings: Settings, store: Store, clock: Callable[[], float] = 
         from monitoring.slack_channel import SlackChannel  # slack-sdk only where Slack is configured
 
         channels["slack"] = SlackChannel(settings.slack)
+    return channels
+
+
+def build_outbox(settings: Settings, store: Store, clock: Callable[[], float] = time.time) -> Outbox:
+    """The outbox with a channel for each one configured (mail, Slack)."""
     m = settings.monitoring
     return Outbox(
         store,
-        channels,
+        build_channels(settings),
         backoff_min=m.outbox_retry_s,
         give_up_s=m.outbox_give_up_s,
         clock=clock,
@@ -449,7 +455,28 @@ class App:
             out["web"] = self.web[0].run
         if self.monitor is not None and self.leadership is not None:
             out["security"] = self.standby_security
+        if self.leadership is not None and self.settings.alerts.enabled:
+            out["store-watch"] = self.store_watch
         return out
+
+    async def store_watch(self) -> None:
+        """On PostgreSQL, every node: while this node cannot use the store for `alerts.store_down_s`, say so
+        straight to the channels (the outbox is in the store); when it can again, say that too."""
+        assert self.leadership is not None
+        leadership, a = self.leadership, self.settings.alerts
+        direct = DirectAlert("store_unreachable", self.settings, build_channels(self.settings), self.clock)
+
+        def holding() -> str:
+            if not leadership.last_error:
+                return ""
+            return (
+                f"node {leadership.node} cannot use the store: {leadership.last_error}. While no node can, nothing "
+                "is ingested, acknowledged, reported or alerted through it (units keep their readings, the broker "
+                "keeps the telegrams); is PostgreSQL up, reachable, and free of a lock on smame's tables "
+                "(pg_locks)?"
+            )
+
+        await direct.watch(holding, a.store_down_s, min(5.0, a.check_s))
 
     async def standby_security(self) -> None:
         """While this node stands by, tell its file gateway's security events through the shared outbox (the
@@ -533,8 +560,12 @@ class App:
                 group.create_task(self._writer(fence), name="writer")
                 group.create_task(self.bridge.run(), name="bridge")
         finally:  # cancelled while starting (SIGTERM at once): the writer is closed all the same
+            # a writer that commits nothing, or one whose node no longer leads (its commits would be refused by
+            # the epoch), is killed rather than waited for: it holds nothing acknowledged
             stuck = self.bridge.stats.stalled_for(self.clock()) > self.settings.node.stall_s
-            await asyncio.get_running_loop().run_in_executor(None, self.writer.abort if stuck else self.writer.close)
+            deposed = self.leadership is not None and not self.leadership.leading
+            close = self.writer.abort if stuck or deposed else self.writer.close
+            await asyncio.get_running_loop().run_in_executor(None, close)
 
     async def _writer(self, fence: tuple[str, int] | None) -> None:
         await self.writer.start(fence)

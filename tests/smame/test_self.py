@@ -16,6 +16,7 @@ import urllib.request
 from datetime import datetime
 from pathlib import Path
 
+import psycopg
 import pytest
 from selenium import webdriver
 from selenium.webdriver.common.by import By
@@ -347,3 +348,48 @@ def test_a_node_whose_clock_is_behind_the_fleets_acknowledges_nothing_and_loses_
 def quarantined(db: Path) -> list[tuple[str, str]]:
     with sqlite3.connect(db) as c:
         return [(str(u), str(r)) for u, r in c.execute("SELECT unit, reason FROM quarantine ORDER BY id")]
+
+
+@pytest.mark.slow
+def test_a_store_no_node_can_use_is_told_directly_and_its_end_too(
+    broker: Mosquitto, workdir: Path, postgres: PostgresDatabase
+) -> None:
+    url = postgres.fresh_url()
+    write_registry(workdir, {"S1": "C1"})
+    port = free_port()
+    sink = SmtpSink().start()
+    env = smame_env(
+        workdir,
+        broker.port,
+        SMAME_STORAGE__URL=url,
+        SMAME_MONITORING__ENABLED="true",
+        SMAME_MONITORING__METRICS_PORT=str(port),
+        SMAME_ALERTS__STORE_DOWN_S="3",
+        **mail_env(sink),
+    )
+    log = workdir / "smame.log"
+    proc = start_smame(env, log)
+    try:
+        wait_log(log, "subscribed to")
+        name = f"{node_name_host()}:{proc.pid}"
+        # another session locks smame's meta table: the leader's beat, and any node's election, wait on it;
+        # the outbox, in the same store, can neither take nor send a message
+        with psycopg.connect(url) as admin:
+            admin.execute("LOCK TABLE meta IN ACCESS EXCLUSIVE MODE")
+            [alert] = sink.wait(1, 40)
+            assert alert.message["Subject"] == "[smame] ALERT: the store cannot be reached"
+            assert f"node {name} cannot use the store: no answer" in body(alert)
+            status, about = health(port)
+            assert status == 503 and about["role"] == "standby", about
+        wait_log(log, "leads now, epoch 2", 30)  # the lock gone, it leads again
+        sink.wait(2, 30)
+        assert subjects(sink) == [
+            "[smame] ALERT: the store cannot be reached",
+            "[smame] RESOLVED: the store cannot be reached",
+        ]
+        day = yesterday().isoformat()
+        publish(broker.port, [("smame/v1/S1/reading", telegram("S1", [(at(day, "10:00"), 1)]))])
+        wait_until(lambda: count(url, "readings") == 1, 15)
+    finally:
+        assert stop(proc) == 0
+        sink.stop()
