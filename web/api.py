@@ -12,16 +12,18 @@ agree to the digit; times are ISO 8601 with the configured zone's offset. Every 
 import asyncio
 import functools
 import logging
+import os
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from operator import attrgetter
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, BinaryIO, Literal
 
 import msgspec
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
@@ -133,6 +135,20 @@ def _refusals(*codes: int) -> dict[int | str, dict[str, Any]]:
         503: "the store is unavailable for now",
     }
     return {c: {"model": Error, "description": reasons[c]} for c in codes}
+
+
+DOWNLOAD_CHUNK = 64 * 1024  # bytes of a file read at a time: what a download holds while its client reads
+
+
+async def _chunks(f: BinaryIO) -> AsyncIterator[bytes]:
+    """An open file's bytes, a chunk at a time as the client takes them, read off the event loop; closed at
+    the end, or when the client goes."""
+    loop = asyncio.get_running_loop()
+    try:
+        while chunk := await loop.run_in_executor(None, f.read, DOWNLOAD_CHUNK):
+            yield chunk
+    finally:
+        f.close()
 
 
 def build_api(ctx: WebContext) -> FastAPI:
@@ -273,8 +289,10 @@ def build_api(ctx: WebContext) -> FastAPI:
             raise ApiError(404, f"no customer {customer_id}")
         _files_here()
         path = path_of(ctx.export_dir, customer_id, day)
+        loop = asyncio.get_running_loop()
         try:
-            data = await asyncio.get_running_loop().run_in_executor(None, path.read_bytes)
+            # opened now: a rewrite renames a new file over this one, and the open one stays whole as it was
+            f = await loop.run_in_executor(None, path.open, "rb")
         except FileNotFoundError:
             raise ApiError(404, f"no file of {customer_id} for {day.isoformat()}") from None
         if reader.customer is not None:  # the customer's downloads, as the file gateway notes them (not operators')
@@ -283,11 +301,17 @@ def build_api(ctx: WebContext) -> FastAPI:
                 await ctx.store.call(ctx.store.record_downloads, [row])
             except ctx.store.errors as e:  # the file is served all the same
                 log.warning("download of %s not recorded: %s", path.name, e)
+            except BaseException:
+                f.close()
+                raise
         charset = _CHARSET[customer.encoding]
-        return Response(
-            data,
+        return StreamingResponse(
+            _chunks(f),
             media_type=f"text/csv; charset={charset}",
-            headers={"Content-Disposition": f'attachment; filename="{path.name}"'},
+            headers={
+                "Content-Disposition": f'attachment; filename="{path.name}"',
+                "Content-Length": str(os.fstat(f.fileno()).st_size),
+            },
         )
 
     @router.get("/customers/{customer_id}/emissions", response_model=Emissions, responses=_refusals(400, 401, 404, 429))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.cookiejar
 import json
 import re
+import socket
 import time
 import urllib.error
 import urllib.parse
@@ -16,6 +17,7 @@ from tests.helpers import (
     Mosquitto,
     at,
     first_start,
+    memory_mb,
     publish,
     smame,
     smame_env,
@@ -25,6 +27,7 @@ from tests.helpers import (
     wait_log,
     wait_readings,
     write_registry,
+    yesterday,
 )
 from tests.smame.test_admin import PASSWORD, refused
 
@@ -136,4 +139,46 @@ def test_an_operators_sessions_end_when_the_password_changes_or_the_operator_goe
         smame(["operators", "add", "alice", "--password-stdin"], env, stdin=PASSWORD)
         assert page_of(port, cookie).endswith("/login")  # a new alice does not inherit the old one's sessions
     finally:
+        assert stop(proc) == 0
+
+
+def test_unread_downloads_of_a_large_file_hold_no_copy_of_it(broker: Mosquitto, workdir: Path) -> None:
+    write_registry(workdir, {"U1": "C1"})
+    port = free_port()
+    env = smame_env(workdir, broker.port, SMAME_WEB__ENABLED="true", SMAME_WEB__PORT=str(port))
+    first_start(workdir)
+    token = smame(["tokens", "add", "C1"], env).stdout.strip()
+    day = yesterday()
+    big = workdir / "data" / "export" / "C1" / f"C1_{day:%Y%m%d}.csv"
+    big.parent.mkdir(parents=True, exist_ok=True)
+    big.write_bytes(b"unit_id,meter_id,date\n" + b"U1,SM-1,2026-01-01,1,00:00,00:30,0.5,0.0,A\n" * 500_000)  # 22 MB
+    proc = start_smame(env, workdir / "smame.log")
+    sockets = []
+    try:
+        wait_log(workdir / "smame.log", "web server listening")
+        before = memory_mb(proc.pid)[0]
+        request = (
+            f"GET /api/v1/customers/C1/days/{day}.csv HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n"
+        ).encode()
+        for _ in range(30):  # clients that ask for the file and read none of it
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.sendall(request)
+            sockets.append(s)
+        time.sleep(3)
+        grown = memory_mb(proc.pid)[0] - before
+        assert grown < 100, f"{grown:.0f} MB for 30 unread downloads of a {big.stat().st_size / 2**20:.0f} MB file"
+        for s in sockets:
+            s.close()
+        with urllib.request.urlopen(  # and a client that reads gets the file whole
+            urllib.request.Request(
+                f"http://127.0.0.1:{port}/api/v1/customers/C1/days/{day}.csv",
+                headers={"Authorization": f"Bearer {token}"},
+            ),
+            timeout=30,
+        ) as response:
+            assert response.read() == big.read_bytes()
+    finally:
+        for s in sockets:
+            s.close()
         assert stop(proc) == 0
