@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -124,6 +125,13 @@ class ReadOnlySFTP(asyncssh.SFTPServer):
             raise asyncssh.SFTPError(asyncssh.FX_NO_SUCH_FILE, "no such file")
         return local
 
+    async def scandir(self, path: bytes) -> AsyncIterator[asyncssh.SFTPName]:
+        """Listings leave symbolic links out, as FTP's do: their targets would name places outside the
+        customer's directory (and reading one is refused anyway)."""
+        async for name in super().scandir(path):
+            if name.attrs.type != asyncssh.FILEXFER_TYPE_SYMLINK:
+                yield name
+
     def open(self, path: bytes, pflags: int, attrs: asyncssh.SFTPAttrs) -> Any:
         if pflags & _WRITE_FLAGS:
             log.warning(
@@ -178,7 +186,8 @@ async def start_sftp(
 ) -> asyncssh.SSHAcceptor:
     """Listen for SFTP; the acceptor's `close()` stops it."""
     acceptor = await asyncssh.listen(
-        host,
+        # "::" alone would be IPv6 only (asyncio sets IPV6_V6ONLY): every address of both families, as FTP does
+        "" if host == "::" else host,
         port,
         server_host_keys=[key],
         server_factory=lambda: _Server(accounts, bans, doorway),

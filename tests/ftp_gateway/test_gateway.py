@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import ftplib
 import hashlib
@@ -24,6 +25,9 @@ import paramiko
 import pytest
 
 from csv_export.files import write_if_changed
+from ftp_gateway.accounts import Accounts, Bans, Doorway
+from ftp_gateway.sftp import host_key, start_sftp
+from kernel.registry import load_registry
 from tests.helpers import (
     STARTED,
     free_port,
@@ -216,8 +220,11 @@ def test_ftps_refuses_everything_but_reading_ones_own_files(gateway: Gateway) ->
 
 def test_sftp_refuses_everything_but_reading_ones_own_files(gateway: Gateway, workdir: Path) -> None:
     os.symlink(gateway.export / "C2" / "C2_20261123.csv", gateway.export / "C1" / "escape.csv")
+    os.symlink("/etc/passwd", gateway.export / "C1" / "etc-passwd-link")
     client = sftp(gateway)
     assert "C2_20261123.csv" not in client.listdir("/")
+    listed = client.listdir_attr("/")  # links are left out of listings, as FTP leaves them out
+    assert sorted(a.filename for a in listed) == ["C1_20261123.csv", "C1_20261123.csv.sha256"], listed
     for path in ("../C2/C2_20261123.csv", "/../C2/C2_20261123.csv", "escape.csv", "/etc/passwd"):
         with pytest.raises(OSError):
             client.open(path).read()
@@ -244,6 +251,7 @@ def test_sftp_refuses_everything_but_reading_ones_own_files(gateway: Gateway, wo
         "C1_20261123.csv",
         "C1_20261123.csv.sha256",
         "escape.csv",
+        "etc-passwd-link",
     ]
 
 
@@ -462,3 +470,18 @@ def test_users_cli_errors(gateway: Gateway) -> None:
         assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
     smame(["users", "remove", "bob"], env)
     assert "bob" not in smame(["users", "list"], env).stdout
+
+
+async def test_sftp_on_every_ipv6_address_answers_on_ipv4_too(workdir: Path) -> None:
+    write_registry(workdir, {"U1": "C1"})
+    registry = load_registry(workdir / "units.csv", workdir / "customers.toml")
+    key = host_key(workdir / "ssh_host_ed25519_key")
+    port = free_port()
+    acceptor = await start_sftp("::", port, key, Accounts(lambda: registry, workdir / "export"), Bans(), Doorway())
+    try:
+        for family_host in ("127.0.0.1", "::1"):  # "::" as sftp.host: both families, as "0.0.0.0" for FTP
+            reader, writer = await asyncio.open_connection(family_host, port)
+            assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"SSH-2.0-"), family_host
+            writer.close()
+    finally:
+        acceptor.close()
