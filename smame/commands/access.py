@@ -9,6 +9,7 @@ import argparse
 import sys
 import time
 from datetime import datetime
+from zoneinfo import ZoneInfo
 
 from kernel.settings import Settings
 from smame.app import RegistryHolder, open_store
@@ -47,8 +48,9 @@ def add(sub: Subcommands, common: argparse.ArgumentParser) -> None:
     listing.set_defaults(func=_operators_list)
 
 
-def _shown(epoch: int) -> str:
-    return datetime.fromtimestamp(epoch).astimezone().isoformat(timespec="seconds")
+def _shown(epoch: int, settings: Settings) -> str:
+    """A time as every smame command shows it: in the configured time zone, not the machine's."""
+    return datetime.fromtimestamp(epoch, ZoneInfo(settings.timezone)).isoformat(timespec="seconds")
 
 
 def _tokens_add(settings: Settings, args: argparse.Namespace) -> int:
@@ -66,7 +68,7 @@ def _tokens_list(settings: Settings, args: argparse.Namespace) -> int:
     with open_store(settings, create=False) as store:
         found = Tokens(store).list(args.customer)
     for t in found:
-        print(f"{t.id}  {t.customer:<12} {_shown(t.created)}  {t.name}")
+        print(f"{t.id}  {t.customer:<12} {_shown(t.created, settings)}  {t.name}")
     return 0
 
 
@@ -103,5 +105,5 @@ def _operators_remove(settings: Settings, args: argparse.Namespace) -> int:
 def _operators_list(settings: Settings, args: argparse.Namespace) -> int:
     with open_store(settings, create=False) as store:
         for name, created in Operators(store).list():
-            print(f"{name:<24} since {_shown(created)}")
+            print(f"{name:<24} since {_shown(created, settings)}")
     return 0

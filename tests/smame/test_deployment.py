@@ -13,6 +13,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import yaml
 from prometheus_client import CollectorRegistry
 
 from kernel.settings import load_settings
@@ -65,6 +66,13 @@ def test_compose_file_validates_with_a_provisioned_broker(tmp_path: Path) -> Non
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("SMAME_STORAGE__URL: postgresql://smame:pw@postgres:5432/smame") == 2
     assert "smame-b-data" in proc.stdout and "tcp_keepalives_idle=5" in proc.stdout
+    # each node announces in its passive replies the ports published for it, each on the same port outside
+    services = yaml.safe_load(proc.stdout)["services"]
+    for name, wanted in (("smame", "60000-60099"), ("smame-b", "60100-60199")):
+        announced = services[name]["environment"].get("SMAME_FTP__PASSIVE_PORTS", "60000-60099")
+        low, high = (int(p) for p in announced.split("-"))
+        mapped = {p["target"]: p["published"] for p in services[name]["ports"] if isinstance(p, dict)}
+        assert announced == wanted and all(mapped.get(port) == port for port in range(low, high + 1)), name
     conf = (stack / "deploy" / "broker" / "mosquitto.conf").read_text()
     assert "password_file /mosquitto/config/passwd" in conf and "require_certificate true" in conf
 
