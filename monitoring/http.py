@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import socket
 import threading
+from collections import Counter
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -15,7 +18,9 @@ log = logging.getLogger("smame.monitoring")
 
 Health = Callable[[], dict[str, str]]  # check name -> "ok" or what is wrong
 MAX_CONNECTIONS = 32  # at once; more are closed unanswered (a scraper and an orchestrator need two)
+PER_ADDRESS = 4  # at once from one address: a stranger's slow connections leave room for the scraper's
 IDLE_TIMEOUT_S = 10.0  # a connection that sends nothing for this long is closed
+HEAD_TIMEOUT_S = 5.0  # a request head must be whole this long after the connection came (one byte a second is not)
 
 
 class _Server(ThreadingHTTPServer):
@@ -27,18 +32,55 @@ class _Server(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
         super().__init__(address, handler)
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._held: Counter[str] = Counter()  # connections by address
+        self._deadlines: dict[int, threading.Timer] = {}  # by the connection's socket's id, until its head is in
+        self._lock = threading.Lock()
 
     def process_request(self, request: Any, client_address: Any) -> None:
+        with self._lock:
+            crowded = self._held[client_address[0]] >= PER_ADDRESS
+            if not crowded:
+                self._held[client_address[0]] += 1
+        if crowded:
+            self.shutdown_request(request)
+            return
         if not self._slots.acquire(blocking=False):
+            self._leave(client_address[0])
             self.shutdown_request(request)
             return
         super().process_request(request, client_address)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
+        # the head's deadline: a request not whole by then has its socket shut, which ends the handler's read
+        deadline = threading.Timer(HEAD_TIMEOUT_S, _shut, (request,))
+        deadline.daemon = True
+        with self._lock:
+            self._deadlines[id(request)] = deadline
+        deadline.start()
         try:
             super().process_request_thread(request, client_address)
         finally:
+            self.head_done(request)
             self._slots.release()
+            self._leave(client_address[0])
+
+    def head_done(self, request: Any) -> None:
+        """The connection's request head is whole: its deadline no longer holds (a slow answer is not its fault)."""
+        with self._lock:
+            deadline = self._deadlines.pop(id(request), None)
+        if deadline is not None:
+            deadline.cancel()
+
+    def _leave(self, address: str) -> None:
+        with self._lock:
+            self._held[address] -= 1
+            if self._held[address] <= 0:
+                del self._held[address]
+
+
+def _shut(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 class MonitoringServer:
@@ -57,6 +99,12 @@ class MonitoringServer:
 
         class Handler(BaseHTTPRequestHandler):
             timeout = idle_timeout
+
+            def parse_request(self) -> bool:
+                whole = super().parse_request()
+                assert isinstance(self.server, _Server)
+                self.server.head_done(self.request)
+                return whole
 
             def do_GET(self) -> None:  # noqa: N802 (the standard library's name)
                 if self.path == "/metrics":

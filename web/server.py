@@ -75,6 +75,8 @@ class WebServer:
     async def _serve(self, started: threading.Event) -> None:
         import uvicorn  # on the server's thread, as the application is made: not on smame's way to the broker
 
+        from web.connections import GuardedH11Protocol
+
         config = uvicorn.Config(
             self._app(),
             host=self.host,
@@ -83,7 +85,9 @@ class WebServer:
             access_log=False,
             lifespan="off",
             server_header=False,
-            limit_concurrency=64,  # beyond that 503 at once: slow clients cannot pile up without bound
+            # beyond that 503 at once; a stranger's idle connections go after HEAD_TIMEOUT_S, PER_ADDRESS at most
+            limit_concurrency=256,
+            http=GuardedH11Protocol,
             timeout_keep_alive=10,
             h11_max_incomplete_event_size=16 * 1024,
         )

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import re
 import socket
+import time
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -31,7 +33,7 @@ from kernel.reading import Incoming, Reading
 from kernel.registry import Registry, load_registry
 from kernel.timegrid import SLOT, Grid
 from tests.databases import BACKENDS
-from tests.helpers import serving
+from tests.helpers import real_processes, serving
 from web.access import SESSION_COOKIE, Operators, Sessions, Tokens
 from web.app import build_app
 from web.context import WebContext
@@ -480,3 +482,44 @@ def raw(port: int, request: bytes) -> str:
 def _length(answer: bytes) -> int:
     found = re.search(rb"content-length: (\d+)", answer.split(b"\r\n\r\n", 1)[0], re.I)
     return int(found.group(1)) if found else 0
+
+
+def connect_from(source: str, port: int) -> socket.socket:
+    """A connection to the server from `source`, an address of the loopback range (all of 127/8 is local)."""
+    s = socket.socket()
+    s.settimeout(10)
+    s.bind((source, 0))
+    s.connect(("127.0.0.1", port))
+    return s
+
+
+def test_strangers_idling_or_dripping_cannot_keep_a_customer_out(api: Api) -> None:
+    real_processes()  # waits on the wall clock (the shifted pass's faketime breaks sleeping)
+    if api.store_url.startswith("postgresql"):
+        pytest.skip("connections are limited before any store is asked: tested once, on SQLite")
+    idle = [connect_from(f"127.0.0.{3 + k // 8}", api.port) for k in range(64)]  # 8 addresses, 8 each
+    drip = [connect_from("127.0.0.20", api.port) for _ in range(4)]
+    try:
+        # beyond its 8, an address's next connection is closed at once
+        extra = connect_from("127.0.0.3", api.port)
+        assert extra.recv(100) == b""
+        extra.close()
+        # a customer is served meanwhile, from its own address
+        customer = connect_from("127.0.0.2", api.port)
+        token = api.tokens["C1"]
+        customer.sendall(f"GET /api/v1/units HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n".encode())
+        assert customer.recv(100).startswith(b"HTTP/1.1 200 ")
+        customer.close()
+        for s in drip:
+            s.sendall(b"GET /api/v1/units HTTP/1.1\r\n")
+        for _ in range(8):  # a header byte a second holds no connection past its head's deadline
+            for s in drip:
+                with contextlib.suppress(OSError):
+                    s.sendall(b"X")
+            time.sleep(1)
+        for s in idle + drip:  # every one of them closed by the server: a read ends
+            with contextlib.suppress(ConnectionResetError):
+                assert s.recv(100) == b""
+    finally:
+        for s in idle + drip:
+            s.close()
