@@ -446,6 +446,16 @@ def serving(server: WebServer) -> Iterator[int]:
         assert not thread.is_alive(), "the web server did not stop"
 
 
+def connect_from(source: str, port: int) -> socket.socket:
+    """A connection to 127.0.0.1:`port` from `source`, another address of the loopback range (all of 127/8 is
+    local): a stranger or a customer of its own address."""
+    s = socket.socket()
+    s.settimeout(10)
+    s.bind((source, 0))
+    s.connect(("127.0.0.1", port))
+    return s
+
+
 class Relay:
     """A TCP relay from a free port of 127.0.0.1 to `port`. `cut()` stops it carrying bytes either way and leaves
     new connections unanswered, with no reset: a link cut as a dead switch or a firewall's lost state cuts it.

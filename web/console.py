@@ -117,8 +117,8 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
         done.delete_cookie(LOGIN_CSRF, path="/login")
         return done
 
-    @app.post("/logout", include_in_schema=False)
-    async def logout(request: Request) -> Response:
+    async def operator_form(request: Request) -> tuple[Session, dict[str, str]] | Response:
+        """A logged-in operator's posted form with its session's CSRF token, or the answer refusing it."""
         session = await session_of(request)
         fields = await form(request)
         if session is None:
@@ -127,6 +127,13 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
             return PlainTextResponse(f"a form of over {MAX_FORM} bytes is refused", 413)
         if not hmac.compare_digest(fields.get("csrf", ""), session.csrf):
             return PlainTextResponse("missing or wrong CSRF token", 403)
+        return session, fields
+
+    @app.post("/logout", include_in_schema=False)
+    async def logout(request: Request) -> Response:
+        got = await operator_form(request)
+        if isinstance(got, Response):
+            return got
         await ctx.store.call(sessions.close, request.cookies.get(SESSION_COOKIE, ""))
         done = RedirectResponse("/login", 303)
         done.delete_cookie(SESSION_COOKIE, path="/")
@@ -304,18 +311,6 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
             "limit": HISTORY_LIMIT,
         }
         return templates.TemplateResponse(request, "alerts.html", context)
-
-    async def operator_form(request: Request) -> tuple[Session, dict[str, str]] | Response:
-        """A logged-in operator's posted form with its session's CSRF token, or the answer refusing it."""
-        session = await session_of(request)
-        fields = await form(request)
-        if session is None:
-            return RedirectResponse("/login", 303)
-        if fields is None:
-            return PlainTextResponse(f"a form of over {MAX_FORM} bytes is refused", 413)
-        if not hmac.compare_digest(fields.get("csrf", ""), session.csrf):
-            return PlainTextResponse("missing or wrong CSRF token", 403)
-        return session, fields
 
     @app.post("/alerts/acknowledge", include_in_schema=False)
     async def acknowledge(request: Request) -> Response:

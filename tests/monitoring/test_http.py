@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import socket
 import threading
 import time
 import urllib.request
@@ -12,20 +11,11 @@ from prometheus_client import CollectorRegistry
 
 from kernel.settings import Settings
 from monitoring.http import HEAD_TIMEOUT_S, MAX_CONNECTIONS, PER_ADDRESS, MonitoringServer
-from tests.helpers import real_processes, wait_until
+from tests.helpers import connect_from, real_processes, wait_until
 
 
 def test_metrics_listen_on_this_machine_only_by_default() -> None:
     assert Settings().monitoring.host == "127.0.0.1"
-
-
-def connect_from(source: str, port: int) -> socket.socket:
-    """A connection from `source`, an address of the loopback range (all of 127/8 is local)."""
-    s = socket.socket()
-    s.settimeout(10)
-    s.bind((source, 0))
-    s.connect(("127.0.0.1", port))
-    return s
 
 
 def test_idle_or_dripping_connections_neither_pile_up_threads_nor_lock_out_a_scrape() -> None:

@@ -63,6 +63,13 @@ def mail_env(sink: SmtpSink) -> dict[str, str]:
     )
 
 
+def watched(workdir: Path, broker: Mosquitto, sink: SmtpSink, **extra: str) -> tuple[dict[str, str], int]:
+    """A node's environment with its metrics and /healthz on a free port (returned) and mail to `sink`."""
+    port = free_port()
+    metrics = dict(SMAME_MONITORING__ENABLED="true", SMAME_MONITORING__METRICS_PORT=str(port))
+    return smame_env(workdir, broker.port, **metrics, **mail_env(sink), **extra), port
+
+
 def subjects(sink: SmtpSink) -> list[str]:
     return [m.message["Subject"] for m in sink.messages]
 
@@ -131,16 +138,8 @@ def test_a_leader_cut_off_from_the_broker_hands_over_within_30_s_and_stays_out_w
 @pytest.mark.slow
 def test_a_stalled_writer_fails_healthz_and_is_alerted_then_nothing_is_lost(broker: Mosquitto, workdir: Path) -> None:
     write_registry(workdir, {"W1": "C1"})
-    port = free_port()
     sink = SmtpSink().start()
-    env = smame_env(
-        workdir,
-        broker.port,
-        SMAME_MONITORING__ENABLED="true",
-        SMAME_MONITORING__METRICS_PORT=str(port),
-        SMAME_NODE__STALL_S="2",
-        **mail_env(sink),
-    )
+    env, port = watched(workdir, broker, sink, SMAME_NODE__STALL_S="2")
     log = workdir / "smame.log"
     proc = start_smame(env, log)
     try:
@@ -181,15 +180,8 @@ def test_a_stalled_writer_fails_healthz_and_is_alerted_then_nothing_is_lost(brok
 @pytest.mark.slow
 def test_a_refused_registry_reload_fails_healthz_and_is_alerted(broker: Mosquitto, workdir: Path) -> None:
     write_registry(workdir, {"R1": "C1"})
-    port = free_port()
     sink = SmtpSink().start()
-    env = smame_env(
-        workdir,
-        broker.port,
-        SMAME_MONITORING__ENABLED="true",
-        SMAME_MONITORING__METRICS_PORT=str(port),
-        **mail_env(sink),
-    )
+    env, port = watched(workdir, broker, sink)
     log = workdir / "smame.log"
     proc = start_smame(env, log)
     try:
@@ -301,15 +293,8 @@ def test_a_node_whose_clock_is_behind_the_fleets_acknowledges_nothing_and_loses_
 ) -> None:
     units = [f"F{u}" for u in range(5)]
     write_registry(workdir, {**{u: "C1" for u in units}, "LONE": "C2"})
-    port = free_port()
     sink = SmtpSink().start()
-    env = smame_env(
-        workdir,
-        broker.port,
-        SMAME_MONITORING__ENABLED="true",
-        SMAME_MONITORING__METRICS_PORT=str(port),
-        **mail_env(sink),
-    )
+    env, port = watched(workdir, broker, sink)
     db = workdir / "data" / "smame.db"
     log = workdir / "smame.log"
     # the fleet's clocks an hour ahead of this node's: as the node sees it, each telegram comes from the future
@@ -356,17 +341,8 @@ def test_a_store_no_node_can_use_is_told_directly_and_its_end_too(
 ) -> None:
     url = postgres.fresh_url()
     write_registry(workdir, {"S1": "C1"})
-    port = free_port()
     sink = SmtpSink().start()
-    env = smame_env(
-        workdir,
-        broker.port,
-        SMAME_STORAGE__URL=url,
-        SMAME_MONITORING__ENABLED="true",
-        SMAME_MONITORING__METRICS_PORT=str(port),
-        SMAME_ALERTS__STORE_DOWN_S="3",
-        **mail_env(sink),
-    )
+    env, port = watched(workdir, broker, sink, SMAME_STORAGE__URL=url, SMAME_ALERTS__STORE_DOWN_S="3")
     log = workdir / "smame.log"
     proc = start_smame(env, log)
     try:

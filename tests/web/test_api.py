@@ -33,7 +33,7 @@ from kernel.reading import Incoming, Reading
 from kernel.registry import Registry, load_registry
 from kernel.timegrid import SLOT, Grid
 from tests.databases import BACKENDS
-from tests.helpers import real_processes, serving
+from tests.helpers import connect_from, real_processes, serving
 from web.access import SESSION_COOKIE, Operators, Sessions, Tokens
 from web.app import build_app
 from web.context import WebContext
@@ -482,15 +482,6 @@ def raw(port: int, request: bytes) -> str:
 def _length(answer: bytes) -> int:
     found = re.search(rb"content-length: (\d+)", answer.split(b"\r\n\r\n", 1)[0], re.I)
     return int(found.group(1)) if found else 0
-
-
-def connect_from(source: str, port: int) -> socket.socket:
-    """A connection to the server from `source`, an address of the loopback range (all of 127/8 is local)."""
-    s = socket.socket()
-    s.settimeout(10)
-    s.bind((source, 0))
-    s.connect(("127.0.0.1", port))
-    return s
 
 
 def test_strangers_idling_or_dripping_cannot_keep_a_customer_out(api: Api) -> None:
