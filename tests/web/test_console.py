@@ -12,6 +12,7 @@ from datetime import datetime
 from pathlib import Path
 
 from selenium import webdriver
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as expected
 from selenium.webdriver.support.ui import Select, WebDriverWait
@@ -39,8 +40,9 @@ PASSWORD = "console-pass-123"
 
 
 def wait(browser: webdriver.Chrome) -> WebDriverWait[webdriver.Chrome]:
-    """Until the page a click led to is there: a click returns before the next page has loaded."""
-    return WebDriverWait(browser, 15)
+    """Until the page a click led to is there: a click returns before the next page has loaded, and an element
+    found on the page being left goes stale (looked for again)."""
+    return WebDriverWait(browser, 15, ignored_exceptions=[NoSuchElementException, StaleElementReferenceException])
 
 
 def shot(browser: webdriver.Chrome, name: str) -> None:
