@@ -101,7 +101,7 @@ class Bans:
     max_failures: int = 5
     window: float = 600.0
     ban_s: float = 3600.0
-    on_ban: Callable[[str], None] = lambda address: None
+    on_ban: Callable[[str, str], None] = lambda address, door: None  # the address, and the door it guessed at
     clock: Callable[[], float] = time.monotonic
     _failures: dict[str, list[float]] = field(default_factory=dict)
     _aimed: dict[str, list[float]] = field(default_factory=dict)  # failures by the account they were aimed at
@@ -127,9 +127,9 @@ class Bans:
             now = self.clock()
             return {a: until - now for a, until in self._until.items() if until > now}
 
-    def failed(self, address: str, account: str = "") -> bool:
-        """Count a failed login from `address` aimed at `account` (as `protocol name`); True when it bans the
-        address."""
+    def failed(self, address: str, account: str = "", door: str = "") -> bool:
+        """Count a failed login from `address` aimed at `account` (as `kind name`) at `door` (FTP, SFTP, the API,
+        the console: one ban list keeps the address from all of them); True when it bans the address."""
         address, account = normalize(address), account[:MAX_ACCOUNT]
         with self._lock:
             now = self.clock()
@@ -140,7 +140,7 @@ class Bans:
             self._failures.pop(address, None)
             self._until[address] = now + self.ban_s
             self.bans += 1
-        self.on_ban(address)
+        self.on_ban(address, door)
         return True
 
     def _count(self, counts: dict[str, list[float]], key: str, now: float) -> list[float]:

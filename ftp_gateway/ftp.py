@@ -160,7 +160,7 @@ def _handler(options: FtpOptions, accounts: Accounts, bans: Bans, doorway: Doorw
         def on_login_failed(self, username: str, password: str) -> None:
             log.warning("ftp: failed login user=%s address=%s", username, self.remote_ip)
             accounts.failed("ftp", username, self.remote_ip)
-            if bans.failed(self.remote_ip, f"login {username}"):
+            if bans.failed(self.remote_ip, f"login {username}", "FTP"):
                 log.error("ftp: address %s banned after repeated failed logins", self.remote_ip)
 
         def on_file_sent(self, file: str) -> None:

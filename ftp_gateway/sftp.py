@@ -100,7 +100,7 @@ class _Server(asyncssh.SSHServer):
             return True
         log.warning("sftp: failed login user=%s address=%s", username, self.address)
         self.accounts.failed("sftp", username, self.address)
-        if self.bans.failed(self.address, f"login {username}"):
+        if self.bans.failed(self.address, f"login {username}", "SFTP"):
             log.error("sftp: address %s banned after repeated failed logins", self.address)
         return False
 

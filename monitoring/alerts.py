@@ -29,7 +29,7 @@ TITLES = {
     "nodes_gone": "a node is gone",
     "failover": "another node leads now",
     "store_unreachable": "the store cannot be reached",
-    "security_ban": "security: addresses banned on the file gateway",
+    "security_ban": "security: addresses banned after failed logins",
     "security_failed_logins": "security: repeated failed logins",
     "security_unit_mismatch": "security: telegrams under another unit's topic",
 }

@@ -20,7 +20,7 @@ class SecurityEvents:
     """What happened since each kind was last told; thread-safe (the FTP server has a thread of its own)."""
 
     failed_logins_min: int = 5  # a user is named once this many logins failed within the hour
-    _bans: list[str] = field(default_factory=list)
+    _bans: list[tuple[str, str]] = field(default_factory=list)  # (address, the door it guessed at)
     _failed: Counter[str] = field(default_factory=Counter)  # user -> failures
     _failed_from: dict[str, set[str]] = field(default_factory=dict)  # user -> addresses
     _mismatches: Counter[str] = field(default_factory=Counter)  # "unit claimed on topic of unit" -> count
@@ -28,10 +28,10 @@ class SecurityEvents:
     _window: int = -1  # the hour whose failed logins are being counted
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def ban(self, address: str) -> None:
-        """An address was banned for failing to log in too often."""
+    def ban(self, address: str, door: str = "") -> None:
+        """An address was banned for failing to log in too often at `door` (FTP, SFTP, the API, the console)."""
         with self._lock:
-            self._bans.append(address)
+            self._bans.append((address, door))
 
     def failed_login(self, user: str, address: str) -> None:
         """A login failed."""
@@ -56,7 +56,11 @@ class SecurityEvents:
                     (
                         "security_ban",
                         f"{len(self._bans)} ban(s) after repeated failed logins: "
-                        + ", ".join(f"{a} ({n}x)" if n > 1 else a for a, n in sorted(counted.items())),
+                        + ", ".join(
+                            a + (f" at {door}" if door else "") + (f" ({n}x)" if n > 1 else "")
+                            for (a, door), n in sorted(counted.items())
+                        )
+                        + " (a banned address is kept from FTP, SFTP, the API and the console alike)",
                     )
                 )
                 self._bans.clear()

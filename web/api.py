@@ -203,7 +203,7 @@ def build_api(ctx: WebContext) -> FastAPI:
         customer = await ctx.store.call(tokens.customer_of, token)
         match = TOKEN.fullmatch(token)
         if customer is None or customer not in ctx.registry().customers:
-            ctx.bans.failed(address, f"token {match['id']}" if match else "")
+            ctx.bans.failed(address, f"token {match['id']}" if match else "", "the API")
             await asyncio.sleep(ctx.fail_delay_s)  # a guesser learns slowly; the loop serves others meanwhile
             raise ApiError(401, "this API token is not valid", {"WWW-Authenticate": "Bearer"})
         return Reader(customer, f"token {match['id'] if match else '?'}")

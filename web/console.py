@@ -108,7 +108,7 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
         name, password = fields.get("name", "")[:64], fields.get("password", "")[:1024]
         stored = await ctx.store.call(operators.hash_of, name)
         if not await asyncio.get_running_loop().run_in_executor(None, operators.verify, password, stored):
-            ctx.bans.failed(address, f"operator {name}")
+            ctx.bans.failed(address, f"operator {name}", "the console")
             await asyncio.sleep(ctx.fail_delay_s)
             return login_page(request, "Wrong name or password.", 401)
         secret, _ = await ctx.store.call(sessions.open, name, int(ctx.clock()))

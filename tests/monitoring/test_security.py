@@ -32,14 +32,15 @@ T = 1_800_000_000.0 - 1_800_000_000.0 % HOUR  # the start of an hour
 
 def test_each_kind_is_said_at_most_once_an_hour_with_everything_gathered() -> None:
     s = SecurityEvents(failed_logins_min=3)
-    s.ban("192.0.2.1")
+    everywhere = " (a banned address is kept from FTP, SFTP, the API and the console alike)"
+    s.ban("192.0.2.1", "the API")  # the door it guessed at is named: not every ban is the file gateway's
     [(kind, text)] = s.due(T + 10)
-    assert kind == "security_ban" and text == "1 ban(s) after repeated failed logins: 192.0.2.1"
-    s.ban("192.0.2.2")
-    s.ban("192.0.2.2")
+    assert kind == "security_ban" and text == "1 ban(s) after repeated failed logins: 192.0.2.1 at the API" + everywhere
+    s.ban("192.0.2.2", "SFTP")
+    s.ban("192.0.2.2", "SFTP")
     assert s.due(T + 20) == []  # said this hour already: gathered for the next
     [(_, text)] = s.due(T + HOUR + 5)
-    assert text == "2 ban(s) after repeated failed logins: 192.0.2.2 (2x)"
+    assert text == "2 ban(s) after repeated failed logins: 192.0.2.2 at SFTP (2x)" + everywhere
     for _ in range(2):
         s.failed_login("alice", "192.0.2.9")
     assert s.due(T + HOUR + 6) == []  # two failures: typing, not an attack
@@ -127,8 +128,8 @@ def test_a_ban_and_the_failed_logins_behind_it_reach_slack(broker: Mosquitto, wo
         posts = slack.wait(lambda posts: sum("security" in p.body["text"] for p in posts) >= 2)
         texts = {p.body["text"].split("\n")[0]: p.body["text"] for p in posts if "security" in p.body["text"]}
         assert (
-            "1 ban(s) after repeated failed logins: 127.0.0.1"
-            in texts["[smame] EVENT: security: addresses banned on the file gateway"]
+            "1 ban(s) after repeated failed logins: 127.0.0.1 at FTP"
+            in texts["[smame] EVENT: security: addresses banned after failed logins"]
         )
         failed = texts["[smame] EVENT: security: repeated failed logins"]
         # shown as text in Slack: no mention of the channel, no hidden link
