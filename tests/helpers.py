@@ -18,6 +18,7 @@ import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import paho.mqtt.client as paho
 import pytest
@@ -25,6 +26,9 @@ import pytest
 from broker_bridge.telegram import WireReading, WireTelegram, encode
 from smame.demo import free_port, wait_port  # noqa: F401 (the tests use the demo's own)
 from web.server import WebServer
+
+if TYPE_CHECKING:
+    from smame.app import App
 
 JST = timezone(timedelta(hours=9))
 ROOT = Path(__file__).resolve().parent.parent
@@ -243,6 +247,19 @@ def first_start(workdir: Path) -> None:
     from aggregator.backends import open_url
 
     open_url(f"sqlite:///{workdir / 'data' / 'smame.db'}").close()
+
+
+def default_app(directory: Path, monkeypatch: pytest.MonkeyPatch) -> App:
+    """smame's app, built in-process with the default settings over a one-unit registry in `directory`, no
+    `SMAME_` variable of the environment in the way (the caller closes its exporter and monitor store)."""
+    from kernel.settings import load_settings
+    from smame.app import App
+
+    write_registry(directory, {"U1": "C1"})
+    for key in [k for k in os.environ if k.startswith("SMAME_")]:
+        monkeypatch.delenv(key)
+    registry = {"units": directory / "units.csv", "customers": directory / "customers.toml"}
+    return App.build(load_settings(None, data_dir=directory / "data", registry=registry))
 
 
 def smame_env(workdir: Path, port: int, **extra: str) -> dict[str, str]:

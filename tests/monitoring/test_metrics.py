@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import urllib.error
 import urllib.request
@@ -13,14 +12,13 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from kernel.settings import load_settings
 from monitoring.alerts import Active
 from monitoring.metrics import SmameCollector, Sources
 from monitoring.monitor import Scan
-from smame.app import App
 from tests.helpers import (
     Mosquitto,
     at,
+    default_app,
     free_port,
     publish,
     scrape,
@@ -109,15 +107,7 @@ class Standing:
 def test_a_standby_exports_none_of_the_figures_only_the_leader_knows(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    write_registry(tmp_path, {"U1": "C1"})
-    for key in [k for k in os.environ if k.startswith("SMAME_")]:
-        monkeypatch.delenv(key)
-    settings = load_settings(
-        None,
-        data_dir=tmp_path / "data",
-        registry={"units": tmp_path / "units.csv", "customers": tmp_path / "customers.toml"},
-    )
-    app = App.build(settings)
+    app = default_app(tmp_path, monkeypatch)
     try:
         assert app.monitor is not None
         # what the node saw while it led: 200 silent units, an alert, mail waiting

@@ -18,8 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from kernel.settings import load_settings
 from monitoring.metrics import SmameCollector, Sources
-from smame.app import App
-from tests.helpers import ROOT, smame, smame_env, write_registry
+from tests.helpers import ROOT, default_app, smame, smame_env
 
 
 def tool(name: str) -> str:
@@ -117,15 +116,7 @@ def test_the_shipped_settings_load_with_the_compose_environment(monkeypatch: pyt
 
 
 def test_every_metric_the_rules_and_dashboard_use_exists(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    write_registry(tmp_path, {"U1": "C1"})
-    for key in [k for k in os.environ if k.startswith("SMAME_")]:
-        monkeypatch.delenv(key)
-    settings = load_settings(
-        None,
-        data_dir=tmp_path / "data",
-        registry={"units": tmp_path / "units.csv", "customers": tmp_path / "customers.toml"},
-    )
-    app = App.build(settings)
+    app = default_app(tmp_path, monkeypatch)
     try:
         registry = CollectorRegistry()
         assert app.monitor is not None and app.gateway is not None and app.exporter is not None
