@@ -7,6 +7,7 @@ names the key (as it is written in TOML and as an environment variable).
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -189,6 +190,20 @@ class WebSettings(Section):
     bind: str = "127.0.0.1"  # this machine only; a deployment that publishes it says so (compose: 0.0.0.0)
     port: int = Field(default=8080, ge=0, le=65535)
     max_days: int = Field(default=45, ge=1, le=366)  # days of slots one API call may ask for
+    # proxies whose X-Forwarded-For / X-Forwarded-Proto are believed (addresses or networks); nobody else's are
+    trusted_proxies: Annotated[list[str], NoDecode] = []
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _proxies(cls, v: Any) -> Any:
+        if isinstance(v, str):  # SMAME_WEB__TRUSTED_PROXIES=10.0.0.1,172.16.0.0/12
+            v = [a.strip() for a in v.split(",") if a.strip()]
+        for network in v if isinstance(v, list) else []:
+            try:
+                ipaddress.ip_network(str(network), strict=False)
+            except ValueError:
+                raise ValueError(f"{network!r} is not an address or network (192.0.2.10, 10.0.0.0/8, ::1)") from None
+        return v
 
 
 class MailSettings(Section):

@@ -46,6 +46,7 @@ from monitoring.sources import ExportCounters
 from smame import __version__
 from smame.users import set_password
 from web.context import WebContext
+from web.proxies import Proxies
 from web.server import WebServer
 
 if TYPE_CHECKING:
@@ -265,7 +266,7 @@ def build_web(
 
         return build_app(context)
 
-    return WebServer(application, settings.web.bind, settings.web.port), store
+    return WebServer(application, settings.web.bind, settings.web.port, Proxies(settings.web.trusted_proxies)), store
 
 
 def node_about(leadership: Leadership | None) -> dict[str, object]:

@@ -4,7 +4,8 @@ uvicorn closes a connection that idles after a response, but not one that never 
 client that connects and sends nothing, or one header byte every few seconds, holds its place for ever, and
 64 of them deny the API and the console to everyone. Here a connection must send a whole request head within
 HEAD_TIMEOUT_S of connecting (or of its last response), and one address holds at most PER_ADDRESS
-connections at once; beyond that, a new one is closed at once.
+connections at once; beyond that, a new one is closed at once. A trusted proxy (`web.trusted_proxies`) carries
+every client's connections, so it is not capped: the proxy bounds its own clients.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ class GuardedH11Protocol(H11Protocol):
         self._address = self.client[0] if self.client else ""
         held = _per_address(self.server_state)
         held[self._address] += 1
-        if held[self._address] > PER_ADDRESS:
+        proxies = getattr(self.server_state, "smame_proxies", None)
+        if held[self._address] > PER_ADDRESS and not (proxies and proxies.trusts(self._address)):
             transport.close()
             return
         self._arm()

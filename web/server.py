@@ -12,6 +12,8 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from web.proxies import Proxies
+
 if TYPE_CHECKING:
     import uvicorn
 
@@ -19,11 +21,13 @@ log = logging.getLogger("smame.web")
 
 
 class WebServer:
-    """Serves an ASGI application, made by `app` on the server's own thread, on `host:port` until stopped."""
+    """Serves an ASGI application, made by `app` on the server's own thread, on `host:port` until stopped,
+    taking the client's address and scheme from `proxies` only (`web.proxies`)."""
 
-    def __init__(self, app: Callable[[], Any], host: str, port: int) -> None:
+    def __init__(self, app: Callable[[], Any], host: str, port: int, proxies: Proxies | None = None) -> None:
         self._app = app
         self.host, self.wanted_port = host, port
+        self.proxies = proxies or Proxies()
         self._server: uvicorn.Server | None = None
         self._failed: BaseException | None = None
 
@@ -76,15 +80,17 @@ class WebServer:
         import uvicorn  # on the server's thread, as the application is made: not on smame's way to the broker
 
         from web.connections import GuardedH11Protocol
+        from web.proxies import forwarded
 
         config = uvicorn.Config(
-            self._app(),
+            forwarded(self._app(), self.proxies),
             host=self.host,
             port=self.wanted_port,
             log_config=None,  # smame's logging
             access_log=False,
             lifespan="off",
             server_header=False,
+            proxy_headers=False,  # uvicorn's would trust 127.0.0.1's forwarded headers: web.proxies decides
             # beyond that 503 at once; a stranger's idle connections go after HEAD_TIMEOUT_S, PER_ADDRESS at most
             limit_concurrency=256,
             http=GuardedH11Protocol,
@@ -92,6 +98,7 @@ class WebServer:
             h11_max_incomplete_event_size=16 * 1024,
         )
         self._server = uvicorn.Server(config)  # not on the main thread: it leaves the signals to smame
+        self._server.server_state.smame_proxies = self.proxies  # type: ignore[attr-defined]  # web.connections
         task = asyncio.create_task(self._server.serve())
         while not self._server.started and not task.done():
             await asyncio.sleep(0.01)

@@ -51,6 +51,8 @@ def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.Monk
     s = load_settings(f)
     assert (s.timezone, s.broker.url, s.broker.batch_size) == ("Europe/Berlin", "mqtt://b:1884", 10)
     assert s.storage_url == "sqlite:////srv/x/smame.db"
+    monkeypatch.setenv("SMAME_WEB__TRUSTED_PROXIES", "10.0.0.1, 172.16.0.0/12")
+    assert load_settings(f).web.trusted_proxies == ["10.0.0.1", "172.16.0.0/12"]
 
 
 @pytest.mark.parametrize(
@@ -62,6 +64,7 @@ def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.Monk
         ("", {"SMAME_BROKER__BATCH_SIZE": "0"}, "broker.batch_size / SMAME_BROKER__BATCH_SIZE"),
         ("", {"SMAME_STORAGE__URL": "mysql://x/y"}, "storage.url / SMAME_STORAGE__URL"),
         ('[log]\nlevel = "LOUD"\n', {}, "log.level / SMAME_LOG__LEVEL"),
+        ("", {"SMAME_WEB__TRUSTED_PROXIES": "10.0.0.1,proxy.lan"}, "web.trusted_proxies / SMAME_WEB__TRUSTED"),
     ],
 )
 def test_a_wrong_value_names_its_key(

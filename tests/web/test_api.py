@@ -37,6 +37,7 @@ from tests.helpers import connect_from, real_processes, serving
 from web.access import SESSION_COOKIE, Operators, Sessions, Tokens
 from web.app import build_app
 from web.context import WebContext
+from web.proxies import Proxies
 from web.server import WebServer
 
 GRID = Grid("Asia/Tokyo")
@@ -514,3 +515,64 @@ def test_strangers_idling_or_dripping_cannot_keep_a_customer_out(api: Api) -> No
     finally:
         for s in idle + drip:
             s.close()
+
+
+def test_the_client_behind_trusted_proxies_is_the_rightmost_address_they_did_not_add() -> None:
+    proxies = Proxies(["10.0.0.0/8", "::1"])
+    assert proxies.client("203.0.113.9", "192.0.2.1") == "203.0.113.9"  # not a proxy: its header says nothing
+    assert proxies.client("10.1.2.3", "192.0.2.1, 198.51.100.7") == "198.51.100.7"  # the left is the client's say
+    assert proxies.client("::ffff:10.1.2.3", "198.51.100.7, 10.9.9.9") == "198.51.100.7"  # two proxies in a row
+    assert proxies.client("::1", "[2001:db8::5]:4711") == "2001:db8::5"
+    assert proxies.client("10.1.2.3", "198.51.100.7:5000") == "198.51.100.7"
+    assert proxies.client("10.1.2.3", "") == "10.1.2.3"  # nothing forwarded: the proxy itself
+    assert proxies.client("10.1.2.3", "198.51.100.7, <script>") == "10.1.2.3"  # not an address: no further
+    assert not Proxies()
+
+
+def test_forwarded_headers_are_believed_from_trusted_proxies_only(world: World) -> None:
+    store = open_url(world.store_url)
+    wrong = world.tokens["C2"][:-2] + "xx"
+
+    def get(port: int, token: str | None, forwarded_for: str, path: str = "/api/v1/units") -> tuple[int, str]:
+        request = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
+        request.add_header("X-Forwarded-For", forwarded_for)
+        request.add_header("X-Forwarded-Proto", "https")
+        if token:
+            request.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, response.headers.get("set-cookie", "")
+        except urllib.error.HTTPError as exc:
+            return exc.code, ""
+
+    try:
+        for trusted in ([], ["127.0.0.0/8"]):
+            bans = Bans(max_failures=3)
+            ctx = WebContext(
+                store, lambda: world.registry, GRID, world.root, bans, lambda: NOW, max_days=45, fail_delay_s=0.0
+            )
+            with serving(WebServer(lambda ctx=ctx: build_app(ctx), "127.0.0.1", 0, Proxies(trusted))) as port:
+                for k in range(3):  # a guesser naming its victim, then other addresses, as the client
+                    assert get(port, wrong, "192.0.2.66" if k == 0 else f"203.0.113.{k}")[0] == 401
+                cookie = get(port, None, "198.51.100.7", "/login")[1]
+                if not trusted:  # the guesser is banned, the addresses it named are not; no proxy said https
+                    assert bans.banned("127.0.0.1") and not bans.banned("192.0.2.66")
+                    assert "secure" not in cookie.lower()
+                    continue
+                # behind a trusted proxy each client is itself: three addresses with one failure each
+                assert not bans.banned("127.0.0.1") and bans.active() == {}
+                for _ in range(3):
+                    get(port, wrong, "192.0.2.1, 203.0.113.50")  # the proxy's client is the rightmost address
+                assert bans.banned("203.0.113.50") and not bans.banned("192.0.2.1") and not bans.banned("127.0.0.1")
+                assert get(port, world.tokens["C1"], "198.51.100.7")[0] == 200  # another client of the proxy
+                assert get(port, world.tokens["C1"], "203.0.113.50")[0] == 429
+                assert "secure" in cookie.lower()  # the proxy said the client came over https
+                # the proxy carries all its clients' connections: no per-address cap for it
+                held = [connect_from("127.0.0.1", port) for _ in range(12)]
+                try:
+                    assert get(port, world.tokens["C1"], "198.51.100.8")[0] == 200
+                finally:
+                    for s in held:
+                        s.close()
+    finally:
+        store.close()
