@@ -463,6 +463,33 @@ class Store(ABC):
         rows = self.execute("SELECT file, at, via, who, count FROM downloads WHERE customer = ?", (customer,))
         return {str(f): (int(at), str(via), str(who), int(n)) for f, at, via, who, n in rows}
 
+    # --- bans --------------------------------------------------------------------------------------
+
+    def keep_bans(self, rows: Iterable[tuple[str, str, float, float, str]]) -> None:
+        """Keep bans (address, door, since, until, node) on the nodes' shared list; a longer one wins."""
+        with self.transaction():
+            self.executemany(
+                "INSERT INTO bans (address, door, since, until, node) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (address) DO UPDATE SET "
+                + ", ".join(
+                    f"{c} = CASE WHEN excluded.until > bans.until THEN excluded.{c} ELSE bans.{c} END"
+                    for c in ("door", "since", "until", "node")
+                ),
+                rows,
+            )
+
+    def bans(self, now: float) -> list[tuple[str, str, float, float, str]]:
+        """The bans in force at `now` (address, door, since, until, node), oldest first; older ones forgotten."""
+        with self.transaction():
+            self.execute("DELETE FROM bans WHERE until <= ?", (now,))
+            rows = self.execute("SELECT address, door, since, until, node FROM bans ORDER BY since, address")
+            return [(str(a), str(d), float(s), float(u), str(n)) for a, d, s, u, n in rows.fetchall()]
+
+    def lift_ban(self, address: str) -> bool:
+        """Lift an address's ban (each node lets it in again at its next look); False when it was not banned."""
+        with self.transaction():
+            return self.execute("DELETE FROM bans WHERE address = ?", (address,)).rowcount > 0
+
     # --- what the monitor watches ---------------------------------------------------------------
 
     def unit_quality_counts(self, after: int, until: int) -> list[tuple[str, str | None, int]]:

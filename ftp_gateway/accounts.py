@@ -96,7 +96,10 @@ class Bans:
     keep it from being banned. Failures are also counted per account they were aimed at (an FTP/SFTP user, an
     API token's id, an operator): once an account has had `max_failures` within the window, from however many
     addresses, each further failure against it bans its address at once. The account itself is never locked,
-    so a stranger guessing cannot lock its owner out."""
+    so a stranger guessing cannot lock its owner out.
+
+    The nodes share their bans through the store (`exchange`): a ban earned at one node keeps the address from
+    all of them, and an operator's lift (`smame bans remove`, the console) reaches each at its next exchange."""
 
     max_failures: int = 5
     window: float = 600.0
@@ -106,6 +109,8 @@ class Bans:
     _failures: dict[str, list[float]] = field(default_factory=dict)
     _aimed: dict[str, list[float]] = field(default_factory=dict)  # failures by the account they were aimed at
     _until: dict[str, float] = field(default_factory=dict)
+    _doors: dict[str, str] = field(default_factory=dict)  # where each banned address earned its ban
+    _kept: set[str] = field(default_factory=set)  # bans the store has (a kept ban missing there was lifted)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     bans: int = 0
 
@@ -117,9 +122,48 @@ class Bans:
             if until is None:
                 return False
             if self.clock() >= until:
-                del self._until[address]
+                self._forget(address)
                 return False
             return True
+
+    def lift(self, address: str) -> bool:
+        """Let an address in again at once (an operator's word); False when it was not banned here."""
+        with self._lock:
+            return self._forget(normalize(address)) is not None
+
+    def exchange(self, stored: list[tuple[str, str, float, float, str]], now: float, node: str) -> list[Ban]:
+        """Bring this node's bans and the store's list (`Store.bans` at wall time `now`) in step: adopt the
+        other nodes' bans, drop those an operator lifted there; return the bans the store lacks, to be kept
+        there and then confirmed with `kept`."""
+        in_store = {row[0]: row for row in stored}
+        with self._lock:
+            offset = now - self.clock()  # wall time minus this ban list's clock
+            for address, until in list(self._until.items()):
+                if until + offset <= now:
+                    self._forget(address)
+                elif address in self._kept and address not in in_store:
+                    self._forget(address)
+                    log.info("ban of %s lifted by an operator", address)
+            for address, door, _, until, _ in in_store.values():
+                if address not in self._until:
+                    self._until[address], self._doors[address] = until - offset, door
+                    self._kept.add(address)
+                    self._failures.pop(address, None)
+            return [
+                (address, self._doors.get(address, ""), now, until + offset, node)
+                for address, until in self._until.items()
+                if address not in self._kept
+            ]
+
+    def kept(self, bans: list[Ban]) -> None:
+        """The store holds these bans now (as `exchange` gave them)."""
+        with self._lock:
+            self._kept.update(b[0] for b in bans if b[0] in self._until)
+
+    def _forget(self, address: str) -> float | None:
+        self._doors.pop(address, None)
+        self._kept.discard(address)
+        return self._until.pop(address, None)
 
     def active(self) -> dict[str, float]:
         """Addresses banned now, with the seconds each ban has left."""
@@ -138,7 +182,8 @@ class Bans:
             if len(recent) < self.max_failures and len(aimed) <= self.max_failures:
                 return False
             self._failures.pop(address, None)
-            self._until[address] = now + self.ban_s
+            self._until[address], self._doors[address] = now + self.ban_s, door
+            self._kept.discard(address)  # a new ban: the store learns its new end
             self.bans += 1
         self.on_ban(address, door)
         return True
@@ -153,6 +198,7 @@ class Bans:
         return recent
 
 
+Ban = tuple[str, str, float, float, str]  # address, door, since, until (wall time), node: as the store keeps it
 MAX_ACCOUNT = 128  # characters of an account's name kept to count failures against it
 MAX_COUNTED = 10_000  # addresses or accounts with failures kept before the quiet ones are forgotten
 

@@ -160,6 +160,9 @@ def open_store(settings: Settings, create: bool = True, application_name: str = 
     return open_url(url, settings.storage.synchronous, application_name=application_name)
 
 
+BANS_EVERY_S = 3.0  # how often a node shares its bans and learns of lifted ones
+
+
 def node_name() -> str:
     """What this process is called among the nodes sharing a store: host and process id."""
     return f"{socket.gethostname()[:40]}:{os.getpid()}"
@@ -357,6 +360,7 @@ class App:
     leadership: Leadership | None = None
     web: tuple[WebServer, Store] | None = None
     clock: Callable[[], float] = time.time
+    bans: Bans | None = None  # the node's one ban list (its gateway's and web server's)
     _reloading: asyncio.Lock = field(default_factory=asyncio.Lock)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -426,14 +430,15 @@ class App:
                 gateway.bans.on_ban = monitor.security.ban
                 gateway.accounts.on_failed_login = monitor.security.failed_login
         web = None
+        f = settings.ftp  # one ban list a node: an address guessing at one door is kept from all of them
+        bans = gateway.bans if gateway is not None else Bans(f.ban_after, f.ban_window_s, f.ban_s)
         if settings.web.enabled:
-            f = settings.ftp  # one ban list a node: an address guessing at one door is kept from all of them
-            bans = gateway.bans if gateway is not None else Bans(f.ban_after, f.ban_window_s, f.ban_s)
             if monitor is not None and gateway is None:
                 bans.on_ban = monitor.security.ban
             about = functools.partial(node_about, leadership)
             web = build_web(settings, registry, grid, bans, clock, exporter.stats if exporter else None, about)
         app = cls(settings, registry, writer, bridge, exporter, gateway, monitor, leadership, web, clock)
+        app.bans = bans if gateway is not None or web is not None else None
         if leadership is not None:
             leadership.ingest_fault = app.leader_fault
             leadership.report = app.node_report
@@ -458,7 +463,36 @@ class App:
             out["security"] = self.standby_security
         if self.leadership is not None and self.settings.alerts.enabled:
             out["store-watch"] = self.store_watch
+        if self.bans is not None:
+            out["bans"] = self.share_bans
         return out
+
+    async def share_bans(self) -> None:
+        """Every BANS_EVERY_S, bring this node's ban list and the store's in step (`Bans.exchange`), on a
+        connection of its own; while the store is away, the node keeps its own bans and tries again."""
+        assert self.bans is not None
+        bans, node = self.bans, self.leadership.node if self.leadership is not None else node_name()
+        store: Store | None = None
+
+        def exchange(store: Store) -> None:
+            now = self.clock()
+            new = bans.exchange(store.bans(now), now, node)
+            if new:
+                store.keep_bans(new)
+                bans.kept(new)
+
+        try:
+            while True:
+                try:
+                    if store is None:
+                        store = await asyncio.to_thread(open_store, self.settings, False, "smame bans")
+                    await store.call(exchange, store)
+                except Exception as exc:  # noqa: BLE001 (the store away or refusing: the node keeps its own bans)
+                    log.warning("bans not shared with the other nodes for now: %s", exc)
+                await asyncio.sleep(BANS_EVERY_S)
+        finally:
+            if store is not None:
+                await asyncio.to_thread(store.close)
 
     async def store_watch(self) -> None:
         """On PostgreSQL, every node: while this node cannot use the store for `alerts.store_down_s`, say so

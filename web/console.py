@@ -8,6 +8,7 @@ slowed down and counted on the node's one ban list, as on the file gateway. Page
 
 import asyncio
 import hmac
+import logging
 import math
 import os
 import secrets
@@ -39,6 +40,7 @@ from web.context import NO_FILES, WebContext
 from web.overview import Share, completeness_map, customer_shares
 
 HERE = Path(__file__).parent
+log = logging.getLogger("smame.web")
 LOGIN_CSRF = "smame_login_csrf"  # the login form's token, before there is a session (double-submit cookie)
 PAGE = 50  # units a page
 MAP_PAGE = 20  # units a page of a customer's completeness map (each a row of up to 45 days)
@@ -264,9 +266,10 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
             since = now - days * 86400
             raw = ctx.store.get_meta(alerts.STATE_KEY, "{}")
             active = sorted((alerts.load_state(raw) or {}).items(), key=lambda kv: kv[1].since)
-            return active, history.controls(), history.history(since, kind, state, node), history.nodes(since)
+            got = history.controls(), history.history(since, kind, state, node), history.nodes(since)
+            return active, *got, ctx.store.bans(now)
 
-        active, controls, entries, nodes = await ctx.store.call(read)
+        active, controls, entries, nodes, bans = await ctx.store.call(read)
         context = {
             "session": session,
             "active": [
@@ -288,6 +291,10 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
                 {"name": name, "title": alerts.TITLES.get(name, name), "until": _local(int(s.until), ctx), "who": s.who}
                 for name, s in sorted(controls.silences.items())
                 if s.until > now
+            ],
+            "bans": [
+                {"address": a, "door": door, "since": _local(int(at), ctx), "until": _local(int(end), ctx), "node": n}
+                for a, door, at, end, n in bans
             ],
             "titles": sorted(alerts.TITLES.items()),
             "states": HISTORY_STATES,
@@ -351,6 +358,19 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
         await ctx.store.call(
             history.silence, name, now + span, _local(int(now + span), ctx), session.operator, this_node(), now
         )
+        return RedirectResponse("/alerts", 303)
+
+    @app.post("/bans/lift", include_in_schema=False)
+    async def lift_ban(request: Request) -> Response:
+        got = await operator_form(request)
+        if isinstance(got, Response):
+            return got
+        session, fields = got
+        address = normalize(fields.get("address", "")[:100])
+        if not await ctx.store.call(ctx.store.lift_ban, address):
+            return PlainTextResponse("that address is not banned (any more)", 409)
+        ctx.bans.lift(address)  # here at once; the other nodes at their next look at the store
+        log.info("operator %s lifted the ban of %s", session.operator, address)
         return RedirectResponse("/alerts", 303)
 
     def this_node() -> str:

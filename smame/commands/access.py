@@ -1,7 +1,8 @@
-"""`smame tokens add|list|remove` and `smame operators add|list|remove|passwd`: who may use the web server.
+"""`smame tokens add|list|remove` and `smame operators add|list|remove|passwd`: who may use the web server;
+`smame bans list|remove`: who is kept out of it and the file gateway.
 
-Both live in the store (hashes only), so a running smame, and every node sharing the store, sees a change at
-its next request."""
+All live in the store (hashes only), so a running smame, and every node sharing the store, sees a change at
+its next request (a lifted ban within a few seconds)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import time
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
+from ftp_gateway.accounts import normalize
 from kernel.settings import Settings
-from smame.app import RegistryHolder, open_store
+from smame.app import BANS_EVERY_S, RegistryHolder, open_store
 from smame.commands.args import Subcommands
 from smame.commands.users import read_password
 from web.access import AccessError, Operators, Tokens
@@ -46,6 +48,14 @@ def add(sub: Subcommands, common: argparse.ArgumentParser) -> None:
     remove.set_defaults(func=_operators_remove)
     listing = operators_sub.add_parser("list", parents=[common], help="list operators")
     listing.set_defaults(func=_operators_list)
+
+    bans = sub.add_parser("bans", parents=[common], help="addresses banned for failed logins (in the store)")
+    bans_sub = bans.add_subparsers(dest="bans_command", metavar="ACTION", required=True)
+    listing = bans_sub.add_parser("list", parents=[common], help="list the addresses banned now, on every node")
+    listing.set_defaults(func=_bans_list)
+    remove = bans_sub.add_parser("remove", parents=[common], help="lift an address's ban on every node")
+    remove.add_argument("address")
+    remove.set_defaults(func=_bans_remove)
 
 
 def _shown(epoch: int, settings: Settings) -> str:
@@ -106,4 +116,26 @@ def _operators_list(settings: Settings, args: argparse.Namespace) -> int:
     with open_store(settings, create=False) as store:
         for name, created in Operators(store).list():
             print(f"{name:<24} since {_shown(created, settings)}")
+    return 0
+
+
+def _bans_list(settings: Settings, args: argparse.Namespace) -> int:
+    now = time.time()
+    with open_store(settings, create=False) as store:
+        found = store.bans(now)
+    for address, door, since, until, node in found:
+        left = max(1, round((until - now) / 60))
+        print(f"{address:<40} {door or 'a door':<12} since {_shown(int(since), settings)}  {left} min left  ({node})")
+    if not found:
+        print("no address is banned", file=sys.stderr)
+    return 0
+
+
+def _bans_remove(settings: Settings, args: argparse.Namespace) -> int:
+    address = normalize(args.address)
+    with open_store(settings, create=False) as store:
+        lifted = store.lift_ban(address)
+    if not lifted:
+        raise AccessError(f"{address} is not banned (smame bans list shows who is)")
+    print(f"lifted the ban of {address}: every node lets it in again within {BANS_EVERY_S:.0f} s")
     return 0

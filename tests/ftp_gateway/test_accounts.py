@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from aggregator.backends import open_url
 from ftp_gateway.accounts import Accounts, Bans, normalize
 from ftp_gateway.passwords import hash_password
 from kernel.registry import load_registry
@@ -43,3 +44,39 @@ def test_a_failed_login_costs_the_same_for_every_kind_of_user(workdir: Path) -> 
     with_password, key_only, unknown = cost("pw"), cost("keyonly"), cost("nobody")
     assert key_only > with_password / 2 and unknown > with_password / 2, (with_password, key_only, unknown)
     assert accounts.check_password("keyonly", "") is None
+
+
+def test_nodes_share_their_bans_through_the_store_and_an_operators_lift_reaches_each(store_url: str) -> None:
+    wall = 1_800_000_000.0
+    clock_a, clock_b = [100.0], [5_000.0]  # each node's own monotonic clock
+    a = Bans(max_failures=2, window=60, ban_s=600, clock=lambda: clock_a[0])
+    b = Bans(max_failures=2, window=60, ban_s=600, clock=lambda: clock_b[0])
+
+    def exchange(bans: Bans, node: str) -> None:
+        new = bans.exchange(store.bans(wall), wall, node)
+        if new:
+            store.keep_bans(new)
+            bans.kept(new)
+
+    with open_url(store_url) as store:
+        a.failed("192.0.2.7", "login alice", "FTP")
+        assert a.failed("192.0.2.7", "login alice", "FTP")
+        exchange(a, "a")
+        assert store.bans(wall) == [("192.0.2.7", "FTP", wall, wall + 600, "a")]
+        exchange(b, "b")
+        assert b.banned("192.0.2.7")  # earned at a, kept from b's doors too
+        assert store.lift_ban("192.0.2.7") and not store.lift_ban("192.0.2.7")
+        assert a.banned("192.0.2.7")  # until each node looks at the store again
+        exchange(a, "a")
+        exchange(b, "b")
+        assert not a.banned("192.0.2.7") and not b.banned("192.0.2.7")
+        b.failed("198.51.100.1")
+        b.failed("198.51.100.1")
+        exchange(b, "b")
+        wall += 601  # the ban's hour (here ten minutes) is over on every clock
+        clock_a[0] += 601
+        clock_b[0] += 601
+        assert store.bans(wall) == []
+        exchange(a, "a")
+        exchange(b, "b")
+        assert not b.banned("198.51.100.1") and b.active() == {} and a.active() == {}

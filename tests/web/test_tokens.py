@@ -1,4 +1,4 @@
-"""`smame tokens` and `smame operators` on the command line, and the API inside a running `smame run`."""
+"""`smame tokens`, `smame operators` and `smame bans` on the command line, and the API inside a running `smame run`."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from smame.demo import free_port
 from tests.helpers import (
     Mosquitto,
     at,
+    connect_from,
     first_start,
     memory_mb,
     publish,
@@ -183,3 +184,70 @@ def test_unread_downloads_of_a_large_file_hold_no_copy_of_it(broker: Mosquitto, 
         for s in sockets:
             s.close()
         assert stop(proc) == 0
+
+
+def call_from(source: str, port: int, token: str) -> int:
+    """The status of an API call from `source` (another loopback address: a customer or stranger of its own)."""
+    s = connect_from(source, port)
+    try:
+        s.sendall(f"GET /api/v1/units HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n".encode())
+        return int(s.recv(100).split(b" ")[1])
+    finally:
+        s.close()
+
+
+def test_an_operator_lists_and_lifts_bans_on_the_command_line_and_in_the_console(
+    broker: Mosquitto, workdir: Path
+) -> None:
+    write_registry(workdir, {"U1": "C1"})
+    port = free_port()
+    env = smame_env(
+        workdir,
+        broker.port,
+        SMAME_WEB__ENABLED="true",
+        SMAME_WEB__PORT=str(port),
+        SMAME_FTP__BAN_AFTER="2",
+        SMAME_FTP__FAIL_DELAY_S="0",
+    )
+    first_start(workdir)
+    token = smame(["tokens", "add", "C1"], env).stdout.strip()
+    smame(["operators", "add", "alice", "--password-stdin"], env, stdin=PASSWORD)
+    assert smame(["bans", "list"], env).stdout == ""
+    proc = start_smame(env, workdir / "smame.log")
+    try:
+        wait_log(workdir / "smame.log", "web server listening")
+        for _ in range(2):  # the customer's server with a mistyped token
+            assert call_from("127.0.0.5", port, token[:-1] + "x") == 401
+        assert call_from("127.0.0.5", port, token) == 429
+        deadline = time.monotonic() + 10  # shared through the store within a few seconds
+        while "127.0.0.5" not in (listed := smame(["bans", "list"], dict(env, TZ="UTC")).stdout):
+            assert time.monotonic() < deadline, listed
+            time.sleep(0.5)
+        assert "the API" in listed and "+09:00" in listed, listed  # where it was earned, in smame's zone
+        cookie = console_login(port, "alice", PASSWORD.strip())
+        page = urllib.request.urlopen(
+            urllib.request.Request(f"http://127.0.0.1:{port}/alerts", headers={"Cookie": cookie}), timeout=10
+        ).read()
+        assert b"127.0.0.5" in page and b'action="/bans/lift"' in page
+        assert "lifted the ban of 127.0.0.5" in smame(["bans", "remove", "127.0.0.5"], env).stdout
+        deadline = time.monotonic() + 10  # the running node learns of it at its next look at the store
+        while call_from("127.0.0.5", port, token) != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        assert "127.0.0.5 is not banned" in refused(["bans", "remove", "127.0.0.5"], env)
+        for _ in range(2):  # banned again, and lifted in the console: at once on this node
+            call_from("127.0.0.5", port, token[:-1] + "x")
+        assert call_from("127.0.0.5", port, token) == 429
+        while "127.0.0.5" not in smame(["bans", "list"], env).stdout:
+            time.sleep(0.5)
+        csrf = re.search(rb'name="csrf" value="([^"]+)"', page)
+        assert csrf
+        form = urllib.parse.urlencode({"csrf": csrf.group(1).decode(), "address": "127.0.0.5"}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/bans/lift", form, headers={"Cookie": cookie})
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            assert answer.url.endswith("/alerts")
+        assert call_from("127.0.0.5", port, token) == 200
+        assert smame(["bans", "list"], env).stdout == ""
+    finally:
+        assert stop(proc) == 0
+    assert "Traceback" not in (workdir / "smame.log").read_text()
