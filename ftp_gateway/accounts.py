@@ -6,7 +6,7 @@ import ipaddress
 import logging
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -214,32 +214,89 @@ def normalize(address: str) -> str:
     return str(ip)
 
 
+@dataclass(eq=False)
+class Ticket:
+    """One connection waiting at the door: its address, and how to close it when a customer needs its place."""
+
+    address: str
+    evict: Callable[[], object]
+    gone: bool = False
+
+
 @dataclass
 class Doorway:
     """Connections that have not logged in yet: counted per address and in all, each count capped, and each
-    connection given `login_timeout` seconds to log in."""
+    connection given `login_timeout` seconds to log in.
+
+    When every place is taken, a newcomer does not simply wait its turn behind strangers that renew their
+    connections as fast as they are closed: it takes the place of the oldest waiting connection of the
+    address holding the most places, when that address holds more than the newcomer would; and an address
+    that has logged in before (one of the last KNOWN_MAX) takes the place of a stranger's at once. So a few
+    addresses idling at every place keep no customer out, and many addresses holding one place each keep out
+    no customer who has logged in before. A connection from an address that has logged in is never put out."""
 
     per_address: int = 4
     total: int = 32
     login_timeout: float = 20.0
-    _waiting: Counter[str] = field(default_factory=Counter)
+    _waiting: dict[str, list[Ticket]] = field(default_factory=dict)  # oldest first
+    _known: OrderedDict[str, None] = field(default_factory=OrderedDict)  # addresses that logged in, newest last
     _lock: threading.Lock = field(default_factory=threading.Lock)
     refused: int = 0
+    evicted: int = 0
 
-    def enter(self, address: str) -> bool:
-        """Let one more connection from this address wait for its login; False when a cap is reached."""
+    def enter(self, address: str, evict: Callable[[], object]) -> Ticket | None:
+        """Let one more connection from this address wait for its login, `evict` closing it should a customer
+        need its place (any thread may call it); None when it may not wait."""
         address = normalize(address)
+        ticket, victim = Ticket(address, evict), None
         with self._lock:
-            if self._waiting[address] >= self.per_address or sum(self._waiting.values()) >= self.total:
+            mine = len(self._waiting.get(address, ()))
+            if mine >= self.per_address:
                 self.refused += 1
-                return False
-            self._waiting[address] += 1
-            return True
+                return None
+            if sum(len(t) for t in self._waiting.values()) >= self.total:
+                victim = self._victim(address, mine)
+                if victim is None:
+                    self.refused += 1
+                    return None
+                self._remove(victim)
+                self.evicted += 1
+            self._waiting.setdefault(address, []).append(ticket)
+        if victim is not None:
+            log.info("door: closed a connection of %s waiting to log in, for one of %s", victim.address, address)
+            victim.evict()
+        return ticket
 
-    def leave(self, address: str) -> None:
-        """A waiting connection logged in or went away."""
-        address = normalize(address)
+    def _victim(self, address: str, mine: int) -> Ticket | None:
+        """The connection whose place a newcomer from `address` (holding `mine`) takes, if any."""
+        strangers = [t for a, t in self._waiting.items() if a not in self._known and a != address]
+        if not strangers:  # the places are held by addresses that logged in before: nobody is put out for it
+            return None
+        tickets = max(strangers, key=len)
+        return tickets[0] if address in self._known or len(tickets) > mine + 1 else None
+
+    def leave(self, ticket: Ticket) -> None:
+        """A waiting connection went away (or was closed by the door: nothing more to do)."""
         with self._lock:
-            self._waiting[address] -= 1
-            if self._waiting[address] <= 0:
-                del self._waiting[address]
+            self._remove(ticket)
+
+    def logged_in(self, ticket: Ticket) -> None:
+        """A waiting connection logged in: its place is free, and its address known from now on."""
+        with self._lock:
+            self._remove(ticket)
+            self._known[ticket.address] = None
+            self._known.move_to_end(ticket.address)
+            while len(self._known) > KNOWN_MAX:
+                self._known.popitem(last=False)
+
+    def _remove(self, ticket: Ticket) -> None:
+        if ticket.gone:
+            return
+        ticket.gone = True
+        tickets = self._waiting[ticket.address]
+        tickets.remove(ticket)
+        if not tickets:
+            del self._waiting[ticket.address]
+
+
+KNOWN_MAX = 10_000  # addresses that logged in, remembered (in memory) to be let in ahead of strangers

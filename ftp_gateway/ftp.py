@@ -6,8 +6,10 @@ It runs its own I/O loop, in a thread of its own.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import socket
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +21,7 @@ from pyftpdlib.filesystems import AbstractedFS
 from pyftpdlib.handlers import FTPHandler, TLS_FTPHandler
 from pyftpdlib.servers import FTPServer
 
-from ftp_gateway.accounts import Accounts, Bans, Doorway
+from ftp_gateway.accounts import Accounts, Bans, Doorway, Ticket
 
 log = logging.getLogger("smame.ftp")
 READ_ONLY = "elr"  # change directory, list, retrieve
@@ -106,7 +108,7 @@ def _handler(options: FtpOptions, accounts: Accounts, bans: Bans, doorway: Doorw
         permit_foreign_addresses = False
         use_sendfile = False
 
-        waiting = False  # counted by the doorway until it logs in or goes
+        ticket: Ticket | None = None  # its place at the door until it logs in or goes
 
         def on_connect(self) -> None:
             if bans.banned(self.remote_ip):
@@ -114,8 +116,8 @@ def _handler(options: FtpOptions, accounts: Accounts, bans: Bans, doorway: Doorw
                 self.respond("421 Too many failed logins from your address; try again later.")
                 self.close_when_done()
                 return
-            self.waiting = doorway.enter(self.remote_ip)
-            if not self.waiting:
+            self.ticket = doorway.enter(self.remote_ip, self._evicted)
+            if self.ticket is None:
                 log.warning("ftp: refused %s: too many connections waiting to log in", self.remote_ip)
                 self.respond("421 Too many connections waiting to log in; try again later.")
                 self.close_when_done()
@@ -124,15 +126,23 @@ def _handler(options: FtpOptions, accounts: Accounts, bans: Bans, doorway: Doorw
                 doorway.login_timeout, self._login_expired, _errback=self.handle_error
             )
 
+        def _evicted(self) -> None:
+            # any thread (an SFTP newcomer may need the place): the socket's end is seen by this one's loop
+            with contextlib.suppress(OSError):
+                self.socket.shutdown(socket.SHUT_RDWR)
+
         def _login_expired(self) -> None:
             if not self.authenticated:
                 self.respond("421 Login timed out.")
                 self.close_when_done()
 
-        def _leave(self) -> None:
-            if self.waiting:
-                self.waiting = False
-                doorway.leave(self.remote_ip)
+        def _leave(self, logged_in: bool = False) -> None:
+            if self.ticket is not None:
+                if logged_in:
+                    doorway.logged_in(self.ticket)
+                else:
+                    doorway.leave(self.ticket)
+                self.ticket = None
                 self._login_timer.cancel()
 
         def close(self) -> None:  # not on_disconnect: pyftpdlib calls that a loop turn later
@@ -146,7 +156,7 @@ def _handler(options: FtpOptions, accounts: Accounts, bans: Bans, doorway: Doorw
             self.respond("502 Active mode is off: use PASV or EPSV.")
 
         def on_login(self, username: str) -> None:
-            self._leave()
+            self._leave(logged_in=True)
             accounts.events[("ftp", "login")] += 1
             account = accounts.get(username)
             log.info(

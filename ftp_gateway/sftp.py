@@ -11,7 +11,7 @@ from typing import Any, NoReturn
 
 import asyncssh
 
-from ftp_gateway.accounts import Accounts, Bans, Doorway
+from ftp_gateway.accounts import Accounts, Bans, Doorway, Ticket
 from kernel.certificates import write_file
 
 log = logging.getLogger("smame.sftp")
@@ -41,7 +41,7 @@ class _Server(asyncssh.SSHServer):
         self.accounts = accounts
         self.bans = bans
         self.doorway = doorway
-        self.waiting = False  # counted by the doorway until it logs in or goes
+        self.ticket: Ticket | None = None  # its place at the door until it logs in or goes
         self.address = "?"
         self.attempts = 0
         self.conn: asyncssh.SSHServerConnection | None = None
@@ -49,8 +49,9 @@ class _Server(asyncssh.SSHServer):
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
         self.address = (conn.get_extra_info("peername") or ("?",))[0]
-        self.waiting = self.doorway.enter(self.address)
-        if not self.waiting:
+        loop = asyncio.get_running_loop()
+        self.ticket = self.doorway.enter(self.address, lambda: loop.call_soon_threadsafe(conn.abort))
+        if self.ticket is None:
             log.warning("sftp: refused %s: too many connections waiting to log in", self.address)
             conn.close()
 
@@ -58,12 +59,15 @@ class _Server(asyncssh.SSHServer):
         self._leave()
 
     def auth_completed(self) -> None:
-        self._leave()
+        self._leave(logged_in=True)
 
-    def _leave(self) -> None:
-        if self.waiting:
-            self.waiting = False
-            self.doorway.leave(self.address)
+    def _leave(self, logged_in: bool = False) -> None:
+        if self.ticket is not None:
+            if logged_in:
+                self.doorway.logged_in(self.ticket)
+            else:
+                self.doorway.leave(self.ticket)
+            self.ticket = None
 
     def _refuse_if_banned(self) -> None:
         if self.bans.banned(self.address):

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from aggregator.backends import open_url
-from ftp_gateway.accounts import Accounts, Bans, normalize
+from ftp_gateway.accounts import Accounts, Bans, Doorway, Ticket, normalize
 from ftp_gateway.passwords import hash_password
 from kernel.registry import load_registry
 from tests.helpers import write_registry
@@ -80,3 +80,26 @@ def test_nodes_share_their_bans_through_the_store_and_an_operators_lift_reaches_
         exchange(a, "a")
         exchange(b, "b")
         assert not b.banned("198.51.100.1") and b.active() == {} and a.active() == {}
+
+
+def test_a_full_door_puts_out_the_busiest_strangers_oldest_for_a_newcomer_and_never_a_known_address() -> None:
+    door = Doorway(per_address=4, total=8)
+    closed: list[str] = []
+
+    def enter(address: str, name: str) -> Ticket | None:
+        return door.enter(address, lambda: closed.append(name))
+
+    tickets = [enter(f"192.0.2.{1 + k // 4}", f"s{k}") for k in range(8)]  # two strangers, four places each
+    customer = enter("198.51.100.1", "customer")
+    assert customer is not None and closed == ["s0"]  # the busiest address's oldest made room
+    assert enter("192.0.2.1", "again") is None  # three against four: putting one out would only swap them
+    door.logged_in(customer)  # its address is known from now on
+    for t in tickets:
+        if t is not None:
+            door.leave(t)
+    door.leave(customer)  # twice: nothing more
+    spread = [enter(f"203.0.113.{k}", f"w{k}") for k in range(8 - 1)]
+    assert enter("198.51.100.1", "back") is not None  # a known address fills the last place...
+    assert enter("192.0.2.99", "new") is None  # one place each: a newcomer puts nobody out
+    assert enter("198.51.100.1", "known") is not None and closed[-1] == "w0"  # a known one puts a stranger out
+    assert all(t is not None for t in spread) and door.evicted == 2 and door.refused == 2

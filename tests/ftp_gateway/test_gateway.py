@@ -30,6 +30,7 @@ from ftp_gateway.sftp import host_key, start_sftp
 from kernel.registry import load_registry
 from tests.helpers import (
     STARTED,
+    connect_from,
     free_port,
     gateway_env,
     real_processes,
@@ -101,12 +102,13 @@ def gateway(workdir: Path, request: pytest.FixtureRequest) -> Iterator[Gateway]:
     proc.wait(10)
 
 
-def ftps(g: Gateway, user: str = "alice", password: str | None = None) -> ftplib.FTP_TLS:
-    """A logged-in FTPS client; a refused login closes its connection before the error is raised."""
+def ftps(g: Gateway, user: str = "alice", password: str | None = None, source: str = "") -> ftplib.FTP_TLS:
+    """A logged-in FTPS client (from `source`, another loopback address); a refused login closes its connection
+    before the error is raised."""
     ctx = ssl.create_default_context(cafile=str(g.export.parent / "ftps-cert.pem"))
     client = ftplib.FTP_TLS(context=ctx, timeout=10)
     try:
-        client.connect("127.0.0.1", g.ftp)
+        client.connect("127.0.0.1", g.ftp, source_address=(source, 0) if source else None)
         client.auth()
         client.login(user, password or PASSWORDS[user])
         client.prot_p()
@@ -116,9 +118,10 @@ def ftps(g: Gateway, user: str = "alice", password: str | None = None) -> ftplib
     return client
 
 
-def sftp(g: Gateway, user: str = "alice", password: str | None = None) -> paramiko.SFTPClient:
-    """A logged-in SFTP client; a refused login closes its transport before the error is raised."""
-    transport = paramiko.Transport(("127.0.0.1", g.sftp))
+def sftp(g: Gateway, user: str = "alice", password: str | None = None, source: str = "") -> paramiko.SFTPClient:
+    """A logged-in SFTP client (from `source`, another loopback address); a refused login closes its transport
+    before the error is raised."""
+    transport = paramiko.Transport(connect_from(source, g.sftp) if source else ("127.0.0.1", g.sftp))
     try:
         transport.connect(username=user, password=password or PASSWORDS[user])
         return paramiko.SFTPClient.from_transport(transport)  # type: ignore[return-value]
@@ -368,16 +371,29 @@ def test_idle_strangers_cannot_crowd_out_customers(gateway: Gateway, protocol: s
                 data += chunk
             return protocol == "sftp" or data.startswith(b"421") or b"\r\n421" in data
 
+    def customer() -> None:  # logs in from an address of its own, and out
+        if protocol == "ftp":
+            ftps(gateway, source="127.0.0.9").quit()
+        else:
+            sftp(gateway, source="127.0.0.9").close()
+
+    # strangers hold every place at the door (6): four from one address, two from another
     idle = [stranger("127.0.0.2") for _ in range(4)] + [stranger("127.0.0.3") for _ in range(2)]
     try:
         assert refused("127.0.0.2")  # four wait from that address already
-        assert refused("127.0.0.4")  # six wait in all
-        # they are given 5 s to log in; then the door is open again for customers
+        customer()  # at once: it takes the place of the busiest address's oldest connection
+        wait_until(lambda: _closed(idle[0]), 5)
+        idle.append(stranger("127.0.0.3"))  # the customer's place taken again: six in all, three each
+        assert refused("127.0.0.3")  # an address holding as many as the busiest puts nobody out
+        for s in idle:
+            s.close()
+        # six strangers from six addresses, one place each: a newcomer puts none of them out...
+        idle = [stranger(f"127.0.0.{10 + k}") for k in range(6)]
+        assert refused("127.0.0.4")
+        customer()  # ...but an address that has logged in before takes a stranger's place at once
+        # they are given 5 s to log in; then the door is open again for anyone
         wait_until(lambda: all(_closed(s) for s in idle), 10)
-        if protocol == "ftp":
-            ftps(gateway).quit()
-        else:
-            sftp(gateway).close()
+        stranger("127.0.0.4").close()
     finally:
         for s in idle:
             s.close()
