@@ -11,10 +11,10 @@ from __future__ import annotations
 import base64
 import csv
 import hashlib
+import os
 import pwd
 import re
 import secrets
-import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,22 +179,23 @@ def provision(
     ingest_user: str = "smame-ingest",
     broker_names: Sequence[str] = BROKER_NAMES,
     conf_dir: str | None = None,
-    data_dir: str = "/mosquitto/data",
+    data_dir: str | None = None,
     outage_hours: float = 24.0,
     port: int = 1883,
     tls_port: int = 8883,
     bind: str | None = None,
     owner: str | None = None,
 ) -> Provisioned:
-    """Write or update the broker's security files in `out` for these units (owned by `owner` when given, so
-    that a broker running as that user can read them)."""
+    """Write or update the broker's security files in `out` for these units.
+
+    `conf_dir` and `data_dir` are where the broker sees `out` and keeps its persistence: by default `out` itself
+    and `out/data` (made here), as a broker on this machine sees them; under compose, `conf_dir` names the
+    container's path and the data directory defaults to `/mosquitto/data` there. With `owner` (a user name or
+    `uid[:gid]`), the files the broker reads and its data directory are given to it; what only the caller and
+    the units need (the CA's key, the units' credentials and keys, smame's login) stays the caller's."""
     if bind is not None and not re.fullmatch(r"[A-Za-z0-9.:_-]{1,253}", bind):  # it is written into mosquitto.conf
         raise ProvisionError(f"--bind {bind!r} is not an address or host name")
-    if owner is not None:
-        try:
-            pwd.getpwnam(owner)
-        except KeyError:
-            raise ProvisionError(f"--owner {owner!r} is no user on this machine") from None
+    ids = _owner(owner) if owner is not None else None
     if not UNIT_ID.fullmatch(ingest_user):  # it is written into the password file and the ACL
         raise ProvisionError(f"--ingest-user {ingest_user!r} must be 1 to 64 of A-Z a-z 0-9 _ -")
     if ingest_user in units:
@@ -233,18 +234,50 @@ def provision(
         done=done,
     )
     where = conf_dir or str(out.resolve())
-    conf = mosquitto_conf(where, data_dir, tls, queue_size(len(units), outage_hours), port, tls_port, bind)
+    local_data = conf_dir is None  # the broker sees this machine's paths: its data directory is one of them
+    data = data_dir or ("/mosquitto/data" if conf_dir else str((out / "data").resolve()))
+    conf = mosquitto_conf(where, data, tls, queue_size(len(units), outage_hours), port, tls_port, bind)
     _write(out / "mosquitto.conf", conf, done=done)
     (out / LOCAL_DIR).mkdir(exist_ok=True)
+    if local_data:  # a path of this machine: the broker will not make it itself
+        Path(data).mkdir(parents=True, exist_ok=True)
     if tls:
         _certificates(out, units, ingest_user, broker_names, done)
-    if owner is not None:
-        try:
-            for path in [out, out / LOCAL_DIR, *done.files]:
-                shutil.chown(path, owner, pwd.getpwnam(owner).pw_gid)
-        except PermissionError:
-            raise ProvisionError(f"--owner {owner}: only root may give files away; run it as root") from None
+    if ids is not None:
+        broker_reads = [
+            "passwd",
+            "acl",
+            "mosquitto.conf",
+            LOCAL_DIR,
+            *(("ca.pem", "server.pem", "server.key") if tls else ()),
+        ]
+        _give(out, [out / name for name in broker_reads] + ([Path(data)] if local_data else []), ids)
     return done
+
+
+def _owner(owner: str) -> tuple[int, int]:
+    """The uid and gid of `--owner`: a user of this machine, or `uid[:gid]` (a container's user the host does
+    not know)."""
+    uid, _, gid = owner.partition(":")
+    if uid.isdigit() and (not gid or gid.isdigit()):
+        return int(uid), int(gid or uid)
+    try:
+        entry = pwd.getpwnam(owner)
+    except KeyError:
+        raise ProvisionError(f"--owner {owner!r} is no user on this machine (or give uid[:gid])") from None
+    return entry.pw_uid, entry.pw_gid
+
+
+def _give(out: Path, paths: list[Path], ids: tuple[int, int]) -> None:
+    """Give the broker its files (theirs, mode kept) and let its group into `out` (mode 750, the caller's)."""
+    uid, gid = ids
+    try:
+        os.chown(out, -1, gid)
+        out.chmod(0o750)
+        for path in paths:
+            os.chown(path, uid, gid)
+    except PermissionError:
+        raise ProvisionError("--owner: only root may give files away; run it as root") from None
 
 
 def _certificates(out: Path, units: Sequence[str], ingest_user: str, names: Sequence[str], done: Provisioned) -> None:

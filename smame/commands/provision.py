@@ -39,14 +39,17 @@ def add(sub: Subcommands, common: argparse.ArgumentParser) -> None:
         help="where the broker sees DIR (default: DIR itself; /mosquitto/config in the compose stack)",
     )
     provision.add_argument(
-        "--data-dir", default="/mosquitto/data", metavar="PATH", help="the broker's persistence directory"
+        "--data-dir",
+        metavar="PATH",
+        help="the broker's persistence directory (default: DIR/data, made here; /mosquitto/data with --conf-dir)",
     )
     provision.add_argument("--port", type=positive, default=1883, help="the broker's password listener (default 1883)")
     provision.add_argument("--bind", metavar="ADDRESS", help="the address of that listener (default: all)")
     provision.add_argument(
         "--owner",
         metavar="USER",
-        help="give the files to this user (a broker not run by compose reads them as mosquitto)",
+        help="give the files the broker reads to this user or uid[:gid] (Debian's broker runs as mosquitto; "
+        "compose's as 1883); the CA key and the units' credentials stay yours",
     )
     provision.add_argument("--tls-port", type=positive, default=8883, help="its mutual-TLS listener (default 8883)")
     provision.add_argument(

@@ -4,9 +4,12 @@ are refused, TLS below 1.2 is refused, and running it again keeps what units in 
 from __future__ import annotations
 
 import csv
+import os
 import pwd
+import shutil
 import socket
 import ssl
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -19,6 +22,7 @@ from tests.helpers import (
     Mosquitto,
     at,
     free_port,
+    real_processes,
     smame,
     smame_env,
     start_smame,
@@ -252,10 +256,65 @@ def test_owner_and_bind_are_checked_and_applied(workdir: Path) -> None:
         proc = smame(base + extra, env, check=False)
         assert proc.returncode == 2 and said in proc.stderr and "Traceback" not in proc.stderr
     assert not (workdir / "b" / "passwd").exists()
-    smame(base + ["--owner", "nobody"], env)
-    nobody = pwd.getpwnam("nobody").pw_uid
-    assert {p.stat().st_uid for p in (workdir / "b").iterdir()} == {nobody}
-    assert (workdir / "b" / "passwd").stat().st_mode & 0o777 == 0o600  # private still, to its new owner
+    smame(base + ["--owner", "nobody", "--tls"], env)
+    nobody = pwd.getpwnam("nobody")
+    out = workdir / "b"
+    owners = {p.name: p.stat().st_uid for p in out.iterdir()}
+    broker_reads = ("passwd", "acl", "mosquitto.conf", "conf.d", "ca.pem", "server.pem", "server.key", "data")
+    assert {n: owners[n] for n in broker_reads} == dict.fromkeys(broker_reads, nobody.pw_uid)
+    mine = ("ca.key", "unit-credentials.csv", "smame-broker.env", "certs")  # the broker needs none of these
+    assert {n: owners[n] for n in mine} == dict.fromkeys(mine, 0)
+    assert (out / "passwd").stat().st_mode & 0o777 == 0o600  # private still, to its new owner
+    assert (out / "server.key").stat().st_mode & 0o777 == 0o600
+    assert (out.stat().st_gid, out.stat().st_mode & 0o777) == (nobody.pw_gid, 0o750)  # its group may enter
+    assert "persistence_location " + str((out / "data").resolve()) + "/" in (out / "mosquitto.conf").read_text()
+    smame(base + ["--owner", "1883:1884"], env)  # a container's user, unknown to this machine
+    assert ((out / "acl").stat().st_uid, (out / "acl").stat().st_gid) == (1883, 1884)
+
+
+def test_provisions_output_starts_as_it_is_with_debians_broker_as_its_own_user() -> None:
+    real_processes()
+    if os.getuid() != 0:
+        pytest.skip("giving files to the mosquitto user and starting the broker as it needs root")
+    base = Path(tempfile.mkdtemp(prefix="smame-provision-"))  # not under pytest's 0700 directory: the broker
+    base.chmod(0o755)  # must reach its files as the user it runs as
+    broker = None
+    try:
+        write_registry(base, {"U1": "C1"})
+        port, tls_port = free_port(), free_port()
+        out = base / "broker"
+        args = ["--out", str(out), "--port", str(port), "--tls-port", str(tls_port), "--bind", "127.0.0.1"]
+        registry = ["provision", "--registry", str(base / "units.csv")]
+        smame([*registry, *args, "--tls", "--owner", "mosquitto"], smame_env(base, port))
+        # the configuration as provision wrote it, by the Debian binary, as Debian's service runs it: its own user
+        broker = Mosquitto.__new__(Mosquitto)
+        broker.port, broker.dir = port, base / "run"
+        broker.dir.mkdir()
+        as_mosquitto = ["setpriv", "--reuid=mosquitto", "--regid=mosquitto", "--init-groups"]
+        broker.command = [
+            *as_mosquitto,
+            shutil.which("mosquitto") or "/usr/sbin/mosquitto",
+            "-c",
+            str(out / "mosquitto.conf"),
+        ]
+        broker.start()
+        ingest = Client(port, *ingest_login(out))
+        unit = Client(tls_port, None, None, unit_tls(out, "U1"))
+        try:
+            assert ingest.ok and unit.ok, (base / "run" / "mosquitto.log").read_text()
+            ingest.c.subscribe("smame/v1/+/reading", qos=1)
+            wait_until(lambda: ingest.granted)
+            assert not unit.publish("smame/v1/U1/reading").is_failure
+            wait_until(lambda: ingest.received == ["smame/v1/U1/reading"])
+        finally:
+            ingest.close()
+            unit.close()
+        broker.stop()
+        assert (out / "data" / "mosquitto.db").exists()  # its persistence, where provision made room for it
+    finally:
+        if broker is not None:
+            broker.stop()
+        shutil.rmtree(base)
 
 
 def test_an_oversized_telegram_is_refused_at_the_door(workdir: Path) -> None:
