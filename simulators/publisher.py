@@ -194,6 +194,10 @@ class FleetPublisher:
     def refused(self) -> int:
         return sum(link.refused for link in self.all_links())
 
+    def refused_units(self) -> list[str]:
+        """The units, each on its own login, whose telegrams the broker refused (none on shared links)."""
+        return sorted(unit for unit, link in self.links.items() if link.refused)
+
     async def close(self) -> None:
         """Wait until every queued telegram is acknowledged, then disconnect."""
         for link in self.all_links():

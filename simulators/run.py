@@ -139,6 +139,8 @@ async def simulate(
             "start": start,
             "end": summary.last,
             "gap_cap": opts.gap_cap,
+            # logged in as themselves, units the broker does not know never reach smame: verify must know
+            "refused_units": publisher.refused_units(),
         }
         summary.truth_slots = write_truth(
             opts.truth, meta, scenario.injected, conclude(scenario, summary.last, opts.gap_cap)

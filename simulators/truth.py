@@ -193,7 +193,14 @@ def compare(
                 report.examples.append(
                     f"{unit} slot ending {s.end} [{','.join(s.kinds) or 'clean'}]: expected {want}, stored {have}"
                 )
-    expected = Counter(QUARANTINE[f.kind] for f in truth.faults if f.kind in QUARANTINE)
+    # a unit the broker refused (one unknown to the registry, on a provisioned broker) reaches no quarantine
+    refused = set(truth.meta.get("refused_units") or ())
+    kept_out = [f for f in truth.faults if f.kind in QUARANTINE and f.unit in refused]
+    for f in kept_out:
+        report.rows[f"refused by the broker:{f.kind}"][0 if f.kind == "unknown" else 1] += 1
+        if f.kind != "unknown" and len(report.examples) < 20:
+            report.examples.append(f"{f.unit}: its {f.kind} telegram was refused by the broker, a unit it should know")
+    expected = Counter(QUARANTINE[f.kind] for f in truth.faults if f.kind in QUARANTINE and f.unit not in refused)
     for reason, n in expected.items():
         ok = quarantined.get(reason, 0) >= n
         report.rows[f"quarantine:{reason}"][0 if ok else 1] += 1

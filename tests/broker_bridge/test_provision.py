@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import os
 import pwd
+import re
 import shutil
 import socket
 import ssl
@@ -432,3 +433,50 @@ def test_smame_ingests_from_a_provisioned_broker(workdir: Path) -> None:
     finally:
         assert stop(proc) == 0
         broker.stop()
+
+
+def test_verify_counts_the_unknown_units_a_provisioned_broker_refused_as_kept_out(workdir: Path) -> None:
+    port = free_port()
+    env = smame_env(workdir, port)
+    fleet = ["--units", "30", "--customers", "2"]
+    smame(["simulate", *fleet, "--write-registry", str(workdir)], env)
+    out = workdir / "broker"
+    smame(["provision", "--out", str(out), "--port", str(port), "--data-dir", str(workdir / "mqdata")], env)
+    broker = start_broker(workdir, out, port)
+    user, password = ingest_login(out)
+    env = dict(env, SMAME_BROKER__USERNAME=user, SMAME_BROKER__PASSWORD=password)
+    proc = start_smame(env, workdir / "smame.log")
+    truth = workdir / "truth.jsonl"
+    try:
+        wait_log(workdir / "smame.log", "subscribed to")
+        run = smame(
+            [
+                "simulate",
+                *fleet,
+                "--connections",
+                "per-unit",
+                "--credentials",
+                str(out / "unit-credentials.csv"),
+                "--backfill",
+                "1",
+                "--end",
+                "2026-11-23T09:00:00+09:00",
+                "--clean",
+                "--unknown-rate",
+                "0.05",
+                "--truth",
+                str(truth),
+            ],
+            env,
+        )
+        refused = re.search(r"([\d,]+) telegrams refused by the broker", run.stdout)
+        assert refused is not None, run.stdout  # units the registry does not know cannot log in
+        acknowledged = re.search(r"([\d,]+) telegrams from 30 units acknowledged", run.stdout)
+        assert acknowledged is not None, run.stdout
+        wait_readings(workdir / "data" / "smame.db", int(acknowledged[1].replace(",", "")))  # one reading each
+    finally:
+        assert stop(proc) == 0
+        broker.stop()
+    verify = smame(["verify", "--truth", str(truth)], env, check=False)
+    assert verify.returncode == 0 and "OK: 0 mismatches" in verify.stdout, verify.stdout
+    assert re.search(r"refused by the broker:unknown +\d+ +\d+ +0\n", verify.stdout), verify.stdout
