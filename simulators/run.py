@@ -8,6 +8,7 @@ import itertools
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -54,25 +55,41 @@ class Summary:
     truth_slots: int = 0
 
 
-class _Clock:
-    """Simulated time: runs `speed` times faster than real time from `start`, never ahead of the real clock."""
+class PacedClock:
+    """Simulated time: the past from `start` to `live_from` runs `speed` times faster than real time (never
+    ahead of the real clock); from `live_from` on, it is real time, so that a live half hour is published when
+    it ends, however far into a half hour the run began."""
 
-    def __init__(self, start: int, speed: float, zone: str, stop: asyncio.Event) -> None:
-        self.start, self.speed, self.t0, self.zone = start, speed, time.time(), zone
-        self.stop = stop
+    def __init__(
+        self,
+        start: int,
+        speed: float,
+        zone: str,
+        stop: asyncio.Event,
+        live_from: float,
+        real: Callable[[], float] = time.time,
+    ) -> None:
+        self.start, self.speed, self.zone, self.stop, self.live_from, self.real = (
+            start,
+            speed,
+            zone,
+            stop,
+            live_from,
+            real,
+        )
+        self.t0 = real()
 
-    def now(self) -> float:
-        real = time.time()
-        if self.speed <= 0:
-            return real
-        return min(self.start + (real - self.t0) * self.speed, real)
+    def wait(self, at: float) -> float:
+        """Seconds of real time until simulated time reaches `at` (0 or less: it has)."""
+        real = self.real()
+        if self.speed <= 0 or at > self.live_from:
+            return at - real
+        return max((at - self.start) / self.speed - (real - self.t0), at - real)
 
     async def until(self, at: float) -> None:
-        """Sleep until simulated time reaches `at` (with speed 0, until real time does), or the run is stopped."""
+        """Sleep until simulated time reaches `at`, or the run is stopped."""
         while not self.stop.is_set():
-            real = time.time()
-            accelerated = (at - self.start) / self.speed - (real - self.t0) if self.speed > 0 else 0.0
-            wait = max(accelerated, at - real)
+            wait = self.wait(at)
             if wait <= 0:
                 return
             try:
@@ -94,7 +111,7 @@ async def simulate(
     summary = Summary(first=start, connections=len(publisher.all_links()))
     summary.connect_seconds = await publisher.start()
     stop = stop or asyncio.Event()
-    clock = _Clock(start, opts.speed, opts.timezone, stop)
+    clock = PacedClock(start, opts.speed, opts.timezone, stop, end)
     heap: list[tuple[float, int, Send]] = []
     order = itertools.count()
     started = time.monotonic()
@@ -148,7 +165,7 @@ async def simulate(
     return summary
 
 
-async def _progress(publisher: FleetPublisher, clock: _Clock, summary: Summary, out: TextIO) -> None:
+async def _progress(publisher: FleetPublisher, clock: PacedClock, summary: Summary, out: TextIO) -> None:
     tty = out.isatty()
     last_sent, last_time = 0, time.monotonic()
     while True:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections import Counter
 from datetime import date, timedelta
@@ -11,6 +12,7 @@ from zoneinfo import ZoneInfo
 
 from kernel.registry import load_registry
 from simulators.fleet import make_fleet, write_factors, write_registry
+from simulators.run import PacedClock
 from simulators.scenario import SLOT, Faults, Scenario, floor_slot
 
 ZONE = "Asia/Tokyo"
@@ -91,3 +93,16 @@ def test_the_fleets_registry_and_factors_load_and_give_co2_for_any_day(tmp_path:
     this_year = registry.day_factors("C000", today)
     assert this_year is not None and this_year.market is not None
     assert str(this_year.market.t_per_kwh) == "0.000431"  # the correction, published later, is in force
+
+
+def test_a_live_half_hour_is_published_when_it_ends_however_late_in_a_half_hour_the_run_began() -> None:
+    slot_start = 1_795_000_000 - 1_795_000_000 % SLOT
+    real = [slot_start + 25 * 60.0]  # `simulate --follow` started 25 minutes into a half hour
+    stop = asyncio.Event()
+    live = PacedClock(slot_start, 1.0, "Asia/Tokyo", stop, live_from=slot_start, real=lambda: real[0])
+    assert live.wait(slot_start + SLOT) == 5 * 60  # at the half hour's end, not 30 minutes after the start
+    real[0] = slot_start + SLOT + 3
+    assert live.wait(slot_start + SLOT) < 0 and live.wait(slot_start + 2 * SLOT) == SLOT - 3
+    # the past before `live_from` still runs at its speed: a day at 1800x is a half hour a second
+    replay = PacedClock(slot_start - 86400, 1800.0, "Asia/Tokyo", stop, live_from=slot_start, real=lambda: real[0])
+    assert replay.wait(slot_start - 86400 + SLOT) == 1.0
