@@ -14,7 +14,7 @@ _TABLES: dict[str, tuple[str, tuple[str, ...]]] = {
     "readings": (READING_COLUMNS, ("at", "unit")),
     "slots": (SLOT_COLUMNS, ("slot", "unit")),
     "changes": ("id, customer, day, at", ("id",)),
-    "quarantine": ("id, received, topic, unit, reason, detail, payload", ("id",)),
+    "quarantine": ("id, received, topic, unit, reason, detail, payload, concerns", ("id",)),
     "outbox": ("id, key, channel, payload, created, next_try, attempts, sent, given_up, last_error", ("id",)),
     "api_tokens": ("id, customer, name, hash, created", ("id",)),
     "operators": ("name, hash, created", ("name",)),

@@ -217,7 +217,8 @@ class Ingestor:
     def _quarantine(self, refused: list[Refused], outcome: Outcome) -> None:
         """Keep the refused input with its reasons (in the batch's transaction) and count it in `outcome`."""
         if refused:
-            self.store.add_quarantine((r.received, r.topic, r.unit, r.reason, r.detail, r.payload) for r in refused)
+            rows = ((r.received, r.topic, r.unit, r.reason, r.detail, r.payload, r.concerns) for r in refused)
+            self.store.add_quarantine(rows)
             outcome.quarantined.update(r.reason for r in refused)
 
     def _next(self, unit: str, state: _UnitState, r: Reading, live: list[tuple[Any, ...]]) -> bool:
@@ -420,4 +421,4 @@ def _conflict(item: Incoming, old: Reading) -> Refused:
         f"at {new.at}: got meter={new.meter} fwd={new.fwd} rev={new.rev}, "
         f"kept meter={old.meter} fwd={old.fwd} rev={old.rev}"
     )
-    return Refused.of(item.received, item.topic, new.unit, Reason.CONFLICT, detail, item.payload)
+    return Refused.of(item.received, item.topic, new.unit, Reason.CONFLICT, detail, item.payload, new.at)

@@ -46,7 +46,7 @@ CREATE TABLE IF NOT EXISTS changes (
     id INTEGER PRIMARY KEY AUTOINCREMENT, customer TEXT NOT NULL, day TEXT NOT NULL, at BIGINT NOT NULL);
 CREATE TABLE IF NOT EXISTS quarantine (
     id INTEGER PRIMARY KEY AUTOINCREMENT, received BIGINT NOT NULL, topic TEXT NOT NULL, unit TEXT,
-    reason TEXT NOT NULL, detail TEXT NOT NULL, payload BLOB NOT NULL);
+    reason TEXT NOT NULL, detail TEXT NOT NULL, payload BLOB NOT NULL, concerns BIGINT);
 CREATE INDEX IF NOT EXISTS quarantine_reason ON quarantine (reason, id);
 CREATE INDEX IF NOT EXISTS quarantine_unit ON quarantine (unit, id);
 CREATE TABLE IF NOT EXISTS outbox (
@@ -101,7 +101,7 @@ class SqliteStore(Store):
     """The store on an SQLite file, in write-ahead-log mode."""
 
     errors = (sqlite3.OperationalError,)
-    schema_version = 2  # 2: readings keyed by time, each unit's span of readings beside them
+    schema_version = 3  # 2: readings keyed by time, each unit's span of readings beside them; 3: quarantine.concerns
 
     def __init__(self, path: Path, synchronous: str = "FULL", cache_mib: int = 8) -> None:
         super().__init__(f"sqlite:///{path}")
@@ -173,7 +173,8 @@ class SqliteStore(Store):
         self.db.close()
 
     def _migrate(self, found: int) -> None:
-        """Schema 1 kept readings keyed (unit, at): rebuild them keyed by time, and their units' spans."""
+        """Schema 1 kept readings keyed (unit, at): rebuild them keyed by time, and their units' spans. Schema
+        2 did not note which time a quarantined item is about."""
         if found < 2:
             log.warning(
                 "migrating the store %s to schema 2 (readings keyed by time); a large store takes minutes", self.path
@@ -191,6 +192,9 @@ class SqliteStore(Store):
                 "min(CASE WHEN rev IS NOT NULL THEN at END), max(CASE WHEN rev IS NOT NULL THEN at END) "
                 "FROM readings GROUP BY unit"
             )
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(quarantine)")}
+        if found < 3 and "concerns" not in columns:  # (a table made by this code's schema at opening has it)
+            self.db.execute("ALTER TABLE quarantine ADD COLUMN concerns BIGINT")
 
     # --- readings: keyed by time, a unit's span beside them -------------------------------------------
 

@@ -75,9 +75,10 @@ _LOOKUPS = 5000  # slot ends a statement (well under SQLite's 32,766 parameters)
 
 @dataclass(frozen=True, slots=True)
 class QuarantineRow(Refused):
-    """A refused telegram or reading as the quarantine keeps it, under its id."""
+    """A refused telegram or reading as the quarantine keeps it, under its id (always given: the default only
+    follows the fields with one)."""
 
-    id: int
+    id: int = 0
 
 
 class StoreError(OSError):
@@ -332,15 +333,19 @@ class Store(ABC):
         """Time of each unit's newest reading (None: never heard of)."""
         return {u: self.last_at(u) for u in units}
 
-    def quarantine_between(self, start: int, end: int) -> tuple[dict[str, int], list[str]]:
-        """Quarantined items received in [start, end): counts by reason, and the unknown units that tried."""
-        counts = {
-            r: int(n)
-            for r, n in self.execute(
-                "SELECT reason, count(*) FROM quarantine WHERE received >= ? AND received < ? GROUP BY reason",
-                (start, end),
-            )
-        }
+    def quarantine_between(self, start: int, end: int) -> tuple[dict[str, int], dict[str, int], list[str]]:
+        """Quarantined items of [start, end): counts by reason of those received then, and of those about a
+        reading (or telegram) of then whenever they came; and the unknown units that tried to send then."""
+        counts, about = (
+            {
+                r: int(n)
+                for r, n in self.execute(
+                    f"SELECT reason, count(*) FROM quarantine WHERE {column} >= ? AND {column} < ? GROUP BY reason",
+                    (start, end),
+                )
+            }
+            for column in ("received", "concerns")
+        )
         unknown = [
             u
             for (u,) in self.execute(
@@ -349,7 +354,7 @@ class Store(ABC):
                 (start, end),
             )
         ]
-        return counts, unknown
+        return counts, about, unknown
 
     # --- nodes ----------------------------------------------------------------------------------
 
@@ -399,15 +404,17 @@ class Store(ABC):
         last = rows[-1][0] if rows else after_id
         return last, {(c, d) for _, c, d in rows}
 
-    def add_quarantine(self, rows: Iterable[tuple[int, str, str | None, str, str, bytes]]) -> None:
-        """Keep refused input: (received, topic, unit, reason, detail, payload)."""
+    def add_quarantine(self, rows: Iterable[tuple[int, str, str | None, str, str, bytes, int | None]]) -> None:
+        """Keep refused input: (received, topic, unit, reason, detail, payload, concerns)."""
         self.executemany(
-            "INSERT INTO quarantine (received, topic, unit, reason, detail, payload) VALUES (?, ?, ?, ?, ?, ?)", rows
+            "INSERT INTO quarantine (received, topic, unit, reason, detail, payload, concerns) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            rows,
         )
 
     def quarantine(self, reason: str | None = None, limit: int = 100) -> list[QuarantineRow]:
         """Newest quarantined items first, optionally of one reason."""
-        sql = "SELECT received, topic, unit, reason, detail, payload, id FROM quarantine"
+        sql = "SELECT received, topic, unit, reason, detail, payload, concerns, id FROM quarantine"
         args: tuple[Any, ...] = ()
         if reason:
             sql += " WHERE reason = ?"
@@ -423,7 +430,7 @@ class Store(ABC):
     def unit_quarantine(self, unit: str, limit: int = 20) -> list[QuarantineRow]:
         """A unit's newest quarantined items first."""
         rows = self.execute(
-            "SELECT received, topic, unit, reason, detail, payload, id FROM quarantine WHERE unit = ? "
+            "SELECT received, topic, unit, reason, detail, payload, concerns, id FROM quarantine WHERE unit = ? "
             "ORDER BY id DESC LIMIT ?",
             (unit, limit),
         ).fetchall()
@@ -432,7 +439,7 @@ class Store(ABC):
     def quarantine_after(self, reason: str, after_id: int, limit: int = 1000) -> list[QuarantineRow]:
         """Quarantined items of one reason with ids above `after_id`, oldest first."""
         rows = self.execute(
-            "SELECT received, topic, unit, reason, detail, payload, id FROM quarantine "
+            "SELECT received, topic, unit, reason, detail, payload, concerns, id FROM quarantine "
             "WHERE reason = ? AND id > ? ORDER BY id LIMIT ?",
             (reason, after_id, limit),
         ).fetchall()

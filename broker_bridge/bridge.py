@@ -306,7 +306,7 @@ class Bridge:
             for r in d.readings:
                 batch.incoming.append(Incoming(r, received, topic, payload))
             for j in d.rejects:
-                batch.refused.append(Refused.of(received, topic, d.unit, j.reason, j.detail, payload))
+                batch.refused.append(Refused.of(received, topic, d.unit, j.reason, j.detail, payload, j.at))
             if message.packet_id is not None:
                 acks = batch.acks.get(client)
                 if acks is None:

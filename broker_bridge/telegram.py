@@ -7,7 +7,7 @@ refused; `encode` is the one way to write a telegram, used by the simulator and 
 from __future__ import annotations
 
 from collections.abc import Callable, Container
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 
@@ -92,11 +92,13 @@ _encode = msgspec.json.Encoder().encode
 
 @dataclass(frozen=True, slots=True)
 class Reject:
-    """Something refused: the whole telegram (index None) or one of its readings."""
+    """Something refused: the whole telegram (index None) or one of its readings; `at`, the time it is about
+    (the reading's, or the telegram's first reading's), when it has one."""
 
     reason: str
     detail: str
     index: int | None = None
+    at: int | None = None
 
 
 class Decoded(msgspec.Struct, gc=False):
@@ -166,7 +168,7 @@ def decode(topic: str, payload: bytes, received: int, known_units: Container[str
         return _slow_path(topic_unit, payload, received, known_units, rules)
     head = _check_head(t, True, topic_unit, known_units, rules)
     if head is not None:
-        return Decoded(topic_unit, [], [head])
+        return Decoded(topic_unit, [], [replace(head, at=items[0][1] if items else sent[0])])
     return _readings(t, sent[0], items, [], received, rules)
 
 
@@ -210,7 +212,7 @@ def _slow_path(topic_unit: str, payload: bytes, received: int, known_units: Cont
         return _refused(topic_unit, Reason.BAD_FIELD, str(exc))
     head = _check_head(raw, raw.sent.tzinfo is not None, topic_unit, known_units, rules)
     if head is not None:
-        return Decoded(topic_unit, [], [head])
+        return Decoded(topic_unit, [], [replace(head, at=int(raw.sent.timestamp()) if raw.sent.tzinfo else None)])
     items: list[_Item] = []
     rejects: list[Reject] = []
     for i, item in enumerate(raw.readings):
@@ -270,7 +272,7 @@ def _readings(
         # The window first: the grid cannot place years 1 or 9999, and a reading from long ago would pair with
         # the unit's last one across a gap the size of the ages.
         if at > horizon:
-            rejects.append(Reject(Reason.FUTURE, f"readings[{i}].at {_shown(when)} is in the future", i))
+            rejects.append(Reject(Reason.FUTURE, f"readings[{i}].at {_shown(when)} is in the future", i, at))
             continue
         if at < oldest:
             rejects.append(
@@ -278,17 +280,18 @@ def _readings(
                     Reason.TOO_OLD,
                     f"readings[{i}].at {_shown(when)} is older than {rules.max_age // 86400} days",
                     i,
+                    at,
                 )
             )
             continue
         if micro or not on_boundary(at):
-            rejects.append(Reject(Reason.BAD_TIME, f"readings[{i}].at {_shown(when)} is not on a half hour", i))
+            rejects.append(Reject(Reason.BAD_TIME, f"readings[{i}].at {_shown(when)} is not on a half hour", i, at))
             continue
         if fwd != NO_DATA and not 0 <= fwd < limit:
-            rejects.append(Reject(Reason.OUT_OF_RANGE, f"readings[{i}].fwd outside 0..10^{digits}-1", i))
+            rejects.append(Reject(Reason.OUT_OF_RANGE, f"readings[{i}].fwd outside 0..10^{digits}-1", i, at))
             continue
         if rev is not None and rev != NO_DATA and not 0 <= rev < limit:
-            rejects.append(Reject(Reason.OUT_OF_RANGE, f"readings[{i}].rev outside 0..10^{digits}-1", i))
+            rejects.append(Reject(Reason.OUT_OF_RANGE, f"readings[{i}].rev outside 0..10^{digits}-1", i, at))
             continue
         out.append(
             Reading(

@@ -72,13 +72,23 @@ class Refused:
     reason: str
     detail: str
     payload: bytes
+    concerns: int | None = None  # the time of the reading (or telegram) it is about, when it has one
 
     @classmethod
-    def of(cls, received: int, topic: str, unit: str | None, reason: str, detail: str, payload: bytes) -> Refused:
+    def of(
+        cls,
+        received: int,
+        topic: str,
+        unit: str | None,
+        reason: str,
+        detail: str,
+        payload: bytes,
+        concerns: int | None = None,
+    ) -> Refused:
         """Refused input with a bounded excerpt: at most KEEP bytes of the payload (and of the topic), the rest
         named by its size and SHA-256, so that no refusal costs the store more than a few kilobytes."""
         if len(payload) > KEEP:
             digest = hashlib.sha256(payload).hexdigest()
             detail = f"{detail} [payload {len(payload)} bytes, sha256 {digest}, first {KEEP} kept]"
             payload = payload[:KEEP]
-        return cls(received, topic[:256], unit, reason, detail[:1024], payload)
+        return cls(received, topic[:256], unit, reason, detail[:1024], payload, concerns)

@@ -56,9 +56,10 @@ def build_report(
         for unit, customer in share:
             if customer in co2:
                 add_co2(co2[customer], rows.get(unit, {}).values())
-    quarantine, unknown = store.quarantine_between(grid.day_start(day), grid.day_start(day + timedelta(days=1)))
+    span = grid.day_start(day), grid.day_start(day + timedelta(days=1))
+    arrived, about, unknown = store.quarantine_between(*span)
     co2_of_day = [co2[c] for c in sorted(co2)]
-    return DailyReport(day, grid.name, findings, problems, quarantine, unknown, len(labels), caveat, co2_of_day)
+    return DailyReport(day, grid.name, findings, problems, arrived, unknown, len(labels), caveat, co2_of_day, about)
 
 
 def add_co2(total: CustomerCo2, rows: Iterable[SlotRow]) -> None:

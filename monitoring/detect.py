@@ -89,7 +89,8 @@ def detect(
                 names = flag_names(r.imp_flags | r.exp_flags)
                 f.flags.update(names)
                 what += names
-            if r is not None and quality == "A" and r.imp == 0:
+            # nothing imported nor exported: a unit exporting solar power at midday is consuming its own
+            if r is not None and quality == "A" and r.imp == 0 and not r.exp:
                 run.append(lab.index)
             else:
                 _close_run(run, zero_run, f)

@@ -54,11 +54,16 @@ class DailyReport:
     zone: str
     findings: list[UnitFindings]
     problems: list[ProblemSlot]
-    quarantine: dict[str, int]
+    quarantine: dict[str, int]  # refused telegrams and readings that arrived on the day, by reason
     unknown: list[str]  # unit ids not in the registry that tried to send
     slots_per_day: int
     caveat: str = ""  # said first when the report may not be the whole truth (ingest still catching up)
     co2: list[CustomerCo2] = field(default_factory=list)  # customers with emissions, by id
+    quarantine_about: dict[str, int] = field(default_factory=dict)  # refused ones about the day, whenever they came
+
+    def quarantined(self) -> str:
+        """The day's refused telegrams and readings: those that came that day, and those about it."""
+        return f"arrived on the day: {_counts(self.quarantine)}; about the day: {_counts(self.quarantine_about)}"
 
     @property
     def heard(self) -> list[UnitFindings]:
@@ -112,8 +117,29 @@ def summarize(findings: Sequence[UnitFindings]) -> list[CustomerSummary]:
 
 
 def problem_units(findings: Sequence[UnitFindings]) -> list[UnitFindings]:
-    """Units with problems, most missing slots first."""
-    return sorted((f for f in findings if f.has_problems), key=lambda f: (-len(f.missing), f.unit))
+    """Units with problems, the worst first: silent ones, then by missing slots, anomalies, estimated slots and
+    slots without consumption."""
+    return sorted((f for f in findings if f.has_problems), key=_severity)
+
+
+def _severity(f: UnitFindings) -> tuple[int, int, int, int, int, str]:
+    zero = sum(b - a + 1 for a, b in f.zero_runs)
+    return (f.silent_since is None, -len(f.missing), -f.flags.total(), -len(f.estimated), -zero, f.unit)
+
+
+def brief_unit(f: UnitFindings, zone: str) -> str:
+    """What went wrong with one unit, in a few words (no slot numbers)."""
+    parts = []
+    if f.silent_since is not None:
+        parts.append("silent since " + (_when(f.silent_since, zone) if f.silent_since else "ever"))
+    if f.missing:
+        parts.append(f"{len(f.missing)} slots missing")
+    parts += [f"{k} {v}" for k, v in sorted(f.flags.items())]
+    if f.estimated:
+        parts.append(f"{len(f.estimated)} estimated")
+    if f.zero_runs:
+        parts.append(f"no consumption for {sum(b - a + 1 for a, b in f.zero_runs)} slots")
+    return ", ".join(parts)
 
 
 def describe_unit(f: UnitFindings, zone: str) -> str:
@@ -173,7 +199,7 @@ def render_text(r: DailyReport, limit: int = 200) -> str:
     if r.co2:
         lines += ["", "CO2 of the day (imported electricity):"]
         lines += [f"  {c.customer}: {c.line()}" for c in r.co2]
-    lines += ["", "quarantined telegrams: " + _counts(r.quarantine)]
+    lines += ["", "quarantined telegrams and readings: " + r.quarantined()]
     if r.unknown:
         lines.append(f"unknown units that tried to send ({len(r.unknown)}): " + ", ".join(r.unknown[:50]))
     return "\n".join(lines) + "\n"
@@ -215,7 +241,7 @@ def render_html(r: DailyReport, limit: int = 200) -> str:
         f"<p>{e(r.zone)}, {r.slots_per_day} slots a unit</p>"
         f'<table border="1" cellpadding="4" cellspacing="0">{head}{rows}</table>'
         f"<h3>Units with problems: {len(units)} of {len(r.heard)}</h3><ul>{items}</ul>{never}{co2}"
-        f"<p>Quarantined telegrams: {e(_counts(r.quarantine))}</p>{unknown}</body></html>\n"
+        f"<p>Quarantined telegrams and readings: {e(r.quarantined())}</p>{unknown}</body></html>\n"
     )
 
 
@@ -232,13 +258,9 @@ def render_slack(r: DailyReport, limit: int = 15) -> str:
     units = problem_units(r.findings)
     if units:
         lines.append(f"Worst units ({len(units)} with problems):")
-        lines += [
-            f"• `{f.unit}` ({f.customer}): {len(f.missing)} missing, {len(f.estimated)} estimated"
-            + (", silent" if f.silent_since is not None else "")
-            for f in units[:limit]
-        ]
+        lines += [f"• `{f.unit}` ({f.customer}): {brief_unit(f, r.zone)}" for f in units[:limit]]
     lines += [f"CO2 of the day, *{c.customer}*: {c.line()}" for c in r.co2]
-    lines.append("Quarantined telegrams: " + _counts(r.quarantine))
+    lines.append("Quarantined telegrams and readings: " + r.quarantined())
     if r.unknown:
         lines.append(f"Unknown units: {len(r.unknown)}")
     return "\n".join(lines)

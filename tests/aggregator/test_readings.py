@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from aggregator.backends import open_url
 from aggregator.slots import Point
+from aggregator.sqlite import SqliteStore, check_copy
 from aggregator.store import READING_COLUMNS, REGISTERS, Store
 from tests.aggregator.test_ingest import T0, H, open_ingestor, reading, table
 
@@ -161,7 +162,7 @@ def test_a_store_of_schema_1_is_migrated_on_opening_and_ingest_goes_on(tmp_path:
 
     ing = open_ingestor(url)
     try:
-        assert ing.store.get_meta("schema") == "2"
+        assert ing.store.get_meta("schema") == str(SqliteStore.schema_version)
         key = [
             r[1]
             for r in sorted(ing.store.execute("PRAGMA table_info(readings)").fetchall(), key=lambda r: r[5])
@@ -199,3 +200,23 @@ def test_a_prune_told_to_stop_ends_after_a_transaction_and_the_next_finishes_it(
         store.prune(before)
         assert store.execute("SELECT count(*) FROM readings WHERE at < ?", (before,)).fetchone()[0] == 0
         check(store, kept, [T0 + k * H + d for k in (0, 50, 95, 96, 97, 143, 200) for d in (-1, 0, 1)])
+
+
+def test_a_store_from_before_quarantine_noted_what_it_concerns_is_migrated_and_says_it_from_then(
+    store_url: str,
+) -> None:
+    refused = (T0, "smame/v1/U1/reading", "U1", "future", "too far", b"{}")
+    with open_url(store_url) as store:
+        store.add_quarantine([(*refused, T0 + 400 * 86400)])
+        # what the previous schema left: no `concerns` column
+        old = "1" if store_url.startswith("postgresql") else "2"
+        store.execute("ALTER TABLE quarantine DROP COLUMN concerns")
+        store.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (old,))
+    with open_url(store_url) as store:
+        assert store.get_meta("schema") == str(type(store).schema_version)
+        store.add_quarantine([(*refused[:3], "conflict", "kept the first", b"{}", T0 - H)])
+        assert [q.concerns for q in store.quarantine()] == [T0 - H, None]  # the old row does not know
+        arrived, about, _ = store.quarantine_between(T0 - 86400, T0 + 1)
+        assert (arrived, about) == ({"future": 1, "conflict": 1}, {"conflict": 1})
+    if store_url.startswith("sqlite"):
+        check_copy(Path(store_url.removeprefix("sqlite:///")))  # migrated, it is smame's schema to the letter

@@ -20,7 +20,7 @@ from kernel.registry import load_registry
 from kernel.timegrid import SLOT, Grid
 from monitoring import daily
 from monitoring.detect import by_unit, detect
-from monitoring.report import DailyReport, problems_csv, render_text, subject
+from monitoring.report import DailyReport, problems_csv, render_slack, render_text, subject
 from tests.helpers import smame, smame_env, write_registry, yesterday
 
 GRID = Grid("Asia/Tokyo")
@@ -58,12 +58,14 @@ def day_of_rows() -> list[SlotRow]:
                 )
             )
         rows.append(row(i, "IDLE", 0 if 1 <= i <= 16 else 4, "A"))  # nothing consumed 00:00-08:00
+        solar = 17 <= i <= 32  # 08:00-16:00: its panels cover its load and export the rest, nothing imported
+        rows.append(SlotRow(ENDS[i - 1], "SOLAR", 0 if solar else 6, "A", 0, 9 if solar else 0, "A", 0, "SM", 1, 1))
     return rows
 
 
 def test_every_kind_of_problem_is_found() -> None:
-    units = [("GOOD", "C1"), ("GAPPY", "C1"), ("IDLE", "C2"), ("DEAD", "C2"), ("NEW", "C2")]
-    last = {"GOOD": NOW - 600, "GAPPY": NOW - 600, "IDLE": NOW - 600, "DEAD": NOW - 3 * 86400}
+    units = [("GOOD", "C1"), ("GAPPY", "C1"), ("IDLE", "C2"), ("DEAD", "C2"), ("NEW", "C2"), ("SOLAR", "C2")]
+    last = {"GOOD": NOW - 600, "GAPPY": NOW - 600, "IDLE": NOW - 600, "DEAD": NOW - 3 * 86400, "SOLAR": NOW - 600}
     findings, problems = detect(DAY, LABELS, units, by_unit(day_of_rows()), last, NOW, zero_run=12)
     f = {x.unit: x for x in findings}
     assert not f["GOOD"].has_problems
@@ -78,20 +80,31 @@ def test_every_kind_of_problem_is_found() -> None:
         "conflict": 1,
     }
     assert f["IDLE"].zero_runs == [(1, 16)] and not f["IDLE"].missing
+    assert not f["SOLAR"].has_problems  # exporting at midday is not "no consumption"
     assert f["DEAD"].missing == list(range(1, 49)) and f["DEAD"].silent_since == NOW - 3 * 86400
     # installed yesterday, never heard from: listed apart, not a unit with 48 missing slots
     assert f["NEW"].never_heard and not f["NEW"].missing and f["NEW"].silent_since is None
     missing = {(p.unit, p.index) for p in problems if p.problem == "missing"}
     assert missing == {("GAPPY", i) for i in (10, 11, 12, 31, 32)} | {("DEAD", i) for i in range(1, 49)}
-    report = DailyReport(DAY, "Asia/Tokyo", findings, problems, {"not_json": 2}, ["X1"], 48)
+    about = {"future": 1, "not_json": 3}  # refused readings of the day, one of which came the next morning
+    report = DailyReport(DAY, "Asia/Tokyo", findings, problems, {"not_json": 2}, ["X1"], 48, quarantine_about=about)
     text = render_text(report)
     assert "units never heard from (1): NEW" in text and "NEW (C2)" not in text
     assert (
-        subject(report) == f"[smame] daily report {DAY}: 2 of 4 units with missing data (53 slots), 1 never heard from"
+        subject(report) == f"[smame] daily report {DAY}: 2 of 5 units with missing data (53 slots), 1 never heard from"
     )
     assert "GAPPY (C1): missing 5: slots 10-12, 31-32; estimated 3: slots 20-22" in text
     assert "DEAD (C2): silent since" in text and "IDLE (C2): no consumption: slots 1-16" in text
-    assert "quarantined telegrams: not_json 2" in text and "unknown units that tried to send (1): X1" in text
+    quarantined = (
+        "quarantined telegrams and readings: arrived on the day: not_json 2; about the day: future 1, not_json 3"
+    )
+    assert quarantined in text and "unknown units that tried to send (1): X1" in text
+    # Slack's short list: the worst first, each saying what is wrong with it
+    slack = render_slack(report).split("Worst units (3 with problems):\n")[1].splitlines()
+    assert slack[0].startswith("• `DEAD` (C2): silent since 2026-11-21 08:00, 48 slots missing"), slack
+    flags = "clock_skew 1, conflict 1, replacement 1, reset 1, rollover 1, spike 1"
+    assert slack[1] == f"• `GAPPY` (C1): 5 slots missing, {flags}, 3 estimated"
+    assert slack[2] == "• `IDLE` (C2): no consumption for 16 slots"
     lines = problems_csv(problems).decode().splitlines()
     assert (
         lines[0] == "customer,unit_id,date,slot,start,end,problem"
