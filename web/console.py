@@ -11,8 +11,10 @@ import hmac
 import logging
 import math
 import os
+import re
 import secrets
-from datetime import datetime, timedelta
+from collections.abc import Sequence
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import parse_qs, quote
@@ -23,10 +25,12 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
 from aggregator.store import SlotRow
+from csv_export.co2 import month_summary, summary_rows
 from csv_export.exporter import SUCCEEDED
 from csv_export.files import NAME
 from csv_export.jobs import SUMMARY_NAME
 from ftp_gateway.accounts import normalize
+from kernel.emissions import fiscal_year
 from kernel.meter import E1_UNITS
 from kernel.reading import REASONS
 from kernel.timegrid import SLOT
@@ -55,6 +59,7 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
     """Add the console's pages and its static files to the app (none of them in the API's document)."""
     templates = Jinja2Templates(directory=HERE / "templates")
     templates.env.globals["this_node"] = ctx.node  # every page's header says which node answers
+    templates.env.filters["counted"] = counted
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     sessions, operators = Sessions(ctx.store), Operators(ctx.store)
 
@@ -373,6 +378,59 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
         log.info("operator %s lifted the ban of %s", session.operator, address)
         return RedirectResponse("/alerts", 303)
 
+    @app.get("/customers/{customer_id}/emissions", include_in_schema=False, response_class=HTMLResponse)
+    async def emissions_page(request: Request, session: Operator, customer_id: str, month: str = "") -> Response:
+        customer = ctx.registry().customers.get(customer_id)
+        if customer is None:
+            return await not_found(request, session, "customer", customer_id)
+        if not re.fullmatch(r"\d{4}-(0[1-9]|1[0-2])", month):
+            return PlainTextResponse("month: YYYY-MM", 400)
+        first = date.fromisoformat(f"{month}-01")
+        summary, why = None, ""
+        if not customer.co2_columns:
+            why = "the customer's files have no CO2 columns (co2_columns is off)"
+        elif ctx.export is None:
+            why = NO_FILES
+        else:
+            summary = await asyncio.get_running_loop().run_in_executor(
+                None, month_summary, ctx.export_dir, customer, first
+            )
+        rows = summary_rows(summary) if summary is not None else []
+        context = {
+            "session": session,
+            "customer": customer,
+            "month": month,
+            "why": why,
+            "units": rows[:-1],
+            "total": rows[-1] if rows else None,
+            "fiscal_year": fiscal_year(first),
+            "location": _factor_text(summary.location) if summary else "",
+            "market": _factor_text(summary.market) if summary else "",
+            "notes": summary.notes if summary else [],
+            "api": f"/api/v1/customers/{quote(customer.id)}/emissions?month={month}",
+        }
+        return templates.TemplateResponse(request, "emissions.html", context)
+
+    async def not_found(request: Request, session: Session, kind: str, name: str) -> Response:
+        """The page of a unit or customer the registry does not have (404), with what it tried to send."""
+        name = name[:64]
+        quarantined = await ctx.store.call(ctx.store.unit_quarantine, name, 20) if kind == "unit" else []
+        context = {
+            "session": session,
+            "kind": kind,
+            "name": name,
+            "quarantined": [
+                {
+                    "received": _local(q.received, ctx),
+                    "reason": q.reason,
+                    "detail": q.detail[:300],
+                    "payload": q.payload[:120].decode("utf-8", "replace"),
+                }
+                for q in quarantined
+            ],
+        }
+        return templates.TemplateResponse(request, "missing.html", context, status_code=404)
+
     def this_node() -> str:
         return str(ctx.node().get("node") or "this node")
 
@@ -381,7 +439,7 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
         registry = ctx.registry()
         customer = registry.customers.get(customer_id)
         if customer is None:
-            return PlainTextResponse(f"no customer {customer_id[:64]}", 404)
+            return await not_found(request, session, "customer", customer_id)
         now = int(ctx.clock())
         units = registry.units_of(customer.id)
         pages = max(1, math.ceil(len(units) / MAP_PAGE))
@@ -404,6 +462,7 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
             "customer": customer,
             "units": len(units),
             "days": days,
+            "months": months_of(days),
             "map": [
                 {
                     **_fields(s),
@@ -432,7 +491,7 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
     async def unit_page(request: Request, session: Operator, unit_id: str, days: int = 2) -> Response:
         unit = ctx.registry().units.get(unit_id)
         if unit is None:
-            return PlainTextResponse(f"no unit {unit_id[:64]}", 404)
+            return await not_found(request, session, "unit", unit_id)
         days = min(max(days, 1), ctx.max_days)
         now = int(ctx.clock())
         today = ctx.grid.day_of(ctx.grid.floor(now) + SLOT)
@@ -533,11 +592,11 @@ def _files(directory: Path) -> list[tuple[str, int, float]]:
 
 
 def _file_link(customer: str, name: str) -> str:
-    """Where the console opens a file: the API's copy of a day's file, or the JSON of a month's CO2."""
+    """Where the console opens a file: the API's copy of a day's file, or the page of a month's CO2."""
     summary = SUMMARY_NAME.match(name)
     if summary:
         month = summary["month"]
-        return f"/api/v1/customers/{quote(customer)}/emissions?month={month[:4]}-{month[4:]}"
+        return f"/customers/{quote(customer)}/emissions?month={month[:4]}-{month[4:]}"
     return f"/api/v1/customers/{quote(customer)}/days/{name[-12:-8]}-{name[-8:-6]}-{name[-6:-4]}.csv"
 
 
@@ -550,6 +609,27 @@ def _download(row: tuple[int, str, str, int] | None, ctx: WebContext) -> str:
 
 def _secure(request: Request) -> bool:
     return request.url.scheme == "https"
+
+
+def _factor_text(used: tuple[str, str] | None) -> str:
+    return "" if used is None else f"{used[0]} t-CO2/kWh (published {used[1]})"
+
+
+def counted(n: int, thing: str) -> str:
+    """`1 unit`, `2 units`: a count with its noun."""
+    return f"{n:,} {thing}" if n == 1 else f"{n:,} {thing}s"
+
+
+def months_of(days: Sequence[date]) -> list[tuple[str, int]]:
+    """The months a run of days spans, as (YYYY-MM, how many of the days fall in it), in order."""
+    out: list[tuple[str, int]] = []
+    for d in days:
+        label = f"{d:%Y-%m}"
+        if out and out[-1][0] == label:
+            out[-1] = (label, out[-1][1] + 1)
+        else:
+            out.append((label, 1))
+    return out
 
 
 def _local(epoch: int, ctx: WebContext) -> str:

@@ -191,7 +191,24 @@ def test_an_operator_logs_in_and_finds_the_silent_unit(
         assert drawn[0] >= 8 and drawn[0] <= 2 * slots_today  # today and yesterday so far
         assert browser.find_element(By.TAG_NAME, "h1").text == "Unit U1"
         assert "malformed" in browser.find_element(By.ID, "quarantine").text
+        # a JST product: a 24-hour axis and ISO dates, in Tokyo's time whatever the browser's zone and locale
+        midnight = Grid("Asia/Tokyo").day_start(day := datetime.fromtimestamp(newest, JST).date())
+        shown = browser.execute_script(
+            "const c = window.smameChart;"
+            "return [c.axes[0].values(c, arguments[0]), c.series[0].value(c, arguments[1], 0, 0)];",
+            [midnight, midnight + 13 * 3600 + 1800],
+            midnight + 26 * SLOT,
+        )
+        assert shown == [[f"{day}\n00:00", "13:30"], f"{day} 13:00"], shown
         shot(browser, "unit")
+        Select(browser.find_element(By.ID, "days")).select_by_value("7")  # chosen: the page follows
+        wait(browser).until(expected.url_contains("days=7"))
+
+        browser.get(site + "/units/U9")  # a unit the registry does not know: a page with the way back
+        assert browser.find_element(By.TAG_NAME, "h1").text == "No unit U9"
+        assert browser.find_element(By.LINK_TEXT, "Fleet") and browser.find_element(By.LINK_TEXT, "Search the fleet")
+        assert "<script>" in browser.find_element(By.ID, "quarantined").text  # what it tried to send, as text
+        browser.get(site + "/units/U1")
 
         day = datetime.fromtimestamp(newest, JST).date()  # a file the customer fetches, shown on its page
         smame(["export", "--customer", "C1", "--date", day.isoformat()], env)  # now, not at the next half hour
@@ -202,9 +219,12 @@ def test_an_operator_logs_in_and_finds_the_silent_unit(
         browser.find_element(By.LINK_TEXT, "C1").click()  # the customer's page: completeness map and files
         wait(browser).until(expected.url_to_be(site + "/customers/C1"))
         units = {
-            r.find_element(By.TAG_NAME, "td").text: r for r in browser.find_elements(By.CSS_SELECTOR, "#map tr")[1:]
+            r.find_element(By.TAG_NAME, "td").text: r for r in browser.find_elements(By.CSS_SELECTOR, "#map tbody tr")
         }
         assert list(units) == ["U1", "U2"]
+        assert "2 units · files kept 45 days" in browser.find_element(By.TAG_NAME, "main").text
+        months = browser.find_elements(By.CSS_SELECTOR, "#map tr.months th[colspan]")[1:]
+        assert months[-1].text == f"{day:%Y-%m}" and sum(int(m.get_attribute("colspan") or 0) for m in months) == 45
         cells = units["U1"].find_elements(By.CSS_SELECTOR, "td.cell")
         assert len(cells) == 45  # the days files are kept
         counts = [
@@ -219,6 +239,14 @@ def test_an_operator_logs_in_and_finds_the_silent_unit(
         assert f"C1_{day:%Y%m%d}.csv" in files and "over api by token" in files
         assert files.index(f"C1_{day:%Y%m}_co2.csv") < files.index(f"C1_{day:%Y%m%d}.csv")  # months first
         shot(browser, "customer")
+        browser.find_element(By.LINK_TEXT, f"C1_{day:%Y%m}_co2.csv").click()  # the month's CO2 as a page
+        wait(browser).until(expected.url_contains(f"/customers/C1/emissions?month={day:%Y-%m}"))
+        table = browser.find_element(By.ID, "emissions").text
+        assert "U1" in table and "total" in table, table
+        shot(browser, "emissions")
+        browser.get(site + "/customers/C2")
+        assert "1 unit · files kept 45 days" in browser.find_element(By.TAG_NAME, "main").text
+        browser.get(site + "/customers/C1")
 
         browser.find_element(By.LINK_TEXT, "Quarantine").click()  # every refused telegram, by reason
         wait(browser).until(expected.url_to_be(site + "/quarantine"))
