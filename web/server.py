@@ -30,6 +30,7 @@ class WebServer:
         self.proxies = proxies or Proxies()
         self._server: uvicorn.Server | None = None
         self._failed: BaseException | None = None
+        self._stop = threading.Event()  # set when `run` ends: a server still being made is not started
 
     @property
     def port(self) -> int | None:
@@ -72,6 +73,7 @@ class WebServer:
             await ended
             raise RuntimeError(f"the web server stopped: {self._failed!r}")
         finally:
+            self._stop.set()  # before looking at the server: `_serve` looks again after making it
             if self._server is not None:
                 self._server.should_exit = True
             await loop.run_in_executor(None, thread.join, 5)
@@ -82,8 +84,11 @@ class WebServer:
         from web.connections import GuardedH11Protocol
         from web.proxies import forwarded
 
+        app = self._app()  # loading the framework takes a second or two: smame may be told to stop meanwhile
+        if self._stop.is_set():
+            return
         config = uvicorn.Config(
-            forwarded(self._app(), self.proxies),
+            forwarded(app, self.proxies),
             host=self.host,
             port=self.wanted_port,
             log_config=None,  # smame's logging
@@ -99,6 +104,8 @@ class WebServer:
         )
         self._server = uvicorn.Server(config)  # not on the main thread: it leaves the signals to smame
         self._server.server_state.smame_proxies = self.proxies  # type: ignore[attr-defined]  # web.connections
+        if self._stop.is_set():  # told to stop while the server was being made, after `run` looked for it
+            return
         task = asyncio.create_task(self._server.serve())
         while not self._server.started and not task.done():
             await asyncio.sleep(0.01)

@@ -52,6 +52,20 @@ def test_sigterm_right_after_start_stops_smame_and_its_children(broker: Mosquitt
     assert "smame stopped" in log.read_text()
 
 
+def test_sigterm_while_the_web_server_loads_does_not_wait_for_it_to_start(broker: Mosquitto, workdir: Path) -> None:
+    write_registry(workdir, {"L1": "C1"})
+    env = smame_env(workdir, broker.port, SMAME_WEB__ENABLED="true", SMAME_WEB__PORT=str(free_port()))
+    log = workdir / "smame.log"
+    proc = start_smame(env, log)
+    wait_log(log, "smame started", timeout=30)  # the web server's framework takes a second or two to load
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(12) == 0, log.read_text()
+    took = time.monotonic() - started
+    # it stopped once the framework had loaded, not after its thread's 5 s join (nor the 9 s deadline)
+    assert "web server listening" not in log.read_text() and took < 4, took
+
+
 @pytest.mark.parametrize("after", [0.05, 0.3, 0.8])
 def test_ctrl_c_at_any_moment_of_start_up_ends_with_one_line_and_no_traceback(
     broker: Mosquitto, workdir: Path, after: float
