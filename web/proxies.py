@@ -10,12 +10,14 @@ left of that is the client's own say and proves nothing).
 from __future__ import annotations
 
 import ipaddress
+import logging
 from collections.abc import Iterable
 from functools import lru_cache
 
 from web.guard import App, Receive, Scope, Send
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+log = logging.getLogger("smame.web")
 
 
 class Proxies:
@@ -54,6 +56,7 @@ class Proxies:
         return client
 
 
+MAX_TOLD = 100  # peers logged for sending forwarded headers untrusted: strangers can make no more lines than that
 MAX_HOPS = 16  # entries of X-Forwarded-For read (from the right); more proxies than that in a row is no deployment
 
 
@@ -70,10 +73,21 @@ def _host(entry: str) -> str | None:
 
 
 def forwarded(app: App, proxies: Proxies) -> App:
-    """`app` seeing, for a request from a trusted proxy, the client and scheme that proxy forwarded."""
+    """`app` seeing, for a request from a trusted proxy, the client and scheme that proxy forwarded. A peer not
+    trusted that sends `X-Forwarded-For` is logged once (it may be the operator's own proxy, not yet named:
+    then every customer behind it is one client, banned together)."""
+    told: set[str] = set()
 
     async def unwrap(scope: Scope, receive: Receive, send: Send) -> None:
         peer = scope.get("client")
+        if scope["type"] == "http" and peer and not proxies.trusts(peer[0]) and len(told) < MAX_TOLD:
+            if peer[0] not in told and any(k == b"x-forwarded-for" for k, _ in scope.get("headers", [])):
+                told.add(peer[0])
+                log.warning(
+                    "web: %s sends X-Forwarded-For but is not in web.trusted_proxies: its requests are judged, "
+                    "counted and banned as its own; if it is your reverse proxy, name it there",
+                    peer[0],
+                )
         if scope["type"] == "http" and peer and proxies.trusts(peer[0]):
             values = [v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"x-forwarded-for"]
             client = proxies.client(peer[0], ",".join(values))

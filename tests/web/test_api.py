@@ -529,7 +529,9 @@ def test_the_client_behind_trusted_proxies_is_the_rightmost_address_they_did_not
     assert not Proxies()
 
 
-def test_forwarded_headers_are_believed_from_trusted_proxies_only(world: World) -> None:
+def test_forwarded_headers_are_believed_from_trusted_proxies_only(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
     store = open_url(world.store_url)
     wrong = world.tokens["C2"][:-2] + "xx"
 
@@ -558,6 +560,9 @@ def test_forwarded_headers_are_believed_from_trusted_proxies_only(world: World) 
                 if not trusted:  # the guesser is banned, the addresses it named are not; no proxy said https
                     assert bans.banned("127.0.0.1") and not bans.banned("192.0.2.66")
                     assert "secure" not in cookie.lower()
+                    # said once, in case it is the operator's own proxy, not yet named
+                    said = [r for r in caplog.records if "is not in web.trusted_proxies" in r.getMessage()]
+                    assert len(said) == 1 and said[0].getMessage().startswith("web: 127.0.0.1 sends"), said
                     continue
                 # behind a trusted proxy each client is itself: three addresses with one failure each
                 assert not bans.banned("127.0.0.1") and bans.active() == {}
