@@ -93,7 +93,7 @@ _encode = msgspec.json.Encoder().encode
 @dataclass(frozen=True, slots=True)
 class Reject:
     """Something refused: the whole telegram (index None) or one of its readings; `at`, the time it is about
-    (the reading's, or the telegram's first reading's), when it has one."""
+    (the reading's, or the whole telegram's `sent`), when it has one."""
 
     reason: str
     detail: str
@@ -168,7 +168,7 @@ def decode(topic: str, payload: bytes, received: int, known_units: Container[str
         return _slow_path(topic_unit, payload, received, known_units, rules)
     head = _check_head(t, True, topic_unit, known_units, rules)
     if head is not None:
-        return Decoded(topic_unit, [], [replace(head, at=items[0][1] if items else sent[0])])
+        return Decoded(topic_unit, [], [replace(head, at=sent[0])])
     return _readings(t, sent[0], items, [], received, rules)
 
 
