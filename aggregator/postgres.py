@@ -33,7 +33,7 @@ CREATE TABLE IF NOT EXISTS readings (
     unit TEXT COLLATE "C" NOT NULL, at BIGINT NOT NULL, meter TEXT NOT NULL,
     fwd BIGINT, rev BIGINT, e1 INTEGER NOT NULL, coef INTEGER NOT NULL, digits INTEGER NOT NULL,
     flags INTEGER NOT NULL DEFAULT 0, seq BIGINT NOT NULL, sent BIGINT NOT NULL, received BIGINT NOT NULL,
-    PRIMARY KEY (unit, at)) PARTITION BY RANGE (at);
+    diag BYTEA, PRIMARY KEY (unit, at)) PARTITION BY RANGE (at);
 CREATE TABLE IF NOT EXISTS slots (
     slot BIGINT NOT NULL, unit TEXT COLLATE "C" NOT NULL,
     imp BIGINT, imp_q TEXT, imp_flags INTEGER NOT NULL DEFAULT 0,
@@ -79,6 +79,7 @@ _COLUMN_TYPES = {
     **dict.fromkeys(["unit", "meter", "imp_q", "exp_q", "customer", "day"], "text"),
     **dict.fromkeys(["at", "fwd", "rev", "seq", "sent", "received", "slot", "imp", "exp"], "int8"),
     **dict.fromkeys(["e1", "coef", "digits", "flags", "imp_flags", "exp_flags"], "int4"),
+    "diag": "bytea",
 }
 _UNITS_A_STATEMENT = 10_000  # units whose newest reading one statement looks up
 _BOTH_REGISTERS = slot_upsert(("imp", "exp"))[0]
@@ -121,12 +122,14 @@ class PostgresStore(Store):
     claim_rows = " FOR UPDATE SKIP LOCKED"
     share_rows = " FOR SHARE"
     errors = (psycopg.OperationalError,)
-    schema_version = 2  # 2: quarantine.concerns
+    schema_version = 3  # 2: quarantine.concerns; 3: readings.diag
 
     def _migrate(self, found: int) -> None:
-        """Schema 1 did not note which time a quarantined item is about."""
+        """Schema 1 did not note which time a quarantined item is about, schema 2 no unit's diagnostics."""
         if found < 2:
             self.execute("ALTER TABLE quarantine ADD COLUMN IF NOT EXISTS concerns BIGINT")
+        if found < 3:
+            self.execute("ALTER TABLE readings ADD COLUMN IF NOT EXISTS diag BYTEA")
 
     def __init__(self, url: str, application_name: str = "smame") -> None:
         super().__init__(url)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from aggregator.slots import Point
-from aggregator.store import READING_COLUMNS, REGISTERS, Store, StoreError
+from aggregator.store import REGISTERS, Store, StoreError
 from kernel.timegrid import SLOT
 
 log = logging.getLogger("smame.store")
@@ -24,12 +24,13 @@ _UNITS = 500  # units a statement when spans are read
 # unit, each telegram landed in another unit's page in the middle of the tree, and with weeks stored a commit
 # cost about ten times as much (docs/performance.md). What is asked per unit comes from `reading_span`, kept in
 # the same transaction, and from key look-ups on the unit's half-hour ends.
+_V1_COLUMNS = "unit, at, meter, fwd, rev, e1, coef, digits, flags, seq, sent, received"  # schema 1's readings
 _READINGS = """
 CREATE TABLE IF NOT EXISTS readings (
     unit TEXT NOT NULL, at BIGINT NOT NULL, meter TEXT NOT NULL,
     fwd BIGINT, rev BIGINT, e1 INTEGER NOT NULL, coef INTEGER NOT NULL, digits INTEGER NOT NULL,
     flags INTEGER NOT NULL DEFAULT 0, seq BIGINT NOT NULL, sent BIGINT NOT NULL, received BIGINT NOT NULL,
-    PRIMARY KEY (at, unit)) WITHOUT ROWID"""
+    diag BLOB, PRIMARY KEY (at, unit)) WITHOUT ROWID"""
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 {_READINGS};
@@ -101,7 +102,8 @@ class SqliteStore(Store):
     """The store on an SQLite file, in write-ahead-log mode."""
 
     errors = (sqlite3.OperationalError,)
-    schema_version = 3  # 2: readings keyed by time, each unit's span of readings beside them; 3: quarantine.concerns
+    # 2: readings keyed by time, each unit's span of readings beside them; 3: quarantine.concerns; 4: readings.diag
+    schema_version = 4
 
     def __init__(self, path: Path, synchronous: str = "FULL", cache_mib: int = 8) -> None:
         super().__init__(f"sqlite:///{path}")
@@ -174,7 +176,7 @@ class SqliteStore(Store):
 
     def _migrate(self, found: int) -> None:
         """Schema 1 kept readings keyed (unit, at): rebuild them keyed by time, and their units' spans. Schema
-        2 did not note which time a quarantined item is about."""
+        2 did not note which time a quarantined item is about, schema 3 no unit's diagnostics."""
         if found < 2:
             log.warning(
                 "migrating the store %s to schema 2 (readings keyed by time); a large store takes minutes", self.path
@@ -182,7 +184,7 @@ class SqliteStore(Store):
             self.db.execute("ALTER TABLE readings RENAME TO readings_v1")
             self.db.execute(_READINGS)  # not executescript(), which would commit the migration's transaction
             self.db.execute(
-                f"INSERT INTO readings ({READING_COLUMNS}) SELECT {READING_COLUMNS} FROM readings_v1 ORDER BY at, unit"
+                f"INSERT INTO readings ({_V1_COLUMNS}) SELECT {_V1_COLUMNS} FROM readings_v1 ORDER BY at, unit"
             )
             self.db.execute("DROP TABLE readings_v1")
             self.db.execute("DELETE FROM reading_span")
@@ -192,9 +194,10 @@ class SqliteStore(Store):
                 "min(CASE WHEN rev IS NOT NULL THEN at END), max(CASE WHEN rev IS NOT NULL THEN at END) "
                 "FROM readings GROUP BY unit"
             )
-        columns = {row[1] for row in self.db.execute("PRAGMA table_info(quarantine)")}
-        if found < 3 and "concerns" not in columns:  # (a table made by this code's schema at opening has it)
-            self.db.execute("ALTER TABLE quarantine ADD COLUMN concerns BIGINT")
+        for table, column, kind in (("quarantine", "concerns", "BIGINT"), ("readings", "diag", "BLOB")):
+            # (a table made by this code's schema at opening, or by the migration above, has it already)
+            if column not in {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}:
+                self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     # --- readings: keyed by time, a unit's span beside them -------------------------------------------
 

@@ -33,7 +33,7 @@ TABLES = (
     *("api_tokens", "operators", "web_sessions", "downloads"),
 )
 
-READING_COLUMNS = "unit, at, meter, fwd, rev, e1, coef, digits, flags, seq, sent, received"
+READING_COLUMNS = "unit, at, meter, fwd, rev, e1, coef, digits, flags, seq, sent, received, diag"
 _SLOT_SET = {
     "imp": "imp = excluded.imp, imp_q = excluded.imp_q, imp_flags = excluded.imp_flags",
     "exp": "exp = excluded.exp, exp_q = excluded.exp_q, exp_flags = excluded.exp_flags",
@@ -213,7 +213,7 @@ class Store(ABC):
 
     def insert_readings(self, rows: Iterable[tuple[Any, ...]]) -> None:
         """Insert new readings (tuples in `READING_COLUMNS` order); the caller knows they are new."""
-        self.executemany(f"INSERT INTO readings ({READING_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+        self.executemany(f"INSERT INTO readings ({READING_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
 
     def append_readings(self, rows: list[tuple[Any, ...]]) -> None:
         """Insert new readings, each newer than any of its unit's and with both registers (`Ingestor.plan`'s)."""

@@ -34,7 +34,7 @@ def fill(store: Store, grid: Grid, ids: list[str], first: date, days: int) -> in
     rnd = random.Random(1)
     start = grid.day_start(first)
     store.db.execute("BEGIN")
-    store.insert_readings((unit, start, f"SM-{unit}", 0, 0, 1, 1, 6, 0, 0, start, start) for unit in ids)
+    store.insert_readings((unit, start, f"SM-{unit}", 0, 0, 1, 1, 6, 0, 0, start, start, None) for unit in ids)
     store.db.execute("COMMIT")
     n = 0
     for d in range(days):

@@ -36,6 +36,7 @@ def prefill(store: Store, readings: Iterable[Reading], days: int) -> None:
                     0,
                     first[u].at - j * SLOT + 7,
                     first[u].at - j * SLOT + 9,
+                    None,
                 )
                 for u in units
             )

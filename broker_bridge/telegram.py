@@ -14,7 +14,7 @@ from typing import Any, Generic, TypeVar
 import msgspec
 
 from kernel.meter import E1_UNITS, METER_ID, UNIT_ID, Flag
-from kernel.reading import Reading, Reason
+from kernel.reading import DIAG_FIELDS, Diag, Reading, Reason
 
 VERSION = 1
 MAX_PAYLOAD = 16 * 1024
@@ -44,6 +44,7 @@ class WireTelegram(msgspec.Struct, Generic[R], forbid_unknown_fields=False):
     digits: int
     readings: list[R]
     coef: int = 1
+    diag: Any = None  # the unit's diagnostics (`kernel.reading.Diag`): checked field by field on this path
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +77,7 @@ class _TextTimes(msgspec.Struct, forbid_unknown_fields=False, gc=False):
     digits: int
     readings: list[_TextReading]
     coef: int = 1
+    diag: Diag | None = None  # any field that is not as the contract says sends the telegram down the typed path
 
 
 class _Envelope(msgspec.Struct, forbid_unknown_fields=False):
@@ -102,11 +104,12 @@ class Reject:
 
 
 class Decoded(msgspec.Struct, gc=False):
-    """What one MQTT message yields."""
+    """What one MQTT message yields; `diag_dropped`, the fields of its `diag` left out as wrong."""
 
     unit: str | None
     readings: list[Reading] = []
     rejects: list[Reject] = []
+    diag_dropped: int = 0
 
 
 # Texts a fleet repeats in every telegram (each unit's topic and meter serial, the times), checked once and
@@ -166,10 +169,12 @@ def decode(topic: str, payload: bytes, received: int, known_units: Container[str
         items.append((i, at[0], at[1], r.at, r.fwd, r.rev))
     if sent is None or len(items) < len(t.readings):  # a time that is no RFC 3339 instant with an offset
         return _slow_path(topic_unit, payload, received, known_units, rules)
+    if t.diag is not None and t.diag.dropped:  # the unit's say: the count is the decoder's to make
+        return _slow_path(topic_unit, payload, received, known_units, rules)
     head = _check_head(t, True, topic_unit, known_units, rules)
     if head is not None:
         return Decoded(topic_unit, [], [replace(head, at=sent[0])])
-    return _readings(t, sent[0], items, [], received, rules)
+    return _readings(t, sent[0], items, [], received, rules, t.diag)
 
 
 # A reading on its way through `_readings`: index, epoch seconds (None: the time has no UTC offset),
@@ -223,7 +228,26 @@ def _slow_path(topic_unit: str, payload: bytes, received: int, known_units: Cont
             continue
         at = None if r.at.tzinfo is None else int(r.at.timestamp())
         items.append((i, at, r.at.microsecond, r.at, r.fwd, r.rev))
-    return _readings(raw, int(raw.sent.timestamp()), items, rejects, received, rules)
+    return _readings(raw, int(raw.sent.timestamp()), items, rejects, received, rules, _diag_of(raw.diag))
+
+
+def _diag_of(value: Any) -> Diag | None:
+    """A `diag` the fast path could not take, checked field by field: the good fields kept, the others counted
+    in `dropped` (a `diag` that is no object is one field dropped)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        return Diag(dropped=1)
+    good: dict[str, Any] = {}
+    for name in DIAG_FIELDS:
+        if name in value:
+            try:
+                msgspec.convert({name: value[name]}, Diag)
+            except msgspec.ValidationError:
+                continue
+            good[name] = value[name]
+    wrong = sum(1 for name in DIAG_FIELDS if name in value) - len(good)
+    return msgspec.structs.replace(msgspec.convert(good, Diag), dropped=wrong)
 
 
 def _check_head(
@@ -255,7 +279,13 @@ def _check_head(
 
 
 def _readings(
-    t: WireTelegram[Any] | _TextTimes, sent: int, items: list[_Item], rejects: list[Reject], received: int, rules: Rules
+    t: WireTelegram[Any] | _TextTimes,
+    sent: int,
+    items: list[_Item],
+    rejects: list[Reject],
+    received: int,
+    rules: Rules,
+    diag: Diag | None,
 ) -> Decoded:
     limit = 10**t.digits
     tolerance, on_boundary = rules.tolerance, rules.on_boundary
@@ -308,7 +338,11 @@ def _readings(
                 _SKEW if at > skew_after else 0,
             )
         )
-    return Decoded(unit, out, rejects)
+    if diag is None or not out:
+        return Decoded(unit, out, rejects)
+    newest = 0 if len(out) == 1 else max(range(len(out)), key=lambda k: out[k].at)
+    out[newest] = msgspec.structs.replace(out[newest], diag=diag)  # the telegram's, kept with its newest reading
+    return Decoded(unit, out, rejects, diag.dropped)
 
 
 def _refused(unit: str | None, reason: str, detail: str) -> Decoded:

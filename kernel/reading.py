@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Annotated
 
 import msgspec
 
@@ -35,6 +36,32 @@ class Reason:
 REASONS = sorted(v for k, v in vars(Reason).items() if k.isupper())
 
 
+_Name = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._+-]{1,32}$")]
+_Cell = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9-]{1,32}$")]
+_Count = Annotated[int, msgspec.Meta(ge=0, le=2**53)]  # (a counter beyond 2^53 is no real one)
+
+
+class Diag(msgspec.Struct, frozen=True, gc=False, omit_defaults=True, forbid_unknown_fields=False):
+    """A unit's diagnostics from one telegram (telegram v1's optional `diag`, health.md): each field checked as
+    it is decoded (type, range, pattern); None where absent or dropped. `dropped` counts the fields that were
+    present but wrong: they are left out, the telegram's readings are taken all the same."""
+
+    fw: _Name | None = None  # firmware version
+    rsrp: Annotated[int, msgspec.Meta(ge=-140, le=-44)] | None = None  # dBm
+    rsrq: Annotated[float, msgspec.Meta(ge=-20, le=-3)] | None = None  # dB
+    sinr: Annotated[float, msgspec.Meta(ge=-20, le=40)] | None = None  # dB
+    ce: Annotated[int, msgspec.Meta(ge=0, le=2)] | None = None  # LTE-M coverage enhancement level
+    cell: _Cell | None = None  # serving cell id
+    boot: _Count | None = None  # reboots since manufacture
+    up: _Count | None = None  # seconds since the last boot
+    vsup: Annotated[int, msgspec.Meta(ge=0, le=30000)] | None = None  # supply voltage, mV
+    att: _Count | None = None  # network attach attempts since the previous telegram
+    dropped: int = 0  # set by the decoder: a unit that sends it is decoded field by field, which ignores it
+
+
+DIAG_FIELDS = tuple(f for f in Diag.__struct_fields__ if f != "dropped")
+
+
 class Reading(msgspec.Struct, frozen=True, gc=False, array_like=True):
     """One validated fixed-time reading; None in a register means the meter had no value.
 
@@ -51,6 +78,7 @@ class Reading(msgspec.Struct, frozen=True, gc=False, array_like=True):
     seq: int
     sent: int
     flags: int = 0
+    diag: Diag | None = None  # the telegram's, on its newest reading only
 
 
 class Incoming(msgspec.Struct, frozen=True, gc=False, array_like=True):

@@ -218,12 +218,12 @@ def telegram(
     e1: int = 1,
     coef: int = 1,
     sent: datetime | None = None,
+    diag: dict[str, object] | None = None,
 ) -> bytes:
-    """A v1 telegram as a unit would publish it."""
+    """A v1 telegram as a unit would publish it (with `diag`, its diagnostics as given, right or wrong)."""
     wire = [WireReading(r[0], r[1], r[2] if len(r) > 2 else 0) for r in readings]  # type: ignore[misc]
-    return encode(
-        WireTelegram(1, unit, meter, seq, sent or readings[-1][0] + timedelta(seconds=7), e1, digits, wire, coef)
-    )
+    sent = sent or readings[-1][0] + timedelta(seconds=7)
+    return encode(WireTelegram(1, unit, meter, seq, sent, e1, digits, wire, coef, diag))
 
 
 def write_registry(

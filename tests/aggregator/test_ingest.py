@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -18,7 +19,7 @@ from aggregator.ingest import Ingestor
 from aggregator.sqlite import SqliteStore
 from aggregator.store import StoreError
 from kernel.meter import Flag, Limits
-from kernel.reading import Incoming, Reading
+from kernel.reading import Diag, Incoming, Reading
 from kernel.timegrid import Grid
 
 T0 = 1_795_000_000 - 1_795_000_000 % 1800  # a JST half hour
@@ -246,3 +247,14 @@ def test_a_store_of_a_newer_smame_is_refused_naming_both_versions(store_url: str
         version = store.schema_version
     with pytest.raises(StoreError, match=f"has schema 99, newer than this smame's {version}: upgrade smame"):
         open_url(store_url)
+
+
+def test_a_readings_diagnostics_are_stored_with_it_and_only_the_fields_it_had(ing: Ingestor) -> None:
+    diag = Diag(fw="2.1.0", rsrp=-97, sinr=4.5, boot=12, dropped=1)
+    with_diag = reading(1, 110)
+    with_diag = msgspec.structs.replace(with_diag, reading=msgspec.structs.replace(with_diag.reading, diag=diag))
+    ing.commit([reading(0, 100), with_diag], [], T0)
+    kept = dict(ing.store.execute("SELECT at, diag FROM readings WHERE unit = 'U1'").fetchall())
+    assert kept[T0] is None
+    blob = bytes(kept[T0 + H])  # (memoryview on PostgreSQL)
+    assert msgspec.msgpack.decode(blob, type=Diag) == diag and b"rsrq" not in blob  # absent fields take no room

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from aggregator.backends import open_url
 from aggregator.slots import Point
 from aggregator.sqlite import SqliteStore, check_copy
-from aggregator.store import READING_COLUMNS, REGISTERS, Store
+from aggregator.store import REGISTERS, Store
 from tests.aggregator.test_ingest import T0, H, open_ingestor, reading, table
 
 Stored = dict[str, dict[int, tuple[int | None, int | None]]]  # unit -> at -> (fwd, rev)
@@ -30,7 +30,7 @@ steps = st.lists(
 
 def rows_of(stored: Stored) -> list[tuple[object, ...]]:
     return [
-        (unit, at, "M1", fwd, rev, 1, 1, 6, 0, 0, at + 5, at + 7)
+        (unit, at, "M1", fwd, rev, 1, 1, 6, 0, 0, at + 5, at + 7, None)
         for unit, series in stored.items()
         for at, (fwd, rev) in series.items()
     ]
@@ -139,6 +139,7 @@ def test_readings_appended_as_a_live_batch_leave_every_units_span_true(
             check(store, stored, probes)
 
 
+V1_COLUMNS = "unit, at, meter, fwd, rev, e1, coef, digits, flags, seq, sent, received"
 V1_READINGS = """CREATE TABLE readings (
     unit TEXT NOT NULL, at BIGINT NOT NULL, meter TEXT NOT NULL,
     fwd BIGINT, rev BIGINT, e1 INTEGER NOT NULL, coef INTEGER NOT NULL, digits INTEGER NOT NULL,
@@ -155,7 +156,7 @@ def test_a_store_of_schema_1_is_migrated_on_opening_and_ingest_goes_on(tmp_path:
     # what smame of schema 1 left: readings keyed (unit, at), no spans
     db = sqlite3.connect(tmp_path / "smame.db", isolation_level=None)
     db.executescript(
-        f"BEGIN; ALTER TABLE readings RENAME TO r2; {V1_READINGS}; INSERT INTO readings SELECT {READING_COLUMNS} "
+        f"BEGIN; ALTER TABLE readings RENAME TO r2; {V1_READINGS}; INSERT INTO readings SELECT {V1_COLUMNS} "
         "FROM r2; DROP TABLE r2; DROP TABLE reading_span; UPDATE meta SET value = '1' WHERE key = 'schema'; COMMIT;"
     )
     db.close()

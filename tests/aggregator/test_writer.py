@@ -47,7 +47,7 @@ def test_batches_in_flight_commit_in_order_and_none_after_a_failed_one(store_url
         # half hour 5 of one unit stored behind the writer's back: the batch of half hour 5 fails on it, and
         # the batch of half hour 6, made from the states the failed one would have left, must not land
         with store.transaction():
-            store.insert_readings([("W007", T0 + 5 * H, "M1", 7, 0, 1, 1, 6, 0, 5, T0, T0)])
+            store.insert_readings([("W007", T0 + 5 * H, "M1", 7, 0, 1, 1, 6, 0, 5, T0, T0, None)])
         results = await commit_in_flight(writer, 4, 5, 6)
         assert results[0] is None
         assert all(isinstance(r, WriterError) for r in results[1:]), results

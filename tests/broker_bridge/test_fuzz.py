@@ -81,6 +81,25 @@ readings = st.fixed_dictionaries(
     {"at": st.one_of(instants, junk), "fwd": st.one_of(ints, junk)},
     optional={"rev": st.one_of(ints, junk), "extra": junk},
 )
+# a unit's diagnostics: each field good, at its edges, just outside them, of another type, or anything
+diag_values = {
+    "fw": st.sampled_from(["1.2.3", "v2.0.1+b7", "x" * 32, "x" * 33, "", "1 2", "ü"]),
+    "rsrp": st.sampled_from([-140, -44, -141, -43, -97, 0, -97.5, "-97"]),
+    "rsrq": st.sampled_from([-20, -3, -20.5, -2.9, -10.5, float("nan"), "x"]),
+    "sinr": st.sampled_from([-20, 40, 40.1, -21, 3.5, float("inf"), None]),
+    "ce": st.sampled_from([0, 1, 2, 3, -1, True, 1.0]),
+    "cell": st.sampled_from(["44010-1f2a", "x" * 33, "a/b", ""]),
+    "boot": st.sampled_from([0, 7, -1, 2**53, 2**53 + 1, 2**64]),
+    "up": st.sampled_from([0, 86400, -5, 1.5]),
+    "vsup": st.sampled_from([0, 3300, 30000, 30001, -1]),
+    "att": st.sampled_from([0, 3, -1, 2**31]),
+    "dropped": st.sampled_from([0, 5]),
+}
+diags = st.one_of(
+    st.fixed_dictionaries({}, optional={k: st.one_of(v, v, junk) for k, v in diag_values.items()}),
+    junk,
+)
+
 telegrams = st.fixed_dictionaries(
     {
         "v": st.one_of(st.just(1), junk),
@@ -92,7 +111,7 @@ telegrams = st.fixed_dictionaries(
         "digits": st.one_of(st.integers(1, 8), ints, junk),
         "readings": st.one_of(st.lists(readings, max_size=100), junk),
     },
-    optional={"coef": st.one_of(ints, junk), "x": junk},
+    optional={"coef": st.one_of(ints, junk), "x": junk, "diag": diags},
 )
 
 
@@ -218,7 +237,8 @@ near_telegrams = st.fixed_dictionaries(
         "e1": st.sampled_from([1, 2, 5]),
         "digits": st.just(6),
         "readings": near_readings,
-    }
+    },
+    optional={"diag": diags},
 )
 
 

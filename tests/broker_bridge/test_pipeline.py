@@ -10,18 +10,22 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from aggregator.ingest import UnitTable
 from aggregator.writer import Writer, WriterError
+from kernel.reading import Diag
 from kernel.timegrid import Grid
 from tests.databases import PostgresDatabase
 from tests.helpers import (
     Mosquitto,
     at,
+    free_port,
     publish,
     readings_in,
     running,
+    scrape,
     smame,
     smame_env,
     start_smame,
@@ -96,6 +100,41 @@ def test_telegrams_become_slots_and_bad_ones_are_quarantined(broker: Mosquitto, 
     ):
         assert f" {reason}: " in report, reason
     assert "11 quarantined" in report
+
+
+def test_a_units_diagnostics_are_kept_with_its_newest_reading_and_a_wrong_field_only_counted(
+    broker: Mosquitto, workdir: Path
+) -> None:
+    write_registry(workdir, {"U1": "C1"})
+    metrics = free_port()
+    env = smame_env(
+        workdir,
+        broker.port,
+        SMAME_MONITORING__ENABLED="true",
+        SMAME_MONITORING__HOST="127.0.0.1",
+        SMAME_MONITORING__METRICS_PORT=str(metrics),
+    )
+    proc = start_smame(env, workdir / "smame.log")
+    wait_log(workdir / "smame.log", "subscribed to")
+    diag = {"fw": "2.1.0", "rsrp": -97, "sinr": 4.5, "boot": 12, "vsup": 3300}
+    publish(
+        broker.port,
+        [
+            ("smame/v1/U1/reading", telegram("U1", [(at(DAY, "10:00"), 100), (at(DAY, "10:30"), 110)], diag=diag)),
+            ("smame/v1/U1/reading", telegram("U1", [(at(DAY, "11:00"), 120)], diag={**diag, "rsrp": 5, "ce": 9})),
+        ],
+    )
+    wait_readings(workdir / "data" / "smame.db", 3)
+    wait_until(lambda: scrape(metrics).get("smame_diag_fields_dropped_total") == 2, 10)
+    assert stop(proc) == 0
+    with sqlite3.connect(workdir / "data" / "smame.db") as db:
+        kept = dict(db.execute("SELECT at, diag FROM readings WHERE unit = 'U1'").fetchall())
+    first, newest, third = (kept[int(at(DAY, t).timestamp())] for t in ("10:00", "10:30", "11:00"))
+    assert first is None and msgspec.msgpack.decode(newest, type=Diag) == Diag(**diag)  # type: ignore[arg-type]
+    wrong_dropped = msgspec.msgpack.decode(third, type=Diag)
+    assert wrong_dropped.rsrp is None and wrong_dropped.ce is None and wrong_dropped.dropped == 2
+    assert wrong_dropped.fw == "2.1.0"  # the good fields kept
+    assert "0 quarantined" in smame(["quarantine"], env).stdout
 
 
 def test_sigterm_commits_and_acknowledges_then_exits_cleanly(broker: Mosquitto, workdir: Path) -> None:

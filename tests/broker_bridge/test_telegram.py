@@ -10,7 +10,7 @@ import pytest
 from broker_bridge import telegram
 from broker_bridge.telegram import NO_DATA, Decoded, Rules, decode, unit_of_topic
 from kernel.meter import Flag
-from kernel.reading import Reason
+from kernel.reading import Diag, Reason
 from kernel.timegrid import Grid
 
 GRID = Grid("Asia/Tokyo")
@@ -166,3 +166,65 @@ def test_what_the_decoder_remembers_stays_bounded(monkeypatch: pytest.MonkeyPatc
         assert len(unit_of_topic(f"x/{k}/y/{k}/reading") or "") == len(str(k))
     assert max(len(m) for m in (telegram._TOPIC_UNITS, telegram._METERS_OK, telegram._INSTANTS)) <= 500
     assert unit_of_topic("smame/v1/U7/reading") == "U7" and unit_of_topic("smame/v1/U 7/reading") is None
+
+
+GOOD_DIAG = {
+    "fw": "2.1.0+b7",
+    "rsrp": -97,
+    "rsrq": -11.5,
+    "sinr": 4.5,
+    "ce": 1,
+    "cell": "44010-1f2a",
+    "boot": 12,
+    "up": 86400,
+    "vsup": 3300,
+    "att": 2,
+}
+
+
+def test_a_units_diag_travels_with_its_newest_reading() -> None:
+    readings = [
+        {"at": "2026-11-23T10:30:00+09:00", "fwd": 523118, "rev": 0},  # the newest first: order does not matter
+        {"at": "2026-11-23T10:00:00+09:00", "fwd": 523101, "rev": 0},
+    ]
+    d = run(body(readings=readings, diag={**GOOD_DIAG, "extra": [1, 2]}))  # a field of a later version: ignored
+    assert d.rejects == [] and d.diag_dropped == 0
+    newest, older = d.readings
+    assert newest.at == NOW - 9 and older.diag is None
+    assert newest.diag == Diag(**GOOD_DIAG)  # type: ignore[arg-type]
+    assert run(body()).readings[-1].diag is None  # old units send none
+
+
+@pytest.mark.parametrize(
+    ("wrong", "kept"),
+    [
+        ({"rsrp": -20}, "rsrp"),  # out of range
+        ({"fw": "2.1 beta!"}, "fw"),  # not the pattern
+        ({"ce": "1"}, "ce"),  # another type
+        ({"boot": -1, "vsup": 30001}, "boot"),
+        ({"att": 2**70}, "att"),
+        ({"cell": None, "sinr": "high"}, "sinr"),  # null is absent, not wrong
+    ],
+)
+def test_a_wrong_diag_field_is_dropped_and_counted_and_the_readings_taken(wrong: dict[str, object], kept: str) -> None:
+    d = run(body(diag={**GOOD_DIAG, **wrong, "dropped": 0}))
+    assert d.rejects == [] and len(d.readings) == 2  # never quarantined for it
+    diag = d.readings[-1].diag
+    assert diag is not None
+    dropped = [k for k, v in wrong.items() if v is not None]
+    assert d.diag_dropped == diag.dropped == len(dropped)
+    assert all(getattr(diag, k) is None for k in wrong)
+    others = {k: v for k, v in GOOD_DIAG.items() if k not in wrong}
+    assert {k: getattr(diag, k) for k in others} == others and kept in GOOD_DIAG
+
+
+@pytest.mark.parametrize("diag", [[1, 2], "ok", 7, True])
+def test_a_diag_that_is_no_object_is_one_field_dropped(diag: object) -> None:
+    d = run(body(diag=diag))
+    assert d.rejects == [] and len(d.readings) == 2
+    assert d.diag_dropped == 1 and d.readings[-1].diag == Diag(dropped=1)
+
+
+def test_a_dropped_count_sent_by_a_unit_is_not_believed() -> None:
+    d = run(body(diag={**GOOD_DIAG, "dropped": 7}))
+    assert d.diag_dropped == 0 and d.readings[-1].diag == Diag(**GOOD_DIAG)  # type: ignore[arg-type]

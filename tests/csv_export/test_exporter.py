@@ -300,7 +300,7 @@ def test_a_day_whose_first_rows_have_no_values_exports(workdir: Path) -> None:
     rows += [(end, u, 12, "A", 0, 3, "E", 0, "SM-9", 0x01, 1) for end in ends[2:] for u in units]
     with store.transaction():
         store.upsert_slots(("imp", "exp"), rows)
-        store.insert_readings([(u, ends[0] - SLOT, "SM-9", 0, 0, 1, 1, 6, 0, 0, 0, 0) for u in units])
+        store.insert_readings([(u, ends[0] - SLOT, "SM-9", 0, 0, 1, 1, 6, 0, 0, 0, 0, None) for u in units])
     exporter = Exporter(store, lambda: registry, GRID, workdir / "export", 45, 120)
     try:
         result = exporter.export([("C1", TODAY)], NOW)

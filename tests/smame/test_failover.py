@@ -262,7 +262,9 @@ def test_a_commit_of_an_old_epoch_waits_for_or_yields_to_the_new_one(postgres: P
                 break
         assert row == ("Lock",) and not raised.is_set(), "the new epoch must wait for the commit in flight"
         r = incoming(1)[0].reading
-        old.insert_readings([(r.unit, r.at, r.meter, r.fwd, r.rev, r.e1, r.coef, r.digits, 0, r.seq, r.sent, r.at)])
+        old.insert_readings(
+            [(r.unit, r.at, r.meter, r.fwd, r.rev, r.e1, r.coef, r.digits, 0, r.seq, r.sent, r.at, None)]
+        )
     bump.join()
     assert raised.is_set()
     with pytest.raises(Deposed, match="epoch 1.*epoch 2"):
