@@ -10,7 +10,7 @@ up in the store, inside the same transaction.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -19,7 +19,7 @@ import msgspec
 from aggregator.slots import Point, SlotValue, max_raw, pair_slots
 from aggregator.store import REGISTERS, Store
 from kernel.meter import ACTUAL, Flag, Limits
-from kernel.reading import Incoming, Reading, Reason, Refused
+from kernel.reading import Incoming, Reading, Reason, Refused, Status
 from kernel.timegrid import SLOT, Grid
 
 
@@ -63,6 +63,7 @@ class Outcome:
     slots: int = 0
     quarantined: Counter[str] = field(default_factory=Counter)
     changed: set[tuple[str, str]] = field(default_factory=set)
+    connection_events: int = 0  # units whose connection changed (status topic)
 
 
 @dataclass(slots=True)
@@ -84,6 +85,7 @@ class Plan:
     changed: set[tuple[str, str]]
     refused: list[Refused]
     now: int
+    statuses: Sequence[Status] = ()
 
 
 # (slot end, unit) -> [import SlotValue, export SlotValue, meter, e1, coef]
@@ -114,9 +116,12 @@ class Ingestor:
         self.shared = shared
         self._cache: dict[str, _UnitState] = {}
 
-    def commit(self, readings: list[Incoming], refused: list[Refused], now: int) -> Outcome:
-        """Store a batch atomically: valid readings, and input refused before the store saw it."""
-        planned = self.plan(readings, refused, now)
+    def commit(
+        self, readings: list[Incoming], refused: list[Refused], now: int, statuses: Sequence[Status] = ()
+    ) -> Outcome:
+        """Store a batch atomically: valid readings, input refused before the store saw it, and units' status
+        messages (each change of a unit's connection kept as an event)."""
+        planned = self.plan(readings, refused, now, statuses)
         if planned is not None:
             try:
                 return self.apply(planned)
@@ -161,6 +166,8 @@ class Ingestor:
                 if outcome.changed:
                     self.store.add_changes(sorted(outcome.changed), now)
                 self._quarantine(refused, outcome)
+                if statuses:
+                    outcome.connection_events = self.store.record_statuses(statuses)
         except BaseException:
             self._cache.clear()  # it may hold states of the rolled-back batch
             raise
@@ -168,7 +175,9 @@ class Ingestor:
             self._cache.clear()
         return outcome
 
-    def plan(self, readings: list[Incoming], refused: list[Refused], now: int) -> Plan | None:
+    def plan(
+        self, readings: list[Incoming], refused: list[Refused], now: int, statuses: Sequence[Status] = ()
+    ) -> Plan | None:
         """The batch's rows without a look at the store, when each reading is the only one of its unit in the
         batch and its unit's live case from the cached state (see `_live_slot`); the cache then holds the
         states as if the batch were committed, for the next batch to be planned before `apply` returns. None,
@@ -195,7 +204,8 @@ class Ingestor:
         self._changed(live, changed, {})
         for item in readings:  # last: nothing above may leave the cache half advanced
             _advance(cache[item.reading.unit], item.reading)
-        return Plan([_row(item.reading, item.received) for item in readings], live, changed, list(refused), now)
+        rows = [_row(item.reading, item.received) for item in readings]
+        return Plan(rows, live, changed, list(refused), now, statuses)
 
     def apply(self, plan: Plan) -> Outcome:
         """Write a planned batch in one transaction (after checking the epoch, as `commit` does). It does not
@@ -214,6 +224,8 @@ class Ingestor:
             if plan.changed:
                 self.store.add_changes(sorted(plan.changed), plan.now)
             self._quarantine(plan.refused, outcome)
+            if plan.statuses:
+                outcome.connection_events = self.store.record_statuses(plan.statuses)
         return outcome
 
     def _quarantine(self, refused: list[Refused], outcome: Outcome) -> None:

@@ -67,6 +67,13 @@ CREATE TABLE IF NOT EXISTS alert_log (
 CREATE INDEX IF NOT EXISTS alert_log_at ON alert_log (at);
 CREATE TABLE IF NOT EXISTS nodes (
     node TEXT COLLATE "C" PRIMARY KEY, beat DOUBLE PRECISION NOT NULL, state TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS unit_status (
+    unit TEXT COLLATE "C" PRIMARY KEY, online BOOLEAN NOT NULL, since BIGINT NOT NULL);
+CREATE TABLE IF NOT EXISTS connection_events (
+    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, unit TEXT COLLATE "C" NOT NULL, at BIGINT NOT NULL,
+    online BOOLEAN NOT NULL);
+CREATE INDEX IF NOT EXISTS connection_events_unit ON connection_events (unit, at);
+CREATE INDEX IF NOT EXISTS connection_events_at ON connection_events (at);
 CREATE TABLE IF NOT EXISTS bans (
     address TEXT COLLATE "C" PRIMARY KEY, door TEXT NOT NULL, since DOUBLE PRECISION NOT NULL,
     until DOUBLE PRECISION NOT NULL, node TEXT NOT NULL);
@@ -339,5 +346,6 @@ class PostgresStore(Store):
         with self.transaction():
             self.execute("DELETE FROM changes WHERE at < ?", (before,))
             self.execute("DELETE FROM downloads WHERE at < ?", (before,))
+            self.execute("DELETE FROM connection_events WHERE at < ?", (before,))
         self._load_days()
         return counts["readings"], counts["slots"]

@@ -65,6 +65,11 @@ CREATE TABLE IF NOT EXISTS alert_log (
     text TEXT NOT NULL, node TEXT NOT NULL, who TEXT NOT NULL, told BOOLEAN NOT NULL);
 CREATE INDEX IF NOT EXISTS alert_log_at ON alert_log (at);
 CREATE TABLE IF NOT EXISTS nodes (node TEXT PRIMARY KEY, beat REAL NOT NULL, state TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS unit_status (unit TEXT PRIMARY KEY, online BOOLEAN NOT NULL, since BIGINT NOT NULL);
+CREATE TABLE IF NOT EXISTS connection_events (
+    id INTEGER PRIMARY KEY, unit TEXT NOT NULL, at BIGINT NOT NULL, online BOOLEAN NOT NULL);
+CREATE INDEX IF NOT EXISTS connection_events_unit ON connection_events (unit, at);
+CREATE INDEX IF NOT EXISTS connection_events_at ON connection_events (at);
 CREATE TABLE IF NOT EXISTS bans (
     address TEXT PRIMARY KEY, door TEXT NOT NULL, since REAL NOT NULL, until REAL NOT NULL, node TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS downloads (
@@ -361,6 +366,7 @@ class SqliteStore(Store):
             slots = self.db.execute("DELETE FROM slots WHERE slot < ?", (before,)).rowcount
             self.db.execute("DELETE FROM changes WHERE at < ?", (before,))
             self.db.execute("DELETE FROM downloads WHERE at < ?", (before,))
+            self.db.execute("DELETE FROM connection_events WHERE at < ?", (before,))
         return readings, slots
 
     def _firsts(self, unit: str, before: int, span: list[Any]) -> tuple[int | None, int | None, int | None]:

@@ -24,7 +24,7 @@ from typing import Any, Protocol, Self, TypeVar
 import msgspec
 
 from aggregator.slots import Point
-from kernel.reading import Refused
+from kernel.reading import Refused, Status
 
 T = TypeVar("T")
 REGISTERS = ("fwd", "rev")  # column names; `imp`/`exp` on the slot side
@@ -469,6 +469,34 @@ class Store(ABC):
         """A customer's files' latest downloads: file -> (at, via, who, count)."""
         rows = self.execute("SELECT file, at, via, who, count FROM downloads WHERE customer = ?", (customer,))
         return {str(f): (int(at), str(via), str(who), int(n)) for f, at, via, who, n in rows}
+
+    # --- units' connections (their status topic) ---------------------------------------------------------
+
+    def record_statuses(self, statuses: Iterable[Status]) -> int:
+        """Take units' status messages in order: each that changes a unit's connection (or is its first) is
+        kept as an event and becomes its state; one that says again what holds (the retained message at each
+        subscription, or one delivered again after a restart) changes nothing. Return the events kept."""
+        events = 0
+        for s in statuses:
+            row = self.execute("SELECT online FROM unit_status WHERE unit = ?", (s.unit,)).fetchone()
+            if row is not None and bool(row[0]) == s.online:
+                continue
+            self.execute(
+                "INSERT INTO unit_status (unit, online, since) VALUES (?, ?, ?) ON CONFLICT (unit) DO UPDATE "
+                "SET online = excluded.online, since = excluded.since",
+                (s.unit, s.online, s.at),
+            )
+            self.execute("INSERT INTO connection_events (unit, at, online) VALUES (?, ?, ?)", (s.unit, s.at, s.online))
+            events += 1
+        return events
+
+    def connection_events(self, unit: str, after: int, until: int) -> list[tuple[int, bool]]:
+        """A unit's connection events with `after < at <= until`: (at, online), oldest first."""
+        rows = self.execute(
+            "SELECT at, online FROM connection_events WHERE unit = ? AND at > ? AND at <= ? ORDER BY at, id",
+            (unit, after, until),
+        )
+        return [(int(at), bool(online)) for at, online in rows.fetchall()]
 
     # --- bans --------------------------------------------------------------------------------------
 

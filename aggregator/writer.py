@@ -40,7 +40,7 @@ from aggregator.backends import is_postgres, open_url
 from aggregator.ingest import Ingestor, Outcome, Plan, UnitTable
 from aggregator.sqlite import file_identity, sqlite_path
 from aggregator.store import Deposed
-from kernel.reading import Incoming, Refused
+from kernel.reading import Incoming, Refused, Status
 from kernel.timegrid import Grid
 
 _COMMIT, _RELOAD, _OK, _FAILED, _DEPOSED = b"C", b"R", b"K", b"E", b"D"
@@ -52,6 +52,7 @@ class _Batch(msgspec.Struct, array_like=True):
     readings: list[Incoming]
     refused: list[Refused]
     now: int
+    statuses: list[Status] = []
 
 
 class _Done(msgspec.Struct, array_like=True):
@@ -116,12 +117,14 @@ class Writer:
         self._replies = threading.Thread(target=self._read_replies, name="writer-replies", daemon=True)
         self._replies.start()
 
-    async def commit(self, readings: list[Incoming], refused: list[Refused], now: int) -> None:
-        """Commit a batch in the writer and count it in `totals`; returns when it is durable (raises WriterError
-        when it is not, Deposed when another node leads). Batches are committed in the order this is called; a
-        second may be sent while the first commits."""
+    async def commit(
+        self, readings: list[Incoming], refused: list[Refused], now: int, statuses: list[Status] | None = None
+    ) -> None:
+        """Commit a batch (with units' status messages) in the writer and count it in `totals`; returns when it
+        is durable (raises WriterError when it is not, Deposed when another node leads). Batches are committed
+        in the order this is called; a second may be sent while the first commits."""
         loop = asyncio.get_running_loop()
-        reply = await loop.run_in_executor(self._pipe, self._send_batch, readings, refused, now)
+        reply = await loop.run_in_executor(self._pipe, self._send_batch, readings, refused, now, statuses or [])
         await asyncio.wrap_future(reply)
 
     @property
@@ -185,12 +188,14 @@ class Writer:
             os.close(self._exited)
             self._exited = None
 
-    def _send_batch(self, readings: list[Incoming], refused: list[Refused], now: int) -> Future[None]:
+    def _send_batch(
+        self, readings: list[Incoming], refused: list[Refused], now: int, statuses: list[Status]
+    ) -> Future[None]:
         """Send a batch (on the pipe's thread); the future settles with its reply."""
         done: Future[None] = Future()
         self._waiting.append(done)  # before sending: the reply may come at once
         try:
-            self._send(_COMMIT + _encode(_Batch(readings, refused, now)))
+            self._send(_COMMIT + _encode(_Batch(readings, refused, now, statuses)))
         except WriterError as exc:
             self._waiting.remove(done)
             done.set_exception(exc)
@@ -328,7 +333,7 @@ def _commit_all(conn: Connection, ingestor: Ingestor, overlap: bool) -> bytes | 
                 continue
             batch = _decode_batch(message[1:])
             try:
-                planned = ingestor.plan(batch.readings, batch.refused, batch.now)
+                planned = ingestor.plan(batch.readings, batch.refused, batch.now, batch.statuses)
             except Exception:  # committed as any other batch, which says why it cannot be
                 planned = None
             if planned is not None:
@@ -368,7 +373,7 @@ class _Applier:
             if isinstance(job, Plan):
                 outcome = self.ingestor.apply(job)
             else:
-                outcome = self.ingestor.commit(job.readings, job.refused, job.now)
+                outcome = self.ingestor.commit(job.readings, job.refused, job.now, job.statuses)
             self.ingestor.store.check_identity()  # committed into a file that is gone: acknowledge nothing
         except Deposed as exc:  # rolled back: another node leads now
             self.failed = _DEPOSED + str(exc).encode()

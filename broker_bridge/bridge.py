@@ -21,14 +21,14 @@ from collections.abc import Awaitable, Callable, Container
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from broker_bridge.mqtt import Message, MqttClient
-from broker_bridge.telegram import Decoded, Reject, Rules, decode, unit_of_topic
-from kernel.reading import Incoming, Reason, Refused
+from broker_bridge.mqtt import Message, MqttClient, MqttError
+from broker_bridge.telegram import Decoded, Reject, Rules, decode, decode_status, unit_of_status, unit_of_topic
+from kernel.reading import Incoming, Reason, Refused, Status
 from kernel.wake import wait_woken
 
 log = logging.getLogger("smame.bridge")
 
-Commit = Callable[[list[Incoming], list[Refused]], Awaitable[object]]
+Commit = Callable[[list[Incoming], list[Refused], list[Status]], Awaitable[object]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,8 +130,16 @@ class _Batch:
     bytes: int = 0  # of the payloads
     incoming: list[Incoming] = field(default_factory=list)
     refused: list[Refused] = field(default_factory=list)
+    statuses: list[Status] = field(default_factory=list)  # units' status messages, in the order they came
     # QoS 1 packet ids by the connection they came in on: a PUBACK is only meaningful there
     acks: dict[MqttClient, list[int]] = field(default_factory=dict)
+
+
+def status_topic(readings: str) -> str | None:
+    """The units' status topic beside their readings' topic (`.../+/reading` -> `.../+/status`, a shared
+    subscription's group kept), or None when the readings' topic has no such form."""
+    base, _, last = readings.rpartition("/")
+    return f"{base}/status" if last == "reading" and base else None
 
 
 def _clock_behind(batch: _Batch) -> str:
@@ -233,6 +241,7 @@ class Bridge:
                 # A session the broker kept starts to deliver its backlog here, ahead of the SUBACK.
                 log.info("connected to %s:%s as %s, session present: %s", t.host, t.port, t.client_id, present)
                 await client.subscribe(t.topic, qos=1)
+                await self._subscribe_status(client)
             except Exception as exc:  # refused, reset, closed mid-handshake, garbled: all mean "try again later"
                 client.close()
                 self.stats.connected = False
@@ -300,16 +309,10 @@ class Bridge:
                 self._wake.set()
             received = int(message.received)
             topic, payload = message.topic, message.payload
-            try:
-                d = decode(topic, payload, received, known, rules)
-            except Exception as exc:  # a bug must cost one telegram, never the ingest of every unit
-                d = self._internal(topic, exc)
-            for r in d.readings:
-                batch.incoming.append(Incoming(r, received, topic, payload))
-            if d.diag_dropped:
-                self.stats.diag_dropped += d.diag_dropped
-            for j in d.rejects:
-                batch.refused.append(Refused.of(received, topic, d.unit, j.reason, j.detail, payload, j.at))
+            if topic.endswith("/status"):
+                self._status(batch, topic, payload, received, known)
+            else:
+                self._telegram(batch, topic, payload, received, known, rules)
             if message.packet_id is not None:
                 acks = batch.acks.get(client)
                 if acks is None:
@@ -329,6 +332,42 @@ class Bridge:
             self.stats.received += len(messages)
             self.stats.pending += len(messages)
             self.stats.last_received = messages[-1].received
+
+    async def _subscribe_status(self, client: MqttClient) -> None:
+        """Subscribe to the units' status topic beside their readings, its retained messages included (each
+        unit's last state, at every start); a broker that refuses it costs the connection events, not ingest."""
+        topic = status_topic(self.target.topic)
+        if topic is None:
+            return
+        try:
+            await client.subscribe(topic, qos=1, retained=True)
+        except MqttError as exc:
+            if "refused the subscription" not in str(exc):
+                raise
+            log.warning("units' connection events are not taken: %s", exc)
+
+    def _telegram(
+        self, batch: _Batch, topic: str, payload: bytes, received: int, known: Container[str], rules: Rules
+    ) -> None:
+        """Decode a telegram into the batch: its readings, and what was refused with why."""
+        try:
+            d = decode(topic, payload, received, known, rules)
+        except Exception as exc:  # a bug must cost one telegram, never the ingest of every unit
+            d = self._internal(topic, exc)
+        for r in d.readings:
+            batch.incoming.append(Incoming(r, received, topic, payload))
+        if d.diag_dropped:
+            self.stats.diag_dropped += d.diag_dropped
+        for j in d.rejects:
+            batch.refused.append(Refused.of(received, topic, d.unit, j.reason, j.detail, payload, j.at))
+
+    def _status(self, batch: _Batch, topic: str, payload: bytes, received: int, known: Container[str]) -> None:
+        """A unit's status message into the batch: its connection state, or refused with why."""
+        got = decode_status(topic, payload, received, known)
+        if isinstance(got, Status):
+            batch.statuses.append(got)
+        elif got is not None:
+            batch.refused.append(Refused.of(received, topic, unit_of_status(topic), got.reason, got.detail, payload))
 
     def _internal(self, topic: str, exc: Exception) -> Decoded:
         """A telegram whose decoding failed unexpectedly, refused as internal; logged once per kind of error."""
@@ -383,7 +422,7 @@ class Bridge:
             self._refuse_for_clock(batch, behind)
             return
         started = time.perf_counter()
-        await self.commit(batch.incoming, batch.refused)
+        await self.commit(batch.incoming, batch.refused, batch.statuses)
         self.stats.pending -= batch.size
         self.stats.progress_at = time.time()
         self.stats.last_commit_s = time.perf_counter() - started

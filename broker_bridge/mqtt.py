@@ -292,10 +292,11 @@ class MqttClient:
         self.session_present = session_present
         return session_present
 
-    async def subscribe(self, topic: str, qos: int = 1, timeout: float = 10.0) -> None:
+    async def subscribe(self, topic: str, qos: int = 1, timeout: float = 10.0, retained: bool = False) -> None:
         """Subscribe one filter, without the retained messages it matches (one retained telegram would otherwise
-        come back at every start); raise MqttError when the broker refuses it."""
-        body = struct.pack("!H", 1) + b"\x00" + _str(topic) + bytes([qos | RETAIN_HANDLING_NONE])
+        come back at every start) unless `retained`; raise MqttError when the broker refuses it."""
+        handling = 0 if retained else RETAIN_HANDLING_NONE
+        body = struct.pack("!H", 1) + b"\x00" + _str(topic) + bytes([qos | handling])
         reply = await self._request(SUBACK, _packet(SUBSCRIBE, body), timeout)
         _, pos = parse_properties(reply, 2)
         code = reply[pos]

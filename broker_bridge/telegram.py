@@ -14,7 +14,7 @@ from typing import Any, Generic, TypeVar
 import msgspec
 
 from kernel.meter import E1_UNITS, METER_ID, UNIT_ID, Flag
-from kernel.reading import DIAG_FIELDS, Diag, Reading, Reason
+from kernel.reading import DIAG_FIELDS, Diag, Reading, Reason, Status
 
 VERSION = 1
 MAX_PAYLOAD = 16 * 1024
@@ -138,6 +138,30 @@ def unit_of_topic(topic: str) -> str | None:
     if len(parts) < 2 or parts[-1] != "reading" or not UNIT_ID.fullmatch(parts[-2]):
         return _remember(_TOPIC_UNITS, topic, None)
     return _remember(_TOPIC_UNITS, topic, parts[-2])
+
+
+def unit_of_status(topic: str) -> str | None:
+    """The unit id of `.../{unit_id}/status`, or None when the topic has no valid one."""
+    parts = topic.split("/")
+    return parts[-2] if len(parts) >= 2 and parts[-1] == "status" and UNIT_ID.fullmatch(parts[-2]) else None
+
+
+STATUS_MAX = 16  # bytes of a status message: `online` or `offline`, with room for white space
+
+
+def decode_status(topic: str, payload: bytes, received: int, known_units: Container[str]) -> Status | Reject | None:
+    """A message of a unit's status topic (`.../{unit_id}/status`): its connection state, a reason to refuse it,
+    or None when there is nothing to keep (a unit the registry does not know, whose retained status comes at
+    every subscription; an empty message, which clears a retained one)."""
+    unit = unit_of_status(topic)
+    if unit is None or unit not in known_units or not payload:
+        return None
+    if len(payload) > STATUS_MAX:
+        return Reject(Reason.BAD_STATUS, f"{len(payload)} bytes, at most {STATUS_MAX}: online or offline")
+    state = payload.strip()
+    if state not in (b"online", b"offline"):
+        return Reject(Reason.BAD_STATUS, f"{state.decode('utf-8', 'replace')!r} is neither online nor offline")
+    return Status(unit, received, state == b"online")
 
 
 def _meter_ok(meter: str) -> bool:

@@ -30,6 +30,7 @@ class Reason:
     FUTURE = "future"
     TOO_OLD = "too_old"
     CONFLICT = "conflict"  # decided by the store: same (unit, at), other values
+    BAD_STATUS = "bad_status"  # a status message that is neither `online` nor `offline`
     INTERNAL = "internal"  # decoding failed in a way it never should: a bug, kept with the telegram that found it
 
 
@@ -79,6 +80,15 @@ class Reading(msgspec.Struct, frozen=True, gc=False, array_like=True):
     sent: int
     flags: int = 0
     diag: Diag | None = None  # the telegram's, on its newest reading only
+
+
+class Status(msgspec.Struct, frozen=True, gc=False, array_like=True):
+    """A unit's connection as its retained status topic says it (`online`, or `offline`: its last will), with
+    the time it was received."""
+
+    unit: str
+    at: int
+    online: bool
 
 
 class Incoming(msgspec.Struct, frozen=True, gc=False, array_like=True):

@@ -32,7 +32,7 @@ from csv_export.exporter import Exporter
 from ftp_gateway.accounts import Accounts, Bans, Doorway
 from ftp_gateway.ftp import FtpOptions
 from ftp_gateway.service import FileGateway
-from kernel.reading import Incoming, Refused
+from kernel.reading import Incoming, Refused, Status
 from kernel.registry import Registry, RegistryError, load_registry
 from kernel.settings import Settings
 from kernel.timegrid import Grid
@@ -390,8 +390,8 @@ class App:
             shared=settings.broker.topic.startswith("$share/"),
         )
 
-        async def commit(incoming: list[Incoming], refused: list[Refused]) -> None:
-            await writer.commit(incoming, refused, int(clock()))
+        async def commit(incoming: list[Incoming], refused: list[Refused], statuses: list[Status]) -> None:
+            await writer.commit(incoming, refused, int(clock()), statuses)
 
         i = settings.ingest
         rules = Rules(grid.on_boundary, i.clock_tolerance_s, i.max_age_days * 86400, i.max_readings)

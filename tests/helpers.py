@@ -165,8 +165,9 @@ def publish(
     client_id: str = "",
     auth: tuple[str, str] | None = None,
     ca: Path | None = None,
+    retain: bool = False,
 ) -> int:
-    """Publish at QoS 1 and wait until the broker has acknowledged every message."""
+    """Publish at QoS 1 (retained, with `retain`) and wait until the broker has acknowledged every message."""
     client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv311)
     if auth:
         client.username_pw_set(*auth)
@@ -178,7 +179,9 @@ def publish(
     client.loop_start()
     messages = list(messages)
     for start in range(0, len(messages), 20_000):  # paho has 65,535 packet ids for everything in its queue
-        infos = [client.publish(topic, payload, qos=1) for topic, payload in messages[start : start + 20_000]]
+        infos = [
+            client.publish(topic, payload, qos=1, retain=retain) for topic, payload in messages[start : start + 20_000]
+        ]
         for info in infos:
             info.wait_for_publish(120)
             assert info.is_published()

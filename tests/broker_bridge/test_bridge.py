@@ -9,7 +9,7 @@ import pytest
 
 from broker_bridge.bridge import AHEAD, BATCH_BYTES, IN_FLIGHT, Bridge, BrokerTarget
 from broker_bridge.telegram import MAX_PAYLOAD, Rules
-from kernel.reading import Incoming, Refused
+from kernel.reading import Incoming, Refused, Status
 from kernel.timegrid import Grid
 from tests.helpers import Mosquitto, at, publish, telegram
 
@@ -67,7 +67,7 @@ async def test_a_stalled_store_stops_reading_from_the_broker_and_loses_nothing(b
     committed: list[Incoming] = []
     flying = [0, 0]  # commits under way, and the most at once
 
-    async def commit(incoming: list[Incoming], refused: list[Refused]) -> None:
+    async def commit(incoming: list[Incoming], refused: list[Refused], statuses: list[Status]) -> None:
         flying[0] += 1
         flying[1] = max(flying)
         await disk.wait()
@@ -115,7 +115,7 @@ async def test_large_telegrams_cut_a_batch_at_its_bytes_and_a_stalled_store_hold
     disk = asyncio.Event()
     batches: list[tuple[int, int]] = []  # readings and payload bytes of each committed batch
 
-    async def commit(incoming: list[Incoming], refused: list[Refused]) -> None:
+    async def commit(incoming: list[Incoming], refused: list[Refused], statuses: list[Status]) -> None:
         await disk.wait()
         assert not refused
         batches.append((len(incoming), sum(len(i.payload) for i in incoming)))
@@ -157,7 +157,7 @@ async def test_a_telegram_that_breaks_decoding_is_quarantined_and_the_rest_go_on
     committed: list[Incoming] = []
     refused: list[Refused] = []
 
-    async def commit(incoming: list[Incoming], rejects: list[Refused]) -> None:
+    async def commit(incoming: list[Incoming], rejects: list[Refused], statuses: list[Status]) -> None:
         committed.extend(incoming)
         refused.extend(rejects)
 

@@ -20,9 +20,9 @@ from hypothesis import strategies as st
 
 from aggregator.slots import Point, pair_slots
 from broker_bridge import mqtt
-from broker_bridge.telegram import MAX_PAYLOAD, Decoded, Rules, _slow_path, decode
+from broker_bridge.telegram import MAX_PAYLOAD, Decoded, Reject, Rules, _slow_path, decode, decode_status
 from kernel.meter import MISSING, Limits
-from kernel.reading import KEEP, REASONS, Reason, Refused
+from kernel.reading import KEEP, REASONS, Reason, Refused, Status
 from kernel.timegrid import SLOT, Grid
 
 GRID = Grid("Asia/Tokyo")
@@ -334,3 +334,18 @@ def test_slot_arithmetic_is_bounded_by_the_gap_cap_whatever_the_points(
     if all(s.value is not None for s in slots) and len(slots) > 1:
         delta = (nxt.value - prev.value) % 10**nxt.digits
         assert sum(s.value or 0 for s in slots) == delta  # estimates sum exactly to the register difference
+
+
+@FUZZ
+@given(
+    st.one_of(st.sampled_from(["smame/v1/F1/status", "smame/v1/F2/status", "smame/v1//status", "status"]), st.text()),
+    st.one_of(st.sampled_from([b"online", b"offline", b" online\r\n", b"", b"onl", b"x" * 17]), st.binary()),
+)
+def test_any_status_message_is_a_state_a_reason_or_nothing(topic: str, payload: bytes) -> None:
+    got = decode_status(topic, payload, NOW, {"F1"})
+    if isinstance(got, Status):
+        assert got.unit == "F1" and payload.strip() in (b"online", b"offline") and len(payload) <= 16
+    elif isinstance(got, Reject):
+        assert got.reason == Reason.BAD_STATUS and got.detail
+    else:
+        assert got is None and (topic != "smame/v1/F1/status" or not payload)

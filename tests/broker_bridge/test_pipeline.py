@@ -137,6 +137,42 @@ def test_a_units_diagnostics_are_kept_with_its_newest_reading_and_a_wrong_field_
     assert "0 quarantined" in smame(["quarantine"], env).stdout
 
 
+def test_each_change_of_a_units_connection_is_one_event_whatever_the_retained_messages_at_each_start(
+    broker: Mosquitto, workdir: Path
+) -> None:
+    write_registry(workdir, {"U1": "C1", "U2": "C1"})
+    env = smame_env(workdir, broker.port)
+    status = "smame/v1/{}/status"
+    # what the units said before smame first started: kept by the broker (retained; a unit's will is offline)
+    publish(broker.port, [(status.format("U1"), b"online"), (status.format("U2"), b"offline")], retain=True)
+    publish(broker.port, [(status.format("U9"), b"online")], retain=True)  # not in the registry: nothing kept
+    try:
+        log = workdir / "smame.log"
+        proc = start_smame(env, log)
+        wait_log(log, "subscribed to")
+
+        def events() -> list[tuple[str, int]]:
+            with sqlite3.connect(workdir / "data" / "smame.db") as db:
+                return db.execute("SELECT unit, online FROM connection_events ORDER BY id").fetchall()
+
+        wait_until(lambda: events() == [("U1", 1), ("U2", 0)], 10, lambda: f"{events()}")
+        publish(broker.port, [(status.format("U1"), b"offline"), (status.format("U1"), b"online\n")], retain=True)
+        publish(broker.port, [(status.format("U2"), b"bogus"), (status.format("U2"), b"o" * 100)])
+        wait_until(lambda: len(events()) == 4, 10, lambda: f"{events()}")
+        assert stop(proc) == 0
+        proc = start_smame(env, workdir / "again.log")  # the retained states come again: they change nothing
+        wait_log(workdir / "again.log", "subscribed to")
+        publish(broker.port, [(status.format("U2"), b"online")])
+        wait_until(lambda: len(events()) == 5, 10, lambda: f"{events()}")
+        assert stop(proc) == 0
+        assert [e for e in events() if e[0] == "U1"] == [("U1", 1), ("U1", 0), ("U1", 1)]
+        assert [e for e in events() if e[0] == "U2"] == [("U2", 0), ("U2", 1)]
+        report = smame(["quarantine"], env).stdout
+        assert "2 quarantined: bad_status 2" in report and "unknown_unit" not in report, report
+    finally:  # the module's tests share the broker: an empty retained message clears one
+        publish(broker.port, [(status.format(u), b"") for u in ("U1", "U2", "U9")], retain=True)
+
+
 def test_sigterm_commits_and_acknowledges_then_exits_cleanly(broker: Mosquitto, workdir: Path) -> None:
     write_registry(workdir, {f"S{i}": "C1" for i in range(50)})
     env = smame_env(workdir, broker.port, SMAME_BROKER__BATCH_DELAY_MS="5000", SMAME_BROKER__BATCH_SIZE="30000")
