@@ -67,6 +67,15 @@ CREATE TABLE IF NOT EXISTS alert_log (
 CREATE INDEX IF NOT EXISTS alert_log_at ON alert_log (at);
 CREATE TABLE IF NOT EXISTS nodes (
     node TEXT COLLATE "C" PRIMARY KEY, beat DOUBLE PRECISION NOT NULL, state TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS unit_health (
+    day BIGINT NOT NULL, unit TEXT COLLATE "C" NOT NULL,
+    readings BIGINT NOT NULL, late BIGINT NOT NULL, delay_p50 BIGINT, delay_max BIGINT, seq_gaps BIGINT NOT NULL,
+    restarts BIGINT NOT NULL, clock_offset BIGINT, no_data BIGINT NOT NULL, rsrp DOUBLE PRECISION, rsrp_min BIGINT,
+    rsrq DOUBLE PRECISION, sinr DOUBLE PRECISION, ce BIGINT, reboots BIGINT, vsup_min BIGINT, attaches BIGINT,
+    fw TEXT, cell TEXT,
+    diag_dropped BIGINT NOT NULL, disconnects BIGINT NOT NULL,
+    PRIMARY KEY (day, unit));
+CREATE INDEX IF NOT EXISTS unit_health_unit ON unit_health (unit, day);
 CREATE TABLE IF NOT EXISTS unit_status (
     unit TEXT COLLATE "C" PRIMARY KEY, online BOOLEAN NOT NULL, since BIGINT NOT NULL);
 CREATE TABLE IF NOT EXISTS connection_events (
@@ -347,5 +356,6 @@ class PostgresStore(Store):
             self.execute("DELETE FROM changes WHERE at < ?", (before,))
             self.execute("DELETE FROM downloads WHERE at < ?", (before,))
             self.execute("DELETE FROM connection_events WHERE at < ?", (before,))
+            self.execute("DELETE FROM unit_health WHERE day < ?", (before,))
         self._load_days()
         return counts["readings"], counts["slots"]

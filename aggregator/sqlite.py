@@ -65,6 +65,14 @@ CREATE TABLE IF NOT EXISTS alert_log (
     text TEXT NOT NULL, node TEXT NOT NULL, who TEXT NOT NULL, told BOOLEAN NOT NULL);
 CREATE INDEX IF NOT EXISTS alert_log_at ON alert_log (at);
 CREATE TABLE IF NOT EXISTS nodes (node TEXT PRIMARY KEY, beat REAL NOT NULL, state TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS unit_health (
+    day BIGINT NOT NULL, unit TEXT NOT NULL,
+    readings BIGINT NOT NULL, late BIGINT NOT NULL, delay_p50 BIGINT, delay_max BIGINT, seq_gaps BIGINT NOT NULL,
+    restarts BIGINT NOT NULL, clock_offset BIGINT, no_data BIGINT NOT NULL, rsrp REAL, rsrp_min BIGINT,
+    rsrq REAL, sinr REAL, ce BIGINT, reboots BIGINT, vsup_min BIGINT, attaches BIGINT, fw TEXT, cell TEXT,
+    diag_dropped BIGINT NOT NULL, disconnects BIGINT NOT NULL,
+    PRIMARY KEY (day, unit)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS unit_health_unit ON unit_health (unit, day);
 CREATE TABLE IF NOT EXISTS unit_status (unit TEXT PRIMARY KEY, online BOOLEAN NOT NULL, since BIGINT NOT NULL);
 CREATE TABLE IF NOT EXISTS connection_events (
     id INTEGER PRIMARY KEY, unit TEXT NOT NULL, at BIGINT NOT NULL, online BOOLEAN NOT NULL);
@@ -367,6 +375,7 @@ class SqliteStore(Store):
             self.db.execute("DELETE FROM changes WHERE at < ?", (before,))
             self.db.execute("DELETE FROM downloads WHERE at < ?", (before,))
             self.db.execute("DELETE FROM connection_events WHERE at < ?", (before,))
+            self.db.execute("DELETE FROM unit_health WHERE day < ?", (before,))
         return readings, slots
 
     def _firsts(self, unit: str, before: int, span: list[Any]) -> tuple[int | None, int | None, int | None]:

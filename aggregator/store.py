@@ -95,6 +95,9 @@ class Rows(Protocol):
     @property
     def rowcount(self) -> int: ...
 
+    @property
+    def description(self) -> Any: ...
+
     def fetchone(self) -> Any: ...
 
     def fetchall(self) -> list[Any]: ...
@@ -469,6 +472,38 @@ class Store(ABC):
         """A customer's files' latest downloads: file -> (at, via, who, count)."""
         rows = self.execute("SELECT file, at, via, who, count FROM downloads WHERE customer = ?", (customer,))
         return {str(f): (int(at), str(via), str(who), int(n)) for f, at, via, who, n in rows}
+
+    # --- units' health (monitoring.health) -----------------------------------------------------------------
+
+    def health_rows(self, start: int, end: int) -> list[tuple[Any, ...]]:
+        """The readings with `start <= at < end` as the health record reads them: (unit, at, seq, sent,
+        received, import register without value, diag)."""
+        return self.execute(
+            "SELECT unit, at, seq, sent, received, fwd IS NULL, diag FROM readings WHERE at >= ? AND at < ?",
+            (start, end),
+        ).fetchall()
+
+    def disconnects(self, start: int, end: int) -> dict[str, int]:
+        """Units' times offline (their status topic) with `start <= at < end`, by unit."""
+        rows = self.execute(
+            "SELECT unit, count(*) FROM connection_events WHERE at >= ? AND at < ? AND NOT online GROUP BY unit",
+            (start, end),
+        )
+        return {str(u): int(n) for u, n in rows.fetchall()}
+
+    def keep_health(self, day: int, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+        """Keep a day's health records (`day`: the day's start, epoch), replacing the day's earlier ones."""
+        with self.transaction():
+            self.execute("DELETE FROM unit_health WHERE day = ?", (day,))
+            names = ", ".join(["day", *columns])
+            marks = ", ".join("?" * (len(columns) + 1))
+            self.executemany(f"INSERT INTO unit_health ({names}) VALUES ({marks})", ((day, *r) for r in rows))
+
+    def unit_health(self, unit: str, since: int) -> list[dict[str, Any]]:
+        """A unit's health records from the day starting at `since` on, oldest first."""
+        cursor = self.execute("SELECT * FROM unit_health WHERE unit = ? AND day >= ? ORDER BY day", (unit, since))
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
     # --- units' connections (their status topic) ---------------------------------------------------------
 

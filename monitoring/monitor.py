@@ -38,6 +38,7 @@ log = logging.getLogger("smame.monitor")
 ALERT_STATE = alerts.STATE_KEY
 MISMATCH_CURSOR = "security_mismatch_cursor"
 REPORT_DONE = "report_last_day"
+HEALTH_EVERY_S = 3600.0  # how often today's and yesterday's health records are made again (late data counts)
 CLOCK_SAID_S = 120.0  # a clock found behind the units' is told this long after the last batch that said so
 NODE_GONE_S = 60.0  # a node whose row has not beaten for this long is gone (a node beats every second)
 NODE_FORGET_S = 86400.0  # its row is dropped after this long: its alert then clears
@@ -108,6 +109,7 @@ class Monitor:
         self.security = SecurityEvents(settings.ftp.ban_after)
         self.history = AlertLog(store)
         self._pruned = 0.0  # when the history and the nodes were last pruned
+        self._health_at = 0.0  # when the units' health records were last kept
 
     def failover(self, node: str, epoch: int, former: str, silent_s: float, row: Mapping[str, object]) -> None:
         """Called when this node has taken over from a leader that did not stop cleanly: said once, at the next
@@ -181,6 +183,9 @@ class Monitor:
             self.active, notices = alerts.step(self.active, holding, now, self.settings.alerts.repeat_s, unknown)
         started |= {name: a.since for name, a in self.active.items()}
         await self.store.call(self._read_mismatches)
+        if not self.draining and now - self._health_at >= HEALTH_EVERY_S:
+            self._health_at = now
+            await self.store.call(self.keep_health, now)
         security = self._security_notices(now)
         notices, self._events = notices + self._events + security, []
         controls = await self.store.call(self.history.controls)
@@ -288,6 +293,21 @@ class Monitor:
         elif self.outbox.failing:
             unknown.add("delivery_failing")
         return holding, unknown
+
+    def keep_health(self, now: float) -> int:
+        """Make today's and yesterday's health records of every unit again and keep them (on the store's thread:
+        a day of the fleet's readings is read once); return the records kept."""
+        from monitoring.health import RECORD, day_records, rows_frame  # polars: not on smame's way to the broker
+
+        today = datetime.fromtimestamp(now, self.grid.zone).date()
+        kept = 0
+        for day in (today - timedelta(days=1), today):
+            start, end = self.grid.day_start(day), self.grid.day_start(day + timedelta(days=1))
+            rows = rows_frame(self.store.health_rows(start, end))
+            records = day_records(rows, self.store.disconnects(start, end))
+            self.store.keep_health(start, ["unit", *RECORD], records.iter_rows())
+            kept += records.height
+        return kept
 
     def _draining(self, now: float) -> bool:
         """True while ingest, connected, is behind the broker (`caught_up` says no), for `report.catch_up_wait_s` at

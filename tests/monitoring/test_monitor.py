@@ -7,12 +7,13 @@ from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from aggregator.backends import open_url
 from aggregator.ingest import Ingestor
 from broker_bridge.bridge import BridgeStats
-from kernel.reading import Incoming, Reading
+from kernel.reading import Diag, Incoming, Reading, Status
 from kernel.registry import load_registry
 from kernel.settings import load_settings
 from kernel.timegrid import Grid
@@ -173,3 +174,27 @@ def test_the_history_keeps_each_start_repeat_and_end_and_operators_hold_back_wha
     finally:
         ingest.store.close()
         store.close()
+
+
+def test_each_units_health_of_today_and_yesterday_is_kept_and_made_again_an_hour_later(
+    monitor: tuple[Monitor, BridgeStats, Ingestor],
+) -> None:
+    m, _, ingest = monitor
+    diag = Diag(fw="2.1.0", rsrp=-95, boot=3, vsup=3300)
+    at = GRID.floor(NOW - 3600)
+    with_diag = [
+        msgspec.structs.replace(i, reading=msgspec.structs.replace(i.reading, diag=diag)) for i in readings(at)
+    ]
+    ingest.commit(with_diag, [], NOW, [Status("S1", int(NOW - 900), False), Status("S1", int(NOW - 800), True)])
+    asyncio.run(m.check())
+    today = GRID.day_start(date(2026, 11, 23))
+    [s1] = m.store.unit_health("S1", today)
+    assert (s1["readings"], s1["rsrp"], s1["fw"], s1["disconnects"], s1["vsup_min"]) == (2, -95.0, "2.1.0", 1, 3300)
+    later = GRID.floor(NOW + 1800)
+    ingest.commit(readings(later), [], NOW + 1800)
+    m.clock = lambda: NOW + 1800
+    asyncio.run(m.check())
+    assert m.store.unit_health("S1", today)[0]["readings"] == 2  # not yet: an hour has not passed
+    m.clock = lambda: NOW + 3600
+    asyncio.run(m.check())
+    assert m.store.unit_health("S1", today)[0]["readings"] == 3  # made again, with the new reading

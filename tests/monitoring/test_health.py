@@ -1,0 +1,50 @@
+"""A unit's day of health from its telegrams: what each number of the record says (pure, no store)."""
+
+from __future__ import annotations
+
+import msgspec
+
+from kernel.reading import Diag
+from monitoring.health import SEQ_WRAP, day_records, rows_frame
+
+DAY = 1_795_000_000 - 1_795_000_000 % 86400
+SLOT = 1800
+blob = msgspec.msgpack.encode
+
+
+def test_a_units_day_says_its_gaps_restarts_delays_clock_signal_reboots_and_supply() -> None:
+    rows = []
+    seq = 100
+    for k in range(1, 49):
+        at = DAY + k * SLOT
+        if k in (10, 11):  # two telegrams the unit sent and smame never got
+            seq += 1
+            continue
+        if k == 30:  # it rebooted: its counter starts again
+            seq = 0
+        diag = Diag(fw="2.1.0", rsrp=-90 - (k % 3), sinr=5.0, ce=1, boot=7 if k < 30 else 8, vsup=3300 - k, att=1)
+        rows.append(("A", at, seq, at + 20 - 5, at + 20, k == 40, blob(diag) if k % 2 else None))
+        seq += 1
+    # B: a backlog of four readings in one telegram, its clock a minute fast, no diag, one diag field dropped
+    late = DAY + 20 * SLOT + 600  # received 10 minutes after its newest reading: the older two are late
+    rows += [("B", DAY + k * SLOT, 5, late + 60, late, False, None) for k in range(17, 20)]
+    rows.append(("B", DAY + 20 * SLOT, 5, late + 60, late, False, blob(Diag(rsrp=-101, dropped=2))))
+    records = {r["unit"]: r for r in day_records(rows_frame(rows), {"B": 3, "C": 1}).to_dicts()}
+    a, b, c = records["A"], records["B"], records["C"]
+    assert (a["readings"], a["late"], a["seq_gaps"], a["restarts"], a["no_data"]) == (46, 0, 2, 1, 1)
+    assert (a["delay_p50"], a["delay_max"], a["clock_offset"]) == (20, 20, -5)
+    assert (a["rsrp"], a["rsrp_min"], a["sinr"], a["ce"], a["reboots"], a["attaches"]) == (-91.0, -92, 5.0, 1, 1, 23)
+    assert (a["vsup_min"], a["fw"], a["disconnects"], a["diag_dropped"]) == (3300 - 47, "2.1.0", 0, 0)
+    assert (b["readings"], b["late"], b["delay_p50"], b["clock_offset"], b["seq_gaps"]) == (4, 2, 600, 60, 0)
+    assert (b["rsrp"], b["reboots"], b["diag_dropped"], b["disconnects"]) == (-101.0, None, 2, 3)  # no boot: unknown
+    assert (c["readings"], c["disconnects"], c["rsrp"]) == (0, 1, None)  # heard of only by its status topic
+
+
+def test_a_counter_that_wraps_is_no_restart() -> None:
+    rows = [
+        ("W", DAY + k * SLOT, (SEQ_WRAP - 2 + k) % SEQ_WRAP, DAY + k * SLOT, DAY + k * SLOT, False, None)
+        for k in range(1, 5)
+    ]
+    rows.append(("W", DAY + 6 * SLOT, 4, DAY + 6 * SLOT, DAY + 6 * SLOT, False, None))  # seq 3 never came
+    [w] = day_records(rows_frame(rows), {}).to_dicts()
+    assert (w["restarts"], w["seq_gaps"]) == (0, 1)
