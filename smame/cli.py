@@ -6,12 +6,7 @@ import os
 import signal
 import sys
 
-
-def _interrupted(signum: int, frame: object) -> None:
-    """Ctrl-C while smame's modules load: nothing is open yet, so one line and out."""
-    os.write(2, b"\nsmame: interrupted\n")
-    os._exit(130)
-
+from smame import _interrupted
 
 signal.signal(signal.SIGINT, _interrupted)  # before the imports below, which take a while
 
