@@ -14,8 +14,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import msgspec
-
 from aggregator.slots import Point, SlotValue, max_raw, pair_slots
 from aggregator.store import REGISTERS, Store
 from kernel.meter import ACTUAL, Flag, Limits
@@ -412,11 +410,7 @@ def _advance(state: _UnitState, r: Reading) -> None:
 
 
 def _row(r: Reading, received: int) -> tuple[Any, ...]:
-    diag = None if r.diag is None else _encode_diag(r.diag)
-    return (r.unit, r.at, r.meter, r.fwd, r.rev, r.e1, r.coef, r.digits, r.flags, r.seq, r.sent, received, diag)
-
-
-_encode_diag = msgspec.msgpack.Encoder().encode  # a unit's diagnostics as kept: msgpack, only the fields it sent
+    return (r.unit, r.at, r.meter, r.fwd, r.rev, r.e1, r.coef, r.digits, r.flags, r.seq, r.sent, received, r.diag)
 
 
 def _merge(slot_rows: _SlotRows, unit: str, column: int, slots: list[SlotValue], closer: Point) -> None:

@@ -14,7 +14,7 @@ from typing import Any, Generic, TypeVar
 import msgspec
 
 from kernel.meter import E1_UNITS, METER_ID, UNIT_ID, Flag
-from kernel.reading import DIAG_FIELDS, Diag, Reading, Reason, Status
+from kernel.reading import DIAG_CELL, DIAG_FIELDS, DIAG_NAME, Diag, Reading, Reason, Status
 
 VERSION = 1
 MAX_PAYLOAD = 16 * 1024
@@ -90,6 +90,7 @@ _decode_raw = msgspec.json.Decoder(_RawTelegram).decode
 _decode_reading = msgspec.json.Decoder(WireReading).decode
 _decode_envelope = msgspec.json.Decoder(_Envelope).decode
 _encode = msgspec.json.Encoder().encode
+_encode_diag = msgspec.msgpack.Encoder().encode  # a unit's diagnostics as kept: msgpack, only the fields it sent
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +120,8 @@ _MEMO_MAX = 150_000  # a fleet's topics and then some
 _MEMO_TEXT = 96  # "smame/v1/" + a unit id of 64 + "/reading" is 81
 _TOPIC_UNITS: dict[str, str | None] = {}
 _METERS_OK: dict[str, bool] = {}
+_NAMES_OK: dict[str, bool] = {}  # firmware versions of `diag`
+_CELLS_OK: dict[str, bool] = {}  # cell ids of `diag`
 
 
 def _remember(memo: dict[str, Any], text: str, value: R) -> R:
@@ -193,12 +196,13 @@ def decode(topic: str, payload: bytes, received: int, known_units: Container[str
         items.append((i, at[0], at[1], r.at, r.fwd, r.rev))
     if sent is None or len(items) < len(t.readings):  # a time that is no RFC 3339 instant with an offset
         return _slow_path(topic_unit, payload, received, known_units, rules)
-    if t.diag is not None and t.diag.dropped:  # the unit's say: the count is the decoder's to make
+    diag = t.diag
+    if diag is not None and (diag.dropped or not _diag_texts_ok(diag)):  # (a unit's `dropped` is not its say)
         return _slow_path(topic_unit, payload, received, known_units, rules)
     head = _check_head(t, True, topic_unit, known_units, rules)
     if head is not None:
         return Decoded(topic_unit, [], [replace(head, at=sent[0])])
-    return _readings(t, sent[0], items, [], received, rules, t.diag)
+    return _readings(t, sent[0], items, [], received, rules, diag)
 
 
 # A reading on its way through `_readings`: index, epoch seconds (None: the time has no UTC offset),
@@ -266,10 +270,11 @@ def _diag_of(value: Any) -> Diag | None:
     for name in DIAG_FIELDS:
         if name in value:
             try:
-                msgspec.convert({name: value[name]}, Diag)
+                one = msgspec.convert({name: value[name]}, Diag)
             except msgspec.ValidationError:
                 continue
-            good[name] = value[name]
+            if _diag_texts_ok(one):
+                good[name] = value[name]
     wrong = sum(1 for name in DIAG_FIELDS if name in value) - len(good)
     return msgspec.structs.replace(msgspec.convert(good, Diag), dropped=wrong)
 
@@ -302,6 +307,24 @@ def _check_head(
     return None
 
 
+def _diag_texts_ok(diag: Diag) -> bool:
+    """Whether a decoded `diag`'s firmware and cell are of their patterns (remembered: a fleet sends few)."""
+    fw, cell = diag.fw, diag.cell
+    if fw is not None:
+        ok = _NAMES_OK.get(fw)
+        if ok is None:
+            ok = _remember(_NAMES_OK, fw, DIAG_NAME.fullmatch(fw) is not None)
+        if not ok:
+            return False
+    if cell is not None:
+        ok = _CELLS_OK.get(cell)
+        if ok is None:
+            ok = _remember(_CELLS_OK, cell, DIAG_CELL.fullmatch(cell) is not None)
+        if not ok:
+            return False
+    return True
+
+
 def _readings(
     t: WireTelegram[Any] | _TextTimes,
     sent: int,
@@ -319,6 +342,13 @@ def _readings(
     skew_after = -1 if sent > horizon else sent + tolerance
     unit, meter, e1, coef, digits, seq = t.unit, t.meter, t.e1, t.coef, t.digits, t.seq
     out: list[Reading] = []
+    # the telegram's diag goes with its newest reading, encoded once as it is kept (none if that one is refused)
+    blob = None if diag is None else _encode_diag(diag)
+    newest = -1
+    if blob is not None:
+        for item in items:  # (a loop: a generator over the items costs a microsecond a telegram)
+            if item[1] is not None and item[1] > newest:
+                newest = item[1]
     for i, at, micro, when, fwd, rev in items:
         if at is None:
             rejects.append(Reject(Reason.BAD_TIME, f"readings[{i}].at has no UTC offset", i))
@@ -360,13 +390,10 @@ def _readings(
                 seq,
                 sent,
                 _SKEW if at > skew_after else 0,
+                blob if at == newest else None,
             )
         )
-    if diag is None or not out:
-        return Decoded(unit, out, rejects)
-    newest = 0 if len(out) == 1 else max(range(len(out)), key=lambda k: out[k].at)
-    out[newest] = msgspec.structs.replace(out[newest], diag=diag)  # the telegram's, kept with its newest reading
-    return Decoded(unit, out, rejects, diag.dropped)
+    return Decoded(unit, out, rejects, 0 if diag is None else diag.dropped)
 
 
 def _refused(unit: str | None, reason: str, detail: str) -> Decoded:

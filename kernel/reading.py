@@ -6,6 +6,7 @@ aggregator stores them and the monitor counts the reasons."""
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -37,8 +38,11 @@ class Reason:
 REASONS = sorted(v for k, v in vars(Reason).items() if k.isupper())
 
 
-_Name = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9._+-]{1,32}$")]
-_Cell = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9-]{1,32}$")]
+# `fw` and `cell` are further held to DIAG_NAME and DIAG_CELL by the decoder, which remembers the few texts a
+# fleet sends (a regular expression at every decode would cost more than the rest of the diag)
+_Text = Annotated[str, msgspec.Meta(min_length=1, max_length=32)]
+DIAG_NAME = re.compile(r"[A-Za-z0-9._+-]{1,32}")
+DIAG_CELL = re.compile(r"[A-Za-z0-9-]{1,32}")
 _Count = Annotated[int, msgspec.Meta(ge=0, le=2**53)]  # (a counter beyond 2^53 is no real one)
 
 
@@ -47,12 +51,12 @@ class Diag(msgspec.Struct, frozen=True, gc=False, omit_defaults=True, forbid_unk
     it is decoded (type, range, pattern); None where absent or dropped. `dropped` counts the fields that were
     present but wrong: they are left out, the telegram's readings are taken all the same."""
 
-    fw: _Name | None = None  # firmware version
+    fw: _Text | None = None  # firmware version (DIAG_NAME)
     rsrp: Annotated[int, msgspec.Meta(ge=-140, le=-44)] | None = None  # dBm
     rsrq: Annotated[float, msgspec.Meta(ge=-20, le=-3)] | None = None  # dB
     sinr: Annotated[float, msgspec.Meta(ge=-20, le=40)] | None = None  # dB
     ce: Annotated[int, msgspec.Meta(ge=0, le=2)] | None = None  # LTE-M coverage enhancement level
-    cell: _Cell | None = None  # serving cell id
+    cell: _Text | None = None  # serving cell id (DIAG_CELL)
     boot: _Count | None = None  # reboots since manufacture
     up: _Count | None = None  # seconds since the last boot
     vsup: Annotated[int, msgspec.Meta(ge=0, le=30000)] | None = None  # supply voltage, mV
@@ -79,7 +83,7 @@ class Reading(msgspec.Struct, frozen=True, gc=False, array_like=True):
     seq: int
     sent: int
     flags: int = 0
-    diag: Diag | None = None  # the telegram's, on its newest reading only
+    diag: bytes | None = None  # the telegram's `Diag` as kept (msgpack), on its newest reading only
 
 
 class Status(msgspec.Struct, frozen=True, gc=False, array_like=True):

@@ -252,7 +252,8 @@ def test_a_store_of_a_newer_smame_is_refused_naming_both_versions(store_url: str
 def test_a_readings_diagnostics_are_stored_with_it_and_only_the_fields_it_had(ing: Ingestor) -> None:
     diag = Diag(fw="2.1.0", rsrp=-97, sinr=4.5, boot=12, dropped=1)
     with_diag = reading(1, 110)
-    with_diag = msgspec.structs.replace(with_diag, reading=msgspec.structs.replace(with_diag.reading, diag=diag))
+    kept_as = msgspec.msgpack.encode(diag)
+    with_diag = msgspec.structs.replace(with_diag, reading=msgspec.structs.replace(with_diag.reading, diag=kept_as))
     ing.commit([reading(0, 100), with_diag], [], T0)
     kept = dict(ing.store.execute("SELECT at, diag FROM readings WHERE unit = 'U1'").fetchall())
     assert kept[T0] is None

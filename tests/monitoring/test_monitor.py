@@ -180,7 +180,7 @@ def test_each_units_health_of_today_and_yesterday_is_kept_and_made_again_an_hour
     monitor: tuple[Monitor, BridgeStats, Ingestor],
 ) -> None:
     m, _, ingest = monitor
-    diag = Diag(fw="2.1.0", rsrp=-95, boot=3, vsup=3300)
+    diag = msgspec.msgpack.encode(Diag(fw="2.1.0", rsrp=-95, boot=3, vsup=3300))
     at = GRID.floor(NOW - 3600)
     with_diag = [
         msgspec.structs.replace(i, reading=msgspec.structs.replace(i.reading, diag=diag)) for i in readings(at)
