@@ -264,7 +264,10 @@ class Doorway:
             self._waiting.setdefault(address, []).append(ticket)
         if victim is not None:
             log.info("door: closed a connection of %s waiting to log in, for one of %s", victim.address, address)
-            victim.evict()
+            try:
+                victim.evict()
+            except Exception as exc:  # noqa: BLE001 (its place is taken all the same; the newcomer must not pay)
+                log.warning("door: could not close a connection of %s: %s", victim.address, exc)
         return ticket
 
     def _victim(self, address: str, mine: int) -> Ticket | None:

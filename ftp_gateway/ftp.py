@@ -127,9 +127,11 @@ def _handler(options: FtpOptions, accounts: Accounts, bans: Bans, doorway: Doorw
             )
 
         def _evicted(self) -> None:
-            # any thread (an SFTP newcomer may need the place): the socket's end is seen by this one's loop
-            with contextlib.suppress(OSError):
-                self.socket.shutdown(socket.SHUT_RDWR)
+            # Any thread (an SFTP newcomer may need the place): the connection is shut down under its TLS layer,
+            # if any, through a duplicate of its descriptor; this handler's loop then sees it end and closes it.
+            with contextlib.suppress(OSError, ValueError):
+                with socket.socket(fileno=os.dup(self.socket.fileno())) as raw:
+                    raw.shutdown(socket.SHUT_RDWR)
 
         def _login_expired(self) -> None:
             if not self.authenticated:

@@ -359,9 +359,14 @@ def test_secrets_are_private_and_stay_so(gateway: Gateway, workdir: Path) -> Non
 def test_idle_strangers_cannot_crowd_out_customers(gateway: Gateway, protocol: str) -> None:
     port = gateway.ftp if protocol == "ftp" else gateway.sftp
 
-    def stranger(source: str) -> socket.socket:
+    def stranger(source: str, tls: bool = False) -> socket.socket:
         s = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0))
         s.recv(100)  # the banner: the server has taken the connection
+        if tls:  # as an FTPS client does first: its connection waits to log in inside TLS
+            s.sendall(b"AUTH TLS\r\n")
+            assert s.recv(100).startswith(b"234")
+            context = ssl.create_default_context(cafile=str(gateway.export.parent / "ftps-cert.pem"))
+            s = context.wrap_socket(s, server_hostname="localhost")
         return s
 
     def refused(source: str) -> bool:
@@ -378,7 +383,9 @@ def test_idle_strangers_cannot_crowd_out_customers(gateway: Gateway, protocol: s
             sftp(gateway, source="127.0.0.9").close()
 
     # strangers hold every place at the door (6): four from one address, two from another
-    idle = [stranger("127.0.0.2") for _ in range(4)] + [stranger("127.0.0.3") for _ in range(2)]
+    tls = protocol == "ftp"  # the oldest waits inside TLS: the door closes it under its TLS layer
+    idle = [stranger("127.0.0.2", tls)] + [stranger("127.0.0.2") for _ in range(3)]
+    idle += [stranger("127.0.0.3") for _ in range(2)]
     try:
         assert refused("127.0.0.2")  # four wait from that address already
         customer()  # at once: it takes the place of the busiest address's oldest connection
@@ -405,6 +412,8 @@ def _closed(s: socket.socket) -> bool:
         while chunk := s.recv(4096):
             pass
         return not chunk
+    except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionResetError):  # ended under its TLS layer
+        return True
     except (TimeoutError, OSError):
         return False
 
