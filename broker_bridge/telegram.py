@@ -6,6 +6,7 @@ refused; `encode` is the one way to write a telegram, used by the simulator and 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Container
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -201,7 +202,9 @@ def decode(topic: str, payload: bytes, received: int, known_units: Container[str
         return _slow_path(topic_unit, payload, received, known_units, rules)
     head = _check_head(t, True, topic_unit, known_units, rules)
     if head is not None:
-        return Decoded(topic_unit, [], [replace(head, at=sent[0])])
+        # (a telegram of an unknown version is not read further: nothing of it, its time neither)
+        about = None if head.reason == Reason.UNKNOWN_VERSION else sent[0]
+        return Decoded(topic_unit, [], [replace(head, at=about)])
     return _readings(t, sent[0], items, [], received, rules, diag)
 
 
@@ -309,20 +312,14 @@ def _check_head(
 
 def _diag_texts_ok(diag: Diag) -> bool:
     """Whether a decoded `diag`'s firmware and cell are of their patterns (remembered: a fleet sends few)."""
-    fw, cell = diag.fw, diag.cell
-    if fw is not None:
-        ok = _NAMES_OK.get(fw)
-        if ok is None:
-            ok = _remember(_NAMES_OK, fw, DIAG_NAME.fullmatch(fw) is not None)
-        if not ok:
-            return False
-    if cell is not None:
-        ok = _CELLS_OK.get(cell)
-        if ok is None:
-            ok = _remember(_CELLS_OK, cell, DIAG_CELL.fullmatch(cell) is not None)
-        if not ok:
-            return False
-    return True
+    return _text_ok(_NAMES_OK, DIAG_NAME, diag.fw) and _text_ok(_CELLS_OK, DIAG_CELL, diag.cell)
+
+
+def _text_ok(memo: dict[str, bool], pattern: re.Pattern[str], text: str | None) -> bool:
+    if text is None:
+        return True
+    ok = memo.get(text)
+    return _remember(memo, text, pattern.fullmatch(text) is not None) if ok is None else ok
 
 
 def _readings(

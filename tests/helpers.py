@@ -285,6 +285,13 @@ def smame_env(workdir: Path, port: int, **extra: str) -> dict[str, str]:
     return env
 
 
+def metrics_env(port: int) -> dict[str, str]:
+    """Settings for smame's metrics and health endpoint on this port of 127.0.0.1."""
+    return dict(
+        SMAME_MONITORING__ENABLED="true", SMAME_MONITORING__HOST="127.0.0.1", SMAME_MONITORING__METRICS_PORT=str(port)
+    )
+
+
 def gateway_env(ftp: int, sftp: int) -> dict[str, str]:
     """Settings for FTP/FTPS and SFTP on these ports of 127.0.0.1, with ten passive ports of their own."""
     return dict(

@@ -24,7 +24,7 @@ from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse,
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
-from aggregator.store import SlotRow
+from aggregator.store import QuarantineRow, SlotRow
 from csv_export.co2 import month_summary, summary_rows
 from csv_export.exporter import SUCCEEDED
 from csv_export.files import NAME
@@ -241,15 +241,7 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
             "counts": sorted(counts.items()),
             "reason": reason,
             "items": [
-                {
-                    "received": _local(q.received, ctx),
-                    "unit": q.unit or "",
-                    "known": q.unit in units,
-                    "topic": q.topic[:200],
-                    "reason": q.reason,
-                    "detail": q.detail[:300],
-                    "payload": q.payload[:120].decode("utf-8", "replace"),
-                }
+                {**_refused(q, ctx), "unit": q.unit or "", "known": q.unit in units, "topic": q.topic[:200]}
                 for q in items
             ],
         }
@@ -419,15 +411,7 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
             "session": session,
             "kind": kind,
             "name": name,
-            "quarantined": [
-                {
-                    "received": _local(q.received, ctx),
-                    "reason": q.reason,
-                    "detail": q.detail[:300],
-                    "payload": q.payload[:120].decode("utf-8", "replace"),
-                }
-                for q in quarantined
-            ],
+            "quarantined": [_refused(q, ctx) for q in quarantined],
         }
         return templates.TemplateResponse(request, "missing.html", context, status_code=404)
 
@@ -526,9 +510,7 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
         context = {
             "session": session,
             "unit": unit,
-            "quarantined": [
-                {"received": _local(q.received, ctx), "reason": q.reason, "detail": q.detail[:300]} for q in quarantined
-            ],
+            "quarantined": [_refused(q, ctx) for q in quarantined],
             "last": _local(last, ctx) if last is not None else "never",
             "state": state_of(last, now, ctx.silent_after_s),
             "days": days,
@@ -609,6 +591,16 @@ def _download(row: tuple[int, str, str, int] | None, ctx: WebContext) -> str:
 
 def _secure(request: Request) -> bool:
     return request.url.scheme == "https"
+
+
+def _refused(q: QuarantineRow, ctx: WebContext) -> dict[str, str]:
+    """A quarantined item as the pages show it: when, why, and the payload's first bytes as text (never run)."""
+    return {
+        "received": _local(q.received, ctx),
+        "reason": q.reason,
+        "detail": q.detail[:300],
+        "payload": q.payload[:120].decode("utf-8", "replace"),
+    }
 
 
 def _factor_text(used: tuple[str, str] | None) -> str:

@@ -22,6 +22,7 @@ from tests.helpers import (
     Mosquitto,
     at,
     free_port,
+    metrics_env,
     publish,
     readings_in,
     running,
@@ -107,13 +108,7 @@ def test_a_units_diagnostics_are_kept_with_its_newest_reading_and_a_wrong_field_
 ) -> None:
     write_registry(workdir, {"U1": "C1"})
     metrics = free_port()
-    env = smame_env(
-        workdir,
-        broker.port,
-        SMAME_MONITORING__ENABLED="true",
-        SMAME_MONITORING__HOST="127.0.0.1",
-        SMAME_MONITORING__METRICS_PORT=str(metrics),
-    )
+    env = smame_env(workdir, broker.port, **metrics_env(metrics))
     proc = start_smame(env, workdir / "smame.log")
     wait_log(workdir / "smame.log", "subscribed to")
     diag = {"fw": "2.1.0", "rsrp": -97, "sinr": 4.5, "boot": 12, "vsup": 3300}

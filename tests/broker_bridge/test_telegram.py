@@ -234,3 +234,10 @@ def test_a_diag_that_is_no_object_is_one_field_dropped(diag: object) -> None:
 def test_a_dropped_count_sent_by_a_unit_is_not_believed() -> None:
     d = run(body(diag={**GOOD_DIAG, "dropped": 7}))
     assert d.diag_dropped == 0 and diag_of(d.readings[-1]) == Diag(**GOOD_DIAG)  # type: ignore[arg-type]
+
+
+def test_a_refused_telegram_is_about_its_sent_time_unless_its_version_is_unknown() -> None:
+    [bad_coef] = run(body(coef=0)).rejects
+    [unknown] = run(body(v=0)).rejects  # not read further: its time neither (the typed path never decodes it)
+    assert (bad_coef.reason, bad_coef.at) == (Reason.BAD_FIELD, NOW - 2)
+    assert (unknown.reason, unknown.at) == (Reason.UNKNOWN_VERSION, None)

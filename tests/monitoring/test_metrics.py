@@ -20,6 +20,7 @@ from tests.helpers import (
     at,
     default_app,
     free_port,
+    metrics_env,
     publish,
     scrape,
     smame_env,
@@ -38,13 +39,7 @@ DAY = "2026-11-20"
 def test_metrics_count_what_was_published_and_health_says_ok(broker: Mosquitto, workdir: Path) -> None:
     write_registry(workdir, {"M1": "C1", "M2": "C1"})
     port = free_port()
-    env = smame_env(
-        workdir,
-        broker.port,
-        SMAME_MONITORING__ENABLED="true",
-        SMAME_MONITORING__HOST="127.0.0.1",
-        SMAME_MONITORING__METRICS_PORT=str(port),
-    )
+    env = smame_env(workdir, broker.port, **metrics_env(port))
     log = workdir / "smame.log"
     proc = start_smame(env, log)
     wait_log(log, "subscribed to")

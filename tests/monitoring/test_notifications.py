@@ -20,6 +20,7 @@ from kernel.timegrid import SLOT, Grid
 from tests.helpers import (
     Mosquitto,
     free_port,
+    metrics_env,
     publish,
     smame,
     smame_env,
@@ -197,9 +198,7 @@ def test_live_alerts_reach_slack_start_and_clear(workdir: Path) -> None:
         SMAME_ALERTS__SILENT_AFTER_S="3600",
         SMAME_ALERTS__SILENT_UNITS_MIN="2",
         SMAME_REPORT__ENABLED="false",
-        SMAME_MONITORING__ENABLED="true",
-        SMAME_MONITORING__HOST="127.0.0.1",
-        SMAME_MONITORING__METRICS_PORT=str(metrics),
+        **metrics_env(metrics),
     )
     log = workdir / "smame.log"
     proc = start_smame(env, log)

@@ -12,7 +12,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import Mosquitto, acknowledged, free_port, smame, smame_env, start_smame, stop, wait_log, wait_until
+from tests.helpers import (
+    Mosquitto,
+    acknowledged,
+    free_port,
+    metrics_env,
+    smame,
+    smame_env,
+    start_smame,
+    stop,
+    wait_log,
+    wait_until,
+)
 
 END = "2026-11-23T09:00:00+09:00"
 EVERY_FAULT = [
@@ -51,13 +62,7 @@ def readings(workdir: Path) -> int:
 @pytest.mark.slow
 def test_200_units_3_days_every_fault_verify_finds_no_mismatch(broker: Mosquitto, workdir: Path) -> None:
     metrics = free_port()
-    env = smame_env(
-        workdir,
-        broker.port,
-        SMAME_MONITORING__ENABLED="true",
-        SMAME_MONITORING__HOST="127.0.0.1",
-        SMAME_MONITORING__METRICS_PORT=str(metrics),
-    )
+    env = smame_env(workdir, broker.port, **metrics_env(metrics))
     fleet = ["--units", "200", "--customers", "5"]
     smame(["simulate", *fleet, "--write-registry", str(workdir)], env)
     log = workdir / "smame.log"
