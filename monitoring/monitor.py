@@ -185,7 +185,10 @@ class Monitor:
         await self.store.call(self._read_mismatches)
         if not self.draining and now - self._health_at >= HEALTH_EVERY_S:
             self._health_at = now
-            await self.store.call(self.keep_health, now)
+            try:
+                await self.store.call(self.keep_health, now)
+            except Exception:  # a part that fails must not stop the alerts and the report: said, tried next hour
+                log.exception("units' health records not kept; trying again in %.0f s", HEALTH_EVERY_S)
         security = self._security_notices(now)
         notices, self._events = notices + self._events + security, []
         controls = await self.store.call(self.history.controls)

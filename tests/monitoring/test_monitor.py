@@ -198,3 +198,16 @@ def test_each_units_health_of_today_and_yesterday_is_kept_and_made_again_an_hour
     m.clock = lambda: NOW + 3600
     asyncio.run(m.check())
     assert m.store.unit_health("S1", today)[0]["readings"] == 3  # made again, with the new reading
+
+
+def test_a_health_pass_that_fails_costs_the_records_not_the_alerts(
+    monitor: tuple[Monitor, BridgeStats, Ingestor], caplog: pytest.LogCaptureFixture
+) -> None:
+    m, _, ingest = monitor
+    at = GRID.floor(NOW - 1800)
+    broken = [
+        msgspec.structs.replace(i, reading=msgspec.structs.replace(i.reading, diag=b"\xc1")) for i in readings(at)
+    ]
+    ingest.commit(broken, [], NOW)  # a diag no decoder takes (a store restored from elsewhere, a bug)
+    assert "units_silent" not in alerts_at(m, NOW)  # the round went on: the alert state was judged
+    assert "units' health records not kept" in caplog.text

@@ -76,6 +76,9 @@ HOSTILE = [  # a page's parameters, however wrong, get a page or a reason, never
     ("/quarantine?reason=%3Cscript%3E", 200),
     ("/alerts?days=-4&kind=nonsense&state=%3Cb%3E&node=" + "n" * 5000, 200),
     ("/alerts?days=abc", 400),
+    ("/customers/C1/emissions?month=2026-13", 400),
+    ("/customers/C1/emissions?month=" + "9" * 5000, 400),
+    ("/customers/..%2FC2/emissions?month=2026-11", 404),
 ]
 
 
