@@ -92,8 +92,10 @@ class SecurityEvents:
             for kind, _ in out:
                 self._told[kind] = hour
             if self._window != hour:  # a few failures are ordinary typing: they count towards the threshold
-                self._window = hour  # within one hour, not for ever
-                for user in [u for u, n in self._failed.items() if n < self.failed_logins_min]:
-                    del self._failed[user]
-                    self._failed_from.pop(user, None)
+                # within one hour, not for ever (those before the first look are this hour's: kept)
+                if self._window >= 0:
+                    for user in [u for u, n in self._failed.items() if n < self.failed_logins_min]:
+                        del self._failed[user]
+                        self._failed_from.pop(user, None)
+                self._window = hour
         return out

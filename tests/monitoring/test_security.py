@@ -59,6 +59,15 @@ def test_each_kind_is_said_at_most_once_an_hour_with_everything_gathered() -> No
     assert kind == "security_unit_mismatch" and text.startswith("3 telegram(s) refused as unit_mismatch")
 
 
+def test_failures_before_the_first_look_count_towards_the_threshold() -> None:
+    s = SecurityEvents(failed_logins_min=2)
+    s.failed_login("mallory", "192.0.2.5")
+    assert s.due(T + 10) == []  # the monitor's first look, between two failures: the first is this hour's
+    s.failed_login("mallory", "192.0.2.5")
+    [(kind, _)] = s.due(T + 11)
+    assert kind == "security_failed_logins"
+
+
 def test_a_telegram_under_another_units_topic_reaches_slack(broker: Mosquitto, workdir: Path) -> None:
     write_registry(workdir, {"S1": "C1", "S2": "C1"})
     slack = SlackStandIn()
