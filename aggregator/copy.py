@@ -6,7 +6,7 @@ import hashlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from aggregator.store import READING_COLUMNS, SLOT_COLUMNS, Store, StoreError
+from aggregator.store import HEALTH_COLUMNS, READING_COLUMNS, SLOT_COLUMNS, Store, StoreError
 
 CHUNK = 20_000  # rows a transaction
 # every table but meta, with the columns copied and the key whose order makes two stores' rows comparable
@@ -20,7 +20,14 @@ _TABLES: dict[str, tuple[str, tuple[str, ...]]] = {
     "operators": ("name, hash, created", ("name",)),
     "web_sessions": ("id, operator, csrf, created, seen", ("id",)),
     "downloads": ("customer, file, at, via, who, count", ("customer", "file")),
+    "unit_status": ("unit, online, since", ("unit",)),
+    "connection_events": ("id, unit, at, online", ("id",)),
+    "unit_health": ("day, unit, " + ", ".join(HEALTH_COLUMNS), ("day", "unit")),
+    "unit_risk": ("day, unit, risk, reasons", ("day", "unit")),
+    "risk_days": ("day, evaluated, at_risk, assessed", ("day",)),
+    "health_events": ("day, scope, signal, units, evaluated, words", ("day", "scope", "signal")),
 }
+_BOOLEANS = {"online"}  # the columns copied that hold a boolean
 
 
 def _rows(store: Store, table: str) -> Iterator[tuple[Any, ...]]:
@@ -28,18 +35,19 @@ def _rows(store: Store, table: str) -> Iterator[tuple[Any, ...]]:
     columns, keys = _TABLES[table]
     order = ", ".join(keys)
     at = [columns.split(", ").index(k) for k in keys]
+    flags = {i for i, c in enumerate(columns.split(", ")) if c in _BOOLEANS}
     last: tuple[Any, ...] | None = None
     args: tuple[Any, ...]
     while True:
         if last is None:
             where, args = "", ()
-        elif len(keys) == 1:
-            where, args = f" WHERE {keys[0]} > ?", last
-        else:
-            where, args = f" WHERE {keys[0]} > ? OR ({keys[0]} = ? AND {keys[1]} > ?)", (last[0], last[0], last[1])
+        else:  # keyset paging: the rows after the last one, in the order's terms (a row value comparison)
+            where, args = f" WHERE ({order}) > ({', '.join('?' * len(keys))})", last
         rows = store.execute(f"SELECT {columns} FROM {table}{where} ORDER BY {order} LIMIT {CHUNK}", args).fetchall()
         if not rows:
             return
+        if flags:  # SQLite keeps a boolean as 0 or 1: as a boolean for PostgreSQL, and for the fingerprint
+            rows = [tuple(bool(v) if i in flags else v for i, v in enumerate(r)) for r in rows]
         yield from (tuple(r) for r in rows)
         last = tuple(rows[-1][i] for i in at)
 
@@ -80,8 +88,7 @@ def _write(target: Store, table: str, columns: str, rows: list[tuple[Any, ...]])
         elif table == "slots":
             target.upsert_slots(("imp", "exp"), rows)
         else:
-            marks = ",".join("?" * len(columns.split(", ")))
-            target.executemany(f"INSERT INTO {table} ({columns}) VALUES ({marks})", rows)
+            target.insert_rows(table, columns.split(", "), rows)
     return len(rows)
 
 

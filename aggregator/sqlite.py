@@ -73,6 +73,15 @@ CREATE TABLE IF NOT EXISTS unit_health (
     diag_dropped BIGINT NOT NULL, disconnects BIGINT NOT NULL,
     PRIMARY KEY (day, unit)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS unit_health_unit ON unit_health (unit, day);
+CREATE TABLE IF NOT EXISTS unit_risk (
+    day BIGINT NOT NULL, unit TEXT NOT NULL, risk REAL NOT NULL, reasons TEXT NOT NULL,
+    PRIMARY KEY (day, unit)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS unit_risk_unit ON unit_risk (unit, day);
+CREATE TABLE IF NOT EXISTS health_events (
+    day BIGINT NOT NULL, scope TEXT NOT NULL, signal TEXT NOT NULL, units BIGINT NOT NULL,
+    evaluated BIGINT NOT NULL, words TEXT NOT NULL, PRIMARY KEY (day, scope, signal)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS risk_days (
+    day BIGINT PRIMARY KEY, evaluated BIGINT NOT NULL, at_risk BIGINT NOT NULL, assessed BIGINT NOT NULL);
 CREATE TABLE IF NOT EXISTS unit_status (unit TEXT PRIMARY KEY, online BOOLEAN NOT NULL, since BIGINT NOT NULL);
 CREATE TABLE IF NOT EXISTS connection_events (
     id INTEGER PRIMARY KEY, unit TEXT NOT NULL, at BIGINT NOT NULL, online BOOLEAN NOT NULL);
@@ -376,6 +385,9 @@ class SqliteStore(Store):
             self.db.execute("DELETE FROM downloads WHERE at < ?", (before,))
             self.db.execute("DELETE FROM connection_events WHERE at < ?", (before,))
             self.db.execute("DELETE FROM unit_health WHERE day < ?", (before,))
+            self.db.execute("DELETE FROM unit_risk WHERE day < ?", (before,))
+            self.db.execute("DELETE FROM health_events WHERE day < ?", (before,))
+            self.db.execute("DELETE FROM risk_days WHERE day < ?", (before,))
         return readings, slots
 
     def _firsts(self, unit: str, before: int, span: list[Any]) -> tuple[int | None, int | None, int | None]:

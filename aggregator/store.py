@@ -70,6 +70,11 @@ class SlotRow(msgspec.Struct, frozen=True, gc=False):
 
 
 SLOT_COLUMNS = ", ".join(SlotRow.__struct_fields__)
+# a unit's day of health after its day and unit (monitoring.health.RECORD says what each holds)
+HEALTH_COLUMNS = (
+    "readings", "late", "delay_p50", "delay_max", "seq_gaps", "restarts", "clock_offset", "no_data", "rsrp",
+    "rsrp_min", "rsrq", "sinr", "ce", "reboots", "vsup_min", "attaches", "fw", "cell", "diag_dropped", "disconnects",
+)  # fmt: skip
 _LOOKUPS = 5000  # slot ends a statement (well under SQLite's 32,766 parameters)
 
 
@@ -504,6 +509,71 @@ class Store(ABC):
         cursor = self.execute("SELECT * FROM unit_health WHERE unit = ? AND day >= ? ORDER BY day", (unit, since))
         names = [d[0] for d in cursor.description]
         return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+    def insert_rows(self, table: str, columns: Sequence[str], rows: list[tuple[Any, ...]]) -> None:
+        """Insert rows of a table as they are (a copy of another store's)."""
+        marks = ",".join("?" * len(columns))
+        self.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})", rows)
+
+    def health_records(self, since: int, until: int, columns: Sequence[str]) -> list[tuple[Any, ...]]:
+        """The health records of the days starting from `since` to `until` (both included): (day, unit,
+        *columns)."""
+        names = ", ".join(["day", "unit", *columns])
+        return self.execute(f"SELECT {names} FROM unit_health WHERE day >= ? AND day <= ?", (since, until)).fetchall()
+
+    def keep_risk(
+        self,
+        day: int,
+        evaluated: int,
+        at_risk: Iterable[tuple[str, float, str]],
+        events: Iterable[tuple[str, str, int, int, str]],
+        at: int,
+    ) -> None:
+        """Keep a day's risk (`day`: its start), replacing what the day had: the units evaluated, the at-risk
+        units (unit, risk, reasons as JSON), the events of the fleet or a cell (scope, signal, units, of them
+        evaluated, words), and when it was assessed."""
+        at_risk, events = list(at_risk), list(events)
+        with self.transaction():
+            for table in ("unit_risk", "health_events", "risk_days"):
+                self.execute(f"DELETE FROM {table} WHERE day = ?", (day,))
+            self.execute(
+                "INSERT INTO risk_days (day, evaluated, at_risk, assessed) VALUES (?, ?, ?, ?)",
+                (day, evaluated, len(at_risk), at),
+            )
+            self.executemany(
+                "INSERT INTO unit_risk (day, unit, risk, reasons) VALUES (?, ?, ?, ?)", ((day, *r) for r in at_risk)
+            )
+            self.executemany(
+                "INSERT INTO health_events (day, scope, signal, units, evaluated, words) VALUES (?, ?, ?, ?, ?, ?)",
+                ((day, *e) for e in events),
+            )
+
+    def at_risk(self, since: int, unit: str | None = None) -> list[tuple[int, str, float, str]]:
+        """The at-risk units of the days from `since` on (of one unit, if given): (day, unit, risk, reasons),
+        by day, riskiest first."""
+        args: tuple[Any, ...]
+        if unit is None:
+            sql, args = "SELECT day, unit, risk, reasons FROM unit_risk WHERE day >= ?", (since,)
+        else:
+            sql, args = "SELECT day, unit, risk, reasons FROM unit_risk WHERE unit = ? AND day >= ?", (unit, since)
+        rows = self.execute(sql + " ORDER BY day, risk DESC, unit", args).fetchall()
+        return [(int(d), str(u), float(r), str(w)) for d, u, r, w in rows]
+
+    def risk_days(self, since: int) -> list[tuple[int, int, int, int]]:
+        """Each assessed day from `since` on: (day, units evaluated, units at risk, when assessed)."""
+        sql = "SELECT day, evaluated, at_risk, assessed FROM risk_days WHERE day >= ? ORDER BY day"
+        rows = self.execute(sql, (since,))
+        return [(int(d), int(e), int(a), int(t)) for d, e, a, t in rows.fetchall()]
+
+    def health_events(self, since: int) -> list[tuple[int, str, str, int, int, str]]:
+        """The fleet's and cells' events of the days from `since` on: (day, scope, signal, units, evaluated,
+        words)."""
+        rows = self.execute(
+            "SELECT day, scope, signal, units, evaluated, words FROM health_events WHERE day >= ? "
+            "ORDER BY day, scope, signal",
+            (since,),
+        )
+        return [(int(d), str(s), str(g), int(u), int(e), str(w)) for d, s, g, u, e, w in rows.fetchall()]
 
     # --- units' connections (their status topic) ---------------------------------------------------------
 
