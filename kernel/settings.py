@@ -306,6 +306,13 @@ class AlertSettings(Section):
     history_days: int = Field(default=90, ge=1, le=3660)  # how long the alerts' history is kept
 
 
+class HealthSettings(Section):
+    """Units' health and the risk of their failing (docs/health.md)."""
+
+    alert_at_risk: int = Field(default=50, ge=0)  # more units at risk than this raise `units_at_risk`; 0: never
+    report_units: int = Field(default=20, ge=0, le=1000)  # at-risk units the daily report names, riskiest first
+
+
 class NodeSettings(Section):
     """This node's view of itself: when its ingest counts as stuck, when it hands leadership over, how far its
     clock may stray from the store's (docs/monitoring.md, "The service sees itself")."""
@@ -345,6 +352,7 @@ class Settings(BaseSettings):
     slack: SlackSettings = SlackSettings()
     report: ReportSettings = ReportSettings()
     alerts: AlertSettings = AlertSettings()
+    health: HealthSettings = HealthSettings()
     node: NodeSettings = NodeSettings()
     log: LogSettings = LogSettings()
 

@@ -23,6 +23,7 @@ TITLES = {
     "disk_low": "disk nearly full",
     "login_ban": "login ban",
     "units_silent": "many units silent",
+    "units_at_risk": "many units at risk of failing",
     "delivery_failing": "report or alert delivery failing",
     "reload_refused": "registry reload refused",
     "node_faults": "a node cannot do its part",

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta
 
 from aggregator.store import SlotRow, Store
 from kernel.emissions import DayFactors, grams, kwh_e4
 from kernel.registry import Registry
 from kernel.settings import Settings
 from kernel.timegrid import Grid
+from monitoring import at_risk
 from monitoring.channels import fan_out
 from monitoring.detect import ProblemSlot, UnitFindings, by_unit, detect
 from monitoring.outbox import Message
 from monitoring.report import (
     CustomerCo2,
     DailyReport,
+    HealthSection,
     problems_csv,
     render_html,
     render_slack,
@@ -26,6 +28,7 @@ from monitoring.report import (
 # Units whose slots are read and weighed at once: a day of 100,000 units as Python rows would take
 # about a gigabyte; a share of 2,000 takes about 20 MB.
 SHARE = 2000
+RISK_RUN_DAYS = 60  # how far back a unit's unbroken run of days at risk is followed
 
 
 def build_report(
@@ -37,6 +40,7 @@ def build_report(
     silent_after_s: int = 86400,
     zero_run: int = 12,
     caveat: str = "",
+    report_units: int = 20,
 ) -> DailyReport:
     """Detect the day's problems from the store (runs on the store's thread), a share of the units at a time."""
     labels = grid.closed(day, now)
@@ -59,7 +63,28 @@ def build_report(
     span = grid.day_start(day), grid.day_start(day + timedelta(days=1))
     arrived, about, unknown = store.quarantine_between(*span)
     co2_of_day = [co2[c] for c in sorted(co2)]
-    return DailyReport(day, grid.name, findings, problems, arrived, unknown, len(labels), caveat, co2_of_day, about)
+    health = health_section(store, grid, registry, day, now, report_units)
+    return DailyReport(
+        day, grid.name, findings, problems, arrived, unknown, len(labels), caveat, co2_of_day, about, health
+    )
+
+
+def health_section(
+    store: Store, grid: Grid, registry: Registry, day: date, now: int, limit: int
+) -> HealthSection | None:
+    """The units at risk as the report is made (today's and the report day's assessments), and the report day's
+    events; None when no day was assessed yet."""
+    today = datetime.fromtimestamp(now, grid.zone).date()
+    days = [grid.day_start(today - timedelta(days=k)) for k in range(RISK_RUN_DAYS)]
+    assessed = [row for row in store.risk_days(days[1]) if row[0] in days[:2]]
+    if not assessed:
+        return None
+    units = registry.units
+    standing = at_risk.standing(store.at_risk(days[-1]), days)
+    named = [(s, units[s.unit].customer if s.unit in units else "-") for s in standing]
+    start = grid.day_start(day)
+    events = [(sc, sig, n, of, words) for d, sc, sig, n, of, words in store.health_events(start) if d == start]
+    return HealthSection(max(row[1] for row in assessed), named, events, limit)
 
 
 def add_co2(total: CustomerCo2, rows: Iterable[SlotRow]) -> None:

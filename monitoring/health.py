@@ -67,6 +67,11 @@ def rows_frame(rows: Iterable[tuple[Any, ...]]) -> pl.DataFrame:
     )
 
 
+def records_frame(rows: Iterable[tuple[Any, ...]]) -> pl.DataFrame:
+    """The store's health records (day, unit, and the RECORD columns) as a frame."""
+    return pl.DataFrame(list(rows), schema={"day": pl.Int64, "unit": pl.String, **RECORD}, orient="row")
+
+
 def day_records(rows: pl.DataFrame, disconnects: Mapping[str, int]) -> pl.DataFrame:
     """One record a unit (sorted by unit) from its day's rows (`rows_frame`) and its count of disconnects; a
     unit with disconnects and no reading has a record too."""

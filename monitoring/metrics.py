@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from monitoring.at_risk import SIGNALS, by_reason
 from monitoring.monitor import Monitor
 from monitoring.sources import BanList, BridgeCounters, ExportCounters, IngestCounters, LoginEvents, Role
 
@@ -150,6 +151,16 @@ def _leader_metrics(m: Monitor) -> Iterator[Metric]:
         active.add_metric([name], 1)
     yield active
     yield _gauge("smame_outbox_pending", "reports and alerts waiting to be sent", m.scan.outbox_pending)
+    risk = GaugeMetricFamily(
+        "smame_units_at_risk",
+        'units at risk of failing now, by the reason that puts them there (reason="all": the units)',
+        labels=["reason"],
+    )
+    risk.add_metric(["all"], len(m.scan.at_risk))
+    counts = by_reason(m.scan.at_risk)
+    for reason in SIGNALS:
+        risk.add_metric([reason], counts.get(reason, 0))
+    yield risk
 
 
 def _histogram(

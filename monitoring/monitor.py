@@ -24,11 +24,12 @@ from kernel.reading import Reason
 from kernel.registry import Registry
 from kernel.settings import Settings
 from kernel.timegrid import Grid
-from monitoring import alerts
+from monitoring import alerts, at_risk
 from monitoring.alert_log import AlertLog, Entry
 from monitoring.alerts import Active, Notice
+from monitoring.at_risk import Standing
 from monitoring.channels import configured, fan_out
-from monitoring.daily import build_report, report_messages
+from monitoring.daily import RISK_RUN_DAYS, build_report, report_messages
 from monitoring.outbox import Message, Outbox
 from monitoring.outbox_table import OutboxTable
 from monitoring.security import SecurityEvents
@@ -66,6 +67,7 @@ class Scan:
     slots_today: dict[str, int] = field(default_factory=dict)  # quality -> closed import slots today
     outbox_pending: int = 0
     nodes: list[tuple[str, float, dict[str, object]]] = field(default_factory=list)  # Store.nodes()
+    at_risk: list[Standing] = field(default_factory=list)  # units at risk now, riskiest first
 
 
 def alert_messages(notice: Notice, settings: Settings) -> list[Message]:
@@ -269,6 +271,11 @@ class Monitor:
             unknown.add("units_silent")
         elif len(s.silent) >= a.silent_units_min:
             holding["units_silent"] = alerts.silent_units_text(s.silent, s.units, a.silent_after_s)
+        most = self.settings.health.alert_at_risk
+        if most and len(s.at_risk) > most:
+            holding["units_at_risk"] = (
+                at_risk.text(s.at_risk) + f" (more than health.alert_at_risk, {most}; the console's At risk page)"
+            )
         refused = w.reload_refused()
         if refused:
             holding["reload_refused"] = (
@@ -298,18 +305,36 @@ class Monitor:
         return holding, unknown
 
     def keep_health(self, now: float) -> int:
-        """Make today's and yesterday's health records of every unit again and keep them (on the store's thread:
-        a day of the fleet's readings is read once); return the records kept."""
-        from monitoring.health import RECORD, day_records, rows_frame  # polars: not on smame's way to the broker
+        """Make today's and yesterday's health records of every unit again and keep them, then assess both days'
+        risk and keep it (on the store's thread: a day of the fleet's readings is read once); return the
+        records kept."""
+        # polars, numpy and scipy: not on smame's way to the broker
+        from aggregator.store import HEALTH_COLUMNS
+        from monitoring.at_risk import reasons_json
+        from monitoring.health import day_records, records_frame, rows_frame
+        from monitoring.risk import BASELINE_DAYS, assess
 
         today = datetime.fromtimestamp(now, self.grid.zone).date()
         kept = 0
-        for day in (today - timedelta(days=1), today):
+        days = (today - timedelta(days=1), today)
+        for day in days:
             start, end = self.grid.day_start(day), self.grid.day_start(day + timedelta(days=1))
             rows = rows_frame(self.store.health_rows(start, end))
             records = day_records(rows, self.store.disconnects(start, end))
-            self.store.keep_health(start, ["unit", *RECORD], records.iter_rows())
+            self.store.keep_health(start, ["unit", *HEALTH_COLUMNS], records.iter_rows())
             kept += records.height
+        since = self.grid.day_start(today - timedelta(days=BASELINE_DAYS + 1))
+        history = records_frame(self.store.health_records(since, self.grid.day_start(today), HEALTH_COLUMNS))
+        for day in days:
+            start, end = self.grid.day_start(day), self.grid.day_start(day + timedelta(days=1))
+            result = assess(history, start, min(1.0, max(0.0, (now - start) / (end - start))))
+            self.store.keep_risk(
+                start,
+                result.evaluated,
+                [(u.unit, u.risk, reasons_json(u.reasons)) for u in result.at_risk],
+                [(e.scope, e.signal, e.units, e.of, e.words) for e in result.events],
+                int(now),
+            )
         return kept
 
     def _draining(self, now: float) -> bool:
@@ -375,7 +400,16 @@ class Monitor:
         self._due_since = None
         registry = self.registry()
         report = await self.store.call(
-            build_report, self.store, self.grid, registry, day, int(now), r.silent_after_s, r.zero_run_slots, caveat
+            build_report,
+            self.store,
+            self.grid,
+            registry,
+            day,
+            int(now),
+            r.silent_after_s,
+            r.zero_run_slots,
+            caveat,
+            self.settings.health.report_units,
         )
         # what the report's shares freed would stay in the store thread's C arena until something reused it
         await self.store.call(trim_heap)
@@ -444,4 +478,7 @@ class Monitor:
             "E": counts.get("E", 0),
             "M": max(0, len(registry.units) * closed - present),
         }
-        return Scan(len(registry.units), silent, reporting, slots_today, OutboxTable(self.store).counts()["pending"])
+        days = [self.grid.day_start(day - timedelta(days=k)) for k in range(RISK_RUN_DAYS)]
+        standing = at_risk.standing(self.store.at_risk(days[-1]), days)
+        pending = OutboxTable(self.store).counts()["pending"]
+        return Scan(len(registry.units), silent, reporting, slots_today, pending, at_risk=standing)

@@ -12,6 +12,8 @@ from datetime import date, datetime
 from zoneinfo import ZoneInfo
 
 from kernel.emissions import DayFactors, format_e4, format_grams
+from monitoring.at_risk import SIGNALS as SIGNAL_WORDS
+from monitoring.at_risk import Standing, by_reason
 from monitoring.detect import ProblemSlot, UnitFindings
 
 
@@ -47,6 +49,41 @@ class CustomerCo2:
 
 
 @dataclass(frozen=True, slots=True)
+class HealthSection:
+    """The units at risk of failing when the report is made, and what many units showed together on its day."""
+
+    assessed: int  # units assessed on the latest day
+    at_risk: list[tuple[Standing, str]]  # with each unit's customer, riskiest first
+    events: list[tuple[str, str, int, int, str]]  # the day's (scope, signal, units, of them assessed, words)
+    limit: int = 20  # units named
+
+    def head(self) -> str:
+        """The count, by reason."""
+        reasons = by_reason([s for s, _ in self.at_risk])
+        said = ", ".join(f"{SIGNAL_WORDS.get(k, k)} {n}" for k, n in sorted(reasons.items(), key=lambda kv: -kv[1]))
+        return f"units at risk of failing: {len(self.at_risk)} of {self.assessed} assessed" + (
+            f" (by reason: {said})" if said else ""
+        )
+
+    def lines(self, zone: str) -> list[str]:
+        """Each named unit: its customer, risk, since when, and its reasons in words and figures."""
+        out = [
+            f"{s.unit} ({customer}), risk {s.risk:.1f} since {_day(s.since, zone)}: {s.words}"
+            for s, customer in self.at_risk[: self.limit]
+        ]
+        if len(self.at_risk) > self.limit:
+            out.append(f"... and {len(self.at_risk) - self.limit} more (the console's At risk page)")
+        return out
+
+    def event_lines(self) -> list[str]:
+        """Each event of the day, said once (it put no unit at risk)."""
+        return [
+            f"{scope}: {SIGNAL_WORDS.get(signal, signal)}: {words} ({units} of {of} units; not counted against them)"
+            for scope, signal, units, of, words in self.events
+        ]
+
+
+@dataclass(frozen=True, slots=True)
 class DailyReport:
     """Everything the report says about one day."""
 
@@ -60,6 +97,7 @@ class DailyReport:
     caveat: str = ""  # said first when the report may not be the whole truth (ingest still catching up)
     co2: list[CustomerCo2] = field(default_factory=list)  # customers with emissions, by id
     quarantine_about: dict[str, int] = field(default_factory=dict)  # refused ones about the day, whenever they came
+    health: HealthSection | None = None  # None: no unit assessed yet
 
     def quarantined(self) -> str:
         """The day's refused telegrams and readings: those that came that day, and those about it."""
@@ -196,6 +234,12 @@ def render_text(r: DailyReport, limit: int = 200) -> str:
         lines.append(f"  ... and {len(units) - limit} more (all in the CSV)")
     if r.never_heard:
         lines += ["", _never_heard(r, limit)]
+    if r.health is not None:
+        lines += ["", r.health.head() + ":" if r.health.at_risk else r.health.head()]
+        lines += [f"  {line}" for line in r.health.lines(r.zone)]
+        if r.health.events:
+            lines.append("events of the fleet or of a cell on the day:")
+            lines += [f"  {line}" for line in r.health.event_lines()]
     if r.co2:
         lines += ["", "CO2 of the day (imported electricity):"]
         lines += [f"  {c.customer}: {c.line()}" for c in r.co2]
@@ -229,6 +273,14 @@ def render_html(r: DailyReport, limit: int = 200) -> str:
         items += f"<li>... and {len(units) - limit} more (all in the attached CSV)</li>"
     caveat = f"<p><b>Note: {e(r.caveat)}</b></p>" if r.caveat else ""
     never = f"<p>{e(_never_heard(r, limit))}</p>" if r.never_heard else ""
+    health = ""
+    if r.health is not None:
+        health = f"<h3>{e(r.health.head()[0].upper() + r.health.head()[1:])}</h3>"
+        named = "".join(f"<li>{e(line)}</li>" for line in r.health.lines(r.zone))
+        health += f"<ul>{named}</ul>" if named else ""
+        if r.health.events:
+            said = "".join(f"<li>{e(line)}</li>" for line in r.health.event_lines())
+            health += f"<p>Events of the fleet or of a cell on the day:</p><ul>{said}</ul>"
     co2 = "".join(f"<li><b>{e(c.customer)}</b>: {e(c.line())}</li>" for c in r.co2)
     co2 = f"<h3>CO2 of the day (imported electricity)</h3><ul>{co2}</ul>" if co2 else ""
     unknown = (
@@ -240,7 +292,7 @@ def render_html(r: DailyReport, limit: int = 200) -> str:
         f"<!DOCTYPE html><html><body>{caveat}<h2>smame daily report for {r.day.isoformat()}</h2>"
         f"<p>{e(r.zone)}, {r.slots_per_day} slots a unit</p>"
         f'<table border="1" cellpadding="4" cellspacing="0">{head}{rows}</table>'
-        f"<h3>Units with problems: {len(units)} of {len(r.heard)}</h3><ul>{items}</ul>{never}{co2}"
+        f"<h3>Units with problems: {len(units)} of {len(r.heard)}</h3><ul>{items}</ul>{never}{health}{co2}"
         f"<p>Quarantined telegrams and readings: {e(r.quarantined())}</p>{unknown}</body></html>\n"
     )
 
@@ -259,6 +311,13 @@ def render_slack(r: DailyReport, limit: int = 15) -> str:
     if units:
         lines.append(f"Worst units ({len(units)} with problems):")
         lines += [f"• `{f.unit}` ({f.customer}): {brief_unit(f, r.zone)}" for f in units[:limit]]
+    if r.health is not None:
+        h = r.health
+        lines.append(h.head()[0].upper() + h.head()[1:])
+        lines += [f"• `{s.unit}` ({customer}): {s.words}" for s, customer in h.at_risk[:limit]]
+        if len(h.at_risk) > limit:
+            lines.append(f"... and {len(h.at_risk) - limit} more")
+        lines += [f"Event, {line}" for line in h.event_lines()]
     lines += [f"CO2 of the day, *{c.customer}*: {c.line()}" for c in r.co2]
     lines.append("Quarantined telegrams and readings: " + r.quarantined())
     if r.unknown:
@@ -278,6 +337,10 @@ def problems_csv(problems: Sequence[ProblemSlot]) -> bytes:
     for p in sorted(problems, key=lambda p: (p.customer, p.unit, p.index, p.problem)):
         w.writerow([p.customer, p.unit, p.day.isoformat(), p.index, p.start, p.end, p.problem])
     return out.getvalue().encode()
+
+
+def _day(epoch: int, zone: str) -> str:
+    return datetime.fromtimestamp(epoch, ZoneInfo(zone)).strftime("%Y-%m-%d")
 
 
 def _when(epoch: int, zone: str) -> str:

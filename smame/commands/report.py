@@ -41,7 +41,9 @@ def _report(settings: Settings, args: argparse.Namespace) -> int:
         return 2
     with open_store(settings, create=False) as store:
         r = settings.report
-        report = build_report(store, grid, registry, day, now, r.silent_after_s, r.zero_run_slots)
+        report = build_report(
+            store, grid, registry, day, now, r.silent_after_s, r.zero_run_slots, "", settings.health.report_units
+        )
         print(render_text(report), end="")
         if args.csv:
             args.csv.write_bytes(problems_csv(report.problems))
