@@ -521,6 +521,38 @@ class Store(ABC):
         names = ", ".join(["day", "unit", *columns])
         return self.execute(f"SELECT {names} FROM unit_health WHERE day >= ? AND day <= ?", (since, until)).fetchall()
 
+    def newest_health(
+        self, since: int
+    ) -> list[tuple[str, int, str | None, float | None, float | None, int | None, int | None]]:
+        """Each unit's newest health record with readings from the day starting at `since` on: (unit, day,
+        firmware, median RSRP, median SINR, coverage level, reboots or else restarts)."""
+        rows = self.execute(
+            "SELECT h.unit, h.day, h.fw, h.rsrp, h.sinr, h.ce, coalesce(h.reboots, h.restarts) FROM unit_health h "
+            "JOIN (SELECT unit, max(day) AS newest FROM unit_health WHERE day >= ? AND readings > 0 GROUP BY unit) n "
+            "ON h.unit = n.unit AND h.day = n.newest",
+            (since,),
+        ).fetchall()
+        return [(str(u), int(d), f, r, s, c, b) for u, d, f, r, s, c, b in rows]
+
+    def health_days(self, since: int) -> list[tuple[int, int, int]]:
+        """Each day's (start, units with a record, readings received of the day) from `since` on."""
+        rows = self.execute(
+            "SELECT day, count(*), sum(readings) FROM unit_health WHERE day >= ? GROUP BY day ORDER BY day", (since,)
+        ).fetchall()
+        return [(int(d), int(n), int(r or 0)) for d, n, r in rows]
+
+    def telegrams_by_hour(self, since: int) -> list[tuple[int, int]]:
+        """Telegrams received an hour from `since` on that carry readings of the day before `since` or later
+        (a telegram: a unit's readings received together under one `seq`; the readings are read by their time,
+        so an older backlog is not counted): (the hour's start, telegrams)."""
+        rows = self.execute(
+            "SELECT received / 3600 * 3600 AS hour, count(*) FROM "
+            "(SELECT DISTINCT unit, seq, received FROM readings WHERE at >= ? AND received >= ?) t "
+            "GROUP BY hour ORDER BY hour",
+            (since - 86400, since),
+        ).fetchall()
+        return [(int(h), int(n)) for h, n in rows]
+
     def keep_risk(
         self,
         day: int,

@@ -309,6 +309,7 @@ class AlertSettings(Section):
 class HealthSettings(Section):
     """Units' health and the risk of their failing (docs/health.md)."""
 
+    pass_every_s: float = Field(default=3600.0, ge=1)  # how often the records and the risk are made again
     alert_at_risk: int = Field(default=50, ge=0)  # more units at risk than this raise `units_at_risk`; 0: never
     report_units: int = Field(default=20, ge=0, le=1000)  # at-risk units the daily report names, riskiest first
 

@@ -39,7 +39,6 @@ log = logging.getLogger("smame.monitor")
 ALERT_STATE = alerts.STATE_KEY
 MISMATCH_CURSOR = "security_mismatch_cursor"
 REPORT_DONE = "report_last_day"
-HEALTH_EVERY_S = 3600.0  # how often today's and yesterday's health records are made again (late data counts)
 CLOCK_SAID_S = 120.0  # a clock found behind the units' is told this long after the last batch that said so
 NODE_GONE_S = 60.0  # a node whose row has not beaten for this long is gone (a node beats every second)
 NODE_FORGET_S = 86400.0  # its row is dropped after this long: its alert then clears
@@ -185,12 +184,13 @@ class Monitor:
             self.active, notices = alerts.step(self.active, holding, now, self.settings.alerts.repeat_s, unknown)
         started |= {name: a.since for name, a in self.active.items()}
         await self.store.call(self._read_mismatches)
-        if not self.draining and now - self._health_at >= HEALTH_EVERY_S:
+        every = self.settings.health.pass_every_s
+        if not self.draining and now - self._health_at >= every:
             self._health_at = now
             try:
                 await self.store.call(self.keep_health, now)
             except Exception:  # a part that fails must not stop the alerts and the report: said, tried next hour
-                log.exception("units' health records not kept; trying again in %.0f s", HEALTH_EVERY_S)
+                log.exception("units' health records not kept; trying again in %.0f s", every)
         security = self._security_notices(now)
         notices, self._events = notices + self._events + security, []
         controls = await self.store.call(self.history.controls)
@@ -305,9 +305,10 @@ class Monitor:
         return holding, unknown
 
     def keep_health(self, now: float) -> int:
-        """Make today's and yesterday's health records of every unit again and keep them, then assess both days'
-        risk and keep it (on the store's thread: a day of the fleet's readings is read once); return the
-        records kept."""
+        """Make today's and yesterday's health records of every unit again, and those of the days before that
+        have readings but no records yet (a new installation, a backfill, a store migrated from before them),
+        and keep them; then assess each of those days' risk, oldest first, and keep it (on the store's thread:
+        a day of the fleet's readings is read once). Return the records kept."""
         # polars, numpy and scipy: not on smame's way to the broker
         from aggregator.store import HEALTH_COLUMNS
         from monitoring.at_risk import reasons_json
@@ -316,16 +317,25 @@ class Monitor:
 
         today = datetime.fromtimestamp(now, self.grid.zone).date()
         kept = 0
-        days = (today - timedelta(days=1), today)
+        first = today - timedelta(days=BASELINE_DAYS)
+        recorded = {d for d, _, _ in self.store.health_days(self.grid.day_start(first))}
+        days = [
+            d
+            for d in (first + timedelta(days=k) for k in range(BASELINE_DAYS + 1))
+            if d >= today - timedelta(days=1) or self.grid.day_start(d) not in recorded
+        ]
+        made = []
         for day in days:
             start, end = self.grid.day_start(day), self.grid.day_start(day + timedelta(days=1))
             rows = rows_frame(self.store.health_rows(start, end))
             records = day_records(rows, self.store.disconnects(start, end))
-            self.store.keep_health(start, ["unit", *HEALTH_COLUMNS], records.iter_rows())
+            if records.height or day >= today - timedelta(days=1):
+                self.store.keep_health(start, ["unit", *HEALTH_COLUMNS], records.iter_rows())
+                made.append(day)
             kept += records.height
-        since = self.grid.day_start(today - timedelta(days=BASELINE_DAYS + 1))
+        since = self.grid.day_start(made[0] - timedelta(days=BASELINE_DAYS))
         history = records_frame(self.store.health_records(since, self.grid.day_start(today), HEALTH_COLUMNS))
-        for day in days:
+        for day in made:
             start, end = self.grid.day_start(day), self.grid.day_start(day + timedelta(days=1))
             result = assess(history, start, min(1.0, max(0.0, (now - start) / (end - start))))
             self.store.keep_risk(

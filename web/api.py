@@ -35,8 +35,10 @@ from ftp_gateway.accounts import normalize
 from kernel.emissions import fiscal_year
 from kernel.meter import flag_names, format_kwh
 from kernel.timegrid import SLOT, Grid
+from monitoring.at_risk import Standing
 from web.access import SESSION_COOKIE, TOKEN, Sessions, Tokens
 from web.context import NO_FILES, WebContext
+from web.fleet_health import fleet_health, unit_health
 
 log = logging.getLogger("smame.web")
 
@@ -110,6 +112,80 @@ class UnitEmissions(TotalEmissions):
     unit_id: str
 
 
+class RiskReason(BaseModel):
+    signal: str
+    severity: float
+    words: str
+
+
+class AtRiskUnit(BaseModel):
+    unit_id: str
+    customer_id: str
+    risk: float
+    since: date
+    assessed: date
+    reasons: list[RiskReason]
+
+
+class HealthEvent(BaseModel):
+    date: date
+    scope: str
+    signal: str
+    units: int
+    assessed: int
+    words: str
+
+
+class HealthDay(BaseModel):
+    date: date
+    units: int
+    completeness: float | None
+    assessed: int
+    at_risk: int
+
+
+class FleetHealth(BaseModel):
+    at_risk: list[AtRiskUnit]
+    by_reason: dict[str, int]
+    events: list[HealthEvent]
+    inventory: dict[str, dict[str, int]]
+    days: list[HealthDay]
+
+
+class UnitHealthDay(BaseModel):
+    date: date
+    readings: int
+    late: int
+    delay_p50: int | None
+    delay_max: int | None
+    seq_gaps: int
+    restarts: int
+    clock_offset: int | None
+    no_data: int
+    rsrp: float | None
+    rsrp_min: int | None
+    rsrq: float | None
+    sinr: float | None
+    ce: int | None
+    reboots: int | None
+    vsup_min: int | None
+    attaches: int | None
+    fw: str | None
+    cell: str | None
+    diag_dropped: int
+    disconnects: int
+
+
+class UnitHealth(BaseModel):
+    unit_id: str
+    customer_id: str
+    at_risk: bool
+    risk: float | None
+    since: date | None
+    reasons: list[RiskReason]
+    days: list[UnitHealthDay]
+
+
 class FactorUsed(BaseModel):
     t_per_kwh: str
     published: date
@@ -130,6 +206,7 @@ def _refusals(*codes: int) -> dict[int | str, dict[str, Any]]:
     reasons = {
         400: "a parameter is malformed or out of range",
         401: "no token, or not a valid one",
+        403: "for operators only (a customer's token is refused)",
         404: "no such unit, customer or file for this caller",
         429: "too many failed attempts from this address",
         503: "the store is unavailable for now",
@@ -348,8 +425,86 @@ def build_api(ctx: WebContext) -> FastAPI:
             }
         )
 
+    def _operators_only(reader: Reader) -> None:
+        if reader.customer is not None:
+            raise ApiError(403, "operators only: the fleet's health is read with an operator's console session")
+
+    @router.get("/fleet/health", response_model=FleetHealth, responses=_refusals(401, 403, 429, 503))
+    async def fleet_health_api(
+        reader: Caller, days: Annotated[int, Query(ge=1, le=400, description="days of the trend")] = 30
+    ) -> Response:
+        """Operators only: the units at risk of failing now with their reasons, counts by reason, the fleet's
+        and cells' events of today and yesterday, the inventory (units by firmware, signal band, coverage level
+        and reboots on their newest day), and each day's units, completeness and units at risk."""
+        _operators_only(reader)
+        got = await ctx.store.call(fleet_health, ctx.store, ctx.grid, ctx.registry(), ctx.clock(), days)
+        return _json(
+            {
+                "at_risk": [_at_risk(s, customer, ctx.grid) for s, customer in got.at_risk],
+                "by_reason": got.by_reason,
+                "events": [
+                    {"date": d, "scope": sc, "signal": sig, "units": n, "assessed": of, "words": w}
+                    for d, sc, sig, n, of, w in got.events
+                ],
+                "inventory": {
+                    k: {g: len(v) for g, v in groups.items()} for k, groups in got.inventory.groups().items()
+                },
+                "days": [
+                    {
+                        "date": t.day,
+                        "units": t.units,
+                        "completeness": t.completeness,
+                        "assessed": t.assessed,
+                        "at_risk": t.at_risk,
+                    }
+                    for t in got.trend
+                ],
+            }
+        )
+
+    @router.get("/units/{unit_id}/health", response_model=UnitHealth, responses=_refusals(401, 403, 404, 429, 503))
+    async def unit_health_api(
+        reader: Caller,
+        unit_id: Annotated[str, PathParam(max_length=64)],
+        days: Annotated[int, Query(ge=1, le=400, description="days of health records, today's included")] = 30,
+    ) -> Response:
+        """Operators only: a unit's daily health records (oldest first) and whether it is at risk now, why,
+        and since which day."""
+        _operators_only(reader)
+        unit = ctx.registry().units.get(unit_id)
+        if unit is None:
+            raise ApiError(404, f"no unit {unit_id}")
+        got = await ctx.store.call(unit_health, ctx.store, ctx.grid, unit_id, ctx.clock(), days)
+        s = got.at_risk
+        return _json(
+            {
+                "unit_id": unit_id,
+                "customer_id": unit.customer,
+                "at_risk": s is not None,
+                "risk": s.risk if s else None,
+                "since": _day(s.since, ctx.grid) if s else None,
+                "reasons": list(s.reasons) if s else [],
+                "days": got.days,
+            }
+        )
+
     app.include_router(router)
     return app
+
+
+def _day(start: int, grid: Grid) -> date:
+    return datetime.fromtimestamp(start, grid.zone).date()
+
+
+def _at_risk(s: Standing, customer: str, grid: Grid) -> dict[str, Any]:
+    return {
+        "unit_id": s.unit,
+        "customer_id": customer,
+        "risk": s.risk,
+        "since": _day(s.since, grid),
+        "assessed": _day(s.day, grid),
+        "reasons": list(s.reasons),
+    }
 
 
 def _factor(used: tuple[str, str] | None) -> dict[str, str] | None:

@@ -36,11 +36,13 @@ from kernel.reading import REASONS
 from kernel.timegrid import SLOT
 from monitoring import alerts
 from monitoring.alert_log import HISTORY_LIMIT, AlertLog
+from monitoring.at_risk import SIGNALS
 from monitoring.fleet import STATES, by_customer, fleet_states, state_of
 from monitoring.outbox_table import OutboxTable
 from web.access import SESSION_COOKIE, Operators, Session, Sessions
 from web.api import slot_values
 from web.context import NO_FILES, WebContext
+from web.fleet_health import fleet_health, unit_health
 from web.overview import Share, completeness_map, customer_shares
 
 HERE = Path(__file__).parent
@@ -52,6 +54,9 @@ QUARANTINE_PAGE = 50  # newest refused telegrams shown
 SHARES_S = 60.0  # the fleet's completeness by customer is counted again at most this often (a scan of 2 days)
 MAX_FORM = 8 * 1024
 MAX_SILENCE_S = 7 * 86400  # a kind of alert is silenced for a week at most: a silence must not be forgotten
+HEALTH_S = 300.0  # the fleet's health and trend are read again at most this often (a scan of the retention)
+TREND_DAYS = 90  # days of the fleet page's trend
+RISK_SORTS = ("risk", "since", "unit", "customer")
 HISTORY_STATES = ("firing", "repeat", "resolved", "event", "acknowledged", "silenced", "unsilenced")
 
 
@@ -200,8 +205,21 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
         ]
         silent = sorted((s for s in states if s.state == "silent"), key=lambda s: (s.last or 0, s.unit))
         about = await ctx.store.call(health, now)
+        seen = await fleet_now()
+        got = seen["health"]
+        trend = {
+            "zone": ctx.grid.name,
+            "days": [ctx.grid.day_start(t.day) for t in got.trend],
+            "completeness": [None if t.completeness is None else round(100 * t.completeness, 2) for t in got.trend],
+            "at_risk": [t.at_risk for t in got.trend],
+            "hours": [h for h, _ in seen["hours"]],
+            "telegrams": [n for _, n in seen["hours"]],
+        }
         context = {
             "session": session,
+            "at_risk": len(got.at_risk),
+            "at_risk_reasons": [(SIGNALS.get(k, k), n) for k, n in got.by_reason.items()],
+            "trend": trend,
             "states": STATES,
             "customers": [
                 (c, counts, shares["today"].get(c, Share()), shares["yesterday"].get(c, Share()))
@@ -471,6 +489,73 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
         }
         return templates.TemplateResponse(request, "customer.html", context)
 
+    fleet_seen: dict[str, Any] = {"at": -math.inf}  # the fleet's health, as last read
+
+    async def fleet_now() -> Any:
+        now = ctx.clock()
+        if now - fleet_seen["at"] >= HEALTH_S or now < fleet_seen["at"]:
+            got = await ctx.store.call(fleet_health, ctx.store, ctx.grid, ctx.registry(), now, TREND_DAYS)
+            hours = await ctx.store.call(ctx.store.telegrams_by_hour, int(now) // 3600 * 3600 - 23 * 3600)
+            fleet_seen.update({"at": now, "health": got, "hours": hours})
+        return fleet_seen
+
+    @app.get("/at-risk", include_in_schema=False, response_class=HTMLResponse)
+    async def at_risk_page(request: Request, session: Operator, sort: str = "risk", reason: str = "") -> Response:
+        seen = await fleet_now()
+        got = seen["health"]
+        sort = sort if sort in RISK_SORTS else "risk"
+        reason = reason if reason in SIGNALS else ""
+        rows = [
+            {
+                "unit": s.unit,
+                "customer": customer,
+                "risk": s.risk,
+                "since": _local(s.since, ctx)[:10],
+                "since_epoch": s.since,
+                "reasons": [(SIGNALS.get(str(r["signal"]), r["signal"]), r["words"]) for r in s.reasons],
+            }
+            for s, customer in got.at_risk
+            if not reason or reason in s.signals
+        ]
+        key = {
+            "risk": lambda r: (-r["risk"], r["unit"]),
+            "since": lambda r: (r["since_epoch"], -r["risk"]),
+            "unit": lambda r: r["unit"],
+            "customer": lambda r: (r["customer"], -r["risk"]),
+        }[sort]
+        context = {
+            "session": session,
+            "rows": sorted(rows, key=key),
+            "sort": sort,
+            "reason": reason,
+            "signals": SIGNALS,
+            "by_reason": got.by_reason,
+            "total": len(got.at_risk),
+            "events": [(d.isoformat(), sc, SIGNALS.get(sig, sig), n, of, w) for d, sc, sig, n, of, w in got.events],
+            "read_at": _local(int(seen["at"]), ctx),
+        }
+        return templates.TemplateResponse(request, "at_risk.html", context)
+
+    @app.get("/inventory", include_in_schema=False, response_class=HTMLResponse)
+    async def inventory_page(request: Request, session: Operator, by: str = "", value: str = "") -> Response:
+        seen = await fleet_now()
+        groups = seen["health"].inventory.groups()
+        by = by if by in groups else ""
+        chosen = groups[by].get(value, []) if by else []
+        context = {
+            "session": session,
+            "groups": {
+                name: [(g, len(units), len(units) / max(1, sum(map(len, gs.values())))) for g, units in gs.items()]
+                for name, gs in groups.items()
+            },
+            "by": by,
+            "value": value if chosen else "",
+            "chosen": chosen[:1000],
+            "more": max(0, len(chosen) - 1000),
+            "read_at": _local(int(seen["at"]), ctx),
+        }
+        return templates.TemplateResponse(request, "inventory.html", context)
+
     @app.get("/units/{unit_id}", include_in_schema=False, response_class=HTMLResponse)
     async def unit_page(request: Request, session: Operator, unit_id: str, days: int = 2) -> Response:
         unit = ctx.registry().units.get(unit_id)
@@ -507,9 +592,24 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
                     }
                 )
         quarantined = await ctx.store.call(ctx.store.unit_quarantine, unit.id, 20)
+        kept = await ctx.store.call(unit_health, ctx.store, ctx.grid, unit.id, now, max(days, 30))
+        fields = ("rsrp", "sinr", "delay_p50", "reboots", "restarts", "disconnects", "clock_offset")
+        series: dict[str, Any] = {"zone": ctx.grid.name, "t": [ctx.grid.day_start(d["date"]) for d in kept.days]}
+        series |= {f: [d[f] for d in kept.days] for f in fields}
+        newest = kept.days[-1] if kept.days else None
+        standing = kept.at_risk
         context = {
             "session": session,
             "unit": unit,
+            "health": series,
+            "newest": newest,
+            "at_risk": {
+                "risk": standing.risk,
+                "since": _local(standing.since, ctx)[:10],
+                "reasons": [r["words"] for r in standing.reasons],
+            }
+            if standing
+            else None,
             "quarantined": [_refused(q, ctx) for q in quarantined],
             "last": _local(last, ctx) if last is not None else "never",
             "state": state_of(last, now, ctx.silent_after_s),

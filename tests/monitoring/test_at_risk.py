@@ -59,8 +59,9 @@ def incoming(rows: list[tuple[object, ...]]) -> list[Incoming]:
     return sorted(out, key=lambda i: (i.received, i.reading.unit, i.reading.at))
 
 
-@pytest.fixture
-def fleet(tmp_path: Path, store_url: str) -> Iterator[Fleet]:
+def take_in(tmp_path: Path, store_url: str, daily: bool) -> tuple[Fleet, Ingestor]:
+    """The fleet's days through ingest; the monitor checks after each (`daily`) or once after them all (a
+    backfill, or a first start on a store that has readings)."""
     names = [f"U{i:06d}" for i in range(UNITS)]
     write_registry(tmp_path, {u: f"C{i % 2}" for i, u in enumerate(names)})
     registry = load_registry(tmp_path / "units.csv", tmp_path / "customers.toml")
@@ -88,11 +89,29 @@ def fleet(tmp_path: Path, store_url: str) -> Iterator[Fleet]:
         clock[0] = day + DAY + 1800  # half past midnight: the day is whole
         bridge.last_received = clock[0] - 10  # caught up
         monitor.clock = lambda: clock[0]
-        asyncio.run(monitor.check())
+        if daily:
+            asyncio.run(monitor.check())
     asyncio.run(monitor.check())  # (a scan after the last pass)
-    yield Fleet(monitor, store, registry, settings, int(clock[0]))
+    asyncio.run(monitor.check())
+    return Fleet(monitor, store, registry, settings, int(clock[0])), ingest
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, store_url: str) -> Iterator[Fleet]:
+    taken, ingest = take_in(tmp_path, store_url, daily=True)
+    yield taken
     ingest.store.close()
-    store.close()
+    taken.store.close()
+
+
+def test_a_first_pass_makes_the_days_before_it_and_finds_the_same_units(tmp_path: Path) -> None:
+    taken, ingest = take_in(tmp_path, f"sqlite:///{tmp_path / 'smame.db'}", daily=False)
+    try:
+        assert {s.unit for s in taken.monitor.scan.at_risk} == {"U000005", "U000009"}
+        assert [d for d, *_ in taken.store.risk_days(START)] == [START + k * DAY for k in range(DAYS + 1)]
+    finally:
+        ingest.store.close()
+        taken.store.close()
 
 
 def test_failing_units_are_at_risk_a_day_before_they_fall_silent_with_their_reasons(fleet: Fleet) -> None:

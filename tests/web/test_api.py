@@ -26,12 +26,15 @@ from hypothesis import strategies as st
 
 from aggregator.backends import open_url
 from aggregator.ingest import Ingestor
+from aggregator.store import HEALTH_COLUMNS
 from csv_export.exporter import Exporter, ExportStats
 from csv_export.files import path_of
 from ftp_gateway.accounts import Bans
 from kernel.reading import Incoming, Reading
 from kernel.registry import Registry, load_registry
 from kernel.timegrid import SLOT, Grid
+from monitoring.at_risk import reasons_json
+from monitoring.risk import Reason
 from tests.databases import BACKENDS
 from tests.helpers import connect_from, real_processes, serving
 from web.access import SESSION_COOKIE, Operators, Sessions, Tokens
@@ -310,7 +313,48 @@ def test_an_operators_console_session_reads_every_customer_and_only_customers_do
     assert api.get("/api/v1/units", cookie=cookie)[0] == 401  # a removed operator's session ends at once
 
 
+def test_the_fleets_and_a_units_health_are_for_operators_only(api: Api) -> None:
+    yesterday, today = GRID.day_start(TODAY - timedelta(days=1)), GRID.day_start(TODAY)
+    record = dict.fromkeys(HEALTH_COLUMNS, 0) | {"readings": 40, "delay_p50": 12, "fw": "2.4.1", "rsrp": -95.0, "sinr": 4.5, "ce": 1}
+    with open_url(api.store_url) as store:
+        store.keep_health(yesterday, ["unit", *HEALTH_COLUMNS], [("U1", *record.values())])
+        store.keep_health(
+            yesterday - 86400, ["unit", *HEALTH_COLUMNS], [("U3", *(record | {"fw": "2.5.0", "rsrp": -105.0}).values())]
+        )
+        reasons = [Reason("reboots", 2.5, "7 reboots that day against 0.02 a day")]
+        store.keep_risk(yesterday, 3, [("U1", 2.5, reasons_json(reasons))], [], int(NOW) - 3600)
+        store.keep_risk(today, 3, [], [("fleet", "disconnects", 3, 3, "1 more disconnects than usual")], int(NOW))
+        Operators(store).add("hana", "hana-password-1", int(NOW))
+        cookie, _ = Sessions(store).open("hana", int(NOW))
+    status, _, body = api.get("/api/v1/fleet/health?days=3", cookie=cookie)
+    fleet = json.loads(body)
+    assert status == 200, body
+    [u1] = fleet["at_risk"]
+    assert (u1["unit_id"], u1["customer_id"], u1["risk"], u1["since"]) == (
+        "U1",
+        "C1",
+        2.5,
+        str(TODAY - timedelta(days=1)),
+    )
+    assert u1["reasons"] == [{"signal": "reboots", "severity": 2.5, "words": "7 reboots that day against 0.02 a day"}]
+    assert fleet["by_reason"] == {"reboots": 1}
+    assert [(e["date"], e["scope"], e["units"]) for e in fleet["events"]] == [(str(TODAY), "fleet", 3)]
+    # U3's newest day is the day before yesterday: too old for the inventory of now
+    assert fleet["inventory"]["firmware"] == {"2.4.1": 1} and fleet["inventory"]["signal"] == {"fair": 1}
+    assert [(d["date"], d["at_risk"]) for d in fleet["days"]][-1] == (str(TODAY - timedelta(days=1)), 1)
+    status, _, body = api.get("/api/v1/units/U1/health?days=3", cookie=cookie)
+    unit = json.loads(body)
+    assert (unit["at_risk"], unit["risk"], unit["customer_id"]) == (True, 2.5, "C1")
+    assert [(d["date"], d["rsrp"], d["fw"]) for d in unit["days"]] == [(str(TODAY - timedelta(days=1)), -95.0, "2.4.1")]
+    assert api.get("/api/v1/units/U9/health", cookie=cookie)[0] == 404
+    for path in ("/api/v1/fleet/health", "/api/v1/units/U1/health", "/api/v1/units/U3/health"):
+        status, said = api.json(path, api.tokens["C1"])  # a customer's token, even for its own unit
+        assert (status, said) == (403, {"error": said["error"]}) and said["error"].startswith("operators only"), said
+
+
 HOSTILE = [
+    ("/api/v1/fleet/health?days=0", 400),
+    ("/api/v1/units/U1/health?days=100000", 400),
     ("/api/v1/units/U1/slots", 400),  # no from
     ("/api/v1/units/U1/slots?from=2026-13-01", 400),
     ("/api/v1/units/U1/slots?from=2026-11-23&to=2026-11-22", 400),
@@ -377,7 +421,10 @@ def test_the_openapi_document_describes_every_endpoint(api: Api) -> None:
         "/api/v1/units/{unit_id}/slots",
         "/api/v1/customers/{customer_id}/days/{day}.csv",
         "/api/v1/customers/{customer_id}/emissions",
+        "/api/v1/fleet/health",
+        "/api/v1/units/{unit_id}/health",
     }
+    assert "403" in doc["paths"]["/api/v1/fleet/health"]["get"]["responses"]
 
 
 def test_every_endpoint_keeps_its_openapi_document_for_any_input(api: Api) -> None:
@@ -385,7 +432,7 @@ def test_every_endpoint_keeps_its_openapi_document_for_any_input(api: Api) -> No
     # answer against it: no server error, documented status, content type and body schema
     schema = schemathesis.openapi.from_url(f"http://127.0.0.1:{api.port}/api/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]  # type: ignore[union-attr]
-    assert len(operations) == 4
+    assert len(operations) == 6
     auth = {"Authorization": f"Bearer {api.tokens['C1']}"}
     # and half the time days near the data and the caller's own customer, where the answers have a body to check
     near = st.dates(TODAY - timedelta(days=50), TODAY + timedelta(days=2)).map(date.isoformat)

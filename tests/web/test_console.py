@@ -79,6 +79,9 @@ HOSTILE = [  # a page's parameters, however wrong, get a page or a reason, never
     ("/customers/C1/emissions?month=2026-13", 400),
     ("/customers/C1/emissions?month=" + "9" * 5000, 400),
     ("/customers/..%2FC2/emissions?month=2026-11", 404),
+    ("/at-risk?sort=%3Cb%3E&reason=" + "r" * 5000, 200),
+    ("/inventory?by=signal&value=" + "v" * 5000, 200),
+    ("/inventory?by=nonsense&value=%3Cscript%3E", 200),
 ]
 
 
@@ -308,3 +311,106 @@ def test_an_operator_logs_in_and_finds_the_silent_unit(
     finally:
         stop(proc)
     assert "Traceback" not in (workdir / "smame.log").read_text()
+
+
+def login(browser: webdriver.Chrome, site: str) -> None:
+    browser.get(site + "/login")
+    browser.find_element(By.NAME, "name").send_keys("alice")
+    browser.find_element(By.NAME, "password").send_keys(PASSWORD)
+    browser.find_element(By.CSS_SELECTOR, "form.login button").click()
+    wait(browser).until(expected.url_to_be(site + "/"))
+
+
+def test_an_operator_finds_the_unit_at_risk_with_its_reasons_its_health_and_the_fleets_inventory(
+    broker: Mosquitto, workdir: Path, browser: webdriver.Chrome
+) -> None:
+    write_registry(workdir, {"U1": "C1", "U2": "C1", "U3": "C2", "U4": "C2"})
+    port = free_port()
+    env = smame_env(
+        workdir,
+        broker.port,
+        SMAME_WEB__ENABLED="true",
+        SMAME_WEB__PORT=str(port),
+        SMAME_ALERTS__CHECK_S="1",
+        SMAME_HEALTH__PASS_EVERY_S="2",
+    )
+    first_start(workdir)
+    smame(["operators", "add", "alice", "--password-stdin"], env, stdin=PASSWORD + "\n")
+    proc = start_smame(env, workdir / "smame.log")
+    try:
+        wait_log(workdir / "smame.log", "web server listening")
+        # eight days of backlog, sent now: U2 reboots eight times a day on the last two, U3 steady on a poor signal
+        grid = Grid("Asia/Tokyo")
+        newest = grid.floor(time.time())
+        now = datetime.fromtimestamp(time.time(), JST)
+        messages = []
+        for unit, fw, rsrp in (("U1", "2.4.3", -85), ("U2", "2.4.3", -87), ("U3", "2.5.0", -108), ("U4", "2.4.3", -84)):
+            boot = 3
+            for k in range(8 * 48, -1, -1):
+                at = newest - k * SLOT
+                if unit == "U2" and k < 2 * 48 and k % 6 == 0:
+                    boot += 1
+                diag = {"fw": fw, "rsrp": rsrp - k % 3, "sinr": 6.5, "ce": 1 if rsrp < -100 else 0, "boot": boot}
+                reading = [(datetime.fromtimestamp(at, JST), 100000 + 8 * 48 - k)]
+                messages.append(
+                    (f"smame/v1/{unit}/reading", telegram(unit, reading, seq=9000 - k, sent=now, diag=diag))
+                )
+        publish(broker.port, messages)
+        wait_readings(workdir / "data" / "smame.db", len(messages))
+        site = f"http://127.0.0.1:{port}"
+        login(browser, site)
+
+        def at_risk_rows() -> list[str]:
+            browser.get(site + "/at-risk")
+            return [r.text for r in browser.find_elements(By.CSS_SELECTOR, "#at-risk tbody tr")]
+
+        rows = wait(browser).until(lambda b: at_risk_rows() or None)  # the monitor's pass every 2 s
+        assert len(rows) == 1 and rows[0].startswith("U2 C1"), rows
+        assert "reboots:" in rows[0] and "8 reboots" in rows[0], rows
+        assert "reboots 1" in browser.find_element(By.ID, "reasons").text
+        shot(browser, "at-risk")
+
+        browser.find_element(By.LINK_TEXT, "U2").click()
+        wait(browser).until(expected.url_to_be(site + "/units/U2"))
+        assert "At risk since" in browser.find_element(By.ID, "risk").text
+        assert "firmware 2.4.3" in browser.find_element(By.ID, "newest").text
+        charts = wait(browser).until(
+            lambda b: b.execute_script(
+                "const h = window.smameHealth; if (!h) return null;"
+                "return h.map(c => [c.data[0].length, c.data[1].filter(v => v !== null).length]);"
+            )
+        )
+        assert len(charts) == 4 and all(days >= 8 for days, _ in charts), charts  # a point for each day kept
+        reboots = browser.execute_script("return window.smameHealth[2].data[1].slice(-2)")
+        assert reboots[0] >= 7, reboots  # the unit's boot counter rose that day
+        shot(browser, "unit-health")
+
+        browser.get(site + "/inventory")
+        firmware = {
+            r.find_elements(By.TAG_NAME, "td")[0].text: r.find_elements(By.TAG_NAME, "td")[1].text
+            for r in browser.find_elements(By.CSS_SELECTOR, "#firmware tbody tr")
+        }
+        assert firmware == {"2.4.3": "3", "2.5.0": "1"}
+        assert browser.find_element(By.CSS_SELECTOR, "#signal tbody tr:last-child td").text == "poor"
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#firmware meter")) == 2
+        browser.find_element(By.LINK_TEXT, "poor").click()
+        wait(browser).until(expected.url_contains("by=signal"))
+        assert browser.find_element(By.ID, "units").text == "signal poor: 1 unit"
+        assert [a.text for a in browser.find_elements(By.CSS_SELECTOR, "h2#units + p a")] == ["U3"]
+        shot(browser, "inventory")
+
+        browser.get(site + "/")
+        trend = wait(browser).until(
+            lambda b: b.execute_script(
+                "const t = window.smameTrend; if (!t || t.length < 3) return null;"
+                "return t.map(c => c.data[1].filter(v => v !== null));"
+            )
+        )
+        telegrams, completeness, at_risk = trend
+        # received within the last hour or two: those carrying readings of the last two days (about 47 hours back)
+        assert 4 * 94 <= sum(telegrams) <= 4 * 97, telegrams
+        assert len(completeness) >= 8 and at_risk[-1] in (0, 1) and max(at_risk) == 1
+        assert "1 unit at risk" in browser.find_element(By.ID, "at-risk-count").text
+        shot(browser, "fleet-trend")
+    finally:
+        assert stop(proc) == 0

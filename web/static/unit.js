@@ -28,6 +28,36 @@
     axes: [{ values: ticks, size: 56 }, { label: "kWh" }],
   };
   window.smameChart = new uPlot(opts, [curve.t, curve.actual, curve.estimated, curve.export], el);
+  // its health, a point a day: the radio, the delivery delay, reboots and reconnects, the clock
+  const health = JSON.parse(document.getElementById("health").textContent);
+  const dayTicks = (u, splits) => splits.map((ts) => ymd(uPlot.tzDate(new Date(ts * 1e3), health.zone)));
+  const small = (id, label, series, data) => {
+    const box = document.getElementById(id);
+    if (!box || !health.t.length) return null;
+    return new uPlot(
+      {
+        width: Math.max(360, (box.clientWidth || 440)),
+        height: 200,
+        scales: { x: { time: true } },
+        tzDate: (ts) => uPlot.tzDate(new Date(ts * 1e3), health.zone),
+        series: [{ label: "day", value: "{YYYY}-{MM}-{DD}" }, ...series],
+        axes: [{ values: dayTicks, size: 40 }, { label }],
+      },
+      [health.t, ...data],
+      box,
+    );
+  };
+  window.smameHealth = [
+    small("chart-radio", "dB(m)", [{ label: "RSRP dBm", stroke: "#1f5fa8" }, { label: "SINR dB", stroke: "#2e8b57" }], [health.rsrp, health.sinr]),
+    small("chart-delay", "s", [{ label: "median delay s", stroke: "#d98c00" }], [health.delay_p50]),
+    small(
+      "chart-reboots",
+      "a day",
+      [{ label: "reboots", stroke: "#b00020" }, { label: "seq restarts", stroke: "#7a4fa0" }, { label: "reconnects", stroke: "#555" }],
+      [health.reboots, health.restarts, health.disconnects],
+    ),
+    small("chart-clock", "s", [{ label: "clock offset s", stroke: "#1f3b57" }], [health.clock_offset]),
+  ].filter(Boolean);
   // the days chooser reloads the page (no inline handler: the console's Content-Security-Policy forbids them)
   const days = document.getElementById("days");
   if (days) days.addEventListener("change", () => days.form.submit());
