@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 from collections import Counter
-from datetime import datetime
+from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
 from kernel.meter import flag_names, format_kwh
@@ -14,6 +14,7 @@ from kernel.reading import REASONS
 from kernel.settings import Settings
 from kernel.timegrid import Grid
 from monitoring.fleet import STATES, fleet_states
+from monitoring.inventory import BANDS, UNKNOWN, Newest, band
 from smame.app import RegistryHolder, open_store
 from smame.commands.args import Subcommands, local_date
 
@@ -23,6 +24,12 @@ def add(sub: Subcommands, common: argparse.ArgumentParser) -> None:
     units = sub.add_parser("units", parents=[common], help="the fleet: each unit's last reading and state")
     units.add_argument("--customer", help="only this customer's units")
     units.add_argument("--silent", action="store_true", help="only units silent now (alerts.silent_after_s)")
+    units.add_argument("--firmware", metavar="VERSION", help="only units whose newest day named this firmware")
+    units.add_argument(
+        "--signal",
+        choices=[*(b for b, _ in BANDS), UNKNOWN],
+        help="only units of this signal band on their newest day (excellent >= -80 dBm, good, fair, poor < -100)",
+    )
     units.set_defaults(func=_units)
 
     slots = sub.add_parser("slots", parents=[common], help="print a unit's slots of one local day")
@@ -44,9 +51,21 @@ def _units(settings: Settings, args: argparse.Namespace) -> int:
         print(f"smame units: customer {args.customer!r} is not in {settings.registry.customers}", file=sys.stderr)
         return 2
     chosen = registry.units_of(args.customer) if args.customer else sorted(registry.units.values(), key=lambda u: u.id)
+    now = time.time()
+    health = args.firmware is not None or args.signal is not None
+    grid = Grid(settings.timezone)
     with open_store(settings, create=False) as store:
         last = store.last_readings([u.id for u in chosen])
-    now = time.time()
+        yesterday = datetime.fromtimestamp(now, grid.zone).date() - timedelta(days=1)
+        newest = {row[0]: Newest(*row) for row in store.newest_health(grid.day_start(yesterday))} if health else {}
+    if health:  # as of each unit's newest day of health (today's or yesterday's), as the console's Inventory
+        chosen = [
+            u
+            for u in chosen
+            if u.id in newest
+            and (args.firmware is None or newest[u.id].fw == args.firmware)
+            and (args.signal is None or band(newest[u.id].rsrp) == args.signal)
+        ]
     states = fleet_states(chosen, last, now, settings.alerts.silent_after_s)
     counts = Counter(s.state for s in states)
     print(f"{len(states)} units: " + ", ".join(f"{counts[k]} {k}" for k in STATES))
@@ -55,7 +74,12 @@ def _units(settings: Settings, args: argparse.Namespace) -> int:
         if args.silent and s.state != "silent":
             continue
         when = "-" if s.last is None else datetime.fromtimestamp(s.last, zone).isoformat()
-        print(f"{s.unit:<16} {s.customer:<12} {when:<25} {s.state}")
+        line = f"{s.unit:<16} {s.customer:<12} {when:<25} {s.state:<12}"
+        if health:
+            n = newest[s.unit]
+            rsrp = "-" if n.rsrp is None else f"{n.rsrp:.0f} dBm"
+            line += f" firmware {n.fw or UNKNOWN}, RSRP {rsrp} ({band(n.rsrp)})"
+        print(line.rstrip())
     return 0
 
 

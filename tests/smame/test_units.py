@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import time
+from datetime import datetime
 from pathlib import Path
 
 from aggregator.backends import open_url
 from aggregator.ingest import Ingestor
+from aggregator.store import HEALTH_COLUMNS
 from kernel.reading import Incoming, Reading
 from kernel.registry import load_registry
 from kernel.timegrid import SLOT, Grid
@@ -47,3 +49,31 @@ def test_units_shows_each_units_last_reading_and_state_and_filters(workdir: Path
     only = smame(["units", "--customer", "C2"], env).stdout.splitlines()
     assert only[0].startswith("1 units") and only[1].split()[0] == "U4"
     assert "C9" in refused(["units", "--customer", "C9"], env)
+
+
+def test_units_by_firmware_or_signal_band_as_their_newest_day_of_health_says(workdir: Path) -> None:
+    write_registry(workdir, {"U1": "C1", "U2": "C1", "U3": "C2", "U4": "C2"})
+    env = smame_env(workdir, 1883)
+    (workdir / "data").mkdir()
+    today = GRID.day_start(datetime.fromtimestamp(time.time(), GRID.zone).date())
+    days: dict[int, list[tuple[object, ...]]] = {}
+    for day, unit, fw, rsrp in (
+        (today, "U1", "2.4.3", -85.0),
+        (today, "U2", "2.5.0", -104.0),
+        (today - 86400, "U3", "2.4.3", -112.0),  # yesterday's is its newest
+        (today - 3 * 86400, "U4", "2.4.3", -70.0),  # too old: not in the inventory of now
+    ):
+        record = dict.fromkeys(HEALTH_COLUMNS, 0) | {"readings": 40, "fw": fw, "rsrp": rsrp}
+        days.setdefault(day, []).append((unit, *record.values()))
+    with open_url(f"sqlite:///{workdir / 'data' / 'smame.db'}") as store:
+        for day, records in days.items():
+            store.keep_health(day, ["unit", *HEALTH_COLUMNS], records)
+    lines = smame(["units", "--firmware", "2.4.3"], env).stdout.splitlines()
+    assert lines[0].startswith("2 units") and [line.split()[0] for line in lines[1:]] == ["U1", "U3"]
+    assert lines[1].endswith("firmware 2.4.3, RSRP -85 dBm (good)")
+    poor = smame(["units", "--signal", "poor"], env).stdout.splitlines()
+    assert [line.split()[0] for line in poor[1:]] == ["U2", "U3"]
+    both = smame(["units", "--signal", "poor", "--firmware", "2.5.0", "--customer", "C1"], env).stdout.splitlines()
+    assert [line.split()[0] for line in both[1:]] == ["U2"]
+    wrong = smame(["units", "--signal", "bad"], env, check=False)
+    assert wrong.returncode == 2 and "argument --signal: invalid choice: 'bad'" in wrong.stderr

@@ -315,7 +315,14 @@ def test_an_operators_console_session_reads_every_customer_and_only_customers_do
 
 def test_the_fleets_and_a_units_health_are_for_operators_only(api: Api) -> None:
     yesterday, today = GRID.day_start(TODAY - timedelta(days=1)), GRID.day_start(TODAY)
-    record = dict.fromkeys(HEALTH_COLUMNS, 0) | {"readings": 40, "delay_p50": 12, "fw": "2.4.1", "rsrp": -95.0, "sinr": 4.5, "ce": 1}
+    record = dict.fromkeys(HEALTH_COLUMNS, 0) | {
+        "readings": 40,
+        "delay_p50": 12,
+        "fw": "2.4.1",
+        "rsrp": -95.0,
+        "sinr": 4.5,
+        "ce": 1,
+    }
     with open_url(api.store_url) as store:
         store.keep_health(yesterday, ["unit", *HEALTH_COLUMNS], [("U1", *record.values())])
         store.keep_health(
