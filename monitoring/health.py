@@ -15,7 +15,8 @@ import polars as pl
 
 from kernel.reading import Diag
 
-SEQ_WRAP = 2**32  # `seq` counts modulo this: a fall of more than half of it is a wrap, not a restart
+SEQ_WRAP = 2**32  # `seq` counts modulo this
+WRAP_NEAR = 2**20  # a fall from this close to the top to this close to 0 is a wrap; any other fall a restart
 LATE_S = 3600  # a reading received this long after its time came in a backlog, not live
 
 # The day's rows of the readings (`Store.health_rows`): one a reading.
@@ -78,11 +79,14 @@ def day_records(rows: pl.DataFrame, disconnects: Mapping[str, int]) -> pl.DataFr
     telegrams = (
         rows.group_by("unit", "seq", "received")
         .agg(pl.col("at").max().alias("newest"), pl.col("sent").first())
-        .sort("unit", "received", "seq")
-        .with_columns(step=pl.col("seq").diff().over("unit"))
+        .sort("unit", "received", "sent", "seq")  # in a second, as the unit sent them
+        .with_columns(step=pl.col("seq").diff().over("unit"), before=pl.col("seq").shift(1).over("unit"))
         .with_columns(
-            # a fall of more than half the counter is a wrap: the gap is what lies across it
-            step=pl.when(pl.col("step") < -(SEQ_WRAP // 2)).then(pl.col("step") + SEQ_WRAP).otherwise(pl.col("step"))
+            # a wrap (from near the top to near 0): the gap is what lies across it; a unit that restarts from
+            # anywhere else (its counter kept or drawn anew) has restarted, and lost nothing by it
+            step=pl.when((pl.col("before") >= SEQ_WRAP - WRAP_NEAR) & (pl.col("seq") < WRAP_NEAR))
+            .then(pl.col("step") + SEQ_WRAP)
+            .otherwise(pl.col("step"))
         )
         .group_by("unit")
         .agg(

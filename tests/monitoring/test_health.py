@@ -48,3 +48,19 @@ def test_a_counter_that_wraps_is_no_restart() -> None:
     rows.append(("W", DAY + 6 * SLOT, 4, DAY + 6 * SLOT, DAY + 6 * SLOT, False, None))  # seq 3 never came
     [w] = day_records(rows_frame(rows), {}).to_dicts()
     assert (w["restarts"], w["seq_gaps"]) == (0, 1)
+
+
+def test_a_fall_from_high_that_is_no_wrap_is_a_restart_and_loses_nothing() -> None:
+    # a unit whose counter stood at three billion reboots and counts from 0: not four billion lost telegrams
+    seqs = [3_000_000_000, 3_000_000_001, 0, 1, 2]
+    rows = [("R", DAY + k * SLOT, seq, DAY + k * SLOT, DAY + k * SLOT, False, None) for k, seq in enumerate(seqs, 1)]
+    [r] = day_records(rows_frame(rows), {}).to_dicts()
+    assert (r["restarts"], r["seq_gaps"]) == (1, 0)
+
+
+def test_telegrams_received_in_one_second_are_taken_in_the_order_the_unit_sent_them() -> None:
+    # a backlog after a reboot, all received in one second: sent 5, 6, then (rebooted) 0, 1
+    sent = {5: 100, 6: 200, 0: 300, 1: 400}
+    rows = [("B", DAY + k * SLOT, seq, DAY + t, DAY + 999, False, None) for k, (seq, t) in enumerate(sent.items(), 1)]
+    [b] = day_records(rows_frame(rows), {}).to_dicts()
+    assert (b["restarts"], b["seq_gaps"]) == (1, 0)
