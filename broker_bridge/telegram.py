@@ -33,8 +33,9 @@ class WireReading(msgspec.Struct, forbid_unknown_fields=False):
 R = TypeVar("R")
 
 
-class WireTelegram(msgspec.Struct, Generic[R], forbid_unknown_fields=False):
-    """The telegram; `WireTelegram[msgspec.Raw]` leaves the readings undecoded (the slow path)."""
+class WireTelegram(msgspec.Struct, Generic[R], forbid_unknown_fields=False, omit_defaults=True):
+    """The telegram; `WireTelegram[msgspec.Raw]` leaves the readings undecoded (the slow path). Encoded without
+    the fields at their defaults (`coef` 1, no `diag`), as units send them."""
 
     v: int
     unit: str

@@ -9,13 +9,14 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import TextIO
 from zoneinfo import ZoneInfo
 
 from simulators.fleet import make_fleet
+from simulators.health import HealthMix
 from simulators.publisher import Endpoint, FleetPublisher
 from simulators.scenario import SLOT, Faults, Scenario, Send, floor_slot
 from simulators.truth import conclude, write_truth
@@ -38,6 +39,7 @@ class RunOptions:
     truth: Path | None = None
     timezone: str = "Asia/Tokyo"
     gap_cap: int = 48
+    health: HealthMix | None = None  # the units send their diagnostics and status, some failing (health.md)
 
 
 @dataclass
@@ -106,7 +108,7 @@ async def simulate(
     end = floor_slot(opts.end if opts.end is not None else time.time(), zone)
     start = floor_slot(end - opts.days * 86400, zone)
     fleet = make_fleet(opts.units, opts.customers, opts.seed)
-    scenario = Scenario(fleet, opts.seed, opts.faults, opts.timezone, record=opts.truth is not None)
+    scenario = Scenario(fleet, opts.seed, opts.faults, opts.timezone, opts.truth is not None, opts.health, (start, end))
     publisher = FleetPublisher(endpoint, opts.connections, opts.window, [u.id for u in fleet])
     summary = Summary(first=start, connections=len(publisher.all_links()))
     summary.connect_seconds = await publisher.start()
@@ -158,6 +160,8 @@ async def simulate(
             "gap_cap": opts.gap_cap,
             # logged in as themselves, units the broker does not know never reach smame: verify must know
             "refused_units": publisher.refused_units(),
+            # each unit's health condition: precursors (onset, failure), sudden deaths, look-alikes
+            "conditions": [asdict(c) for c in scenario.conditions],
         }
         summary.truth_slots = write_truth(
             opts.truth, meta, scenario.injected, conclude(scenario, summary.last, opts.gap_cap)

@@ -12,12 +12,15 @@ from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
 from broker_bridge.telegram import NO_DATA, WireReading, WireTelegram, encode
+from kernel.reading import Diag
 from simulators.fleet import RESOLUTIONS, SimUnit
+from simulators.health import Condition, HealthMix, UnitHealth, outages, plan
 from simulators.profiles import load_kw, solar_kw
 
 SLOT = 1800
 MAX_READINGS = 96
 FUTURE_JUMP = 400 * 86400  # a bogus reading this far ahead is refused whatever the run's real time
+CLOCK_AHEAD_MAX = 240  # a failing clock sent on the wire stays within smame's tolerance: its readings are taken
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,8 +104,12 @@ class _Reading:
 class UnitSim:
     """One unit's life: its meter, its link and its faults."""
 
-    def __init__(self, unit: SimUnit, seed: int, faults: Faults, zone: ZoneInfo, record: bool) -> None:
+    def __init__(
+        self, unit: SimUnit, seed: int, faults: Faults, zone: ZoneInfo, record: bool, health: UnitHealth | None = None
+    ) -> None:
         self.u = unit
+        self.health = health  # its diagnostics, link drops, reboots and failure (None: a unit without them)
+        self.diag: Diag | None = None  # what the next telegram carries
         self.rng = random.Random(f"unit:{seed}:{unit.id}")
         self.faults = faults
         self.zone = zone
@@ -114,6 +121,7 @@ class UnitSim:
         self.ceiling = int(unit.contract_kw * 0.5 / self.resolution)  # the backend's plausible slot maximum
         self.seq = self.rng.randrange(2**32)
         self.dead = False
+        self.clock = 0.0  # how far its clock runs ahead
         self.dropout = 0
         self.backlog: list[_Reading] = []
         self.cloud = 1.0
@@ -173,20 +181,61 @@ class UnitSim:
         if self.dropout == 0 and self._chance(f.dropout):
             self.dropout = self.rng.randint(1, 16)
             faults_out.append(Fault("dropout", u.id, t, f"{self.dropout} half hours"))
+        if self.health is not None:
+            return self._health_step(t, start.hour, reading, faults_out)
         if self.dropout:
-            self.dropout -= 1
+            return self._dropout_step(t, reading)
+        return self._live(t, reading, faults_out)
+
+    def _health_step(self, t: int, hour: int, reading: _Reading, faults_out: list[Fault]) -> list[Send]:
+        """The half hour as the unit's health has it: silent for good after its failure, a reading held while
+        its link is down (sent with the next one, as after a dropout), a reboot starting its `seq` again, a
+        meter that answers no-data, a clock running ahead, its `diag`, and its status topic at each drop."""
+        assert self.health is not None
+        tick = self.health.tick(t, hour)
+        u = self.u
+        if tick.silent:
+            self.dead = True
+            reading.fwd_known = reading.rev_known = False
+            reading.kinds.add("death")
+            kind = self.health.kind or "failure"
+            faults_out.append(Fault("failure", u.id, t, f"{kind}: silent from here"))
+            return []
+        status = f"smame/v1/{u.id}/status"
+        sends = [Send(at, u.id, status, b"offline") for at in tick.offline]
+        sends += [Send(at + 60, u.id, status, b"online") for at in tick.offline]
+        if self.dropout:  # a dropout of the fault model holds it, whatever its health says
+            return sends + self._dropout_step(t, reading)
+        if tick.held:
             reading.kinds.add("dropout")
             self.backlog.append(reading)
-            if self.dropout:
-                return []
-            return self._reconnect(t, reading)
-        return self._live(t, reading, faults_out)
+            return sends
+        if tick.restarted:
+            self.seq = 2**32 - 1  # its counter starts again: the next telegram is 0
+        self.seq = (self.seq + tick.lost) % 2**32
+        if tick.no_data:
+            reading.fwd_known = False
+            reading.kinds.add("no_data")
+            faults_out.append(Fault("no_data", u.id, t, "fwd (its meter link)"))
+        self.diag = tick.diag
+        self.clock = min(tick.clock, CLOCK_AHEAD_MAX)
+        if self.backlog:
+            self.backlog.append(reading)
+            return sends + self._reconnect(t, reading)
+        return sends + self._live(t, reading, faults_out)
+
+    def _dropout_step(self, t: int, reading: _Reading) -> list[Send]:
+        """A half hour of a dropout of the fault model: held, or sent with the backlog when it ends."""
+        self.dropout -= 1
+        reading.kinds.add("dropout")
+        self.backlog.append(reading)
+        return [] if self.dropout else self._reconnect(t, reading)
 
     def _live(self, t: int, r: _Reading, faults_out: list[Fault]) -> list[Send]:
         f = self.faults
         latency = self.rng.uniform(2.0, 25.0)
         wire = [self._wire(r)]
-        sent = t + latency
+        sent = t + latency + self.clock
         if self._hit(f.no_data):
             which = self.rng.choice(("fwd", "rev"))
             if which == "fwd":
@@ -254,7 +303,9 @@ class UnitSim:
     def _telegram(self, readings: list[WireReading], sent: float, meter: str) -> bytes:
         self.seq = (self.seq + 1) % 2**32
         u = self.u
-        return encode(WireTelegram(1, u.id, meter, self.seq, self._time(int(sent)), u.e1, u.digits, readings, u.coef))
+        diag, self.diag = self.diag, None  # a diag goes with one telegram
+        wire = WireTelegram(1, u.id, meter, self.seq, self._time(int(sent)), u.e1, u.digits, readings, u.coef, diag)
+        return encode(wire)
 
 
 def unknown_sends(
@@ -276,9 +327,27 @@ def unknown_sends(
 class Scenario:
     """A fleet over time: call `step(t)` for each half hour in order."""
 
-    def __init__(self, fleet: list[SimUnit], seed: int, faults: Faults, zone: str, record: bool = True) -> None:
+    def __init__(
+        self,
+        fleet: list[SimUnit],
+        seed: int,
+        faults: Faults,
+        zone: str,
+        record: bool = True,
+        health: HealthMix | None = None,
+        span: tuple[int, int] = (0, 0),
+    ) -> None:
+        """`health`: the units also send their `diag` and status, with the conditions `health.plan` draws over
+        `span` (start, end epochs) and one fleet-wide outage of an hour in it (None: neither)."""
         self.zone = ZoneInfo(zone)
-        self.sims = [UnitSim(u, seed, faults, self.zone, record) for u in fleet]
+        self.conditions: list[Condition] = []
+        units: list[UnitHealth | None] = [None] * len(fleet)
+        if health is not None:
+            self.conditions = plan([u.id for u in fleet], seed, span[0], span[1], health)
+            of = {c.unit: c for c in self.conditions}
+            cut = outages(seed, span[0], span[1], 1)
+            units = [UnitHealth(u.id, i, seed, of.get(u.id), health, cut) for i, u in enumerate(fleet)]
+        self.sims = [UnitSim(u, seed, faults, self.zone, record, h) for u, h in zip(fleet, units, strict=True)]
         self.faults = faults
         self.rng = random.Random(f"scenario:{seed}")
         self.injected: list[Fault] = []

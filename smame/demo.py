@@ -179,14 +179,15 @@ class Tour:
         o = self.opts
         self.say(
             f"== simulating {o.units:,} units from {start:%Y-%m-%d %H:%M} until now at {o.speed:g}x real time, "
-            "with faults"
+            "with faults, and units failing or only looking unwell (docs/health.md)"
         )
         truth = self.work / "truth.jsonl"
         fleet = ["--units", str(o.units), "--customers", str(o.customers)]
         timing = ["--days", f"{days:.4f}", "--speed", str(o.speed)]
-        subprocess.run(self.command("simulate", *fleet, *timing, "--truth", str(truth)), env=self.env, check=True)
+        command = self.command("simulate", *fleet, *timing, "--health", "--truth", str(truth))
+        subprocess.run(command, env=self.env, check=True)
         _settled(self.ports["metrics"])
-        time.sleep(2.5)  # one more look of the monitor at the store (alerts.check_s below)
+        time.sleep(12.5)  # one more health pass of the monitor (health.pass_every_s below), and a look at the store
         return day, truth
 
     def first_unit(self) -> tuple[str, str]:
@@ -261,7 +262,10 @@ class Tour:
         self.say(f"\n== the daily report for {day} (smame report --send: printed, and mailed to the local SMTP server)")
         report = self.smame("report", "--date", str(day), "--send", check=False).splitlines()
         co2 = [k for k, line in enumerate(report) if line.startswith("CO2 of the day")][:1]
-        shown = report[:10] + ["   ..."] + [line for k in co2 for line in report[k : k + 3] + ["   ..."]] + report[-3:]
+        risk = [k for k, line in enumerate(report) if line.startswith("units at risk of failing")][:1]
+        shown = report[:10] + ["   ..."]
+        shown += [line for k in risk for line in report[k : k + 6] + ["   ..."]]  # a few units with their reasons
+        shown += [line for k in co2 for line in report[k : k + 3] + ["   ..."]] + report[-3:]
         self.say("\n".join("   " + line for line in shown))
         received = self.drop.count if self.drop is not None else 0
         self.say(f"   mails received so far: {received} in {self.work / 'mail'} (open them with any mail program)")
@@ -353,6 +357,8 @@ check_s = 2.0
 # The demo replays a day and a half in a minute and a half: while it catches up, every unit's newest
 # reading is hours old, which in production would rightly be a units_silent alert.
 silent_after_s = 259200
+[health]
+pass_every_s = 10  # the demo's day and a half is in within minutes: its units' health is assessed as it comes
 [log]
 format = "text"
 """

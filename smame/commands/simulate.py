@@ -17,6 +17,7 @@ from broker_bridge.bridge import target_from_url, tls_context
 from broker_bridge.mqtt import ConnectionRefused
 from kernel.meter import flag_names
 from kernel.settings import Settings
+from simulators.health import HealthMix
 from simulators.scenario import Faults
 from smame.app import open_store
 from smame.commands.args import Subcommands, connections, instant, non_negative, positive
@@ -71,6 +72,12 @@ def add(sub: Subcommands, common: argparse.ArgumentParser) -> None:
             metavar="R",
             help=f"rate of {name.replace('_', ' ')} (default {getattr(Faults.typical(), name)})",
         )
+    simulate.add_argument(
+        "--health",
+        action="store_true",
+        help="the units also send their diag and status; 3%% fail with a precursor, others die suddenly or only look "
+        "unwell, and the network is away for an hour (docs/health.md; the truth names each unit's condition)",
+    )
     simulate.add_argument("--truth", type=Path, metavar="FILE", help="write what a perfect backend must conclude")
     simulate.add_argument(
         "--write-registry",
@@ -129,6 +136,7 @@ def _simulate(settings: Settings, args: argparse.Namespace) -> int:
         truth=args.truth,
         timezone=settings.timezone,
         gap_cap=settings.ingest.gap_cap_slots,
+        health=HealthMix() if args.health else None,
     )
 
     async def main() -> Summary:

@@ -12,6 +12,7 @@ from zoneinfo import ZoneInfo
 
 from kernel.registry import load_registry
 from simulators.fleet import make_fleet, write_factors, write_registry
+from simulators.health import PRECURSORS, HealthMix
 from simulators.run import PacedClock
 from simulators.scenario import SLOT, Faults, Scenario, floor_slot
 
@@ -106,3 +107,28 @@ def test_a_live_half_hour_is_published_when_it_ends_however_late_in_a_half_hour_
     # the past before `live_from` still runs at its speed: a day at 1800x is a half hour a second
     replay = PacedClock(slot_start - 86400, 1800.0, "Asia/Tokyo", stop, live_from=slot_start, real=lambda: real[0])
     assert replay.wait(slot_start - 86400 + SLOT) == 1.0
+
+
+def test_with_health_units_send_their_diag_and_status_and_the_failing_fall_silent_in_the_truth() -> None:
+    start = END - 6 * 86400
+    mix = HealthMix(precursor=0.2)
+    sc = Scenario(make_fleet(60, 4, 5), 5, Faults.clean(), ZONE, True, mix, (start, END))
+    sends = sc.start(start)
+    for t in range(start + SLOT, END + 1, SLOT):
+        sends += sc.step(t)
+    readings = [json.loads(s.payload) for s in sends if s.topic.endswith("/reading")]
+    statuses = Counter(s.payload for s in sends if s.topic.endswith("/status"))
+    with_diag = [t for t in readings if "diag" in t]
+    assert len(with_diag) > len(readings) / 3 and statuses[b"offline"] == statuses[b"online"] > 60
+    assert {"fw", "rsrp", "sinr", "boot", "vsup", "cell"} <= set(with_diag[0]["diag"])
+    failed = [c for c in sc.conditions if c.kind in PRECURSORS and c.failure is not None and c.failure <= END]
+    assert failed and all(c.onset is not None and c.onset < c.failure for c in failed)
+    for c in failed:  # nothing sent after its failure, and the truth knows no reading of it
+        assert all(s.at < c.failure + SLOT for s in sends if s.unit == c.unit)
+        sim = next(s for s in sc.sims if s.u.id == c.unit)
+        assert all(not r.fwd_known for r in sim.readings if r.at >= c.failure + SLOT)
+    assert {f.kind for f in sc.injected} >= {"failure"}
+    # the same seed, the same bytes; without health, no diag and no status (as before)
+    again = Scenario(make_fleet(60, 4, 5), 5, Faults.clean(), ZONE, True, mix, (start, END))
+    assert [s.payload for s in again.start(start)] == [s.payload for s in sends[:60]]
+    assert all("diag" not in json.loads(p) for _, topic, p in run(3, Faults.clean(), 10, 1)[1])
