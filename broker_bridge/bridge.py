@@ -89,6 +89,7 @@ class BridgeStats:
     clock_error: str = ""  # why the last batch refused for this node's clock was refused
     clock_error_at: float = 0.0  # when (epoch); 0: never
     last_error: str = ""  # why the last connection attempt or connection failed
+    status_refused: str = ""  # why the broker refused the units' status topic at the last subscription ("" it took it)
     commit_counts: list[int] = field(default_factory=lambda: [0] * (len(COMMIT_SECONDS) + 1))
     commit_sum: float = 0.0
     size_counts: list[int] = field(default_factory=lambda: [0] * (len(BATCH_SIZES) + 1))
@@ -344,7 +345,10 @@ class Bridge:
         except MqttError as exc:
             if "refused the subscription" not in str(exc):
                 raise
-            log.warning("units' connection events are not taken: %s", exc)
+            self.stats.status_refused = f"{exc} (the broker's ACL must let smame read {topic})"
+            log.warning("units' connection events are not taken: %s", self.stats.status_refused)
+        else:
+            self.stats.status_refused = ""
 
     def _telegram(
         self, batch: _Batch, topic: str, payload: bytes, received: int, known: Container[str], rules: Rules

@@ -235,6 +235,11 @@ class Monitor:
             holding["clock_behind"] = (
                 f"{b.clock_error}: ingest acknowledges nothing until it is set right (the broker keeps the telegrams)"
             )
+        if b.status_refused:
+            holding["status_refused"] = (
+                f"the broker refused smame's subscription to the units' status topic: {b.status_refused}; "
+                "readings are taken, but units' disconnects are not counted in their health"
+            )
         if b.stalled_for(now) > self.settings.node.stall_s:
             holding["ingest_stalled"] = (
                 f"telegrams received wait to be committed and no commit has finished for over "

@@ -667,6 +667,8 @@ class App:
             }
         else:
             checks = {"ingest": "ok"}
+        if b.status_refused and not standby:
+            checks["status"] = f"units' connection events are not taken: {b.status_refused}"
         checks["registry"] = (
             f"reload refused, the previous one kept: {self.registry.refused}" if self.registry.refused else "ok"
         )

@@ -8,6 +8,7 @@ from datetime import timedelta
 import pytest
 
 from broker_bridge.bridge import AHEAD, BATCH_BYTES, IN_FLIGHT, Bridge, BrokerTarget
+from broker_bridge.mqtt import MqttError
 from broker_bridge.telegram import MAX_PAYLOAD, Rules
 from kernel.reading import Incoming, Refused, Status
 from kernel.timegrid import Grid
@@ -183,3 +184,24 @@ async def test_a_telegram_that_breaks_decoding_is_quarantined_and_the_rest_go_on
     assert sorted(r.payload for r in refused) == sorted([messages[1][1], messages[4][1]])
     said = [r for r in caplog.records if "failed unexpectedly" in r.getMessage()]
     assert len(said) == 1 and said[0].exc_info is not None  # once per kind of error, with its traceback
+
+
+class RefusingBroker:
+    """What Mosquitto cannot be made to do (its ACL filters deliveries and grants every subscription), other
+    brokers do: refuse a subscription in its SUBACK. This stands in for such a broker's answer alone."""
+
+    def __init__(self, refuse: bool) -> None:
+        self.refuse = refuse
+
+    async def subscribe(self, topic: str, qos: int = 1, retained: bool = False) -> None:
+        if self.refuse:
+            raise MqttError(f"broker refused the subscription to {topic!r}: not authorized (0x87)")
+
+
+async def test_a_refused_status_topic_is_said_until_a_subscription_takes_it() -> None:
+    bridge = Bridge(target(1, "test-status"), lambda *a: asyncio.sleep(0), set, Rules(Grid("Asia/Tokyo").on_boundary))
+    await bridge._subscribe_status(RefusingBroker(True))  # type: ignore[arg-type]
+    said = bridge.stats.status_refused
+    assert "not authorized" in said and "the broker's ACL must let smame read smame/v1/+/status" in said
+    await bridge._subscribe_status(RefusingBroker(False))  # type: ignore[arg-type]
+    assert bridge.stats.status_refused == ""

@@ -126,6 +126,7 @@ def test_a_standby_exports_none_of_the_figures_only_the_leader_knows(
             "smame_alert_active",
             "smame_outbox",
             "smame_slots_today",
+            "smame_units_at_risk",
         )
         gone = {k for k in leader if k.startswith(leader_only)}
         assert gone and not gone & set(standby), gone & set(standby)
@@ -135,3 +136,16 @@ def test_a_standby_exports_none_of_the_figures_only_the_leader_knows(
         if app.exporter is not None:
             app.exporter.close()
         app.monitor.store.close()
+
+
+def test_a_refused_status_topic_fails_healthz(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    app = default_app(tmp_path, monkeypatch)
+    try:
+        assert "status" not in app.health()
+        app.bridge.stats.status_refused = "broker refused the subscription to 'smame/v1/+/status': not authorized"
+        assert app.health()["status"].startswith("units' connection events are not taken: broker refused")
+    finally:
+        if app.exporter is not None:
+            app.exporter.close()
+        if app.monitor is not None:
+            app.monitor.store.close()

@@ -211,3 +211,17 @@ def test_a_health_pass_that_fails_costs_the_records_not_the_alerts(
     ingest.commit(broken, [], NOW)  # a diag no decoder takes (a store restored from elsewhere, a bug)
     assert "units_silent" not in alerts_at(m, NOW)  # the round went on: the alert state was judged
     assert "units' health records not kept" in caplog.text
+
+
+def test_a_refused_status_topic_is_an_alert_until_the_broker_takes_it(
+    monitor: tuple[Monitor, BridgeStats, Ingestor],
+) -> None:
+    m, bridge, ingest = monitor
+    ingest.commit(readings(GRID.floor(NOW)), [], NOW)
+    bridge.last_received = NOW - 10
+    bridge.status_refused = "broker refused the subscription to 'smame/v1/+/status': not authorized (0x87)"
+    assert "status_refused" in alerts_at(m, NOW)
+    assert "units' disconnects are not counted" in m.active["status_refused"].text
+    bridge.status_refused = ""
+    alerts_at(m, NOW + 60)
+    assert "status_refused" not in m.active
