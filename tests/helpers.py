@@ -252,6 +252,18 @@ def first_start(workdir: Path) -> None:
     open_url(f"sqlite:///{workdir / 'data' / 'smame.db'}").close()
 
 
+def console_env(workdir: Path, broker_port: int, password: str, **settings: str) -> tuple[dict[str, str], int]:
+    """The environment of a smame serving its console and API on a free port (returned), its store made and
+    operator `alice` added with `password`; `settings`: more SMAME_ variables."""
+    from smame.demo import free_port
+
+    port = free_port()
+    env = smame_env(workdir, broker_port, SMAME_WEB__ENABLED="true", SMAME_WEB__PORT=str(port), **settings)
+    first_start(workdir)
+    smame(["operators", "add", "alice", "--password-stdin"], env, stdin=password.rstrip("\n") + "\n")
+    return env, port
+
+
 def default_app(directory: Path, monkeypatch: pytest.MonkeyPatch) -> App:
     """smame's app, built in-process with the default settings over a one-unit registry in `directory`, no
     `SMAME_` variable of the environment in the way (the caller closes its exporter and monitor store)."""

@@ -17,6 +17,7 @@ from tests.helpers import (
     Mosquitto,
     at,
     connect_from,
+    console_env,
     first_start,
     memory_mb,
     publish,
@@ -124,10 +125,7 @@ def test_an_operators_sessions_end_when_the_password_changes_or_the_operator_goe
     broker: Mosquitto, workdir: Path
 ) -> None:
     write_registry(workdir, {"U1": "C1"})
-    port = free_port()
-    env = smame_env(workdir, broker.port, SMAME_WEB__ENABLED="true", SMAME_WEB__PORT=str(port))
-    first_start(workdir)
-    smame(["operators", "add", "alice", "--password-stdin"], env, stdin=PASSWORD)
+    env, port = console_env(workdir, broker.port, PASSWORD)
     proc = start_smame(env, workdir / "smame.log")
     try:
         wait_log(workdir / "smame.log", "web server listening")
@@ -158,6 +156,7 @@ def test_unread_downloads_of_a_large_file_hold_no_copy_of_it(broker: Mosquitto, 
     sockets = []
     try:
         wait_log(workdir / "smame.log", "web server listening")
+        wait_log(workdir / "smame.log", "units' health:")  # (its first pass loads numpy and scipy)
         before = memory_mb(proc.pid)[0]
         request = (
             f"GET /api/v1/customers/C1/days/{day}.csv HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n"
@@ -200,18 +199,8 @@ def test_an_operator_lists_and_lifts_bans_on_the_command_line_and_in_the_console
     broker: Mosquitto, workdir: Path
 ) -> None:
     write_registry(workdir, {"U1": "C1"})
-    port = free_port()
-    env = smame_env(
-        workdir,
-        broker.port,
-        SMAME_WEB__ENABLED="true",
-        SMAME_WEB__PORT=str(port),
-        SMAME_FTP__BAN_AFTER="2",
-        SMAME_FTP__FAIL_DELAY_S="0",
-    )
-    first_start(workdir)
+    env, port = console_env(workdir, broker.port, PASSWORD, SMAME_FTP__BAN_AFTER="2", SMAME_FTP__FAIL_DELAY_S="0")
     token = smame(["tokens", "add", "C1"], env).stdout.strip()
-    smame(["operators", "add", "alice", "--password-stdin"], env, stdin=PASSWORD)
     assert smame(["bans", "list"], env).stdout == ""
     proc = start_smame(env, workdir / "smame.log")
     try:
