@@ -238,7 +238,10 @@ def _common(
             continue
         median = float(np.median(values))
         common[members] = np.maximum(common[members], median)
-        if median >= least and median >= fleet + least:
+        # a cell's few units make a noisier median than the fleet's: its event needs a whole count (or a third
+        # of a reason's) more than usual, beyond what the fleet shows
+        said = max(1.0, sig.least / 3) if isinstance(sig, Count) else least
+        if median >= said and median >= fleet + said:
             hit = int(np.sum(values >= least))
             events.append(Event(f"cell {cell}", sig.column, hit, len(values), _event_words(sig, median)))
     return common, events
