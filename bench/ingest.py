@@ -27,6 +27,7 @@ import argparse
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -424,7 +425,14 @@ def main() -> None:
         "--diag",
         choices=["none", "every", "compare"],
         default="none",
-        help="a unit's diag in every telegram (every), or the same methods run without, then with, and compared",
+        help="a unit's diag in every telegram (every), or the same methods run without and with, and compared",
+    )
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="with --diag compare: rounds of both loads, their order swapped each round (the first run of a "
+        "process is slower), compared by their medians",
     )
     ap.add_argument(
         "--days",
@@ -440,22 +448,31 @@ def main() -> None:
     if not shutil.which("mosquitto_sub"):
         sys.exit("mosquitto_sub not found: apt-get install mosquitto-clients")
     print(f"store: {'PostgreSQL ' + args.storage if args.storage else 'SQLite'}, {os.cpu_count()} cores")
-    loads = {"none": [False], "every": [True], "compare": [False, True]}[args.diag]
-    results = []
+    if args.diag == "compare":
+        loads = [d for r in range(max(1, args.rounds)) for d in ((False, True) if r % 2 == 0 else (True, False))]
+    else:
+        loads = [args.diag == "every"]
+    results: dict[bool, list[dict[str, tuple[float, float]]]] = {False: [], True: []}
     try:
         for diag in loads:
             messages = fleet(args.units, args.telegrams, diag)
             size = sum(len(p) for _, p in messages) / len(messages)
             what = "each with a diag" if diag else "without diag"
             print(f"load: {len(messages)} telegrams of {size:.0f} bytes from {args.units} units, QoS 1, {what}")
-            results.append(run_methods(args, messages))
+            results[diag].append(run_methods(args, messages))
     finally:
         if args.storage:
             drop_schemas(args.storage)
-    if len(results) == 2:
-        print("diag in every telegram against none, same run (smame's time with / without; 1.05 is 5% slower):")
-        for method, (_, without) in results[0].items():
-            print(f"  {method:<8} {results[1][method][1] / without:6.3f}")
+    if results[False] and results[True]:
+        rounds = len(results[True])
+        print(
+            f"diag in every telegram against none, same run, {rounds} round(s) each, medians "
+            "(smame's time with / without; 1.05 is 5% slower):"
+        )
+        for method in results[False][0]:
+            with_ = statistics.median(r[method][1] for r in results[True])
+            without = statistics.median(r[method][1] for r in results[False])
+            print(f"  {method:<8} {with_ / without:6.3f}")
 
 
 def run_methods(args: argparse.Namespace, messages: list[tuple[str, bytes]]) -> dict[str, tuple[float, float]]:
