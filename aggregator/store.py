@@ -525,14 +525,15 @@ class Store(ABC):
         self, since: int
     ) -> list[tuple[str, int, str | None, float | None, float | None, int | None, int | None]]:
         """Each unit's newest health record with readings from the day starting at `since` on: (unit, day,
-        firmware, median RSRP, median SINR, coverage level, reboots or else restarts)."""
+        firmware, median RSRP, median SINR, coverage level, reboots or else restarts). The days are read as a
+        range of the primary key (a few days of the fleet), the newest of each unit kept."""
         rows = self.execute(
-            "SELECT h.unit, h.day, h.fw, h.rsrp, h.sinr, h.ce, coalesce(h.reboots, h.restarts) FROM unit_health h "
-            "JOIN (SELECT unit, max(day) AS newest FROM unit_health WHERE day >= ? AND readings > 0 GROUP BY unit) n "
-            "ON h.unit = n.unit AND h.day = n.newest",
+            "SELECT unit, day, fw, rsrp, sinr, ce, coalesce(reboots, restarts) FROM unit_health "
+            "WHERE day >= ? AND readings > 0 ORDER BY day",
             (since,),
         ).fetchall()
-        return [(str(u), int(d), f, r, s, c, b) for u, d, f, r, s, c, b in rows]
+        newest = {str(r[0]): r for r in rows}  # later days overwrite earlier ones
+        return [(u, int(d), f, r, s, c, b) for u, (_, d, f, r, s, c, b) in sorted(newest.items())]
 
     def health_days(self, since: int) -> list[tuple[int, int, int]]:
         """Each day's (start, units with a record, readings received of the day) from `since` on."""

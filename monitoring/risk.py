@@ -177,7 +177,7 @@ def _usual_count(past: np.ndarray, elapsed: float) -> tuple[np.ndarray, np.ndarr
     days = np.sum(np.isfinite(past), axis=1)
     total = np.nansum(past, axis=1)
     rates = total[days > 0] / days[days > 0]
-    # the mean, not the median: most units see rare events on no day; the worst 1% (failing ones) left out
+    # the mean, not the median: most units see rare events on no day; the worst 1% (failing ones) capped
     fleet = float(np.mean(np.minimum(rates, np.quantile(rates, 0.99)))) if len(rates) else 0.0
     return total + PSEUDO_DAYS * max(fleet, 1e-3), (days + PSEUDO_DAYS) / elapsed
 
