@@ -754,6 +754,10 @@ class App:
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
+            # the loop runs no handler from here on, and the closes below wait for the stores' threads (a health
+            # pass may be under way): a further SIGTERM or SIGINT meanwhile exits at once, as it would before
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, _exit_now)
             if self.exporter is not None:
                 self.exporter.close()
             if self.monitor is not None:
@@ -763,6 +767,12 @@ class App:
             if self.gateway is not None and self.gateway.store is not None:
                 self.gateway.store.close()
         log.info("smame stopped")
+
+
+def _exit_now(signum: int, frame: object) -> None:
+    """A signal to stop while smame is already stopping: what is not acknowledged is redelivered by the broker."""
+    log.warning("%s received again: exiting now", signal.Signals(signum).name)
+    os._exit(130)
 
 
 # Docker gives 10 s between SIGTERM and SIGKILL; a stop that takes longer than this ends the process, so that
