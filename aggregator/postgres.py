@@ -392,12 +392,6 @@ class PostgresStore(Store):
                 gone += self.execute(f"DELETE FROM {table} WHERE {column} < ?", (before,)).rowcount
             counts[table] = gone
         with self.transaction():
-            self.execute("DELETE FROM changes WHERE at < ?", (before,))
-            self.execute("DELETE FROM downloads WHERE at < ?", (before,))
-            self.execute("DELETE FROM connection_events WHERE at < ?", (before,))
-            self.execute("DELETE FROM unit_health WHERE day < ?", (before,))
-            self.execute("DELETE FROM unit_risk WHERE day < ?", (before,))
-            self.execute("DELETE FROM health_events WHERE day < ?", (before,))
-            self.execute("DELETE FROM risk_days WHERE day < ?", (before,))
+            self.prune_kept(before, skip=PARTITIONED)  # (the health records went with their partitions above)
         self._load_days()
         return counts["readings"], counts["slots"]

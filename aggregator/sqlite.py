@@ -381,13 +381,7 @@ class SqliteStore(Store):
                 return readings, 0
         with self.transaction():
             slots = self.db.execute("DELETE FROM slots WHERE slot < ?", (before,)).rowcount
-            self.db.execute("DELETE FROM changes WHERE at < ?", (before,))
-            self.db.execute("DELETE FROM downloads WHERE at < ?", (before,))
-            self.db.execute("DELETE FROM connection_events WHERE at < ?", (before,))
-            self.db.execute("DELETE FROM unit_health WHERE day < ?", (before,))
-            self.db.execute("DELETE FROM unit_risk WHERE day < ?", (before,))
-            self.db.execute("DELETE FROM health_events WHERE day < ?", (before,))
-            self.db.execute("DELETE FROM risk_days WHERE day < ?", (before,))
+            self.prune_kept(before)
         return readings, slots
 
     def _firsts(self, unit: str, before: int, span: list[Any]) -> tuple[int | None, int | None, int | None]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -70,6 +70,16 @@ class SlotRow(msgspec.Struct, frozen=True, gc=False):
 
 
 SLOT_COLUMNS = ", ".join(SlotRow.__struct_fields__)
+# what is kept as long as the slots besides readings and slots: table -> the column of its time
+KEPT_WITH_SLOTS = {
+    "changes": "at",
+    "downloads": "at",
+    "connection_events": "at",
+    "unit_health": "day",
+    "unit_risk": "day",
+    "health_events": "day",
+    "risk_days": "day",
+}
 # a unit's day of health after its day and unit (monitoring.health.RECORD says what each holds)
 HEALTH_COLUMNS = (
     "readings", "late", "delay_p50", "delay_max", "seq_gaps", "restarts", "clock_offset", "no_data", "rsrp",
@@ -151,6 +161,13 @@ class Store(ABC):
         """Delete readings and slots older than `before` (epoch), and the change log's entries, a transaction at
         a time; return how many readings and slots went. When `stopping()` says so after a transaction, return
         what went so far: the next call goes on from there."""
+
+    def prune_kept(self, before: int, skip: Container[str] = ()) -> None:
+        """In a transaction: delete what is kept as long as the slots (KEPT_WITH_SLOTS), older than `before`;
+        `skip`: tables a backend prunes otherwise."""
+        for table, column in KEPT_WITH_SLOTS.items():
+            if table not in skip:
+                self.execute(f"DELETE FROM {table} WHERE {column} < ?", (before,))
 
     def check_identity(self) -> None:
         """Raise StoreError when what was committed may not be where the store said: nothing may then be
