@@ -1,4 +1,5 @@
-"""The units at risk now, as operators see them, from the risk the store keeps (pure: its rows in).
+"""The units at risk now, as operators see them, from the risk the store keeps (`standing` is pure: its rows
+in; `read` reads them).
 
 The monitor assesses today (so far) and yesterday every hour (`monitoring.risk`) and keeps each day's at-risk
 units. A unit stands at risk while today's or yesterday's assessment says so: at midnight a unit flagged the
@@ -12,7 +13,14 @@ import json
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
+
+from aggregator.store import Store
+from kernel.registry import Registry
+from kernel.timegrid import Grid
+
+RUN_DAYS = 60  # how far back a unit's unbroken run of days at risk is followed
 
 # the signals a unit is put at risk by (`monitoring.risk` assesses them in this order), as operators read them
 SIGNALS = {
@@ -71,6 +79,24 @@ def standing(rows: Sequence[tuple[int, str, float, str]], days: Sequence[int]) -
         out.append(Standing(unit, risk, tuple(_reasons(reasons)), since, latest))
     out.sort(key=lambda s: (-s.risk, s.unit))
     return out
+
+
+def run_days(grid: Grid, now: float, count: int = RUN_DAYS) -> list[int]:
+    """The starts of the `count` local days up to `now`'s, newest first."""
+    today = datetime.fromtimestamp(now, grid.zone).date()
+    return [grid.day_start(today - timedelta(days=k)) for k in range(count)]
+
+
+def read(store: Store, grid: Grid, now: float, unit: str | None = None) -> list[Standing]:
+    """The units (or the one unit) at risk at `now`, as the store keeps their days (on the store's thread)."""
+    days = run_days(grid, now)
+    return standing(store.at_risk(days[-1], unit), days)
+
+
+def with_customers(units: Sequence[Standing], registry: Registry) -> list[tuple[Standing, str]]:
+    """Each unit at risk with its customer ("-" for a unit no longer in the registry)."""
+    known = registry.units
+    return [(s, known[s.unit].customer if s.unit in known else "-") for s in units]
 
 
 def by_reason(units: Sequence[Standing]) -> dict[str, int]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import date, datetime, timedelta
+from datetime import date, timedelta
 
 from aggregator.store import SlotRow, Store
 from kernel.emissions import DayFactors, grams, kwh_e4
@@ -28,7 +28,6 @@ from monitoring.report import (
 # Units whose slots are read and weighed at once: a day of 100,000 units as Python rows would take
 # about a gigabyte; a share of 2,000 takes about 20 MB.
 SHARE = 2000
-RISK_RUN_DAYS = 60  # how far back a unit's unbroken run of days at risk is followed
 
 
 def build_report(
@@ -74,14 +73,11 @@ def health_section(
 ) -> HealthSection | None:
     """The units at risk as the report is made (today's and the report day's assessments), and the report day's
     events; None when no day was assessed yet."""
-    today = datetime.fromtimestamp(now, grid.zone).date()
-    days = [grid.day_start(today - timedelta(days=k)) for k in range(RISK_RUN_DAYS)]
+    days = at_risk.run_days(grid, now)
     assessed = [row for row in store.risk_days(days[1]) if row[0] in days[:2]]
     if not assessed:
         return None
-    units = registry.units
-    standing = at_risk.standing(store.at_risk(days[-1]), days)
-    named = [(s, units[s.unit].customer if s.unit in units else "-") for s in standing]
+    named = at_risk.with_customers(at_risk.read(store, grid, now), registry)
     start = grid.day_start(day)
     events = [(sc, sig, n, of, words) for d, sc, sig, n, of, words in store.health_events(start) if d == start]
     return HealthSection(max(row[1] for row in assessed), named, events, limit)

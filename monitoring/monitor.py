@@ -29,7 +29,7 @@ from monitoring.alert_log import AlertLog, Entry
 from monitoring.alerts import Active, Notice
 from monitoring.at_risk import Standing
 from monitoring.channels import configured, fan_out
-from monitoring.daily import RISK_RUN_DAYS, build_report, report_messages
+from monitoring.daily import build_report, report_messages
 from monitoring.outbox import Message, Outbox
 from monitoring.outbox_table import OutboxTable
 from monitoring.security import SecurityEvents
@@ -332,19 +332,18 @@ class Monitor:
             for d in (first + timedelta(days=k) for k in range(BASELINE_DAYS + 1))
             if d >= today - timedelta(days=1) or self.grid.day_start(d) not in recorded
         ]
-        made = []
+        made: list[tuple[date, int, int]] = []  # the days kept: (day, start, end)
         for day in days:
             start, end = self.grid.day_start(day), self.grid.day_start(day + timedelta(days=1))
             rows = rows_frame(self.store.health_rows(start, end))
             records = day_records(rows, self.store.disconnects(start, end))
             if records.height or day >= today - timedelta(days=1):
                 self.store.keep_health(start, ["unit", *HEALTH_COLUMNS], records.iter_rows())
-                made.append(day)
+                made.append((day, start, end))
             kept += records.height
-        since = self.grid.day_start(made[0] - timedelta(days=BASELINE_DAYS))
+        since = self.grid.day_start(made[0][0] - timedelta(days=BASELINE_DAYS))
         history = records_frame(self.store.health_records(since, self.grid.day_start(today), HEALTH_COLUMNS))
-        for day in made:
-            start, end = self.grid.day_start(day), self.grid.day_start(day + timedelta(days=1))
+        for _, start, end in made:
             result = assess(history, start, min(1.0, max(0.0, (now - start) / (end - start))))
             self.store.keep_risk(
                 start,
@@ -496,7 +495,6 @@ class Monitor:
             "E": counts.get("E", 0),
             "M": max(0, len(registry.units) * closed - present),
         }
-        days = [self.grid.day_start(day - timedelta(days=k)) for k in range(RISK_RUN_DAYS)]
-        standing = at_risk.standing(self.store.at_risk(days[-1]), days)
         pending = OutboxTable(self.store).counts()["pending"]
+        standing = at_risk.read(self.store, self.grid, now)
         return Scan(len(registry.units), silent, reporting, slots_today, pending, at_risk=standing)

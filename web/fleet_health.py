@@ -4,16 +4,15 @@ monitor keeps (the health records and each day's risk), on the store's thread.""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import date, datetime
 from typing import Any
 
 from aggregator.store import HEALTH_COLUMNS, Store
 from kernel.registry import Registry
 from kernel.timegrid import Grid
-from monitoring.at_risk import Standing, by_reason, standing
+from monitoring import at_risk
+from monitoring.at_risk import Standing, by_reason
 from monitoring.inventory import Inventory, Newest, inventory
-
-RUN_DAYS = 60  # how far back a unit's unbroken run of days at risk is followed
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,18 +44,12 @@ def _date(grid: Grid, start: int) -> date:
     return datetime.fromtimestamp(start, grid.zone).date()
 
 
-def _days(grid: Grid, now: float, count: int) -> list[int]:
-    today = datetime.fromtimestamp(now, grid.zone).date()
-    return [grid.day_start(today - timedelta(days=k)) for k in range(count)]
-
-
 def fleet_health(store: Store, grid: Grid, registry: Registry, now: float, trend_days: int) -> FleetHealth:
     """The fleet's health now (`trend_days`: how many days the trend goes back)."""
-    days = _days(grid, now, max(RUN_DAYS, trend_days))
-    run = days[:RUN_DAYS]
+    days = at_risk.run_days(grid, now, max(2, trend_days))  # (today's and yesterday's events at least)
     units = registry.units
-    standing_now = standing(store.at_risk(run[-1]), run)
-    named = [(s, units[s.unit].customer if s.unit in units else "-") for s in standing_now]
+    standing_now = at_risk.read(store, grid, now)
+    named = at_risk.with_customers(standing_now, registry)
     events = [(_date(grid, d), sc, sig, n, of, w) for d, sc, sig, n, of, w in store.health_events(days[1])]
     newest = [Newest(*row) for row in store.newest_health(days[1])]
     since = days[trend_days - 1]
@@ -80,8 +73,7 @@ class UnitHealth:
 
 def unit_health(store: Store, grid: Grid, unit: str, now: float, count: int) -> UnitHealth:
     """A unit's last `count` days of health, and its standing."""
-    days = _days(grid, now, max(RUN_DAYS, count))
-    records = store.unit_health(unit, days[count - 1])
+    records = store.unit_health(unit, at_risk.run_days(grid, now, count)[-1])
     out = [{"date": _date(grid, r["day"]), **{c: r[c] for c in HEALTH_COLUMNS}} for r in records]
-    mine = standing(store.at_risk(days[RUN_DAYS - 1], unit), days[:RUN_DAYS])
+    mine = at_risk.read(store, grid, now, unit)
     return UnitHealth(out, mine[0] if mine else None)

@@ -354,6 +354,9 @@ def test_the_fleets_and_a_units_health_are_for_operators_only(api: Api) -> None:
     assert (unit["at_risk"], unit["risk"], unit["customer_id"]) == (True, 2.5, "C1")
     assert [(d["date"], d["rsrp"], d["fw"]) for d in unit["days"]] == [(str(TODAY - timedelta(days=1)), -95.0, "2.4.1")]
     assert api.get("/api/v1/units/U9/health", cookie=cookie)[0] == 404
+    assert [
+        api.get(f"{path}?days=1", cookie=cookie)[0] for path in ("/api/v1/fleet/health", "/api/v1/units/U1/health")
+    ] == [200, 200]
     for path in ("/api/v1/fleet/health", "/api/v1/units/U1/health", "/api/v1/units/U3/health"):
         status, said = api.json(path, api.tokens["C1"])  # a customer's token, even for its own unit
         assert (status, said) == (403, {"error": said["error"]}) and said["error"].startswith("operators only"), said
