@@ -111,6 +111,7 @@ class Monitor:
         self.history = AlertLog(store)
         self._pruned = 0.0  # when the history and the nodes were last pruned
         self._health_at = 0.0  # when the units' health records were last kept
+        self._health_failed = ""  # why the last health pass failed ("" when it did not)
 
     def failover(self, node: str, epoch: int, former: str, silent_s: float, row: Mapping[str, object]) -> None:
         """Called when this node has taken over from a leader that did not stop cleanly: said once, at the next
@@ -192,8 +193,10 @@ class Monitor:
                 kept = await self.store.call(self.keep_health, now)
                 took = time.monotonic() - began
                 log.info("units' health: %d records kept and the risk assessed in %.1f s", kept, took)
-            except Exception:  # a part that fails must not stop the alerts and the report: said, tried next hour
+                self._health_failed = ""
+            except Exception as exc:  # a part that fails must not stop the alerts and the report: said, tried later
                 log.exception("units' health records not kept; trying again in %.0f s", every)
+                self._health_failed = f"{type(exc).__name__}: {exc}"[:300]
         security = self._security_notices(now)
         notices, self._events = notices + self._events + security, []
         controls = await self.store.call(self.history.controls)
@@ -279,6 +282,11 @@ class Monitor:
             unknown.add("units_silent")
         elif len(s.silent) >= a.silent_units_min:
             holding["units_silent"] = alerts.silent_units_text(s.silent, s.units, a.silent_after_s)
+        if self._health_failed:
+            holding["health_failing"] = (
+                f"the units' health pass failed ({self._health_failed}): their records and risk are not kept and "
+                f"the units at risk are as last assessed; tried again every {self.settings.health.pass_every_s:.0f} s"
+            )
         most = self.settings.health.alert_at_risk
         if most and len(s.at_risk) > most:
             holding["units_at_risk"] = (

@@ -211,6 +211,12 @@ def test_a_health_pass_that_fails_costs_the_records_not_the_alerts(
     ingest.commit(broken, [], NOW)  # a diag no decoder takes (a store restored from elsewhere, a bug)
     assert "units_silent" not in alerts_at(m, NOW)  # the round went on: the alert state was judged
     assert "units' health records not kept" in caplog.text
+    assert "health_failing" in alerts_at(m, NOW + 30)  # and an operator is told, on the leader
+    assert "not kept" in m.active["health_failing"].text
+    ingest.store.execute("UPDATE readings SET diag = NULL")
+    alerts_at(m, NOW + 3600)  # the next pass works
+    alerts_at(m, NOW + 3630)
+    assert "health_failing" not in m.active
 
 
 def test_a_refused_status_topic_is_an_alert_until_the_broker_takes_it(
