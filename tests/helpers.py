@@ -415,7 +415,10 @@ def children(pid: int) -> list[int]:
     """The child processes of a process (Linux /proc), e.g. smame's writer and export workers."""
     out: list[int] = []
     for task in Path(f"/proc/{pid}/task").iterdir():
-        out += [int(c) for c in (task / "children").read_text().split()]
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except FileNotFoundError:  # a thread that ended meanwhile
+            continue
     return out
 
 
