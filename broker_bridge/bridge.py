@@ -75,7 +75,6 @@ class BridgeStats:
 
     received: int = 0
     acked: int = 0
-    diag_dropped: int = 0  # fields of units' `diag` left out as wrong (the readings were taken)
     batches: int = 0
     connects: int = 0
     sessions_lost: int = 0
@@ -360,8 +359,6 @@ class Bridge:
             d = self._internal(topic, exc)
         for r in d.readings:
             batch.incoming.append(Incoming(r, received, topic, payload))
-        if d.diag_dropped:
-            self.stats.diag_dropped += d.diag_dropped
         for j in d.rejects:
             batch.refused.append(Refused.of(received, topic, d.unit, j.reason, j.detail, payload, j.at))
 

@@ -6,7 +6,6 @@ refused; `encode` is the one way to write a telegram, used by the simulator and 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Container
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -15,7 +14,7 @@ from typing import Any, Generic, TypeVar
 import msgspec
 
 from kernel.meter import E1_UNITS, METER_ID, UNIT_ID, Flag
-from kernel.reading import DIAG_CELL, DIAG_FIELDS, DIAG_NAME, Diag, Reading, Reason, Status
+from kernel.reading import DIAG_MAX, DIAG_TOO_LARGE, Reading, Reason, Status
 
 VERSION = 1
 MAX_PAYLOAD = 16 * 1024
@@ -46,7 +45,7 @@ class WireTelegram(msgspec.Struct, Generic[R], forbid_unknown_fields=False, omit
     digits: int
     readings: list[R]
     coef: int = 1
-    diag: Any = None  # the unit's diagnostics (`kernel.reading.Diag`): checked field by field on this path
+    diag: Any = None  # the unit's diagnostics (`kernel.reading.Diag`), kept as sent (`_kept_diag`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,11 +78,12 @@ class _TextTimes(msgspec.Struct, forbid_unknown_fields=False, gc=False):
     digits: int
     readings: list[_TextReading]
     coef: int = 1
-    diag: Diag | None = None  # any field that is not as the contract says sends the telegram down the typed path
+    diag: msgspec.Raw = msgspec.Raw()  # kept as the unit sent it, checked only when read (`kernel.reading.read_diag`)
 
 
 class _Envelope(msgspec.Struct, forbid_unknown_fields=False):
     v: Any = None  # any JSON: a version of the wrong type is an unknown version, not a payload that is no object
+    diag: msgspec.Raw = msgspec.Raw()
 
 
 _RawTelegram = WireTelegram[msgspec.Raw]
@@ -92,7 +92,6 @@ _decode_raw = msgspec.json.Decoder(_RawTelegram).decode
 _decode_reading = msgspec.json.Decoder(WireReading).decode
 _decode_envelope = msgspec.json.Decoder(_Envelope).decode
 _encode = msgspec.json.Encoder().encode
-_encode_diag = msgspec.msgpack.Encoder().encode  # a unit's diagnostics as kept: msgpack, only the fields it sent
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,12 +106,11 @@ class Reject:
 
 
 class Decoded(msgspec.Struct, gc=False):
-    """What one MQTT message yields; `diag_dropped`, the fields of its `diag` left out as wrong."""
+    """What one MQTT message yields."""
 
     unit: str | None
     readings: list[Reading] = []
     rejects: list[Reject] = []
-    diag_dropped: int = 0
 
 
 # Texts a fleet repeats in every telegram (each unit's topic and meter serial, the times), checked once and
@@ -122,8 +120,6 @@ _MEMO_MAX = 150_000  # a fleet's topics and then some
 _MEMO_TEXT = 96  # "smame/v1/" + a unit id of 64 + "/reading" is 81
 _TOPIC_UNITS: dict[str, str | None] = {}
 _METERS_OK: dict[str, bool] = {}
-_NAMES_OK: dict[str, bool] = {}  # firmware versions of `diag`
-_CELLS_OK: dict[str, bool] = {}  # cell ids of `diag`
 
 
 def _remember(memo: dict[str, Any], text: str, value: R) -> R:
@@ -198,15 +194,12 @@ def decode(topic: str, payload: bytes, received: int, known_units: Container[str
         items.append((i, at[0], at[1], r.at, r.fwd, r.rev))
     if sent is None or len(items) < len(t.readings):  # a time that is no RFC 3339 instant with an offset
         return _slow_path(topic_unit, payload, received, known_units, rules)
-    diag = t.diag
-    if diag is not None and (diag.dropped or not _diag_texts_ok(diag)):  # (a unit's `dropped` is not its say)
-        return _slow_path(topic_unit, payload, received, known_units, rules)
     head = _check_head(t, True, topic_unit, known_units, rules)
     if head is not None:
         # (a telegram of an unknown version is not read further: nothing of it, its time neither)
         about = None if head.reason == Reason.UNKNOWN_VERSION else sent[0]
         return Decoded(topic_unit, [], [replace(head, at=about)])
-    return _readings(t, sent[0], items, [], received, rules, diag)
+    return _readings(t, sent[0], items, [], received, rules, _kept_diag(t.diag))
 
 
 # A reading on its way through `_readings`: index, epoch seconds (None: the time has no UTC offset),
@@ -243,6 +236,7 @@ def _slow_path(topic_unit: str, payload: bytes, received: int, known_units: Cont
         return _refused(topic_unit, Reason.NOT_JSON, str(exc))
     if envelope.v != VERSION:
         return _refused(topic_unit, Reason.UNKNOWN_VERSION, f"v={envelope.v!r}, expected {VERSION}")
+    diag = _kept_diag(envelope.diag)
     try:
         raw = _decode_raw(payload)
     except msgspec.DecodeError as exc:
@@ -260,27 +254,7 @@ def _slow_path(topic_unit: str, payload: bytes, received: int, known_units: Cont
             continue
         at = None if r.at.tzinfo is None else int(r.at.timestamp())
         items.append((i, at, r.at.microsecond, r.at, r.fwd, r.rev))
-    return _readings(raw, int(raw.sent.timestamp()), items, rejects, received, rules, _diag_of(raw.diag))
-
-
-def _diag_of(value: Any) -> Diag | None:
-    """A `diag` the fast path could not take, checked field by field: the good fields kept, the others counted
-    in `dropped` (a `diag` that is no object is one field dropped)."""
-    if value is None:
-        return None
-    if not isinstance(value, dict):
-        return Diag(dropped=1)
-    good: dict[str, Any] = {}
-    for name in DIAG_FIELDS:
-        if name in value:
-            try:
-                one = msgspec.convert({name: value[name]}, Diag)
-            except msgspec.ValidationError:
-                continue
-            if _diag_texts_ok(one):
-                good[name] = value[name]
-    wrong = sum(1 for name in DIAG_FIELDS if name in value) - len(good)
-    return msgspec.structs.replace(msgspec.convert(good, Diag), dropped=wrong)
+    return _readings(raw, int(raw.sent.timestamp()), items, rejects, received, rules, diag)
 
 
 def _check_head(
@@ -311,16 +285,13 @@ def _check_head(
     return None
 
 
-def _diag_texts_ok(diag: Diag) -> bool:
-    """Whether a decoded `diag`'s firmware and cell are of their patterns (remembered: a fleet sends few)."""
-    return _text_ok(_NAMES_OK, DIAG_NAME, diag.fw) and _text_ok(_CELLS_OK, DIAG_CELL, diag.cell)
-
-
-def _text_ok(memo: dict[str, bool], pattern: re.Pattern[str], text: str | None) -> bool:
-    if text is None:
-        return True
-    ok = memo.get(text)
-    return _remember(memo, text, pattern.fullmatch(text) is not None) if ok is None else ok
+def _kept_diag(raw: msgspec.Raw) -> bytes | None:
+    """A telegram's `diag` as it is kept: the bytes the unit sent (None when it sent none or null), or
+    DIAG_TOO_LARGE beyond DIAG_MAX bytes."""
+    if len(raw) > DIAG_MAX:
+        return DIAG_TOO_LARGE
+    kept = bytes(raw)
+    return kept if kept and kept != b"null" else None
 
 
 def _readings(
@@ -330,7 +301,7 @@ def _readings(
     rejects: list[Reject],
     received: int,
     rules: Rules,
-    diag: Diag | None,
+    blob: bytes | None,
 ) -> Decoded:
     limit = 10**t.digits
     tolerance, on_boundary = rules.tolerance, rules.on_boundary
@@ -340,8 +311,7 @@ def _readings(
     skew_after = -1 if sent > horizon else sent + tolerance
     unit, meter, e1, coef, digits, seq = t.unit, t.meter, t.e1, t.coef, t.digits, t.seq
     out: list[Reading] = []
-    # the telegram's diag goes with its newest reading, encoded once as it is kept (none if that one is refused)
-    blob = None if diag is None else _encode_diag(diag)
+    # the telegram's diag goes with its newest reading (none if that one is refused)
     newest = -1
     if blob is not None:
         for item in items:  # (a loop: a generator over the items costs a microsecond a telegram)
@@ -391,7 +361,7 @@ def _readings(
                 blob if at == newest else None,
             )
         )
-    return Decoded(unit, out, rejects, 0 if diag is None else diag.dropped)
+    return Decoded(unit, out, rejects)
 
 
 def _refused(unit: str | None, reason: str, detail: str) -> Decoded:

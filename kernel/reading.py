@@ -5,6 +5,7 @@ aggregator stores them and the monitor counts the reasons."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from dataclasses import dataclass
@@ -38,18 +39,22 @@ class Reason:
 REASONS = sorted(v for k, v in vars(Reason).items() if k.isupper())
 
 
-# `fw` and `cell` are further held to DIAG_NAME and DIAG_CELL by the decoder, which remembers the few texts a
+# `fw` and `cell` are further held to DIAG_NAME and DIAG_CELL by `read_diag`, which remembers the few texts a
 # fleet sends (a regular expression at every decode would cost more than the rest of the diag)
 _Text = Annotated[str, msgspec.Meta(min_length=1, max_length=32)]
 DIAG_NAME = re.compile(r"[A-Za-z0-9._+-]{1,32}")
 DIAG_CELL = re.compile(r"[A-Za-z0-9-]{1,32}")
 _Count = Annotated[int, msgspec.Meta(ge=0, le=2**53)]  # (a counter beyond 2^53 is no real one)
+# Bytes of a unit's `diag` kept as it sent it: every field at its longest is under 300, so a unit may add fields of
+# a later version. A larger one is kept as DIAG_TOO_LARGE, which `read_diag` counts as one field dropped.
+DIAG_MAX = 1024
+DIAG_TOO_LARGE = b'"too large"'
 
 
 class Diag(msgspec.Struct, frozen=True, gc=False, omit_defaults=True, forbid_unknown_fields=False):
-    """A unit's diagnostics from one telegram (telegram v1's optional `diag`, health.md): each field checked as
-    it is decoded (type, range, pattern); None where absent or dropped. `dropped` counts the fields that were
-    present but wrong: they are left out, the telegram's readings are taken all the same."""
+    """A unit's diagnostics from one telegram (telegram v1's optional `diag`, health.md), as `read_diag` makes
+    them: each field checked (type, range, pattern), None where absent or dropped. `dropped` counts the fields
+    that were present but wrong: they are left out, the telegram's readings were taken all the same."""
 
     fw: _Text | None = None  # firmware version (DIAG_NAME)
     rsrp: Annotated[int, msgspec.Meta(ge=-140, le=-44)] | None = None  # dBm
@@ -61,10 +66,60 @@ class Diag(msgspec.Struct, frozen=True, gc=False, omit_defaults=True, forbid_unk
     up: _Count | None = None  # seconds since the last boot
     vsup: Annotated[int, msgspec.Meta(ge=0, le=30000)] | None = None  # supply voltage, mV
     att: _Count | None = None  # network attach attempts since the previous telegram
-    dropped: int = 0  # set by the decoder: a unit that sends it is decoded field by field, which ignores it
+    dropped: int = 0  # set by `read_diag`: a unit that sends it is read field by field, which ignores it
 
 
 DIAG_FIELDS = tuple(f for f in Diag.__struct_fields__ if f != "dropped")
+_diag_json = msgspec.json.Decoder(Diag).decode
+_diag_msgpack = msgspec.msgpack.Decoder(Diag).decode
+
+
+def read_diag(kept: bytes) -> Diag:
+    """A unit's `diag` as kept with its reading (`Reading.diag`), each field checked: the good fields, and in
+    `dropped` how many were present but wrong (one for a `diag` that is no JSON object, or was too large to keep).
+
+    Ingest keeps the `diag` as the unit sent it and checks nothing of it (the cost of a telegram is what limits
+    a restart's drain); it is checked here, where the health records are made of it. A `diag` kept by an earlier
+    version as msgpack (its first byte is no JSON's), checked when it was kept, is read as it is."""
+    if kept[:1] >= b"\x80":
+        try:
+            return _diag_msgpack(kept)
+        except msgspec.DecodeError:
+            return Diag(dropped=1)
+    try:
+        diag = _diag_json(kept)
+    except (msgspec.DecodeError, RecursionError):  # a field out of its range, no object: read field by field
+        return _field_by_field(kept)
+    if diag.dropped or not (_fits(DIAG_NAME, diag.fw) and _fits(DIAG_CELL, diag.cell)):  # (`dropped` is not its say)
+        return _field_by_field(kept)
+    return diag
+
+
+def _field_by_field(kept: bytes) -> Diag:
+    """The good fields of a `diag` the typed decoder refused, and how many were wrong."""
+    try:
+        value = msgspec.json.decode(kept)
+    except (msgspec.DecodeError, RecursionError):  # (ingest keeps JSON values only: a store altered by hand)
+        return Diag(dropped=1)
+    if not isinstance(value, dict):
+        return Diag(dropped=1)
+    good: dict[str, object] = {}
+    for name in DIAG_FIELDS:
+        if name in value:
+            try:
+                one = msgspec.convert({name: value[name]}, Diag)
+            except msgspec.ValidationError:
+                continue
+            if _fits(DIAG_NAME, one.fw) and _fits(DIAG_CELL, one.cell):
+                good[name] = value[name]
+    wrong = sum(1 for name in DIAG_FIELDS if name in value) - len(good)
+    return msgspec.structs.replace(msgspec.convert(good, Diag), dropped=wrong)
+
+
+@functools.lru_cache(maxsize=4096)
+def _fits(pattern: re.Pattern[str], text: str | None) -> bool:
+    """Whether `text` (None: absent) is all of `pattern`; remembered, as a fleet sends few firmware names and cells."""
+    return text is None or pattern.fullmatch(text) is not None
 
 
 class Reading(msgspec.Struct, frozen=True, gc=False, array_like=True):
@@ -83,7 +138,7 @@ class Reading(msgspec.Struct, frozen=True, gc=False, array_like=True):
     seq: int
     sent: int
     flags: int = 0
-    diag: bytes | None = None  # the telegram's `Diag` as kept (msgpack), on its newest reading only
+    diag: bytes | None = None  # the telegram's `diag` as the unit sent it (`read_diag`), on its newest reading only
 
 
 class Status(msgspec.Struct, frozen=True, gc=False, array_like=True):

@@ -10,10 +10,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import msgspec
 import polars as pl
 
-from kernel.reading import Diag
+from kernel.reading import read_diag
 
 SEQ_WRAP = 2**32  # `seq` counts modulo this
 WRAP_NEAR = 2**20  # a fall from this close to the top to this close to 0 is a wrap; any other fall a restart
@@ -53,14 +52,13 @@ RECORD = {
     "disconnects": pl.Int64,  # times its status topic went offline
 }
 _DIAG = ["fw", "rsrp", "rsrq", "sinr", "ce", "cell", "boot", "vsup", "att", "dropped"]
-_decode = msgspec.msgpack.Decoder(Diag).decode
 
 
 def rows_frame(rows: Iterable[tuple[Any, ...]]) -> pl.DataFrame:
-    """The store's rows (unit, at, seq, sent, received, no_data, diag) as a frame, with each `diag` spread into
-    its fields (null where a telegram had none)."""
+    """The store's rows (unit, at, seq, sent, received, no_data, diag) as a frame, with each `diag` checked and
+    spread into its fields (null where a telegram had none, or the field was wrong: `dropped` counts those)."""
     frame = pl.DataFrame(list(rows), schema=ROW_SCHEMA, orient="row")
-    diags = [None if blob is None else _decode(blob) for blob in frame["diag"].to_list()]
+    diags = [None if blob is None else read_diag(blob) for blob in frame["diag"].to_list()]
     fields = {name: [None if d is None else getattr(d, name) for d in diags] for name in _DIAG}
     types = {"fw": pl.String, "cell": pl.String, "rsrq": pl.Float64, "sinr": pl.Float64}
     return frame.drop("diag").with_columns(

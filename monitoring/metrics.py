@@ -38,9 +38,6 @@ class SmameCollector(Collector):
         b, i = self.s.bridge, self.s.ingest
         yield _counter("smame_telegrams_received", "MQTT messages received", b.received)
         yield _counter("smame_telegrams_acknowledged", "PUBACKs sent after commit", b.acked)
-        yield _counter(
-            "smame_diag_fields_dropped", "fields of units' diag left out as wrong (bad_diag)", b.diag_dropped
-        )
         yield _counter("smame_readings_stored", "new readings committed", i.stored)
         yield _counter("smame_readings_duplicate", "readings received again with the same values", i.duplicates)
         yield _counter("smame_slots_written", "30-minute slots written or rewritten", i.slots)
@@ -161,6 +158,14 @@ def _leader_metrics(m: Monitor) -> Iterator[Metric]:
     for reason in SIGNALS:
         risk.add_metric([reason], counts.get(reason, 0))
     yield risk
+    dropped = GaugeMetricFamily(
+        "smame_diag_fields_dropped",
+        "fields of units' diag left out as wrong (bad_diag) on the day, as the last health pass found them",
+        labels=["day"],
+    )
+    for day, n in sorted(m.diag_dropped.items()):
+        dropped.add_metric([day], n)
+    yield dropped
 
 
 def _histogram(

@@ -112,6 +112,8 @@ class Monitor:
         self._pruned = 0.0  # when the history and the nodes were last pruned
         self._health_at = 0.0  # when the units' health records were last kept
         self._health_failed = ""  # why the last health pass failed ("" when it did not)
+        # fields of units' diag left out as wrong today and yesterday, as the last health pass found them
+        self.diag_dropped: dict[str, int] = {}
 
     def failover(self, node: str, epoch: int, former: str, silent_s: float, row: Mapping[str, object]) -> None:
         """Called when this node has taken over from a leader that did not stop cleanly: said once, at the next
@@ -348,6 +350,8 @@ class Monitor:
             if records.height or day >= today - timedelta(days=1):
                 self.store.keep_health(start, ["unit", *HEALTH_COLUMNS], records.iter_rows())
                 made.append((day, start, end))
+            if day >= today - timedelta(days=1):
+                self.diag_dropped["today" if day == today else "yesterday"] = int(records["diag_dropped"].sum())
             kept += records.height
         since = self.grid.day_start(made[0][0] - timedelta(days=BASELINE_DAYS))
         history = records_frame(self.store.health_records(since, self.grid.day_start(today), HEALTH_COLUMNS))

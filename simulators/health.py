@@ -273,7 +273,7 @@ def predictable(condition: Condition | None) -> bool:
     return condition is not None and condition.kind in PRECURSORS
 
 
-_encode = msgspec.msgpack.Encoder().encode
+_encode = msgspec.json.Encoder().encode  # a `diag` as ingest keeps it: as the unit sent it
 
 
 def fleet_days(

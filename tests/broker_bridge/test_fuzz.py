@@ -22,7 +22,7 @@ from aggregator.slots import Point, pair_slots
 from broker_bridge import mqtt
 from broker_bridge.telegram import MAX_PAYLOAD, Decoded, Reject, Rules, _slow_path, decode, decode_status
 from kernel.meter import MISSING, Limits
-from kernel.reading import KEEP, REASONS, Reason, Refused, Status
+from kernel.reading import DIAG_CELL, DIAG_MAX, DIAG_NAME, KEEP, REASONS, Reason, Refused, Status, read_diag
 from kernel.timegrid import SLOT, Grid
 
 GRID = Grid("Asia/Tokyo")
@@ -121,6 +121,11 @@ def check(payload: bytes, topic: str = TOPIC) -> Decoded:
     assert all(r.reason in REASONS and r.detail for r in d.rejects)
     for r in d.readings:  # what passes is inside the window and on the grid
         assert NOW - RULES.max_age <= r.at <= NOW + RULES.tolerance and GRID.on_boundary(r.at)
+        if r.diag is not None:  # kept as sent, bounded, and read later without raising, each field in its range
+            assert len(r.diag) <= DIAG_MAX
+            diag = read_diag(r.diag)
+            assert diag.rsrp is None or -140 <= diag.rsrp <= -44
+            assert diag.fw is None or DIAG_NAME.fullmatch(diag.fw)
     return d
 
 
@@ -349,3 +354,11 @@ def test_any_status_message_is_a_state_a_reason_or_nothing(topic: str, payload: 
         assert got.reason == Reason.BAD_STATUS and got.detail
     else:
         assert got is None and (topic != "smame/v1/F1/status" or not payload)
+
+
+@FUZZ
+@given(st.one_of(st.binary(max_size=300), diags.map(lambda d: json.dumps(d, default=str).encode())))
+def test_any_kept_diag_is_read_without_raising_each_field_in_its_range(kept: bytes) -> None:
+    diag = read_diag(kept)
+    assert diag.dropped >= 0 and (diag.ce is None or 0 <= diag.ce <= 2)
+    assert diag.cell is None or DIAG_CELL.fullmatch(diag.cell)

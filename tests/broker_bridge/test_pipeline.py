@@ -7,15 +7,14 @@ import os
 import signal
 import sqlite3
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import msgspec
 import pytest
 
 from aggregator.ingest import UnitTable
 from aggregator.writer import Writer, WriterError
-from kernel.reading import Diag
+from kernel.reading import Diag, read_diag
 from kernel.timegrid import Grid
 from tests.databases import PostgresDatabase
 from tests.helpers import (
@@ -108,25 +107,33 @@ def test_a_units_diagnostics_are_kept_with_its_newest_reading_and_a_wrong_field_
 ) -> None:
     write_registry(workdir, {"U1": "C1"})
     metrics = free_port()
-    env = smame_env(workdir, broker.port, **metrics_env(metrics))
+    # the health pass (which reads each kept diag) every second
+    fast = dict(SMAME_ALERTS__CHECK_S="0.5", SMAME_HEALTH__PASS_EVERY_S="1")
+    env = smame_env(workdir, broker.port, **metrics_env(metrics), **fast)
     proc = start_smame(env, workdir / "smame.log")
     wait_log(workdir / "smame.log", "subscribed to")
     diag = {"fw": "2.1.0", "rsrp": -97, "sinr": 4.5, "boot": 12, "vsup": 3300}
+    # the last hour's half hours: the health pass makes today's and yesterday's records again each time
+    newest = datetime.fromtimestamp(time.time() // 1800 * 1800, UTC)
+    times = [newest - 2 * HALF_HOUR, newest - HALF_HOUR, newest]
     publish(
         broker.port,
         [
-            ("smame/v1/U1/reading", telegram("U1", [(at(DAY, "10:00"), 100), (at(DAY, "10:30"), 110)], diag=diag)),
-            ("smame/v1/U1/reading", telegram("U1", [(at(DAY, "11:00"), 120)], diag={**diag, "rsrp": 5, "ce": 9})),
+            ("smame/v1/U1/reading", telegram("U1", [(times[0], 100), (times[1], 110)], diag=diag)),
+            ("smame/v1/U1/reading", telegram("U1", [(times[2], 120)], diag={**diag, "rsrp": 5, "ce": 9})),
         ],
     )
     wait_readings(workdir / "data" / "smame.db", 3)
-    wait_until(lambda: scrape(metrics).get("smame_diag_fields_dropped_total") == 2, 10)
+    days = ("today", "yesterday")
+    wait_until(lambda: sum(scrape(metrics).get(f'smame_diag_fields_dropped{{day="{d}"}}', 0) for d in days) == 2, 10)
     assert stop(proc) == 0
     with sqlite3.connect(workdir / "data" / "smame.db") as db:
         kept = dict(db.execute("SELECT at, diag FROM readings WHERE unit = 'U1'").fetchall())
-    first, newest, third = (kept[int(at(DAY, t).timestamp())] for t in ("10:00", "10:30", "11:00"))
-    assert first is None and msgspec.msgpack.decode(newest, type=Diag) == Diag(**diag)  # type: ignore[arg-type]
-    wrong_dropped = msgspec.msgpack.decode(third, type=Diag)
+        [dropped] = db.execute("SELECT sum(diag_dropped) FROM unit_health WHERE unit = 'U1'").fetchone()
+    assert dropped == 2  # and the unit's record says whose
+    first, second, third = (kept[int(t.timestamp())] for t in times)
+    assert first is None and read_diag(second) == Diag(**diag)  # type: ignore[arg-type]
+    wrong_dropped = read_diag(third)
     assert wrong_dropped.rsrp is None and wrong_dropped.ce is None and wrong_dropped.dropped == 2
     assert wrong_dropped.fw == "2.1.0"  # the good fields kept
     assert "0 quarantined" in smame(["quarantine"], env).stdout

@@ -11,7 +11,7 @@ import pytest
 from broker_bridge import telegram
 from broker_bridge.telegram import NO_DATA, Decoded, Rules, decode, unit_of_topic
 from kernel.meter import Flag
-from kernel.reading import Diag, Reading, Reason
+from kernel.reading import DIAG_MAX, DIAG_TOO_LARGE, Diag, Reading, Reason, read_diag
 from kernel.timegrid import Grid
 
 GRID = Grid("Asia/Tokyo")
@@ -170,8 +170,8 @@ def test_what_the_decoder_remembers_stays_bounded(monkeypatch: pytest.MonkeyPatc
 
 
 def diag_of(r: Reading) -> Diag | None:
-    """A reading's diag as smame keeps it (msgpack), decoded."""
-    return None if r.diag is None else msgspec.msgpack.decode(r.diag, type=Diag)
+    """A reading's diag as smame keeps it, read as the health records read it."""
+    return None if r.diag is None else read_diag(r.diag)
 
 
 GOOD_DIAG = {
@@ -193,12 +193,15 @@ def test_a_units_diag_travels_with_its_newest_reading() -> None:
         {"at": "2026-11-23T10:30:00+09:00", "fwd": 523118, "rev": 0},  # the newest first: order does not matter
         {"at": "2026-11-23T10:00:00+09:00", "fwd": 523101, "rev": 0},
     ]
-    d = run(body(readings=readings, diag={**GOOD_DIAG, "extra": [1, 2]}))  # a field of a later version: ignored
-    assert d.rejects == [] and d.diag_dropped == 0
+    sent = {**GOOD_DIAG, "extra": [1, 2]}  # a field of a later version: kept, and ignored when read
+    d = run(body(readings=readings, diag=sent))
+    assert d.rejects == []
     newest, older = d.readings
     assert newest.at == NOW - 9 and older.diag is None
+    assert newest.diag is not None and json.loads(newest.diag) == sent  # kept as the unit sent it
     assert diag_of(newest) == Diag(**GOOD_DIAG)  # type: ignore[arg-type]
     assert run(body()).readings[-1].diag is None  # old units send none
+    assert run(body(diag=None)).readings[-1].diag is None  # nor does null
 
 
 @pytest.mark.parametrize(
@@ -218,7 +221,7 @@ def test_a_wrong_diag_field_is_dropped_and_counted_and_the_readings_taken(wrong:
     diag = diag_of(d.readings[-1])
     assert diag is not None
     dropped = [k for k, v in wrong.items() if v is not None]
-    assert d.diag_dropped == diag.dropped == len(dropped)
+    assert diag.dropped == len(dropped)
     assert all(getattr(diag, k) is None for k in wrong)
     others = {k: v for k, v in GOOD_DIAG.items() if k not in wrong}
     assert {k: getattr(diag, k) for k in others} == others and kept in GOOD_DIAG
@@ -228,12 +231,24 @@ def test_a_wrong_diag_field_is_dropped_and_counted_and_the_readings_taken(wrong:
 def test_a_diag_that_is_no_object_is_one_field_dropped(diag: object) -> None:
     d = run(body(diag=diag))
     assert d.rejects == [] and len(d.readings) == 2
-    assert d.diag_dropped == 1 and diag_of(d.readings[-1]) == Diag(dropped=1)
+    assert diag_of(d.readings[-1]) == Diag(dropped=1)
 
 
 def test_a_dropped_count_sent_by_a_unit_is_not_believed() -> None:
     d = run(body(diag={**GOOD_DIAG, "dropped": 7}))
-    assert d.diag_dropped == 0 and diag_of(d.readings[-1]) == Diag(**GOOD_DIAG)  # type: ignore[arg-type]
+    assert diag_of(d.readings[-1]) == Diag(**GOOD_DIAG)  # type: ignore[arg-type]
+
+
+def test_a_diag_too_large_to_keep_is_one_field_dropped_and_the_readings_taken() -> None:
+    d = run(body(diag={**GOOD_DIAG, "note": "x" * DIAG_MAX}))
+    assert d.rejects == [] and len(d.readings) == 2
+    assert d.readings[-1].diag == DIAG_TOO_LARGE and diag_of(d.readings[-1]) == Diag(dropped=1)
+
+
+def test_a_diag_kept_by_an_earlier_version_is_read_and_one_no_decoder_takes_is_dropped() -> None:
+    earlier = Diag(fw="2.1.0", rsrp=-97, dropped=1)  # msgpack, checked when it was kept
+    assert read_diag(msgspec.msgpack.encode(earlier)) == earlier
+    assert read_diag(b"\xc1") == read_diag(b"{") == Diag(dropped=1)
 
 
 def test_a_refused_telegram_is_about_its_sent_time_unless_its_version_is_unknown() -> None:

@@ -9,7 +9,7 @@ from monitoring.health import SEQ_WRAP, day_records, rows_frame
 
 DAY = 1_795_000_000 - 1_795_000_000 % 86400
 SLOT = 1800
-blob = msgspec.msgpack.encode
+blob = msgspec.json.encode  # as ingest keeps a `diag`: JSON, as the unit sent it
 
 
 def test_a_units_day_says_its_gaps_restarts_delays_clock_signal_reboots_and_supply() -> None:
@@ -28,7 +28,7 @@ def test_a_units_day_says_its_gaps_restarts_delays_clock_signal_reboots_and_supp
     # B: a backlog of four readings in one telegram, its clock a minute fast, no diag, one diag field dropped
     late = DAY + 20 * SLOT + 600  # received 10 minutes after its newest reading: the older two are late
     rows += [("B", DAY + k * SLOT, 5, late + 60, late, False, None) for k in range(17, 20)]
-    rows.append(("B", DAY + 20 * SLOT, 5, late + 60, late, False, blob(Diag(rsrp=-101, dropped=2))))
+    rows.append(("B", DAY + 20 * SLOT, 5, late + 60, late, False, b'{"rsrp":-101,"vsup":-1,"ce":"1"}'))
     records = {r["unit"]: r for r in day_records(rows_frame(rows), {"B": 3, "C": 1}).to_dicts()}
     a, b, c = records["A"], records["B"], records["C"]
     assert (a["readings"], a["late"], a["seq_gaps"], a["restarts"], a["no_data"]) == (46, 0, 2, 1, 1)

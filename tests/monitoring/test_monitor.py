@@ -180,7 +180,7 @@ def test_each_units_health_of_today_and_yesterday_is_kept_and_made_again_an_hour
     monitor: tuple[Monitor, BridgeStats, Ingestor],
 ) -> None:
     m, _, ingest = monitor
-    diag = msgspec.msgpack.encode(Diag(fw="2.1.0", rsrp=-95, boot=3, vsup=3300))
+    diag = msgspec.json.encode(Diag(fw="2.1.0", rsrp=-95, boot=3, vsup=3300))
     at = GRID.floor(NOW - 3600)
     with_diag = [
         msgspec.structs.replace(i, reading=msgspec.structs.replace(i.reading, diag=diag)) for i in readings(at)
@@ -204,16 +204,13 @@ def test_a_health_pass_that_fails_costs_the_records_not_the_alerts(
     monitor: tuple[Monitor, BridgeStats, Ingestor], caplog: pytest.LogCaptureFixture
 ) -> None:
     m, _, ingest = monitor
-    at = GRID.floor(NOW - 1800)
-    broken = [
-        msgspec.structs.replace(i, reading=msgspec.structs.replace(i.reading, diag=b"\xc1")) for i in readings(at)
-    ]
-    ingest.commit(broken, [], NOW)  # a diag no decoder takes (a store restored from elsewhere, a bug)
+    ingest.commit(readings(GRID.floor(NOW - 1800)), [], NOW)
+    ingest.store.execute("ALTER TABLE unit_health RENAME TO away")  # a store the pass cannot use (a bad migration)
     assert "units_silent" not in alerts_at(m, NOW)  # the round went on: the alert state was judged
     assert "units' health records not kept" in caplog.text
     assert "health_failing" in alerts_at(m, NOW + 30)  # and an operator is told, on the leader
     assert "not kept" in m.active["health_failing"].text
-    ingest.store.execute("UPDATE readings SET diag = NULL")
+    ingest.store.execute("ALTER TABLE away RENAME TO unit_health")
     alerts_at(m, NOW + 3600)  # the next pass works
     alerts_at(m, NOW + 3630)
     assert "health_failing" not in m.active
