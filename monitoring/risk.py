@@ -2,8 +2,9 @@
 
 Each unit's day (its health record, `monitoring.health`) is compared with its own baseline, the days before it:
 - counts (reboots, disconnects, readings without meter data, attach attempts, lost telegrams) with a Poisson
-  tail: how unlikely the day's count is at the unit's usual rate, that rate drawn towards the fleet's when the
-  unit has few days behind it (a new unit is compared with the fleet);
+  tail: how unlikely the day's count is at the unit's usual rate, that rate drawn towards its peers' when the
+  unit has few days behind it (a new unit is compared with its peers: the units of its signal band, whose radio
+  makes them attach and drop alike; the fleet, where a band has too few units);
 - levels (RSRP, SINR, lowest supply voltage, clock offset, delivery delay) by how far the day moved from the
   baseline's median, in the worse direction, in dB, mV or s and in robust deviations (median absolute
   deviation); a weak but steady level moves nowhere and is no risk.
@@ -23,9 +24,11 @@ import polars as pl
 from scipy import stats
 
 from monitoring.at_risk import SIGNALS
+from monitoring.inventory import BANDS
 
 BASELINE_DAYS = 28
-PSEUDO_DAYS = 7.0  # a unit's usual rate is drawn towards the fleet's as if it had this many days at the fleet's
+PSEUDO_DAYS = 7.0  # a unit's usual rate is drawn towards its peers' as if it had this many days at their rate
+MIN_PEERS = 30  # units of a signal band with a baseline for the band's rate to be its units' prior (else the fleet's)
 COUNT_P = 1e-5  # a count this unlikely at the unit's usual rate has severity 1
 LEVEL_Z = 4.0  # robust deviations from the baseline's median at severity 1 (with the change below)
 MIN_BASELINE = 5  # days of baseline a level needs (counts use the fleet's rate until then)
@@ -129,6 +132,7 @@ def assess(records: pl.DataFrame, day: int, elapsed: float = 1.0) -> Assessment:
     cols = (np.rint((day - base["day"].to_numpy()) / 86400) - 1).astype(np.int64)
     known = (rows >= 0) & (cols >= 0) & (cols < BASELINE_DAYS)
     groups = _cells(today["cell"].to_list())
+    peers = _bands(*_days(today, base, pl.col("rsrp").cast(pl.Float64), rows, cols, known, n))
     signals: tuple[Count | Level, ...] = (*COUNTS, *LEVELS)
     severity = np.zeros((n, len(signals)))
     figures: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
@@ -136,11 +140,9 @@ def assess(records: pl.DataFrame, day: int, elapsed: float = 1.0) -> Assessment:
     for k, sig in enumerate(signals):
         # a unit without `diag` says its reboots only by its `seq` starting again
         expr = (pl.coalesce("reboots", "restarts") if sig.column == "reboots" else pl.col(sig.column)).cast(pl.Float64)
-        now = today.select(expr).to_series().to_numpy().astype(float)
-        past = np.full((n, BASELINE_DAYS), np.nan)
-        past[rows[known], cols[known]] = base.select(expr).to_series().to_numpy()[known]
+        now, past = _days(today, base, expr, rows, cols, known, n)
         if isinstance(sig, Count):
-            shape, rate = _usual_count(past, elapsed)
+            shape, rate = _usual_count(past, elapsed, peers)
             usual = shape / rate
             excess = now - usual
         else:
@@ -170,16 +172,50 @@ def assess(records: pl.DataFrame, day: int, elapsed: float = 1.0) -> Assessment:
     return Assessment(day, n, scores, tuple(at_risk), tuple(events))
 
 
-def _usual_count(past: np.ndarray, elapsed: float) -> tuple[np.ndarray, np.ndarray]:
+def _days(
+    today: pl.DataFrame,
+    base: pl.DataFrame,
+    expr: pl.Expr,
+    rows: np.ndarray,
+    cols: np.ndarray,
+    known: np.ndarray,
+    n: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A signal's figure of each unit on the day, and on each day of its baseline (NaN where it has none)."""
+    now = today.select(expr).to_series().to_numpy().astype(float)
+    past = np.full((n, BASELINE_DAYS), np.nan)
+    past[rows[known], cols[known]] = base.select(expr).to_series().to_numpy()[known]
+    return now, past
+
+
+def _bands(now: np.ndarray, past: np.ndarray) -> np.ndarray:
+    """Each unit's signal band (0 poor .. 3 excellent, `inventory.BANDS`) by the median RSRP of its baseline,
+    or of the day when it has none: a unit whose signal decays is still held to the band it was in; -1 without
+    any RSRP."""
+    level = now.copy()
+    seen = np.any(np.isfinite(past), axis=1)
+    level[seen] = np.nanmedian(past[seen], axis=1)
+    floors = sorted(floor for _, floor in BANDS if np.isfinite(floor))  # -100, -90, -80
+    return np.where(np.isfinite(level), np.searchsorted(floors, level, side="right"), -1)
+
+
+def _usual_count(past: np.ndarray, elapsed: float, peers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Each unit's usual rate as a gamma distribution (shape, rate): its own count over its baseline days,
-    drawn towards the fleet's mean rate as if it had PSEUDO_DAYS more days at that rate (a unit with few days,
-    or with rare events, is held to the fleet)."""
+    drawn towards its peers' mean rate (its signal band's, with MIN_PEERS units or more; else the fleet's) as if
+    it had PSEUDO_DAYS more days at that rate (a unit with few days, or with rare events, is held to its peers)."""
     days = np.sum(np.isfinite(past), axis=1)
     total = np.nansum(past, axis=1)
-    rates = total[days > 0] / days[days > 0]
+    has = days > 0
+    rates = np.zeros(len(past))
+    rates[has] = total[has] / days[has]
     # the mean, not the median: most units see rare events on no day; the worst 1% (failing ones) capped
-    fleet = float(np.mean(np.minimum(rates, np.quantile(rates, 0.99)))) if len(rates) else 0.0
-    return total + PSEUDO_DAYS * max(fleet, 1e-3), (days + PSEUDO_DAYS) / elapsed
+    capped = np.minimum(rates, np.quantile(rates[has], 0.99)) if has.any() else rates
+    prior = np.full(len(past), float(np.mean(capped[has])) if has.any() else 0.0)
+    for band in np.unique(peers[peers >= 0]):
+        members = has & (peers == band)
+        if members.sum() >= MIN_PEERS:
+            prior[peers == band] = np.mean(capped[members])
+    return total + PSEUDO_DAYS * np.maximum(prior, 1e-3), (days + PSEUDO_DAYS) / elapsed
 
 
 def _baseline(past: np.ndarray, floor: float) -> tuple[np.ndarray, np.ndarray]:

@@ -105,6 +105,21 @@ def test_a_day_in_progress_expects_fewer_counts() -> None:
     assert "today" in half.at_risk[0].reasons[0].words and "that day" in whole.at_risk[0].reasons[0].words
 
 
+def test_units_with_a_weak_steady_signal_and_a_short_history_are_held_to_their_band_not_the_fleet() -> None:
+    # a new installation: a day behind each unit; the weak-signal units attach five times as often as the
+    # fleet, every day, and a morning of ten attempts is no news for them (held to the fleet, 9 were flagged)
+    weak = dataclasses.replace(QUIET, weak_signal=0.08)
+    truth, stream = fleet_days(600, 2, 2, START, weak)
+    records = pl.concat(
+        [day_records(rows_frame(r), counts(d)).with_columns(day=pl.lit(day, pl.Int64)) for day, r, d in stream]
+    )
+    weaklings = {c.unit for c in truth if c.kind == "weak_signal"}
+    assert len(weaklings) >= 30
+    for elapsed in (0.5, 1.0):  # at midday and at the end of the day
+        result = assess(records, int(records["day"].max()), elapsed)
+        assert not weaklings & {u.unit for u in result.at_risk}
+
+
 def test_a_unit_with_no_history_is_held_to_the_fleet() -> None:
     records = pl.concat(
         [
