@@ -142,7 +142,7 @@ def assess(records: pl.DataFrame, day: int, elapsed: float = 1.0) -> Assessment:
         expr = (pl.coalesce("reboots", "restarts") if sig.column == "reboots" else pl.col(sig.column)).cast(pl.Float64)
         now, past = _days(today, base, expr, rows, cols, known, n)
         if isinstance(sig, Count):
-            shape, rate = _usual_count(past, elapsed, peers)
+            shape, rate = _usual_count(now, past, elapsed, peers)
             usual = shape / rate
             excess = now - usual
         else:
@@ -199,15 +199,19 @@ def _bands(now: np.ndarray, past: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(level), np.searchsorted(floors, level, side="right"), -1)
 
 
-def _usual_count(past: np.ndarray, elapsed: float, peers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _usual_count(now: np.ndarray, past: np.ndarray, elapsed: float, peers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Each unit's usual rate as a gamma distribution (shape, rate): its own count over its baseline days,
     drawn towards its peers' mean rate (its signal band's, with MIN_PEERS units or more; else the fleet's) as if
-    it had PSEUDO_DAYS more days at that rate (a unit with few days, or with rare events, is held to its peers)."""
+    it had PSEUDO_DAYS more days at that rate (a unit with few days, or with rare events, is held to its peers).
+    When no unit has a day behind it (a new installation's first day), the peers' rate is that of the day."""
     days = np.sum(np.isfinite(past), axis=1)
     total = np.nansum(past, axis=1)
     has = days > 0
     rates = np.zeros(len(past))
     rates[has] = total[has] / days[has]
+    if not has.any():
+        has = np.isfinite(now)
+        rates[has] = now[has] / max(elapsed, 1e-3)
     # the mean, not the median: most units see rare events on no day; the worst 1% (failing ones) capped
     capped = np.minimum(rates, np.quantile(rates[has], 0.99)) if has.any() else rates
     prior = np.full(len(past), float(np.mean(capped[has])) if has.any() else 0.0)

@@ -120,6 +120,19 @@ def test_units_with_a_weak_steady_signal_and_a_short_history_are_held_to_their_b
         assert not weaklings & {u.unit for u in result.at_risk}
 
 
+def test_on_a_new_installations_first_day_the_day_itself_is_the_usual_and_a_failing_unit_still_stands_out() -> None:
+    # no unit has a day behind it: before, every unit was held to a rate of nothing, and 5 weak-signal units
+    # were flagged for their attach attempts
+    weak = dataclasses.replace(QUIET, weak_signal=0.08)
+    planned, _ = fleet_days(600, 1, 2, START, weak)
+    failing = [Condition(u, kind, START - 3 * DAY, START + 2 * DAY) for u, kind in (("U000001", "flapping_link"),)]
+    _, stream = fleet_days(600, 1, 2, START, weak, 0, [c for c in planned if c.unit != "U000001"] + failing)
+    [(day, rows, disconnects)] = list(stream)
+    records = day_records(rows_frame(rows), counts(disconnects)).with_columns(day=pl.lit(day, pl.Int64))
+    for elapsed in (0.5, 1.0):
+        assert [u.unit for u in assess(records, day, elapsed).at_risk] == ["U000001"]
+
+
 def test_a_unit_with_no_history_is_held_to_the_fleet() -> None:
     records = pl.concat(
         [
