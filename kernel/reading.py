@@ -81,7 +81,7 @@ def read_diag(kept: bytes) -> Diag:
     Ingest keeps the `diag` as the unit sent it and checks nothing of it (the cost of a telegram is what limits
     a restart's drain); it is checked here, where the health records are made of it. A `diag` kept by an earlier
     version as msgpack (its first byte is no JSON's), checked when it was kept, is read as it is."""
-    if kept[:1] >= b"\x80":
+    if len(kept) and kept[0] >= 0x80:  # (by index: a store may hand a memoryview)
         try:
             return _diag_msgpack(kept)
         except msgspec.DecodeError:

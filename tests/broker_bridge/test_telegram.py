@@ -249,6 +249,7 @@ def test_a_diag_kept_by_an_earlier_version_is_read_and_one_no_decoder_takes_is_d
     earlier = Diag(fw="2.1.0", rsrp=-97, dropped=1)  # msgpack, checked when it was kept
     assert read_diag(msgspec.msgpack.encode(earlier)) == earlier
     assert read_diag(b"\xc1") == read_diag(b"{") == Diag(dropped=1)
+    assert read_diag(memoryview(b'{"rsrp":-97}')) == Diag(rsrp=-97)  # as a store may hand it
 
 
 def test_a_refused_telegram_is_about_its_sent_time_unless_its_version_is_unknown() -> None:
