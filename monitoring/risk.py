@@ -29,6 +29,9 @@ from monitoring.inventory import BANDS
 BASELINE_DAYS = 28
 PSEUDO_DAYS = 7.0  # a unit's usual rate is drawn towards its peers' as if it had this many days at their rate
 MIN_PEERS = 30  # units of a signal band with a baseline for the band's rate to be its units' prior (else the fleet's)
+# Readings (of a day's 48 half hours) a baseline day needs to count for a unit's usual counts: a day it reported
+# only a part of (its first, on a new installation; one it was mostly away) would count as a whole day of few events
+MIN_COVER = 24
 COUNT_P = 1e-5  # a count this unlikely at the unit's usual rate has severity 1
 LEVEL_Z = 4.0  # robust deviations from the baseline's median at severity 1 (with the change below)
 MIN_BASELINE = 5  # days of baseline a level needs (counts use the fleet's rate until then)
@@ -133,6 +136,7 @@ def assess(records: pl.DataFrame, day: int, elapsed: float = 1.0) -> Assessment:
     known = (rows >= 0) & (cols >= 0) & (cols < BASELINE_DAYS)
     groups = _cells(today["cell"].to_list())
     peers = _bands(*_days(today, base, pl.col("rsrp").cast(pl.Float64), rows, cols, known, n))
+    partial = _days(today, base, pl.col("readings").cast(pl.Float64), rows, cols, known, n)[1] < MIN_COVER
     signals: tuple[Count | Level, ...] = (*COUNTS, *LEVELS)
     severity = np.zeros((n, len(signals)))
     figures: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
@@ -142,6 +146,7 @@ def assess(records: pl.DataFrame, day: int, elapsed: float = 1.0) -> Assessment:
         expr = (pl.coalesce("reboots", "restarts") if sig.column == "reboots" else pl.col(sig.column)).cast(pl.Float64)
         now, past = _days(today, base, expr, rows, cols, known, n)
         if isinstance(sig, Count):
+            past[partial] = np.nan
             shape, rate = _usual_count(now, past, elapsed, peers)
             usual = shape / rate
             excess = now - usual

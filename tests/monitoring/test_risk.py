@@ -133,6 +133,22 @@ def test_on_a_new_installations_first_day_the_day_itself_is_the_usual_and_a_fail
         assert [u.unit for u in assess(records, day, elapsed).at_risk] == ["U000001"]
 
 
+def test_a_day_a_unit_reported_only_part_of_is_no_day_of_its_usual_counts() -> None:
+    # the demo's case: the data start an hour and a half before the first whole day, which made a day of
+    # baseline with almost nothing in it, and 9 weak-signal units flagged for their attach attempts against it
+    truth, stream = fleet_days(600, 2, 2, START, dataclasses.replace(QUIET, weak_signal=0.08))
+    days = []
+    for day, rows, disconnects in stream:
+        if day == START:
+            rows = [r for r in rows if r[1] >= START + DAY - 5400]
+            disconnects = {u: [t for t in ts if t >= START + DAY - 5400] for u, ts in disconnects.items()}
+        days.append(day_records(rows_frame(rows), counts(disconnects)).with_columns(day=pl.lit(day, pl.Int64)))
+    records = pl.concat(days)
+    weaklings = {c.unit for c in truth if c.kind == "weak_signal"}
+    for elapsed in (0.5, 1.0):
+        assert not weaklings & {u.unit for u in assess(records, START + DAY, elapsed).at_risk}
+
+
 def test_a_unit_with_no_history_is_held_to_the_fleet() -> None:
     records = pl.concat(
         [
