@@ -45,7 +45,7 @@ class WireTelegram(msgspec.Struct, Generic[R], forbid_unknown_fields=False, omit
     digits: int
     readings: list[R]
     coef: int = 1
-    diag: Any = None  # the unit's diagnostics (`kernel.reading.Diag`), kept as sent (`_kept_diag`)
+    diag: Any = None  # the unit's diagnostics (`kernel.reading.Diag`); what is kept is the envelope's bytes
 
 
 @dataclass(frozen=True, slots=True)

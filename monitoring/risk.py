@@ -34,7 +34,7 @@ MIN_PEERS = 30  # units of a signal band with a baseline for the band's rate to 
 MIN_COVER = 24
 COUNT_P = 1e-5  # a count this unlikely at the unit's usual rate has severity 1
 LEVEL_Z = 4.0  # robust deviations from the baseline's median at severity 1 (with the change below)
-MIN_BASELINE = 5  # days of baseline a level needs (counts use the fleet's rate until then)
+MIN_BASELINE = 5  # days of baseline a level needs (counts lean on their peers' rate until they have days)
 MIN_CELL = 8  # units of a cell evaluated the same day for the cell's common excess to count
 AT_RISK = 1.0
 
