@@ -6,7 +6,7 @@ import hashlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from aggregator.store import HEALTH_COLUMNS, READING_COLUMNS, SLOT_COLUMNS, Store, StoreError
+from aggregator.store import COMMAND_COLUMNS, HEALTH_COLUMNS, READING_COLUMNS, SLOT_COLUMNS, Store, StoreError
 
 CHUNK = 20_000  # rows a transaction
 # every table but meta, with the columns copied and the key whose order makes two stores' rows comparable
@@ -26,6 +26,8 @@ _TABLES: dict[str, tuple[str, tuple[str, ...]]] = {
     "unit_risk": ("day, unit, risk, reasons", ("day", "unit")),
     "risk_days": ("day, evaluated, at_risk, assessed", ("day",)),
     "health_events": ("day, scope, signal, units, evaluated, words", ("day", "scope", "signal")),
+    "commands": (COMMAND_COLUMNS, ("id",)),
+    "audit": ("id, at, who, origin, action, target, detail", ("id",)),
 }
 _BOOLEANS = {"online"}  # the columns copied that hold a boolean
 

@@ -92,6 +92,17 @@ CREATE TABLE IF NOT EXISTS bans (
 CREATE TABLE IF NOT EXISTS downloads (
     customer TEXT NOT NULL, file TEXT NOT NULL, at BIGINT NOT NULL, via TEXT NOT NULL, who TEXT NOT NULL,
     count BIGINT NOT NULL, PRIMARY KEY (customer, file)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS commands (
+    id TEXT PRIMARY KEY, unit TEXT NOT NULL, op TEXT NOT NULL, args TEXT NOT NULL, created BIGINT NOT NULL,
+    expires BIGINT NOT NULL, who TEXT NOT NULL, origin TEXT NOT NULL, state TEXT NOT NULL, changed BIGINT NOT NULL,
+    next_try BIGINT NOT NULL, tries INTEGER NOT NULL, detail TEXT NOT NULL, answer TEXT NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS commands_unit ON commands (unit, created);
+CREATE INDEX IF NOT EXISTS commands_due ON commands (next_try) WHERE state = 'queued';
+CREATE INDEX IF NOT EXISTS commands_open ON commands (expires) WHERE state IN ('queued', 'sent');
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, at BIGINT NOT NULL, who TEXT NOT NULL, origin TEXT NOT NULL,
+    action TEXT NOT NULL, target TEXT NOT NULL, detail TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS audit_at ON audit (at);
 """
 
 

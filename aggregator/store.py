@@ -24,6 +24,7 @@ from typing import Any, Protocol, Self, TypeVar
 import msgspec
 
 from aggregator.slots import Point
+from kernel.commands import ANSWERABLE, Answer, State
 from kernel.reading import Refused, Status
 
 T = TypeVar("T")
@@ -85,6 +86,31 @@ HEALTH_COLUMNS = (
     "readings", "late", "delay_p50", "delay_max", "seq_gaps", "restarts", "clock_offset", "no_data", "rsrp",
     "rsrp_min", "rsrq", "sinr", "ce", "reboots", "vsup_min", "attaches", "fw", "cell", "diag_dropped", "disconnects",
 )  # fmt: skip
+
+
+class CommandRow(msgspec.Struct, frozen=True, gc=False):
+    """A command to a unit as the store keeps it (`kernel.commands`): `args` and `answer` are JSON texts (the
+    answer's `state` as the unit sent it, "" before it answered with one), times are epoch seconds, `origin` where
+    it was asked from (the CLI on a host, a console address)."""
+
+    id: str
+    unit: str
+    op: str
+    args: str
+    created: int
+    expires: int
+    who: str
+    origin: str
+    state: str
+    changed: int
+    next_try: int  # while queued: when it is (sent) again
+    tries: int  # times it was published
+    detail: str  # the unit's words, or why it waits or lapsed
+    answer: str
+
+
+COMMAND_COLUMNS = ", ".join(CommandRow.__struct_fields__)
+AUDIT_COLUMNS = "at, who, origin, action, target, detail"
 _LOOKUPS = 5000  # slot ends a statement (well under SQLite's 32,766 parameters)
 
 
@@ -695,3 +721,127 @@ class Store(ABC):
             "SELECT coalesce(imp_q, 'M'), count(*) FROM slots WHERE slot > ? AND slot <= ? GROUP BY 1", (after, until)
         ).fetchall()
         return {str(q): int(n) for q, n in rows}
+
+    # --- commands to units and the audit log ---------------------------------------------------------
+
+    def add_commands(self, rows: Sequence[CommandRow], audit: Sequence[tuple[int, str, str, str, str, str]]) -> None:
+        """Keep new commands (queued) and the audit entries that say who asked for them, in one transaction."""
+        with self.transaction():
+            marks = ", ".join("?" * len(CommandRow.__struct_fields__))
+            self.executemany(
+                f"INSERT INTO commands ({COMMAND_COLUMNS}) VALUES ({marks})", [msgspec.structs.astuple(r) for r in rows]
+            )
+            self._audit(audit)
+
+    def _command_rows(self, where: str, args: Sequence[Any]) -> list[CommandRow]:
+        rows = self.execute(f"SELECT {COMMAND_COLUMNS} FROM commands {where}", args).fetchall()
+        return [CommandRow(*r) for r in rows]
+
+    def due_commands(self, now: int, limit: int) -> list[CommandRow]:
+        """Queued commands due to be published at `now` and not expired, the longest waiting first."""
+        return self._command_rows(
+            "WHERE state = 'queued' AND next_try <= ? AND expires > ? ORDER BY next_try, id LIMIT ?", (now, now, limit)
+        )
+
+    def commands_published(self, results: Sequence[tuple[str, bool, str, int]], now: int) -> None:
+        """Note queued commands published (id, taken, detail, next_try): `taken` by the broker for the unit's
+        session, they are sent; not taken (no session subscribed), they stay queued until `next_try`, with
+        `detail` saying why. One transaction."""
+        with self.transaction():
+            for command_id, taken, detail, next_try in results:
+                if taken:
+                    self.execute(
+                        "UPDATE commands SET state = ?, changed = ?, tries = tries + 1, detail = ? "
+                        "WHERE id = ? AND state = ?",
+                        (State.SENT, now, detail, command_id, State.QUEUED),
+                    )
+                else:
+                    self.execute(
+                        "UPDATE commands SET next_try = ?, tries = tries + 1, detail = ? WHERE id = ? AND state = ?",
+                        (next_try, detail, command_id, State.QUEUED),
+                    )
+            self._audit([(now, "smame", "", "command sent", i, "") for i, taken, _, _ in results if taken])
+
+    def answer_commands(self, answers: Sequence[Answer], now: int) -> list[bool]:
+        """Apply units' answers, each to its command when it is the unit's and its state allows
+        (`kernel.commands.ANSWERABLE`); whether each was applied, in order. One transaction."""
+        out = []
+        with self.transaction():
+            for a in answers:
+                allowed = ANSWERABLE[a.status]
+                marks = ", ".join("?" * len(allowed))
+                applied = (
+                    self.execute(
+                        f"UPDATE commands SET state = ?, changed = ?, detail = ?, "
+                        f"answer = CASE WHEN ? = '' THEN answer ELSE ? END "
+                        f"WHERE id = ? AND unit = ? AND state IN ({marks})",
+                        (a.status, now, a.detail, a.state.decode(), a.state.decode(), a.id, a.unit, *allowed),
+                    ).rowcount
+                    > 0
+                )
+                out.append(applied)
+                if applied:
+                    self._audit([(now, f"unit {a.unit}", "", f"command {a.status}", a.id, a.detail)])
+        return out
+
+    def expire_commands(self, now: int) -> list[str]:
+        """Commands not yet taken by their unit whose expiry has passed are expired; their ids."""
+        with self.transaction():
+            ids = [
+                str(i)
+                for (i,) in self.execute(
+                    # the states written out, not bound: the partial index commands_open is used only so
+                    "SELECT id FROM commands WHERE state IN ('queued', 'sent') AND expires <= ?",
+                    (now,),
+                ).fetchall()
+            ]
+            for i in ids:
+                self.execute(
+                    "UPDATE commands SET state = ?, changed = ?, detail = ? WHERE id = ?",
+                    (State.EXPIRED, now, "no answer from the unit before the command's expiry", i),
+                )
+            self._audit([(now, "smame", "", "command expired", i, "") for i in ids])
+        return ids
+
+    def cancel_command(self, command_id: str, now: int, who: str, origin: str) -> bool:
+        """Withdraw a command still queued (one already sent may be in the unit's hands); False when it is not."""
+        with self.transaction():
+            done = (
+                self.execute(
+                    "UPDATE commands SET state = ?, changed = ?, detail = ? WHERE id = ? AND state = ?",
+                    (State.CANCELLED, now, f"cancelled by {who}", command_id, State.QUEUED),
+                ).rowcount
+                > 0
+            )
+            if done:
+                self._audit([(now, who, origin, "command cancelled", command_id, "")])
+            return done
+
+    def command(self, command_id: str) -> CommandRow | None:
+        """One command, by its id."""
+        rows = self._command_rows("WHERE id = ?", (command_id,))
+        return rows[0] if rows else None
+
+    def commands(self, unit: str | None = None, limit: int = 100) -> list[CommandRow]:
+        """The newest commands (of one unit, or of all), newest first."""
+        if unit is not None:
+            return self._command_rows("WHERE unit = ? ORDER BY created DESC, id LIMIT ?", (unit, limit))
+        return self._command_rows("ORDER BY created DESC, id LIMIT ?", (limit,))
+
+    def record_audit(self, at: int, who: str, origin: str, action: str, target: str, detail: str) -> None:
+        """Add one entry to the audit log."""
+        with self.transaction():
+            self._audit([(at, who, origin, action, target, detail)])
+
+    def _audit(self, entries: Sequence[tuple[int, str, str, str, str, str]]) -> None:
+        self.executemany(f"INSERT INTO audit ({AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", entries)
+
+    def audit(self, limit: int = 200, before_id: int | None = None) -> list[tuple[int, int, str, str, str, str, str]]:
+        """Audit entries (id, at, who, origin, action, target, detail), newest first, before `before_id` if given."""
+        if before_id is None:
+            rows = self.execute(f"SELECT id, {AUDIT_COLUMNS} FROM audit ORDER BY id DESC LIMIT ?", (limit,))
+        else:
+            rows = self.execute(
+                f"SELECT id, {AUDIT_COLUMNS} FROM audit WHERE id < ? ORDER BY id DESC LIMIT ?", (before_id, limit)
+            )
+        return [(int(i), int(at), str(w), str(o), str(a), str(t), str(d)) for i, at, w, o, a, t, d in rows.fetchall()]

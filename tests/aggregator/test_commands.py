@@ -1,0 +1,149 @@
+"""Commands to units: their arguments and answers (kernel.commands) and how the store keeps them, on both backends."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import msgspec
+import pytest
+
+from aggregator.backends import open_url
+from aggregator.store import CommandRow
+from kernel.commands import (
+    ANSWER_MAX,
+    CommandError,
+    State,
+    check_args,
+    command_payload,
+    parse_arg_pairs,
+    read_answer,
+)
+
+NOW = 1_800_000_000
+
+
+def test_each_operation_takes_its_arguments_and_names_what_is_wrong() -> None:
+    assert check_args("ping", {}) == {}
+    assert check_args("set", parse_arg_pairs(["interval_min=15", "brokers=mqtts://a:8883, mqtts://b:8883"])) == {
+        "interval_min": 15,
+        "brokers": ["mqtts://a:8883", "mqtts://b:8883"],
+    }
+    assert check_args("resend", {"from": "2026-12-01T00:00:00+09:00", "to": "2026-12-01T06:00:00+09:00"}) == {
+        "from": "2026-12-01T00:00:00+09:00",
+        "to": "2026-12-01T06:00:00+09:00",
+    }
+    sha = "ab" * 32
+    assert check_args("fw", {"version": "2.4.0", "url": "https://x/fw.bin", "sha256": sha, "size": 10})["size"] == 10
+    for op, args, words in [
+        ("format", {}, "unknown operation"),
+        ("ping", {"x": 1}, "takes no arguments"),
+        ("set", {}, "at least one of"),
+        ("set", {"interval_min": 7}, "interval_min 7"),
+        ("set", {"brokers": "ftp://a"}, "no mqtt://"),
+        ("set", {"colour": "red"}, "colour"),
+        ("resend", {"from": "2026-12-02T00:00:00+09:00", "to": "2026-12-01T00:00:00+09:00"}, "before to"),
+        ("resend", {"from": "2026-12-01T00:00:00", "to": "2026-12-01T06:00:00"}, "offset"),
+        ("fw", {"version": "2.4.0", "url": "https://x", "sha256": "nope", "size": 1}, "sha256"),
+    ]:
+        with pytest.raises(CommandError, match=words):
+            check_args(op, args)
+    with pytest.raises(CommandError, match="key=value"):
+        parse_arg_pairs(["interval_min"])
+
+
+def test_a_units_answer_is_read_or_refused_with_a_reason_never_raised() -> None:
+    ok = read_answer("smame/v1/U1/res", b'{"v":1,"id":"c1","status":"done","detail":"fine","state":{"fw":"2"}}')
+    assert not isinstance(ok, str)
+    assert (ok.unit, ok.id, ok.status, ok.detail, ok.state) == ("U1", "c1", "done", "fine", b'{"fw":"2"}')
+    for topic, payload, words in [
+        ("smame/v1/U1/reading", b"{}", "not a unit's answer topic"),
+        ("smame/v1/U1/res", b"x" * (ANSWER_MAX + 1), "over the"),
+        ("smame/v1/U1/res", b"[1]", "not an answer"),
+        ("smame/v1/U1/res", b'{"v":2,"id":"c1","status":"done"}', "unknown version"),
+        ("smame/v1/U1/res", b'{"v":1,"id":"c 1","status":"done"}', "command id"),
+        ("smame/v1/U1/res", b'{"v":1,"id":"c1","status":"great"}', "unknown status"),
+    ]:
+        got = read_answer(topic, payload)
+        assert isinstance(got, str) and words in got
+    rng = random.Random(7)
+    good = b'{"v":1,"id":"c1","status":"done","detail":"d","state":{"a":[1,2]}}'
+    for _ in range(3000):  # cut, flipped and spliced answers: each read or refused
+        b = bytearray(good)
+        for _ in range(rng.randint(1, 6)):
+            b[rng.randrange(len(b))] = rng.randrange(256)
+        got = read_answer("smame/v1/U1/res", bytes(b[: rng.randint(0, len(b))]))
+        assert isinstance(got, str) or got.status in ("accepted", "done", "failed", "rejected")
+
+
+def test_a_command_is_sent_as_the_contract_says() -> None:
+    sent = msgspec.json.decode(command_payload("c1", "set", {"interval_min": 15}, NOW))
+    assert sent == {"v": 1, "id": "c1", "op": "set", "args": {"interval_min": 15}, "expires": "2027-01-15T08:00:00Z"}
+
+
+def row(command_id: str, unit: str, expires: int = NOW + 3600, op: str = "ping") -> CommandRow:
+    return CommandRow(command_id, unit, op, "{}", NOW, expires, "cli:alice", "host1", State.QUEUED, NOW, NOW, 0, "", "")
+
+
+def test_the_store_keeps_commands_through_their_states(store_url: str) -> None:
+    with open_url(store_url) as store:
+        store.add_commands(
+            [row("c1", "U1"), row("c2", "U2"), row("c3", "U3", expires=NOW + 10), row("c4", "U4")],
+            [(NOW, "cli:alice", "host1", "command ping", "U1", "c1")],
+        )
+        assert [c.id for c in store.due_commands(NOW, 10)] == ["c1", "c2", "c3", "c4"]
+        assert len(store.due_commands(NOW, 2)) == 2
+        # c1 taken by the broker; c2's unit had no session: queued, due again later
+        store.commands_published([("c1", True, "", 0), ("c2", False, "no session", NOW + 300)], NOW)
+        assert store.command("c1").state == State.SENT  # type: ignore[union-attr]
+        c2 = store.command("c2")
+        assert c2 is not None and (c2.state, c2.tries, c2.detail) == (State.QUEUED, 1, "no session")
+        assert [c.id for c in store.due_commands(NOW + 1, 10)] == ["c3", "c4"]
+        assert "c2" in [c.id for c in store.due_commands(NOW + 300, 10)]
+
+        ok = read_answer("smame/v1/U1/res", b'{"v":1,"id":"c1","status":"done","state":{"fw":"2.3.0"}}')
+        stray = read_answer("smame/v1/U9/res", b'{"v":1,"id":"c4","status":"done"}')  # another unit's command
+        assert not isinstance(ok, str) and not isinstance(stray, str)
+        assert store.answer_commands([ok, stray], NOW + 2) == [True, False]
+        c1 = store.command("c1")
+        assert c1 is not None and (c1.state, json.loads(c1.answer)) == (State.DONE, {"fw": "2.3.0"})
+        late = read_answer("smame/v1/U1/res", b'{"v":1,"id":"c1","status":"accepted"}')
+        assert not isinstance(late, str)
+        assert store.answer_commands([late], NOW + 3) == [False]  # after its final answer: nothing changes
+
+        assert store.expire_commands(NOW + 10) == ["c3"]
+        after = read_answer("smame/v1/U3/res", b'{"v":1,"id":"c3","status":"done","detail":"late"}')
+        assert not isinstance(after, str)
+        assert store.answer_commands([after], NOW + 11) == [True]  # what the unit did wins over the expiry
+        assert store.command("c3").state == State.DONE  # type: ignore[union-attr]
+
+        assert store.cancel_command("c4", NOW + 12, "cli:bob", "host2")
+        assert not store.cancel_command("c1", NOW + 12, "cli:bob", "host2")  # in the unit's hands already
+        assert [c.id for c in store.commands("U4")] == ["c4"]
+        actions = [(who, action, target) for _, _, who, _, action, target, _ in store.audit()]
+        assert actions[0] == ("cli:bob", "command cancelled", "c4")
+        assert ("unit U1", "command done", "c1") in actions and ("smame", "command expired", "c3") in actions
+        assert ("smame", "command sent", "c1") in actions and ("cli:alice", "command ping", "U1") in actions
+
+
+def test_the_scheduled_look_for_due_commands_seeks_the_queue_not_every_command(tmp_path: object) -> None:
+    from pathlib import Path
+
+    assert isinstance(tmp_path, Path)
+    with open_url(f"sqlite:///{tmp_path / 's.db'}") as store:
+        plan = " ".join(
+            str(r[-1])
+            for r in store.execute(
+                "EXPLAIN QUERY PLAN SELECT id FROM commands WHERE state = 'queued' AND next_try <= ? "
+                "AND expires > ? ORDER BY next_try, id LIMIT ?",
+                (NOW, NOW, 10),
+            ).fetchall()
+        )
+        assert "commands_due" in plan
+        plan = " ".join(
+            str(r[-1])
+            for r in store.execute(
+                "EXPLAIN QUERY PLAN SELECT id FROM commands WHERE state IN ('queued', 'sent') AND expires <= ?", (NOW,)
+            ).fetchall()
+        )
+        assert "commands_open" in plan
