@@ -84,6 +84,7 @@ class Message(msgspec.Struct, frozen=True, gc=False):
     payload: bytes
     packet_id: int | None
     received: float
+    properties: dict[int, object] | None = None  # the message's MQTT 5 properties, when it has any
 
 
 def _varint(n: int) -> bytes:
@@ -114,6 +115,23 @@ def _str(s: str) -> bytes:
 
 def _packet(kind: int, body: bytes) -> bytes:
     return bytes([kind]) + _varint(len(body)) + body
+
+
+def request_properties(response_topic: str, correlation: bytes, expiry_s: int) -> bytes:
+    """The properties of a request (MQTT 5 request/response): where to answer, what the answer carries back, and
+    how many seconds the broker keeps the message for a subscriber that is away."""
+    return (
+        b"\x02"
+        + struct.pack("!I", max(1, min(expiry_s, 2**32 - 1)))
+        + b"\x08"
+        + _str(response_topic)
+        + b"\x09"
+        + struct.pack("!H", len(correlation))
+        + correlation
+    )
+
+
+MESSAGE_EXPIRY, RESPONSE_TOPIC, CORRELATION_DATA = 0x02, 0x08, 0x09
 
 
 def parse_properties(buf: bytes | bytearray, pos: int) -> tuple[dict[int, object], int]:
@@ -193,11 +211,11 @@ class _Protocol(asyncio.Protocol):
                     if qos:
                         packet_id = (buf[p] << 8) | buf[p + 1]
                         p += 2
-                    if buf[p] < 0x80:  # property length fits one byte
-                        p += 1 + buf[p]
+                    if buf[p] == 0:  # no properties: a telegram
+                        messages.append(Message(topic, bytes(buf[p + 1 : end]), packet_id, now))
                     else:
-                        p = parse_properties(buf, p)[1]
-                    messages.append(Message(topic, bytes(buf[p:end]), packet_id, now))
+                        props, p = parse_properties(buf, p)
+                        messages.append(Message(topic, bytes(buf[p:end]), packet_id, now, props))
                 else:
                     self.client._on_control(kind, bytes(buf[start:end]))
                 pos = end
@@ -303,8 +321,10 @@ class MqttClient:
         if code >= 0x80:
             raise MqttError(f"broker refused the subscription to {topic!r}: {_reason(code, {})}")
 
-    async def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
-        """Publish at QoS 1 and wait for the broker's PUBACK; raise MqttError if refused or disconnected."""
+    async def publish(self, topic: str, payload: bytes, retain: bool = False, properties: bytes = b"") -> int:
+        """Publish at QoS 1 (with `properties`, an encoded block such as `request_properties` makes) and wait for
+        the broker's PUBACK; return its reason code (0, or 0x10: no subscriber matched); raise MqttError if
+        refused or disconnected."""
         async with self._window:
             if not self.connected or self._transport is None:
                 raise MqttError("not connected")
@@ -315,15 +335,16 @@ class MqttClient:
             done = asyncio.get_running_loop().create_future()
             self._inflight[pid] = done
             header = 0x32 | (1 if retain else 0)
-            body = _str(topic) + struct.pack("!H", pid) + b"\x00" + payload
+            body = _str(topic) + struct.pack("!H", pid) + _varint(len(properties)) + properties + payload
             self._transport.write(bytes([header]) + _varint(len(body)) + body)
             try:
                 finished, _ = await asyncio.wait({done, self._closed}, return_when=asyncio.FIRST_COMPLETED)
                 if done not in finished:
                     raise MqttError("connection lost before PUBACK")
-                code = done.result()
+                code = int(done.result())
                 if code >= 0x80:
                     raise MqttError(f"broker refused the message on {topic}: {_reason(code, {})}")
+                return code
             finally:
                 self._inflight.pop(pid, None)
 

@@ -314,6 +314,15 @@ class HealthSettings(Section):
     report_units: int = Field(default=20, ge=0, le=1000)  # at-risk units the daily report names, riskiest first
 
 
+class DevicesSettings(Section):
+    """Commands to units (docs/devices.md): sent by the leader over its own connection to the broker."""
+
+    enabled: bool = True
+    expiry_s: int = Field(default=86400, ge=10, le=30 * 86400)  # a command's default lifetime (`--expires`)
+    rate_per_s: float = Field(default=100.0, gt=0, le=100000)  # commands published a second, across the fleet
+    retry_s: int = Field(default=300, ge=1, le=86400)  # a command no session took is published again this late
+
+
 class NodeSettings(Section):
     """This node's view of itself: when its ingest counts as stuck, when it hands leadership over, how far its
     clock may stray from the store's (docs/monitoring.md, "The service sees itself")."""
@@ -354,6 +363,7 @@ class Settings(BaseSettings):
     report: ReportSettings = ReportSettings()
     alerts: AlertSettings = AlertSettings()
     health: HealthSettings = HealthSettings()
+    devices: DevicesSettings = DevicesSettings()
     node: NodeSettings = NodeSettings()
     log: LogSettings = LogSettings()
 

@@ -277,18 +277,21 @@ class UnitSim:
         at = t + self.rng.uniform(5.0, 40.0)
         sends = [Send(at, self.u.id, self.topic, self._telegram([self._wire(live)], at, live.meter))]
         missed, self.backlog = self.backlog[:-1], []
-        chunks: list[list[_Reading]] = []
-        for r in missed:  # a telegram names one meter: a replacement during the outage splits the backlog
-            if chunks and chunks[-1][-1].meter == r.meter and len(chunks[-1]) < MAX_READINGS:
-                chunks[-1].append(r)
-            else:
-                chunks.append([r])
-        for chunk in chunks:
+        for chunk in _chunks(missed):
             at += self.rng.uniform(0.5, 3.0)
             sends.append(
                 Send(at, self.u.id, self.topic, self._telegram([self._wire(r) for r in chunk], at, chunk[0].meter))
             )
         return sends
+
+    def resend(self, start: int, end: int, at: float) -> list[Send]:
+        """What the unit sends when asked to `resend` (devices.md): the readings its meter's history holds with
+        `start <= at <= end`, oldest first, as telegrams sent at `at` (a run that records its readings only)."""
+        held = [r for r in self.readings if start <= r.at <= end]
+        return [
+            Send(at, self.u.id, self.topic, self._telegram([self._wire(r) for r in chunk], at, chunk[0].meter))
+            for chunk in _chunks(held)
+        ]
 
     @property
     def topic(self) -> str:
@@ -363,6 +366,18 @@ class Scenario:
             out.extend(sim.step(t, self.injected))
         out.extend(unknown_sends(t, len(self.sims), self.faults.unknown, self.rng, self.zone, self.injected))
         return out
+
+
+def _chunks(readings: list[_Reading]) -> list[list[_Reading]]:
+    """Readings in telegrams of up to MAX_READINGS, in order; a telegram names one meter, so a replacement
+    among them starts a new one."""
+    chunks: list[list[_Reading]] = []
+    for r in readings:
+        if chunks and chunks[-1][-1].meter == r.meter and len(chunks[-1]) < MAX_READINGS:
+            chunks[-1].append(r)
+        else:
+            chunks.append([r])
+    return chunks
 
 
 def _first(sim: UnitSim, t: int) -> _Reading:

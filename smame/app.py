@@ -27,6 +27,7 @@ from aggregator.sqlite import file_identity, sqlite_path
 from aggregator.store import Deposed, Store, StoreError
 from aggregator.writer import Writer, WriterError
 from broker_bridge.bridge import Bridge, BrokerTarget, target_from_url, tls_context
+from broker_bridge.devices import Devices
 from broker_bridge.telegram import Rules
 from csv_export.exporter import Exporter
 from ftp_gateway.accounts import Accounts, Bans, Doorway
@@ -361,6 +362,7 @@ class App:
     web: tuple[WebServer, Store] | None = None
     clock: Callable[[], float] = time.time
     bans: Bans | None = None  # the node's one ban list (its gateway's and web server's)
+    devices: Devices | None = None  # the leader's commands to units
     _reloading: asyncio.Lock = field(default_factory=asyncio.Lock)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -439,6 +441,10 @@ class App:
             web = build_web(settings, registry, grid, bans, clock, exporter.stats if exporter else None, about)
         app = cls(settings, registry, writer, bridge, exporter, gateway, monitor, leadership, web, clock)
         app.bans = bans if gateway is not None or web is not None else None
+        if settings.devices.enabled:
+            # a connection of its own: a command or an answer never waits on ingest's commits
+            devices_store = open_store(settings, application_name=leader_session)
+            app.devices = Devices(broker_target(settings), devices_store, settings.devices, clock)
         if leadership is not None:
             leadership.ingest_fault = app.leader_fault
             leadership.report = app.node_report
@@ -534,6 +540,8 @@ class App:
             # that is down is only alerted after alerts.broker_down_s anyway
             out["monitor"] = functools.partial(self.after_ingest, self.monitor.run, MONITOR_WAIT_S)
             out["outbox"] = self.monitor.outbox.run
+        if self.devices is not None:
+            out["devices"] = functools.partial(self.after_ingest, self.devices.run, MONITOR_WAIT_S)
         return out
 
     async def lead(self) -> None:
@@ -762,6 +770,8 @@ class App:
                 self.exporter.close()
             if self.monitor is not None:
                 self.monitor.store.close()
+            if self.devices is not None:
+                self.devices.store.close()
             if self.web is not None:
                 self.web[1].close()
             if self.gateway is not None and self.gateway.store is not None:

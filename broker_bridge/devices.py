@@ -1,0 +1,188 @@
+"""Commands to units: the leader publishes the store's queued commands to their units and keeps their answers
+(docs/devices.md, `kernel.commands`).
+
+A connection of its own (client id `<broker.client_id>-devices`, a persistent session), so that ingest's never
+waits on it. A command is published at QoS 1 with MQTT 5 request/response properties (response topic,
+correlation data = its id, message expiry = what is left of its life), so that a unit that is away gets it when
+it comes back, or never once it has lapsed. It is noted `sent` when the broker took it for a unit's session; a
+broker that had no subscriber for it (a unit that never connected with a session) keeps it `queued`, published
+again `devices.retry_s` later under the same id. Answers are acknowledged to the broker only after the store
+has them, so none is lost to a crash; an answer that is no answer is acknowledged, counted with its reason and
+dropped. A new leader reads the same store: it publishes what is still queued, and nothing under a new id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from aggregator.store import CommandRow, Store
+from broker_bridge.bridge import BrokerTarget
+from broker_bridge.mqtt import Message, MqttClient, MqttError, request_properties
+from kernel.commands import Answer, cmd_topic, command_payload, read_answer, res_topic
+from kernel.settings import DevicesSettings
+
+log = logging.getLogger("smame.devices")
+
+ANSWERS_TOPIC = "smame/v1/+/res"
+NO_SUBSCRIBERS = 0x10  # PUBACK reason: the broker had no subscription matching the message
+TICK_S = 1.0  # how often the queue and the expiries are looked at when no answer wakes the loop
+BURST = 500  # commands published at most a tick (and at most rate_per_s worth of them)
+
+
+@dataclass
+class DeviceStats:
+    """What the commands' service did since start, for the metrics and the console."""
+
+    connected: bool = False
+    last_error: str = ""
+    published: int = 0
+    unheard: int = 0  # published, but no session took it
+    answers: int = 0  # answers applied to their commands
+    unmatched: int = 0  # well-formed answers to no open command of that unit (a redelivery, a stray)
+    refused: Counter[str] = field(default_factory=Counter)  # answers that were none, by reason
+    expired: int = 0
+
+
+class Devices:
+    """The leader's sender of commands and reader of answers (one per leading node)."""
+
+    def __init__(
+        self,
+        target: BrokerTarget,
+        store: Store,
+        settings: DevicesSettings,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.target = target
+        self.store = store
+        self.settings = settings
+        self.clock = clock
+        self.stats = DeviceStats()
+        self._answers: list[Answer] = []
+        self._acks: list[int] = []
+        self._wake = asyncio.Event()
+        self._budget = 0.0
+
+    @property
+    def client_id(self) -> str:
+        return f"{self.target.client_id[:100]}-devices"
+
+    async def run(self) -> None:
+        """Connect, subscribe to the answers, and publish and keep until cancelled; reconnects for ever."""
+        t = self.target
+        delay = t.reconnect_min
+        while True:
+            client = MqttClient(on_messages=self._on_messages)
+            self._answers, self._acks = [], []  # unacknowledged: the broker delivers them again
+            try:
+                await client.connect(
+                    t.host,
+                    t.port,
+                    self.client_id,
+                    username=t.username,
+                    password=t.password,
+                    tls=t.tls,
+                    session_expiry=t.session_expiry,
+                    keepalive=t.keepalive,
+                )
+                await client.subscribe(ANSWERS_TOPIC, qos=1)
+            except Exception as exc:  # refused, reset, garbled: try again later
+                client.close()
+                self.stats.connected = False
+                self.stats.last_error = str(exc) or type(exc).__name__
+                log.warning("commands: broker %s:%s unreachable: %s; retrying in %.1f s", t.host, t.port, exc, delay)
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, t.reconnect_max)
+                continue
+            self.stats.connected, self.stats.last_error, delay = True, "", t.reconnect_min
+            work = asyncio.create_task(self._serve(client), name="devices-serve")
+            try:
+                await asyncio.wait({work, client.closed}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                work.cancel()
+                await asyncio.gather(work, return_exceptions=True)
+                client.close()
+            if work.done() and not work.cancelled() and work.exception() is not None:
+                if not isinstance(work.exception(), MqttError):
+                    raise work.exception()  # type: ignore[misc]
+            self.stats.connected = False
+            self.stats.last_error = str(client.closed.exception() or "connection closed")
+            log.warning("commands: lost the broker: %s", self.stats.last_error)
+
+    def _on_messages(self, messages: list[Message]) -> None:
+        for m in messages:
+            got = read_answer(m.topic, m.payload)
+            if isinstance(got, str):
+                self.stats.refused[got.split(":")[0][:40]] += 1
+                log.debug("commands: refused an answer on %s: %s", m.topic[:100], got)
+            else:
+                self._answers.append(got)
+            if m.packet_id is not None:
+                self._acks.append(m.packet_id)  # acknowledged once the answers before it are kept
+        if messages:
+            self._wake.set()
+
+    async def _serve(self, client: MqttClient) -> None:
+        last = self.clock()
+        while True:
+            now = self.clock()
+            self._budget = min(self._budget + (now - last) * self.settings.rate_per_s, max(self.settings.rate_per_s, 1))
+            last = now
+            await self._keep_answers(client)
+            expired = await self.store.call(self.store.expire_commands, int(now))
+            if expired:
+                self.stats.expired += len(expired)
+                log.info("commands: %d expired with no answer", len(expired))
+            await self._publish_due(client, int(now))
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), TICK_S)
+            except TimeoutError:
+                pass
+
+    async def _keep_answers(self, client: MqttClient) -> None:
+        answers, acks = self._answers, self._acks
+        self._answers, self._acks = [], []
+        if answers:
+            applied = await self.store.call(self.store.answer_commands, answers, int(self.clock()))
+            self.stats.answers += sum(applied)
+            self.stats.unmatched += len(applied) - sum(applied)
+        if acks:
+            client.ack(acks)  # only now that the store has them
+
+    async def _publish_due(self, client: MqttClient, now: int) -> None:
+        room = min(int(self._budget), BURST)
+        if room <= 0:
+            return
+        due = await self.store.call(self.store.due_commands, now, room)
+        if not due:
+            return
+        self._budget -= len(due)
+        codes = await asyncio.gather(*(self._publish(client, c, now) for c in due), return_exceptions=True)
+        results = []
+        for c, code in zip(due, codes, strict=True):
+            if isinstance(code, BaseException):  # the connection went: it stays queued, sent again on the next
+                continue
+            taken = code != NO_SUBSCRIBERS
+            self.stats.published += 1
+            self.stats.unheard += not taken
+            detail = "" if taken else "no session of the unit at the broker (it never connected with one)"
+            results.append((c.id, taken, detail, now + self.settings.retry_s))
+        if results:
+            await self.store.call(self.store.commands_published, results, now)
+        failed = [c for c in codes if isinstance(c, BaseException)]
+        if failed:
+            raise failed[0]
+
+    async def _publish(self, client: MqttClient, c: CommandRow, now: int) -> int:
+        life = c.expires - now
+        payload = command_payload(c.id, c.op, json.loads(c.args), c.expires)
+        props = request_properties(res_topic(c.unit), c.id.encode(), life)
+        return await client.publish(cmd_topic(c.unit), payload, properties=props)

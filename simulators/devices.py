@@ -1,0 +1,181 @@
+"""The units' side of device management (devices.md): each simulated unit on a connection of its own, with a
+persistent session, reads its `cmd` topic, carries out each command id at most once and answers on `res`.
+
+A command is acknowledged to the broker only after the unit answered it, so one that was in hand when the unit
+was cut off comes again; the unit remembers the ids it carried out (and its answers), answers such a one again
+and does not carry it out twice. A command past its `expires` is rejected, not carried out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+import msgspec
+
+from broker_bridge.mqtt import ConnectionRefused, Message, MqttClient, MqttError
+from kernel.commands import INTERVALS, CommandError, check_args, cmd_topic, res_topic
+from simulators.publisher import Endpoint
+from simulators.scenario import Send
+
+log = logging.getLogger("smame.simulate")
+
+REMEMBER = 64  # command ids (and answers) a unit keeps
+SESSION_S = 86400  # how long the broker keeps a unit's session while it is away
+
+
+class _Command(msgspec.Struct, forbid_unknown_fields=False):
+    v: int
+    id: str
+    op: str
+    args: dict[str, Any] = {}
+    expires: datetime | None = None
+
+
+_decode = msgspec.json.Decoder(_Command).decode
+
+
+class UnitDevice:
+    """One unit's command handling (pure: the time and what it resends are handed to it)."""
+
+    def __init__(
+        self,
+        unit: str,
+        fw: str = "2.3.0",
+        resend: Callable[[int, int, float], list[Send]] = lambda start, end, at: [],
+    ) -> None:
+        self.unit = unit
+        self.fw = fw
+        self.resend = resend
+        self.config: dict[str, Any] = {"interval_min": 30, "brokers": [], "diag_every": 1}
+        self.boots = 0
+        self.carried_out: Counter[str] = Counter()  # command id -> times carried out (at most 1)
+        self._answers: OrderedDict[str, bytes] = OrderedDict()
+
+    def handle(self, payload: bytes, now: float) -> tuple[list[Send], bool]:
+        """What the unit publishes for one `cmd` message (its answer last), and whether it reboots."""
+        try:
+            c = _decode(payload)
+        except (msgspec.DecodeError, UnicodeDecodeError):
+            return [], False  # nothing to answer to
+        known = self._answers.get(c.id)
+        if known is not None:  # carried out before: answered again, not done again
+            return [self._send(known, now)], False
+        out: list[Send] = []
+        reboot = False
+        if c.expires is not None and c.expires.timestamp() <= now:
+            status, detail, state = "rejected", "expired before it arrived", None
+        else:
+            self.carried_out[c.id] += 1
+            status, detail, state, out, reboot = self._carry_out(c, now)
+        answer = msgspec.json.encode({"v": 1, "id": c.id, "status": status, "detail": detail, "state": state})
+        self._answers[c.id] = answer
+        while len(self._answers) > REMEMBER:
+            self._answers.popitem(last=False)
+        return [*out, self._send(answer, now)], reboot
+
+    def _carry_out(self, c: _Command, now: float) -> tuple[str, str, dict[str, Any] | None, list[Send], bool]:
+        try:
+            args = check_args(c.op, dict(c.args))
+        except CommandError as exc:
+            return "rejected", str(exc), None, [], False
+        if c.op == "ping":
+            return "done", "", {"fw": self.fw, "boot": self.boots, **self.config}, [], False
+        if c.op == "reboot":
+            self.boots += 1
+            return "accepted", "rebooting", None, [], True
+        if c.op == "set":
+            if args.get("interval_min") not in (None, *INTERVALS):
+                return "rejected", "interval not supported", None, [], False
+            self.config.update(args)
+            return "done", "", dict(self.config), [], False
+        if c.op == "resend":
+            start = int(datetime.fromisoformat(args["from"]).timestamp())
+            end = int(datetime.fromisoformat(args["to"]).timestamp())
+            sends = self.resend(start, end, now)
+            return "done", f"{len(sends)} telegrams", {"telegrams": len(sends)}, sends, False
+        return "rejected", f"{c.op} is not supported by this unit", None, [], False
+
+    def _send(self, answer: bytes, now: float) -> Send:
+        return Send(now, self.unit, res_topic(self.unit), answer)
+
+
+class DeviceFleet:
+    """Simulated units, each on its own connection (client id and user name its unit id), answering commands.
+    `online(unit, False)` takes a unit off the broker (its session kept), `True` brings it back."""
+
+    def __init__(self, endpoint: Endpoint, devices: list[UnitDevice], clock: Callable[[], float]) -> None:
+        self.endpoint = endpoint
+        self.devices = {d.unit: d for d in devices}
+        self.clock = clock
+        self.clients: dict[str, MqttClient] = {}
+        self._queues: dict[str, asyncio.Queue[Message | None]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        """Connect every unit and subscribe it to its commands."""
+        await asyncio.gather(*(self.online(u, True) for u in self.devices))
+
+    async def online(self, unit: str, up: bool) -> None:
+        """Bring a unit onto the broker (resuming its session) or take it off (its session kept)."""
+        if not up:
+            client = self.clients.pop(unit, None)
+            if client is not None:
+                await client.disconnect()
+            return
+        queue: asyncio.Queue[Message | None] = asyncio.Queue()
+        client = MqttClient(on_messages=lambda messages: _put_all(queue, messages))
+        e = self.endpoint
+        await client.connect(
+            e.host,
+            e.port,
+            unit,
+            username=unit if e.password_of(unit) is not None else None,
+            password=e.password_of(unit),
+            tls=e.tls,
+            session_expiry=SESSION_S,
+            keepalive=60,
+        )
+        await client.subscribe(cmd_topic(unit), qos=1)
+        self.clients[unit] = client
+        task = asyncio.create_task(self._serve(unit, client, queue), name=f"unit-{unit}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, unit: str, client: MqttClient, queue: asyncio.Queue[Message | None]) -> None:
+        device = self.devices[unit]
+        client.closed.add_done_callback(lambda _: queue.put_nowait(None))  # the end of this connection's commands
+        while True:
+            m = await queue.get()
+            if m is None:
+                return
+            sends, reboot = device.handle(m.payload, self.clock())
+            try:
+                for s in sends:
+                    await client.publish(s.topic, s.payload)
+            except (MqttError, ConnectionRefused):
+                return  # cut off before answering: the broker delivers the command again
+            if m.packet_id is not None:
+                client.ack([m.packet_id])
+            if reboot:  # off the broker for a moment, its session kept, then back
+                await self.online(unit, False)
+                await asyncio.sleep(0.2)
+                await self.online(unit, True)
+                return
+
+    async def close(self) -> None:
+        """Take every unit off the broker."""
+        for unit in list(self.clients):
+            await self.online(unit, False)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _put_all(queue: asyncio.Queue[Message | None], messages: list[Message]) -> None:
+    for m in messages:
+        queue.put_nowait(m)

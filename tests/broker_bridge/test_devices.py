@@ -1,0 +1,143 @@
+"""Commands to units over a real Mosquitto: the leader's sender (broker_bridge.devices) against the simulator's
+units (simulators.devices), online, away and never seen, with expiry and redelivery."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from aggregator.backends import open_url
+from aggregator.store import CommandRow, Store
+from broker_bridge.devices import Devices
+from broker_bridge.mqtt import CORRELATION_DATA, MESSAGE_EXPIRY, RESPONSE_TOPIC, Message, MqttClient
+from kernel.commands import State, cmd_topic
+from kernel.settings import DevicesSettings
+from simulators.devices import DeviceFleet, UnitDevice
+from simulators.publisher import Endpoint
+from tests.broker_bridge.test_bridge import target
+from tests.helpers import Mosquitto
+
+
+def queue(store: Store, command_id: str, unit: str, op: str = "ping", args: str = "{}", life: int = 600) -> None:
+    now = int(time.time())
+    row = CommandRow(command_id, unit, op, args, now, now + life, "test", "here", State.QUEUED, now, now, 0, "", "")
+    store.add_commands([row], [])
+
+
+async def settled(store: Store, command_id: str, states: set[str], seconds: float = 15.0) -> CommandRow:
+    """The command once it is in one of `states` (TimeoutError after `seconds`)."""
+    async with asyncio.timeout(seconds):
+        while True:
+            row = store.command(command_id)
+            if row is not None and row.state in states:
+                return row
+            await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def leader(broker: Mosquitto, tmp_path: Path) -> AsyncIterator[Callable[[], Store]]:
+    """The leader's commands service running on a store of its own; yields a reader of that store."""
+    url = f"sqlite:///{tmp_path / 'smame.db'}"
+    store = open_url(url)
+    devices = Devices(target(broker.port, f"devices-{tmp_path.name}"), store, DevicesSettings(retry_s=1))
+    task = asyncio.create_task(devices.run())
+    reader = open_url(url)
+    yield lambda: reader
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    store.close()
+    reader.close()
+
+
+async def test_commands_reach_units_online_and_away_and_their_answers_are_kept(
+    broker: Mosquitto, leader: Callable[[], Store], tmp_path: Path
+) -> None:
+    store = leader()
+    units = [f"DV{tmp_path.name[-6:]}{i}" for i in range(3)]
+    devices = [UnitDevice(u) for u in units]
+    fleet = DeviceFleet(Endpoint("127.0.0.1", broker.port), devices, time.time)
+    await fleet.start()
+    try:
+        online, away, _ = units
+        queue(store, "ping-1", online)
+        queue(store, "set-1", online, "set", json.dumps({"interval_min": 15}))
+        queue(store, "boot-1", online, "reboot")
+        done = await settled(store, "ping-1", {State.DONE})
+        assert json.loads(done.answer)["interval_min"] in (15, 30)
+        assert json.loads((await settled(store, "set-1", {State.DONE})).answer)["interval_min"] == 15
+        assert devices[0].config["interval_min"] == 15
+        await settled(store, "boot-1", {State.ACCEPTED})
+        assert devices[0].boots == 1
+
+        # a unit away with its session: the broker holds the command, the unit does it when it is back
+        await fleet.online(away, False)
+        queue(store, "ping-2", away)
+        assert (await settled(store, "ping-2", {State.SENT})).tries == 1
+        await asyncio.sleep(0.5)
+        assert store.command("ping-2").state == State.SENT  # type: ignore[union-attr]
+        await fleet.online(away, True)
+        await settled(store, "ping-2", {State.DONE})
+        assert devices[1].carried_out == {"ping-2": 1}
+    finally:
+        await fleet.close()
+
+
+async def test_a_command_lapses_at_its_expiry_and_an_away_unit_never_does_it(
+    broker: Mosquitto, leader: Callable[[], Store], tmp_path: Path
+) -> None:
+    store = leader()
+    away, never = f"DX{tmp_path.name[-6:]}0", f"DX{tmp_path.name[-6:]}1"
+    device = UnitDevice(away)
+    fleet = DeviceFleet(Endpoint("127.0.0.1", broker.port), [device], time.time)
+    await fleet.start()
+    try:
+        await fleet.online(away, False)
+        queue(store, "short", away, life=2)
+        queue(store, "nobody", never, life=3)  # no session at the broker: queued, tried again, then lapsed
+        await settled(store, "short", {State.SENT})
+        expired = await settled(store, "short", {State.EXPIRED}, 10)
+        assert "expiry" in expired.detail
+        nobody = await settled(store, "nobody", {State.EXPIRED}, 10)
+        assert nobody.tries >= 2  # published again under the same id while it lived
+        await fleet.online(away, True)
+        await asyncio.sleep(1.0)
+        assert device.carried_out == {}  # the broker dropped it at its expiry
+    finally:
+        await fleet.close()
+
+
+async def test_a_command_redelivered_after_a_cut_is_done_once_and_carries_request_response_properties(
+    broker: Mosquitto, leader: Callable[[], Store], tmp_path: Path
+) -> None:
+    store = leader()
+    unit = f"DR{tmp_path.name[-6:]}"
+    device = UnitDevice(unit)
+    # the unit's first life: it takes the command and carries it out, then is cut off before it answers
+    first = MqttClient()
+    got: list[Message] = []
+    first.on_messages = got.extend
+    await first.connect("127.0.0.1", broker.port, unit, session_expiry=600)
+    await first.subscribe(cmd_topic(unit), qos=1)
+    queue(store, "reboot-1", unit, "reboot")
+    async with asyncio.timeout(10):
+        while not got:
+            await asyncio.sleep(0.05)
+    props = got[0].properties or {}
+    assert props[RESPONSE_TOPIC] == f"smame/v1/{unit}/res".encode()
+    assert props[CORRELATION_DATA] == b"reboot-1"
+    assert 0 < int(props[MESSAGE_EXPIRY]) <= 600  # type: ignore[call-overload]
+    device.handle(got[0].payload, time.time())
+    first.close()  # no PUBACK, no answer
+    assert device.boots == 1
+    fleet = DeviceFleet(Endpoint("127.0.0.1", broker.port), [device], time.time)
+    await fleet.start()
+    try:
+        await settled(store, "reboot-1", {State.ACCEPTED})
+        assert device.carried_out == {"reboot-1": 1} and device.boots == 1
+    finally:
+        await fleet.close()
