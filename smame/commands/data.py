@@ -16,6 +16,7 @@ from kernel.timegrid import Grid
 from monitoring.fleet import STATES, fleet_states
 from monitoring.inventory import BANDS, UNKNOWN, Newest, band
 from smame.app import RegistryHolder, open_store
+from smame.commands import devices
 from smame.commands.args import Subcommands, local_date
 
 
@@ -31,6 +32,7 @@ def add(sub: Subcommands, common: argparse.ArgumentParser) -> None:
         help="only units of this signal band on their newest day (excellent >= -80 dBm, good, fair, poor < -100)",
     )
     units.set_defaults(func=_units)
+    devices.add_to(units, common)
 
     slots = sub.add_parser("slots", parents=[common], help="print a unit's slots of one local day")
     slots.add_argument("--unit", required=True)

@@ -1,0 +1,149 @@
+"""`smame units cmd`, `smame units commands` and `smame units cancel`: commands to units (docs/devices.md).
+
+The command line writes a command into the store (queued, with who asked and from where); the leading node's
+`smame run` publishes it and keeps the unit's answer. `--wait` follows the commands until each has its answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import socket
+import sys
+import time
+import uuid
+from datetime import datetime
+
+from aggregator.store import CommandRow, Store
+from kernel.commands import FINAL, CommandError, State, check_args, parse_arg_pairs
+from kernel.settings import Settings
+from smame.app import RegistryHolder, open_store
+from smame.commands.args import non_negative, positive
+
+WAIT_POLL_S = 0.5
+
+
+def add_to(units: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
+    """Add `cmd`, `commands` and `cancel` under `smame units`."""
+    sub = units.add_subparsers(dest="action", metavar="ACTION", required=False)
+    cmd = sub.add_parser(
+        "cmd",
+        parents=[common],
+        help="send a command to units: ping, reboot, set, resend, fw",
+        description="Queue a command for units; the leading node sends it and keeps each unit's answer.",
+    )
+    cmd.add_argument("op", help="ping, reboot, set, resend or fw")
+    cmd.add_argument("args", nargs="*", metavar="KEY=VALUE", help="its arguments (set interval_min=15, ...)")
+    target = cmd.add_mutually_exclusive_group(required=True)
+    target.add_argument("--unit", action="append", help="this unit (repeat for more)")
+    target.add_argument("--customer", help="every unit of this customer")
+    cmd.add_argument("--expires", type=positive, metavar="SECONDS", help="its life (default devices.expiry_s)")
+    cmd.add_argument("--wait", type=non_negative, metavar="SECONDS", help="wait this long for the answers")
+    cmd.set_defaults(func=_cmd)
+
+    listing = sub.add_parser("commands", parents=[common], help="list commands with their state and answer")
+    listing.add_argument("--unit", help="only this unit's")
+    listing.add_argument("--limit", type=positive, default=50, help="newest N (default 50)")
+    listing.set_defaults(func=_list)
+
+    cancel = sub.add_parser("cancel", parents=[common], help="withdraw a command not yet sent")
+    cancel.add_argument("id", help="the command's id")
+    cancel.set_defaults(func=_cancel)
+
+
+def _who() -> tuple[str, str]:
+    """Who asks from the command line (the administrator's account), and from which host."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"cli:{user}", socket.gethostname()
+
+
+def _cmd(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        op_args = check_args(args.op, parse_arg_pairs(args.args))
+    except CommandError as exc:
+        print(f"smame units cmd: {exc}", file=sys.stderr)
+        return 2
+    registry = RegistryHolder(settings).current
+    if args.customer is not None:
+        if args.customer not in registry.customers:
+            where = settings.registry.customers
+            print(f"smame units cmd: customer {args.customer!r} is not in {where}", file=sys.stderr)
+            return 2
+        units = [u.id for u in registry.units_of(args.customer)]
+    else:
+        unknown = [u for u in args.unit if u not in registry.units]
+        if unknown:
+            print(f"smame units cmd: unit {unknown[0]!r} is not in {settings.registry.units}", file=sys.stderr)
+            return 2
+        units = list(dict.fromkeys(args.unit))
+    now = int(time.time())
+    expires = now + (args.expires or settings.devices.expiry_s)
+    who, origin = _who()
+    text = json.dumps(op_args, separators=(",", ":"))
+    rows = [
+        CommandRow(uuid.uuid4().hex, u, args.op, text, now, expires, who, origin, State.QUEUED, now, now, 0, "", "")
+        for u in units
+    ]
+    audit = [(now, who, origin, f"command {args.op}", r.unit, f"{r.id} {text}") for r in rows]
+    with open_store(settings, create=False) as store:
+        store.add_commands(rows, audit)
+        print(f"{len(rows)} command(s) {args.op} queued, expiring {_when(expires)}")
+        if not args.wait:
+            for r in rows:
+                print(f"{r.id} {r.unit}")
+            return 0
+        return _wait(store, [r.id for r in rows], args.wait)
+
+
+def _wait(store: Store, ids: list[str], seconds: float) -> int:
+    deadline = time.monotonic() + seconds
+    while True:
+        rows = [r for r in (store.command(i) for i in ids) if r is not None]
+        open_ = [r for r in rows if r.state not in FINAL and not (r.op == "reboot" and r.state == State.ACCEPTED)]
+        if not open_ or time.monotonic() >= deadline:
+            break
+        time.sleep(WAIT_POLL_S)
+    for r in rows:
+        _print(r)
+    good = {State.DONE, State.ACCEPTED}
+    return 0 if all(r.state in good for r in rows) else 1
+
+
+def _list(settings: Settings, args: argparse.Namespace) -> int:
+    with open_store(settings, create=False) as store:
+        rows = store.commands(args.unit, args.limit)
+    print(f"{len(rows)} command(s)" + (f" of {args.unit}" if args.unit else ""))
+    for r in rows:
+        _print(r)
+    return 0
+
+
+def _cancel(settings: Settings, args: argparse.Namespace) -> int:
+    who, origin = _who()
+    with open_store(settings, create=False) as store:
+        row = store.command(args.id)
+        if row is None:
+            print(f"smame units cancel: no command {args.id!r}", file=sys.stderr)
+            return 2
+        if not store.cancel_command(args.id, int(time.time()), who, origin):
+            print(f"smame units cancel: command {args.id} is {row.state}, not queued: it cannot be withdrawn")
+            return 1
+    print(f"command {args.id} cancelled")
+    return 0
+
+
+def _print(r: CommandRow) -> None:
+    line = f"{r.id} {r.unit:<16} {r.op:<7} {r.state:<9} {_when(r.changed)}"
+    if r.detail:
+        line += f"  {r.detail}"
+    if r.answer:
+        line += f"  {r.answer}"
+    print(line)
+
+
+def _when(epoch: int) -> str:
+    return datetime.fromtimestamp(epoch).astimezone().isoformat(timespec="seconds")

@@ -1,0 +1,120 @@
+"""Commands from the command line through `smame run` to a simulated unit and back, and a gap refilled by `resend`."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Coroutine, Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from simulators.devices import DeviceFleet, UnitDevice
+from simulators.publisher import Endpoint
+from simulators.scenario import Send
+from tests.helpers import (
+    Mosquitto,
+    publish,
+    readings_in,
+    smame,
+    smame_env,
+    start_smame,
+    stop,
+    telegram,
+    wait_readings,
+    write_registry,
+    yesterday,
+)
+
+T = TypeVar("T")
+
+
+class Units:
+    """Simulated units answering commands, on an event loop of their own beside the test."""
+
+    def __init__(self, port: int, devices: list[UnitDevice]) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.fleet = self.call(self._make(port, devices))
+        self.call(self.fleet.start())
+
+    async def _make(self, port: int, devices: list[UnitDevice]) -> DeviceFleet:
+        return DeviceFleet(Endpoint("127.0.0.1", port), devices, time.time)
+
+    def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
+
+    def close(self) -> None:
+        self.call(self.fleet.close())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+@pytest.fixture
+def running(broker: Mosquitto, workdir: Path) -> Iterator[dict[str, str]]:
+    """`smame run` on the test broker for units DU1 and DU2 (customer C1); yields its environment."""
+    write_registry(workdir, {"DU1": "C1", "DU2": "C1"})
+    env = smame_env(workdir, broker.port, SMAME_EXPORT__ENABLED="false", SMAME_DEVICES__RETRY_S="1")
+    proc = start_smame(env, workdir / "smame.log")
+    deadline = time.monotonic() + 30
+    while "subscribed" not in (workdir / "smame.log").read_text(errors="replace"):
+        assert time.monotonic() < deadline and proc.poll() is None, (workdir / "smame.log").read_text()
+        time.sleep(0.1)
+    yield env
+    stop(proc)
+
+
+def test_an_operator_commands_units_from_the_command_line_and_sees_their_answers(
+    broker: Mosquitto, running: dict[str, str]
+) -> None:
+    units = Units(broker.port, [UnitDevice("DU1"), UnitDevice("DU2", fw="2.2.9")])
+    try:
+        out = smame(["units", "cmd", "ping", "--customer", "C1", "--wait", "20"], running).stdout
+        assert out.startswith("2 command(s) ping queued")
+        lines = {line.split()[1]: line for line in out.splitlines()[1:]}
+        assert " done " in lines["DU1"] and '"fw":"2.3.0"' in lines["DU1"]
+        assert " done " in lines["DU2"] and '"fw":"2.2.9"' in lines["DU2"]
+        set_out = smame(["units", "cmd", "set", "interval_min=15", "--unit", "DU1", "--wait", "20"], running)
+        assert " done " in set_out.stdout and units.fleet.devices["DU1"].config["interval_min"] == 15
+        refused = smame(["units", "cmd", "set", "interval_min=7", "--unit", "DU1"], running, check=False)
+        assert refused.returncode == 2 and "interval_min 7" in refused.stderr and "Traceback" not in refused.stderr
+        unknown = smame(["units", "cmd", "ping", "--unit", "XX9"], running, check=False)
+        assert unknown.returncode == 2 and "XX9" in unknown.stderr
+        listed = smame(["units", "commands", "--unit", "DU1"], running).stdout.splitlines()
+        assert listed[0] == "2 command(s) of DU1" and all(" done " in line for line in listed[1:])
+    finally:
+        units.close()
+
+
+def test_a_gap_the_broker_lost_is_refilled_by_resend(broker: Mosquitto, running: dict[str, str], workdir: Path) -> None:
+    day = yesterday()
+    start = datetime.fromisoformat(f"{day}T00:00:00+09:00")
+    history = [(start + timedelta(minutes=30 * i), 1000 + 10 * i) for i in range(13)]  # 00:00 .. 06:00, 1 kWh each
+    lost = {4, 5, 6, 7}  # 02:00 .. 03:30 were acknowledged to the unit, then lost with the broker
+    publish(
+        broker.port, [("smame/v1/DU1/reading", telegram("DU1", [r])) for i, r in enumerate(history) if i not in lost]
+    )
+    db = workdir / "data" / "smame.db"
+    wait_readings(db, len(history) - len(lost))
+
+    def resend(frm: int, to: int, now: float) -> list[Send]:
+        held = [r for r in history if frm <= r[0].timestamp() <= to]
+        return [Send(now, "DU1", "smame/v1/DU1/reading", telegram("DU1", held, seq=2))]
+
+    units = Units(broker.port, [UnitDevice("DU1", resend=resend)])
+    try:
+        asked = ["from=" + history[3][0].isoformat(), "to=" + history[8][0].isoformat()]
+        out = smame(["units", "cmd", "resend", *asked, "--unit", "DU1", "--wait", "20"], running).stdout
+        assert " done " in out and '"telegrams":1' in out
+        wait_readings(db, len(history))
+        assert readings_in(db) == len(history)
+        time.sleep(1.0)  # the commit of the resent readings' slots
+        slots = smame(["slots", "--unit", "DU1", "--date", str(day)], running).stdout.splitlines()[2:14]
+        assert [line.split()[2:4] for line in slots] == [["1.0", "A"]] * 12
+    finally:
+        units.close()
