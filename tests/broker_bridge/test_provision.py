@@ -153,6 +153,35 @@ def test_each_unit_publishes_only_under_its_own_topic_and_ingest_only_reads(work
         broker.stop()
 
 
+def test_a_unit_reads_only_its_own_commands_and_ingest_writes_commands_and_reads_answers(workdir: Path) -> None:
+    out, port, _ = provisioned(workdir, {"U1": "C1", "U2": "C1"})
+    broker = start_broker(workdir, out, port)
+    pw = credentials(out)
+    ingest = Client(port, *ingest_login(out))
+    u1 = Client(port, "U1", pw["U1"])
+    try:
+        ingest.c.subscribe("smame/v1/+/res", qos=1)
+        u1.c.subscribe("smame/v1/+/cmd", qos=1)  # granted, then each message checked: only its own arrive
+        wait_until(lambda: ingest.granted and u1.granted)
+        assert not ingest.granted[0].is_failure
+        assert not ingest.publish("smame/v1/U1/cmd").is_failure
+        assert not ingest.publish("smame/v1/U2/cmd").is_failure
+        assert ingest.publish("smame/v1/U1/res").getName() == "Not authorized"  # cannot forge a unit's answer
+        assert ingest.publish("smame/v1/U1/status").getName() == "Not authorized"
+        assert not u1.publish("smame/v1/U1/res").is_failure
+        assert u1.publish("smame/v1/U2/res").getName() == "Not authorized"  # another unit's answer
+        assert u1.publish("smame/v1/U1/cmd").getName() == "Not authorized"  # nor a command, even to itself
+        assert u1.publish("smame/v1/U2/cmd").getName() == "Not authorized"
+        wait_until(lambda: ingest.received and u1.received)
+        time.sleep(0.3)
+        assert ingest.received == ["smame/v1/U1/res"]
+        assert u1.received == ["smame/v1/U1/cmd"]
+    finally:
+        ingest.close()
+        u1.close()
+        broker.stop()
+
+
 def test_anonymous_unknown_users_and_wrong_passwords_are_refused(workdir: Path) -> None:
     out, port, _ = provisioned(workdir, {"U1": "C1"})
     broker = start_broker(workdir, out, port)
