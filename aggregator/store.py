@@ -785,21 +785,18 @@ class Store(ABC):
         return out
 
     def expire_commands(self, now: int) -> list[str]:
-        """Commands not yet taken by their unit whose expiry has passed are expired; their ids."""
+        """Commands not yet taken by their unit whose expiry has passed are expired; their ids. Looked for before
+        any write: most looks find none, and take no write lock."""
+        # the states written out, not bound: the partial index commands_open is used only so
+        look = "SELECT id FROM commands WHERE state IN ('queued', 'sent') AND expires <= ?"
+        if self.execute(look + " LIMIT 1", (now,)).fetchone() is None:
+            return []
         with self.transaction():
-            ids = [
-                str(i)
-                for (i,) in self.execute(
-                    # the states written out, not bound: the partial index commands_open is used only so
-                    "SELECT id FROM commands WHERE state IN ('queued', 'sent') AND expires <= ?",
-                    (now,),
-                ).fetchall()
-            ]
-            for i in ids:
-                self.execute(
-                    "UPDATE commands SET state = ?, changed = ?, detail = ? WHERE id = ?",
-                    (State.EXPIRED, now, "no answer from the unit before the command's expiry", i),
-                )
+            ids = [str(i) for (i,) in self.execute(look, (now,)).fetchall()]
+            self.executemany(
+                "UPDATE commands SET state = ?, changed = ?, detail = ? WHERE id = ? AND state IN ('queued', 'sent')",
+                [(State.EXPIRED, now, "no answer from the unit before the command's expiry", i) for i in ids],
+            )
             self._audit([(now, "smame", "", "command expired", i, "") for i in ids])
         return ids
 

@@ -34,6 +34,7 @@ ANSWERS_TOPIC = "smame/v1/+/res"
 NO_SUBSCRIBERS = 0x10  # PUBACK reason: the broker had no subscription matching the message
 TICK_S = 1.0  # how often the queue and the expiries are looked at when no answer wakes the loop
 BURST = 500  # commands published at most a tick (and at most rate_per_s worth of them)
+STORE_RETRY_S = 10.0  # after the store failed a tick: what was not kept is delivered again by the broker
 
 
 @dataclass
@@ -109,11 +110,15 @@ class Devices:
                 work.cancel()
                 await asyncio.gather(work, return_exceptions=True)
                 client.close()
-            if work.done() and not work.cancelled() and work.exception() is not None:
-                if not isinstance(work.exception(), MqttError):
-                    raise work.exception()  # type: ignore[misc]
             self.stats.connected = False
-            self.stats.last_error = str(client.closed.exception() or "connection closed")
+            failed = work.exception() if work.done() and not work.cancelled() else None
+            if failed is not None and not isinstance(failed, MqttError):
+                # a busy or failing store (or a bug) must not stop the rest of smame: said, and tried again
+                self.stats.last_error = f"{type(failed).__name__}: {failed}"
+                log.error("commands: %s; trying again in %.0f s", self.stats.last_error, STORE_RETRY_S)
+                await asyncio.sleep(STORE_RETRY_S)
+                continue
+            self.stats.last_error = str(client.closed.exception() or failed or "connection closed")
             log.warning("commands: lost the broker: %s", self.stats.last_error)
 
     def _on_messages(self, messages: list[Message]) -> None:

@@ -141,3 +141,32 @@ async def test_a_command_redelivered_after_a_cut_is_done_once_and_carries_reques
         assert device.carried_out == {"reboot-1": 1} and device.boots == 1
     finally:
         await fleet.close()
+
+
+async def test_a_failing_store_stops_the_commands_for_a_while_not_smame(
+    broker: Mosquitto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("broker_bridge.devices.STORE_RETRY_S", 0.5)
+    url = f"sqlite:///{tmp_path / 'smame.db'}"
+    store, other = open_url(url), open_url(url)
+    other.execute("ALTER TABLE commands RENAME TO commands_away")  # what the service asks for is not there
+    devices = Devices(target(broker.port, f"devices-{tmp_path.name}"), store, DevicesSettings())
+    task = asyncio.create_task(devices.run())
+    unit = f"DF{tmp_path.name[-6:]}"
+    fleet = DeviceFleet(Endpoint("127.0.0.1", broker.port), [UnitDevice(unit)], time.time)
+    await fleet.start()
+    try:
+        async with asyncio.timeout(10):
+            while "no such table" not in devices.stats.last_error:
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(1.0)
+        assert not task.done()  # said and tried again, not raised out of the service
+        other.execute("ALTER TABLE commands_away RENAME TO commands")
+        queue(other, "after", unit)
+        await settled(other, "after", {State.DONE})
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await fleet.close()
+        store.close()
+        other.close()
