@@ -173,6 +173,28 @@ def target_from_url(url: str) -> tuple[str, int, bool]:
     return parts.hostname or "127.0.0.1", parts.port or (8883 if tls else 1883), tls
 
 
+async def back_off(delay: float, most: float) -> float:
+    """Wait about `delay` seconds (jittered, so that many clients do not come back at once); return the next
+    delay, doubled up to `most`."""
+    await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+    return min(delay * 2, most)
+
+
+async def open_session(client: MqttClient, t: BrokerTarget, client_id: str) -> bool:
+    """Connect `client` to the target's broker as `client_id`, its session kept for `session_expiry`; return
+    whether the broker still had that session."""
+    return await client.connect(
+        t.host,
+        t.port,
+        client_id,
+        username=t.username,
+        password=t.password,
+        tls=t.tls,
+        session_expiry=t.session_expiry,
+        keepalive=t.keepalive,
+    )
+
+
 class Bridge:
     """Subscribes, batches, commits, acknowledges; reconnects for ever."""
 
@@ -228,16 +250,7 @@ class Bridge:
             client = MqttClient()
             client.on_messages = functools.partial(self._on_messages, client=client)
             try:
-                present = await client.connect(
-                    t.host,
-                    t.port,
-                    t.client_id,
-                    username=t.username,
-                    password=t.password,
-                    tls=t.tls,
-                    session_expiry=t.session_expiry,
-                    keepalive=t.keepalive,
-                )
+                present = await open_session(client, t, t.client_id)
                 # A session the broker kept starts to deliver its backlog here, ahead of the SUBACK.
                 log.info("connected to %s:%s as %s, session present: %s", t.host, t.port, t.client_id, present)
                 await client.subscribe(t.topic, qos=1)
@@ -247,8 +260,7 @@ class Bridge:
                 self.stats.connected = False
                 self.stats.last_error = str(exc) or type(exc).__name__
                 log.warning("broker %s:%s unreachable: %s; retrying in %.1f s", t.host, t.port, exc, delay)
-                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-                delay = min(delay * 2, t.reconnect_max)
+                delay = await back_off(delay, t.reconnect_max)
                 continue
             self._client = client
             self.subscribed.set()

@@ -16,14 +16,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aggregator.store import CommandRow, Store
-from broker_bridge.bridge import BrokerTarget
+from broker_bridge.bridge import BrokerTarget, back_off, open_session
 from broker_bridge.mqtt import Message, MqttClient, MqttError, request_properties
 from kernel.commands import Answer, cmd_topic, command_payload, read_answer, res_topic
 from kernel.settings import DevicesSettings
@@ -83,24 +82,14 @@ class Devices:
             client = MqttClient(on_messages=self._on_messages)
             self._answers, self._acks = [], []  # unacknowledged: the broker delivers them again
             try:
-                await client.connect(
-                    t.host,
-                    t.port,
-                    self.client_id,
-                    username=t.username,
-                    password=t.password,
-                    tls=t.tls,
-                    session_expiry=t.session_expiry,
-                    keepalive=t.keepalive,
-                )
+                await open_session(client, t, self.client_id)
                 await client.subscribe(ANSWERS_TOPIC, qos=1)
             except Exception as exc:  # refused, reset, garbled: try again later
                 client.close()
                 self.stats.connected = False
                 self.stats.last_error = str(exc) or type(exc).__name__
                 log.warning("commands: broker %s:%s unreachable: %s; retrying in %.1f s", t.host, t.port, exc, delay)
-                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-                delay = min(delay * 2, t.reconnect_max)
+                delay = await back_off(delay, t.reconnect_max)
                 continue
             self.stats.connected, self.stats.last_error, delay = True, "", t.reconnect_min
             work = asyncio.create_task(self._serve(client), name="devices-serve")
