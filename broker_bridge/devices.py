@@ -126,6 +126,7 @@ class Devices:
     async def _serve(self, client: MqttClient) -> None:
         last = self.clock()
         while True:
+            self._wake.clear()  # before the look: answers that come during it wake the next one at once
             now = self.clock()
             self._budget = min(self._budget + (now - last) * self.settings.rate_per_s, max(self.settings.rate_per_s, 1))
             last = now
@@ -135,7 +136,6 @@ class Devices:
                 self.stats.expired += len(expired)
                 log.info("commands: %d expired with no answer", len(expired))
             await self._publish_due(client, int(now))
-            self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), TICK_S)
             except TimeoutError:
