@@ -775,7 +775,7 @@ class Store(ABC):
                         f"UPDATE commands SET state = ?, changed = ?, detail = ?, "
                         f"answer = CASE WHEN ? = '' THEN answer ELSE ? END "
                         f"WHERE id = ? AND unit = ? AND state IN ({marks})",
-                        (a.status, now, a.detail, a.state.decode(), a.state.decode(), a.id, a.unit, *allowed),
+                        (a.status, now, a.detail, a.state, a.state, a.id, a.unit, *allowed),
                     ).rowcount
                     > 0
                 )

@@ -173,13 +173,14 @@ class _Answer(msgspec.Struct, forbid_unknown_fields=False):
 
 
 class Answer(msgspec.Struct, frozen=True):
-    """A unit's answer to a command, read and checked: `state` is the JSON object it sent (b"" when none)."""
+    """A unit's answer to a command, read and checked: `state` is the JSON object it sent, as its text ("" when
+    none)."""
 
     unit: str
     id: str
     status: str
     detail: str
-    state: bytes
+    state: str
 
 
 _decode_answer = msgspec.json.Decoder(_Answer).decode
@@ -202,9 +203,22 @@ def read_answer(topic: str, payload: bytes) -> Answer | str:
         return "the command id is not [A-Za-z0-9_-]{1,64}"
     if a.status not in ANSWERS:
         return f"unknown status {a.status[:32]!r}: one of {', '.join(ANSWERS)}"
-    state = bytes(a.state)
-    if state == b"null":
-        state = b""
-    elif not state.startswith(b"{") or len(state) > STATE_MAX:
-        state = b'"not kept: not an object or too large"'
-    return Answer(unit, a.id, a.status, a.detail[:DETAIL_MAX], state)
+    return Answer(unit, a.id, a.status, a.detail[:DETAIL_MAX], _kept_state(bytes(a.state)))
+
+
+_NOT_KEPT = '"not kept: not a JSON object of UTF-8 text, or too large"'
+
+
+def _kept_state(raw: bytes) -> str:
+    """An answer's `state` as it is kept: the object's text as the unit sent it, "" for none. The decoder only
+    skipped over it, so it is read here: text that is no UTF-8 (which the store could not take) or no object is
+    replaced by a note saying so, and the answer itself still counts."""
+    if raw == b"null":
+        return ""
+    if len(raw) > STATE_MAX or not raw.startswith(b"{"):
+        return _NOT_KEPT
+    try:
+        msgspec.json.decode(raw)
+        return raw.decode()
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        return _NOT_KEPT

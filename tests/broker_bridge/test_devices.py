@@ -170,3 +170,39 @@ async def test_a_failing_store_stops_the_commands_for_a_while_not_smame(
         await fleet.close()
         store.close()
         other.close()
+
+
+async def test_hostile_answers_are_counted_or_kept_with_a_note_and_never_hold_up_the_others(
+    broker: Mosquitto, tmp_path: Path
+) -> None:
+    url = f"sqlite:///{tmp_path / 'smame.db'}"
+    store, reader = open_url(url), open_url(url)
+    devices = Devices(target(broker.port, f"devices-{tmp_path.name}"), store, DevicesSettings())
+    task = asyncio.create_task(devices.run())
+    unit = f"DH{tmp_path.name[-6:]}"
+    liar = MqttClient()
+    await liar.connect("127.0.0.1", broker.port, unit, clean_start=True)
+    try:
+        async with asyncio.timeout(10):
+            while not devices.stats.connected:
+                await asyncio.sleep(0.05)
+        queue(reader, "odd", unit)
+        queue(reader, "fine", unit)
+        res = f"smame/v1/{unit}/res"
+        for payload in (
+            b"\xff\xfe not even text",
+            b'{"v":1,"id":"odd","status":"done","state":{"a":"\xff"}}',  # not UTF-8 inside an object skipped over
+            b'{"v":1,"id":"x' + b"y" * 100 + b'","status":"done"}',
+            b'{"v":1,"id":"fine","status":"done","state":{"fw":"2.3.0"}}',
+        ):
+            await liar.publish(res, payload)
+        odd = await settled(reader, "odd", {State.DONE})
+        assert "not kept" in odd.answer
+        assert json.loads((await settled(reader, "fine", {State.DONE})).answer) == {"fw": "2.3.0"}
+        assert sum(devices.stats.refused.values()) == 2 and not task.done()
+    finally:
+        liar.close()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        store.close()
+        reader.close()
