@@ -203,7 +203,9 @@ def read_answer(topic: str, payload: bytes) -> Answer | str:
         return "the command id is not [A-Za-z0-9_-]{1,64}"
     if a.status not in ANSWERS:
         return f"unknown status {a.status[:32]!r}: one of {', '.join(ANSWERS)}"
-    return Answer(unit, a.id, a.status, a.detail[:DETAIL_MAX], _kept_state(bytes(a.state)))
+    # a NUL is valid JSON text but no PostgreSQL text: it would fail the store, and the answer would come back
+    detail = a.detail[:DETAIL_MAX].replace("\x00", "")
+    return Answer(unit, a.id, a.status, detail, _kept_state(bytes(a.state)))
 
 
 _NOT_KEPT = '"not kept: not a JSON object of UTF-8 text, or too large"'

@@ -152,3 +152,14 @@ def test_the_scheduled_look_for_due_commands_seeks_the_queue_not_every_command(t
             ).fetchall()
         )
         assert "commands_open" in plan
+
+
+def test_an_answer_with_any_text_a_unit_can_send_is_kept_on_both_backends(store_url: str) -> None:
+    with open_url(store_url) as store:
+        store.add_commands([row("c1", "U1")], [])
+        payload = b'{"v":1,"id":"c1","status":"failed","detail":"nul \\u0000 here \xe2\x9c\x93"}'
+        a = read_answer("smame/v1/U1/res", payload)
+        assert not isinstance(a, str)
+        assert store.answer_commands([a], NOW + 1) == [True]
+        kept = store.command("c1")
+        assert kept is not None and (kept.state, kept.detail) == (State.FAILED, "nul  here \u2713")
