@@ -825,11 +825,6 @@ class Store(ABC):
             return self._command_rows("WHERE unit = ? ORDER BY created DESC, id LIMIT ?", (unit, limit))
         return self._command_rows("ORDER BY created DESC, id LIMIT ?", (limit,))
 
-    def record_audit(self, at: int, who: str, origin: str, action: str, target: str, detail: str) -> None:
-        """Add one entry to the audit log."""
-        with self.transaction():
-            self._audit([(at, who, origin, action, target, detail)])
-
     def _audit(self, entries: Sequence[tuple[int, str, str, str, str, str]]) -> None:
         self.executemany(f"INSERT INTO audit ({AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", entries)
 
