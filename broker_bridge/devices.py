@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from aggregator.store import CommandRow, Store
 from broker_bridge.bridge import BrokerTarget, back_off, open_session
 from broker_bridge.mqtt import Message, MqttClient, MqttError, request_properties
-from kernel.commands import Answer, cmd_topic, command_payload, read_answer, res_topic
+from kernel.commands import Answer, AnswerRefused, cmd_topic, command_payload, read_answer, res_topic
 from kernel.settings import DevicesSettings
 
 log = logging.getLogger("smame.devices")
@@ -41,12 +41,14 @@ class DeviceStats:
     """What the commands' service did since start, for the metrics and the console."""
 
     connected: bool = False
+    down_since: float | None = None  # since when it has not been connected (None while it is)
     last_error: str = ""
+    failing: str = ""  # why the last look at the store failed ("" once one works)
     published: int = 0
     unheard: int = 0  # published, but no session took it
     answers: int = 0  # answers applied to their commands
     unmatched: int = 0  # well-formed answers to no open command of that unit (a redelivery, a stray)
-    refused: Counter[str] = field(default_factory=Counter)  # answers that were none, by reason
+    refused: Counter[str] = field(default_factory=Counter)  # answers that were none, by reason (REFUSALS)
     expired: int = 0
 
 
@@ -78,6 +80,7 @@ class Devices:
         """Connect, subscribe to the answers, and publish and keep until cancelled; reconnects for ever."""
         t = self.target
         delay = t.reconnect_min
+        self.stats.down_since = self.clock()
         while True:
             client = MqttClient(on_messages=self._on_messages)
             self._answers, self._acks = [], []  # unacknowledged: the broker delivers them again
@@ -91,7 +94,8 @@ class Devices:
                 log.warning("commands: broker %s:%s unreachable: %s; retrying in %.1f s", t.host, t.port, exc, delay)
                 delay = await back_off(delay, t.reconnect_max)
                 continue
-            self.stats.connected, self.stats.last_error, delay = True, "", t.reconnect_min
+            self.stats.connected, self.stats.down_since, self.stats.last_error = True, None, ""
+            delay = t.reconnect_min
             work = asyncio.create_task(self._serve(client), name="devices-serve")
             try:
                 await asyncio.wait({work, client.closed}, return_when=asyncio.FIRST_COMPLETED)
@@ -99,11 +103,11 @@ class Devices:
                 work.cancel()
                 await asyncio.gather(work, return_exceptions=True)
                 client.close()
-            self.stats.connected = False
+            self.stats.connected, self.stats.down_since = False, self.clock()
             failed = work.exception() if work.done() and not work.cancelled() else None
             if failed is not None and not isinstance(failed, MqttError):
                 # a busy or failing store (or a bug) must not stop the rest of smame: said, and tried again
-                self.stats.last_error = f"{type(failed).__name__}: {failed}"
+                self.stats.last_error = self.stats.failing = f"{type(failed).__name__}: {failed}"
                 log.error("commands: %s; trying again in %.0f s", self.stats.last_error, STORE_RETRY_S)
                 await asyncio.sleep(STORE_RETRY_S)
                 continue
@@ -113,9 +117,9 @@ class Devices:
     def _on_messages(self, messages: list[Message]) -> None:
         for m in messages:
             got = read_answer(m.topic, m.payload)
-            if isinstance(got, str):
-                self.stats.refused[got.split(":")[0][:40]] += 1
-                log.debug("commands: refused an answer on %s: %s", m.topic[:100], got)
+            if isinstance(got, AnswerRefused):
+                self.stats.refused[got.reason] += 1
+                log.debug("commands: refused an answer on %s: %s", m.topic[:100], got.detail)
             else:
                 self._answers.append(got)
             if m.packet_id is not None:
@@ -136,6 +140,7 @@ class Devices:
                 self.stats.expired += len(expired)
                 log.info("commands: %d expired with no answer", len(expired))
             await self._publish_due(client, int(now))
+            self.stats.failing = ""
             try:
                 await asyncio.wait_for(self._wake.wait(), TICK_S)
             except TimeoutError:

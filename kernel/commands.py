@@ -186,23 +186,34 @@ class Answer(msgspec.Struct, frozen=True):
 _decode_answer = msgspec.json.Decoder(_Answer).decode
 
 
-def read_answer(topic: str, payload: bytes) -> Answer | str:
+class AnswerRefused(msgspec.Struct, frozen=True):
+    """A message on a unit's answer topic that is no answer: `reason` one of REFUSALS (a metric's label), `detail`
+    the particulars."""
+
+    reason: str
+    detail: str
+
+
+REFUSALS = ("bad_topic", "too_large", "not_answer", "unknown_version", "bad_id", "unknown_status")
+
+
+def read_answer(topic: str, payload: bytes) -> Answer | AnswerRefused:
     """A `res` message as an Answer, or why it is refused (never raises)."""
     unit = unit_of_answer(topic)
     if unit is None:
-        return f"not a unit's answer topic: {topic[:100]!r}"
+        return AnswerRefused("bad_topic", f"not a unit's answer topic: {topic[:100]!r}")
     if len(payload) > ANSWER_MAX:
-        return f"{len(payload)} bytes, over the {ANSWER_MAX} an answer may have"
+        return AnswerRefused("too_large", f"{len(payload)} bytes, over the {ANSWER_MAX} an answer may have")
     try:
         a = _decode_answer(payload)
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-        return f"not an answer: {str(exc)[:200]}"
+        return AnswerRefused("not_answer", f"not an answer: {str(exc)[:200]}")
     if a.v != VERSION:
-        return f"unknown version {a.v}"
+        return AnswerRefused("unknown_version", f"unknown version {a.v}")
     if not COMMAND_ID.fullmatch(a.id):
-        return "the command id is not [A-Za-z0-9_-]{1,64}"
+        return AnswerRefused("bad_id", "the command id is not [A-Za-z0-9_-]{1,64}")
     if a.status not in ANSWERS:
-        return f"unknown status {a.status[:32]!r}: one of {', '.join(ANSWERS)}"
+        return AnswerRefused("unknown_status", f"unknown status {a.status[:32]!r}: one of {', '.join(ANSWERS)}")
     # a NUL is valid JSON text but no PostgreSQL text: it would fail the store, and the answer would come back
     detail = a.detail[:DETAIL_MAX].replace("\x00", "")
     return Answer(unit, a.id, a.status, detail, _kept_state(bytes(a.state)))

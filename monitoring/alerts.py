@@ -26,6 +26,7 @@ TITLES = {
     "units_at_risk": "many units at risk of failing",
     "status_refused": "the units' status topic is refused",
     "health_failing": "the units' health pass fails",
+    "commands_failing": "commands to units failing",
     "delivery_failing": "report or alert delivery failing",
     "reload_refused": "registry reload refused",
     "node_faults": "a node cannot do its part",

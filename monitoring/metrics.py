@@ -11,7 +11,15 @@ from prometheus_client.registry import Collector
 
 from monitoring.at_risk import SIGNALS, by_reason
 from monitoring.monitor import Monitor
-from monitoring.sources import BanList, BridgeCounters, ExportCounters, IngestCounters, LoginEvents, Role
+from monitoring.sources import (
+    BanList,
+    BridgeCounters,
+    CommandCounters,
+    ExportCounters,
+    IngestCounters,
+    LoginEvents,
+    Role,
+)
 
 
 @dataclass
@@ -26,6 +34,7 @@ class Sources:
     bans: BanList | None = None
     monitor: Monitor | None = None
     role: Role | None = None  # None: the only node (SQLite), which always leads
+    commands: CommandCounters | None = None  # the leader's commands to units
 
 
 class SmameCollector(Collector):
@@ -88,6 +97,9 @@ class SmameCollector(Collector):
             yield from _node_metrics(self.s.monitor)
             if role is None or role.leading:  # a standby's would be what it last saw as leader, long stale
                 yield from _leader_metrics(self.s.monitor)
+        c = self.s.commands
+        if c is not None and (role is None or role.leading):  # a standby sends none
+            yield from _command_metrics(c)
         if self.s.export is not None:
             e = self.s.export
             yield _counter("smame_export_runs", "export runs", e.runs)
@@ -106,6 +118,22 @@ class SmameCollector(Collector):
             yield events
         if self.s.bans is not None:
             yield _counter("smame_files_bans", "addresses banned after repeated failed logins", self.s.bans.bans)
+
+
+def _command_metrics(c: CommandCounters) -> Iterator[Metric]:
+    """The leader's commands to units."""
+    yield _gauge("smame_commands_connected", "1 while the commands' broker connection is up", int(c.connected))
+    yield _gauge("smame_commands_failing", "1 while the commands cannot use the store", int(bool(c.failing)))
+    yield _counter("smame_commands_published", "commands published to units (again included)", c.published)
+    yield _counter("smame_commands_expired", "commands that lapsed with no answer", c.expired)
+    yield _counter("smame_command_answers", "units' answers applied to their commands", c.answers)
+    yield _counter("smame_command_answers_unmatched", "answers to no open command of their unit", c.unmatched)
+    refused = CounterMetricFamily(
+        "smame_command_answers_refused", "messages on units' answer topics that are no answer", labels=["reason"]
+    )
+    for reason, n in sorted(c.refused.items()):
+        refused.add_metric([reason], n)
+    yield refused
 
 
 def _node_metrics(m: Monitor) -> Iterator[Metric]:

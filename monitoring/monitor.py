@@ -33,7 +33,7 @@ from monitoring.daily import build_report, report_messages
 from monitoring.outbox import Message, Outbox
 from monitoring.outbox_table import OutboxTable
 from monitoring.security import SecurityEvents
-from monitoring.sources import BanList, BridgeCounters, ExportCounters
+from monitoring.sources import BanList, BridgeCounters, CommandCounters, ExportCounters
 
 log = logging.getLogger("smame.monitor")
 ALERT_STATE = alerts.STATE_KEY
@@ -54,6 +54,7 @@ class Watched:
     paths: Sequence[Path] = ()  # directories whose file systems must not fill up
     reload_refused: Callable[[], str] = lambda: ""  # why the last registry reload was refused ("" if it was not)
     node: str = ""  # this node's name among those sharing a store (its own row in `nodes` is not news)
+    commands: CommandCounters | None = None  # the leader's commands to units
 
 
 @dataclass
@@ -289,6 +290,22 @@ class Monitor:
                 f"the units' health pass failed ({self._health_failed}): their records and risk are not kept and "
                 f"the units at risk are as last assessed; tried again every {self.settings.health.pass_every_s:.0f} s"
             )
+        c = w.commands
+        if c is not None and c.failing:
+            holding["commands_failing"] = (
+                f"commands to units cannot use the store ({c.failing}): none is sent and units' answers wait at the "
+                "broker; tried again every few seconds"
+            )
+        elif c is not None and not c.connected and b.connected and c.down_since is not None:
+            # (a broker down for ingest too is broker_unreachable: said once)
+            if now - c.down_since > a.broker_down_s:
+                holding["commands_failing"] = (
+                    f"the commands' connection to the broker has been down for {(now - c.down_since) / 60:.0f} min "
+                    f"while ingest's is up: {c.last_error or 'no answer'} (its client id ends in -devices; the "
+                    "broker's ACL must let the ingest user read smame/v1/+/res and write smame/v1/+/cmd)"
+                )
+            else:
+                unknown.add("commands_failing")
         most = self.settings.health.alert_at_risk
         if most and len(s.at_risk) > most:
             holding["units_at_risk"] = (

@@ -403,6 +403,11 @@ class App:
         exporter = build_exporter(settings, registry, grid, clock) if settings.export.enabled else None
         # `smame serve-files` (on a host that may not reach the store) has none: its downloads are only logged
         gateway = build_gateway(settings, registry, clock, lambda: open_store(settings, application_name="smame files"))
+        devices = None
+        if settings.devices.enabled:
+            # a connection of its own: a command or an answer never waits on ingest's commits
+            devices_store = open_store(settings, application_name=leader_session)
+            devices = Devices(broker_target(settings), devices_store, settings.devices, clock)
         monitor = None
         if settings.alerts.enabled or settings.report.enabled:
             # A connection of its own: scans and the outbox never wait on ingest or export.
@@ -417,6 +422,7 @@ class App:
                 paths,
                 lambda: registry.refused,
                 leadership.node if leadership is not None else node_name(),
+                devices.stats if devices is not None else None,
             )
             monitor = Monitor(
                 settings,
@@ -441,10 +447,7 @@ class App:
             web = build_web(settings, registry, grid, bans, clock, exporter.stats if exporter else None, about)
         app = cls(settings, registry, writer, bridge, exporter, gateway, monitor, leadership, web, clock)
         app.bans = bans if gateway is not None or web is not None else None
-        if settings.devices.enabled:
-            # a connection of its own: a command or an answer never waits on ingest's commits
-            devices_store = open_store(settings, application_name=leader_session)
-            app.devices = Devices(broker_target(settings), devices_store, settings.devices, clock)
+        app.devices = devices
         if leadership is not None:
             leadership.ingest_fault = app.leader_fault
             leadership.report = app.node_report
@@ -713,6 +716,7 @@ class App:
                     self.gateway.bans if self.gateway else None,
                     self.monitor,
                     self.leadership,
+                    self.devices.stats if self.devices else None,
                 )
             )
         )

@@ -12,6 +12,8 @@ from aggregator.backends import open_url
 from aggregator.store import CommandRow
 from kernel.commands import (
     ANSWER_MAX,
+    REFUSALS,
+    AnswerRefused,
     CommandError,
     State,
     check_args,
@@ -54,11 +56,11 @@ def test_each_operation_takes_its_arguments_and_names_what_is_wrong() -> None:
 
 def test_a_units_answer_is_read_or_refused_with_a_reason_never_raised() -> None:
     ok = read_answer("smame/v1/U1/res", b'{"v":1,"id":"c1","status":"done","detail":"fine","state":{"fw":"2"}}')
-    assert not isinstance(ok, str)
+    assert not isinstance(ok, AnswerRefused)
     assert (ok.unit, ok.id, ok.status, ok.detail, ok.state) == ("U1", "c1", "done", "fine", '{"fw":"2"}')
     # a state the decoder only skipped over: bytes that are no UTF-8 inside it are found here, not in the store
     odd = read_answer("smame/v1/U1/res", b'{"v":1,"id":"c1","status":"done","state":{"a":"\xff"}}')
-    assert not isinstance(odd, str) and odd.status == "done" and "not kept" in odd.state
+    assert not isinstance(odd, AnswerRefused) and odd.status == "done" and "not kept" in odd.state
     for topic, payload, words in [
         ("smame/v1/U1/reading", b"{}", "not a unit's answer topic"),
         ("smame/v1/U1/res", b"x" * (ANSWER_MAX + 1), "over the"),
@@ -68,7 +70,7 @@ def test_a_units_answer_is_read_or_refused_with_a_reason_never_raised() -> None:
         ("smame/v1/U1/res", b'{"v":1,"id":"c1","status":"great"}', "unknown status"),
     ]:
         got = read_answer(topic, payload)
-        assert isinstance(got, str) and words in got
+        assert isinstance(got, AnswerRefused) and words in got.detail and got.reason in REFUSALS
     rng = random.Random(7)
     good = b'{"v":1,"id":"c1","status":"done","detail":"d","state":{"a":[1,2]}}'
     for _ in range(3000):  # cut, flipped and spliced answers: each read or refused
@@ -76,8 +78,11 @@ def test_a_units_answer_is_read_or_refused_with_a_reason_never_raised() -> None:
         for _ in range(rng.randint(1, 6)):
             b[rng.randrange(len(b))] = rng.randrange(256)
         got = read_answer("smame/v1/U1/res", bytes(b[: rng.randint(0, len(b))]))
-        assert isinstance(got, str) or got.status in ("accepted", "done", "failed", "rejected")
-        if not isinstance(got, str) and got.state:  # what the store is given is an object's JSON text
+        if isinstance(got, AnswerRefused):  # each refusal under one of a few reasons: a metric's label, bounded
+            assert got.reason in REFUSALS
+            continue
+        assert got.status in ("accepted", "done", "failed", "rejected")
+        if got.state:  # what the store is given is an object's JSON text
             assert "not kept" in got.state or isinstance(msgspec.json.decode(got.state), dict)
 
 
@@ -108,17 +113,17 @@ def test_the_store_keeps_commands_through_their_states(store_url: str) -> None:
 
         ok = read_answer("smame/v1/U1/res", b'{"v":1,"id":"c1","status":"done","state":{"fw":"2.3.0"}}')
         stray = read_answer("smame/v1/U9/res", b'{"v":1,"id":"c4","status":"done"}')  # another unit's command
-        assert not isinstance(ok, str) and not isinstance(stray, str)
+        assert not isinstance(ok, AnswerRefused) and not isinstance(stray, AnswerRefused)
         assert store.answer_commands([ok, stray], NOW + 2) == [True, False]
         c1 = store.command("c1")
         assert c1 is not None and (c1.state, json.loads(c1.answer)) == (State.DONE, {"fw": "2.3.0"})
         late = read_answer("smame/v1/U1/res", b'{"v":1,"id":"c1","status":"accepted"}')
-        assert not isinstance(late, str)
+        assert not isinstance(late, AnswerRefused)
         assert store.answer_commands([late], NOW + 3) == [False]  # after its final answer: nothing changes
 
         assert store.expire_commands(NOW + 10) == ["c3"]
         after = read_answer("smame/v1/U3/res", b'{"v":1,"id":"c3","status":"done","detail":"late"}')
-        assert not isinstance(after, str)
+        assert not isinstance(after, AnswerRefused)
         assert store.answer_commands([after], NOW + 11) == [True]  # what the unit did wins over the expiry
         assert store.command("c3").state == State.DONE  # type: ignore[union-attr]
 
@@ -159,7 +164,7 @@ def test_an_answer_with_any_text_a_unit_can_send_is_kept_on_both_backends(store_
         store.add_commands([row("c1", "U1")], [])
         payload = b'{"v":1,"id":"c1","status":"failed","detail":"nul \\u0000 here \xe2\x9c\x93"}'
         a = read_answer("smame/v1/U1/res", payload)
-        assert not isinstance(a, str)
+        assert not isinstance(a, AnswerRefused)
         assert store.answer_commands([a], NOW + 1) == [True]
         kept = store.command("c1")
         assert kept is not None and (kept.state, kept.detail) == (State.FAILED, "nul  here \u2713")

@@ -68,6 +68,7 @@ def test_metrics_count_what_was_published_and_health_says_ok(broker: Mosquitto, 
     assert m["smame_commit_batch_size_sum"] == 15  # every telegram received was in a committed batch
     assert m['smame_commit_batch_size_bucket{le="+Inf"}'] == m["smame_commit_batches_total"]
     assert m["smame_export_runs_total"] >= 1
+    wait_until(lambda: scrape(port).get("smame_commands_connected") == 1, 10, every=0.2)  # its own connection
     health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5).read())
     assert health == {
         "status": "ok",
@@ -113,7 +114,16 @@ def test_a_standby_exports_none_of_the_figures_only_the_leader_knows(
             registry = CollectorRegistry()
             role = Standing(leading)
             registry.register(
-                SmameCollector(Sources(app.bridge.stats, app.writer.totals, lambda: 1, monitor=app.monitor, role=role))
+                SmameCollector(
+                    Sources(
+                        app.bridge.stats,
+                        app.writer.totals,
+                        lambda: 1,
+                        monitor=app.monitor,
+                        role=role,
+                        commands=app.devices.stats if app.devices else None,
+                    )
+                )
             )
             return {s.name + str(sorted(s.labels.items())): s.value for m in registry.collect() for s in m.samples}
 
@@ -127,6 +137,7 @@ def test_a_standby_exports_none_of_the_figures_only_the_leader_knows(
             "smame_outbox",
             "smame_slots_today",
             "smame_units_at_risk",
+            "smame_command",  # a standby sends no command
         )
         gone = {k for k in leader if k.startswith(leader_only)}
         assert gone and not gone & set(standby), gone & set(standby)
@@ -136,6 +147,8 @@ def test_a_standby_exports_none_of_the_figures_only_the_leader_knows(
         if app.exporter is not None:
             app.exporter.close()
         app.monitor.store.close()
+        if app.devices is not None:
+            app.devices.store.close()
 
 
 def test_a_refused_status_topic_fails_healthz(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

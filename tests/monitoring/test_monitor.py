@@ -13,6 +13,7 @@ import pytest
 from aggregator.backends import open_url
 from aggregator.ingest import Ingestor
 from broker_bridge.bridge import BridgeStats
+from broker_bridge.devices import DeviceStats
 from kernel.reading import Diag, Incoming, Reading, Status
 from kernel.registry import load_registry
 from kernel.settings import load_settings
@@ -228,3 +229,26 @@ def test_a_refused_status_topic_is_an_alert_until_the_broker_takes_it(
     bridge.status_refused = ""
     alerts_at(m, NOW + 60)
     assert "status_refused" not in m.active
+
+
+def test_commands_that_cannot_use_the_store_or_reach_the_broker_are_an_alert_on_the_leader(
+    monitor: tuple[Monitor, BridgeStats, Ingestor],
+) -> None:
+    m, bridge, _ = monitor
+    commands = DeviceStats(connected=True)
+    m.watched.commands = commands
+    assert "commands_failing" not in alerts_at(m, NOW)
+    commands.failing = "OperationalError: no such table: commands"  # as the commands' service found its store
+    assert "commands_failing" in alerts_at(m, NOW + 30)
+    assert "no such table" in m.active["commands_failing"].text
+    commands.failing = ""
+    alerts_at(m, NOW + 60)
+    assert "commands_failing" not in m.active
+    # its own broker connection refused (an ACL without its topics) while ingest's is up
+    commands.connected, commands.down_since, commands.last_error = False, NOW + 60, "not authorized (0x87)"
+    assert "commands_failing" not in alerts_at(m, NOW + 90)  # not yet: alerts.broker_down_s
+    assert "commands_failing" in alerts_at(m, NOW + 200)
+    assert "not authorized" in m.active["commands_failing"].text and "-devices" in m.active["commands_failing"].text
+    bridge.connected, bridge.down_since = False, NOW + 200  # the broker down for all: broker_unreachable says it
+    alerts_at(m, NOW + 230)
+    assert "commands_failing" not in m.active
