@@ -206,3 +206,41 @@ async def test_hostile_answers_are_counted_or_kept_with_a_note_and_never_hold_up
         await asyncio.gather(task, return_exceptions=True)
         store.close()
         reader.close()
+
+
+async def test_messages_with_any_properties_a_unit_may_set_arrive_whole(broker: Mosquitto, tmp_path: Path) -> None:
+    """The client reads the properties of a message that has any (a command's, or a unit's telegram with its own):
+    every property a publisher may set comes through, with the payload intact."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    got: list[Message] = []
+    reader = MqttClient(on_messages=got.extend)
+    await reader.connect("127.0.0.1", broker.port, f"props-{tmp_path.name}", clean_start=True)
+    await reader.subscribe("smame/v1/+/reading", qos=1)
+    props = Properties(PacketTypes.PUBLISH)
+    props.PayloadFormatIndicator = 1
+    props.MessageExpiryInterval = 600
+    props.ContentType = "application/json"
+    props.ResponseTopic = "smame/v1/P1/res"
+    props.CorrelationData = b"\x00\xff"
+    props.UserProperty = [("k" * 300, "v" * 300), ("a", "b")]  # a property block longer than one length byte
+    unit = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"P1-{tmp_path.name}", protocol=paho.MQTTv5)
+    unit.connect("127.0.0.1", broker.port)
+    unit.loop_start()
+    try:
+        unit.publish("smame/v1/P1/reading", b'{"v":1}', qos=1, properties=props).wait_for_publish(10)
+        unit.publish("smame/v1/P1/reading", b'{"v":2}', qos=1).wait_for_publish(10)
+        async with asyncio.timeout(10):
+            while len(got) < 2:
+                await asyncio.sleep(0.05)
+    finally:
+        unit.disconnect()
+        unit.loop_stop()
+        reader.close()
+    assert [m.payload for m in got] == [b'{"v":1}', b'{"v":2}']
+    first = got[0].properties or {}
+    assert first[RESPONSE_TOPIC] == b"smame/v1/P1/res" and first[CORRELATION_DATA] == b"\x00\xff"
+    assert 0 < int(first[MESSAGE_EXPIRY]) <= 600  # type: ignore[call-overload]
+    assert got[1].properties is None  # a telegram without any: the fast path
