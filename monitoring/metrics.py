@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -50,12 +50,7 @@ class SmameCollector(Collector):
         yield _counter("smame_readings_stored", "new readings committed", i.stored)
         yield _counter("smame_readings_duplicate", "readings received again with the same values", i.duplicates)
         yield _counter("smame_slots_written", "30-minute slots written or rewritten", i.slots)
-        quarantined = CounterMetricFamily(
-            "smame_quarantined", "telegrams or readings refused, by reason", labels=["reason"]
-        )
-        for reason, n in sorted(i.quarantined.items()):
-            quarantined.add_metric([reason], n)
-        yield quarantined
+        yield _counts("smame_quarantined", "telegrams or readings refused, by reason", "reason", i.quarantined)
         yield _counter("smame_commit_batches", "ingest transactions committed", b.batches)
         yield _histogram(
             "smame_commit_seconds",
@@ -128,12 +123,9 @@ def _command_metrics(c: CommandCounters) -> Iterator[Metric]:
     yield _counter("smame_commands_expired", "commands that lapsed with no answer", c.expired)
     yield _counter("smame_command_answers", "units' answers applied to their commands", c.answers)
     yield _counter("smame_command_answers_unmatched", "answers to no open command of their unit", c.unmatched)
-    refused = CounterMetricFamily(
-        "smame_command_answers_refused", "messages on units' answer topics that are no answer", labels=["reason"]
+    yield _counts(
+        "smame_command_answers_refused", "messages on units' answer topics that are no answer", "reason", c.refused
     )
-    for reason, n in sorted(c.refused.items()):
-        refused.add_metric([reason], n)
-    yield refused
 
 
 def _node_metrics(m: Monitor) -> Iterator[Metric]:
@@ -204,6 +196,14 @@ def _histogram(
         cumulative += n
         buckets.append((bound, cumulative))
     return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=total)
+
+
+def _counts(name: str, doc: str, label: str, counts: Mapping[str, int]) -> CounterMetricFamily:
+    """A counter with one sample for each key of `counts`, under `label`, in order."""
+    family = CounterMetricFamily(name, doc, labels=[label])
+    for key, n in sorted(counts.items()):
+        family.add_metric([key], n)
+    return family
 
 
 def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
