@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -732,6 +733,18 @@ class Store(ABC):
                 f"INSERT INTO commands ({COMMAND_COLUMNS}) VALUES ({marks})", [msgspec.structs.astuple(r) for r in rows]
             )
             self._audit(audit)
+
+    def queue_commands(
+        self, op: str, args: str, units: Sequence[str], now: int, expires: int, who: str, origin: str
+    ) -> list[CommandRow]:
+        """Queue one command a unit (a new id each, 128 random bits; `args` its JSON text, already checked) with
+        an audit entry each saying who asked and from where, in one transaction; the rows kept."""
+        rows = [
+            CommandRow(uuid.uuid4().hex, u, op, args, now, expires, who, origin, State.QUEUED, now, now, 0, "", "")
+            for u in units
+        ]
+        self.add_commands(rows, [(now, who, origin, f"command {op}", r.unit, f"{r.id} {args}") for r in rows])
+        return rows
 
     def _command_rows(self, where: str, args: Sequence[Any]) -> list[CommandRow]:
         rows = self.execute(f"SELECT {COMMAND_COLUMNS} FROM commands {where}", args).fetchall()

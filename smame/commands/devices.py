@@ -12,7 +12,6 @@ import json
 import socket
 import sys
 import time
-import uuid
 from datetime import datetime
 
 from aggregator.store import CommandRow, Store
@@ -84,13 +83,8 @@ def _cmd(settings: Settings, args: argparse.Namespace) -> int:
     expires = now + (args.expires or settings.devices.expiry_s)
     who, origin = _who()
     text = json.dumps(op_args, separators=(",", ":"))
-    rows = [
-        CommandRow(uuid.uuid4().hex, u, args.op, text, now, expires, who, origin, State.QUEUED, now, now, 0, "", "")
-        for u in units
-    ]
-    audit = [(now, who, origin, f"command {args.op}", r.unit, f"{r.id} {text}") for r in rows]
     with open_store(settings, create=False) as store:
-        store.add_commands(rows, audit)
+        rows = store.queue_commands(args.op, text, units, now, expires, who, origin)
         print(f"{len(rows)} command(s) {args.op} queued, expiring {_when(expires)}")
         if not args.wait:
             for r in rows:
