@@ -106,6 +106,7 @@ CREATE TABLE IF NOT EXISTS commands (
     changed BIGINT NOT NULL, next_try BIGINT NOT NULL, tries INTEGER NOT NULL, detail TEXT NOT NULL,
     answer TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS commands_unit ON commands (unit, created);
+CREATE INDEX IF NOT EXISTS commands_created ON commands (created);
 CREATE INDEX IF NOT EXISTS commands_due ON commands (next_try) WHERE state = 'queued';
 CREATE INDEX IF NOT EXISTS commands_open ON commands (expires) WHERE state IN ('queued', 'sent');
 CREATE TABLE IF NOT EXISTS audit (

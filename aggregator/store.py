@@ -25,7 +25,7 @@ from typing import Any, Protocol, Self, TypeVar
 import msgspec
 
 from aggregator.slots import Point
-from kernel.commands import ANSWERABLE, Answer, State
+from kernel.commands import ANSWERABLE, FINAL, Answer, State
 from kernel.reading import Refused, Status
 
 T = TypeVar("T")
@@ -832,21 +832,46 @@ class Store(ABC):
         rows = self._command_rows("WHERE id = ?", (command_id,))
         return rows[0] if rows else None
 
-    def commands(self, unit: str | None = None, limit: int = 100) -> list[CommandRow]:
-        """The newest commands (of one unit, or of all), newest first."""
+    def commands(self, unit: str | None = None, limit: int = 100, state: str | None = None) -> list[CommandRow]:
+        """The newest commands (of one unit, or of all; in one state, or in any), newest first."""
+        where: list[str] = []
+        args: list[Any] = []
         if unit is not None:
-            return self._command_rows("WHERE unit = ? ORDER BY created DESC, id LIMIT ?", (unit, limit))
-        return self._command_rows("ORDER BY created DESC, id LIMIT ?", (limit,))
+            where.append("unit = ?")
+            args.append(unit)
+        if state is not None:
+            where.append("state = ?")
+            args.append(state)
+        clause = f"WHERE {' AND '.join(where)} " if where else ""
+        return self._command_rows(f"{clause}ORDER BY created DESC, id LIMIT ?", (*args, limit))
+
+    def prune_commands(self, before: int) -> tuple[int, int]:
+        """Forget the commands that ended (FINAL) before `before` and the audit entries older than it:
+        (commands, entries) deleted."""
+        final = ", ".join(f"'{s}'" for s in sorted(FINAL))
+        with self.transaction():
+            commands = self.execute(
+                f"DELETE FROM commands WHERE created < ? AND changed < ? AND state IN ({final})", (before, before)
+            )
+            entries = self.execute("DELETE FROM audit WHERE at < ?", (before,))
+            return commands.rowcount, entries.rowcount
 
     def _audit(self, entries: Sequence[tuple[int, str, str, str, str, str]]) -> None:
         self.executemany(f"INSERT INTO audit ({AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", entries)
 
-    def audit(self, limit: int = 200, before_id: int | None = None) -> list[tuple[int, int, str, str, str, str, str]]:
-        """Audit entries (id, at, who, origin, action, target, detail), newest first, before `before_id` if given."""
-        if before_id is None:
-            rows = self.execute(f"SELECT id, {AUDIT_COLUMNS} FROM audit ORDER BY id DESC LIMIT ?", (limit,))
-        else:
-            rows = self.execute(
-                f"SELECT id, {AUDIT_COLUMNS} FROM audit WHERE id < ? ORDER BY id DESC LIMIT ?", (before_id, limit)
-            )
+    def audit(
+        self, limit: int = 200, before_id: int | None = None, about: str = ""
+    ) -> list[tuple[int, int, str, str, str, str, str]]:
+        """Audit entries (id, at, who, origin, action, target, detail), newest first, before `before_id` if
+        given; with `about`, only those whose who, action or target is it, or whose detail starts with it."""
+        where: list[str] = []
+        args: list[Any] = []
+        if before_id is not None:
+            where.append("id < ?")
+            args.append(before_id)
+        if about:
+            where.append("(who = ? OR action = ? OR target = ? OR substr(detail, 1, ?) = ?)")
+            args += [about, about, about, len(about), about]
+        clause = f"WHERE {' AND '.join(where)} " if where else ""
+        rows = self.execute(f"SELECT id, {AUDIT_COLUMNS} FROM audit {clause}ORDER BY id DESC LIMIT ?", (*args, limit))
         return [(int(i), int(at), str(w), str(o), str(a), str(t), str(d)) for i, at, w, o, a, t, d in rows.fetchall()]

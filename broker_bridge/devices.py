@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -33,6 +34,7 @@ ANSWERS_TOPIC = "smame/v1/+/res"
 NO_SUBSCRIBERS = 0x10  # PUBACK reason: the broker had no subscription matching the message
 TICK_S = 1.0  # how often the queue and the expiries are looked at when no answer wakes the loop
 BURST = 500  # commands published at most a tick (and at most rate_per_s worth of them)
+PRUNE_EVERY_S = 86400.0  # ended commands and audit entries older than devices.keep_days are deleted this often
 STORE_RETRY_S = 10.0  # after the store failed a tick: what was not kept is delivered again by the broker
 
 
@@ -71,6 +73,7 @@ class Devices:
         self._acks: list[int] = []
         self._wake = asyncio.Event()
         self._budget = 0.0
+        self._next_prune = -math.inf  # at start, then once a day
 
     @property
     def client_id(self) -> str:
@@ -140,11 +143,22 @@ class Devices:
                 self.stats.expired += len(expired)
                 log.info("commands: %d expired with no answer", len(expired))
             await self._publish_due(client, int(now))
+            if now >= self._next_prune:
+                await self._prune(now)
             self.stats.failing = ""
             try:
                 await asyncio.wait_for(self._wake.wait(), TICK_S)
             except TimeoutError:
                 pass
+
+    async def _prune(self, now: float) -> None:
+        keep = self.settings.keep_days
+        commands, entries = await self.store.call(self.store.prune_commands, int(now) - keep * 86400)
+        self._next_prune = now + PRUNE_EVERY_S
+        if commands or entries:
+            log.info(
+                "commands: deleted %d ended commands and %d audit entries older than %d days", commands, entries, keep
+            )
 
     async def _keep_answers(self, client: MqttClient) -> None:
         answers, acks = self._answers, self._acks

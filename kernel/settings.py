@@ -321,6 +321,7 @@ class DevicesSettings(Section):
     expiry_s: int = Field(default=86400, ge=10, le=30 * 86400)  # a command's default lifetime (`--expires`)
     rate_per_s: float = Field(default=100.0, gt=0, le=100000)  # commands published a second, across the fleet
     retry_s: int = Field(default=300, ge=1, le=86400)  # a command no session took is published again this late
+    keep_days: int = Field(default=400, ge=1, le=3650)  # ended commands and audit entries are kept this long
 
 
 class NodeSettings(Section):

@@ -168,3 +168,31 @@ def test_an_answer_with_any_text_a_unit_can_send_is_kept_on_both_backends(store_
         assert store.answer_commands([a], NOW + 1) == [True]
         kept = store.command("c1")
         assert kept is not None and (kept.state, kept.detail) == (State.FAILED, "nul  here \u2713")
+
+
+def test_commands_are_listed_by_unit_and_state_and_ended_ones_are_forgotten_after_their_keep(store_url: str) -> None:
+    day = 86400
+    with open_url(store_url) as store:
+        old = store.queue_commands("ping", "{}", ["U1", "U2"], NOW - 500 * day, NOW - 499 * day, "cli:alice", "h")
+        recent = store.queue_commands("reboot", "{}", ["U1"], NOW - day, NOW + day, "console:bob", "203.0.113.9")
+        assert len({c.id for c in old + recent}) == 3  # a new id each
+        assert [c.id for c in store.commands("U1")] == [recent[0].id, old[0].id]  # newest first
+        store.expire_commands(NOW - 499 * day)  # the old ones ended long ago, ...
+        waiting = store.queue_commands("ping", "{}", ["U3"], NOW - 450 * day, NOW + day, "cli:alice", "h")
+        assert {c.id for c in store.commands(state=State.EXPIRED)} == {old[0].id, old[1].id}
+        assert [c.unit for c in store.commands("U1", state=State.QUEUED)] == ["U1"]
+
+        # the audit log is searched by who, action, target or the start of its detail
+        assert {e[2] for e in store.audit(about="console:bob")} == {"console:bob"}
+        assert [e[5] for e in store.audit(about="command reboot")] == ["U1"]
+        assert [e[4] for e in store.audit(about=recent[0].id)] == ["command reboot"]
+        assert store.audit(about="nobody") == []
+        newest = store.audit(limit=1)
+        assert store.audit(limit=1, before_id=newest[0][0])[0][0] < newest[0][0]
+
+        # a year and more later: the ended commands and old entries go, a command still waiting stays
+        # entries: the old ones asked and expired (4), the waiting one asked (1)
+        assert store.prune_commands(NOW - 400 * day) == (2, 5)
+        assert {c.id for c in store.commands(limit=10)} == {recent[0].id, waiting[0].id}
+        assert all(e[1] >= NOW - 400 * day for e in store.audit())
+        assert store.prune_commands(NOW - 400 * day) == (0, 0)

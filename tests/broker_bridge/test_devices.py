@@ -244,3 +244,29 @@ async def test_messages_with_any_properties_a_unit_may_set_arrive_whole(broker: 
     assert first[RESPONSE_TOPIC] == b"smame/v1/P1/res" and first[CORRELATION_DATA] == b"\x00\xff"
     assert 0 < int(first[MESSAGE_EXPIRY]) <= 600  # type: ignore[call-overload]
     assert got[1].properties is None  # a telegram without any: the fast path
+
+
+async def test_the_leader_forgets_ended_commands_and_audit_entries_after_devices_keep_days(
+    broker: Mosquitto, tmp_path: Path
+) -> None:
+    url = f"sqlite:///{tmp_path / 'smame.db'}"
+    long_ago, now = int(time.time()) - 500 * 86400, int(time.time())
+    with open_url(url) as store:
+        old = store.queue_commands("ping", "{}", ["U1"], long_ago, long_ago + 60, "cli:alice", "h")
+        store.expire_commands(long_ago + 60)
+        kept = store.queue_commands("ping", "{}", ["U2"], now - 10 * 86400, now - 9 * 86400, "cli:alice", "h")
+        store.expire_commands(now - 9 * 86400)
+    store = open_url(url)
+    devices = Devices(target(broker.port, f"prune-{tmp_path.name}"), store, DevicesSettings(keep_days=400))
+    task = asyncio.create_task(devices.run())
+    try:
+        with open_url(url) as reader:
+            async with asyncio.timeout(10):
+                while reader.command(old[0].id) is not None:
+                    await asyncio.sleep(0.05)
+            assert reader.command(kept[0].id) is not None
+            assert [e[4] for e in reader.audit()] == ["command expired", "command ping"]  # the recent ones'
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        store.close()
