@@ -9,6 +9,7 @@ out a command id at most once, so a command sent again keeps its id.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -16,6 +17,7 @@ import msgspec
 
 from kernel.meter import UNIT_ID
 from kernel.reading import DIAG_NAME
+from kernel.registry import Registry
 
 VERSION = 1
 OPS = ("ping", "reboot", "set", "resend", "fw")
@@ -118,6 +120,23 @@ def check_args(op: str, args: dict[str, Any]) -> dict[str, Any]:
     if not _SHA256.fullmatch(f.sha256):
         raise CommandError("fw: sha256 must be 64 lowercase hex digits")
     return {"version": f.version, "url": f.url, "sha256": f.sha256, "size": f.size}
+
+
+def targets(registry: Registry, units: Sequence[str], customer: str | None) -> list[str]:
+    """The units a command goes to: the listed ones (each once, in order) or every unit of `customer`; raises
+    CommandError naming a unit or customer the registry does not have, or an empty target."""
+    if customer is not None:
+        if customer not in registry.customers:
+            raise CommandError(f"customer {customer!r} is not in the registry")
+        chosen = [u.id for u in registry.units_of(customer)]
+    else:
+        unknown = [u for u in units if u not in registry.units]
+        if unknown:
+            raise CommandError(f"unit {unknown[0][:64]!r} is not in the registry")
+        chosen = list(dict.fromkeys(units))
+    if not chosen:
+        raise CommandError("no unit to send it to")
+    return chosen
 
 
 def _convert(args: dict[str, Any], kind: type[Any], op: str) -> Any:

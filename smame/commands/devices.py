@@ -15,7 +15,7 @@ import time
 from datetime import datetime
 
 from aggregator.store import CommandRow, Store
-from kernel.commands import FINAL, CommandError, State, check_args, parse_arg_pairs
+from kernel.commands import FINAL, CommandError, State, check_args, parse_arg_pairs, targets
 from kernel.settings import Settings
 from smame.app import RegistryHolder, open_store
 from smame.commands.args import non_negative, positive
@@ -66,19 +66,11 @@ def _cmd(settings: Settings, args: argparse.Namespace) -> int:
     except CommandError as exc:
         print(f"smame units cmd: {exc}", file=sys.stderr)
         return 2
-    registry = RegistryHolder(settings).current
-    if args.customer is not None:
-        if args.customer not in registry.customers:
-            where = settings.registry.customers
-            print(f"smame units cmd: customer {args.customer!r} is not in {where}", file=sys.stderr)
-            return 2
-        units = [u.id for u in registry.units_of(args.customer)]
-    else:
-        unknown = [u for u in args.unit if u not in registry.units]
-        if unknown:
-            print(f"smame units cmd: unit {unknown[0]!r} is not in {settings.registry.units}", file=sys.stderr)
-            return 2
-        units = list(dict.fromkeys(args.unit))
+    try:
+        units = targets(RegistryHolder(settings).current, args.unit or [], args.customer)
+    except CommandError as exc:
+        print(f"smame units cmd: {exc} ({settings.registry.units})", file=sys.stderr)
+        return 2
     now = int(time.time())
     expires = now + (args.expires or settings.devices.expiry_s)
     who, origin = _who()
