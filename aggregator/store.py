@@ -856,6 +856,12 @@ class Store(ABC):
             entries = self.execute("DELETE FROM audit WHERE at < ?", (before,))
             return commands.rowcount, entries.rowcount
 
+    def record_audit(self, at: int, who: str, origin: str, action: str, target: str, detail: str = "") -> None:
+        """Keep one entry of the audit log: an operator's action that changes nothing else in the store (an
+        acknowledgement, a silence, a lifted ban) or one told here after it was done elsewhere."""
+        with self.transaction():
+            self._audit([(at, who, origin, action, target, detail)])
+
     def _audit(self, entries: Sequence[tuple[int, str, str, str, str, str]]) -> None:
         self.executemany(f"INSERT INTO audit ({AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", entries)
 

@@ -46,6 +46,9 @@ class State:
     CANCELLED = "cancelled"  # withdrawn by an operator before it was sent
 
 
+STATES = (
+    State.QUEUED, State.SENT, State.ACCEPTED, State.DONE, State.FAILED, State.REJECTED, State.EXPIRED, State.CANCELLED
+)  # fmt: skip
 FINAL = frozenset({State.DONE, State.FAILED, State.REJECTED, State.EXPIRED, State.CANCELLED})
 ANSWERS = (State.ACCEPTED, State.DONE, State.FAILED, State.REJECTED)
 # The states an answer may move a command from. An answer the unit sent after the command's expiry still says what

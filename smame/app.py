@@ -263,6 +263,8 @@ def build_web(
         settings.export.retention_days,
         exporter,
         node,
+        settings.devices.expiry_s,
+        settings.devices.keep_days,
     )
 
     def application() -> object:

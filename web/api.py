@@ -11,6 +11,8 @@ agree to the digit; times are ISO 8601 with the configured zone's offset. Every 
 # dependency made inside `build_api`, as objects.
 import asyncio
 import functools
+import hmac
+import json
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -25,13 +27,14 @@ from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException
 
-from aggregator.store import SlotRow
+from aggregator.store import CommandRow, SlotRow
 from csv_export.co2 import month_summary, summary_rows
 from csv_export.files import path_of
 from ftp_gateway.accounts import normalize
+from kernel.commands import STATES, CommandError, check_args, targets
 from kernel.emissions import fiscal_year
 from kernel.meter import flag_names, format_kwh
 from kernel.timegrid import SLOT, Grid
@@ -43,6 +46,9 @@ from web.fleet_health import fleet_health, unit_health
 log = logging.getLogger("smame.web")
 
 _RANK = {"M": 0, "E": 1, "A": 2}
+MAX_BODY = 512 * 1024  # bytes of a request's body that are read: a longer one is refused
+MAX_COMMAND_UNITS = 10_000  # units one request may list (a customer's whole fleet: name the customer)
+CSRF_HEADER = "X-CSRF-Token"  # what a console session's unsafe request carries: its session's CSRF token
 FIRST_DAY, LAST_DAY = date(2000, 1, 1), date(2999, 12, 31)  # the days the API can address
 _CHARSET = {"utf-8": "utf-8", "cp932": "windows-31j"}  # the IANA name of what Python calls cp932
 
@@ -57,6 +63,7 @@ class Reader:
 
     customer: str | None
     who: str
+    csrf: str = ""  # an operator's session's CSRF token, which its requests that change anything must carry
 
     def sees(self, customer: str) -> bool:
         """Whether this caller may read `customer`'s units and files."""
@@ -202,12 +209,44 @@ class Emissions(BaseModel):
     notes: list[str]
 
 
+class Command(BaseModel):
+    command_id: str
+    unit_id: str
+    op: str
+    args: dict[str, Any]
+    state: Literal["queued", "sent", "accepted", "done", "failed", "rejected", "expired", "cancelled"]
+    created: datetime
+    changed: datetime
+    expires: datetime
+    asked_by: str
+    asked_from: str
+    tries: int
+    detail: str
+    answer: dict[str, Any] | None
+
+
+class Commands(BaseModel):
+    commands: list[Command]
+
+
+class NewCommand(BaseModel):
+    """A command for units: the listed ones, or every unit of a customer."""
+
+    op: Literal["ping", "reboot", "set", "resend", "fw"]
+    args: dict[str, Any] = Field(default_factory=dict, description="the operation's arguments (docs/devices.md)")
+    units: list[str] = Field(default_factory=list, max_length=MAX_COMMAND_UNITS)
+    customer: str | None = Field(default=None, max_length=64)
+    expires_s: int | None = Field(default=None, ge=10, le=30 * 86400, description="its life (devices.expiry_s)")
+
+
 def _refusals(*codes: int) -> dict[int | str, dict[str, Any]]:
     reasons = {
         400: "a parameter is malformed or out of range",
         401: "no token, or not a valid one",
         403: "for operators only (a customer's token is refused)",
         404: "no such unit, customer or file for this caller",
+        409: "the command is no longer queued",
+        413: f"a body of over {MAX_BODY // 1024} KiB",
         429: "too many failed attempts from this address",
         503: "the store is unavailable for now",
     }
@@ -275,7 +314,7 @@ def build_api(ctx: WebContext) -> FastAPI:
                 raise ApiError(
                     401, "an API token is needed: Authorization: Bearer <token>", {"WWW-Authenticate": "Bearer"}
                 )
-            return Reader(None, f"operator {session.operator}")
+            return Reader(None, f"operator {session.operator}", session.csrf)
         token = bearer.credentials.strip()
         customer = await ctx.store.call(tokens.customer_of, token)
         match = TOKEN.fullmatch(token)
@@ -488,8 +527,119 @@ def build_api(ctx: WebContext) -> FastAPI:
             }
         )
 
+    def _may_change(reader: Reader, request: Request) -> str:
+        """The operator who asks for a change (`console:<name>`); 403 for a customer, or for a session's request
+        without its CSRF token (another site's page may make a browser send the cookie, never the header)."""
+        _operators_only(reader)
+        if not hmac.compare_digest(request.headers.get(CSRF_HEADER, ""), reader.csrf):
+            raise ApiError(403, f"a change needs the {CSRF_HEADER} header with the console session's CSRF token")
+        return "console:" + reader.who.removeprefix("operator ")
+
+    async def _body(request: Request) -> bytes:
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY:
+                raise ApiError(413, f"a body of over {MAX_BODY // 1024} KiB is refused")
+        return bytes(body)
+
+    @router.get("/commands", response_model=Commands, responses=_refusals(400, 401, 403, 429, 503))
+    async def commands(
+        reader: Caller,
+        unit: Annotated[str | None, Query(max_length=64, description="only this unit's")] = None,
+        state: Annotated[str | None, Query(max_length=16, description="only those in this state")] = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ) -> Response:
+        """Operators only: the newest commands to units, newest first, with their state and the unit's answer."""
+        _operators_only(reader)
+        if state is not None and state not in STATES:
+            raise ApiError(400, f"state: one of {', '.join(STATES)}")
+        rows = await ctx.store.call(ctx.store.commands, unit, limit, state)
+        return _json({"commands": [_command(r, ctx.grid) for r in rows]})
+
+    @router.get("/commands/{command_id}", response_model=Command, responses=_refusals(401, 403, 404, 429, 503))
+    async def command(reader: Caller, command_id: Annotated[str, PathParam(max_length=64)]) -> Response:
+        """Operators only: one command, with its state and the unit's answer."""
+        _operators_only(reader)
+        row = await ctx.store.call(ctx.store.command, command_id)
+        if row is None:
+            raise ApiError(404, f"no command {command_id}")
+        return _json(_command(row, ctx.grid))
+
+    @router.post(
+        "/commands",
+        status_code=201,
+        response_model=Commands,
+        responses=_refusals(400, 401, 403, 413, 429, 503),
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": NewCommand.model_json_schema()}},
+            }
+        },
+    )
+    async def queue(reader: Caller, request: Request) -> Response:
+        """Operators only (with the `X-CSRF-Token` header): queue a command for the listed units or every unit
+        of a customer; the leading node sends it. Its arguments are checked first, as `smame units cmd`'s."""
+        who = _may_change(reader, request)
+        try:
+            asked = NewCommand.model_validate_json(await _body(request))
+        except ValidationError as exc:
+            errors = exc.errors()
+            where = ".".join(str(p) for p in errors[0]["loc"]) if errors else ""
+            raise ApiError(400, f"{where or 'body'}: {errors[0]['msg'] if errors else 'invalid'}") from None
+        try:
+            if asked.customer is not None and asked.units:
+                raise CommandError("give units or a customer, not both")
+            op_args = check_args(asked.op, asked.args)
+            chosen = targets(ctx.registry(), asked.units, asked.customer)
+        except CommandError as exc:
+            raise ApiError(400, str(exc)) from None
+        now = int(ctx.clock())
+        expires = now + (asked.expires_s or ctx.command_expiry_s)
+        address = normalize(request.client.host if request.client else "")
+        text = json.dumps(op_args, separators=(",", ":"))
+        rows = await ctx.store.call(ctx.store.queue_commands, asked.op, text, chosen, now, expires, who, address)
+        log.info("%s queued %d command(s) %s over the API", who, len(rows), asked.op)
+        return Response(_encode({"commands": [_command(r, ctx.grid) for r in rows]}), 201, media_type=JSON)
+
+    @router.post(
+        "/commands/{command_id}/cancel", response_model=Command, responses=_refusals(401, 403, 404, 409, 429, 503)
+    )
+    async def cancel(
+        reader: Caller, request: Request, command_id: Annotated[str, PathParam(max_length=64)]
+    ) -> Response:
+        """Operators only (with the `X-CSRF-Token` header): withdraw a command that is still queued."""
+        who = _may_change(reader, request)
+        address = normalize(request.client.host if request.client else "")
+        if not await ctx.store.call(ctx.store.cancel_command, command_id, int(ctx.clock()), who, address):
+            if await ctx.store.call(ctx.store.command, command_id) is None:
+                raise ApiError(404, f"no command {command_id}")
+            raise ApiError(409, "that command is no longer queued: it cannot be withdrawn")
+        row = await ctx.store.call(ctx.store.command, command_id)
+        assert row is not None
+        return _json(_command(row, ctx.grid))
+
     app.include_router(router)
     return app
+
+
+def _command(r: CommandRow, grid: Grid) -> dict[str, Any]:
+    return {
+        "command_id": r.id,
+        "unit_id": r.unit,
+        "op": r.op,
+        "args": json.loads(r.args),
+        "state": r.state,
+        "created": _instant(r.created, grid),
+        "changed": _instant(r.changed, grid),
+        "expires": _instant(r.expires, grid),
+        "asked_by": r.who,
+        "asked_from": r.origin,
+        "tries": r.tries,
+        "detail": r.detail,
+        "answer": json.loads(r.answer) if r.answer else None,
+    }
 
 
 def _day(start: int, grid: Grid) -> date:
@@ -514,9 +664,12 @@ def _factor(used: tuple[str, str] | None) -> dict[str, str] | None:
 _encode = msgspec.json.Encoder().encode
 
 
+JSON = "application/json"
+
+
 def _json(payload: dict[str, Any]) -> Response:
     # encoded here, not through the response model: 2,160 slots in well under a millisecond
-    return Response(_encode(payload), media_type="application/json")
+    return Response(_encode(payload), media_type=JSON)
 
 
 def _days(first: date, last: date) -> list[date]:

@@ -8,6 +8,7 @@ slowed down and counted on the node's one ban list, as on the file gateway. Page
 
 import asyncio
 import hmac
+import json
 import logging
 import math
 import os
@@ -24,12 +25,14 @@ from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse,
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
-from aggregator.store import QuarantineRow, SlotRow
+from aggregator.store import CommandRow, QuarantineRow, SlotRow
 from csv_export.co2 import month_summary, summary_rows
 from csv_export.exporter import SUCCEEDED
 from csv_export.files import NAME
 from csv_export.jobs import SUMMARY_NAME
 from ftp_gateway.accounts import normalize
+from kernel.commands import OPS, CommandError, State, check_args, parse_arg_pairs, targets
+from kernel.commands import STATES as COMMAND_STATES
 from kernel.emissions import fiscal_year
 from kernel.meter import E1_UNITS
 from kernel.reading import REASONS
@@ -53,10 +56,16 @@ MAP_PAGE = 20  # units a page of a customer's completeness map (each a row of up
 QUARANTINE_PAGE = 50  # newest refused telegrams shown
 SHARES_S = 60.0  # the fleet's completeness by customer is counted again at most this often (a scan of 2 days)
 MAX_FORM = 8 * 1024
+MAX_FIELDS = 10  # fields of a posted form (the largest has 7)
+TOO_BIG = f"a form of over {MAX_FORM} bytes or {MAX_FIELDS} fields is refused"
 MAX_SILENCE_S = 7 * 86400  # a kind of alert is silenced for a week at most: a silence must not be forgotten
 HEALTH_S = 300.0  # the fleet's health and trend are read again at most this often (a scan of the retention)
 TREND_DAYS = 90  # days of the fleet page's trend
 RISK_SORTS = ("risk", "since", "unit", "customer")
+COMMANDS_PAGE = 100  # newest commands shown
+AUDIT_PAGE = 100  # audit entries a page
+UNIT_COMMANDS = 10  # newest commands on a unit's page
+MAX_EXPIRY_H = 30 * 24  # the longest life a command may be given (devices.expiry_s's bound)
 HISTORY_STATES = ("firing", "repeat", "resolved", "event", "acknowledged", "silenced", "unsilenced")
 
 
@@ -86,7 +95,8 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
     Operator = Annotated[Session, Depends(logged_in)]
 
     async def form(request: Request) -> dict[str, str] | None:
-        """The posted form's fields, or None when its body is over MAX_FORM: read no further than that."""
+        """The posted form's fields, or None when its body is over MAX_FORM (read no further than that) or it
+        has over MAX_FIELDS fields."""
         if int(request.headers.get("content-length", "0") or "0") > MAX_FORM:
             return None
         body = bytearray()
@@ -94,7 +104,11 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
             body += chunk
             if len(body) > MAX_FORM:
                 return None
-        return {k: v[0] for k, v in parse_qs(body.decode("utf-8", "replace"), max_num_fields=10).items()}
+        try:
+            fields = parse_qs(body.decode("utf-8", "replace"), max_num_fields=MAX_FIELDS)
+        except ValueError:  # more fields than any form of the console has
+            return None
+        return {k: v[0] for k, v in fields.items()}
 
     def login_page(request: Request, error: str = "", status: int = 200) -> Response:
         token = secrets.token_urlsafe(32)
@@ -113,7 +127,7 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
             return PlainTextResponse("too many failed attempts from this address: try again later", 429)
         fields = await form(request)
         if fields is None:
-            return PlainTextResponse(f"a form of over {MAX_FORM} bytes is refused", 413)
+            return PlainTextResponse(TOO_BIG, 413)
         expected = request.cookies.get(LOGIN_CSRF, "")
         if not expected or not hmac.compare_digest(fields.get("csrf", ""), expected):
             return PlainTextResponse("missing or wrong CSRF token: load the login page again", 403)
@@ -136,7 +150,7 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
         if session is None:
             return RedirectResponse("/login", 303)
         if fields is None:
-            return PlainTextResponse(f"a form of over {MAX_FORM} bytes is refused", 413)
+            return PlainTextResponse(TOO_BIG, 413)
         if not hmac.compare_digest(fields.get("csrf", ""), session.csrf):
             return PlainTextResponse("missing or wrong CSRF token", 403)
         return session, fields
@@ -348,6 +362,7 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
             if alert is None or repr(alert.since) != fields.get("since"):
                 return False  # cleared meanwhile, or another alert of the kind: not what the operator saw
             history.acknowledge(name, alert.since, session.operator, this_node(), ctx.clock())
+            ctx.store.record_audit(int(ctx.clock()), who(session), origin(request), "alert acknowledged", name)
             return True
 
         if not await ctx.store.call(ack):
@@ -373,6 +388,8 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
         await ctx.store.call(
             history.silence, name, now + span, _local(int(now + span), ctx), session.operator, this_node(), now
         )
+        action, until = ("alert silenced", f"until {_local(int(now + span), ctx)}") if span else ("silence lifted", "")
+        await ctx.store.call(ctx.store.record_audit, int(now), who(session), origin(request), action, name, until)
         return RedirectResponse("/alerts", 303)
 
     @app.post("/bans/lift", include_in_schema=False)
@@ -385,8 +402,92 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
         if not await ctx.store.call(ctx.store.lift_ban, address):
             return PlainTextResponse("that address is not banned (any more)", 409)
         ctx.bans.lift(address)  # here at once; the other nodes at their next look at the store
+        await ctx.store.call(
+            ctx.store.record_audit, int(ctx.clock()), who(session), origin(request), "ban lifted", address
+        )
         log.info("operator %s lifted the ban of %s", session.operator, address)
         return RedirectResponse("/alerts", 303)
+
+    @app.get("/commands", include_in_schema=False, response_class=HTMLResponse)
+    async def commands_page(request: Request, session: Operator, unit: str = "", state: str = "") -> Response:
+        return await commands_view(request, session, unit, state)
+
+    async def commands_view(
+        request: Request,
+        session: Session,
+        unit: str,
+        state: str,
+        error: str = "",
+        filled: dict[str, str] | None = None,
+        status: int = 200,
+    ) -> Response:
+        """The commands page: the newest commands (of a unit, in a state) and the form that sends one."""
+        unit, state = unit.strip()[:64], state if state in COMMAND_STATES else ""
+        rows = await ctx.store.call(ctx.store.commands, unit or None, COMMANDS_PAGE, state or None)
+        context = {
+            "session": session,
+            "unit": unit,
+            "state": state,
+            "states": COMMAND_STATES,
+            "ops": OPS,
+            "rows": [_command(r, ctx) for r in rows],
+            "limit": COMMANDS_PAGE,
+            "error": error,
+            "filled": filled or {"units": unit},
+            "expiry_h": round(ctx.command_expiry_s / 3600, 2),
+        }
+        return templates.TemplateResponse(request, "commands.html", context, status_code=status)
+
+    @app.post("/commands", include_in_schema=False)
+    async def send_command(request: Request) -> Response:
+        got = await operator_form(request)
+        if isinstance(got, Response):
+            return got
+        session, fields = got
+        op, customer = fields.get("op", ""), fields.get("customer", "").strip() or None
+        units = [u for u in re.split(r"[\s,]+", fields.get("units", "")) if u]
+        try:
+            op_args = check_args(op, parse_arg_pairs(fields.get("args", "").split()))
+            if customer is not None and units:
+                raise CommandError("give units or a customer, not both")
+            chosen = targets(ctx.registry(), units, customer)
+            life = _life(fields.get("expires_h", ""), ctx.command_expiry_s)
+        except CommandError as exc:
+            return await commands_view(request, session, "", "", str(exc), fields, 400)
+        now, text = int(ctx.clock()), json.dumps(op_args, separators=(",", ":"))
+        rows = await ctx.store.call(
+            ctx.store.queue_commands, op, text, chosen, now, now + life, who(session), origin(request)
+        )
+        log.info("operator %s queued %d command(s) %s", session.operator, len(rows), op)
+        return RedirectResponse(f"/commands?unit={quote(chosen[0])}" if len(chosen) == 1 else "/commands", 303)
+
+    @app.post("/commands/cancel", include_in_schema=False)
+    async def cancel_command(request: Request) -> Response:
+        got = await operator_form(request)
+        if isinstance(got, Response):
+            return got
+        session, fields = got
+        command_id = fields.get("id", "")[:64]
+        now = int(ctx.clock())
+        if not await ctx.store.call(ctx.store.cancel_command, command_id, now, who(session), origin(request)):
+            return PlainTextResponse("that command is no longer queued: it cannot be withdrawn", 409)
+        return RedirectResponse("/commands", 303)
+
+    @app.get("/audit", include_in_schema=False, response_class=HTMLResponse)
+    async def audit_page(request: Request, session: Operator, about: str = "", before: int | None = None) -> Response:
+        about = about.strip()[:200]
+        entries = await ctx.store.call(ctx.store.audit, AUDIT_PAGE, before, about)
+        context = {
+            "session": session,
+            "about": about,
+            "entries": [
+                {"at": _local(at, ctx), "who": w, "origin": o, "action": a, "target": t, "detail": d[:300]}
+                for _, at, w, o, a, t, d in entries
+            ],
+            "older": entries[-1][0] if len(entries) == AUDIT_PAGE else None,
+            "keep_days": ctx.audit_keep_days,
+        }
+        return templates.TemplateResponse(request, "audit.html", context)
 
     @app.get("/customers/{customer_id}/emissions", include_in_schema=False, response_class=HTMLResponse)
     async def emissions_page(request: Request, session: Operator, customer_id: str, month: str = "") -> Response:
@@ -435,6 +536,13 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
 
     def this_node() -> str:
         return str(ctx.node().get("node") or "this node")
+
+    def who(session: Session) -> str:
+        return f"console:{session.operator}"
+
+    def origin(request: Request) -> str:
+        """The address an operator acts from (the proxy's client when it is trusted)."""
+        return normalize(request.client.host if request.client else "")
 
     @app.get("/customers/{customer_id}", include_in_schema=False, response_class=HTMLResponse)
     async def customer_page(request: Request, session: Operator, customer_id: str, page: int = 1) -> Response:
@@ -592,6 +700,7 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
                     }
                 )
         quarantined = await ctx.store.call(ctx.store.unit_quarantine, unit.id, 20)
+        commands = await ctx.store.call(ctx.store.commands, unit.id, UNIT_COMMANDS)
         kept = await ctx.store.call(unit_health, ctx.store, ctx.grid, unit.id, now, max(days, 30))
         fields = ("rsrp", "sinr", "delay_p50", "reboots", "restarts", "disconnects", "clock_offset")
         series: dict[str, Any] = {"zone": ctx.grid.name, "t": [ctx.grid.day_start(d["date"]) for d in kept.days]}
@@ -611,6 +720,8 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
             if standing
             else None,
             "quarantined": [_refused(q, ctx) for q in quarantined],
+            "commands": [_command(r, ctx) for r in commands],
+            "ops": OPS,
             "last": _local(last, ctx) if last is not None else "never",
             "state": state_of(last, now, ctx.silent_after_s),
             "days": days,
@@ -701,6 +812,39 @@ def _refused(q: QuarantineRow, ctx: WebContext) -> dict[str, str]:
         "detail": q.detail[:300],
         "payload": q.payload[:120].decode("utf-8", "replace"),
     }
+
+
+def _command(r: CommandRow, ctx: WebContext) -> dict[str, Any]:
+    """A command as the pages show it."""
+    return {
+        "id": r.id,
+        "unit": r.unit,
+        "op": r.op,
+        "args": "" if r.args == "{}" else r.args[:300],
+        "state": r.state,
+        "created": _local(r.created, ctx),
+        "changed": _local(r.changed, ctx),
+        "expires": _local(r.expires, ctx),
+        "who": r.who,
+        "origin": r.origin,
+        "tries": r.tries,
+        "detail": r.detail[:300],
+        "answer": r.answer[:300],
+        "queued": r.state == State.QUEUED,
+    }
+
+
+def _life(hours: str, default_s: int) -> int:
+    """A command's life in seconds from the form's hours ("" for the default); CommandError when it is none."""
+    if not hours.strip():
+        return default_s
+    try:
+        span = float(hours) * 3600
+    except ValueError:
+        span = math.nan
+    if not 10 <= span <= MAX_EXPIRY_H * 3600:  # also NaN
+        raise CommandError(f"expires: hours from 0.01 to {MAX_EXPIRY_H}")
+    return int(span)
 
 
 def _factor_text(used: tuple[str, str] | None) -> str:

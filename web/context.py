@@ -35,3 +35,5 @@ class WebContext:
     export: ExportCounters | None = None
     # this node among those sharing a store: role (leader or standby), node, leader, epoch (`/healthz` says the same)
     node: Callable[[], Mapping[str, object]] = lambda: {"role": "leader"}
+    command_expiry_s: int = 86400  # devices.expiry_s: the life of a command queued without one
+    audit_keep_days: int = 400  # devices.keep_days: how long the audit log's entries are kept

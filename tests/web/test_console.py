@@ -284,6 +284,13 @@ def test_an_operator_logs_in_and_finds_the_silent_unit(
         browser.get(site + "/alerts")
         browser.find_element(By.CSS_SELECTOR, "#silences form button").click()  # lifted
         wait(browser).until(lambda b: b.find_element(By.ID, "silences").text.startswith("None"))
+        browser.get(site + "/audit")  # what the operator did is in the audit log, with where from
+        done = [r.text.split(" +0900 ", 1)[-1] for r in browser.find_elements(By.CSS_SELECTOR, "#entries tbody tr")]
+        assert done[:3] == [
+            "console:alice 127.0.0.1 silence lifted disk_low",
+            done[1],
+            "console:alice 127.0.0.1 alert acknowledged units_silent",
+        ] and done[1].startswith("console:alice 127.0.0.1 alert silenced disk_low until "), done
 
         cookie = f"smame_session={browser.get_cookie('smame_session')['value']}"  # type: ignore[index]
         assert post(site + "/alerts/acknowledge", {"name": "units_silent", "since": "1"}, cookie) == 403  # no CSRF

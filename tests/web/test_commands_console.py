@@ -1,0 +1,181 @@
+"""Commands from the console and the operator API, and the audit log's page, in a real browser against a running
+smame whose leader sends them over a real Mosquitto to the simulator's units."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from selenium import webdriver
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions as expected
+from selenium.webdriver.support.ui import Select
+
+from simulators.devices import DeviceFleet, UnitDevice
+from simulators.publisher import Endpoint
+from tests.helpers import Mosquitto, console_env, smame, start_smame, stop, wait_log, write_registry
+from tests.web.test_console import PASSWORD, get, login, post, shot, wait
+
+
+@contextmanager
+def answering(port: int, devices: list[UnitDevice]) -> Iterator[None]:
+    """The simulator's units connected to the broker and answering commands, on a thread of their own."""
+    loop = asyncio.new_event_loop()
+    fleet = DeviceFleet(Endpoint("127.0.0.1", port), devices, time.time)
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    asyncio.run_coroutine_threadsafe(fleet.start(), loop).result(15)
+    try:
+        yield
+    finally:
+        asyncio.run_coroutine_threadsafe(fleet.close(), loop).result(15)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
+
+
+def api(
+    url: str, cookie: str = "", body: bytes | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, Any]:
+    """An API call: (status, its JSON)."""
+    request = urllib.request.Request(url, body, headers={"Cookie": cookie, **(headers or {})})
+    if body is not None:
+        request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return int(response.status), json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"null")
+
+
+def rows(browser: webdriver.Chrome, css: str) -> list[str]:
+    return [r.text for r in browser.find_elements(By.CSS_SELECTOR, css)]
+
+
+def test_an_operator_commands_units_from_the_console_and_the_api_and_finds_it_in_the_audit_log(
+    broker: Mosquitto, workdir: Path, browser: webdriver.Chrome
+) -> None:
+    write_registry(workdir, {"U1": "C1", "U2": "C1", "U3": "C2"})
+    env, port = console_env(workdir, broker.port, PASSWORD, SMAME_DEVICES__RETRY_S="1")
+    token = smame(["tokens", "add", "C1"], env).stdout.strip().split()[-1]
+    proc = start_smame(env, workdir / "smame.log")
+    units = [UnitDevice("U1"), UnitDevice("U2")]  # U3 never connects: its commands wait in the queue
+    try:
+        wait_log(workdir / "smame.log", "web server listening")
+        site = f"http://127.0.0.1:{port}"
+        with answering(broker.port, units):
+            login(browser, site)
+            browser.get(site + "/units/U1")
+            assert browser.find_element(By.ID, "unit-commands").text == "None sent to this unit."
+            Select(browser.find_element(By.CSS_SELECTOR, "#send select[name=op]")).select_by_value("set")
+            browser.find_element(By.CSS_SELECTOR, "#send input[name=args]").send_keys("interval_min=15 diag_every=2")
+            browser.find_element(By.CSS_SELECTOR, "#send button").click()
+            wait(browser).until(expected.url_to_be(site + "/commands?unit=U1"))
+
+            def u1_done(b: webdriver.Chrome) -> list[str] | None:
+                b.refresh()
+                got = rows(b, "#commands tbody tr")
+                return got if got and " done " in got[0] else None
+
+            done = wait(browser).until(u1_done)
+            assert len(done) == 1 and "set" in done[0] and "console:alice (127.0.0.1)" in done[0], done
+            assert '"interval_min":15' in done[0]  # the unit's answer: its configuration now
+            assert units[0].config["interval_min"] == 15 and units[0].config["diag_every"] == 2
+            shot(browser, "commands")
+
+            # a wrong argument is refused with its reason, the form kept as it was filled
+            browser.get(site + "/commands")
+            Select(browser.find_element(By.CSS_SELECTOR, "#send select[name=op]")).select_by_value("set")
+            browser.find_element(By.CSS_SELECTOR, "#send input[name=args]").send_keys("interval_min=7")
+            browser.find_element(By.CSS_SELECTOR, "#send input[name=units]").send_keys("U1 U2")
+            browser.find_element(By.CSS_SELECTOR, "#send button").click()
+            error = wait(browser).until(expected.presence_of_element_located((By.ID, "error")))
+            assert error.text.startswith("interval_min 7: one of 1, 5, 10, 15, 30, 60"), error.text
+            assert browser.find_element(By.CSS_SELECTOR, "#send input[name=units]").get_attribute("value") == "U1 U2"
+
+            # a reboot for a customer whose unit never connected: queued, then withdrawn
+            browser.find_element(By.CSS_SELECTOR, "#send input[name=args]").clear()
+            browser.find_element(By.CSS_SELECTOR, "#send input[name=units]").clear()
+            Select(browser.find_element(By.CSS_SELECTOR, "#send select[name=op]")).select_by_value("reboot")
+            browser.find_element(By.CSS_SELECTOR, "#send input[name=customer]").send_keys("C2")
+            browser.find_element(By.CSS_SELECTOR, "#send button").click()
+            wait(browser).until(expected.url_to_be(site + "/commands?unit=U3"))
+            assert "reboot" in rows(browser, "#commands tbody tr")[0]
+            assert " queued " in rows(browser, "#commands tbody tr")[0]
+            browser.find_element(By.CSS_SELECTOR, "#commands tbody tr form button").click()
+            wait(browser).until(expected.url_to_be(site + "/commands"))
+            reboot = [r for r in rows(browser, "#commands tbody tr") if "U3" in r]
+            assert len(reboot) == 1 and " cancelled " in reboot[0] and "cancelled by console:alice" in reboot[0]
+
+            # the operator API: an operator's session with its CSRF token queues; a customer's token cannot
+            cookie = f"smame_session={browser.get_cookie('smame_session')['value']}"  # type: ignore[index]
+            csrf = browser.find_element(By.CSS_SELECTOR, "#send input[name=csrf]").get_attribute("value") or ""
+            ping = json.dumps({"op": "ping", "units": ["U2"]}).encode()
+            assert api(site + "/api/v1/commands", cookie, ping)[0] == 403  # no CSRF header
+            bearer = {"Authorization": f"Bearer {token}", "X-CSRF-Token": csrf}
+            assert api(site + "/api/v1/commands", "", ping, bearer)[0] == 403
+            assert api(site + "/api/v1/commands", headers={"Authorization": f"Bearer {token}"})[0] == 403
+            status, queued = api(site + "/api/v1/commands", cookie, ping, {"X-CSRF-Token": csrf})
+            assert status == 201 and [c["unit_id"] for c in queued["commands"]] == ["U2"], queued
+            command_id = queued["commands"][0]["command_id"]
+            deadline = time.monotonic() + 15
+            while (got := api(f"{site}/api/v1/commands/{command_id}", cookie))[1]["state"] != "done":
+                assert time.monotonic() < deadline, got
+                time.sleep(0.1)
+            assert got[1]["asked_by"] == "console:alice" and got[1]["answer"]["interval_min"] == 30
+            assert api(f"{site}/api/v1/commands/{command_id}/cancel", cookie, b"", {"X-CSRF-Token": csrf})[0] == 409
+            listed = api(site + "/api/v1/commands?unit=U2&state=done", cookie)[1]["commands"]
+            assert [c["command_id"] for c in listed] == [command_id]
+            for body, words in [
+                (b"{not json", "JSON"),
+                (json.dumps({"op": "format", "units": ["U1"]}).encode(), "op"),
+                (json.dumps({"op": "ping", "units": ["U9"]}).encode(), "unit 'U9' is not in the registry"),
+                (json.dumps({"op": "ping", "units": ["U1"], "customer": "C1"}).encode(), "not both"),
+                (json.dumps({"op": "set", "args": {"colour": 1}, "units": ["U1"]}).encode(), "colour"),
+                (json.dumps({"op": "ping", "units": ["U1"], "expires_s": 1}).encode(), "expires_s"),
+            ]:
+                status, said = api(site + "/api/v1/commands", cookie, body, {"X-CSRF-Token": csrf})
+                assert status == 400 and words in said["error"], (body, said)
+            huge = json.dumps({"op": "ping", "units": ["U1"] * 200_000}).encode()
+            assert api(site + "/api/v1/commands", cookie, huge, {"X-CSRF-Token": csrf})[0] == 413
+            assert api(site + "/api/v1/commands?state=%3Cb%3E", cookie)[0] == 400
+            assert api(site + "/api/v1/commands/nope", cookie)[0] == 404
+            assert "/api/v1/commands" in api(site + "/api/openapi.json")[1]["paths"]
+
+        # the audit log: who asked for what, from where; searched
+        browser.get(site + "/audit")
+        entries = rows(browser, "#entries tbody tr")
+        assert any("console:alice 127.0.0.1 command set U1" in e for e in entries), entries
+        assert any("console:alice 127.0.0.1 command cancelled" in e for e in entries), entries
+        assert any("unit U1  command done" in e or "unit U1 command done" in e for e in entries), entries
+        browser.find_element(By.CSS_SELECTOR, "#filter input[name=about]").send_keys("command reboot")
+        browser.find_element(By.CSS_SELECTOR, "#filter button").click()
+        wait(browser).until(expected.url_contains("about=command+reboot"))
+        reboots = rows(browser, "#entries tbody tr")
+        assert len(reboots) == 1 and "console:alice 127.0.0.1 command reboot U3" in reboots[0], reboots
+        shot(browser, "audit")
+
+        many = {"csrf": csrf, **{f"f{i}": "x" for i in range(20)}}
+        assert post(site + "/commands", many, cookie) == 413  # more fields than any form has: refused
+        assert post(site + "/commands", {"op": "ping", "units": "U1"}, cookie) == 403  # no CSRF token
+        assert post(site + "/commands/cancel", {"csrf": csrf, "id": "nope"}, cookie) == 409
+        expires = {"csrf": csrf, "op": "ping", "units": "U1", "expires_h": "nan"}
+        assert post(site + "/commands", expires, cookie) == 400
+        for path, status in [
+            ("/commands?state=%3Cb%3E&unit=" + "u" * 5000, 200),
+            ("/audit?about=" + "a" * 5000, 200),
+            ("/audit?before=abc", 400),
+        ]:
+            assert get(site + path, cookie) == status, path
+        assert stop(proc) == 0
+    finally:
+        stop(proc)
+    assert "Traceback" not in (workdir / "smame.log").read_text()
