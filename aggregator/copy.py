@@ -28,6 +28,7 @@ _TABLES: dict[str, tuple[str, tuple[str, ...]]] = {
     "health_events": ("day, scope, signal, units, evaluated, words", ("day", "scope", "signal")),
     "commands": (COMMAND_COLUMNS, ("id",)),
     "audit": ("id, at, who, origin, action, target, detail", ("id",)),
+    "repairs": ("unit, first_at, last_at, slots, command, asked", ("unit", "first_at")),
 }
 _BOOLEANS = {"online"}  # the columns copied that hold a boolean
 

@@ -104,6 +104,11 @@ CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY AUTOINCREMENT, at BIGINT NOT NULL, who TEXT NOT NULL, origin TEXT NOT NULL,
     action TEXT NOT NULL, target TEXT NOT NULL, detail TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS audit_at ON audit (at);
+CREATE TABLE IF NOT EXISTS repairs (
+    unit TEXT NOT NULL, first_at BIGINT NOT NULL, last_at BIGINT NOT NULL, slots INTEGER NOT NULL,
+    command TEXT NOT NULL, asked BIGINT NOT NULL, PRIMARY KEY (unit, first_at)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS repairs_asked ON repairs (asked);
+CREATE INDEX IF NOT EXISTS slots_unfilled ON slots (slot) WHERE imp_q IN ('E', 'M');
 """
 
 

@@ -81,6 +81,7 @@ KEPT_WITH_SLOTS = {
     "unit_risk": "day",
     "health_events": "day",
     "risk_days": "day",
+    "repairs": "last_at",
 }
 # a unit's day of health after its day and unit (monitoring.health.RECORD says what each holds)
 HEALTH_COLUMNS = (
@@ -113,6 +114,19 @@ class CommandRow(msgspec.Struct, frozen=True, gc=False):
 COMMAND_COLUMNS = ", ".join(CommandRow.__struct_fields__)
 AUDIT_COLUMNS = "at, who, origin, action, target, detail"
 _LOOKUPS = 5000  # slot ends a statement (well under SQLite's 32,766 parameters)
+
+
+def new_command(
+    unit: str, op: str, args: str, now: int, expires: int, who: str, origin: str, due: int | None = None
+) -> CommandRow:
+    """A command to queue: a new id (128 random bits), queued at `now`, published first at `due` (default now)."""
+    due = now if due is None else due
+    return CommandRow(uuid.uuid4().hex, unit, op, args, now, expires, who, origin, State.QUEUED, now, due, 0, "", "")
+
+
+def asked(c: CommandRow) -> tuple[int, str, str, str, str, str]:
+    """The audit entry saying who asked for a command, and from where."""
+    return (c.created, c.who, c.origin, f"command {c.op}", c.unit, f"{c.id} {c.args}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -737,13 +751,10 @@ class Store(ABC):
     def queue_commands(
         self, op: str, args: str, units: Sequence[str], now: int, expires: int, who: str, origin: str
     ) -> list[CommandRow]:
-        """Queue one command a unit (a new id each, 128 random bits; `args` its JSON text, already checked) with
-        an audit entry each saying who asked and from where, in one transaction; the rows kept."""
-        rows = [
-            CommandRow(uuid.uuid4().hex, u, op, args, now, expires, who, origin, State.QUEUED, now, now, 0, "", "")
-            for u in units
-        ]
-        self.add_commands(rows, [(now, who, origin, f"command {op}", r.unit, f"{r.id} {args}") for r in rows])
+        """Queue one command a unit (`args` its JSON text, already checked) with an audit entry each saying who
+        asked and from where, in one transaction; the rows kept."""
+        rows = [new_command(u, op, args, now, expires, who, origin) for u in units]
+        self.add_commands(rows, [asked(r) for r in rows])
         return rows
 
     def _command_rows(self, where: str, args: Sequence[Any]) -> list[CommandRow]:
@@ -861,6 +872,55 @@ class Store(ABC):
         acknowledgement, a silence, a lifted ban) or one told here after it was done elsewhere."""
         with self.transaction():
             self._audit([(at, who, origin, action, target, detail)])
+
+    # --- gap repair ------------------------------------------------------------------------------
+
+    def unfilled_slots(self, after: int, until: int) -> list[tuple[str, int]]:
+        """(unit, slot) of the import slots estimated or missing with `after < slot <= until`, by unit and slot:
+        read through the partial index slots_unfilled, so the fleet's actual slots are never touched."""
+        rows = self.execute(
+            "SELECT unit, slot FROM slots WHERE imp_q IN ('E', 'M') AND slot > ? AND slot <= ? ORDER BY unit, slot",
+            (after, until),
+        ).fetchall()
+        return [(str(u), int(t)) for u, t in rows]
+
+    def repair_covers(self, unit: str, first_at: int, last_at: int) -> bool:
+        """Whether a gap repair was asked of `unit` for a range holding `first_at`..`last_at`."""
+        row = self.execute(
+            "SELECT 1 FROM repairs WHERE unit = ? AND first_at <= ? AND last_at >= ? LIMIT 1", (unit, first_at, last_at)
+        ).fetchone()
+        return row is not None
+
+    def add_repairs(self, repairs: Sequence[tuple[str, int, int, int]], commands: Sequence[CommandRow]) -> int:
+        """Keep gap repairs (unit, first_at, last_at, slots), each with its `resend` command (same order) and
+        its audit entry, in one transaction; a gap asked for already (by another leader meanwhile) is skipped
+        with its command. Returns the repairs kept."""
+        kept = 0
+        with self.transaction():
+            for (unit, first_at, last_at, slots), c in zip(repairs, commands, strict=True):
+                added = self.execute(
+                    "INSERT INTO repairs (unit, first_at, last_at, slots, command, asked) VALUES (?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (unit, first_at) DO NOTHING",
+                    (unit, first_at, last_at, slots, c.id, c.created),
+                ).rowcount
+                if added:
+                    marks = ", ".join("?" * len(CommandRow.__struct_fields__))
+                    self.execute(
+                        f"INSERT INTO commands ({COMMAND_COLUMNS}) VALUES ({marks})", msgspec.structs.astuple(c)
+                    )
+                    self._audit([asked(c)])
+                    kept += 1
+        return kept
+
+    def repairs(self, since: int, until: int) -> list[tuple[str, int, int, int, str]]:
+        """The gap repairs asked for with `since <= asked < until`: (unit, first_at, last_at, slots, the state
+        of its command: "" once the command is forgotten), by unit."""
+        rows = self.execute(
+            "SELECT r.unit, r.first_at, r.last_at, r.slots, coalesce(c.state, '') FROM repairs r "
+            "LEFT JOIN commands c ON c.id = r.command WHERE r.asked >= ? AND r.asked < ? ORDER BY r.unit, r.first_at",
+            (since, until),
+        ).fetchall()
+        return [(str(u), int(f), int(t), int(n), str(st)) for u, f, t, n, st in rows]
 
     def _audit(self, entries: Sequence[tuple[int, str, str, str, str, str]]) -> None:
         self.executemany(f"INSERT INTO audit ({AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", entries)

@@ -22,6 +22,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from aggregator.repair import repair_pass
 from aggregator.store import CommandRow, Store
 from broker_bridge.bridge import BrokerTarget, back_off, open_session
 from broker_bridge.mqtt import Message, MqttClient, MqttError, request_properties
@@ -52,6 +53,7 @@ class DeviceStats:
     unmatched: int = 0  # well-formed answers to no open command of that unit (a redelivery, a stray)
     refused: Counter[str] = field(default_factory=Counter)  # answers that were none, by reason (REFUSALS)
     expired: int = 0
+    repairs: int = 0  # gaps asked of their units with resend
 
 
 class Devices:
@@ -74,6 +76,7 @@ class Devices:
         self._wake = asyncio.Event()
         self._budget = 0.0
         self._next_prune = -math.inf  # at start, then once a day
+        self._next_repair = -math.inf  # at start, then every devices.repair_every_s
 
     @property
     def client_id(self) -> str:
@@ -145,6 +148,12 @@ class Devices:
             await self._publish_due(client, int(now))
             if now >= self._next_prune:
                 await self._prune(now)
+            if self.settings.repair and now >= self._next_repair:
+                asked = await self.store.call(repair_pass, self.store, int(now), self.settings)
+                self._next_repair = now + self.settings.repair_every_s
+                if asked:
+                    self.stats.repairs += len(asked)
+                    log.info("gap repair: %d gaps asked of their units with resend", len(asked))
             self.stats.failing = ""
             try:
                 await asyncio.wait_for(self._wake.wait(), TICK_S)

@@ -322,6 +322,11 @@ class DevicesSettings(Section):
     rate_per_s: float = Field(default=100.0, gt=0, le=100000)  # commands published a second, across the fleet
     retry_s: int = Field(default=300, ge=1, le=86400)  # a command no session took is published again this late
     keep_days: int = Field(default=400, ge=1, le=3650)  # ended commands and audit entries are kept this long
+    repair: bool = True  # gaps that later readings did not fill are asked of their units with `resend`, once
+    repair_after_s: int = Field(default=3600, ge=0, le=7 * 86400)  # a gap this old that is still a gap is asked for
+    repair_days: int = Field(default=7, ge=1, le=31)  # gaps of the last this many days are looked for
+    repair_every_s: float = Field(default=1800.0, ge=1, le=86400)  # how often they are looked for
+    repair_per_s: float = Field(default=5.0, gt=0, le=10000)  # gap repairs sent a second at most, across the fleet
 
 
 class NodeSettings(Section):

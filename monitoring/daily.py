@@ -6,10 +6,11 @@ from collections.abc import Iterable
 from datetime import date, timedelta
 
 from aggregator.store import SlotRow, Store
+from kernel.commands import State
 from kernel.emissions import DayFactors, grams, kwh_e4
 from kernel.registry import Registry
 from kernel.settings import Settings
-from kernel.timegrid import Grid
+from kernel.timegrid import SLOT, Grid
 from monitoring import at_risk
 from monitoring.channels import fan_out
 from monitoring.detect import ProblemSlot, UnitFindings, by_unit, detect
@@ -18,6 +19,7 @@ from monitoring.report import (
     CustomerCo2,
     DailyReport,
     HealthSection,
+    RepairSection,
     problems_csv,
     render_html,
     render_slack,
@@ -63,9 +65,24 @@ def build_report(
     arrived, about, unknown = store.quarantine_between(*span)
     co2_of_day = [co2[c] for c in sorted(co2)]
     health = health_section(store, grid, registry, day, now, report_units)
+    repairs = repair_section(store, *span)
     return DailyReport(
-        day, grid.name, findings, problems, arrived, unknown, len(labels), caveat, co2_of_day, about, health
+        day, grid.name, findings, problems, arrived, unknown, len(labels), caveat, co2_of_day, about, health, repairs
     )
+
+
+def repair_section(store: Store, start: int, end: int) -> RepairSection | None:
+    """The gaps asked for again with `start <= asked < end` and how many of their half hours are actual now;
+    None when there were none."""
+    asked = store.repairs(start, end)
+    if not asked:
+        return None
+    actual = 0
+    for unit, first_at, last_at, _, _ in asked:
+        ends = list(range(first_at + SLOT, last_at + 1, SLOT))
+        actual += sum(q == "A" for _, _, q in store.qualities_at([unit], ends))
+    answered = sum(state == State.DONE for *_, state in asked)
+    return RepairSection(len(asked), len({r[0] for r in asked}), sum(r[3] for r in asked), answered, actual)
 
 
 def health_section(

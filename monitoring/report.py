@@ -49,6 +49,24 @@ class CustomerCo2:
 
 
 @dataclass(frozen=True, slots=True)
+class RepairSection:
+    """The gaps asked of their units again (`resend`) on the report's day, and what came of them by now."""
+
+    gaps: int
+    units: int
+    slots: int  # half hours in the ranges asked for
+    answered: int  # gaps whose unit answered done
+    actual: int  # of the half hours asked for, those actual now
+
+    def line(self) -> str:
+        return (
+            f"gap repair: {self.gaps} gap(s) of {self.units} unit(s) asked for again with resend "
+            f"({self.slots} half hours); {self.answered} answered; {self.actual} half hours repaired (actual now), "
+            f"{self.slots - self.actual} not (yet)"
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class HealthSection:
     """The units at risk of failing when the report is made, and what many units showed together on its day."""
 
@@ -98,6 +116,7 @@ class DailyReport:
     co2: list[CustomerCo2] = field(default_factory=list)  # customers with emissions, by id
     quarantine_about: dict[str, int] = field(default_factory=dict)  # refused ones about the day, whenever they came
     health: HealthSection | None = None  # None: no unit assessed yet
+    repairs: RepairSection | None = None  # None: no gap asked for on the day
 
     def quarantined(self) -> str:
         """The day's refused telegrams and readings: those that came that day, and those about it."""
@@ -240,6 +259,8 @@ def render_text(r: DailyReport, limit: int = 200) -> str:
         if r.health.events:
             lines.append("events of the fleet or of a cell on the day:")
             lines += [f"  {line}" for line in r.health.event_lines()]
+    if r.repairs is not None:
+        lines += ["", r.repairs.line()]
     if r.co2:
         lines += ["", "CO2 of the day (imported electricity):"]
         lines += [f"  {c.customer}: {c.line()}" for c in r.co2]
@@ -281,6 +302,8 @@ def render_html(r: DailyReport, limit: int = 200) -> str:
         if r.health.events:
             said = "".join(f"<li>{e(line)}</li>" for line in r.health.event_lines())
             health += f"<p>Events of the fleet or of a cell on the day:</p><ul>{said}</ul>"
+    if r.repairs is not None:
+        health += f"<p>{e(r.repairs.line()[0].upper() + r.repairs.line()[1:])}</p>"
     co2 = "".join(f"<li><b>{e(c.customer)}</b>: {e(c.line())}</li>" for c in r.co2)
     co2 = f"<h3>CO2 of the day (imported electricity)</h3><ul>{co2}</ul>" if co2 else ""
     unknown = (
@@ -318,6 +341,8 @@ def render_slack(r: DailyReport, limit: int = 15) -> str:
         if len(h.at_risk) > limit:
             lines.append(f"... and {len(h.at_risk) - limit} more")
         lines += [f"Event, {line}" for line in h.event_lines()]
+    if r.repairs is not None:
+        lines.append(r.repairs.line()[0].upper() + r.repairs.line()[1:])
     lines += [f"CO2 of the day, *{c.customer}*: {c.line()}" for c in r.co2]
     lines.append("Quarantined telegrams and readings: " + r.quarantined())
     if r.unknown:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import threading
 import time
 from collections.abc import Coroutine, Iterator
@@ -16,6 +17,7 @@ from simulators.devices import DeviceFleet, UnitDevice
 from simulators.publisher import Endpoint
 from simulators.scenario import Send
 from tests.helpers import (
+    JST,
     Mosquitto,
     publish,
     readings_in,
@@ -60,13 +62,19 @@ def running(broker: Mosquitto, workdir: Path) -> Iterator[dict[str, str]]:
     """`smame run` on the test broker for units DU1 and DU2 (customer C1); yields its environment."""
     write_registry(workdir, {"DU1": "C1", "DU2": "C1"})
     env = smame_env(workdir, broker.port, SMAME_EXPORT__ENABLED="false", SMAME_DEVICES__RETRY_S="1")
+    proc = subscribed(env, workdir)
+    yield env
+    stop(proc)
+
+
+def subscribed(env: dict[str, str], workdir: Path) -> subprocess.Popen[bytes]:
+    """`smame run` started with `env`, once it has subscribed to the telegrams."""
     proc = start_smame(env, workdir / "smame.log")
     deadline = time.monotonic() + 30
     while "subscribed" not in (workdir / "smame.log").read_text(errors="replace"):
         assert time.monotonic() < deadline and proc.poll() is None, (workdir / "smame.log").read_text()
         time.sleep(0.1)
-    yield env
-    stop(proc)
+    return proc
 
 
 def test_an_operator_commands_units_from_the_command_line_and_sees_their_answers(
@@ -117,4 +125,53 @@ def test_a_gap_the_broker_lost_is_refilled_by_resend(broker: Mosquitto, running:
         slots = smame(["slots", "--unit", "DU1", "--date", str(day)], running).stdout.splitlines()[2:14]
         assert [line.split()[2:4] for line in slots] == [["1.0", "A"]] * 12
     finally:
+        units.close()
+
+
+def test_a_gap_later_telegrams_did_not_fill_is_asked_for_by_itself_once_and_reported(
+    broker: Mosquitto, workdir: Path
+) -> None:
+    write_registry(workdir, {"DU1": "C1", "DU2": "C1"})
+    env = smame_env(
+        workdir,
+        broker.port,
+        SMAME_EXPORT__ENABLED="false",
+        SMAME_DEVICES__REPAIR_EVERY_S="1",
+        SMAME_DEVICES__REPAIR_AFTER_S="0",
+    )
+    day = yesterday()
+    start = datetime.fromisoformat(f"{day}T00:00:00+09:00")
+    history = [(start + timedelta(minutes=30 * i), 1000 + 10 * i) for i in range(13)]  # 00:00 .. 06:00, 1 kWh each
+    lost = {4, 5, 6, 7}
+    asked: list[tuple[int, int]] = []
+    when: list[float] = []
+
+    def resend(frm: int, to: int, now: float) -> list[Send]:
+        asked.append((frm, to))
+        when.append(time.time())
+        held = [r for r in history if frm <= r[0].timestamp() <= to]
+        return [Send(now, "DU1", "smame/v1/DU1/reading", telegram("DU1", held, seq=2))]
+
+    units = Units(broker.port, [UnitDevice("DU1", resend=resend)])
+    proc = subscribed(env, workdir)
+    try:
+        publish(
+            broker.port,
+            [("smame/v1/DU1/reading", telegram("DU1", [r])) for i, r in enumerate(history) if i not in lost],
+        )
+        db = workdir / "data" / "smame.db"
+        wait_readings(db, len(history), timeout=30)  # the lost four come back, asked for by smame
+        assert asked == [(int(history[3][0].timestamp()), int(history[8][0].timestamp()))]
+        time.sleep(3.0)  # more passes: the gap is not asked for again
+        assert len(asked) == 1
+        slots = smame(["slots", "--unit", "DU1", "--date", str(day)], env).stdout.splitlines()[2:14]
+        assert [line.split()[2:4] for line in slots] == [["1.0", "A"]] * 12
+        listed = smame(["units", "commands", "--unit", "DU1"], env).stdout.splitlines()
+        assert len(listed) == 2 and " resend " in listed[1] and " done " in listed[1], listed
+        asked_on = datetime.fromtimestamp(when[0], JST).date()  # the report's day is the zone's
+        report = smame(["report", "--date", str(asked_on)], env).stdout
+        assert "gap repair: 1 gap(s) of 1 unit(s) asked for again with resend (5 half hours); 1 answered; " in report
+        assert "5 half hours repaired (actual now), 0 not (yet)" in report
+    finally:
+        stop(proc)
         units.close()
