@@ -29,6 +29,9 @@ _TABLES: dict[str, tuple[str, tuple[str, ...]]] = {
     "commands": (COMMAND_COLUMNS, ("id",)),
     "audit": ("id, at, who, origin, action, target, detail", ("id",)),
     "repairs": ("unit, first_at, last_at, slots, command, asked", ("unit", "first_at")),
+    "desired": ("scope, target, config, who, origin, at", ("scope", "target")),
+    "reported": ("unit, config, at", ("unit",)),
+    "config_tries": ("unit, wanted, at, command", ("unit",)),
 }
 _BOOLEANS = {"online"}  # the columns copied that hold a boolean
 

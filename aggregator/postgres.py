@@ -117,6 +117,12 @@ CREATE TABLE IF NOT EXISTS repairs (
     unit TEXT COLLATE "C" NOT NULL, first_at BIGINT NOT NULL, last_at BIGINT NOT NULL, slots INTEGER NOT NULL,
     command TEXT NOT NULL, asked BIGINT NOT NULL, PRIMARY KEY (unit, first_at));
 CREATE INDEX IF NOT EXISTS repairs_asked ON repairs (asked);
+CREATE TABLE IF NOT EXISTS desired (
+    scope TEXT NOT NULL, target TEXT COLLATE "C" NOT NULL, config TEXT NOT NULL, who TEXT NOT NULL,
+    origin TEXT NOT NULL, at BIGINT NOT NULL, PRIMARY KEY (scope, target));
+CREATE TABLE IF NOT EXISTS reported (unit TEXT COLLATE "C" PRIMARY KEY, config TEXT NOT NULL, at BIGINT NOT NULL);
+CREATE TABLE IF NOT EXISTS config_tries (
+    unit TEXT COLLATE "C" PRIMARY KEY, wanted TEXT NOT NULL, at BIGINT NOT NULL, command TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS slots_unfilled ON slots (slot) WHERE imp_q IN ('E', 'M');
 """
 # the type of each column COPY writes (`PostgresStore._copy`), as binary COPY needs them said

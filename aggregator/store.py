@@ -25,7 +25,7 @@ from typing import Any, Protocol, Self, TypeVar
 import msgspec
 
 from aggregator.slots import Point
-from kernel.commands import ANSWERABLE, FINAL, Answer, State
+from kernel.commands import ANSWERABLE, FINAL, Answer, State, reported_config
 from kernel.reading import Refused, Status
 
 T = TypeVar("T")
@@ -806,6 +806,13 @@ class Store(ABC):
                 out.append(applied)
                 if applied:
                     self._audit([(now, f"unit {a.unit}", "", f"command {a.status}", a.id, a.detail)])
+                config = reported_config(a.state) if applied else None
+                if config is not None:
+                    self.execute(
+                        "INSERT INTO reported (unit, config, at) VALUES (?, ?, ?) ON CONFLICT (unit) DO UPDATE "
+                        "SET config = excluded.config, at = excluded.at",
+                        (a.unit, json.dumps(config, sort_keys=True, separators=(",", ":")), now),
+                    )
         return out
 
     def expire_commands(self, now: int) -> list[str]:
@@ -921,6 +928,66 @@ class Store(ABC):
             (since, until),
         ).fetchall()
         return [(str(u), int(f), int(t), int(n), str(st)) for u, f, t, n, st in rows]
+
+    # --- desired and reported configuration ----------------------------------------------------------
+
+    def desired(self) -> list[tuple[str, str, str, str, str, int]]:
+        """Every desired configuration: (scope, target, config as JSON, who, origin, at), by scope and target."""
+        rows = self.execute("SELECT scope, target, config, who, origin, at FROM desired ORDER BY scope, target")
+        return [(str(s), str(t), str(c), str(w), str(o), int(a)) for s, t, c, w, o, a in rows.fetchall()]
+
+    def want(self, scope: str, target: str, config: dict[str, Any] | None, who: str, origin: str, now: int) -> None:
+        """Merge `config` into the desired configuration of `scope` `target` (None: forget it), with the audit
+        entry, in one transaction."""
+        with self.transaction():
+            row = self.execute("SELECT config FROM desired WHERE scope = ? AND target = ?", (scope, target)).fetchone()
+            if config is None:
+                self.execute("DELETE FROM desired WHERE scope = ? AND target = ?", (scope, target))
+                self._audit([(now, who, origin, "configuration cleared", f"{scope} {target}".strip(), "")])
+                return
+            merged = {**(json.loads(row[0]) if row else {}), **config}
+            text = json.dumps(merged, sort_keys=True, separators=(",", ":"))
+            self.execute(
+                "INSERT INTO desired (scope, target, config, who, origin, at) VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (scope, target) DO UPDATE SET config = excluded.config, who = excluded.who, "
+                "origin = excluded.origin, at = excluded.at",
+                (scope, target, text, who, origin, now),
+            )
+            self._audit([(now, who, origin, "configuration wanted", f"{scope} {target}".strip(), text)])
+
+    def reported(self) -> dict[str, tuple[str, int]]:
+        """Each unit's configuration as it last reported it: unit -> (config as JSON, when)."""
+        return {str(u): (str(c), int(a)) for u, c, a in self.execute("SELECT unit, config, at FROM reported")}
+
+    def config_tries(self) -> dict[str, tuple[str, int, str, str]]:
+        """The last `set` smame sent each unit to bring it in step: unit -> (the configuration wanted then, when,
+        the command, its state now: "" once forgotten)."""
+        rows = self.execute(
+            "SELECT t.unit, t.wanted, t.at, t.command, coalesce(c.state, '') FROM config_tries t "
+            "LEFT JOIN commands c ON c.id = t.command"
+        ).fetchall()
+        return {str(u): (str(w), int(a), str(i), str(st)) for u, w, a, i, st in rows}
+
+    def came_online(self) -> dict[str, int]:
+        """The units online now, with since when."""
+        rows = self.execute("SELECT unit, since FROM unit_status WHERE online").fetchall()
+        return {str(u): int(since) for u, since in rows}
+
+    def add_config_sets(self, commands: Sequence[CommandRow], wanted: Sequence[str]) -> None:
+        """Queue `set` commands that bring units in step, each with the configuration wanted (same order),
+        kept as the unit's last try, and their audit entries: one transaction."""
+        with self.transaction():
+            marks = ", ".join("?" * len(CommandRow.__struct_fields__))
+            self.executemany(
+                f"INSERT INTO commands ({COMMAND_COLUMNS}) VALUES ({marks})",
+                [msgspec.structs.astuple(c) for c in commands],
+            )
+            self.executemany(
+                "INSERT INTO config_tries (unit, wanted, at, command) VALUES (?, ?, ?, ?) ON CONFLICT (unit) "
+                "DO UPDATE SET wanted = excluded.wanted, at = excluded.at, command = excluded.command",
+                [(c.unit, w, c.created, c.id) for c, w in zip(commands, wanted, strict=True)],
+            )
+            self._audit([asked(c) for c in commands])
 
     def _audit(self, entries: Sequence[tuple[int, str, str, str, str, str]]) -> None:
         self.executemany(f"INSERT INTO audit ({AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", entries)

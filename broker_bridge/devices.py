@@ -22,11 +22,13 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from aggregator.desired import config_pass
 from aggregator.repair import repair_pass
 from aggregator.store import CommandRow, Store
 from broker_bridge.bridge import BrokerTarget, back_off, open_session
 from broker_bridge.mqtt import Message, MqttClient, MqttError, request_properties
 from kernel.commands import Answer, AnswerRefused, cmd_topic, command_payload, read_answer, res_topic
+from kernel.registry import Registry
 from kernel.settings import DevicesSettings
 
 log = logging.getLogger("smame.devices")
@@ -54,6 +56,7 @@ class DeviceStats:
     refused: Counter[str] = field(default_factory=Counter)  # answers that were none, by reason (REFUSALS)
     expired: int = 0
     repairs: int = 0  # gaps asked of their units with resend
+    config_sets: int = 0  # set commands sent to bring units in step with their desired configuration
 
 
 class Devices:
@@ -65,8 +68,10 @@ class Devices:
         store: Store,
         settings: DevicesSettings,
         clock: Callable[[], float] = time.time,
+        registry: Callable[[], Registry] | None = None,
     ) -> None:
         self.target = target
+        self.registry = registry  # the units whose desired configuration is kept in step (None: none)
         self.store = store
         self.settings = settings
         self.clock = clock
@@ -77,6 +82,7 @@ class Devices:
         self._budget = 0.0
         self._next_prune = -math.inf  # at start, then once a day
         self._next_repair = -math.inf  # at start, then every devices.repair_every_s
+        self._next_config = -math.inf  # at start, then every devices.config_every_s
 
     @property
     def client_id(self) -> str:
@@ -148,6 +154,12 @@ class Devices:
             await self._publish_due(client, int(now))
             if now >= self._next_prune:
                 await self._prune(now)
+            if self.registry is not None and now >= self._next_config:
+                sets = await self.store.call(config_pass, self.store, self.registry(), int(now), self.settings)
+                self._next_config = now + self.settings.config_every_s
+                if sets:
+                    self.stats.config_sets += len(sets)
+                    log.info("desired configuration: set sent to %d units out of step", len(sets))
             if self.settings.repair and now >= self._next_repair:
                 asked = await self.store.call(repair_pass, self.store, int(now), self.settings)
                 self._next_repair = now + self.settings.repair_every_s

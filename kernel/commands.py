@@ -71,6 +71,28 @@ class SetArgs(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     diag_every: Annotated[int, msgspec.Meta(ge=0, le=48)] | None = None
 
 
+CONFIG_KEYS = SetArgs.__struct_fields__  # a unit's configuration: what `set` sets and answers report
+
+
+def reported_config(state: str) -> dict[str, Any] | None:
+    """The configuration a unit reported in an answer's `state` (its JSON text): those of CONFIG_KEYS it holds
+    with values `set` would take; None when it holds none (or is no JSON object)."""
+    try:
+        decoded = msgspec.json.decode(state) if state else None
+    except msgspec.DecodeError:
+        return None
+    if not isinstance(decoded, dict):
+        return None
+    out = {}
+    for key in CONFIG_KEYS:
+        if key in decoded:
+            try:
+                out[key] = check_args("set", {key: decoded[key]})[key]
+            except CommandError:
+                continue  # a value smame would never ask for: not a configuration it can compare
+    return out or None
+
+
 class ResendArgs(msgspec.Struct, forbid_unknown_fields=True, rename={"start": "from", "end": "to"}):
     start: datetime
     end: datetime

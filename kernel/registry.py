@@ -22,7 +22,7 @@ from kernel.emissions import NO_FACTORS, DayFactors, Factors, FactorsError, fisc
 from kernel.errors import bad_lines
 from kernel.meter import UNIT_ID, Limits
 
-UNIT_COLUMNS = ("unit_id", "customer_id", "meter_id", "contract_kw", "label")
+UNIT_COLUMNS = ("unit_id", "customer_id", "meter_id", "contract_kw", "label", "group")
 
 
 class RegistryError(ValueError):
@@ -79,6 +79,7 @@ class Unit:
     meter: str = ""
     contract_kw: Fraction | None = None
     label: str = ""
+    group: str = ""  # a name the operators give units configured alike (desired configuration, devices.md)
 
 
 @dataclass(frozen=True)
@@ -195,7 +196,7 @@ def unit_rows(path: Path) -> Iterator[tuple[int, dict[str, str | None]]]:
     reader = csv.DictReader(_read(path, "utf-8-sig", "registry.units").splitlines())
     header = reader.fieldnames or []
     if header[:2] != ["unit_id", "customer_id"] or not set(header) <= set(UNIT_COLUMNS):
-        raise RegistryError(f"{path}: header must be {','.join(UNIT_COLUMNS)} (the last three optional), got {header}")
+        raise RegistryError(f"{path}: header must be {','.join(UNIT_COLUMNS)} (the last four optional), got {header}")
     return enumerate(reader, start=2)  # row by row: a large fleet's file is never all dicts at once
 
 
@@ -236,7 +237,11 @@ def _unit(row: dict[str, str | None], customers: dict[str, Customer], shared: di
         raise ValueError("contract_kw must be positive")
     label = (row.get("label") or "").strip()
     meter = (row.get("meter_id") or "").strip()
-    return Unit(uid, shared[cid], meter, shared.setdefault(kw, kw), shared.setdefault(label, label))
+    group = (row.get("group") or "").strip()
+    if group and not UNIT_ID.fullmatch(group):
+        raise ValueError(f"group {group[:70]!r} must match [A-Za-z0-9_-]{{1,64}}")
+    kept = shared.setdefault
+    return Unit(uid, shared[cid], meter, kept(kw, kw), kept(label, label), kept(group, group))
 
 
 def _first_error(exc: Exception) -> str:

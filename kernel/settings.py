@@ -327,6 +327,7 @@ class DevicesSettings(Section):
     repair_days: int = Field(default=7, ge=1, le=31)  # gaps of the last this many days are looked for
     repair_every_s: float = Field(default=1800.0, ge=1, le=86400)  # how often they are looked for
     repair_per_s: float = Field(default=5.0, gt=0, le=10000)  # gap repairs sent a second at most, across the fleet
+    config_every_s: float = Field(default=60.0, ge=1, le=86400)  # how often units out of step are looked for
 
 
 class NodeSettings(Section):

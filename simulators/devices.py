@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from datetime import datetime
 from typing import Any
 
@@ -47,8 +47,10 @@ class UnitDevice:
         unit: str,
         fw: str = "2.3.0",
         resend: Callable[[int, int, float], list[Send]] = lambda start, end, at: [],
+        cannot_set: Collection[str] = (),
     ) -> None:
         self.unit = unit
+        self.cannot_set = frozenset(cannot_set)  # configuration its firmware cannot take: a `set` of it is rejected
         self.fw = fw
         self.resend = resend
         self.config: dict[str, Any] = {"interval_min": 30, "brokers": [], "diag_every": 1}
@@ -91,6 +93,9 @@ class UnitDevice:
         if c.op == "set":
             if args.get("interval_min") not in (None, *INTERVALS):
                 return "rejected", "interval not supported", None, [], False
+            refused = sorted(self.cannot_set & set(args))
+            if refused:
+                return "rejected", f"{', '.join(refused)} not supported by firmware {self.fw}", None, [], False
             self.config.update(args)
             return "done", "", dict(self.config), [], False
         if c.op == "resend":

@@ -409,7 +409,7 @@ class App:
         if settings.devices.enabled:
             # a connection of its own: a command or an answer never waits on ingest's commits
             devices_store = open_store(settings, application_name=leader_session)
-            devices = Devices(broker_target(settings), devices_store, settings.devices, clock)
+            devices = Devices(broker_target(settings), devices_store, settings.devices, clock, lambda: registry.current)
         monitor = None
         if settings.alerts.enabled or settings.report.enabled:
             # A connection of its own: scans and the outbox never wait on ingest or export.

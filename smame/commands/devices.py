@@ -14,6 +14,7 @@ import sys
 import time
 from datetime import datetime
 
+from aggregator.desired import check_target, steps_now, text
 from aggregator.store import CommandRow, Store
 from kernel.commands import FINAL, CommandError, State, check_args, parse_arg_pairs, targets
 from kernel.settings import Settings
@@ -49,6 +50,28 @@ def add_to(units: argparse.ArgumentParser, common: argparse.ArgumentParser) -> N
     cancel = sub.add_parser("cancel", parents=[common], help="withdraw a command not yet sent")
     cancel.add_argument("id", help="the command's id")
     cancel.set_defaults(func=_cancel)
+
+    config = sub.add_parser(
+        "config",
+        parents=[common],
+        help="the units' desired configuration, and who is out of step",
+        description="Show, set or clear the configuration wanted of the fleet, a customer, a group or a unit; the "
+        "leading node sends `set` to units whose reported configuration differs.",
+    )
+    what = config.add_subparsers(dest="config_action", metavar="show|set|clear", required=True)
+    show = what.add_parser("show", parents=[common], help="the desired configurations and the units out of step")
+    show.add_argument("--limit", type=positive, default=50, help="units out of step listed (default 50)")
+    show.set_defaults(func=_config_show)
+    for name, helped in (("set", "want these values"), ("clear", "forget what is wanted at this scope")):
+        p = what.add_parser(name, parents=[common], help=helped)
+        if name == "set":
+            p.add_argument("args", nargs="+", metavar="KEY=VALUE", help="interval_min=15 diag_every=1 brokers=...")
+        scope = p.add_mutually_exclusive_group(required=True)
+        scope.add_argument("--fleet", action="store_true", help="every unit")
+        scope.add_argument("--customer", help="a customer's units")
+        scope.add_argument("--group", help="the units of this group (units.csv's group column)")
+        scope.add_argument("--unit", help="one unit")
+        p.set_defaults(func=_config_change)
 
 
 def _who() -> tuple[str, str]:
@@ -119,6 +142,44 @@ def _cancel(settings: Settings, args: argparse.Namespace) -> int:
             print(f"smame units cancel: command {args.id} is {row.state}, not queued: it cannot be withdrawn")
             return 1
     print(f"command {args.id} cancelled")
+    return 0
+
+
+def _config_change(settings: Settings, args: argparse.Namespace) -> int:
+    scope = (
+        next(s for s in ("customer", "group", "unit") if getattr(args, s) is not None) if not args.fleet else "fleet"
+    )
+    try:
+        wanted = check_args("set", parse_arg_pairs(args.args)) if args.config_action == "set" else None
+        target = check_target(RegistryHolder(settings).current, scope, getattr(args, scope, "") or "")
+    except CommandError as exc:
+        print(f"smame units config: {exc}", file=sys.stderr)
+        return 2
+    who, origin = _who()
+    with open_store(settings, create=False) as store:
+        store.want(scope, target, wanted, who, origin, int(time.time()))
+    where = f"{scope} {target}".strip()
+    print(f"{where}: wanted {text(wanted)}" if wanted is not None else f"{where}: nothing wanted any more")
+    return 0
+
+
+def _config_show(settings: Settings, args: argparse.Namespace) -> int:
+    registry = RegistryHolder(settings).current
+    with open_store(settings, create=False) as store:
+        desired = store.desired()
+        steps = steps_now(store, registry)
+    print(f"{len(desired)} desired configuration(s)")
+    for scope, target, config, who, _, at in desired:
+        print(f"  {f'{scope} {target}'.strip():<24} {config}  ({who}, {_when(at)})")
+    print(f"{len(steps)} unit(s) out of step")
+    for s in steps[: args.limit]:
+        reported = (
+            "never reported" if s.reported is None else f"reported {text(s.reported)} {_when(s.reported_at or 0)}"
+        )
+        tried = f"; last set {s.last_try[3] or 'forgotten'} {_when(s.last_try[1])}" if s.last_try else ""
+        print(f"  {s.unit:<16} wants {text(s.differs)}, {reported}{tried}")
+    if len(steps) > args.limit:
+        print(f"  ... and {len(steps) - args.limit} more")
     return 0
 
 

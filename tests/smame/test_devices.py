@@ -175,3 +175,51 @@ def test_a_gap_later_telegrams_did_not_fill_is_asked_for_by_itself_once_and_repo
     finally:
         stop(proc)
         units.close()
+
+
+def test_a_desired_configuration_reaches_the_units_and_who_is_out_of_step_is_shown(
+    broker: Mosquitto, workdir: Path
+) -> None:
+    write_registry(workdir, {"DU1": "C1", "DU2": "C1", "DU3": "C1"})
+    env = smame_env(workdir, broker.port, SMAME_EXPORT__ENABLED="false", SMAME_DEVICES__CONFIG_EVERY_S="1")
+    devices = [UnitDevice("DU1"), UnitDevice("DU2"), UnitDevice("DU3", fw="2.1.0", cannot_set={"diag_every"})]
+    units = Units(broker.port, devices)
+    proc = subscribed(env, workdir)
+    try:
+        units.call(units.fleet.online("DU2", False))  # away, its session kept at the broker
+        out = smame(["units", "config", "set", "interval_min=15", "diag_every=2", "--customer", "C1"], env).stdout
+        assert out.strip() == 'customer C1: wanted {"diag_every":2,"interval_min":15}'
+
+        def shown() -> str:
+            return smame(["units", "config", "show"], env).stdout
+
+        deadline = time.monotonic() + 20
+        while devices[0].config["interval_min"] != 15 or "DU3" not in shown() or " rejected " not in shown():
+            assert time.monotonic() < deadline, shown()
+            time.sleep(0.2)
+        assert devices[0].config == {"interval_min": 15, "brokers": [], "diag_every": 2}
+        lines = shown().splitlines()
+        assert lines[0] == "1 desired configuration(s)" and "customer C1" in lines[1] and "cli:" in lines[1]
+        out_of_step = {line.split()[0]: line for line in lines[3:]}
+        assert lines[2] == "2 unit(s) out of step" and set(out_of_step) == {"DU2", "DU3"}, lines
+        assert "never reported; last set sent" in out_of_step["DU2"]  # with the broker for it
+        assert "last set rejected" in out_of_step["DU3"]
+
+        units.call(units.fleet.online("DU2", True))  # back: the broker hands it the set it kept
+        deadline = time.monotonic() + 20
+        while "1 unit(s) out of step" not in shown():
+            assert time.monotonic() < deadline, shown()
+            time.sleep(0.2)
+        assert devices[1].config["interval_min"] == 15 and devices[1].carried_out.total() == 1
+        time.sleep(2.5)  # more passes: DU3's refusal is not asked again while it stays online
+        assert devices[2].carried_out.total() == 1
+
+        refused = smame(["units", "config", "set", "interval_min=7", "--fleet"], env, check=False)
+        assert refused.returncode == 2 and "interval_min 7" in refused.stderr
+        unknown = smame(["units", "config", "clear", "--group", "attic"], env, check=False)
+        assert unknown.returncode == 2 and "group 'attic'" in unknown.stderr
+        assert smame(["units", "config", "clear", "--customer", "C1"], env).stdout.strip().endswith("wanted any more")
+        assert shown().splitlines()[:2] == ["0 desired configuration(s)", "0 unit(s) out of step"]
+    finally:
+        stop(proc)
+        units.close()
