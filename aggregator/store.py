@@ -959,6 +959,11 @@ class Store(ABC):
         """Each unit's configuration as it last reported it: unit -> (config as JSON, when)."""
         return {str(u): (str(c), int(a)) for u, c, a in self.execute("SELECT unit, config, at FROM reported")}
 
+    def reported_of(self, unit: str) -> tuple[str, int] | None:
+        """One unit's configuration as it last reported it: (config as JSON, when), or None."""
+        row = self.execute("SELECT config, at FROM reported WHERE unit = ?", (unit,)).fetchone()
+        return None if row is None else (str(row[0]), int(row[1]))
+
     def config_tries(self) -> dict[str, tuple[str, int, str, str]]:
         """The last `set` smame sent each unit to bring it in step: unit -> (the configuration wanted then, when,
         the command, its state now: "" once forgotten)."""

@@ -25,6 +25,7 @@ from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse,
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
+from aggregator.desired import SCOPES, check_target, read_desired, steps_now, text, wanted
 from aggregator.store import CommandRow, QuarantineRow, SlotRow
 from csv_export.co2 import month_summary, summary_rows
 from csv_export.exporter import SUCCEEDED
@@ -65,6 +66,7 @@ RISK_SORTS = ("risk", "since", "unit", "customer")
 COMMANDS_PAGE = 100  # newest commands shown
 AUDIT_PAGE = 100  # audit entries a page
 UNIT_COMMANDS = 10  # newest commands on a unit's page
+STEPS_PAGE = 200  # units out of step listed
 MAX_EXPIRY_H = 30 * 24  # the longest life a command may be given (devices.expiry_s's bound)
 HISTORY_STATES = ("firing", "repeat", "resolved", "event", "acknowledged", "silenced", "unsilenced")
 
@@ -473,6 +475,61 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
             return PlainTextResponse("that command is no longer queued: it cannot be withdrawn", 409)
         return RedirectResponse("/commands", 303)
 
+    @app.get("/configuration", include_in_schema=False, response_class=HTMLResponse)
+    async def configuration_page(request: Request, session: Operator) -> Response:
+        return await configuration_view(request, session)
+
+    async def configuration_view(
+        request: Request, session: Session, error: str = "", filled: dict[str, str] | None = None, status: int = 200
+    ) -> Response:
+        """The desired configurations, the form that changes them, and the units out of step."""
+        registry = ctx.registry()
+
+        def read() -> tuple[Any, ...]:
+            return ctx.store.desired(), steps_now(ctx.store, registry)
+
+        desired, steps = await ctx.store.call(read)
+        context = {
+            "session": session,
+            "scopes": SCOPES,
+            "desired": [
+                {"scope": sc, "target": t, "config": c, "who": w, "at": _local(at, ctx)}
+                for sc, t, c, w, _, at in desired
+            ],
+            "steps": [
+                {
+                    "unit": st.unit,
+                    "customer": st.customer,
+                    "differs": text(st.differs),
+                    "reported": text(st.reported) if st.reported else "",
+                    "reported_at": _local(st.reported_at, ctx) if st.reported_at else "",
+                    "tried": f"{st.last_try[3] or 'forgotten'} {_local(st.last_try[1], ctx)}" if st.last_try else "",
+                }
+                for st in steps[:STEPS_PAGE]
+            ],
+            "out_of_step": len(steps),
+            "limit": STEPS_PAGE,
+            "error": error,
+            "filled": filled or {},
+        }
+        return templates.TemplateResponse(request, "configuration.html", context, status_code=status)
+
+    @app.post("/configuration", include_in_schema=False)
+    async def change_configuration(request: Request) -> Response:
+        got = await operator_form(request)
+        if isinstance(got, Response):
+            return got
+        session, fields = got
+        scope, clear = fields.get("scope", ""), fields.get("action") == "clear"
+        try:
+            target = check_target(ctx.registry(), scope, fields.get("target", "").strip())
+            config = None if clear else check_args("set", parse_arg_pairs(fields.get("args", "").split()))
+        except CommandError as exc:
+            return await configuration_view(request, session, str(exc), fields, 400)
+        now = int(ctx.clock())
+        await ctx.store.call(ctx.store.want, scope, target, config, who(session), origin(request), now)
+        return RedirectResponse("/configuration", 303)
+
     @app.get("/audit", include_in_schema=False, response_class=HTMLResponse)
     async def audit_page(request: Request, session: Operator, about: str = "", before: int | None = None) -> Response:
         about = about.strip()[:200]
@@ -701,6 +758,11 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
                 )
         quarantined = await ctx.store.call(ctx.store.unit_quarantine, unit.id, 20)
         commands = await ctx.store.call(ctx.store.commands, unit.id, UNIT_COMMANDS)
+
+        def configuration() -> tuple[dict[str, Any], tuple[str, int] | None]:
+            return wanted(unit, read_desired(ctx.store.desired())), ctx.store.reported_of(unit.id)
+
+        want, reported = await ctx.store.call(configuration)
         kept = await ctx.store.call(unit_health, ctx.store, ctx.grid, unit.id, now, max(days, 30))
         fields = ("rsrp", "sinr", "delay_p50", "reboots", "restarts", "disconnects", "clock_offset")
         series: dict[str, Any] = {"zone": ctx.grid.name, "t": [ctx.grid.day_start(d["date"]) for d in kept.days]}
@@ -721,6 +783,12 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
             else None,
             "quarantined": [_refused(q, ctx) for q in quarantined],
             "commands": [_command(r, ctx) for r in commands],
+            "config": {
+                "wanted": text(want) if want else "",
+                "reported": reported[0] if reported else "",
+                "reported_at": _local(reported[1], ctx) if reported else "",
+                "in_step": all(json.loads(reported[0]).get(k) == v for k, v in want.items()) if reported else not want,
+            },
             "ops": OPS,
             "last": _local(last, ctx) if last is not None else "never",
             "state": state_of(last, now, ctx.silent_after_s),

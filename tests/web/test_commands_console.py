@@ -64,7 +64,9 @@ def test_an_operator_commands_units_from_the_console_and_the_api_and_finds_it_in
     broker: Mosquitto, workdir: Path, browser: webdriver.Chrome
 ) -> None:
     write_registry(workdir, {"U1": "C1", "U2": "C1", "U3": "C2"})
-    env, port = console_env(workdir, broker.port, PASSWORD, SMAME_DEVICES__RETRY_S="1")
+    env, port = console_env(
+        workdir, broker.port, PASSWORD, SMAME_DEVICES__RETRY_S="1", SMAME_DEVICES__CONFIG_EVERY_S="1"
+    )
     token = smame(["tokens", "add", "C1"], env).stdout.strip().split()[-1]
     proc = start_smame(env, workdir / "smame.log")
     units = [UnitDevice("U1"), UnitDevice("U2")]  # U3 never connects: its commands wait in the queue
@@ -150,6 +152,36 @@ def test_an_operator_commands_units_from_the_console_and_the_api_and_finds_it_in
             assert api(site + "/api/v1/commands/nope", cookie)[0] == 404
             assert "/api/v1/commands" in api(site + "/api/openapi.json")[1]["paths"]
 
+            # the configuration wanted of a customer reaches its units; the page shows who is out of step
+            browser.get(site + "/configuration")
+            assert browser.find_element(By.ID, "out-of-step-count").text == "0 units out of step"
+            Select(browser.find_element(By.CSS_SELECTOR, "#change select[name=scope]")).select_by_value("group")
+            browser.find_element(By.CSS_SELECTOR, "#change input[name=target]").send_keys("attic")
+            browser.find_element(By.CSS_SELECTOR, "#change input[name=args]").send_keys("interval_min=5")
+            browser.find_element(By.CSS_SELECTOR, "#change button[value=set]").click()
+            error = wait(browser).until(expected.presence_of_element_located((By.ID, "error")))
+            assert error.text == "group 'attic' is no unit's group in the registry"
+            Select(browser.find_element(By.CSS_SELECTOR, "#change select[name=scope]")).select_by_value("customer")
+            target = browser.find_element(By.CSS_SELECTOR, "#change input[name=target]")
+            target.clear()
+            target.send_keys("C1")
+            browser.find_element(By.CSS_SELECTOR, "#change button[value=set]").click()
+            wait(browser).until(expected.url_to_be(site + "/configuration"))
+            desired = rows(browser, "#desired tbody tr")
+            assert len(desired) == 1 and desired[0].startswith('customer C1 {"interval_min":5} console:alice'), desired
+
+            def in_step(b: webdriver.Chrome) -> bool:
+                b.refresh()
+                return b.find_element(By.ID, "out-of-step-count").text == "0 units out of step"
+
+            wait(browser).until(in_step)
+            assert units[0].config["interval_min"] == 5 and units[1].config["interval_min"] == 5
+            browser.get(site + "/units/U1")
+            said = browser.find_element(By.ID, "configuration").text
+            assert said.startswith('Wanted {"interval_min":5}; reported {"diag_every":2,"interval_min":5}'), said
+            assert said.endswith("in step (configuration).")
+            shot(browser, "unit-configuration")
+
         # the audit log: who asked for what, from where; searched
         browser.get(site + "/audit")
         entries = rows(browser, "#entries tbody tr")
@@ -161,6 +193,9 @@ def test_an_operator_commands_units_from_the_console_and_the_api_and_finds_it_in
         wait(browser).until(expected.url_contains("about=command+reboot"))
         reboots = rows(browser, "#entries tbody tr")
         assert len(reboots) == 1 and "console:alice 127.0.0.1 command reboot U3" in reboots[0], reboots
+        browser.get(site + "/audit?about=configuration+wanted")
+        wanted = rows(browser, "#entries tbody tr")
+        assert len(wanted) == 1 and 'configuration wanted customer C1 {"interval_min":5}' in wanted[0], wanted
         shot(browser, "audit")
 
         many = {"csrf": csrf, **{f"f{i}": "x" for i in range(20)}}
@@ -169,6 +204,12 @@ def test_an_operator_commands_units_from_the_console_and_the_api_and_finds_it_in
         assert post(site + "/commands/cancel", {"csrf": csrf, "id": "nope"}, cookie) == 409
         expires = {"csrf": csrf, "op": "ping", "units": "U1", "expires_h": "nan"}
         assert post(site + "/commands", expires, cookie) == 400
+        for fields in (
+            {"scope": "<b>", "target": "x", "action": "set", "args": "interval_min=5"},
+            {"scope": "unit", "target": "U1", "action": "set", "args": "colour=red"},
+            {"scope": "unit", "target": "U1" * 3000, "action": "clear"},
+        ):
+            assert post(site + "/configuration", {"csrf": csrf, **fields}, cookie) in (400, 413), fields
         for path, status in [
             ("/commands?state=%3Cb%3E&unit=" + "u" * 5000, 200),
             ("/audit?about=" + "a" * 5000, 200),
