@@ -6,7 +6,15 @@ import hashlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from aggregator.store import COMMAND_COLUMNS, HEALTH_COLUMNS, READING_COLUMNS, SLOT_COLUMNS, Store, StoreError
+from aggregator.store import (
+    CAMPAIGN_COLUMNS,
+    COMMAND_COLUMNS,
+    HEALTH_COLUMNS,
+    READING_COLUMNS,
+    SLOT_COLUMNS,
+    Store,
+    StoreError,
+)
 
 CHUNK = 20_000  # rows a transaction
 # every table but meta, with the columns copied and the key whose order makes two stores' rows comparable
@@ -32,6 +40,13 @@ _TABLES: dict[str, tuple[str, tuple[str, ...]]] = {
     "desired": ("scope, target, config, who, origin, at", ("scope", "target")),
     "reported": ("unit, config, at", ("unit",)),
     "config_tries": ("unit, wanted, at, command", ("unit",)),
+    "firmware": ("version, sha256, size, added, who", ("version",)),
+    "firmware_chunks": ("version, n, data", ("version", "n")),
+    "campaigns": (CAMPAIGN_COLUMNS, ("id",)),
+    "campaign_units": (
+        "campaign, seq, unit, step, command, started, changed, stage, detail, probe",
+        ("campaign", "seq"),
+    ),
 }
 _BOOLEANS = {"online"}  # the columns copied that hold a boolean
 

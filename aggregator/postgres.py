@@ -123,6 +123,23 @@ CREATE TABLE IF NOT EXISTS desired (
 CREATE TABLE IF NOT EXISTS reported (unit TEXT COLLATE "C" PRIMARY KEY, config TEXT NOT NULL, at BIGINT NOT NULL);
 CREATE TABLE IF NOT EXISTS config_tries (
     unit TEXT COLLATE "C" PRIMARY KEY, wanted TEXT NOT NULL, at BIGINT NOT NULL, command TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS firmware (
+    version TEXT COLLATE "C" PRIMARY KEY, sha256 TEXT NOT NULL, size BIGINT NOT NULL, added BIGINT NOT NULL,
+    who TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS firmware_chunks (
+    version TEXT COLLATE "C" NOT NULL, n INTEGER NOT NULL, data BYTEA NOT NULL, PRIMARY KEY (version, n));
+CREATE TABLE IF NOT EXISTS campaigns (
+    id TEXT COLLATE "C" PRIMARY KEY, name TEXT NOT NULL, version TEXT NOT NULL, sha256 TEXT NOT NULL,
+    size BIGINT NOT NULL, target TEXT NOT NULL, plan TEXT NOT NULL, phase TEXT NOT NULL, secret TEXT NOT NULL,
+    created BIGINT NOT NULL, who TEXT NOT NULL, origin TEXT NOT NULL, changed BIGINT NOT NULL,
+    detail TEXT NOT NULL, total BIGINT NOT NULL);
+CREATE TABLE IF NOT EXISTS campaign_units (
+    campaign TEXT COLLATE "C" NOT NULL, seq BIGINT NOT NULL, unit TEXT COLLATE "C" NOT NULL, step TEXT NOT NULL,
+    command TEXT NOT NULL, started BIGINT NOT NULL, changed BIGINT NOT NULL, stage TEXT NOT NULL,
+    detail TEXT NOT NULL, probe TEXT NOT NULL, PRIMARY KEY (campaign, seq));
+CREATE UNIQUE INDEX IF NOT EXISTS campaign_units_unit ON campaign_units (campaign, unit);
+CREATE INDEX IF NOT EXISTS campaign_units_open ON campaign_units (campaign, seq) WHERE step IN ('sent', 'updating');
+CREATE INDEX IF NOT EXISTS campaign_units_pending ON campaign_units (campaign, seq) WHERE step = 'pending';
 CREATE INDEX IF NOT EXISTS slots_unfilled ON slots (slot) WHERE imp_q IN ('E', 'M');
 """
 # the type of each column COPY writes (`PostgresStore._copy`), as binary COPY needs them said

@@ -112,6 +112,48 @@ class CommandRow(msgspec.Struct, frozen=True, gc=False):
 
 
 COMMAND_COLUMNS = ", ".join(CommandRow.__struct_fields__)
+
+
+class CampaignRow(msgspec.Struct, frozen=True, gc=False):
+    """A firmware campaign as the store keeps it (`kernel.firmware`): `target` and `plan` JSON texts, `secret`
+    what its units' download URLs are made with, `total` its units."""
+
+    id: str
+    name: str
+    version: str
+    sha256: str
+    size: int
+    target: str
+    plan: str
+    phase: str
+    secret: str
+    created: int
+    who: str
+    origin: str
+    changed: int
+    detail: str
+    total: int
+
+
+CAMPAIGN_COLUMNS = ", ".join(CampaignRow.__struct_fields__)
+FIRMWARE_CHUNK = 1024 * 1024  # bytes of an image a row: every node reads an image from the store
+
+
+class OpenUnit(msgspec.Struct, frozen=True, gc=False):
+    """A started unit of a campaign with its `fw` command's state (and its version probe's, if one was sent)."""
+
+    seq: int
+    unit: str
+    step: str
+    started: int
+    command: str
+    state: str  # "" once the command is forgotten
+    detail: str
+    answer: str
+    probe: str
+    probe_state: str
+
+
 AUDIT_COLUMNS = "at, who, origin, action, target, detail"
 _LOOKUPS = 5000  # slot ends a statement (well under SQLite's 32,766 parameters)
 
@@ -807,7 +849,9 @@ class Store(ABC):
                 if applied:
                     self._audit([(now, f"unit {a.unit}", "", f"command {a.status}", a.id, a.detail)])
                 config = reported_config(a.state) if applied else None
-                if config is not None:
+                if config is not None:  # what it said now over what it said before (a set's answer has no fw)
+                    before = self.reported_of(a.unit)
+                    config = {**(json.loads(before[0]) if before else {}), **config}
                     self.execute(
                         "INSERT INTO reported (unit, config, at) VALUES (?, ?, ?) ON CONFLICT (unit) DO UPDATE "
                         "SET config = excluded.config, at = excluded.at",
@@ -993,6 +1037,184 @@ class Store(ABC):
                 [(c.unit, w, c.created, c.id) for c, w in zip(commands, wanted, strict=True)],
             )
             self._audit([asked(c) for c in commands])
+
+    # --- firmware images and campaigns ------------------------------------------------------------------
+
+    def add_firmware(self, version: str, sha256: str, data: bytes, at: int, who: str, origin: str) -> None:
+        """Keep a firmware image (its bytes in chunks, so that every node's web server can serve it) with its
+        audit entry, in one transaction. StoreError when the version is kept already (with other bytes or the
+        same: a version names one image)."""
+        with self.transaction():
+            if self.execute("SELECT 1 FROM firmware WHERE version = ?", (version,)).fetchone() is not None:
+                raise StoreError(f"firmware {version} is kept already: a version names one image")
+            self.execute(
+                "INSERT INTO firmware (version, sha256, size, added, who) VALUES (?, ?, ?, ?, ?)",
+                (version, sha256, len(data), at, who),
+            )
+            self.executemany(
+                "INSERT INTO firmware_chunks (version, n, data) VALUES (?, ?, ?)",
+                [(version, n, data[i : i + FIRMWARE_CHUNK]) for n, i in enumerate(range(0, len(data), FIRMWARE_CHUNK))],
+            )
+            self._audit([(at, who, origin, "firmware added", version, f"{len(data)} bytes sha256 {sha256}")])
+
+    def firmwares(self) -> list[tuple[str, str, int, int, str]]:
+        """The firmware images kept: (version, sha256, size, added, who), newest first."""
+        rows = self.execute("SELECT version, sha256, size, added, who FROM firmware ORDER BY added DESC, version")
+        return [(str(v), str(h), int(n), int(a), str(w)) for v, h, n, a, w in rows.fetchall()]
+
+    def firmware_image(self, version: str) -> bytes | None:
+        """A firmware image's bytes, or None."""
+        if self.execute("SELECT 1 FROM firmware WHERE version = ?", (version,)).fetchone() is None:
+            return None
+        rows = self.execute("SELECT data FROM firmware_chunks WHERE version = ? ORDER BY n", (version,)).fetchall()
+        return b"".join(bytes(r[0]) for r in rows)
+
+    def add_campaign(self, c: CampaignRow, units: Sequence[str]) -> None:
+        """Keep a new campaign with its units, all pending, in their order, and its audit entry."""
+        with self.transaction():
+            marks = ", ".join("?" * len(CampaignRow.__struct_fields__))
+            self.execute(f"INSERT INTO campaigns ({CAMPAIGN_COLUMNS}) VALUES ({marks})", msgspec.structs.astuple(c))
+            self.executemany(
+                "INSERT INTO campaign_units (campaign, seq, unit, step, command, started, changed, stage, detail, "
+                "probe) VALUES (?, ?, ?, 'pending', '', 0, ?, '', '', '')",
+                [(c.id, i, u, c.created) for i, u in enumerate(units)],
+            )
+            self._audit([(c.created, c.who, c.origin, "campaign started", c.id, f"{c.version} {c.target} {c.plan}")])
+
+    def campaigns(self, limit: int = 100) -> list[CampaignRow]:
+        """The newest campaigns, newest first."""
+        rows = self.execute(f"SELECT {CAMPAIGN_COLUMNS} FROM campaigns ORDER BY created DESC, id LIMIT ?", (limit,))
+        return [CampaignRow(*r) for r in rows.fetchall()]
+
+    def campaign(self, campaign_id: str) -> CampaignRow | None:
+        row = self.execute(f"SELECT {CAMPAIGN_COLUMNS} FROM campaigns WHERE id = ?", (campaign_id,)).fetchone()
+        return None if row is None else CampaignRow(*row)
+
+    def running_campaigns(self) -> list[CampaignRow]:
+        """The campaigns not ended (running or paused)."""
+        rows = self.execute(f"SELECT {CAMPAIGN_COLUMNS} FROM campaigns WHERE phase IN ('running', 'paused')")
+        return [CampaignRow(*r) for r in rows.fetchall()]
+
+    def campaign_counts(self, campaign_id: str) -> dict[str, int]:
+        """A campaign's units by step."""
+        rows = self.execute(
+            "SELECT step, count(*) FROM campaign_units WHERE campaign = ? GROUP BY step", (campaign_id,)
+        )
+        return {str(s): int(n) for s, n in rows.fetchall()}
+
+    def campaign_open(self, campaign_id: str) -> list[OpenUnit]:
+        """A campaign's started units that have not ended, with their commands' states, in order."""
+        rows = self.execute(
+            "SELECT u.seq, u.unit, u.step, u.started, u.command, coalesce(c.state, ''), coalesce(c.detail, ''), "
+            "coalesce(c.answer, ''), u.probe, coalesce(p.state, '') FROM campaign_units u "
+            "LEFT JOIN commands c ON c.id = u.command LEFT JOIN commands p ON p.id = u.probe "
+            "WHERE u.campaign = ? AND u.step IN ('sent', 'updating') ORDER BY u.seq",
+            (campaign_id,),
+        ).fetchall()
+        return [OpenUnit(*r) for r in rows]
+
+    def campaign_pending(self, campaign_id: str, limit: int) -> list[tuple[int, str]]:
+        """The next pending units of a campaign: (seq, unit), in order."""
+        rows = self.execute(
+            "SELECT seq, unit FROM campaign_units WHERE campaign = ? AND step = 'pending' ORDER BY seq LIMIT ?",
+            (campaign_id, limit),
+        ).fetchall()
+        return [(int(q), str(u)) for q, u in rows]
+
+    def campaign_started_since(self, campaign_id: str, since: int) -> int:
+        """How many of a campaign's units were started at `since` or later."""
+        row = self.execute(
+            "SELECT count(*) FROM campaign_units WHERE campaign = ? AND step <> 'pending' AND started >= ?",
+            (campaign_id, since),
+        ).fetchone()
+        return int(row[0])
+
+    def campaign_units(
+        self, campaign_id: str, step: str | None = None, limit: int = 1000
+    ) -> list[tuple[int, str, str, int, int, str, str]]:
+        """A campaign's units (in one step, if given), in order: (seq, unit, step, started, changed, stage,
+        detail)."""
+        sql = "SELECT seq, unit, step, started, changed, stage, detail FROM campaign_units WHERE campaign = ?"
+        args: tuple[Any, ...] = (campaign_id,)
+        if step is not None:
+            sql, args = sql + " AND step = ?", (*args, step)
+        rows = self.execute(sql + " ORDER BY seq LIMIT ?", (*args, limit)).fetchall()
+        return [(int(q), str(u), str(st), int(a), int(c), str(g), str(d)) for q, u, st, a, c, g, d in rows]
+
+    def start_campaign_units(self, campaign_id: str, started: Sequence[tuple[int, CommandRow]]) -> None:
+        """Start units of a campaign: each (seq, its `fw` command) queued and the unit `sent`, in one
+        transaction with the audit entries."""
+        with self.transaction():
+            marks = ", ".join("?" * len(CommandRow.__struct_fields__))
+            self.executemany(
+                f"INSERT INTO commands ({COMMAND_COLUMNS}) VALUES ({marks})",
+                [msgspec.structs.astuple(c) for _, c in started],
+            )
+            self.executemany(
+                "UPDATE campaign_units SET step = 'sent', command = ?, started = ?, changed = ? "
+                "WHERE campaign = ? AND seq = ? AND step = 'pending'",
+                [(c.id, c.created, c.created, campaign_id, seq) for seq, c in started],
+            )
+            self._audit([asked(c) for _, c in started])
+
+    def campaign_steps(self, campaign_id: str, steps: Sequence[tuple[int, str, str, str]], now: int) -> None:
+        """Move started units of a campaign on: (seq, step, stage, detail)."""
+        with self.transaction():
+            self.executemany(
+                "UPDATE campaign_units SET step = ?, stage = ?, detail = ?, changed = ? WHERE campaign = ? AND seq = ?",
+                [(step, stage, detail, now, campaign_id, seq) for seq, step, stage, detail in steps],
+            )
+
+    def probe_campaign_unit(self, campaign_id: str, seq: int, probe: CommandRow) -> None:
+        """Ask a unit of a campaign its version (a `ping`), its answer lost or late: one transaction."""
+        with self.transaction():
+            marks = ", ".join("?" * len(CommandRow.__struct_fields__))
+            self.execute(f"INSERT INTO commands ({COMMAND_COLUMNS}) VALUES ({marks})", msgspec.structs.astuple(probe))
+            self.execute(
+                "UPDATE campaign_units SET probe = ?, changed = ? WHERE campaign = ? AND seq = ?",
+                (probe.id, probe.created, campaign_id, seq),
+            )
+            self._audit([asked(probe)])
+
+    def set_campaign_phase(
+        self, campaign_id: str, phase: str, allowed: Sequence[str], now: int, detail: str, who: str, origin: str
+    ) -> bool:
+        """Move a campaign to `phase` from one of `allowed`; when it ends (cancelled, aborted), its pending units
+        are skipped and its `fw` commands still queued are withdrawn (their units skipped too). False when its
+        phase was not one of `allowed`. One transaction, with the audit entry."""
+        marks = ", ".join("?" * len(allowed))
+        with self.transaction():
+            changed = self.execute(
+                f"UPDATE campaigns SET phase = ?, changed = ?, detail = ? WHERE id = ? AND phase IN ({marks})",
+                (phase, now, detail, campaign_id, *allowed),
+            ).rowcount
+            if not changed:
+                return False
+            if phase in ("cancelled", "aborted"):
+                queued = [
+                    str(c)
+                    for (c,) in self.execute(
+                        "SELECT u.command FROM campaign_units u JOIN commands c ON c.id = u.command "
+                        "WHERE u.campaign = ? AND u.step = 'sent' AND c.state = 'queued'",
+                        (campaign_id,),
+                    ).fetchall()
+                ]
+                self.executemany(
+                    "UPDATE commands SET state = ?, changed = ?, detail = ? WHERE id = ? AND state = ?",
+                    [(State.CANCELLED, now, f"campaign {phase}", c, State.QUEUED) for c in queued],
+                )
+                self.executemany(
+                    "UPDATE campaign_units SET step = 'skipped', changed = ?, detail = ? WHERE campaign = ? "
+                    "AND command = ?",
+                    [(now, f"campaign {phase} before it was sent", campaign_id, c) for c in queued],
+                )
+                self.execute(
+                    "UPDATE campaign_units SET step = 'skipped', changed = ?, detail = ? WHERE campaign = ? "
+                    "AND step = 'pending'",
+                    (now, f"campaign {phase}", campaign_id),
+                )
+            self._audit([(now, who, origin, f"campaign {phase}", campaign_id, detail)])
+            return True
 
     def _audit(self, entries: Sequence[tuple[int, str, str, str, str, str]]) -> None:
         self.executemany(f"INSERT INTO audit ({AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", entries)

@@ -76,7 +76,7 @@ CONFIG_KEYS = SetArgs.__struct_fields__  # a unit's configuration: what `set` se
 
 def reported_config(state: str) -> dict[str, Any] | None:
     """The configuration a unit reported in an answer's `state` (its JSON text): those of CONFIG_KEYS it holds
-    with values `set` would take; None when it holds none (or is no JSON object)."""
+    with values `set` would take, and its firmware version `fw`; None when it holds none (or is no JSON object)."""
     try:
         decoded = msgspec.json.decode(state) if state else None
     except msgspec.DecodeError:
@@ -90,6 +90,9 @@ def reported_config(state: str) -> dict[str, Any] | None:
                 out[key] = check_args("set", {key: decoded[key]})[key]
             except CommandError:
                 continue  # a value smame would never ask for: not a configuration it can compare
+    fw = decoded.get("fw")
+    if isinstance(fw, str) and DIAG_NAME.fullmatch(fw):
+        out["fw"] = fw  # not configuration (never wanted, never set), but what campaigns judge by
     return out or None
 
 
