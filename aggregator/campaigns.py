@@ -152,6 +152,9 @@ def campaign_pass(store: Store, now: int, base_url: str, expiry_probe_s: int = P
             continue
         if c.phase != Phase.RUNNING:
             continue
+        if not base_url:
+            said.append(f"campaign {c.id}: no unit started: devices.firmware_url is not set")
+            continue
         recent = store.campaign_started_since(c.id, now - 60) if plan.rate else 0
         n = to_start(plan, wave_sizes(plan, c.total), c.total, c.total - pending, open_, recent)
         if n <= 0:

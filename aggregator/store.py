@@ -1141,6 +1141,13 @@ class Store(ABC):
         rows = self.execute(sql + " ORDER BY seq LIMIT ?", (*args, limit)).fetchall()
         return [(int(q), str(u), str(st), int(a), int(c), str(g), str(d)) for q, u, st, a, c, g, d in rows]
 
+    def campaign_step_of(self, campaign_id: str, unit: str) -> str | None:
+        """Where one unit of a campaign stands, or None when the campaign has no such unit."""
+        row = self.execute(
+            "SELECT step FROM campaign_units WHERE campaign = ? AND unit = ?", (campaign_id, unit)
+        ).fetchone()
+        return None if row is None else str(row[0])
+
     def start_campaign_units(self, campaign_id: str, started: Sequence[tuple[int, CommandRow]]) -> None:
         """Start units of a campaign: each (seq, its `fw` command) queued and the unit `sent`, in one
         transaction with the audit entries."""

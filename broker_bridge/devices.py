@@ -22,6 +22,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from aggregator.campaigns import campaign_pass
 from aggregator.desired import config_pass
 from aggregator.repair import repair_pass
 from aggregator.store import CommandRow, Store
@@ -83,6 +84,7 @@ class Devices:
         self._next_prune = -math.inf  # at start, then once a day
         self._next_repair = -math.inf  # at start, then every devices.repair_every_s
         self._next_config = -math.inf  # at start, then every devices.config_every_s
+        self._next_campaign = -math.inf  # at start, then every devices.campaign_every_s
 
     @property
     def client_id(self) -> str:
@@ -160,6 +162,10 @@ class Devices:
                 if sets:
                     self.stats.config_sets += len(sets)
                     log.info("desired configuration: set sent to %d units out of step", len(sets))
+            if now >= self._next_campaign:
+                self._next_campaign = now + self.settings.campaign_every_s
+                for line in await self.store.call(campaign_pass, self.store, int(now), self.settings.firmware_url):
+                    log.info("firmware %s", line)
             if self.settings.repair and now >= self._next_repair:
                 asked = await self.store.call(repair_pass, self.store, int(now), self.settings)
                 self._next_repair = now + self.settings.repair_every_s

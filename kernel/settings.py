@@ -328,6 +328,9 @@ class DevicesSettings(Section):
     repair_every_s: float = Field(default=1800.0, ge=1, le=86400)  # how often they are looked for
     repair_per_s: float = Field(default=5.0, gt=0, le=10000)  # gap repairs sent a second at most, across the fleet
     config_every_s: float = Field(default=60.0, ge=1, le=86400)  # how often units out of step are looked for
+    campaign_every_s: float = Field(default=5.0, ge=0.5, le=3600)  # how often firmware campaigns move on
+    # where units fetch firmware images: smame's web server as the units reach it (https://smame.example.jp:8443)
+    firmware_url: str = Field(default="", pattern=r"^(https?://[A-Za-z0-9.:\[\]-]{1,300}(/[!-~]{0,200})?)?$")
 
 
 class NodeSettings(Section):

@@ -9,9 +9,10 @@ and does not carry it out twice. A command past its `expires` is rejected, not c
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from datetime import datetime
 from typing import Any
 
@@ -19,6 +20,7 @@ import msgspec
 
 from broker_bridge.mqtt import ConnectionRefused, Message, MqttClient, MqttError
 from kernel.commands import INTERVALS, CommandError, check_args, cmd_topic, res_topic
+from simulators.download import DownloadError, fetch
 from simulators.publisher import Endpoint
 from simulators.scenario import Send
 
@@ -39,6 +41,28 @@ class _Command(msgspec.Struct, forbid_unknown_fields=False):
 _decode = msgspec.json.Decoder(_Command).decode
 
 
+class FwJob(msgspec.Struct, frozen=True):
+    """A firmware update a unit took (`fw` accepted): what it installs and where it fetches it."""
+
+    id: str
+    version: str
+    url: str
+    sha256: str
+    size: int
+
+
+# How a simulated unit's firmware update goes wrong (or is interrupted and still ends well):
+FW_FAULTS = (
+    "download",  # it cannot fetch the image: failed, stage download
+    "image",  # the image it gets is not the one named (a corrupted copy): failed, stage verify
+    "install",  # its flash refuses the image: failed, stage install
+    "noboot",  # the new firmware does not come up: it boots the old one and says so (done, with the old fw)
+    "cut",  # the link drops mid-download: it resumes from the byte it had (a Range request) and ends well
+    "reboot",  # it reboots mid-download: back on the broker, it resumes the download and ends well
+    "lost",  # its final answer is lost (it rebooted mid-install): smame must judge it by the version it reports
+)
+
+
 class UnitDevice:
     """One unit's command handling (pure: the time and what it resends are handed to it)."""
 
@@ -48,9 +72,14 @@ class UnitDevice:
         fw: str = "2.3.0",
         resend: Callable[[int, int, float], list[Send]] = lambda start, end, at: [],
         cannot_set: Collection[str] = (),
+        fw_fault: str = "",
     ) -> None:
         self.unit = unit
         self.cannot_set = frozenset(cannot_set)  # configuration its firmware cannot take: a `set` of it is rejected
+        assert fw_fault in ("", *FW_FAULTS)
+        self.fw_fault = fw_fault
+        self.job: FwJob | None = None  # a firmware update taken and not yet carried out by the fleet
+        self.downloads: list[int] = []  # the byte each download request of its updates started from
         self.fw = fw
         self.resend = resend
         self.config: dict[str, Any] = {"interval_min": 30, "brokers": [], "diag_every": 1}
@@ -103,7 +132,56 @@ class UnitDevice:
             end = int(datetime.fromisoformat(args["to"]).timestamp())
             sends = self.resend(start, end, now)
             return "done", f"{len(sends)} telegrams", {"telegrams": len(sends)}, sends, False
+        if c.op == "fw":
+            if self.job is not None:
+                return "rejected", "busy: an update is under way", None, [], False
+            self.job = FwJob(c.id, args["version"], args["url"], args["sha256"], args["size"])
+            return "accepted", "downloading", None, [], False
         return "rejected", f"{c.op} is not supported by this unit", None, [], False
+
+    def remember(self, command_id: str, answer: bytes) -> None:
+        """Keep an answer given later (a firmware update's end) for the command it ends."""
+        self._answers[command_id] = answer
+        self._answers.move_to_end(command_id)
+
+    async def update(self, job: FwJob, reboot: Callable[[], Awaitable[None]]) -> tuple[str, str] | None:
+        """Carry out a firmware update: download (resuming with Range requests after a cut or a reboot), check
+        size and SHA-256, install, reboot into it. (status, detail) of its final answer, or None when the answer
+        is lost (`lost`)."""
+        data = b""
+        cut = self.fw_fault == "cut"
+        rebooted = self.fw_fault != "reboot"
+        while len(data) < job.size:
+            half = job.size // 2 if cut or not rebooted else None
+            try:
+                if self.fw_fault == "download":
+                    raise DownloadError("the image's server cannot be reached")
+                self.downloads.append(len(data))
+                status, body = await fetch(job.url, len(data), half)
+            except DownloadError as exc:
+                return "failed", f"download: {exc}"
+            if status not in (200, 206):
+                return "failed", f"download: HTTP {status}"
+            data = body if status == 200 else data + body  # 200: the whole image again
+            if half is not None and cut:
+                cut = False  # the link came back: the rest is asked for from where it stopped
+            elif half is not None:
+                rebooted = True
+                self.boots += 1
+                await reboot()  # what it had is kept in its flash; the download resumes after
+        if self.fw_fault == "image":
+            data = data[:-1] + bytes([data[-1] ^ 0xFF])
+        if len(data) != job.size or hashlib.sha256(data).hexdigest() != job.sha256:
+            return "failed", "verify: the image is not the one named (size or sha256 differs)"
+        if self.fw_fault == "install":
+            return "failed", "install: the flash refused the image"
+        self.boots += 1
+        await reboot()
+        if self.fw_fault != "noboot":
+            self.fw = job.version
+        if self.fw_fault == "lost":
+            return None
+        return "done", f"running {self.fw}"
 
     def _send(self, answer: bytes, now: float) -> Send:
         return Send(now, self.unit, res_topic(self.unit), answer)
@@ -166,11 +244,42 @@ class DeviceFleet:
                 return  # cut off before answering: the broker delivers the command again
             if m.packet_id is not None:
                 client.ack([m.packet_id])
+            job, device.job = device.job, None
+            if job is not None:
+                task = asyncio.create_task(self._update(device, job), name=f"update-{unit}")
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
             if reboot:  # off the broker for a moment, its session kept, then back
                 await self.online(unit, False)
                 await asyncio.sleep(0.2)
                 await self.online(unit, True)
                 return
+
+    async def _update(self, device: UnitDevice, job: FwJob) -> None:
+        """A unit's firmware update, its final answer published on whatever connection it has by then."""
+
+        async def reboot() -> None:
+            await self.online(device.unit, False)
+            await asyncio.sleep(0.2)
+            await self.online(device.unit, True)
+
+        try:
+            said = await device.update(job, reboot)
+        except (MqttError, ConnectionRefused, OSError) as exc:
+            log.warning("unit %s: update %s broke off: %s", device.unit, job.id, exc)
+            return
+        if said is None:
+            return
+        status, detail = said
+        state = {"fw": device.fw, "boot": device.boots}
+        answer = msgspec.json.encode({"v": 1, "id": job.id, "status": status, "detail": detail, "state": state})
+        device.remember(job.id, answer)
+        client = self.clients.get(device.unit)
+        if client is not None:
+            try:
+                await client.publish(res_topic(device.unit), answer)
+            except (MqttError, ConnectionRefused) as exc:
+                log.warning("unit %s: the answer to %s was lost: %s", device.unit, job.id, exc)
 
     async def close(self) -> None:
         """Take every unit off the broker."""

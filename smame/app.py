@@ -265,6 +265,7 @@ def build_web(
         node,
         settings.devices.expiry_s,
         settings.devices.keep_days,
+        settings.data_dir / "firmware",
     )
 
     def application() -> object:

@@ -74,7 +74,7 @@ def add_to(units: argparse.ArgumentParser, common: argparse.ArgumentParser) -> N
         p.set_defaults(func=_config_change)
 
 
-def _who() -> tuple[str, str]:
+def who_asks() -> tuple[str, str]:
     """Who asks from the command line (the administrator's account), and from which host."""
     try:
         user = getpass.getuser()
@@ -96,7 +96,7 @@ def _cmd(settings: Settings, args: argparse.Namespace) -> int:
         return 2
     now = int(time.time())
     expires = now + (args.expires or settings.devices.expiry_s)
-    who, origin = _who()
+    who, origin = who_asks()
     text = json.dumps(op_args, separators=(",", ":"))
     with open_store(settings, create=False) as store:
         rows = store.queue_commands(args.op, text, units, now, expires, who, origin)
@@ -132,7 +132,7 @@ def _list(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _cancel(settings: Settings, args: argparse.Namespace) -> int:
-    who, origin = _who()
+    who, origin = who_asks()
     with open_store(settings, create=False) as store:
         row = store.command(args.id)
         if row is None:
@@ -155,7 +155,7 @@ def _config_change(settings: Settings, args: argparse.Namespace) -> int:
     except CommandError as exc:
         print(f"smame units config: {exc}", file=sys.stderr)
         return 2
-    who, origin = _who()
+    who, origin = who_asks()
     with open_store(settings, create=False) as store:
         store.want(scope, target, wanted, who, origin, int(time.time()))
     where = f"{scope} {target}".strip()
