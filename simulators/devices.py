@@ -27,6 +27,7 @@ from simulators.scenario import Send
 log = logging.getLogger("smame.simulate")
 
 REMEMBER = 64  # command ids (and answers) a unit keeps
+DOWNLOAD_TRIES = 5  # a download request a unit tries again before it fails the update at its download
 SESSION_S = 86400  # how long the broker keeps a unit's session while it is away
 
 
@@ -139,6 +140,23 @@ class UnitDevice:
             return "accepted", "downloading", None, [], False
         return "rejected", f"{c.op} is not supported by this unit", None, [], False
 
+    async def _fetch(self, url: str, start: int, cut_after: int | None) -> tuple[int, bytes]:
+        """One download request, tried again a few times (a server refusing connections for a moment, as one
+        that caps each address's does); the last DownloadError raised."""
+        if self.fw_fault == "download":
+            raise DownloadError("the image's server cannot be reached")
+        for attempt in range(DOWNLOAD_TRIES - 1):
+            try:
+                got = await fetch(url, start, cut_after)
+            except DownloadError:
+                await asyncio.sleep(0.2 * 2**attempt)
+                continue
+            self.downloads.append(start)
+            return got
+        got = await fetch(url, start, cut_after)
+        self.downloads.append(start)
+        return got
+
     def remember(self, command_id: str, answer: bytes) -> None:
         """Keep an answer given later (a firmware update's end) for the command it ends."""
         self._answers[command_id] = answer
@@ -154,10 +172,7 @@ class UnitDevice:
         while len(data) < job.size:
             half = job.size // 2 if cut or not rebooted else None
             try:
-                if self.fw_fault == "download":
-                    raise DownloadError("the image's server cannot be reached")
-                self.downloads.append(len(data))
-                status, body = await fetch(job.url, len(data), half)
+                status, body = await self._fetch(job.url, len(data), half)
             except DownloadError as exc:
                 return "failed", f"download: {exc}"
             if status not in (200, 206):
