@@ -1102,6 +1102,14 @@ class Store(ABC):
         )
         return {str(s): int(n) for s, n in rows.fetchall()}
 
+    def campaign_span_counts(self, campaign_id: str, first: int, end: int) -> dict[str, int]:
+        """The units of a campaign with `first <= seq < end` (a wave), by step: a range of the key."""
+        rows = self.execute(
+            "SELECT step, count(*) FROM campaign_units WHERE campaign = ? AND seq >= ? AND seq < ? GROUP BY step",
+            (campaign_id, first, end),
+        )
+        return {str(s): int(n) for s, n in rows.fetchall()}
+
     def campaign_open(self, campaign_id: str) -> list[OpenUnit]:
         """A campaign's started units that have not ended, with their commands' states, in order."""
         rows = self.execute(

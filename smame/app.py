@@ -266,6 +266,7 @@ def build_web(
         settings.devices.expiry_s,
         settings.devices.keep_days,
         settings.data_dir / "firmware",
+        settings.devices.firmware_url,
     )
 
     def application() -> object:

@@ -25,6 +25,7 @@ from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse,
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
+from aggregator.campaigns import change_phase, create_campaign, read_plan
 from aggregator.desired import SCOPES, check_target, read_desired, steps_now, text, wanted
 from aggregator.store import CommandRow, QuarantineRow, SlotRow
 from csv_export.co2 import month_summary, summary_rows
@@ -35,6 +36,7 @@ from ftp_gateway.accounts import normalize
 from kernel.commands import OPS, CommandError, State, check_args, parse_arg_pairs, targets
 from kernel.commands import STATES as COMMAND_STATES
 from kernel.emissions import fiscal_year
+from kernel.firmware import STEPS, check_plan, wave_sizes
 from kernel.meter import E1_UNITS
 from kernel.reading import REASONS
 from kernel.timegrid import SLOT
@@ -57,7 +59,7 @@ MAP_PAGE = 20  # units a page of a customer's completeness map (each a row of up
 QUARANTINE_PAGE = 50  # newest refused telegrams shown
 SHARES_S = 60.0  # the fleet's completeness by customer is counted again at most this often (a scan of 2 days)
 MAX_FORM = 8 * 1024
-MAX_FIELDS = 10  # fields of a posted form (the largest has 7)
+MAX_FIELDS = 12  # fields of a posted form (the largest, a campaign's, has 10)
 TOO_BIG = f"a form of over {MAX_FORM} bytes or {MAX_FIELDS} fields is refused"
 MAX_SILENCE_S = 7 * 86400  # a kind of alert is silenced for a week at most: a silence must not be forgotten
 HEALTH_S = 300.0  # the fleet's health and trend are read again at most this often (a scan of the retention)
@@ -67,6 +69,7 @@ COMMANDS_PAGE = 100  # newest commands shown
 AUDIT_PAGE = 100  # audit entries a page
 UNIT_COMMANDS = 10  # newest commands on a unit's page
 STEPS_PAGE = 200  # units out of step listed
+CAMPAIGNS_PAGE = 50  # newest campaigns listed
 MAX_EXPIRY_H = 30 * 24  # the longest life a command may be given (devices.expiry_s's bound)
 HISTORY_STATES = ("firing", "repeat", "resolved", "event", "acknowledged", "silenced", "unsilenced")
 
@@ -530,6 +533,128 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
         await ctx.store.call(ctx.store.want, scope, target, config, who(session), origin(request), now)
         return RedirectResponse("/configuration", 303)
 
+    @app.get("/campaigns", include_in_schema=False, response_class=HTMLResponse)
+    async def campaigns_page(request: Request, session: Operator) -> Response:
+        return await campaigns_view(request, session)
+
+    async def campaigns_view(
+        request: Request, session: Session, error: str = "", filled: dict[str, str] | None = None, status: int = 200
+    ) -> Response:
+        """The firmware images, the newest campaigns with their counts, and the form that starts one."""
+
+        def read() -> tuple[Any, ...]:
+            rows = [(c, ctx.store.campaign_counts(c.id)) for c in ctx.store.campaigns(CAMPAIGNS_PAGE)]
+            return ctx.store.firmwares(), rows
+
+        images, rows = await ctx.store.call(read)
+        context = {
+            "session": session,
+            "images": [
+                {"version": v, "sha256": h, "size": n, "added": _local(a, ctx), "who": w} for v, h, n, a, w in images
+            ],
+            "campaigns": [
+                {
+                    "id": c.id,
+                    "name": c.name,
+                    "version": c.version,
+                    "phase": c.phase,
+                    "created": _local(c.created, ctx),
+                    "total": c.total,
+                    "counts": [(step, counts.get(step, 0)) for step in STEPS],
+                    "detail": c.detail,
+                }
+                for c, counts in rows
+            ],
+            "error": error,
+            "filled": filled or {"waves": "1,10,50,100", "timeout": "3600", "abort_share": "0.1", "abort_min": "10"},
+            "firmware_url": ctx.firmware_url,
+        }
+        return templates.TemplateResponse(request, "campaigns.html", context, status_code=status)
+
+    @app.post("/campaigns", include_in_schema=False)
+    async def start_campaign(request: Request) -> Response:
+        got = await operator_form(request)
+        if isinstance(got, Response):
+            return got
+        session, fields = got
+        kind, value = fields.get("target_kind", ""), fields.get("target", "").strip()
+        try:
+            if not ctx.firmware_url:
+                raise CommandError("devices.firmware_url is not set: units would not know where to fetch images")
+            if kind not in ("customer", "from_version", "units"):
+                raise CommandError("target: a customer, a firmware version or a list of units")
+            target: dict[str, Any] = {kind: [u for u in re.split(r"[\s,]+", value) if u] if kind == "units" else value}
+            waves = [] if fields.get("rate", "").strip() else _numbers(fields.get("waves", ""), "waves")
+            plan = check_plan(
+                waves,
+                int(_numbers(fields.get("rate", "") or "0", "rate")[0]),
+                int(_numbers(fields.get("timeout", ""), "timeout")[0]),
+                _numbers(fields.get("abort_share", ""), "abort share")[0],
+                int(_numbers(fields.get("abort_min", ""), "abort minimum")[0]),
+            )
+            now = int(ctx.clock())
+            c = await ctx.store.call(
+                create_campaign,
+                ctx.store,
+                ctx.registry(),
+                fields.get("version", ""),
+                target,
+                plan,
+                now,
+                who(session),
+                origin(request),
+            )
+        except CommandError as exc:
+            return await campaigns_view(request, session, str(exc), fields, 400)
+        return RedirectResponse(f"/campaigns/{c.id}", 303)
+
+    @app.get("/campaigns/{campaign_id}", include_in_schema=False, response_class=HTMLResponse)
+    async def campaign_page(request: Request, session: Operator, campaign_id: str) -> Response:
+        c = await ctx.store.call(ctx.store.campaign, campaign_id[:40])
+        if c is None:
+            return await not_found(request, session, "campaign", campaign_id)
+        plan = read_plan(c.plan)
+        sizes = wave_sizes(plan, c.total)
+
+        def read() -> tuple[Any, ...]:
+            waves = [ctx.store.campaign_span_counts(c.id, sizes[w - 1] if w else 0, n) for w, n in enumerate(sizes)]
+            return ctx.store.campaign_counts(c.id), waves, ctx.store.campaign_units(c.id, "failed", 500)
+
+        counts, waves, failed = await ctx.store.call(read)
+        context = {
+            "session": session,
+            "c": c,
+            "plan": plan,
+            "counts": [(step, counts.get(step, 0)) for step in STEPS],
+            "steps": STEPS,
+            "waves": [
+                {"n": w + 1, "units": n - (sizes[w - 1] if w else 0), "counts": [wc.get(s, 0) for s in STEPS]}
+                for w, (n, wc) in enumerate(zip(sizes, waves, strict=True))
+            ],
+            "failed": [
+                {"unit": u, "stage": stage, "at": _local(changed, ctx), "detail": detail[:300]}
+                for _, u, _, _, changed, stage, detail in failed
+            ],
+            "failed_total": counts.get("failed", 0),
+            "created": _local(c.created, ctx),
+            "changed": _local(c.changed, ctx),
+            "actions": {"running": ("pause", "cancel"), "paused": ("resume", "cancel")}.get(c.phase, ()),
+        }
+        return templates.TemplateResponse(request, "campaign.html", context)
+
+    @app.post("/campaigns/{campaign_id}/{action}", include_in_schema=False)
+    async def campaign_action(request: Request, campaign_id: str, action: str) -> Response:
+        got = await operator_form(request)
+        if isinstance(got, Response):
+            return got
+        session, _ = got
+        now = int(ctx.clock())
+        try:
+            await ctx.store.call(change_phase, ctx.store, campaign_id[:40], action, now, who(session), origin(request))
+        except CommandError as exc:
+            return PlainTextResponse(str(exc), 409)
+        return RedirectResponse(f"/campaigns/{quote(campaign_id[:40])}", 303)
+
     @app.get("/audit", include_in_schema=False, response_class=HTMLResponse)
     async def audit_page(request: Request, session: Operator, about: str = "", before: int | None = None) -> Response:
         about = about.strip()[:200]
@@ -900,6 +1025,17 @@ def _command(r: CommandRow, ctx: WebContext) -> dict[str, Any]:
         "answer": r.answer[:300],
         "queued": r.state == State.QUEUED,
     }
+
+
+def _numbers(text: str, what: str) -> list[float]:
+    """Comma-separated numbers from a form's field; CommandError naming the field when one is none."""
+    try:
+        out = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        out = []
+    if not out or any(math.isnan(x) or math.isinf(x) for x in out):
+        raise CommandError(f"{what}: a number (or numbers, comma-separated), not {text[:40]!r}")
+    return out
 
 
 def _life(hours: str, default_s: int) -> int:

@@ -38,3 +38,4 @@ class WebContext:
     command_expiry_s: int = 86400  # devices.expiry_s: the life of a command queued without one
     audit_keep_days: int = 400  # devices.keep_days: how long the audit log's entries are kept
     firmware_dir: Path = Path("firmware")  # where this node keeps the images it serves (<data_dir>/firmware)
+    firmware_url: str = ""  # devices.firmware_url: where units fetch images ("": no campaign can start)

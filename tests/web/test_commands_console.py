@@ -220,3 +220,75 @@ def test_an_operator_commands_units_from_the_console_and_the_api_and_finds_it_in
     finally:
         stop(proc)
     assert "Traceback" not in (workdir / "smame.log").read_text()
+
+
+def test_an_operator_runs_a_firmware_campaign_from_the_console(
+    broker: Mosquitto, workdir: Path, browser: webdriver.Chrome
+) -> None:
+    write_registry(workdir, {"U1": "C1", "U2": "C1", "U3": "C1", "U5": "C2"})
+    env, port = console_env(workdir, broker.port, PASSWORD, SMAME_DEVICES__CAMPAIGN_EVERY_S="0.5")
+    site = f"http://127.0.0.1:{port}"
+    env["SMAME_DEVICES__FIRMWARE_URL"] = site
+    image = workdir / "fw.bin"
+    image.write_bytes(bytes(range(256)) * 64)
+    smame(["firmware", "add", str(image), "--version", "2.4.0"], env)
+    proc = start_smame(env, workdir / "smame.log")
+    units = [UnitDevice("U1"), UnitDevice("U2", fw_fault="image"), UnitDevice("U3")]  # U5 never connects
+    try:
+        wait_log(workdir / "smame.log", "web server listening")
+        with answering(broker.port, units):
+            login(browser, site)
+            browser.get(site + "/campaigns")
+            assert rows(browser, "#images tbody tr")[0].startswith("2.4.0 16384 ")
+
+            def start(kind: str, target: str, waves: str) -> None:
+                Select(browser.find_element(By.CSS_SELECTOR, "#start select[name=target_kind]")).select_by_value(kind)
+                for name, value in (("target", target), ("waves", waves), ("abort_min", "3"), ("abort_share", "0.5")):
+                    field = browser.find_element(By.CSS_SELECTOR, f"#start input[name={name}]")
+                    field.clear()
+                    field.send_keys(value)
+                browser.find_element(By.CSS_SELECTOR, "#start button").click()
+
+            start("customer", "C1", "10,5")
+            error = wait(browser).until(expected.presence_of_element_located((By.ID, "error")))
+            assert error.text.startswith("waves: rising shares in percent"), error.text
+            start("customer", "C1", "100")
+            wait(browser).until(expected.url_contains("/campaigns/"))
+
+            def ended(b: webdriver.Chrome) -> str | None:
+                b.refresh()
+                phase = b.find_element(By.ID, "phase").text
+                return phase if phase.startswith("done") else None
+
+            assert wait(browser).until(ended).startswith("done since ")
+            counts = browser.find_element(By.CSS_SELECTOR, "#counts tbody tr").text.split()
+            assert counts == ["0", "0", "0", "2", "1", "0"]  # pending sent updating done failed skipped
+            failed = rows(browser, "#failed tbody tr")
+            assert len(failed) == 1 and failed[0].startswith("U2 verify ") and "not the one named" in failed[0]
+            assert browser.find_element(By.CSS_SELECTOR, "#waves tbody tr").text.split()[:2] == ["1", "3"]
+            assert [u.fw for u in units] == ["2.4.0", "2.3.0", "2.4.0"]
+            shot(browser, "campaign")
+
+            # one whose unit is away: paused, resumed and cancelled from its page
+            browser.get(site + "/campaigns")
+            start("units", "U5", "100")
+            wait(browser).until(expected.url_contains("/campaigns/"))
+            for action, phase in (("pause", "paused"), ("resume", "running"), ("cancel", "cancelled")):
+                browser.find_element(By.ID, action).click()
+                wait(browser).until(lambda b, p=phase: b.find_element(By.ID, "phase").text.startswith(p))
+            assert browser.find_elements(By.ID, "resume") == []  # a cancelled campaign has no buttons
+            assert browser.find_element(By.CSS_SELECTOR, "#counts tbody tr").text.split()[-1] == "1"  # skipped
+            cookie = f"smame_session={browser.get_cookie('smame_session')['value']}"  # type: ignore[index]
+            csrf = browser.find_element(By.CSS_SELECTOR, "form.logout input[name=csrf]").get_attribute("value")
+            here = browser.current_url
+            assert post(here + "/resume", {"csrf": csrf or ""}, cookie) == 409  # it ended
+            assert post(here + "/explode", {"csrf": csrf or ""}, cookie) == 409
+            assert get(site + "/campaigns/nope", cookie) == 404
+            assert post(site + "/campaigns", {"csrf": csrf or "", "target_kind": "x", "waves": "nan"}, cookie) == 400
+        browser.get(site + "/audit?about=console%3Aalice")
+        actions = {r.split()[5] + " " + r.split()[6] for r in rows(browser, "#entries tbody tr")}
+        assert {"campaign started", "campaign paused", "campaign running", "campaign cancelled"} <= actions, actions
+        assert stop(proc) == 0
+    finally:
+        stop(proc)
+    assert "Traceback" not in (workdir / "smame.log").read_text()
