@@ -365,3 +365,69 @@ def test_both_nodes_serve_the_same_files_over_ftps_and_sftp(
     assert len(banned) == 1 and "127.0.0.1" in banned[0].body["text"], posts
     assert stop(a) == 0 and stop(b) == 0
     slack.stop()
+
+
+@pytest.mark.slow
+def test_commands_and_a_campaign_carry_on_across_a_leader_failover_and_nothing_is_sent_twice(
+    broker: Mosquitto, workdir: Path, postgres: PostgresDatabase
+) -> None:
+    from simulators.devices import UnitDevice
+    from tests.smame.test_devices import Units
+
+    url = postgres.fresh_url()
+    write_registry(workdir, {f"D{u}": "C1" for u in range(8)})
+    web = {name: free_port() for name in "ab"}
+    image = workdir / "fw.bin"
+    image.write_bytes(bytes(range(256)) * 32)
+    per_node = {n: {"SMAME_WEB__ENABLED": "true", "SMAME_WEB__PORT": str(port)} for n, port in web.items()}
+    extra = dict(
+        SMAME_REPORT__ENABLED="false",
+        SMAME_ALERTS__ENABLED="false",
+        SMAME_DEVICES__RETRY_S="1",
+        SMAME_DEVICES__CAMPAIGN_EVERY_S="0.5",
+        SMAME_DEVICES__FIRMWARE_URL=f"http://127.0.0.1:{web['b']}",  # the standby's web server serves images too
+    )
+    # D0..D5 answer; D2 loses its update's answer (judged by its version once asked); D6 and D7 are away
+    devices = [UnitDevice(f"D{u}", fw_fault="lost" if u == 2 else "") for u in range(6)]
+    units = Units(broker.port, devices)
+    a, b, log_a, log_b = start_pair(workdir, broker, url, per_node, **extra)
+    env_b = node(workdir, "b", broker, url, **extra, **per_node["b"])[0]
+    try:
+        smame(["units", "cmd", "ping", "--customer", "C1"], env_b)  # the command line works on any node
+        smame(["firmware", "add", str(image), "--version", "2.4.0"], env_b)
+        started = smame(
+            [
+                *("campaign", "start", "--version", "2.4.0", "--units", "D0,D1,D2,D3,D4,D5"),
+                *("--waves", "50,100", "--timeout", "10", "--abort-min", "6"),
+            ],
+            env_b,
+        ).stdout
+        campaign = started.split()[1].rstrip(":")
+        wait_until(lambda: count(url, "commands WHERE op = 'fw'") >= 3, 30, every=0.1)  # the first wave is out
+        a.send_signal(signal.SIGKILL)
+        a.wait(10)
+        wait_until(lambda: "subscribed to" in log_b.read_text(), 15, lambda: log_b.read_text()[-2000:], every=0.05)
+
+        def phase() -> str:
+            return str(query(url, f"SELECT phase FROM campaigns WHERE id = '{campaign}'")[0][0])
+
+        wait_until(lambda: phase() == "done", 60, phase, every=0.2)
+        assert [u.fw for u in devices] == ["2.4.0"] * 6
+        # one fw command a unit, carried out once; each ping once, under the id it was queued with
+        fw = query(url, "SELECT unit, count(*) FROM commands WHERE op = 'fw' GROUP BY unit")
+        assert sorted(fw) == [(f"D{u}", 1) for u in range(6)]
+        assert all(n == 1 for d in devices for n in d.carried_out.values())
+        pings = dict(query(url, "SELECT unit, id FROM commands WHERE op = 'ping' AND who LIKE 'cli:%'"))
+        assert len(pings) == 8
+        late = Units(broker.port, [away := UnitDevice("D6")])
+        try:
+            wait_until(lambda: query(url, f"SELECT state FROM commands WHERE id = '{pings['D6']}'")[0][0] == "done", 20)
+            assert dict(away.carried_out) == {pings["D6"]: 1}  # the new leader published it under its id
+        finally:
+            late.close()
+        assert stop(b) == 0
+    finally:
+        units.close()
+        for proc in (a, b):
+            if proc.poll() is None:
+                proc.kill()
