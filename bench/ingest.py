@@ -10,6 +10,9 @@ Three methods, each run for both subscribers against a private Mosquitto:
 - restart: the same backlog, timed from the moment the process is started until it has all N, with the
   daily report due: what an operator waits for after an outage. It also says how long smame took to
   connect after its start (from its own log line), its rate once connected, and each process's CPU.
+With --campaign compare, drain and restart run without and with a firmware campaign running over every unit
+(started before the backlog at the commands' full rate, its units away: smame's leader moves it on, publishes
+its fw commands at devices.rate_per_s and keeps their outcomes throughout the drain), compared by their medians.
 With --days D, smame's store holds D days of every unit's history before the backlog in drain and restart
 (written first, not timed): a store in service, as after a real outage; the default is an empty store.
 mosquitto_sub only receives and prints; smame runs every service of a deployment, and ingest decodes,
@@ -24,7 +27,9 @@ schema of its own, dropped at the end), commits durable as the server's synchron
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
+import random
 import shutil
 import signal
 import statistics
@@ -39,8 +44,11 @@ from pathlib import Path
 import psycopg
 
 from aggregator.backends import open_url
+from aggregator.campaigns import create_campaign
 from bench.history import prefill
 from broker_bridge.telegram import Rules, decode
+from kernel.firmware import check_plan
+from kernel.registry import load_registry
 from kernel.settings import BrokerSettings
 from kernel.timegrid import Grid
 from tests.databases import schema_url
@@ -235,6 +243,24 @@ def store_in_service(work: Path, storage: str | None, messages: list[tuple[str, 
     return url
 
 
+def registry_of(work: Path, units: int) -> None:
+    """The bench fleet's units.csv and customers.toml in `work`."""
+    work.mkdir(parents=True, exist_ok=True)
+    write_registry(work, {f"U{u:06d}": f"C{u % 20:02d}" for u in range(units)})
+
+
+def start_campaign(url: str, work: Path, units: int) -> None:
+    """A firmware campaign over every unit, running at the commands' full rate (100 a second) from the start."""
+    registry_of(work, units)
+    image = random.Random(1).randbytes(64 * 1024)
+    registry = load_registry(work / "units.csv", work / "customers.toml")
+    with open_url(url) as store:
+        store.add_firmware("9.9.9", hashlib.sha256(image).hexdigest(), image, int(time.time()), "bench", "")
+        plan = check_plan([], 6000, 3600, 0.5, 1000)
+        every = {"units": [f"U{u:06d}" for u in range(units)]}
+        create_campaign(store, registry, "9.9.9", every, plan, int(time.time()), "bench", "")
+
+
 def start_bench_smame(
     mq: Mosquitto,
     units: int,
@@ -243,12 +269,12 @@ def start_bench_smame(
     client_id: str,
     url: str,
     ready: tuple[str, ...] = ("subscribed to",),
+    **extra: str,
 ) -> tuple[subprocess.Popen[bytes], int]:
     """`smame run` on the store at `url` with every service of a deployment on; returns once the log has each
     `ready` line, with the port of its metrics."""
-    work.mkdir(parents=True, exist_ok=True)
     port = free_port()  # its metrics: how far it has got
-    write_registry(work, {f"U{u:06d}": f"C{u % 20:02d}" for u in range(units)})
+    registry_of(work, units)
     # The daily report is due at start, so that its catch-up happens at a known time, not in some runs only.
     env = smame_env(
         work,
@@ -262,6 +288,7 @@ def start_bench_smame(
         SMAME_MONITORING__METRICS_PORT=str(port),
         SMAME_WEB__ENABLED="true",  # as deployed: the API and the console beside ingest
         SMAME_WEB__PORT=str(free_port()),
+        **extra,
     )
     log = work / "smame.log"
     proc = subprocess.Popen(
@@ -335,17 +362,22 @@ class Backlog:
     batch: int
     storage: str | None
     days: int
+    campaign: bool = False
 
     def queue(self, client_id: str) -> str:
-        """Make smame's store (`store_in_service`) and queue the messages in `client_id`'s session; its URL."""
+        """Make smame's store (`store_in_service`), with a campaign running if asked, and queue the messages in
+        `client_id`'s session; its URL."""
         url = store_in_service(self.work, self.storage, self.messages, self.units, self.days)
+        if self.campaign:
+            start_campaign(url, self.work, self.units)
         preload_session(self.mq.port, client_id)
         publish(self.mq.port, self.messages)
         return url
 
     def start(self, client_id: str, url: str, ready: tuple[str, ...]) -> tuple[subprocess.Popen[bytes], int]:
-        """`start_bench_smame` on this backlog's session and store."""
-        return start_bench_smame(self.mq, self.units, self.work, self.batch, client_id, url, ready)
+        """`start_bench_smame` on this backlog's session and store (and campaign)."""
+        extra = {"SMAME_DEVICES__FIRMWARE_URL": "http://127.0.0.1:9"} if self.campaign else {}
+        return start_bench_smame(self.mq, self.units, self.work, self.batch, client_id, url, ready, **extra)
 
 
 def bench_smame(backlog: Backlog) -> tuple[float, float]:
@@ -437,11 +469,17 @@ def main() -> None:
         help="a unit's diag in every telegram (every), or the same methods run without and with, and compared",
     )
     ap.add_argument(
+        "--campaign",
+        choices=["none", "compare"],
+        default="none",
+        help="drain and restart without and with a firmware campaign running over every unit, compared",
+    )
+    ap.add_argument(
         "--rounds",
         type=int,
         default=1,
-        help="with --diag compare: rounds of both loads, their order swapped each round (the first run of a "
-        "process is slower), compared by their medians",
+        help="with --diag or --campaign compare: rounds of both loads, their order swapped each round (the first "
+        "run of a process is slower), compared by their medians",
     )
     ap.add_argument(
         "--days",
@@ -457,34 +495,42 @@ def main() -> None:
     if not shutil.which("mosquitto_sub"):
         sys.exit("mosquitto_sub not found: apt-get install mosquitto-clients")
     print(f"store: {'PostgreSQL ' + args.storage if args.storage else 'SQLite'}, {os.cpu_count()} cores")
-    if args.diag == "compare":
+    if args.diag == "compare" and args.campaign == "compare":
+        sys.exit("--diag compare and --campaign compare: one comparison at a time")
+    compared = "diag" if args.diag == "compare" else "campaign" if args.campaign == "compare" else ""
+    if compared:
         loads = [d for r in range(max(1, args.rounds)) for d in ((False, True) if r % 2 == 0 else (True, False))]
     else:
         loads = [args.diag == "every"]
     results: dict[bool, list[dict[str, tuple[float, float]]]] = {False: [], True: []}
     try:
-        for diag in loads:
+        for on in loads:
+            diag = on if compared == "diag" else args.diag == "every"
+            campaign = on and compared == "campaign"
             messages = fleet(args.units, args.telegrams, diag)
             size = sum(len(p) for _, p in messages) / len(messages)
             what = "each with a diag" if diag else "without diag"
-            print(f"load: {len(messages)} telegrams of {size:.0f} bytes from {args.units} units, QoS 1, {what}")
-            results[diag].append(run_methods(args, messages))
+            running = ", a firmware campaign running over every unit" if campaign else ""
+            print(
+                f"load: {len(messages)} telegrams of {size:.0f} bytes from {args.units} units, QoS 1, {what}{running}"
+            )
+            results[on].append(run_methods(args, messages, campaign))
     finally:
         if args.storage:
             drop_schemas(args.storage)
     if results[False] and results[True]:
         rounds = len(results[True])
-        print(
-            f"diag in every telegram against none, same run, {rounds} round(s) each, medians "
-            "(smame's time with / without; 1.05 is 5% slower):"
-        )
+        against = "diag in every telegram against none" if compared == "diag" else "a campaign running against none"
+        print(f"{against}, same run, {rounds} round(s) each, medians (smame's with / without; 1.05 is 5% slower):")
         for method in results[False][0]:
             with_ = statistics.median(r[method][1] for r in results[True])
             without = statistics.median(r[method][1] for r in results[False])
-            print(f"  {method:<8} {with_ / without:6.3f}")
+            print(f"  {method:<10} {with_ / without:6.3f}")
 
 
-def run_methods(args: argparse.Namespace, messages: list[tuple[str, bytes]]) -> dict[str, tuple[float, float]]:
+def run_methods(
+    args: argparse.Namespace, messages: list[tuple[str, bytes]], campaign: bool = False
+) -> dict[str, tuple[float, float]]:
     """Run the methods asked for; return each one's seconds (mosquitto_sub's, smame's)."""
     n = len(messages)
     out: dict[str, tuple[float, float]] = {}
@@ -506,7 +552,16 @@ def run_methods(args: argparse.Namespace, messages: list[tuple[str, bytes]]) -> 
             try:
                 base = bench_mosquitto_sub(mq, messages)
                 ours, cpu = bench_smame(
-                    Backlog(mq, messages, args.units, Path(tmp) / "smame-drain", args.batch, args.storage, args.days)
+                    Backlog(
+                        mq,
+                        messages,
+                        args.units,
+                        Path(tmp) / "smame-drain",
+                        args.batch,
+                        args.storage,
+                        args.days,
+                        campaign,
+                    )
                 )
             finally:
                 mq.stop()
@@ -520,7 +575,16 @@ def run_methods(args: argparse.Namespace, messages: list[tuple[str, bytes]]) -> 
             try:
                 base = bench_mosquitto_sub(mq, messages)  # its start is instant: the drain is the restart
                 subscribed, ours, cpu = restart_smame(
-                    Backlog(mq, messages, args.units, Path(tmp) / "smame-restart", args.batch, args.storage, args.days)
+                    Backlog(
+                        mq,
+                        messages,
+                        args.units,
+                        Path(tmp) / "smame-restart",
+                        args.batch,
+                        args.storage,
+                        args.days,
+                        campaign,
+                    )
                 )
             finally:
                 mq.stop()
