@@ -10,9 +10,11 @@ Three methods, each run for both subscribers against a private Mosquitto:
 - restart: the same backlog, timed from the moment the process is started until it has all N, with the
   daily report due: what an operator waits for after an outage. It also says how long smame took to
   connect after its start (from its own log line), its rate once connected, and each process's CPU.
-With --campaign compare, drain and restart run without and with a firmware campaign running over every unit
-(started before the backlog at the commands' full rate, its units away: smame's leader moves it on, publishes
-its fw commands at devices.rate_per_s and keeps their outcomes throughout the drain), compared by their medians.
+With --campaign compare, each method runs without and with a firmware campaign over every unit, started before
+smame at the commands' full rate with its units away (the leader moves it on and publishes its fw commands at
+devices.rate_per_s), compared by their medians; each run says how many fw commands went out meanwhile. In live
+the campaign runs throughout; in drain and restart the commands' service starts only once ingest has
+subscribed, after the backlog (by design), so the runs show what its start costs the drain's end.
 With --days D, smame's store holds D days of every unit's history before the backlog in drain and restart
 (written first, not timed): a store in service, as after a real outage; the default is an empty store.
 mosquitto_sub only receives and prints; smame runs every service of a deployment, and ingest decodes,
@@ -180,25 +182,29 @@ def live_mosquitto_sub(mq: Mosquitto, n: int, units: int, parts: int) -> float:
     return took
 
 
-def live_smame(mq: Mosquitto, n: int, units: int, work: Path, batch: int, parts: int, storage: str | None) -> float:
+def live_smame(
+    mq: Mosquitto, n: int, units: int, work: Path, batch: int, parts: int, storage: str | None, campaign: bool = False
+) -> float:
     # A running service: the load starts once the start-up work (the first export run, the catch-up report of
     # yesterday for 10,000 units) is done, as it is long before a fleet's next half hour in operation.
+    url = store_url(work, storage)
+    if campaign:
+        start_campaign(url, work, units)
+    extra = {"SMAME_DEVICES__FIRMWARE_URL": "http://127.0.0.1:9"} if campaign else {}
     proc, metrics = start_bench_smame(
-        mq,
-        units,
-        work,
-        batch,
-        "bench-live-smame",
-        store_url(work, storage),
-        ready=("subscribed to", "daily report for"),
+        mq, units, work, batch, "bench-live-smame", url, ("subscribed to", "daily report for"), **extra
     )
     try:
         # The export logs a run only when it writes or deletes files, which it may not on an empty store.
         wait_until(lambda: scrape(metrics).get("smame_export_last_success_timestamp_seconds", 0) > 0, 300)
         publishers = Publishers(mq.port, n, units, parts)
+        before = campaign_sent(url) if campaign else 0
         started = publishers.go()
         wait_committed(proc, metrics, n, work / "smame.log")
         took = time.perf_counter() - started
+        if campaign:
+            sent = campaign_sent(url) - before
+            print(f"  the campaign meanwhile: {sent} fw commands published ({sent / took:.0f} a second)")
         publishers.wait()
         return took
     finally:
@@ -259,6 +265,12 @@ def start_campaign(url: str, work: Path, units: int) -> None:
         plan = check_plan([], 6000, 3600, 0.5, 1000)
         every = {"units": [f"U{u:06d}" for u in range(units)]}
         create_campaign(store, registry, "9.9.9", every, plan, int(time.time()), "bench", "")
+
+
+def campaign_sent(url: str) -> int:
+    """How many times the campaign's fw commands were published so far."""
+    with open_url(url) as store:
+        return int(store.execute("SELECT coalesce(sum(tries), 0) FROM commands WHERE op = 'fw'").fetchone()[0])
 
 
 def start_bench_smame(
@@ -391,7 +403,11 @@ def bench_smame(backlog: Backlog) -> tuple[float, float]:
         cpu = drain_cpu(proc, backlog.mq)
         wait_committed(proc, metrics, len(backlog.messages), backlog.work / "smame.log")
         took = time.perf_counter() - started
-        return took, drain_cpu(proc, backlog.mq) - cpu
+        cpu = drain_cpu(proc, backlog.mq) - cpu
+        if backlog.campaign:  # none by design: the commands' service starts once ingest has subscribed
+            sent = campaign_sent(url)
+            print(f"  the campaign meanwhile: {sent} fw commands published ({sent / took:.0f} a second)")
+        return took, cpu
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
@@ -540,7 +556,7 @@ def run_methods(
             try:
                 base = live_mosquitto_sub(mq, n, args.units, args.publishers)
                 ours = live_smame(
-                    mq, n, args.units, Path(tmp) / "smame-live", args.batch, args.publishers, args.storage
+                    mq, n, args.units, Path(tmp) / "smame-live", args.batch, args.publishers, args.storage, campaign
                 )
             finally:
                 mq.stop()
