@@ -76,8 +76,8 @@ def check_plan(waves: Sequence[float], rate: int, timeout_s: int, abort_share: f
             raise CommandError(f"waves: 1 to {MAX_WAVES} shares in percent, such as 1,10,50,100")
         if any(not 0 < w <= 100 for w in waves) or list(waves) != sorted(set(waves)) or waves[-1] != 100:
             raise CommandError("waves: rising shares in percent, each over 0, the last 100 (1,10,50,100)")
-    if not 10 <= timeout_s <= 30 * 86400:
-        raise CommandError("timeout: 10 s to 30 days a unit")
+    if not 5 <= timeout_s <= 30 * 86400:
+        raise CommandError("timeout: 5 s to 30 days a unit")
     if not 0 < abort_share <= 1 or math.isnan(abort_share):
         raise CommandError("abort share: over 0 and at most 1 (0.1: abort when more than 10% failed)")
     if not 1 <= abort_min <= 1_000_000:

@@ -37,7 +37,7 @@ def test_waves_start_one_after_another_and_a_rate_fills_each_minute() -> None:
     for args, words in [
         (([10, 5, 100], 0, 3600, 0.1, 10), "rising"),
         (([1, 10], 0, 3600, 0.1, 10), "the last 100"),
-        (([100], 0, 9, 0.1, 10), "timeout"),
+        (([100], 0, 4, 0.1, 10), "timeout"),
         (([100], 0, 3600, 0.0, 10), "abort share"),
         (([100], -1, 3600, 0.1, 10), "rate"),
     ]:

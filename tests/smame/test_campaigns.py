@@ -81,7 +81,7 @@ def test_a_campaign_finishes_through_cuts_reboots_and_lost_answers(broker: Mosqu
         started = smame(
             [
                 *("campaign", "start", "--version", "2.4.0", "--customer", "C1", "--waves", "100"),
-                *("--timeout", "10", "--abort-share", "0.5", "--abort-min", "4"),
+                *("--timeout", "5", "--abort-share", "0.5", "--abort-min", "4"),
             ],
             env,
         ).stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import subprocess
 import threading
 import time
@@ -68,10 +69,13 @@ def running(broker: Mosquitto, workdir: Path) -> Iterator[dict[str, str]]:
 
 
 def subscribed(env: dict[str, str], workdir: Path) -> subprocess.Popen[bytes]:
-    """`smame run` started with `env`, once it has subscribed to the telegrams."""
-    proc = start_smame(env, workdir / "smame.log")
+    """`smame run` started with `env`, once it has subscribed to the telegrams (its log's lines are added to
+    those of earlier runs)."""
+    log = workdir / "smame.log"
+    before = log.read_text(errors="replace").count("subscribed") if log.exists() else 0
+    proc = start_smame(env, log)
     deadline = time.monotonic() + 30
-    while "subscribed" not in (workdir / "smame.log").read_text(errors="replace"):
+    while log.read_text(errors="replace").count("subscribed") <= before:
         assert time.monotonic() < deadline and proc.poll() is None, (workdir / "smame.log").read_text()
         time.sleep(0.1)
     return proc
@@ -162,7 +166,7 @@ def test_a_gap_later_telegrams_did_not_fill_is_asked_for_by_itself_once_and_repo
         db = workdir / "data" / "smame.db"
         wait_readings(db, len(history), timeout=30)  # the lost four come back, asked for by smame
         assert asked == [(int(history[3][0].timestamp()), int(history[8][0].timestamp()))]
-        time.sleep(3.0)  # more passes: the gap is not asked for again
+        time.sleep(1.5)  # more passes (one a second): the gap is not asked for again
         assert len(asked) == 1
         slots = smame(["slots", "--unit", "DU1", "--date", str(day)], env).stdout.splitlines()[2:14]
         assert [line.split()[2:4] for line in slots] == [["1.0", "A"]] * 12
@@ -211,7 +215,7 @@ def test_a_desired_configuration_reaches_the_units_and_who_is_out_of_step_is_sho
             assert time.monotonic() < deadline, shown()
             time.sleep(0.2)
         assert devices[1].config["interval_min"] == 15 and devices[1].carried_out.total() == 1
-        time.sleep(2.5)  # more passes: DU3's refusal is not asked again while it stays online
+        time.sleep(1.5)  # more passes (one a second): DU3's refusal is not asked again while it stays online
         assert devices[2].carried_out.total() == 1
 
         refused = smame(["units", "config", "set", "interval_min=7", "--fleet"], env, check=False)
@@ -223,3 +227,61 @@ def test_a_desired_configuration_reaches_the_units_and_who_is_out_of_step_is_sho
     finally:
         stop(proc)
         units.close()
+
+
+def test_a_broker_killed_with_telegrams_queued_loses_them_and_the_resend_smame_asks_for_rewrites_the_file(
+    workdir: Path,
+) -> None:
+    broker = Mosquitto(workdir / "mq")  # its own, to kill: no persistence, as a broker between autosaves
+    write_registry(workdir, {"DU1": "C1"})
+    env = smame_env(
+        workdir,
+        broker.port,
+        SMAME_DEVICES__REPAIR_EVERY_S="1",
+        SMAME_DEVICES__REPAIR_AFTER_S="0",
+        SMAME_BROKER__RECONNECT_MAX_S="1",
+    )
+    day = yesterday()
+    start = datetime.fromisoformat(f"{day}T00:00:00+09:00")
+    history = [(start + timedelta(minutes=30 * i), 1000 + 10 * i) for i in range(13)]  # 00:00 .. 06:00, 1 kWh each
+
+    def resend(frm: int, to: int, now: float) -> list[Send]:
+        held = [r for r in history if frm <= r[0].timestamp() <= to]
+        return [Send(now, "DU1", "smame/v1/DU1/reading", telegram("DU1", held, seq=20))]
+
+    def sent(i: int) -> tuple[str, bytes]:
+        return ("smame/v1/DU1/reading", telegram("DU1", [history[i]], seq=i))
+
+    db = workdir / "data" / "smame.db"
+    proc = subscribed(env, workdir)
+    units = None
+    try:
+        publish(broker.port, [sent(i) for i in range(4)])
+        wait_readings(db, 4)
+        assert stop(proc) == 0  # away: the broker keeps its session and queues for it
+        publish(broker.port, [sent(i) for i in range(4, 8)])  # acknowledged to the unit, which forgets them
+        broker.proc.kill()  # the broker dies with them queued, before any save
+        broker.proc.wait(10)
+        broker.start()
+        proc = subscribed(env, workdir)
+        publish(broker.port, [sent(i) for i in range(8, 13)])
+        wait_readings(db, 9)
+        units = Units(broker.port, [UnitDevice("DU1", resend=resend)])
+        wait_readings(db, 13, timeout=30)  # the four lost come back, asked for by smame
+        time.sleep(1.0)  # the commit of the resent readings' slots
+        proc.send_signal(signal.SIGHUP)  # the export runs now, as it would at its next half hour
+        path = workdir / "data" / "export" / "C1" / f"C1_{day:%Y%m%d}.csv"
+
+        def morning() -> list[list[str]]:
+            rows = [line.split(",") for line in path.read_text().splitlines()[1:]] if path.exists() else []
+            return [[r[6], r[8]] for r in rows[:12]]
+
+        deadline = time.monotonic() + 30
+        while morning() != [["1.0", "A"]] * 12:
+            assert time.monotonic() < deadline, morning()
+            time.sleep(0.2)
+    finally:
+        if units is not None:
+            units.close()
+        stop(proc)
+        broker.stop()

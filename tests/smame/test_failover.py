@@ -398,7 +398,7 @@ def test_commands_and_a_campaign_carry_on_across_a_leader_failover_and_nothing_i
         started = smame(
             [
                 *("campaign", "start", "--version", "2.4.0", "--units", "D0,D1,D2,D3,D4,D5"),
-                *("--waves", "50,100", "--timeout", "10", "--abort-min", "6"),
+                *("--waves", "50,100", "--timeout", "5", "--abort-min", "6"),
             ],
             env_b,
         ).stdout

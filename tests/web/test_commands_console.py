@@ -166,8 +166,8 @@ def test_an_operator_commands_units_from_the_console_and_the_api_and_finds_it_in
             target.clear()
             target.send_keys("C1")
             browser.find_element(By.CSS_SELECTOR, "#change button[value=set]").click()
-            wait(browser).until(expected.url_to_be(site + "/configuration"))
-            desired = rows(browser, "#desired tbody tr")
+            # the same address before and after the post: wait for the page that lists it
+            desired = wait(browser).until(lambda b: [r for r in rows(b, "#desired tbody tr") if "console" in r])
             assert len(desired) == 1 and desired[0].startswith('customer C1 {"interval_min":5} console:alice'), desired
 
             def in_step(b: webdriver.Chrome) -> bool:
