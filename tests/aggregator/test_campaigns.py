@@ -161,3 +161,21 @@ def test_an_operator_pauses_resumes_and_cancels_and_nothing_queued_is_sent_after
             change_phase(store, "nope", "cancel", NOW, "console:bob", "h")
         actions = [a for _, _, _, _, a, _, _ in store.audit(about=c.id)]
         assert actions[:4] == ["campaign cancelled", "campaign running", "campaign paused", "campaign started"]
+
+
+def test_a_campaign_targets_the_units_on_a_version_and_starts_them_at_its_rate(
+    store_url: str, registry: Registry
+) -> None:
+    with open_url(store_url) as store:
+        store.add_firmware("2.4.0", hashlib.sha256(IMAGE).hexdigest(), IMAGE, NOW, "cli:alice", "h")
+        pings = store.queue_commands("ping", "{}", ["U01", "U02", "U21"], NOW, NOW + 600, "cli:alice", "h")
+        for c, fw in zip(pings, ("2.3.0", "2.2.9", "2.3.0"), strict=True):
+            answer(store, c.unit, c.id, "done", f'{{"fw":"{fw}"}}')
+        with pytest.raises(CommandError, match="holds no unit"):
+            create_campaign(store, registry, "2.4.0", {"from_version": "1.0"}, Plan(), NOW, "cli:a", "h")
+        plan = check_plan([], 1, 3600, 0.5, 10)  # one unit a minute
+        c = create_campaign(store, registry, "2.4.0", {"from_version": "2.3.0"}, plan, NOW, "cli:a", "h")
+        assert sorted(u for _, u, *_ in store.campaign_units(c.id)) == ["U01", "U21"]
+        assert campaign_pass(store, NOW, BASE) == [f"campaign {c.id}: 1 units started"]
+        assert campaign_pass(store, NOW + 30, BASE) == []  # the minute's one is out
+        assert campaign_pass(store, NOW + 61, BASE) == [f"campaign {c.id}: 1 units started"]
