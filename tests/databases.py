@@ -7,11 +7,14 @@ import contextlib
 import os
 import secrets
 import sqlite3
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import quote
 
 import psycopg
 import psycopg.errors
+
+from aggregator.store import Store
 
 # trust auth on 127.0.0.1, as on the project's machines; another server can be named here
 ADMIN_URL = os.environ.get("SMAME_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -65,3 +68,8 @@ def count(url: str, table: str) -> int:
         return int(query(url, f"SELECT count(*) FROM {table}")[0][0])
     except (sqlite3.OperationalError, psycopg.errors.UndefinedTable):
         return 0
+
+
+def sqlite_plan(store: Store, sql: str, args: Sequence[Any] = ()) -> str:
+    """SQLite's plan of a query on `store`, its steps' words joined (what an index is used for, or a scan)."""
+    return " ".join(str(r[-1]) for r in store.execute("EXPLAIN QUERY PLAN " + sql, args).fetchall())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -21,6 +22,7 @@ from kernel.commands import (
     parse_arg_pairs,
     read_answer,
 )
+from tests.databases import sqlite_plan
 
 NOW = 1_800_000_000
 
@@ -136,27 +138,12 @@ def test_the_store_keeps_commands_through_their_states(store_url: str) -> None:
         assert ("smame", "command sent", "c1") in actions and ("cli:alice", "command ping", "U1") in actions
 
 
-def test_the_scheduled_look_for_due_commands_seeks_the_queue_not_every_command(tmp_path: object) -> None:
-    from pathlib import Path
-
-    assert isinstance(tmp_path, Path)
+def test_the_scheduled_look_for_due_commands_seeks_the_queue_not_every_command(tmp_path: Path) -> None:
     with open_url(f"sqlite:///{tmp_path / 's.db'}") as store:
-        plan = " ".join(
-            str(r[-1])
-            for r in store.execute(
-                "EXPLAIN QUERY PLAN SELECT id FROM commands WHERE state = 'queued' AND next_try <= ? "
-                "AND expires > ? ORDER BY next_try, id LIMIT ?",
-                (NOW, NOW, 10),
-            ).fetchall()
-        )
-        assert "commands_due" in plan
-        plan = " ".join(
-            str(r[-1])
-            for r in store.execute(
-                "EXPLAIN QUERY PLAN SELECT id FROM commands WHERE state IN ('queued', 'sent') AND expires <= ?", (NOW,)
-            ).fetchall()
-        )
-        assert "commands_open" in plan
+        due = "SELECT id FROM commands WHERE state = 'queued' AND next_try <= ? AND expires > ? ORDER BY next_try, id"
+        assert "commands_due" in sqlite_plan(store, due + " LIMIT ?", (NOW, NOW, 10))
+        lapsed = "SELECT id FROM commands WHERE state IN ('queued', 'sent') AND expires <= ?"
+        assert "commands_open" in sqlite_plan(store, lapsed, (NOW,))
 
 
 def test_an_answer_with_any_text_a_unit_can_send_is_kept_on_both_backends(store_url: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
+from pathlib import Path
 
 from aggregator.backends import open_url
 from aggregator.ingest import Ingestor
@@ -14,6 +15,7 @@ from kernel.settings import DevicesSettings
 from kernel.timegrid import Grid
 from monitoring.daily import repair_section
 from tests.aggregator.test_ingest import T0, Directory, H, reading
+from tests.databases import sqlite_plan
 
 NOW = T0 + 48 * H  # a day after the first reading
 SETTINGS = DevicesSettings(repair_after_s=3600, repair_per_s=2.0)
@@ -87,17 +89,7 @@ def test_many_gaps_go_out_at_the_repair_pace(store_url: str) -> None:
         ing.store.close()
 
 
-def test_the_pass_reads_only_the_unfilled_slots(tmp_path: object) -> None:
-    from pathlib import Path
-
-    assert isinstance(tmp_path, Path)
+def test_the_pass_reads_only_the_unfilled_slots(tmp_path: Path) -> None:
     with open_url(f"sqlite:///{tmp_path / 's.db'}") as store:
-        plan = " ".join(
-            str(r[-1])
-            for r in store.execute(
-                "EXPLAIN QUERY PLAN SELECT unit, slot FROM slots WHERE imp_q IN ('E', 'M') AND slot > ? AND slot <= ? "
-                "ORDER BY unit, slot",
-                (0, NOW),
-            ).fetchall()
-        )
-        assert "slots_unfilled" in plan, plan
+        sql = "SELECT unit, slot FROM slots WHERE imp_q IN ('E', 'M') AND slot > ? AND slot <= ? ORDER BY unit, slot"
+        assert "slots_unfilled" in sqlite_plan(store, sql, (0, NOW))

@@ -58,6 +58,29 @@ class Units:
         self.loop.close()
 
 
+class Morning:
+    """DU1's readings of yesterday from 00:00 to 06:00, 1 kWh each half hour, as its meter's history holds them,
+    and what it resends when asked (each range asked noted, with when)."""
+
+    def __init__(self) -> None:
+        self.day = yesterday()
+        start = datetime.fromisoformat(f"{self.day}T00:00:00+09:00")
+        self.readings = [(start + timedelta(minutes=30 * i), 1000 + 10 * i) for i in range(13)]
+        self.asked: list[tuple[int, int, float]] = []
+
+    def sent(self, i: int) -> tuple[str, bytes]:
+        """The telegram of its i-th reading."""
+        return "smame/v1/DU1/reading", telegram("DU1", [self.readings[i]], seq=i)
+
+    def resend(self, frm: int, to: int, now: float) -> list[Send]:
+        self.asked.append((frm, to, time.time()))
+        held = [r for r in self.readings if frm <= r[0].timestamp() <= to]
+        return [Send(now, "DU1", "smame/v1/DU1/reading", telegram("DU1", held, seq=100))]
+
+    def at(self, i: int) -> int:
+        return int(self.readings[i][0].timestamp())
+
+
 @pytest.fixture
 def running(broker: Mosquitto, workdir: Path) -> Iterator[dict[str, str]]:
     """`smame run` on the test broker for units DU1 and DU2 (customer C1); yields its environment."""
@@ -104,29 +127,20 @@ def test_an_operator_commands_units_from_the_command_line_and_sees_their_answers
 
 
 def test_a_gap_the_broker_lost_is_refilled_by_resend(broker: Mosquitto, running: dict[str, str], workdir: Path) -> None:
-    day = yesterday()
-    start = datetime.fromisoformat(f"{day}T00:00:00+09:00")
-    history = [(start + timedelta(minutes=30 * i), 1000 + 10 * i) for i in range(13)]  # 00:00 .. 06:00, 1 kWh each
+    morning = Morning()
     lost = {4, 5, 6, 7}  # 02:00 .. 03:30 were acknowledged to the unit, then lost with the broker
-    publish(
-        broker.port, [("smame/v1/DU1/reading", telegram("DU1", [r])) for i, r in enumerate(history) if i not in lost]
-    )
+    publish(broker.port, [morning.sent(i) for i in range(13) if i not in lost])
     db = workdir / "data" / "smame.db"
-    wait_readings(db, len(history) - len(lost))
-
-    def resend(frm: int, to: int, now: float) -> list[Send]:
-        held = [r for r in history if frm <= r[0].timestamp() <= to]
-        return [Send(now, "DU1", "smame/v1/DU1/reading", telegram("DU1", held, seq=2))]
-
-    units = Units(broker.port, [UnitDevice("DU1", resend=resend)])
+    wait_readings(db, 13 - len(lost))
+    units = Units(broker.port, [UnitDevice("DU1", resend=morning.resend)])
     try:
-        asked = ["from=" + history[3][0].isoformat(), "to=" + history[8][0].isoformat()]
+        asked = ["from=" + morning.readings[3][0].isoformat(), "to=" + morning.readings[8][0].isoformat()]
         out = smame(["units", "cmd", "resend", *asked, "--unit", "DU1", "--wait", "20"], running).stdout
         assert " done " in out and '"telegrams":1' in out
-        wait_readings(db, len(history))
-        assert readings_in(db) == len(history)
+        wait_readings(db, 13)
+        assert readings_in(db) == 13
         time.sleep(1.0)  # the commit of the resent readings' slots
-        slots = smame(["slots", "--unit", "DU1", "--date", str(day)], running).stdout.splitlines()[2:14]
+        slots = smame(["slots", "--unit", "DU1", "--date", str(morning.day)], running).stdout.splitlines()[2:14]
         assert [line.split()[2:4] for line in slots] == [["1.0", "A"]] * 12
     finally:
         units.close()
@@ -143,36 +157,22 @@ def test_a_gap_later_telegrams_did_not_fill_is_asked_for_by_itself_once_and_repo
         SMAME_DEVICES__REPAIR_EVERY_S="1",
         SMAME_DEVICES__REPAIR_AFTER_S="0",
     )
-    day = yesterday()
-    start = datetime.fromisoformat(f"{day}T00:00:00+09:00")
-    history = [(start + timedelta(minutes=30 * i), 1000 + 10 * i) for i in range(13)]  # 00:00 .. 06:00, 1 kWh each
+    morning = Morning()
     lost = {4, 5, 6, 7}
-    asked: list[tuple[int, int]] = []
-    when: list[float] = []
-
-    def resend(frm: int, to: int, now: float) -> list[Send]:
-        asked.append((frm, to))
-        when.append(time.time())
-        held = [r for r in history if frm <= r[0].timestamp() <= to]
-        return [Send(now, "DU1", "smame/v1/DU1/reading", telegram("DU1", held, seq=2))]
-
-    units = Units(broker.port, [UnitDevice("DU1", resend=resend)])
+    units = Units(broker.port, [UnitDevice("DU1", resend=morning.resend)])
     proc = subscribed(env, workdir)
     try:
-        publish(
-            broker.port,
-            [("smame/v1/DU1/reading", telegram("DU1", [r])) for i, r in enumerate(history) if i not in lost],
-        )
+        publish(broker.port, [morning.sent(i) for i in range(13) if i not in lost])
         db = workdir / "data" / "smame.db"
-        wait_readings(db, len(history), timeout=30)  # the lost four come back, asked for by smame
-        assert asked == [(int(history[3][0].timestamp()), int(history[8][0].timestamp()))]
+        wait_readings(db, 13, timeout=30)  # the lost four come back, asked for by smame
+        assert [(frm, to) for frm, to, _ in morning.asked] == [(morning.at(3), morning.at(8))]
         time.sleep(1.5)  # more passes (one a second): the gap is not asked for again
-        assert len(asked) == 1
-        slots = smame(["slots", "--unit", "DU1", "--date", str(day)], env).stdout.splitlines()[2:14]
+        assert len(morning.asked) == 1
+        slots = smame(["slots", "--unit", "DU1", "--date", str(morning.day)], env).stdout.splitlines()[2:14]
         assert [line.split()[2:4] for line in slots] == [["1.0", "A"]] * 12
         listed = smame(["units", "commands", "--unit", "DU1"], env).stdout.splitlines()
         assert len(listed) == 2 and " resend " in listed[1] and " done " in listed[1], listed
-        asked_on = datetime.fromtimestamp(when[0], JST).date()  # the report's day is the zone's
+        asked_on = datetime.fromtimestamp(morning.asked[0][2], JST).date()  # the report's day is the zone's
         report = smame(["report", "--date", str(asked_on)], env).stdout
         assert "gap repair: 1 gap(s) of 1 unit(s) asked for again with resend (5 half hours); 1 answered; " in report
         assert "5 half hours repaired (actual now), 0 not (yet)" in report
@@ -241,17 +241,8 @@ def test_a_broker_killed_with_telegrams_queued_loses_them_and_the_resend_smame_a
         SMAME_DEVICES__REPAIR_AFTER_S="0",
         SMAME_BROKER__RECONNECT_MAX_S="1",
     )
-    day = yesterday()
-    start = datetime.fromisoformat(f"{day}T00:00:00+09:00")
-    history = [(start + timedelta(minutes=30 * i), 1000 + 10 * i) for i in range(13)]  # 00:00 .. 06:00, 1 kWh each
-
-    def resend(frm: int, to: int, now: float) -> list[Send]:
-        held = [r for r in history if frm <= r[0].timestamp() <= to]
-        return [Send(now, "DU1", "smame/v1/DU1/reading", telegram("DU1", held, seq=20))]
-
-    def sent(i: int) -> tuple[str, bytes]:
-        return ("smame/v1/DU1/reading", telegram("DU1", [history[i]], seq=i))
-
+    morning = Morning()
+    sent = morning.sent
     db = workdir / "data" / "smame.db"
     proc = subscribed(env, workdir)
     units = None
@@ -266,11 +257,11 @@ def test_a_broker_killed_with_telegrams_queued_loses_them_and_the_resend_smame_a
         proc = subscribed(env, workdir)
         publish(broker.port, [sent(i) for i in range(8, 13)])
         wait_readings(db, 9)
-        units = Units(broker.port, [UnitDevice("DU1", resend=resend)])
+        units = Units(broker.port, [UnitDevice("DU1", resend=morning.resend)])
         wait_readings(db, 13, timeout=30)  # the four lost come back, asked for by smame
         time.sleep(1.0)  # the commit of the resent readings' slots
         proc.send_signal(signal.SIGHUP)  # the export runs now, as it would at its next half hour
-        path = workdir / "data" / "export" / "C1" / f"C1_{day:%Y%m%d}.csv"
+        path = workdir / "data" / "export" / "C1" / f"C1_{morning.day:%Y%m%d}.csv"
 
         def morning() -> list[list[str]]:
             rows = [line.split(",") for line in path.read_text().splitlines()[1:]] if path.exists() else []
