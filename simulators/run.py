@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TextIO
 from zoneinfo import ZoneInfo
 
+from simulators.devices import DeviceFleet, UnitDevice
 from simulators.fleet import make_fleet
 from simulators.health import HealthMix
 from simulators.publisher import Endpoint, FleetPublisher
@@ -40,6 +41,7 @@ class RunOptions:
     timezone: str = "Asia/Tokyo"
     gap_cap: int = 48
     health: HealthMix | None = None  # the units send their diagnostics and status, some failing (health.md)
+    answer: int = 0  # the first units also answer commands (devices.md), each on a connection of its own
 
 
 @dataclass
@@ -108,10 +110,14 @@ async def simulate(
     end = floor_slot(opts.end if opts.end is not None else time.time(), zone)
     start = floor_slot(end - opts.days * 86400, zone)
     fleet = make_fleet(opts.units, opts.customers, opts.seed)
-    scenario = Scenario(fleet, opts.seed, opts.faults, opts.timezone, opts.truth is not None, opts.health, (start, end))
+    record = opts.truth is not None or opts.answer > 0  # the truth, and what a unit resends, need its history
+    scenario = Scenario(fleet, opts.seed, opts.faults, opts.timezone, record, opts.health, (start, end))
     publisher = FleetPublisher(endpoint, opts.connections, opts.window, [u.id for u in fleet])
     summary = Summary(first=start, connections=len(publisher.all_links()))
     summary.connect_seconds = await publisher.start()
+    answering = [UnitDevice(s.u.id, resend=s.resend) for s in scenario.sims[: opts.answer]]
+    devices = DeviceFleet(endpoint, answering, time.time)
+    await devices.start()
     stop = stop or asyncio.Event()
     clock = PacedClock(start, opts.speed, opts.timezone, stop, end)
     heap: list[tuple[float, int, Send]] = []
@@ -146,6 +152,7 @@ async def simulate(
         await publisher.close()
     finally:
         progress.cancel()
+        await devices.close()
     summary.sent = publisher.sent
     summary.refused = publisher.refused
     summary.seconds = time.monotonic() - started

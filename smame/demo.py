@@ -298,15 +298,23 @@ class Tour:
   metrics    http://127.0.0.1:{ports["metrics"]}/metrics    health http://127.0.0.1:{ports["metrics"]}/healthz
   mail       {work / "mail"}/*.eml   (the daily report, and any alert)
   a unit     .venv/bin/smame slots -c {toml} --unit {unit} --date {day}""")
+        if _interactive(self.opts):
+            self.say(
+                f"  a command  .venv/bin/smame units cmd ping -c {toml} --unit {unit} --wait 10   (the first "
+                f"{ANSWERING} units answer commands while the fleet is live; docs/devices.md)"
+            )
 
     def follow(self) -> None:
         """The fleet goes on live, in real time, until Ctrl-C."""
         o = self.opts
         fleet = ["--units", str(o.units), "--customers", str(o.customers)]
         try:
-            subprocess.run(self.command("simulate", *fleet, "--follow"), env=self.env)
+            subprocess.run(self.command("simulate", *fleet, "--follow", "--answer", str(ANSWERING)), env=self.env)
         except KeyboardInterrupt:
             pass
+
+
+ANSWERING = 10  # the live fleet's units that answer commands (each holds a connection of its own)
 
 
 def _interactive(opts: DemoOptions) -> bool:

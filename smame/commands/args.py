@@ -14,6 +14,10 @@ def positive(text: str) -> int:
     return int(_number(text, int, 1))
 
 
+def count(text: str) -> int:
+    return int(_number(text, int, 0))
+
+
 def non_negative(text: str) -> float:
     return float(_number(text, float, 0))
 

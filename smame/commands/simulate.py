@@ -20,7 +20,7 @@ from kernel.settings import Settings
 from simulators.health import HealthMix
 from simulators.scenario import Faults
 from smame.app import open_store
-from smame.commands.args import Subcommands, connections, instant, non_negative, positive
+from smame.commands.args import Subcommands, connections, count, instant, non_negative, positive
 
 if TYPE_CHECKING:
     from simulators.run import Summary
@@ -77,6 +77,14 @@ def add(sub: Subcommands, common: argparse.ArgumentParser) -> None:
         action="store_true",
         help="the units also send their diag and status; 3%% fail with a precursor, others die suddenly or only look "
         "unwell, and the network is away for an hour (docs/health.md; the truth names each unit's condition)",
+    )
+    simulate.add_argument(
+        "--answer",
+        type=count,
+        default=0,
+        metavar="N",
+        help="the first N units also answer commands (ping, reboot, set, resend from their history, fw), each on "
+        "a connection of its own with a persistent session (docs/devices.md)",
     )
     simulate.add_argument("--truth", type=Path, metavar="FILE", help="write what a perfect backend must conclude")
     simulate.add_argument(
@@ -137,6 +145,7 @@ def _simulate(settings: Settings, args: argparse.Namespace) -> int:
         timezone=settings.timezone,
         gap_cap=settings.ingest.gap_cap_slots,
         health=HealthMix() if args.health else None,
+        answer=min(args.answer, args.units),
     )
 
     async def main() -> Summary:

@@ -196,3 +196,35 @@ def test_sigterm_stops_a_paced_run_at_once_and_keeps_the_truth_whole(broker: Mos
     sim.send_signal(signal.SIGTERM)
     assert sim.wait(10) == 0
     assert "telegrams from 20 units acknowledged" in log.read_text() and truth.exists()
+
+
+def test_a_live_fleet_answers_commands_from_its_first_units_and_resends_from_their_history(
+    broker: Mosquitto, workdir: Path
+) -> None:
+    env = smame_env(workdir, broker.port, SMAME_EXPORT__ENABLED="false")
+    fleet = ["--units", "20", "--customers", "2", "--clean"]
+    smame(["simulate", *fleet, "--write-registry", str(workdir)], env)
+    log = workdir / "smame.log"
+    proc = start_smame(env, log)
+    wait_log(log, "subscribed to")
+    live = subprocess.Popen(
+        [sys.executable, "-m", "smame.cli", "simulate", *fleet, "--days", "0.125", "--speed", "0", "--follow"]
+        + ["--answer", "2"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until(lambda: readings(workdir) >= 20 * 6, 30, lambda: f"{readings(workdir)} stored", every=0.2)
+        units = [line.split(",")[0] for line in (workdir / "units.csv").read_text().splitlines()[1:]]
+        answered = smame(["units", "cmd", "ping", "--unit", units[0], "--unit", units[1], "--wait", "20"], env).stdout
+        assert answered.count(" done ") == 2 and '"fw":' in answered, answered
+        frm, to = (time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(time.time() - h * 3600)) for h in (2, 0))
+        resent = smame(["units", "cmd", "resend", f"from={frm}", f"to={to}", "--unit", units[0], "--wait", "20"], env)
+        assert " done " in resent.stdout and '"telegrams":1' in resent.stdout, resent.stdout  # 2 hours: one telegram
+        silent = smame(["units", "cmd", "ping", "--unit", units[2], "--expires", "3", "--wait", "6"], env, check=False)
+        assert silent.returncode == 1 and " expired " in silent.stdout  # a unit that does not answer commands
+    finally:
+        live.send_signal(signal.SIGINT)
+        live.wait(30)
+        assert stop(proc) == 0
