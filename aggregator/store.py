@@ -1095,6 +1095,15 @@ class Store(ABC):
         rows = self.execute(f"SELECT {CAMPAIGN_COLUMNS} FROM campaigns WHERE phase IN ('running', 'paused')")
         return [CampaignRow(*r) for r in rows.fetchall()]
 
+    def campaigns_ended(self, since: int) -> list[CampaignRow]:
+        """The campaigns that ended by themselves (aborted or done) at `since` or later, oldest first."""
+        rows = self.execute(
+            f"SELECT {CAMPAIGN_COLUMNS} FROM campaigns WHERE phase IN ('aborted', 'done') AND changed >= ? "
+            "ORDER BY changed, id",
+            (since,),
+        )
+        return [CampaignRow(*r) for r in rows.fetchall()]
+
     def campaign_counts(self, campaign_id: str) -> dict[str, int]:
         """A campaign's units by step."""
         rows = self.execute(

@@ -27,6 +27,8 @@ TITLES = {
     "status_refused": "the units' status topic is refused",
     "health_failing": "the units' health pass fails",
     "commands_failing": "commands to units failing",
+    "campaign_aborted": "a firmware campaign aborted itself",
+    "campaign_done": "a firmware campaign ended",
     "delivery_failing": "report or alert delivery failing",
     "reload_refused": "registry reload refused",
     "node_faults": "a node cannot do its part",

@@ -9,6 +9,7 @@ it queues the previous day's report. Everything sent goes through the outbox.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import shutil
 import time
@@ -19,6 +20,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 from aggregator.store import Store
+from kernel.firmware import STEPS
 from kernel.heap import trim_heap
 from kernel.reading import Reason
 from kernel.registry import Registry
@@ -76,6 +78,9 @@ def alert_messages(notice: Notice, settings: Settings) -> list[Message]:
     return fan_out(
         settings, notice.key, notice.subject, f"{notice.text}\n\nsince {since} ({settings.timezone})", notice.at
     )
+
+
+CAMPAIGNS_TOLD = "campaigns_told"  # the store's meta key: the newest campaign end told, and the ids ended then
 
 
 class Monitor:
@@ -164,6 +169,27 @@ class Monitor:
             [m for n in notices for m in alert_messages(n, self.settings)], lambda: self.history.record(entries)
         )
 
+    def _campaigns_ended(self, now: float) -> tuple[list[Notice], str]:
+        """Firmware campaigns that ended by themselves since the last told (on the store's thread): an event each,
+        and the mark to keep once they are queued. At the first look, none before it."""
+        raw = self.store.get_meta(CAMPAIGNS_TOLD, "")
+        if not raw:
+            self.store.set_meta(CAMPAIGNS_TOLD, json.dumps({"at": int(now), "ids": []}))
+            return [], ""
+        mark = json.loads(raw)
+        ended = [c for c in self.store.campaigns_ended(mark["at"]) if c.id not in mark["ids"]]
+        if not ended:
+            return [], raw
+        at = ended[-1].changed
+        ids = [c.id for c in ended if c.changed == at] + (mark["ids"] if at == mark["at"] else [])
+        notices = []
+        for c in ended:
+            counts = self.store.campaign_counts(c.id)
+            said = ", ".join(f"{counts[s]} {s}" for s in STEPS if counts.get(s))
+            text = f"campaign {c.id} ({c.name}), firmware {c.version}, {c.phase}: {c.detail}; units: {said}"
+            notices.append(alerts.event(f"campaign_{c.phase}", text, now))
+        return notices, json.dumps({"at": at, "ids": ids})
+
     def _security_notices(self, now: float) -> list[Notice]:
         return [alerts.event(kind, text, now) for kind, text in self.security.due(now)]
 
@@ -200,8 +226,9 @@ class Monitor:
             except Exception as exc:  # a part that fails must not stop the alerts and the report: said, tried later
                 log.exception("units' health records not kept; trying again in %.0f s", every)
                 self._health_failed = f"{type(exc).__name__}: {exc}"[:300]
+        campaigns, campaigns_mark = await self.store.call(self._campaigns_ended, now)
         security = self._security_notices(now)
-        notices, self._events = notices + self._events + security, []
+        notices, self._events = notices + self._events + campaigns + security, []
         controls = await self.store.call(self.history.controls)
         entries = [
             Entry(n.at, n.name, n.state, n.text, self.watched.node, told=not controls.held_back(n, started, now))
@@ -220,6 +247,8 @@ class Monitor:
             def also() -> None:
                 self.store.set_meta(ALERT_STATE, state)
                 self.history.record(entries)
+                if campaigns:  # told with them, in the same transaction: each end is told once
+                    self.store.set_meta(CAMPAIGNS_TOLD, campaigns_mark)
 
             await self.outbox.put(messages, also)
             self._saved = state

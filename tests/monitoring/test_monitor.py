@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
@@ -252,3 +253,38 @@ def test_commands_that_cannot_use_the_store_or_reach_the_broker_are_an_alert_on_
     bridge.connected, bridge.down_since = False, NOW + 200  # the broker down for all: broker_unreachable says it
     alerts_at(m, NOW + 230)
     assert "commands_failing" not in m.active
+
+
+def test_a_campaign_that_aborted_itself_or_ended_is_told_once_even_after_a_restart(
+    monitor: tuple[Monitor, BridgeStats, Ingestor], tmp_path: Path
+) -> None:
+    from aggregator.campaigns import campaign_pass, create_campaign
+    from kernel.commands import AnswerRefused, read_answer
+    from kernel.firmware import Phase, check_plan
+
+    m, _, ingest = monitor
+    store = ingest.store
+    asyncio.run(m.check())  # the first look: campaigns that ended before it are not told
+    image = b"\x01" * 1000
+    store.add_firmware("2.4.0", hashlib.sha256(image).hexdigest(), image, int(NOW), "cli:alice", "h")
+    registry = load_registry(tmp_path / "units.csv", tmp_path / "customers.toml")
+    plan = check_plan([100], 0, 60, 0.5, 1)
+    c = create_campaign(store, registry, "2.4.0", {"customer": "C1"}, plan, int(NOW), "cli:alice", "h")
+    campaign_pass(store, int(NOW), "https://smame.example.jp")
+    for command in store.commands(limit=10):  # both units fail at verifying the image
+        a = read_answer(
+            f"smame/v1/{command.unit}/res",
+            f'{{"v":1,"id":"{command.id}","status":"failed","detail":"verify: sha256 differs"}}'.encode(),
+        )
+        assert not isinstance(a, AnswerRefused)
+        store.answer_commands([a], int(NOW) + 5)
+    campaign_pass(store, int(NOW) + 10, "https://smame.example.jp")
+    assert store.campaign(c.id).phase == Phase.ABORTED  # type: ignore[union-attr]
+
+    told = [n for n in asyncio.run(m.check()) if n.name == "campaign_aborted"]
+    assert len(told) == 1 and f"campaign {c.id}" in told[0].text and "2 failed" in told[0].text
+    assert "2 of 2 units ended failed" in told[0].text
+    assert told[0].subject == "[smame] EVENT: a firmware campaign aborted itself"
+    assert not [n for n in asyncio.run(m.check()) if n.name.startswith("campaign")]  # once
+    again = Monitor(m.settings, m.store, GRID, m.registry, m.watched, m.outbox, m.clock)  # a restart, or a new leader
+    assert not [n for n in asyncio.run(again.check()) if n.name.startswith("campaign")]
