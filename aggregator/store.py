@@ -784,10 +784,7 @@ class Store(ABC):
     def add_commands(self, rows: Sequence[CommandRow], audit: Sequence[tuple[int, str, str, str, str, str]]) -> None:
         """Keep new commands (queued) and the audit entries that say who asked for them, in one transaction."""
         with self.transaction():
-            marks = ", ".join("?" * len(CommandRow.__struct_fields__))
-            self.executemany(
-                f"INSERT INTO commands ({COMMAND_COLUMNS}) VALUES ({marks})", [msgspec.structs.astuple(r) for r in rows]
-            )
+            self._insert_commands(rows)
             self._audit(audit)
 
     def queue_commands(
@@ -955,10 +952,7 @@ class Store(ABC):
                     (unit, first_at, last_at, slots, c.id, c.created),
                 ).rowcount
                 if added:
-                    marks = ", ".join("?" * len(CommandRow.__struct_fields__))
-                    self.execute(
-                        f"INSERT INTO commands ({COMMAND_COLUMNS}) VALUES ({marks})", msgspec.structs.astuple(c)
-                    )
+                    self._insert_commands([c])
                     self._audit([asked(c)])
                     kept += 1
         return kept
@@ -1026,11 +1020,7 @@ class Store(ABC):
         """Queue `set` commands that bring units in step, each with the configuration wanted (same order),
         kept as the unit's last try, and their audit entries: one transaction."""
         with self.transaction():
-            marks = ", ".join("?" * len(CommandRow.__struct_fields__))
-            self.executemany(
-                f"INSERT INTO commands ({COMMAND_COLUMNS}) VALUES ({marks})",
-                [msgspec.structs.astuple(c) for c in commands],
-            )
+            self._insert_commands(commands)
             self.executemany(
                 "INSERT INTO config_tries (unit, wanted, at, command) VALUES (?, ?, ?, ?) ON CONFLICT (unit) "
                 "DO UPDATE SET wanted = excluded.wanted, at = excluded.at, command = excluded.command",
@@ -1169,11 +1159,7 @@ class Store(ABC):
         """Start units of a campaign: each (seq, its `fw` command) queued and the unit `sent`, in one
         transaction with the audit entries."""
         with self.transaction():
-            marks = ", ".join("?" * len(CommandRow.__struct_fields__))
-            self.executemany(
-                f"INSERT INTO commands ({COMMAND_COLUMNS}) VALUES ({marks})",
-                [msgspec.structs.astuple(c) for _, c in started],
-            )
+            self._insert_commands([c for _, c in started])
             self.executemany(
                 "UPDATE campaign_units SET step = 'sent', command = ?, started = ?, changed = ? "
                 "WHERE campaign = ? AND seq = ? AND step = 'pending'",
@@ -1192,8 +1178,7 @@ class Store(ABC):
     def probe_campaign_unit(self, campaign_id: str, seq: int, probe: CommandRow) -> None:
         """Ask a unit of a campaign its version (a `ping`), its answer lost or late: one transaction."""
         with self.transaction():
-            marks = ", ".join("?" * len(CommandRow.__struct_fields__))
-            self.execute(f"INSERT INTO commands ({COMMAND_COLUMNS}) VALUES ({marks})", msgspec.structs.astuple(probe))
+            self._insert_commands([probe])
             self.execute(
                 "UPDATE campaign_units SET probe = ?, changed = ? WHERE campaign = ? AND seq = ?",
                 (probe.id, probe.created, campaign_id, seq),
@@ -1239,6 +1224,13 @@ class Store(ABC):
                 )
             self._audit([(now, who, origin, f"campaign {phase}", campaign_id, detail)])
             return True
+
+    def _insert_commands(self, rows: Sequence[CommandRow]) -> None:
+        """Insert new commands (inside the caller's transaction)."""
+        marks = ", ".join("?" * len(CommandRow.__struct_fields__))
+        self.executemany(
+            f"INSERT INTO commands ({COMMAND_COLUMNS}) VALUES ({marks})", [msgspec.structs.astuple(r) for r in rows]
+        )
 
     def _audit(self, entries: Sequence[tuple[int, str, str, str, str, str]]) -> None:
         self.executemany(f"INSERT INTO audit ({AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", entries)
