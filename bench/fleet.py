@@ -36,7 +36,7 @@ def one(port: int, units: int, connections: str) -> dict[str, float]:
         faults=Faults.clean(),
         end=time.time(),
     )
-    summary = asyncio.run(simulate(opts, Endpoint("127.0.0.1", port), open("/dev/null", "w")))
+    summary = asyncio.run(simulate(opts, Endpoint((("127.0.0.1", port),)), open("/dev/null", "w")))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {
         "connect_s": summary.connect_seconds,

@@ -49,7 +49,7 @@ def fleet_memory_mb(pid: int) -> dict[str, tuple[float, float]]:
 
 async def send(port: int, scenario: Scenario, units: list[str], at: int, first: bool) -> float:
     """Publish the fleet's telegrams of one half hour on 4 connections; return when the last was acknowledged."""
-    publisher = FleetPublisher(Endpoint("127.0.0.1", port), 4, 2000, units)
+    publisher = FleetPublisher(Endpoint((("127.0.0.1", port),)), 4, 2000, units)
     await publisher.start()
     for s in scenario.start(at) if first else scenario.step(at):
         publisher.put(s)

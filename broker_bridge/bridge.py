@@ -19,9 +19,8 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Container
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
 
-from broker_bridge.mqtt import Message, MqttClient, MqttError
+from broker_bridge.mqtt import MQTT5, Message, MqttClient, MqttError, Nodes
 from broker_bridge.telegram import Decoded, Reject, Rules, decode, decode_status, unit_of_status, unit_of_topic
 from kernel.reading import Incoming, Reason, Refused, Status
 from kernel.wake import wait_woken
@@ -35,9 +34,7 @@ Commit = Callable[[list[Incoming], list[Refused], list[Status]], Awaitable[objec
 class BrokerTarget:
     """Where and how to connect (built from the broker settings)."""
 
-    host: str
-    port: int
-    tls: ssl.SSLContext | None
+    nodes: tuple[tuple[str, int], ...]  # the broker's host and port, or each of a cluster's nodes
     client_id: str
     username: str | None
     password: str | None
@@ -48,6 +45,8 @@ class BrokerTarget:
     batch_delay: float
     reconnect_min: float
     reconnect_max: float
+    tls: ssl.SSLContext | None = None
+    version: int = MQTT5  # MQTT311 for a broker that speaks only 3.1.1 (RabbitMQ)
 
 
 COMMIT_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)  # histogram bucket bounds
@@ -88,6 +87,7 @@ class BridgeStats:
     clock_error: str = ""  # why the last batch refused for this node's clock was refused
     clock_error_at: float = 0.0  # when (epoch); 0: never
     last_error: str = ""  # why the last connection attempt or connection failed
+    node: str = ""  # host:port of the broker's node ingest connected to last
     status_refused: str = ""  # why the broker refused the units' status topic at the last subscription ("" it took it)
     commit_counts: list[int] = field(default_factory=lambda: [0] * (len(COMMIT_SECONDS) + 1))
     commit_sum: float = 0.0
@@ -166,13 +166,6 @@ def tls_context(ca_file: str | None, cert_file: str | None, key_file: str | None
     return ctx
 
 
-def target_from_url(url: str) -> tuple[str, int, bool]:
-    """Host, port and whether TLS is on, from `mqtt://` or `mqtts://` URLs."""
-    parts = urlsplit(url)
-    tls = parts.scheme == "mqtts"
-    return parts.hostname or "127.0.0.1", parts.port or (8883 if tls else 1883), tls
-
-
 async def back_off(delay: float, most: float) -> float:
     """Wait about `delay` seconds (jittered, so that many clients do not come back at once); return the next
     delay, doubled up to `most`."""
@@ -180,12 +173,11 @@ async def back_off(delay: float, most: float) -> float:
     return min(delay * 2, most)
 
 
-async def open_session(client: MqttClient, t: BrokerTarget, client_id: str) -> bool:
-    """Connect `client` to the target's broker as `client_id`, its session kept for `session_expiry`; return
-    whether the broker still had that session."""
+async def open_session(client: MqttClient, t: BrokerTarget, client_id: str, node: tuple[str, int]) -> bool:
+    """Connect `client` to `node` of the target's broker as `client_id`, its session kept for `session_expiry`;
+    return whether the broker still had that session."""
     return await client.connect(
-        t.host,
-        t.port,
+        *node,
         client_id,
         username=t.username,
         password=t.password,
@@ -244,24 +236,31 @@ class Bridge:
     async def _connect_forever(self, flusher: asyncio.Task[None]) -> None:
         t = self.target
         delay = t.reconnect_min
+        nodes = Nodes(t.nodes)
         while True:
             if self._hold_until > time.time():
                 await asyncio.sleep(self._hold_until - time.time())
-            client = MqttClient()
+            client = MqttClient(version=t.version)
             client.on_messages = functools.partial(self._on_messages, client=client)
+            host, port = node = nodes.current
             try:
-                present = await open_session(client, t, t.client_id)
+                present = await open_session(client, t, t.client_id, node)
                 # A session the broker kept starts to deliver its backlog here, ahead of the SUBACK.
-                log.info("connected to %s:%s as %s, session present: %s", t.host, t.port, t.client_id, present)
+                log.info("connected to %s:%s as %s, session present: %s", host, port, t.client_id, present)
                 await client.subscribe(t.topic, qos=1)
                 await self._subscribe_status(client)
             except Exception as exc:  # refused, reset, closed mid-handshake, garbled: all mean "try again later"
                 client.close()
                 self.stats.connected = False
                 self.stats.last_error = str(exc) or type(exc).__name__
-                log.warning("broker %s:%s unreachable: %s; retrying in %.1f s", t.host, t.port, exc, delay)
+                if not nodes.failed():  # another node of the cluster may take us at once
+                    log.warning("broker %s:%s unreachable: %s; trying %s:%s", host, port, exc, *nodes.current)
+                    continue
+                log.warning("broker %s:%s unreachable: %s; retrying in %.1f s", host, port, exc, delay)
                 delay = await back_off(delay, t.reconnect_max)
                 continue
+            nodes.worked()
+            self.stats.node = f"{host}:{port}"
             self._client = client
             self.subscribed.set()
             self.stats.connects += 1
@@ -288,25 +287,28 @@ class Bridge:
         start, no session kept, nothing subscribed), opened and closed. "" when it worked, else why not. A node
         standing by asks it before taking the ingest session over."""
         t = self.target
-        client = MqttClient()
-        try:
-            async with asyncio.timeout(timeout):
-                await client.connect(
-                    t.host,
-                    t.port,
-                    f"{t.client_id[:100]}-probe-{os.getpid()}",
-                    username=t.username,
-                    password=t.password,
-                    tls=t.tls,
-                    clean_start=True,
-                    keepalive=0,
-                    timeout=timeout,
-                )
-                await client.disconnect()
-        except Exception as exc:  # refused, reset, no answer: this node cannot ingest
-            client.close()
-            return f"cannot reach the broker {t.host}:{t.port}: {str(exc) or type(exc).__name__}"
-        return ""
+        why = []
+        for host, port in t.nodes:  # one node that takes us is enough: the session follows us to it
+            client = MqttClient(version=t.version)
+            try:
+                async with asyncio.timeout(timeout):
+                    await client.connect(
+                        host,
+                        port,
+                        f"{t.client_id[:100]}-probe-{os.getpid()}",
+                        username=t.username,
+                        password=t.password,
+                        tls=t.tls,
+                        clean_start=True,
+                        keepalive=0,
+                        timeout=timeout,
+                    )
+                    await client.disconnect()
+                return ""
+            except Exception as exc:  # refused, reset, no answer: not through this node
+                client.close()
+                why.append(f"{host}:{port}: {str(exc) or type(exc).__name__}")
+        return f"cannot reach the broker {'; '.join(why)}"
 
     def _on_messages(self, messages: list[Message], client: MqttClient) -> None:
         """Decode the messages of one socket read into the filling batch, starting a new one when it is full

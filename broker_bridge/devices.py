@@ -27,7 +27,7 @@ from aggregator.desired import config_pass
 from aggregator.repair import repair_pass
 from aggregator.store import CommandRow, Store
 from broker_bridge.bridge import BrokerTarget, back_off, open_session
-from broker_bridge.mqtt import Message, MqttClient, MqttError, request_properties
+from broker_bridge.mqtt import Message, MqttClient, MqttError, Nodes, request_properties
 from kernel.commands import Answer, AnswerRefused, cmd_topic, command_payload, read_answer, res_topic
 from kernel.registry import Registry
 from kernel.settings import DevicesSettings
@@ -94,20 +94,25 @@ class Devices:
         """Connect, subscribe to the answers, and publish and keep until cancelled; reconnects for ever."""
         t = self.target
         delay = t.reconnect_min
+        nodes = Nodes(t.nodes)
         self.stats.down_since = self.clock()
         while True:
-            client = MqttClient(on_messages=self._on_messages)
+            client = MqttClient(on_messages=self._on_messages, version=t.version)
             self._answers, self._acks = [], []  # unacknowledged: the broker delivers them again
+            host, port = node = nodes.current
             try:
-                await open_session(client, t, self.client_id)
+                await open_session(client, t, self.client_id, node)
                 await client.subscribe(ANSWERS_TOPIC, qos=1)
             except Exception as exc:  # refused, reset, garbled: try again later
                 client.close()
                 self.stats.connected = False
                 self.stats.last_error = str(exc) or type(exc).__name__
-                log.warning("commands: broker %s:%s unreachable: %s; retrying in %.1f s", t.host, t.port, exc, delay)
+                if not nodes.failed():
+                    continue
+                log.warning("commands: broker %s:%s unreachable: %s; retrying in %.1f s", host, port, exc, delay)
                 delay = await back_off(delay, t.reconnect_max)
                 continue
+            nodes.worked()
             self.stats.connected, self.stats.down_since, self.stats.last_error = True, None, ""
             delay = t.reconnect_min
             work = asyncio.create_task(self._serve(client), name="devices-serve")

@@ -1,4 +1,5 @@
-"""A lean MQTT 5 client on asyncio: just what durable ingest (and the simulated fleet) needs.
+"""A lean MQTT client on asyncio (MQTT 5, or 3.1.1 for brokers that speak only that): just what durable ingest
+(and the simulated fleet) needs.
 
 Why not a general client: the PUBACK of each QoS 1 message must wait until its batch is
 committed, and the broker must let tens of thousands of messages be in flight meanwhile
@@ -7,6 +8,9 @@ protocol reaches (see docs/performance.md); aiomqtt acknowledges on receipt.
 The same connection publishes at QoS 1 with a bounded in-flight window, which is what a simulated
 unit needs; 10,000 of these connections fit in one process (see docs/performance.md).
 Packets: CONNECT, SUBSCRIBE, PUBLISH both ways, PUBACK both ways, PING, DISCONNECT.
+MQTT 3.1.1 (protocol level 4) is the same without properties: no Receive Maximum (the broker's own setting bounds
+what is in flight), no session expiry (a session without clean start is kept until the broker drops it), no
+retain handling, no reason strings.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ RECEIVE_MAXIMUM = 65535
 # broker that ignores it end the connection before they are buffered whole.
 MAXIMUM_PACKET_SIZE = 65536
 RETAIN_HANDLING_NONE = 2 << 4  # subscription option: never send retained messages on subscribing
+MQTT5, MQTT311 = 5, 4  # protocol levels
 
 # Property id -> wire kind; MQTT 5.0 section 2.2.2.2.
 _BYTE, _U16, _U32, _VARINT, _STR, _BIN, _PAIR = range(7)
@@ -174,6 +179,7 @@ class _Protocol(asyncio.Protocol):
     def __init__(self, client: MqttClient) -> None:
         self.client = client
         self.buf = bytearray()
+        self.properties = client.version == MQTT5  # whether a PUBLISH carries a properties block
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.client._transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
@@ -211,7 +217,9 @@ class _Protocol(asyncio.Protocol):
                     if qos:
                         packet_id = (buf[p] << 8) | buf[p + 1]
                         p += 2
-                    if buf[p] == 0:  # no properties: a telegram
+                    if not self.properties:
+                        messages.append(Message(topic, bytes(buf[p:end]), packet_id, now))
+                    elif buf[p] == 0:  # no properties: a telegram
                         messages.append(Message(topic, bytes(buf[p + 1 : end]), packet_id, now))
                     else:
                         props, p = parse_properties(buf, p)
@@ -229,11 +237,40 @@ class _Protocol(asyncio.Protocol):
         self.client._fail(MqttError(f"connection lost: {exc}" if exc else "connection closed by broker"))
 
 
-class MqttClient:
-    """One MQTT 5 connection: receives messages and acknowledges them when told to; publishes at QoS 1."""
+class Nodes:
+    """A broker's nodes, tried in turn: the one that worked last first, then the next when it fails. `failed` says
+    when a whole round has failed, so that the caller waits before the next round instead of spinning."""
 
-    def __init__(self, on_messages: Callable[[list[Message]], None] = lambda m: None, window: int = 100) -> None:
+    def __init__(self, nodes: tuple[tuple[str, int], ...]) -> None:
+        self.nodes = nodes
+        self._at = 0
+        self._failures = 0
+
+    @property
+    def current(self) -> tuple[str, int]:
+        """The node to try now."""
+        return self.nodes[self._at]
+
+    def failed(self) -> bool:
+        """The current node failed: move to the next; True when every node has failed since the last success."""
+        self._at = (self._at + 1) % len(self.nodes)
+        self._failures += 1
+        return self._failures % len(self.nodes) == 0
+
+    def worked(self) -> None:
+        """The current node took us: it is the one tried first next time."""
+        self._failures = 0
+
+
+class MqttClient:
+    """One MQTT connection (MQTT 5, or 3.1.1 with `version` MQTT311): receives messages and acknowledges them when
+    told to; publishes at QoS 1."""
+
+    def __init__(
+        self, on_messages: Callable[[list[Message]], None] = lambda m: None, window: int = 100, version: int = MQTT5
+    ) -> None:
         self.on_messages = on_messages  # called with the PUBLISH packets of each socket read, in order
+        self.version = version
         self._transport: asyncio.Transport | None = None
         self._waiters: dict[int, asyncio.Future[bytes]] = {}
         self._inflight: dict[int, asyncio.Future[int]] = {}
@@ -282,6 +319,7 @@ class MqttClient:
         )
         if will is not None:
             flags |= 0x04 | (0x20 if will[2] else 0) | (1 << 3)  # will at QoS 1
+        v5 = self.version == MQTT5
         props = (
             b"\x11"
             + struct.pack("!I", session_expiry)
@@ -290,20 +328,21 @@ class MqttClient:
             + b"\x27"
             + struct.pack("!I", MAXIMUM_PACKET_SIZE)
         )
-        body = _str("MQTT") + bytes([5, flags]) + struct.pack("!H", keepalive) + _varint(len(props)) + props
-        body += _str(client_id)
+        body = _str("MQTT") + bytes([self.version, flags]) + struct.pack("!H", keepalive)
+        body += (_varint(len(props)) + props if v5 else b"") + _str(client_id)
         if will is not None:
-            body += b"\x00" + _str(will[0]) + struct.pack("!H", len(will[1])) + will[1]
+            body += (b"\x00" if v5 else b"") + _str(will[0]) + struct.pack("!H", len(will[1])) + will[1]
         if username is not None:
             body += _str(username)
         if password is not None:
             body += _str(password)
         reply = await self._request(CONNACK, _packet(CONNECT, body), timeout)
         session_present, code = bool(reply[0] & 1), reply[1]
-        props_in, _ = parse_properties(reply, 2)
-        if code >= 0x80:
+        props_in = parse_properties(reply, 2)[0] if v5 else {}
+        if code >= 0x80 or (code and not v5):
             self.close()
-            raise ConnectionRefused(f"broker refused the connection: {_reason(code, props_in)}", code)
+            why = _reason(code, props_in) if v5 else _REFUSED_311.get(code, f"refused ({code})")
+            raise ConnectionRefused(f"broker refused the connection: {why}", code)
         keepalive = int(props_in.get(SERVER_KEEP_ALIVE, keepalive))  # type: ignore[call-overload]
         if keepalive:
             self._pinger = asyncio.create_task(self._ping(keepalive), name="mqtt-ping")
@@ -313,18 +352,21 @@ class MqttClient:
     async def subscribe(self, topic: str, qos: int = 1, timeout: float = 10.0, retained: bool = False) -> None:
         """Subscribe one filter, without the retained messages it matches (one retained telegram would otherwise
         come back at every start) unless `retained`; raise MqttError when the broker refuses it."""
-        handling = 0 if retained else RETAIN_HANDLING_NONE
-        body = struct.pack("!H", 1) + b"\x00" + _str(topic) + bytes([qos | handling])
+        if self.version == MQTT5:
+            handling = 0 if retained else RETAIN_HANDLING_NONE
+            body = struct.pack("!H", 1) + b"\x00" + _str(topic) + bytes([qos | handling])
+        else:  # no options: a broker of 3.1.1 sends what is retained (a repeated reading is a duplicate, no more)
+            body = struct.pack("!H", 1) + _str(topic) + bytes([qos])
         reply = await self._request(SUBACK, _packet(SUBSCRIBE, body), timeout)
-        _, pos = parse_properties(reply, 2)
+        pos = parse_properties(reply, 2)[1] if self.version == MQTT5 else 2
         code = reply[pos]
         if code >= 0x80:
             raise MqttError(f"broker refused the subscription to {topic!r}: {_reason(code, {})}")
 
     async def publish(self, topic: str, payload: bytes, retain: bool = False, properties: bytes = b"") -> int:
-        """Publish at QoS 1 (with `properties`, an encoded block such as `request_properties` makes) and wait for
-        the broker's PUBACK; return its reason code (0, or 0x10: no subscriber matched); raise MqttError if
-        refused or disconnected."""
+        """Publish at QoS 1 (with `properties`, an encoded block such as `request_properties` makes; MQTT 3.1.1 has
+        none and they are left out) and wait for the broker's PUBACK; return its reason code (0, or 0x10: no
+        subscriber matched); raise MqttError if refused or disconnected."""
         async with self._window:
             if not self.connected or self._transport is None:
                 raise MqttError("not connected")
@@ -335,7 +377,8 @@ class MqttClient:
             done = asyncio.get_running_loop().create_future()
             self._inflight[pid] = done
             header = 0x32 | (1 if retain else 0)
-            body = _str(topic) + struct.pack("!H", pid) + _varint(len(properties)) + properties + payload
+            props = _varint(len(properties)) + properties if self.version == MQTT5 else b""
+            body = _str(topic) + struct.pack("!H", pid) + props + payload
             self._transport.write(bytes([header]) + _varint(len(body)) + body)
             try:
                 finished, _ = await asyncio.wait({done, self._closed}, return_when=asyncio.FIRST_COMPLETED)
@@ -451,6 +494,15 @@ _REASONS = {
     0x8F: "topic filter invalid",
     0x97: "quota exceeded",
     0x9E: "shared subscriptions not supported",
+}
+
+
+_REFUSED_311 = {
+    1: "unacceptable protocol version (the broker does not speak MQTT 3.1.1)",
+    2: "client identifier rejected",
+    3: "server unavailable",
+    4: "bad user name or password",
+    5: "not authorized",
 }
 
 

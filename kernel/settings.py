@@ -38,7 +38,11 @@ class Section(BaseModel):
 class BrokerSettings(Section):
     """MQTT broker the units publish to."""
 
+    # the broker, or a cluster's nodes separated by commas: smame connects to one and moves to the next when it fails
     url: str = "mqtt://127.0.0.1:1883"
+    # mosquitto: MQTT 5 (the embedded default); rabbitmq: a RabbitMQ cluster's MQTT plugin, MQTT 3.1.1, each persistent
+    # session on a quorum queue (docs/cluster.md)
+    kind: Literal["mosquitto", "rabbitmq"] = "mosquitto"
     client_id: str = Field(default="smame-ingest", min_length=1, max_length=128)
     username: str | None = None
     password: SecretStr | None = None
@@ -56,11 +60,18 @@ class BrokerSettings(Section):
     @field_validator("url")
     @classmethod
     def _url(cls, v: str) -> str:
-        parts = urlsplit(v)
-        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-            raise ValueError("must look like mqtt://host:port or mqtts://host:port")
-        _ = parts.port  # raises on a bad port
+        broker_nodes(v)
         return v
+
+    @property
+    def nodes(self) -> tuple[tuple[str, int], ...]:
+        """Host and port of each node named by `url`, in its order."""
+        return broker_nodes(self.url)[0]
+
+    @property
+    def tls(self) -> bool:
+        """Whether the broker is reached over TLS (mqtts://)."""
+        return broker_nodes(self.url)[1]
 
     @field_validator("topic")
     @classmethod
@@ -70,6 +81,30 @@ class BrokerSettings(Section):
                 "must be a filter ending in /reading, e.g. smame/v1/+/reading or $share/g/smame/v1/+/reading"
             )
         return v
+
+    @model_validator(mode="after")
+    def _shared_on_rabbitmq(self) -> BrokerSettings:
+        if self.kind == "rabbitmq" and self.topic.startswith("$share/"):
+            raise ValueError("topic: RabbitMQ's MQTT plugin has no shared subscriptions ($share/)")
+        return self
+
+
+def broker_nodes(url: str) -> tuple[tuple[tuple[str, int], ...], bool]:
+    """Host and port of each node that a broker URL names (`mqtt://host:port`, or several separated by commas),
+    and whether they are reached over TLS; ValueError saying what is wrong."""
+    nodes, schemes = [], set()
+    for one in url.split(","):
+        parts = urlsplit(one.strip())
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise ValueError(
+                "must look like mqtt://host:port or mqtts://host:port, or several such separated by commas"
+            )
+        tls = parts.scheme == "mqtts"
+        nodes.append((parts.hostname, parts.port or (8883 if tls else 1883)))  # a bad port raises ValueError
+        schemes.add(parts.scheme)
+    if len(schemes) > 1:
+        raise ValueError("a cluster's nodes are all mqtt:// or all mqtts://")
+    return tuple(nodes), "mqtts" in schemes
 
 
 class StorageSettings(Section):

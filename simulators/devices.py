@@ -226,11 +226,10 @@ class DeviceFleet:
                 await client.disconnect()
             return
         queue: asyncio.Queue[Message | None] = asyncio.Queue()
-        client = MqttClient(on_messages=lambda messages: _put_all(queue, messages))
         e = self.endpoint
+        client = MqttClient(on_messages=lambda messages: _put_all(queue, messages), version=e.version)
         await client.connect(
-            e.host,
-            e.port,
+            *e.nodes[0],
             unit,
             username=unit if e.password_of(unit) is not None else None,
             password=e.password_of(unit),

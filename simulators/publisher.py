@@ -14,7 +14,7 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from broker_bridge.mqtt import ConnectionRefused, MqttClient, MqttError
+from broker_bridge.mqtt import MQTT5, ConnectionRefused, MqttClient, MqttError, Nodes
 from simulators.scenario import Send
 
 log = logging.getLogger("smame.simulate")
@@ -22,12 +22,12 @@ log = logging.getLogger("smame.simulate")
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
-    """Where the units publish."""
+    """Where the units publish: the broker, or a cluster's nodes (a unit tries the next when one fails)."""
 
-    host: str
-    port: int
+    nodes: tuple[tuple[str, int], ...]
     tls: ssl.SSLContext | None = None
     password_of: Callable[[str], str | None] = lambda unit: None
+    version: int = MQTT5
 
 
 class Link:
@@ -54,12 +54,12 @@ class Link:
 
     async def connect(self) -> MqttClient:
         delay = 0.2
+        nodes = Nodes(self.endpoint.nodes)
         while True:
-            client = MqttClient(window=self.window)
+            client = MqttClient(window=self.window, version=self.endpoint.version)
             try:
                 await client.connect(
-                    self.endpoint.host,
-                    self.endpoint.port,
+                    *nodes.current,
                     self.client_id,
                     username=self.username,
                     password=self.endpoint.password_of(self.client_id) if self.username else None,
@@ -74,6 +74,8 @@ class Link:
                 raise  # credentials or authorisation: waiting will not help
             except (TimeoutError, OSError, MqttError) as exc:
                 client.close()
+                if not nodes.failed():  # the cluster's next node, at once
+                    continue
                 log.warning("unit link %s: broker unreachable (%s), retrying in %.1f s", self.client_id, exc, delay)
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, 10.0)

@@ -26,8 +26,9 @@ from aggregator.ingest import UnitTable
 from aggregator.sqlite import file_identity, sqlite_path
 from aggregator.store import Deposed, Store, StoreError
 from aggregator.writer import Writer, WriterError
-from broker_bridge.bridge import Bridge, BrokerTarget, target_from_url, tls_context
+from broker_bridge.bridge import Bridge, BrokerTarget, tls_context
 from broker_bridge.devices import Devices
+from broker_bridge.mqtt import MQTT5, MQTT311
 from broker_bridge.telegram import Rules
 from csv_export.exporter import Exporter
 from ftp_gateway.accounts import Accounts, Bans, Doorway
@@ -322,17 +323,16 @@ def build_outbox(settings: Settings, store: Store, clock: Callable[[], float] = 
 def broker_target(settings: Settings) -> BrokerTarget:
     """Connection parameters from the broker settings."""
     b = settings.broker
-    host, port, tls = target_from_url(b.url)
     return BrokerTarget(
-        host=host,
-        port=port,
+        nodes=b.nodes,
         tls=tls_context(
             str(b.ca_file) if b.ca_file else None,
             str(b.cert_file) if b.cert_file else None,
             str(b.key_file) if b.key_file else None,
         )
-        if tls
+        if b.tls
         else None,
+        version=MQTT311 if b.kind == "rabbitmq" else MQTT5,
         client_id=b.client_id,
         username=b.username,
         password=b.password.get_secret_value() if b.password else None,

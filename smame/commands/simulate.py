@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
 
-from broker_bridge.bridge import target_from_url, tls_context
-from broker_bridge.mqtt import ConnectionRefused
+from broker_bridge.bridge import tls_context
+from broker_bridge.mqtt import MQTT5, MQTT311, ConnectionRefused
 from kernel.meter import flag_names
-from kernel.settings import Settings
+from kernel.settings import Settings, broker_nodes
 from simulators.health import HealthMix
 from simulators.scenario import Faults
 from smame.app import open_store
@@ -127,7 +127,11 @@ def _simulate(settings: Settings, args: argparse.Namespace) -> int:
     rates = {n: getattr(args, f"rate_{n}") for n in Faults.names() if getattr(args, f"rate_{n}") is not None}
     faults = dataclasses.replace(faults, **rates)
     passwords = _credentials(args.credentials) if args.credentials else {}
-    host, port, tls = target_from_url(args.broker or settings.broker.url)
+    try:
+        nodes, tls = broker_nodes(args.broker or settings.broker.url)
+    except ValueError as exc:
+        print(f"smame simulate: --broker {exc}", file=sys.stderr)
+        return 2
     b = settings.broker
     context = tls_context(str(b.ca_file) if b.ca_file else None, None, None) if tls else None
     opts = RunOptions(
@@ -153,7 +157,12 @@ def _simulate(settings: Settings, args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        return await simulate(opts, Endpoint(host, port, context, passwords.get), sys.stderr, stop)
+        return await simulate(
+            opts,
+            Endpoint(nodes, context, passwords.get, MQTT311 if settings.broker.kind == "rabbitmq" else MQTT5),
+            sys.stderr,
+            stop,
+        )
 
     try:
         summary = asyncio.run(main())

@@ -3,25 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 
 from broker_bridge.bridge import AHEAD, BATCH_BYTES, IN_FLIGHT, Bridge, BrokerTarget
-from broker_bridge.mqtt import MqttError
+from broker_bridge.mqtt import MQTT5, MQTT311, ConnectionRefused, MqttClient, MqttError
 from broker_bridge.telegram import MAX_PAYLOAD, Rules
 from kernel.reading import Incoming, Refused, Status
 from kernel.timegrid import Grid
-from tests.helpers import Mosquitto, at, publish, telegram
+from tests.helpers import Mosquitto, at, free_port, publish, telegram
 
 UNITS, ROUNDS, BATCH = 500, 40, 500  # 20,000 telegrams
 
 
-def target(port: int, client_id: str) -> BrokerTarget:
+def target(port: int, client_id: str, version: int = MQTT5) -> BrokerTarget:
     return BrokerTarget(
-        host="127.0.0.1",
-        port=port,
-        tls=None,
+        nodes=(("127.0.0.1", port),),
+        version=version,
         client_id=client_id,
         username=None,
         password=None,
@@ -205,3 +206,58 @@ async def test_a_refused_status_topic_is_said_until_a_subscription_takes_it() ->
     assert "not authorized" in said and "the broker's ACL must let smame read smame/v1/+/status" in said
     await bridge._subscribe_status(RefusingBroker(False))  # type: ignore[arg-type]
     assert bridge.stats.status_refused == ""
+
+
+async def test_over_mqtt_3_1_1_the_bridge_takes_the_next_node_at_once_and_its_session_stays(
+    broker: Mosquitto,
+) -> None:
+    # a cluster of which the first node is dead (nothing listens on its port): ingest moves to the next at once,
+    # not after a back-off, and speaks MQTT 3.1.1 there (as to RabbitMQ)
+    dead = free_port()
+    t = dataclasses.replace(
+        target(broker.port, "test-311", MQTT311), nodes=(("127.0.0.1", dead), ("127.0.0.1", broker.port))
+    )
+    t = dataclasses.replace(t, reconnect_min=5.0, reconnect_max=5.0)
+    committed: list[Incoming] = []
+
+    async def commit(incoming: list[Incoming], refused: list[Refused], statuses: list[Status]) -> None:
+        committed.extend(incoming)
+
+    t0 = at("2026-11-20", "00:00")
+    messages = [
+        (f"smame/v1/N{u}/reading", telegram(f"N{u}", [(t0 + timedelta(minutes=30 * k), k)], seq=k))
+        for k in range(3)
+        for u in range(10)
+    ]
+    bridge = Bridge(t, commit, lambda: {f"N{u}" for u in range(10)}, Rules(Grid("Asia/Tokyo").on_boundary))
+    task = asyncio.create_task(bridge.run())
+    try:
+        async with asyncio.timeout(3):  # well within the 5 s back-off
+            await bridge.subscribed.wait()
+        assert bridge.stats.node == f"127.0.0.1:{broker.port}"
+        await asyncio.to_thread(publish, broker.port, messages[:10])
+        await until_acked(bridge, 10, 10)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    await asyncio.to_thread(publish, broker.port, messages[10:])  # queued in its session while it is away
+    bridge = Bridge(t, commit, lambda: {f"N{u}" for u in range(10)}, Rules(Grid("Asia/Tokyo").on_boundary))
+    task = asyncio.create_task(bridge.run())
+    try:
+        await until_acked(bridge, 20, 10)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert sorted((i.reading.unit, i.reading.seq) for i in committed) == sorted(
+        (f"N{u}", k) for k in range(3) for u in range(10)
+    )
+
+
+async def test_over_mqtt_3_1_1_a_refused_login_says_why(workdir: Path) -> None:
+    locked = Mosquitto(workdir / "mq", anonymous=False)
+    try:
+        client = MqttClient(version=MQTT311)
+        with pytest.raises(ConnectionRefused, match="not authorized"):
+            await client.connect("127.0.0.1", locked.port, "who")
+    finally:
+        locked.stop()

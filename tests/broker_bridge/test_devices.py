@@ -60,7 +60,7 @@ async def test_commands_reach_units_online_and_away_and_their_answers_are_kept(
     store = leader()
     units = [f"DV{tmp_path.name[-6:]}{i}" for i in range(3)]
     devices = [UnitDevice(u) for u in units]
-    fleet = DeviceFleet(Endpoint("127.0.0.1", broker.port), devices, time.time)
+    fleet = DeviceFleet(Endpoint((("127.0.0.1", broker.port),)), devices, time.time)
     await fleet.start()
     try:
         online, away, _ = units
@@ -93,7 +93,7 @@ async def test_a_command_lapses_at_its_expiry_and_an_away_unit_never_does_it(
     store = leader()
     away, never = f"DX{tmp_path.name[-6:]}0", f"DX{tmp_path.name[-6:]}1"
     device = UnitDevice(away)
-    fleet = DeviceFleet(Endpoint("127.0.0.1", broker.port), [device], time.time)
+    fleet = DeviceFleet(Endpoint((("127.0.0.1", broker.port),)), [device], time.time)
     await fleet.start()
     try:
         await fleet.online(away, False)
@@ -134,7 +134,7 @@ async def test_a_command_redelivered_after_a_cut_is_done_once_and_carries_reques
     device.handle(got[0].payload, time.time())
     first.close()  # no PUBACK, no answer
     assert device.boots == 1
-    fleet = DeviceFleet(Endpoint("127.0.0.1", broker.port), [device], time.time)
+    fleet = DeviceFleet(Endpoint((("127.0.0.1", broker.port),)), [device], time.time)
     await fleet.start()
     try:
         await settled(store, "reboot-1", {State.ACCEPTED})
@@ -153,7 +153,7 @@ async def test_a_failing_store_stops_the_commands_for_a_while_not_smame(
     devices = Devices(target(broker.port, f"devices-{tmp_path.name}"), store, DevicesSettings())
     task = asyncio.create_task(devices.run())
     unit = f"DF{tmp_path.name[-6:]}"
-    fleet = DeviceFleet(Endpoint("127.0.0.1", broker.port), [UnitDevice(unit)], time.time)
+    fleet = DeviceFleet(Endpoint((("127.0.0.1", broker.port),)), [UnitDevice(unit)], time.time)
     await fleet.start()
     try:
         async with asyncio.timeout(10):

@@ -150,7 +150,8 @@ def _timed(payload: bytes) -> float:
 class _Frames:
     """What the MQTT reader hands on: messages, control packets, failures."""
 
-    def __init__(self) -> None:
+    def __init__(self, version: int = mqtt.MQTT5) -> None:
+        self.version = version
         self.messages: list[tuple[str, bytes, int | None]] = []
         self.controls: list[tuple[int, bytes]] = []
         self.failures: list[Exception] = []
@@ -165,8 +166,9 @@ class _Frames:
         self.failures.append(exc)
 
 
-def _publish(topic: str, payload: bytes, packet_id: int) -> bytes:
-    return mqtt._packet(mqtt.PUBLISH | 0x02, mqtt._str(topic) + packet_id.to_bytes(2, "big") + b"\x00" + payload)
+def _publish(topic: str, payload: bytes, packet_id: int, version: int = mqtt.MQTT5) -> bytes:
+    props = b"\x00" if version == mqtt.MQTT5 else b""  # MQTT 3.1.1 has no properties block
+    return mqtt._packet(mqtt.PUBLISH | 0x02, mqtt._str(topic) + packet_id.to_bytes(2, "big") + props + payload)
 
 
 # around each width of the remaining length: 1 byte up to 127, 2 up to 16383, then 3
@@ -174,14 +176,18 @@ sizes = st.one_of(st.integers(0, 300), st.integers(16_340, 16_400), st.sampled_f
 
 
 @FUZZ
-@given(st.lists(sizes, min_size=1, max_size=8), st.lists(st.integers(1, 40_000), max_size=12))
+@given(
+    st.lists(sizes, min_size=1, max_size=8),
+    st.lists(st.integers(1, 40_000), max_size=12),
+    st.sampled_from([mqtt.MQTT5, mqtt.MQTT311]),
+)
 def test_the_brokers_frames_read_in_any_pieces_give_each_message_once_in_order(
-    lengths: list[int], cuts: list[int]
+    lengths: list[int], cuts: list[int], version: int
 ) -> None:
     sent = [(f"smame/v1/U{i}/reading", bytes([i % 251]) * n, i + 1) for i, n in enumerate(lengths)]
     ping = bytes([0xD0, 0])  # a control packet between the messages
-    stream = ping.join(_publish(*m) for m in sent)
-    frames = _Frames()
+    stream = ping.join(_publish(*m, version) for m in sent)
+    frames = _Frames(version)
     reader = mqtt._Protocol(frames)  # type: ignore[arg-type]
     last = 0
     for cut in sorted({c % (len(stream) + 1) for c in cuts}) + [len(stream)]:

@@ -46,7 +46,7 @@ class Units:
         self.call(self.fleet.start())
 
     async def _make(self, port: int, devices: list[UnitDevice]) -> DeviceFleet:
-        return DeviceFleet(Endpoint("127.0.0.1", port), devices, time.time)
+        return DeviceFleet(Endpoint((("127.0.0.1", port),)), devices, time.time)
 
     def call(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)

@@ -65,6 +65,10 @@ def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.Monk
         ("", {"SMAME_STORAGE__URL": "mysql://x/y"}, "storage.url / SMAME_STORAGE__URL"),
         ('[log]\nlevel = "LOUD"\n', {}, "log.level / SMAME_LOG__LEVEL"),
         ("", {"SMAME_WEB__TRUSTED_PROXIES": "10.0.0.1,proxy.lan"}, "web.trusted_proxies / SMAME_WEB__TRUSTED"),
+        ("", {"SMAME_BROKER__URL": "mqtt://a:1883,mqtts://b:8883"}, "all mqtt:// or all mqtts://"),
+        ("", {"SMAME_BROKER__URL": "mqtt://a:1883,b:1883"}, "broker.url / SMAME_BROKER__URL"),
+        ("", {"SMAME_BROKER__KIND": "rabbitmq", "SMAME_BROKER__TOPIC": "$share/g/smame/v1/+/reading"}, "no shared"),
+        ("", {"SMAME_BROKER__KIND": "emqx"}, "broker.kind / SMAME_BROKER__KIND"),
     ],
 )
 def test_a_wrong_value_names_its_key(
@@ -116,3 +120,11 @@ def test_an_smame_variable_that_names_no_setting_is_refused_naming_it(monkeypatc
     for name in ("SMAME_TIMEZON", "SMAME_STORAGE_URL", "smame_broker__urll"):
         monkeypatch.delenv(name)
     assert load_settings().broker.url == "mqtt://broker:1883"
+
+
+def test_a_cluster_is_its_nodes_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SMAME_BROKER__URL", "mqtts://n1.lan:8883, mqtts://n2.lan,mqtts://10.0.0.3:18883")
+    monkeypatch.setenv("SMAME_BROKER__KIND", "rabbitmq")
+    b = load_settings().broker
+    assert b.nodes == (("n1.lan", 8883), ("n2.lan", 8883), ("10.0.0.3", 18883))
+    assert b.tls and b.kind == "rabbitmq"

@@ -29,7 +29,7 @@ from tests.web.test_console import PASSWORD, get, login, post, shot, wait
 def answering(port: int, devices: list[UnitDevice]) -> Iterator[None]:
     """The simulator's units connected to the broker and answering commands, on a thread of their own."""
     loop = asyncio.new_event_loop()
-    fleet = DeviceFleet(Endpoint("127.0.0.1", port), devices, time.time)
+    fleet = DeviceFleet(Endpoint((("127.0.0.1", port),)), devices, time.time)
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     asyncio.run_coroutine_threadsafe(fleet.start(), loop).result(15)
