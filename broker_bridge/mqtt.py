@@ -288,8 +288,9 @@ class MqttClient:
 
     @property
     def connected(self) -> bool:
-        """True while the connection is open."""
-        return not self._closed.done()
+        """True while the connection is open (not once its socket failed: asyncio tells the protocol a loop turn
+        later, and what is written meanwhile is lost, each write past the fifth logged)."""
+        return not self._closed.done() and not (self._transport is not None and self._transport.is_closing())
 
     async def connect(
         self,
