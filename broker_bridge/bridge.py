@@ -187,6 +187,30 @@ async def open_session(client: MqttClient, t: BrokerTarget, client_id: str, node
     )
 
 
+async def probe_node(t: BrokerTarget, node: tuple[str, int], purpose: str, timeout: float = 5.0) -> str:
+    """Whether `node` of the target's broker takes a connection now: one of its own (client id
+    `<client_id>-<purpose>-<pid>`, a clean start, nothing subscribed), opened and closed. "" when it did, else why
+    not."""
+    client = MqttClient(version=t.version)
+    try:
+        async with asyncio.timeout(timeout):
+            await client.connect(
+                *node,
+                f"{t.client_id[:100]}-{purpose}-{os.getpid()}",
+                username=t.username,
+                password=t.password,
+                tls=t.tls,
+                clean_start=True,
+                keepalive=0,
+                timeout=timeout,
+            )
+            await client.disconnect()
+        return ""
+    except Exception as exc:  # refused, reset, no answer
+        client.close()
+        return str(exc) or type(exc).__name__
+
+
 class Bridge:
     """Subscribes, batches, commits, acknowledges; reconnects for ever."""
 
@@ -286,28 +310,12 @@ class Bridge:
         """Whether this node could ingest now: a connection of its own to the broker (its own client id, a clean
         start, no session kept, nothing subscribed), opened and closed. "" when it worked, else why not. A node
         standing by asks it before taking the ingest session over."""
-        t = self.target
         why = []
-        for host, port in t.nodes:  # one node that takes us is enough: the session follows us to it
-            client = MqttClient(version=t.version)
-            try:
-                async with asyncio.timeout(timeout):
-                    await client.connect(
-                        host,
-                        port,
-                        f"{t.client_id[:100]}-probe-{os.getpid()}",
-                        username=t.username,
-                        password=t.password,
-                        tls=t.tls,
-                        clean_start=True,
-                        keepalive=0,
-                        timeout=timeout,
-                    )
-                    await client.disconnect()
+        for node in self.target.nodes:  # one node that takes us is enough: the session follows us to it
+            error = await probe_node(self.target, node, "probe", timeout)
+            if not error:
                 return ""
-            except Exception as exc:  # refused, reset, no answer: not through this node
-                client.close()
-                why.append(f"{host}:{port}: {str(exc) or type(exc).__name__}")
+            why.append(f"{node[0]}:{node[1]}: {error}")
         return f"cannot reach the broker {'; '.join(why)}"
 
     def _on_messages(self, messages: list[Message], client: MqttClient) -> None:

@@ -43,6 +43,10 @@ class BrokerSettings(Section):
     # mosquitto: MQTT 5 (the embedded default); rabbitmq: a RabbitMQ cluster's MQTT plugin, MQTT 3.1.1, each persistent
     # session on a quorum queue (docs/cluster.md)
     kind: Literal["mosquitto", "rabbitmq"] = "mosquitto"
+    # RabbitMQ's management API (http(s)://host:15672, logged in as username/password): smame's queue's replicas and
+    # leader for /healthz, the metrics and the console; none: only whether each node takes a connection
+    management_url: str | None = None
+    watch_s: float = Field(default=15.0, ge=1, le=3600)  # how often a cluster's nodes are looked at
     client_id: str = Field(default="smame-ingest", min_length=1, max_length=128)
     username: str | None = None
     password: SecretStr | None = None
@@ -61,6 +65,16 @@ class BrokerSettings(Section):
     @classmethod
     def _url(cls, v: str) -> str:
         broker_nodes(v)
+        return v
+
+    @field_validator("management_url")
+    @classmethod
+    def _management_url(cls, v: str | None) -> str | None:
+        if v is not None:
+            parts = urlsplit(v)
+            if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.password:
+                raise ValueError("must look like http://host:15672 or https://host:15671 (no credentials in it)")
+            _ = parts.port
         return v
 
     @property

@@ -25,6 +25,7 @@ TITLES = {
     "units_silent": "many units silent",
     "units_at_risk": "many units at risk of failing",
     "status_refused": "the units' status topic is refused",
+    "broker_cluster": "the broker's cluster is degraded",
     "health_failing": "the units' health pass fails",
     "commands_failing": "commands to units failing",
     "campaign_aborted": "a firmware campaign aborted itself",

@@ -14,6 +14,7 @@ from monitoring.monitor import Monitor
 from monitoring.sources import (
     BanList,
     BridgeCounters,
+    BrokerCluster,
     CommandCounters,
     ExportCounters,
     IngestCounters,
@@ -35,6 +36,7 @@ class Sources:
     monitor: Monitor | None = None
     role: Role | None = None  # None: the only node (SQLite), which always leads
     commands: CommandCounters | None = None  # the leader's commands to units
+    cluster: BrokerCluster | None = None  # the broker's nodes (a cluster, or a management API)
 
 
 class SmameCollector(Collector):
@@ -95,6 +97,8 @@ class SmameCollector(Collector):
         c = self.s.commands
         if c is not None and (role is None or role.leading):  # a standby sends none
             yield from _command_metrics(c)
+        if self.s.cluster is not None:
+            yield from _cluster_metrics(self.s.cluster)
         if self.s.export is not None:
             e = self.s.export
             yield _counter("smame_export_runs", "export runs", e.runs)
@@ -113,6 +117,27 @@ class SmameCollector(Collector):
             yield events
         if self.s.bans is not None:
             yield _counter("smame_files_bans", "addresses banned after repeated failed logins", self.s.bans.bans)
+
+
+def _cluster_metrics(c: BrokerCluster) -> Iterator[Metric]:
+    """The broker's nodes, and smame's queue on them."""
+    up = GaugeMetricFamily("smame_broker_node_up", "1 while the broker node takes a connection", labels=["node"])
+    for node, ok in sorted(c.node_states().items()):
+        up.add_metric([node], int(ok))
+    yield up
+    queue = c.queue_state()
+    if queue is not None:
+        leader, members, online = queue
+        replicas = GaugeMetricFamily(
+            "smame_broker_queue_replicas", "replicas of smame's queue, and those online", labels=["state"]
+        )
+        replicas.add_metric(["member"], members)
+        replicas.add_metric(["online"], online)
+        yield replicas
+        led = GaugeMetricFamily("smame_broker_queue_leader", "1 for the node leading smame's queue", labels=["node"])
+        if leader:
+            led.add_metric([leader], 1)
+        yield led
 
 
 def _command_metrics(c: CommandCounters) -> Iterator[Metric]:

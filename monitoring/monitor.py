@@ -57,6 +57,9 @@ class Watched:
     reload_refused: Callable[[], str] = lambda: ""  # why the last registry reload was refused ("" if it was not)
     node: str = ""  # this node's name among those sharing a store (its own row in `nodes` is not news)
     commands: CommandCounters | None = None  # the leader's commands to units
+    # what is wrong with the broker's cluster (nodes unreachable for over the given seconds, a queue's replicas), each
+    # a sentence
+    broker_cluster: Callable[[float], list[str]] = lambda down_after_s: []
 
 
 @dataclass
@@ -292,6 +295,9 @@ class Monitor:
                 )
             else:
                 unknown.add("broker_unreachable")
+        broken = w.broker_cluster(a.broker_down_s)
+        if broken:
+            holding["broker_cluster"] = "; ".join(broken)
         if w.export is not None and w.export.last_error:
             holding["export_failing"] = (
                 "the last export run failed (retried after a minute, then less often, and at once on SIGHUP): "

@@ -145,3 +145,15 @@ class Role(Protocol):
     def leading(self) -> bool: ...
     @property
     def leader(self) -> Mapping[str, object]: ...
+
+
+class BrokerCluster(Protocol):
+    """The broker's cluster as this node sees it (`broker_bridge.cluster.ClusterWatch`)."""
+
+    def node_states(self) -> Mapping[str, bool]:
+        """Each node (host:port) and whether it took a connection when last looked at."""
+        ...
+
+    def queue_state(self) -> tuple[str, int, int] | None:
+        """smame's queue: its leader, replicas and replicas online (None: not known)."""
+        ...

@@ -27,6 +27,7 @@ from aggregator.sqlite import file_identity, sqlite_path
 from aggregator.store import Deposed, Store, StoreError
 from aggregator.writer import Writer, WriterError
 from broker_bridge.bridge import Bridge, BrokerTarget, tls_context
+from broker_bridge.cluster import ClusterWatch
 from broker_bridge.devices import Devices
 from broker_bridge.mqtt import MQTT5, MQTT311
 from broker_bridge.telegram import Rules
@@ -278,18 +279,24 @@ def build_web(
     return WebServer(application, settings.web.bind, settings.web.port, Proxies(settings.web.trusted_proxies)), store
 
 
-def node_about(leadership: Leadership | None) -> dict[str, object]:
-    """A node's role (leader or standby), its name, and the leader's node and epoch as it last saw them; the
-    only node on SQLite always leads."""
+def node_about(
+    leadership: Leadership | None, cluster: ClusterWatch | None = None, bridge: Bridge | None = None
+) -> dict[str, object]:
+    """A node's role (leader or standby), its name, and the leader's node and epoch as it last saw them (the only
+    node on SQLite always leads); with `cluster`, the broker's nodes as it sees them and the one it reads from."""
     if leadership is None:
-        return {"role": "leader", "node": node_name()}
-    seen = leadership.leader
-    return {
-        "role": "leader" if leadership.leading else "standby",
-        "node": leadership.node,
-        "leader": seen.get("node"),
-        "epoch": seen.get("epoch"),
-    }
+        out: dict[str, object] = {"role": "leader", "node": node_name()}
+    else:
+        seen = leadership.leader
+        out = {
+            "role": "leader" if leadership.leading else "standby",
+            "node": leadership.node,
+            "leader": seen.get("node"),
+            "epoch": seen.get("epoch"),
+        }
+    if cluster is not None:
+        out["broker"] = {"node": bridge.stats.node if bridge is not None else "", **cluster.about()}
+    return out
 
 
 def build_channels(settings: Settings) -> dict[str, Channel]:
@@ -367,6 +374,7 @@ class App:
     clock: Callable[[], float] = time.time
     bans: Bans | None = None  # the node's one ban list (its gateway's and web server's)
     devices: Devices | None = None  # the leader's commands to units
+    cluster: ClusterWatch | None = None  # the broker's nodes looked at (a cluster, or a management API)
     _reloading: asyncio.Lock = field(default_factory=asyncio.Lock)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -404,6 +412,12 @@ class App:
         bridge = Bridge(broker_target(settings), commit, lambda: registry.current.units, rules)
         if leadership is not None:
             leadership.probe = bridge.probe
+        b = settings.broker
+        cluster = (
+            ClusterWatch(bridge.target, b.management_url, b.watch_s, clock)
+            if len(b.nodes) > 1 or b.management_url
+            else None
+        )
         exporter = build_exporter(settings, registry, grid, clock) if settings.export.enabled else None
         # `smame serve-files` (on a host that may not reach the store) has none: its downloads are only logged
         gateway = build_gateway(settings, registry, clock, lambda: open_store(settings, application_name="smame files"))
@@ -427,6 +441,7 @@ class App:
                 lambda: registry.refused,
                 leadership.node if leadership is not None else node_name(),
                 devices.stats if devices is not None else None,
+                cluster.problems if cluster is not None else lambda down_after_s: [],
             )
             monitor = Monitor(
                 settings,
@@ -447,11 +462,12 @@ class App:
         if settings.web.enabled:
             if monitor is not None and gateway is None:
                 bans.on_ban = monitor.security.ban
-            about = functools.partial(node_about, leadership)
+            about = functools.partial(node_about, leadership, cluster, bridge)
             web = build_web(settings, registry, grid, bans, clock, exporter.stats if exporter else None, about)
         app = cls(settings, registry, writer, bridge, exporter, gateway, monitor, leadership, web, clock)
         app.bans = bans if gateway is not None or web is not None else None
         app.devices = devices
+        app.cluster = cluster
         if leadership is not None:
             leadership.ingest_fault = app.leader_fault
             leadership.report = app.node_report
@@ -469,6 +485,8 @@ class App:
             out["files"] = self.gateway.run
         if self.settings.monitoring.enabled:
             out["metrics"] = self.serve_metrics
+        if self.cluster is not None:
+            out["broker-watch"] = self.cluster.run
         if self.web is not None:
             # at once: FastAPI loads on its thread while the writer process starts, not during the backlog's drain
             out["web"] = self.web[0].run
@@ -639,6 +657,8 @@ class App:
         """What this node adds to its row among the nodes: its export (failed runs, last error and success),
         its registry reload, what it failed to send (as leader), and its version."""
         out: dict[str, object] = {"version": __version__, "reload_error": self.registry.refused}
+        if self.cluster is not None:
+            out["broker"] = self.cluster.about()
         if self.exporter is not None:
             s = self.exporter.stats
             out |= {"export_error": s.last_error, "export_ok": s.last_success, "export_failures": s.failures}
@@ -703,8 +723,9 @@ class App:
         return checks
 
     def about(self) -> dict[str, object]:
-        """This node's role for /healthz: leader or standby, and the leader's node and epoch as last seen."""
-        return node_about(self.leadership)
+        """This node's role for /healthz: leader or standby, the leader's node and epoch as last seen, and the
+        broker's cluster as this node sees it."""
+        return node_about(self.leadership, self.cluster, self.bridge)
 
     async def serve_metrics(self) -> None:
         """Serve /metrics and /healthz until cancelled."""
@@ -721,6 +742,7 @@ class App:
                     self.monitor,
                     self.leadership,
                     self.devices.stats if self.devices else None,
+                    self.cluster,
                 )
             )
         )

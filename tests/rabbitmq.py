@@ -1,7 +1,7 @@
 """A private RabbitMQ cluster for tests and benchmarks: Debian's rabbitmq-server, three nodes (by default) on free
 loopback ports, each with its own data directory, node name and Erlang cookie, clustered at first boot
-(classic_config peer discovery), the MQTT plugin on, each persistent MQTT session on a quorum queue. The system's
-own RabbitMQ is never touched."""
+(classic_config peer discovery), the MQTT and management plugins on, each persistent MQTT session on a quorum
+queue. The system's own RabbitMQ is never touched."""
 
 from __future__ import annotations
 
@@ -31,18 +31,25 @@ class RabbitNode:
     def __init__(self, workdir: Path, name: str, cookie: str, config: str) -> None:
         self.name, self.cookie, self.dir = name, cookie, workdir
         self.amqp_port, self.mqtt_port, self.dist_port = free_port(), free_port(), free_port()
+        self.http_port = free_port()  # the management API
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "rabbitmq.conf").write_text(
             f"listeners.tcp.default = 127.0.0.1:{self.amqp_port}\n"
-            f"mqtt.listeners.tcp.default = 127.0.0.1:{self.mqtt_port}\n" + config
+            f"mqtt.listeners.tcp.default = 127.0.0.1:{self.mqtt_port}\n"
+            f"management.tcp.ip = 127.0.0.1\nmanagement.tcp.port = {self.http_port}\n" + config
         )
-        (workdir / "enabled_plugins").write_text("[rabbitmq_mqtt].\n")
+        (workdir / "enabled_plugins").write_text("[rabbitmq_mqtt,rabbitmq_management].\n")
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         """The node's MQTT listener."""
         return f"mqtt://127.0.0.1:{self.mqtt_port}"
+
+    @property
+    def management_url(self) -> str:
+        """The node's management API (guest may use it from loopback)."""
+        return f"http://127.0.0.1:{self.http_port}"
 
     def start(self) -> None:
         """Start the node's process (not waiting for it)."""
@@ -66,8 +73,9 @@ class RabbitNode:
             )
 
     def wait(self, seconds: float = START_S) -> None:
-        """Wait until the node takes MQTT connections."""
+        """Wait until the node takes MQTT connections and answers on its management API."""
         wait_port(self.mqtt_port, seconds)
+        wait_port(self.http_port, seconds)
 
     @property
     def pid(self) -> int | None:

@@ -14,7 +14,7 @@ import math
 import os
 import re
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
@@ -258,6 +258,7 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
             "about": about,
             "oldest": _local(int(about["oldest"]), ctx) if about["oldest"] else "",
             "nodes": [_node_row(node, beat, row, now, ctx) for node, beat, row in about["nodes"]],
+            "broker": _broker_rows(about["nodes"], ctx.node()),
             "q": q,
             "state": state,
             "rows": rows,
@@ -928,6 +929,35 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
 
 class _LoginFirst(Exception):
     """A page asked for without a live session."""
+
+
+def _broker_rows(
+    nodes: list[tuple[str, float, dict[str, object]]], this: Mapping[str, object]
+) -> dict[str, object] | None:
+    """The broker's cluster as the leading node last saw it (its beat carries it; on SQLite, this node, the only
+    one): each broker node up or not, and smame's queue (leader, replicas online); None when none watches one."""
+    seen = next((row["broker"] for _, _, row in nodes if row.get("role") == "leader" and "broker" in row), None)
+    if seen is None and this.get("role") == "leader":
+        seen = this.get("broker")
+    if not isinstance(seen, dict):
+        return None
+    states = seen.get("nodes")
+    rows = [
+        {"node": str(name), "state": str(state), "down": state != "up"}
+        for name, state in (states.items() if isinstance(states, dict) else [])
+    ]
+    queue, said, short = seen.get("queue"), "", False
+    if isinstance(queue, dict):
+        if "error" in queue:
+            said = f"not known: {queue['error']}"
+        else:
+            members, online = queue.get("members") or [], queue.get("online") or []
+            short = len(online) < len(members)
+            said = (
+                f"leader {queue.get('leader') or 'none'}, {len(online)} of {len(members)} replicas online, "
+                f"{queue.get('messages', 0)} telegrams waiting"
+            )
+    return {"nodes": rows, "queue": said, "degraded": short or any(r["down"] for r in rows)}
 
 
 def _node_row(node: str, beat: float, row: dict[str, object], now: float, ctx: WebContext) -> dict[str, object]:

@@ -2,22 +2,32 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
+from selenium import webdriver
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions as expected
+from selenium.webdriver.support.ui import WebDriverWait
 
+from broker_bridge.cluster import queue_name
 from tests.helpers import (
     STARTED,
     acknowledged,
+    first_start,
     free_port,
     metrics_env,
     readings_in,
     real_processes,
+    scrape,
     smame,
     smame_env,
     start_smame,
@@ -26,6 +36,7 @@ from tests.helpers import (
     wait_until,
 )
 from tests.rabbitmq import RabbitCluster
+from tests.web.test_console import PASSWORD
 
 END = "2026-11-23T09:00:00+09:00"
 UNITS, DAYS = 320, 2  # 31,040 telegrams (97 a unit), one reading each
@@ -57,6 +68,31 @@ def node_of(log: Path, cluster: RabbitCluster) -> int:
     return next(i for i, n in enumerate(cluster.nodes) if n.mqtt_port == port)
 
 
+def simulate(env: dict[str, str], fleet: list[str], truth: Path, log: Path) -> subprocess.Popen[bytes]:
+    """The fleet's backfill published through the cluster (the units learn every node from broker.url and move to
+    the next when theirs dies, as smame does), its truth written."""
+    command = [sys.executable, "-m", "smame.cli", "simulate", *fleet, "--backfill", str(DAYS), "--end", END]
+    with open(log, "wb") as out:
+        sim = subprocess.Popen(
+            [*command, "--clean", "--truth", str(truth)], env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+    STARTED.append(sim)
+    return sim
+
+
+def healthz(port: int) -> dict[str, Any]:
+    """smame's /healthz answer."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as answer:
+        return cast(dict[str, Any], json.loads(answer.read()))
+
+
+def sent_of(log: Path) -> int:
+    """How many telegrams the simulator's units were acknowledged (from its summary)."""
+    found = re.search(rf"([\d,]+) telegrams from {UNITS} units acknowledged", log.read_text())
+    assert found is not None
+    return int(found[1].replace(",", ""))
+
+
 def test_kill_9_of_the_node_smame_reads_from_mid_burst_loses_nothing(cluster: RabbitCluster, workdir: Path) -> None:
     metrics = free_port()
     env = cluster_env(workdir, cluster, metrics)
@@ -66,28 +102,7 @@ def test_kill_9_of_the_node_smame_reads_from_mid_burst_loses_nothing(cluster: Ra
     proc = start_smame(env, log)
     wait_log(log, "subscribed to", 30)
     truth = workdir / "truth.jsonl"
-    with open(workdir / "simulate.log", "wb") as out:
-        # the units learn every node (broker.url) and move to the next when theirs dies, as smame does
-        sim = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "smame.cli",
-                "simulate",
-                *fleet,
-                "--backfill",
-                str(DAYS),
-                "--end",
-                END,
-                "--clean",
-                "--truth",
-                str(truth),
-            ],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    STARTED.append(sim)
+    sim = simulate(env, fleet, truth, workdir / "simulate.log")
     wait_until(lambda: acknowledged(metrics) >= 8000, 120, lambda: f"acknowledged {acknowledged(metrics)}")
     victim = node_of(log, cluster)
     cluster.nodes[victim].kill()
@@ -99,11 +114,7 @@ def test_kill_9_of_the_node_smame_reads_from_mid_burst_loses_nothing(cluster: Ra
         resumed = time.monotonic() - killed
         assert node_of(log, cluster) != victim
         assert sim.wait(180) == 0, (workdir / "simulate.log").read_text()[-2000:]
-        found = re.search(
-            rf"([\d,]+) telegrams from {UNITS} units acknowledged", (workdir / "simulate.log").read_text()
-        )
-        assert found is not None
-        sent = int(found[1].replace(",", ""))  # one reading each
+        sent = sent_of(workdir / "simulate.log")  # one reading each
         assert sent >= UNITS * DAYS * 48
         wait_until(lambda: readings_in(db) >= sent, 60, lambda: f"stored {readings_in(db)} of {sent}")
         assert stop(proc) == 0
@@ -116,3 +127,79 @@ def test_kill_9_of_the_node_smame_reads_from_mid_burst_loses_nothing(cluster: Ra
         cluster.nodes[victim].start()
         cluster.nodes[victim].wait()
         cluster.wait_clustered()
+
+
+def test_kill_9_of_the_queue_leader_is_told_and_loses_nothing(
+    cluster: RabbitCluster, workdir: Path, browser: webdriver.Chrome
+) -> None:
+    metrics, web = free_port(), free_port()
+    env = cluster_env(workdir, cluster, metrics)
+    queue = queue_name(env["SMAME_BROKER__CLIENT_ID"])
+    # smame's session (and so its quorum queue) first, to know which node will lead it
+    subprocess.run(
+        ["mosquitto_sub", "-V", "311", "-p", str(cluster.nodes[0].mqtt_port), "-c", "-i"]
+        + [env["SMAME_BROKER__CLIENT_ID"], "-q", "1", "-t", "smame/v1/+/reading", "-E"],
+        check=True,
+        timeout=30,
+    )
+    leader = next(i for i, n in enumerate(cluster.nodes) if n.name == cluster.queue(queue)["leader"])
+    watcher = cluster.nodes[(leader + 1) % 3]
+    env |= {
+        "SMAME_BROKER__MANAGEMENT_URL": watcher.management_url,
+        "SMAME_BROKER__USERNAME": "guest",
+        "SMAME_BROKER__PASSWORD": "guest",
+        "SMAME_BROKER__WATCH_S": "1",
+        "SMAME_ALERTS__CHECK_S": "1",
+        "SMAME_ALERTS__BROKER_DOWN_S": "2",
+        "SMAME_WEB__ENABLED": "true",
+        "SMAME_WEB__PORT": str(web),
+    }
+    fleet = ["--units", str(UNITS), "--customers", "4"]
+    smame(["simulate", *fleet, "--write-registry", str(workdir)], env)
+    first_start(workdir)
+    smame(["operators", "add", "alice", "--password-stdin"], env, stdin=PASSWORD + "\n")
+    log, db = workdir / "smame.log", workdir / "data" / "smame.db"
+    proc = start_smame(env, log)
+    wait_log(log, "subscribed to", 30)
+    wait_until(lambda: scrape(metrics).get('smame_broker_queue_replicas{state="online"}') == 3, 30)
+    assert scrape(metrics)[f'smame_broker_queue_leader{{node="{cluster.nodes[leader].name}"}}'] == 1
+    truth = workdir / "truth.jsonl"
+    sim = simulate(env, fleet, truth, workdir / "simulate.log")
+    wait_until(lambda: acknowledged(metrics) >= 8000, 120, lambda: f"acknowledged {acknowledged(metrics)}")
+    cluster.nodes[leader].kill()
+    gone = f"127.0.0.1:{cluster.nodes[leader].mqtt_port}"
+    try:
+        # told: the node down, the queue on two replicas of three, a new leader, an alert
+        wait_until(lambda: scrape(metrics).get(f'smame_broker_node_up{{node="{gone}"}}') == 0, 30)
+        wait_until(lambda: scrape(metrics).get('smame_broker_queue_replicas{state="online"}') == 2, 30)
+        wait_until(lambda: scrape(metrics).get('smame_alert_active{alert="broker_cluster"}') == 1, 30)
+        others = [n.name for i, n in enumerate(cluster.nodes) if i != leader]
+        wait_until(lambda: healthz(metrics)["broker"]["queue"]["leader"] in others, 30)  # elected
+        health = healthz(metrics)
+        assert health["broker"]["nodes"][gone].startswith("unreachable since")
+        # the operators' console says it too
+        browser.get(f"http://127.0.0.1:{web}/login")
+        browser.find_element(By.NAME, "name").send_keys("alice")
+        browser.find_element(By.NAME, "password").send_keys(PASSWORD)
+        browser.find_element(By.CSS_SELECTOR, "form.login button").click()
+        table = WebDriverWait(browser, 15).until(expected.presence_of_element_located((By.ID, "broker")))
+        states = {
+            r.find_elements(By.TAG_NAME, "td")[0].text: r.find_elements(By.TAG_NAME, "td")[1].text
+            for r in table.find_elements(By.CSS_SELECTOR, "tbody tr")
+        }
+        assert states[gone].startswith("unreachable since") and list(states.values()).count("up") == 2, states
+        said = browser.find_element(By.ID, "broker-queue").text
+        assert "2 of 3 replicas online" in said and cluster.nodes[leader].name not in said, said
+        assert health["status"] == "ok"  # ingest goes on: a broker node down is told, not a failing smame
+        assert sim.wait(180) == 0, (workdir / "simulate.log").read_text()[-2000:]
+        sent = sent_of(workdir / "simulate.log")
+        wait_until(lambda: readings_in(db) >= sent, 60, lambda: f"stored {readings_in(db)} of {sent}")
+        verify = smame(["verify", "--truth", str(truth)], env, check=False)
+        assert verify.returncode == 0, verify.stdout
+        assert readings_in(db) == sent
+    finally:
+        cluster.nodes[leader].start()
+        cluster.nodes[leader].wait()
+        cluster.wait_clustered()
+    wait_until(lambda: scrape(metrics).get(f'smame_broker_node_up{{node="{gone}"}}') == 1, 30)
+    assert stop(proc) == 0
