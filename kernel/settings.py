@@ -70,6 +70,8 @@ class BrokerSettings(Section):
     @field_validator("management_url")
     @classmethod
     def _management_url(cls, v: str | None) -> str | None:
+        if not v:  # empty: none (as a compose file passes an unset variable)
+            return None
         if v is not None:
             parts = urlsplit(v)
             if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.password:

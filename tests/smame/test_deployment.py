@@ -74,6 +74,21 @@ def test_compose_file_validates_with_a_provisioned_broker(tmp_path: Path) -> Non
         assert announced == wanted and all(mapped.get(port) == port for port in range(low, high + 1)), name
     conf = (stack / "deploy" / "broker" / "mosquitto.conf").read_text()
     assert "password_file /mosquitto/config/passwd" in conf and "require_certificate true" in conf
+    # the cluster profile: three RabbitMQ nodes, each its own name and data, sharing one secret; smame told to use them
+    nodes = "mqtt://rabbitmq-1:1883,mqtt://rabbitmq-2:1883,mqtt://rabbitmq-3:1883"
+    (stack / ".env").write_text(f"SMAME_BROKER_URL={nodes}\nSMAME_BROKER_KIND=rabbitmq\nSMAME_RABBITMQ_COOKIE=s3cret\n")
+    proc = subprocess.run([compose, "--profile", "cluster", "config"], cwd=stack, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    services = yaml.safe_load(proc.stdout)["services"]
+    rabbits = [services[f"rabbitmq-{i}"] for i in (1, 2, 3)]
+    assert [r["hostname"] for r in rabbits] == ["rabbitmq-1", "rabbitmq-2", "rabbitmq-3"]
+    assert len({str(r["volumes"]) for r in rabbits}) == 3
+    assert {r["environment"]["RABBITMQ_ERLANG_COOKIE"] for r in rabbits} == {"s3cret"}
+    assert services["smame"]["environment"]["SMAME_BROKER__URL"] == nodes
+    assert services["smame"]["environment"]["SMAME_BROKER__KIND"] == "rabbitmq"
+    rabbit_conf = (stack / "deploy" / "rabbitmq" / "rabbitmq.conf").read_text()
+    for i in (1, 2, 3):
+        assert f"cluster_formation.classic_config.nodes.{i} = rabbit@rabbitmq-{i}" in rabbit_conf
 
 
 def test_prometheus_accepts_its_configuration_and_rules() -> None:
