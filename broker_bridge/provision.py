@@ -11,11 +11,12 @@ from __future__ import annotations
 import base64
 import csv
 import hashlib
+import json
 import os
 import pwd
 import re
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,6 +72,67 @@ def acl_text(ingest_user: str) -> str:
         "pattern write smame/v1/%u/res\n"
         "pattern read smame/v1/%u/cmd\n"
     )
+
+
+RABBITMQ_DEFINITIONS = "rabbitmq-definitions.json"
+
+
+def rabbitmq_password_hash(password: str, salt: bytes) -> str:
+    """A password as RabbitMQ keeps it (rabbit_password_hashing_sha256): base64 of a 4-byte salt and the SHA-256 of
+    the salt and the password."""
+    return base64.b64encode(salt + hashlib.sha256(salt + password.encode()).digest()).decode()
+
+
+def rabbitmq_definitions(ingest_user: str, ingest_password: str, units: Mapping[str, str]) -> dict[str, object]:
+    """RabbitMQ's definitions for a fleet (`rabbitmqctl import_definitions`, or `load_definitions` at boot): the
+    ingest user and each unit with its password, and what each may do. RabbitMQ's MQTT plugin publishes to
+    `amq.topic` with `/` written as `.` and keeps a persistent session's messages in `mqtt-subscription-<client
+    id>qos1`: a unit writes only its own readings, status and answers and reads only its own commands (its queue
+    named by its client id, its unit id); the ingest user reads every unit's readings, status and answers and writes
+    their commands, on queues of client ids that begin with its name (`broker.client_id`, `-devices`, probes),
+    and may read queues on the management API (tag monitoring)."""
+    users: list[dict[str, object]] = []
+    permissions: list[dict[str, str]] = []
+    topics: list[dict[str, str]] = []
+
+    def add(user: str, password: str, tags: list[str], queues: str, write: str, read: str) -> None:
+        salt = secrets.token_bytes(4)
+        users.append(
+            {
+                "name": user,
+                "password_hash": rabbitmq_password_hash(password, salt),
+                "hashing_algorithm": "rabbit_password_hashing_sha256",
+                "tags": tags,
+            }
+        )
+        own = f"^(amq\\.topic|{queues})$"
+        permissions.append({"user": user, "vhost": "/", "configure": f"^{queues}$", "write": own, "read": own})
+        topics.append({"user": user, "vhost": "/", "exchange": "amq.topic", "write": write, "read": read})
+
+    add(
+        ingest_user,
+        ingest_password,
+        ["monitoring"],
+        f"mqtt-subscription-{ingest_user}.*",  # ids are letters, digits, _ and -: nothing to escape
+        r"^smame\.v1\.[^.]+\.cmd$",
+        r"^smame\.v1\.[^.]+\.(reading|status|res)$",
+    )
+    for u, password in units.items():
+        add(
+            u,
+            password,
+            [],
+            f"mqtt-subscription-{u}qos[01]",
+            rf"^smame\.v1\.{u}\.(reading|status|res)$",
+            rf"^smame\.v1\.{u}\.cmd$",
+        )
+    return {
+        "rabbit_version": "3.10.8",
+        "vhosts": [{"name": "/"}],
+        "users": users,
+        "permissions": permissions,
+        "topic_permissions": topics,
+    }
 
 
 LOCAL_DIR = "conf.d"  # the operator's own additions: included by mosquitto.conf, never written by provision
@@ -238,6 +300,8 @@ def provision(
         private=True,
         done=done,
     )
+    definitions = rabbitmq_definitions(ingest_user, ingest_password, passwords)
+    _write(out / RABBITMQ_DEFINITIONS, json.dumps(definitions, indent=1) + "\n", private=True, done=done)
     where = conf_dir or str(out.resolve())
     local_data = conf_dir is None  # the broker sees this machine's paths: its data directory is one of them
     data = data_dir or ("/mosquitto/data" if conf_dir else str((out / "data").resolve()))

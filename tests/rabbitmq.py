@@ -124,7 +124,7 @@ class RabbitCluster:
     """`size` RabbitMQ nodes clustered on loopback; `close` stops them all and removes nothing (the test's
     directory holds their logs)."""
 
-    def __init__(self, workdir: Path, size: int = 3, config: str = "") -> None:
+    def __init__(self, workdir: Path, size: int = 3, config: str = "", anonymous: bool = True) -> None:
         tag = secrets.token_hex(3)
         cookie = secrets.token_hex(16)
         names = [f"smame{tag}r{i + 1}@localhost" for i in range(size)]
@@ -133,7 +133,7 @@ class RabbitCluster:
             # as `smame provision` writes it: the default of 10 unacknowledged messages would hold smame's batches
             # of thousands to 10 telegrams each
             "mqtt.prefetch = 20000\n"
-            "mqtt.allow_anonymous = true\n"
+            f"mqtt.allow_anonymous = {str(anonymous).lower()}\n"
             "loopback_users = none\n"
             "log.console = false\n"
             "cluster_formation.peer_discovery_backend = classic_config\n"

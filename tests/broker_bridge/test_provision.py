@@ -3,6 +3,7 @@ are refused, TLS below 1.2 is refused, and running it again keeps what units in 
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import os
 import pwd
@@ -19,6 +20,7 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.reasoncodes import ReasonCode
 
+from broker_bridge.mqtt import MQTT311, ConnectionRefused, MqttClient, MqttError
 from tests.helpers import (
     Mosquitto,
     at,
@@ -35,6 +37,7 @@ from tests.helpers import (
     wait_until,
     write_registry,
 )
+from tests.rabbitmq import RabbitCluster
 
 V5 = paho.MQTTv5
 
@@ -509,3 +512,57 @@ def test_verify_counts_the_unknown_units_a_provisioned_broker_refused_as_kept_ou
     verify = smame(["verify", "--truth", str(truth)], env, check=False)
     assert verify.returncode == 0 and "OK: 0 mismatches" in verify.stdout, verify.stdout
     assert re.search(r"refused by the broker:unknown +\d+ +\d+ +0\n", verify.stdout), verify.stdout
+
+
+async def test_provisioned_rabbitmq_keeps_each_unit_to_its_own_topics_and_ingest_to_reading(workdir: Path) -> None:
+    # the same credentials, as RabbitMQ's definitions (docs/cluster.md): loaded by a real node at its boot
+    out, _, _ = provisioned(workdir, {"U1": "C1", "U2": "C1"})
+    definitions = out / "rabbitmq-definitions.json"
+    rabbit = RabbitCluster(workdir / "rabbit", 1, f"load_definitions = {definitions}\n", anonymous=False)
+    port, pw, (user, password) = rabbit.nodes[0].mqtt_port, credentials(out), ingest_login(out)
+
+    opened: list[MqttClient] = []
+
+    async def login(client_id: str, who: str, secret: str, got: list[str] | None = None) -> MqttClient:
+        client = MqttClient(lambda ms: got.extend(m.topic for m in ms) if got is not None else None, version=MQTT311)
+        opened.append(client)
+        await client.connect("127.0.0.1", port, client_id, username=who, password=secret, clean_start=True)
+        return client
+
+    try:
+        to_ingest: list[str] = []
+        ingest = await login(f"{user}-test", user, password, to_ingest)
+        await ingest.subscribe("smame/v1/+/reading")
+        await ingest.subscribe("smame/v1/+/res")
+        to_u1: list[str] = []
+        u1 = await login("U1", "U1", pw["U1"], to_u1)
+        await u1.subscribe("smame/v1/U1/cmd")
+        assert await u1.publish("smame/v1/U1/reading", b"{}") == 0
+        assert await u1.publish("smame/v1/U1/res", b"{}") == 0
+        assert await ingest.publish("smame/v1/U1/cmd", b"{}") == 0
+        await asyncio.sleep(0.5)
+        assert sorted(to_ingest) == ["smame/v1/U1/reading", "smame/v1/U1/res"] and to_u1 == ["smame/v1/U1/cmd"]
+        # refused, each on a connection of its own (RabbitMQ closes a connection that publishes where it may not)
+        for who, topic in [
+            ("U1", "smame/v1/U2/reading"),  # another unit's readings
+            ("U1", "smame/v1/U1/cmd"),  # a command, even to itself
+            (user, "smame/v1/U1/reading"),  # ingest cannot forge readings
+            (user, "smame/v1/U1/res"),
+        ]:
+            client = await login(f"{who}-x" if who == user else who, who, password if who == user else pw["U1"])
+            with pytest.raises(MqttError):
+                await asyncio.wait_for(client.publish(topic, b"{}"), 10)
+            client.close()
+        u1 = await login("U1", "U1", pw["U1"])
+        with pytest.raises(MqttError):  # another unit's commands
+            await u1.subscribe("smame/v1/U2/cmd")
+        u1.close()
+        with pytest.raises(ConnectionRefused):
+            await login("U1", "U1", "wrong-password")
+        with pytest.raises(ConnectionRefused):
+            await login("U9", "U9", pw["U1"])
+        assert sorted(to_ingest) == ["smame/v1/U1/reading", "smame/v1/U1/res"]
+    finally:
+        for client in opened:
+            client.close()
+        rabbit.close()
