@@ -73,9 +73,11 @@ class RabbitNode:
             )
 
     def wait(self, seconds: float = START_S) -> None:
-        """Wait until the node takes MQTT connections and answers on its management API."""
+        """Wait until the node has booted: its listeners open before its definitions (users) are loaded, and a
+        client that comes in between is turned away."""
         wait_port(self.mqtt_port, seconds)
         wait_port(self.http_port, seconds)
+        self.ctl("await_startup", "--timeout", str(int(seconds)), timeout=seconds + 10)
 
     @property
     def pid(self) -> int | None:

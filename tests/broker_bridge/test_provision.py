@@ -22,6 +22,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from broker_bridge.mqtt import MQTT311, ConnectionRefused, MqttClient, MqttError
 from tests.helpers import (
+    ROOT,
     Mosquitto,
     at,
     free_port,
@@ -37,7 +38,7 @@ from tests.helpers import (
     wait_until,
     write_registry,
 )
-from tests.rabbitmq import RabbitCluster
+from tests.rabbitmq import RabbitCluster, RabbitNode
 
 V5 = paho.MQTTv5
 
@@ -566,3 +567,40 @@ async def test_provisioned_rabbitmq_keeps_each_unit_to_its_own_topics_and_ingest
         for client in opened:
             client.close()
         rabbit.close()
+
+
+async def test_the_cluster_profiles_rabbitmq_conf_takes_units_by_certificate_and_ingest_by_password(
+    workdir: Path,
+) -> None:
+    # deploy/rabbitmq/rabbitmq.conf as it ships, on a real node: only its ports, paths and node name are this test's
+    out, _, _ = provisioned(workdir, {"U1": "C1", "U2": "C1"}, "--tls")
+    tls_port = free_port()
+    shipped = (ROOT / "deploy" / "rabbitmq" / "rabbitmq.conf").read_text().replace("/etc/rabbitmq/broker", str(out))
+    ours = ("listeners.tcp.default", "mqtt.listeners.tcp.default", "management.tcp.port", "cluster_formation.")
+    conf = "".join(line + "\n" for line in shipped.splitlines() if not line.startswith(ours))
+    conf = conf.replace("mqtt.listeners.ssl.default = 8883", f"mqtt.listeners.ssl.default = 127.0.0.1:{tls_port}")
+    assert f"127.0.0.1:{tls_port}" in conf and str(out / "rabbitmq-definitions.json") in conf
+    node = RabbitNode(workdir / "rabbit", f"smame{os.getpid()}tls@localhost", "cookie-of-this-test", conf)
+    node.start()
+    got: list[str] = []
+    clients = [MqttClient(lambda ms: got.extend(m.topic for m in ms), version=MQTT311) for _ in range(3)]
+    ingest, u1, no_cert = clients
+    try:
+        node.wait()
+        wait_port(tls_port, 60)
+        user, password = ingest_login(out)
+        await ingest.connect("127.0.0.1", node.mqtt_port, user, username=user, password=password, clean_start=True)
+        await ingest.subscribe("smame/v1/+/reading")
+        # no user name: the certificate's CN is the unit
+        await u1.connect("127.0.0.1", tls_port, "U1", tls=unit_tls(out, "U1"), clean_start=True)
+        assert await u1.publish("smame/v1/U1/reading", b"{}") == 0
+        with pytest.raises((MqttError, OSError)):  # a password is not enough on the TLS listener
+            await no_cert.connect(
+                "127.0.0.1", tls_port, "U2", username="U2", password=credentials(out)["U2"], tls=unit_tls(out, None)
+            )
+        await asyncio.sleep(0.5)
+        assert got == ["smame/v1/U1/reading"]
+    finally:
+        for client in clients:
+            client.close()
+        node.kill()
