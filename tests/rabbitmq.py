@@ -174,13 +174,15 @@ class RabbitCluster:
             time.sleep(0.5)
 
     def queue(self, name: str) -> dict[str, str]:
-        """A queue's type, messages, leader and members, as the first running node sees them ({} if none)."""
+        """A queue's type, messages, leader, members and those online, as the first running node sees them ({} if
+        none)."""
         node = next(n for n in self.nodes if n.proc is not None and n.proc.poll() is None)
-        out = node.ctl("list_queues", "name", "type", "messages", "leader", "members", "--no-table-headers", "-q")
+        columns = ("name", "type", "messages", "leader", "members", "online")
+        out = node.ctl("list_queues", *columns, "--no-table-headers", "-q")
         for line in out.splitlines():
             cells = line.split("\t")
             if cells[0] == name:
-                return dict(zip(("name", "type", "messages", "leader", "members"), cells, strict=False))
+                return dict(zip(columns, cells, strict=False))
         return {}
 
     def close(self) -> None:

@@ -68,10 +68,12 @@ def node_of(log: Path, cluster: RabbitCluster) -> int:
     return next(i for i, n in enumerate(cluster.nodes) if n.mqtt_port == port)
 
 
-def simulate(env: dict[str, str], fleet: list[str], truth: Path, log: Path) -> subprocess.Popen[bytes]:
-    """The fleet's backfill published through the cluster (the units learn every node from broker.url and move to
-    the next when theirs dies, as smame does), its truth written."""
-    command = [sys.executable, "-m", "smame.cli", "simulate", *fleet, "--backfill", str(DAYS), "--end", END]
+def simulate(
+    env: dict[str, str], fleet: list[str], truth: Path, log: Path, days: int = DAYS
+) -> subprocess.Popen[bytes]:
+    """The fleet's backfill of `days` published through the cluster (the units learn every node from broker.url and
+    move to the next when theirs dies, as smame does), its truth written."""
+    command = [sys.executable, "-m", "smame.cli", "simulate", *fleet, "--backfill", str(days), "--end", END]
     with open(log, "wb") as out:
         sim = subprocess.Popen(
             [*command, "--clean", "--truth", str(truth)], env=env, stdout=out, stderr=subprocess.STDOUT
@@ -203,3 +205,33 @@ def test_kill_9_of_the_queue_leader_is_told_and_loses_nothing(
         cluster.wait_clustered()
     wait_until(lambda: scrape(metrics).get(f'smame_broker_node_up{{node="{gone}"}}') == 1, 30)
     assert stop(proc) == 0
+
+
+def test_a_rolling_restart_of_every_node_under_load_loses_nothing(cluster: RabbitCluster, workdir: Path) -> None:
+    metrics = free_port()
+    env = cluster_env(workdir, cluster, metrics)
+    fleet = ["--units", str(UNITS), "--customers", "4"]
+    smame(["simulate", *fleet, "--write-registry", str(workdir)], env)
+    log, db = workdir / "smame.log", workdir / "data" / "smame.db"
+    proc = start_smame(env, log)
+    wait_log(log, "subscribed to", 30)
+    truth = workdir / "truth.jsonl"
+    sim = simulate(env, fleet, truth, workdir / "simulate.log", days=4)
+    wait_until(lambda: acknowledged(metrics) >= 5000, 120, lambda: f"acknowledged {acknowledged(metrics)}")
+    queue = queue_name(env["SMAME_BROKER__CLIENT_ID"])
+    for node in cluster.nodes:  # as an operator upgrades them: one at a time, each back in the queue before the next
+        node.stop()
+        node.start()
+        node.wait()
+        cluster.wait_clustered()
+        wait_until(
+            lambda: cluster.queue(queue).get("online", "").count("@") == 3, 60, lambda: str(cluster.queue(queue))
+        )
+    assert sim.wait(300) == 0, (workdir / "simulate.log").read_text()[-2000:]
+    sent = sent_of(workdir / "simulate.log")
+    wait_until(lambda: readings_in(db) >= sent, 120, lambda: f"stored {readings_in(db)} of {sent}")
+    assert stop(proc) == 0
+    verify = smame(["verify", "--truth", str(truth)], env, check=False)
+    assert verify.returncode == 0, verify.stdout
+    assert readings_in(db) == sent
+    assert len(re.findall(r"connected to 127\.0\.0\.1:\d+ as", log.read_text())) >= 2  # it followed the restarts
