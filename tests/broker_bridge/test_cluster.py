@@ -19,6 +19,7 @@ from selenium.webdriver.support import expected_conditions as expected
 from selenium.webdriver.support.ui import WebDriverWait
 
 from broker_bridge.cluster import queue_name
+from tests.databases import PostgresDatabase, count
 from tests.helpers import (
     STARTED,
     acknowledged,
@@ -235,3 +236,44 @@ def test_a_rolling_restart_of_every_node_under_load_loses_nothing(cluster: Rabbi
     assert verify.returncode == 0, verify.stdout
     assert readings_in(db) == sent
     assert len(re.findall(r"connected to 127\.0\.0\.1:\d+ as", log.read_text())) >= 2  # it followed the restarts
+
+
+def test_a_leader_failover_and_a_broker_node_lost_at_once_lose_nothing(
+    cluster: RabbitCluster, workdir: Path, postgres: PostgresDatabase
+) -> None:
+    url = postgres.fresh_url()
+    envs = {
+        name: cluster_env(workdir, cluster, free_port())
+        | {"SMAME_DATA_DIR": str(workdir / name), "SMAME_STORAGE__URL": url, "SMAME_BROKER__CLIENT_ID": "smame-ha"}
+        for name in ("a", "b")
+    }
+    fleet = ["--units", str(UNITS), "--customers", "4"]
+    smame(["simulate", *fleet, "--write-registry", str(workdir)], envs["a"])
+    log_a, log_b = workdir / "a.log", workdir / "b.log"
+    a = start_smame(envs["a"], log_a)
+    wait_log(log_a, "subscribed to", 30)
+    b = start_smame(envs["b"], log_b)
+    wait_log(log_b, "standing by", 30)
+    truth = workdir / "truth.jsonl"
+    sim = simulate(envs["a"], fleet, truth, workdir / "simulate.log")
+    wait_until(lambda: count(url, "readings") >= 8000, 120, lambda: f"stored {count(url, 'readings')}")
+    victim = node_of(log_a, cluster)
+    a.kill()  # the leading smame and the broker node it reads from, at once
+    cluster.nodes[victim].kill()
+    lost = time.monotonic()
+    try:
+        wait_until(lambda: "subscribed to" in log_b.read_text(), 30, lambda: log_b.read_text()[-2000:])
+        took_over = time.monotonic() - lost
+        assert node_of(log_b, cluster) != victim
+        assert sim.wait(180) == 0, (workdir / "simulate.log").read_text()[-2000:]
+        sent = sent_of(workdir / "simulate.log")
+        wait_until(lambda: count(url, "readings") >= sent, 120, lambda: f"stored {count(url, 'readings')} of {sent}")
+        assert stop(b) == 0
+        verify = smame(["verify", "--truth", str(truth)], envs["b"], check=False)
+        assert verify.returncode == 0, verify.stdout
+        assert count(url, "readings") == sent  # each once
+        assert took_over < 10, took_over
+    finally:
+        cluster.nodes[victim].start()
+        cluster.nodes[victim].wait()
+        cluster.wait_clustered()
