@@ -132,7 +132,9 @@ class Link:
 class FleetPublisher:
     """Routes each unit's telegrams to its link: `connections` shared links, or one per unit."""
 
-    def __init__(self, endpoint: Endpoint, connections: int | None, window: int, units: list[str]) -> None:
+    def __init__(
+        self, endpoint: Endpoint, connections: int | None, window: int, units: list[str], name: str = "smame-sim"
+    ) -> None:
         self.endpoint = endpoint
         self.per_unit = connections is None
         self.window = window
@@ -143,7 +145,7 @@ class FleetPublisher:
             self.shared = []
         else:
             n = max(1, connections or 1)
-            self.shared = [Link(endpoint, f"smame-sim-{i}", None, window, self._finished) for i in range(n)]
+            self.shared = [Link(endpoint, f"{name}-{i}", None, window, self._finished) for i in range(n)]
             self.links = {}
         self.tasks: list[asyncio.Task[None]] = []
 
