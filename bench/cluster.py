@@ -253,6 +253,14 @@ def wait_acked(metrics: int, count: int, proc: subprocess.Popen[bytes], log: Pat
         time.sleep(0.02)
 
 
+def said(rate: float, lag: float, live: int) -> None:
+    """Print smame's drain rate and how long after its last PUBACK a live half hour was committed."""
+    print(
+        f"                    smame drains        {rate:9,.0f} telegrams/s; a live half hour of {live:,} committed "
+        f"{lag:.1f} s after its last PUBACK"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--telegrams", type=int, default=600_000, help="the backlog drained")
@@ -269,10 +277,8 @@ def main() -> None:
             try:
                 rate = drain([mq.port], MQTT311, args.telegrams, work / "mq")
                 print(f"mosquitto, 1 node:  mosquitto_sub drains {rate:9,.0f} telegrams/s")
-                mine, lag = smame_drain(f"mqtt://127.0.0.1:{mq.port}", "mosquitto", args.telegrams, args.live, work)
-                print(
-                    f"                    smame drains        {mine:9,.0f} telegrams/s; a live half hour of "
-                    f"{args.live:,} committed {lag:.1f} s after its last PUBACK"
+                said(
+                    *smame_drain(f"mqtt://127.0.0.1:{mq.port}", "mosquitto", args.telegrams, args.live, work), args.live
                 )
             finally:
                 mq.stop()
@@ -290,11 +296,7 @@ def main() -> None:
                 rabbit.nodes[2].wait()
                 rabbit.wait_clustered()
                 (work / "smame").mkdir()
-                mine, lag = smame_drain(rabbit.url, "rabbitmq", args.telegrams, args.live, work / "smame")
-                print(
-                    f"                    smame drains        {mine:9,.0f} telegrams/s; a live half hour of "
-                    f"{args.live:,} committed {lag:.1f} s after its last PUBACK"
-                )
+                said(*smame_drain(rabbit.url, "rabbitmq", args.telegrams, args.live, work / "smame"), args.live)
             finally:
                 rabbit.close()
         if "nats" in engines:

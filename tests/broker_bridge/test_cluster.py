@@ -40,7 +40,8 @@ from tests.rabbitmq import RabbitCluster
 from tests.web.test_console import PASSWORD
 
 END = "2026-11-23T09:00:00+09:00"
-UNITS, DAYS = 320, 2  # 31,040 telegrams (97 a unit), one reading each
+UNITS, DAYS = 320, 2  # 31,040 telegrams (97 a unit), one reading each: the issue's burst
+FEW = 120  # the other faults' fleet (11,640 telegrams): each is about the cluster, not the burst's size
 
 
 @pytest.fixture(scope="module")
@@ -70,11 +71,13 @@ def node_of(log: Path, cluster: RabbitCluster) -> int:
 
 
 def simulate(
-    env: dict[str, str], fleet: list[str], truth: Path, log: Path, days: int = DAYS
+    env: dict[str, str], fleet: list[str], truth: Path, log: Path, days: int = DAYS, speed: float = 0
 ) -> subprocess.Popen[bytes]:
-    """The fleet's backfill of `days` published through the cluster (the units learn every node from broker.url and
-    move to the next when theirs dies, as smame does), its truth written."""
-    command = [sys.executable, "-m", "smame.cli", "simulate", *fleet, "--backfill", str(days), "--end", END]
+    """The fleet's `days` published through the cluster as fast as it takes them, or at `speed` simulated seconds
+    a second (the units learn every node from broker.url and move to the next when theirs dies, as smame does),
+    its truth written."""
+    pace = ["--days", str(days), "--speed", str(speed)]
+    command = [sys.executable, "-m", "smame.cli", "simulate", *fleet, *pace, "--end", END]
     with open(log, "wb") as out:
         sim = subprocess.Popen(
             [*command, "--clean", "--truth", str(truth)], env=env, stdout=out, stderr=subprocess.STDOUT
@@ -91,21 +94,30 @@ def healthz(port: int) -> dict[str, Any]:
 
 def sent_of(log: Path) -> int:
     """How many telegrams the simulator's units were acknowledged (from its summary)."""
-    found = re.search(rf"([\d,]+) telegrams from {UNITS} units acknowledged", log.read_text())
+    found = re.search(r"([\d,]+) telegrams from \d+ units acknowledged", log.read_text())
     assert found is not None
     return int(found[1].replace(",", ""))
+
+
+def smame_and_fleet(
+    workdir: Path, env: dict[str, str], units: int = UNITS, days: int = DAYS, speed: float = 0
+) -> tuple[subprocess.Popen[bytes], Path, Path, subprocess.Popen[bytes]]:
+    """`smame run` on the cluster with a simulated fleet of `units` as its registry, then the fleet's `days`
+    publishing (at `speed`, 0: at once): smame, its log, its truth file and the simulator."""
+    fleet = ["--units", str(units), "--customers", "4"]
+    smame(["simulate", *fleet, "--write-registry", str(workdir)], env)
+    log = workdir / "smame.log"
+    proc = start_smame(env, log)
+    wait_log(log, "subscribed to", 30)
+    truth = workdir / "truth.jsonl"
+    return proc, log, truth, simulate(env, fleet, truth, workdir / "simulate.log", days, speed)
 
 
 def test_kill_9_of_the_node_smame_reads_from_mid_burst_loses_nothing(cluster: RabbitCluster, workdir: Path) -> None:
     metrics = free_port()
     env = cluster_env(workdir, cluster, metrics)
-    fleet = ["--units", str(UNITS), "--customers", "4"]
-    smame(["simulate", *fleet, "--write-registry", str(workdir)], env)
-    log, db = workdir / "smame.log", workdir / "data" / "smame.db"
-    proc = start_smame(env, log)
-    wait_log(log, "subscribed to", 30)
-    truth = workdir / "truth.jsonl"
-    sim = simulate(env, fleet, truth, workdir / "simulate.log")
+    proc, log, truth, sim = smame_and_fleet(workdir, env)
+    db = workdir / "data" / "smame.db"
     wait_until(lambda: acknowledged(metrics) >= 8000, 120, lambda: f"acknowledged {acknowledged(metrics)}")
     victim = node_of(log, cluster)
     cluster.nodes[victim].kill()
@@ -157,7 +169,7 @@ def test_kill_9_of_the_queue_leader_is_told_and_loses_nothing(
         "SMAME_WEB__ENABLED": "true",
         "SMAME_WEB__PORT": str(web),
     }
-    fleet = ["--units", str(UNITS), "--customers", "4"]
+    fleet = ["--units", str(FEW), "--customers", "4"]
     smame(["simulate", *fleet, "--write-registry", str(workdir)], env)
     first_start(workdir)
     smame(["operators", "add", "alice", "--password-stdin"], env, stdin=PASSWORD + "\n")
@@ -168,7 +180,7 @@ def test_kill_9_of_the_queue_leader_is_told_and_loses_nothing(
     assert scrape(metrics)[f'smame_broker_queue_leader{{node="{cluster.nodes[leader].name}"}}'] == 1
     truth = workdir / "truth.jsonl"
     sim = simulate(env, fleet, truth, workdir / "simulate.log")
-    wait_until(lambda: acknowledged(metrics) >= 8000, 120, lambda: f"acknowledged {acknowledged(metrics)}")
+    wait_until(lambda: acknowledged(metrics) >= 3000, 120, lambda: f"acknowledged {acknowledged(metrics)}")
     cluster.nodes[leader].kill()
     gone = f"127.0.0.1:{cluster.nodes[leader].mqtt_port}"
     try:
@@ -211,14 +223,10 @@ def test_kill_9_of_the_queue_leader_is_told_and_loses_nothing(
 def test_a_rolling_restart_of_every_node_under_load_loses_nothing(cluster: RabbitCluster, workdir: Path) -> None:
     metrics = free_port()
     env = cluster_env(workdir, cluster, metrics)
-    fleet = ["--units", str(UNITS), "--customers", "4"]
-    smame(["simulate", *fleet, "--write-registry", str(workdir)], env)
-    log, db = workdir / "smame.log", workdir / "data" / "smame.db"
-    proc = start_smame(env, log)
-    wait_log(log, "subscribed to", 30)
-    truth = workdir / "truth.jsonl"
-    sim = simulate(env, fleet, truth, workdir / "simulate.log", days=4)
-    wait_until(lambda: acknowledged(metrics) >= 5000, 120, lambda: f"acknowledged {acknowledged(metrics)}")
+    # a half hour of the fleet every half second for 48 s: the load goes on while the nodes restart
+    proc, log, truth, sim = smame_and_fleet(workdir, env, FEW, days=2, speed=3600)
+    db = workdir / "data" / "smame.db"
+    wait_until(lambda: acknowledged(metrics) >= 500, 120, lambda: f"acknowledged {acknowledged(metrics)}")
     queue = queue_name(env["SMAME_BROKER__CLIENT_ID"])
     for node in cluster.nodes:  # as an operator upgrades them: one at a time, each back in the queue before the next
         node.stop()
@@ -247,7 +255,7 @@ def test_a_leader_failover_and_a_broker_node_lost_at_once_lose_nothing(
         | {"SMAME_DATA_DIR": str(workdir / name), "SMAME_STORAGE__URL": url, "SMAME_BROKER__CLIENT_ID": "smame-ha"}
         for name in ("a", "b")
     }
-    fleet = ["--units", str(UNITS), "--customers", "4"]
+    fleet = ["--units", str(FEW), "--customers", "4"]
     smame(["simulate", *fleet, "--write-registry", str(workdir)], envs["a"])
     log_a, log_b = workdir / "a.log", workdir / "b.log"
     a = start_smame(envs["a"], log_a)
@@ -256,7 +264,7 @@ def test_a_leader_failover_and_a_broker_node_lost_at_once_lose_nothing(
     wait_log(log_b, "standing by", 30)
     truth = workdir / "truth.jsonl"
     sim = simulate(envs["a"], fleet, truth, workdir / "simulate.log")
-    wait_until(lambda: count(url, "readings") >= 8000, 120, lambda: f"stored {count(url, 'readings')}")
+    wait_until(lambda: count(url, "readings") >= 3000, 120, lambda: f"stored {count(url, 'readings')}")
     victim = node_of(log_a, cluster)
     a.kill()  # the leading smame and the broker node it reads from, at once
     cluster.nodes[victim].kill()

@@ -566,6 +566,7 @@ async def test_provisioned_rabbitmq_keeps_each_unit_to_its_own_topics_and_ingest
     finally:
         for client in opened:
             client.close()
+        await asyncio.sleep(0.5)
         rabbit.close()
 
 
@@ -603,4 +604,5 @@ async def test_the_cluster_profiles_rabbitmq_conf_takes_units_by_certificate_and
     finally:
         for client in clients:
             client.close()
+        await asyncio.sleep(0.5)  # a TLS connection's close waits for the node's answer: before the node goes
         node.kill()
