@@ -8,7 +8,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from selenium import webdriver
@@ -210,7 +210,9 @@ def test_an_operator_logs_in_and_finds_the_silent_unit(
         assert "<script>" in browser.find_element(By.ID, "quarantined").text  # what it tried to send, as text
         browser.get(site + "/units/U1")
 
-        day = datetime.fromtimestamp(newest, JST).date()  # a file the customer fetches, shown on its page
+        # a file the customer fetches, shown on its page: the day of the newest slot (the one ending at midnight is
+        # the day before's)
+        day = Grid("Asia/Tokyo").day_of(newest)
         smame(["export", "--customer", "C1", "--date", day.isoformat()], env)  # now, not at the next half hour
         api = urllib.request.Request(f"{site}/api/v1/customers/C1/days/{day}.csv")
         api.add_header("Authorization", f"Bearer {token}")
@@ -330,16 +332,18 @@ def test_an_operator_finds_the_unit_at_risk_with_its_reasons_its_health_and_the_
     proc = start_smame(env, workdir / "smame.log")
     try:
         wait_log(workdir / "smame.log", "web server listening")
-        # eight days of backlog, sent now: U2 reboots eight times a day on the last two, U3 steady on a poor signal
+        # eight days of backlog, sent now: U2 reboots every three hours since yesterday's midnight (eight times
+        # yesterday, whatever the hour now), U3 steady on a poor signal
         grid = Grid("Asia/Tokyo")
         newest = grid.floor(time.time())
         now = datetime.fromtimestamp(time.time(), JST)
+        yesterday = grid.day_start(now.date() - timedelta(days=1))
         messages = []
         for unit, fw, rsrp in (("U1", "2.4.3", -85), ("U2", "2.4.3", -87), ("U3", "2.5.0", -108), ("U4", "2.4.3", -84)):
             boot = 3
             for k in range(8 * 48, -1, -1):
                 at = newest - k * SLOT
-                if unit == "U2" and k < 2 * 48 and k % 6 == 0:
+                if unit == "U2" and at >= yesterday and (at - yesterday) % (3 * 3600) == 0:
                     boot += 1
                 diag = {"fw": fw, "rsrp": rsrp - k % 3, "sinr": 6.5, "ce": 1 if rsrp < -100 else 0, "boot": boot}
                 reading = [(datetime.fromtimestamp(at, JST), 100000 + 8 * 48 - k)]
