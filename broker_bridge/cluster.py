@@ -92,7 +92,7 @@ class ClusterWatch:
             seen = self.nodes.get(name)
             if seen is None or seen.up != up:
                 if seen is not None:
-                    log.warning("broker node %s is %s%s", name, "up again" if up else "unreachable", f": {error}")
+                    log.warning("broker node %s is %s", name, "up again" if up else f"unreachable: {error}")
                 seen = self.nodes[name] = NodeSeen(up, now)
             seen.error = error
         if self.management_url is not None:
