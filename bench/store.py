@@ -4,6 +4,7 @@ the store's calls, and the CPU of this process (the writer's Python; the rest is
 
     .venv/bin/python -m bench.store --telegrams 200000 --units 10000 [--days 10] \\
         --storage postgresql://postgres@127.0.0.1:5432/postgres
+    .venv/bin/python -m bench.store --telegrams 200000 --diag compare [--rounds 3]
 
 With `--days N` each store first holds N days of every unit's readings and slots before the load (written
 directly, not timed): a store in service, which is what a restart after an outage commits into.
@@ -12,6 +13,7 @@ directly, not timed): a store in service, which is what a restart after an outag
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -47,13 +49,14 @@ class _Fleet:
         return self.limits
 
 
-def batches(telegrams: int, units: int, size: int) -> list[list[Incoming]]:
-    """The load of `bench.ingest`, decoded as the receiving process would, in batches of `size` telegrams."""
+def batches(telegrams: int, units: int, size: int, diag: bool = False) -> list[list[Incoming]]:
+    """The load of `bench.ingest` (with `diag`: each telegram carrying the unit's diagnostics), decoded as the
+    receiving process would, in batches of `size` telegrams."""
     known = {f"U{u:06d}" for u in range(units)}
     rules = Rules(GRID.on_boundary)
     received = int(time.time())
     out: list[list[Incoming]] = [[]]
-    for topic, payload in fleet(units, telegrams):
+    for topic, payload in fleet(units, telegrams, diag):
         decoded = decode(topic, payload, received, known, rules)
         if decoded.rejects:
             raise SystemExit(f"the load has a telegram the decoder refuses: {decoded.rejects[0]}")
@@ -112,6 +115,31 @@ def _timed(spent: Counter[str], name: str, call: Callable[..., Any]) -> Callable
     return timed
 
 
+def compare_diag(telegrams: int, units: int, size: int, days: int, rounds: int) -> None:
+    """The store's own cost of keeping each telegram's `diag` (no MQTT, no pipe, no decoding in the time): the
+    same readings committed into SQLite without and with it, `rounds` times each, the order swapped each round,
+    compared by their medians. What `bench.ingest --diag compare` finds beyond this is the rest of smame's."""
+    loads = {False: batches(telegrams, units, size), True: batches(telegrams, units, size, diag=True)}
+    n = sum(map(len, loads[False]))
+    times: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
+    with tempfile.TemporaryDirectory(prefix="smame-bench-") as tmp:
+        for k in range(rounds):
+            for diag in (False, True) if k % 2 == 0 else (True, False):
+                work = Path(tmp) / f"{k}-{diag}"
+                (work / "data").mkdir(parents=True)
+                wall, cpu, _ = run(store_url(work, None), loads[diag], units, days)
+                times[diag].append((wall, cpu))
+                print(
+                    f"SQLite, {'with' if diag else 'without'} diag: {n / wall:,.0f} readings/s, "
+                    f"{wall / n * 1e6:.1f} us a reading (CPU {cpu / n * 1e6:.1f} us)"
+                )
+    wall = {d: statistics.median(w for w, _ in t) for d, t in times.items()}
+    cpu = {d: statistics.median(c for _, c in t) for d, t in times.items()}
+    print(f"diag in every telegram against none, the store alone, {rounds} round(s), medians (with / without):")
+    print(f"  commit      {wall[True] / wall[False]:.3f}  (+{(wall[True] - wall[False]) / n * 1e6:.2f} us a reading)")
+    print(f"  commit cpu  {cpu[True] / cpu[False]:.3f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--telegrams", type=int, default=200_000)
@@ -120,10 +148,20 @@ def main() -> None:
         "--batch", type=int, default=DEFAULT_BATCH, help="telegrams a commit (default: smame's broker.batch_size)"
     )
     ap.add_argument("--days", type=int, default=0, help="days of history each store holds before the load")
-    ap.add_argument("--storage", metavar="URL", required=True, help="postgresql://... : a database to measure in")
+    ap.add_argument("--storage", metavar="URL", help="postgresql://... : a database to measure in")
+    ap.add_argument(
+        "--diag",
+        choices=("none", "compare"),
+        default="none",
+        help="compare: SQLite only, the load without and with every unit's diag in every telegram",
+    )
+    ap.add_argument("--rounds", type=int, default=3, help="with --diag compare: rounds of both, order swapped")
     args = ap.parse_args()
-    if not args.storage.startswith(("postgresql://", "postgres://")):
-        sys.exit("--storage: give a postgresql:// URL")
+    if args.diag == "compare":
+        compare_diag(args.telegrams, args.units, args.batch, args.days, args.rounds)
+        return
+    if not (args.storage or "").startswith(("postgresql://", "postgres://")):
+        sys.exit("--storage: give a postgresql:// URL (or --diag compare, on SQLite alone)")
     load = batches(args.telegrams, args.units, args.batch)
     n = sum(map(len, load))
     print(
