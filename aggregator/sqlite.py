@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from aggregator.slots import Point
-from aggregator.store import REGISTERS, Store, StoreError
+from aggregator.store import OPERATOR_EXTRA, REGISTERS, Store, StoreError
 from kernel.timegrid import SLOT
 
 log = logging.getLogger("smame.store")
@@ -57,7 +57,9 @@ CREATE TABLE IF NOT EXISTS outbox (
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (next_try) WHERE sent IS NULL AND given_up IS NULL;
 CREATE TABLE IF NOT EXISTS api_tokens (
     id TEXT PRIMARY KEY, customer TEXT NOT NULL, name TEXT NOT NULL, hash TEXT NOT NULL, created BIGINT NOT NULL);
-CREATE TABLE IF NOT EXISTS operators (name TEXT PRIMARY KEY, hash TEXT NOT NULL, created BIGINT NOT NULL);
+CREATE TABLE IF NOT EXISTS operators (
+    name TEXT PRIMARY KEY, hash TEXT NOT NULL, created BIGINT NOT NULL,
+    {", ".join(f"{c} {kind}" for c, kind in OPERATOR_EXTRA)});
 CREATE TABLE IF NOT EXISTS web_sessions (
     id TEXT PRIMARY KEY, operator TEXT NOT NULL, csrf TEXT NOT NULL, created BIGINT NOT NULL, seen BIGINT NOT NULL);
 CREATE TABLE IF NOT EXISTS alert_log (
@@ -164,8 +166,9 @@ class SqliteStore(Store):
     """The store on an SQLite file, in write-ahead-log mode."""
 
     errors = (sqlite3.OperationalError,)
-    # 2: readings keyed by time, each unit's span of readings beside them; 3: quarantine.concerns; 4: readings.diag
-    schema_version = 4
+    # 2: readings keyed by time, each unit's span of readings beside them; 3: quarantine.concerns; 4: readings.diag;
+    # 5: operators' roles and second factors
+    schema_version = 5
 
     def __init__(self, path: Path, synchronous: str = "FULL", cache_mib: int = 8) -> None:
         super().__init__(f"sqlite:///{path}")
@@ -238,7 +241,8 @@ class SqliteStore(Store):
 
     def _migrate(self, found: int) -> None:
         """Schema 1 kept readings keyed (unit, at): rebuild them keyed by time, and their units' spans. Schema
-        2 did not note which time a quarantined item is about, schema 3 no unit's diagnostics."""
+        2 did not note which time a quarantined item is about, schema 3 no unit's diagnostics, schema 4 no operator's
+        role or second factor (operators from before keep every power they had: admin)."""
         if found < 2:
             log.warning(
                 "migrating the store %s to schema 2 (readings keyed by time); a large store takes minutes", self.path
@@ -256,7 +260,11 @@ class SqliteStore(Store):
                 "min(CASE WHEN rev IS NOT NULL THEN at END), max(CASE WHEN rev IS NOT NULL THEN at END) "
                 "FROM readings GROUP BY unit"
             )
-        for table, column, kind in (("quarantine", "concerns", "BIGINT"), ("readings", "diag", "BLOB")):
+        for table, column, kind in (
+            ("quarantine", "concerns", "BIGINT"),
+            ("readings", "diag", "BLOB"),
+            *(("operators", column, kind) for column, kind in OPERATOR_EXTRA),
+        ):
             # (a table made by this code's schema at opening, or by the migration above, has it already)
             if column not in {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}:
                 self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")

@@ -35,6 +35,13 @@ TABLES = (
     *("api_tokens", "operators", "web_sessions", "downloads"),
 )
 
+# operators' columns since schema 5; an operator from before is given the defaults: every power it had, one factor
+OPERATOR_EXTRA = (
+    ("role", "TEXT NOT NULL DEFAULT 'admin'"),  # viewer, operator or admin (web.access.ROLES)
+    ("totp", "TEXT"),  # the base32 secret of its authenticator (RFC 6238), None while it has none
+    ("totp_step", "BIGINT NOT NULL DEFAULT 0"),  # the newest time step a code was taken for: none is taken twice
+    ("recovery", "TEXT NOT NULL DEFAULT ''"),  # SHA-256 of each unused recovery code, separated by spaces
+)
 READING_COLUMNS = "unit, at, meter, fwd, rev, e1, coef, digits, flags, seq, sent, received, diag"
 _SLOT_SET = {
     "imp": "imp = excluded.imp, imp_q = excluded.imp_q, imp_flags = excluded.imp_flags",

@@ -241,6 +241,8 @@ class WebSettings(Section):
     bind: str = "127.0.0.1"  # this machine only; a deployment that publishes it says so (compose: 0.0.0.0)
     port: int = Field(default=8080, ge=0, le=65535)
     max_days: int = Field(default=45, ge=1, le=366)  # days of slots one API call may ask for
+    # every operator needs a second factor (an authenticator, TOTP): one without is sent to enrol one first
+    require_2fa: bool = False
     # proxies whose X-Forwarded-For / X-Forwarded-Proto are believed (addresses or networks); nobody else's are
     trusted_proxies: Annotated[list[str], NoDecode] = []
 

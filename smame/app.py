@@ -268,7 +268,8 @@ def build_web(
         settings.devices.expiry_s,
         settings.devices.keep_days,
         settings.data_dir / "firmware",
-        settings.devices.firmware_url,
+        firmware_url=settings.devices.firmware_url,
+        require_2fa=settings.web.require_2fa,
     )
 
     def application() -> object:

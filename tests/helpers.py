@@ -254,13 +254,14 @@ def first_start(workdir: Path) -> None:
 
 def console_env(workdir: Path, broker_port: int, password: str, **settings: str) -> tuple[dict[str, str], int]:
     """The environment of a smame serving its console and API on a free port (returned), its store made and
-    operator `alice` added with `password`; `settings`: more SMAME_ variables."""
+    operator `alice` added with `password`, an admin (who may do everything the console offers); `settings`:
+    more SMAME_ variables."""
     from smame.demo import free_port
 
     port = free_port()
     env = smame_env(workdir, broker_port, SMAME_WEB__ENABLED="true", SMAME_WEB__PORT=str(port), **settings)
     first_start(workdir)
-    smame(["operators", "add", "alice", "--password-stdin"], env, stdin=password.rstrip("\n") + "\n")
+    smame(["operators", "add", "alice", "--role", "admin", "--password-stdin"], env, stdin=password.rstrip("\n") + "\n")
     return env, port
 
 

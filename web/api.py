@@ -39,7 +39,7 @@ from kernel.emissions import fiscal_year
 from kernel.meter import flag_names, format_kwh
 from kernel.timegrid import SLOT, Grid
 from monitoring.at_risk import Standing
-from web.access import SESSION_COOKIE, TOKEN, Sessions, Tokens
+from web.access import SESSION_COOKIE, TOKEN, Sessions, Tokens, may
 from web.context import NO_FILES, WebContext
 from web.fleet_health import fleet_health, unit_health
 
@@ -64,6 +64,7 @@ class Reader:
     customer: str | None
     who: str
     csrf: str = ""  # an operator's session's CSRF token, which its requests that change anything must carry
+    role: str = "viewer"  # an operator's role (web.access.ROLES)
 
     def sees(self, customer: str) -> bool:
         """Whether this caller may read `customer`'s units and files."""
@@ -314,7 +315,9 @@ def build_api(ctx: WebContext) -> FastAPI:
                 raise ApiError(
                     401, "an API token is needed: Authorization: Bearer <token>", {"WWW-Authenticate": "Bearer"}
                 )
-            return Reader(None, f"operator {session.operator}", session.csrf)
+            if ctx.require_2fa and not session.two_factor:
+                raise ApiError(403, "enrol a second factor in the console first (web.require_2fa)")
+            return Reader(None, f"operator {session.operator}", session.csrf, session.role)
         token = bearer.credentials.strip()
         customer = await ctx.store.call(tokens.customer_of, token)
         match = TOKEN.fullmatch(token)
@@ -533,6 +536,8 @@ def build_api(ctx: WebContext) -> FastAPI:
         _operators_only(reader)
         if not hmac.compare_digest(request.headers.get(CSRF_HEADER, ""), reader.csrf):
             raise ApiError(403, f"a change needs the {CSRF_HEADER} header with the console session's CSRF token")
+        if not may(reader.role, "operator"):
+            raise ApiError(403, f"refused: a change needs the role operator, and {reader.who}'s role is {reader.role}")
         return "console:" + reader.who.removeprefix("operator ")
 
     async def _body(request: Request) -> bytes:

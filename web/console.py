@@ -15,11 +15,13 @@ import os
 import re
 import secrets
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import parse_qs, quote
 
+import segno
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -45,7 +47,16 @@ from monitoring.alert_log import HISTORY_LIMIT, AlertLog
 from monitoring.at_risk import SIGNALS
 from monitoring.fleet import STATES, by_customer, fleet_states, state_of
 from monitoring.outbox_table import OutboxTable
-from web.access import SESSION_COOKIE, Operators, Session, Sessions
+from web.access import (
+    SESSION_COOKIE,
+    AccessError,
+    Operators,
+    Session,
+    Sessions,
+    may,
+    new_totp_secret,
+    totp_uri,
+)
 from web.api import slot_values
 from web.context import NO_FILES, WebContext
 from web.fleet_health import fleet_health, unit_health
@@ -71,6 +82,8 @@ UNIT_COMMANDS = 10  # newest commands on a unit's page
 STEPS_PAGE = 200  # units out of step listed
 CAMPAIGNS_PAGE = 50  # newest campaigns listed
 MAX_EXPIRY_H = 30 * 24  # the longest life a command may be given (devices.expiry_s's bound)
+ENROL_PAGE = "/account"  # an operator's own page: its role, and its second factor enrolled there
+TOTP_SECRET = re.compile(r"[A-Z2-7]{32}")  # a key the enrolment page made (`new_totp_secret`)
 HISTORY_STATES = ("firing", "repeat", "resolved", "event", "acknowledged", "silenced", "unsilenced")
 
 
@@ -86,17 +99,28 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
         secret = request.cookies.get(SESSION_COOKIE, "")
         return await ctx.store.call(sessions.get, secret, int(ctx.clock())) if secret else None
 
+    def must_enrol(session: Session) -> bool:
+        """Whether the operator may do nothing before it has a second factor (web.require_2fa)."""
+        return ctx.require_2fa and not session.two_factor
+
     async def logged_in(request: Request) -> Session:
-        """The page's operator session; without one, the answer is the login page."""
+        """The page's operator session; without one, the answer is the login page, and for an operator who
+        must enrol a second factor first, the enrolment page."""
         session = await session_of(request)
         if session is None:
             raise _LoginFirst
+        if must_enrol(session):
+            raise _EnrolFirst
         return session
 
     async def login_first(request: Request, exc: Exception) -> Response:
         return RedirectResponse("/login", 303)
 
+    async def enrol_first(request: Request, exc: Exception) -> Response:
+        return RedirectResponse(ENROL_PAGE, 303)
+
     app.add_exception_handler(_LoginFirst, login_first)
+    app.add_exception_handler(_EnrolFirst, enrol_first)
     Operator = Annotated[Session, Depends(logged_in)]
 
     async def form(request: Request) -> dict[str, str] | None:
@@ -137,19 +161,31 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
         if not expected or not hmac.compare_digest(fields.get("csrf", ""), expected):
             return PlainTextResponse("missing or wrong CSRF token: load the login page again", 403)
         name, password = fields.get("name", "")[:64], fields.get("password", "")[:1024]
+        code = fields.get("code", "")[:32]
         stored = await ctx.store.call(operators.hash_of, name)
-        if not await asyncio.get_running_loop().run_in_executor(None, operators.verify, password, stored):
+        ok = await asyncio.get_running_loop().run_in_executor(None, operators.verify, password, stored)
+        how = "password"
+        if ok and await ctx.store.call(operators.has_second_factor, name):
+            second = await ctx.store.call(operators.check_second, name, code, ctx.clock())
+            ok, how = second is not None, f"password and {second or 'a wrong code'}"
+        if not ok:
+            # (the same words whichever was wrong: a guesser learns nothing of the password from them)
             ctx.bans.failed(address, f"operator {name}", "the console")
+            await ctx.store.call(
+                ctx.store.record_audit, int(ctx.clock()), "console", address, "login failed", name, how
+            )
             await asyncio.sleep(ctx.fail_delay_s)
-            return login_page(request, "Wrong name or password.", 401)
-        secret, _ = await ctx.store.call(sessions.open, name, int(ctx.clock()))
+            return login_page(request, "Wrong name, password or code.", 401)
+        secret = await ctx.store.call(sessions.open, name, int(ctx.clock()))
+        await ctx.store.call(ctx.store.record_audit, int(ctx.clock()), f"console:{name}", address, "login", name, how)
         done = RedirectResponse("/", 303)
         done.set_cookie(SESSION_COOKIE, secret, httponly=True, samesite="strict", secure=_secure(request), path="/")
         done.delete_cookie(LOGIN_CSRF, path="/login")
         return done
 
-    async def operator_form(request: Request) -> tuple[Session, dict[str, str]] | Response:
-        """A logged-in operator's posted form with its session's CSRF token, or the answer refusing it."""
+    async def operator_form(request: Request, need: str = "operator") -> tuple[Session, dict[str, str]] | Response:
+        """A logged-in operator's posted form with its session's CSRF token, from an operator whose role is at
+        least `need` (and who has a second factor where one is required), or the answer refusing it."""
         session = await session_of(request)
         fields = await form(request)
         if session is None:
@@ -158,17 +194,69 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
             return PlainTextResponse(TOO_BIG, 413)
         if not hmac.compare_digest(fields.get("csrf", ""), session.csrf):
             return PlainTextResponse("missing or wrong CSRF token", 403)
+        if need != "viewer" and must_enrol(session):
+            return PlainTextResponse(f"enrol a second factor first: {ENROL_PAGE}", 403)
+        if not may(session.role, need):
+            refusal = f"refused: this needs the role {need}, and {session.operator}'s role is {session.role}"
+            return PlainTextResponse(refusal, 403)
         return session, fields
 
     @app.post("/logout", include_in_schema=False)
     async def logout(request: Request) -> Response:
-        got = await operator_form(request)
+        got = await operator_form(request, "viewer")
         if isinstance(got, Response):
             return got
         await ctx.store.call(sessions.close, request.cookies.get(SESSION_COOKIE, ""))
         done = RedirectResponse("/login", 303)
         done.delete_cookie(SESSION_COOKIE, path="/")
         return done
+
+    async def account_page(
+        request: Request, session: Session, codes: Sequence[str] = (), error: str = "", status: int = 200
+    ) -> Response:
+        """The operator's own page: its role, and its second factor (enrolled, or a new key to enrol)."""
+        secret = new_totp_secret()
+        left = 0
+        if session.two_factor and not codes:
+            listed = await ctx.store.call(operators.list)
+            left = next((o.recovery_left for o in listed if o.name == session.operator), 0)
+        context = {
+            "session": session,
+            "required": must_enrol(session),
+            "secret": secret,
+            "qr": segno.make(totp_uri(session.operator, secret)).svg_inline(scale=4, title="authenticator key"),
+            "codes": codes,
+            "recovery_left": left,
+            "error": error,
+        }
+        return templates.TemplateResponse(request, "account.html", context, status_code=status)
+
+    @app.get(ENROL_PAGE, include_in_schema=False, response_class=HTMLResponse)
+    async def account(request: Request) -> Response:
+        session = await session_of(request)
+        if session is None:
+            return RedirectResponse("/login", 303)
+        return await account_page(request, session)
+
+    @app.post(ENROL_PAGE + "/2fa", include_in_schema=False)
+    async def enrol(request: Request) -> Response:
+        got = await operator_form(request, "viewer")
+        if isinstance(got, Response):
+            return got
+        session, fields = got
+        if session.two_factor:
+            return PlainTextResponse("you have an authenticator already: an administrator resets it first", 409)
+        secret = fields.get("secret", "")
+        if not TOTP_SECRET.fullmatch(secret):
+            return PlainTextResponse("the form's key is not one this page made: load it again", 400)
+        try:
+            code = fields.get("code", "")[:32]
+            codes = await ctx.store.call(operators.enrol, session.operator, secret, code, ctx.clock())
+        except AccessError as exc:
+            return await account_page(request, session, error=str(exc), status=400)
+        now, action = int(ctx.clock()), "second factor enrolled"
+        await ctx.store.call(ctx.store.record_audit, now, who(session), origin(request), action, session.operator)
+        return await account_page(request, replace(session, two_factor=True), codes)
 
     shares: dict[str, Any] = {"at": -math.inf}  # the fleet's completeness by customer, as last counted
 
@@ -520,7 +608,7 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
 
     @app.post("/configuration", include_in_schema=False)
     async def change_configuration(request: Request) -> Response:
-        got = await operator_form(request)
+        got = await operator_form(request, "admin")
         if isinstance(got, Response):
             return got
         session, fields = got
@@ -574,7 +662,7 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
 
     @app.post("/campaigns", include_in_schema=False)
     async def start_campaign(request: Request) -> Response:
-        got = await operator_form(request)
+        got = await operator_form(request, "admin")
         if isinstance(got, Response):
             return got
         session, fields = got
@@ -645,7 +733,7 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
 
     @app.post("/campaigns/{campaign_id}/{action}", include_in_schema=False)
     async def campaign_action(request: Request, campaign_id: str, action: str) -> Response:
-        got = await operator_form(request)
+        got = await operator_form(request, "admin")
         if isinstance(got, Response):
             return got
         session, _ = got
@@ -929,6 +1017,10 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
 
 class _LoginFirst(Exception):
     """A page asked for without a live session."""
+
+
+class _EnrolFirst(Exception):
+    """A page asked for by an operator who must enrol a second factor first."""
 
 
 def _broker_rows(

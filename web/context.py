@@ -38,4 +38,5 @@ class WebContext:
     command_expiry_s: int = 86400  # devices.expiry_s: the life of a command queued without one
     audit_keep_days: int = 400  # devices.keep_days: how long the audit log's entries are kept
     firmware_dir: Path = Path("firmware")  # where this node keeps the images it serves (<data_dir>/firmware)
+    require_2fa: bool = False  # web.require_2fa: every operator must have a second factor before anything else
     firmware_url: str = ""  # devices.firmware_url: where units fetch images ("": no campaign can start)

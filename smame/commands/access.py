@@ -1,23 +1,30 @@
-"""`smame tokens add|list|remove` and `smame operators add|list|remove|passwd`: who may use the web server;
+"""`smame tokens add|list|remove` and `smame operators add|list|remove|passwd|role|2fa`: who may use the web server;
 `smame bans list|remove`: who is kept out of it and the file gateway.
 
 All live in the store (hashes only), so a running smame, and every node sharing the store, sees a change at
-its next request (a lifted ban within a few seconds)."""
+its next request (a lifted ban within a few seconds). What is done to operators is in the audit log, as done by
+`cli:<the system user>` on this machine."""
 
 from __future__ import annotations
 
 import argparse
+import getpass
+import os
+import socket
 import sys
 import time
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
+import segno
+
+from aggregator.store import Store
 from ftp_gateway.accounts import normalize
 from kernel.settings import Settings
 from smame.app import BANS_EVERY_S, RegistryHolder, open_store
 from smame.commands.args import Subcommands
 from smame.commands.users import read_password
-from web.access import AccessError, Operators, Tokens
+from web.access import ROLES, AccessError, Operators, Tokens, new_totp_secret, totp_uri
 
 
 def add(sub: Subcommands, common: argparse.ArgumentParser) -> None:
@@ -43,6 +50,19 @@ def add(sub: Subcommands, common: argparse.ArgumentParser) -> None:
         p.add_argument("name")
         p.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
         p.set_defaults(func=_operators_add if action == "add" else _operators_passwd)
+        if action == "add":
+            p.add_argument("--role", choices=ROLES, default="operator", help="what it may do (default: operator)")
+            p.add_argument("--2fa", dest="two_factor", action="store_true", help="enrol an authenticator now")
+    role = operators_sub.add_parser("role", parents=[common], help="give an operator another role")
+    role.add_argument("name")
+    role.add_argument("role", choices=ROLES)
+    role.set_defaults(func=_operators_role)
+    two = operators_sub.add_parser(
+        "2fa", parents=[common], help="enrol an operator's authenticator (a QR code here), or --reset it"
+    )
+    two.add_argument("name")
+    two.add_argument("--reset", action="store_true", help="take its authenticator and recovery codes away")
+    two.set_defaults(func=_operators_2fa)
     remove = operators_sub.add_parser("remove", parents=[common], help="remove an operator")
     remove.add_argument("name")
     remove.set_defaults(func=_operators_remove)
@@ -92,15 +112,69 @@ def _tokens_remove(settings: Settings, args: argparse.Namespace) -> int:
 def _operators_add(settings: Settings, args: argparse.Namespace) -> int:
     password = read_password(args, f"password for {args.name}")
     with open_store(settings, create=False) as store:
-        Operators(store).add(args.name, password, int(time.time()))
-    print(f"added operator {args.name}")
+        Operators(store).add(args.name, password, int(time.time()), args.role)
+        _audit(store, "operator added", args.name, f"role {args.role}")
+        print(f"added operator {args.name} ({args.role})")
+        if args.two_factor:
+            _enrol(store, args.name)
     return 0
+
+
+def _operators_role(settings: Settings, args: argparse.Namespace) -> int:
+    with open_store(settings, create=False) as store:
+        Operators(store).set_role(args.name, args.role)
+        _audit(store, "operator's role changed", args.name, f"role {args.role}")
+    print(f"operator {args.name} is now a {args.role}")
+    return 0
+
+
+def _operators_2fa(settings: Settings, args: argparse.Namespace) -> int:
+    with open_store(settings, create=False) as store:
+        operators = Operators(store)
+        if args.reset:
+            operators.reset_second_factor(args.name)
+            _audit(store, "second factor reset", args.name)
+            print(f"operator {args.name} has no second factor now (its sessions ended): it enrols again")
+            return 0
+        if operators.has_second_factor(args.name):
+            raise AccessError(f"operator {args.name} has an authenticator already: --reset it first")
+        if operators.hash_of(args.name) is None:
+            raise AccessError(f"no operator {args.name}")
+        _enrol(store, args.name)
+    return 0
+
+
+def _enrol(store: Store, name: str) -> None:
+    """Show a new authenticator key (a QR code on the terminal, and as text), take a code it makes from
+    standard input, and print the recovery codes."""
+    secret = new_totp_secret()
+    uri = totp_uri(name, secret)
+    if sys.stdout.isatty():
+        segno.make(uri).terminal(compact=True)
+    print(f"authenticator key for {name}: {secret}\n  ({uri})")
+    print("code it shows now: ", end="", flush=True)
+    code = sys.stdin.readline().strip()
+    codes = Operators(store).enrol(name, secret, code, time.time())
+    _audit(store, "second factor enrolled", name)
+    print(f"enrolled. Recovery codes for {name}, each good once, shown only now:")
+    for c in codes:
+        print(f"  {c}")
+
+
+def _audit(store: Store, action: str, target: str, detail: str = "") -> None:
+    """An entry of the audit log for what this command did, by the system user running it, on this host."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # (a container's uid with no name)
+        user = str(os.getuid())
+    store.record_audit(int(time.time()), f"cli:{user}", socket.gethostname(), action, target, detail)
 
 
 def _operators_passwd(settings: Settings, args: argparse.Namespace) -> int:
     password = read_password(args, f"new password for {args.name}")
     with open_store(settings, create=False) as store:
         Operators(store).set_password(args.name, password)
+        _audit(store, "operator's password changed", args.name)
     print(f"new password for operator {args.name}")
     return 0
 
@@ -108,14 +182,16 @@ def _operators_passwd(settings: Settings, args: argparse.Namespace) -> int:
 def _operators_remove(settings: Settings, args: argparse.Namespace) -> int:
     with open_store(settings, create=False) as store:
         Operators(store).remove(args.name)
+        _audit(store, "operator removed", args.name)
     print(f"removed operator {args.name}")
     return 0
 
 
 def _operators_list(settings: Settings, args: argparse.Namespace) -> int:
     with open_store(settings, create=False) as store:
-        for name, created in Operators(store).list():
-            print(f"{name:<24} since {_shown(created, settings)}")
+        for o in Operators(store).list():
+            second = f"2fa ({o.recovery_left} recovery codes left)" if o.two_factor else "password only"
+            print(f"{o.name:<24} {o.role:<9} {second:<32} since {_shown(o.created, settings)}")
     return 0
 
 

@@ -8,6 +8,7 @@ import psycopg
 
 from aggregator.backends import open_url
 from aggregator.copy import copy_store, fingerprint
+from aggregator.postgres import PostgresStore
 from aggregator.store import HEALTH_COLUMNS
 from tests.databases import PostgresDatabase, query
 
@@ -87,7 +88,7 @@ def test_postgresql_keeps_a_partition_of_health_a_day_and_migrates_a_store_of_sc
         assert sorted(store.health_records(D0, D0 + DAY, ["rsrp"])) == [(D0, "A", -91.0), (D0 + DAY, "B", -92.0)]
         store.keep_health(D0 + 2 * DAY, ["unit", *HEALTH_COLUMNS], [record("C", -93)])
         store.execute("INSERT INTO connection_events (id, unit, at, online) VALUES (99, 'A', 1, false)")
-    assert query(url, "SELECT value FROM meta WHERE key = 'schema'") == [("4",)]
+    assert query(url, "SELECT value FROM meta WHERE key = 'schema'") == [(str(PostgresStore.schema_version),)]
     assert (
         len(
             query(

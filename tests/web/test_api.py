@@ -192,7 +192,7 @@ def test_a_node_that_writes_no_files_says_so_and_serves_no_stale_ones(world: Wor
     store = open_url(world.store_url)
     ctx = WebContext(store, lambda: world.registry, GRID, world.root, Bans(3), lambda: NOW, fail_delay_s=0.0)
     Operators(store).add("oleg", "oleg-password-1", int(NOW))
-    cookie, _ = Sessions(store).open("oleg", int(NOW))
+    cookie = Sessions(store).open("oleg", int(NOW))
     try:
         with serving(WebServer(lambda: build_app(ctx), "127.0.0.1", 0)) as port:
             api = Api(port, world.tokens, world.root, world.store_url, Bans(3))
@@ -291,7 +291,7 @@ def test_an_operators_console_session_reads_every_customer_and_only_customers_do
     names = {c: path_of(api.root, c, day).name for c in ("C1", "C2")}
     with open_url(api.store_url) as store:
         Operators(store).add("olga", "olga-password-1", int(NOW))
-        cookie, _ = Sessions(store).open("olga", int(NOW))
+        cookie = Sessions(store).open("olga", int(NOW))
         before = {c: store.downloads(c).get(names[c]) for c in names}
     units = json.loads(api.get("/api/v1/units", cookie=cookie)[2])["units"]
     assert [u["unit_id"] for u in units] == ["U1", "U2", "U3"]  # both customers' units
@@ -332,7 +332,7 @@ def test_the_fleets_and_a_units_health_are_for_operators_only(api: Api) -> None:
         store.keep_risk(yesterday, 3, [("U1", 2.5, reasons_json(reasons))], [], int(NOW) - 3600)
         store.keep_risk(today, 3, [], [("fleet", "disconnects", 3, 3, "1 more disconnects than usual")], int(NOW))
         Operators(store).add("hana", "hana-password-1", int(NOW))
-        cookie, _ = Sessions(store).open("hana", int(NOW))
+        cookie = Sessions(store).open("hana", int(NOW))
     status, _, body = api.get("/api/v1/fleet/health?days=3", cookie=cookie)
     fleet = json.loads(body)
     assert status == 200, body
@@ -450,7 +450,9 @@ def test_every_endpoint_keeps_its_openapi_document_for_any_input(api: Api) -> No
     auth = {"Authorization": f"Bearer {api.tokens['C1']}"}
     with open_url(api.store_url) as store:  # the commands are an operator's: fuzzed with a session and its token
         Operators(store).add("fuzz", "fuzz-password-1", int(NOW))
-        secret, session = Sessions(store).open("fuzz", int(NOW))
+        secret = Sessions(store).open("fuzz", int(NOW))
+        session = Sessions(store).get(secret, int(NOW))
+    assert session is not None
     operator = {"Cookie": f"{SESSION_COOKIE}={secret}", "X-CSRF-Token": session.csrf}
     # and half the time days near the data and the caller's own customer, where the answers have a body to check
     near = st.dates(TODAY - timedelta(days=50), TODAY + timedelta(days=2)).map(date.isoformat)

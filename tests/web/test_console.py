@@ -142,7 +142,7 @@ def test_an_operator_logs_in_and_finds_the_silent_unit(
         browser.find_element(By.NAME, "password").send_keys("wrong password")
         browser.find_element(By.CSS_SELECTOR, "form.login button").click()
         error = wait(browser).until(expected.presence_of_element_located((By.CLASS_NAME, "error")))
-        assert "Wrong name or password" in error.text
+        assert error.text == "Wrong name, password or code."
         shot(browser, "wrong-password")
 
         browser.find_element(By.NAME, "name").send_keys("alice")
