@@ -62,6 +62,12 @@ class Accounts:
         self.events[(protocol, "download")] += 1
         self.downloads.note(account.customer, Path(file).name, protocol, account.user)
 
+    def allows(self, account: Account, address: str) -> bool:
+        """Whether the account's customer takes logins from `address` (its `allow` list; a customer removed
+        since: no)."""
+        customer = self.registry().customers.get(account.customer)
+        return customer is not None and customer.allows(address)
+
     def failed(self, protocol: str, user: str, address: str) -> None:
         """Count a failed login (metrics) and tell whoever watches for security events."""
         self.events[(protocol, "failed_login")] += 1
@@ -113,6 +119,14 @@ class Bans:
     _kept: set[str] = field(default_factory=set)  # bans the store has (a kept ban missing there was lifted)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     bans: int = 0
+    refused: Counter[str] = field(default_factory=Counter)  # right credentials from an address not allowed, by door
+
+    def refuse(self, address: str, who: str, door: str) -> None:
+        """Note right credentials used from an address their customer does not allow (its `allow` list): logged
+        and counted, never a failure toward a ban (the customer's own machine, moved, must not be banned)."""
+        log.warning("%s: refused %s from %s: not an address its customer allows", door, who, normalize(address))
+        with self._lock:
+            self.refused[door] += 1
 
     def banned(self, address: str) -> bool:
         """Whether the address is banned now."""

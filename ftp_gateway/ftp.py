@@ -52,7 +52,12 @@ class _Authorizer:
     def validate_authentication(self, username: str, password: str, handler: Any) -> None:
         if self.bans.banned(handler.remote_ip):
             raise AuthenticationFailed("Too many failed logins from your address; try again later.")
-        if self.accounts.check_password(username, password) is None:
+        account = self.accounts.check_password(username, password)
+        if account is None:
+            raise AuthenticationFailed("Authentication failed.")
+        if not self.accounts.allows(account, handler.remote_ip):
+            handler.address_refused = True  # (the same answer: the address learns nothing of the password)
+            self.bans.refuse(handler.remote_ip, f"login {username}", "FTP")
             raise AuthenticationFailed("Authentication failed.")
 
     def get_home_dir(self, username: str) -> str:
@@ -109,6 +114,7 @@ def _handler(options: FtpOptions, accounts: Accounts, bans: Bans, doorway: Doorw
         use_sendfile = False
 
         ticket: Ticket | None = None  # its place at the door until it logs in or goes
+        address_refused = False  # the last login's credentials were right, from an address not allowed
 
         def on_connect(self) -> None:
             if bans.banned(self.remote_ip):
@@ -170,6 +176,9 @@ def _handler(options: FtpOptions, accounts: Accounts, bans: Bans, doorway: Doorw
             )
 
         def on_login_failed(self, username: str, password: str) -> None:
+            if self.address_refused:  # noted as such, not a failure toward a ban
+                self.address_refused = False
+                return
             log.warning("ftp: failed login user=%s address=%s", username, self.remote_ip)
             accounts.failed("ftp", username, self.remote_ip)
             if bans.failed(self.remote_ip, f"login {username}", "FTP"):

@@ -81,7 +81,10 @@ class _Server(asyncssh.SSHServer):
         self._refuse_if_banned()
         account = self.accounts.get(username)
         if account is not None and account.ssh_keys and self.conn is not None:
-            self.conn.set_authorized_keys(asyncssh.import_authorized_keys("\n".join(account.ssh_keys)))
+            if self.accounts.allows(account, self.address):
+                self.conn.set_authorized_keys(asyncssh.import_authorized_keys("\n".join(account.ssh_keys)))
+            else:  # its keys are not offered: a key login fails as if the key were wrong
+                self.bans.refuse(self.address, f"login {username} (key)", "SFTP")
         return True
 
     def password_auth_supported(self) -> bool:
@@ -98,7 +101,11 @@ class _Server(asyncssh.SSHServer):
             log.warning("sftp: closed user=%s address=%s after %d attempts", username, self.address, MAX_AUTH_ATTEMPTS)
             raise asyncssh.DisconnectError(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE, "too many attempts")
         # scrypt takes ~0.2 s: off the event loop, which ingest shares
-        if await asyncio.to_thread(self.accounts.check_password, username, password) is not None:
+        account = await asyncio.to_thread(self.accounts.check_password, username, password)
+        if account is not None and not self.accounts.allows(account, self.address):
+            self.bans.refuse(self.address, f"login {username}", "SFTP")
+            return False
+        if account is not None:
             self.accounts.events[("sftp", "login")] += 1
             log.info("sftp: login user=%s address=%s (password)", username, self.address)
             return True

@@ -7,6 +7,7 @@ The tenant of a reading comes from here, never from the telegram or its topic.
 from __future__ import annotations
 
 import csv
+import ipaddress
 import re
 import tomllib
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kernel.emissions import NO_FACTORS, DayFactors, Factors, FactorsError, fiscal_year, load_factors
 from kernel.errors import bad_lines
@@ -52,6 +53,34 @@ class Customer(BaseModel):
     menu: str = Field(default="", max_length=200)  # factors file: the market-based emissions' factor
     co2_columns: bool = False  # emissions in the CSV files and a monthly summary
     users: list[FtpUser] = []
+    # the addresses or networks its machines come from ("203.0.113.0/24", "2001:db8::/32"): its logins (FTPS,
+    # SFTP) and tokens (the API) are taken from these only; empty: from anywhere
+    allow: list[str] = Field(default=[], max_length=1000)
+
+    @field_validator("allow")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        for network in v:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"allow: {network!r} is no address or network (203.0.113.0/24, 2001:db8::/32)"
+                ) from None
+        return v
+
+    def allows(self, address: str) -> bool:
+        """Whether a machine at `address` may use this customer's logins and tokens (an IPv4 address mapped into
+        IPv6, as a dual-stack socket gives it, counts as the IPv4 address; no address is no allowed one)."""
+        if not self.allow:
+            return True
+        try:
+            ip = ipaddress.ip_address(address.split("%")[0])
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in ipaddress.ip_network(n, strict=False) for n in self.allow)
 
     @model_validator(mode="before")
     @classmethod

@@ -117,6 +117,14 @@ class SmameCollector(Collector):
             yield events
         if self.s.bans is not None:
             yield _counter("smame_files_bans", "addresses banned after repeated failed logins", self.s.bans.bans)
+            refused = CounterMetricFamily(
+                "smame_refused_addresses",
+                "logins and API calls with right credentials from an address their customer does not allow",
+                labels=["door"],
+            )
+            for door, n in sorted(self.s.bans.refused.items()):
+                refused.add_metric([door], n)
+            yield refused
 
 
 def _cluster_metrics(c: BrokerCluster) -> Iterator[Metric]:

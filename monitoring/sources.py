@@ -132,6 +132,10 @@ class BanList(Protocol):
 
     @property
     def bans(self) -> int: ...
+    @property
+    def refused(self) -> Mapping[str, int]:
+        """Right credentials used from addresses their customer does not allow, by door."""
+        ...
 
     def active(self) -> Mapping[str, float]:
         """Each banned address with the seconds its ban has left."""

@@ -739,7 +739,7 @@ class App:
                     lambda: len(self.registry.current.units),
                     self.exporter.stats if self.exporter else None,
                     self.gateway.accounts if self.gateway else None,
-                    self.gateway.bans if self.gateway else None,
+                    self.bans,  # (the file gateway's and the web's one list)
                     self.monitor,
                     self.leadership,
                     self.devices.stats if self.devices else None,

@@ -321,10 +321,15 @@ def build_api(ctx: WebContext) -> FastAPI:
         token = bearer.credentials.strip()
         customer = await ctx.store.call(tokens.customer_of, token)
         match = TOKEN.fullmatch(token)
-        if customer is None or customer not in ctx.registry().customers:
+        known = ctx.registry().customers.get(customer) if customer is not None else None
+        if customer is None or known is None:
             ctx.bans.failed(address, f"token {match['id']}" if match else "", "the API")
             await asyncio.sleep(ctx.fail_delay_s)  # a guesser learns slowly; the loop serves others meanwhile
             raise ApiError(401, "this API token is not valid", {"WWW-Authenticate": "Bearer"})
+        if not known.allows(address):
+            # (a token's 256 bits are not guessed: saying why costs nothing, and tells the customer what to fix)
+            ctx.bans.refuse(address, f"token {match['id'] if match else '?'}", "the API")
+            raise ApiError(403, f"this token's customer does not allow calls from {address}")
         return Reader(customer, f"token {match['id'] if match else '?'}")
 
     Caller = Annotated[Reader, Depends(caller)]

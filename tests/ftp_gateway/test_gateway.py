@@ -510,3 +510,44 @@ async def test_sftp_on_every_ipv6_address_answers_on_ipv4_too(workdir: Path) -> 
             writer.close()
     finally:
         acceptor.close()
+
+
+def test_a_customer_with_an_allow_list_logs_in_only_from_its_addresses_and_a_refusal_bans_nobody(
+    gateway: Gateway, workdir: Path
+) -> None:
+    customers = Path(gateway.env["SMAME_REGISTRY__CUSTOMERS"])
+    allow = 'allow = ["127.0.0.2/32", "2001:db8::/32"]\n'  # C1 (alice) from 127.0.0.2 only; C2 (bob) from anywhere
+    customers.write_text(customers.read_text().replace('name = "Customer C1"\n', 'name = "Customer C1"\n' + allow))
+    gateway.proc.send_signal(signal.SIGHUP)
+    wait_log(gateway.log, "registry reloaded")
+    ftps(gateway, source="127.0.0.2").quit()
+    sftp(gateway, source="127.0.0.2").close()
+    for _ in range(2):  # as many as ban_after (3) and more, both doors: right passwords from the wrong address
+        with pytest.raises(ftplib.error_perm, match="530"):
+            ftps(gateway, source="127.0.0.3")
+        with pytest.raises(paramiko.AuthenticationException):
+            sftp(gateway, source="127.0.0.3")
+    ftps(gateway, "bob", source="127.0.0.3").quit()  # that address is not banned
+    sftp(gateway, "bob", source="127.0.0.3").close()
+    text = gateway.log.read_text()
+    assert text.count(" FTP: refused login alice from 127.0.0.3: not an address its customer allows") == 2
+    assert text.count(" SFTP: refused login alice from 127.0.0.3: not an address its customer allows") == 2
+    assert "failed login user=alice" not in text
+    # a key login is refused from there too, as if the key were wrong
+    key = paramiko.ECDSAKey.generate()
+    pub = workdir / "carol.pub"
+    pub.write_text(f"{key.get_name()} {key.get_base64()} carol@test\n")
+    smame(["users", "add", "C1", "carol", "--ssh-key", str(pub)], gateway.env)
+    gateway.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: gateway.log.read_text().count("registry reloaded") == 2)
+    for source, works in (("127.0.0.3", False), ("127.0.0.2", True)):
+        transport = paramiko.Transport(connect_from(source, gateway.sftp))
+        try:
+            if works:
+                transport.connect(username="carol", pkey=key)
+            else:
+                with pytest.raises(paramiko.AuthenticationException):
+                    transport.connect(username="carol", pkey=key)
+        finally:
+            transport.close()
+    assert "SFTP: refused login carol (key) from 127.0.0.3" in gateway.log.read_text()

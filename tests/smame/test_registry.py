@@ -48,6 +48,8 @@ def test_header_only_file_is_an_empty_fleet(tmp_path: Path) -> None:
         ("unit_id,customer_id\n", '[customers.C1]\nlayout = "tall"\n', "customers.C1: layout"),
         ("unit_id,customer_id\n", "[customers.C1]\ncolour = 1\n", "customers.C1: colour"),
         ("unit_id,customer_id\n", "[customers.C1\n", "not valid TOML"),
+        ("unit_id,customer_id\n", '[customers.C1]\nallow = ["10.0.0.0/33"]\n', "allow: '10.0.0.0/33' is no address"),
+        ("unit_id,customer_id\n", '[customers.C1]\nallow = "10.0.0.1"\n', "customers.C1: allow"),
         ("unit_id,customer_id\n", "a = " + "[" * 1000 + "]" * 1000, "customers.toml: not valid TOML: nested too deep"),
     ],
 )
@@ -55,3 +57,21 @@ def test_errors_name_the_place(tmp_path: Path, units: str, customers: str | None
     paths = files(tmp_path, units) if customers is None else files(tmp_path, units, customers)
     with pytest.raises(RegistryError, match=message.replace("(", r"\(")):
         load_registry(*paths)
+
+
+def test_an_allow_list_takes_its_addresses_and_networks_and_ipv4_on_a_dual_stack_socket(tmp_path: Path) -> None:
+    customers = '[customers.C1]\nallow = ["203.0.113.0/24", "2001:db8::/32", "192.0.2.7"]\n[customers.C2]\n'
+    registry = load_registry(*files(tmp_path, "unit_id,customer_id\nU1,C1\n", customers))
+    c1, c2 = registry.customers["C1"], registry.customers["C2"]
+    for address, allowed in (
+        ("203.0.113.200", True),
+        ("::ffff:203.0.113.9", True),  # an IPv4 client of a dual-stack listener
+        ("2001:db8:1::5", True),
+        ("192.0.2.7", True),
+        ("192.0.2.8", False),
+        ("2001:db9::1", False),
+        ("", False),
+        ("not an address", False),
+    ):
+        assert c1.allows(address) is allowed, address
+        assert c2.allows(address)  # no list: from anywhere

@@ -20,7 +20,9 @@ from tests.helpers import (
     console_env,
     first_start,
     memory_mb,
+    metrics_env,
     publish,
+    scrape,
     smame,
     smame_env,
     start_smame,
@@ -240,3 +242,37 @@ def test_an_operator_lists_and_lifts_bans_on_the_command_line_and_in_the_console
     finally:
         assert stop(proc) == 0
     assert "Traceback" not in (workdir / "smame.log").read_text()
+
+
+def test_a_customer_with_an_allow_list_is_served_only_at_its_addresses_and_a_refusal_bans_nobody(
+    broker: Mosquitto, workdir: Path
+) -> None:
+    _, customers = write_registry(workdir, {"U1": "C1", "U2": "C2"})
+    # C1's machines are at 127.0.0.3 and in 127.0.0.8/29; C2 has no list
+    allow = 'allow = ["127.0.0.3", "127.0.0.8/29"]\n'
+    customers.write_text(customers.read_text().replace('name = "Customer C1"\n', 'name = "Customer C1"\n' + allow))
+    metrics = free_port()
+    env, port = console_env(
+        workdir,
+        broker.port,
+        PASSWORD,
+        SMAME_FTP__BAN_AFTER="2",
+        SMAME_FTP__FAIL_DELAY_S="0",
+        **metrics_env(metrics),
+    )
+    c1, c2 = (smame(["tokens", "add", c], env).stdout.strip() for c in ("C1", "C2"))
+    proc = start_smame(env, workdir / "smame.log")
+    try:
+        wait_log(workdir / "smame.log", "web server listening")
+        assert call_from("127.0.0.3", port, c1) == 200
+        assert call_from("127.0.0.13", port, c1) == 200  # in 127.0.0.8/29
+        for _ in range(4):  # more than ban_after: refused each time, never banned
+            assert call_from("127.0.0.6", port, c1) == 403
+        assert call_from("127.0.0.6", port, c2) == 200  # the address is not banned: C2 allows anyone
+        assert call_from("127.0.0.6", port, c1[:-1] + "x") == 401  # a wrong token there still counts as one
+        log = (workdir / "smame.log").read_text()
+        assert f"the API: refused token {c1.split('_')[1]} from 127.0.0.6: not an address its customer allows" in log
+        assert scrape(metrics)['smame_refused_addresses_total{door="the API"}'] == 4
+        assert smame(["bans", "list"], env).stdout == ""
+    finally:
+        assert stop(proc) == 0
