@@ -13,6 +13,7 @@ from aggregator.store import (
     OPERATOR_EXTRA,
     READING_COLUMNS,
     SLOT_COLUMNS,
+    TOKEN_EXTRA,
     Store,
     StoreError,
 )
@@ -25,7 +26,7 @@ _TABLES: dict[str, tuple[str, tuple[str, ...]]] = {
     "changes": ("id, customer, day, at", ("id",)),
     "quarantine": ("id, received, topic, unit, reason, detail, payload, concerns", ("id",)),
     "outbox": ("id, key, channel, payload, created, next_try, attempts, sent, given_up, last_error", ("id",)),
-    "api_tokens": ("id, customer, name, hash, created", ("id",)),
+    "api_tokens": ("id, customer, name, hash, created, " + ", ".join(c for c, _ in TOKEN_EXTRA), ("id",)),
     "operators": ("name, hash, created, " + ", ".join(c for c, _ in OPERATOR_EXTRA), ("name",)),
     "web_sessions": ("id, operator, csrf, created, seen", ("id",)),
     "downloads": ("customer, file, at, via, who, count", ("customer", "file")),

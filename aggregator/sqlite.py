@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from aggregator.slots import Point
-from aggregator.store import OPERATOR_EXTRA, REGISTERS, Store, StoreError
+from aggregator.store import OPERATOR_EXTRA, REGISTERS, TOKEN_EXTRA, Store, StoreError
 from kernel.timegrid import SLOT
 
 log = logging.getLogger("smame.store")
@@ -56,7 +56,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     sent REAL, given_up REAL, last_error TEXT NOT NULL DEFAULT '');
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (next_try) WHERE sent IS NULL AND given_up IS NULL;
 CREATE TABLE IF NOT EXISTS api_tokens (
-    id TEXT PRIMARY KEY, customer TEXT NOT NULL, name TEXT NOT NULL, hash TEXT NOT NULL, created BIGINT NOT NULL);
+    id TEXT PRIMARY KEY, customer TEXT NOT NULL, name TEXT NOT NULL, hash TEXT NOT NULL, created BIGINT NOT NULL,
+    {", ".join(f"{c} {kind}" for c, kind in TOKEN_EXTRA)});
 CREATE TABLE IF NOT EXISTS operators (
     name TEXT PRIMARY KEY, hash TEXT NOT NULL, created BIGINT NOT NULL,
     {", ".join(f"{c} {kind}" for c, kind in OPERATOR_EXTRA)});
@@ -167,8 +168,8 @@ class SqliteStore(Store):
 
     errors = (sqlite3.OperationalError,)
     # 2: readings keyed by time, each unit's span of readings beside them; 3: quarantine.concerns; 4: readings.diag;
-    # 5: operators' roles and second factors
-    schema_version = 5
+    # 5: operators' roles and second factors; 6: tokens' expiry and scope
+    schema_version = 6
 
     def __init__(self, path: Path, synchronous: str = "FULL", cache_mib: int = 8) -> None:
         super().__init__(f"sqlite:///{path}")
@@ -242,7 +243,8 @@ class SqliteStore(Store):
     def _migrate(self, found: int) -> None:
         """Schema 1 kept readings keyed (unit, at): rebuild them keyed by time, and their units' spans. Schema
         2 did not note which time a quarantined item is about, schema 3 no unit's diagnostics, schema 4 no operator's
-        role or second factor (operators from before keep every power they had: admin)."""
+        role or second factor (operators from before keep every power they had: admin), schema 5 no token's expiry
+        or scope (tokens from before never expire and read all they could)."""
         if found < 2:
             log.warning(
                 "migrating the store %s to schema 2 (readings keyed by time); a large store takes minutes", self.path
@@ -264,6 +266,7 @@ class SqliteStore(Store):
             ("quarantine", "concerns", "BIGINT"),
             ("readings", "diag", "BLOB"),
             *(("operators", column, kind) for column, kind in OPERATOR_EXTRA),
+            *(("api_tokens", column, kind) for column, kind in TOKEN_EXTRA),
         ):
             # (a table made by this code's schema at opening, or by the migration above, has it already)
             if column not in {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}:

@@ -42,6 +42,11 @@ OPERATOR_EXTRA = (
     ("totp_step", "BIGINT NOT NULL DEFAULT 0"),  # the newest time step a code was taken for: none is taken twice
     ("recovery", "TEXT NOT NULL DEFAULT ''"),  # SHA-256 of each unused recovery code, separated by spaces
 )
+# API tokens' columns since schema 6; a token from before never expires and reads everything it could
+TOKEN_EXTRA = (
+    ("expires", "BIGINT"),  # epoch seconds it is refused from; None: never
+    ("scope", "TEXT NOT NULL DEFAULT 'units files emissions'"),  # what it reads (web.access.SCOPES), by spaces
+)
 READING_COLUMNS = "unit, at, meter, fwd, rev, e1, coef, digits, flags, seq, sent, received, diag"
 _SLOT_SET = {
     "imp": "imp = excluded.imp, imp_q = excluded.imp_q, imp_flags = excluded.imp_flags",
@@ -921,6 +926,16 @@ class Store(ABC):
             )
             entries = self.execute("DELETE FROM audit WHERE at < ?", (before,))
             return commands.rowcount, entries.rowcount
+
+    def tokens_expiring(self, before: float) -> list[tuple[str, str, str, int]]:
+        """(id, customer, name, expires) of the API tokens that expire before `before` (expired ones too),
+        soonest first."""
+        rows = self.execute(
+            "SELECT id, customer, name, expires FROM api_tokens WHERE expires IS NOT NULL AND expires < ? "
+            "ORDER BY expires, id",
+            (int(before),),
+        ).fetchall()
+        return [(str(i), str(c), str(n), int(e)) for i, c, n, e in rows]
 
     def record_audit(self, at: int, who: str, origin: str, action: str, target: str, detail: str = "") -> None:
         """Keep one entry of the audit log: an operator's action that changes nothing else in the store (an

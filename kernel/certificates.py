@@ -1,12 +1,14 @@
 """Certificates and private keys as smame makes them: the broker's CA and leaves (`smame provision`) and the
-file gateway's self-signed FTPS certificate. One way to name a host, date a certificate and write a key."""
+file gateway's self-signed FTPS certificate. One way to name a host, date a certificate and write a key, and to
+read when the certificates in use stop (`held_in`)."""
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
@@ -62,3 +64,51 @@ def write_file(path: Path, data: bytes, private: bool = False) -> None:
     with os.fdopen(fd, "wb") as f:
         f.write(data)
     os.replace(tmp, path)
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """A certificate smame uses or was asked to watch: where it is, whose it is, and when it stops."""
+
+    path: Path
+    subject: str
+    not_after: float  # epoch seconds
+    ca: bool
+
+
+WATCH_FILES_MAX = 2_000_000  # certificate files read from one directory at most (a million units' and then some)
+
+
+def held_in(paths: Iterable[Path]) -> tuple[list[Held], list[str]]:
+    """Every certificate in `paths` (a file: each certificate in it; a directory: its `*.pem` and those of its
+    `certs/`, as `smame provision` writes them), soonest to expire first; and what could not be read, in words.
+    Files without a certificate (keys) are passed over."""
+    found: list[Held] = []
+    problems: list[str] = []
+    for path in paths:
+        if path.is_dir():
+            files = sorted(path.glob("*.pem"))
+            files += sorted((path / "certs").glob("*.pem")) if (path / "certs").is_dir() else []
+        elif path.exists():
+            files = [path]
+        else:
+            problems.append(f"{path}: not found")
+            continue
+        for file in files[:WATCH_FILES_MAX]:
+            try:
+                data = file.read_bytes()
+                if b"-----BEGIN CERTIFICATE-----" not in data:
+                    continue
+                certs = x509.load_pem_x509_certificates(data)
+            except (OSError, ValueError) as exc:
+                problems.append(f"{file}: {exc}")
+                continue
+            for cert in certs:
+                try:
+                    ca = bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+                except x509.ExtensionNotFound:
+                    ca = False
+                subject = cert.subject.rfc4514_string() or "(no subject)"
+                found.append(Held(file, subject, cert.not_valid_after_utc.timestamp(), ca))
+    found.sort(key=lambda h: (h.not_after, str(h.path)))
+    return found, problems

@@ -232,6 +232,16 @@ class MonitoringSettings(Section):
     outbox_give_up_s: int = Field(default=3 * 86400, ge=60)  # a report or alert not sent by then is dropped
     outbox_retry_s: float = Field(default=15.0, gt=0)  # first retry of a failed send; doubles up to 30 min
     outbox_keep_days: int = Field(default=30, ge=1)  # sent and abandoned messages are kept this long
+    # certificates watched for their expiry besides those smame uses (FTPS, the broker's CA and its client
+    # certificate): files, or directories as `smame provision --out` writes them (the CA, the broker's, each unit's)
+    certificates: Annotated[list[Path], NoDecode] = []
+
+    @field_validator("certificates", mode="before")
+    @classmethod
+    def _paths(cls, v: Any) -> Any:
+        if isinstance(v, str):  # SMAME_MONITORING__CERTIFICATES=/etc/smame/broker,/etc/ssl/extra.pem
+            v = [p.strip() for p in v.split(",") if p.strip()]
+        return v
 
 
 class WebSettings(Section):
@@ -356,6 +366,8 @@ class AlertSettings(Section):
     disk_free_percent: float = Field(default=10.0, ge=0, le=100)
     silent_after_s: int = Field(default=7200, ge=60)  # a unit is silent when its newest reading is older
     silent_units_min: int = Field(default=10, ge=1)  # this many silent units at once raise one alert
+    cert_warn_days: int = Field(default=30, ge=1)  # a certificate that expires within this many days: an alert
+    cert_urgent_days: int = Field(default=7, ge=0)  # and within this many (or expired): another, more urgent
     history_days: int = Field(default=90, ge=1, le=3660)  # how long the alerts' history is kept
 
 
@@ -453,6 +465,16 @@ class Settings(BaseSettings):
         """The effective storage URL."""
         assert self.storage.url is not None
         return self.storage.url
+
+    @property
+    def watched_certificates(self) -> list[Path]:
+        """The certificate files and directories whose expiry is watched: those smame uses (the file gateway's,
+        the broker's CA and smame's client certificate), then monitoring.certificates."""
+        f, b = self.ftp, self.broker
+        made = self.data_dir / "ftps-cert.pem"  # the self-signed one the file gateway makes at its first start
+        own = [f.certfile] if f.enabled and f.certfile else [made] if f.enabled and made.exists() else []
+        own += [p for p in (b.ca_file, b.cert_file) if p is not None]
+        return list(dict.fromkeys([*own, *self.monitoring.certificates]))
 
     @property
     def contract_kw(self) -> Fraction:

@@ -39,6 +39,9 @@ TITLES = {
     "security_ban": "security: addresses banned after failed logins",
     "security_failed_logins": "security: repeated failed logins",
     "security_unit_mismatch": "security: telegrams under another unit's topic",
+    "security_token_expiry": "security: API tokens expiring",
+    "certificate_expiry": "certificates expire within weeks",
+    "certificate_expiry_urgent": "certificates expire within days, have expired, or cannot be read",
 }
 
 

@@ -11,15 +11,17 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import date, datetime, timedelta
+from datetime import date, datetime, timedelta, tzinfo
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
 from aggregator.store import Store
+from kernel.certificates import Held, held_in
 from kernel.firmware import STEPS
 from kernel.heap import trim_heap
 from kernel.reading import Reason
@@ -83,6 +85,9 @@ def alert_messages(notice: Notice, settings: Settings) -> list[Message]:
     )
 
 
+CERTIFICATES_EVERY_S = 3600  # the watched certificates are read again this often (a rotation shows within the hour)
+TOKENS_TOLD = "tokens_told"  # the store's meta key: each API token's expiry stage told (id:expires:soon|expired)
+TOKEN_WARN_S = 14 * 86400  # an API token is told of this long before it expires (and again once it has)
 CAMPAIGNS_TOLD = "campaigns_told"  # the store's meta key: the newest campaign end told, and the ids ended then
 
 
@@ -123,6 +128,9 @@ class Monitor:
         self._health_failed = ""  # why the last health pass failed ("" when it did not)
         # fields of units' diag left out as wrong today and yesterday, as the last health pass found them
         self.diag_dropped: dict[str, int] = {}
+        self.certificates: list[Held] = []  # the watched certificates, soonest to expire first, as last read
+        self.certificate_problems: list[str] = []  # what could not be read of them
+        self._certificates_at = -math.inf  # when they were last read
 
     def failover(self, node: str, epoch: int, former: str, silent_s: float, row: Mapping[str, object]) -> None:
         """Called when this node has taken over from a leader that did not stop cleanly: said once, at the next
@@ -193,6 +201,50 @@ class Monitor:
             notices.append(alerts.event(f"campaign_{c.phase}", text, now))
         return notices, json.dumps({"at": at, "ids": ids})
 
+    def _certificate_alerts(self, now: float) -> dict[str, str]:
+        """The certificate alerts that hold: those expiring within alerts.cert_warn_days, and within
+        alerts.cert_urgent_days (or expired, or unreadable) apart, each naming the soonest."""
+        a = self.settings.alerts
+        out: dict[str, str] = {}
+        urgent = [h for h in self.certificates if h.not_after - now <= a.cert_urgent_days * 86400]
+        soon = [h for h in self.certificates if h not in urgent and h.not_after - now <= a.cert_warn_days * 86400]
+        for name, held, within in (
+            ("certificate_expiry", soon, a.cert_warn_days),
+            ("certificate_expiry_urgent", urgent, a.cert_urgent_days),
+        ):
+            if held:
+                out[name] = f"{len(held)} certificate(s) expire within {within} days: " + certificates_text(
+                    held, now, self.grid.zone
+                )
+        if self.certificate_problems:  # a certificate that cannot be read may as well have expired
+            problems = self.certificate_problems
+            unread = "; ".join(problems[:5]) + (f" and {len(problems) - 5} more" if len(problems) > 5 else "")
+            said = [out.get("certificate_expiry_urgent", ""), f"certificates watched that cannot be read: {unread}"]
+            out["certificate_expiry_urgent"] = "; ".join(t for t in said if t)
+        return out
+
+    def _tokens_expiring(self, now: float) -> tuple[list[Notice], str]:
+        """API tokens that expire within TOKEN_WARN_S, or have expired, not told yet at that stage (on the store's
+        thread): one security event for all, and the mark to keep once it is queued (the stages told of the
+        tokens still listed)."""
+        raw = self.store.get_meta(TOKENS_TOLD, "[]")
+        told = set(json.loads(raw))
+        soon: list[str] = []
+        gone: list[str] = []
+        stages: list[str] = []
+        for token_id, customer, name, expires in self.store.tokens_expiring(now + TOKEN_WARN_S):
+            stage = f"{token_id}:{expires}:{'expired' if expires <= now else 'soon'}"
+            stages.append(stage)
+            if stage not in told:
+                shown = datetime.fromtimestamp(expires, self.grid.zone).isoformat(timespec="minutes")
+                named = f" ({name})" if name else ""
+                (gone if expires <= now else soon).append(f"{token_id} of {customer}{named} {shown}")
+        if not (soon or gone):
+            return [], ""
+        parts = [f"{what}: {', '.join(which)}" for what, which in (("expire soon", soon), ("expired", gone)) if which]
+        text = f"API tokens {'; '.join(parts)} (smame tokens add makes a new one; the customer's server needs it)"
+        return [alerts.event("security_token_expiry", text, now)], json.dumps(sorted(stages))
+
     def _security_notices(self, now: float) -> list[Notice]:
         return [alerts.event(kind, text, now) for kind, text in self.security.due(now)]
 
@@ -203,6 +255,10 @@ class Monitor:
             self.active = await self.store.call(self._load_state)
             self._saved = alerts.dump_state(self.active)
             self._loaded = True
+        if now - self._certificates_at >= CERTIFICATES_EVERY_S or now < self._certificates_at:
+            self._certificates_at = now
+            paths = self.settings.watched_certificates
+            self.certificates, self.certificate_problems = await asyncio.to_thread(held_in, paths)
         self.draining = self._draining(now)
         if self.draining:  # the last scan stands (each unit's newest reading may still be in the broker), and
             # the count of units, which ingest_stopped needs should commits fail from the start
@@ -230,8 +286,9 @@ class Monitor:
                 log.exception("units' health records not kept; trying again in %.0f s", every)
                 self._health_failed = f"{type(exc).__name__}: {exc}"[:300]
         campaigns, campaigns_mark = await self.store.call(self._campaigns_ended, now)
+        expiring, tokens_mark = await self.store.call(self._tokens_expiring, now)
         security = self._security_notices(now)
-        notices, self._events = notices + self._events + campaigns + security, []
+        notices, self._events = notices + self._events + campaigns + expiring + security, []
         controls = await self.store.call(self.history.controls)
         entries = [
             Entry(n.at, n.name, n.state, n.text, self.watched.node, told=not controls.held_back(n, started, now))
@@ -252,6 +309,8 @@ class Monitor:
                 self.history.record(entries)
                 if campaigns:  # told with them, in the same transaction: each end is told once
                     self.store.set_meta(CAMPAIGNS_TOLD, campaigns_mark)
+                if expiring:  # the same: each token's stage is told once
+                    self.store.set_meta(TOKENS_TOLD, tokens_mark)
 
             await self.outbox.put(messages, also)
             self._saved = state
@@ -346,6 +405,7 @@ class Monitor:
             holding["units_at_risk"] = (
                 at_risk.text(s.at_risk) + f" (more than health.alert_at_risk, {most}; the console's At risk page)"
             )
+        holding.update(self._certificate_alerts(now))
         refused = w.reload_refused()
         if refused:
             holding["reload_refused"] = (
@@ -562,3 +622,16 @@ class Monitor:
         pending = OutboxTable(self.store).counts()["pending"]
         standing = at_risk.read(self.store, self.grid, now)
         return Scan(len(registry.units), silent, reporting, slots_today, pending, at_risk=standing)
+
+
+def certificates_text(held: Sequence[Held], now: float, zone: tzinfo, limit: int = 10) -> str:
+    """The soonest of these certificates, each with its file, subject and end (days left, or expired), and how
+    many more."""
+    shown = []
+    for h in held[:limit]:
+        left = h.not_after - now
+        when = datetime.fromtimestamp(h.not_after, zone).isoformat(timespec="minutes")
+        state = f"{left / 86400:.0f} days left" if left > 0 else "EXPIRED"
+        shown.append(f"{h.path} ({h.subject}{', a CA' if h.ca else ''}) until {when}, {state}")
+    more = f" and {len(held) - limit} more (smame certs list)" if len(held) > limit else ""
+    return "; ".join(shown) + more

@@ -18,7 +18,9 @@ import hashlib
 import hmac
 import re
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import pyotp
 
@@ -31,6 +33,7 @@ LABEL_MAX = 200
 SESSION_COOKIE = "smame_session"  # the console's session cookie, which the API also takes from operators
 SESSION_IDLE_S = 8 * 3600
 SESSION_MAX_S = 24 * 3600
+SCOPES = ("units", "files", "emissions")  # what a token reads: units and their slots, daily files, CO2 figures
 ROLES = ("viewer", "operator", "admin")  # each may do all that the one before it may, and more
 TOTP_STEP_S = 30
 TOTP_CODE = re.compile(r"[0-9]{6}")
@@ -47,12 +50,19 @@ class AccessError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class TokenInfo:
-    """A token as listed: never its secret."""
+    """A token as listed (never its secret), and as a request's token is known: its customer, what it may
+    read, and when it stops (None: never)."""
 
     id: str
     customer: str
     name: str
     created: int
+    expires: int | None = None
+    scope: tuple[str, ...] = SCOPES
+
+    def expired(self, now: float) -> bool:
+        """Whether the token is refused at `now` for its age."""
+        return self.expires is not None and now >= self.expires
 
 
 def _digest(secret: str) -> str:
@@ -65,15 +75,22 @@ class Tokens:
     def __init__(self, store: Store) -> None:
         self.store = store
 
-    def add(self, customer: str, name: str, now: int) -> str:
-        """Make a token for `customer`, store its hash, and return the token (shown once, never again)."""
+    def add(self, customer: str, name: str, now: int, expires: int | None = None, scope: Sequence[str] = SCOPES) -> str:
+        """Make a token for `customer` that reads `scope` until `expires` (None: for ever), store its hash, and
+        return the token (shown once, never again)."""
         if len(name) > LABEL_MAX or not name.isprintable():
             raise AccessError(f"a token's name is at most {LABEL_MAX} printable characters")
+        unknown = [s for s in scope if s not in SCOPES]
+        if unknown or not scope:
+            raise AccessError(f"a token's scope is some of {', '.join(SCOPES)}, not {', '.join(unknown) or 'none'}")
+        if expires is not None and expires <= now:
+            raise AccessError("a token's expiry must be in the future")
         token_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
         with self.store.transaction():
             self.store.execute(
-                "INSERT INTO api_tokens (id, customer, name, hash, created) VALUES (?, ?, ?, ?, ?)",
-                (token_id, customer, name, _digest(secret), now),
+                "INSERT INTO api_tokens (id, customer, name, hash, created, expires, scope) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (token_id, customer, name, _digest(secret), now, expires, " ".join(s for s in SCOPES if s in scope)),
             )
         return f"smame_{token_id}_{secret}"
 
@@ -81,9 +98,9 @@ class Tokens:
         """Every token (of `customer`, when given), oldest first."""
         where, args = (" WHERE customer = ?", (customer,)) if customer else ("", ())
         rows = self.store.execute(
-            f"SELECT id, customer, name, created FROM api_tokens{where} ORDER BY created, id", args
+            f"SELECT id, customer, name, created, expires, scope FROM api_tokens{where} ORDER BY created, id", args
         ).fetchall()
-        return [TokenInfo(*r) for r in rows]
+        return [_token(r) for r in rows]
 
     def remove(self, token_id: str) -> str:
         """Remove a token; return its customer."""
@@ -94,15 +111,18 @@ class Tokens:
             self.store.execute("DELETE FROM api_tokens WHERE id = ?", (token_id,))
         return str(row[0])
 
-    def customer_of(self, token: str) -> str | None:
-        """The customer a token belongs to, or None when it is malformed, unknown or wrong."""
+    def known(self, token: str) -> TokenInfo | None:
+        """The token (its customer, scope and expiry: expired or not), or None when it is malformed, unknown or
+        wrong."""
         m = TOKEN.fullmatch(token)
         if m is None:
             return None
-        row = self.store.execute("SELECT customer, hash FROM api_tokens WHERE id = ?", (m["id"],)).fetchone()
-        if row is None or not hmac.compare_digest(row[1], _digest(m["secret"])):
+        row = self.store.execute(
+            "SELECT id, customer, name, created, expires, scope, hash FROM api_tokens WHERE id = ?", (m["id"],)
+        ).fetchone()
+        if row is None or not hmac.compare_digest(row[6], _digest(m["secret"])):
             return None
-        return str(row[0])
+        return _token(row[:6])
 
 
 def may(role: str, need: str) -> bool:
@@ -310,6 +330,14 @@ class Sessions:
         """End a session (logging out)."""
         with self.store.transaction():
             self.store.execute("DELETE FROM web_sessions WHERE id = ?", (_digest(secret),))
+
+
+def _token(row: Sequence[Any]) -> TokenInfo:
+    """A token of its row (id, customer, name, created, expires, scope)."""
+    token_id, customer, name, created, expires, scope = row
+    kept = tuple(str(scope).split())
+    until = None if expires is None else int(expires)
+    return TokenInfo(str(token_id), str(customer), str(name), int(created), until, kept)
 
 
 def _check_role(role: str) -> None:

@@ -39,7 +39,7 @@ from kernel.emissions import fiscal_year
 from kernel.meter import flag_names, format_kwh
 from kernel.timegrid import SLOT, Grid
 from monitoring.at_risk import Standing
-from web.access import SESSION_COOKIE, TOKEN, Sessions, Tokens, may
+from web.access import SCOPES, SESSION_COOKIE, TOKEN, Sessions, Tokens, may
 from web.context import NO_FILES, WebContext
 from web.fleet_health import fleet_health, unit_health
 
@@ -65,6 +65,12 @@ class Reader:
     who: str
     csrf: str = ""  # an operator's session's CSRF token, which its requests that change anything must carry
     role: str = "viewer"  # an operator's role (web.access.ROLES)
+    scope: frozenset[str] = frozenset(SCOPES)  # what a customer's token reads (an operator: everything)
+
+    def needs(self, scope: str) -> None:
+        """Refuse (403) a call outside the token's scope."""
+        if scope not in self.scope:
+            raise ApiError(403, f"this token reads {', '.join(sorted(self.scope))}, not {scope}")
 
     def sees(self, customer: str) -> bool:
         """Whether this caller may read `customer`'s units and files."""
@@ -244,7 +250,7 @@ def _refusals(*codes: int) -> dict[int | str, dict[str, Any]]:
     reasons = {
         400: "a parameter is malformed or out of range",
         401: "no token, or not a valid one",
-        403: "for operators only (a customer's token is refused)",
+        403: "refused: for operators only, outside the token's scope, or from an address its customer does not allow",
         404: "no such unit, customer or file for this caller",
         409: "the command is no longer queued",
         413: f"a body of over {MAX_BODY // 1024} KiB",
@@ -319,25 +325,31 @@ def build_api(ctx: WebContext) -> FastAPI:
                 raise ApiError(403, "enrol a second factor in the console first (web.require_2fa)")
             return Reader(None, f"operator {session.operator}", session.csrf, session.role)
         token = bearer.credentials.strip()
-        customer = await ctx.store.call(tokens.customer_of, token)
+        grant = await ctx.store.call(tokens.known, token)
         match = TOKEN.fullmatch(token)
-        known = ctx.registry().customers.get(customer) if customer is not None else None
-        if customer is None or known is None:
+        customer = ctx.registry().customers.get(grant.customer) if grant is not None else None
+        if grant is None or customer is None:
             ctx.bans.failed(address, f"token {match['id']}" if match else "", "the API")
             await asyncio.sleep(ctx.fail_delay_s)  # a guesser learns slowly; the loop serves others meanwhile
             raise ApiError(401, "this API token is not valid", {"WWW-Authenticate": "Bearer"})
-        if not known.allows(address):
-            # (a token's 256 bits are not guessed: saying why costs nothing, and tells the customer what to fix)
-            ctx.bans.refuse(address, f"token {match['id'] if match else '?'}", "the API")
+        # (a token's 256 bits are not guessed: one that exists says why it is refused, and counts toward no ban,
+        # so that the customer's server is told what to fix rather than banned)
+        if grant.expired(ctx.clock()):
+            expired = datetime.fromtimestamp(grant.expires or 0, ctx.grid.zone).isoformat()
+            challenge = {"WWW-Authenticate": "Bearer"}
+            raise ApiError(401, f"this API token expired at {expired}: ask for a new one", challenge)
+        if not customer.allows(address):
+            ctx.bans.refuse(address, f"token {grant.id}", "the API")
             raise ApiError(403, f"this token's customer does not allow calls from {address}")
-        return Reader(customer, f"token {match['id'] if match else '?'}")
+        return Reader(grant.customer, f"token {grant.id}", scope=frozenset(grant.scope))
 
     Caller = Annotated[Reader, Depends(caller)]
     router = APIRouter(prefix="/api/v1")
 
-    @router.get("/units", response_model=Units, responses=_refusals(401, 429, 503))
+    @router.get("/units", response_model=Units, responses=_refusals(401, 403, 429, 503))
     async def units(reader: Caller) -> Response:
         """The caller's units (an operator's: every unit), with the time of each one's newest reading."""
+        reader.needs("units")
         registry = ctx.registry()
         every = sorted(registry.units.values(), key=attrgetter("id")) if reader.customer is None else []
         own = registry.units_of(reader.customer) if reader.customer is not None else every
@@ -357,7 +369,7 @@ def build_api(ctx: WebContext) -> FastAPI:
             }
         )
 
-    @router.get("/units/{unit_id}/slots", response_model=Slots, responses=_refusals(400, 401, 404, 429, 503))
+    @router.get("/units/{unit_id}/slots", response_model=Slots, responses=_refusals(400, 401, 403, 404, 429, 503))
     async def slots(
         reader: Caller,
         unit_id: Annotated[str, PathParam(max_length=64)],
@@ -366,6 +378,7 @@ def build_api(ctx: WebContext) -> FastAPI:
     ) -> Response:
         """One object per half hour of each local day from `from` to `to`, both included, up to the last one
         closed; at most `max_days` days."""
+        reader.needs("units")
         registry = ctx.registry()
         unit = registry.units.get(unit_id)
         if unit is None or not reader.sees(unit.customer):
@@ -399,7 +412,7 @@ def build_api(ctx: WebContext) -> FastAPI:
         response_class=Response,
         responses={
             200: {"content": {"text/csv": {}}, "description": "the day's CSV file"},
-            **_refusals(400, 401, 404, 429),
+            **_refusals(400, 401, 403, 404, 429),
         },
     )
     async def day_file(
@@ -408,6 +421,7 @@ def build_api(ctx: WebContext) -> FastAPI:
         day: Annotated[date, PathParam(description="the local day, YYYY-MM-DD")],
     ) -> Response:
         """The same bytes as the customer's CSV file of that day (as the file gateway serves them)."""
+        reader.needs("files")
         customer = ctx.registry().customers.get(customer_id)
         if customer is None or not reader.sees(customer_id):
             raise ApiError(404, f"no customer {customer_id}")
@@ -438,7 +452,9 @@ def build_api(ctx: WebContext) -> FastAPI:
             },
         )
 
-    @router.get("/customers/{customer_id}/emissions", response_model=Emissions, responses=_refusals(400, 401, 404, 429))
+    @router.get(
+        "/customers/{customer_id}/emissions", response_model=Emissions, responses=_refusals(400, 401, 403, 404, 429)
+    )
     async def emissions(
         reader: Caller,
         customer_id: Annotated[str, PathParam(max_length=64)],
@@ -446,6 +462,7 @@ def build_api(ctx: WebContext) -> FastAPI:
     ) -> Response:
         """The customer's CO2 of a month so far, per unit and in total, location- and market-based, as in its
         monthly summary file: kWh and kg as exact decimal strings (kg null where no factor was in force)."""
+        reader.needs("emissions")
         customer = ctx.registry().customers.get(customer_id)
         if customer is None or not reader.sees(customer_id):
             raise ApiError(404, f"no customer {customer_id}")

@@ -5,6 +5,19 @@ and returns the exit code."""
 
 from __future__ import annotations
 
-from smame.commands import access, data, demo, export, firmware, provision, report, service, simulate, store, users
+from smame.commands import (
+    access,
+    certs,
+    data,
+    demo,
+    export,
+    firmware,
+    provision,
+    report,
+    service,
+    simulate,
+    store,
+    users,
+)
 
-GROUPS = (service, demo, data, simulate, export, report, users, access, provision, store, firmware)
+GROUPS = (service, demo, data, simulate, export, report, users, access, provision, certs, store, firmware)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import os
+import re
 import socket
 import sys
 import time
@@ -24,7 +25,7 @@ from kernel.settings import Settings
 from smame.app import BANS_EVERY_S, RegistryHolder, open_store
 from smame.commands.args import Subcommands
 from smame.commands.users import read_password
-from web.access import ROLES, AccessError, Operators, Tokens, new_totp_secret, totp_uri
+from web.access import ROLES, SCOPES, AccessError, Operators, Tokens, new_totp_secret, totp_uri
 
 
 def add(sub: Subcommands, common: argparse.ArgumentParser) -> None:
@@ -34,6 +35,14 @@ def add(sub: Subcommands, common: argparse.ArgumentParser) -> None:
     add = tokens_sub.add_parser("add", parents=[common], help="make a token for a customer (printed once)")
     add.add_argument("customer")
     add.add_argument("--name", default="", help="a label to tell tokens apart (e.g. the machine using it)")
+    add.add_argument("--expires", type=_span, metavar="SPAN", help="refused after this long: 90d, 12h (default: never)")
+    add.add_argument(
+        "--scope",
+        type=_scope,
+        default=SCOPES,
+        metavar="LIST",
+        help=f"what it reads, comma-separated of {', '.join(SCOPES)} (default: all)",
+    )
     add.set_defaults(func=_tokens_add)
     listing = tokens_sub.add_parser("list", parents=[common], help="list tokens (never their secrets)")
     listing.add_argument("--customer", help="only this customer's")
@@ -86,25 +95,51 @@ def _shown(epoch: int, settings: Settings) -> str:
 def _tokens_add(settings: Settings, args: argparse.Namespace) -> int:
     if args.customer not in RegistryHolder(settings).current.customers:
         raise AccessError(f"customer {args.customer} is not in {settings.registry.customers}")
+    now = int(time.time())
+    expires = None if args.expires is None else now + args.expires
     with open_store(settings, create=False) as store:
-        token = Tokens(store).add(args.customer, args.name, int(time.time()))
+        token = Tokens(store).add(args.customer, args.name, now, expires, args.scope)
+        token_id = token.split("_")[1]
+        until = f"until {_shown(expires, settings)}" if expires else "no expiry"
+        _audit(store, "token added", token_id, f"customer {args.customer}; reads {' '.join(args.scope)}; {until}")
     print(token)  # alone on standard output: `TOKEN=$(smame tokens add C)`
-    token_id = token.split("_")[1]
-    print(f"token {token_id} for {args.customer}: keep it now, it is not shown again", file=sys.stderr)
+    print(f"token {token_id} for {args.customer} ({until}): keep it now, it is not shown again", file=sys.stderr)
     return 0
+
+
+def _span(text: str) -> int:
+    """Seconds of a span given as 90d or 12h."""
+    m = re.fullmatch(r"([1-9][0-9]{0,4})([dh])", text.strip())
+    if m is None:
+        raise argparse.ArgumentTypeError(f"{text!r}: give days or hours, as 90d or 12h")
+    return int(m[1]) * (86400 if m[2] == "d" else 3600)
+
+
+def _scope(text: str) -> tuple[str, ...]:
+    """The scopes a comma-separated list names, each one of SCOPES."""
+    named = [s.strip() for s in text.split(",") if s.strip()]
+    wrong = [s for s in named if s not in SCOPES]
+    if wrong or not named:
+        raise argparse.ArgumentTypeError(f"{text!r}: give some of {', '.join(SCOPES)}, comma-separated")
+    return tuple(named)
 
 
 def _tokens_list(settings: Settings, args: argparse.Namespace) -> int:
     with open_store(settings, create=False) as store:
         found = Tokens(store).list(args.customer)
+    now = time.time()
     for t in found:
-        print(f"{t.id}  {t.customer:<12} {_shown(t.created, settings)}  {t.name}")
+        until = "no expiry"
+        if t.expires is not None:
+            until = f"{'expired' if t.expired(now) else 'until'} {_shown(t.expires, settings)}"
+        print(f"{t.id}  {t.customer:<12} {_shown(t.created, settings)}  {','.join(t.scope):<22} {until:<33} {t.name}")
     return 0
 
 
 def _tokens_remove(settings: Settings, args: argparse.Namespace) -> int:
     with open_store(settings, create=False) as store:
         customer = Tokens(store).remove(args.id)
+        _audit(store, "token removed", args.id, f"customer {customer}")
     print(f"removed token {args.id} of {customer}")
     return 0
 

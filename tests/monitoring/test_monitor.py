@@ -26,6 +26,7 @@ from tests.helpers import write_registry
 GRID = Grid("Asia/Tokyo")
 NOW = GRID.day_start(date(2026, 11, 23)) + 12 * 3600  # noon
 UNITS = {"S1": "C1", "S2": "C1", "S3": "C2"}
+DAY = 86400
 
 
 def readings(at: int) -> list[Incoming]:
@@ -288,3 +289,32 @@ def test_a_campaign_that_aborted_itself_or_ended_is_told_once_even_after_a_resta
     assert not [n for n in asyncio.run(m.check()) if n.name.startswith("campaign")]  # once
     again = Monitor(m.settings, m.store, GRID, m.registry, m.watched, m.outbox, m.clock)  # a restart, or a new leader
     assert not [n for n in asyncio.run(again.check()) if n.name.startswith("campaign")]
+
+
+def test_an_api_token_near_its_expiry_and_once_expired_is_told_once_each_even_after_a_restart(
+    monitor: tuple[Monitor, BridgeStats, Ingestor], store_url: str
+) -> None:
+    m, _, _ = monitor
+    with open_url(store_url) as store:  # (the web layer's Tokens is above the monitor's: the rows as it keeps them)
+        with store.transaction():
+            for token_id, name, expires in (("a1", "billing", NOW + 20 * DAY), ("b2", "", NOW + 3 * DAY)):
+                store.execute(
+                    "INSERT INTO api_tokens (id, customer, name, hash, created, expires) "
+                    "VALUES (?, 'C1', ?, 'h', 0, ?)",
+                    (token_id, name, expires),
+                )
+
+    def told(now: float) -> list[str]:
+        m.clock = lambda: now
+        return [n.text for n in asyncio.run(m.check()) if n.name == "security_token_expiry"]
+
+    assert told(NOW) == [
+        "API tokens expire soon: b2 of C1 2026-11-26T12:00+09:00 "
+        "(smame tokens add makes a new one; the customer's server needs it)"
+    ]
+    assert told(NOW + 60) == []
+    m = Monitor(m.settings, m.store, GRID, m.registry, m.watched, m.outbox, lambda: NOW)  # a restart
+    assert told(NOW + 120) == []
+    [text] = told(NOW + 7 * DAY)  # b2 has expired, a1 comes within 14 days
+    assert "expire soon: a1 of C1 (billing) 2026-12-13T12:00+09:00; expired: b2 of C1" in text
+    assert told(NOW + 7 * DAY + 60) == []

@@ -37,7 +37,7 @@ from monitoring.at_risk import reasons_json
 from monitoring.risk import Reason
 from tests.databases import BACKENDS
 from tests.helpers import connect_from, real_processes, serving
-from web.access import SESSION_COOKIE, Operators, Sessions, Tokens
+from web.access import SESSION_COOKIE, AccessError, Operators, Sessions, Tokens
 from web.app import build_app
 from web.context import WebContext
 from web.proxies import Proxies
@@ -185,6 +185,28 @@ def test_another_customers_unit_or_file_answers_exactly_as_one_that_does_not_exi
     nobody = api.get("/api/v1/customers/C9/days/2026-11-22.csv", c1)
     assert theirs[0] == nobody[0] == 404
     assert api.get("/api/v1/customers/C2/days/2026-11-22.csv", api.tokens["C2"])[0] == 200
+
+
+def test_a_token_reads_only_its_scope_until_its_expiry_and_an_expired_one_is_told_so_without_a_ban(api: Api) -> None:
+    with open_url(api.store_url) as store:
+        units_only = Tokens(store).add("C1", "dashboard", int(NOW), scope=["units"])
+        old = Tokens(store).add("C1", "old server", int(NOW) - 86400, expires=int(NOW) - 60)
+        with pytest.raises(AccessError, match="scope is some of units, files, emissions, not slots"):
+            Tokens(store).add("C1", "x", int(NOW), scope=["units", "slots"])
+        with pytest.raises(AccessError, match="in the future"):
+            Tokens(store).add("C1", "x", int(NOW), expires=int(NOW))
+    assert api.get("/api/v1/units", units_only)[0] == 200
+    assert api.get("/api/v1/units/U1/slots?from=2026-11-22", units_only)[0] == 200
+    outside = (("/customers/C1/days/2026-11-22.csv", "files"), ("/customers/C1/emissions?month=2026-11", "emissions"))
+    for path, scope in outside:
+        status, _, body = api.get("/api/v1" + path, units_only)
+        assert (status, json.loads(body)) == (403, {"error": f"this token reads units, not {scope}"})
+        assert api.get("/api/v1" + path, api.tokens["C1"])[0] == 200  # a token of every scope (the default)
+    for _ in range(api.bans.max_failures + 1):  # an expired token is refused, saying when, and bans nobody
+        status, headers, body = api.get("/api/v1/units", old)
+        assert status == 401 and headers["www-authenticate"] == "Bearer"
+        assert json.loads(body) == {"error": "this API token expired at 2026-11-23T12:04:00+09:00: ask for a new one"}
+    assert api.get("/api/v1/units", api.tokens["C1"])[0] == 200
 
 
 def test_a_node_that_writes_no_files_says_so_and_serves_no_stale_ones(world: World) -> None:

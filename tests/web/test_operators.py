@@ -20,7 +20,7 @@ from selenium.webdriver.support import expected_conditions as expected
 
 from aggregator.backends import open_url
 from aggregator.sqlite import check_copy
-from aggregator.store import OPERATOR_EXTRA
+from aggregator.store import OPERATOR_EXTRA, TOKEN_EXTRA
 from tests.helpers import (
     Mosquitto,
     console_env,
@@ -34,7 +34,7 @@ from tests.helpers import (
 )
 from tests.web.test_console import wait
 from tests.web.test_tokens import console_login
-from web.access import Operators
+from web.access import SCOPES, Operators, Tokens
 
 PASSWORD = "correct-horse-battery"
 
@@ -220,16 +220,20 @@ class NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
-def test_operators_from_before_roles_are_admins_with_one_factor_once_the_store_is_migrated(store_url: str) -> None:
+def test_operators_and_tokens_from_before_keep_every_power_they_had_once_the_store_is_migrated(store_url: str) -> None:
     with open_url(store_url) as store:
         with store.transaction():
             store.execute("INSERT INTO operators (name, hash, created) VALUES ('olde', 'x', 1)")
-        for column, _ in OPERATOR_EXTRA:  # what schema 4 left: operators without them
-            store.execute(f"ALTER TABLE operators DROP COLUMN {column}")
+            store.execute("INSERT INTO api_tokens (id, customer, name, hash, created) VALUES ('t1', 'C1', '', 'h', 1)")
+        for table, extra in (("operators", OPERATOR_EXTRA), ("api_tokens", TOKEN_EXTRA)):  # what schema 4 left
+            for column, _ in extra:
+                store.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
         store.execute("UPDATE meta SET value = '4' WHERE key = 'schema'")
     with open_url(store_url) as store:
         assert store.get_meta("schema") == str(type(store).schema_version)
         [olde] = Operators(store).list()
         assert (olde.name, olde.role, olde.two_factor, olde.recovery_left) == ("olde", "admin", False, 0)
+        [t1] = Tokens(store).list()
+        assert (t1.id, t1.expires, t1.scope) == ("t1", None, SCOPES)
     if store_url.startswith("sqlite"):
         check_copy(Path(store_url.removeprefix("sqlite:///")))  # migrated, it is smame's schema to the letter

@@ -10,8 +10,10 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from datetime import datetime
 from pathlib import Path
 
+from aggregator.backends import open_url
 from smame.demo import free_port
 from tests.helpers import (
     Mosquitto,
@@ -276,3 +278,28 @@ def test_a_customer_with_an_allow_list_is_served_only_at_its_addresses_and_a_ref
         assert smame(["bans", "list"], env).stdout == ""
     finally:
         assert stop(proc) == 0
+
+
+def test_a_token_is_made_with_an_expiry_and_a_scope_listed_so_and_its_changes_audited(workdir: Path) -> None:
+    write_registry(workdir, {"U1": "C1"})
+    env = dict(smame_env(workdir, 1883), TZ="UTC")
+    first_start(workdir)
+    made = smame(["tokens", "add", "C1", "--expires", "90d", "--scope", "units,files", "--name", "billing"], env)
+    token_id = made.stdout.strip().split("_")[1]
+    assert "until" in made.stderr and "+09:00" in made.stderr
+    [listed] = smame(["tokens", "list"], env).stdout.splitlines()
+    assert listed.split()[:4] == [token_id, "C1", listed.split()[2], "units,files"] and "until" in listed, listed
+    for args, words in (
+        (["--expires", "0d"], "give days or hours"),
+        (["--expires", "soon"], "give days or hours"),
+        (["--scope", "units,slots"], "give some of units, files, emissions"),
+    ):
+        wrong = smame(["tokens", "add", "C1", *args], env, check=False)
+        assert wrong.returncode == 2 and words in wrong.stderr and "Traceback" not in wrong.stderr, wrong.stderr
+    smame(["tokens", "remove", token_id], env)
+    with open_url(f"sqlite:///{workdir / 'data' / 'smame.db'}") as store:
+        entries = [(a, t, d) for _, _, w, _, a, t, d in reversed(store.audit(10, None, "")) if w.startswith("cli:")]
+    assert [(a, t) for a, t, _ in entries] == [("token added", token_id), ("token removed", token_id)]
+    detail = entries[0][2].split("; until ")
+    assert detail[0] == "customer C1; reads units files"
+    assert abs(datetime.fromisoformat(detail[1]).timestamp() - (time.time() + 90 * 86400)) < 120
