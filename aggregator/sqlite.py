@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from aggregator.slots import Point
-from aggregator.store import OPERATOR_EXTRA, REGISTERS, TOKEN_EXTRA, Store, StoreError
+from aggregator.store import OPERATOR_EXTRA, PURGED_BY_UNIT, REGISTERS, TOKEN_EXTRA, Store, StoreError
 from kernel.timegrid import SLOT
 
 log = logging.getLogger("smame.store")
@@ -167,6 +167,7 @@ class SqliteStore(Store):
     """The store on an SQLite file, in write-ahead-log mode."""
 
     errors = (sqlite3.OperationalError,)
+    unit_tables = (*PURGED_BY_UNIT, "reading_span")
     # 2: readings keyed by time, each unit's span of readings beside them; 3: quarantine.concerns; 4: readings.diag;
     # 5: operators' roles and second factors; 6: tokens' expiry and scope
     schema_version = 6

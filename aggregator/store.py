@@ -47,6 +47,13 @@ TOKEN_EXTRA = (
     ("expires", "BIGINT"),  # epoch seconds it is refused from; None: never
     ("scope", "TEXT NOT NULL DEFAULT 'units files emissions'"),  # what it reads (web.access.SCOPES), by spaces
 )
+# The tables that hold a unit's rows (by `unit`) and a customer's (by `customer`): what a purge empties.
+PURGED_BY_UNIT = (
+    *("readings", "slots", "quarantine", "unit_health", "unit_risk", "unit_status"),
+    *("connection_events", "commands", "repairs", "reported", "config_tries", "campaign_units"),
+)
+PURGED_BY_CUSTOMER = ("changes", "api_tokens", "downloads")
+PURGE_CHUNK = 500  # units a statement
 READING_COLUMNS = "unit, at, meter, fwd, rev, e1, coef, digits, flags, seq, sent, received, diag"
 _SLOT_SET = {
     "imp": "imp = excluded.imp, imp_q = excluded.imp_q, imp_flags = excluded.imp_flags",
@@ -217,6 +224,8 @@ class Rows(Protocol):
 
 class Store(ABC):
     """The tables' queries over one connection; synchronous methods, each meant to run on the store thread."""
+
+    unit_tables: tuple[str, ...] = PURGED_BY_UNIT  # the tables with rows by `unit` (a purge empties them of a unit)
 
     # appended to a SELECT whose rows the transaction claims (outbox leases): SQLite's BEGIN IMMEDIATE already
     # keeps every other writer out; PostgreSQL's row locks are taken here
@@ -926,6 +935,30 @@ class Store(ABC):
             )
             entries = self.execute("DELETE FROM audit WHERE at < ?", (before,))
             return commands.rowcount, entries.rowcount
+
+    def purge_customer(self, customer: str, units: Sequence[str]) -> dict[str, int]:
+        """Delete every row of a customer and of its units, in one transaction: the tables of `unit_tables` and
+        PURGED_BY_CUSTOMER, and the desired configuration of the customer and of each unit. Returns the rows
+        deleted by table. The audit log and the alerts' history, records of what was done and told, are kept."""
+        counts: dict[str, int] = {}
+        with self.transaction():
+            for table in self.unit_tables:
+                counts[table] = 0
+                for i in range(0, len(units), PURGE_CHUNK):
+                    chunk = list(units[i : i + PURGE_CHUNK])
+                    marks = ", ".join("?" * len(chunk))
+                    counts[table] += self.execute(f"DELETE FROM {table} WHERE unit IN ({marks})", chunk).rowcount
+            for table in PURGED_BY_CUSTOMER:
+                counts[table] = self.execute(f"DELETE FROM {table} WHERE customer = ?", (customer,)).rowcount
+            desired = self.execute("DELETE FROM desired WHERE scope = 'customer' AND target = ?", (customer,)).rowcount
+            for i in range(0, len(units), PURGE_CHUNK):
+                chunk = list(units[i : i + PURGE_CHUNK])
+                marks = ", ".join("?" * len(chunk))
+                desired += self.execute(
+                    f"DELETE FROM desired WHERE scope = 'unit' AND target IN ({marks})", chunk
+                ).rowcount
+            counts["desired"] = desired
+        return counts
 
     def tokens_expiring(self, before: float) -> list[tuple[str, str, str, int]]:
         """(id, customer, name, expires) of the API tokens that expire before `before` (expired ones too),

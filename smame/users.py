@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import re
 import stat
@@ -122,3 +123,34 @@ def list_users(path: Path) -> list[tuple[str, str, str]]:
             )
             out.append((str(cid), str(u["name"]), how))
     return out
+
+
+def remove_customer(customers: Path, units: Path, customer: str) -> tuple[int, int]:
+    """Take a customer out of the registry: its table of customers.toml (with its logins) and its units' lines
+    of units.csv (the other lines as they were). Returns (logins, units) removed. Either file is left alone when
+    the customer is not in it, so that a purge stopped half-way can be run again."""
+    doc = _load(customers)
+    table = doc.get("customers", {})
+    logins = len(table[customer].get("users", [])) if customer in table else 0
+    try:
+        lines = units.read_text(encoding="utf-8").splitlines(keepends=True)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsersError(f"{units}: cannot be read: {exc}") from None
+    header = next(csv.reader(lines[:1]), [])
+    if "customer_id" not in header:
+        raise UsersError(f"{units}: no customer_id column in its header; fix it by hand first")
+    column = header.index("customer_id")
+    kept = lines[:1]
+    for line in lines[1:]:
+        row = next(csv.reader([line]), [])
+        if len(row) <= column or row[column].strip() != customer:
+            kept.append(line)
+    removed = len(lines) - len(kept)
+    if removed:
+        tmp = units.with_name(units.name + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, units)
+    if customer in table:
+        del table[customer]
+        _save(customers, doc)
+    return logins, removed

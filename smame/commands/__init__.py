@@ -8,6 +8,7 @@ from __future__ import annotations
 from smame.commands import (
     access,
     certs,
+    customers,
     data,
     demo,
     export,
@@ -20,4 +21,4 @@ from smame.commands import (
     users,
 )
 
-GROUPS = (service, demo, data, simulate, export, report, users, access, provision, certs, store, firmware)
+GROUPS = (service, demo, data, simulate, export, report, users, access, customers, provision, certs, store, firmware)

@@ -101,7 +101,7 @@ def _tokens_add(settings: Settings, args: argparse.Namespace) -> int:
         token = Tokens(store).add(args.customer, args.name, now, expires, args.scope)
         token_id = token.split("_")[1]
         until = f"until {_shown(expires, settings)}" if expires else "no expiry"
-        _audit(store, "token added", token_id, f"customer {args.customer}; reads {' '.join(args.scope)}; {until}")
+        audit_entry(store, "token added", token_id, f"customer {args.customer}; reads {' '.join(args.scope)}; {until}")
     print(token)  # alone on standard output: `TOKEN=$(smame tokens add C)`
     print(f"token {token_id} for {args.customer} ({until}): keep it now, it is not shown again", file=sys.stderr)
     return 0
@@ -139,7 +139,7 @@ def _tokens_list(settings: Settings, args: argparse.Namespace) -> int:
 def _tokens_remove(settings: Settings, args: argparse.Namespace) -> int:
     with open_store(settings, create=False) as store:
         customer = Tokens(store).remove(args.id)
-        _audit(store, "token removed", args.id, f"customer {customer}")
+        audit_entry(store, "token removed", args.id, f"customer {customer}")
     print(f"removed token {args.id} of {customer}")
     return 0
 
@@ -148,7 +148,7 @@ def _operators_add(settings: Settings, args: argparse.Namespace) -> int:
     password = read_password(args, f"password for {args.name}")
     with open_store(settings, create=False) as store:
         Operators(store).add(args.name, password, int(time.time()), args.role)
-        _audit(store, "operator added", args.name, f"role {args.role}")
+        audit_entry(store, "operator added", args.name, f"role {args.role}")
         print(f"added operator {args.name} ({args.role})")
         if args.two_factor:
             _enrol(store, args.name)
@@ -158,7 +158,7 @@ def _operators_add(settings: Settings, args: argparse.Namespace) -> int:
 def _operators_role(settings: Settings, args: argparse.Namespace) -> int:
     with open_store(settings, create=False) as store:
         Operators(store).set_role(args.name, args.role)
-        _audit(store, "operator's role changed", args.name, f"role {args.role}")
+        audit_entry(store, "operator's role changed", args.name, f"role {args.role}")
     print(f"operator {args.name} is now a {args.role}")
     return 0
 
@@ -168,7 +168,7 @@ def _operators_2fa(settings: Settings, args: argparse.Namespace) -> int:
         operators = Operators(store)
         if args.reset:
             operators.reset_second_factor(args.name)
-            _audit(store, "second factor reset", args.name)
+            audit_entry(store, "second factor reset", args.name)
             print(f"operator {args.name} has no second factor now (its sessions ended): it enrols again")
             return 0
         if operators.has_second_factor(args.name):
@@ -190,13 +190,13 @@ def _enrol(store: Store, name: str) -> None:
     print("code it shows now: ", end="", flush=True)
     code = sys.stdin.readline().strip()
     codes = Operators(store).enrol(name, secret, code, time.time())
-    _audit(store, "second factor enrolled", name)
+    audit_entry(store, "second factor enrolled", name)
     print(f"enrolled. Recovery codes for {name}, each good once, shown only now:")
     for c in codes:
         print(f"  {c}")
 
 
-def _audit(store: Store, action: str, target: str, detail: str = "") -> None:
+def audit_entry(store: Store, action: str, target: str, detail: str = "") -> None:
     """An entry of the audit log for what this command did, by the system user running it, on this host."""
     try:
         user = getpass.getuser()
@@ -209,7 +209,7 @@ def _operators_passwd(settings: Settings, args: argparse.Namespace) -> int:
     password = read_password(args, f"new password for {args.name}")
     with open_store(settings, create=False) as store:
         Operators(store).set_password(args.name, password)
-        _audit(store, "operator's password changed", args.name)
+        audit_entry(store, "operator's password changed", args.name)
     print(f"new password for operator {args.name}")
     return 0
 
@@ -217,7 +217,7 @@ def _operators_passwd(settings: Settings, args: argparse.Namespace) -> int:
 def _operators_remove(settings: Settings, args: argparse.Namespace) -> int:
     with open_store(settings, create=False) as store:
         Operators(store).remove(args.name)
-        _audit(store, "operator removed", args.name)
+        audit_entry(store, "operator removed", args.name)
     print(f"removed operator {args.name}")
     return 0
 
