@@ -1290,6 +1290,22 @@ class Store(ABC):
     def _audit(self, entries: Sequence[tuple[int, str, str, str, str, str]]) -> None:
         self.executemany(f"INSERT INTO audit ({AUDIT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)", entries)
 
+    def audit_after(
+        self, after_id: int, actions: Sequence[str], limit: int = 200
+    ) -> list[tuple[int, int, str, str, str, str, str]]:
+        """Audit entries (id, at, who, origin, action, target, detail) of these actions after `after_id`, oldest
+        first, at most `limit`."""
+        marks = ", ".join("?" * len(actions))
+        rows = self.execute(
+            f"SELECT id, {AUDIT_COLUMNS} FROM audit WHERE id > ? AND action IN ({marks}) ORDER BY id LIMIT ?",
+            (after_id, *actions, limit),
+        )
+        return [(int(i), int(at), str(w), str(o), str(a), str(t), str(d)) for i, at, w, o, a, t, d in rows.fetchall()]
+
+    def audit_newest(self) -> int:
+        """The newest audit entry's id (0 when there is none)."""
+        return int(self.execute("SELECT coalesce(max(id), 0) FROM audit").fetchone()[0])
+
     def audit(
         self, limit: int = 200, before_id: int | None = None, about: str = ""
     ) -> list[tuple[int, int, str, str, str, str, str]]:

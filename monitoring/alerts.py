@@ -40,6 +40,7 @@ TITLES = {
     "security_failed_logins": "security: repeated failed logins",
     "security_unit_mismatch": "security: telegrams under another unit's topic",
     "security_token_expiry": "security: API tokens expiring",
+    "security_audit": "security: changes to who may do what, or to customers' data",
     "certificate_expiry": "certificates expire within weeks",
     "certificate_expiry_urgent": "certificates expire within days, have expired, or cannot be read",
 }

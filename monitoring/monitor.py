@@ -36,7 +36,7 @@ from monitoring.channels import configured, fan_out
 from monitoring.daily import build_report, report_messages
 from monitoring.outbox import Message, Outbox
 from monitoring.outbox_table import OutboxTable
-from monitoring.security import SecurityEvents
+from monitoring.security import SECURITY_ACTIONS, SecurityEvents
 from monitoring.sources import BanList, BridgeCounters, CommandCounters, ExportCounters
 
 log = logging.getLogger("smame.monitor")
@@ -86,6 +86,8 @@ def alert_messages(notice: Notice, settings: Settings) -> list[Message]:
 
 
 CERTIFICATES_EVERY_S = 3600  # the watched certificates are read again this often (a rotation shows within the hour)
+AUDIT_CURSOR = "audit_told"  # the store's meta key: the newest security-relevant audit entry told
+AUDIT_TOLD_MAX = 1000  # audit entries told in one event at most (the rest in the next)
 TOKENS_TOLD = "tokens_told"  # the store's meta key: each API token's expiry stage told (id:expires:soon|expired)
 TOKEN_WARN_S = 14 * 86400  # an API token is told of this long before it expires (and again once it has)
 CAMPAIGNS_TOLD = "campaigns_told"  # the store's meta key: the newest campaign end told, and the ids ended then
@@ -245,6 +247,25 @@ class Monitor:
         text = f"API tokens {'; '.join(parts)} (smame tokens add makes a new one; the customer's server needs it)"
         return [alerts.event("security_token_expiry", text, now)], json.dumps(sorted(stages))
 
+    def _audited(self, now: float) -> tuple[list[Notice], str]:
+        """The audit log's security-relevant entries since the last told (on the store's thread): one security
+        event for them, and the cursor to keep once it is queued. At the first look, none before it."""
+        raw = self.store.get_meta(AUDIT_CURSOR, "")
+        if not raw:
+            self.store.set_meta(AUDIT_CURSOR, str(self.store.audit_newest()))
+            return [], ""
+        rows = self.store.audit_after(int(raw), SECURITY_ACTIONS, AUDIT_TOLD_MAX)
+        if not rows:
+            return [], ""
+        said = []
+        for _, at, who, origin, action, target, detail in rows[:20]:
+            when = datetime.fromtimestamp(at, self.grid.zone).isoformat(timespec="minutes")
+            where = f" from {origin}" if origin else ""
+            said.append(f"{when} {who}{where}: {action} {target}" + (f" ({detail[:120]})" if detail else ""))
+        more = f"; and {len(rows) - 20} more (the console's Audit page)" if len(rows) > 20 else ""
+        text = f"{len(rows)} change(s) to who may do what, or to customers' data: " + "; ".join(said) + more
+        return [alerts.event("security_audit", text, now)], str(rows[-1][0])
+
     def _security_notices(self, now: float) -> list[Notice]:
         return [alerts.event(kind, text, now) for kind, text in self.security.due(now)]
 
@@ -287,8 +308,9 @@ class Monitor:
                 self._health_failed = f"{type(exc).__name__}: {exc}"[:300]
         campaigns, campaigns_mark = await self.store.call(self._campaigns_ended, now)
         expiring, tokens_mark = await self.store.call(self._tokens_expiring, now)
+        audited, audit_mark = await self.store.call(self._audited, now)
         security = self._security_notices(now)
-        notices, self._events = notices + self._events + campaigns + expiring + security, []
+        notices, self._events = notices + self._events + campaigns + expiring + audited + security, []
         controls = await self.store.call(self.history.controls)
         entries = [
             Entry(n.at, n.name, n.state, n.text, self.watched.node, told=not controls.held_back(n, started, now))
@@ -311,6 +333,8 @@ class Monitor:
                     self.store.set_meta(CAMPAIGNS_TOLD, campaigns_mark)
                 if expiring:  # the same: each token's stage is told once
                     self.store.set_meta(TOKENS_TOLD, tokens_mark)
+                if audited:  # and each audit entry
+                    self.store.set_meta(AUDIT_CURSOR, audit_mark)
 
             await self.outbox.put(messages, also)
             self._saved = state

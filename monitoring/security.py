@@ -13,6 +13,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 HOUR = 3600
+# The audit log's actions that change who may do what, or remove or hand over data: each is also a security event
+# (written by the command line, smame/commands, and the console, web/console.py).
+SECURITY_ACTIONS = (
+    *("operator added", "operator removed", "operator's role changed", "operator's password changed"),
+    *("second factor enrolled", "second factor reset", "token added", "token removed"),
+    *("login added", "login's password changed", "login removed"),
+    *("customer exported", "customer purged", "store restored", "ban lifted"),
+)
 
 
 @dataclass

@@ -8,10 +8,7 @@ its next request (a lifted ban within a few seconds). What is done to operators 
 from __future__ import annotations
 
 import argparse
-import getpass
-import os
 import re
-import socket
 import sys
 import time
 from datetime import datetime
@@ -24,6 +21,7 @@ from ftp_gateway.accounts import normalize
 from kernel.settings import Settings
 from smame.app import BANS_EVERY_S, RegistryHolder, open_store
 from smame.commands.args import Subcommands
+from smame.commands.audit import audit_entry
 from smame.commands.users import read_password
 from web.access import ROLES, SCOPES, AccessError, Operators, Tokens, new_totp_secret, totp_uri
 
@@ -196,15 +194,6 @@ def _enrol(store: Store, name: str) -> None:
         print(f"  {c}")
 
 
-def audit_entry(store: Store, action: str, target: str, detail: str = "") -> None:
-    """An entry of the audit log for what this command did, by the system user running it, on this host."""
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):  # (a container's uid with no name)
-        user = str(os.getuid())
-    store.record_audit(int(time.time()), f"cli:{user}", socket.gethostname(), action, target, detail)
-
-
 def _operators_passwd(settings: Settings, args: argparse.Namespace) -> int:
     password = read_password(args, f"new password for {args.name}")
     with open_store(settings, create=False) as store:
@@ -246,6 +235,8 @@ def _bans_remove(settings: Settings, args: argparse.Namespace) -> int:
     address = normalize(args.address)
     with open_store(settings, create=False) as store:
         lifted = store.lift_ban(address)
+        if lifted:
+            audit_entry(store, "ban lifted", address)
     if not lifted:
         raise AccessError(f"{address} is not banned (smame bans list shows who is)")
     print(f"lifted the ban of {address}: every node lets it in again within {BANS_EVERY_S:.0f} s")

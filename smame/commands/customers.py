@@ -18,8 +18,8 @@ from csv_export.jobs import TOTALS_DIR
 from kernel.settings import Settings
 from kernel.timegrid import Grid
 from smame.app import RegistryHolder, open_store
-from smame.commands.access import audit_entry
 from smame.commands.args import Subcommands
+from smame.commands.audit import audit_entry
 from smame.users import UsersError, remove_customer
 
 MANIFEST = "SHA256SUMS"  # the manifest's name: `sha256sum -c SHA256SUMS` checks the export

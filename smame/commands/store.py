@@ -13,6 +13,7 @@ from aggregator.store import TABLES, StoreError
 from kernel.settings import Settings
 from smame.app import open_store, store_lock
 from smame.commands.args import Subcommands
+from smame.commands.audit import audit_entry
 
 
 def add(sub: Subcommands, common: argparse.ArgumentParser) -> None:
@@ -67,6 +68,8 @@ def _restore(settings: Settings, args: argparse.Namespace) -> int:
     with store_lock(settings, "restore"):
         counts = check_copy(args.file)
         restore_copy(args.file, live)
+    with open_store(settings, create=False) as store:
+        audit_entry(store, "store restored", str(live), f"from {args.file}: {counts.get('slots', 0):,} slots")
     print(f"restored {live} from {args.file}: " + ", ".join(f"{n:,} {table}" for table, n in counts.items()))
     return 0
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from kernel.settings import Settings
 from smame.commands.args import Subcommands
+from smame.commands.audit import audit_if_stored
 from smame.users import UsersError, add_user, list_users, remove_user, set_password
 
 _RELOAD_HINT = "a running smame sees it after `kill -HUP <pid>` (or a restart)"
@@ -86,6 +87,8 @@ def _users_add(settings: Settings, args: argparse.Namespace) -> int:
     password = None if args.ssh_key and not args.password_stdin else read_password(args, f"password for {args.user}")
     keys = [k.read_text(encoding="utf-8").strip() for k in args.ssh_key]
     add_user(settings.registry.customers, args.customer, args.user, password, keys)
+    how = ", ".join(["password"] * bool(password) + [f"{len(keys)} SSH key(s)"] * bool(keys))
+    audit_if_stored(settings, "login added", args.user, f"customer {args.customer}; {how}")
     print(f"added {args.user} to {args.customer} in {settings.registry.customers}; {_RELOAD_HINT}")
     return 0
 
@@ -94,6 +97,7 @@ def _users_add(settings: Settings, args: argparse.Namespace) -> int:
 def _users_passwd(settings: Settings, args: argparse.Namespace) -> int:
     password = read_password(args, f"new password for {args.user}")
     set_password(settings.registry.customers, args.user, password, args.customer)
+    audit_if_stored(settings, "login's password changed", args.user, f"customer {args.customer}")
     print(f"new password for {args.user} of {args.customer}; {_RELOAD_HINT}")
     return 0
 
@@ -101,6 +105,7 @@ def _users_passwd(settings: Settings, args: argparse.Namespace) -> int:
 @_refused_as("remove")
 def _users_remove(settings: Settings, args: argparse.Namespace) -> int:
     customer = remove_user(settings.registry.customers, args.user)
+    audit_if_stored(settings, "login removed", args.user, f"customer {customer}")
     print(f"removed {args.user} of {customer}; {_RELOAD_HINT}")
     return 0
 

@@ -318,3 +318,29 @@ def test_an_api_token_near_its_expiry_and_once_expired_is_told_once_each_even_af
     [text] = told(NOW + 7 * DAY)  # b2 has expired, a1 comes within 14 days
     assert "expire soon: a1 of C1 (billing) 2026-12-13T12:00+09:00; expired: b2 of C1" in text
     assert told(NOW + 7 * DAY + 60) == []
+
+
+def test_the_audit_logs_changes_to_who_may_do_what_are_security_events_told_once(
+    monitor: tuple[Monitor, BridgeStats, Ingestor], store_url: str
+) -> None:
+    m, _, _ = monitor
+
+    def told(now: float) -> list[str]:
+        m.clock = lambda: now
+        return [n.text for n in asyncio.run(m.check()) if n.name == "security_audit"]
+
+    with open_url(store_url) as store:
+        store.record_audit(int(NOW) - 60, "cli:root", "host-a", "operator added", "olaf", "role admin")  # before
+    assert told(NOW) == []  # the first look: what came before it is not news
+    with open_url(store_url) as store:
+        store.record_audit(int(NOW) + 10, "cli:root", "host-a", "operator's role changed", "olaf", "role viewer")
+        store.record_audit(int(NOW) + 20, "console:ana", "192.0.2.4", "command sent", "U1", "")  # not security
+        store.record_audit(int(NOW) + 30, "cli:root", "host-a", "customer purged", "C9", "readings 10")
+    assert told(NOW + 60) == [
+        "2 change(s) to who may do what, or to customers' data: 2026-11-23T12:00+09:00 cli:root from host-a: "
+        "operator's role changed olaf (role viewer); 2026-11-23T12:00+09:00 cli:root from host-a: customer purged "
+        "C9 (readings 10)"
+    ]
+    assert told(NOW + 120) == []
+    m = Monitor(m.settings, m.store, GRID, m.registry, m.watched, m.outbox, lambda: NOW)  # a restart
+    assert told(NOW + 180) == []

@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 import sqlite3
 import stat
+import time
 from pathlib import Path
 
+from aggregator.backends import open_url
 from kernel.registry import load_registry
 from tests.helpers import (
     Mosquitto,
     at,
+    first_start,
     publish,
     smame,
     smame_env,
@@ -161,3 +164,30 @@ def test_the_store_its_copies_and_the_customers_files_are_smames_alone_whatever_
     assert any(p.endswith(".csv") for p in modes) and "data/smame.db" in modes, modes
     wide = {p: oct(m) for p, m in modes.items() if m & 0o077}
     assert not wide, wide  # neither group nor others may read a reading
+
+
+def test_customers_logins_lifted_bans_and_restores_are_in_the_audit_log_when_there_is_a_store(workdir: Path) -> None:
+    write_registry(workdir, {"U1": "C1"})
+    env = smame_env(workdir, 1883)
+    added = smame(["users", "add", "C1", "alice", "--password-stdin"], env, stdin=PASSWORD)  # no store yet
+    assert "not in the audit log" in added.stderr and not (workdir / "data" / "smame.db").exists()
+    first_start(workdir)
+    smame(["users", "add", "C1", "bob", "--password-stdin"], env, stdin=PASSWORD)
+    smame(["users", "passwd", "C1", "bob", "--password-stdin"], env, stdin="another-long-pass\n")
+    smame(["users", "remove", "bob"], env)
+    with open_url(f"sqlite:///{workdir / 'data' / 'smame.db'}") as store:
+        store.keep_bans([("192.0.2.9", "FTP", time.time(), time.time() + 600, "node-1")])
+    smame(["bans", "remove", "192.0.2.9"], env)
+    copy = workdir / "copy.db"
+    smame(["backup", str(copy)], env)
+    smame(["restore", str(copy)], env)
+    with open_url(f"sqlite:///{workdir / 'data' / 'smame.db'}") as store:
+        entries = [(a, t, d) for _, _, w, _, a, t, d in reversed(store.audit(20, None, "")) if w.startswith("cli:")]
+    assert [(a, t) for a, t, _ in entries] == [
+        ("login added", "bob"),
+        ("login's password changed", "bob"),
+        ("login removed", "bob"),
+        ("ban lifted", "192.0.2.9"),
+        ("store restored", str(workdir / "data" / "smame.db")),
+    ]
+    assert entries[0][2] == "customer C1; password"

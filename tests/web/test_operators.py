@@ -3,6 +3,8 @@ a code (chromium), and each role is refused what it may not do, on the console a
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import re
 import subprocess
@@ -207,6 +209,12 @@ def test_each_role_is_refused_what_it_may_not_do_on_the_console_and_the_api(brok
             assert (status, text) == (403, "refused: this needs the role admin, and otto's role is operator"), path
         # an admin passes the role check (and is told what is wrong with the campaign itself)
         assert console(alice, "/campaigns", **campaign)[0] != 403
+        # the audit log as CSV, for a viewer too, filtered as the page is; the export itself is audited
+        status, text = call(vera, "GET", "/audit.csv?about=console%3Aotto", None)
+        rows = list(csv.reader(io.StringIO(text)))
+        assert status == 200 and rows[0] == ["id", "at", "who", "from", "action", "on", "detail"]
+        assert {r[2] for r in rows[1:]} == {"console:otto"} and {"login", "command ping"} <= {r[4] for r in rows}
+        assert ("console:vera", "audit exported", "console:otto") in audit_actions(workdir)
         smame(["operators", "role", "otto", "viewer"], env)  # a role changed holds at the session's next request
         assert console(otto, "/commands", op="ping", units="U1")[0] == 403
     finally:
