@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 from pathlib import Path
 
+from aggregator.backends import open_url
+from aggregator.copy import fingerprint
 from tests.helpers import (
     Mosquitto,
     at,
@@ -19,6 +22,7 @@ from tests.helpers import (
     wait_readings,
     write_registry,
 )
+from tests.smame.test_customers import UNITS, stored
 
 
 def test_online_backup_while_smame_runs(broker: Mosquitto, workdir: Path) -> None:
@@ -73,3 +77,31 @@ def test_a_copy_carrying_a_trigger_a_view_or_a_changed_table_is_refused(workdir:
     said = smame(["restore", str(changed)], env, check=False)
     assert said.returncode == 2 and "the table api_tokens defined otherwise than smame's" in said.stderr
     assert "restored" in smame(["restore", str(good)], env).stdout  # a true copy still goes in
+
+
+def test_a_backup_restored_on_a_fresh_machine_gives_back_the_same_slots_and_files(workdir: Path) -> None:
+    # the drill of docs/operations.md ("Disaster recovery"): machine A's store copied, A lost; B has only the copy
+    # and the registry files kept off the machine, and must serve the same slots and the same customer files
+    a, b = workdir / "a", workdir / "b"
+    write_registry(a, UNITS)
+    first_start(a)
+    stored(a)
+    env_a = smame_env(a, 1883)
+    smame(["export", "--all"], env_a)
+    smame(["users", "add", "C1", "c1-files", "--password-stdin"], env_a, stdin="a-long-password-1\n")
+    smame(["backup", str(workdir / "offsite.db")], env_a)
+    b.mkdir()
+    for name in ("units.csv", "customers.toml"):
+        shutil.copy(a / name, b / name)
+    env_b = smame_env(b, 1883)
+    restored = smame(["restore", str(workdir / "offsite.db")], env_b).stdout
+    assert restored.startswith(f"restored {b / 'data' / 'smame.db'}")
+    smame(["export", "--all"], env_b)
+    with (
+        open_url(f"sqlite:///{a / 'data' / 'smame.db'}") as one,
+        open_url(f"sqlite:///{b / 'data' / 'smame.db'}") as two,
+    ):
+        assert fingerprint(one) == fingerprint(two) and fingerprint(one)[0] > 0
+    files_a = {p.relative_to(a / "data" / "export"): p.read_bytes() for p in (a / "data" / "export").rglob("C*_*")}
+    files_b = {p.relative_to(b / "data" / "export"): p.read_bytes() for p in (b / "data" / "export").rglob("C*_*")}
+    assert len(files_a) > 10 and files_a == files_b
