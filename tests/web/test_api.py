@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import io
 import json
 import re
@@ -662,6 +663,15 @@ def test_forwarded_headers_are_believed_from_trusted_proxies_only(
                 assert get(port, world.tokens["C1"], "198.51.100.7")[0] == 200  # another client of the proxy
                 assert get(port, world.tokens["C1"], "203.0.113.50")[0] == 429
                 assert "secure" in cookie.lower()  # the proxy said the client came over https
+                # a customer's allow list is held against the proxy's client, not the proxy
+                allowing = dict(world.registry.customers)
+                allowing["C1"] = allowing["C1"].model_copy(update={"allow": ["198.51.100.0/24"]})
+                changed = dataclasses.replace(world.registry, customers=allowing)
+                ctx.registry = lambda changed=changed: changed
+                assert get(port, world.tokens["C1"], "198.51.100.9")[0] == 200
+                assert get(port, world.tokens["C1"], "192.0.2.1")[0] == 403
+                assert bans.refused == {"the API": 1} and not bans.banned("192.0.2.1")
+                ctx.registry = lambda: world.registry
                 # the proxy carries all its clients' connections: no per-address cap for it
                 held = [connect_from("127.0.0.1", port) for _ in range(12)]
                 try:
