@@ -33,7 +33,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
-from broker_bridge.mqtt import MQTT5, MQTT311
+from broker_bridge.mqtt import MQTT311, version_for
 from simulators.publisher import Endpoint, FleetPublisher
 from simulators.scenario import Send
 from tests.helpers import (
@@ -222,7 +222,7 @@ def smame_drain(url: str, kind: str, n: int, live: int, work: Path) -> tuple[flo
         SMAME_MONITORING__METRICS_PORT=str(metrics),
     )
     ports = [int(p.rsplit(":", 1)[1]) for p in url.split(",")]
-    version = MQTT311 if kind == "rabbitmq" else MQTT5
+    version = version_for(kind)
     if kind == "rabbitmq":
         subscribe(ports[0], env["SMAME_BROKER__CLIENT_ID"])
     else:  # MQTT 5: the session must outlive the connection

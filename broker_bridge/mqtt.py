@@ -36,6 +36,13 @@ MAXIMUM_PACKET_SIZE = 65536
 RETAIN_HANDLING_NONE = 2 << 4  # subscription option: never send retained messages on subscribing
 MQTT5, MQTT311 = 5, 4  # protocol levels
 
+
+def version_for(kind: str) -> int:
+    """The protocol level smame and its simulated units speak to a broker of this kind (`broker.kind`): 3.1.1
+    to RabbitMQ, whose MQTT plugin (3.10) has no MQTT 5, and 5 to Mosquitto."""
+    return MQTT311 if kind == "rabbitmq" else MQTT5
+
+
 # Property id -> wire kind; MQTT 5.0 section 2.2.2.2.
 _BYTE, _U16, _U32, _VARINT, _STR, _BIN, _PAIR = range(7)
 _PROPS = {

@@ -29,7 +29,7 @@ from aggregator.writer import Writer, WriterError
 from broker_bridge.bridge import Bridge, BrokerTarget, tls_context
 from broker_bridge.cluster import ClusterWatch
 from broker_bridge.devices import Devices
-from broker_bridge.mqtt import MQTT5, MQTT311
+from broker_bridge.mqtt import version_for
 from broker_bridge.telegram import Rules
 from csv_export.exporter import Exporter
 from ftp_gateway.accounts import Accounts, Bans, Doorway
@@ -340,7 +340,7 @@ def broker_target(settings: Settings) -> BrokerTarget:
         )
         if b.tls
         else None,
-        version=MQTT311 if b.kind == "rabbitmq" else MQTT5,
+        version=version_for(b.kind),
         client_id=b.client_id,
         username=b.username,
         password=b.password.get_secret_value() if b.password else None,

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
 
 from broker_bridge.bridge import tls_context
-from broker_bridge.mqtt import MQTT5, MQTT311, ConnectionRefused
+from broker_bridge.mqtt import ConnectionRefused, version_for
 from kernel.meter import flag_names
 from kernel.settings import Settings, broker_nodes
 from simulators.health import HealthMix
@@ -159,7 +159,7 @@ def _simulate(settings: Settings, args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
         return await simulate(
             opts,
-            Endpoint(nodes, context, passwords.get, MQTT311 if settings.broker.kind == "rabbitmq" else MQTT5),
+            Endpoint(nodes, context, passwords.get, version_for(settings.broker.kind)),
             sys.stderr,
             stop,
         )
