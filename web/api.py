@@ -33,14 +33,13 @@ from starlette.exceptions import HTTPException
 from aggregator.store import CommandRow, SlotRow
 from csv_export.co2 import month_summary, summary_rows
 from csv_export.files import path_of
-from ftp_gateway.accounts import normalize
 from kernel.commands import STATES, CommandError, check_args, targets
 from kernel.emissions import fiscal_year
 from kernel.meter import flag_names, format_kwh
 from kernel.timegrid import SLOT, Grid
 from monitoring.at_risk import Standing
 from web.access import SCOPES, SESSION_COOKIE, TOKEN, Sessions, Tokens, may
-from web.context import NO_FILES, WebContext
+from web.context import NO_FILES, WebContext, client_of
 from web.fleet_health import fleet_health, unit_health
 
 log = logging.getLogger("smame.web")
@@ -311,7 +310,7 @@ def build_api(ctx: WebContext) -> FastAPI:
     ) -> Reader:
         """The customer whose token the request carries, or the operator whose console session cookie it
         carries; refuses with 401 (a wrong token after the slow-down) or 429."""
-        address = normalize(request.client.host if request.client else "")
+        address = client_of(request)
         if ctx.bans.banned(address):
             raise ApiError(429, "too many failed attempts from this address: try again later", {"Retry-After": "600"})
         if bearer is None or not bearer.credentials.strip():
@@ -624,7 +623,7 @@ def build_api(ctx: WebContext) -> FastAPI:
             raise ApiError(400, str(exc)) from None
         now = int(ctx.clock())
         expires = now + (asked.expires_s or ctx.command_expiry_s)
-        address = normalize(request.client.host if request.client else "")
+        address = client_of(request)
         text = json.dumps(op_args, separators=(",", ":"))
         rows = await ctx.store.call(ctx.store.queue_commands, asked.op, text, chosen, now, expires, who, address)
         log.info("%s queued %d command(s) %s over the API", who, len(rows), asked.op)
@@ -638,7 +637,7 @@ def build_api(ctx: WebContext) -> FastAPI:
     ) -> Response:
         """Operators only (with the `X-CSRF-Token` header): withdraw a command that is still queued."""
         who = _may_change(reader, request)
-        address = normalize(request.client.host if request.client else "")
+        address = client_of(request)
         if not await ctx.store.call(ctx.store.cancel_command, command_id, int(ctx.clock()), who, address):
             if await ctx.store.call(ctx.store.command, command_id) is None:
                 raise ApiError(404, f"no command {command_id}")

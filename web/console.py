@@ -60,7 +60,7 @@ from web.access import (
     totp_uri,
 )
 from web.api import slot_values
-from web.context import NO_FILES, WebContext
+from web.context import NO_FILES, WebContext, client_of
 from web.fleet_health import fleet_health, unit_health
 from web.overview import Share, completeness_map, customer_shares
 
@@ -154,7 +154,7 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
 
     @app.post("/login", include_in_schema=False)
     async def login(request: Request) -> Response:
-        address = normalize(request.client.host if request.client else "")
+        address = client_of(request)
         if ctx.bans.banned(address):
             return PlainTextResponse("too many failed attempts from this address: try again later", 429)
         fields = await form(request)
@@ -832,7 +832,7 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
 
     def origin(request: Request) -> str:
         """The address an operator acts from (the proxy's client when it is trusted)."""
-        return normalize(request.client.host if request.client else "")
+        return client_of(request)
 
     @app.get("/customers/{customer_id}", include_in_schema=False, response_class=HTMLResponse)
     async def customer_page(request: Request, session: Operator, customer_id: str, page: int = 1) -> Response:

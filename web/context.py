@@ -5,12 +5,16 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aggregator.store import Store
-from ftp_gateway.accounts import Bans
+from ftp_gateway.accounts import Bans, normalize
 from kernel.registry import Registry
 from kernel.timegrid import Grid
 from monitoring.sources import ExportCounters
+
+if TYPE_CHECKING:  # (the web framework loads on the web's own thread, not with this module)
+    from starlette.requests import HTTPConnection
 
 # Why a node without an exporter neither serves nor lists the customers' files (the API and the console).
 NO_FILES = "this node writes no customer files (export.enabled is false)"
@@ -40,3 +44,9 @@ class WebContext:
     firmware_dir: Path = Path("firmware")  # where this node keeps the images it serves (<data_dir>/firmware)
     require_2fa: bool = False  # web.require_2fa: every operator must have a second factor before anything else
     firmware_url: str = ""  # devices.firmware_url: where units fetch images ("": no campaign can start)
+
+
+def client_of(request: HTTPConnection) -> str:
+    """The address a request comes from, one spelling per address: its peer's, or the client a trusted proxy
+    names (`web.proxies` put it in the request's scope)."""
+    return normalize(request.client.host if request.client else "")

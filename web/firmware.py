@@ -18,10 +18,9 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 
-from ftp_gateway.accounts import normalize
 from kernel.firmware import CAMPAIGN_ID, STARTED, unit_token
 from kernel.meter import UNIT_ID
-from web.context import WebContext
+from web.context import WebContext, client_of
 
 NOT_HERE = {"error": "no such image"}
 
@@ -32,7 +31,7 @@ def add_firmware(app: FastAPI, ctx: WebContext) -> None:
 
     @app.get("/fw/{campaign_id}/{unit_id}/{token}.bin", include_in_schema=False)
     async def image(request: Request, campaign_id: str, unit_id: str, token: str) -> Response:
-        address = normalize(request.client.host if request.client else "")
+        address = client_of(request)
         if ctx.bans.banned(address):
             return JSONResponse({"error": "too many failed attempts from this address: try again later"}, 429)
         if not (CAMPAIGN_ID.fullmatch(campaign_id) and UNIT_ID.fullmatch(unit_id)):
