@@ -39,7 +39,7 @@ _QUERY = (
     "SELECT slot, unit, coalesce(imp, -1) AS imp, coalesce({code}(imp_q), -1) AS imp_q, coalesce(exp, -1) AS exp, "
     "coalesce({code}(exp_q), -1) AS exp_q, coalesce(meter, '') AS meter, coalesce(e1, -1) AS e1, "
     "coalesce(coef, -1) AS coef "
-    "FROM slots WHERE slot > %d AND slot <= %d AND unit IN (%s)"
+    "FROM slots WHERE slot IN (%s) AND unit IN (%s)"
 )
 _LETTERS = {ord(q): q for q in ("A", "E", "M")}
 _CODED = SLOT_SCHEMA | {"imp_q": pl.Int64, "exp_q": pl.Int64}
@@ -63,13 +63,23 @@ def _exit_with(parent: int) -> None:
     os._exit(1)
 
 
+def slots_query(after: int, until: int, units: Iterable[str], code: str = "unicode") -> str:
+    """The statement that reads the stored slots of `units` with `after < slot <= until` (`code`: the function
+    that gives a character's code point in the store's SQL)."""
+    # ADBC's low-level API hands polars an Arrow C stream: no pyarrow (170 MB) needed. Binding parameters
+    # would need Arrow arrays, so the slot ends are formatted in (integers: nothing else can get in), and the
+    # units as SQL literals (the registry allows letters, digits, _ and - only; quotes are doubled all the same).
+    # Each slot end and each unit named, not a range of slots: the key (slot, unit) is then sought for each pair,
+    # so a job reads its own rows only. With `slot > a AND slot <= b` the key gave a range over every unit's rows
+    # of the day, and a fleet ten times larger meant ten times the jobs each reading ten times the rows.
+    ends = ",".join(str(end) for end in range(int(after) + SLOT, int(until) + 1, SLOT))
+    listed = ",".join("'" + u.replace("'", "''") + "'" for u in units)
+    return _QUERY.format(code=code) % (ends or "NULL", listed)
+
+
 def read_slots(store: str, after: int, until: int, units: Iterable[str]) -> pl.DataFrame:
     """Stored slots of `units` with `after < slot <= until` in the store at the URL `store`, as columns in
     `SLOT_SCHEMA` (missing values null)."""
-    # ADBC's low-level API hands polars an Arrow C stream: no pyarrow (170 MB) needed. Binding parameters
-    # would need Arrow arrays, so the two integers are formatted in (as %d: nothing else can get in), and the
-    # units as SQL literals (the registry allows letters, digits, _ and - only; quotes are doubled all the same).
-    listed = ",".join("'" + u.replace("'", "''") + "'" for u in units)
     if is_postgres(store):  # the character code of a quality letter: each engine names it its own way
         database, code = adbc_driver_postgresql.connect(store), "ascii"
     else:
@@ -79,7 +89,7 @@ def read_slots(store: str, after: int, until: int, units: Iterable[str]) -> pl.D
         adbc.AdbcConnection(database) as conn,
         adbc.AdbcStatement(conn) as stmt,
     ):
-        stmt.set_sql_query(_QUERY.format(code=code) % (int(after), int(until), listed))
+        stmt.set_sql_query(slots_query(after, until, units, code))
         stream, _ = stmt.execute_query()
         frame = pl.DataFrame(stream)
     # typed first: a day with no rows comes without types
