@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from selenium import webdriver
-from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+from selenium.common.exceptions import NoSuchElementException, WebDriverException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as expected
 from selenium.webdriver.support.ui import Select, WebDriverWait
@@ -40,7 +40,8 @@ PASSWORD = "console-pass-123"
 def wait(browser: webdriver.Chrome) -> WebDriverWait[webdriver.Chrome]:
     """Until the page a click led to is there: a click returns before the next page has loaded, and an element
     found on the page being left goes stale (looked for again)."""
-    return WebDriverWait(browser, 15, ignored_exceptions=[NoSuchElementException, StaleElementReferenceException])
+    # (a node looked at as the page is replaced may also be "not in the document": chromium's word for stale)
+    return WebDriverWait(browser, 15, ignored_exceptions=[NoSuchElementException, WebDriverException])
 
 
 def shot(browser: webdriver.Chrome, name: str) -> None:
