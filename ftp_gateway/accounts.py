@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import threading
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 
 from ftp_gateway.downloads import Downloads
 from ftp_gateway.passwords import N, P, R, outdated, verify_password
+from kernel.addresses import ip_of
 from kernel.registry import Registry
 
 log = logging.getLogger("smame.files")
@@ -219,13 +219,8 @@ MAX_COUNTED = 10_000  # addresses or accounts with failures kept before the quie
 
 def normalize(address: str) -> str:
     """One spelling per address: `::ffff:127.0.0.1` (IPv4 on a dual-stack socket) is `127.0.0.1`."""
-    try:
-        ip = ipaddress.ip_address(address.split("%")[0])
-    except ValueError:
-        return address
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    return str(ip)
+    ip = ip_of(address)
+    return address if ip is None else str(ip)
 
 
 @dataclass(eq=False)

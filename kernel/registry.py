@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from kernel.addresses import ip_of
 from kernel.emissions import NO_FACTORS, DayFactors, Factors, FactorsError, fiscal_year, load_factors
 from kernel.errors import bad_lines
 from kernel.meter import UNIT_ID, Limits
@@ -74,13 +75,8 @@ class Customer(BaseModel):
         IPv6, as a dual-stack socket gives it, counts as the IPv4 address; no address is no allowed one)."""
         if not self.allow:
             return True
-        try:
-            ip = ipaddress.ip_address(address.split("%")[0])
-        except ValueError:
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return any(ip in ipaddress.ip_network(n, strict=False) for n in self.allow)
+        ip = ip_of(address)
+        return ip is not None and any(ip in ipaddress.ip_network(n, strict=False) for n in self.allow)
 
     @model_validator(mode="before")
     @classmethod

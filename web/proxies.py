@@ -14,6 +14,7 @@ import logging
 from collections.abc import Iterable
 from functools import lru_cache
 
+from kernel.addresses import ip_of
 from web.guard import App, Receive, Scope, Send
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -32,13 +33,8 @@ class Proxies:
 
     def _trusts(self, host: str) -> bool:
         """Whether `host` is a trusted proxy (an IPv4 peer on a dual-stack socket counts as its IPv4 address)."""
-        try:
-            ip = ipaddress.ip_address(host.split("%")[0])
-        except ValueError:
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return any(ip in n for n in self.networks)
+        ip = ip_of(host)
+        return ip is not None and any(ip in n for n in self.networks)
 
     def client(self, peer: str, forwarded_for: str) -> str:
         """The client's address: `peer` unless it is a trusted proxy that forwarded one; a forwarded entry
