@@ -252,6 +252,15 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
         secret = fields.get("secret", "")
         if not TOTP_SECRET.fullmatch(secret):
             return PlainTextResponse("the form's key is not one this page made: load it again", 400)
+        # the password again: a session taken over (a browser left open) must not lock its operator out with a
+        # stranger's authenticator; a wrong one counts toward the address's ban as at the login
+        address = origin(request)
+        stored = await ctx.store.call(operators.hash_of, session.operator)
+        password = fields.get("password", "")[:1024]
+        if not await asyncio.get_running_loop().run_in_executor(None, operators.verify, password, stored):
+            ctx.bans.failed(address, f"operator {session.operator}", "the console")
+            await asyncio.sleep(ctx.fail_delay_s)
+            return await account_page(request, session, error="Wrong password.", status=401)
         try:
             code = fields.get("code", "")[:32]
             codes = await ctx.store.call(operators.enrol, session.operator, secret, code, ctx.clock())
