@@ -85,8 +85,10 @@ def test_a_customer_is_exported_whole_and_then_purged_with_a_receipt(workdir: Pa
                 assert table in PURGED_BY_CUSTOMER, table
         assert store.execute("SELECT count(*) FROM desired WHERE target IN ('C1', 'U1', 'U2')").fetchone()[0] == 0
         assert store.execute("SELECT count(*) FROM readings WHERE unit = 'U3'").fetchone()[0] == 194  # C2's kept
-        [(action, detail)] = [(a, d) for _, _, _, _, a, t, d in store.audit(10, None, "") if a == "customer purged"]
-        assert "readings 388" in detail and "units 2" in detail and action == "customer purged"
+        entries = {a: (t, d) for _, _, _, _, a, t, d in store.audit(20, None, "")}
+        assert entries["customer exported"][0] == "C1" and entries["customer exported"][1].startswith("62 files, ")
+        target, detail = entries["customer purged"]
+        assert target == "C1" and "readings 388" in detail and "units 2" in detail
     assert not (workdir / "data" / "export" / "C1").exists() and (workdir / "data" / "export" / "C2").is_dir()
     assert "C1" not in (workdir / "customers.toml").read_text()
     assert (workdir / "units.csv").read_text().splitlines()[1:] == ["U3,C2,,,"]
