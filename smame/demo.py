@@ -231,7 +231,7 @@ class Tour:
         self.say("\n".join("   " + n for n in names[:4]))
 
     def show_api(self, unit: str, day: date) -> None:
-        self.smame("operators", "add", "demo", "--password-stdin", stdin=self.password + "\n")
+        self.smame("operators", "add", "demo", "--role", "admin", "--password-stdin", stdin=self.password + "\n")
         console = f"http://127.0.0.1:{self.ports['web']}/"
         self.say(f"\n== the operators' console: {console} (operator demo, password {self.password})")
         self.token = self.smame("tokens", "add", "C000", "--name", "demo").strip()
