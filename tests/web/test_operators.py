@@ -101,6 +101,10 @@ def test_an_operator_enrols_an_authenticator_in_the_console_and_logs_in_with_its
     try:
         wait_log(workdir / "smame.log", "web server listening")
 
+        def said(words: str) -> None:
+            """Wait for the page the click led to, which says `words` in its alert (the page left may have one)."""
+            wait(browser).until(lambda b: words in b.find_element(By.CSS_SELECTOR, "p[role=alert]").text)
+
         def log_in(code: str) -> None:
             browser.get(site + "/login")
             browser.find_element(By.NAME, "name").send_keys("alice")
@@ -121,11 +125,11 @@ def test_an_operator_enrols_an_authenticator_in_the_console_and_logs_in_with_its
         browser.find_element(By.NAME, "password").send_keys("not-the-password")
         browser.find_element(By.NAME, "code").send_keys(totp.now())
         browser.find_element(By.CSS_SELECTOR, "form.login button").click()
-        assert wait(browser).until(lambda b: b.find_element(By.CLASS_NAME, "error")).text == "Wrong password."
+        said("Wrong password.")
         browser.find_element(By.NAME, "password").send_keys(PASSWORD)
         browser.find_element(By.NAME, "code").send_keys("000000" if totp.now() != "000000" else "111111")
         browser.find_element(By.CSS_SELECTOR, "form.login button").click()
-        assert "not the authenticator's" in wait(browser).until(lambda b: b.find_element(By.CLASS_NAME, "error")).text
+        said("the code is not the authenticator's")
         secret = browser.find_element(By.ID, "secret").text  # (a new key each time the page is shown)
         totp = pyotp.TOTP(secret)
         now = time.time()
@@ -142,14 +146,13 @@ def test_an_operator_enrols_an_authenticator_in_the_console_and_logs_in_with_its
         # without a code, with a wrong one, or with the one used already: refused, the same words each time
         for code in ("", "123456" if totp.at(now) != "123456" else "654321", totp.at(now)):
             log_in(code)
-            error = wait(browser).until(lambda b: b.find_element(By.CLASS_NAME, "error"))
-            assert error.text == "Wrong name, password or code.", code
+            said("Wrong name, password or code.")
         log_in(codes[0])  # a recovery code, good once
         wait(browser).until(expected.url_to_be(site + "/"))
         browser.find_element(By.CSS_SELECTOR, "form.logout button").click()
         wait(browser).until(expected.url_to_be(site + "/login"))
         log_in(codes[0])
-        assert wait(browser).until(lambda b: b.find_element(By.CLASS_NAME, "error")).text.startswith("Wrong")
+        said("Wrong name, password or code.")
         log_in(totp.at(now + 30))  # the next step's code (a step ahead of the server's clock is taken)
         wait(browser).until(expected.url_to_be(site + "/"))
         browser.get(site + "/account")
