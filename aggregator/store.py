@@ -940,24 +940,22 @@ class Store(ABC):
         """Delete every row of a customer and of its units, in one transaction: the tables of `unit_tables` and
         PURGED_BY_CUSTOMER, and the desired configuration of the customer and of each unit. Returns the rows
         deleted by table. The audit log and the alerts' history, records of what was done and told, are kept."""
+
+        def by_units(sql: str) -> int:  # `sql` with {marks} for a chunk of the units; the rows it deleted
+            deleted = 0
+            for i in range(0, len(units), PURGE_CHUNK):
+                chunk = list(units[i : i + PURGE_CHUNK])
+                deleted += self.execute(sql.format(marks=", ".join("?" * len(chunk))), chunk).rowcount
+            return deleted
+
         counts: dict[str, int] = {}
         with self.transaction():
             for table in self.unit_tables:
-                counts[table] = 0
-                for i in range(0, len(units), PURGE_CHUNK):
-                    chunk = list(units[i : i + PURGE_CHUNK])
-                    marks = ", ".join("?" * len(chunk))
-                    counts[table] += self.execute(f"DELETE FROM {table} WHERE unit IN ({marks})", chunk).rowcount
+                counts[table] = by_units(f"DELETE FROM {table} WHERE unit IN ({{marks}})")
             for table in PURGED_BY_CUSTOMER:
                 counts[table] = self.execute(f"DELETE FROM {table} WHERE customer = ?", (customer,)).rowcount
             desired = self.execute("DELETE FROM desired WHERE scope = 'customer' AND target = ?", (customer,)).rowcount
-            for i in range(0, len(units), PURGE_CHUNK):
-                chunk = list(units[i : i + PURGE_CHUNK])
-                marks = ", ".join("?" * len(chunk))
-                desired += self.execute(
-                    f"DELETE FROM desired WHERE scope = 'unit' AND target IN ({marks})", chunk
-                ).rowcount
-            counts["desired"] = desired
+            counts["desired"] = desired + by_units("DELETE FROM desired WHERE scope = 'unit' AND target IN ({marks})")
         return counts
 
     def tokens_expiring(self, before: float) -> list[tuple[str, str, str, int]]:

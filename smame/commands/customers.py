@@ -57,6 +57,11 @@ def _manifest(directory: Path) -> list[tuple[str, str, int]]:
     return out
 
 
+def _sums(files: list[tuple[str, str, int]]) -> bytes:
+    """Files as `sha256sum` lists them (and `sha256sum -c` reads them): a line of SHA-256 and name each."""
+    return "".join(f"{digest}  {name}\n" for digest, name, _ in files).encode()
+
+
 def _export(settings: Settings, args: argparse.Namespace) -> int:
     grid, holder = Grid(settings.timezone), RegistryHolder(settings)
     registry = holder.current
@@ -80,7 +85,7 @@ def _export(settings: Settings, args: argparse.Namespace) -> int:
         target.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(args.out / TOTALS_DIR, ignore_errors=True)  # the exporter's own sums, not the customer's
         files = _manifest(target)
-        manifest = "".join(f"{digest}  {name}\n" for digest, name, _ in files).encode()
+        manifest = _sums(files)
         (target / MANIFEST).write_bytes(manifest)
         digest = hashlib.sha256(manifest).hexdigest()
         span = f"{days[0]} to {days[-1]}" if days else "no day stored"
@@ -130,7 +135,7 @@ def _remove(settings: Settings, args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 1
-        listing = "".join(f"{digest}  {name}\n" for digest, name, _ in files).encode()
+        listing = _sums(files)
         receipt = [f"{table} {n}" for table, n in rows.items() if n] + [
             f"files {len(files)} (sha256 of their list {hashlib.sha256(listing).hexdigest()})",
             f"logins {logins}",
