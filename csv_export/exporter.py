@@ -62,6 +62,7 @@ class RunResult:
     unchanged: int = 0
     deleted: list[Path] = field(default_factory=list)
     days: int = 0
+    seconds: float = 0.0  # a scheduled run's time, from its start on the store thread (its wait there not counted)
 
 
 FACTORS_SEEN = "factors.json"  # in TOTALS_DIR: the emission factors the directory's files were rendered with
@@ -333,6 +334,7 @@ class Exporter:
 
     def scheduled(self, now: float) -> RunResult:
         """One scheduled run: changed days, today's files of every customer, retention, then the cursor."""
+        began = time.monotonic()
         check_writable(self.root)
         cursor = read_cursor(self.root)
         newest, changed = self.store.changes_since(cursor)
@@ -361,6 +363,7 @@ class Exporter:
             write_if_changed(seen_path, json.dumps(in_force, sort_keys=True).encode(), with_checksum=False)
         write_cursor(self.root, newest)
         self._prune(now)
+        result.seconds = time.monotonic() - began
         return result
 
     def first_kept(self, now: float) -> date:
@@ -471,10 +474,11 @@ class Exporter:
         self.stats.last_error = ""
         if result.written or result.deleted:
             log.info(
-                "export: %d files written, %d unchanged, %d deleted by retention",
+                "export: %d files written, %d unchanged, %d deleted by retention, in %.1f s",
                 len(result.written),
                 result.unchanged,
                 len(result.deleted),
+                result.seconds,
             )
         return result
 
