@@ -21,7 +21,7 @@ import psycopg
 import psycopg.errors
 
 from aggregator.slots import Point
-from aggregator.store import OPERATOR_EXTRA, READING_COLUMNS, TOKEN_EXTRA, Store, slot_upsert
+from aggregator.store import OPERATOR_EXTRA, READING_COLUMNS, TOKEN_EXTRA, Store, UnitRange, slot_upsert
 
 DAY = 86400
 PARTITIONED = {"readings": "at", "slots": "slot", "unit_health": "day"}  # table: the column its days are ranges of
@@ -224,10 +224,12 @@ class PostgresStore(Store):
             for column, kind in extra:
                 self.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {kind}")
 
-    def keep_health(self, day: int, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    def keep_health(
+        self, day: int, columns: Sequence[str], rows: Iterable[Sequence[Any]], units: UnitRange = (None, None)
+    ) -> None:
         """Keep a day's health records, in the partition of its day (made first)."""
         self._ensure_days("unit_health", {day // DAY})
-        super().keep_health(day, columns, rows)
+        super().keep_health(day, columns, rows, units)
 
     def insert_rows(self, table: str, columns: Sequence[str], rows: list[tuple[Any, ...]]) -> None:
         """Insert rows of a table as they are, after making the partitions of their days if it has them."""

@@ -27,6 +27,7 @@ import msgspec
 from aggregator.slots import Point
 from kernel.commands import ANSWERABLE, FINAL, Answer, State, reported_config
 from kernel.reading import Refused, Status
+from kernel.timegrid import SLOT
 
 T = TypeVar("T")
 REGISTERS = ("fwd", "rev")  # column names; `imp`/`exp` on the slot side
@@ -175,6 +176,16 @@ class OpenUnit(msgspec.Struct, frozen=True, gc=False):
 
 AUDIT_COLUMNS = "at, who, origin, action, target, detail"
 _LOOKUPS = 5000  # slot ends a statement (well under SQLite's 32,766 parameters)
+# A range of units: from the first (included) to the second (excluded), in the order of their ids' bytes (both
+# engines compare units so); None leaves that end open.
+UnitRange = tuple[str | None, str | None]
+
+
+def _in_range(units: UnitRange) -> tuple[str, tuple[str, ...]]:
+    """The condition (" AND ...", or "") on `unit` that keeps the units of the range, and its parameters."""
+    low, high = units
+    where = (" AND unit >= ?" if low is not None else "") + (" AND unit < ?" if high is not None else "")
+    return where, tuple(u for u in units if u is not None)
 
 
 def new_command(
@@ -601,12 +612,18 @@ class Store(ABC):
 
     # --- units' health (monitoring.health) -----------------------------------------------------------------
 
-    def health_rows(self, start: int, end: int) -> list[tuple[Any, ...]]:
-        """The readings with `start <= at < end` as the health record reads them: (unit, at, seq, sent,
-        received, import register without value, diag)."""
+    def health_rows(self, start: int, end: int, units: UnitRange = (None, None)) -> list[tuple[Any, ...]]:
+        """The readings with `start <= at < end` (`start` a half-hour boundary: readings are on them) of the units
+        in the range `units`, as the health record reads them: (unit, at, seq, sent, received, import register
+        without value, diag)."""
+        # each half hour sought with the unit range: one range of the key (at, unit) a half hour, not the whole
+        # day's rows for each range of units (on PostgreSQL, a range of (unit, at) in the day's partition)
+        ats = list(range(start, end, SLOT))
+        where, bound = _in_range(units)
         return self.execute(
-            "SELECT unit, at, seq, sent, received, fwd IS NULL, diag FROM readings WHERE at >= ? AND at < ?",
-            (start, end),
+            "SELECT unit, at, seq, sent, received, fwd IS NULL, diag FROM readings "
+            f"WHERE at IN ({','.join('?' * len(ats))}){where}",
+            (*ats, *bound),
         ).fetchall()
 
     def disconnects(self, start: int, end: int) -> dict[str, int]:
@@ -617,10 +634,14 @@ class Store(ABC):
         )
         return {str(u): int(n) for u, n in rows.fetchall()}
 
-    def keep_health(self, day: int, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
-        """Keep a day's health records (`day`: the day's start, epoch), replacing the day's earlier ones."""
+    def keep_health(
+        self, day: int, columns: Sequence[str], rows: Iterable[Sequence[Any]], units: UnitRange = (None, None)
+    ) -> None:
+        """Keep a day's health records (`day`: the day's start, epoch) of the units in the range `units`, replacing
+        the day's earlier ones of that range."""
+        where, bound = _in_range(units)
         with self.transaction():
-            self.execute("DELETE FROM unit_health WHERE day = ?", (day,))
+            self.execute(f"DELETE FROM unit_health WHERE day = ?{where}", (day, *bound))
             names = ", ".join(["day", *columns])
             marks = ", ".join("?" * (len(columns) + 1))
             self.executemany(f"INSERT INTO unit_health ({names}) VALUES ({marks})", ((day, *r) for r in rows))
@@ -636,11 +657,12 @@ class Store(ABC):
         marks = ",".join("?" * len(columns))
         self.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})", rows)
 
-    def health_records(self, since: int, until: int, columns: Sequence[str]) -> list[tuple[Any, ...]]:
+    def health_records(self, since: int, until: int, columns: Sequence[str]) -> Iterator[tuple[Any, ...]]:
         """The health records of the days starting from `since` to `until` (both included): (day, unit,
-        *columns)."""
+        *columns), read as they are taken (weeks of a fleet's records as Python tuples at once would be
+        gigabytes)."""
         names = ", ".join(["day", "unit", *columns])
-        return self.execute(f"SELECT {names} FROM unit_health WHERE day >= ? AND day <= ?", (since, until)).fetchall()
+        return iter(self.execute(f"SELECT {names} FROM unit_health WHERE day >= ? AND day <= ?", (since, until)))
 
     def newest_health(
         self, since: int

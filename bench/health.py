@@ -11,12 +11,20 @@ fleet and for ten times it (its units copied under other names: the pass's cost 
 
     .venv/bin/python -m bench.health                  # 10,000 units, 30 days (a few minutes)
     .venv/bin/python -m bench.health --units 300 --days 16
+
+With `--store N`, instead: the monitor's hourly pass as smame runs it (`monitoring.health_pass`), on an SQLite
+store holding N units' readings (each with a `diag`) of yesterday and of today until noon and their health
+records of the 28 days before: its time and peak memory, in a process of its own, beside the same for a tenth
+of the fleet (`--store-baseline` to choose).
+
+    .venv/bin/python -m bench.health --store 1000000
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -25,11 +33,17 @@ import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 
+import msgspec
 import polars as pl
 
-from monitoring.health import ROW_SCHEMA, day_records, rows_frame
+from aggregator.sqlite import SqliteStore
+from aggregator.store import HEALTH_COLUMNS
+from kernel.reading import Diag
+from kernel.timegrid import SLOT, Grid
+from monitoring.health import HEALTH_CHUNK_UNITS, ROW_SCHEMA, day_records, rows_frame
 from monitoring.risk import assess
 from simulators.health import DAY, LOOKALIKES, PRECURSORS, HealthMix, degrading, fleet_days
 
@@ -153,6 +167,70 @@ def daily_pass(keep: Path, copies: int) -> dict[str, float]:
     }
 
 
+GRID = Grid("Asia/Tokyo")
+
+
+def fill_store(path: Path, units: int, now: int) -> float:
+    """A store with `units` units' readings of yesterday and of today until `now`, every telegram with a `diag`,
+    and their health records of the 28 days before yesterday; the seconds it took."""
+    started = time.perf_counter()
+    today = datetime.fromtimestamp(now, GRID.zone).date()
+    yesterday = GRID.day_start(today - timedelta(days=1))
+    ids = [f"U{u:07d}" for u in range(units)]
+    diags = [
+        msgspec.json.encode(Diag("2.4.1", -80 - u % 30, -10.5, 8.0, 0, f"44010-{u % 5000:06x}", 12, 86400, 3300, 1))
+        for u in range(64)
+    ]
+    with SqliteStore(path, "OFF") as store:
+        for k, at in enumerate(range(yesterday, now + 1, SLOT)):
+            with store.transaction():
+                store.insert_readings(
+                    (unit, at, "M1", k, 0, 1, 1, 6, 0, k, at + 5, at + 7, diags[u % 64]) for u, unit in enumerate(ids)
+                )
+        record = dict.fromkeys(HEALTH_COLUMNS, 0) | {"readings": 48, "rsrp": -90.0, "fw": "2.4.1", "cell": "c1"}
+        for d in range(1, 29):
+            store.keep_health(
+                yesterday - d * DAY,
+                ["unit", *HEALTH_COLUMNS],
+                ((unit, *(record | {"rsrp": -80.0 - u % 30}).values()) for u, unit in enumerate(ids)),
+            )
+    return time.perf_counter() - started
+
+
+def store_pass(path: Path, now: int, chunk: int | None) -> dict[str, float]:
+    """The monitor's health pass on the store at `path` at `now` (with `chunk` units a range instead of
+    HEALTH_CHUNK_UNITS): its time, records kept and peak memory."""
+    from monitoring import health_pass
+    from monitoring.health_pass import keep_health
+
+    if chunk:
+        health_pass.HEALTH_CHUNK_UNITS = chunk
+    with SqliteStore(path, "NORMAL") as store:
+        units = [u for (u,) in store.execute("SELECT unit FROM reading_span")]
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        started = time.perf_counter()
+        kept = keep_health(store, GRID, units, now)
+        took = time.perf_counter() - started
+    return {
+        "units": len(units),
+        "records": kept.records,
+        "pass_s": took,
+        "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "before_mb": base / 1024,
+    }
+
+
+def _store_child(path: Path, now: int, chunk: int | None) -> dict[str, float]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.health", "--store-pass", str(path), "--now", str(now)]
+        + ([] if chunk is None else ["--chunk", str(chunk)]),
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return dict(json.loads(proc.stdout))
+
+
 def _child(keep: Path, copies: int) -> dict[str, float]:
     proc = subprocess.run(
         [sys.executable, "-m", "bench.health", "--pass-only", str(keep), "--copies", str(copies)],
@@ -170,11 +248,35 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--outages", type=int, default=2, help="fleet-wide outages of an hour in the run")
     ap.add_argument("--scale", type=int, default=10, help="also time the pass for the fleet this many times over")
+    ap.add_argument("--store", type=int, help="time the monitor's pass on a store of this many units")
+    ap.add_argument("--store-baseline", type=int, help="the fleet it is compared with (default: a tenth)")
     ap.add_argument("--pass-only", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--copies", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--store-pass", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--chunk", type=int, help="also the pass with this many units a range (1000000000: the whole fleet at once)"
+    )
+    ap.add_argument("--now", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.pass_only:
         print(json.dumps(daily_pass(args.pass_only, args.copies)))
+        return
+    if args.store_pass:
+        print(json.dumps(store_pass(args.store_pass, args.now, args.chunk)))
+        return
+    if args.store:
+        # noon: the pass makes yesterday's records and today's so far
+        now = GRID.day_start(datetime.fromtimestamp(time.time(), GRID.zone).date()) + 12 * 3600
+        for units in (args.store_baseline or max(1, args.store // 10), args.store):
+            with tempfile.TemporaryDirectory(prefix="smame-health-", dir=os.environ.get("SMAME_BENCH_DIR")) as tmp:
+                filled = fill_store(Path(tmp) / "smame.db", units, now)
+                for chunk in (None, args.chunk) if args.chunk else (None,):
+                    p = _store_child(Path(tmp) / "smame.db", now, chunk)
+                    print(
+                        f"health pass on a store, {p['units']:,.0f} units (filled in {filled:.0f} s), "
+                        f"{chunk or HEALTH_CHUNK_UNITS:,} units a range: {p['records']:,.0f} records made in "
+                        f"{p['pass_s']:.1f} s, peak {p['peak_mb']:.0f} MB (after opening {p['before_mb']:.0f} MB)"
+                    )
         return
     with tempfile.TemporaryDirectory(prefix="smame-health-") as tmp:
         keep = Path(tmp)

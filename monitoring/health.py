@@ -8,6 +8,7 @@ a day: a few numbers that the risk pass compares with the unit's own past and wi
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from itertools import islice
 from typing import Any
 
 import polars as pl
@@ -17,6 +18,8 @@ from kernel.reading import read_diag
 SEQ_WRAP = 2**32  # `seq` counts modulo this
 WRAP_NEAR = 2**20  # a fall from this close to the top to this close to 0 is a wrap; any other fall a restart
 LATE_S = 3600  # a reading received this long after its time came in a backlog, not live
+# units whose day is made at a time: their rows (48 a unit, each diag read) take about 110 MB in Python
+HEALTH_CHUNK_UNITS = 5000
 
 # The day's rows of the readings (`Store.health_rows`): one a reading.
 ROW_SCHEMA = {
@@ -54,6 +57,14 @@ RECORD = {
 _DIAG = ["fw", "rsrp", "rsrq", "sinr", "ce", "cell", "boot", "vsup", "att", "dropped"]
 
 
+def unit_ranges(units: Iterable[str], size: int) -> list[tuple[str | None, str | None]]:
+    """Ranges of units (`Store.health_rows`) that together hold every unit id there may be, `size` of `units` in
+    each: the first open below, the last open above."""
+    ordered = sorted(units)
+    bounds: list[str | None] = [None, *ordered[size::size], None]
+    return list(zip(bounds, bounds[1:], strict=False))
+
+
 def rows_frame(rows: Iterable[tuple[Any, ...]]) -> pl.DataFrame:
     """The store's rows (unit, at, seq, sent, received, no_data, diag) as a frame, with each `diag` checked and
     spread into its fields (null where a telegram had none, or the field was wrong: `dropped` counts those)."""
@@ -66,9 +77,13 @@ def rows_frame(rows: Iterable[tuple[Any, ...]]) -> pl.DataFrame:
     )
 
 
-def records_frame(rows: Iterable[tuple[Any, ...]]) -> pl.DataFrame:
-    """The store's health records (day, unit, and the RECORD columns) as a frame."""
-    return pl.DataFrame(list(rows), schema={"day": pl.Int64, "unit": pl.String, **RECORD}, orient="row")
+def records_frame(rows: Iterable[tuple[Any, ...]], batch: int = 100_000) -> pl.DataFrame:
+    """The store's health records (day, unit, and the RECORD columns) as a frame, `batch` rows at a time (never
+    all of them as Python objects)."""
+    schema = {"day": pl.Int64, "unit": pl.String, **RECORD}
+    taken = iter(rows)
+    parts = [pl.DataFrame(part, schema=schema, orient="row") for part in iter(lambda: list(islice(taken, batch)), [])]
+    return pl.concat(parts, rechunk=True) if parts else pl.DataFrame(schema=schema)
 
 
 def day_records(rows: pl.DataFrame, disconnects: Mapping[str, int]) -> pl.DataFrame:

@@ -460,48 +460,12 @@ class Monitor:
         return holding, unknown
 
     def keep_health(self, now: float) -> int:
-        """Make today's and yesterday's health records of every unit again, and those of the days before that
-        have readings but no records yet (a new installation, a backfill, a store migrated from before them),
-        and keep them; then assess each of those days' risk, oldest first, and keep it (on the store's thread:
-        a day of the fleet's readings is read once). Return the records kept."""
-        # polars, numpy and scipy: not on smame's way to the broker
-        from aggregator.store import HEALTH_COLUMNS
-        from monitoring.at_risk import reasons_json
-        from monitoring.health import day_records, records_frame, rows_frame
-        from monitoring.risk import BASELINE_DAYS, assess
+        """The units' health pass (`monitoring.health_pass`) on the store's thread; return the records kept."""
+        from monitoring.health_pass import keep_health  # polars, numpy and scipy: not on smame's way to the broker
 
-        today = datetime.fromtimestamp(now, self.grid.zone).date()
-        kept = 0
-        first = today - timedelta(days=BASELINE_DAYS)
-        recorded = {d for d, _, _ in self.store.health_days(self.grid.day_start(first))}
-        days = [
-            d
-            for d in (first + timedelta(days=k) for k in range(BASELINE_DAYS + 1))
-            if d >= today - timedelta(days=1) or self.grid.day_start(d) not in recorded
-        ]
-        made: list[tuple[date, int, int]] = []  # the days kept: (day, start, end)
-        for day in days:
-            start, end = self.grid.day_start(day), self.grid.day_start(day + timedelta(days=1))
-            rows = rows_frame(self.store.health_rows(start, end))
-            records = day_records(rows, self.store.disconnects(start, end))
-            if records.height or day >= today - timedelta(days=1):
-                self.store.keep_health(start, ["unit", *HEALTH_COLUMNS], records.iter_rows())
-                made.append((day, start, end))
-            if day >= today - timedelta(days=1):
-                self.diag_dropped["today" if day == today else "yesterday"] = int(records["diag_dropped"].sum())
-            kept += records.height
-        since = self.grid.day_start(made[0][0] - timedelta(days=BASELINE_DAYS))
-        history = records_frame(self.store.health_records(since, self.grid.day_start(today), HEALTH_COLUMNS))
-        for _, start, end in made:
-            result = assess(history, start, min(1.0, max(0.0, (now - start) / (end - start))))
-            self.store.keep_risk(
-                start,
-                result.evaluated,
-                [(u.unit, u.risk, reasons_json(u.reasons)) for u in result.at_risk],
-                [(e.scope, e.signal, e.units, e.of, e.words) for e in result.events],
-                int(now),
-            )
-        return kept
+        kept = keep_health(self.store, self.grid, self.registry().units, now)
+        self.diag_dropped.update(kept.dropped)
+        return kept.records
 
     def _draining(self, now: float) -> bool:
         """True while ingest, connected, is behind the broker (`caught_up` says no), for `report.catch_up_wait_s` at

@@ -4,13 +4,16 @@ migrated to them."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 import psycopg
 
 from aggregator.backends import open_url
 from aggregator.copy import copy_store, fingerprint
 from aggregator.postgres import PostgresStore
+from aggregator.sqlite import SqliteStore
 from aggregator.store import HEALTH_COLUMNS
-from tests.databases import PostgresDatabase, query
+from tests.databases import PostgresDatabase, query, sqlite_plan
 
 DAY = 86400
 D0 = 1_795_000_000 - 1_795_000_000 % DAY
@@ -122,3 +125,36 @@ def test_a_store_copied_to_postgresql_takes_its_health_and_connections_along(
             assert fingerprint(source, table) == fingerprint(target, table), table
         target.record_statuses([Status("A", D0 + 20, False)])  # ids go on after the copied ones
         assert [at for at, _ in target.connection_events("A", 0, D0 + DAY)] == [D0 + 5, D0 + 9, D0 + 20]
+
+
+def test_a_days_rows_and_records_are_read_and_replaced_a_range_of_units_at_a_time(store_url: str) -> None:
+    day = D0 - D0 % 1800
+    with open_url(store_url) as store:
+        with store.transaction():
+            store.insert_readings(
+                (u, day + k * 1800, "M1", k, 0, 1, 1, 6, 0, k, day + k * 1800, day + k * 1800 + 5, None)
+                for u in ("A", "B", "C", "D")
+                for k in range(48)
+            )
+            store.insert_readings([("B", day + DAY, "M1", 48, 0, 1, 1, 6, 0, 48, day + DAY, day + DAY, None)])
+        middle = store.health_rows(day, day + DAY, ("B", "D"))
+        assert {(u, n) for u, n in Counter(r[0] for r in middle).items()} == {
+            ("B", 48),
+            ("C", 48),
+        }  # not the next day's
+        assert {r[0] for r in store.health_rows(day, day + DAY, (None, "B"))} == {"A"}
+        assert {r[0] for r in store.health_rows(day, day + DAY, ("D", None))} == {"D"}
+        assert len(store.health_rows(day, day + DAY)) == 4 * 48
+        store.keep_health(day, ["unit", *HEALTH_COLUMNS], [record(u, -90) for u in "ABCD"])
+        store.keep_health(day, ["unit", *HEALTH_COLUMNS], [record("C", -99)], ("B", "D"))  # B has none now
+        assert sorted(store.health_records(day, day, ["rsrp"])) == [
+            (day, "A", -90.0),
+            (day, "C", -99.0),
+            (day, "D", -90.0),
+        ]
+        if isinstance(store, SqliteStore):  # each half hour sought with the range, not the day's rows read
+            said: list[str] = []
+            store.db.set_trace_callback(said.append)
+            store.health_rows(day, day + DAY, ("B", "D"))
+            store.db.set_trace_callback(None)
+            assert "SEARCH readings USING PRIMARY KEY (at=? AND unit>? AND unit<?)" in sqlite_plan(store, said[-1])

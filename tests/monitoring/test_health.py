@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 
 from kernel.reading import Diag
-from monitoring.health import SEQ_WRAP, day_records, rows_frame
+from monitoring.health import RECORD, SEQ_WRAP, day_records, records_frame, rows_frame
 
 DAY = 1_795_000_000 - 1_795_000_000 % 86400
 SLOT = 1800
@@ -64,3 +64,12 @@ def test_telegrams_received_in_one_second_are_taken_in_the_order_the_unit_sent_t
     rows = [("B", DAY + k * SLOT, seq, DAY + t, DAY + 999, False, None) for k, (seq, t) in enumerate(sent.items(), 1)]
     [b] = day_records(rows_frame(rows), {}).to_dicts()
     assert (b["restarts"], b["seq_gaps"]) == (1, 0)
+
+
+def test_records_read_a_batch_at_a_time_make_the_same_frame() -> None:
+    rows = [(86400 * d, f"U{u}", *(None if name == "fw" else 0 for name in RECORD)) for d in range(2) for u in range(3)]
+    rows = [(*r[:-4], "2.1.0", f"c{k}", 0, k) for k, r in enumerate(rows)]
+    whole = records_frame(rows, batch=len(rows))
+    assert records_frame(iter(rows), batch=4).equals(whole)
+    assert whole.height == 6 and whole["disconnects"].to_list() == list(range(6))
+    assert records_frame(iter([])).height == 0

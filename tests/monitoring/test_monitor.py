@@ -19,6 +19,7 @@ from kernel.reading import Diag, Incoming, Reading, Status
 from kernel.registry import load_registry
 from kernel.settings import load_settings
 from kernel.timegrid import Grid
+from monitoring.health import unit_ranges
 from monitoring.monitor import Monitor, Watched
 from smame.app import build_outbox
 from tests.helpers import write_registry
@@ -201,6 +202,35 @@ def test_each_units_health_of_today_and_yesterday_is_kept_and_made_again_an_hour
     m.clock = lambda: NOW + 3600
     asyncio.run(m.check())
     assert m.store.unit_health("S1", today)[0]["readings"] == 3  # made again, with the new reading
+
+
+def test_a_fleets_day_made_a_few_units_at_a_time_is_the_day_made_at_once(
+    monitor: tuple[Monitor, BridgeStats, Ingestor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    m, _, ingest = monitor
+    assert unit_ranges(["S3", "S1", "S2"], 2) == [(None, "S3"), ("S3", None)]
+    assert unit_ranges([], 2) == [(None, None)]
+    ingest.commit([], [], NOW, [Status("S0", int(NOW - 600), False)])  # a unit the registry no longer has
+    for k, at in enumerate((GRID.floor(NOW - 3600), GRID.floor(NOW - 1800))):
+        diag = msgspec.json.encode(Diag(fw="2.1.0", rsrp=-90 - k, boot=3 + k, vsup=3300))
+        ingest.commit(
+            [msgspec.structs.replace(i, reading=msgspec.structs.replace(i.reading, diag=diag)) for i in readings(at)],
+            [],
+            NOW,
+            [Status("S2", at + 60, False), Status("S2", at + 120, True)],
+        )
+    today = GRID.day_start(date(2026, 11, 23))
+
+    def made(chunk: int, now: float) -> list[tuple[object, ...]]:
+        monkeypatch.setattr("monitoring.health_pass.HEALTH_CHUNK_UNITS", chunk)
+        m.clock = lambda: now
+        asyncio.run(m.check())
+        return sorted(m.store.health_records(today, today, ["readings", "rsrp", "reboots", "disconnects"]))
+
+    at_once = made(1000, NOW)
+    assert at_once[0] == (today, "S0", 0, None, None, 1)  # disconnects alone
+    assert at_once[2] == (today, "S2", 3, -90.5, 1, 2)  # median RSRP, boot 3 then 4
+    assert made(1, NOW + 3600) == at_once  # one unit a range: the same records, none twice or lost
 
 
 def test_a_health_pass_that_fails_costs_the_records_not_the_alerts(
