@@ -7,7 +7,7 @@ a day: a few numbers that the risk pass compares with the unit's own past and wi
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from itertools import islice
 from typing import Any
 
@@ -77,10 +77,12 @@ def rows_frame(rows: Iterable[tuple[Any, ...]]) -> pl.DataFrame:
     )
 
 
-def records_frame(rows: Iterable[tuple[Any, ...]], batch: int = 100_000) -> pl.DataFrame:
-    """The store's health records (day, unit, and the RECORD columns) as a frame, `batch` rows at a time (never
-    all of them as Python objects)."""
-    schema = {"day": pl.Int64, "unit": pl.String, **RECORD}
+def records_frame(
+    rows: Iterable[tuple[Any, ...]], columns: Sequence[str] = tuple(RECORD), batch: int = 100_000
+) -> pl.DataFrame:
+    """The store's health records (day, unit, and those of the RECORD columns named) as a frame, `batch` rows at
+    a time (never all of them as Python objects)."""
+    schema = {"day": pl.Int64, "unit": pl.String, **{c: RECORD[c] for c in columns}}
     taken = iter(rows)
     parts = [pl.DataFrame(part, schema=schema, orient="row") for part in iter(lambda: list(islice(taken, batch)), [])]
     return pl.concat(parts, rechunk=True) if parts else pl.DataFrame(schema=schema)

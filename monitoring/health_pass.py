@@ -12,7 +12,7 @@ from aggregator.store import HEALTH_COLUMNS, Store
 from kernel.timegrid import Grid
 from monitoring.at_risk import reasons_json
 from monitoring.health import HEALTH_CHUNK_UNITS, day_records, records_frame, rows_frame, unit_ranges
-from monitoring.risk import BASELINE_DAYS, assess
+from monitoring.risk import BASELINE_DAYS, COLUMNS, assess
 
 
 @dataclass
@@ -63,7 +63,7 @@ def keep_health(store: Store, grid: Grid, units: Iterable[str], now: float) -> K
             out.dropped["today" if day == today else "yesterday"] = dropped
         out.records += records_of_day
     since = grid.day_start(made[0][0] - timedelta(days=BASELINE_DAYS))
-    history = records_frame(store.health_records(since, grid.day_start(today), HEALTH_COLUMNS))
+    history = records_frame(store.health_records(since, grid.day_start(today), COLUMNS), COLUMNS)
     for _, start, end in made:
         result = assess(history, start, min(1.0, max(0.0, (now - start) / (end - start))))
         store.keep_risk(

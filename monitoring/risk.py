@@ -76,6 +76,8 @@ LEVELS = (
     Level("delay_p50", 1, 120.0, 5.0, "s", "median delivery delay"),
 )
 assert tuple(s.column for s in (*COUNTS, *LEVELS)) == tuple(SIGNALS), "at_risk.SIGNALS names them in this order"
+# the health record's columns the assessment reads (besides `day` and `unit`)
+COLUMNS = ("readings", "restarts", "cell", *(s.column for s in (*COUNTS, *LEVELS)))
 UNITS_OF = {"rsrp": "dBm", "sinr": "dB", "vsup_min": "mV", "clock_offset": "s", "delay_p50": "s"}
 
 
@@ -121,7 +123,7 @@ class Assessment:
 
 def assess(records: pl.DataFrame, day: int, elapsed: float = 1.0) -> Assessment:
     """The risk of every unit with a record on `day` (epoch of its start), from `records` (columns `day`,
-    `unit` and the record's; the BASELINE_DAYS before it are the baseline). `elapsed`: the share of the day
+    `unit` and the record's COLUMNS; the BASELINE_DAYS before it are the baseline). `elapsed`: the share of the day
     its record covers (a day in progress expects fewer counts)."""
     today = records.filter(pl.col("day") == day).sort("unit")
     units = today["unit"].to_list()
@@ -129,8 +131,12 @@ def assess(records: pl.DataFrame, day: int, elapsed: float = 1.0) -> Assessment:
     if n == 0:
         return Assessment(day, 0, {}, (), ())
     base = records.filter((pl.col("day") < day) & (pl.col("day") >= day - BASELINE_DAYS * 86400))
-    index = {u: i for i, u in enumerate(units)}
-    rows = np.array([index.get(u, -1) for u in base["unit"].to_list()], dtype=np.int64)
+    # each baseline record's unit as its row of today's (-1: none), joined in polars: weeks of a large fleet's
+    # unit ids as Python strings would be gigabytes
+    index = pl.DataFrame(
+        {"unit": units, "row": np.arange(n, dtype=np.int64)}, schema={"unit": pl.String, "row": pl.Int64}
+    )
+    rows = base.select("unit").join(index, on="unit", how="left", maintain_order="left")["row"].fill_null(-1).to_numpy()
     # days back (a local day of 23 or 25 hours is still one)
     cols = (np.rint((day - base["day"].to_numpy()) / 86400) - 1).astype(np.int64)
     known = (rows >= 0) & (cols >= 0) & (cols < BASELINE_DAYS)

@@ -71,5 +71,6 @@ def test_records_read_a_batch_at_a_time_make_the_same_frame() -> None:
     rows = [(*r[:-4], "2.1.0", f"c{k}", 0, k) for k, r in enumerate(rows)]
     whole = records_frame(rows, batch=len(rows))
     assert records_frame(iter(rows), batch=4).equals(whole)
+    assert records_frame([(0, "U1", -90.0)], ["rsrp"]).columns == ["day", "unit", "rsrp"]
     assert whole.height == 6 and whole["disconnects"].to_list() == list(range(6))
     assert records_frame(iter([])).height == 0
