@@ -299,7 +299,9 @@ def _serve(conn: Connection) -> None:
     except Exception as exc:  # any reason the store cannot open is told to the receiver
         conn.send_bytes(_FAILED + str(exc).encode())
         return
-    ingestor = Ingestor(store, units, grid, shared=shared, epoch=None if fence is None else fence[1])
+    ingestor = Ingestor(
+        store, units, grid, cache_limit=cache_limit(units), shared=shared, epoch=None if fence is None else fence[1]
+    )
     conn.send_bytes(_OK)
     try:
         # SQLite writes in this process and takes the interpreter lock back for each row: planning beside it
@@ -310,6 +312,13 @@ def _serve(conn: Connection) -> None:
         store.close()
     if failed is not None:
         _refuse_all(conn, failed)
+
+
+def cache_limit(units: UnitTable) -> int:
+    """Units whose last points the writer keeps: every unit of the registry (and a quarter more, for units
+    removed since), at least 200,000. With fewer than the fleet, the cache emptied whenever it was full, and
+    in each half hour's burst most batches read their units' last points from the store again."""
+    return max(200_000, len(units.units) * 5 // 4)
 
 
 def _commit_all(conn: Connection, ingestor: Ingestor, overlap: bool) -> bytes | None:
@@ -329,7 +338,9 @@ def _commit_all(conn: Connection, ingestor: Ingestor, overlap: bool) -> bytes | 
             except (EOFError, OSError):  # the receiver closed the pipe or died
                 return None
             if message[:1] == _RELOAD:
-                ingestor.units = pickle.loads(message[1:])  # replaced whole: from the next batch on
+                table: UnitTable = pickle.loads(message[1:])
+                ingestor.units = table  # replaced whole: from the next batch on
+                ingestor.cache_limit = cache_limit(table)
                 continue
             batch = _decode_batch(message[1:])
             try:
