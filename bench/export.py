@@ -38,15 +38,15 @@ def fill(store: Store, grid: Grid, ids: list[str], first: date, days: int) -> in
     store.db.execute("COMMIT")
     n = 0
     for d in range(days):
-        rows = []
-        for end in grid.day_slots(first + timedelta(days=d)):
+        store.db.execute("BEGIN")
+        for end in grid.day_slots(first + timedelta(days=d)):  # a half hour at a time: a million units' day is 48M rows
+            rows = []
             for unit in ids:
                 q = "A" if rnd.random() > 0.01 else "E"
                 rows.append((end, unit, rnd.randrange(40), q, 0, rnd.randrange(5), q, 0, f"SM-{unit}", 1, 1))
-        store.db.execute("BEGIN")
-        store.db.executemany("INSERT INTO slots VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
+            store.db.executemany("INSERT INTO slots VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
+            n += len(rows)
         store.db.execute("COMMIT")
-        n += len(rows)
     return n
 
 
