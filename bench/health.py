@@ -43,7 +43,8 @@ from aggregator.sqlite import SqliteStore
 from aggregator.store import HEALTH_COLUMNS
 from kernel.reading import Diag
 from kernel.timegrid import SLOT, Grid
-from monitoring.health import HEALTH_CHUNK_UNITS, ROW_SCHEMA, day_records, rows_frame
+from monitoring.health import ROW_SCHEMA, day_records, rows_frame
+from monitoring.health_pass import HEALTH_CHUNK_UNITS
 from monitoring.risk import assess
 from simulators.health import DAY, LOOKALIKES, PRECURSORS, HealthMix, degrading, fleet_days
 
@@ -201,7 +202,6 @@ def store_pass(path: Path, now: int, chunk: int | None) -> dict[str, float]:
     """The monitor's health pass on the store at `path` at `now` (with `chunk` units a range instead of
     HEALTH_CHUNK_UNITS): its time, records kept and peak memory."""
     from monitoring import health_pass
-    from monitoring.health_pass import keep_health
 
     if chunk:
         health_pass.HEALTH_CHUNK_UNITS = chunk
@@ -209,7 +209,7 @@ def store_pass(path: Path, now: int, chunk: int | None) -> dict[str, float]:
         units = [u for (u,) in store.execute("SELECT unit FROM reading_span")]
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         started = time.perf_counter()
-        kept = keep_health(store, GRID, units, now)
+        kept = health_pass.keep_health(store, GRID, units, now)
         took = time.perf_counter() - started
     return {
         "units": len(units),

@@ -18,8 +18,6 @@ from kernel.reading import read_diag
 SEQ_WRAP = 2**32  # `seq` counts modulo this
 WRAP_NEAR = 2**20  # a fall from this close to the top to this close to 0 is a wrap; any other fall a restart
 LATE_S = 3600  # a reading received this long after its time came in a backlog, not live
-# units whose day is made at a time: their rows (48 a unit, each diag read) take about 110 MB in Python
-HEALTH_CHUNK_UNITS = 5000
 
 # The day's rows of the readings (`Store.health_rows`): one a reading.
 ROW_SCHEMA = {
@@ -55,14 +53,6 @@ RECORD = {
     "disconnects": pl.Int64,  # times its status topic went offline
 }
 _DIAG = ["fw", "rsrp", "rsrq", "sinr", "ce", "cell", "boot", "vsup", "att", "dropped"]
-
-
-def unit_ranges(units: Iterable[str], size: int) -> list[tuple[str | None, str | None]]:
-    """Ranges of units (`Store.health_rows`) that together hold every unit id there may be, `size` of `units` in
-    each: the first open below, the last open above."""
-    ordered = sorted(units)
-    bounds: list[str | None] = [None, *ordered[size::size], None]
-    return list(zip(bounds, bounds[1:], strict=False))
 
 
 def rows_frame(rows: Iterable[tuple[Any, ...]]) -> pl.DataFrame:

@@ -8,11 +8,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 
-from aggregator.store import HEALTH_COLUMNS, Store
+from aggregator.store import HEALTH_COLUMNS, Store, UnitRange
 from kernel.timegrid import Grid
 from monitoring.at_risk import reasons_json
-from monitoring.health import HEALTH_CHUNK_UNITS, day_records, records_frame, rows_frame, unit_ranges
+from monitoring.health import day_records, records_frame, rows_frame
 from monitoring.risk import BASELINE_DAYS, COLUMNS, assess
+
+# units whose day is made at a time: their rows (48 a unit, each diag read) take about 110 MB in Python
+HEALTH_CHUNK_UNITS = 5000
 
 
 @dataclass
@@ -21,6 +24,14 @@ class Kept:
 
     records: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
+
+
+def unit_ranges(units: Iterable[str], size: int) -> list[UnitRange]:
+    """Ranges of units (`Store.health_rows`) that together hold every unit id there may be, `size` of `units` in
+    each: the first open below, the last open above."""
+    ordered = sorted(units)
+    bounds: list[str | None] = [None, *ordered[size::size], None]
+    return list(zip(bounds, bounds[1:], strict=False))
 
 
 def keep_health(store: Store, grid: Grid, units: Iterable[str], now: float) -> Kept:

@@ -19,7 +19,7 @@ from kernel.reading import Diag, Incoming, Reading, Status
 from kernel.registry import load_registry
 from kernel.settings import load_settings
 from kernel.timegrid import Grid
-from monitoring.health import unit_ranges
+from monitoring.health_pass import unit_ranges
 from monitoring.monitor import Monitor, Watched
 from smame.app import build_outbox
 from tests.helpers import write_registry
