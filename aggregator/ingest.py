@@ -91,6 +91,9 @@ _SlotRows = dict[tuple[int, str], list[Any]]
 _COLUMN = {"fwd": 0, "rev": 1}
 
 
+CACHE_UNITS = 200_000  # units whose last points an Ingestor keeps, unless told more (the writer: its registry)
+
+
 class Ingestor:
     """Commits batches of readings and keeps slots in step with them."""
 
@@ -99,7 +102,7 @@ class Ingestor:
         store: Store,
         units: UnitDirectory,
         grid: Grid,
-        cache_limit: int = 200_000,
+        cache_limit: int = CACHE_UNITS,
         shared: bool = False,
         epoch: int | None = None,
     ) -> None:

@@ -37,7 +37,7 @@ from pathlib import Path
 import msgspec
 
 from aggregator.backends import is_postgres, open_url
-from aggregator.ingest import Ingestor, Outcome, Plan, UnitTable
+from aggregator.ingest import CACHE_UNITS, Ingestor, Outcome, Plan, UnitTable
 from aggregator.sqlite import file_identity, sqlite_path
 from aggregator.store import Deposed
 from kernel.reading import Incoming, Refused, Status
@@ -316,9 +316,9 @@ def _serve(conn: Connection) -> None:
 
 def cache_limit(units: UnitTable) -> int:
     """Units whose last points the writer keeps: every unit of the registry (and a quarter more, for units
-    removed since), at least 200,000. With fewer than the fleet, the cache emptied whenever it was full, and
+    removed since), at least CACHE_UNITS. With fewer than the fleet, the cache emptied whenever it was full, and
     in each half hour's burst most batches read their units' last points from the store again."""
-    return max(200_000, len(units.units) * 5 // 4)
+    return max(CACHE_UNITS, len(units.units) * 5 // 4)
 
 
 def _commit_all(conn: Connection, ingestor: Ingestor, overlap: bool) -> bytes | None:
