@@ -626,6 +626,11 @@ class Store(ABC):
             (*ats, *bound),
         ).fetchall()
 
+    def has_readings(self, start: int, end: int) -> bool:
+        """Whether any reading has `start <= at < end`."""
+        found = self.execute("SELECT 1 FROM readings WHERE at >= ? AND at < ? LIMIT 1", (start, end)).fetchone()
+        return found is not None
+
     def disconnects(self, start: int, end: int) -> dict[str, int]:
         """Units' times offline (their status topic) with `start <= at < end`, by unit."""
         rows = self.execute(

@@ -4,7 +4,7 @@ risk assessed and kept. The monitor runs it on the store's thread every `health.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 
@@ -34,11 +34,18 @@ def unit_ranges(units: Iterable[str], size: int) -> list[UnitRange]:
     return list(zip(bounds, bounds[1:], strict=False))
 
 
-def keep_health(store: Store, grid: Grid, units: Iterable[str], now: float) -> Kept:
+class Stopped(Exception):
+    """The pass was asked to stop between two ranges of units: the days it made so far stay."""
+
+
+def keep_health(
+    store: Store, grid: Grid, units: Iterable[str], now: float, stopping: Callable[[], bool] = lambda: False
+) -> Kept:
     """Make today's and yesterday's health records of every unit again, and those of the days before that have
-    readings but no records yet (a new installation, a backfill, a store migrated from before them), and keep
-    them, a range of `units` (the registry's) at a time; then assess each of those days' risk, oldest first, and
-    keep it."""
+    readings or disconnects but no records yet (a new installation, a backfill, a store migrated from before
+    them), and keep them, a range of `units` (the registry's) at a time; then assess each of those days' risk,
+    oldest first, and keep it. Raise Stopped when `stopping()` says so after a range: the next pass makes what
+    is left."""
     today = datetime.fromtimestamp(now, grid.zone).date()
     out = Kept()
     first = today - timedelta(days=BASELINE_DAYS)
@@ -55,6 +62,8 @@ def keep_health(store: Store, grid: Grid, units: Iterable[str], now: float) -> K
         start, end = grid.day_start(day), grid.day_start(day + timedelta(days=1))
         recent = day >= today - timedelta(days=1)  # made again: the ranges without records now lose theirs
         disconnects = store.disconnects(start, end)
+        if not (recent or disconnects or store.has_readings(start, end)):
+            continue  # nothing to make: not a range of units asked
         offline = sorted(disconnects)
         records_of_day = dropped = 0
         # a range of units at a time: a day's rows of a whole fleet, each diag read, would not fit in memory
@@ -68,6 +77,10 @@ def keep_health(store: Store, grid: Grid, units: Iterable[str], now: float) -> K
                 store.keep_health(start, columns, records.iter_rows(), bounds)
             records_of_day += records.height
             dropped += int(records["diag_dropped"].sum())
+            if stopping():
+                if not recent:  # a day before yesterday half made would count as made: the next pass makes it
+                    store.keep_health(start, columns, [])
+                raise Stopped
         if records_of_day or recent:
             made.append((day, start, end))
         if recent:

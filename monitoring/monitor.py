@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import shutil
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -134,6 +135,12 @@ class Monitor:
         self.certificates: list[Held] = []  # the watched certificates, soonest to expire first, as last read
         self.certificate_problems: list[str] = []  # what could not be read of them
         self._certificates_at = -math.inf  # when they were last read
+        self._closing = threading.Event()  # set by close(): a health pass under way stops after its range of units
+
+    def close(self) -> None:
+        """Stop a health pass under way after the range of units it is making, then close the store."""
+        self._closing.set()
+        self.store.close()
 
     def failover(self, node: str, epoch: int, former: str, silent_s: float, row: Mapping[str, object]) -> None:
         """Called when this node has taken over from a leader that did not stop cleanly: said once, at the next
@@ -463,7 +470,7 @@ class Monitor:
         """The units' health pass (`monitoring.health_pass`) on the store's thread; return the records kept."""
         from monitoring.health_pass import keep_health  # polars, numpy and scipy: not on smame's way to the broker
 
-        kept = keep_health(self.store, self.grid, self.registry().units, now)
+        kept = keep_health(self.store, self.grid, self.registry().units, now, self._closing.is_set)
         self.diag_dropped.update(kept.dropped)
         return kept.records
 

@@ -800,7 +800,7 @@ class App:
             if self.exporter is not None:
                 self.exporter.close()
             if self.monitor is not None:
-                self.monitor.store.close()
+                self.monitor.close()
             if self.devices is not None:
                 self.devices.store.close()
             if self.web is not None:

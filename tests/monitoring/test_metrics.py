@@ -146,7 +146,7 @@ def test_a_standby_exports_none_of_the_figures_only_the_leader_knows(
     finally:
         if app.exporter is not None:
             app.exporter.close()
-        app.monitor.store.close()
+        app.monitor.close()
         if app.devices is not None:
             app.devices.store.close()
 
@@ -161,4 +161,4 @@ def test_a_refused_status_topic_fails_healthz(tmp_path: Path, monkeypatch: pytes
         if app.exporter is not None:
             app.exporter.close()
         if app.monitor is not None:
-            app.monitor.store.close()
+            app.monitor.close()

@@ -19,7 +19,7 @@ from kernel.reading import Diag, Incoming, Reading, Status
 from kernel.registry import load_registry
 from kernel.settings import load_settings
 from kernel.timegrid import Grid
-from monitoring.health_pass import unit_ranges
+from monitoring.health_pass import Stopped, keep_health, unit_ranges
 from monitoring.monitor import Monitor, Watched
 from smame.app import build_outbox
 from tests.helpers import write_registry
@@ -231,6 +231,28 @@ def test_a_fleets_day_made_a_few_units_at_a_time_is_the_day_made_at_once(
     assert at_once[0] == (today, "S0", 0, None, None, 1)  # disconnects alone
     assert at_once[2] == (today, "S2", 3, -90.5, 1, 2)  # median RSRP, boot 3 then 4
     assert made(1, NOW + 3600) == at_once  # one unit a range: the same records, none twice or lost
+
+
+def test_a_health_pass_reads_only_days_with_something_to_make_and_stops_between_ranges_when_asked(
+    monitor: tuple[Monitor, BridgeStats, Ingestor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    m, _, ingest = monitor
+    ingest.commit(readings(GRID.floor(NOW - 10 * DAY)), [], NOW)  # a backfilled day among empty ones
+    today = GRID.day_start(date(2026, 11, 23))
+    asked: list[int] = []
+    health_rows = m.store.health_rows
+    monkeypatch.setattr(m.store, "health_rows", lambda start, *a: asked.append(start) or health_rows(start, *a))
+    monkeypatch.setattr("monitoring.health_pass.HEALTH_CHUNK_UNITS", 1)
+    # a registry of thousands of units is thousands of ranges: the 26 days with nothing are not each read so often
+    with pytest.raises(Stopped):  # asked to stop (smame stopping) after the first range: the rest is left
+        keep_health(m.store, GRID, UNITS, NOW, lambda: len(asked) == 1)
+    assert asked == [today - 10 * DAY]
+    assert list(m.store.health_records(today - 10 * DAY, today, [])) == []  # not a day half made
+    asked.clear()
+    keep_health(m.store, GRID, UNITS, NOW)  # the next pass makes it all
+    assert sorted(set(asked)) == [today - 10 * DAY, today - DAY, today]
+    assert len(asked) == 3 * len(UNITS)
+    assert [u for _, u in m.store.health_records(today - 10 * DAY, today - 10 * DAY, [])] == ["S1", "S2", "S3"]
 
 
 def test_a_health_pass_that_fails_costs_the_records_not_the_alerts(

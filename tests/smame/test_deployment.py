@@ -153,7 +153,7 @@ def test_every_metric_the_rules_and_dashboard_use_exists(tmp_path: Path, monkeyp
         names = {m.name + s for m in registry.collect() for s in suffixes.get(m.type, [""])}
     finally:
         app.exporter.close()
-        app.monitor.store.close()
+        app.monitor.close()
     used = set(re.findall(r"smame_[a-z_]+", (ROOT / "deploy" / "prometheus" / "alerts.yml").read_text()))
     dashboard = json.loads((ROOT / "deploy" / "grafana" / "dashboards" / "smame.json").read_text())
     used |= {n for p in dashboard["panels"] for t in p["targets"] for n in re.findall(r"smame_[a-z_]+", t["expr"])}
