@@ -40,6 +40,7 @@ from aggregator.backends import is_postgres, open_url
 from aggregator.ingest import CACHE_UNITS, Ingestor, Outcome, Plan, UnitTable
 from aggregator.sqlite import file_identity, sqlite_path
 from aggregator.store import Deposed
+from kernel.child import name_process
 from kernel.reading import Incoming, Refused, Status
 from kernel.timegrid import Grid
 
@@ -284,10 +285,7 @@ def _serve(conn: Connection) -> None:
     # the default 5 ms, the one whose store call returned waits up to that long for the interpreter lock after
     # each statement while the other plans (docs/performance.md, "2026-12-04: two batches in flight").
     sys.setswitchinterval(WRITER_SWITCH_S)
-    try:
-        Path("/proc/self/comm").write_text("smame-writer")  # what ps and top show
-    except OSError:
-        pass
+    name_process("smame-writer")
     try:
         url, synchronous, grid, shared, units, fence = pickle.loads(conn.recv_bytes())
     except (EOFError, OSError):  # the receiver is gone already

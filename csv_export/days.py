@@ -10,10 +10,6 @@ the interpreter lock from ingest. Days go to workers in parallel.
 
 from __future__ import annotations
 
-import os
-import signal
-import threading
-import time
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -29,6 +25,7 @@ from csv_export.co2 import totals_bytes
 from csv_export.files import path_of, write_if_changed
 from csv_export.jobs import DayJob, totals_path
 from csv_export.render import SLOT_SCHEMA, render_with_totals
+from kernel.child import become_child
 from kernel.heap import trim_heap
 from kernel.timegrid import SLOT
 
@@ -46,21 +43,9 @@ _CODED = SLOT_SCHEMA | {"imp_q": pl.Int64, "exp_q": pl.Int64}
 
 
 def worker_init() -> None:
-    """In a worker: ignore Ctrl-C (it reaches the whole process group, but the parent ends its workers),
-    and end with the parent even when it could not (kill -9, the OOM killer): idle workers wait on a queue
-    that they hold both ends of, so they would never see it close."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        Path("/proc/self/comm").write_text("smame-export")  # what ps and top show
-    except OSError:
-        pass
-    threading.Thread(target=_exit_with, args=(os.getppid(),), name="parent-watch", daemon=True).start()
-
-
-def _exit_with(parent: int) -> None:
-    while os.getppid() == parent:
-        time.sleep(1)
-    os._exit(1)
+    """In an export worker (`kernel.child.become_child`): idle workers wait on a queue that they hold both ends
+    of, so they would never see it close."""
+    become_child("smame-export")
 
 
 def slots_query(after: int, until: int, units: Iterable[str], code: str = "unicode") -> str:
