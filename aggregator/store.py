@@ -746,6 +746,10 @@ class Store(ABC):
         rows = self.execute(sql, (since,))
         return [(int(d), int(e), int(a), int(t)) for d, e, a, t in rows.fetchall()]
 
+    def last_assessed(self) -> int:
+        """When the newest risk assessment was kept (epoch; 0 before the first)."""
+        return int(self.execute("SELECT coalesce(max(assessed), 0) FROM risk_days").fetchone()[0])
+
     def health_events(self, since: int) -> list[tuple[int, str, str, int, int, str]]:
         """The fleet's and cells' events of the days from `since` on: (day, scope, signal, units, evaluated,
         words)."""

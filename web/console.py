@@ -75,7 +75,7 @@ MAX_FORM = 8 * 1024
 MAX_FIELDS = 12  # fields of a posted form (the largest, a campaign's, has 10)
 TOO_BIG = f"a form of over {MAX_FORM} bytes or {MAX_FIELDS} fields is refused"
 MAX_SILENCE_S = 7 * 86400  # a kind of alert is silenced for a week at most: a silence must not be forgotten
-HEALTH_S = 300.0  # the fleet's health and trend are read again at most this often (a scan of the retention)
+HEALTH_S = 300.0  # the fleet's health and trend are read again this often (a scan of the retention), and after a pass
 TREND_DAYS = 90  # days of the fleet page's trend
 RISK_SORTS = ("risk", "since", "unit", "customer")
 COMMANDS_PAGE = 100  # newest commands shown
@@ -900,10 +900,12 @@ def add_console(app: FastAPI, ctx: WebContext) -> None:
 
     async def fleet_now() -> Any:
         now = ctx.clock()
-        if now - fleet_seen["at"] >= HEALTH_S or now < fleet_seen["at"]:
+        # read again after a while, and at once when a health pass has kept a newer assessment
+        assessed = await ctx.store.call(ctx.store.last_assessed)
+        if now - fleet_seen["at"] >= HEALTH_S or now < fleet_seen["at"] or assessed != fleet_seen.get("assessed"):
             got = await ctx.store.call(fleet_health, ctx.store, ctx.grid, ctx.registry(), now, TREND_DAYS)
             hours = await ctx.store.call(ctx.store.telegrams_by_hour, int(now) // 3600 * 3600 - 23 * 3600)
-            fleet_seen.update({"at": now, "health": got, "hours": hours})
+            fleet_seen.update({"at": now, "health": got, "hours": hours, "assessed": assessed})
         return fleet_seen
 
     @app.get("/at-risk", include_in_schema=False, response_class=HTMLResponse)
