@@ -30,3 +30,7 @@ def _exit_with(parent: int) -> None:
     while os.getppid() == parent:
         time.sleep(1)
     os._exit(1)
+
+
+class Stopped(Exception):
+    """A long job was asked to stop (smame is stopping) and did, between two of its steps."""

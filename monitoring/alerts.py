@@ -27,6 +27,7 @@ TITLES = {
     "status_refused": "the units' status topic is refused",
     "broker_cluster": "the broker's cluster is degraded",
     "health_failing": "the units' health pass fails",
+    "report_failing": "the daily report cannot be made",
     "commands_failing": "commands to units failing",
     "campaign_aborted": "a firmware campaign aborted itself",
     "campaign_done": "a firmware campaign ended",

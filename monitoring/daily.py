@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 from datetime import date, timedelta
 
 from aggregator.store import SlotRow, Store
+from kernel.child import Stopped
 from kernel.commands import State
 from kernel.emissions import DayFactors, grams, kwh_e4
-from kernel.registry import Registry
+from kernel.registry import Registry, Unit
 from kernel.settings import Settings
 from kernel.timegrid import SLOT, Grid
 from monitoring import at_risk
@@ -42,8 +45,10 @@ def build_report(
     zero_run: int = 12,
     caveat: str = "",
     report_units: int = 20,
+    stopping: Callable[[], bool] = lambda: False,
 ) -> DailyReport:
-    """Detect the day's problems from the store (runs on the store's thread), a share of the units at a time."""
+    """Detect the day's problems from the store, a share of the units at a time; raise Stopped when `stopping()`
+    says so after a share."""
     labels = grid.closed(day, now)
     ends = [end for end, _ in labels]
     units = [(u.id, u.customer) for u in sorted(registry.units.values(), key=lambda u: u.id)]
@@ -61,6 +66,8 @@ def build_report(
         for unit, customer in share:
             if customer in co2:
                 add_co2(co2[customer], rows.get(unit, {}).values())
+        if stopping():
+            raise Stopped
     span = grid.day_start(day), grid.day_start(day + timedelta(days=1))
     arrived, about, unknown = store.quarantine_between(*span)
     co2_of_day = [co2[c] for c in sorted(co2)]
@@ -115,8 +122,85 @@ def add_co2(total: CustomerCo2, rows: Iterable[SlotRow]) -> None:
             total.market_g += grams(e4, f.market.t_per_kwh)
 
 
+@dataclass(frozen=True)
+class Fleet:
+    """A registry as it is sent to another process: each unit's id and customer as two lists (a million units'
+    objects take eight seconds to pickle, these a third of one), and the rest of it without its units."""
+
+    ids: list[str]
+    owners: list[str]
+    rest: Registry
+
+    @classmethod
+    def of(cls, registry: Registry) -> Fleet:
+        return cls(
+            list(registry.units),
+            [u.customer for u in registry.units.values()],
+            replace(registry, units={}, _limits={}, _by_customer={}),
+        )
+
+    def registry(self) -> Registry:
+        """The registry again, its units with their ids and customers (what the report reads of them)."""
+        return replace(self.rest, units={i: Unit(i, c) for i, c in zip(self.ids, self.owners, strict=True)})
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A daily report as its messages carry it, whichever channels they go by."""
+
+    subject: str
+    text: str
+    slack: str
+    html: str
+    attachments: list[tuple[str, bytes]]
+
+    @classmethod
+    def of(cls, r: DailyReport) -> Rendered:
+        attachment = (f"smame-problems-{r.day.isoformat()}.csv", problems_csv(r.problems))
+        return cls(subject(r), render_text(r), render_slack(r), render_html(r), [attachment])
+
+    def messages(self, settings: Settings, now: float, key: str) -> list[Message]:
+        """The report for every configured channel, under `key` (one per channel)."""
+        return fan_out(settings, key, self.subject, self.text, now, self.slack, self.html, self.attachments)
+
+
+@dataclass(frozen=True)
+class ReportMade:
+    """A daily report made and rendered, and what the log says of it."""
+
+    rendered: Rendered
+    units: int
+    with_problems: int
+    problem_slots: int
+    seconds: float
+
+
+def make_report(
+    store: Store,
+    grid: Grid,
+    fleet: Fleet,
+    day: date,
+    now: int,
+    silent_after_s: int,
+    zero_run: int,
+    caveat: str,
+    report_units: int,
+    stopping: Callable[[], bool],
+) -> ReportMade:
+    """The monitor's job (`monitoring.worker`): `day`'s report of `fleet` (`build_report`), rendered."""
+    began = time.monotonic()
+    report = build_report(
+        store, grid, fleet.registry(), day, now, silent_after_s, zero_run, caveat, report_units, stopping
+    )
+    return ReportMade(
+        Rendered.of(report),
+        len(report.findings),
+        sum(1 for f in report.findings if f.has_problems),
+        len(report.problems),
+        time.monotonic() - began,
+    )
+
+
 def report_messages(report: DailyReport, settings: Settings, now: float, key: str) -> list[Message]:
     """The report for every configured channel, under `key` (one per channel)."""
-    r = report
-    attachment = (f"smame-problems-{r.day.isoformat()}.csv", problems_csv(r.problems))
-    return fan_out(settings, key, subject(r), render_text(r), now, render_slack(r), render_html(r), [attachment])
+    return Rendered.of(report).messages(settings, now, key)

@@ -13,18 +13,17 @@ import json
 import logging
 import math
 import shutil
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta, tzinfo
 from pathlib import Path
+from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
 
 from aggregator.store import Store
 from kernel.certificates import Held, held_in
 from kernel.firmware import STEPS
-from kernel.heap import trim_heap
 from kernel.reading import Reason
 from kernel.registry import Registry
 from kernel.settings import Settings
@@ -34,12 +33,15 @@ from monitoring.alert_log import AlertLog, Entry
 from monitoring.alerts import Active, Notice
 from monitoring.at_risk import Standing
 from monitoring.channels import configured, fan_out
-from monitoring.daily import build_report, report_messages
+from monitoring.daily import Fleet, make_report
 from monitoring.outbox import Message, Outbox
 from monitoring.outbox_table import OutboxTable
-from monitoring.report import DailyReport
 from monitoring.security import SECURITY_ACTIONS, SecurityEvents
 from monitoring.sources import BanList, BridgeCounters, CommandCounters, ExportCounters
+from monitoring.worker import JobFailed, OnStoreThread, Runner
+
+if TYPE_CHECKING:
+    from monitoring.health_pass import Kept
 
 log = logging.getLogger("smame.monitor")
 ALERT_STATE = alerts.STATE_KEY
@@ -48,6 +50,9 @@ REPORT_DONE = "report_last_day"
 CLOCK_SAID_S = 120.0  # a clock found behind the units' is told this long after the last batch that said so
 NODE_GONE_S = 60.0  # a node whose row has not beaten for this long is gone (a node beats every second)
 NODE_FORGET_S = 86400.0  # its row is dropped after this long: its alert then clears
+# the health pass or a report still running after this long is stuck (a million units take a few minutes): ended
+JOB_LIMIT_S = 1800.0
+REPORT_RETRY_S = 600.0  # a report that could not be made is tried again after this long
 
 
 @dataclass
@@ -107,6 +112,7 @@ class Monitor:
         watched: Watched,
         outbox: Outbox,
         clock: Callable[[], float] = time.time,
+        runner: Runner | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -115,6 +121,8 @@ class Monitor:
         self.watched = watched
         self.outbox = outbox
         self.clock = clock
+        # where the health pass and the daily report run: a process of their own in smame (`smame.app`)
+        self.runner = runner or OnStoreThread(store)
         self.started = clock()
         self.scan = Scan()
         self.active: dict[str, Active] = {}
@@ -124,6 +132,7 @@ class Monitor:
         self._due_since: float | None = None  # when a report fell due that waits for ingest to catch up
         self._behind_since: float | None = None  # since when ingest has not caught up with the broker
         self.draining = False  # ingest is draining a backlog: the store's newest readings are not the fleet's
+        self.checked = False  # a check has run (and said whether ingest is draining)
         # the file gateway tells it of bans and failed logins; a user is named after as many as ban an address
         self.security = SecurityEvents(settings.ftp.ban_after)
         self.history = AlertLog(store)
@@ -135,11 +144,13 @@ class Monitor:
         self.certificates: list[Held] = []  # the watched certificates, soonest to expire first, as last read
         self.certificate_problems: list[str] = []  # what could not be read of them
         self._certificates_at = -math.inf  # when they were last read
-        self._closing = threading.Event()  # set by close(): a health pass under way stops after its range of units
+        self._report_failed = ""  # why the last try to make the daily report failed ("" when it did not)
+        self._report_retry_at = 0.0  # when it is tried again
 
     def close(self) -> None:
-        """Stop a health pass under way after the range of units it is making, then close the store."""
-        self._closing.set()
+        """Stop a health pass or a report under way (after the range of units it is making), then close the
+        store."""
+        self.runner.close()
         self.store.close()
 
     def failover(self, node: str, epoch: int, former: str, silent_s: float, row: Mapping[str, object]) -> None:
@@ -278,7 +289,7 @@ class Monitor:
         return [alerts.event(kind, text, now) for kind, text in self.security.due(now)]
 
     async def check(self) -> list[Notice]:
-        """One round: scan, alerts, and the daily report when it is due; returns the notices queued."""
+        """One round: scan, alerts and events; returns the notices queued."""
         now = self.clock()
         if not self._loaded:
             self.active = await self.store.call(self._load_state)
@@ -289,6 +300,7 @@ class Monitor:
             paths = self.settings.watched_certificates
             self.certificates, self.certificate_problems = await asyncio.to_thread(held_in, paths)
         self.draining = self._draining(now)
+        self.checked = True
         if self.draining:  # the last scan stands (each unit's newest reading may still be in the broker), and
             # the count of units, which ingest_stopped needs should commits fail from the start
             self.scan = replace(self.scan, units=len(self.registry().units))
@@ -302,18 +314,6 @@ class Monitor:
             self.active, notices = alerts.step(self.active, holding, now, self.settings.alerts.repeat_s, unknown)
         started |= {name: a.since for name, a in self.active.items()}
         await self.store.call(self._read_mismatches)
-        every = self.settings.health.pass_every_s
-        if not self.draining and now - self._health_at >= every:
-            self._health_at = now
-            try:
-                began = time.monotonic()  # (not `started`: the alerts' starts are kept under that name)
-                kept = await self.store.call(self.keep_health, now)
-                took = time.monotonic() - began
-                log.info("units' health: %d records kept and the risk assessed in %.1f s", kept, took)
-                self._health_failed = ""
-            except Exception as exc:  # a part that fails must not stop the alerts and the report: said, tried later
-                log.exception("units' health records not kept; trying again in %.0f s", every)
-                self._health_failed = f"{type(exc).__name__}: {exc}"[:300]
         campaigns, campaigns_mark = await self.store.call(self._campaigns_ended, now)
         expiring, tokens_mark = await self.store.call(self._tokens_expiring, now)
         audited, audit_mark = await self.store.call(self._audited, now)
@@ -346,8 +346,45 @@ class Monitor:
 
             await self.outbox.put(messages, also)
             self._saved = state
-        await self.report_if_due(now)
         return notices
+
+    async def run_jobs(self) -> None:
+        """Make the units' health and the daily report when they are due, for ever: apart from the checks, which
+        go on every `alerts.check_s` while a job takes minutes."""
+        passing: tuple[type[Exception], ...] = (OSError, *self.store.errors)
+        while True:
+            try:
+                if self.checked:  # then whether ingest is draining a backlog is known
+                    await self.jobs()
+            except passing as exc:  # a busy store or a full disk: said, tried again
+                log.error("monitor jobs failed, trying again in %.0f s: %s", self.settings.alerts.check_s, exc)
+            await asyncio.sleep(self.settings.alerts.check_s)
+
+    async def jobs(self) -> None:
+        """The units' health pass when `health.pass_every_s` has passed since the last (not while ingest drains a
+        backlog), then yesterday's report when it is due."""
+        now = self.clock()
+        await self.keep_health(now)
+        await self.report_if_due(now)
+
+    async def keep_health(self, now: float) -> None:
+        """The units' health pass (`monitoring.health_pass`), when due."""
+        every = self.settings.health.pass_every_s
+        if self.draining or now - self._health_at < every:
+            return
+        self._health_at = now
+        try:
+            started = time.monotonic()
+            units = list(self.registry().units)
+            kept = await self.runner.run(_health_pass, self.grid, units, now, limit_s=JOB_LIMIT_S)
+        except JobFailed as exc:  # a part that fails must not stop the alerts and the report: said, tried later
+            log.error("units' health records not kept (%s); trying again in %.0f s%s", exc, every, _detail(exc))
+            self._health_failed = str(exc)[:300]
+            return
+        self.diag_dropped.update(kept.dropped)
+        took = time.monotonic() - started
+        log.info("units' health: %d records kept and the risk assessed in %.1f s", kept.records, took)
+        self._health_failed = ""
 
     def conditions(self, now: float) -> tuple[dict[str, str], set[str]]:
         """The alert conditions that hold now, each with what an operator needs to know; and those not known yet."""
@@ -416,6 +453,11 @@ class Monitor:
                 f"the units' health pass failed ({self._health_failed}): their records and risk are not kept and "
                 f"the units at risk are as last assessed; tried again every {self.settings.health.pass_every_s:.0f} s"
             )
+        if self._report_failed:
+            holding["report_failing"] = (
+                f"the report {self._report_failed}: tried again every {REPORT_RETRY_S / 60:.0f} min, and sent once "
+                "it is made"
+            )
         c = w.commands
         if c is not None and c.failing:
             holding["commands_failing"] = (
@@ -465,14 +507,6 @@ class Monitor:
         elif self.outbox.failing:
             unknown.add("delivery_failing")
         return holding, unknown
-
-    def keep_health(self, now: float) -> int:
-        """The units' health pass (`monitoring.health_pass`) on the store's thread; return the records kept."""
-        from monitoring.health_pass import keep_health  # polars, numpy and scipy: not on smame's way to the broker
-
-        kept = keep_health(self.store, self.grid, self.registry().units, now, self._closing.is_set)
-        self.diag_dropped.update(kept.dropped)
-        return kept.records
 
     def _draining(self, now: float) -> bool:
         """True while ingest, connected, is behind the broker (`caught_up` says no), for `report.catch_up_wait_s` at
@@ -534,38 +568,41 @@ class Monitor:
                 + "): slots listed as missing may still arrive"
             )
         )
-        self._due_since = None
-        registry = self.registry()
-
-        def made() -> tuple[DailyReport, float]:  # on the store thread: its wait there is not counted
-            began = time.monotonic()
-            out = build_report(
-                self.store,
+        if now < self._report_retry_at:
+            return False
+        key = f"report:{day.isoformat()}"
+        try:
+            made = await self.runner.run(
+                make_report,
                 self.grid,
-                registry,
+                Fleet.of(self.registry()),
                 day,
                 int(now),
                 r.silent_after_s,
                 r.zero_run_slots,
                 caveat,
                 self.settings.health.report_units,
+                limit_s=JOB_LIMIT_S,
             )
-            return out, time.monotonic() - began
-
-        report, took = await self.store.call(made)
-        # what the report's shares freed would stay in the store thread's C arena until something reused it
-        await self.store.call(trim_heap)
-        messages = report_messages(report, self.settings, now, f"report:{day.isoformat()}")
+        except JobFailed as exc:  # alerts go on meanwhile, and an operator is told
+            log.error(
+                "daily report for %s not made (%s); trying again in %.0f s%s", day, exc, REPORT_RETRY_S, _detail(exc)
+            )
+            self._report_failed = f"for {day} failed ({exc})"[:300]
+            self._report_retry_at = now + REPORT_RETRY_S
+            return False
+        self._due_since = None
+        self._report_failed = ""
+        messages = made.rendered.messages(self.settings, now, key)
         await self.outbox.put(messages, lambda: self.store.set_meta(REPORT_DONE, day.isoformat()))
-        bad = sum(1 for f in report.findings if f.has_problems)
         log.info(
             "daily report for %s made in %.1f s, queued for %s: %d of %d units with problems, %d problem slots",
             day,
-            took,
+            made.seconds,
             ", ".join(ch for _, ch, _ in messages) or "no channel (log only)",
-            bad,
-            len(report.findings),
-            len(report.problems),
+            made.with_problems,
+            made.units,
+            made.problem_slots,
         )
         return True
 
@@ -624,6 +661,18 @@ class Monitor:
         pending = OutboxTable(self.store).counts()["pending"]
         standing = at_risk.read(self.store, self.grid, now)
         return Scan(len(registry.units), silent, reporting, slots_today, pending, at_risk=standing)
+
+
+def _health_pass(store: Store, grid: Grid, units: list[str], now: float, stopping: Callable[[], bool]) -> Kept:
+    """The monitor's job (`monitoring.worker`): the units' health pass (`monitoring.health_pass`)."""
+    from monitoring.health_pass import keep_health  # polars, numpy and scipy: not in smame's own process
+
+    return keep_health(store, grid, units, now, stopping)
+
+
+def _detail(exc: JobFailed) -> str:
+    """A failed job's traceback on lines of its own after the log line, when it raised."""
+    return f"\n{exc.detail.rstrip()}" if exc.detail else ""
 
 
 def certificates_text(held: Sequence[Held], now: float, zone: tzinfo, limit: int = 10) -> str:

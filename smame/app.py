@@ -46,6 +46,7 @@ from monitoring.metrics import SmameCollector, Sources
 from monitoring.monitor import CLOCK_SAID_S, Monitor, Watched
 from monitoring.outbox import Channel, Outbox
 from monitoring.sources import ExportCounters
+from monitoring.worker import Worker
 from smame import __version__
 from smame.users import set_password
 from web.context import WebContext
@@ -452,6 +453,13 @@ class App:
                 watched,
                 build_outbox(settings, monitor_store, clock),
                 clock,
+                # the health pass and the daily report each in a process of their own, on a connection named as
+                # the monitor's: a node taking over ends it too
+                Worker(
+                    functools.partial(
+                        open_url, settings.storage_url, settings.storage.synchronous, application_name=leader_session
+                    )
+                ),
             )
             bridge.on_session_lost = monitor.session_lost
             if gateway is not None:  # security events
@@ -565,6 +573,8 @@ class App:
             # soon, not at once: its first look at a fleet's store must not delay the subscription, and a broker
             # that is down is only alerted after alerts.broker_down_s anyway
             out["monitor"] = functools.partial(self.after_ingest, self.monitor.run, MONITOR_WAIT_S)
+            # the health pass and the report (minutes at a million units): the checks go on meanwhile
+            out["monitor jobs"] = functools.partial(self.after_ingest, self.monitor.run_jobs, MONITOR_WAIT_S)
             out["outbox"] = self.monitor.outbox.run
         if self.devices is not None:
             out["devices"] = functools.partial(self.after_ingest, self.devices.run, MONITOR_WAIT_S)

@@ -90,9 +90,11 @@ def take_in(tmp_path: Path, store_url: str, daily: bool) -> tuple[Fleet, Ingesto
         bridge.last_received = clock[0] - 10  # caught up
         monitor.clock = lambda: clock[0]
         if daily:
-            asyncio.run(monitor.check())
-    asyncio.run(monitor.check())  # (a scan after the last pass)
+            asyncio.run(monitor.check())  # (the health pass waits for ingest to catch up: the check says so)
+            asyncio.run(monitor.jobs())
     asyncio.run(monitor.check())
+    asyncio.run(monitor.jobs())
+    asyncio.run(monitor.check())  # (a scan after the last pass)
     return Fleet(monitor, store, registry, settings, int(clock[0])), ingest
 
 

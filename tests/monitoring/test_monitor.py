@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
@@ -66,8 +67,10 @@ def monitor(tmp_path: Path, store_url: str) -> Iterator[tuple[Monitor, BridgeSta
 
 
 def alerts_at(monitor: Monitor, now: float) -> set[str]:
+    """A round of the monitor at `now`: its checks, then its jobs when due (a service of their own in smame)."""
     monitor.clock = lambda: now
     notices = asyncio.run(monitor.check())
+    asyncio.run(monitor.jobs())
     return {n.name for n in notices if n.state != "resolved"}
 
 
@@ -191,6 +194,7 @@ def test_each_units_health_of_today_and_yesterday_is_kept_and_made_again_an_hour
     ]
     ingest.commit(with_diag, [], NOW, [Status("S1", int(NOW - 900), False), Status("S1", int(NOW - 800), True)])
     asyncio.run(m.check())
+    asyncio.run(m.jobs())
     today = GRID.day_start(date(2026, 11, 23))
     [s1] = m.store.unit_health("S1", today)
     assert (s1["readings"], s1["rsrp"], s1["fw"], s1["disconnects"], s1["vsup_min"]) == (2, -95.0, "2.1.0", 1, 3300)
@@ -198,9 +202,11 @@ def test_each_units_health_of_today_and_yesterday_is_kept_and_made_again_an_hour
     ingest.commit(readings(later), [], NOW + 1800)
     m.clock = lambda: NOW + 1800
     asyncio.run(m.check())
+    asyncio.run(m.jobs())
     assert m.store.unit_health("S1", today)[0]["readings"] == 2  # not yet: an hour has not passed
     m.clock = lambda: NOW + 3600
     asyncio.run(m.check())
+    asyncio.run(m.jobs())
     assert m.store.unit_health("S1", today)[0]["readings"] == 3  # made again, with the new reading
 
 
@@ -225,6 +231,7 @@ def test_a_fleets_day_made_a_few_units_at_a_time_is_the_day_made_at_once(
         monkeypatch.setattr("monitoring.health_pass.HEALTH_CHUNK_UNITS", chunk)
         m.clock = lambda: now
         asyncio.run(m.check())
+        asyncio.run(m.jobs())
         return sorted(m.store.health_records(today, today, ["readings", "rsrp", "reboots", "disconnects"]))
 
     at_once = made(1000, NOW)
@@ -269,6 +276,28 @@ def test_a_health_pass_that_fails_costs_the_records_not_the_alerts(
     alerts_at(m, NOW + 3600)  # the next pass works
     alerts_at(m, NOW + 3630)
     assert "health_failing" not in m.active
+
+
+def test_a_report_that_cannot_be_made_is_an_alert_tried_again_later_and_sent_once_made(
+    monitor: tuple[Monitor, BridgeStats, Ingestor], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    m, _, ingest = monitor
+    caplog.set_level(logging.INFO, "smame.monitor")
+    m.settings = load_settings(data_dir=tmp_path, report={"enabled": True, "catch_up_wait_s": 0})
+    ingest.store.execute("ALTER TABLE repairs RENAME TO away")  # what the report reads, unreadable (a bad migration)
+    alerts_at(m, NOW)
+    assert "daily report for 2026-11-22 not made (" in caplog.text and "repairs" in caplog.text  # (the store's words)
+    assert "report_failing" in alerts_at(m, NOW + 30)  # told to an operator: the alerts went on meanwhile
+    said = m.active["report_failing"].text
+    assert "report for 2026-11-22 failed (" in said and "repairs" in said and "tried again every 10 min" in said
+    ingest.store.execute("ALTER TABLE away RENAME TO repairs")
+    caplog.clear()
+    alerts_at(m, NOW + 60)
+    assert "daily report" not in caplog.text  # not tried at every check: a report may take minutes
+    alerts_at(m, NOW + 660)
+    assert "daily report for 2026-11-22 made in" in caplog.text
+    assert m.store.get_meta("report_last_day") == "2026-11-22"
+    assert "report_failing" not in alerts_at(m, NOW + 690)
 
 
 def test_a_refused_status_topic_is_an_alert_until_the_broker_takes_it(
