@@ -38,11 +38,17 @@ class UnitTable:
     @classmethod
     def of(cls, directory: UnitDirectory, units: Iterable[str]) -> UnitTable:
         """The table of `units` as `directory` describes them; units with equal limits share one object."""
-        shared: dict[Limits, Limits] = {}
+        # by the object first: a directory that gives one object for equal limits (the registry) costs no hash of
+        # them (Python code, over Fractions) for each unit; each object is held, so that its id is not reused
+        by_id: dict[int, tuple[Limits, Limits]] = {}
+        by_value: dict[Limits, Limits] = {}
         table = {}
         for unit in units:
-            limits = directory.limits_of(unit)
-            table[unit] = (directory.customer_of(unit), shared.setdefault(limits, limits))
+            given = directory.limits_of(unit)
+            held = by_id.get(id(given))
+            if held is None:
+                held = by_id[id(given)] = (given, by_value.setdefault(given, given))
+            table[unit] = (directory.customer_of(unit), held[1])
         return cls(table)
 
     def customer_of(self, unit: str) -> str:

@@ -116,7 +116,8 @@ class Registry:
     default_contract_kw: Fraction = Fraction(50)
     gap_cap: int = 48
     factors: Factors = NO_FACTORS
-    _limits: dict[Fraction | None, Limits] = field(default_factory=dict, repr=False, compare=False)  # by contract kW
+    # by the contract kW object (`limits_of`), each with the object, which keeps its id from being reused
+    _limits: dict[int, tuple[Fraction | None, Limits]] = field(default_factory=dict, repr=False, compare=False)
     _by_customer: dict[str, list[Unit]] = field(default_factory=dict, repr=False, compare=False)
 
     def __contains__(self, unit: object) -> bool:
@@ -129,10 +130,12 @@ class Registry:
     def limits_of(self, unit: str) -> Limits:
         """Plausibility limits of a unit: its contract kW for half an hour."""
         kw = self.units[unit].contract_kw
-        limits = self._limits.get(kw)
-        if limits is None:  # one object for all units of a contract: a fleet has few distinct ones
-            limits = self._limits[kw] = Limits((kw or self.default_contract_kw) / 2, self.gap_cap)
-        return limits
+        # one Limits for all units of a contract (a fleet has few), found by the kW's object: a Fraction's hash is
+        # computed in Python at each look-up, and the units of a contract share one object (`load_registry`)
+        held = self._limits.get(id(kw))
+        if held is None:
+            held = self._limits[id(kw)] = (kw, Limits((kw or self.default_contract_kw) / 2, self.gap_cap))
+        return held[1]
 
     def units_of(self, customer: str) -> list[Unit]:
         """A customer's units, sorted by id."""
@@ -254,19 +257,22 @@ def _unit(row: dict[str, str | None], customers: dict[str, Customer], shared: di
     if cid not in customers:
         raise ValueError(f"customer_id {cid!r} is not in the customers file")
     kw_text = (row.get("contract_kw") or "").strip()
-    # a plain decimal only: Fraction("1e999999") alone takes a quarter of a second, on the reload's way
-    if kw_text and not CONTRACT_KW.fullmatch(kw_text):
-        raise ValueError(f"contract_kw {kw_text[:20]!r} is not a number of kW such as 50 or 6.5")
-    kw = Fraction(kw_text) if kw_text else None
-    if kw is not None and kw <= 0:
-        raise ValueError("contract_kw must be positive")
+    kw = shared.get(("kw", kw_text)) if kw_text else None
+    if kw is None and kw_text:  # each contract's text parsed once: a Fraction made, hashed and compared costs 10 us
+        # a plain decimal only: Fraction("1e999999") alone takes a quarter of a second, on the reload's way
+        if not CONTRACT_KW.fullmatch(kw_text):
+            raise ValueError(f"contract_kw {kw_text[:20]!r} is not a number of kW such as 50 or 6.5")
+        kw = Fraction(kw_text)
+        if kw <= 0:
+            raise ValueError("contract_kw must be positive")
+        kw = shared[("kw", kw_text)] = shared.setdefault(kw, kw)  # "50" and "50.0": one object
     label = (row.get("label") or "").strip()
     meter = (row.get("meter_id") or "").strip()
     group = (row.get("group") or "").strip()
     if group and not UNIT_ID.fullmatch(group):
         raise ValueError(f"group {group[:70]!r} must match [A-Za-z0-9_-]{{1,64}}")
     kept = shared.setdefault
-    return Unit(uid, shared[cid], meter, kept(kw, kw), kept(label, label), kept(group, group))
+    return Unit(uid, shared[cid], meter, kw, kept(label, label), kept(group, group))
 
 
 def _first_error(exc: Exception) -> str:
