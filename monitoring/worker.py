@@ -5,8 +5,8 @@
 minutes of Python: on a thread of smame's process they would take the interpreter lock from ingest's event loop
 (measured: the broker's keepalive lost near the end of a daily report) and leave their peak in smame's heap.
 A process a job gives all of its memory back when the job ends, and one that hangs or runs out of time is
-killed without touching the rest. `OnStoreThread` runs them on the monitor's store thread (small fleets'
-tests, and `smame report`'s own process)."""
+killed without touching the rest. `OnStoreThread` runs them on the monitor's store thread, in this process
+(the monitor's own tests)."""
 
 from __future__ import annotations
 
